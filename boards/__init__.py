@@ -1,0 +1,1 @@
+"""llmfab.boards: board facts (YAML per card) and accelerator configurations."""
