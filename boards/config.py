@@ -1,0 +1,757 @@
+"""The accelerator configuration: one validated description, every derived size.
+
+One YAML file (``boards/configs/<name>.yaml`` or any path) describes an
+accelerator instance: its board, clock, DSP chains, weight formats, sparsity
+patterns, on-chip buffers and memory ports. :func:`load_config` validates it
+into a frozen :class:`AccelConfig` and checks that it fits its board
+(:func:`check_fits`).
+
+Every size derived from the configuration (MACs per cycle, DSP estimate,
+bytes per memory cycle, blocks per cycle, buffer geometry, address widths, the
+configuration hash) is computed here and only here, the pattern of TVM-VTA's
+``vta_config.json``: the hardware generator, the compiler, the golden model
+and the performance model read these properties and never re-derive them.
+``docs/config.md`` lists every field and every formula.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .board import (BOARDS_DIR, Board, Fields, board_names, display_path, load_board,
+                    read_yaml, resolve_file, show)
+from .errors import ConfigError, FitError
+
+__all__ = [
+    "CONFIGS_DIR",
+    "BLOCK_WEIGHTS",
+    "WEIGHT_FORMATS",
+    "SPARSITY_PATTERNS",
+    "BUFFERS",
+    "FormatSpec",
+    "ChainConfig",
+    "BufferConfig",
+    "HbmConfig",
+    "BufferLayout",
+    "AccelConfig",
+    "block_bytes",
+    "kept_weights",
+    "load_config",
+    "list_configs",
+    "config_names",
+    "check_fits",
+    "format_configs_table",
+]
+
+#: Folder holding the named configurations.
+CONFIGS_DIR = BOARDS_DIR / "configs"
+
+#: Weights in one GGUF block (every supported format has one scale per block).
+BLOCK_WEIGHTS = 32
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """Storage of one GGUF weight format.
+
+    Attributes
+    ----------
+    name : str
+        GGUF type name (``"q4_0"``).
+    weight_bits : int
+        Bits per quantized weight.
+    header_bytes : int
+        Bytes of per-block parameters: fp16 scale ``d`` (and fp16 minimum
+        ``m`` for Q4_1).
+    scale_fmuls : int
+        binary32 multiplies per block result on the chains: ``d_w * d_a`` and
+        that times the integer dot product; Q4_1 adds ``m_w * s_a``.
+    """
+
+    name: str
+    weight_bits: int
+    header_bytes: int
+    scale_fmuls: int
+
+
+#: Supported weight formats, in canonical order.
+WEIGHT_FORMATS: dict[str, FormatSpec] = {
+    "q4_0": FormatSpec("q4_0", 4, 2, 2),
+    "q4_1": FormatSpec("q4_1", 4, 4, 3),
+    "q8_0": FormatSpec("q8_0", 8, 2, 2),
+}
+
+#: Supported N:M sparsity patterns (N weights kept of every M), canonical order.
+SPARSITY_PATTERNS: dict[str, tuple[int, int]] = {
+    "dense": (1, 1),
+    "2:4": (2, 4),
+    "8:16": (8, 16),
+    "4:16": (4, 16),
+    "2:16": (2, 16),
+}
+
+#: On-chip buffers, in canonical order, with the field name of their size.
+BUFFERS = ("activation", "weight", "kv", "global", "instruction")
+
+# Memory primitives: both are 72 bits wide at their widest simple-dual-port shape.
+PRIMITIVE_WIDTH = 72
+#: Entry width of buffers whose width the dataflow does not force (byte-addressable data).
+DEFAULT_BUFFER_WIDTH = 64
+BRAM36_DEPTH = 512        # 512 x 72 = 36 Kb = 4.5 KiB
+URAM_DEPTH = 4096         # 4096 x 72 = 288 Kb = 36 KiB
+BRAM36_BYTES = BRAM36_DEPTH * PRIMITIVE_WIDTH // 8
+URAM_BYTES = URAM_DEPTH * PRIMITIVE_WIDTH // 8
+#: A buffer of at least this many bytes that is deeper than one BRAM36 goes to URAM.
+URAM_MIN_BYTES = 64 * 1024
+
+#: DSP slices per IEEE binary32 multiply: the 24x24 mantissa product needs two
+#: 27x18 DSP48E2 multipliers; a DSP58 has a native single-precision mode (UG1273).
+FMUL_DSP = {"DSP48E2": 2, "DSP58": 1}
+#: Special-function unit estimate: one lane per chain, this many binary32
+#: multiplies per lane (RMSNorm/softmax scaling, table interpolation for
+#: exp/rsqrt/SiLU, RoPE rotation, eltwise multiply).
+SFU_FMULS_PER_LANE = 4
+
+#: Version of the hashed form; bump when the meaning of a field changes.
+HASH_SCHEMA = 1
+
+_KIB = 1024
+
+
+def _ceil_log2(n: int) -> int:
+    return max(0, (n - 1).bit_length())
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def kept_weights(sparsity: str = "dense") -> int:
+    """Weights stored per 32-weight block under *sparsity* (32 for dense, 16 for 2:4)."""
+    try:
+        n, m = SPARSITY_PATTERNS[sparsity]
+    except KeyError:
+        raise ConfigError(f"unknown sparsity pattern {show(sparsity)}; known: "
+                          f"{', '.join(SPARSITY_PATTERNS)}") from None
+    return BLOCK_WEIGHTS * n // m
+
+
+def block_bytes(fmt: str, sparsity: str = "dense") -> int:
+    """Bytes of one 32-weight block of *fmt* stored with *sparsity*.
+
+    ``header + ceil(kept * weight_bits / 8) + ceil(kept * log2(M) / 8)``:
+    a sparse block stores only its ``kept = 32 * N / M`` weights, each with a
+    ``log2(M)``-bit index of its position inside its group of M. The pattern is
+    fixed per tensor (recorded in the program), so a block carries no N byte.
+
+    Parameters
+    ----------
+    fmt : str
+        ``"q4_0"`` (18 bytes dense), ``"q4_1"`` (20) or ``"q8_0"`` (34).
+    sparsity : str
+        A key of :data:`SPARSITY_PATTERNS`.
+
+    Returns
+    -------
+    int
+    """
+    try:
+        spec = WEIGHT_FORMATS[fmt]
+    except KeyError:
+        raise ConfigError(f"unknown weight format {show(fmt)}; known: "
+                          f"{', '.join(WEIGHT_FORMATS)}") from None
+    kept = kept_weights(sparsity)
+    n, m = SPARSITY_PATTERNS[sparsity]
+    index_bits = 0 if m == 1 else _ceil_log2(m)
+    return spec.header_bytes + math.ceil(kept * spec.weight_bits / 8) \
+        + math.ceil(kept * index_bits / 8)
+
+
+# --------------------------------------------------------------------------
+# The configuration
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """The matrix engine's DSP chains.
+
+    Attributes
+    ----------
+    length : int
+        Weights one chain consumes per cycle: 32, 64, 128 or 256.
+    count : int
+        Chains (lanes of the matrix engine); each works on one output row.
+    break_points : bool
+        The chain may split into ``length / 32`` independent 32-element dot
+        products (required for ``length > 32``: every block has its own scale).
+    pack_int4 : bool
+        Two int4 x int8 products per DSP slice.
+    """
+
+    length: int
+    count: int
+    break_points: bool
+    pack_int4: bool
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    """On-chip buffer sizes in KiB."""
+
+    activation_kib: int
+    weight_kib: int
+    kv_kib: int
+    global_kib: int
+    instruction_kib: int
+
+
+@dataclass(frozen=True)
+class HbmConfig:
+    """AXI4 master ports onto the board's main memory (HBM, or DDR on DDR-only cards).
+
+    Attributes
+    ----------
+    ports : int
+        Masters, each bound to one memory channel.
+    data_width : int
+        Bits per port per kernel cycle (64..1024, power of two).
+    """
+
+    ports: int
+    data_width: int
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Geometry of one on-chip buffer, derived by :attr:`AccelConfig.buffer_layout`.
+
+    Attributes
+    ----------
+    name : str
+        ``"activation"``, ``"weight"``, ``"kv"``, ``"global"`` or ``"instruction"``.
+    bytes : int
+        Capacity in bytes.
+    width_bits : int
+        Data width of an entry: activation ``chain.length * activation_bits``
+        (the slice the chains read per cycle), weight ``hbm.ports *
+        hbm.data_width`` (one beat of every port per cycle), the others 64.
+    depth : int
+        Entries of ``width_bits``: ``ceil(bytes * 8 / width_bits)``.
+    primitive : str
+        ``"uram"`` if ``bytes >= 64 KiB`` and ``depth > 512``, else ``"bram36"``.
+    count : int
+        Primitives: ``ceil(width_bits / 72) * ceil(depth / D)``, D = 512
+        (BRAM36) or 4096 (URAM); both primitives are 72 bits wide, so a 64-bit
+        entry leaves 8 bits unused (4 KiB of a BRAM36's 4.5 KiB).
+    addr_bits : int
+        Bits of an entry address: ``ceil(log2(depth))`` (at least 1).
+    """
+
+    name: str
+    bytes: int
+    width_bits: int
+    depth: int
+    primitive: str
+    count: int
+    addr_bits: int
+
+
+@dataclass(frozen=True)
+class AccelConfig:
+    """A validated accelerator configuration and everything derived from it.
+
+    Fields mirror the YAML (see ``docs/config.md``); ``board`` is the board's
+    name and ``board_spec`` the loaded :class:`~llmfab.boards.board.Board`.
+    Derived sizes are properties; all of them together are :meth:`derived`.
+
+    Attributes
+    ----------
+    name : str
+    board : str
+        Name of the board, as in the YAML.
+    board_spec : Board
+        The board's validated facts.
+    clock_mhz : int or float
+    chain : ChainConfig
+    weight_formats : tuple of str
+        Canonical order (q4_0, q4_1, q8_0).
+    sparsity : tuple of str
+        Canonical order; always contains ``"dense"``.
+    activation_bits : int
+    buffers : BufferConfig
+    hbm : HbmConfig
+    context : int
+    max_prefill : int
+    description : str
+    source : str
+        The file it was read from, as shown in messages.
+    """
+
+    name: str
+    board: str
+    board_spec: Board
+    clock_mhz: int | float
+    chain: ChainConfig
+    weight_formats: tuple[str, ...]
+    sparsity: tuple[str, ...]
+    activation_bits: int
+    buffers: BufferConfig
+    hbm: HbmConfig
+    context: int
+    max_prefill: int
+    description: str = ""
+    source: str = field(default="", compare=False, repr=False)
+
+    # ---- the matrix engine ------------------------------------------------
+
+    @property
+    def macs_per_cycle(self) -> int:
+        """int4/int8 multiply-accumulates per cycle: ``length * count``."""
+        return self.chain.length * self.chain.count
+
+    @property
+    def peak_gmacs(self) -> float:
+        """Peak GMAC/s for 4-bit weights: ``macs_per_cycle * clock_mhz / 1000``."""
+        return self.macs_per_cycle * self.clock_mhz / 1000
+
+    def format_macs_per_cycle(self, fmt: str) -> int:
+        """MACs per cycle for weights of *fmt*: halved for 8-bit weights when
+        ``pack_int4`` (a packed DSP does one int8 x int8 product, not two)."""
+        spec = WEIGHT_FORMATS[fmt]
+        if self.chain.pack_int4 and spec.weight_bits > 4:
+            return self.macs_per_cycle // 2
+        return self.macs_per_cycle
+
+    @property
+    def block_lanes_per_chain(self) -> int:
+        """Independent 32-weight dot products per chain per cycle: ``length / 32``."""
+        return self.chain.length // BLOCK_WEIGHTS
+
+    @property
+    def scale_fmuls(self) -> int:
+        """binary32 multiplies per block lane: 2, or 3 if Q4_1 (its minimum term) is supported."""
+        return max(WEIGHT_FORMATS[f].scale_fmuls for f in self.weight_formats)
+
+    @property
+    def mac_dsp_per_chain(self) -> int:
+        """DSP slices doing the chain's products: ``length / 2`` with ``pack_int4``, else ``length``."""
+        return self.chain.length // 2 if self.chain.pack_int4 else self.chain.length
+
+    @property
+    def scale_dsp_per_chain(self) -> int:
+        """DSP slices scaling block results: ``lanes * scale_fmuls * FMUL_DSP[dsp_type]``."""
+        return self.block_lanes_per_chain * self.scale_fmuls * FMUL_DSP[self.board_spec.dsp_type]
+
+    @property
+    def dsp_per_chain(self) -> int:
+        """``mac_dsp_per_chain + scale_dsp_per_chain``."""
+        return self.mac_dsp_per_chain + self.scale_dsp_per_chain
+
+    @property
+    def sfu_dsp(self) -> int:
+        """SFU estimate: ``count * SFU_FMULS_PER_LANE * FMUL_DSP[dsp_type]``."""
+        return self.chain.count * SFU_FMULS_PER_LANE * FMUL_DSP[self.board_spec.dsp_type]
+
+    @property
+    def dsp_total(self) -> int:
+        """DSP slices of the accelerator: ``count * dsp_per_chain + sfu_dsp``."""
+        return self.chain.count * self.dsp_per_chain + self.sfu_dsp
+
+    # ---- memory bandwidth ---------------------------------------------------
+
+    @property
+    def hbm_bytes_per_cycle(self) -> int:
+        """Bytes the ports deliver per kernel cycle: ``ports * data_width / 8``."""
+        return self.hbm.ports * self.hbm.data_width // 8
+
+    @property
+    def peak_hbm_gbps(self) -> float:
+        """Port peak in GB/s: ``hbm_bytes_per_cycle * clock_mhz / 1000``."""
+        return self.hbm_bytes_per_cycle * self.clock_mhz / 1000
+
+    @property
+    def memory_gbps(self) -> float:
+        """What the bound channels can deliver: ``ports * channel bandwidth``."""
+        return self.hbm.ports * self.board_spec.main_memory.bandwidth_gbps_per_channel
+
+    @property
+    def effective_hbm_gbps(self) -> float:
+        """Theoretical streaming rate: ``min(peak_hbm_gbps, memory_gbps)``."""
+        return min(self.peak_hbm_gbps, self.memory_gbps)
+
+    def hbm_blocks_per_cycle(self, fmt: str, sparsity: str = "dense") -> float:
+        """Weight blocks the ports deliver per cycle: ``hbm_bytes_per_cycle / block_bytes``."""
+        return self.hbm_bytes_per_cycle / block_bytes(fmt, sparsity)
+
+    def chain_blocks_per_cycle(self, fmt: str, sparsity: str = "dense") -> float:
+        """Weight blocks the chains consume per cycle:
+        ``format_macs_per_cycle(fmt) / kept_weights(sparsity)``."""
+        return self.format_macs_per_cycle(fmt) / kept_weights(sparsity)
+
+    def keeps_up(self, fmt: str, sparsity: str = "dense") -> bool:
+        """Whether the chains consume blocks at least as fast as the ports deliver them."""
+        return self.chain_blocks_per_cycle(fmt, sparsity) >= self.hbm_blocks_per_cycle(fmt, sparsity)
+
+    # ---- buffers and addresses ----------------------------------------------
+
+    @property
+    def buffer_bytes(self) -> dict[str, int]:
+        """Bytes of each buffer (``<name>_kib * 1024``)."""
+        return {name: getattr(self.buffers, f"{name}_kib") * _KIB for name in BUFFERS}
+
+    @property
+    def buffer_layout(self) -> dict[str, BufferLayout]:
+        """Geometry and primitive count of each buffer (see :class:`BufferLayout`)."""
+        widths = {
+            "activation": self.chain.length * self.activation_bits,
+            "weight": self.hbm.ports * self.hbm.data_width,
+        }
+        out = {}
+        for name, nbytes in self.buffer_bytes.items():
+            width = widths.get(name, DEFAULT_BUFFER_WIDTH)
+            depth = math.ceil(nbytes * 8 / width)
+            uram = nbytes >= URAM_MIN_BYTES and depth > BRAM36_DEPTH
+            count = math.ceil(width / PRIMITIVE_WIDTH) * math.ceil(
+                depth / (URAM_DEPTH if uram else BRAM36_DEPTH))
+            out[name] = BufferLayout(name, nbytes, width, depth, "uram" if uram else "bram36",
+                                     count, max(1, _ceil_log2(depth)))
+        return out
+
+    @property
+    def bram36_total(self) -> int:
+        """BRAM36 blocks of all buffers mapped to BRAM."""
+        return sum(b.count for b in self.buffer_layout.values() if b.primitive == "bram36")
+
+    @property
+    def uram_total(self) -> int:
+        """URAM blocks of all buffers mapped to URAM."""
+        return sum(b.count for b in self.buffer_layout.values() if b.primitive == "uram")
+
+    @property
+    def hbm_addr_bits(self) -> int:
+        """Bits of a byte address inside one main-memory channel."""
+        return _ceil_log2(self.board_spec.main_memory.capacity_bytes_per_channel)
+
+    @property
+    def memory_addr_bits(self) -> int:
+        """Bits of a byte address across the whole main memory."""
+        return _ceil_log2(self.board_spec.main_memory.capacity_bytes)
+
+    @property
+    def position_bits(self) -> int:
+        """Bits of a token position ``0 .. context-1``: ``log2(context)``."""
+        return _ceil_log2(self.context)
+
+    # ---- identity -----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as YAML-shaped plain data (board by name)."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out.update({
+            "board": self.board,
+            "clock_mhz": self.clock_mhz,
+            "chain": {"length": self.chain.length, "count": self.chain.count,
+                      "break_points": self.chain.break_points,
+                      "pack_int4": self.chain.pack_int4},
+            "weight_formats": list(self.weight_formats),
+            "sparsity": list(self.sparsity),
+            "activation_bits": self.activation_bits,
+            "buffers": {f"{n}_kib": getattr(self.buffers, f"{n}_kib") for n in BUFFERS},
+            "hbm": {"ports": self.hbm.ports, "data_width": self.hbm.data_width},
+            "context": self.context,
+            "max_prefill": self.max_prefill,
+        })
+        return out
+
+    def config_hash(self) -> str:
+        """Stable identity of the hardware this configuration describes.
+
+        ``sha256`` of the canonical JSON (sorted keys, no spaces) of
+        :meth:`to_dict` without ``name`` and ``description`` (renaming a
+        configuration does not change the hardware) plus ``"schema":
+        HASH_SCHEMA``; the first 16 hex digits. Compiled programs record it.
+        """
+        data = self.to_dict()
+        data.pop("name")
+        data.pop("description", None)
+        data["schema"] = HASH_SCHEMA
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def derived(self) -> dict[str, Any]:
+        """Every derived size as plain data (JSON-serialisable)."""
+        formats = {}
+        for fmt in self.weight_formats:
+            formats[fmt] = {
+                s: {
+                    "block_bytes": block_bytes(fmt, s),
+                    "hbm_blocks_per_cycle": self.hbm_blocks_per_cycle(fmt, s),
+                    "chain_blocks_per_cycle": self.chain_blocks_per_cycle(fmt, s),
+                    "keeps_up": self.keeps_up(fmt, s),
+                } for s in self.sparsity
+            }
+        return {
+            "config_hash": self.config_hash(),
+            "macs_per_cycle": self.macs_per_cycle,
+            "peak_gmacs": self.peak_gmacs,
+            "block_lanes_per_chain": self.block_lanes_per_chain,
+            "scale_fmuls": self.scale_fmuls,
+            "mac_dsp_per_chain": self.mac_dsp_per_chain,
+            "scale_dsp_per_chain": self.scale_dsp_per_chain,
+            "dsp_per_chain": self.dsp_per_chain,
+            "sfu_dsp": self.sfu_dsp,
+            "dsp_total": self.dsp_total,
+            "hbm_bytes_per_cycle": self.hbm_bytes_per_cycle,
+            "peak_hbm_gbps": self.peak_hbm_gbps,
+            "memory_gbps": self.memory_gbps,
+            "effective_hbm_gbps": self.effective_hbm_gbps,
+            "formats": formats,
+            "buffers": {n: asdict(b) for n, b in self.buffer_layout.items()},
+            "bram36_total": self.bram36_total,
+            "uram_total": self.uram_total,
+            "hbm_addr_bits": self.hbm_addr_bits,
+            "memory_addr_bits": self.memory_addr_bits,
+            "position_bits": self.position_bits,
+        }
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+_TOP_FIELDS = ("name", "board", "clock_mhz", "chain", "weight_formats", "sparsity",
+               "activation_bits", "buffers", "hbm", "context", "max_prefill")
+_CHAIN_FIELDS = ("length", "count", "break_points", "pack_int4")
+_BUFFER_FIELDS = tuple(f"{n}_kib" for n in BUFFERS)
+_HBM_FIELDS = ("ports", "data_width")
+
+
+def _pow2(f: Fields, key: str, lo: int, hi: int, why: str = "") -> int:
+    value = f.integer(key)
+    if not _is_pow2(value):
+        raise f.fail(key, f"must be a power of two, not {value}")
+    if not lo <= value <= hi:
+        raise f.fail(key, f"must be between {lo} and {hi}{why}, not {value}")
+    return value
+
+
+def _sexagesimal(value: int) -> str | None:
+    """YAML 1.1 reads an unquoted ``2:4`` as the number 124; undo that for the hint."""
+    a, b = divmod(value, 60)
+    text = f"{a}:{b}"
+    return text if text in SPARSITY_PATTERNS else None
+
+
+def _choices(f: Fields, key: str, known: dict, what: str) -> tuple[str, ...]:
+    value = f.data[key]
+    if not isinstance(value, list) or not value:
+        raise f.fail(key, f"must be a non-empty list of {what}s, not {show(value)}")
+    seen = set()
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool) and _sexagesimal(item):
+            raise f.fail(key, f"has {item}, which is how YAML reads an unquoted "
+                              f"{_sexagesimal(item)}; write \"{_sexagesimal(item)}\"")
+        if item not in known:
+            raise f.fail(key, f"entries must be one of {', '.join(known)}, not {show(item)}")
+        if item in seen:
+            raise f.fail(key, f"lists {show(item)} twice")
+        seen.add(item)
+    return tuple(k for k in known if k in seen)
+
+
+def config_from_dict(data: dict, display: str, expected_name: str | None = None) -> AccelConfig:
+    """Validate the mapping read from a configuration file and build the :class:`AccelConfig`.
+
+    Does not check the fit to the board (:func:`load_config` does).
+
+    Parameters
+    ----------
+    data : dict
+        The parsed YAML.
+    display : str
+        File name used in error messages.
+    expected_name : str, optional
+        If given, ``name`` must equal it (named configurations: the file's stem).
+
+    Raises
+    ------
+    ConfigError
+        One line naming the file and the first bad field.
+    """
+    f = Fields(data, display, ConfigError)
+    f.check_keys(_TOP_FIELDS, ("description",))
+
+    name = f.string("name")
+    if expected_name is not None and name != expected_name:
+        raise f.fail("name", f"is {show(name)} but the file is named {expected_name}.yaml; "
+                             f"make them equal")
+    description = f.string("description") if f.has("description") else ""
+
+    board_name = f.string("board")
+    if board_name not in board_names():
+        raise f.fail("board", f"must name a known board ({', '.join(board_names())}), "
+                              f"not {show(board_name)}")
+    board = load_board(board_name)
+
+    clock = f.number("clock_mhz")
+
+    c = f.sub("chain")
+    c.check_keys(_CHAIN_FIELDS)
+    length = _pow2(c, "length", BLOCK_WEIGHTS, 8 * BLOCK_WEIGHTS,
+                   " (one to eight 32-weight blocks)")
+    count = c.integer("count")
+    break_points = c.boolean("break_points")
+    if length > BLOCK_WEIGHTS and not break_points:
+        raise c.fail("break_points", f"must be true when chain.length is above {BLOCK_WEIGHTS} "
+                                     f"(every 32-weight block has its own scale), not false")
+    chain = ChainConfig(length, count, break_points, c.boolean("pack_int4"))
+
+    formats = _choices(f, "weight_formats", WEIGHT_FORMATS, "weight format")
+    sparsity = _choices(f, "sparsity", SPARSITY_PATTERNS, "sparsity pattern")
+    if "dense" not in sparsity:
+        raise f.fail("sparsity", "must include dense (every model has dense tensors)")
+
+    activation_bits = f.integer("activation_bits")
+    if activation_bits != 8:
+        raise f.fail("activation_bits", f"must be 8 (int8 activations), not {activation_bits}")
+
+    b = f.sub("buffers")
+    b.check_keys(_BUFFER_FIELDS)
+    buffers = BufferConfig(*(b.integer(k) for k in _BUFFER_FIELDS))
+
+    h = f.sub("hbm")
+    h.check_keys(_HBM_FIELDS)
+    hbm = HbmConfig(h.integer("ports"), _pow2(h, "data_width", 64, 1024))
+
+    context = f.integer("context")
+    if not _is_pow2(context) or context < 64:
+        raise f.fail("context", f"must be a power of two of at least 64, not {context}")
+    max_prefill = f.integer("max_prefill")
+    if max_prefill % 16:
+        raise f.fail("max_prefill", f"must be a multiple of 16, not {max_prefill}")
+    if max_prefill > context:
+        raise f.fail("max_prefill", f"must not exceed context ({context}), not {max_prefill}")
+
+    return AccelConfig(name=name, board=board.name, board_spec=board, clock_mhz=clock, chain=chain,
+                       weight_formats=formats, sparsity=sparsity,
+                       activation_bits=activation_bits, buffers=buffers, hbm=hbm,
+                       context=context, max_prefill=max_prefill, description=description,
+                       source=display)
+
+
+def check_fits(config: AccelConfig, board: Board | None = None) -> None:
+    """Check that *config* can be built on *board* (default: its own, ``config.board_spec``).
+
+    Checks, in order: clock, memory ports against the main memory's
+    channels, DSP slices, BRAM36 and URAM (the last three after the shell's
+    reservation).
+
+    Raises
+    ------
+    FitError
+        One line saying what does not fit and what to change, e.g.
+        ``config 'x' needs 9800 DSP48E2 but board 'u280' has 9024; ...``.
+    """
+    board = board or config.board_spec
+    who, where = f"config '{config.name}'", f"board '{board.name}'"
+    if config.clock_mhz > board.max_kernel_clock_mhz:
+        raise FitError(f"{who} runs at {config.clock_mhz:g} MHz but {where} allows at most "
+                       f"{board.max_kernel_clock_mhz:g} MHz; lower clock_mhz")
+    mem = board.main_memory
+    if config.hbm.ports > mem.channels:
+        raise FitError(f"{who} uses {config.hbm.ports} memory ports but {where} has "
+                       f"{mem.channels} {mem.kind.upper()} channels; lower hbm.ports")
+    needs = [
+        ("dsp", config.dsp_total, board.dsp_type,
+         "use fewer or shorter chains (chain.count, chain.length)"),
+        ("bram36", config.bram36_total, "BRAM36", "shrink the buffers (buffers.*_kib)"),
+        ("uram", config.uram_total, "URAM", "shrink the buffers (buffers.*_kib)"),
+    ]
+    for resource, need, unit, fix in needs:
+        have = board.available(resource)
+        if need > have:
+            reserved = getattr(board.shell_reserved, resource)
+            after = f" after the shell's {reserved:g}" if reserved else ""
+            raise FitError(f"{who} needs {need} {unit} but {where} has {have}{after}; {fix}")
+
+
+def config_names() -> list[str]:
+    """Names of the packaged configurations (``boards/configs/*.yaml``), sorted."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | os.PathLike) -> AccelConfig:
+    """Load, validate and fit-check a configuration by name (``"ci"``) or from a YAML file.
+
+    Parameters
+    ----------
+    name_or_path : str or os.PathLike
+        A packaged configuration's name, or a path (anything with a ``/`` or
+        ending in ``.yaml``).
+
+    Returns
+    -------
+    AccelConfig
+
+    Raises
+    ------
+    ConfigError
+        Unknown name, missing file, malformed YAML or a bad field (one line).
+    FitError
+        The configuration does not fit its board (a ``ConfigError``).
+    BoardError
+        The board file the configuration names is itself broken.
+    """
+    path, named = resolve_file(name_or_path, CONFIGS_DIR, "config", config_names, ConfigError)
+    display = display_path(path) if named else str(name_or_path)
+    data = read_yaml(path, display, ConfigError)
+    config = config_from_dict(data, display, expected_name=path.stem if named else None)
+    check_fits(config)
+    return config
+
+
+def list_configs() -> list[AccelConfig]:
+    """All packaged configurations, validated and fit-checked, sorted by name."""
+    return [load_config(name) for name in config_names()]
+
+
+def format_configs_table(configs: list[AccelConfig]) -> str:
+    """A Markdown table of the configurations' headline derived figures (for docs/config.md).
+
+    Parameters
+    ----------
+    configs : list of AccelConfig
+
+    Returns
+    -------
+    str
+        The table, no trailing newline.
+    """
+    header = ["config", "board", "MHz", "chains", "MAC/cycle", "GMAC/s", "DSP used / avail",
+              "BRAM36", "URAM", "ports", "B/cycle", "peak GB/s", "eff. GB/s",
+              "q4_0 blocks/cycle HBM / chains", "keeps up", "hash"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in configs:
+        b = c.board_spec
+        keeps = ", ".join(f for f in c.weight_formats if c.keeps_up(f)) or "none"
+        row = [
+            c.name, b.name, f"{c.clock_mhz:g}", f"{c.chain.count} x {c.chain.length}",
+            f"{c.macs_per_cycle:,}", f"{c.peak_gmacs:,.1f}",
+            f"{c.dsp_total:,} / {b.available('dsp'):,}",
+            f"{c.bram36_total:,} / {b.available('bram36'):,}",
+            f"{c.uram_total:,} / {b.available('uram'):,}",
+            f"{c.hbm.ports} x {c.hbm.data_width}", f"{c.hbm_bytes_per_cycle:,}",
+            f"{c.peak_hbm_gbps:,.1f}", f"{c.effective_hbm_gbps:,.1f}",
+            f"{c.hbm_blocks_per_cycle('q4_0'):.1f} / {c.chain_blocks_per_cycle('q4_0'):g}"
+            if "q4_0" in c.weight_formats else "-",
+            keeps, f"`{c.config_hash()}`",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
