@@ -4,6 +4,11 @@ This is the software oracle (not the hardware numerics): weights are
 dequantized once to float32, and the LLaMA block is computed as llama.cpp
 defines it -- RMSNorm, RoPE on adjacent pairs (GGUF convention), grouped-query
 attention over a KV cache, SwiGLU, tied or separate output projection.
+
+With ``llamacpp_rounding`` (the default) it also rounds where llama.cpp's CPU
+path rounds: activations entering a quantized matmul become Q8 blocks
+(llama.cpp's ``vec_dot_type``), and the KV cache holds fp16. Without it the
+forward pass is float32 throughout.
 """
 
 from __future__ import annotations
@@ -20,6 +25,22 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     x = x.astype(np.float32)
     ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
     return (x / np.sqrt(ms + np.float32(eps))) * w
+
+
+def q8_round(x: np.ndarray) -> np.ndarray:
+    """Round activations to Q8 blocks as llama.cpp's CPU matmuls do before a quantized dot.
+
+    Per 32 elements: d = amax / 127 stored as fp16, q = round-half-away(x / d);
+    returns the float32 values fp16(d) * q.
+    """
+    shp = x.shape
+    b = x.reshape(-1, 32).astype(np.float32)
+    amax = np.max(np.abs(b), axis=1, keepdims=True)
+    d = amax / np.float32(127.0)
+    inv = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    v = b * inv
+    q = np.trunc(v + np.copysign(np.float32(0.5), v))
+    return (q * d.astype(np.float16).astype(np.float32)).reshape(shp).astype(np.float32)
 
 
 def rope_tables(head_dim: int, base: float, positions: np.ndarray):
@@ -52,8 +73,10 @@ class ReferenceModel:
         KV-cache length; defaults to the model's context length capped at 2048.
     """
 
-    def __init__(self, model: Model, *, max_context: int | None = None, progress: bool = False):
+    def __init__(self, model: Model, *, max_context: int | None = None, progress: bool = False,
+                 llamacpp_rounding: bool = True):
         self.model = model
+        self.llamacpp_rounding = llamacpp_rounding
         d = self.desc = model.desc
         self.max_context = int(max_context or min(d.context_length, 2048))
         it = range(d.n_layers)
@@ -73,6 +96,9 @@ class ReferenceModel:
             L["gate_up"] = np.ascontiguousarray(np.concatenate([L["ffn_gate"], L["ffn_up"]], axis=1))
             self.layers.append(L)
         self.out_w = np.ascontiguousarray(model.output.dequantize().T)  # [dim, vocab]
+        self.quantized = {w: model.layer(0, w).qtype not in ("f32", "f16")
+                          for w in ("attn_q", "attn_output", "ffn_gate", "ffn_down")}
+        self.quantized["output"] = model.output.qtype not in ("f32", "f16")
         self.reset()
 
     def reset(self) -> None:
@@ -106,13 +132,16 @@ class ReferenceModel:
         S = self.pos + T
         mask = np.triu(np.full((T, S), -np.inf, np.float32), k=self.pos + 1)
         for li, L in enumerate(self.layers):
-            h = rms_norm(x, L["attn_norm"], d.rms_eps)
+            h = self._act(rms_norm(x, L["attn_norm"], d.rms_eps), "attn_q")
             qkv = h @ L["qkv"]
             q = qkv[:, :nq * hd].reshape(T, nq, hd)
             k = qkv[:, nq * hd:(nq + nkv) * hd].reshape(T, nkv, hd)
             v = qkv[:, (nq + nkv) * hd:].reshape(T, nkv, hd)
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
+            if self.llamacpp_rounding:   # llama.cpp keeps K and V in fp16
+                k = k.astype(np.float16).astype(np.float32)
+                v = v.astype(np.float16).astype(np.float32)
             self.k_cache[li, self.pos:S] = k
             self.v_cache[li, self.pos:S] = v
             K = self.k_cache[li, :S]  # [S, nkv, hd]
@@ -124,12 +153,17 @@ class ReferenceModel:
             np.exp(att, out=att)
             att /= att.sum(axis=-1, keepdims=True)
             o = np.einsum("kgts,skd->tkgd", att, V, optimize=True).reshape(T, nq * hd)
-            x = x + o @ L["attn_output"]
-            h = rms_norm(x, L["ffn_norm"], d.rms_eps)
+            x = x + self._act(o, "attn_output") @ L["attn_output"]
+            h = self._act(rms_norm(x, L["ffn_norm"], d.rms_eps), "ffn_gate")
             gu = h @ L["gate_up"]
             gate, up = gu[:, :d.ffn_dim], gu[:, d.ffn_dim:]
             act = gate / (np.float32(1.0) + np.exp(-gate)) * up
-            x = x + act @ L["ffn_down"]
+            x = x + self._act(act, "ffn_down") @ L["ffn_down"]
         self.pos = S
-        x = rms_norm(x, self.out_norm, d.rms_eps)
+        x = self._act(rms_norm(x, self.out_norm, d.rms_eps), "output")
         return (x @ self.out_w).astype(np.float32)
+
+    def _act(self, x: np.ndarray, weight: str) -> np.ndarray:
+        if self.llamacpp_rounding and self.quantized[weight]:
+            return q8_round(x)
+        return x

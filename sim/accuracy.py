@@ -1,0 +1,52 @@
+"""Accuracy against llama.cpp's teacher-forced logits (tests/data/llamacpp_logits.npz)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, asdict
+
+import numpy as np
+
+
+@dataclass
+class Agreement:
+    positions: int
+    top1_agreement: float
+    confident_positions: int       # llama.cpp top-1 leads top-2 by > margin
+    confident_agreement: float
+    median_abs_err_top8: float
+    max_abs_err_top8: float
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def load_llamacpp_reference(path: str):
+    """[(tokens, topk_ids [n,k], topk_logits [n,k])] for each text in the file."""
+    z = np.load(path, allow_pickle=False)
+    out = []
+    i = 0
+    while f"text_{i}_tokens" in z:
+        out.append((z[f"text_{i}_tokens"].astype(np.int64), z[f"text_{i}_topk_ids"].astype(np.int64),
+                    z[f"text_{i}_topk_logits"].astype(np.float32)))
+        i += 1
+    return out
+
+
+def compare(ours: list, ref: list, *, margin: float = 1.0, topn: int = 8) -> Agreement:
+    """``ours``: logits [n, vocab] per text; ``ref``: as from :func:`load_llamacpp_reference`."""
+    agree = conf = conf_ok = n = 0
+    errs = []
+    for lg, (toks, ids, vals) in zip(ours, ref):
+        for p in range(len(toks)):
+            n += 1
+            a = int(np.argmax(lg[p]))
+            agree += a == ids[p, 0]
+            if vals[p, 0] - vals[p, 1] > margin:
+                conf += 1
+                conf_ok += a == ids[p, 0]
+            errs.extend(np.abs(lg[p, ids[p, :topn]] - vals[p, :topn]).tolist())
+    errs = np.asarray(errs)
+    return Agreement(positions=n, top1_agreement=agree / n, confident_positions=conf,
+                     confident_agreement=conf_ok / conf if conf else 1.0,
+                     median_abs_err_top8=float(np.median(errs)), max_abs_err_top8=float(errs.max()))
