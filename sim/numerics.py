@@ -143,7 +143,7 @@ def exp(x) -> np.ndarray:
     """e**x: y = x*log2(e); y = n + k/64 + r; 2**r by a cubic; times table[k]; times 2**n."""
     x = f32(x)
     y = fmul(x, LOG2E)
-    y = np.clip(y, F32(-150.0), F32(128.0)).astype(np.float32)
+    y = np.clip(np.nan_to_num(y, nan=0.0), F32(-150.0), F32(128.0)).astype(np.float32)
     n = np.floor(y).astype(np.int32)
     f = fsub(y, n.astype(np.float32))                  # exact, in [0, 1)
     k = np.floor(f * F32(64.0)).astype(np.int64)       # exact scaling

@@ -1,0 +1,251 @@
+"""The llmfab instruction set: 128-bit words, FlightLLM-style classes with dependency tokens.
+
+Layouts are lists of ``(field, width)`` from bit 0 upwards, so the hardware can
+turn them into ``amaranth.lib.data.StructLayout``\\ s (``hw/isa.py``) without
+the compiler importing the hardware. docs/isa.md is the prose version.
+
+Every word starts with the same 16-bit header::
+
+    op[4] wait_prev[1] wait_next[1] rel_prev[1] rel_next[1] func[8]
+
+Queues (decoupled access-execute): LD -> load queue, MV/MM/MISC -> compute
+queue, ST -> store queue, SYS -> executed by the dispatcher. Tokens flow on
+four channels: ld2cmp (LD rel_next -> compute wait_prev), cmp2ld (compute
+rel_prev -> LD wait_next), cmp2st (compute rel_next -> ST wait_prev), st2cmp
+(ST rel_prev -> compute wait_next).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmfab.boards.errors import IsaError
+
+WORD_BITS = 128
+WORD_BYTES = 16
+NREGS = 16
+HBM_ALIGN = 32          # hbm_off is in units of 32 bytes
+
+# opcodes
+OP_LD, OP_ST, OP_MV, OP_MM, OP_MISC, OP_SYS = 1, 2, 3, 4, 5, 6
+OPNAMES = {OP_LD: "LD", OP_ST: "ST", OP_MV: "MV", OP_MM: "MM", OP_MISC: "MISC", OP_SYS: "SYS"}
+OPCODES = {v: k for k, v in OPNAMES.items()}
+QUEUE = {OP_LD: "ld", OP_ST: "st", OP_MV: "cmp", OP_MM: "cmp", OP_MISC: "cmp", OP_SYS: "sys"}
+
+# LD func
+LD_RAW = 0
+# ST func
+ST_F32, ST_F16 = 0, 1
+# MV/MM func: fmt[2] | sparsity[3] << 2
+FMTS = ("q4_0", "q4_1", "q8_0")
+SPARSITIES = ("dense", "2:4", "8:16", "4:16", "2:16")
+# MISC (SFU) funcs
+MISC_FUNCS = {
+    "NOP": 0, "QUANT": 1, "RMSNORM": 2, "ROPE": 3, "ADD": 4, "MUL": 5, "SILU_MUL": 6,
+    "ATTN": 7, "COPY": 8, "EMBED": 9,
+}
+MISC_NAMES = {v: k for k, v in MISC_FUNCS.items()}
+# SYS funcs
+SYS_NOP, SYS_SYNC, SYS_END = 0, 1, 2
+SYS_NAMES = {SYS_NOP: "NOP", SYS_SYNC: "SYNC", SYS_END: "END"}
+
+# runtime registers
+REG_ZERO, REG_POS, REG_SEQ, REG_WBASE, REG_KVBASE, REG_IOBASE, REG_TBASE, REG_TOKEN = range(8)
+REG_NAMES = {REG_ZERO: "zero", REG_POS: "pos", REG_SEQ: "seq", REG_WBASE: "wbase",
+             REG_KVBASE: "kvbase", REG_IOBASE: "iobase", REG_TBASE: "tbase", REG_TOKEN: "token"}
+
+# status codes (golden model and RTL report the same)
+STATUS_OK = 0
+STATUS_ILLEGAL = 1
+STATUS_HBM_RANGE = 2
+STATUS_BUF_RANGE = 3
+STATUS_DEADLOCK = 4
+STATUS_NO_END = 5
+STATUS_NAMES = {0: "ok", 1: "illegal instruction", 2: "HBM address out of range",
+                3: "on-chip address out of range", 4: "deadlock", 5: "program ended without END"}
+
+HEADER = [("op", 4), ("wait_prev", 1), ("wait_next", 1), ("rel_prev", 1), ("rel_next", 1),
+          ("func", 8)]
+_MEM = [("buf", 24), ("hreg", 4), ("hoff", 28), ("ireg", 4), ("stride", 16), ("len", 20),
+        ("lreg", 4), ("lmul", 12)]
+LAYOUTS = {
+    OP_LD: HEADER + _MEM,
+    OP_ST: HEADER + _MEM,
+    OP_MV: HEADER + [("wb", 24), ("rows", 16), ("cols", 16), ("qsrc", 24), ("dst", 24),
+                     ("rsv", 8)],
+    OP_MM: HEADER + [("wb", 24), ("rows", 16), ("cols", 16), ("qsrc", 24), ("dst", 24),
+                     ("ntok", 8)],
+    OP_MISC: HEADER + [("dst", 24), ("a", 24), ("b", 24), ("n", 16), ("aux", 16), ("reg", 4),
+                       ("rsv", 4)],
+    OP_SYS: HEADER + [("rsv", 112)],
+}
+for _op, _lay in LAYOUTS.items():
+    assert sum(w for _, w in _lay) == WORD_BITS, (_op, sum(w for _, w in _lay))
+
+
+def _offsets(layout):
+    off, out = 0, {}
+    for name, w in layout:
+        out[name] = (off, w)
+        off += w
+    return out
+
+
+OFFSETS = {op: _offsets(lay) for op, lay in LAYOUTS.items()}
+
+
+@dataclass
+class Instr:
+    """One instruction: its opcode name and field values."""
+
+    op: str
+    fields: dict
+
+    def __getitem__(self, k):
+        return self.fields.get(k, 0)
+
+    def __repr__(self):
+        return disassemble(self)
+
+
+def make(op: str, **fields) -> Instr:
+    return Instr(op, dict(fields))
+
+
+def encode(ins: Instr) -> int:
+    """Instruction -> 128-bit integer. Raises IsaError for a value that does not fit."""
+    if ins.op not in OPCODES:
+        raise IsaError(f"unknown opcode '{ins.op}'")
+    op = OPCODES[ins.op]
+    word = op
+    offs = OFFSETS[op]
+    for name, val in ins.fields.items():
+        if name == "op":
+            continue
+        if name not in offs:
+            raise IsaError(f"{ins.op} has no field '{name}'")
+        off, w = offs[name]
+        val = int(val)
+        if val < 0 or val >= (1 << w):
+            raise IsaError(f"{ins.op}.{name} = {val} does not fit in {w} bits")
+        word |= val << off
+    return word
+
+
+def _legal(op: int, f: dict) -> str | None:
+    """Why a decoded word is illegal (None if legal)."""
+    q = QUEUE[op]
+    if f.get("rsv", 0):
+        return "reserved bits set"
+    if q == "ld" and (f["wait_prev"] or f["rel_prev"]):
+        return "LD has no previous queue"
+    if q == "st" and (f["wait_next"] or f["rel_next"]):
+        return "ST has no next queue"
+    if q == "sys" and (f["wait_prev"] or f["wait_next"] or f["rel_prev"] or f["rel_next"]):
+        return "SYS carries no tokens"
+    if op == OP_LD and f["func"] != LD_RAW:
+        return f"LD func {f['func']}"
+    if op == OP_ST and f["func"] not in (ST_F32, ST_F16):
+        return f"ST func {f['func']}"
+    if op in (OP_MV, OP_MM):
+        fmt, sp = f["func"] & 3, f["func"] >> 2
+        if fmt >= len(FMTS) or sp >= len(SPARSITIES):
+            return f"{OPNAMES[op]} func {f['func']}"
+        if f["cols"] == 0 or f["cols"] % 32 or f["rows"] == 0:
+            return f"{OPNAMES[op]} shape {f['rows']}x{f['cols']}"
+        if op == OP_MM and f["ntok"] == 0:
+            return "MM ntok 0"
+    if op == OP_MISC and f["func"] not in MISC_NAMES:
+        return f"MISC func {f['func']}"
+    if op == OP_SYS and f["func"] not in SYS_NAMES:
+        return f"SYS func {f['func']}"
+    return None
+
+
+def decode(word: int) -> Instr:
+    """128-bit integer -> Instruction. Raises IsaError (one line) for an illegal encoding."""
+    word = int(word)
+    if word < 0 or word >> WORD_BITS:
+        raise IsaError(f"instruction word {word:#x} is not 128 bits")
+    op = word & 0xF
+    if op not in OPNAMES:
+        raise IsaError(f"illegal instruction {word:#034x}: opcode {op}")
+    f = {}
+    for name, (off, w) in OFFSETS[op].items():
+        if name == "op":
+            continue
+        f[name] = (word >> off) & ((1 << w) - 1)
+    why = _legal(op, f)
+    if why:
+        raise IsaError(f"illegal instruction {word:#034x}: {why}")
+    f.pop("rsv", None)
+    return Instr(OPNAMES[op], f)
+
+
+def to_bytes(words) -> bytes:
+    return b"".join(int(w).to_bytes(WORD_BYTES, "little") for w in words)
+
+
+def from_bytes(data: bytes) -> list:
+    if len(data) % WORD_BYTES:
+        raise IsaError(f"program of {len(data)} bytes is not a whole number of 16-byte words")
+    return [int.from_bytes(data[i:i + WORD_BYTES], "little") for i in range(0, len(data), WORD_BYTES)]
+
+
+def assemble(instrs) -> bytes:
+    return to_bytes(encode(i) for i in instrs)
+
+
+def disassemble(ins: Instr) -> str:
+    f = dict(ins.fields)
+    toks = "".join(c for c, k in (("W", "wait_prev"), ("w", "wait_next"), ("R", "rel_prev"),
+                                  ("r", "rel_next")) if f.pop(k, 0))
+    func = f.pop("func", 0)
+    name = ins.op
+    if ins.op in ("MV", "MM"):
+        name += f".{FMTS[func & 3] if (func & 3) < 3 else '?'}"
+        sp = func >> 2
+        if sp:
+            name += f".{SPARSITIES[sp] if sp < len(SPARSITIES) else '?'}"
+    elif ins.op == "MISC":
+        name = MISC_NAMES.get(func, f"MISC{func}")
+    elif ins.op == "SYS":
+        name = SYS_NAMES.get(func, f"SYS{func}")
+    elif ins.op == "ST":
+        name += ".f16" if func == ST_F16 else ""
+    body = " ".join(f"{k}={v}" for k, v in f.items() if v)
+    return f"{name}{'[' + toks + ']' if toks else ''} {body}".strip()
+
+
+def mv_func(fmt: str, sparsity: str = "dense") -> int:
+    return FMTS.index(fmt) | (SPARSITIES.index(sparsity) << 2)
+
+
+def random_instr(rng: np.random.Generator) -> Instr:
+    """A random legal instruction (for round-trip tests)."""
+    op = int(rng.choice(list(OPNAMES)))
+    name = OPNAMES[op]
+    while True:
+        f = {}
+        for fname, w in LAYOUTS[op]:
+            if fname in ("op", "rsv"):
+                continue
+            f[fname] = int(rng.integers(0, 1 << min(w, 62))) if w < 63 else int(rng.integers(0, 1 << 62))
+        if op == OP_LD:
+            f.update(func=0, wait_prev=0, rel_prev=0)
+        elif op == OP_ST:
+            f.update(func=int(rng.integers(0, 2)), wait_next=0, rel_next=0)
+        elif op in (OP_MV, OP_MM):
+            f["func"] = mv_func(FMTS[rng.integers(0, 3)], SPARSITIES[rng.integers(0, 5)])
+            f["cols"] = 32 * int(rng.integers(1, 2048))
+            f["rows"] = max(1, f["rows"])
+            if op == OP_MM:
+                f["ntok"] = max(1, f["ntok"])
+        elif op == OP_MISC:
+            f["func"] = int(rng.choice(list(MISC_NAMES)))
+        elif op == OP_SYS:
+            f = {"func": int(rng.choice(list(SYS_NAMES)))}
+        if _legal(op, {**{k: 0 for k, _ in LAYOUTS[op]}, **f}) is None:
+            return Instr(name, f)
