@@ -205,16 +205,117 @@ def _open_gguf(path: str):
         magic = fh.read(4)
     if magic != b"GGUF":
         raise ModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    _check_gguf_extent(path, size)
     try:
         reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, MemoryError) as e:
-        raise ModelError(f"{path}: truncated or malformed GGUF file ({_short(e)})") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ModelError(f"{path}: truncated GGUF file: tensor '{t.name}' ends at byte {end} "
-                             f"but the file has {size} bytes")
+    except (ValueError, IndexError, KeyError, OverflowError, MemoryError, TypeError) as e:
+        raise ModelError(f"{path}: malformed GGUF file ({_short(e)})") from None
     return reader
+
+
+# GGUF metadata value types -> fixed size in bytes (8 string and 9 array are variable)
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _check_gguf_extent(path: str, size: int) -> None:
+    """Walk the GGUF header and tensor table; a file that ends early is a one-line ModelError.
+
+    GGUFReader reports a truncated file with whatever numpy error the short
+    read causes; this finds where the file should end instead: inside the
+    header, or at the end of the last tensor's data.
+    """
+    import mmap
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as fh:
+        if size < 24:
+            raise ModelError(f"{path}: truncated GGUF file: the header ends after {size} bytes")
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        pos = 4
+
+        def take(fmt):
+            nonlocal pos
+            n = struct.calcsize(fmt)
+            if pos + n > size:
+                raise _Truncated
+            v = struct.unpack_from(fmt, buf, pos)
+            pos += n
+            return v[0] if len(v) == 1 else v
+
+        def skip(n):
+            nonlocal pos
+            if pos + n > size:
+                raise _Truncated
+            pos += n
+
+        def string():
+            n = take("<Q")
+            if pos + n > size:
+                raise _Truncated
+            s = bytes(buf[pos:pos + n])
+            skip(n)
+            return s
+
+        version = take("<I")
+        if version not in (2, 3):     # v1 or big-endian: leave it to GGUFReader
+            return
+        n_tensors, n_kv = take("<Q"), take("<Q")
+        alignment = 32
+        try:
+            for _ in range(n_kv):
+                key = string()
+                vtype = take("<I")
+                if vtype in _GGUF_SCALAR:
+                    if key == b"general.alignment" and vtype == 4:
+                        alignment = take("<I") or 32
+                    else:
+                        skip(_GGUF_SCALAR[vtype])
+                elif vtype == 8:
+                    string()
+                elif vtype == 9:
+                    etype, count = take("<I"), take("<Q")
+                    if etype in _GGUF_SCALAR:
+                        skip(_GGUF_SCALAR[etype] * count)
+                    elif etype == 8:
+                        for _ in range(count):
+                            string()
+                    else:
+                        return   # nested arrays: unusual, leave it to GGUFReader
+                else:
+                    return       # unknown type: GGUFReader will say so
+            infos = []
+            for _ in range(n_tensors):
+                name = string().decode("utf-8", "replace")
+                n_dims = take("<I")
+                if n_dims > 8:
+                    return
+                dims = [take("<Q") for _ in range(n_dims)]
+                ttype, offset = take("<I"), take("<Q")
+                infos.append((name, dims, ttype, offset))
+        except _Truncated:
+            raise ModelError(f"{path}: truncated GGUF file: the header ends after {size} bytes") from None
+        start = pos + (-pos % alignment)
+        for name, dims, ttype, offset in infos:
+            try:
+                bw, bb = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                continue   # unknown type: reported later as unsupported
+            n = 1
+            for x in dims:
+                n *= int(x)
+            end = start + int(offset) + n // bw * bb
+            if end > size:
+                raise ModelError(f"{path}: truncated GGUF file: tensor '{name}' ends at byte {end} "
+                                 f"but the file has {size} bytes")
+    finally:
+        buf.close()
 
 
 def _short(e: Exception) -> str:
@@ -342,6 +443,19 @@ _HF_LAYER = {
 }
 
 
+def _hf_name(name: str) -> str:
+    """The Hugging Face name of a GGUF tensor name (for error messages)."""
+    for k, v in _HF_NAMES.items():
+        if v == name:
+            return k
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk":
+        for k, v in _HF_LAYER.items():
+            if v == parts[2]:
+                return f"model.layers.{parts[1]}.{k}.weight"
+    return name
+
+
 def hf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder Q/K rows from HF's rotate-half RoPE to GGUF's adjacent-pair RoPE.
 
@@ -429,6 +543,9 @@ def load_hf(path: str, *, quantize: str | None = None) -> Model:
         )
     except KeyError as e:
         raise ModelError(f"{cfg_path}: missing field {e.args[0]!r}") from None
+    if n_heads <= 0 or dim % n_heads or n_kv <= 0 or n_heads % n_kv:
+        raise ModelError(f"{path}: inconsistent shapes: hidden_size {dim}, num_attention_heads "
+                         f"{n_heads}, num_key_value_heads {n_kv}")
     if cfg.get("rope_scaling"):
         raise ModelError(f"{cfg_path}: unsupported rope_scaling {cfg['rope_scaling']!r}")
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -451,12 +568,12 @@ def load_hf(path: str, *, quantize: str | None = None) -> Model:
             if sub in _HF_LAYER:
                 names[f"blk.{parts[2]}.{_HF_LAYER[sub]}.weight"] = v
     for name, shape in expected_shapes(desc).items():
+        hf = _hf_name(name)
         if name not in names:
-            hf = {v: k for k, v in _HF_NAMES.items()}.get(name, name)
             raise ModelError(f"{path}: missing tensor '{hf}'")
         w = names[name]
         if tuple(w.shape) != tuple(shape):
-            raise ModelError(f"{path}: inconsistent shapes: tensor '{name}' is {list(w.shape)}, "
+            raise ModelError(f"{path}: inconsistent shapes: tensor '{hf}' is {list(w.shape)}, "
                              f"expected {list(shape)} from config.json")
         if name.endswith("attn_q.weight"):
             w = hf_permute(w, desc.n_heads)
