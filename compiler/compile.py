@@ -189,9 +189,39 @@ def parse_sparsity(spec: str | None) -> dict:
 # the compiler
 # --------------------------------------------------------------------------------------
 
+def _device_bytes(model, ctx, sp_of):
+    """(weights, kv, total) bytes a model needs in device memory (before padding)."""
+    d = model.desc
+    wbytes = 0
+    for name, t in model.tensors.items():
+        if len(t.shape) != 2:
+            continue
+        fmt = t.qtype if t.qtype in quant.BLOCK_BYTES else "q8_0"
+        key = name.split(".")[-2] if name.startswith("blk.") else ""
+        wbytes += t.shape[0] * _row_bytes(fmt, sp_of.get(key, "dense"), t.shape[1])
+    kv = d.n_layers * d.n_kv_heads * 2 * ctx * d.head_dim * 2
+    io = d.vocab_size * 4
+    tables = (2 * d.n_layers + 1) * d.dim * 4 + ctx * d.head_dim * 4
+    return wbytes, kv, wbytes + kv + io + tables
+
+
+def _check_device_memory(model, config, ctx, sp_of):
+    wbytes, kv, total = _device_bytes(model, ctx, sp_of)
+    board = config.board_spec
+    cap = board.total_memory_bytes
+    if total > cap:
+        raise FitError(f"model '{model.desc.name}' needs {total / 2**30:.2f} GiB of device memory "
+                       f"(weights {wbytes / 2**30:.2f} GiB, KV cache {kv / 2**30:.2f} GiB "
+                       f"at context {ctx}) but board '{board.name}' has {cap / 2**30:.2f} GiB")
+
+
 def compile_model(model: Model, config, *, sparsity: str | None = None, progress: bool = False,
-                  context: int | None = None) -> Bundle:
-    """Compile ``model`` for ``config`` into a bundle (decode program + HBM image + manifest)."""
+                  context: int | None = None, emit_image: bool = True) -> Bundle:
+    """Compile ``model`` for ``config`` into a bundle (decode program + HBM image + manifest).
+
+    ``emit_image=False`` lays out the weights (sizes and addresses) without
+    copying them, for program-size and compile-time studies of shape-only models.
+    """
     t0 = time.perf_counter()
     d = model.desc
     ctx = int(context or min(config.context, d.context_length))
@@ -207,6 +237,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             raise CompileError(f"configuration '{config.name}' does not support sparsity {p} "
                                f"(supports {', '.join(config.sparsity)})")
     notes = []
+    _check_device_memory(model, config, ctx, sp_of)
 
     # ---- on-chip regions ------------------------------------------------------------
     bb = config.buffer_bytes
@@ -258,6 +289,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         return fmt, np.asarray(raw, np.uint8)
 
     image = bytearray()
+    image_len = [0]
     matrices = {}
     masks = {}
     prune_stats = {}
@@ -273,17 +305,20 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         unit = int(np.lcm(config.chain.count, 8))    # whole chains; 32-byte aligned logits
         if per >= unit:
             per = per // unit * unit
-        off0 = len(image)
-        enc = _encode_rows(fmt, sp, raw, mask)
-        image.extend(enc.tobytes())
+        off0 = image_len[0]
+        if emit_image:
+            image.extend(_encode_rows(fmt, sp, raw, mask).tobytes())
+        image_len[0] += rows * rb
         cm = CompiledMatrix(key, fmt, sp, rows, cols, rb, off0)
         r = 0
         while r < rows:
             n = min(per, rows - r)
             cm.tiles.append((r, n, off0 + r * rb))
             r += n
-        pad = (-len(image)) % isa.HBM_ALIGN
-        image.extend(b"\0" * pad)
+        pad = (-image_len[0]) % isa.HBM_ALIGN
+        if emit_image:
+            image.extend(b"\0" * pad)
+        image_len[0] += pad
         matrices[key] = cm
         return cm
 
@@ -308,7 +343,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             fmt, raw = weight(w, f"blk.{li}.{w}.weight")
             sp = sp_of[w]
             mask = None
-            if sp != "dense":
+            if sp != "dense" and emit_image:
                 mask = sparse.prune(fmt, raw, sp)
                 masks[f"blk.{li}.{w}.weight"] = mask
             raws[w] = (fmt, raw, sp, mask)
@@ -331,7 +366,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             f, r, s, m = raws[w]
             mats[w] = add_matrix(f"blk.{li}.{w}", f, s, r, m)
         layer_mats.append(mats)
-    weights_bytes = len(image)
+    weights_bytes = image_len[0]
 
     # ---- tables ----------------------------------------------------------------------
     from llmfab.sim import numerics as N
@@ -571,9 +606,12 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     program = isa.to_bytes(words)
 
     # ---- HBM image ---------------------------------------------------------------------
-    img = np.zeros(KVBASE, np.uint8)           # weights + tables; KV and I/O start zeroed
-    img[WBASE:WBASE + weights_bytes] = np.frombuffer(bytes(image), np.uint8)
-    img[TBASE:TBASE + len(tables)] = np.frombuffer(bytes(tables), np.uint8)
+    if emit_image:
+        img = np.zeros(KVBASE, np.uint8)       # weights + tables; KV and I/O start zeroed
+        img[WBASE:WBASE + weights_bytes] = np.frombuffer(image, np.uint8)
+        img[TBASE:TBASE + len(tables)] = np.frombuffer(bytes(tables), np.uint8)
+    else:
+        img = np.zeros(0, np.uint8)
 
     counts = {}
     for ins in S.instrs:

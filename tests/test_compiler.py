@@ -1,0 +1,172 @@
+"""The compiler: bundles, the memory map, one decode program for every position, errors."""
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from llmfab.boards.config import load_config
+from llmfab.boards.errors import BundleError, CompileError, FitError
+from llmfab.compiler import isa
+from llmfab.compiler.bundle import read_bundle, write_bundle
+from llmfab.compiler.compile import compile_model, parse_sparsity
+from llmfab.compiler.model import load_model
+
+import tinymodel
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def ci():
+    return load_config("ci")
+
+
+@pytest.fixture(scope="module")
+def smol_bundle(smol, ci):
+    return compile_model(smol, ci)
+
+
+def _sha(b):
+    return hashlib.sha256(bytes(b)).hexdigest()
+
+
+def test_compile_is_deterministic(smol, ci, smol_bundle):
+    b2 = compile_model(smol, ci)
+    assert b2.program == smol_bundle.program
+    assert _sha(b2.hbm_image) == _sha(smol_bundle.hbm_image)
+
+
+def test_program_decodes_and_ends(smol_bundle):
+    words = isa.from_bytes(smol_bundle.program)
+    instrs = [isa.decode(w) for w in words]
+    assert instrs[-1].op == "SYS" and instrs[-1]["func"] == isa.SYS_END
+    counts = smol_bundle.manifest["stats"]["instructions"]
+    assert sum(counts.values()) == len(words)
+    # always-on-chip decode: the only stores are K/V rows (fp16) and logits
+    sts = [i for i in instrs if i.op == "ST" and i["len"]]
+    kv = [i for i in sts if i["func"] == isa.ST_F16]
+    assert len(kv) == 2 * 30 * 3
+    assert all(i["hreg"] == isa.REG_IOBASE for i in sts if i["func"] == isa.ST_F32)
+
+
+def test_decode_program_does_not_depend_on_context(smol):
+    """One program serves every position: its length does not grow with the context."""
+    small = compile_model(smol, load_config("ci"), context=64)
+    big = compile_model(smol, load_config("ci"), context=512)
+    assert len(small.program) == len(big.program)
+    # the position-dependent instructions read R1 (pos) instead of immediates
+    ins = [isa.decode(w) for w in isa.from_bytes(big.program)]
+    kv_loads = [i for i in ins if i.op == "LD" and i["hreg"] == isa.REG_KVBASE]
+    assert kv_loads and all(i["lreg"] == isa.REG_POS and i["len"] == 0 for i in kv_loads)
+    kv_stores = [i for i in ins if i.op == "ST" and i["func"] == isa.ST_F16]
+    assert all(i["ireg"] == isa.REG_POS for i in kv_stores)
+    emb = [i for i in ins if i.op == "LD" and i["ireg"] == isa.REG_TOKEN]
+    assert len(emb) == 1
+
+
+def test_weights_in_image_are_the_gguf_blocks(smol, smol_bundle):
+    """Every weight byte of the model is in the HBM image (Q/K/V rows regrouped per KV head)."""
+    img = smol_bundle.hbm_image
+    emb = smol.tensor("token_embd.weight").data
+    assert np.array_equal(img[:emb.nbytes], emb.reshape(-1))
+    wb = smol_bundle.manifest["memory_map"]["weights"][1]
+    total = sum(t.nbytes for t in smol.tensors.values() if len(t.shape) == 2)
+    assert total <= wb < total + 4096 * 300
+
+
+def test_bundle_roundtrip(tmp_path, smol_bundle, ci):
+    p = tmp_path / "b"
+    write_bundle(smol_bundle, str(p))
+    b = read_bundle(str(p), ci)
+    assert b.program == smol_bundle.program
+    assert np.array_equal(b.hbm_image, smol_bundle.hbm_image)
+    assert b.manifest == smol_bundle.manifest
+
+
+def test_bundle_errors(tmp_path, smol_bundle, ci):
+    p = tmp_path / "b"
+    write_bundle(smol_bundle, str(p))
+    with pytest.raises(BundleError, match=r"was compiled for configuration 'ci' \(hash [0-9a-f]{16}\), "
+                                          r"not 'u280' \(hash [0-9a-f]{16}\); recompile with --config u280"):
+        read_bundle(str(p), load_config("u280"))
+    prog = p / "program.bin"
+    data = bytearray(prog.read_bytes())
+    data[100] ^= 0xFF
+    prog.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"program.bin: corrupt \(SHA-256 does not match the manifest\)$"):
+        read_bundle(str(p))
+    prog.write_bytes(bytes(data[:-16]))
+    with pytest.raises(BundleError, match=r"program.bin: truncated or corrupt \(\d+ bytes, manifest says \d+\)$"):
+        read_bundle(str(p))
+    (p / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match=r"manifest.json: corrupt manifest \(Expecting property name"):
+        read_bundle(str(p))
+    with pytest.raises(BundleError, match=r"not a bundle directory$"):
+        read_bundle(str(tmp_path / "nope"))
+
+
+def _write_config(tmp_path, base="ci", **changes):
+    c = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "boards", "configs", f"{base}.yaml")))
+    for k, v in changes.items():
+        node = c
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = v
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(c))
+    return load_config(str(path))
+
+
+def test_model_too_large_for_board():
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from compile_decode import LLAMA2_7B, shape_model
+    with pytest.raises(FitError, match=r"^model 'LLaMA2-7B-shaped' needs 3\.78 GiB of device memory "
+                                       r"\(weights 3\.53 GiB, KV cache 0\.25 GiB at context 512\) "
+                                       r"but board 'sim-small' has 1\.00 GiB$"):
+        compile_model(shape_model(LLAMA2_7B, "q4_0"), load_config("ci"), emit_image=False)
+
+
+def test_unsupported_format_is_an_error(tmp_path, smol):
+    cfg = _write_config(tmp_path, weight_formats=["q4_0", "q8_0"])
+    with pytest.raises(CompileError, match=r"does not support Q4_1 weights \(blk\.0\.attn_q\.weight\); "
+                                           r"it supports Q4_0, Q8_0$"):
+        compile_model(smol, cfg)
+
+
+def test_weight_buffer_too_small(tmp_path, smol):
+    cfg = _write_config(tmp_path, **{"buffers.weight_kib": 1})
+    with pytest.raises(FitError, match=r"a row of token_embd \(612 bytes\) does not fit a weight-buffer "
+                                       r"slot of 512 bytes; use a configuration with a larger buffers.weight_kib$"):
+        compile_model(smol, cfg)
+
+
+def test_sparsity_errors(tmp_path, smol, ci):
+    with pytest.raises(CompileError, match=r"^unknown sparsity pattern '3:7'"):
+        parse_sparsity("3:7")
+    with pytest.raises(CompileError, match=r"^--sparsity: unknown target 'mlp'"):
+        parse_sparsity("mlp=2:4")
+    cfg = _write_config(tmp_path, sparsity=["dense"])
+    with pytest.raises(CompileError, match=r"does not support sparsity 2:4 \(supports dense\)$"):
+        compile_model(smol, cfg, sparsity="2:4")
+
+
+def test_parse_sparsity():
+    sp = parse_sparsity("ffn=2:4,attn_q=8:16")
+    assert sp["ffn_gate"] == sp["ffn_up"] == sp["ffn_down"] == "2:4"
+    assert sp["attn_q"] == "8:16" and sp["attn_k"] == "dense"
+
+
+def test_tiny_model_on_tiny_config(tmp_path):
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_0"))
+    b = compile_model(m, load_config("tiny"))
+    assert b.manifest["model"]["n_layers"] == 2
+    ins = [isa.decode(w) for w in isa.from_bytes(b.program)]
+    assert ins[-1].op == "SYS"
