@@ -62,6 +62,38 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
+def _dequantized(model: Model, progress: bool = False):
+    """(output norm, per-layer float32 weights, output matrix) of ``model``, made once.
+
+    Kept on the Model object, so several ReferenceModels (devices, KV-cache
+    lengths, rounding modes) of one imported model share one float32 copy.
+    """
+    cached = getattr(model, "_reference_weights", None)
+    if cached is not None:
+        return cached
+    d = model.desc
+    it = range(d.n_layers)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="dequantizing", unit="layer", leave=False)
+    out_norm = model.tensor("output_norm.weight").dequantize()
+    layers = []
+    for i in it:
+        L = {}
+        for what in ("attn_norm", "ffn_norm"):
+            L[what] = model.layer(i, what).dequantize()
+        for what in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            L[what] = np.ascontiguousarray(model.layer(i, what).dequantize().T)  # [in, out]
+        L["qkv"] = np.ascontiguousarray(np.concatenate([L.pop("attn_q"), L.pop("attn_k"),
+                                                        L.pop("attn_v")], axis=1))
+        L["gate_up"] = np.ascontiguousarray(np.concatenate([L.pop("ffn_gate"), L.pop("ffn_up")], axis=1))
+        layers.append(L)
+    out_w = np.ascontiguousarray(model.output.dequantize().T)  # [dim, vocab]
+    cached = (out_norm, layers, out_w)
+    model._reference_weights = cached
+    return cached
+
+
 class ReferenceModel:
     """Float32 LLaMA forward pass with a KV cache.
 
@@ -79,23 +111,8 @@ class ReferenceModel:
         self.llamacpp_rounding = llamacpp_rounding
         d = self.desc = model.desc
         self.max_context = int(max_context or min(d.context_length, 2048))
-        it = range(d.n_layers)
-        if progress:
-            from tqdm import tqdm
-            it = tqdm(it, desc="dequantizing", unit="layer", leave=False)
         self.emb = model.tensor("token_embd.weight")
-        self.out_norm = model.tensor("output_norm.weight").dequantize()
-        self.layers = []
-        for i in it:
-            L = {}
-            for what in ("attn_norm", "ffn_norm"):
-                L[what] = model.layer(i, what).dequantize()
-            for what in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-                L[what] = np.ascontiguousarray(model.layer(i, what).dequantize().T)  # [in, out]
-            L["qkv"] = np.ascontiguousarray(np.concatenate([L["attn_q"], L["attn_k"], L["attn_v"]], axis=1))
-            L["gate_up"] = np.ascontiguousarray(np.concatenate([L["ffn_gate"], L["ffn_up"]], axis=1))
-            self.layers.append(L)
-        self.out_w = np.ascontiguousarray(model.output.dequantize().T)  # [dim, vocab]
+        self.out_norm, self.layers, self.out_w = _dequantized(model, progress)
         self.quantized = {w: model.layer(0, w).qtype not in ("f32", "f16")
                           for w in ("attn_q", "attn_output", "ffn_gate", "ffn_down")}
         self.quantized["output"] = model.output.qtype not in ("f32", "f16")
