@@ -40,6 +40,7 @@ class PackedMatrix:
 def pack_matrix(qtype: str, raw: np.ndarray, mask=None) -> PackedMatrix:
     q, d, m = quant.split_blocks(qtype, raw)
     if mask is not None:
+        mask = np.asarray(mask, bool).reshape(q.shape)
         q = np.where(mask, q, 0).astype(np.int8)
     return PackedMatrix(qtype, q, d, m, mask)
 
