@@ -123,57 +123,100 @@ def cmd_configs(args):
                   f"peak={r['peak_hbm_gbps']:7.1f} GB/s  hash={r['hash']}")
 
 
+class TextStream:
+    """Print generated tokens as text as they arrive.
+
+    A token may hold part of a UTF-8 character (byte-level BPE splits emoji and
+    CJK characters over tokens): the bytes of each token go through an
+    incremental UTF-8 decoder, so a split character is printed once whole,
+    never as U+FFFD halves. Tokens in ``skip`` (end-of-turn) print nothing.
+    """
+
+    def __init__(self, tokenizer, out, skip=()):
+        import codecs
+        self.tok = tokenizer
+        self.out = out
+        self.skip = set(skip)
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token: int) -> None:
+        if token in self.skip:
+            return
+        text = self.dec.decode(self.tok.token_to_bytes(token))
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+    def close(self) -> None:
+        text = self.dec.decode(b"", final=True)
+        if text:
+            self.out.write(text)
+        self.out.flush()
+
+
 def cmd_generate(args):
     from llmfab.compiler.tokenizer import Tokenizer
     from llmfab.host.runtime import open_device
     if args.max_tokens < 1:
         raise LlmfabError(f"--max-tokens must be at least 1, not {args.max_tokens}")
+    if not args.prompt:
+        raise LlmfabError("--prompt is empty: give some text")
     model, config = _load(args)
-    tok = Tokenizer.from_gguf(model.path) if model.source == "gguf" else None
-    if tok is None:
+    if model.source != "gguf":
         raise LlmfabError("generate needs a tokenizer: give a GGUF model")
+    tok = Tokenizer.from_gguf(model.path)
     text = args.prompt
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
     prompt = tok.encode(text)
+    if not prompt:
+        raise LlmfabError("the prompt encodes to no tokens")
+    stop = set(tok.eot_ids)
     dev = open_device(args.backend, model, config)
-    stream = not args.json and sys.stdout.isatty()
-    if stream:
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
-    res = dev.generate(prompt, args.max_tokens, stop_ids=set(tok.eot_ids),
-                       progress=(lambda t: (sys.stdout.write(tok.decode([t])), sys.stdout.flush()))
-                       if stream else None)
-    completion = tok.decode(res.tokens)
+    stream = None
+    if not args.json and sys.stdout.isatty():
+        if not args.chat:
+            sys.stdout.write(args.prompt)
+        stream = TextStream(tok, sys.stdout, skip=stop)
+    res = dev.generate(prompt, args.max_tokens, stop_ids=stop, progress=stream)
+    shown = res.tokens[:-1] if res.tokens and res.tokens[-1] in stop else res.tokens
+    completion = tok.decode(shown)
     if args.json:
         obj = {"text": completion, "tokens": res.tokens, "backend": args.backend,
                "tokens_per_s": round(res.tokens_per_s, 3), "prompt_tokens": res.prompt_tokens}
         obj.update(res.stats)
         print(json.dumps(obj))
-    elif stream:
+    elif stream is not None:
+        stream.close()
         sys.stdout.write("\n")
     else:
-        print(args.prompt + completion)
+        print(completion if args.chat else args.prompt + completion)
 
 
 def cmd_logits(args):
     import numpy as np
     from llmfab.host.runtime import open_device
-    model, config = _load(args)
-    if args.tokens is not None:
-        toks = _parse_tokens(args.tokens)
-    else:
-        from llmfab.compiler.tokenizer import Tokenizer
-        toks = Tokenizer.from_gguf(model.path).encode(args.text)
-    bad = [t for t in toks if not 0 <= t < model.desc.vocab_size]
-    if bad:
-        raise LlmfabError(f"token id {bad[0]} out of range (vocab size {model.desc.vocab_size})")
+    toks = _parse_tokens(args.tokens) if args.tokens is not None else None
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise LlmfabError(f"cannot write {args.out}: directory {out_dir} does not exist")
+    model, config = _load(args)
+    if toks is None:
+        from llmfab.compiler.tokenizer import Tokenizer
+        if model.source != "gguf":
+            raise LlmfabError("--text needs a tokenizer: give a GGUF model or use --tokens")
+        toks = Tokenizer.from_gguf(model.path).encode(args.text)
+        if not toks:
+            raise LlmfabError("--text encodes to no tokens")
+    bad = [t for t in toks if not 0 <= t < model.desc.vocab_size]
+    if bad:
+        raise LlmfabError(f"token id {bad[0]} out of range (vocab size {model.desc.vocab_size})")
     dev = open_device(args.backend, model, config)
     lg = dev.logits(toks).astype(np.float32)
-    np.save(args.out, lg)
+    try:
+        np.save(args.out, lg)
+    except OSError as e:
+        raise LlmfabError(f"cannot write {args.out}: {e.strerror}") from None
     print(f"wrote {args.out}: float32 {list(lg.shape)}", file=sys.stderr)
 
 
