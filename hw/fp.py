@@ -96,7 +96,9 @@ def round_pack(m, sign, e, n24, g, rest, *, name="rp"):
 
 
 def int_to_f32(m, v, *, name="i2f"):
-    """Signed integer (up to 32 bits) to binary32, RNE (exact below 2**24)."""
+    """Integer (up to 32 bits, signed or unsigned below 2**31) to binary32, RNE (exact below 2**24)."""
+    if not v.shape().signed:
+        v = Cat(v, C(0, 1))
     v = v.as_signed()
     w = 32
     sign = v[-1]
@@ -464,7 +466,7 @@ class Pipe:
         while len(x.delays) < k:
             prev = x.delays[-1] if x.delays else x.value
             shape = prev.shape()
-            reg = Signal(shape, name=self._fresh("d"))
+            reg = Signal(shape, name=self._fresh("d"), reset_less=True)
             with self.m.If(self.ce):
                 self.m.d.sync += reg.eq(prev)
             x.delays.append(reg)
@@ -476,20 +478,24 @@ class Pipe:
         return max(stages) if stages else 0
 
     def comb(self, fn, *xs, latency=1, name="c"):
-        """``fn(*values)`` (combinational, may take ``m`` as its first argument via a
-        lambda) registered ``latency`` times."""
+        """``fn(*values)`` -- combinational logic on the operands lined up at their
+        latest stage -- registered ``latency`` times. ``fn`` may return a tuple:
+        the result is then a list of :class:`Staged`."""
         xs = [self.lift(x) for x in xs]
         s = self.stage_of(*xs)
         res = fn(*[self.at(x, s) for x in xs])
-        if not isinstance(res, (Signal, data.View)):
-            sig = Signal(res.shape(), name=self._fresh(name))
-            self.m.d.comb += sig.eq(res)
-            res = sig
-        out = Staged(res, s)
-        if latency:
-            reg = self.at(out, s + latency)
-            out = Staged(reg, s + latency)
-        return out
+        many = isinstance(res, (tuple, list))
+        outs = []
+        for r in (res if many else [res]):
+            if not isinstance(r, (Signal, data.View)):
+                sig = Signal(r.shape(), name=self._fresh(name))
+                self.m.d.comb += sig.eq(r)
+                r = sig
+            out = Staged(r, s)
+            if latency:
+                out = Staged(self.at(out, s + latency), s + latency)
+            outs.append(out)
+        return outs if many else outs[0]
 
     def fadd(self, a, b, sub=0) -> Staged:
         a, b, sub = self.lift(a), self.lift(b), self.lift(sub)
@@ -627,7 +633,7 @@ class FConvert(_StreamOp):
         ce, valid = stall_control(m, self.i.valid, self.o.ready, self.latency)
         x, n, op = self.i.payload.x, self.i.payload.n, self.i.payload.op
         res = Signal(32)
-        outs = {CvtOp.INT_TO_F32: int_to_f32(m, x), CvtOp.F16_TO_F32: f16_to_f32(m, x[0:16]),
+        outs = {CvtOp.INT_TO_F32: int_to_f32(m, x.as_signed()), CvtOp.F16_TO_F32: f16_to_f32(m, x[0:16]),
                 CvtOp.F32_TO_F16: f32_to_f16(m, x), CvtOp.LDEXP: ldexp(m, x, n),
                 CvtOp.FLOOR: floor_int(m, x, 32)}
         with m.Switch(op):
