@@ -396,7 +396,17 @@ class Golden:
                 steps.append(("mvw", pc, first, self._row_off[pc], f["rows"], f["dst"]))
                 continue
             steps.append(("ins", pc))
-        self._plan = steps
+        # adjacent row writes of one run into contiguous destinations become one copy
+        merged = []
+        for st in steps:
+            if st[0] == "mvw" and merged and merged[-1][0] == "mvw":
+                _, pc0, first0, r00, nr0, dst0 = merged[-1]
+                _, pc, first, r0, nr, dst = st
+                if first == first0 and r0 == r00 + nr0 and dst == dst0 + 4 * nr0:
+                    merged[-1] = ("mvw", pc0, first0, r00, nr0 + nr, dst0)
+                    continue
+            merged.append(st)
+        self._plan = merged
         self._fast_mv = fast_mv
 
     def _reg_max(self, r, regs0):

@@ -105,14 +105,25 @@ def reduce_sum(v) -> np.ndarray:
     if pad:
         v = np.concatenate([v, np.zeros(v.shape[:-1] + (pad,), np.float32)], axis=-1)
     chunks = v.reshape(v.shape[:-1] + (-1, LANES))
+    add = np.add if _no_tiny(v) else fadd     # see accum4: same bits when nothing is tiny
     acc = chunks[..., 0, :]
     for i in range(1, chunks.shape[-2]):
-        acc = fadd(acc, chunks[..., i, :])
+        acc = add(acc, chunks[..., i, :])
     h = LANES // 2
     while h >= 1:
-        acc = fadd(acc[..., :h], acc[..., h:2 * h])
+        acc = add(acc[..., :h], acc[..., h:2 * h])
         h //= 2
-    return acc[..., 0]
+    return np.asarray(acc[..., 0], np.float32)
+
+
+_SAFE = F32(2.0 ** -102)
+
+
+def _no_tiny(x) -> bool:
+    """True if every nonzero element of x has magnitude >= 2**-102 (and all are finite)."""
+    a = np.abs(x)
+    bad = (a < _SAFE) & (a != 0)
+    return not bad.any() and bool(np.isfinite(a).all())
 
 
 def accum4(seq, axis: int = 0) -> np.ndarray:
@@ -127,6 +138,13 @@ def accum4(seq, axis: int = 0) -> np.ndarray:
         seq = np.concatenate([seq, np.zeros((pad,) + seq.shape[1:], np.float32)], axis=0)
     groups = seq.reshape((-1, PARTIALS) + seq.shape[1:])
     p = np.zeros((PARTIALS,) + seq.shape[1:], np.float32)
+    # Fast path, same bits: if every nonzero item is >= 2**-102 in magnitude, every
+    # partial sum is a multiple of 2**-125, so no sum can be subnormal and the flush
+    # never fires; plain float32 adds (RNE) then give the hardware's result.
+    if _no_tiny(seq):
+        for i in range(groups.shape[0]):
+            p += groups[i]
+        return (p[0] + p[1]) + (p[2] + p[3])
     for i in range(groups.shape[0]):
         p = fadd(p, groups[i])   # partials are never -0.0, so +0.0 padding changes nothing
     return fadd(fadd(p[0], p[1]), fadd(p[2], p[3]))
