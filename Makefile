@@ -22,11 +22,13 @@ demo: setup
 	$(VENV)/bin/llmfab boards
 	$(VENV)/bin/llmfab generate --prompt "$(PROMPT)" --max-tokens $(TOKENS) --backend reference
 
+# One BLAS thread per pytest worker: with -n 2 on 2 cores, OpenBLAS's own threads
+# oversubscribe the machine and small matrix products get ~10x slower.
 test: setup
-	$(PY) -m pytest -n $(JOBS) -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -n $(JOBS) -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-slow: setup
-	$(PY) -m pytest -n $(JOBS) -q -m slow
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -n $(JOBS) -q -m slow
 
 clean:
 	rm -rf $(VENV) build sim_build *.egg-info
