@@ -33,6 +33,7 @@ __all__ = [
     "F32", "F16", "CANONICAL_NAN", "F16_NAN", "FADD_LATENCY", "FMUL_LATENCY",
     "f32_bits", "lzc", "round_pack", "int_to_f32", "f16_to_f32", "f32_to_f16", "ldexp",
     "floor_int", "f32_key", "FAddCore", "FMulCore", "Pipe", "Staged", "stall_control",
+    "valid_chain",
     "FAddOperands", "FMulOperands", "CvtOp", "CvtOperands",
     "FAdd", "FMul", "FConvert", "units",
 ]
@@ -527,13 +528,18 @@ def stall_control(m, i_valid, o_ready, latency, *, name="pipe"):
     while the output is consumed and holds everything while it is not.
     """
     ce = Signal(name=f"{name}_ce")
-    valids = [Signal(name=f"{name}_v{i + 1}") for i in range(latency)]
+    valids = valid_chain(m, ce, i_valid, latency, name=name)
     o_valid = valids[-1]
     m.d.comb += ce.eq(~o_valid | o_ready)
-    with m.If(ce):
-        m.d.sync += valids[0].eq(i_valid)
-        m.d.sync += [valids[i].eq(valids[i - 1]) for i in range(1, latency)]
     return ce, o_valid
+
+
+def valid_chain(m, ce, i_valid, latency, *, name="pipe"):
+    """``[i_valid, v1, ..., v_latency]``: the valid bit at every stage of a ``ce`` pipeline."""
+    valids = [i_valid] + [Signal(name=f"{name}_v{i + 1}") for i in range(latency)]
+    with m.If(ce):
+        m.d.sync += [valids[i].eq(valids[i - 1]) for i in range(1, latency + 1)]
+    return valids
 
 
 # ---- stream units ----------------------------------------------------------------------
