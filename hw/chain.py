@@ -1,0 +1,546 @@
+"""The sparse DSP chain: exact int32 block dot products of weight blocks with int8 activations.
+
+One chain consumes per cycle one *operand beat*: ``length / 32`` block lanes, each
+a 32-weight block (or its N:M sparse kept weights and their indices) with the 32
+int8 activations of the same block, and produces per lane the exact block sum
+``isum = sum_i qw[i] * q[i]`` and ``sumq``, the sum of the activations at the
+kept positions (``sim.numerics.block_isum`` / ``sparse_isum`` are the spec).
+
+Datapath (docs/hw-units.md has the pictures and numbers):
+
+* **Routing** (sparse): kept weight ``j`` of a block goes to a fixed multiplier
+  slot; a 16:1 multiplexer in front of the slot picks the activation at the
+  position the 4-bit (N:16) or 2-bit (2:4) index names inside the slot's half
+  block. Dense blocks use the same multiplexers with a constant select.
+* **Packing** (``pack_int4``): one 27x18 multiplier (one DSP48E2) computes a
+  *two-term dot product* of 4-bit weights and int8 activations::
+
+      A = xa * 2**13 + xb          (22 bits)
+      B = wb * 2**13 + wa          (18 bits: the B port)
+      A * B = xa*wb * 2**26 + (xa*wa + xb*wb) * 2**13 + xb*wa
+
+  ``|xb*wa| <= 1024 < 2**12``, so bits [13, 26) of the product hold
+  ``xa*wa + xb*wb`` minus a borrow that is exactly bit 12 (set iff ``xb*wa < 0``);
+  the chain adds the borrows back in its adder tree. A single row's dot product
+  has no shared operand, so the classic shared-operand packing ``(a<<18 + b) * c``
+  does not apply; this is its dot-product form with the same sign-borrow fix.
+  Q4_1 weights (0..15) enter as ``q - 8`` and the chain adds ``8 * sumq``
+  (``sum q*x = sum (q-8)*x + 8 * sum x``) so every 4-bit weight is signed.
+  Q8_0 weights (int8 x int8) use one product per DSP: a dense Q8_0 block takes two
+  cycles on a packed chain (what ``AccelConfig.format_macs_per_cycle`` counts);
+  sparse Q8_0 blocks keep at most 16 weights and take one.
+* **Reduction**: products are summed per 32-weight block (the break points) by a
+  registered adder tree in the fabric, two adder levels per pipeline stage.
+* **Back-pressure**: the pipeline never stalls; an output FIFO deep enough for
+  every result in flight is reserved (credit) before a beat enters.
+
+The operand beat carries the weight *codes as the spec gives them* (Q4_0 ``q-8``,
+Q4_1 ``0..15``, Q8_0 int8), so the decoder (``hw/decoder.py``) connects straight
+to the ``weights`` port.
+"""
+
+
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, fifo, stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
+
+from llmfab.boards.config import BLOCK_WEIGHTS, SPARSITY_PATTERNS, WEIGHT_FORMATS, kept_weights
+
+__all__ = [
+    "WeightFormat", "Sparsity", "FORMAT_CODES", "PATTERN_CODES", "MAX_KEPT",
+    "WeightLane", "ResultLane", "weight_beat_layout", "act_beat_layout",
+    "result_beat_layout", "Chain", "chain_dsp_slots", "units",
+]
+
+#: Most weights a sparse block keeps (2:4 and 8:16 keep 16 of 32).
+MAX_KEPT = 16
+#: Position of the packed low product's borrow bit / the packed field.
+PACK_SHIFT = 13
+
+
+class WeightFormat(enum.Enum, shape=2):
+    """Weight format of a matrix (the instruction's format field)."""
+    Q4_0 = 0
+    Q4_1 = 1
+    Q8_0 = 2
+
+
+class Sparsity(enum.Enum, shape=3):
+    """Sparsity pattern of a matrix, in ``boards.config.SPARSITY_PATTERNS`` order."""
+    DENSE = 0
+    S2_4 = 1
+    S8_16 = 2
+    S4_16 = 3
+    S2_16 = 4
+
+
+#: Configuration names -> codes.
+FORMAT_CODES = {"q4_0": WeightFormat.Q4_0, "q4_1": WeightFormat.Q4_1, "q8_0": WeightFormat.Q8_0}
+PATTERN_CODES = {"dense": Sparsity.DENSE, "2:4": Sparsity.S2_4, "8:16": Sparsity.S8_16,
+                 "4:16": Sparsity.S4_16, "2:16": Sparsity.S2_16}
+
+
+class WeightLane(data.Struct):
+    """One block of a weight beat.
+
+    ``w[j]``: dense weight ``j``, or the ``j``-th kept weight of a sparse block
+    (kept order: group by group, ascending position), as the spec gives it;
+    4-bit formats use bits [3:0]. ``idx[j]``: position of kept weight ``j`` inside
+    its group (2:4 uses bits [1:0]). ``d``, ``m``: the fp16 block fields (raw
+    bits; ``m`` is 0 except for Q4_1). ``en``: the lane holds a block.
+    """
+    en: 1
+    w: data.ArrayLayout(signed(8), BLOCK_WEIGHTS)
+    idx: data.ArrayLayout(unsigned(4), MAX_KEPT)
+    d: unsigned(16)
+    m: unsigned(16)
+
+
+class ResultLane(data.Struct):
+    """One block result: ``isum`` and ``sumq`` (exact), ``d``/``m``/``en`` passed through."""
+    en: 1
+    isum: signed(32)
+    sumq: signed(32)
+    d: unsigned(16)
+    m: unsigned(16)
+
+
+def weight_beat_layout(lanes: int) -> data.StructLayout:
+    """The weight part of an operand beat (what the decoder emits)."""
+    return data.StructLayout({
+        "fmt": WeightFormat,
+        "pattern": Sparsity,
+        "last": 1,
+        "lanes": data.ArrayLayout(WeightLane, lanes),
+    })
+
+
+def act_beat_layout(lanes: int) -> data.ArrayLayout:
+    """The activation part of an operand beat: 32 int8 per lane."""
+    return data.ArrayLayout(data.ArrayLayout(signed(8), BLOCK_WEIGHTS), lanes)
+
+
+def result_beat_layout(lanes: int) -> data.StructLayout:
+    """The chain's output beat: one :class:`ResultLane` per lane."""
+    return data.StructLayout({
+        "fmt": WeightFormat,
+        "last": 1,
+        "lanes": data.ArrayLayout(ResultLane, lanes),
+    })
+
+
+def chain_dsp_slots(length: int, pack_int4: bool) -> int:
+    """Multipliers (DSP48E2 slices) of a chain: ``length / 2`` packed, else ``length``."""
+    return length // 2 if pack_int4 else length
+
+
+def _check_names(kind: str, names, known) -> tuple:
+    names = tuple(names)
+    if not names:
+        raise ValueError(f"{kind} must not be empty")
+    for n in names:
+        if n not in known:
+            raise ValueError(f"{kind} must be among {', '.join(known)}, not {n!r}")
+    return tuple(k for k in known if k in names)
+
+
+# Slot geometry. A 32-weight block has 32 multiplier slots; slot s lies in half
+# h = s // 16 at offset o = s % 16. A sparse block keeps K/2 weights per half
+# (every pattern's groups tile a half), and kept weight j = h*K/2 + o goes to
+# slot (h, o), o < K/2 <= 8: only the 16 slots with o < 8 need an index mux.
+def _sparse_slots():
+    return [h * 16 + o for h in range(2) for o in range(8)]
+
+
+def _rest_slots():
+    return [h * 16 + o for h in range(2) for o in range(8, 16)]
+
+
+def _tree_stages(n: int, levels_per_stage: int = 2) -> int:
+    """Registers of :func:`_pipelined_sum` over ``n`` inputs."""
+    levels = ceil_log2(n)
+    return max(1, -(-levels // levels_per_stage))
+
+
+def _pipelined_sum(m: Module, values: list, stage_name: str, levels_per_stage: int = 2):
+    """Registered adder tree: add pairwise, register every ``levels_per_stage`` levels.
+
+    Returns ``(sum, stages)``; ``stages`` registers lie between the inputs and the sum.
+    """
+    stages = 0
+    level = 0
+    vals = list(values)
+    while len(vals) > 1:
+        nxt = [vals[i] + vals[i + 1] for i in range(0, len(vals) - 1, 2)]
+        if len(vals) % 2:
+            nxt.append(vals[-1])
+        vals = nxt
+        level += 1
+        if level % levels_per_stage == 0 or len(vals) == 1:
+            regs = []
+            for i, v in enumerate(vals):
+                r = Signal(v.shape(), name=f"{stage_name}_s{stages}_{i}", reset_less=True)
+                m.d.sync += r.eq(v)
+                regs.append(r)
+            vals = regs
+            stages += 1
+    if stages == 0:                      # a single input: still one register
+        r = Signal(vals[0].shape(), name=f"{stage_name}_s0", reset_less=True)
+        m.d.sync += r.eq(vals[0])
+        vals, stages = [r], 1
+    return vals[0], stages
+
+
+def _delay(m: Module, value, n: int, name: str, reset_less: bool = True):
+    for i in range(n):
+        r = Signal.like(value, name=f"{name}_d{i}", reset_less=reset_less)
+        m.d.sync += r.eq(value)
+        value = r
+    return value
+
+
+class Chain(wiring.Component):
+    """A DSP chain of ``length`` multiply-accumulate slots with break points every 32.
+
+    Parameters
+    ----------
+    length : int
+        Weights per cycle (multiple of 32); ``length / 32`` block lanes.
+    pack_int4 : bool
+        Two 4-bit x int8 products per multiplier (half the DSP slices).
+    formats : iterable of str
+        Weight formats to support (``"q4_0"``, ``"q4_1"``, ``"q8_0"``).
+    patterns : iterable of str
+        Sparsity patterns to support (keys of ``boards.config.SPARSITY_PATTERNS``).
+
+    Members
+    -------
+    weights : In(stream.Signature(weight_beat_layout(lanes)))
+        Weight codes, indices, scales and the beat's format and pattern.
+    acts : In(stream.Signature(act_beat_layout(lanes)))
+        32 int8 activations per lane. A beat is taken when both streams are valid.
+    results : Out(stream.Signature(result_beat_layout(lanes)))
+        One beat per operand beat, in order.
+    """
+
+    def __init__(self, *, length: int, pack_int4: bool = True,
+                 formats=tuple(WEIGHT_FORMATS), patterns=tuple(SPARSITY_PATTERNS)):
+        if not isinstance(length, int) or isinstance(length, bool):
+            raise TypeError(f"Chain length must be an integer, not {length!r}")
+        if length < BLOCK_WEIGHTS or length % BLOCK_WEIGHTS:
+            raise ValueError(f"Chain length must be a positive multiple of {BLOCK_WEIGHTS}, "
+                             f"not {length}")
+        if not isinstance(pack_int4, bool):
+            raise TypeError(f"pack_int4 must be a bool, not {pack_int4!r}")
+        self._length = length
+        self._lanes = length // BLOCK_WEIGHTS
+        self._pack_int4 = pack_int4
+        self._formats = _check_names("Chain formats", formats, WEIGHT_FORMATS)
+        self._patterns = _check_names("Chain patterns", patterns, SPARSITY_PATTERNS)
+        if "dense" not in self._patterns:
+            raise ValueError(f"Chain patterns must include dense, not {self._patterns!r}")
+        # pipeline registers from an issued beat to its FIFO write: S1 (routing),
+        # S2 (DSP A/B), S3 (M), S4 (P), the product tree, T1 (block total)
+        self._stages = 4 + _tree_stages(chain_dsp_slots(BLOCK_WEIGHTS, pack_int4)) + 1
+        self._fifo_depth = self._stages + 3
+        super().__init__({
+            "weights": In(stream.Signature(weight_beat_layout(self._lanes))),
+            "acts": In(stream.Signature(act_beat_layout(self._lanes))),
+            "results": Out(stream.Signature(result_beat_layout(self._lanes))),
+        })
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def lanes(self) -> int:
+        return self._lanes
+
+    @property
+    def pack_int4(self) -> bool:
+        return self._pack_int4
+
+    @property
+    def formats(self) -> tuple:
+        return self._formats
+
+    @property
+    def patterns(self) -> tuple:
+        return self._patterns
+
+    @property
+    def dsp_slots(self) -> int:
+        """Multipliers of the chain (each maps to one DSP48E2)."""
+        return self._lanes * chain_dsp_slots(BLOCK_WEIGHTS, self._pack_int4)
+
+    @property
+    def stages(self) -> int:
+        """Pipeline registers from an issued beat to its FIFO write."""
+        return self._stages
+
+    @property
+    def fifo_depth(self) -> int:
+        return self._fifo_depth
+
+    # ------------------------------------------------------------------
+
+    def _route(self, m, lane_w, lane_x, pattern):
+        """Per slot: (activation, weight code, active) after the sparse index muxes."""
+        xs, ws, acts = [], [], []
+        sparse = [p for p in self._patterns if p != "dense"]
+        for s in range(BLOCK_WEIGHTS):
+            h, o = divmod(s, 16)
+            half = Cat(*(lane_x[h * 16 + k] for k in range(16)))
+            x = Signal(signed(8), name=f"rx{s}")
+            w = Signal(signed(8), name=f"rw{s}")
+            act = Signal(name=f"ra{s}")
+            if o >= 8 or not sparse:
+                # only dense blocks use this slot
+                is_dense = pattern == Sparsity.DENSE if sparse else Const(1)
+                m.d.comb += [x.eq(lane_x[s]), w.eq(Mux(is_dense, lane_w.w[s], 0)),
+                             act.eq(is_dense)]
+            else:
+                pos = Signal(4, name=f"rpos{s}")
+                with m.Switch(pattern):
+                    for p in sparse:
+                        K = kept_weights(p)
+                        n, mm = SPARSITY_PATTERNS[p]
+                        with m.Case(PATTERN_CODES[p]):
+                            if o < K // 2:
+                                j = h * (K // 2) + o
+                                if mm == 16:
+                                    m.d.comb += pos.eq(lane_w.idx[j])
+                                else:   # 2:4: 2 kept per group of 4 -> group o // 2
+                                    m.d.comb += pos.eq(Cat(lane_w.idx[j][0:2], Const(o // 2, 2)))
+                                m.d.comb += [w.eq(lane_w.w[j]), act.eq(1)]
+                            else:
+                                m.d.comb += [pos.eq(o), w.eq(0), act.eq(0)]
+                    with m.Default():   # dense (and codes this chain does not support)
+                        m.d.comb += [pos.eq(o), w.eq(lane_w.w[s]), act.eq(1)]
+                m.d.comb += x.eq(half.word_select(pos, 8).as_signed())
+            xs.append(x)
+            ws.append(w)
+            acts.append(act)
+        return xs, ws, acts
+
+    def elaborate(self, platform):
+        m = Module()
+        lanes = self._lanes
+        packed = self._pack_int4
+        has_q8 = "q8_0" in self._formats
+        has_q41 = "q4_1" in self._formats
+
+        # ---- S0: join the two input streams into the beat register -----------------
+        s0_valid = Signal()
+        s0_phase = Signal()
+        s0_w = Signal(weight_beat_layout(lanes), reset_less=True)
+        s0_x = Signal(act_beat_layout(lanes), reset_less=True)
+
+        two_phase = Signal()      # dense Q8_0 on a packed chain: two cycles per beat
+        if packed and has_q8:
+            m.d.comb += two_phase.eq((s0_w.fmt == WeightFormat.Q8_0)
+                                     & (s0_w.pattern == Sparsity.DENSE))
+        final = Signal()
+        m.d.comb += final.eq(~two_phase | s0_phase)
+
+        credit_ok = Signal()
+        issue = Signal()
+        m.d.comb += issue.eq(s0_valid & credit_ok)
+        space = Signal()
+        m.d.comb += [
+            space.eq(~s0_valid | (issue & final)),
+            self.weights.ready.eq(self.acts.valid & space),
+            self.acts.ready.eq(self.weights.valid & space),
+        ]
+        load = self.weights.valid & self.acts.valid & space
+        with m.If(issue):
+            m.d.sync += s0_phase.eq(~final)
+            with m.If(final):
+                m.d.sync += s0_valid.eq(0)
+        with m.If(load):
+            m.d.sync += [s0_valid.eq(1), s0_phase.eq(0),
+                         s0_w.eq(self.weights.payload), s0_x.eq(self.acts.payload)]
+
+        # ---- pipeline tag: what travels alongside each issued micro-op -----------------
+        tag_layout = data.StructLayout({
+            "valid": 1, "final": 1, "two_phase": 1, "phase": 1,
+            "fmt": WeightFormat, "last": 1,
+            "en": lanes, "d": data.ArrayLayout(16, lanes), "m": data.ArrayLayout(16, lanes),
+        })
+        tag0 = Signal(tag_layout)
+        m.d.comb += [
+            tag0.valid.eq(issue), tag0.final.eq(final), tag0.two_phase.eq(two_phase),
+            tag0.phase.eq(s0_phase), tag0.fmt.eq(s0_w.fmt), tag0.last.eq(s0_w.last),
+        ]
+        for lane in range(lanes):
+            m.d.comb += [tag0.en[lane].eq(s0_w.lanes[lane].en),
+                         tag0.d[lane].eq(s0_w.lanes[lane].d),
+                         tag0.m[lane].eq(s0_w.lanes[lane].m)]
+
+        # ---- S1: routing (sparse index muxes) + weight code -> signed operand ----------
+        fmt = s0_w.fmt
+        is_q8 = (fmt == WeightFormat.Q8_0) if has_q8 else Const(0)
+        is_q41 = (fmt == WeightFormat.Q4_1) if has_q41 else Const(0)
+        s1_x, s1_w, s1_a = [], [], []
+        for lane in range(lanes):
+            xs, ws, acts = self._route(m, s0_w.lanes[lane], s0_x[lane], s0_w.pattern)
+            lx, lw, la = [], [], []
+            for s in range(BLOCK_WEIGHTS):
+                w4 = Mux(is_q41, ws[s][0:4] ^ 0b1000, ws[s][0:4]).as_signed()
+                weff = Mux(acts[s], Mux(is_q8, ws[s], w4), 0)
+                rx = Signal(signed(8), name=f"s1_x{lane}_{s}", reset_less=True)
+                rw = Signal(signed(8), name=f"s1_w{lane}_{s}", reset_less=True)
+                ra = Signal(name=f"s1_a{lane}_{s}", reset_less=True)
+                m.d.sync += [rx.eq(xs[s]), rw.eq(weff), ra.eq(acts[s])]
+                lx.append(rx)
+                lw.append(rw)
+                la.append(ra)
+            s1_x.append(lx)
+            s1_w.append(lw)
+            s1_a.append(la)
+        tag1 = Signal(tag_layout)
+        m.d.sync += tag1.eq(tag0)
+        s1_q8 = Signal()
+        s1_q41 = Signal()
+        m.d.sync += [s1_q8.eq(is_q8), s1_q41.eq(is_q41)]
+
+        # ---- S2: multiplier operands (DSP A/B registers) ------------------------------
+        # S3: product (M register), S4: product bits (P register), S5: extraction + tree.
+        single = s1_q8 if packed else Const(1)
+        isum_trees = []
+        sumq_trees = []
+        for lane in range(lanes):
+            X, W, A_ = s1_x[lane], s1_w[lane], s1_a[lane]
+            prods = []
+            borrows = []
+            if packed:
+                pairs = list(zip(_sparse_slots(), _rest_slots()))
+            else:
+                pairs = [(s, None) for s in range(BLOCK_WEIGHTS)]
+            for i, (sa, sb) in enumerate(pairs):
+                a_reg = Signal(signed(8 + PACK_SHIFT + 1) if packed else signed(8),
+                               name=f"dsp{lane}_{i}_a", reset_less=True)
+                b_reg = Signal(signed(18) if packed else signed(8),
+                               name=f"dsp{lane}_{i}_b", reset_less=True)
+                if packed:
+                    ph = tag1.phase
+                    xa = Mux(ph, X[sb], X[sa])
+                    wa = Mux(ph, W[sb], W[sa])
+                    a_pk = (X[sa] << PACK_SHIFT) + X[sb]
+                    b_pk = (W[sb][0:4].as_signed() << PACK_SHIFT) + W[sa][0:4].as_signed()
+                    m.d.sync += [a_reg.eq(Mux(single, xa, a_pk)), b_reg.eq(Mux(single, wa, b_pk))]
+                else:
+                    m.d.sync += [a_reg.eq(X[sa]), b_reg.eq(W[sa])]
+                m_reg = Signal(signed(len(a_reg) + len(b_reg)), name=f"dsp{lane}_{i}_m",
+                               reset_less=True)
+                m.d.sync += m_reg.eq(a_reg * b_reg)
+                # P register: the product bits the extraction reads
+                p_shape = unsigned(2 * PACK_SHIFT) if packed else signed(len(m_reg))
+                p_reg = Signal(p_shape, name=f"dsp{lane}_{i}_p", reset_less=True)
+                m.d.sync += p_reg.eq(m_reg[:2 * PACK_SHIFT] if packed else m_reg)
+                prods.append(p_reg)
+            # delay the mode bit to the extraction stage (S2, S3, S4 registers)
+            single_x = _delay(m, single, 3, f"single{lane}") if packed else Const(1)
+            vals = []
+            for i, p_reg in enumerate(prods):
+                if packed:
+                    v = Mux(single_x, p_reg[0:17].as_signed(),
+                            p_reg[PACK_SHIFT:2 * PACK_SHIFT].as_signed())
+                    borrows.append(~single_x & p_reg[PACK_SHIFT - 1])
+                else:
+                    v = p_reg
+                vals.append(v)
+            isum_t, isum_stages = _pipelined_sum(m, vals, f"isum{lane}")
+            if borrows:
+                # the packed products' borrows, summed beside the tree and aligned with it
+                bsum = Signal(range(len(borrows) + 1), name=f"bsum{lane}", reset_less=True)
+                m.d.sync += bsum.eq(_popcount(borrows))
+                isum_t = isum_t + _delay(m, bsum, isum_stages - 1, f"bsum{lane}")
+            isum_trees.append(isum_t)
+            # sumq over the active slots: starts at S2
+            sx = [Mux(A_[s], X[s], 0) for s in range(BLOCK_WEIGHTS)]
+            sumq_t, sumq_stages = _pipelined_sum(m, sx, f"sumq{lane}")
+            sumq_trees.append(sumq_t)
+
+        # isum: S2 (A/B), S3 (M), S4 (P) then isum_stages; sumq: sumq_stages from S1.
+        isum_depth = 3 + isum_stages
+        sumq_trees = [_delay(m, t, isum_depth - sumq_stages, f"sumq{lane}_al")
+                      for lane, t in enumerate(sumq_trees)]
+        tagT = _delay(m, tag1, isum_depth, "tag", reset_less=False)
+        q41T = _delay(m, s1_q41, isum_depth, "q41")
+
+        # ---- T1: block total (+ borrows already in the tree, + 8*sumq for Q4_1) -----------
+        t1_tag = Signal(tag_layout)
+        m.d.sync += t1_tag.eq(tagT)
+        t1_isum, t1_sumq = [], []
+        for lane in range(lanes):
+            tot = Signal(signed(24), name=f"t1_isum{lane}", reset_less=True)
+            sq = Signal(signed(16), name=f"t1_sumq{lane}", reset_less=True)
+            m.d.sync += [tot.eq(isum_trees[lane] + Mux(q41T, sumq_trees[lane] << 3, 0)),
+                         sq.eq(sumq_trees[lane])]
+            t1_isum.append(tot)
+            t1_sumq.append(sq)
+        assert self._stages == 1 + isum_depth + 1, (self._stages, isum_depth)
+
+        # ---- output FIFO (credit reserved at issue) ------------------------------------
+        entry = data.StructLayout({
+            "fmt": WeightFormat, "last": 1,
+            "lanes": data.ArrayLayout(data.StructLayout({
+                "en": 1, "isum": signed(24), "sumq": signed(16), "d": 16, "m": 16}), lanes),
+        })
+        depth = self._fifo_depth
+        m.submodules.fifo = q = fifo.SyncFIFOBuffered(width=entry.size, depth=depth)
+        w_entry = Signal(entry)
+        acc = [Signal(signed(24), name=f"acc{lane}", reset_less=True) for lane in range(lanes)]
+        for lane in range(lanes):
+            add_acc = t1_tag.two_phase & t1_tag.phase
+            m.d.comb += [
+                w_entry.lanes[lane].en.eq(t1_tag.en[lane]),
+                w_entry.lanes[lane].isum.eq(t1_isum[lane] + Mux(add_acc, acc[lane], 0)),
+                w_entry.lanes[lane].sumq.eq(t1_sumq[lane]),
+                w_entry.lanes[lane].d.eq(t1_tag.d[lane]),
+                w_entry.lanes[lane].m.eq(t1_tag.m[lane]),
+            ]
+            with m.If(t1_tag.valid & ~t1_tag.final):
+                m.d.sync += acc[lane].eq(t1_isum[lane])
+        m.d.comb += [w_entry.fmt.eq(t1_tag.fmt), w_entry.last.eq(t1_tag.last),
+                     q.w_data.eq(w_entry), q.w_en.eq(t1_tag.valid & t1_tag.final)]
+
+        inflight = Signal(range(depth + 1))
+        m.d.comb += credit_ok.eq((inflight + q.level) < depth)
+        inc = issue & final
+        dec = q.w_en
+        m.d.sync += inflight.eq(inflight + inc - dec)
+
+        r_entry = entry(q.r_data)
+        out = self.results.payload
+        m.d.comb += [out.fmt.eq(r_entry.fmt), out.last.eq(r_entry.last)]
+        for lane in range(lanes):
+            m.d.comb += [
+                out.lanes[lane].en.eq(r_entry.lanes[lane].en),
+                out.lanes[lane].isum.eq(r_entry.lanes[lane].isum),
+                out.lanes[lane].sumq.eq(r_entry.lanes[lane].sumq),
+                out.lanes[lane].d.eq(r_entry.lanes[lane].d),
+                out.lanes[lane].m.eq(r_entry.lanes[lane].m),
+            ]
+        m.d.comb += [self.results.valid.eq(q.r_rdy), q.r_en.eq(self.results.ready)]
+        return m
+
+
+def _popcount(bits):
+    """Sum of 1-bit values as an unsigned value (a small adder tree)."""
+    vals = [b.as_unsigned() for b in bits]
+    while len(vals) > 1:
+        nxt = [vals[i] + vals[i + 1] for i in range(0, len(vals) - 1, 2)]
+        if len(vals) % 2:
+            nxt.append(vals[-1])
+        vals = nxt
+    return vals[0]
+
+
+def units(config) -> dict:
+    """The chain of an accelerator configuration (one of ``chain.count`` identical chains)."""
+    return {"chain": Chain(length=config.chain.length, pack_int4=config.chain.pack_int4,
+                           formats=config.weight_formats, patterns=config.sparsity)}

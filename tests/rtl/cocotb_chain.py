@@ -1,0 +1,431 @@
+"""cocotb tests of the DSP chain (hw/chain.py) against sim.numerics.block_isum / sparse_isum.
+
+Parameters come from the environment (set by tests/rtl/test_chain.py):
+``CHAIN_LENGTH``, ``CHAIN_PACK`` (0/1), ``CHAIN_BLOCKS`` (randomized blocks),
+``CHAIN_SEED``. Also holds the helpers the decoder tests share: payload packing
+from the hardware's own layouts, golden block generation, stream drivers.
+"""
+
+import os
+import random
+
+import numpy as np
+
+from amaranth import Shape
+from amaranth.lib import data
+
+from llmfab.boards.config import SPARSITY_PATTERNS, kept_weights
+from llmfab.compiler import sparse as csparse
+from llmfab.hw import chain as hwchain
+from llmfab.sim import numerics
+
+FORMATS = ("q4_0", "q4_1", "q8_0")
+PATTERNS = tuple(SPARSITY_PATTERNS)
+
+
+# ---- payload <-> int, from the hardware's layouts -------------------------------------
+
+def _layout(shape):
+    try:
+        return data.Layout.cast(shape)
+    except TypeError:
+        return None
+
+
+def _width(shape) -> int:
+    lay = _layout(shape)
+    return lay.size if lay is not None else Shape.cast(shape).width
+
+
+def pack(shape, value) -> int:
+    """Nested dicts / lists / ints (or enum members) -> the payload's integer bits."""
+    lay = _layout(shape)
+    if isinstance(lay, data.StructLayout):
+        out = 0
+        for name, field in lay:
+            if name in value:
+                out |= pack(field.shape, value[name]) << field.offset
+        return out
+    if isinstance(lay, data.ArrayLayout):
+        size = _width(lay.elem_shape)
+        out = 0
+        for i, v in enumerate(value):
+            out |= pack(lay.elem_shape, v) << (i * size)
+        return out
+    width = _width(shape)
+    v = value.value if hasattr(value, "value") and not isinstance(value, (int, np.integer)) else value
+    return int(v) & ((1 << width) - 1)
+
+
+def unpack(shape, bits: int):
+    """The inverse of :func:`pack` (signed shapes sign-extend, enums stay ints)."""
+    lay = _layout(shape)
+    if isinstance(lay, data.StructLayout):
+        return {name: unpack(f.shape, (bits >> f.offset) & ((1 << _width(f.shape)) - 1))
+                for name, f in lay}
+    if isinstance(lay, data.ArrayLayout):
+        size = _width(lay.elem_shape)
+        return [unpack(lay.elem_shape, (bits >> (i * size)) & ((1 << size) - 1))
+                for i in range(lay.length)]
+    sh = Shape.cast(shape)
+    if sh.signed and bits >> (sh.width - 1):
+        return bits - (1 << sh.width)
+    return bits
+
+
+# ---- golden operand blocks -------------------------------------------------------------
+
+def code_range(fmt):
+    return {"q4_0": (-8, 7), "q4_1": (0, 15), "q8_0": (-128, 127)}[fmt]
+
+
+def random_blocks(rng: np.random.Generator, n: int, fmt: str, pattern: str):
+    """n random blocks of one mode, edge cases first.
+
+    Returns a dict: ``w`` [n, K] weight codes as the spec gives them, ``idx`` [n, K]
+    (zeros if dense), ``x`` [n, 32] int8 activations, ``d``/``m`` [n] fp16 bits.
+    Sparse indices are legal patterns (N distinct ascending positions per group),
+    except the first M blocks, which put index value i at every kept slot (the chain
+    is a selection and must not care; this reaches every index value at every slot).
+    """
+    K = kept_weights(pattern)
+    lo, hi = code_range(fmt)
+    w = rng.integers(lo, hi + 1, size=(n, K))
+    x = rng.integers(-128, 128, size=(n, 32))
+    N, M = SPARSITY_PATTERNS[pattern]
+    idx = np.zeros((n, K), np.int64)
+    if pattern != "dense":
+        per = K // (32 // M)                       # kept per group
+        keys = rng.random((n, 32 // M, M))
+        idx = np.sort(np.argsort(keys, axis=-1)[..., :per], axis=-1).reshape(n, K)
+        for i in range(min(n, M)):
+            idx[i] = i
+    edges = [
+        ("w", lo), ("w", hi), ("w", 0),                 # all min / max / zero codes
+        ("x", 127), ("x", -127), ("x", -128), ("x", 0),
+        ("wx", (lo, -128)), ("wx", (hi, 127)), ("wx", (lo, 127)), ("wx", (hi, -128)),
+        ("wx", (lo, -127)), ("wx", (0, 0)),
+    ]
+    first = M if pattern != "dense" else 0
+    for k, (kind, v) in enumerate(edges * 2):
+        i = first + k
+        if i >= n:
+            break
+        if kind == "w":
+            w[i] = v
+        elif kind == "x":
+            x[i] = v
+        else:
+            w[i], x[i] = v
+    d = rng.integers(0, 1 << 16, size=n)
+    m = rng.integers(0, 1 << 16, size=n) if fmt == "q4_1" else np.zeros(n, np.int64)
+    return {"w": w.astype(np.int64), "idx": idx.astype(np.int64), "x": x.astype(np.int64),
+            "d": d.astype(np.int64), "m": m.astype(np.int64)}
+
+
+def golden(fmt: str, pattern: str, blk):
+    """(isum, sumq) int32 [n] from sim.numerics (the spec)."""
+    x = blk["x"]
+    if pattern == "dense":
+        isum = numerics.block_isum(blk["w"], x)
+        sumq = x.sum(-1)
+    else:
+        _, M = SPARSITY_PATTERNS[pattern]
+        isum, sumq = numerics.sparse_isum(blk["w"], blk["idx"], x, M)
+    return np.asarray(isum, np.int64), np.asarray(sumq, np.int64)
+
+
+def lane_value(fmt, pattern, blk, i, en=1):
+    K = kept_weights(pattern)
+    w = [int(v) for v in blk["w"][i]] + [0] * (32 - K)
+    idx = ([int(v) for v in blk["idx"][i]] + [0] * 16)[:16] if pattern != "dense" else [0] * 16
+    return {"en": en, "w": w, "idx": idx, "d": int(blk["d"][i]), "m": int(blk["m"][i])}
+
+
+# ---- stream drivers (local until sim/rtl/streams.py lands) --------------------------------
+
+class StreamSource:
+    """Drive ``<prefix>__valid/payload``: random gaps, hold until ``ready``."""
+
+    def __init__(self, dut, prefix, p_valid=1.0, rng=None):
+        self.valid = getattr(dut, f"{prefix}__valid")
+        self.ready = getattr(dut, f"{prefix}__ready")
+        self.payload = getattr(dut, f"{prefix}__payload")
+        self.p_valid = p_valid
+        self.rng = rng or random.Random(0)
+        self.items = []
+        self.pos = 0
+        self.shown = False
+        self.valid.value = 0
+
+    def drive(self):
+        """Call once per cycle after the falling edge: present (or keep) an item."""
+        if not self.shown:
+            self.valid.value = 0
+        if not self.shown and self.pos < len(self.items) and self.rng.random() < self.p_valid:
+            self.payload.value = self.items[self.pos]
+            self.valid.value = 1
+            self.shown = True
+
+    def sample(self):
+        """Call in ReadOnly: note a transfer at the coming rising edge."""
+        if self.shown and int(self.ready.value):
+            self.pos += 1
+            self.shown = False     # valid drops at the next drive phase
+            return True
+        return False
+
+    @property
+    def done(self):
+        return self.pos >= len(self.items)
+
+
+class StreamSink:
+    """Drive ``<prefix>__ready`` randomly, collect payloads with the cycle of transfer."""
+
+    def __init__(self, dut, prefix, p_ready=1.0, rng=None):
+        self.valid = getattr(dut, f"{prefix}__valid")
+        self.ready = getattr(dut, f"{prefix}__ready")
+        self.payload = getattr(dut, f"{prefix}__payload")
+        self.p_ready = p_ready
+        self.rng = rng or random.Random(1)
+        self.items = []
+        self.cycles = []
+        self.ready.value = 0
+        self._r = 0
+
+    def drive(self):
+        self._r = 1 if self.rng.random() < self.p_ready else 0
+        self.ready.value = self._r
+
+    def sample(self, cycle):
+        if self._r and int(self.valid.value):
+            self.items.append(self.payload.value.to_unsigned())
+            self.cycles.append(cycle)
+            return True
+        return False
+
+
+async def run_streams(dut, sources, sinks, expect: int, timeout: int = 10_000_000):
+    """Clock sources and sinks until ``expect`` items reached the sinks in total."""
+    from cocotb.triggers import FallingEdge, ReadOnly
+    cycle = 0
+    while sum(len(s.items) for s in sinks) < expect:
+        await FallingEdge(dut.clk)
+        for s in sources:
+            s.drive()
+        for s in sinks:
+            s.drive()
+        await ReadOnly()
+        for s in sources:
+            s.sample()
+        for s in sinks:
+            s.sample(cycle)
+        cycle += 1
+        if cycle > timeout:
+            raise AssertionError(f"timeout after {cycle} cycles")
+    return cycle
+
+
+async def reset(dut):
+    from cocotb.clock import Clock
+    from cocotb.triggers import RisingEdge
+    import cocotb
+    cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
+    dut.rst.value = 1
+    for _ in range(3):
+        await RisingEdge(dut.clk)
+    dut.rst.value = 0
+    await RisingEdge(dut.clk)
+
+
+# ---- the chain tests ----------------------------------------------------------------------
+
+def _env():
+    return {
+        "length": int(os.environ.get("CHAIN_LENGTH", "32")),
+        "pack": bool(int(os.environ.get("CHAIN_PACK", "1"))),
+        "blocks": int(os.environ.get("CHAIN_BLOCKS", "10000")),
+        "seed": int(os.environ.get("CHAIN_SEED", "1")),
+        "formats": tuple(os.environ.get("CHAIN_FORMATS", ",".join(FORMATS)).split(",")),
+        "patterns": tuple(os.environ.get("CHAIN_PATTERNS", ",".join(PATTERNS)).split(",")),
+        "report": os.environ.get("CHAIN_REPORT"),
+    }
+
+
+def make_beats(rng, modes, n_blocks, lanes, shuffle=True):
+    """Operand beats for n_blocks blocks spread over ``modes``; returns (w, x, expected)."""
+    per_mode = -(-n_blocks // len(modes))
+    per_mode = -(-per_mode // lanes) * lanes
+    beats = []
+    for fmt, pat in modes:
+        blk = random_blocks(rng, per_mode, fmt, pat)
+        isum, sumq = golden(fmt, pat, blk)
+        for b in range(0, per_mode, lanes):
+            beats.append((fmt, pat, blk, isum, sumq, b))
+    if shuffle:   # modes change from one beat to the next
+        order = rng.permutation(len(beats))
+        beats = [beats[i] for i in order]
+    wl, xl, exp = weight_beat_layout_cached(lanes), act_layout_cached(lanes), []
+    w_items, x_items = [], []
+    for k, (fmt, pat, blk, isum, sumq, b) in enumerate(beats):
+        en = [int(rng.random() < 0.9) for _ in range(lanes)]
+        last = int(rng.random() < 0.1)
+        w_items.append(pack(wl, {
+            "fmt": hwchain.FORMAT_CODES[fmt], "pattern": hwchain.PATTERN_CODES[pat], "last": last,
+            "lanes": [lane_value(fmt, pat, blk, b + lane, en[lane]) for lane in range(lanes)]}))
+        x_items.append(pack(act_layout_cached(lanes),
+                            [[int(v) for v in blk["x"][b + lane]] for lane in range(lanes)]))
+        exp.append({"fmt": hwchain.FORMAT_CODES[fmt].value, "last": last, "mode": (fmt, pat),
+                    "lanes": [{"en": en[lane], "isum": int(isum[b + lane]),
+                               "sumq": int(sumq[b + lane]), "d": int(blk["d"][b + lane]),
+                               "m": int(blk["m"][b + lane])} for lane in range(lanes)]})
+    return w_items, x_items, exp
+
+
+_CACHE = {}
+
+
+def weight_beat_layout_cached(lanes):
+    return _CACHE.setdefault(("w", lanes), hwchain.weight_beat_layout(lanes))
+
+
+def act_layout_cached(lanes):
+    return _CACHE.setdefault(("x", lanes), hwchain.act_beat_layout(lanes))
+
+
+def check_results(got, exp, lanes, what):
+    rl = hwchain.result_beat_layout(lanes)
+    assert len(got) == len(exp), f"{what}: {len(got)} results for {len(exp)} beats"
+    bad = []
+    for k, (g, e) in enumerate(zip(got, exp)):
+        r = unpack(rl, g)
+        r.pop("mode", None)
+        want = {key: v for key, v in e.items() if key != "mode"}
+        if r != want:
+            bad.append((k, e["mode"], r, want))
+    assert not bad, f"{what}: {len(bad)} of {len(exp)} beats differ, first: {bad[0]}"
+
+
+class StreamRuleMonitor:
+    """Asserts the stream rule on an output: once valid, valid and payload hold until ready."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.held = None
+
+    def sample(self):
+        v = int(self.sink.valid.value)
+        p = self.sink.payload.value.to_unsigned() if v else None
+        if self.held is not None:
+            assert v and p == self.held, "output dropped valid or changed payload before ready"
+        self.held = p if (v and not self.sink._r) else None
+
+
+def _modes(env):
+    return [(f, p) for f in env["formats"] for p in env["patterns"]]
+
+
+import cocotb  # noqa: E402  (the helpers above are imported without a simulator)
+
+
+@cocotb.test()
+async def random_traffic(dut):
+    """>= CHAIN_BLOCKS random blocks over every mode, mode changing per beat,
+    random gaps on both inputs and random back-pressure on the output."""
+    from cocotb.triggers import FallingEdge, ReadOnly
+    env = _env()
+    lanes = env["length"] // 32
+    rng = np.random.default_rng(env["seed"])
+    prng = random.Random(env["seed"])
+    await reset(dut)
+    w_items, x_items, exp = make_beats(rng, _modes(env), env["blocks"], lanes)
+    wsrc = StreamSource(dut, "weights", rng=random.Random(prng.random()))
+    xsrc = StreamSource(dut, "acts", rng=random.Random(prng.random()))
+    sink = StreamSink(dut, "results", rng=random.Random(prng.random()))
+    mon = StreamRuleMonitor(sink)
+    wsrc.items, xsrc.items = w_items, x_items
+    cycle = 0
+    while len(sink.items) < len(exp):
+        if cycle % 512 == 0:   # new traffic shape every 512 cycles
+            wsrc.p_valid, xsrc.p_valid = prng.choice([0.2, 0.6, 1.0]), prng.choice([0.3, 0.8, 1.0])
+            sink.p_ready = prng.choice([0.1, 0.5, 0.9, 1.0])
+        await FallingEdge(dut.clk)
+        for s in (wsrc, xsrc):
+            s.drive()
+        sink.drive()
+        await ReadOnly()
+        mon.sample()
+        wsrc.sample()
+        xsrc.sample()
+        sink.sample(cycle)
+        cycle += 1
+        assert cycle < 100 * len(exp) + 1000, "timeout"
+    check_results(sink.items, exp, lanes, "random traffic")
+    dut._log.info("random traffic: %d blocks (%d beats) in %d cycles", len(exp) * lanes,
+                  len(exp), cycle)
+    _report(env, {"random_blocks": len(exp) * lanes, "random_cycles": cycle})
+
+
+def _report(env, values):
+    if not env["report"]:
+        return
+    import json
+    path = env["report"]
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    old.update(values)
+    with open(path, "w") as f:
+        json.dump(old, f, indent=1)
+
+
+@cocotb.test()
+async def steady_state(dut):
+    """Inputs never stall, output always ready: cycles per beat for every mode, no bubbles."""
+    from cocotb.triggers import FallingEdge, ReadOnly
+    from llmfab.boards.config import kept_weights as kw
+    env = _env()
+    lanes = env["length"] // 32
+    rng = np.random.default_rng(env["seed"] + 7)
+    await reset(dut)
+    report = {}
+    n_beats = 64
+    for fmt, pat in _modes(env):
+        w_items, x_items, exp = make_beats(rng, [(fmt, pat)], n_beats * lanes, lanes,
+                                           shuffle=False)
+        wsrc = StreamSource(dut, "weights")
+        xsrc = StreamSource(dut, "acts")
+        sink = StreamSink(dut, "results")
+        wsrc.items, xsrc.items = w_items, x_items
+        first_in = None
+        cycle = 0
+        while len(sink.items) < len(exp):
+            await FallingEdge(dut.clk)
+            for s in (wsrc, xsrc):
+                s.drive()
+            sink.drive()
+            await ReadOnly()
+            if wsrc.sample() and first_in is None:
+                first_in = cycle
+            xsrc.sample()
+            sink.sample(cycle)
+            cycle += 1
+            assert cycle < 10_000, "timeout"
+        await FallingEdge(dut.clk)
+        wsrc.valid.value = 0
+        xsrc.valid.value = 0
+        check_results(sink.items, exp, lanes, f"steady state {fmt} {pat}")
+        gaps = np.diff(sink.cycles)
+        # one operand beat (L activations) per cycle at most; fewer if the DSPs do fewer
+        # products per cycle than the block has kept weights (dense Q8_0 on a packed chain)
+        macs = env["length"] // 2 if env["pack"] and fmt == "q8_0" else env["length"]
+        want = max(1, lanes * kw(pat) // macs)
+        cpb = (sink.cycles[-1] - sink.cycles[0]) / (len(exp) - 1)
+        assert set(gaps.tolist()) == {want}, f"{fmt} {pat}: gaps {sorted(set(gaps.tolist()))}, want {want}"
+        report[f"{fmt} {pat}"] = {"cycles_per_beat": cpb, "blocks_per_cycle": lanes / cpb,
+                                  "latency": sink.cycles[0] - first_in}
+        dut._log.info("steady state %s %s: %.3f cycles per beat (%d blocks per beat), "
+                      "latency %d cycles", fmt, pat, cpb, lanes, sink.cycles[0] - first_in)
+    _report(env, {"steady_state": report})
