@@ -153,10 +153,7 @@ def _row_bytes(fmt, sp, cols):
 def _encode_rows(fmt, sp, raw, mask):
     if sp == "dense":
         return np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    out = bytearray()
-    for r in range(raw.shape[0]):
-        out += sparse.encode_sparse(fmt, raw[r], mask[r], sp)
-    return np.frombuffer(bytes(out), np.uint8)
+    return sparse.encode_sparse_rows(fmt, raw, mask, sp).reshape(-1)
 
 
 def parse_sparsity(spec: str | None) -> dict:

@@ -246,6 +246,7 @@ def random_instr(rng: np.random.Generator) -> Instr:
         elif op == OP_MISC:
             f["func"] = int(rng.choice(list(MISC_NAMES)))
         elif op == OP_SYS:
-            f = {"func": int(rng.choice(list(SYS_NAMES)))}
+            f = {"func": int(rng.choice(list(SYS_NAMES))), "wait_prev": 0, "wait_next": 0,
+                 "rel_prev": 0, "rel_next": 0}
         if _legal(op, {**{k: 0 for k, _ in LAYOUTS[op]}, **f}) is None:
             return Instr(name, f)

@@ -76,62 +76,80 @@ def prune(qtype: str, raw: np.ndarray, p: str):
     return magnitude_mask(quant.dequantize_rows(qtype, raw), p)
 
 
-def encode_sparse(qtype: str, raw_row: np.ndarray, mask_row: np.ndarray, p: str) -> bytes:
-    """Encode one row of dense raw blocks with its keep-mask into the sparse block format."""
+def encode_sparse_rows(qtype: str, raw: np.ndarray, mask: np.ndarray, p: str) -> np.ndarray:
+    """Encode dense raw blocks ``[rows, nb*bytes]`` with keep-mask ``[rows, nb*32]``.
+
+    Returns uint8 ``[rows, nb * sparse_block_bytes]`` in the layout above.
+    """
     n, m = parse_pattern(p)
-    q, d, mm = quant.split_blocks(qtype, raw_row)
-    nb = q.shape[0]
-    msk = mask_row.reshape(nb, 32)
     K = kept(p)
     ibits = int(np.log2(m))
-    out = bytearray()
-    for b in range(nb):
-        pos = np.nonzero(msk[b])[0]
-        if len(pos) != K:
-            raise CompileError(f"block {b} keeps {len(pos)} weights, pattern {p} needs {K}")
-        out += np.float16(d[b]).tobytes()
-        if qtype == "q4_1":
-            out += np.float16(mm[b]).tobytes()
-        v = q[b, pos].astype(np.int16)
-        if qtype == "q8_0":
-            out += v.astype(np.int8).tobytes()
-        else:
-            codes = (v + (8 if qtype == "q4_0" else 0)).astype(np.uint8)
-            out += bytes((codes[0::2] & 0xF) | ((codes[1::2] & 0xF) << 4))
-        idx = pos % m
-        bits = 0
-        for j, ix in enumerate(idx):
-            bits |= int(ix) << (j * ibits)
-        out += bits.to_bytes((K * ibits + 7) // 8, "little")
-    return bytes(out)
+    raw = np.asarray(raw, np.uint8)
+    rows = raw.shape[0]
+    q, d, mm = quant.split_blocks(qtype, raw)             # q [rows, nb, 32]
+    nb = q.shape[1]
+    msk = np.asarray(mask, bool).reshape(rows, nb, 32)
+    counts = msk.reshape(rows, nb, 32 // m, m).sum(-1)
+    if not np.all(counts == n):
+        r, b = np.argwhere(counts != n)[0][:2]
+        raise CompileError(f"block {int(b)} of row {int(r)} does not keep {n} of every {m} weights "
+                           f"(pattern {p})")
+    pos = np.argsort(~msk, axis=-1, kind="stable")[..., :K]   # kept positions, ascending
+    v = np.take_along_axis(q.astype(np.int16), pos, axis=-1)
+    parts = [d.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)]
+    if qtype == "q4_1":
+        parts.append(mm.astype(np.float16).view(np.uint8).reshape(rows, nb, 2))
+    if qtype == "q8_0":
+        parts.append(v.astype(np.int8).view(np.uint8))
+    else:
+        codes = (v + (8 if qtype == "q4_0" else 0)).astype(np.uint8)
+        parts.append((codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4))
+    idx = (pos % m).astype(np.uint8)
+    per = 8 // ibits
+    packed = np.zeros((rows, nb, K * ibits // 8), np.uint8)
+    for j in range(per):
+        packed |= (idx[..., j::per] << (j * ibits)).astype(np.uint8)
+    parts.append(packed)
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
 
-def decode_sparse(qtype: str, data: bytes, p: str, nb: int):
-    """Inverse of :func:`encode_sparse` for one row: (values int [nb, K], idx [nb, K], d, m)."""
+def decode_sparse_rows(qtype: str, data: np.ndarray, p: str, nb: int):
+    """Inverse of :func:`encode_sparse_rows`: (values [rows, nb, K], idx, d [rows, nb], m)."""
     n, m = parse_pattern(p)
     K = kept(p)
     ibits = int(np.log2(m))
     bb = sparse_block_bytes(qtype, p)
-    buf = np.frombuffer(bytes(data), np.uint8).reshape(nb, bb)
-    d = buf[:, 0:2].copy().view(np.float16)[:, 0]
-    mm = buf[:, 2:4].copy().view(np.float16)[:, 0] if qtype == "q4_1" else None
+    buf = np.asarray(data, np.uint8).reshape(-1, nb, bb)
+    rows = buf.shape[0]
+    d = buf[..., 0:2].copy().view(np.float16)[..., 0]
+    mm = buf[..., 2:4].copy().view(np.float16)[..., 0] if qtype == "q4_1" else None
     off = HEADER[qtype]
     if qtype == "q8_0":
-        vals = buf[:, off:off + K].view(np.int8).astype(np.int16)
+        vals = buf[..., off:off + K].view(np.int8).astype(np.int16)
         off += K
     else:
-        nbytes = K // 2
-        by = buf[:, off:off + nbytes]
-        vals = np.empty((nb, K), np.int16)
-        vals[:, 0::2] = by & 0xF
-        vals[:, 1::2] = by >> 4
+        by = buf[..., off:off + K // 2]
+        vals = np.empty((rows, nb, K), np.int16)
+        vals[..., 0::2] = by & 0xF
+        vals[..., 1::2] = by >> 4
         if qtype == "q4_0":
             vals -= 8
-        off += nbytes
-    ib = buf[:, off:off + (K * ibits + 7) // 8]
-    idx = np.zeros((nb, K), np.int64)
-    for b in range(nb):
-        bits = int.from_bytes(ib[b].tobytes(), "little")
-        for j in range(K):
-            idx[b, j] = (bits >> (j * ibits)) & (m - 1)
+        off += K // 2
+    ib = buf[..., off:off + K * ibits // 8]
+    per = 8 // ibits
+    idx = np.empty((rows, nb, K), np.int64)
+    for j in range(per):
+        idx[..., j::per] = (ib >> (j * ibits)) & (m - 1)
     return vals, idx, d, mm
+
+
+def encode_sparse(qtype: str, raw_row: np.ndarray, mask_row: np.ndarray, p: str) -> bytes:
+    """Encode one row of dense raw blocks with its keep-mask into the sparse block format."""
+    return encode_sparse_rows(qtype, np.asarray(raw_row, np.uint8)[None], np.asarray(mask_row)[None],
+                              p).tobytes()
+
+
+def decode_sparse(qtype: str, data: bytes, p: str, nb: int):
+    """Inverse of :func:`encode_sparse` for one row: (values int [nb, K], idx [nb, K], d, m)."""
+    vals, idx, d, mm = decode_sparse_rows(qtype, np.frombuffer(bytes(data), np.uint8), p, nb)
+    return vals[0], idx[0], d[0], None if mm is None else mm[0]

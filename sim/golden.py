@@ -576,21 +576,12 @@ def _unpack_weights(fmt, sp, raw, rows, nb) -> PackedMatrix:
         q, d, m = quant.split_blocks(fmt, raw.reshape(rows, -1))
         return PackedMatrix(fmt, q, d, m)
     n, mm = sparse.parse_pattern(sp)
-    bb = sparse.sparse_block_bytes(fmt, sp)
-    rb = nb * bb
+    K = sparse.kept(sp)
+    vals, idx, d, m = sparse.decode_sparse_rows(fmt, raw, sp, nb)
+    per = K // (32 // mm)
+    pos = (np.arange(K) // per) * mm + idx                     # [rows, nb, K]
     q = np.zeros((rows, nb, 32), np.int8)
     mask = np.zeros((rows, nb, 32), bool)
-    d = np.zeros((rows, nb), np.float16)
-    m = np.zeros((rows, nb), np.float16) if fmt == "q4_1" else None
-    K = sparse.kept(sp)
-    per = K // (32 // mm)
-    gbase = (np.arange(K) // per) * mm
-    for r in range(rows):
-        vals, idx, dd, m_ = sparse.decode_sparse(fmt, raw[r * rb:(r + 1) * rb].tobytes(), sp, nb)
-        pos = gbase[None, :] + idx
-        np.put_along_axis(q[r], pos, vals.astype(np.int8), axis=1)
-        np.put_along_axis(mask[r], pos, True, axis=1)
-        d[r] = dd
-        if m is not None:
-            m[r] = m_
+    np.put_along_axis(q, pos, vals.astype(np.int8), axis=-1)
+    np.put_along_axis(mask, pos, True, axis=-1)
     return PackedMatrix(fmt, q, d, m, mask)

@@ -133,10 +133,9 @@ def accum4(seq, axis: int = 0) -> np.ndarray:
     """
     seq = np.moveaxis(f32(seq), axis, 0)
     n = seq.shape[0]
-    pad = (-n) % PARTIALS
-    if pad:
-        seq = np.concatenate([seq, np.zeros((pad,) + seq.shape[1:], np.float32)], axis=0)
-    groups = seq.reshape((-1, PARTIALS) + seq.shape[1:])
+    full = n // PARTIALS * PARTIALS
+    groups = seq[:full].reshape((-1, PARTIALS) + seq.shape[1:])
+    tail = seq[full:]
     p = np.zeros((PARTIALS,) + seq.shape[1:], np.float32)
     # Fast path, same bits: if every nonzero item is >= 2**-102 in magnitude, every
     # partial sum is a multiple of 2**-125, so no sum can be subnormal and the flush
@@ -144,9 +143,12 @@ def accum4(seq, axis: int = 0) -> np.ndarray:
     if _no_tiny(seq):
         for i in range(groups.shape[0]):
             p += groups[i]
+        p[:len(tail)] += tail
         return (p[0] + p[1]) + (p[2] + p[3])
     for i in range(groups.shape[0]):
-        p = fadd(p, groups[i])   # partials are never -0.0, so +0.0 padding changes nothing
+        p = fadd(p, groups[i])
+    if len(tail):
+        p[:len(tail)] = fadd(p[:len(tail)], tail)
     return fadd(fadd(p[0], p[1]), fadd(p[2], p[3]))
 
 
@@ -225,7 +227,8 @@ def silu(x) -> np.ndarray:
 
 
 def softmax(s, length=None) -> np.ndarray:
-    """Softmax over the last axis (the first ``length`` entries; the rest give 0).
+    """Softmax over the last axis, or over its first ``length`` entries (the result then
+    has ``length`` entries).
 
     m = max (exact); e = exp(s - m); z = reduce_sum(e); out = e * recip(z).
     """
@@ -287,17 +290,21 @@ def quantize_act(x):
     """fp32 [..., n] (n multiple of 32) -> (q int8 [..., n/32, 32], d fp32 [..., n/32], sumq int32).
 
     Per block: amax = max|x| (exact); d = amax * (1/127); id = 127 * recip(amax);
-    q = clamp(rne(x * id), -127, 127). An all-zero block has d = 0, q = 0.
-    ``sumq`` is the sum of the block's q (used by Q4_1's minimum term).
+    q = clamp(rne(x * id), -127, 127). A block whose d flushes to zero (amax below
+    127 * 2**-126, all-zero blocks included) is a zero block: d = 0, q = 0. A block
+    with amax >= 2**126 is outside the quantizer's range: recip(amax) flushes, so
+    q = 0 (d stays amax/127). ``sumq`` (int32) is the sum of the block's q (used by
+    Q4_1's minimum term).
     """
     x = f32(x)
     blocks = x.reshape(x.shape[:-1] + (-1, BLOCK))
     amax = np.max(np.abs(blocks), axis=-1)
     d = fmul(amax, INV127)
-    inv = fmul(recip(np.where(amax > 0, amax, ONE)), F127)
-    inv = np.where(amax > 0, inv, F32(0.0)).astype(np.float32)
+    live = d > 0
+    inv = fmul(recip(np.where(live, amax, ONE)), F127)
+    inv = np.where(live, inv, F32(0.0)).astype(np.float32)
     q = np.clip(np.rint(fmul(blocks, inv[..., None])), -127, 127).astype(np.int8)
-    return q, d, q.astype(np.int32).sum(axis=-1)
+    return q, d, q.astype(np.int32).sum(axis=-1, dtype=np.int32)
 
 
 def dequantize_act(q, d) -> np.ndarray:

@@ -98,9 +98,6 @@ def test_round_trip_random(random_instrs):
         [isa.decode(w) for w in words[:500]]
 
 
-@pytest.mark.xfail(strict=True, reason="random_instr builds SYS as Instr('SYS', {'func': f}) while decode "
-                   "returns all header fields (wait_prev=0, ...); Instr equality compares the field dicts, "
-                   "so decode(encode(i)) != i for every random SYS instruction")
 def test_round_trip_sys_equality(random_instrs):
     sys_instrs = [i for i in random_instrs if i.op == "SYS"]
     assert sys_instrs
