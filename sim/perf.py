@@ -46,7 +46,7 @@ class PerfEstimate:
     clock_mhz: float
     tokens_per_s: float
     hbm_utilization: float     # weight+KV bytes / (cycles * peak bytes per cycle)
-    bound: str                 # "memory" or "compute"
+    bound: str                 # "memory", "compute" (chains) or "sfu" (exposed SFU work)
 
     def to_dict(self):
         return asdict(self)
@@ -100,7 +100,8 @@ def estimate(bundle, config, *, pos: int | None = None, efficiency: float = HBM_
                         mv_cycles=int(mv), sfu_cycles=int(sfu), exposed_sfu_cycles=int(exposed),
                         weight_bytes=wbytes, kv_bytes=kvbytes, macs=macs, clock_mhz=config.clock_mhz,
                         tokens_per_s=tps, hbm_utilization=(wbytes + kvbytes) / (cycles * peak) if cycles else 0,
-                        bound="memory" if load >= mv else "compute")
+                        bound=("sfu" if exposed > max(load, mv) else
+                               "memory" if load >= mv else "compute"))
 
 
 def roofline_plot(points, config, path):
