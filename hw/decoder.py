@@ -1,0 +1,325 @@
+"""The weight decoder: GGUF (and N:M sparse) block bytes from memory -> chain weight beats.
+
+A matrix's weights arrive as a byte stream of ``data_width``-bit beats (byte ``i``
+of a beat in bits ``[8i, 8i+8)``, the memory's little-endian order). Blocks are
+18 (Q4_0), 20 (Q4_1), 34 (Q8_0) or, sparse, 6..26 bytes long (``compiler/sparse.py``),
+so they straddle beats. The decoder keeps a window of whole beats and a byte
+offset into it; each cycle it shifts the window by the offset (a log shifter at
+the granularity of the block sizes' common divisor) and cuts the next
+``lanes`` blocks out at fixed positions, then decodes each block's fields with the
+block's :mod:`amaranth.lib.data` layout (:class:`Q4_0Block`, :class:`Q4_1Block`,
+:class:`Q8_0Block`, :func:`sparse_block_layout`) into a
+:func:`~llmfab.hw.chain.weight_beat_layout` beat for the chain.
+
+Control: a ``cmd`` stream sets format, sparsity pattern and block count per
+matrix (what the instruction knows). A matrix's bytes start on a beat boundary;
+after its last block the rest of that beat is dropped. The next command is taken
+the cycle after the last block left (one idle cycle between matrices).
+"""
+
+import math
+
+from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2, exact_log2
+
+from llmfab.boards.config import (BLOCK_WEIGHTS, SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes,
+                                  kept_weights)
+from llmfab.hw.chain import (FORMAT_CODES, MAX_KEPT, PATTERN_CODES, Sparsity, WeightFormat,
+                             _check_names, weight_beat_layout)
+
+__all__ = ["Q4_0Block", "Q4_1Block", "Q8_0Block", "sparse_block_layout", "block_layout",
+           "DecodeCommand", "Decoder", "units"]
+
+
+class Nibbles(data.Struct):
+    """One byte of packed 4-bit codes: weight ``j`` low, weight ``j + 16`` high."""
+    lo: unsigned(4)
+    hi: unsigned(4)
+
+
+class Q4_0Block(data.Struct):
+    """GGUF Q4_0: fp16 ``d``, 16 bytes of nibbles; weight = (q - 8) * d."""
+    d: unsigned(16)
+    qs: data.ArrayLayout(Nibbles, 16)
+
+
+class Q4_1Block(data.Struct):
+    """GGUF Q4_1: fp16 ``d``, fp16 ``m``, 16 bytes of nibbles; weight = q * d + m."""
+    d: unsigned(16)
+    m: unsigned(16)
+    qs: data.ArrayLayout(Nibbles, 16)
+
+
+class Q8_0Block(data.Struct):
+    """GGUF Q8_0: fp16 ``d``, 32 int8; weight = q * d."""
+    d: unsigned(16)
+    qs: data.ArrayLayout(unsigned(8), 32)
+
+
+def sparse_block_layout(fmt: str, pattern: str) -> data.StructLayout:
+    """The N:M sparse block of ``compiler/sparse.py``: header, K packed values, K indices.
+
+    4-bit values: value ``j`` in bits ``[4j, 4j+4)`` of the value bytes (low nibble
+    first); indices: ``log2(M)`` bits each, index ``j`` at bits ``[j*b, (j+1)*b)``.
+    """
+    K = kept_weights(pattern)
+    _, M = SPARSITY_PATTERNS[pattern]
+    fields = {"d": unsigned(16)}
+    if fmt == "q4_1":
+        fields["m"] = unsigned(16)
+    fields["vals"] = data.ArrayLayout(unsigned(8 if fmt == "q8_0" else 4), K)
+    fields["idx"] = data.ArrayLayout(unsigned(exact_log2(M)), K)
+    return data.StructLayout(fields)
+
+
+def block_layout(fmt: str, pattern: str) -> data.StructLayout:
+    """Layout of one block of ``fmt`` stored with ``pattern``; its size is ``8 * block_bytes``."""
+    if pattern == "dense":
+        lay = data.Layout.cast({"q4_0": Q4_0Block, "q4_1": Q4_1Block, "q8_0": Q8_0Block}[fmt])
+    else:
+        lay = sparse_block_layout(fmt, pattern)
+    assert lay.size == 8 * block_bytes(fmt, pattern), (fmt, pattern, lay.size)
+    return lay
+
+
+class DecodeCommand(data.Struct):
+    """One matrix: its format, sparsity pattern and number of blocks (0: nothing to do)."""
+    fmt: WeightFormat
+    pattern: Sparsity
+    count: unsigned(32)
+
+
+class Decoder(wiring.Component):
+    """Byte-realigning decoder of weight blocks into chain weight beats.
+
+    Parameters
+    ----------
+    lanes : int
+        Blocks per output beat (``AccelConfig.block_lanes_per_chain``).
+    data_width : int
+        Bits per input beat (``AccelConfig.hbm.data_width``), a power of two >= 64.
+    formats, patterns : iterable of str
+        Supported weight formats and sparsity patterns.
+
+    Members
+    -------
+    cmd : In(stream.Signature(DecodeCommand))
+        Per matrix: format, pattern, block count.
+    data : In(stream.Signature(data_width))
+        The matrix's bytes, little-endian, starting on a beat boundary.
+    weights : Out(stream.Signature(weight_beat_layout(lanes)))
+        ``lanes`` decoded blocks per beat; ``last`` on a matrix's final beat, whose
+        lanes past the final block have ``en = 0`` and all-zero fields.
+    """
+
+    def __init__(self, *, lanes: int, data_width: int,
+                 formats=tuple(WEIGHT_FORMATS), patterns=tuple(SPARSITY_PATTERNS)):
+        if not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1:
+            raise ValueError(f"Decoder lanes must be a positive integer, not {lanes!r}")
+        if not isinstance(data_width, int) or data_width < 64 or data_width & (data_width - 1):
+            raise ValueError(f"Decoder data width must be a power of two of at least 64, "
+                             f"not {data_width!r}")
+        self._lanes = lanes
+        self._data_width = data_width
+        self._formats = _check_names("Decoder formats", formats, WEIGHT_FORMATS)
+        self._patterns = _check_names("Decoder patterns", patterns, SPARSITY_PATTERNS)
+        if "dense" not in self._patterns:
+            raise ValueError(f"Decoder patterns must include dense, not {self._patterns!r}")
+        self._modes = [(f, p) for f in self._formats for p in self._patterns]
+        self._bb = {mode: block_bytes(*mode) for mode in self._modes}
+        beat = data_width // 8
+        self._grain = math.gcd(beat, *self._bb.values())      # offsets are multiples of it
+        self._span = lanes * max(self._bb.values())            # most bytes cut per cycle
+        # beats the shifter looks at: the largest offset plus the largest cut
+        self._view_beats = -(-(beat - self._grain + self._span) // beat)
+        self._window_beats = self._view_beats + 1              # one more to keep input flowing
+        super().__init__({
+            "cmd": In(stream.Signature(DecodeCommand)),
+            "data": In(stream.Signature(data_width)),
+            "weights": Out(stream.Signature(weight_beat_layout(lanes))),
+        })
+
+    @property
+    def lanes(self) -> int:
+        return self._lanes
+
+    @property
+    def data_width(self) -> int:
+        return self._data_width
+
+    @property
+    def formats(self) -> tuple:
+        return self._formats
+
+    @property
+    def patterns(self) -> tuple:
+        return self._patterns
+
+    @property
+    def block_bytes(self) -> dict:
+        """``{(fmt, pattern): bytes}`` of the supported modes."""
+        return dict(self._bb)
+
+    @property
+    def window_beats(self) -> int:
+        return self._window_beats
+
+    def _mode_switch(self, m, fmt, pattern):
+        """Generate nested Switch cases, yielding ``(fmt, pattern)`` inside each supported
+        mode's case. Codes outside the configuration fall into the last format / dense."""
+        with m.Switch(fmt):
+            for i, f in enumerate(self._formats):
+                last = i == len(self._formats) - 1
+                with (m.Default() if last else m.Case(FORMAT_CODES[f])):
+                    with m.Switch(pattern):
+                        for p in self._patterns[1:]:       # canonical order: dense first
+                            with m.Case(PATTERN_CODES[p]):
+                                yield f, p
+                        with m.Default():
+                            yield f, "dense"
+
+    def elaborate(self, platform):
+        m = Module()
+        lanes = self._lanes
+        beat = self._data_width // 8
+        beat_log = exact_log2(beat)
+        grain = self._grain
+        NV, NW = self._view_beats, self._window_beats
+
+        # ---- command state ------------------------------------------------------------
+        active = Signal()
+        fmt = Signal(WeightFormat)
+        pattern = Signal(Sparsity)
+        remaining = Signal(32)
+        m.d.comb += self.cmd.ready.eq(~active)
+        with m.If(self.cmd.valid & ~active & (self.cmd.payload.count != 0)):
+            m.d.sync += [active.eq(1), fmt.eq(self.cmd.payload.fmt),
+                         pattern.eq(self.cmd.payload.pattern),
+                         remaining.eq(self.cmd.payload.count)]
+
+        # ---- beat window -------------------------------------------------------------
+        window = [Signal(self._data_width, name=f"win{k}", reset_less=True) for k in range(NW)]
+        count = Signal(range(NW + 1))            # beats held
+        off = Signal(range(beat))                # byte offset of the next block in win0
+
+        last_blk = Signal()
+        m.d.comb += last_blk.eq(remaining <= lanes)
+        n_blk = Signal(range(lanes + 1))
+        m.d.comb += n_blk.eq(Mux(last_blk, remaining, lanes))
+        cut = Signal(range(self._span + 1))      # bytes taken this cycle
+        for f, p in self._mode_switch(m, fmt, pattern):
+            bb = self._bb[(f, p)]
+            with m.Switch(n_blk):
+                for k in range(1, lanes + 1):
+                    with m.Case(k):
+                        m.d.comb += cut.eq(k * bb)
+        need = Signal(range(beat + self._span + 1))
+        m.d.comb += need.eq(off + cut)
+
+        # stage A: aligned bytes of the blocks taken
+        a_valid = Signal()
+        a_bytes = Signal(8 * self._span, reset_less=True)
+        a_fmt = Signal(WeightFormat, reset_less=True)
+        a_pattern = Signal(Sparsity, reset_less=True)
+        a_nblk = Signal(range(lanes + 1), reset_less=True)
+        a_last = Signal(reset_less=True)
+        b_take = Signal()
+        a_free = Signal()
+        m.d.comb += a_free.eq(~a_valid | b_take)
+
+        emit = Signal()
+        m.d.comb += emit.eq(active & (need <= (count << beat_log)) & a_free)
+
+        pops = Signal(range(NW + 1))
+        with m.If(emit):
+            with m.If(last_blk):     # drop the rest of the matrix's final beat
+                m.d.comb += pops.eq((need + beat - 1) >> beat_log)
+            with m.Else():
+                m.d.comb += pops.eq(need >> beat_log)
+        accept = Signal()
+        m.d.comb += [self.data.ready.eq(count < NW),
+                     accept.eq(self.data.valid & (count < NW))]
+        base = Signal(range(NW + 1))
+        m.d.comb += base.eq(count - pops)
+        for k in range(NW):
+            with m.Switch(pops):
+                for q in range(0, NW - k):
+                    with (m.Case(q) if q < NW - k - 1 else m.Default()):
+                        m.d.sync += window[k].eq(window[k + q])
+            with m.If(accept & (base == k)):
+                m.d.sync += window[k].eq(self.data.payload)
+        m.d.sync += count.eq(base + accept)
+        with m.If(emit):
+            with m.If(last_blk):
+                m.d.sync += [off.eq(0), active.eq(0)]
+            with m.Else():
+                m.d.sync += [off.eq(need[:beat_log]), remaining.eq(remaining - lanes)]
+
+        # log shifter over the viewed beats, in steps of `grain` bytes
+        view = Cat(*window[:NV])
+        shift_bits = Cat(Const(0, exact_log2(8 * grain)), off[exact_log2(grain):])
+        aligned = (view >> shift_bits)[:8 * self._span]
+        with m.If(a_free):
+            m.d.sync += a_valid.eq(emit)
+        with m.If(emit):
+            m.d.sync += [a_bytes.eq(aligned), a_fmt.eq(fmt), a_pattern.eq(pattern),
+                         a_nblk.eq(n_blk), a_last.eq(last_blk)]
+
+        # ---- stage B: field decode into the output beat ---------------------------------
+        out = self.weights.payload
+        nxt = Signal(weight_beat_layout(lanes))
+        m.d.comb += [nxt.fmt.eq(a_fmt), nxt.pattern.eq(a_pattern), nxt.last.eq(a_last)]
+        for f, p in self._mode_switch(m, a_fmt, a_pattern):
+            bb = self._bb[(f, p)]
+            lay = block_layout(f, p)
+            for lane in range(lanes):
+                blk = lay(a_bytes[8 * bb * lane: 8 * bb * (lane + 1)])
+                lw = nxt.lanes[lane]
+                m.d.comb += self._decode_block(f, p, blk, lw)
+        for lane in range(lanes):
+            with m.If(lane >= a_nblk):       # past the matrix's final block
+                m.d.comb += nxt.lanes[lane].eq(0)
+            with m.Else():
+                m.d.comb += nxt.lanes[lane].en.eq(1)
+        m.d.comb += b_take.eq(~self.weights.valid | self.weights.ready)
+        with m.If(b_take):
+            m.d.sync += [self.weights.valid.eq(a_valid), out.eq(nxt)]
+        return m
+
+    @staticmethod
+    def _decode_block(fmt, pattern, blk, lw):
+        """Statements setting lane fields ``lw`` from block view ``blk``."""
+        stmts = [lw.d.eq(blk.d), lw.m.eq(blk.m if fmt == "q4_1" else 0)]
+
+        def code(v4):
+            # Q4_0 stores q + 8: the weight is q - 8 = the nibble with its top bit flipped,
+            # read as signed 4-bit. Q4_1 weights are the unsigned nibble.
+            return (v4 ^ 0b1000).as_signed() if fmt == "q4_0" else v4
+
+        if pattern == "dense":
+            for j in range(BLOCK_WEIGHTS):
+                if fmt == "q8_0":
+                    v = blk.qs[j].as_signed()
+                else:
+                    nib = blk.qs[j % 16]
+                    v = code(nib.lo if j < 16 else nib.hi)
+                stmts.append(lw.w[j].eq(v))
+            stmts += [lw.idx[j].eq(0) for j in range(MAX_KEPT)]
+        else:
+            K = kept_weights(pattern)
+            for j in range(BLOCK_WEIGHTS):
+                if j < K:
+                    v = blk.vals[j].as_signed() if fmt == "q8_0" else code(blk.vals[j])
+                else:
+                    v = 0
+                stmts.append(lw.w[j].eq(v))
+            stmts += [lw.idx[j].eq(blk.idx[j] if j < K else 0) for j in range(MAX_KEPT)]
+        return stmts
+
+
+def units(config) -> dict:
+    """The weight decoder of an accelerator configuration (one per chain)."""
+    return {"decoder": Decoder(lanes=config.block_lanes_per_chain, data_width=config.hbm.data_width,
+                               formats=config.weight_formats, patterns=config.sparsity)}

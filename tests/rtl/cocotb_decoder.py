@@ -1,0 +1,314 @@
+"""cocotb tests of the weight decoder (hw/decoder.py) against compiler.quant.split_blocks
+and compiler.sparse.decode_sparse, and of decoder -> chain on real GGUF blocks.
+
+Parameters from the environment (tests/rtl/test_decoder.py): ``DEC_LANES``,
+``DEC_WIDTH`` (bits per input beat), ``DEC_BLOCKS``, ``DEC_SEED``, ``DEC_REPORT``.
+"""
+
+import os
+import random
+
+import numpy as np
+
+from llmfab.boards.config import SPARSITY_PATTERNS, kept_weights
+from llmfab.compiler import quant
+from llmfab.compiler import sparse as csparse
+from llmfab.hw import chain as hwchain
+
+import cocotb_chain as cc
+
+FORMATS = cc.FORMATS
+PATTERNS = cc.PATTERNS
+
+
+def _random_mask(rng, nb, pattern):
+    """A legal keep-mask [nb*32] for pattern (N distinct positions per group of M)."""
+    if pattern == "dense":
+        return np.ones(nb * 32, bool)
+    N, M = SPARSITY_PATTERNS[pattern]
+    per = kept_weights(pattern) // (32 // M)
+    keys = rng.random((nb * 32 // M, M))
+    keep = np.argsort(keys, axis=-1)[:, :per]
+    mask = np.zeros((nb * 32 // M, M), bool)
+    np.put_along_axis(mask, keep, True, axis=-1)
+    return mask.reshape(-1)
+
+
+def random_raw_blocks(rng, fmt, nb, real=False):
+    """Raw GGUF blocks of ``fmt``: random bytes (every code and fp16 bit pattern), edge
+    blocks first (all-zero, all min codes, all max codes), or ``real``: llama.cpp's own
+    quantization (gguf package) of random rows."""
+    bb = quant.BLOCK_BYTES[fmt]
+    if real:
+        vals = rng.standard_normal((1, nb * 32)).astype(np.float32)
+        vals[0, :32] = 0.0
+        return quant.quantize_rows(fmt, vals).reshape(-1)
+    raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
+    hdr = 4 if fmt == "q4_1" else 2
+    for i, byte in enumerate((0x00, 0x00, 0xFF, 0x88, 0x80, 0x7F)):
+        if i < nb:
+            raw[i, hdr:] = byte          # zero / min / max codes (q8: 0x80 = -128, 0x7F = 127)
+            if i == 0:
+                raw[i, :] = 0            # an all-zero block
+    return raw.reshape(-1)
+
+
+def make_matrix(rng, fmt, pattern, nb, real=False):
+    """One matrix of nb blocks: (its bytes, golden per-block lane dicts).
+
+    Golden fields come from compiler.quant.split_blocks (dense) and
+    compiler.sparse.decode_sparse (sparse) -- the spec of the byte formats.
+    """
+    raw = random_raw_blocks(rng, fmt, nb, real=real)
+    if pattern == "dense":
+        data = raw.tobytes()
+        q, d, m = quant.split_blocks(fmt, raw)
+        vals = q.astype(np.int64)
+        idx = np.zeros((nb, 16), np.int64)
+    else:
+        mask = _random_mask(rng, nb, pattern)
+        if nb:
+            mask[:32] = _random_mask(rng, 1, pattern)
+        data = csparse.encode_sparse(fmt, raw, mask, pattern)
+        vals, idx, d, m = csparse.decode_sparse(fmt, data, pattern, nb)
+        vals = np.asarray(vals, np.int64)
+    d_bits = np.asarray(d, np.float16).view(np.uint16).astype(np.int64)
+    m_bits = (np.asarray(m, np.float16).view(np.uint16).astype(np.int64) if m is not None
+              else np.zeros(nb, np.int64))
+    lanes = []
+    for b in range(nb):
+        w = [int(v) for v in vals[b]] + [0] * (32 - vals.shape[1])
+        ix = ([int(v) for v in idx[b]] + [0] * 16)[:16]
+        lanes.append({"en": 1, "w": w, "idx": ix, "d": int(d_bits[b]), "m": int(m_bits[b])})
+    return data, lanes, (vals, idx, d_bits, m_bits)
+
+
+def beats_of(data: bytes, width_bits: int, rng=None):
+    """Split a matrix's bytes into beats (ints, little-endian); the tail of the final beat is
+    filled with random garbage the decoder must drop."""
+    nbyte = width_bits // 8
+    pad = (-len(data)) % nbyte
+    fill = bytes(rng.integers(0, 256, size=pad, dtype=np.uint8)) if rng is not None else bytes(pad)
+    data = bytes(data) + fill
+    return [int.from_bytes(data[i:i + nbyte], "little") for i in range(0, len(data), nbyte)]
+
+
+def expected_beats(fmt, pattern, lanes_golden, lanes):
+    """Golden output beats of one matrix (lanes per beat, tail lanes zero with en = 0)."""
+    out = []
+    zero = {"en": 0, "w": [0] * 32, "idx": [0] * 16, "d": 0, "m": 0}
+    for i in range(0, len(lanes_golden), lanes):
+        grp = lanes_golden[i:i + lanes]
+        last = int(i + lanes >= len(lanes_golden))
+        out.append({"fmt": hwchain.FORMAT_CODES[fmt].value,
+                    "pattern": hwchain.PATTERN_CODES[pattern].value,
+                    "last": last, "lanes": grp + [zero] * (lanes - len(grp))})
+    return out
+
+
+def make_program(rng, modes, n_blocks, lanes, width, max_count=64, real=False):
+    """Commands, data beats and golden output beats for >= n_blocks blocks in random matrices."""
+    cmds, beats, exp, info = [], [], [], []
+    total = 0
+    while total < n_blocks:
+        fmt, pat = modes[int(rng.integers(len(modes)))]
+        count = int(rng.integers(1, max_count + 1))
+        if rng.random() < 0.05:
+            count = 0                      # an empty command: nothing to decode
+        if count:
+            data, golden_lanes, fields = make_matrix(rng, fmt, pat, count, real=real)
+        cmds.append(cc.pack(_cmd_layout(), {"fmt": hwchain.FORMAT_CODES[fmt],
+                                            "pattern": hwchain.PATTERN_CODES[pat], "count": count}))
+        if count:
+            beats += beats_of(data, width, rng)
+            exp += expected_beats(fmt, pat, golden_lanes, lanes)
+            info.append((fmt, pat, count, fields))
+        total += count
+    return cmds, beats, exp, info
+
+
+def _cmd_layout():
+    from llmfab.hw.decoder import DecodeCommand
+    return DecodeCommand
+
+
+def check_beats(got, exp, lanes, what):
+    lay = hwchain.weight_beat_layout(lanes)
+    assert len(got) == len(exp), f"{what}: {len(got)} beats for {len(exp)} expected"
+    for k, (g, e) in enumerate(zip(got, exp)):
+        r = cc.unpack(lay, g)
+        assert r == e, f"{what}: beat {k} differs: got {r}, want {e}"
+
+
+def _env():
+    return {
+        "lanes": int(os.environ.get("DEC_LANES", "1")),
+        "width": int(os.environ.get("DEC_WIDTH", "256")),
+        "blocks": int(os.environ.get("DEC_BLOCKS", "10000")),
+        "seed": int(os.environ.get("DEC_SEED", "1")),
+        "formats": tuple(os.environ.get("DEC_FORMATS", ",".join(FORMATS)).split(",")),
+        "patterns": tuple(os.environ.get("DEC_PATTERNS", ",".join(PATTERNS)).split(",")),
+        "report": os.environ.get("DEC_REPORT"),
+    }
+
+
+import cocotb  # noqa: E402
+
+
+async def _clocked(dut, sources, sinks, monitors, want, shaper=None, limit=10_000_000):
+    from cocotb.triggers import FallingEdge, ReadOnly
+    cycle = 0
+    firsts = {}
+    while sum(len(s.items) for s in sinks) < want:
+        if shaper:
+            shaper(cycle)
+        await FallingEdge(dut.clk)
+        for s in sources:
+            s.drive()
+        for s in sinks:
+            s.drive()
+        await ReadOnly()
+        for mon in monitors:
+            mon.sample()
+        for s in sources:
+            if s.sample():
+                firsts.setdefault(id(s), cycle)
+        for s in sinks:
+            s.sample(cycle)
+        cycle += 1
+        assert cycle < limit, "timeout"
+    return cycle, firsts
+
+
+@cocotb.test()
+async def random_traffic(dut):
+    """>= DEC_BLOCKS blocks in random matrices of every mode; random gaps on cmd and data,
+    random back-pressure on the output; fields against split_blocks / decode_sparse."""
+    env = _env()
+    rng = np.random.default_rng(env["seed"])
+    prng = random.Random(env["seed"])
+    await cc.reset(dut)
+    modes = [(f, p) for f in env["formats"] for p in env["patterns"]]
+    cmds, beats, exp, info = make_program(rng, modes, env["blocks"], env["lanes"], env["width"])
+    csrc = cc.StreamSource(dut, "cmd", rng=random.Random(prng.random()))
+    dsrc = cc.StreamSource(dut, "data", rng=random.Random(prng.random()))
+    sink = cc.StreamSink(dut, "weights", rng=random.Random(prng.random()))
+    mon = cc.StreamRuleMonitor(sink)
+    csrc.items, dsrc.items = cmds, beats
+
+    def shaper(cycle):
+        if cycle % 400 == 0:
+            csrc.p_valid = prng.choice([0.3, 1.0])
+            dsrc.p_valid = prng.choice([0.2, 0.6, 1.0])
+            sink.p_ready = prng.choice([0.1, 0.5, 0.9, 1.0])
+
+    cycle, _ = await _clocked(dut, [csrc, dsrc], [sink], [mon], len(exp), shaper)
+    check_beats(sink.items, exp, env["lanes"], "random traffic")
+    nblocks = sum(i[2] for i in info)
+    dut._log.info("random traffic: %d blocks in %d matrices, %d beats in, %d out, %d cycles",
+                  nblocks, len(cmds), len(beats), len(exp), cycle)
+    cc._report({"report": env["report"]}, {"random_blocks": nblocks, "random_matrices": len(cmds),
+                                           "random_cycles": cycle})
+
+
+@cocotb.test()
+async def steady_state(dut):
+    """Data never stalls, output always ready: output beats per cycle for every mode."""
+    from llmfab.boards.config import block_bytes
+    env = _env()
+    lanes, width = env["lanes"], env["width"]
+    rng = np.random.default_rng(env["seed"] + 3)
+    await cc.reset(dut)
+    report = {}
+    for fmt in env["formats"]:
+        for pat in env["patterns"]:
+            count = 256 * lanes
+            data, golden_lanes, _ = make_matrix(rng, fmt, pat, count)
+            csrc = cc.StreamSource(dut, "cmd")
+            dsrc = cc.StreamSource(dut, "data")
+            sink = cc.StreamSink(dut, "weights")
+            csrc.items = [cc.pack(_cmd_layout(), {"fmt": hwchain.FORMAT_CODES[fmt],
+                                                  "pattern": hwchain.PATTERN_CODES[pat],
+                                                  "count": count})]
+            dsrc.items = beats_of(data, width)
+            exp = expected_beats(fmt, pat, golden_lanes, lanes)
+            cycle, firsts = await _clocked(dut, [csrc, dsrc], [sink], [], len(exp), limit=100_000)
+            check_beats(sink.items, exp, lanes, f"steady state {fmt} {pat}")
+            span = sink.cycles[-1] - sink.cycles[0]
+            cpb = span / (len(exp) - 1)
+            bb = block_bytes(fmt, pat)
+            # the decoder emits one beat per cycle unless the byte stream is slower
+            want = max(1.0, lanes * bb / (width // 8))
+            gaps = np.diff(sink.cycles)
+            if want == 1.0:
+                assert set(gaps.tolist()) == {1}, f"{fmt} {pat}: bubbles {sorted(set(gaps.tolist()))}"
+            else:
+                assert abs(cpb - want) < 0.05, f"{fmt} {pat}: {cpb:.3f} cycles/beat, want {want:.3f}"
+            latency = sink.cycles[0] - firsts[id(dsrc)]
+            report[f"{fmt} {pat}"] = {"cycles_per_beat": cpb, "blocks_per_cycle": lanes / cpb,
+                                      "bytes_per_block": bb, "latency": latency}
+            dut._log.info("steady state %s %s (%d B/block): %.3f cycles per beat, latency %d",
+                          fmt, pat, bb, cpb, latency)
+            for _ in range(3):   # drain the command's idle cycle
+                await cocotb.triggers.RisingEdge(dut.clk)
+    cc._report({"report": env["report"]}, {"steady_state": report})
+
+
+@cocotb.test()
+async def decode_chain(dut):
+    """decoder -> chain: bytes of real GGUF blocks (llama.cpp's quantizer) and real int8
+    activations (sim.numerics.quantize_act) in, isums out, against block_isum / sparse_isum."""
+    from llmfab.sim import numerics
+    env = _env()
+    lanes, width = env["lanes"], env["width"]
+    rng = np.random.default_rng(env["seed"] + 11)
+    prng = random.Random(env["seed"] + 11)
+    await cc.reset(dut)
+    modes = [(f, p) for f in env["formats"] for p in env["patterns"]]
+    cmds, beats, _, info = make_program(rng, modes, env["blocks"], lanes, width, real=True)
+    act_items, exp = [], []
+    rl = hwchain.result_beat_layout(lanes)
+    for fmt, pat, count, (vals, idx, d_bits, m_bits) in info:
+        x = rng.standard_normal((count, 32)).astype(np.float32) * rng.uniform(0.01, 10.0)
+        qx, _, _ = numerics.quantize_act(x.reshape(-1))
+        qx = qx.astype(np.int64)
+        if count > 2:
+            qx[0] = 127
+            qx[1] = -127
+        if pat == "dense":
+            isum = numerics.block_isum(vals, qx)
+            sumq = qx.sum(-1)
+        else:
+            isum, sumq = numerics.sparse_isum(vals, idx, qx, SPARSITY_PATTERNS[pat][1])
+        for b0 in range(0, count, lanes):
+            n = min(lanes, count - b0)
+            act_items.append(cc.pack(hwchain.act_beat_layout(lanes),
+                                     [[int(v) for v in qx[b0 + i]] if i < n else [0] * 32
+                                      for i in range(lanes)]))
+            exp.append({"fmt": hwchain.FORMAT_CODES[fmt].value, "last": int(b0 + lanes >= count),
+                        "lanes": [{"en": 1, "isum": int(isum[b0 + i]), "sumq": int(sumq[b0 + i]),
+                                   "d": int(d_bits[b0 + i]), "m": int(m_bits[b0 + i])}
+                                  if i < n else {"en": 0, "isum": 0, "sumq": 0, "d": 0, "m": 0}
+                                  for i in range(lanes)]})
+    csrc = cc.StreamSource(dut, "cmd", rng=random.Random(prng.random()))
+    dsrc = cc.StreamSource(dut, "data", rng=random.Random(prng.random()))
+    asrc = cc.StreamSource(dut, "acts", rng=random.Random(prng.random()))
+    sink = cc.StreamSink(dut, "results", rng=random.Random(prng.random()))
+    mon = cc.StreamRuleMonitor(sink)
+    csrc.items, dsrc.items, asrc.items = cmds, beats, act_items
+
+    def shaper(cycle):
+        if cycle % 300 == 0:
+            dsrc.p_valid = prng.choice([0.5, 1.0])
+            asrc.p_valid = prng.choice([0.5, 1.0])
+            sink.p_ready = prng.choice([0.3, 0.9, 1.0])
+
+    cycle, _ = await _clocked(dut, [csrc, dsrc, asrc], [sink], [mon], len(exp), shaper)
+    assert len(sink.items) == len(exp)
+    for k, (g, e) in enumerate(zip(sink.items, exp)):
+        r = cc.unpack(rl, g)
+        assert r == e, f"decode -> chain: beat {k} differs: got {r}, want {e}"
+    nblocks = sum(i[2] for i in info)
+    dut._log.info("decode -> chain: %d real GGUF blocks in %d matrices, %d cycles",
+                  nblocks, len(info), cycle)
+    cc._report({"report": env["report"]}, {"chained_blocks": nblocks, "chained_cycles": cycle})
