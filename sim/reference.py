@@ -6,9 +6,21 @@ defines it -- RMSNorm, RoPE on adjacent pairs (GGUF convention), grouped-query
 attention over a KV cache, SwiGLU, tied or separate output projection.
 
 With ``llamacpp_rounding`` (the default) it also rounds where llama.cpp's CPU
-path rounds: activations entering a quantized matmul become Q8 blocks
-(llama.cpp's ``vec_dot_type``), and the KV cache holds fp16. Without it the
-forward pass is float32 throughout.
+path (no flash attention) rounds:
+
+* activations entering a Q4_0/Q8_0 matrix become Q8_0 blocks, and those
+  entering a Q4_1 matrix Q8_1 blocks (llama.cpp's ``vec_dot_type``): per 32
+  values ``d = amax/127`` kept as fp16, ``q = round-half-even(x * 127/amax)``;
+  Q8_1 also carries ``s = fp16(d * sum(q))``, which multiplies the Q4_1
+  minimums (``sum_b m_b * s_b``), so the dot is ``sum(q_w d_w * q_a d_a) + sum(m s)``;
+* activations entering an F16 matrix become fp16;
+* the KV cache holds fp16, Q is rounded to fp16 for ``K Q``, and the softmax
+  to fp16 for ``V softmax``.
+
+Each operation then agrees with llama.cpp's to the last bits of float32
+(checked against tensors dumped from llama.cpp); what remains is summation
+order, which the Q8 rounding amplifies. Without it the forward pass is float32
+throughout.
 """
 
 from __future__ import annotations
@@ -18,36 +30,60 @@ import numpy as np
 from llmfab.boards.errors import ModelError
 from llmfab.compiler.model import Model
 
-__all__ = ["ReferenceModel", "rms_norm", "rope_tables", "apply_rope"]
+__all__ = ["ReferenceModel", "rms_norm", "rope_tables", "apply_rope", "q8_round", "q8_1_round"]
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """``x * (1 / sqrt(mean(x^2) + eps)) * w`` as ggml computes it (squares summed in float64)."""
     x = x.astype(np.float32)
-    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
-    return (x / np.sqrt(ms + np.float32(eps))) * w
+    ms = (np.sum((x * x).astype(np.float64), axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(ms + np.float32(eps))
+    return (x * scale) * w
 
 
-def q8_round(x: np.ndarray) -> np.ndarray:
-    """Round activations to Q8 blocks as llama.cpp's CPU matmuls do before a quantized dot.
-
-    Per 32 elements: d = amax / 127 stored as fp16, q = round-half-away(x / d);
-    returns the float32 values fp16(d) * q.
-    """
-    shp = x.shape
+def _q8(x: np.ndarray):
+    """Q8 blocks of ``x [..., n]``: (q float32 [-1, 32], d float32 [-1, 1]) as llama.cpp's AVX2 code."""
     b = x.reshape(-1, 32).astype(np.float32)
     amax = np.max(np.abs(b), axis=1, keepdims=True)
     d = amax / np.float32(127.0)
-    inv = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, 1), 0).astype(np.float32)
-    v = b * inv
-    q = np.trunc(v + np.copysign(np.float32(0.5), v))
-    return (q * d.astype(np.float16).astype(np.float32)).reshape(shp).astype(np.float32)
+    nz = amax > 0
+    inv = np.where(nz, np.float32(127.0) / np.where(nz, amax, np.float32(1.0)), np.float32(0.0))
+    q = np.rint(b * inv.astype(np.float32))
+    return q, d
+
+
+def q8_round(x: np.ndarray) -> np.ndarray:
+    """Round activations to Q8_0 blocks as llama.cpp's CPU matmuls do before a quantized dot.
+
+    Per 32 elements: d = amax / 127 stored as fp16, q = round-half-even(x * 127 / amax);
+    returns the float32 values fp16(d) * q.
+    """
+    q, d = _q8(x)
+    return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
+
+
+def q8_1_round(x: np.ndarray):
+    """Q8_1 blocks: (values as :func:`q8_round`, ``s = fp16(d * sum(q))`` per block ``[..., n/32]``)."""
+    q, d = _q8(x)
+    vals = (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
+    s = (d[:, 0] * q.sum(axis=1)).astype(np.float16).astype(np.float32)
+    return vals, s.reshape(*x.shape[:-1], -1)
 
 
 def rope_tables(head_dim: int, base: float, positions: np.ndarray):
-    """cos/sin ``[len(positions), head_dim/2]`` for angles ``pos * base^(-2i/d)``."""
-    inv = np.power(np.float32(base), -np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))
-    ang = positions.astype(np.float32)[:, None] * inv[None, :].astype(np.float32)
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    """cos/sin ``[len(positions), head_dim/2]`` for angles ``pos * base^(-2i/d)``.
+
+    The angles are made as ggml makes them: ``theta_scale = powf(base, -2/d)``,
+    then ``theta *= theta_scale`` pair after pair, in float32.
+    """
+    e = np.float32(-2.0) / np.float32(head_dim)
+    ts = np.float32(np.float64(np.float32(base)) ** np.float64(e))
+    th = np.empty((len(positions), head_dim // 2), np.float32)
+    th[:, 0] = np.asarray(positions, dtype=np.float32)
+    for i in range(1, head_dim // 2):
+        th[:, i] = th[:, i - 1] * ts
+    t64 = th.astype(np.float64)
+    return np.cos(t64).astype(np.float32), np.sin(t64).astype(np.float32)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -62,8 +98,66 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
+# activation rounding per weight type (llama.cpp's vec_dot_type)
+_ACT = {"q4_0": "q8_0", "q8_0": "q8_0", "q4_1": "q8_1", "f16": "f16", "f32": "f32"}
+
+
+class _Proj:
+    """One or more weight matrices sharing an input (Q, K, V; gate, up), float32 ``[in, out]``.
+
+    Q4_1 matrices keep their two parts apart, ``W = q * d`` and the per-block
+    minimums ``M [in/32, out]``, so that ``x @ W + s @ M`` can use Q8_1's ``s``
+    as llama.cpp does. Consecutive matrices of one activation type are fused.
+    """
+
+    def __init__(self, tensors):
+        from llmfab.compiler import quant
+        groups = []
+        for t in tensors:
+            act = _ACT[t.qtype]
+            if t.qtype == "q4_1":
+                q, d, m = quant.split_blocks("q4_1", t.data)
+                w = (q.astype(np.float32) * d.astype(np.float32)[..., None]).reshape(t.shape).T
+                mins = m.astype(np.float32).T                              # [in/32, out]
+            else:
+                w, mins = t.dequantize().T, None
+            if groups and groups[-1][0] == act:
+                _, ws, ms = groups[-1]
+                ws.append(w)
+                ms.append(mins)
+            else:
+                groups.append((act, [w], [mins]))
+        self.parts = []
+        for act, ws, ms in groups:
+            W = np.ascontiguousarray(np.concatenate(ws, axis=1), dtype=np.float32)
+            M = None
+            if any(m is not None for m in ms):
+                M = np.ascontiguousarray(np.concatenate(
+                    [m if m is not None else np.zeros((W.shape[0] // 32, w.shape[1]), np.float32)
+                     for m, w in zip(ms, ws)], axis=1))
+            self.parts.append((act, W, M))
+        self.quantized = any(act in ("q8_0", "q8_1") for act, _, _ in self.parts)
+
+    def __call__(self, x: np.ndarray, rounding: bool) -> np.ndarray:
+        outs = []
+        for act, W, M in self.parts:
+            if not rounding or act == "f32":
+                y = x @ W
+                if M is not None:
+                    y += x.reshape(*x.shape[:-1], -1, 32).sum(axis=-1) @ M
+            elif act == "q8_0":
+                y = q8_round(x) @ W
+            elif act == "q8_1":
+                xq, s = q8_1_round(x)
+                y = xq @ W + s @ M
+            else:  # f16
+                y = x.astype(np.float16).astype(np.float32) @ W
+            outs.append(y)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
+
+
 def _dequantized(model: Model, progress: bool = False):
-    """(output norm, per-layer float32 weights, output matrix) of ``model``, made once.
+    """(output norm, per-layer weights, output projection) of ``model``, made once.
 
     Kept on the Model object, so several ReferenceModels (devices, KV-cache
     lengths, rounding modes) of one imported model share one float32 copy.
@@ -79,17 +173,18 @@ def _dequantized(model: Model, progress: bool = False):
     out_norm = model.tensor("output_norm.weight").dequantize()
     layers = []
     for i in it:
-        L = {}
-        for what in ("attn_norm", "ffn_norm"):
-            L[what] = model.layer(i, what).dequantize()
-        for what in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-            L[what] = np.ascontiguousarray(model.layer(i, what).dequantize().T)  # [in, out]
-        L["qkv"] = np.ascontiguousarray(np.concatenate([L.pop("attn_q"), L.pop("attn_k"),
-                                                        L.pop("attn_v")], axis=1))
-        L["gate_up"] = np.ascontiguousarray(np.concatenate([L.pop("ffn_gate"), L.pop("ffn_up")], axis=1))
-        layers.append(L)
-    out_w = np.ascontiguousarray(model.output.dequantize().T)  # [dim, vocab]
-    cached = (out_norm, layers, out_w)
+        def t(what):
+            return model.layer(i, what)
+        layers.append({
+            "attn_norm": t("attn_norm").dequantize(),
+            "ffn_norm": t("ffn_norm").dequantize(),
+            "qkv": _Proj([t("attn_q"), t("attn_k"), t("attn_v")]),
+            "attn_output": _Proj([t("attn_output")]),
+            "gate_up": _Proj([t("ffn_gate"), t("ffn_up")]),
+            "ffn_down": _Proj([t("ffn_down")]),
+        })
+    output = _Proj([model.output])
+    cached = (out_norm, layers, output)
     model._reference_weights = cached
     return cached
 
@@ -112,10 +207,7 @@ class ReferenceModel:
         d = self.desc = model.desc
         self.max_context = int(max_context or min(d.context_length, 2048))
         self.emb = model.tensor("token_embd.weight")
-        self.out_norm, self.layers, self.out_w = _dequantized(model, progress)
-        self.quantized = {w: model.layer(0, w).qtype not in ("f32", "f16")
-                          for w in ("attn_q", "attn_output", "ffn_gate", "ffn_down")}
-        self.quantized["output"] = model.output.qtype not in ("f32", "f16")
+        self.out_norm, self.layers, self.output = _dequantized(model, progress)
         self.reset()
 
     def reset(self) -> None:
@@ -148,17 +240,18 @@ class ReferenceModel:
         scale = np.float32(1.0 / np.sqrt(hd))
         S = self.pos + T
         mask = np.triu(np.full((T, S), -np.inf, np.float32), k=self.pos + 1)
+        rnd = self.llamacpp_rounding
         for li, L in enumerate(self.layers):
-            h = self._act(rms_norm(x, L["attn_norm"], d.rms_eps), "attn_q")
-            qkv = h @ L["qkv"]
+            qkv = L["qkv"](rms_norm(x, L["attn_norm"], d.rms_eps), rnd)
             q = qkv[:, :nq * hd].reshape(T, nq, hd)
             k = qkv[:, nq * hd:(nq + nkv) * hd].reshape(T, nkv, hd)
             v = qkv[:, (nq + nkv) * hd:].reshape(T, nkv, hd)
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
-            if self.llamacpp_rounding:   # llama.cpp keeps K and V in fp16
+            if rnd:   # llama.cpp keeps K and V in fp16, and multiplies Q by K in fp16
                 k = k.astype(np.float16).astype(np.float32)
                 v = v.astype(np.float16).astype(np.float32)
+                q = q.astype(np.float16).astype(np.float32)
             self.k_cache[li, self.pos:S] = k
             self.v_cache[li, self.pos:S] = v
             K = self.k_cache[li, :S]  # [S, nkv, hd]
@@ -169,18 +262,13 @@ class ReferenceModel:
             att = att - att.max(axis=-1, keepdims=True)
             np.exp(att, out=att)
             att /= att.sum(axis=-1, keepdims=True)
+            if rnd:   # and the softmax by V in fp16
+                att = att.astype(np.float16).astype(np.float32)
             o = np.einsum("kgts,skd->tkgd", att, V, optimize=True).reshape(T, nq * hd)
-            x = x + self._act(o, "attn_output") @ L["attn_output"]
-            h = self._act(rms_norm(x, L["ffn_norm"], d.rms_eps), "ffn_gate")
-            gu = h @ L["gate_up"]
+            x = x + L["attn_output"](o, rnd)
+            gu = L["gate_up"](rms_norm(x, L["ffn_norm"], d.rms_eps), rnd)
             gate, up = gu[:, :d.ffn_dim], gu[:, d.ffn_dim:]
             act = gate / (np.float32(1.0) + np.exp(-gate)) * up
-            x = x + self._act(act, "ffn_down") @ L["ffn_down"]
+            x = x + L["ffn_down"](act, rnd)
         self.pos = S
-        x = self._act(rms_norm(x, self.out_norm, d.rms_eps), "output")
-        return (x @ self.out_w).astype(np.float32)
-
-    def _act(self, x: np.ndarray, weight: str) -> np.ndarray:
-        if self.llamacpp_rounding and self.quantized[weight]:
-            return q8_round(x)
-        return x
+        return self.output(rms_norm(x, self.out_norm, d.rms_eps), rnd).astype(np.float32)

@@ -12,7 +12,7 @@ from llmfab.compiler.model import load_model
 from llmfab.compiler.tokenizer import Tokenizer
 from llmfab.host.runtime import open_device
 from llmfab.sim.accuracy import compare, load_llamacpp_reference
-from llmfab.sim.reference import ReferenceModel, apply_rope, q8_round, rope_tables
+from llmfab.sim.reference import ReferenceModel, apply_rope, q8_1_round, q8_round, rms_norm, rope_tables
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 with open(os.path.join(DATA, "llamacpp_greedy.json"), encoding="utf-8") as _f:
@@ -55,7 +55,8 @@ def test_enough_positions(agreement, llamacpp):
 
 
 def test_top1_agreement(agreement):
-    """Next-token top-1 agreement with llama.cpp >= 97% (measured: 575/592 = 97.1%)."""
+    """Next-token top-1 agreement with llama.cpp >= 97% (measured: 579/592 = 97.8% with one BLAS
+    thread as `make test` runs, 576/592 with two)."""
     assert agreement.top1_agreement >= 0.97, agreement
 
 
@@ -65,7 +66,7 @@ def test_confident_positions_all_agree(agreement):
 
 
 def test_median_logit_error(agreement):
-    """Median |ours - llama.cpp| over llama.cpp's top-8 ids <= 0.25 (measured: 0.13)."""
+    """Median |ours - llama.cpp| over llama.cpp's top-8 ids <= 0.25 (measured: 0.128; 0.136 with two BLAS threads)."""
     assert agreement.median_abs_err_top8 <= 0.25, agreement
     assert agreement.max_abs_err_top8 < 3.0, agreement
 
@@ -225,11 +226,43 @@ def test_rope_rotates_adjacent_pairs():
 
 
 def test_q8_round_blocks():
+    """Q8 blocks as llama.cpp's AVX2 quantize_row_q8_0/q8_1: q = round-half-even(x * 127/amax)."""
     x = np.zeros((1, 64), np.float32)
-    x[0, 0], x[0, 1], x[0, 2] = 127.0, 0.5, -63.5
+    x[0, 0], x[0, 1], x[0, 2], x[0, 3], x[0, 4] = 127.0, 0.5, -63.5, 1.5, 2.5
     x[0, 32:] = 1e-3 * np.arange(32)
     y = q8_round(x)
-    assert y[0, 0] == 127.0 and y[0, 1] == 1.0 and y[0, 2] == -64.0   # d = 1: round half away from 0
-    d2 = np.float32(np.float16(31e-3 / 127))
-    np.testing.assert_allclose(y[0, 32:], np.round(x[0, 32:] / (31e-3 / 127)) * d2, rtol=1e-6)
+    assert y[0, :5].tolist() == [127.0, 0.0, -64.0, 2.0, 2.0]        # d = 1: halves to even
+    d2 = np.float32(np.float16(np.float32(31e-3) / np.float32(127)))
+    np.testing.assert_allclose(y[0, 32:], np.rint(x[0, 32:] * np.float32(127 / 31e-3)) * d2, rtol=1e-6)
     np.testing.assert_array_equal(q8_round(np.zeros((2, 32), np.float32)), 0)
+    vals, s = q8_1_round(x)
+    np.testing.assert_array_equal(vals, y)
+    assert s.shape == (1, 2)
+    assert s[0, 0] == np.float32(np.float16(1.0 * (127 + 0 - 64 + 2 + 2)))   # fp16(d * sum(q))
+    q32 = np.rint(x[0, 32:] * np.float32(127 / 31e-3))
+    assert s[0, 1] == np.float32(np.float16(np.float32(31e-3) / np.float32(127) * q32.sum()))
+
+
+def test_rms_norm_as_ggml():
+    x = np.random.default_rng(0).standard_normal((3, 576)).astype(np.float32) * 10
+    w = np.random.default_rng(1).standard_normal(576).astype(np.float32)
+    ms = np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True)
+    np.testing.assert_allclose(rms_norm(x, w, 1e-5), x / np.sqrt(ms + 1e-5) * w, rtol=1e-5, atol=1e-6)
+
+
+def test_q4_1_dot_uses_q8_1_sums(smol):
+    """A Q4_1 projection in llama.cpp mode is sum(q_w d_w q_a d_a) + sum(m_w s_a), s_a in fp16."""
+    from llmfab.compiler import quant
+    t = smol.layer(0, "attn_k")
+    x = np.random.default_rng(2).standard_normal((2, 576)).astype(np.float32)
+    q, d, m = quant.split_blocks("q4_1", t.data)
+    xq, s = q8_1_round(x)
+    qa = xq.reshape(2, 18, 32).astype(np.float64)
+    want = (np.einsum("tbk,obk->to", qa, q.astype(np.float64) * d.astype(np.float64)[..., None])
+            + np.einsum("tb,ob->to", s.astype(np.float64), m.astype(np.float64)))
+    from llmfab.sim.reference import _Proj
+    got = _Proj([t])(x, True)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    # without rounding: the plain float32 product with the dequantized matrix
+    np.testing.assert_allclose(_Proj([t])(x, False), x @ t.dequantize().T, rtol=0,
+                               atol=1e-5 * np.abs(want).max())
