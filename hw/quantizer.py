@@ -1,8 +1,9 @@
 """Activation quantizer: fp32 blocks of 32 -> int8 q[32], fp32 d_x, int32 sumq (``nx.quantize_act``).
 
 Per block (docs/numerics.md): ``amax = max|x|``; ``d = fmul(amax, fp32(1/127))``;
-``id = fmul(recip(amax), 127)`` (0 when amax is 0); ``q = clamp(rne(fmul(x, id)),
--127, 127)``; ``sumq = sum q``. Three parts, each a stream stage:
+``id = fmul(recip(amax), 127)``, or 0 when ``d`` flushed to zero (a zero block);
+``q = clamp(rne(fmul(x, id)), -127, 127)``; ``sumq = sum q``. Three parts, each a
+stream stage:
 
 1. collect: ``lanes`` elements per beat; the running ``max|x|`` over the
    block's ``32/lanes`` beats; every beat goes into a data FIFO.
@@ -44,7 +45,7 @@ def rne_clamp127(m, t, *, name="q"):
     """``clip(rint(t), -127, 127)`` as int8 for binary32 ``t``.
 
     Round half to even; +-inf clamp to +-127; NaN gives 0 (numpy's float -> int8
-    cast of NaN on x86, which the spec reaches only when ``id`` overflows).
+    cast of NaN on x86; the quantizer never produces one for finite inputs).
     """
     t = data.View(F32, t)
     mant = Cat(t.frac, C(1, 1))
@@ -120,7 +121,8 @@ class Quantizer(wiring.Component):
         nz = p.comb(lambda a: a[0:31] != 0, amax, latency=0)
         r = recip_rsqrt_pipe(p, p.comb(lambda a, nz: Mux(nz, a, ONE), amax, nz, latency=0), 0)
         inv = p.fmul(r, F127)
-        inv = p.comb(lambda v, nz: Mux(nz, v, 0), inv, nz, latency=0)
+        # a block whose d flushes to zero (amax < 127 * 2**-126) is a zero block
+        inv = p.comb(lambda v, d: Mux(d[0:31] != 0, v, 0), inv, d, latency=0)
         sc_lat = p.stage_of(inv, d)
         sfifo = fifo.SyncFIFOBuffered(width=64, depth=4)
         m.submodules.sfifo = sfifo

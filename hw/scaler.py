@@ -12,10 +12,10 @@ every ``t``, zeros included), so every format has the same latency.
 
 A row's block values accumulate in four interleaved partials (block ``j`` of
 the row into partial ``j mod 4``, each starting at +0.0) with one 3-stage
-adder, then ``fadd(fadd(p0, p1), fadd(p2, p3))``. A partial not touched by the
-row's last group of four gets the spec's ``+0.0`` padding, which turns a
-(flushed) ``-0.0`` partial into ``+0.0``. One block per cycle in steady state;
-the whole unit stalls as one pipeline when its output is not read.
+adder, then ``fadd(fadd(p0, p1), fadd(p2, p3))``. A last, partial group adds
+nothing to the partials it does not reach (no +0.0 padding: a partial that
+flushed to -0.0 keeps its sign, as in ``nx.accum4``). One block per cycle in
+steady state; the whole unit stalls as one pipeline when its output is not read.
 """
 
 from amaranth import Array, C, Cat, Module, Mux, Signal, signed
@@ -129,12 +129,12 @@ class Scaler(wiring.Component):
                     with m.Case(k):
                         m.d.sync += parts[k].eq(acc.value)
 
-        # ---- the row's result: ((p0 + p1) + (p2 + p3)), padding partials past the last block
+        # ---- the row's result: ((p0 + p1) + (p2 + p3)); a partial the row never reached is +0.0
         def gather(res, jr, fr):
             g = []
             for k in range(4):
-                padded = Mux(fr, 0, Mux(parts[k] == NEG_ZERO, 0, parts[k]))
-                g.append(Mux(jr == k, res, Mux(jr > k, parts[k], padded)))
+                before = Mux(fr, 0, parts[k])       # partial k not reached in the last group
+                g.append(Mux(jr == k, res, before if k == 3 else Mux(jr > k, parts[k], before)))
             return tuple(g)
         g0, g1, g2, g3 = p.comb(gather, acc, p.input(j_r, s_res), p.input(first_r, s_res),
                                 latency=0)

@@ -37,6 +37,9 @@ def blocks(rng, n):
     x[3 * k + 12:3 * k + 40] = (rng.standard_normal((28, 32)) * np.float32(1e38)).astype(np.float32)
     tiny = (rng.standard_normal((40, 32)) * np.float32(1e-36)).astype(np.float32)
     x[3 * k + 40:3 * k + 80] = nx.ftz(tiny)
+    # maxima around 127 * 2**-126, where d flushes (a zero block) or not, and id overflows
+    amax = np.float32(2.0) ** rng.uniform(-126, -116, (80, 1)).astype(np.float32)
+    x[3 * k + 80:3 * k + 160] = nx.ftz((rng.uniform(-1, 1, (80, 32)) * amax).astype(np.float32))
     x = nx.ftz(x)
     return x
 

@@ -49,7 +49,8 @@ def value(fmt, isum, d, mm, dx, sumq):
 
 
 def zero_sign_rows():
-    """Rows whose partials flush to -0.0: the spec's +0.0 padding decides the result's sign."""
+    """Rows whose partials flush to -0.0: with no padding of a last, partial group they keep
+    their sign (nx.accum4), which decides the sign of a zero row sum."""
     rows = []
     d = f16_bits(np.float16(2.0 ** -14))
     dx = np.float32(2.0 ** -114)           # isum * 2**-128: 6 -> 1.5*2**-126, -7 -> -1.75*2**-126
