@@ -94,7 +94,7 @@ def recip_rsqrt_pipe(p: Pipe, a, rsqrt) -> Staged:
     or 0.5 (rsqrt), mm = m or 2m (rsqrt, odd e); twice
     ``y = fmul(y, fsub(c, fmul(h, fmul(y, s))))`` with s = 1.0, c = 2 (recip: the
     spec's ``fmul(m, y)``, as ``y * 1.0`` is exact) or s = y, c = 1.5 (rsqrt).
-    Then ldexp by -e (recip, sign restored) or -(e - odd)/2. 30 stages.
+    Then ldexp by -e (recip, sign restored) or -(e - odd)/2. 26 stages.
     A subnormal input is read as zero.
     """
     m = p.m
@@ -223,7 +223,7 @@ class Reducer(wiring.Component):
                 with m.If(drain == 0):
                     m.next = "PAD"
             with m.State("PAD"):
-                for k in range(LANES):
+                for k in range(1, LANES):            # lane 0 always holds a value
                     with m.If(k > last_lane):
                         with m.If(~multi | (acc[k] == NEG_ZERO)):
                             m.d.sync += acc[k].eq(0)
