@@ -97,6 +97,13 @@ def test_chain_u280_geometry_pysim():
     cc.check_results(got, exp, lanes, "u280 geometry")
 
 
+@pytest.mark.parametrize("config", ["ci", "u280"])
+def test_chain_verilog_lint_clean(config, tmp_path):
+    """Verilator -Wall on the generated chain is clean apart from the documented waivers."""
+    chain = units(load_config(config))["chain"]
+    assert cc.verilator_lint(to_verilog(chain, "chain"), "chain", tmp_path) == ""
+
+
 def test_units_follow_config():
     for name in ("tiny", "ci", "u280"):
         cfg = load_config(name)

@@ -1,0 +1,120 @@
+"""`llmfab hw verilog` / `llmfab hw estimate` (hw/cli.py, hw/estimate.py).
+
+Synthesis of every unit takes about 5 minutes cold (the SFU alone over 2), so the
+default suite synthesizes the chain and the decoder of the small `tiny` configuration
+through the real CLI (under a minute cold, instant when cached under sim_build/);
+the whole `ci` estimate is marked slow.
+"""
+
+import json
+
+import pytest
+
+from llmfab.boards.config import load_config
+from llmfab.host.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
+
+
+def test_hw_verilog_writes_one_file_per_unit(tmp_path, capsys):
+    from llmfab.hw.units import all_units
+    out = tmp_path / "v"
+    assert main(["hw", "verilog", "--config", "tiny", "--out", str(out)]) == 0
+    names = set(all_units(load_config("tiny")))
+    assert {"chain", "decoder"} <= names
+    for name in names:
+        text = (out / f"{name}.v").read_text()
+        assert f"module {name}(" in text
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted(str(out / f"{n}.v") for n in names)
+
+
+def test_hw_verilog_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "x"
+    f.write_text("")
+    assert main(["hw", "verilog", "--config", "tiny", "--out", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmfab: error: cannot write Verilog to") and err.count("\n") == 1
+
+
+def test_hw_unknown_config(capsys):
+    assert main(["hw", "estimate", "--config", "no-such-config"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmfab: error:") and "no-such-config" in err and err.count("\n") == 1
+
+
+@pytest.fixture
+def own_units(monkeypatch):
+    """Limit the registry to the chain and the decoder (the units this file checks)."""
+    import llmfab.hw.units as reg
+    from llmfab.hw import chain, decoder
+    monkeypatch.setattr(reg, "all_units",
+                        lambda config: {**chain.units(config), **decoder.units(config)})
+
+
+def test_hw_estimate_json_chain_on_dsp(own_units, capsys):
+    """The JSON object of `llmfab hw estimate --json` on `tiny`: the chain's multipliers are
+    DSP48E2 slices (none left to LUTs) and it does two int4 x int8 MACs per DSP."""
+    cfg = load_config("tiny")
+    assert main(["hw", "estimate", "--config", "tiny", "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out)
+    assert set(result) == {"chain", "decoder", "macs_per_dsp"}
+    for unit in ("chain", "decoder"):
+        assert {"DSP48E2", "LUT", "FF", "BRAM", "URAM"} <= set(result[unit])
+    chain = result["chain"]
+    assert chain["DSP48E2"] == cfg.mac_dsp_per_chain == 16
+    assert chain["soft_mul"] == 0
+    assert result["macs_per_dsp"] >= 1.9
+    assert result["decoder"]["DSP48E2"] == 0 and result["decoder"]["soft_mul"] == 0
+
+
+def test_chain_cells_have_no_fabric_multiplier(own_units):
+    """The synthesized chain's cell types: DSP48E2 for every product, no $mul / soft multiplier."""
+    from llmfab.hw import chain
+    from llmfab.hw.estimate import estimate
+    cfg = load_config("tiny")
+    res = estimate(cfg, units=chain.units(cfg), progress=False, cells=True)
+    cells = res["chain"]["cells"]
+    assert cells["DSP48E2"] == 16
+    # no generic or soft multiplier left ($mul, $__soft_mul, $__MUL27X18, ...): every product
+    # is a DSP48E2; the only generic cell is flatten's $scopeinfo bookkeeping
+    assert not [c for c in cells if "mul" in c.lower()], cells
+    assert not [c for c in cells if c.startswith("$") and c != "$scopeinfo"], cells
+    again = estimate(cfg, units=chain.units(cfg), progress=False)
+    assert again["chain"]["cached"] and again["chain"]["DSP48E2"] == 16
+
+
+def test_hw_estimate_table(own_units, capsys):
+    assert main(["hw", "estimate", "--config", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "| chain | 16 |" in out and "| chain x 2 | 32 |" in out and "macs_per_dsp" in out
+
+
+def test_summarize_stat_counts():
+    from llmfab.hw.estimate import summarize_stat
+    stat = {"design": {"num_cells_by_type": {
+        "DSP48E2": 3, "LUT2": 5, "LUT6": 7, "RAM32M16": 2, "SRL16E": 1, "FDRE": 10, "FDSE": 1,
+        "RAMB36E2": 1, "RAMB18E2": 1, "URAM288": 2, "CARRY8": 4}}}
+    mul = {"design": {"num_cells_by_type": {"$__soft_mul": 1, "$mul": 1}}}
+    r = summarize_stat(stat, mul)
+    assert (r["DSP48E2"], r["LUT"], r["FF"], r["BRAM"], r["URAM"]) == (3, 12 + 17, 11, 1.5, 2)
+    assert r["LUTRAM"] == 17 and r["soft_mul"] == 2 and r["CARRY"] == 4
+
+
+def test_yosys_failure_is_one_line(monkeypatch, tmp_path):
+    from llmfab.boards.errors import SimError
+    from llmfab.hw import estimate as est
+    monkeypatch.setenv("LLMFAB_SIM_BUILD", str(tmp_path))
+    with pytest.raises(SimError, match=r"yosys synth_xilinx failed for unit 'broken' .*yosys.log"):
+        est.synthesize("module broken(; endmodule\n", "broken")
+
+
+@pytest.mark.slow
+def test_hw_estimate_ci_all_units(capsys):
+    """Every unit of `ci` (about 5 minutes cold)."""
+    from llmfab.hw.units import all_units
+    assert main(["hw", "estimate", "--config", "ci", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == set(all_units(load_config("ci"))) | {"macs_per_dsp"}
+    assert result["chain"]["DSP48E2"] == 16 and result["chain"]["soft_mul"] == 0
