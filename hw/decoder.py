@@ -213,7 +213,7 @@ class Decoder(wiring.Component):
             bb = self._bb[(f, p)]
             with m.Switch(n_blk):
                 for k in range(1, lanes + 1):
-                    with m.Case(k):
+                    with (m.Case(k) if k < lanes else m.Default()):
                         m.d.comb += cut.eq(k * bb)
         need = Signal(range(beat + self._span + 1))
         m.d.comb += need.eq(off + cut)

@@ -146,6 +146,14 @@ def test_decoder_narrow_multi_lane_pysim():
     _pysim(hwdec.Decoder(lanes=2, data_width=64), 600, 4)
 
 
+@pytest.mark.parametrize("config", ["ci", "u280"])
+def test_decoder_verilog_lint_clean(config, tmp_path):
+    """Verilator -Wall on the generated decoder is clean apart from the documented waivers."""
+    import cocotb_chain as cc
+    dec = hwdec.units(load_config(config))["decoder"]
+    assert cc.verilator_lint(to_verilog(dec, "decoder"), "decoder", tmp_path) == ""
+
+
 def test_block_layouts_match_the_byte_formats():
     """The decoder's Structs are as long as compiler/sparse.py's blocks and config's sizes."""
     for fmt in quant.BLOCK_BYTES:
