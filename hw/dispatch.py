@@ -1,0 +1,298 @@
+"""Instruction fetch and the validation pass.
+
+:class:`Fetch` streams the program's 128-bit words (with their program
+counters) from HBM: every port reads the same local lines, one beat of each
+port makes one ``D``-byte line of ``D/16`` words. Per-port line buffers (the
+configuration's instruction buffer) are reserved before a burst is requested,
+so responses never block the port they share with the load engine.
+
+:class:`Validator` is ``Golden.check`` in hardware: it decodes every word in
+program order, with the run's registers, and reports the first fault --
+illegal encoding (``compiler.isa.decode``), an illegal MISC operand (QUANT or
+EMBED ``n`` not a multiple of 32, ROPE or ATTN head dimension zero or odd,
+EMBED format >= 3), an HBM range beyond ``hbm_size`` or an on-chip range
+beyond the on-chip size -- or a program without END. Words after END are not
+looked at. One word per cycle, three pipeline stages.
+"""
+
+from amaranth import C, Cat, Const, Module, Mux, ResetInserter, Signal
+from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
+
+from llmfab.compiler import isa as _isa
+from llmfab.hw.axi import BURST_BYTES, read_client_signature
+from llmfab.hw.dma import QEntry, reg_value
+from llmfab.hw.isa import (BLOCK_BYTES, QBLOCK_BYTES, SPARSE_BLOCK_BYTES, Instruction, MiscFunc,
+                           Op, StFunc, SysFunc, is_legal)
+
+__all__ = ["Fetch", "Validator", "is_end"]
+
+
+def is_end(word) -> "Value":
+    """High for a legal ``SYS END`` word."""
+    w = data.View(Instruction, word)
+    return ((w.header.op == Op.SYS) & (w.header.func == SysFunc.END) & (w.sys.rsv == 0)
+            & (word[4:8] == 0))
+
+
+class Fetch(wiring.Component):
+    """Program words from HBM, in order.
+
+    Members
+    -------
+    start : In(1)
+        Pulse: fetch ``nwords`` words from flat byte address ``base``
+        (a multiple of 16), dropping whatever was buffered.
+    stop : In(1)
+        Request no more bursts (those in flight still land).
+    base : In(64), nwords : In(32)
+    o : Out(stream.Signature(QEntry))
+    idle : Out(1)
+        No burst requested or in flight.
+    rd : Out(read_client_signature) per port
+    """
+
+    def __init__(self, *, ports: int, beat_bytes: int, buffer_bytes: int):
+        self._p, self._s = ports, beat_bytes
+        self._depth = max(4, buffer_bytes // (ports * beat_bytes))
+        super().__init__({
+            "start": In(1), "stop": In(1), "base": In(64), "nwords": In(32),
+            "o": Out(stream.Signature(QEntry)),
+            "idle": Out(1),
+            "rd": Out(read_client_signature(beat_bytes * 8)).array(ports),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        P, S = self._p, self._s
+        D = P * S
+        lgs, lgd = exact_log2(S), exact_log2(D)
+        depth = self._depth
+        bb = min(BURST_BYTES // S, 256, depth // 2)
+        bb = 1 << (bb.bit_length() - 1)
+        wpl = D // 16
+        first = Signal(64)
+        end = Signal(64)
+        pc = Signal(32)
+        widx = Signal(range(max(wpl, 2)))
+        m.d.comb += first.eq(self.base >> lgd)
+        with m.If(self.start):
+            m.d.sync += [end.eq(first + ((self.base[0:lgd] + (self.nwords << 4) + D - 1) >> lgd)),
+                         pc.eq(0), widx.eq(self.base[4:lgd] if lgd > 4 else 0)]
+        fifos = []
+        idle_p = []
+        pop = Signal()
+        for p in range(P):
+            f = ResetInserter(self.start)(fifo.SyncFIFOBuffered(width=S * 8, depth=depth))
+            m.submodules[f"lines{p}"] = f
+            fifos.append(f)
+            nxt = Signal(64, name=f"next{p}")
+            reserved = Signal(range(depth + 1), name=f"reserved{p}")
+            flying = Signal(range(depth + 1), name=f"flying{p}")
+            ar = self.rd[p].ar
+            pend = Signal(name=f"pend{p}")
+            alen = Signal(9, name=f"alen{p}")
+            room = end - nxt
+            to_bound = bb - nxt[0:exact_log2(bb)] if bb > 1 else C(1, 9)
+            blen = Signal(9, name=f"blen{p}")
+            m.d.comb += blen.eq(Mux(room < to_bound, room, to_bound))
+            inc = Signal(range(depth + 1), name=f"inc{p}")
+            with m.If(self.start):
+                m.d.sync += [nxt.eq(first), pend.eq(0)]
+            with m.Elif(~pend & ~self.stop & (nxt < end) & (reserved + blen <= depth)):
+                m.d.sync += [pend.eq(1), alen.eq(blen)]
+            m.d.comb += [ar.valid.eq(pend), ar.payload.addr.eq(nxt << lgs),
+                         ar.payload.len.eq(alen - 1)]
+            with m.If(ar.valid & ar.ready):
+                m.d.sync += [pend.eq(0), nxt.eq(nxt + alen)]
+                m.d.comb += inc.eq(alen)
+            r = self.rd[p].r
+            m.d.comb += [f.w_en.eq(r.valid), f.w_data.eq(r.payload.data), r.ready.eq(f.w_rdy),
+                         f.r_en.eq(pop)]
+            with m.If(self.start):
+                m.d.sync += reserved.eq(0)
+            with m.Else():
+                m.d.sync += reserved.eq(reserved + inc - pop)
+            m.d.sync += flying.eq(flying + inc - (r.valid & r.ready))
+            idle_p.append(~pend & (flying == 0))
+        line = Cat(f.r_data for f in fifos)
+        have = Cat(f.r_rdy for f in fifos).all()
+        o = self.o
+        m.d.comb += [o.valid.eq(have & (pc < self.nwords)),
+                     o.payload.word.eq(line.word_select(widx, 128)), o.payload.pc.eq(pc),
+                     self.idle.eq(Cat(idle_p).all())]
+        with m.If(o.valid & o.ready & ~self.start):
+            m.d.sync += pc.eq(pc + 1)
+            with m.If(widx == wpl - 1):
+                m.d.comb += pop.eq(1)
+                m.d.sync += widx.eq(0)
+            with m.Else():
+                m.d.sync += widx.eq(widx + 1)
+        return m
+
+
+def _mul(m, a, b, name):
+    s = Signal(len(a) + len(b), name=name)
+    m.d.sync += s.eq(a * b)
+    return s
+
+
+class Validator(wiring.Component):
+    """The validation pass (``Golden.check``) over the fetched program.
+
+    Members
+    -------
+    start : In(1)
+        Pulse at the start of a run (``nwords`` and the registers are stable).
+    i : In(stream.Signature(QEntry))
+    regs : In(32) x 8, hbm_size : In(64), context : In(32), nwords : In(32)
+    done : Out(1)
+        Level: the pass is over; ``status`` (0 or a fault) and ``pc`` hold.
+    status : Out(3), pc : Out(32)
+    """
+
+    def __init__(self, *, onchip_size: int, global_base: int):
+        self._size = onchip_size
+        self._gb = global_base
+        super().__init__({
+            "start": In(1),
+            "i": In(stream.Signature(QEntry)),
+            "regs": In(32).array(8), "hbm_size": In(64), "context": In(32), "nwords": In(32),
+            "done": Out(1), "status": Out(3), "pc": Out(32),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        regs = list(self.regs)
+        taking = Signal()
+        seen_end = Signal()
+        with m.If(self.start):
+            m.d.sync += [taking.eq(self.nwords != 0), seen_end.eq(0), self.done.eq(self.nwords == 0),
+                         self.status.eq(Mux(self.nwords == 0, _isa.STATUS_NO_END, 0)),
+                         self.pc.eq(0)]
+        m.d.comb += self.i.ready.eq(taking & ~seen_end & ~self.done)
+
+        # ---- stage 1: the word
+        v1 = Signal()
+        word1 = Signal(128)
+        pc1 = Signal(32)
+        m.d.sync += v1.eq(self.i.valid & self.i.ready)
+        with m.If(self.i.valid & self.i.ready):
+            m.d.sync += [word1.eq(self.i.payload.word), pc1.eq(self.i.payload.pc)]
+            with m.If(is_end(self.i.payload.word)):
+                m.d.sync += seen_end.eq(1)
+
+        # ---- stage 2: decode, register values, products
+        w = data.View(Instruction, word1)
+        op = w.header.op
+        func = w.header.func
+        v2 = Signal()
+        pc2 = Signal(32)
+        legal2 = Signal()
+        end2 = Signal()
+        op2 = Signal(4)
+        func2 = Signal(8)
+        m.d.sync += [v2.eq(v1), pc2.eq(pc1), legal2.eq(is_legal(m, word1)), end2.eq(is_end(word1)),
+                     op2.eq(op), func2.eq(func)]
+        ld = w.ld
+        rh = Signal(32)
+        hoff = Signal(28)
+        len0 = Signal(20)
+        buf = Signal(24)
+        m.d.sync += [rh.eq(reg_value(regs, ld.hreg)), hoff.eq(ld.hoff), len0.eq(ld.len),
+                     buf.eq(ld.buf)]
+        p_str = _mul(m, reg_value(regs, ld.ireg), ld.stride, "p_str")
+        p_len = _mul(m, reg_value(regs, ld.lreg), ld.lmul, "p_len")
+        mv, mm, misc = w.mv, w.mm, w.misc
+        nb = mv.cols[5:16]
+        nt = Mux(op == Op.MM, mm.ntok, 1)
+        bb_tab = Signal(6)
+        with m.Switch(Cat(mv.func[2:8], mv.func[0:2])):
+            for fi in range(3):
+                for si in range(len(SPARSE_BLOCK_BYTES[0])):
+                    with m.Case(si | (fi << 6)):
+                        m.d.comb += bb_tab.eq(SPARSE_BLOCK_BYTES[fi][si])
+        rn = _mul(m, mv.rows, nb, "rn")
+        bb2 = Signal(6)
+        ntnb = _mul(m, nt, nb, "ntnb")
+        ntrows = _mul(m, nt, mv.rows, "ntrows")
+        wb2, qsrc2, dst2 = Signal(24), Signal(24), Signal(24)
+        m.d.sync += [bb2.eq(bb_tab), wb2.eq(mv.wb), qsrc2.eq(mv.qsrc), dst2.eq(mv.dst)]
+        n2, aux2, a2, b2, mdst2 = Signal(16), Signal(16), Signal(24), Signal(24), Signal(24)
+        m.d.sync += [n2.eq(misc.n), aux2.eq(misc.aux), a2.eq(misc.a), b2.eq(misc.b),
+                     mdst2.eq(misc.dst)]
+        na = _mul(m, misc.n, misc.aux, "na")
+        sa = _mul(m, reg_value(regs, misc.reg), misc.aux, "sa")
+        ca = _mul(m, self.context, misc.aux, "ca")
+        emb_bb = Signal(6)
+        m.d.sync += emb_bb.eq(Mux(misc.aux == 0, BLOCK_BYTES[0],
+                                  Mux(misc.aux == 1, BLOCK_BYTES[1], BLOCK_BYTES[2])))
+
+        # ---- stage 3: ranges and the fault of this word
+        is_ldst = (op2 == Op.LD) | (op2 == Op.ST)
+        is_mvmm = (op2 == Op.MV) | (op2 == Op.MM)
+        is_misc = op2 == Op.MISC
+        hbm_start = Signal(64)
+        hbm_len = Signal(64)
+        m.d.comb += [hbm_start.eq(rh + (hoff << 5) + p_str), hbm_len.eq(len0 + p_len)]
+        nslots = 5
+        starts = [Signal(64, name=f"cs{k}") for k in range(nslots)]
+        lens = [Signal(64, name=f"cl{k}") for k in range(nslots)]
+        n4 = n2 << 2
+        nq = n2[5:16]
+        misc_illegal = Signal()
+
+        def slots(*pairs):
+            return [s.eq(a) for s, (a, _) in zip(starts, pairs)] + \
+                   [s.eq(b) for s, (_, b) in zip(lens, pairs)]
+
+        with m.If(is_ldst):
+            st16 = (op2 == Op.ST) & (func2 == StFunc.F16)
+            m.d.comb += slots((buf, Mux(st16, hbm_len << 1, hbm_len)))
+        with m.Elif(is_mvmm):
+            m.d.comb += slots((wb2, rn * bb2), (qsrc2, ntnb * QBLOCK_BYTES), (dst2, ntrows << 2))
+        with m.Elif(is_misc):
+            with m.Switch(func2):
+                with m.Case(MiscFunc.QUANT):
+                    m.d.comb += slots((a2, n4), (mdst2, nq * QBLOCK_BYTES))
+                    m.d.comb += misc_illegal.eq(n2[0:5] != 0)
+                with m.Case(MiscFunc.RMSNORM):
+                    m.d.comb += slots((a2, n4), (b2, n4), (mdst2, n4), (C(self._gb, 24), C(8, 4)))
+                with m.Case(MiscFunc.ROPE):
+                    m.d.comb += slots((a2, na << 2), (b2, aux2 << 2), (mdst2, na << 2))
+                    m.d.comb += misc_illegal.eq((aux2 == 0) | aux2[0])
+                with m.Case(MiscFunc.ADD, MiscFunc.MUL, MiscFunc.SILU_MUL):
+                    m.d.comb += slots((a2, n4), (b2, n4), (mdst2, n4))
+                with m.Case(MiscFunc.ATTN):
+                    m.d.comb += slots((a2, (na << 2) + (aux2 << 3)), (b2, sa << 1),
+                                      (b2 + (ca << 1), sa << 1), (mdst2, na << 2),
+                                      (C(self._gb, 24), C(8, 4)))
+                    m.d.comb += misc_illegal.eq((aux2 == 0) | aux2[0])
+                with m.Case(MiscFunc.COPY):
+                    m.d.comb += slots((a2, n4), (mdst2, n4))
+                with m.Case(MiscFunc.EMBED):
+                    m.d.comb += slots((a2, nq * emb_bb), (mdst2, n4))
+                    m.d.comb += misc_illegal.eq((n2[0:5] != 0) | (aux2 >= 3))
+        hbm_bad = is_ldst & (hbm_len != 0) & (hbm_start + hbm_len > self.hbm_size)
+        chip_bad = Cat(((lens[k] != 0) & (starts[k] + lens[k] > self._size))
+                       for k in range(nslots)).any()
+        v3 = Signal()
+        pc3 = Signal(32)
+        end3 = Signal()
+        fault3 = Signal(3)
+        m.d.sync += [v3.eq(v2), pc3.eq(pc2), end3.eq(end2 & legal2)]
+        m.d.sync += fault3.eq(Mux(~legal2 | misc_illegal, _isa.STATUS_ILLEGAL,
+                                  Mux(hbm_bad, _isa.STATUS_HBM_RANGE,
+                                      Mux(chip_bad, _isa.STATUS_BUF_RANGE, 0))))
+
+        # ---- the verdict, in program order
+        with m.If(v3 & ~self.done & ~self.start):
+            with m.If(fault3 != 0):
+                m.d.sync += [self.done.eq(1), self.status.eq(fault3), self.pc.eq(pc3)]
+            with m.Elif(end3):
+                m.d.sync += [self.done.eq(1), self.status.eq(0), self.pc.eq(pc3)]
+            with m.Elif(pc3 == self.nwords - 1):
+                m.d.sync += [self.done.eq(1), self.status.eq(_isa.STATUS_NO_END),
+                             self.pc.eq(self.nwords)]
+        return m

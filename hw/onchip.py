@@ -1,0 +1,170 @@
+"""The unified on-chip memory: one byte address space, one ``lib.memory.Memory`` per region.
+
+docs/isa.md: the activation buffer at 0, then the global, KV and weight
+buffers, each ``buffers.<name>_kib`` of the configuration. Every region is a
+memory of *lines* of ``line_bytes`` bytes (the accelerator's datapath width,
+``hbm.ports * hbm.data_width / 8``), so a line address is ``byte // line_bytes``
+and every line lies in exactly one region.
+
+Clients address lines of the whole space; the memory routes each request to
+its region and arbitrates per region and port with fixed priority:
+
+* write port: the load engine's writer, then the execution unit's writer;
+* read port A: the store engine's reader, then the execution unit's reader 0;
+* read port B: the execution unit's reader 1.
+
+A read returns its line exactly one cycle after the request's handshake (no
+back-pressure on responses: a client only asks when it can take the answer).
+A write is visible to reads issued from the cycle after its handshake.
+"""
+
+from amaranth import Cat, Module, Mux, Signal
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
+
+__all__ = ["REGIONS", "region_map", "mem_read_signature", "mem_write_signature",
+           "WriteReq", "OnChipMemory"]
+
+#: Regions of the on-chip address space, in address order (docs/isa.md).
+REGIONS = ("activation", "global", "kv", "weight")
+
+
+def region_map(config) -> list:
+    """``[(name, base byte, size bytes)]`` of the on-chip regions of a configuration."""
+    out, base = [], 0
+    for name in REGIONS:
+        size = config.buffer_bytes[name]
+        out.append((name, base, size))
+        base += size
+    return out
+
+
+def WriteReq(addr_bits: int, line_bits: int) -> data.StructLayout:
+    """A line write: line address, data, byte enables."""
+    return data.StructLayout({"addr": addr_bits, "data": line_bits, "be": line_bits // 8})
+
+
+def mem_read_signature(addr_bits: int, line_bits: int) -> wiring.Signature:
+    """A read client (client side): ``req`` line addresses out, ``rsp`` lines in one cycle later."""
+    return wiring.Signature({
+        "req": Out(stream.Signature(addr_bits)),
+        "rsp": In(stream.Signature(line_bits, always_ready=True)),
+    })
+
+
+def mem_write_signature(addr_bits: int, line_bits: int) -> wiring.Signature:
+    """A write client (client side): ``req`` (line address, data, byte enables) out."""
+    return wiring.Signature({"req": Out(stream.Signature(WriteReq(addr_bits, line_bits)))})
+
+
+class OnChipMemory(wiring.Component):
+    """The on-chip buffers as one line-addressed space with arbitrated client ports.
+
+    Parameters
+    ----------
+    regions : list of (name, base, size)
+        Byte bases and sizes (multiples of ``line_bytes``), contiguous from 0.
+    line_bytes : int
+
+    Members
+    -------
+    ld_wr, ex_wr : In(mem_write_signature)
+        Write clients, in priority order.
+    st_rd, ex_rd0 : In(mem_read_signature)
+        Clients of read port A, in priority order.
+    ex_rd1 : In(mem_read_signature)
+        The client of read port B.
+    """
+
+    def __init__(self, *, regions, line_bytes: int):
+        base = 0
+        for name, b, size in regions:
+            if b != base:
+                raise ValueError(f"Region {name} must start at {base}, not {b}")
+            if size <= 0 or size % line_bytes:
+                raise ValueError(f"Region {name} of {size} bytes is not a whole number of "
+                                 f"{line_bytes}-byte lines")
+            base += size
+        self._regions = list(regions)
+        self._line = line_bytes
+        self._lines = base // line_bytes
+        self.addr_bits = max(1, ceil_log2(self._lines))
+        lb = line_bytes * 8
+        rd = mem_read_signature(self.addr_bits, lb)
+        wr = mem_write_signature(self.addr_bits, lb)
+        super().__init__({"ld_wr": In(wr), "ex_wr": In(wr), "st_rd": In(rd), "ex_rd0": In(rd),
+                          "ex_rd1": In(rd)})
+
+    @property
+    def lines(self) -> int:
+        return self._lines
+
+    def elaborate(self, platform):
+        m = Module()
+        lb = self._line * 8
+        bounds = []
+        for name, base, size in self._regions:
+            lo, hi = base // self._line, (base + size) // self._line
+            mem = memory.Memory(shape=lb, depth=hi - lo, init=[])
+            m.submodules[f"mem_{name}"] = mem
+            bounds.append((name, lo, hi, mem))
+
+        def in_region(addr, lo, hi):
+            if len(bounds) == 1:
+                return Signal(init=1)
+            conds = []
+            if lo > 0:
+                conds.append(addr >= lo)
+            if hi < self._lines:
+                conds.append(addr < hi)
+            return Cat(*conds).all() if conds else Signal(init=1)
+
+        # ---- write port: ld_wr, then ex_wr
+        wclients = [self.ld_wr.req, self.ex_wr.req]
+        w_ready = [Signal(name=f"w_ready{i}") for i in range(len(wclients))]
+        for name, lo, hi, mem in bounds:
+            wp = mem.write_port(granularity=8)
+            taken = Signal(name=f"wtaken_{name}")
+            for i, c in enumerate(wclients):
+                hit = c.valid & in_region(c.payload.addr, lo, hi)
+                with m.If(hit & ~taken):
+                    m.d.comb += [wp.addr.eq(c.payload.addr - lo), wp.data.eq(c.payload.data),
+                                 wp.en.eq(c.payload.be), w_ready[i].eq(1)]
+                t2 = Signal(name=f"wtaken_{name}_{i}")
+                m.d.comb += t2.eq(taken | hit)
+                taken = t2
+        for c, r in zip(wclients, w_ready):
+            m.d.comb += c.ready.eq(r)
+
+        # ---- read ports: A (st_rd, ex_rd0), B (ex_rd1)
+        def read_port(clients, tag):
+            granted = [Signal(name=f"r{tag}_grant{i}") for i in range(len(clients))]
+            sel_q = [Signal(range(max(len(bounds), 2)), name=f"r{tag}_region{i}")
+                     for i in range(len(clients))]
+            ports = []
+            for ri, (name, lo, hi, mem) in enumerate(bounds):
+                rp = mem.read_port()
+                ports.append(rp)
+                taken = Signal(name=f"r{tag}taken_{name}")
+                m.d.comb += rp.en.eq(0)
+                for i, c in enumerate(clients):
+                    hit = c.req.valid & in_region(c.req.payload, lo, hi)
+                    with m.If(hit & ~taken):
+                        m.d.comb += [rp.addr.eq(c.req.payload - lo), rp.en.eq(1),
+                                     granted[i].eq(1)]
+                        m.d.sync += sel_q[i].eq(ri)
+                    t2 = Signal(name=f"r{tag}taken_{name}_{i}")
+                    m.d.comb += t2.eq(taken | hit)
+                    taken = t2
+            for i, c in enumerate(clients):
+                m.d.comb += c.req.ready.eq(granted[i])
+                m.d.sync += c.rsp.valid.eq(granted[i])
+                out = ports[0].data
+                for ri in range(1, len(ports)):
+                    out = Mux(sel_q[i] == ri, ports[ri].data, out)
+                m.d.comb += c.rsp.payload.eq(out)
+
+        read_port([self.st_rd, self.ex_rd0], "a")
+        read_port([self.ex_rd1], "b")
+        return m

@@ -1,0 +1,177 @@
+"""The simulator side of :mod:`llmfab.sim.rtl.harness` (a cocotb test module).
+
+Runs inside the Verilator process: connects back to the host over the socket
+named by ``LLMFAB_HARNESS_ADDR`` and serves requests until ``quit``. Only
+control and checking happen here: AXI4-Lite register accesses
+(cocotbext-axi), waiting for the interrupt or the watchdog, and the HBM
+memory through the C functions of ``sim/rtl/hbm_model.cpp`` (ctypes on the
+simulator executable itself, linked with ``-rdynamic``).
+"""
+
+import ctypes
+import os
+import socket
+import time
+import traceback
+
+import cocotb
+from cocotb.clock import Clock
+from cocotb.triggers import ClockCycles, First, RisingEdge, Timer
+from cocotb.utils import get_sim_time
+
+from llmfab.hw.control import (ARGS, COUNTER_MAGIC, REG_CTRL, REG_GIE, REG_IER, REG_ISR,
+                               counter_names)
+from llmfab.sim.rtl.harness import recv_msg, send_msg
+
+CLOCK_NS = int(os.environ.get("LLMFAB_CLOCK_NS", "10"))
+
+
+def _lib():
+    lib = ctypes.CDLL(None)
+    u64, i64, p = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
+    lib.hbm_init.argtypes = [u64, ctypes.c_int, u64]
+    lib.hbm_load_file.argtypes = [ctypes.c_char_p, u64]
+    lib.hbm_load_file.restype = i64
+    lib.hbm_write_bytes.argtypes = [u64, ctypes.c_char_p, u64]
+    lib.hbm_read_bytes.argtypes = [u64, p, u64]
+    lib.hbm_fill.argtypes = [u64, ctypes.c_uint8, u64]
+    lib.hbm_port_counters.argtypes = [p]
+    lib.hbm_out_of_range.restype = u64
+    return lib
+
+
+class Device:
+    """The accelerator in the simulation: clock, reset, control bus, HBM model."""
+
+    def __init__(self, dut):
+        from cocotbext.axi import AxiLiteBus, AxiLiteMaster
+        self.dut = dut
+        self.lib = _lib()
+        self.ports = 1
+        cocotb.start_soon(Clock(dut.ap_clk, CLOCK_NS, unit="ns").start())
+        self.axil = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi_control", bus_separator="__"),
+                                  dut.ap_clk, dut.ap_rst_n, reset_active_level=False)
+
+    async def reset(self):
+        self.dut.ap_rst_n.value = 0
+        await ClockCycles(self.dut.ap_clk, 8)
+        self.dut.ap_rst_n.value = 1
+        await ClockCycles(self.dut.ap_clk, 4)
+
+    def cycle(self) -> int:
+        return int(get_sim_time(unit="ns")) // CLOCK_NS
+
+    # ---- memory
+    def hbm_init(self, size, ports, stripe):
+        if self.lib.hbm_init(size, ports, stripe) != 0:
+            raise RuntimeError(f"hbm_init({size}, {ports}, {stripe}) failed")
+        self.ports = ports
+
+    def hbm_load(self, path, addr):
+        n = self.lib.hbm_load_file(str(path).encode(), addr)
+        if n < 0:
+            raise RuntimeError(f"cannot load {path} at {addr:#x} (error {n})")
+        return n
+
+    def hbm_write(self, addr, data):
+        if self.lib.hbm_write_bytes(addr, bytes(data), len(data)) != 0:
+            raise RuntimeError(f"HBM write [{addr:#x}, +{len(data)}) out of range")
+
+    def hbm_read(self, addr, n):
+        buf = ctypes.create_string_buffer(n)
+        if self.lib.hbm_read_bytes(addr, buf, n) != 0:
+            raise RuntimeError(f"HBM read [{addr:#x}, +{n}) out of range")
+        return buf.raw
+
+    def hbm_fill(self, addr, value, n):
+        if self.lib.hbm_fill(addr, value, n) != 0:
+            raise RuntimeError(f"HBM fill [{addr:#x}, +{n}) out of range")
+
+    def port_counters(self):
+        arr = (ctypes.c_uint64 * (4 * self.ports))()
+        self.lib.hbm_port_counters(arr)
+        return [dict(rd_bytes=arr[4 * p], wr_bytes=arr[4 * p + 1], rd_beats=arr[4 * p + 2],
+                     wr_beats=arr[4 * p + 3]) for p in range(self.ports)]
+
+    # ---- runs
+    async def write_args(self, args):
+        for name, value in args.items():
+            off, bits = ARGS[name]
+            await self.axil.write_dword(off, value & 0xFFFFFFFF)
+            if bits == 64:
+                await self.axil.write_dword(off + 4, (value >> 32) & 0xFFFFFFFF)
+
+    async def run(self, args, timeout_cycles):
+        names = counter_names(self.ports)
+        block = 8 * len(names)
+        t_wall = time.perf_counter()
+        self.hbm_fill(args["counters"], 0, block)
+        await self.write_args(args)
+        await self.axil.write_dword(REG_GIE, 1)
+        await self.axil.write_dword(REG_IER, 1)
+        before = self.port_counters()
+        c0 = self.cycle()
+        await self.axil.write_dword(REG_CTRL, 1)
+        irq = RisingEdge(self.dut.interrupt)
+        await First(irq, Timer(timeout_cycles * CLOCK_NS, unit="ns"))
+        c1 = self.cycle()
+        if not int(self.dut.interrupt.value):
+            await self.reset()
+            return dict(status=None, pc=-1, timed_out=True, sim_cycles=c1 - c0,
+                        wall_seconds=time.perf_counter() - t_wall)
+        after = self.port_counters()
+        ctrl = (await self.axil.read_dword(REG_CTRL))
+        await self.axil.write_dword(REG_ISR, 1)              # toggle: clears the done bit
+        raw = self.hbm_read(args["counters"], block)
+        vals = [int.from_bytes(raw[8 * i:8 * i + 8], "little") for i in range(len(names))]
+        counters = dict(zip(names, vals))
+        if counters["magic"] != COUNTER_MAGIC:
+            raise RuntimeError(f"the counter block at {args['counters']:#x} was not written "
+                               f"(ctrl {ctrl:#x})")
+        if not ctrl & 2:
+            raise RuntimeError(f"interrupt without ap_done (ctrl {ctrl:#x})")
+        ports = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
+        oob = self.lib.hbm_out_of_range()
+        if oob:
+            raise RuntimeError(f"the accelerator accessed HBM outside the model ({oob} beats)")
+        return dict(status=counters["status"], pc=counters["pc"], counters=counters,
+                    port_bytes=ports, sim_cycles=c1 - c0, timed_out=False,
+                    wall_seconds=time.perf_counter() - t_wall)
+
+
+@cocotb.test()
+async def serve(dut):
+    """Serve the host's requests until it says quit."""
+    host, port = os.environ["LLMFAB_HARNESS_ADDR"].split(":")
+    key = os.environ["LLMFAB_HARNESS_KEY"]
+    sock = socket.create_connection((host, int(port)))
+    dev = Device(dut)
+    await dev.reset()
+    while True:
+        try:
+            cmd, args = recv_msg(sock)
+        except EOFError:
+            return
+        try:
+            if cmd == "quit":
+                send_msg(sock, ("ok", None))
+                return
+            if cmd == "hello":
+                value = "llmfab" if args[0] == key else "?"
+            elif cmd == "run":
+                value = await dev.run(*args)
+            elif cmd == "hbm_init":
+                value = dev.hbm_init(*args)
+            elif cmd == "hbm_load":
+                value = dev.hbm_load(*args)
+            elif cmd == "hbm_write":
+                value = dev.hbm_write(*args)
+            elif cmd == "hbm_read":
+                value = dev.hbm_read(*args)
+            elif cmd == "hbm_fill":
+                value = dev.hbm_fill(*args)
+            else:
+                raise ValueError(f"unknown request {cmd!r}")
+            send_msg(sock, ("ok", value))
+        except Exception:
+            send_msg(sock, ("error", traceback.format_exc(limit=4)))
