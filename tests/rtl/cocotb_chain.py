@@ -142,89 +142,65 @@ def lane_value(fmt, pattern, blk, i, en=1):
     return {"en": en, "w": w, "idx": idx, "d": int(blk["d"][i]), "m": int(blk["m"][i])}
 
 
-# ---- stream drivers (local until sim/rtl/streams.py lands) --------------------------------
+# ---- stream plumbing on top of sim/rtl/streams.py ---------------------------------------
+# Payloads are packed here (pack() above handles data.Struct classes nested in arrays and
+# enum members) and handed to the shared drivers as integers.
 
-class StreamSource:
-    """Drive ``<prefix>__valid/payload``: random gaps, hold until ``ready``."""
-
-    def __init__(self, dut, prefix, p_valid=1.0, rng=None):
-        self.valid = getattr(dut, f"{prefix}__valid")
-        self.ready = getattr(dut, f"{prefix}__ready")
-        self.payload = getattr(dut, f"{prefix}__payload")
-        self.p_valid = p_valid
-        self.rng = rng or random.Random(0)
-        self.items = []
-        self.pos = 0
-        self.shown = False
-        self.valid.value = 0
-
-    def drive(self):
-        """Call once per cycle after the falling edge: present (or keep) an item."""
-        if not self.shown:
-            self.valid.value = 0
-        if not self.shown and self.pos < len(self.items) and self.rng.random() < self.p_valid:
-            self.payload.value = self.items[self.pos]
-            self.valid.value = 1
-            self.shown = True
-
-    def sample(self):
-        """Call in ReadOnly: note a transfer at the coming rising edge."""
-        if self.shown and int(self.ready.value):
-            self.pos += 1
-            self.shown = False     # valid drops at the next drive phase
-            return True
-        return False
-
-    @property
-    def done(self):
-        return self.pos >= len(self.items)
+PERIOD_NS = 10
 
 
-class StreamSink:
-    """Drive ``<prefix>__ready`` randomly, collect payloads with the cycle of transfer."""
-
-    def __init__(self, dut, prefix, p_ready=1.0, rng=None):
-        self.valid = getattr(dut, f"{prefix}__valid")
-        self.ready = getattr(dut, f"{prefix}__ready")
-        self.payload = getattr(dut, f"{prefix}__payload")
-        self.p_ready = p_ready
-        self.rng = rng or random.Random(1)
-        self.items = []
-        self.cycles = []
-        self.ready.value = 0
-        self._r = 0
-
-    def drive(self):
-        self._r = 1 if self.rng.random() < self.p_ready else 0
-        self.ready.value = self._r
-
-    def sample(self, cycle):
-        if self._r and int(self.valid.value):
-            self.items.append(self.payload.value.to_unsigned())
-            self.cycles.append(cycle)
-            return True
-        return False
+def cycles(ns) -> int:
+    return int(round(ns / PERIOD_NS))
 
 
-async def run_streams(dut, sources, sinks, expect: int, timeout: int = 10_000_000):
-    """Clock sources and sinks until ``expect`` items reached the sinks in total."""
-    from cocotb.triggers import FallingEdge, ReadOnly
-    cycle = 0
-    while sum(len(s.items) for s in sinks) < expect:
-        await FallingEdge(dut.clk)
-        for s in sources:
-            s.drive()
-        for s in sinks:
-            s.drive()
-        await ReadOnly()
-        for s in sources:
-            s.sample()
-        for s in sinks:
-            s.sample(cycle)
-        cycle += 1
-        if cycle > timeout:
-            raise AssertionError(f"timeout after {cycle} cycles")
-    return cycle
+def stream_rule_monitor(dut, prefix, errors: list):
+    """Start a coroutine asserting the stream rule on an output: once valid, valid and payload
+    hold until ready. Violations are appended to ``errors``."""
+    import cocotb
+    from cocotb.triggers import RisingEdge
+    valid = getattr(dut, f"{prefix}__valid")
+    ready = getattr(dut, f"{prefix}__ready")
+    payload = getattr(dut, f"{prefix}__payload")
+
+    async def run():
+        held = None
+        while True:
+            await RisingEdge(dut.clk)
+            v = int(valid.value)
+            p = int(payload.value) if v else None
+            if held is not None and (not v or p != held):
+                errors.append(f"{prefix}: valid dropped or payload changed before ready")
+            held = p if (v and not int(ready.value)) else None
+
+    return cocotb.start_soon(run())
+
+
+def traffic_shaper(dut, period: int, rng, sources=(), sinks=(), stalls=(0.0, 0.4, 0.8),
+                   pressures=(0.0, 0.1, 0.5, 0.9)):
+    """Start a coroutine re-drawing every source's random_stall and every sink's backpressure
+    every ``period`` cycles (traffic changes shape during a run)."""
+    import cocotb
+    from cocotb.triggers import ClockCycles
+
+    async def run():
+        while True:
+            for s in sources:
+                s.random_stall = rng.choice(stalls)
+            for s in sinks:
+                s.backpressure = rng.choice(pressures)
+            await ClockCycles(dut.clk, period)
+
+    return cocotb.start_soon(run())
+
+
+async def collect(sink, n: int, limit_cycles: int):
+    """``n`` payloads from ``sink`` (fails after ``limit_cycles``)."""
+    from cocotb.triggers import with_timeout
+
+    async def take():
+        return [await sink.recv() for _ in range(n)]
+
+    return await with_timeout(take(), limit_cycles * PERIOD_NS, "ns")
 
 
 async def reset(dut):
@@ -307,21 +283,6 @@ def check_results(got, exp, lanes, what):
     assert not bad, f"{what}: {len(bad)} of {len(exp)} beats differ, first: {bad[0]}"
 
 
-class StreamRuleMonitor:
-    """Asserts the stream rule on an output: once valid, valid and payload hold until ready."""
-
-    def __init__(self, sink):
-        self.sink = sink
-        self.held = None
-
-    def sample(self):
-        v = int(self.sink.valid.value)
-        p = self.sink.payload.value.to_unsigned() if v else None
-        if self.held is not None:
-            assert v and p == self.held, "output dropped valid or changed payload before ready"
-        self.held = p if (v and not self.sink._r) else None
-
-
 def _modes(env):
     return [(f, p) for f in env["formats"] for p in env["patterns"]]
 
@@ -333,35 +294,29 @@ import cocotb  # noqa: E402  (the helpers above are imported without a simulator
 async def random_traffic(dut):
     """>= CHAIN_BLOCKS random blocks over every mode, mode changing per beat,
     random gaps on both inputs and random back-pressure on the output."""
-    from cocotb.triggers import FallingEdge, ReadOnly
+    from cocotb.utils import get_sim_time
+    from llmfab.sim.rtl.streams import StreamSink, StreamSource
     env = _env()
     lanes = env["length"] // 32
     rng = np.random.default_rng(env["seed"])
     prng = random.Random(env["seed"])
     await reset(dut)
     w_items, x_items, exp = make_beats(rng, _modes(env), env["blocks"], lanes)
-    wsrc = StreamSource(dut, "weights", rng=random.Random(prng.random()))
-    xsrc = StreamSource(dut, "acts", rng=random.Random(prng.random()))
-    sink = StreamSink(dut, "results", rng=random.Random(prng.random()))
-    mon = StreamRuleMonitor(sink)
-    wsrc.items, xsrc.items = w_items, x_items
-    cycle = 0
-    while len(sink.items) < len(exp):
-        if cycle % 512 == 0:   # new traffic shape every 512 cycles
-            wsrc.p_valid, xsrc.p_valid = prng.choice([0.2, 0.6, 1.0]), prng.choice([0.3, 0.8, 1.0])
-            sink.p_ready = prng.choice([0.1, 0.5, 0.9, 1.0])
-        await FallingEdge(dut.clk)
-        for s in (wsrc, xsrc):
-            s.drive()
-        sink.drive()
-        await ReadOnly()
-        mon.sample()
-        wsrc.sample()
-        xsrc.sample()
-        sink.sample(cycle)
-        cycle += 1
-        assert cycle < 100 * len(exp) + 1000, "timeout"
-    check_results(sink.items, exp, lanes, "random traffic")
+    wsrc = StreamSource(dut, "weights", dut.clk, seed=prng.random())
+    xsrc = StreamSource(dut, "acts", dut.clk, seed=prng.random())
+    sink = StreamSink(dut, "results", dut.clk, seed=prng.random())
+    errors = []
+    mon = stream_rule_monitor(dut, "results", errors)
+    shaper = traffic_shaper(dut, 512, prng, (wsrc, xsrc), (sink,))
+    t0 = get_sim_time(unit="ns")
+    wsrc.extend(w_items)
+    xsrc.extend(x_items)
+    got = await collect(sink, len(exp), 100 * len(exp) + 1000)
+    cycle = cycles(get_sim_time(unit="ns") - t0)
+    for task in (mon, shaper):
+        task.cancel()
+    assert not errors, errors[0]
+    check_results(got, exp, lanes, "random traffic")
     dut._log.info("random traffic: %d blocks (%d beats) in %d cycles", len(exp) * lanes,
                   len(exp), cycle)
     _report(env, {"random_blocks": len(exp) * lanes, "random_cycles": cycle})
@@ -384,71 +339,36 @@ def _report(env, values):
 @cocotb.test()
 async def steady_state(dut):
     """Inputs never stall, output always ready: cycles per beat for every mode, no bubbles."""
-    from cocotb.triggers import FallingEdge, ReadOnly
     from llmfab.boards.config import kept_weights as kw
+    from llmfab.sim.rtl.streams import StreamSink, StreamSource
     env = _env()
     lanes = env["length"] // 32
     rng = np.random.default_rng(env["seed"] + 7)
     await reset(dut)
     report = {}
     n_beats = 64
+    wsrc = StreamSource(dut, "weights", dut.clk)
+    xsrc = StreamSource(dut, "acts", dut.clk)
+    sink = StreamSink(dut, "results", dut.clk)
     for fmt, pat in _modes(env):
         w_items, x_items, exp = make_beats(rng, [(fmt, pat)], n_beats * lanes, lanes,
                                            shuffle=False)
-        wsrc = StreamSource(dut, "weights")
-        xsrc = StreamSource(dut, "acts")
-        sink = StreamSink(dut, "results")
-        wsrc.items, xsrc.items = w_items, x_items
-        first_in = None
-        cycle = 0
-        while len(sink.items) < len(exp):
-            await FallingEdge(dut.clk)
-            for s in (wsrc, xsrc):
-                s.drive()
-            sink.drive()
-            await ReadOnly()
-            if wsrc.sample() and first_in is None:
-                first_in = cycle
-            xsrc.sample()
-            sink.sample(cycle)
-            cycle += 1
-            assert cycle < 10_000, "timeout"
-        await FallingEdge(dut.clk)
-        wsrc.valid.value = 0
-        xsrc.valid.value = 0
-        check_results(sink.items, exp, lanes, f"steady state {fmt} {pat}")
-        gaps = np.diff(sink.cycles)
+        n_in, n_out = wsrc.count, sink.count
+        wsrc.extend(w_items)
+        xsrc.extend(x_items)
+        got = await collect(sink, len(exp), 10_000)
+        check_results(got, exp, lanes, f"steady state {fmt} {pat}")
+        t_out = [cycles(t) for t in sink.times[n_out:]]
+        gaps = np.diff(t_out)
         # one operand beat (L activations) per cycle at most; fewer if the DSPs do fewer
         # products per cycle than the block has kept weights (dense Q8_0 on a packed chain)
         macs = env["length"] // 2 if env["pack"] and fmt == "q8_0" else env["length"]
         want = max(1, lanes * kw(pat) // macs)
-        cpb = (sink.cycles[-1] - sink.cycles[0]) / (len(exp) - 1)
+        cpb = (t_out[-1] - t_out[0]) / (len(exp) - 1)
         assert set(gaps.tolist()) == {want}, f"{fmt} {pat}: gaps {sorted(set(gaps.tolist()))}, want {want}"
+        latency = t_out[0] - cycles(wsrc.times[n_in])
         report[f"{fmt} {pat}"] = {"cycles_per_beat": cpb, "blocks_per_cycle": lanes / cpb,
-                                  "latency": sink.cycles[0] - first_in}
+                                  "latency": latency}
         dut._log.info("steady state %s %s: %.3f cycles per beat (%d blocks per beat), "
-                      "latency %d cycles", fmt, pat, cpb, lanes, sink.cycles[0] - first_in)
+                      "latency %d cycles", fmt, pat, cpb, lanes, latency)
     _report(env, {"steady_state": report})
-
-
-# ---- Verilator lint of generated Verilog (docs/hw-units.md lists the waivers) ---------------
-
-#: Warnings Amaranth's Verilog backend produces by construction: implicit width
-#: extension/truncation of its expressions, unused bits of struct views, the
-#: initial value it writes next to each register's always block, module names
-#: that are not file names (submodules are named ``top.sub``).
-LINT_WAIVERS = ("WIDTHEXPAND", "WIDTHTRUNC", "UNUSEDSIGNAL", "PROCASSINIT", "DECLFILENAME")
-
-
-def verilator_lint(verilog_text: str, name: str, workdir) -> str:
-    """``verilator --lint-only -Wall`` minus :data:`LINT_WAIVERS`; returns the warnings ('' if clean)."""
-    import subprocess
-    from pathlib import Path
-    from llmfab.sim.rtl.runner import verilator_env
-    root = verilator_env()
-    src = Path(workdir) / f"{name}.v"
-    src.write_text(verilog_text)
-    cmd = [os.path.join(root, "bin", "verilator"), "--lint-only", "-Wall", "--top-module", name]
-    cmd += [f"-Wno-{w}" for w in LINT_WAIVERS] + [str(src)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return "\n".join(l for l in proc.stdout.splitlines() if l.startswith("%"))

@@ -155,55 +155,33 @@ def _env():
 import cocotb  # noqa: E402
 
 
-async def _clocked(dut, sources, sinks, monitors, want, shaper=None, limit=10_000_000):
-    from cocotb.triggers import FallingEdge, ReadOnly
-    cycle = 0
-    firsts = {}
-    while sum(len(s.items) for s in sinks) < want:
-        if shaper:
-            shaper(cycle)
-        await FallingEdge(dut.clk)
-        for s in sources:
-            s.drive()
-        for s in sinks:
-            s.drive()
-        await ReadOnly()
-        for mon in monitors:
-            mon.sample()
-        for s in sources:
-            if s.sample():
-                firsts.setdefault(id(s), cycle)
-        for s in sinks:
-            s.sample(cycle)
-        cycle += 1
-        assert cycle < limit, "timeout"
-    return cycle, firsts
-
-
 @cocotb.test()
 async def random_traffic(dut):
     """>= DEC_BLOCKS blocks in random matrices of every mode; random gaps on cmd and data,
     random back-pressure on the output; fields against split_blocks / decode_sparse."""
+    from cocotb.utils import get_sim_time
+    from llmfab.sim.rtl.streams import StreamSink, StreamSource
     env = _env()
     rng = np.random.default_rng(env["seed"])
     prng = random.Random(env["seed"])
     await cc.reset(dut)
     modes = [(f, p) for f in env["formats"] for p in env["patterns"]]
     cmds, beats, exp, info = make_program(rng, modes, env["blocks"], env["lanes"], env["width"])
-    csrc = cc.StreamSource(dut, "cmd", rng=random.Random(prng.random()))
-    dsrc = cc.StreamSource(dut, "data", rng=random.Random(prng.random()))
-    sink = cc.StreamSink(dut, "weights", rng=random.Random(prng.random()))
-    mon = cc.StreamRuleMonitor(sink)
-    csrc.items, dsrc.items = cmds, beats
-
-    def shaper(cycle):
-        if cycle % 400 == 0:
-            csrc.p_valid = prng.choice([0.3, 1.0])
-            dsrc.p_valid = prng.choice([0.2, 0.6, 1.0])
-            sink.p_ready = prng.choice([0.1, 0.5, 0.9, 1.0])
-
-    cycle, _ = await _clocked(dut, [csrc, dsrc], [sink], [mon], len(exp), shaper)
-    check_beats(sink.items, exp, env["lanes"], "random traffic")
+    csrc = StreamSource(dut, "cmd", dut.clk, seed=prng.random())
+    dsrc = StreamSource(dut, "data", dut.clk, seed=prng.random())
+    sink = StreamSink(dut, "weights", dut.clk, seed=prng.random())
+    errors = []
+    mon = cc.stream_rule_monitor(dut, "weights", errors)
+    shaper = cc.traffic_shaper(dut, 400, prng, (csrc, dsrc), (sink,))
+    t0 = get_sim_time(unit="ns")
+    csrc.extend(cmds)
+    dsrc.extend(beats)
+    got = await cc.collect(sink, len(exp), 100 * len(exp) + 1000)
+    cycle = cc.cycles(get_sim_time(unit="ns") - t0)
+    for task in (mon, shaper):
+        task.cancel()
+    assert not errors, errors[0]
+    check_beats(got, exp, env["lanes"], "random traffic")
     nblocks = sum(i[2] for i in info)
     dut._log.info("random traffic: %d blocks in %d matrices, %d beats in, %d out, %d cycles",
                   nblocks, len(cmds), len(beats), len(exp), cycle)
@@ -215,42 +193,42 @@ async def random_traffic(dut):
 async def steady_state(dut):
     """Data never stalls, output always ready: output beats per cycle for every mode."""
     from llmfab.boards.config import block_bytes
+    from llmfab.sim.rtl.streams import StreamSink, StreamSource
     env = _env()
     lanes, width = env["lanes"], env["width"]
     rng = np.random.default_rng(env["seed"] + 3)
     await cc.reset(dut)
     report = {}
+    csrc = StreamSource(dut, "cmd", dut.clk)
+    dsrc = StreamSource(dut, "data", dut.clk)
+    sink = StreamSink(dut, "weights", dut.clk)
     for fmt in env["formats"]:
         for pat in env["patterns"]:
             count = 256 * lanes
             data, golden_lanes, _ = make_matrix(rng, fmt, pat, count)
-            csrc = cc.StreamSource(dut, "cmd")
-            dsrc = cc.StreamSource(dut, "data")
-            sink = cc.StreamSink(dut, "weights")
-            csrc.items = [cc.pack(_cmd_layout(), {"fmt": hwchain.FORMAT_CODES[fmt],
-                                                  "pattern": hwchain.PATTERN_CODES[pat],
-                                                  "count": count})]
-            dsrc.items = beats_of(data, width)
             exp = expected_beats(fmt, pat, golden_lanes, lanes)
-            cycle, firsts = await _clocked(dut, [csrc, dsrc], [sink], [], len(exp), limit=100_000)
-            check_beats(sink.items, exp, lanes, f"steady state {fmt} {pat}")
-            span = sink.cycles[-1] - sink.cycles[0]
-            cpb = span / (len(exp) - 1)
+            n_in, n_out = dsrc.count, sink.count
+            csrc.put(cc.pack(_cmd_layout(), {"fmt": hwchain.FORMAT_CODES[fmt],
+                                             "pattern": hwchain.PATTERN_CODES[pat],
+                                             "count": count}))
+            dsrc.extend(beats_of(data, width))
+            got = await cc.collect(sink, len(exp), 100_000)
+            check_beats(got, exp, lanes, f"steady state {fmt} {pat}")
+            t_out = [cc.cycles(t) for t in sink.times[n_out:]]
+            cpb = (t_out[-1] - t_out[0]) / (len(exp) - 1)
             bb = block_bytes(fmt, pat)
             # the decoder emits one beat per cycle unless the byte stream is slower
             want = max(1.0, lanes * bb / (width // 8))
-            gaps = np.diff(sink.cycles)
+            gaps = np.diff(t_out)
             if want == 1.0:
                 assert set(gaps.tolist()) == {1}, f"{fmt} {pat}: bubbles {sorted(set(gaps.tolist()))}"
             else:
                 assert abs(cpb - want) < 0.05, f"{fmt} {pat}: {cpb:.3f} cycles/beat, want {want:.3f}"
-            latency = sink.cycles[0] - firsts[id(dsrc)]
+            latency = t_out[0] - cc.cycles(dsrc.times[n_in])
             report[f"{fmt} {pat}"] = {"cycles_per_beat": cpb, "blocks_per_cycle": lanes / cpb,
                                       "bytes_per_block": bb, "latency": latency}
             dut._log.info("steady state %s %s (%d B/block): %.3f cycles per beat, latency %d",
                           fmt, pat, bb, cpb, latency)
-            for _ in range(3):   # drain the command's idle cycle
-                await cocotb.triggers.RisingEdge(dut.clk)
     cc._report({"report": env["report"]}, {"steady_state": report})
 
 
@@ -290,22 +268,27 @@ async def decode_chain(dut):
                                    "d": int(d_bits[b0 + i]), "m": int(m_bits[b0 + i])}
                                   if i < n else {"en": 0, "isum": 0, "sumq": 0, "d": 0, "m": 0}
                                   for i in range(lanes)]})
-    csrc = cc.StreamSource(dut, "cmd", rng=random.Random(prng.random()))
-    dsrc = cc.StreamSource(dut, "data", rng=random.Random(prng.random()))
-    asrc = cc.StreamSource(dut, "acts", rng=random.Random(prng.random()))
-    sink = cc.StreamSink(dut, "results", rng=random.Random(prng.random()))
-    mon = cc.StreamRuleMonitor(sink)
-    csrc.items, dsrc.items, asrc.items = cmds, beats, act_items
-
-    def shaper(cycle):
-        if cycle % 300 == 0:
-            dsrc.p_valid = prng.choice([0.5, 1.0])
-            asrc.p_valid = prng.choice([0.5, 1.0])
-            sink.p_ready = prng.choice([0.3, 0.9, 1.0])
-
-    cycle, _ = await _clocked(dut, [csrc, dsrc, asrc], [sink], [mon], len(exp), shaper)
-    assert len(sink.items) == len(exp)
-    for k, (g, e) in enumerate(zip(sink.items, exp)):
+    from cocotb.utils import get_sim_time
+    from llmfab.sim.rtl.streams import StreamSink, StreamSource
+    csrc = StreamSource(dut, "cmd", dut.clk, seed=prng.random())
+    dsrc = StreamSource(dut, "data", dut.clk, seed=prng.random())
+    asrc = StreamSource(dut, "acts", dut.clk, seed=prng.random())
+    sink = StreamSink(dut, "results", dut.clk, seed=prng.random())
+    errors = []
+    mon = cc.stream_rule_monitor(dut, "results", errors)
+    shaper = cc.traffic_shaper(dut, 300, prng, (dsrc, asrc), (sink,), stalls=(0.0, 0.5),
+                               pressures=(0.0, 0.1, 0.7))
+    t0 = get_sim_time(unit="ns")
+    csrc.extend(cmds)
+    dsrc.extend(beats)
+    asrc.extend(act_items)
+    got = await cc.collect(sink, len(exp), 100 * len(exp) + 1000)
+    cycle = cc.cycles(get_sim_time(unit="ns") - t0)
+    for task in (mon, shaper):
+        task.cancel()
+    assert not errors, errors[0]
+    assert len(got) == len(exp)
+    for k, (g, e) in enumerate(zip(got, exp)):
         r = cc.unpack(rl, g)
         assert r == e, f"decode -> chain: beat {k} differs: got {r}, want {e}"
     nblocks = sum(i[2] for i in info)
