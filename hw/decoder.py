@@ -11,9 +11,13 @@ block's :mod:`amaranth.lib.data` layout (:class:`Q4_0Block`, :class:`Q4_1Block`,
 :class:`Q8_0Block`, :func:`sparse_block_layout`) into a
 :func:`~llmfab.hw.chain.weight_beat_layout` beat for the chain.
 
-Control: a ``cmd`` stream sets format, sparsity pattern and block count per
-matrix (what the instruction knows). A matrix's bytes start on a beat boundary;
-after its last block the rest of that beat is dropped. The next command is taken
+Control: a ``cmd`` stream sets format, sparsity pattern, block count and blocks
+per row per matrix (what the instruction knows). A matrix's bytes start on a beat
+boundary and its rows follow each other unpadded; after its last block the rest
+of that beat is dropped. An output beat never mixes rows: a row's final beat has
+``last`` set and its lanes past the row's final block disabled (``en = 0``), so
+with ``lanes`` blocks per beat lane ``l`` carries blocks ``l, l + lanes, ...`` of
+every row (accum4's partial ``l`` when ``lanes`` is 4). The next command is taken
 the cycle after the last block left (one idle cycle between matrices).
 """
 
@@ -85,10 +89,12 @@ def block_layout(fmt: str, pattern: str) -> data.StructLayout:
 
 
 class DecodeCommand(data.Struct):
-    """One matrix: its format, sparsity pattern and number of blocks (0: nothing to do)."""
+    """One matrix: format, sparsity pattern, number of blocks (0: nothing to do) and blocks
+    per row (0: the whole command is one row). Rows follow each other without padding."""
     fmt: WeightFormat
     pattern: Sparsity
     count: unsigned(32)
+    row_blocks: unsigned(32)
 
 
 class Decoder(wiring.Component):
@@ -110,8 +116,8 @@ class Decoder(wiring.Component):
     data : In(stream.Signature(data_width))
         The matrix's bytes, little-endian, starting on a beat boundary.
     weights : Out(stream.Signature(weight_beat_layout(lanes)))
-        ``lanes`` decoded blocks per beat; ``last`` on a matrix's final beat, whose
-        lanes past the final block have ``en = 0`` and all-zero fields.
+        Up to ``lanes`` decoded blocks of one row per beat; ``last`` on a row's final
+        beat, whose lanes past the row's final block have ``en = 0`` and all-zero fields.
     """
 
     def __init__(self, *, lanes: int, data_width: int,
@@ -192,22 +198,34 @@ class Decoder(wiring.Component):
         active = Signal()
         fmt = Signal(WeightFormat)
         pattern = Signal(Sparsity)
-        remaining = Signal(32)
+        remaining = Signal(32)                   # blocks left in the command
+        row_len = Signal(32)
+        row_left = Signal(32)                    # blocks left in the current row
         m.d.comb += self.cmd.ready.eq(~active)
-        with m.If(self.cmd.valid & ~active & (self.cmd.payload.count != 0)):
-            m.d.sync += [active.eq(1), fmt.eq(self.cmd.payload.fmt),
-                         pattern.eq(self.cmd.payload.pattern),
-                         remaining.eq(self.cmd.payload.count)]
+        cmd = self.cmd.payload
+        with m.If(self.cmd.valid & ~active & (cmd.count != 0)):
+            rl = Mux(cmd.row_blocks != 0, cmd.row_blocks, cmd.count)
+            m.d.sync += [active.eq(1), fmt.eq(cmd.fmt), pattern.eq(cmd.pattern),
+                         remaining.eq(cmd.count), row_len.eq(rl), row_left.eq(rl)]
 
         # ---- beat window -------------------------------------------------------------
         window = [Signal(self._data_width, name=f"win{k}", reset_less=True) for k in range(NW)]
         count = Signal(range(NW + 1))            # beats held
         off = Signal(range(beat))                # byte offset of the next block in win0
 
-        last_blk = Signal()
-        m.d.comb += last_blk.eq(remaining <= lanes)
+        # blocks this beat: up to `lanes`, never across a row end or past the command
+        last_blk = Signal()                      # the command's final beat
+        row_end = Signal()                       # a row's final beat
+        m.d.comb += [last_blk.eq(remaining <= lanes), row_end.eq(row_left <= lanes)]
         n_blk = Signal(range(lanes + 1))
-        m.d.comb += n_blk.eq(Mux(last_blk, remaining, lanes))
+        with m.If(last_blk & (remaining <= row_left)):
+            m.d.comb += n_blk.eq(remaining)
+        with m.Elif(row_end):
+            m.d.comb += n_blk.eq(row_left)
+        with m.Else():
+            m.d.comb += n_blk.eq(lanes)
+        cmd_end = Signal()
+        m.d.comb += cmd_end.eq(remaining == n_blk)
         cut = Signal(range(self._span + 1))      # bytes taken this cycle
         for f, p in self._mode_switch(m, fmt, pattern):
             bb = self._bb[(f, p)]
@@ -234,7 +252,7 @@ class Decoder(wiring.Component):
 
         pops = Signal(range(NW + 1))
         with m.If(emit):
-            with m.If(last_blk):     # drop the rest of the matrix's final beat
+            with m.If(cmd_end):      # drop the rest of the matrix's final beat
                 m.d.comb += pops.eq((need + beat - 1) >> beat_log)
             with m.Else():
                 m.d.comb += pops.eq(need >> beat_log)
@@ -252,10 +270,11 @@ class Decoder(wiring.Component):
                 m.d.sync += window[k].eq(self.data.payload)
         m.d.sync += count.eq(base + accept)
         with m.If(emit):
-            with m.If(last_blk):
+            with m.If(cmd_end):
                 m.d.sync += [off.eq(0), active.eq(0)]
             with m.Else():
-                m.d.sync += [off.eq(need[:beat_log]), remaining.eq(remaining - lanes)]
+                m.d.sync += [off.eq(need[:beat_log]), remaining.eq(remaining - n_blk),
+                             row_left.eq(Mux(row_end, row_len, row_left - n_blk))]
 
         # log shifter over the viewed beats, in steps of `grain` bytes
         view = Cat(*window[:NV])
@@ -265,7 +284,7 @@ class Decoder(wiring.Component):
             m.d.sync += a_valid.eq(emit)
         with m.If(emit):
             m.d.sync += [a_bytes.eq(aligned), a_fmt.eq(fmt), a_pattern.eq(pattern),
-                         a_nblk.eq(n_blk), a_last.eq(last_blk)]
+                         a_nblk.eq(n_blk), a_last.eq(row_end | cmd_end)]
 
         # ---- stage B: field decode into the output beat ---------------------------------
         out = self.weights.payload

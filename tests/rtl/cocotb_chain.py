@@ -372,3 +372,26 @@ async def steady_state(dut):
         dut._log.info("steady state %s %s: %.3f cycles per beat (%d blocks per beat), "
                       "latency %d cycles", fmt, pat, cpb, lanes, latency)
     _report(env, {"steady_state": report})
+
+
+# ---- Verilator lint of generated Verilog (docs/hw-units.md lists the waivers) ---------------
+
+#: Warnings Amaranth's Verilog backend produces by construction: implicit width
+#: extension/truncation of its expressions, unused bits of struct views, the
+#: initial value it writes next to each register's always block, module names
+#: that are not file names (submodules are named ``top.sub``).
+LINT_WAIVERS = ("WIDTHEXPAND", "WIDTHTRUNC", "UNUSEDSIGNAL", "PROCASSINIT", "DECLFILENAME")
+
+
+def verilator_lint(verilog_text: str, name: str, workdir) -> str:
+    """``verilator --lint-only -Wall`` minus :data:`LINT_WAIVERS`; the warnings ('' if clean)."""
+    import subprocess
+    from pathlib import Path
+    from llmfab.sim.rtl.runner import verilator_env
+    root = verilator_env()
+    src = Path(workdir) / f"{name}.v"
+    src.write_text(verilog_text)
+    cmd = [os.path.join(root, "bin", "verilator"), "--lint-only", "-Wall", "--top-module", name]
+    cmd += [f"-Wno-{w}" for w in LINT_WAIVERS] + [str(src)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return "\n".join(line for line in proc.stdout.splitlines() if line.startswith("%"))

@@ -93,17 +93,36 @@ def beats_of(data: bytes, width_bits: int, rng=None):
     return [int.from_bytes(data[i:i + nbyte], "little") for i in range(0, len(data), nbyte)]
 
 
-def expected_beats(fmt, pattern, lanes_golden, lanes):
-    """Golden output beats of one matrix (lanes per beat, tail lanes zero with en = 0)."""
+def row_groups(count: int, row_blocks: int, lanes: int):
+    """The decoder's output beats for a command: ``(first block, blocks, last)`` each.
+
+    Rows of ``row_blocks`` (0: one row) are cut into beats of ``lanes`` blocks; a beat never
+    holds two rows; ``last`` marks a row's final beat (a short final row ends the command)."""
+    row = row_blocks or count
+    out = []
+    for r0 in range(0, count, row):
+        rn = min(row, count - r0)
+        for b in range(0, rn, lanes):
+            n = min(lanes, rn - b)
+            out.append((r0 + b, n, int(b + n == rn)))
+    return out
+
+
+def expected_beats(fmt, pattern, lanes_golden, lanes, row_blocks=0):
+    """Golden output beats of one matrix (tail lanes of a row's final beat zero, en = 0)."""
     out = []
     zero = {"en": 0, "w": [0] * 32, "idx": [0] * 16, "d": 0, "m": 0}
-    for i in range(0, len(lanes_golden), lanes):
-        grp = lanes_golden[i:i + lanes]
-        last = int(i + lanes >= len(lanes_golden))
+    for b0, n, last in row_groups(len(lanes_golden), row_blocks, lanes):
+        grp = lanes_golden[b0:b0 + n]
         out.append({"fmt": hwchain.FORMAT_CODES[fmt].value,
                     "pattern": hwchain.PATTERN_CODES[pattern].value,
-                    "last": last, "lanes": grp + [zero] * (lanes - len(grp))})
+                    "last": last, "lanes": grp + [zero] * (lanes - n)})
     return out
+
+
+def _row_blocks(rng, count, lanes):
+    """A row length for a random command: whole command, one block, lanes, or random."""
+    return int(rng.choice([0, 1, lanes, lanes + 1, int(rng.integers(1, max(count, 1) + 1))]))
 
 
 def make_program(rng, modes, n_blocks, lanes, width, max_count=64, real=False):
@@ -115,14 +134,16 @@ def make_program(rng, modes, n_blocks, lanes, width, max_count=64, real=False):
         count = int(rng.integers(1, max_count + 1))
         if rng.random() < 0.05:
             count = 0                      # an empty command: nothing to decode
+        rows = _row_blocks(rng, count, lanes)
         if count:
             data, golden_lanes, fields = make_matrix(rng, fmt, pat, count, real=real)
         cmds.append(cc.pack(_cmd_layout(), {"fmt": hwchain.FORMAT_CODES[fmt],
-                                            "pattern": hwchain.PATTERN_CODES[pat], "count": count}))
+                                            "pattern": hwchain.PATTERN_CODES[pat], "count": count,
+                                            "row_blocks": rows}))
         if count:
             beats += beats_of(data, width, rng)
-            exp += expected_beats(fmt, pat, golden_lanes, lanes)
-            info.append((fmt, pat, count, fields))
+            exp += expected_beats(fmt, pat, golden_lanes, lanes, rows)
+            info.append((fmt, pat, count, rows, fields))
         total += count
     return cmds, beats, exp, info
 
@@ -206,11 +227,11 @@ async def steady_state(dut):
         for pat in env["patterns"]:
             count = 256 * lanes
             data, golden_lanes, _ = make_matrix(rng, fmt, pat, count)
-            exp = expected_beats(fmt, pat, golden_lanes, lanes)
+            exp = expected_beats(fmt, pat, golden_lanes, lanes, 32 * lanes)
             n_in, n_out = dsrc.count, sink.count
             csrc.put(cc.pack(_cmd_layout(), {"fmt": hwchain.FORMAT_CODES[fmt],
                                              "pattern": hwchain.PATTERN_CODES[pat],
-                                             "count": count}))
+                                             "count": count, "row_blocks": 32 * lanes}))
             dsrc.extend(beats_of(data, width))
             got = await cc.collect(sink, len(exp), 100_000)
             check_beats(got, exp, lanes, f"steady state {fmt} {pat}")
@@ -246,7 +267,7 @@ async def decode_chain(dut):
     cmds, beats, _, info = make_program(rng, modes, env["blocks"], lanes, width, real=True)
     act_items, exp = [], []
     rl = hwchain.result_beat_layout(lanes)
-    for fmt, pat, count, (vals, idx, d_bits, m_bits) in info:
+    for fmt, pat, count, rows, (vals, idx, d_bits, m_bits) in info:
         x = rng.standard_normal((count, 32)).astype(np.float32) * rng.uniform(0.01, 10.0)
         qx, _, _ = numerics.quantize_act(x.reshape(-1))
         qx = qx.astype(np.int64)
@@ -258,12 +279,11 @@ async def decode_chain(dut):
             sumq = qx.sum(-1)
         else:
             isum, sumq = numerics.sparse_isum(vals, idx, qx, SPARSITY_PATTERNS[pat][1])
-        for b0 in range(0, count, lanes):
-            n = min(lanes, count - b0)
+        for b0, n, last in row_groups(count, rows, lanes):
             act_items.append(cc.pack(hwchain.act_beat_layout(lanes),
                                      [[int(v) for v in qx[b0 + i]] if i < n else [0] * 32
                                       for i in range(lanes)]))
-            exp.append({"fmt": hwchain.FORMAT_CODES[fmt].value, "last": int(b0 + lanes >= count),
+            exp.append({"fmt": hwchain.FORMAT_CODES[fmt].value, "last": last,
                         "lanes": [{"en": 1, "isum": int(isum[b0 + i]), "sumq": int(sumq[b0 + i]),
                                    "d": int(d_bits[b0 + i]), "m": int(m_bits[b0 + i])}
                                   if i < n else {"en": 0, "isum": 0, "sumq": 0, "d": 0, "m": 0}
