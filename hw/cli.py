@@ -1,8 +1,8 @@
 """``llmfab hw``: write the units' Verilog, estimate their resources.
 
 ``llmfab hw verilog --config NAME|PATH --out DIR`` writes ``DIR/<unit>.v`` for every
-unit of :func:`llmfab.hw.units.all_units` (and ``DIR/top.v`` once ``hw/top.py``
-provides ``top(config)``). ``llmfab hw estimate --config NAME|PATH [--json]`` runs
+unit of :func:`llmfab.hw.units.all_units` and ``DIR/llmfab_accel.v``, the whole
+accelerator (``hw/top.py``'s ``Accelerator``, the module sim/rtl/harness.py builds). ``llmfab hw estimate --config NAME|PATH [--json]`` runs
 :func:`llmfab.hw.estimate.estimate` and prints a table, or one JSON object.
 """
 
@@ -15,8 +15,12 @@ from llmfab.boards.errors import LlmfabError
 __all__ = ["hw_cli", "generate_verilog"]
 
 
+#: Module (and file) name of the accelerator top, as sim/rtl/harness.py builds it.
+TOP_MODULE = "llmfab_accel"
+
+
 def _top(config):
-    """The accelerator top, if hw/top.py exists: ``top(config) -> Component``."""
+    """The accelerator top (``hw/top.py``'s :class:`Accelerator`), or None before it exists."""
     import importlib
     try:
         topmod = importlib.import_module("llmfab.hw.top")
@@ -24,12 +28,12 @@ def _top(config):
         if e.name == "llmfab.hw.top":
             return None
         raise
-    make = getattr(topmod, "top", None)
+    make = getattr(topmod, "Accelerator", None)
     return make(config) if callable(make) else None
 
 
 def generate_verilog(config, out_dir) -> list:
-    """Write one ``<unit>.v`` per unit (module named after the unit) into ``out_dir``; returns paths."""
+    """Write ``<unit>.v`` per unit (module named after the unit) and the top into ``out_dir``."""
     from llmfab.hw.units import all_units
     from llmfab.sim.rtl.runner import to_verilog
     out = Path(out_dir)
@@ -38,7 +42,7 @@ def generate_verilog(config, out_dir) -> list:
     units = dict(all_units(config))
     top = _top(config)
     if top is not None:
-        units["top"] = top
+        units[TOP_MODULE] = top
     written = []
     try:
         out.mkdir(parents=True, exist_ok=True)
