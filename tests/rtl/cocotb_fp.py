@@ -197,8 +197,8 @@ async def fp_add(dut):
     outs, src, snk = await run_stream(dut, "add_i", "add_o", pays, layout=FAddOperands,
                                       stall=STALL, bp=STALL, seed=SEED)
     check("fp_add", outs, exp, (a, b, sub), log=dut._log)
-    ties = np.count_nonzero(sub == 0)
-    dut._log.info("fp_add: %d operand pairs (%d adds, %d subs)", len(a), ties, len(a) - ties)
+    n_add = np.count_nonzero(sub == 0)
+    dut._log.info("fp_add: %d operand pairs (%d adds, %d subs)", len(a), n_add, len(a) - n_add)
 
 
 @cocotb.test()
