@@ -1,9 +1,10 @@
-"""Benchmark: decode-program size, compile time and golden decode speed.
+"""Benchmark: decode- and prefill-program sizes, compile time, golden decode and prefill speed.
 
-    .venv/bin/python benchmarks/compile_decode.py [--tokens 32] [--write-docs]
+    .venv/bin/python benchmarks/compile_decode.py [--tokens 32] [--prefill-tokens 64] [--write-docs]
 
-Prints one JSON object per measurement and a Markdown table; --write-docs also
-updates the table in docs/benchmarks.md (between the BEGIN/END markers).
+Prints one JSON object per measurement and Markdown tables; --write-docs also
+updates the tables in docs/benchmarks.md (between the BEGIN/END markers
+``compile_decode`` and, when present, ``prefill``).
 """
 
 from __future__ import annotations
@@ -54,10 +55,15 @@ def bench_compile(model, cfg_name, context=None, emit_image=True):
         b = compile_model(model, cfg, context=context, emit_image=emit_image)
     dt = time.perf_counter() - t
     st = b.manifest["stats"]
+    pre = b.manifest["prefill"]
     return b, {"model": model.desc.name, "config": cfg_name, "context": b.manifest["context"],
                "decode_programs": 1, "program_bytes": len(b.program),
                "instructions": sum(st["instructions"].values()),
                "instruction_mix": st["instructions"], "weight_bytes_per_token": st["weight_bytes_per_token"],
+               "prefill_buckets": pre["buckets"],
+               "prefill_program_bytes": {str(t): len(p) for t, p in sorted(b.prefill.items())},
+               "prefill_note": pre["note"],
+               "per_token_activation_bytes": pre["per_token_activation_bytes"],
                "compile_seconds": round(dt, 2)}
 
 
@@ -78,18 +84,48 @@ def bench_golden(bundle, model, n_tokens):
             "golden_tokens_per_s": round(n_tokens / dt, 2), "golden_first_step_s": round(first, 2)}
 
 
+def bench_prefill(bundle, model, n_tokens):
+    """Golden speed over an n-token prompt: greedy prefill buckets vs the decode program
+    token by token (same logits bits, checked)."""
+    from llmfab.sim.golden_backend import GoldenDevice, split_buckets
+    cfg = load_config(bundle.manifest["config_name"])
+    toks = [504, 3575, 282, 4649, 314, 7042, 28, 9]
+    toks = (toks * (n_tokens // len(toks) + 1))[:n_tokens]
+    out = {"prefill_tokens": n_tokens, "prefill_runs": split_buckets(n_tokens, bundle.manifest["prefill"]["buckets"])}
+    res = {}
+    for name, use in (("decode", False), ("prefill", True)):
+        dev = GoldenDevice(model, cfg, bundle=bundle, prefill=use)
+        dev.forward(toks[:max(dev.buckets, default=1)])      # first runs unpack weights, build plans
+        dev.reset()
+        t = time.perf_counter()
+        res[name] = dev.forward(toks)
+        dt = time.perf_counter() - t
+        out[f"golden_{name}_tokens_per_s"] = round(n_tokens / dt, 2)
+    out["bit_identical"] = bool(np.array_equal(res["decode"].view(np.uint32), res["prefill"].view(np.uint32)))
+    out["prefill_speedup"] = round(out["golden_prefill_tokens_per_s"] / out["golden_decode_tokens_per_s"], 2)
+    return out
+
+
+def _kib(n):
+    return f"{n / 1024:.0f} KiB"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prefill-tokens", type=int, default=64)
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     rows = []
     smol = load_model()
     b, r = bench_compile(smol, "ci")
     r.update(bench_golden(b, smol, args.tokens))
+    r.update(bench_prefill(b, smol, args.prefill_tokens))
     rows.append(r)
     print(json.dumps(r))
-    _, r = bench_compile(smol, "u280")
+    b, r = bench_compile(smol, "u280")
+    r.update(bench_prefill(b, smol, args.prefill_tokens))
+    del b
     rows.append(r)
     print(json.dumps(r))
     _, r = bench_compile(shape_model(LLAMA2_7B, "q4_0"), "u280", context=4096, emit_image=False)
@@ -110,12 +146,31 @@ def main(argv=None):
                      f"{r['compile_seconds']} s{note} | {gd} |")
     md = "\n".join(table)
     print(md)
+    ptable = ["| model | config | per-token activations | prefill buckets | prefill program sizes | "
+              "golden prompt speed: decode program | prefill buckets | speedup |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sizes = ", ".join(f"{t}: {_kib(n)}" for t, n in r["prefill_program_bytes"].items()) or "-"
+        if "prefill_speedup" in r:
+            sp = (f"{r['golden_decode_tokens_per_s']} tok/s | {r['golden_prefill_tokens_per_s']} tok/s "
+                  f"({'+'.join(map(str, r['prefill_runs'][:3]))}{'...' if len(r['prefill_runs']) > 3 else ''}) | "
+                  f"{r['prefill_speedup']}x{'' if r['bit_identical'] else ' NOT BIT-IDENTICAL'}")
+        else:
+            sp = "- | - | -"
+        ptable.append(f"| {r['model']} | {r['config']} | {_kib(r['per_token_activation_bytes'])} | "
+                      f"{', '.join(map(str, r['prefill_buckets'])) or 'none'} | {sizes} | {sp} |")
+    pmd = "\n".join(ptable)
+    print(pmd)
     if args.write_docs:
         with open(DOCS) as fh:
             doc = fh.read()
-        a, b_ = "<!-- BEGIN compile_decode -->", "<!-- END compile_decode -->"
-        i, j = doc.index(a) + len(a), doc.index(b_)
-        doc = doc[:i] + "\n" + md + "\n" + doc[j:]
+        for key, text in (("compile_decode", md), ("prefill", pmd)):
+            a, b_ = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
+            if a not in doc:
+                print(f"docs/benchmarks.md has no {key} markers; table not written")
+                continue
+            i, j = doc.index(a) + len(a), doc.index(b_)
+            doc = doc[:i] + "\n" + text + "\n" + doc[j:]
         with open(DOCS, "w") as fh:
             fh.write(doc)
     return 0

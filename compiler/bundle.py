@@ -5,6 +5,7 @@ A bundle is a directory::
     manifest.json   format version, configuration hash, model description,
                     memory map, registers, program list, statistics
     program.bin     the decode program (128-bit little-endian words)
+    prefill_<T>.bin the prefill program of bucket T (manifest "programs" -> "prefill")
     hbm.bin         the initial HBM image from byte 0: weights, tables (norms,
                     constants, RoPE cos/sin), zeroed KV cache and I/O regions
                     are not stored (they start as zeros); see manifest "hbm_size"
@@ -24,7 +25,7 @@ import numpy as np
 
 from llmfab.boards.errors import BundleError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Bundle:
     hbm_image: np.ndarray                 # uint8, the initialized prefix of HBM
     path: str = ""
     extra: dict = field(default_factory=dict)
+    prefill: dict = field(default_factory=dict)     # bucket T -> program bytes
 
     @property
     def config_hash(self) -> str:
@@ -63,12 +65,14 @@ def write_bundle(bundle: Bundle, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     img = np.ascontiguousarray(bundle.hbm_image, dtype=np.uint8)
     man = dict(bundle.manifest)
-    man["files"] = {
-        "program.bin": {"bytes": len(bundle.program), "sha256": _sha(bundle.program)},
-        "hbm.bin": {"bytes": int(img.nbytes), "sha256": _sha(img.tobytes())},
-    }
-    with open(os.path.join(path, "program.bin"), "wb") as fh:
-        fh.write(bundle.program)
+    progs = {"program.bin": bundle.program}
+    for T, prog in sorted(bundle.prefill.items()):
+        progs[f"prefill_{int(T)}.bin"] = prog
+    man["files"] = {name: {"bytes": len(p), "sha256": _sha(p)} for name, p in progs.items()}
+    man["files"]["hbm.bin"] = {"bytes": int(img.nbytes), "sha256": _sha(img.tobytes())}
+    for name, prog in progs.items():
+        with open(os.path.join(path, name), "wb") as fh:
+            fh.write(prog)
     img.tofile(os.path.join(path, "hbm.bin"))
     tmp = os.path.join(path, "manifest.json.tmp")
     with open(tmp, "w") as fh:
@@ -114,7 +118,13 @@ def read_bundle(path: str, config=None, *, verify: bool = True) -> Bundle:
             if verify and _sha(b) != info["sha256"]:
                 raise BundleError(f"{fp}: corrupt (SHA-256 does not match the manifest)")
             data[name] = b
-    b = Bundle(manifest=man, program=data["program.bin"], hbm_image=data["hbm.bin"], path=path)
+    prefill = {}
+    for key, info in man.get("programs", {}).get("prefill", {}).items():
+        if info.get("file") not in data:
+            raise BundleError(f"{mpath}: corrupt manifest (prefill program {key} has no file)")
+        prefill[int(key)] = data[info["file"]]
+    b = Bundle(manifest=man, program=data["program.bin"], hbm_image=data["hbm.bin"], path=path,
+               prefill=prefill)
     if config is not None:
         b.check_config(config)
     return b

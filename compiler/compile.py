@@ -12,6 +12,14 @@ global buffer (GB). Loads for step i+1 are issued before the compute of step
 i, so loads overlap compute; dependency tokens order them (see docs/isa.md).
 During decode the activations never leave the chip: the only stores are the
 new K/V rows and the logits.
+
+Prefill programs, one per bucket T (powers of two whose T-token activations fit
+the activation buffer), run the same schedule over T tokens at positions
+R1 .. R1+T-1: MM with ntok = T streams every weight tile once per T tokens, the
+token rows come from the I/O region (staged by the host), the K/V rows of the
+T tokens are stored, a SYNC makes them visible, and ATTN reads every position
+from the cache. Their logits and KV cache are bit-identical to T decode steps
+(docs/isa.md, "Prefill programs").
 """
 
 from __future__ import annotations
@@ -213,8 +221,10 @@ def _check_device_memory(model, config, ctx, sp_of):
 
 
 def compile_model(model: Model, config, *, sparsity: str | None = None, progress: bool = False,
-                  context: int | None = None, emit_image: bool = True) -> Bundle:
-    """Compile ``model`` for ``config`` into a bundle (decode program + HBM image + manifest).
+                  context: int | None = None, emit_image: bool = True, prefill: bool = True) -> Bundle:
+    """Compile ``model`` for ``config`` into a bundle (decode and prefill programs + HBM image + manifest).
+
+    ``prefill=False`` compiles the decode program only.
 
     ``emit_image=False`` lays out the weights (sizes and addresses) without
     copying them, for program-size and compile-time studies of shape-only models.
@@ -239,8 +249,6 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     # ---- on-chip regions ------------------------------------------------------------
     bb = config.buffer_bytes
     ab_sz, gb_sz, kb_sz, wb_sz = bb["activation"], bb["global"], bb["kv"], bb["weight"]
-    AB = OnChip("activation", 0, ab_sz)
-    GB = OnChip("global", ab_sz, gb_sz)
     KB = OnChip("kv", ab_sz + gb_sz, kb_sz)
     WB = OnChip("weight", ab_sz + gb_sz + kb_sz, wb_sz)
     onchip_total = ab_sz + gb_sz + kb_sz + wb_sz
@@ -250,23 +258,36 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     dim, ffn, hd = d.dim, d.ffn_dim, d.head_dim
     nq, nkv, g = d.n_heads, d.n_kv_heads, d.gqa_group
     grp_rows = (g + 2) * hd
-    X = AB.alloc(dim * 4, "residual")
-    H = AB.alloc(max(dim, nq * hd) * 4, "normed vector")
-    QKV = AB.alloc(nkv * grp_rows * 4, "q/k/v")
-    O = AB.alloc(nq * hd * 4, "attention output")
-    G = AB.alloc(ffn * 4, "gate")
-    U = AB.alloc(ffn * 4, "up")
-    QH = AB.alloc(max(dim, nq * hd) // 32 * QBLOCK_BYTES, "quantized vector")
-    QF = AB.alloc(ffn // 32 * QBLOCK_BYTES, "quantized FFN vector")
-    CONSTS = GB.alloc(GB_CONSTS, "constants")
-    tbl_bytes = (2 * dim + hd) * 4
-    GSLOT = [GB.alloc(tbl_bytes, "layer tables"), GB.alloc(tbl_bytes, "layer tables")]
+    qkv_rows = nkv * grp_rows
+
+    def vector_layout(T):
+        """Activation (AB) and global (GB) buffers of a program over T tokens.
+
+        Every per-token vector is T vectors one after the other (token-major);
+        the decode program is T = 1.
+        """
+        AB = OnChip("activation", 0, ab_sz)
+        GB = OnChip("global", ab_sz, gb_sz)
+        L = {"T": T, "AB": AB}
+        L["X"] = AB.alloc(T * dim * 4, "residual")
+        L["H"] = AB.alloc(T * max(dim, nq * hd) * 4, "normed vector")
+        L["QKV"] = AB.alloc(T * qkv_rows * 4, "q/k/v")
+        L["O"] = AB.alloc(T * nq * hd * 4, "attention output")
+        L["G"] = AB.alloc(T * ffn * 4, "gate")
+        L["U"] = AB.alloc(T * ffn * 4, "up")
+        L["QH"] = AB.alloc(T * max(dim, nq * hd) // 32 * QBLOCK_BYTES, "quantized vector")
+        L["QF"] = AB.alloc(T * ffn // 32 * QBLOCK_BYTES, "quantized FFN vector")
+        L["vectors"] = AB.top
+        L["CONSTS"] = GB.alloc(GB_CONSTS, "constants")
+        tbl = (2 * dim + T * hd) * 4           # attn/ffn norm weights, T RoPE rows
+        L["GSLOT"] = [GB.alloc(tbl, "layer tables"), GB.alloc(tbl, "layer tables")]
+        return L
+
+    L1 = vector_layout(1)
     kv_head_bytes = ctx * hd * 2
     KSLOT = [KB.alloc(2 * kv_head_bytes, "K/V of one head"), KB.alloc(2 * kv_head_bytes, "K/V of one head")]
     wslot_bytes = (wb_sz // 2) // 64 * 64
     WSLOT = [WB.alloc(wslot_bytes, "weight tile"), WB.alloc(wslot_bytes, "weight tile")]
-    # logits slots take what is left of AB
-    left = (AB.size - _align(AB.top, 64)) // 2 // 64 * 64
 
     # ---- weights ----------------------------------------------------------------------
     def weight(name, tname):
@@ -387,14 +408,74 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     tables += rope.tobytes()
     tables += b"\0" * ((-len(tables)) % ALIGN)
 
+    # ---- prefill buckets ---------------------------------------------------------------
+    # A prefill program runs T tokens (positions R1 .. R1+T-1) with every weight tile
+    # streamed once for all of them (MM with ntok = T). Its activations are T times the
+    # decode program's; buckets are the powers of two that fit (the decode program is T = 1).
+    head_nr = head.tiles[0][1]
+    stage_rows = max((cm.tiles[0][1] for mats in layer_mats for cm in mats.values()
+                      if len(cm.tiles) > 1), default=0)
+
+    def finish_layout(L):
+        """Add the matrix-output stage (T > 1) and the two logits slots to a vector layout."""
+        T, AB = L["T"], L["AB"]
+        if T > 1 and stage_rows:
+            L["STAGE"] = AB.alloc(T * stage_rows * 4, "matrix output stage")
+        left = (AB.size - _align(AB.top, 64)) // 2 // 64 * 64
+        lt = T * head_nr * 4
+        if 2 * _align(lt, 64) > left:
+            raise FitError(f"activation buffer too small for the logits slots ({2 * lt} bytes needed)")
+        if lt >= 1 << 20 or T * hd * 4 >= 1 << 20:
+            raise FitError(f"a {T}-token logits tile or RoPE load exceeds the LD/ST length field")
+        L["LOGS"] = [AB.alloc(lt, "logits slot"), AB.alloc(lt, "logits slot")]
+        return L
+
+    layouts = {1: finish_layout(L1)}
+    per_token = L1["vectors"]
+    buckets = []
+    cap = min(int(config.max_prefill), ctx, isa.MAX_PREFILL) if prefill else 0
+    if not prefill:
+        prefill_note = "prefill programs not requested"
+    elif hd % 16:
+        prefill_note = (f"no prefill programs: head dim {hd} is not a multiple of 16 (the K/V row "
+                        f"stores of token t need 32-byte aligned offsets t*head_dim*2)")
+    elif g > isa.ATTN_HEADS_MASK:
+        prefill_note = f"no prefill programs: {g} query heads per KV head exceed the ATTN field"
+    else:
+        prefill_note = None
+        T = 2
+        while T <= cap:
+            try:
+                layouts[T] = finish_layout(vector_layout(T))
+            except FitError as e:
+                prefill_note = f"bucket {T} does not fit: {e}"
+                break
+            buckets.append(T)
+            T *= 2
+        else:
+            prefill_note = (f"buckets limited by max_prefill {config.max_prefill}, context {ctx} and "
+                            f"the ISA's {isa.MAX_PREFILL}-token limit")
+        if not buckets:
+            prefill_note = ("no prefill programs: only T=1 fits the activation buffer "
+                            f"({ab_sz} bytes; {per_token} bytes of activations per token); prompts "
+                            f"run through the decode program. {prefill_note}")
+    if prefill_note and not buckets and prefill:
+        notes.append(prefill_note)
+    max_t = max(buckets, default=1)
+
     # ---- HBM memory map ---------------------------------------------------------------
-    prog_max = 0
     WBASE = 0
     TBASE = _align(WBASE + weights_bytes)
     KVBASE = _align(TBASE + len(tables))
     kv_bytes = d.n_layers * nkv * 2 * kv_head_bytes
     IOBASE = _align(KVBASE + kv_bytes)
-    io_bytes = _align(d.vocab_size * 4 + 4096)
+    # I/O region: logits (decode: [vocab]; prefill: tile-major [tile][T][tile rows]), then
+    # the prefill token rows the host stages (raw embedding blocks, 32-byte row stride)
+    logits_bytes = max_t * d.vocab_size * 4
+    tok_stride = _align(emb.row_bytes, isa.HBM_ALIGN)
+    tok_off = _align(logits_bytes, isa.HBM_ALIGN)
+    tok_bytes = max_t * tok_stride if buckets else 0
+    io_bytes = _align(logits_bytes + tok_bytes + 4096) if buckets else _align(d.vocab_size * 4 + 4096)
     hbm_used = IOBASE + io_bytes
     board = config.board_spec
     cap = board.total_memory_bytes
@@ -404,203 +485,312 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
                        f"at context {ctx}) but board '{board.name}' has {cap / 2**30:.2f} GiB")
     if IOBASE // isa.HBM_ALIGN >= 1 << 28:
         raise CompileError("device memory map exceeds the ISA's 8 GiB offset range")
-
-    # ---- program ---------------------------------------------------------------------
-    S = Scheduler()
-    jobs = []   # each: dict(slot=(ring, idx) or None, loads=[fields...], ops=[callables])
+    if emb.row_bytes >= 1 << 16:
+        raise CompileError(f"embedding row of {emb.row_bytes} bytes exceeds the LD stride field")
+    for (r0, nr, off) in head.tiles:
+        if (r0 * 4) % isa.HBM_ALIGN:
+            raise CompileError("LM-head tile rows must start at multiples of 8")
 
     def hoff(x):
         assert x % isa.HBM_ALIGN == 0, x
         return x // isa.HBM_ALIGN
 
-    # ring state: slot -> free event (cmp2ld) of its last consumer
-    ring_free = {}
-    group_ready = {}      # group id -> ld2cmp event
-    ev = {}               # symbolic events
-
-    def load_group(gid, slot_key, lds):
-        """Emit the LDs of a group into a slot; first waits for the slot, last releases."""
-        need = {"cmp2ld": ring_free.get(slot_key)}
-        for i, f in enumerate(lds):
-            last = i == len(lds) - 1
-            e = S.emit("LD", need=need if i == 0 else None, release=["ld2cmp"] if last else (), **f)
-            if last:
-                group_ready[gid] = e["ld2cmp"]
-
-    def consume(op, gid=None, free_slot=None, need=None, release=(), tag=None, **f):
-        nd = dict(need or {})
-        if gid is not None:
-            nd["ld2cmp"] = max(nd.get("ld2cmp") or 0, group_ready[gid])
-        rel = list(release)
-        if free_slot is not None:
-            rel.append("cmp2ld")
-        e = S.emit(op, need=nd, release=rel, **f)
-        if free_slot is not None:
-            ring_free[free_slot] = e["cmp2ld"]
-        if tag:
-            ev[tag] = e
-        return e
-
-    # Work list: (loads or None, compute thunk). Loads of item i+1 are emitted before compute i.
-    work = []
-
-    def W(loads, compute):
-        work.append((loads, compute))
-
-    wslot_i = [0]
-    kslot_i = [0]
-    gslot_i = [0]
-
-    def next_slot(counter, n=2):
-        s = counter[0] % n
-        counter[0] += 1
-        return s
-
-    def matrix_work(cm, qsrc, dst, logits=None):
-        for ti, (r0, nr, off) in enumerate(cm.tiles):
-            s = next_slot(wslot_i)
-            gid = f"{cm.name}.{ti}"
-            lds = [dict(buf=WSLOT[s], hreg=isa.REG_WBASE, hoff=hoff(off), len=nr * cm.row_bytes)]
-
-            def comp(cm=cm, s=s, gid=gid, r0=r0, nr=nr, ti=ti):
-                if logits is None:
-                    consume("MV", gid=gid, free_slot=("W", s), func=isa.mv_func(cm.fmt, cm.sparsity),
-                            wb=WSLOT[s], rows=nr, cols=cm.cols, qsrc=qsrc, dst=dst + r0 * 4)
-                else:
-                    ls = ti % 2
-                    lslot = logits[ls]
-                    e = consume("MV", gid=gid, free_slot=("W", s),
-                                need={"st2cmp": ev.get(("logit_st", ls), {}).get("st2cmp")},
-                                release=["cmp2st"], func=isa.mv_func(cm.fmt, cm.sparsity),
-                                wb=WSLOT[s], rows=nr, cols=cm.cols, qsrc=qsrc, dst=lslot)
-                    e2 = S.emit("ST", need={"cmp2st": e["cmp2st"]}, release=["st2cmp"], func=isa.ST_F32,
-                                buf=lslot, hreg=isa.REG_IOBASE, hoff=hoff(r0 * 4),
-                                len=nr * 4)
-                    ev[("logit_st", ls)] = e2
-            W((gid, ("W", s), lds), comp)
-
-    # constants: loaded once
-    W(("consts", ("C", 0), [dict(buf=CONSTS, hreg=isa.REG_TBASE, hoff=hoff(t_consts), len=GB_CONSTS)]),
-      lambda: consume("MISC", gid="consts", func=isa.MISC_FUNCS["NOP"]))
-
-    # embedding row (dynamic: R7 selects the row)
-    es = next_slot(wslot_i)
-    W(("emb", ("W", es), [dict(buf=WSLOT[es], hreg=isa.REG_WBASE, hoff=hoff(emb.hbm_off),
-                               ireg=isa.REG_TOKEN, stride=emb.row_bytes,
-                               len=emb.row_bytes)]),
-      lambda: consume("MISC", gid="emb", free_slot=("W", es), func=isa.MISC_FUNCS["EMBED"], dst=X,
-                      a=WSLOT[es], n=dim, aux=isa.FMTS.index(emb.fmt)))
-    if emb.row_bytes >= 1 << 16:
-        raise CompileError(f"embedding row of {emb.row_bytes} bytes exceeds the LD stride field")
-
     F = isa.MISC_FUNCS
-    kv_st_events = []
 
-    for li in range(d.n_layers):
-        mats = layer_mats[li]
+    # ---- programs --------------------------------------------------------------------
+    def build_program(L):
+        """The instruction stream of the program over T = L["T"] tokens (T = 1: decode)."""
+        T = L["T"]
+        X, H, QKV, O, G, U, QH, QF = (L[k] for k in ("X", "H", "QKV", "O", "G", "U", "QH", "QF"))
+        CONSTS, GSLOT, LOGS, STAGE = L["CONSTS"], L["GSLOT"], L["LOGS"], L.get("STAGE")
+        S = Scheduler()
+        ring_free = {}        # slot -> free event (cmp2ld) of its last consumer
+        group_ready = {}      # group id -> ld2cmp event
+        ev = {}               # symbolic events
+
+        def load_group(gid, slot_key, lds):
+            """Emit the LDs of a group into a slot; first waits for the slot, last releases."""
+            need = {"cmp2ld": ring_free.get(slot_key)}
+            for i, f in enumerate(lds):
+                last = i == len(lds) - 1
+                e = S.emit("LD", need=need if i == 0 else None, release=["ld2cmp"] if last else (), **f)
+                if last:
+                    group_ready[gid] = e["ld2cmp"]
+
+        def consume(op, gid=None, free_slot=None, need=None, release=(), tag=None, **f):
+            nd = dict(need or {})
+            if gid is not None:
+                nd["ld2cmp"] = max(nd.get("ld2cmp") or 0, group_ready[gid])
+            rel = list(release)
+            if free_slot is not None:
+                rel.append("cmp2ld")
+            e = S.emit(op, need=nd, release=rel, **f)
+            if free_slot is not None:
+                ring_free[free_slot] = e["cmp2ld"]
+            if tag:
+                ev[tag] = e
+            return e
+
+        # Work list: (loads or None, compute thunk, barrier). Loads of item i+1 are emitted
+        # before compute i, unless item i+1 is a barrier: then compute i, SYNC, its loads.
+        work = []
+
+        def W(loads, compute, barrier=False):
+            work.append((loads, compute, barrier))
+
+        wslot_i = [0]
+        kslot_i = [0]
+        gslot_i = [0]
+
+        def next_slot(counter, n=2):
+            s = counter[0] % n
+            counter[0] += 1
+            return s
+
+        def each_token(fn, gid=None, free_slot=None, need=None):
+            """fn(t, kwargs) for t < T: the first waits for gid/need, the last frees the slot."""
+            for t in range(T):
+                kw = {}
+                if t == 0:
+                    kw.update(gid=gid, need=need)
+                if t == T - 1:
+                    kw["free_slot"] = free_slot
+                fn(t, kw)
+
+        def quant(dst, a, n, **kw):
+            each_token(lambda t, k: consume("MISC", func=F["QUANT"], dst=dst + t * n // 32 * QBLOCK_BYTES,
+                                            a=a + t * n * 4, n=n, **k), **kw)
+
+        def norm_quant(a, w, n, gid=None, free_slot=None, need=None):
+            """H = rms_norm(a) per token, QH = quant(H) per token."""
+            for t in range(T):
+                consume("MISC", gid=gid if t == 0 else None, need=need if t == 0 else None,
+                        free_slot=free_slot if t == T - 1 else None, func=F["RMSNORM"],
+                        dst=H + t * n * 4, a=a + t * n * 4, b=w, n=n)
+                consume("MISC", func=F["QUANT"], dst=QH + t * n // 32 * QBLOCK_BYTES, a=H + t * n * 4, n=n)
+
+        def elementwise(func, dst, a, b, n):
+            """An elementwise op over T token-major vectors of n words (n fits 16 bits)."""
+            per = max(1, 0xFFFF // n)
+            t = 0
+            while t < T:
+                k = min(per, T - t)
+                consume("MISC", func=F[func], dst=dst + t * n * 4, a=a + t * n * 4, b=b + t * n * 4, n=k * n)
+                t += k
+
+        def matrix_work(cm, qsrc, dst, logits=None):
+            for ti, (r0, nr, off) in enumerate(cm.tiles):
+                s = next_slot(wslot_i)
+                gid = f"{cm.name}.{ti}"
+                lds = [dict(buf=WSLOT[s], hreg=isa.REG_WBASE, hoff=hoff(off), len=nr * cm.row_bytes)]
+                mf = dict(func=isa.mv_func(cm.fmt, cm.sparsity), wb=WSLOT[s], rows=nr, cols=cm.cols,
+                          qsrc=qsrc)
+                op = "MV" if T == 1 else "MM"
+                if T > 1:
+                    mf["ntok"] = T
+
+                def comp(cm=cm, s=s, gid=gid, r0=r0, nr=nr, ti=ti, mf=mf, op=op):
+                    if logits is None:
+                        if T == 1:
+                            consume(op, gid=gid, free_slot=("W", s), dst=dst + r0 * 4, **mf)
+                        elif len(cm.tiles) == 1:
+                            consume(op, gid=gid, free_slot=("W", s), dst=dst, **mf)
+                        else:
+                            # [T][nr] into the stage, then scattered to rows r0.. of each token
+                            consume(op, gid=gid, free_slot=("W", s), dst=STAGE, **mf)
+                            consume("MISC", func=F["COPY"], dst=dst + r0 * 4, a=STAGE, n=nr, aux=T,
+                                    b=cm.rows)
+                    else:
+                        ls = ti % 2
+                        lslot = logits[ls]
+                        e = consume(op, gid=gid, free_slot=("W", s),
+                                    need={"st2cmp": ev.get(("logit_st", ls), {}).get("st2cmp")},
+                                    release=["cmp2st"], dst=lslot, **mf)
+                        # logits tile-major: tile (r0, nr) is [T][nr] at T*r0*4
+                        e2 = S.emit("ST", need={"cmp2st": e["cmp2st"]}, release=["st2cmp"], func=isa.ST_F32,
+                                    buf=lslot, hreg=isa.REG_IOBASE, hoff=hoff(T * r0 * 4),
+                                    len=T * nr * 4)
+                        ev[("logit_st", ls)] = e2
+                W((gid, ("W", s), lds), comp)
+
+        # constants: loaded once
+        W(("consts", ("C", 0), [dict(buf=CONSTS, hreg=isa.REG_TBASE, hoff=hoff(t_consts), len=GB_CONSTS)]),
+          lambda: consume("MISC", gid="consts", func=F["NOP"]))
+
+        efmt = isa.FMTS.index(emb.fmt)
+        if T == 1:
+            # embedding row (dynamic: R7 selects the row)
+            es = next_slot(wslot_i)
+            W(("emb", ("W", es), [dict(buf=WSLOT[es], hreg=isa.REG_WBASE, hoff=hoff(emb.hbm_off),
+                                       ireg=isa.REG_TOKEN, stride=emb.row_bytes,
+                                       len=emb.row_bytes)]),
+              lambda: consume("MISC", gid="emb", free_slot=("W", es), func=F["EMBED"], dst=X,
+                              a=WSLOT[es], n=dim, aux=efmt))
+        else:
+            # the host stages the T embedding rows in the I/O region (row stride tok_stride)
+            rps = wslot_bytes // tok_stride
+            for k0 in range(0, T, rps):
+                es = next_slot(wslot_i)
+                nrow = min(rps, T - k0)
+                gid = f"emb.{k0}"
+
+                def c_emb(es=es, nrow=nrow, k0=k0, gid=gid):
+                    for i in range(nrow):
+                        consume("MISC", gid=gid if i == 0 else None,
+                                free_slot=("W", es) if i == nrow - 1 else None, func=F["EMBED"],
+                                dst=X + (k0 + i) * dim * 4, a=WSLOT[es] + i * tok_stride, n=dim, aux=efmt)
+                W((gid, ("W", es), [dict(buf=WSLOT[es], hreg=isa.REG_IOBASE,
+                                         hoff=hoff(tok_off + k0 * tok_stride), len=nrow * tok_stride)]), c_emb)
+
+        kv_st_events = []
+
+        for li in range(d.n_layers):
+            mats = layer_mats[li]
+            gs = next_slot(gslot_i)
+            gbase = GSLOT[gs]
+            rope = gbase + 2 * dim * 4
+            gid = f"tables.{li}"
+            lds = [dict(buf=gbase, hreg=isa.REG_TBASE, hoff=hoff(t_norm[li]) if t_norm[li] % 32 == 0 else None,
+                        len=2 * dim * 4),
+                   # the RoPE rows of positions R1 .. R1+T-1 in one load
+                   dict(buf=rope, hreg=isa.REG_TBASE, hoff=hoff(t_rope), ireg=isa.REG_POS,
+                        stride=hd * 4, len=T * hd * 4)]
+            if lds[0]["hoff"] is None:
+                raise CompileError("norm table is not 32-byte aligned (dim must be a multiple of 8)")
+
+            def c_norm(gbase=gbase, gid=gid):
+                # the first QKV write of this layer overwrites q/k/v that the previous layer's KV
+                # stores read: RMSNORM waits for those stores (st2cmp)
+                norm_quant(X, gbase, dim, gid=gid,
+                           need={"st2cmp": kv_st_events[-1] if kv_st_events else None})
+            W((gid, ("G", gs), lds), c_norm)
+            matrix_work(mats["qkv"], QH, QKV)
+
+            if T == 1:
+                for j in range(nkv):
+                    ks = next_slot(kslot_i)
+                    kgid = f"kv.{li}.{j}"
+                    kbase = KVBASE + ((li * nkv + j) * 2) * kv_head_bytes
+                    vbase = kbase + kv_head_bytes
+                    klds = [dict(buf=KSLOT[ks], hreg=isa.REG_KVBASE, hoff=hoff(kbase - KVBASE),
+                                 lreg=isa.REG_POS, lmul=hd * 2),
+                            dict(buf=KSLOT[ks] + kv_head_bytes, hreg=isa.REG_KVBASE,
+                                 hoff=hoff(vbase - KVBASE), lreg=isa.REG_POS, lmul=hd * 2)]
+                    gaddr = QKV + j * grp_rows * 4
+
+                    def c_attn(j=j, ks=ks, kgid=kgid, gaddr=gaddr, kbase=kbase, vbase=vbase, rope=rope):
+                        e = consume("MISC", func=F["ROPE"], dst=gaddr, a=gaddr, b=rope,
+                                    n=g + 1, aux=hd, release=["cmp2st"])
+                        # new K and V rows -> HBM (fp16), at position R1
+                        S.emit("ST", need={"cmp2st": e["cmp2st"]}, func=isa.ST_F16, buf=gaddr + g * hd * 4,
+                               hreg=isa.REG_KVBASE, hoff=hoff(kbase - KVBASE), ireg=isa.REG_POS,
+                               stride=hd * 2, len=hd * 2)
+                        e2 = S.emit("ST", func=isa.ST_F16, buf=gaddr + (g + 1) * hd * 4,
+                                    hreg=isa.REG_KVBASE, hoff=hoff(vbase - KVBASE), ireg=isa.REG_POS,
+                                    stride=hd * 2, len=hd * 2,
+                                    release=["st2cmp"] if j == nkv - 1 else ())
+                        if j == nkv - 1:
+                            kv_st_events.append(e2["st2cmp"])
+                        # the current row comes from q/k/v (ATTN t = 0, not cached)
+                        consume("MISC", gid=kgid, free_slot=("K", ks), func=F["ATTN"], dst=O + j * g * hd * 4,
+                                a=gaddr, b=KSLOT[ks], reg=isa.REG_POS, **isa.attn_fields(g, hd))
+                    W((kgid, ("K", ks), klds), c_attn)
+            else:
+                def c_rope_store(li=li, rope=rope):
+                    # rotate q and k of every token and group; K/V rows -> HBM at R1 + t
+                    for t in range(T):
+                        for j in range(nkv):
+                            gaddr = QKV + (t * qkv_rows + j * grp_rows) * 4
+                            kb = ((li * nkv + j) * 2) * kv_head_bytes
+                            vb = kb + kv_head_bytes
+                            e = consume("MISC", func=F["ROPE"], dst=gaddr, a=gaddr, b=rope + t * hd * 4,
+                                        n=g + 1, aux=hd, release=["cmp2st"])
+                            S.emit("ST", need={"cmp2st": e["cmp2st"]}, func=isa.ST_F16,
+                                   buf=gaddr + g * hd * 4, hreg=isa.REG_KVBASE, hoff=hoff(kb + t * hd * 2),
+                                   ireg=isa.REG_POS, stride=hd * 2, len=hd * 2)
+                            last = t == T - 1 and j == nkv - 1
+                            e2 = S.emit("ST", func=isa.ST_F16, buf=gaddr + (g + 1) * hd * 4,
+                                        hreg=isa.REG_KVBASE, hoff=hoff(vb + t * hd * 2), ireg=isa.REG_POS,
+                                        stride=hd * 2, len=hd * 2, release=["st2cmp"] if last else ())
+                            if last:
+                                kv_st_events.append(e2["st2cmp"])
+                W(None, c_rope_store)
+                for j in range(nkv):
+                    ks = next_slot(kslot_i)
+                    kgid = f"kv.{li}.{j}"
+                    kb = ((li * nkv + j) * 2) * kv_head_bytes
+                    # cache rows [0, R1 + T): the stores above must have reached HBM (SYNC)
+                    klds = [dict(buf=KSLOT[ks], hreg=isa.REG_KVBASE, hoff=hoff(kb), len=T * hd * 2,
+                                 lreg=isa.REG_POS, lmul=hd * 2),
+                            dict(buf=KSLOT[ks] + kv_head_bytes, hreg=isa.REG_KVBASE,
+                                 hoff=hoff(kb + kv_head_bytes), len=T * hd * 2, lreg=isa.REG_POS,
+                                 lmul=hd * 2)]
+
+                    def c_attn(j=j, ks=ks, kgid=kgid):
+                        # token t attends to positions [0, R1 + t], all from the cache
+                        each_token(lambda t, k: consume(
+                            "MISC", func=F["ATTN"], dst=O + (t * nq * hd + j * g * hd) * 4,
+                            a=QKV + (t * qkv_rows + j * grp_rows) * 4, b=KSLOT[ks], reg=isa.REG_POS,
+                            **isa.attn_fields(g, hd, t, cached=True), **k), gid=kgid, free_slot=("K", ks))
+                    W((kgid, ("K", ks), klds), c_attn, barrier=j == 0)
+
+            W(None, lambda: quant(QH, O, nq * hd))
+            matrix_work(mats["attn_output"], QH, H)
+
+            def c_ffn_in(gbase=gbase, gs=gs):
+                elementwise("ADD", X, X, H, dim)
+                norm_quant(X, gbase + dim * 4, dim, free_slot=("G", gs))
+            W(None, c_ffn_in)
+            matrix_work(mats["ffn_gate"], QH, G)
+            matrix_work(mats["ffn_up"], QH, U)
+
+            def c_act():
+                elementwise("SILU_MUL", G, G, U, ffn)
+                quant(QF, G, ffn)
+            W(None, c_act)
+            matrix_work(mats["ffn_down"], QF, H)
+            W(None, lambda: elementwise("ADD", X, X, H, dim))
+
+        # final norm + LM head, logits streamed out through two AB slots
         gs = next_slot(gslot_i)
-        gbase = GSLOT[gs]
-        gid = f"tables.{li}"
-        lds = [dict(buf=gbase, hreg=isa.REG_TBASE, hoff=hoff(t_norm[li]) if t_norm[li] % 32 == 0 else None,
-                    len=2 * dim * 4),
-               dict(buf=gbase + 2 * dim * 4, hreg=isa.REG_TBASE, hoff=hoff(t_rope), ireg=isa.REG_POS,
-                    stride=hd * 4, len=hd * 4)]
-        if lds[0]["hoff"] is None:
-            raise CompileError("norm table is not 32-byte aligned (dim must be a multiple of 8)")
+        W(("onorm", ("G", gs), [dict(buf=GSLOT[gs], hreg=isa.REG_TBASE, hoff=hoff(t_onorm), len=dim * 4)]),
+          lambda gs=gs: norm_quant(X, GSLOT[gs], dim, gid="onorm", free_slot=("G", gs)))
+        matrix_work(head, QH, None, logits=LOGS)
 
-        def c_norm(li=li, gbase=gbase, gid=gid):
-            # the first QKV MV of this layer overwrites q/k/v that the previous layer's KV
-            # stores read: RMSNORM waits for those stores (st2cmp)
-            consume("MISC", gid=gid, need={"st2cmp": kv_st_events[-1] if kv_st_events else None},
-                    func=F["RMSNORM"], dst=H, a=X, b=gbase, n=dim)
-            consume("MISC", func=F["QUANT"], dst=QH, a=H, n=dim)
-        W((gid, ("G", gs), lds), c_norm)
-        matrix_work(mats["qkv"], QH, QKV)
+        # emit with one item of lookahead on the loads
+        def emit_loads(item):
+            loads = item[0]
+            if loads:
+                gid, slot, lds = loads
+                load_group(gid, slot, lds)
 
-        for j in range(nkv):
-            ks = next_slot(kslot_i)
-            kgid = f"kv.{li}.{j}"
-            kbase = KVBASE + ((li * nkv + j) * 2) * kv_head_bytes
-            vbase = kbase + kv_head_bytes
-            klds = [dict(buf=KSLOT[ks], hreg=isa.REG_KVBASE, hoff=hoff(kbase - KVBASE), lreg=isa.REG_POS,
-                         lmul=hd * 2),
-                    dict(buf=KSLOT[ks] + kv_head_bytes, hreg=isa.REG_KVBASE, hoff=hoff(vbase - KVBASE),
-                         lreg=isa.REG_POS, lmul=hd * 2)]
-            gaddr = QKV + j * grp_rows * 4
+        if work:
+            emit_loads(work[0])
+        for i, (loads, comp, _) in enumerate(work):
+            nxt = work[i + 1] if i + 1 < len(work) else None
+            if nxt is not None and not nxt[2]:
+                emit_loads(nxt)
+            comp()
+            if nxt is not None and nxt[2]:
+                S.emit("SYS", func=isa.SYS_SYNC)
+                emit_loads(nxt)
+        S.emit("SYS", func=isa.SYS_END)
+        return S.instrs
 
-            def c_attn(j=j, ks=ks, kgid=kgid, gaddr=gaddr, kbase=kbase, vbase=vbase, gbase=gbase,
-                       li=li, gid=gid):
-                last_layer_use = j == nkv - 1
-                e = consume("MISC", func=F["ROPE"], dst=gaddr, a=gaddr, b=gbase + 2 * dim * 4,
-                            n=g + 1, aux=hd, release=["cmp2st"])
-                # new K and V rows -> HBM (fp16), at position R1
-                S.emit("ST", need={"cmp2st": e["cmp2st"]}, func=isa.ST_F16, buf=gaddr + g * hd * 4,
-                       hreg=isa.REG_KVBASE, hoff=hoff(kbase - KVBASE), ireg=isa.REG_POS,
-                       stride=hd * 2, len=hd * 2)
-                e2 = S.emit("ST", func=isa.ST_F16, buf=gaddr + (g + 1) * hd * 4,
-                            hreg=isa.REG_KVBASE, hoff=hoff(vbase - KVBASE), ireg=isa.REG_POS,
-                            stride=hd * 2, len=hd * 2,
-                            release=["st2cmp"] if j == nkv - 1 else ())
-                if j == nkv - 1:
-                    kv_st_events.append(e2["st2cmp"])
-                consume("MISC", gid=kgid, free_slot=("K", ks), func=F["ATTN"], dst=O + j * g * hd * 4,
-                        a=gaddr, b=KSLOT[ks], n=g, aux=hd, reg=isa.REG_POS)
-            W((kgid, ("K", ks), klds), c_attn)
+    def assemble(instrs):
+        counts = {}
+        for ins in instrs:
+            counts[ins.op] = counts.get(ins.op, 0) + 1
+        return isa.to_bytes([isa.encode(ins) for ins in instrs]), counts
 
-        def c_o():
-            consume("MISC", func=F["QUANT"], dst=QH, a=O, n=nq * hd)
-        W(None, c_o)
-        matrix_work(mats["attn_output"], QH, H)
-
-        def c_ffn_in(gbase=gbase, gs=gs):
-            consume("MISC", func=F["ADD"], dst=X, a=X, b=H, n=dim)
-            consume("MISC", free_slot=("G", gs), func=F["RMSNORM"], dst=H, a=X, b=gbase + dim * 4, n=dim)
-            consume("MISC", func=F["QUANT"], dst=QH, a=H, n=dim)
-        W(None, c_ffn_in)
-        matrix_work(mats["ffn_gate"], QH, G)
-        matrix_work(mats["ffn_up"], QH, U)
-
-        def c_act():
-            consume("MISC", func=F["SILU_MUL"], dst=G, a=G, b=U, n=ffn)
-            consume("MISC", func=F["QUANT"], dst=QF, a=G, n=ffn)
-        W(None, c_act)
-        matrix_work(mats["ffn_down"], QF, H)
-        W(None, lambda: consume("MISC", func=F["ADD"], dst=X, a=X, b=H, n=dim))
-
-    # final norm + LM head, logits streamed out through two AB slots
-    gs = next_slot(gslot_i)
-    W(("onorm", ("G", gs), [dict(buf=GSLOT[gs], hreg=isa.REG_TBASE, hoff=hoff(t_onorm), len=dim * 4)]),
-      lambda gs=gs: (consume("MISC", gid="onorm", free_slot=("G", gs), func=F["RMSNORM"], dst=H, a=X,
-                             b=GSLOT[gs], n=dim),
-                     consume("MISC", func=F["QUANT"], dst=QH, a=H, n=dim)))
-    lt = head.tiles[0][1] * 4
-    if 2 * _align(lt, 64) > left:
-        raise FitError(f"activation buffer too small for the logits slots ({2 * lt} bytes needed)")
-    LOGS = [AB.alloc(lt, "logits slot"), AB.alloc(lt, "logits slot")]
-    for (r0, nr, off) in head.tiles:
-        if (r0 * 4) % isa.HBM_ALIGN:
-            raise CompileError("LM-head tile rows must start at multiples of 8")
-    matrix_work(head, QH, None, logits=LOGS)
-
-    # emit with one item of lookahead on the loads
-    def emit_loads(item):
-        loads = item[0]
-        if loads:
-            gid, slot, lds = loads
-            load_group(gid, slot, lds)
-
-    if work:
-        emit_loads(work[0])
-    for i, (loads, comp) in enumerate(work):
-        if i + 1 < len(work):
-            emit_loads(work[i + 1])
-        comp()
-    S.emit("SYS", func=isa.SYS_END)
-
-    words = []
-    for ins in S.instrs:
-        words.append(isa.encode(ins))
-    program = isa.to_bytes(words)
+    program, counts = assemble(build_program(layouts[1]))
+    prefill_programs, prefill_info = {}, {}
+    for T in buckets:
+        prog, cnt = assemble(build_program(layouts[T]))
+        prefill_programs[T] = prog
+        prefill_info[str(T)] = {"file": f"prefill_{T}.bin", "tokens": T, "words": len(prog) // isa.WORD_BYTES,
+                                "bytes": len(prog), "instructions": cnt,
+                                "activation_bytes": layouts[T]["AB"].top}
 
     # ---- HBM image ---------------------------------------------------------------------
     if emit_image:
@@ -610,9 +800,15 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     else:
         img = np.zeros(0, np.uint8)
 
-    counts = {}
-    for ins in S.instrs:
-        counts[ins.op] = counts.get(ins.op, 0) + 1
+    memory_map = {
+        "weights": [WBASE, weights_bytes], "tables": [TBASE, len(tables)],
+        "kv": [KVBASE, kv_bytes], "io": [IOBASE, io_bytes],
+        "logits": [IOBASE, d.vocab_size * 4],
+        "hbm_stripe_bytes": config.hbm.data_width // 8, "hbm_ports": config.hbm.ports,
+    }
+    if buckets:
+        memory_map["prefill_logits"] = [IOBASE, logits_bytes]
+        memory_map["prefill_tokens"] = [IOBASE + tok_off, tok_bytes]
     manifest = {
         "format_version": FORMAT_VERSION,
         "config_name": config.name,
@@ -621,12 +817,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         "context": ctx,
         "sparsity": sp_of,
         "hbm_size": int(hbm_used),
-        "memory_map": {
-            "weights": [WBASE, weights_bytes], "tables": [TBASE, len(tables)],
-            "kv": [KVBASE, kv_bytes], "io": [IOBASE, io_bytes],
-            "logits": [IOBASE, d.vocab_size * 4],
-            "hbm_stripe_bytes": config.hbm.data_width // 8, "hbm_ports": config.hbm.ports,
-        },
+        "memory_map": memory_map,
         "registers": {"wbase": WBASE, "tbase": TBASE, "kvbase": KVBASE, "iobase": IOBASE},
         "onchip": {
             "size": onchip_total,
@@ -634,17 +825,31 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             "weight": [ab_sz + gb_sz + kb_sz, wb_sz],
             "context": ctx,
         },
-        "programs": {"decode": {"words": len(words), "bytes": len(program)}},
+        "programs": {"decode": {"file": "program.bin", "tokens": 1, "words": len(program) // isa.WORD_BYTES,
+                                "bytes": len(program)},
+                     "prefill": prefill_info},
+        "prefill": {
+            "buckets": buckets,
+            "note": prefill_note,
+            "per_token_activation_bytes": per_token,
+            "activation_buffer_bytes": ab_sz,
+            # the host stages token t's embedding row (raw blocks) at prefill_tokens + t*row_stride
+            "token_rows": {"row_stride": tok_stride, "row_bytes": emb.row_bytes, "format": emb.fmt,
+                           "embedding_offset": emb.hbm_off},
+            # logits of a T-token run: tile (r0, nr) is [T][nr] float32 at prefill_logits + T*r0*4
+            "lm_head_tiles": [[r0, nr] for (r0, nr, _) in head.tiles],
+        },
         "stats": {
             "instructions": counts, "weight_bytes": weights_bytes,
             # every matrix streams once per decode step, plus one embedding row
             "weight_bytes_per_token": weights_bytes + emb.row_bytes
             - (0 if d.tied_embeddings else emb.rows * emb.row_bytes),
+            "prefill_program_bytes": {str(T): len(p) for T, p in prefill_programs.items()},
             "compile_seconds": round(time.perf_counter() - t0, 3),
         },
         "notes": notes,
     }
-    b = Bundle(manifest=manifest, program=program, hbm_image=img)
+    b = Bundle(manifest=manifest, program=program, hbm_image=img, prefill=prefill_programs)
     b.extra["masks"] = masks
     return b
 
@@ -665,6 +870,8 @@ def compile_cli(args) -> None:
         b.manifest["stats"] = report
     write_bundle(b, args.out)
     print(json.dumps({"bundle": args.out, "program_bytes": len(b.program),
+                      "prefill_buckets": b.manifest["prefill"]["buckets"],
+                      "prefill_program_bytes": report["prefill_program_bytes"],
                       "instructions": report["instructions"],
                       "weight_bytes": report["weight_bytes"],
                       "compile_seconds": report["compile_seconds"],

@@ -47,6 +47,12 @@ MISC_FUNCS = {
     "ATTN": 7, "COPY": 8, "EMBED": 9,
 }
 MISC_NAMES = {v: k for k, v in MISC_FUNCS.items()}
+# MISC ATTN operands: n = heads[7:0] | t[15:8]; aux = head_dim[14:0] | ATTN_CACHED (bit 15)
+ATTN_T_SHIFT = 8
+ATTN_HEADS_MASK = 0xFF
+ATTN_CACHED = 1 << 15       # the current K/V row comes from the cache too (prefill)
+ATTN_HD_MASK = ATTN_CACHED - 1
+MAX_PREFILL = 128           # largest bucket: t < 256 (ATTN n[15:8]), ntok < 256; powers of two
 # SYS funcs
 SYS_NOP, SYS_SYNC, SYS_END = 0, 1, 2
 SYS_NAMES = {SYS_NOP: "NOP", SYS_SYNC: "SYNC", SYS_END: "END"}
@@ -161,6 +167,49 @@ def _legal(op: int, f: dict) -> str | None:
         return f"MISC func {f['func']}"
     if op == OP_SYS and f["func"] not in SYS_NAMES:
         return f"SYS func {f['func']}"
+    return None
+
+
+def attn_fields(heads: int, head_dim: int, t: int = 0, cached: bool = False) -> dict:
+    """The ``n`` and ``aux`` operands of an ATTN word (docs/isa.md)."""
+    if not 0 < heads <= ATTN_HEADS_MASK or not 0 <= t <= 0xFF or not 0 < head_dim <= ATTN_HD_MASK:
+        raise IsaError(f"ATTN operands out of range (heads {heads}, t {t}, head dim {head_dim})")
+    return {"n": heads | t << ATTN_T_SHIFT, "aux": head_dim | (ATTN_CACHED if cached else 0)}
+
+
+def attn_operands(f) -> tuple:
+    """(query heads, t, head dim, cached) of an ATTN word's fields."""
+    return (f["n"] & ATTN_HEADS_MASK, f["n"] >> ATTN_T_SHIFT, f["aux"] & ATTN_HD_MASK,
+            bool(f["aux"] & ATTN_CACHED))
+
+
+def copy_operands(f) -> tuple:
+    """(rows, words per row, destination row stride in words) of a COPY word's fields."""
+    reps = max(f["aux"], 1)
+    return reps, f["n"], f["b"] if reps > 1 else f["n"]
+
+
+def misc_operand_error(ins: Instr) -> str | None:
+    """Why a decoded MISC word's operands are illegal (None if legal).
+
+    These are the operand rules that need no runtime registers; the
+    dispatcher's validator applies them (status 1, like an illegal encoding)
+    together with the address-range checks. ``decode`` checks the fields only.
+    """
+    if ins.op != "MISC":
+        return None
+    f = ins.fields
+    name = MISC_NAMES[f["func"]]
+    if name in ("QUANT", "EMBED") and f["n"] % 32:
+        return f"{name} n={f['n']} is not a multiple of 32"
+    if name == "ROPE" and (f["aux"] == 0 or f["aux"] % 2):
+        return f"ROPE head dim {f['aux']}"
+    if name == "ATTN":
+        heads, t, hd, cached = attn_operands(f)
+        if hd == 0 or hd % 2:
+            return f"ATTN head dim {hd}"
+    if name == "EMBED" and f["aux"] >= 3:
+        return f"EMBED format {f['aux']}"
     return None
 
 

@@ -1,6 +1,8 @@
 """The golden model: executes a bundle's instruction stream exactly as the hardware will.
 
-It is the bit-exact specification of the RTL. A run takes the runtime
+It is the bit-exact specification of the RTL. A run executes one program of
+the bundle (the decode program, or the prefill program of a bucket of T tokens
+whose embedding rows the host staged in the I/O region) with the runtime
 registers (position, token id, region bases), and either finishes with status
 OK (logits in the I/O region of HBM) or with an error status:
 
@@ -15,9 +17,10 @@ OK (logits in the I/O region of HBM) or with an error status:
 
 Execution order: the token simulation (static: it does not depend on data or
 registers) yields an order that respects every token; instructions then
-execute in that order. Matrix-vector products whose weights come straight
-from static weight loads are fused into one numpy product per run of tiles
-(rows are independent, so the bits are the same).
+execute in that order. Matrix-vector (MV) and matrix-matrix (MM) products
+whose weights come straight from static weight loads are fused into one numpy
+product per run of tiles (rows and tokens are independent, so the bits are
+the same).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from llmfab.sim import numerics as N
 from llmfab.sim.numerics_model import PackedMatrix, matvec
 
 QUEUE_DEPTH = 16
+_DYN_REGS = (isa.REG_POS, isa.REG_SEQ, isa.REG_TOKEN)   # registers that change from run to run
 QBLOCK_BYTES = 40
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 
@@ -58,8 +62,27 @@ def mv_weight_bytes(fmt, sp, rows, cols):
     return rows * (cols // 32) * sparse.sparse_block_bytes(fmt, sp)
 
 
+class _Program:
+    """One program of a bundle: its words decoded, its execution order, checks and plan (cached)."""
+
+    def __init__(self, name: str, data: bytes, ntok: int):
+        self.name, self.data, self.ntok = name, data, ntok
+        self.instrs = []
+        self.static_fault = None
+        self.order = None
+        self.plan = None
+        self.dyn = None
+        self.static_err = None
+        self.row_off = {}
+        self.fast_mv = {}
+
+
 class Golden:
-    """Load a bundle; run its decode program for a token at a position."""
+    """Load a bundle; run its decode program (one token) or a prefill program (T tokens).
+
+    The programs share the device state (HBM with the KV cache, on-chip memory).
+    Program names: ``"decode"`` and ``"prefill_<T>"`` for each bucket T.
+    """
 
     def __init__(self, bundle: Bundle, *, registers: dict | None = None, fast: bool = True):
         self.bundle = bundle
@@ -77,35 +100,70 @@ class Golden:
         if registers:
             self.base_regs.update(registers)
         self.fast = fast
-        self.static_fault = None
-        self.instrs = []
-        self._decode_all()
-        if self.static_fault is None:
-            self._order = self._token_sim()
-        else:
-            self._order = None
-        self._plan = None
-        self._row_off = {}
-        self._dyn = None
+        self.programs = {}
         self._run_out = {}
+        # unpacked weights of fused products, shared by every Golden of this bundle while the
+        # HBM ranges they come from hold the bundle's image (see _note_hbm_write)
+        self._packed = bundle.extra.setdefault("golden_packed", {})
+        self._fused = []                 # HBM ranges fused products read, [(start, end)]
+        self._fused_span = (0, 0)
         self.counters = {"runs": 0}
+        self.program("decode")
+
+    # ---- programs ---------------------------------------------------------------------
+    @property
+    def buckets(self) -> list:
+        """The prefill buckets of the bundle (token counts), ascending."""
+        return sorted(int(t) for t in self.bundle.prefill)
+
+    def program(self, name: str = "decode") -> _Program:
+        """The decoded program ``name`` ("decode" or "prefill_<T>")."""
+        p = self.programs.get(name)
+        if p is not None:
+            return p
+        if name == "decode":
+            data, ntok = self.bundle.program, 1
+        else:
+            try:
+                ntok = int(name.split("prefill_", 1)[1]) if name.startswith("prefill_") else -1
+            except ValueError:
+                ntok = -1
+            if ntok not in self.bundle.prefill:
+                have = ", ".join(["decode"] + [f"prefill_{t}" for t in self.buckets])
+                raise SimError(f"bundle has no program '{name}' (it has {have})")
+            data = self.bundle.prefill[ntok]
+        p = _Program(name, data, ntok)
+        self._decode_all(p)
+        if p.static_fault is None:
+            p.order = self._token_sim(p)
+        self.programs[name] = p
+        return p
+
+    @property
+    def instrs(self):
+        return self.program("decode").instrs
+
+    @property
+    def static_fault(self):
+        return self.program("decode").static_fault
 
     # ---- decode & static checks -------------------------------------------------------
-    def _decode_all(self):
-        words = isa.from_bytes(self.bundle.program)
+    def _decode_all(self, p: _Program):
+        words = isa.from_bytes(p.data)
         for pc, w in enumerate(words):
             try:
                 ins = isa.decode(w)
             except IsaError as e:
-                self.static_fault = (isa.STATUS_ILLEGAL, pc, str(e))
+                p.static_fault = (isa.STATUS_ILLEGAL, pc, str(e))
                 return
-            self.instrs.append(ins)
+            p.instrs.append(ins)
             if ins.op == "SYS" and ins["func"] == isa.SYS_END:
                 return
-        self.static_fault = (isa.STATUS_NO_END, len(words), "program ended without END")
+        p.static_fault = (isa.STATUS_NO_END, len(words), "program ended without END")
 
-    def _token_sim(self):
+    def _token_sim(self, p: _Program):
         """Simulate dispatch + queues + tokens; returns the execution order or a deadlock fault."""
+        instrs = p.instrs
         q = {"ld": [], "cmp": [], "st": []}
         heads = {"ld": 0, "cmp": 0, "st": 0}
         tok = {"ld2cmp": 0, "cmp2ld": 0, "cmp2st": 0, "st2cmp": 0}
@@ -117,12 +175,12 @@ class Golden:
                 "st": (("rel_prev", "st2cmp"),)}
         order = []
         pc = 0
-        n = len(self.instrs)
+        n = len(instrs)
         while True:
             progress = False
             # dispatch as much as possible
             while pc < n:
-                ins = self.instrs[pc]
+                ins = instrs[pc]
                 qn = isa.QUEUE[isa.OPCODES[ins.op]]
                 if qn == "sys":
                     if any(heads[k] < len(q[k]) for k in q):
@@ -142,7 +200,7 @@ class Golden:
             for qn in ("ld", "cmp", "st"):
                 while heads[qn] < len(q[qn]):
                     i = q[qn][heads[qn]]
-                    ins = self.instrs[i]
+                    ins = instrs[i]
                     if any(ins[b] and tok[ch] == 0 for b, ch in waits[qn]):
                         break
                     for b, ch in waits[qn]:
@@ -156,9 +214,9 @@ class Golden:
                     progress = True
             if not progress:
                 blocked = [(k, q[k][heads[k]]) for k in q if heads[k] < len(q[k])]
-                pcs = ", ".join(f"{k} at {i} ({isa.disassemble(self.instrs[i])})" for k, i in blocked)
-                self.static_fault = (isa.STATUS_DEADLOCK, blocked[0][1] if blocked else pc,
-                                     f"no queue can proceed: {pcs or 'dispatch stalled'}")
+                pcs = ", ".join(f"{k} at {i} ({isa.disassemble(instrs[i])})" for k, i in blocked)
+                p.static_fault = (isa.STATUS_DEADLOCK, blocked[0][1] if blocked else pc,
+                                  f"no queue can proceed: {pcs or 'dispatch stalled'}")
                 return None
 
     # ---- address ranges -----------------------------------------------------------------
@@ -192,29 +250,23 @@ class Golden:
                 hd = f["aux"]
                 chip += [(f["a"], 4 * n * hd), (f["b"], 4 * hd), (f["dst"], 4 * n * hd)]
             elif name == "COPY":
-                chip += [(f["a"], 4 * n), (f["dst"], 4 * n)]
+                reps, w, stride = isa.copy_operands(f)
+                chip += [(f["a"], 4 * reps * w), (f["dst"], 4 * ((reps - 1) * stride + w))]
             elif name == "EMBED":
                 fmt = isa.FMTS[f["aux"]] if f["aux"] < 3 else None
                 chip += [(f["a"], n // 32 * BLOCK_BYTES.get(fmt, 1 << 24)), (f["dst"], 4 * n)]
             elif name == "ATTN":
-                hd = f["aux"]
-                S = regs[f["reg"]]
-                chip += [(f["a"], 4 * (n + 2) * hd), (f["b"], 2 * S * hd),
-                         (f["b"] + 2 * self.kv_context * hd, 2 * S * hd), (f["dst"], 4 * n * hd),
+                nh, t, hd, cached = isa.attn_operands(f)
+                rows = regs[f["reg"]] + t + (1 if cached else 0)
+                chip += [(f["a"], 4 * (nh + (0 if cached else 2)) * hd), (f["b"], 2 * rows * hd),
+                         (f["b"] + 2 * self.kv_context * hd, 2 * rows * hd), (f["dst"], 4 * nh * hd),
                          (self.gb_base, 8)]
         return hbm, chip
 
     def _check(self, ins, pc, regs):
-        f = ins.fields
-        if ins.op == "MISC":
-            name = isa.MISC_NAMES[f["func"]]
-            if name in ("QUANT", "RMSNORM", "ADD", "MUL", "SILU_MUL", "COPY", "EMBED") and f["n"] % 32 \
-                    and name in ("QUANT", "EMBED"):
-                return isa.STATUS_ILLEGAL, f"{name} n={f['n']} is not a multiple of 32"
-            if name in ("ROPE", "ATTN") and (f["aux"] == 0 or f["aux"] % 2):
-                return isa.STATUS_ILLEGAL, f"{name} head dim {f['aux']}"
-            if name == "EMBED" and f["aux"] >= 3:
-                return isa.STATUS_ILLEGAL, f"EMBED format {f['aux']}"
+        why = isa.misc_operand_error(ins)
+        if why:
+            return isa.STATUS_ILLEGAL, why
         hbm, chip = self._ranges(ins, regs)
         for a, ln in hbm:
             if ln and (a < 0 or a + ln > self.hbm_size):
@@ -224,75 +276,76 @@ class Golden:
                 return isa.STATUS_BUF_RANGE, f"on-chip [{a:#x}, +{ln}) beyond {self.onchip_size:#x}"
         return None
 
-    def _regs(self, pos, token):
+    def _regs(self, pos, token, ntok=1):
         r = [0] * isa.NREGS
         for k, v in self.base_regs.items():
             r[k] = int(v)
         r[isa.REG_POS] = int(pos)
-        r[isa.REG_SEQ] = int(pos) + 1
+        r[isa.REG_SEQ] = int(pos) + ntok
         r[isa.REG_TOKEN] = int(token)
         return r
 
-    def check(self, pos: int, token: int) -> RunResult | None:
+    def check(self, pos: int, token: int = 0, program: str = "decode") -> RunResult | None:
         """The error status a run at (pos, token) ends with, or None if it runs clean."""
-        if self.static_fault and self.static_fault[0] == isa.STATUS_ILLEGAL:
+        p = self.program(program)
+        if p.static_fault and p.static_fault[0] == isa.STATUS_ILLEGAL:
             # everything before the illegal word is still checked first
-            lim = self.static_fault[1]
+            lim = p.static_fault[1]
         else:
-            lim = len(self.instrs)
-        regs = self._regs(pos, token)
-        if self._dyn is None:
+            lim = len(p.instrs)
+        regs = self._regs(pos, token, p.ntok)
+        if p.dyn is None:
             # instructions whose ranges do not depend on the per-token registers are checked once
-            self._dyn = []
-            self._static_err = None
-            r0 = self._regs(0, 0)
-            for pc in range(min(lim, len(self.instrs))):
-                ins = self.instrs[pc]
+            p.dyn = []
+            p.static_err = None
+            r0 = self._regs(0, 0, p.ntok)
+            for pc in range(min(lim, len(p.instrs))):
+                ins = p.instrs[pc]
                 f = ins.fields
                 dyn = any(f.get(k, 0) in (isa.REG_POS, isa.REG_SEQ, isa.REG_TOKEN)
                           for k in ("hreg", "ireg", "lreg")) or (
                     ins.op == "MISC" and isa.MISC_NAMES[f["func"]] == "ATTN")
                 if dyn:
-                    self._dyn.append(pc)
-                elif self._static_err is None:
+                    p.dyn.append(pc)
+                elif p.static_err is None:
                     r = self._check(ins, pc, r0)
                     if r:
-                        self._static_err = (pc, r)
+                        p.static_err = (pc, r)
         first = None
-        if self._static_err:
-            first = self._static_err
-        for pc in self._dyn:
+        if p.static_err:
+            first = p.static_err
+        for pc in p.dyn:
             if first and pc > first[0]:
                 break
-            r = self._check(self.instrs[pc], pc, regs)
+            r = self._check(p.instrs[pc], pc, regs)
             if r:
                 first = (pc, r)
                 break
         if first:
             return RunResult(first[1][0], first[0], first[1][1])
-        if self.static_fault:
-            return RunResult(*self.static_fault)
+        if p.static_fault:
+            return RunResult(*p.static_fault)
         return None
 
     # ---- plan -------------------------------------------------------------------------------
-    def _build_plan(self):
-        """Execution order -> list of steps; static weight LD -> MV pairs become fused matvecs."""
-        regs0 = self._regs(0, 0)
+    def _build_plan(self, p: _Program):
+        """Execution order -> list of steps; static weight LD -> MV/MM pairs become fused products."""
+        instrs = p.instrs
+        regs0 = self._regs(0, 0, p.ntok)
         wb_lo = int(self.bundle.manifest["onchip"]["weight"][0])
-        order = self._order
-        steps = []
+        order = p.order
         # last writer of each WB interval: list of (start, end, writer step index or LD pc)
         wb_writes = []   # (start, end, pc)
         ld_needed = set()
         ld_static = {}
         fast_mv = {}
         for pc in order:
-            ins = self.instrs[pc]
+            ins = instrs[pc]
             f = ins.fields
             if ins.op == "LD":
                 start = f["buf"]
-                dynamic = f["ireg"] != 0 or f["lreg"] != 0
-                end = start + f["len"] + f["lmul"] * self._reg_max(f["lreg"], regs0)
+                dynamic = f["ireg"] != 0 or f["lreg"] != 0 or f["hreg"] in _DYN_REGS
+                end = start + f["len"] + f["lmul"] * self._reg_max(f["lreg"], regs0, p)
                 # an earlier write stays live unless this one covers it completely
                 wb_writes = [w for w in wb_writes if not (start <= w[0] and w[1] <= end)] + [(start, end, pc)]
                 if not dynamic:
@@ -309,8 +362,8 @@ class Golden:
                 wa, wl = chip[0]
                 cover = [w for w in wb_writes if not (w[1] <= wa or w[0] >= wa + wl)]
                 # the latest write overlapping the weights decides: fast if it is one static LD
-                # that covers them all
-                if self.fast and ins.op == "MV" and cover and cover[-1][2] in ld_static \
+                # that covers them all (and is not the host-staged I/O region)
+                if self.fast and cover and cover[-1][2] in ld_static \
                         and cover[-1][0] <= wa and wa + wl <= cover[-1][1]:
                     ld = cover[-1][2]
                     fast_mv[pc] = ld_static[ld] + (wa - cover[-1][0])
@@ -330,24 +383,26 @@ class Golden:
                 wb_writes = [w for w in wb_writes if not (a <= w[0] and w[1] <= a + ln)]
                 if a + ln > wb_lo:
                     wb_writes.append((a, a + ln, -1))
-        # LDs never read by a non-fused reader are skipped (fused matvecs read HBM directly).
-        # Runs: fast MVs in execution order with the same input, format and width, whose
-        # weights are contiguous in HBM, and whose input is not written in between, are
-        # computed as one product at the first MV; each MV then writes its rows at its
-        # own place in the order.
+        # LDs never read by a non-fused reader are skipped (fused products read HBM directly).
+        # Runs: fast MVs (or MMs) in execution order with the same input, format, width and
+        # token count, whose weights are contiguous in HBM, and whose input is not written in
+        # between, are computed as one product at the first one; each then writes its rows
+        # at its own place in the order.
         runs = {}            # first pc -> [pcs]
         run_of = {}
         cur = None
         for pc in order:
-            ins = self.instrs[pc]
+            ins = instrs[pc]
             f = ins.fields
-            if ins.op == "MV" and pc in fast_mv:
+            if ins.op in ("MV", "MM") and pc in fast_mv:
                 if cur is not None:
-                    h = self.instrs[cur[0]].fields
-                    lastf = self.instrs[cur[-1]].fields
+                    h0 = instrs[cur[0]]
+                    h = h0.fields
+                    lastf = instrs[cur[-1]].fields
                     fmt = isa.FMTS[h["func"] & 3]
                     sp = isa.SPARSITIES[h["func"] >> 2]
-                    if (f["func"] == h["func"] and f["cols"] == h["cols"] and f["qsrc"] == h["qsrc"]
+                    if (ins.op == h0.op and f.get("ntok", 1) == h.get("ntok", 1)
+                            and f["func"] == h["func"] and f["cols"] == h["cols"] and f["qsrc"] == h["qsrc"]
                             and fast_mv[pc] == fast_mv[cur[-1]] + mv_weight_bytes(fmt, sp, lastf["rows"], h["cols"])):
                         cur.append(pc)
                         run_of[pc] = cur[0]
@@ -360,8 +415,8 @@ class Golden:
                 cur = None if ins.op == "SYS" else cur
                 continue
             # does this instruction write the run's input?
-            h = self.instrs[cur[0]].fields
-            qa, ql = h["qsrc"], h["cols"] // 32 * QBLOCK_BYTES
+            h = instrs[cur[0]].fields
+            qa, ql = h["qsrc"], h.get("ntok", 1) * h["cols"] // 32 * QBLOCK_BYTES
             _, chip = self._ranges(ins, regs0)
             if ins.op == "LD":
                 wr = chip
@@ -371,48 +426,224 @@ class Golden:
                 wr = []
             if any(not (a + ln <= qa or a >= qa + ql) for a, ln in wr):
                 cur = None
-        cache = {}
+        fused = []
+        for pc, a in fast_mv.items():
+            f = instrs[pc].fields
+            fused.append((a, a + mv_weight_bytes(isa.FMTS[f["func"] & 3], isa.SPARSITIES[f["func"] >> 2],
+                                                 f["rows"], f["cols"])))
+        fused = _merge_ranges(fused)
+        st_spans = [self._st_span(instrs[pc], regs0) for pc in order if instrs[pc].op == "ST"]
+        if any(_overlaps(a, b, fused) for a, b in st_spans):
+            # the program may store into weights it reads: execute it instruction by instruction
+            p.plan = [("ld", pc) if instrs[pc].op == "LD" else ("ins", pc) for pc in order]
+            return
+        if fused:
+            self._fused = _merge_ranges(self._fused + fused)
+            self._fused_span = (self._fused[0][0], self._fused[-1][1])
+        cache = self._packed
         steps = []
         for pc in order:
-            ins = self.instrs[pc]
+            ins = instrs[pc]
             if ins.op == "LD":
                 if pc in ld_needed or not self.fast:
                     steps.append(("ld", pc))
                 continue
-            if ins.op == "MV" and pc in run_of:
+            if ins.op in ("MV", "MM") and pc in run_of:
                 first = run_of[pc]
                 f = ins.fields
+                nt = f.get("ntok", 1) if ins.op == "MM" else 0
                 if pc == first:
                     run = runs[first]
-                    rows = sum(self.instrs[p].fields["rows"] for p in run)
+                    rows = sum(instrs[q].fields["rows"] for q in run)
                     key = (fast_mv[pc], f["func"], rows, f["cols"])
                     if key not in cache:
                         cache[key] = self._pack(fast_mv[pc], f["func"], rows, f["cols"])
-                    steps.append(("mvrun", pc, cache[key], f["qsrc"], f["cols"]))
+                    steps.append(("mvrun", pc, cache[key], f["qsrc"], f["cols"], nt))
                     off = 0
-                    for p in run:
-                        self._row_off[p] = off
-                        off += self.instrs[p].fields["rows"]
-                steps.append(("mvw", pc, first, self._row_off[pc], f["rows"], f["dst"]))
+                    for q in run:
+                        p.row_off[q] = off
+                        off += instrs[q].fields["rows"]
+                steps.append(("mvw", pc, first, p.row_off[pc], f["rows"], f["dst"], nt))
                 continue
             steps.append(("ins", pc))
-        # adjacent row writes of one run into contiguous destinations become one copy
+        # adjacent row writes of one MV run into contiguous destinations become one copy
         merged = []
         for st in steps:
-            if st[0] == "mvw" and merged and merged[-1][0] == "mvw":
-                _, pc0, first0, r00, nr0, dst0 = merged[-1]
-                _, pc, first, r0, nr, dst = st
+            if st[0] == "mvw" and merged and merged[-1][0] == "mvw" and st[6] == 0:
+                _, pc0, first0, r00, nr0, dst0, nt0 = merged[-1]
+                _, pc, first, r0, nr, dst, nt = st
                 if first == first0 and r0 == r00 + nr0 and dst == dst0 + 4 * nr0:
-                    merged[-1] = ("mvw", pc0, first0, r00, nr0 + nr, dst0)
+                    merged[-1] = ("mvw", pc0, first0, r00, nr0 + nr, dst0, nt0)
                     continue
             merged.append(st)
-        self._plan = merged
-        self._fast_mv = fast_mv
+        p.plan = self._fuse_writes(merged, p) if self.fast else merged
+        p.fast_mv = fast_mv
 
-    def _reg_max(self, r, regs0):
-        """Largest value register ``r`` takes over the runs of this bundle."""
+    # Plan fusion: the results of a fused product are in memory (numpy), so a COPY that
+    # scatters a staged MM tile, or an ST that streams a logits tile to HBM, can take them
+    # from there; writes that a later write covers before anything reads them are dropped,
+    # and the remaining row writes of one product into contiguous places merge. Every
+    # rewrite checks that the steps it moves past touch none of the moved ranges, so the
+    # final on-chip and HBM contents are those of executing the instructions one by one.
+    _LOOK = 24      # how far the passes look for a partner step
+
+    def _access(self, st, p, regs_max):
+        """(on-chip reads, on-chip writes, HBM reads, HBM writes) of a plan step: [(start, end)]."""
+        ALL = [(0, 1 << 62)]
+        kind = st[0]
+        if kind == "mvw":
+            _, pc, first, r0, nr, dst, nt = st
+            return [], [(dst, dst + 4 * max(nt, 1) * nr)], [], []
+        if kind == "mvrun":
+            _, pc, W, qsrc, cols, nt = st
+            return [(qsrc, qsrc + max(nt, 1) * cols // 32 * QBLOCK_BYTES)], [], [], []
+        if kind == "mvs":
+            _, first, r0, nr, nt, cdst, stride, stages = st
+            w = [(cdst, cdst + 4 * ((nt - 1) * stride + nr))]
+            w += [(sa, sa + 4 * nt * snr) for sa, _, snr in stages]
+            return [], w, [], []
+        if kind == "mvst":
+            _, first, r0, nr, nt, addr, k = st
+            return [], [], [], [(addr, addr + 4 * max(nt, 1) * nr * k)]
+        ins = p.instrs[st[1]]
+        f = ins.fields
+        if ins.op == "SYS":
+            return [], [], [], []
+        hbm, chip = self._ranges(ins, regs_max)
+        chip = [(a, a + ln) for a, ln in chip]
+        if ins.op in ("LD", "ST"):
+            static = f["ireg"] == 0 and f["lreg"] == 0 and f["hreg"] not in (isa.REG_POS, isa.REG_SEQ,
+                                                                              isa.REG_TOKEN)
+            h = [(a, a + ln) for a, ln in hbm] if static else ALL
+            return ([], chip, h, []) if ins.op == "LD" else (chip, [], [], h)
+        return chip, chip, [], []
+
+    @staticmethod
+    def _hit(ranges, others):
+        return any(a < d and c < b for a, b in ranges for c, d in others)
+
+    def _fuse_writes(self, steps, p):
+        regs_max = self._regs(self.kv_context - p.ntok, int(self.bundle.manifest["model"]["vocab_size"]),
+                              p.ntok)
+        acc = lambda st: self._access(st, p, regs_max)          # noqa: E731
+        instrs = p.instrs
+        # A: COPY scattering a staged MM tile -> "mvs" (scatter from the product, plus the stage)
+        out = []
+        for st in steps:
+            if st[0] == "ins" and instrs[st[1]].op == "MISC" and \
+                    isa.MISC_NAMES[instrs[st[1]]["func"]] == "COPY":
+                f = instrs[st[1]].fields
+                reps, w, stride = isa.copy_operands(f)
+                cdst = (f["dst"], f["dst"] + 4 * ((reps - 1) * stride + w))
+                for k in range(len(out) - 1, max(len(out) - self._LOOK, -1), -1):
+                    o = out[k]
+                    if o[0] == "mvw":
+                        _, pc, first, r0, nr, dst, nt = o
+                        srcr = (dst, dst + 4 * max(nt, 1) * nr)
+                        between = [acc(x) for x in out[k + 1:]]
+                        if nt > 1 and dst == f["a"] and nt == reps and nr == w and not any(
+                                self._hit([srcr, cdst], b[0] + b[1]) for b in between) \
+                                and not self._hit([srcr], [cdst]):
+                            out[k] = ("mvs", first, r0, nr, nt, f["dst"], stride, ((dst, r0, nr),))
+                            st = None
+                        break
+                    if o[0] != "ld":
+                        break
+                if st is None:
+                    continue
+            out.append(st)
+        steps = out
+        # B: ST of a fused product's rows -> "mvst" (HBM written from the product)
+        out = []
+        for st in steps:
+            if st[0] == "ins" and instrs[st[1]].op == "ST" and instrs[st[1]]["func"] == isa.ST_F32:
+                f = instrs[st[1]].fields
+                cr, _, _, hw = acc(st)
+                if hw != [(0, 1 << 62)]:
+                    for k in range(len(out) - 1, max(len(out) - self._LOOK, -1), -1):
+                        o = out[k]
+                        ocw = acc(o)[1]
+                        if not self._hit(cr, ocw):
+                            continue
+                        if o[0] == "mvw" and ocw == cr:
+                            _, pc, first, r0, nr, dst, nt = o
+                            st = ("mvst", first, r0, nr, nt, hw[0][0], 1)
+                        break
+            out.append(st)
+        steps = out
+        # C: drop row writes (and stage writes) that a later row or stage write covers first
+        out = list(steps)
+        for i, st in enumerate(out):
+            if st is None or st[0] not in ("mvw", "mvs") or (st[0] == "mvs" and len(st[7]) != 1):
+                continue
+            region = acc(st)[1][-1]
+            for j in range(i + 1, min(i + self._LOOK, len(out))):
+                o = out[j]
+                if o is None:
+                    continue
+                r, w, _, _ = acc(o)
+                cover = w[0] if o[0] == "mvw" else (w[-1] if o[0] == "mvs" and len(o[7]) == 1 else None)
+                if cover and cover[0] <= region[0] and region[1] <= cover[1] and \
+                        not self._hit([region], w[:-1] if o[0] == "mvs" else []):
+                    out[i] = None if st[0] == "mvw" else st[:7] + ((),)
+                    break
+                if self._hit([region], r + w):
+                    break
+        steps = [st for st in out if st is not None]
+        # D, E: merge contiguous scatters / HBM writes of one product
+        out = []
+        for st in steps:
+            if st[0] in ("mvs", "mvst"):
+                for k in range(len(out) - 1, max(len(out) - self._LOOK, -1), -1):
+                    o = out[k]
+                    if o[0] == st[0] and o[1] == st[1]:
+                        mine = acc(st)
+                        between = [acc(x) for x in out[k + 1:]]
+                        moved = mine[1] if st[0] == "mvs" else mine[3]
+                        safe = not any(self._hit(moved, b[0] + b[1] + b[2] + b[3]) for b in between)
+                        if st[0] == "mvs":
+                            _, first, r0, nr, nt, cdst, stride, stages = o
+                            ok = (st[4] == nt and st[6] == stride and st[2] == r0 + nr
+                                  and st[5] == cdst + 4 * nr)
+                            if ok and safe:
+                                # the scatters merge; the stage writes stay in their order
+                                out[k] = ("mvs", first, r0, nr + st[3], nt, cdst, stride, stages + st[7])
+                                st = None
+                        else:
+                            _, first, r0, nr, nt, addr, kk = o
+                            ok = (st[4] == nt and st[3] == nr and st[2] == r0 + kk * nr
+                                  and st[5] == addr + 4 * max(nt, 1) * nr * kk)
+                            if ok and safe:
+                                out[k] = ("mvst", first, r0, nr, nt, addr, kk + 1)
+                                st = None
+                        break
+                if st is None:
+                    continue
+            out.append(st)
+        return out
+
+    @staticmethod
+    def _st_span(ins, regs0):
+        """HBM bytes an ST may write, [start, end) (to infinity when a register moves it)."""
+        f = ins.fields
+        lo = regs0[f["hreg"]] + f["hoff"] * isa.HBM_ALIGN
+        if f["hreg"] in _DYN_REGS or f["ireg"] or f["lreg"]:
+            return (lo if f["hreg"] not in _DYN_REGS else 0, 1 << 62)
+        return (lo, lo + f["len"])
+
+    def _note_hbm_write(self, addr, ln):
+        """A run stored into HBM: if fused products read those bytes, later plans re-read them."""
+        lo, hi = self._fused_span
+        if addr < hi and lo < addr + ln and _overlaps(addr, addr + ln, self._fused):
+            self._packed = {}                       # private from now on: HBM left the image
+            self._fused, self._fused_span = [], (0, 0)
+            for q in self.programs.values():
+                q.plan, q.row_off = None, {}
+
+    def _reg_max(self, r, regs0, p: _Program):
+        """Largest value register ``r`` takes over the runs of this program."""
         if r == isa.REG_POS:
-            return self.kv_context - 1
+            return self.kv_context - p.ntok
         if r == isa.REG_SEQ:
             return self.kv_context
         if r == isa.REG_TOKEN:
@@ -448,28 +679,29 @@ class Golden:
             else:
                 self.hbm[addr:addr + ln] = self.mem[f["buf"]:f["buf"] + ln]
             c["st_bytes"] = c.get("st_bytes", 0) + ln
-        elif op == "MV":
+            self._note_hbm_write(addr, ln)
+        elif op in ("MV", "MM"):
             fmt = isa.FMTS[f["func"] & 3]
             sp = isa.SPARSITIES[f["func"] >> 2]
             nb = f["cols"] // 32
             raw = self.mem[f["wb"]:f["wb"] + mv_weight_bytes(fmt, sp, f["rows"], f["cols"])]
             W = _unpack_weights(fmt, sp, raw, f["rows"], nb)
-            self._mv(W, f["qsrc"], f["dst"], f["cols"])
-        elif op == "MM":
-            fmt = isa.FMTS[f["func"] & 3]
-            sp = isa.SPARSITIES[f["func"] >> 2]
-            nb = f["cols"] // 32
-            raw = self.mem[f["wb"]:f["wb"] + mv_weight_bytes(fmt, sp, f["rows"], f["cols"])]
-            W = _unpack_weights(fmt, sp, raw, f["rows"], nb)
-            for t in range(f["ntok"]):
+            for t in range(f["ntok"] if op == "MM" else 1):
                 self._mv(W, f["qsrc"] + t * nb * QBLOCK_BYTES, f["dst"] + t * f["rows"] * 4, f["cols"])
         elif op == "MISC":
             self._misc(isa.MISC_NAMES[f["func"]], f, regs)
 
-    def _read_q(self, qsrc, nb):
-        q = self.mem[qsrc:qsrc + nb * 32].view(np.int8).reshape(nb, 32)
-        d = self.mem[qsrc + nb * 32:qsrc + nb * 36].view(np.float32)
-        s = self.mem[qsrc + nb * 36:qsrc + nb * 40].view(np.int32)
+    def _read_q(self, qsrc, nb, ntok=0):
+        """The quantized vector at qsrc (ntok = 0), or ntok of them one after the other."""
+        if ntok == 0:
+            q = self.mem[qsrc:qsrc + nb * 32].view(np.int8).reshape(nb, 32)
+            d = self.mem[qsrc + nb * 32:qsrc + nb * 36].view(np.float32)
+            s = self.mem[qsrc + nb * 36:qsrc + nb * 40].view(np.int32)
+            return q, d, s
+        v = self.mem[qsrc:qsrc + ntok * nb * QBLOCK_BYTES].reshape(ntok, nb * QBLOCK_BYTES)
+        q = v[:, :nb * 32].view(np.int8).reshape(ntok, nb, 32)
+        d = np.ascontiguousarray(v[:, nb * 32:nb * 36]).view(np.float32)
+        s = np.ascontiguousarray(v[:, nb * 36:]).view(np.int32)
         return q, d, s
 
     def _mv(self, W, qsrc, dst, cols):
@@ -506,7 +738,14 @@ class Golden:
         elif name == "SILU_MUL":
             self.f32(f["dst"], n)[:] = N.fmul(N.silu(self.f32(f["a"], n)), self.f32(f["b"], n))
         elif name == "COPY":
-            self.f32(f["dst"], n)[:] = self.f32(f["a"], n).copy()
+            reps, w, stride = isa.copy_operands(f)
+            src = self.f32(f["a"], reps * w).copy().reshape(reps, w)
+            if reps == 1:
+                self.f32(f["dst"], w)[:] = src[0]
+            else:
+                # row r goes to dst + 4*r*stride (the whole source is read first)
+                out = self.f32(f["dst"], (reps - 1) * stride + w)
+                np.lib.stride_tricks.as_strided(out, (reps, w), (4 * stride, 4))[:] = src
         elif name == "EMBED":
             fmt = isa.FMTS[f["aux"]]
             nb = n // 32
@@ -518,55 +757,193 @@ class Golden:
                 v = N.fadd(v, N.from_f16(m)[:, None])
             self.f32(f["dst"], n)[:] = v.reshape(-1)
         elif name == "ATTN":
-            hd = f["aux"]
-            S = regs[f["reg"]]
+            nh, t, hd, cached = isa.attn_operands(f)
+            S = regs[f["reg"]] + t                  # rows read from the cache before position S
+            rows = S + (1 if cached else 0)
             scale = self.f32(self.gb_base + 4, 1)[0]
             a = f["a"]
-            qh = self.f32(a, n * hd).copy().reshape(n, hd)
-            kc = N.to_f16(self.f32(a + 4 * n * hd, hd))
-            vc = N.to_f16(self.f32(a + 4 * (n + 1) * hd, hd))
-            K = self.mem[f["b"]:f["b"] + 2 * S * hd].view(np.float16).reshape(S, hd)
+            qh = self.f32(a, nh * hd).copy().reshape(nh, hd)
+            K = self.mem[f["b"]:f["b"] + 2 * rows * hd].view(np.float16).reshape(rows, hd)
             vb = f["b"] + 2 * self.kv_context * hd
-            V = self.mem[vb:vb + 2 * S * hd].view(np.float16).reshape(S, hd)
-            K = np.concatenate([K, kc[None]], 0)
-            V = np.concatenate([V, vc[None]], 0)
+            V = self.mem[vb:vb + 2 * rows * hd].view(np.float16).reshape(rows, hd)
+            if not cached:
+                # the current K and V rows follow the queries, rounded as the cache stores them
+                kc = N.to_f16(self.f32(a + 4 * nh * hd, hd))
+                vc = N.to_f16(self.f32(a + 4 * (nh + 1) * hd, hd))
+                K = np.concatenate([K, kc[None]], 0)
+                V = np.concatenate([V, vc[None]], 0)
             from llmfab.sim.numerics_model import attention
-            o = attention(qh, K[:, None, :], V[:, None, :], scale, n)
-            self.f32(f["dst"], n * hd)[:] = o.reshape(-1)
+            o = attention(qh, K[:, None, :], V[:, None, :], scale, nh)
+            self.f32(f["dst"], nh * hd)[:] = o.reshape(-1)
 
-    def run(self, pos: int, token: int) -> RunResult:
-        """Run the decode program once (token ``token`` at position ``pos``)."""
-        fault = self.check(pos, token)
+    def run(self, pos: int, token: int = 0, program: str = "decode") -> RunResult:
+        """Run a program once: decode (token ``token`` at position ``pos``) or a prefill
+        program (the tokens staged in the I/O region at positions ``pos`` ..)."""
+        p = self.program(program)
+        fault = self.check(pos, token, program)
         if fault:
             return fault
-        if self._plan is None:
-            self._build_plan()
-        regs = self._regs(pos, token)
+        if p.plan is None:
+            self._build_plan(p)
+        regs = self._regs(pos, token, p.ntok)
         self.counters["runs"] += 1
         out = self._run_out
-        for st in self._plan:
+        mem = self.mem
+        c = self.counters
+        for st in p.plan:
             kind = st[0]
             if kind == "mvw":
-                _, pc, first, r0, nr, dst = st
-                self.mem[dst:dst + 4 * nr] = out[first][4 * r0:4 * (r0 + nr)]
+                _, pc, first, r0, nr, dst, nt = st
+                ne = max(nt, 1)
+                self.f32(dst, ne * nr).reshape(ne, nr)[:] = out[first][:, r0:r0 + nr]
             elif kind == "mvrun":
-                _, pc, W, qsrc, cols = st
-                out[pc] = matvec(W, None, act=self._read_q(qsrc, cols // 32)).view(np.uint8)
-                self.counters["macs"] = self.counters.get("macs", 0) + W.rows * cols
+                _, pc, W, qsrc, cols, nt = st
+                out[pc] = matmat(W, self._read_q(qsrc, cols // 32, max(nt, 1)))
+                c["macs"] = c.get("macs", 0) + W.rows * cols * max(nt, 1)
+            elif kind == "mvs":
+                # MM tiles into the stage, each scattered by COPY to rows r0.. of nt vectors
+                _, first, r0, nr, nt, cdst, stride, stages = st
+                for sa, sr0, snr in stages:
+                    self.f32(sa, nt * snr).reshape(nt, snr)[:] = out[first][:, sr0:sr0 + snr]
+                v = self.f32(cdst, (nt - 1) * stride + nr)
+                np.lib.stride_tricks.as_strided(v, (nt, nr), (4 * stride, 4))[:] = out[first][:, r0:r0 + nr]
+            elif kind == "mvst":
+                # k tiles of nr rows streamed to HBM, each [ne][nr] (tile-major)
+                _, first, r0, nr, nt, addr, k = st
+                ne = max(nt, 1)
+                blk = out[first][:, r0:r0 + k * nr].reshape(ne, k, nr).transpose(1, 0, 2)
+                self.hbm[addr:addr + 4 * ne * nr * k].view(np.float32).reshape(k, ne, nr)[:] = blk
+                c["st_bytes"] = c.get("st_bytes", 0) + 4 * ne * nr * k
+                self._note_hbm_write(addr, 4 * ne * nr * k)
             else:
-                self._exec(self.instrs[st[1]], regs)
+                self._exec(p.instrs[st[1]], regs)
         return RunResult(isa.STATUS_OK)
 
+    # ---- host side: logits, prefill staging ------------------------------------------------
     def logits(self) -> np.ndarray:
+        """The logits of the last decode run (``[vocab]`` float32)."""
         io = int(self.bundle.manifest["memory_map"]["logits"][0])
         n = int(self.bundle.manifest["model"]["vocab_size"])
         return self.hbm[io:io + 4 * n].view(np.float32).copy()
 
-    def instruction_counts(self) -> dict:
+    def stage_tokens(self, tokens) -> None:
+        """What the host does before a prefill run: write the raw embedding rows (GGUF
+        blocks, from the bundle's weight image) of ``tokens`` into the I/O region."""
+        man = self.bundle.manifest
+        tr = man["prefill"]["token_rows"]
+        base, size = man["memory_map"]["prefill_tokens"]
+        stride, rb = int(tr["row_stride"]), int(tr["row_bytes"])
+        if len(tokens) * stride > size:
+            raise SimError(f"{len(tokens)} prefill tokens exceed the staging region ({size} bytes)")
+        emb = int(man["registers"]["wbase"]) + int(tr["embedding_offset"])
+        img = self.bundle.hbm_image
+        vocab = int(man["model"]["vocab_size"])
+        for t, tok in enumerate(tokens):
+            tok = int(tok)
+            if not 0 <= tok < vocab:
+                raise SimError(f"token id {tok} out of range (vocab size {vocab})")
+            self.hbm[base + t * stride:base + t * stride + rb] = img[emb + tok * rb:emb + (tok + 1) * rb]
+
+    def prefill(self, pos: int, tokens, program: str | None = None) -> RunResult:
+        """Stage ``tokens`` and run the prefill program of bucket ``len(tokens)`` at ``pos``."""
+        self.stage_tokens(tokens)
+        return self.run(pos, 0, program or f"prefill_{len(tokens)}")
+
+    def prefill_logits(self, ntok: int) -> np.ndarray:
+        """The logits of the last ``ntok``-token prefill run, ``[ntok, vocab]`` in token order
+        (un-tiled from the tile-major I/O layout)."""
+        man = self.bundle.manifest
+        io = int(man["memory_map"]["prefill_logits"][0])
+        vocab = int(man["model"]["vocab_size"])
+        flat = self.hbm[io:io + 4 * ntok * vocab].view(np.float32)
+        return untile_logits(flat, ntok, man["prefill"]["lm_head_tiles"], vocab)
+
+    def instruction_counts(self, program: str = "decode") -> dict:
         out = {}
-        for ins in self.instrs:
+        for ins in self.program(program).instrs:
             out[ins.op] = out.get(ins.op, 0) + 1
         return out
+
+
+def _merge_ranges(ranges):
+    """Sorted, disjoint, merged [(start, end)]."""
+    out = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _overlaps(a, b, merged) -> bool:
+    """Does [a, b) overlap one of the merged ranges?"""
+    import bisect
+    i = bisect.bisect_right(merged, (b, -1)) - 1     # last range starting before b
+    return i >= 0 and merged[i][1] > a and a < b
+
+
+def untile_logits(flat: np.ndarray, ntok: int, tiles, vocab: int) -> np.ndarray:
+    """Tile-major logits (tile (r0, nr) is ``[ntok][nr]`` at ``ntok*r0``) -> ``[ntok, vocab]``."""
+    out = np.empty((ntok, vocab), np.float32)
+    i = 0
+    while i < len(tiles):
+        r0, nr = tiles[i]
+        j = i
+        while j + 1 < len(tiles) and tiles[j + 1][1] == nr and tiles[j + 1][0] == tiles[j][0] + nr:
+            j += 1
+        k = j - i + 1                      # k equal tiles in a row: one reshape
+        blk = flat[ntok * r0:ntok * (r0 + k * nr)].reshape(k, ntok, nr)
+        out[:, r0:r0 + k * nr] = blk.transpose(1, 0, 2).reshape(ntok, k * nr)
+        i = j + 1
+    return out
+
+
+_SAFE = np.float32(2.0 ** -102)
+
+
+def matmat(W: PackedMatrix, act) -> np.ndarray:
+    """``matvec`` for ``ntok`` quantized vectors at once: ``[ntok, rows]``, the same bits per token.
+
+    ``act = (q [ntok, nb, 32], d [ntok, nb], sumq [ntok, nb])``. The block dot products
+    are exact integers (any summation order gives the same float32 value; zero sums are
+    made +0 as einsum gives them), every later step is elementwise, and ``accum4`` runs
+    over the block axis as in ``matvec``. When every nonzero block value is at least
+    2**-102 (and finite), neither the multiply's flush nor accum4's can fire, and plain
+    float32 arithmetic gives those bits (the fast path of ``numerics.accum4``).
+    """
+    qx, dx, sumq = act
+    xf = np.transpose(qx.astype(np.float32), (1, 0, 2))               # [nb, T, 32]
+    dxt = np.asarray(dx, np.float32).T[:, :, None]                    # [nb, T, 1]
+    sq = sumq.T.astype(np.float32)[:, :, None] if W.fmt == "q4_1" and W.mask is None else None
+    nb, ntok = xf.shape[:2]
+    step = max(256, (1 << 18) // (nb * ntok))                          # rows per cache-sized chunk
+    if W.rows <= step:
+        return _matmat_rows(W, xf, dxt, sq, slice(None))
+    return np.concatenate([_matmat_rows(W, xf, dxt, sq, slice(r, r + step))
+                           for r in range(0, W.rows, step)], axis=1)
+
+
+def _matmat_rows(W, xf, dxt, sq, rs):
+    v = np.matmul(xf, np.transpose(W.qf[:, rs], (0, 2, 1)))           # [nb, T, rows] isum
+    v += np.float32(0)
+    v *= W.d[:, None, rs]
+    if W.fmt == "q4_1":
+        if W.mask is not None:
+            sq = np.matmul(xf, np.transpose(W.mask[:, rs], (0, 2, 1)))
+        v += W.m[:, None, rs] * sq
+    v *= dxt                                                           # fmul(t, d_x) before the flush
+    a = np.abs(v)
+    if not (((a < _SAFE) & (a != 0)).any() or not np.isfinite(a).all()):
+        nb = v.shape[0]
+        full = nb // 4 * 4
+        p = np.zeros((4,) + v.shape[1:], np.float32)
+        for i in range(0, full, 4):
+            p += v[i:i + 4]
+        tail = v[full:]
+        p[:len(tail)] += tail
+        return (p[0] + p[1]) + (p[2] + p[3])
+    return N.accum4(N.ftz(v), axis=0)
 
 
 def _unpack_weights(fmt, sp, raw, rows, nb) -> PackedMatrix:

@@ -1,0 +1,624 @@
+"""Prefill programs (bucketed by length): bit-exact with the decode program token by token.
+
+Every comparison is on bits: the logits of a T-token prefill run equal those of
+T decode runs, and the KV cache left in HBM is identical, at position 0 and
+after earlier prefill or decode runs.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from llmfab.boards.config import load_config
+from llmfab.boards.errors import BackendError, BundleError, SimError
+from llmfab.compiler import isa
+from llmfab.compiler.bundle import Bundle, read_bundle, write_bundle
+from llmfab.compiler.compile import compile_model
+from llmfab.compiler.model import load_model
+from llmfab.sim import numerics as N
+from llmfab.sim.golden import Golden, matmat, untile_logits
+from llmfab.sim.golden_backend import GoldenDevice, split_buckets
+from llmfab.sim.numerics_model import NumericsModel, matvec, pack_matrix
+
+import tinymodel
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "boards", "configs")
+
+
+def _bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+def _kv(g):
+    base, size = g.bundle.manifest["memory_map"]["kv"]
+    return g.hbm[base:base + size].copy()
+
+
+def _write_config(tmp_path, base="ci", **changes):
+    c = yaml.safe_load(open(os.path.join(CONFIGS, f"{base}.yaml")))
+    for k, v in changes.items():
+        node = c
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = v
+    path = tmp_path / f"cfg_{abs(hash(str(sorted(changes.items()))))}.yaml"
+    path.write_text(yaml.safe_dump(c))
+    return load_config(str(path))
+
+
+def decode_run(bundle, tokens):
+    """Golden after running ``tokens`` one by one through the decode program; logits [T, vocab]."""
+    g = Golden(bundle)
+    out = []
+    for pos, t in enumerate(tokens):
+        r = g.run(pos, t)
+        assert r.status == isa.STATUS_OK, r
+        out.append(g.logits())
+    return g, np.stack(out)
+
+
+def chunked_run(bundle, tokens, chunks, golden=None):
+    """Golden after running ``tokens`` in chunks (T > 1: prefill_T, T = 1: decode)."""
+    assert sum(chunks) == len(tokens)
+    g = golden or Golden(bundle)
+    out, pos = [], 0
+    for T in chunks:
+        if T == 1:
+            r = g.run(pos, tokens[pos])
+            assert r.status == isa.STATUS_OK, r
+            out.append(g.logits()[None])
+        else:
+            r = g.prefill(pos, tokens[pos:pos + T])
+            assert r.status == isa.STATUS_OK, r
+            out.append(g.prefill_logits(T))
+        pos += T
+    return g, np.concatenate(out)
+
+
+def assert_same(bundle, tokens, chunks, ref=None):
+    gref, want = ref or decode_run(bundle, tokens)
+    g, got = chunked_run(bundle, tokens, chunks)
+    assert np.array_equal(_bits(got), _bits(want)), chunks
+    assert np.array_equal(_kv(g), _kv(gref)), chunks
+    return g
+
+
+# ---- tiny models on the ci configuration (buckets 2, 4, 8) --------------------------------
+
+@pytest.fixture(scope="module")
+def ci():
+    return load_config("ci")
+
+
+@pytest.fixture(scope="module")
+def ci_wb4(tmp_path_factory):
+    """ci with a 4 KiB weight buffer: the tiny model's matrices take several tiles (MM into
+    the stage, then COPY), as SmolLM2's do on ci."""
+    return _write_config(tmp_path_factory.mktemp("cfg"), **{"buffers.weight_kib": 4})
+
+
+@pytest.fixture(scope="module", params=[(q, c) for c in ("ci", "ci_wb4") for q in ("q4_0", "q4_1", "q8_0")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def tiny(request, tmp_path_factory, ci, ci_wb4):
+    qtype, cname = request.param
+    cfg = ci if cname == "ci" else ci_wb4
+    p = tmp_path_factory.mktemp("tiny") / f"{qtype}.gguf"
+    m = load_model(tinymodel.write_tiny_gguf(p, qtype, seed=3))
+    b = compile_model(m, cfg)
+    copies = sum(1 for w in isa.from_bytes(b.prefill[2])
+                 if isa.decode(w).op == "MISC" and isa.decode(w)["func"] == isa.MISC_FUNCS["COPY"])
+    assert (copies > 0) == (cname == "ci_wb4")
+    return m, b, cfg
+
+
+TOKS = [int(t) for t in np.random.default_rng(11).integers(0, 256, 23)]
+
+
+def test_tiny_buckets_and_programs(tiny):
+    m, b, cfg = tiny
+    man = b.manifest
+    # smaller LM-head tiles (4 KiB weight buffer) leave room for one more bucket
+    want = [2, 4, 8] if cfg.buffers.weight_kib == 32 else [2, 4, 8, 16]
+    assert man["prefill"]["buckets"] == want
+    assert man["prefill"]["note"].startswith(f"bucket {2 * want[-1]} does not fit: ")
+    assert sorted(b.prefill) == want
+    progs = man["programs"]["prefill"]
+    for T, prog in b.prefill.items():
+        info = progs[str(T)]
+        assert info["file"] == f"prefill_{T}.bin" and info["tokens"] == T
+        assert info["bytes"] == len(prog) == 16 * info["words"]
+        assert man["stats"]["prefill_program_bytes"][str(T)] == len(prog)
+        assert sum(info["instructions"].values()) == info["words"]
+    assert man["programs"]["decode"]["bytes"] == len(b.program)
+
+
+@pytest.mark.parametrize("chunks", [[2], [4], [8], [8, 8, 4, 2, 1], [1, 1, 1, 8, 4, 2, 2, 4],
+                                    [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1], [1, 2, 1, 4, 1, 8, 1, 4, 1],
+                                    [16, 4, 2, 1], [1, 16, 2]])
+def test_tiny_prefill_bit_exact(tiny, chunks):
+    """Every bucket, at position 0 and continuing after prefill and decode runs (odd positions)."""
+    m, b, cfg = tiny
+    if max(chunks) not in [1] + b.manifest["prefill"]["buckets"]:
+        pytest.skip(f"no bucket {max(chunks)} on this configuration")
+    toks = TOKS[:sum(chunks)]
+    assert_same(b, toks, chunks)
+
+
+def test_tiny_prefill_matches_numerics_model(tiny):
+    m, b, cfg = tiny
+    nm = NumericsModel(m, max_context=b.manifest["context"])
+    want = nm.forward(TOKS[:15])
+    _, got = chunked_run(b, TOKS[:15], [8, 4, 2, 1])
+    assert np.array_equal(_bits(got), _bits(want))
+
+
+def test_golden_device_uses_buckets(tiny):
+    m, b, ci = tiny
+    _, want = decode_run(b, TOKS)
+    dev = GoldenDevice(m, ci, bundle=b)
+    got = dev.logits(TOKS)                         # 23 = 8 + 8 + 4 + 2 + 1 (or 16 + 4 + 2 + 1)
+    assert got.shape == (23, 256)
+    assert np.array_equal(_bits(got), _bits(want))
+    buckets = b.manifest["prefill"]["buckets"]
+    runs = {8: 2, 4: 1, 2: 1} if buckets == [2, 4, 8] else {16: 1, 4: 1, 2: 1}
+    assert dev.prefill_runs == runs and dev.steps == 1
+    st = dev.stats()
+    assert st["prefill_buckets"] == buckets
+    assert st["prefill_runs"] == {str(k): v for k, v in sorted(runs.items())}
+    assert set(st["prefill_program_bytes"]) == {str(t) for t in buckets}
+    # chunked teacher forcing and a continued forward give the same bits
+    assert np.array_equal(_bits(dev.logits(TOKS, chunk=5)), _bits(want))
+    dev.reset()
+    a = dev.forward(TOKS[:3])
+    c = dev.forward(TOKS[3:])
+    assert np.array_equal(_bits(np.concatenate([a, c])), _bits(want))
+    # decode-only device: same bits
+    dev1 = GoldenDevice(m, ci, bundle=b, prefill=False)
+    assert np.array_equal(_bits(dev1.logits(TOKS)), _bits(want))
+    assert dev1.prefill_runs == {} and dev1.steps == 23
+
+
+def test_greedy_generation_same_with_prefill(tiny):
+    m, b, ci = tiny
+    r1 = GoldenDevice(m, ci, bundle=b).generate(TOKS[:13], 6)
+    r2 = GoldenDevice(m, ci, bundle=b, prefill=False).generate(TOKS[:13], 6)
+    assert r1.tokens == r2.tokens
+
+
+# ---- sparse ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sp", ["ffn=2:4,attn=8:16", "2:16"])
+def test_sparse_prefill_bit_exact(tmp_path, ci, sp):
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_1", seed=5))
+    b = compile_model(m, ci, sparsity=sp)
+    assert b.manifest["prefill"]["buckets"] == [2, 4, 8]
+    toks = TOKS[:15]
+    gref, want = decode_run(b, toks)
+    assert_same(b, toks, [8, 4, 2, 1], ref=(gref, want))
+    assert_same(b, toks, [1, 2, 4, 8], ref=(gref, want))
+    nm = NumericsModel(m, max_context=b.manifest["context"], masks=b.extra["masks"])
+    assert np.array_equal(_bits(want), _bits(nm.forward(toks)))
+    dense = NumericsModel(m, max_context=b.manifest["context"]).forward(toks)
+    assert not np.array_equal(want, dense)
+
+
+# ---- SmolLM2 ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model()
+
+
+SMOL_TOKS = [504, 3575, 282, 4649, 314, 7042, 28, 9, 1167, 253, 8134, 30, 2115, 282, 260, 1345,
+             7042, 314, 28, 504, 3575, 282, 4649, 9, 30, 1167, 253, 8134, 2115, 260, 1345]
+
+
+def test_smollm2_on_ci(smol, ci):
+    """ci holds two tokens of SmolLM2 activations: bucket 2 only."""
+    b = compile_model(smol, ci)
+    pre = b.manifest["prefill"]
+    assert pre["buckets"] == [2]
+    assert pre["per_token_activation_bytes"] * 4 > 64 * 1024 >= pre["per_token_activation_bytes"] * 2
+    assert "bucket 4 does not fit" in pre["note"]
+    toks = SMOL_TOKS[:7]
+    ref = decode_run(b, toks)
+    assert_same(b, toks, [2, 2, 2, 1], ref=ref)
+    assert_same(b, toks, [1, 2, 1, 2, 1], ref=ref)
+    # the backend: greedy buckets, same logits
+    dev = GoldenDevice(smol, ci, bundle=b)
+    assert np.array_equal(_bits(dev.logits(toks)), _bits(ref[1]))
+    assert dev.prefill_runs == {2: 3}
+
+
+def test_smollm2_larger_buckets(tmp_path, smol):
+    """A ci variant with a 512 KiB activation buffer: buckets 2 .. 16, every one bit-exact."""
+    cfg = _write_config(tmp_path, **{"buffers.activation_kib": 512})
+    b = compile_model(smol, cfg)
+    assert b.manifest["prefill"]["buckets"] == [2, 4, 8, 16]
+    sizes = [len(b.prefill[T]) for T in (2, 4, 8, 16)]
+    assert sizes == sorted(sizes) and sizes[0] > len(b.program)
+    toks = SMOL_TOKS
+    assert_same(b, toks, [16, 8, 4, 2, 1])
+
+
+# ---- what the programs contain ----------------------------------------------------------
+
+def _instrs(prog):
+    return [isa.decode(w) for w in isa.from_bytes(prog)]
+
+
+def test_prefill_program_structure(tmp_path, ci):
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_1", seed=1))
+    b = compile_model(m, ci)
+    d = m.desc
+    hd, g = d.head_dim, d.gqa_group
+    man = b.manifest
+    io = man["registers"]["iobase"]
+    tok_base = man["memory_map"]["prefill_tokens"][0] - io
+    stride = man["prefill"]["token_rows"]["row_stride"]
+    assert stride % 32 == 0 and stride >= man["prefill"]["token_rows"]["row_bytes"]
+    dec = _instrs(b.program)
+    # the decode program's ATTN: t = 0, current row from q/k/v (the meaning it always had)
+    for i in dec:
+        if i.op == "MISC" and i["func"] == isa.MISC_FUNCS["ATTN"]:
+            assert (i["n"], i["aux"]) == (g, hd)
+    assert not any(i.op == "SYS" and i["func"] == isa.SYS_SYNC for i in dec)
+    for T, prog in b.prefill.items():
+        ins = _instrs(prog)
+        assert ins[-1].op == "SYS" and ins[-1]["func"] == isa.SYS_END
+        assert not any(i.op == "MV" for i in ins)
+        mms = [i for i in ins if i.op == "MM"]
+        assert mms and all(i["ntok"] == T for i in mms)
+        # one SYNC per layer: the K/V stores reach HBM before the cache is reloaded
+        assert sum(i.op == "SYS" and i["func"] == isa.SYS_SYNC for i in ins) == d.n_layers
+        attn = [i for i in ins if i.op == "MISC" and i["func"] == isa.MISC_FUNCS["ATTN"]]
+        assert len(attn) == d.n_layers * d.n_kv_heads * T
+        ops = [isa.attn_operands(i.fields) for i in attn]
+        assert all(o[0] == g and o[2] == hd and o[3] for o in ops)
+        assert sorted({o[1] for o in ops}) == list(range(T))
+        kv_st = [i for i in ins if i.op == "ST" and i["func"] == isa.ST_F16]
+        assert len(kv_st) == 2 * T * d.n_kv_heads * d.n_layers
+        assert all(i["ireg"] == isa.REG_POS and i["stride"] == 2 * hd for i in kv_st)
+        kv_ld = [i for i in ins if i.op == "LD" and i["hreg"] == isa.REG_KVBASE]
+        assert kv_ld and all(i["len"] == T * hd * 2 and i["lreg"] == isa.REG_POS for i in kv_ld)
+        rope_ld = [i for i in ins if i.op == "LD" and i["ireg"] == isa.REG_POS]
+        assert len(rope_ld) == d.n_layers and all(i["len"] == T * hd * 4 for i in rope_ld)
+        # token rows come from the I/O region, never through R7
+        assert not any(i["ireg"] == isa.REG_TOKEN for i in ins if i.op in ("LD", "ST"))
+        tok_ld = [i for i in ins if i.op == "LD" and i["hreg"] == isa.REG_IOBASE]
+        assert sum(i["len"] for i in tok_ld) == T * stride
+        assert min(i["hoff"] for i in tok_ld) * 32 == tok_base
+        embeds = [i for i in ins if i.op == "MISC" and i["func"] == isa.MISC_FUNCS["EMBED"]]
+        assert len(embeds) == T
+        # logits: one ST per LM-head tile, [T][rows] at T*r0*4
+        lst = [i for i in ins if i.op == "ST" and i["func"] == isa.ST_F32]
+        tiles = man["prefill"]["lm_head_tiles"]
+        assert [(i["hoff"] * 32, i["len"]) for i in lst] == [(T * r0 * 4, T * nr * 4) for r0, nr in tiles]
+
+
+def test_prefill_io_layout_and_untiling():
+    rng = np.random.default_rng(0)
+    tiles = [[0, 24], [24, 24], [48, 24], [72, 16], [88, 8], [96, 8], [104, 3]]
+    vocab = 107
+    for T in (1, 2, 5):
+        want = rng.standard_normal((T, vocab)).astype(np.float32)
+        flat = np.concatenate([want[:, r0:r0 + nr].reshape(-1) for r0, nr in tiles])
+        assert np.array_equal(untile_logits(flat, T, tiles, vocab), want)
+
+
+def test_no_prefill_when_only_one_token_fits(tmp_path):
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_0", seed=2))
+    cfg = _write_config(tmp_path, base="tiny", **{"buffers.activation_kib": 4})
+    b = compile_model(m, cfg)
+    pre = b.manifest["prefill"]
+    assert pre["buckets"] == [] and b.prefill == {} and b.manifest["programs"]["prefill"] == {}
+    assert pre["note"].startswith("no prefill programs: only T=1 fits the activation buffer (4096 bytes; ")
+    assert pre["note"] in b.manifest["notes"]
+    assert "prefill_tokens" not in b.manifest["memory_map"]
+    out = tmp_path / "b"
+    write_bundle(b, str(out))
+    assert sorted(os.listdir(out)) == ["hbm.bin", "manifest.json", "program.bin"]
+    dev = GoldenDevice(m, cfg, bundle=read_bundle(str(out), cfg))
+    _, want = decode_run(b, TOKS[:5])
+    assert np.array_equal(_bits(dev.logits(TOKS[:5])), _bits(want))
+    with pytest.raises(SimError, match=r"^bundle has no program 'prefill_2' \(it has decode\)$"):
+        dev.golden.run(0, 0, program="prefill_2")
+
+
+def test_no_prefill_for_head_dim_not_multiple_of_16(tmp_path, ci):
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q8_0", n_heads=8, n_kv_heads=2))
+    assert m.desc.head_dim == 8
+    b = compile_model(m, ci)
+    assert b.manifest["prefill"]["buckets"] == []
+    assert "head dim 8 is not a multiple of 16" in b.manifest["prefill"]["note"]
+    assert compile_model(m, ci, prefill=False).manifest["prefill"]["note"] == "prefill programs not requested"
+
+
+# ---- bundles -----------------------------------------------------------------------------
+
+def test_bundle_roundtrip_with_prefill(tmp_path, tiny):
+    m, b, ci = tiny
+    p = tmp_path / "b"
+    write_bundle(b, str(p))
+    assert sorted(os.listdir(p)) == sorted(["hbm.bin", "manifest.json", "program.bin"]
+                                           + [f"prefill_{t}.bin" for t in b.prefill])
+    r = read_bundle(str(p), ci)
+    assert r.prefill == b.prefill and r.program == b.program and r.manifest == b.manifest
+    assert set(r.manifest["files"]) == set(os.listdir(p)) - {"manifest.json"}
+    _, want = decode_run(r, TOKS[:8])
+    _, got = chunked_run(r, TOKS[:8], [8])
+    assert np.array_equal(_bits(got), _bits(want))
+    f = p / "prefill_4.bin"
+    data = bytearray(f.read_bytes())
+    data[40] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"prefill_4.bin: corrupt \(SHA-256 does not match the manifest\)$"):
+        read_bundle(str(p))
+    f.unlink()
+    with pytest.raises(BundleError, match=r": missing prefill_4.bin$"):
+        read_bundle(str(p))
+
+
+# ---- validation, deadlock and status semantics on prefill programs -------------------------
+
+@pytest.fixture(scope="module")
+def tiny41(tmp_path_factory, ci_wb4):
+    p = tmp_path_factory.mktemp("t41") / "t.gguf"
+    m = load_model(tinymodel.write_tiny_gguf(p, "q4_1", seed=2))
+    return compile_model(m, ci_wb4)
+
+
+def _patched(b, T, edit):
+    words = isa.from_bytes(b.prefill[T])
+    edit(words)
+    return Bundle(manifest=b.manifest, program=b.program, hbm_image=b.hbm_image,
+                  prefill={**b.prefill, T: isa.to_bytes(words)})
+
+
+def _find(words, pred, last=False):
+    idx = range(len(words) - 1, -1, -1) if last else range(len(words))
+    for i in idx:
+        ins = isa.decode(words[i])
+        if pred(ins):
+            return i, ins
+    raise AssertionError("not found")
+
+
+def _run4(b):
+    g = Golden(b)
+    g.stage_tokens(TOKS[:4])
+    return g.run(3, 0, program="prefill_4")
+
+
+def test_prefill_illegal_word_reported(tiny41):
+    def edit(w):
+        w[50] = (w[50] & ~0xF) | 0xF
+    b = _patched(tiny41, 4, edit)
+    r = _run4(b)
+    assert (r.status, r.pc) == (isa.STATUS_ILLEGAL, 50)
+    assert r.detail.startswith("illegal instruction 0x") and r.detail.endswith("opcode 15")
+    g = Golden(b)                       # the other programs are unaffected
+    assert g.run(0, 1).status == isa.STATUS_OK
+    assert g.prefill(1, TOKS[:2]).status == isa.STATUS_OK
+
+
+def test_prefill_attn_operand_illegal(tiny41):
+    hd = tiny41.manifest["model"]["head_dim"]
+
+    def edit(w):
+        i, ins = _find(w, lambda x: x.op == "MISC" and x["func"] == isa.MISC_FUNCS["ATTN"])
+        ins.fields["aux"] = (hd + 1) | isa.ATTN_CACHED
+        w[i] = isa.encode(ins)
+        edit.pc = i
+    r = _run4(_patched(tiny41, 4, edit))
+    assert (r.status, r.pc, r.detail) == (isa.STATUS_ILLEGAL, edit.pc, f"ATTN head dim {hd + 1}")
+
+
+def test_prefill_first_fault_in_program_order(tiny41):
+    """An HBM fault before an illegal word decides the status (registers are known at dispatch)."""
+    def edit(w):
+        i, ins = _find(w, lambda x: x.op == "LD" and x["hreg"] == isa.REG_KVBASE)
+        ins.fields["hoff"] = (1 << 28) - 1
+        w[i] = isa.encode(ins)
+        w[i + 5] = (w[i + 5] & ~0xF) | 0x9
+        edit.pc = i
+    r = _run4(_patched(tiny41, 4, edit))
+    assert (r.status, r.pc) == (isa.STATUS_HBM_RANGE, edit.pc)
+
+
+def test_prefill_copy_range_checked(tiny41):
+    def edit(w):
+        i, ins = _find(w, lambda x: x.op == "MISC" and x["func"] == isa.MISC_FUNCS["COPY"])
+        ins.fields["b"] = (1 << 24) - 1          # destination row stride beyond the on-chip space
+        w[i] = isa.encode(ins)
+        edit.pc = i
+    r = _run4(_patched(tiny41, 4, edit))
+    assert (r.status, r.pc) == (isa.STATUS_BUF_RANGE, edit.pc)
+
+
+def test_prefill_deadlock_and_no_end(tiny41):
+    def dead(w):
+        i, ins = _find(w, lambda x: x.op == "LD" and x["hreg"] == isa.REG_KVBASE and x["rel_next"])
+        ins.fields["rel_next"] = 0
+        w[i] = isa.encode(ins)
+    r = _run4(_patched(tiny41, 4, dead))
+    assert r.status == isa.STATUS_DEADLOCK and "no queue can proceed" in r.detail
+
+    def no_end(w):
+        w[-1] = isa.encode(isa.make("SYS", func=isa.SYS_NOP))
+    assert _run4(_patched(tiny41, 4, no_end)).status == isa.STATUS_NO_END
+
+
+def test_prefill_random_corruption_never_hangs(tiny41):
+    rng = np.random.default_rng(9)
+    seen = set()
+    for _ in range(30):
+        words = isa.from_bytes(tiny41.prefill[2])
+        for _ in range(3):
+            i = int(rng.integers(0, len(words)))
+            words[i] ^= 1 << int(rng.integers(0, 128))
+        b = Bundle(manifest=tiny41.manifest, program=tiny41.program, hbm_image=tiny41.hbm_image,
+                   prefill={2: isa.to_bytes(words)})
+        g = Golden(b)
+        g.stage_tokens(TOKS[:2])
+        with np.errstate(all="ignore"):
+            r = g.run(0, 0, program="prefill_2")
+        assert r.status in isa.STATUS_NAMES
+        seen.add(r.status)
+    assert isa.STATUS_ILLEGAL in seen
+
+
+def test_prefill_token_errors(tiny41, ci):
+    g = Golden(tiny41)
+    with pytest.raises(SimError, match=r"^token id 256 out of range \(vocab size 256\)$"):
+        g.prefill(0, [1, 256])
+    assert g.buckets == [2, 4, 8, 16]
+    with pytest.raises(SimError, match=r"^17 prefill tokens exceed the staging region"):
+        g.stage_tokens([1] * 17)
+    with pytest.raises(SimError, match=r"^bundle has no program 'prefill_3' \(it has decode, prefill_2, "
+                                       r"prefill_4, prefill_8, prefill_16\)$"):
+        g.run(0, 0, program="prefill_3")
+
+
+def test_backend_context_limits_buckets(tmp_path):
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q8_0", seed=4))
+    cfg = load_config("ci")
+    b = compile_model(m, cfg, context=20)
+    assert b.manifest["prefill"]["buckets"] == [2, 4, 8]
+    toks = [int(t) for t in np.random.default_rng(1).integers(0, 256, 20)]
+    g, want = decode_run(b, toks)
+    dev = GoldenDevice(m, cfg, bundle=b)
+    dev.forward(toks[:3])                              # 2 + 1
+    got = dev.forward(toks[3:15])                      # 8 + 4
+    assert np.array_equal(_bits(got), _bits(want[3:15]))
+    # 6 tokens, 5 positions left: 4 + 1 run, then the context is full
+    with pytest.raises(BackendError, match=r"^context overflow: position 20 >= compiled context 20$"):
+        dev.forward(toks[15:] + [1])
+    assert dev.prefill_runs == {2: 1, 8: 1, 4: 2} and dev.steps == 2
+    assert np.array_equal(_kv(dev.golden), _kv(g))
+    dev.reset()
+    with pytest.raises(BackendError, match=r"^token id 300 out of range \(vocab size 256\)$"):
+        dev.forward([1, 300])
+
+
+def test_split_buckets():
+    assert split_buckets(23, [2, 4, 8]) == [8, 8, 4, 2, 1]
+    assert split_buckets(7, []) == [1] * 7
+    assert split_buckets(0, [2]) == []
+    assert split_buckets(3, [2]) == [2, 1]
+
+
+# ---- the golden model's fused products --------------------------------------------------
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_matmat_equals_matvec(qtype):
+    from llmfab.compiler import quant, sparse
+    rng = np.random.default_rng(5)
+    rows, cols = 200, 160
+    raw = quant.quantize_rows(qtype, (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32))
+    mats = [pack_matrix(qtype, raw)]
+    for sp in ("2:4", "8:16"):
+        mats.append(pack_matrix(qtype, raw, sparse.prune(qtype, raw, sp)))
+    for W in mats:
+        for T, scale in ((1, 1.0), (3, 1.0), (7, 1e-30), (2, 1e-35)):
+            xs = (rng.standard_normal((T, cols)) * scale).astype(np.float32)
+            xs[0, :32] = 0                        # an all-zero block
+            acts = [N.quantize_act(x) for x in xs]
+            act = tuple(np.stack([a[i] for a in acts]) for i in range(3))
+            want = np.stack([matvec(W, None, act=a) for a in acts])
+            assert np.array_equal(_bits(matmat(W, act)), _bits(want))
+
+
+def test_fast_plan_equals_instruction_by_instruction(tiny41):
+    """The fused plan leaves exactly the on-chip and HBM bytes of executing every instruction
+    (except the weight buffer: the fused products read their weights from HBM, so the
+    weight loads are skipped)."""
+    fast, slow = Golden(tiny41), Golden(tiny41, fast=False)
+    wb = tiny41.manifest["onchip"]["weight"][0]
+    for chunks in ([2, 1, 4], [8, 1]):
+        pos = 0
+        for T in chunks:
+            for g in (fast, slow):
+                if T == 1:
+                    assert g.run(pos, TOKS[pos]).status == isa.STATUS_OK
+                else:
+                    assert g.prefill(pos, TOKS[pos:pos + T]).status == isa.STATUS_OK
+            assert np.array_equal(fast.mem[:wb], slow.mem[:wb]), (chunks, T)
+            assert np.array_equal(fast.hbm, slow.hbm), (chunks, T)
+            pos += T
+        fast.hbm[:] = slow.hbm[:] = Golden(tiny41).hbm
+    plan = fast.program("prefill_8").plan
+    kinds = {s[0] for s in plan}
+    assert {"mvrun", "mvst", "mvs"} <= kinds
+    # the fusion really shortens the plan: fewer row writes than MM tiles, no COPY or logits ST left
+    instrs = fast.program("prefill_8").instrs
+    n_mm = sum(i.op == "MM" for i in instrs)
+    assert sum(s[0] in ("mvw", "mvs", "mvst") for s in plan) < n_mm // 2
+    left = [instrs[s[1]] for s in plan if s[0] == "ins"]
+    assert not any(i.op == "MISC" and i["func"] == isa.MISC_FUNCS["COPY"] for i in left)
+    assert not any(i.op == "ST" and i["func"] == isa.ST_F32 for i in left)
+
+
+def test_isa_attn_and_copy_operands():
+    f = isa.attn_fields(3, 64, t=5, cached=True)
+    assert f == {"n": 3 | 5 << 8, "aux": 64 | 0x8000}
+    assert isa.attn_operands(f) == (3, 5, 64, True)
+    assert isa.attn_fields(9, 64) == {"n": 9, "aux": 64}          # decode: the old encoding
+    assert isa.attn_operands({"n": 9, "aux": 64}) == (9, 0, 64, False)
+    for bad in ((0, 64, 0), (256, 64, 0), (1, 64, 256), (1, 0, 0), (1, 1 << 15, 0)):
+        with pytest.raises(Exception, match="ATTN operands out of range"):
+            isa.attn_fields(bad[0], bad[1], bad[2])
+    assert isa.copy_operands({"n": 10, "aux": 0, "b": 99}) == (1, 10, 10)
+    assert isa.copy_operands({"n": 10, "aux": 4, "b": 99}) == (4, 10, 99)
+    w = isa.decode(isa.encode(isa.make("MISC", func=isa.MISC_FUNCS["ATTN"], **f)))
+    assert isa.misc_operand_error(w) is None
+    w.fields["aux"] = 63 | isa.ATTN_CACHED
+    assert isa.misc_operand_error(w) == "ATTN head dim 63"
+    assert isa.misc_operand_error(isa.make("MISC", func=isa.MISC_FUNCS["QUANT"], n=33)) == \
+        "QUANT n=33 is not a multiple of 32"
+    assert isa.misc_operand_error(isa.make("LD")) is None
+
+
+def test_stores_into_weights_are_seen(tiny41):
+    """A (corrupted) prefill program that stores into weights later loads read: the fused plan
+    falls back to executing instructions, and the decode program's plan re-reads HBM."""
+    def edit(w):
+        i, ins = _find(w, lambda x: x.op == "ST" and x["func"] == isa.ST_F16)
+        j, ld = _find(w, lambda x: x.op == "LD" and x["hreg"] == isa.REG_WBASE and x["len"] >= 64,
+                      last=True)
+        assert j > i
+        ins.fields.update(hreg=isa.REG_WBASE, hoff=ld["hoff"], ireg=0)
+        w[i] = isa.encode(ins)
+    b = _patched(tiny41, 2, edit)
+    fast, slow = Golden(b), Golden(b, fast=False)
+    for g in (fast, slow):
+        assert g.run(0, 5).status == isa.STATUS_OK          # decode plan built from the image
+        assert g.prefill(1, TOKS[:2]).status == isa.STATUS_OK
+        assert g.run(3, 7).status == isa.STATUS_OK          # reads the overwritten weights
+    assert np.array_equal(fast.hbm, slow.hbm)
+    assert np.array_equal(_bits(fast.logits()), _bits(slow.logits()))
+    p = fast.program("prefill_2")
+    fast._build_plan(p)
+    assert all(s[0] in ("ld", "ins") for s in p.plan)
+    clean = Golden(tiny41)
+    clean.run(0, 5)
+    clean.prefill(1, TOKS[:2])
+    clean.run(3, 7)
+    assert not np.array_equal(clean.logits(), fast.logits())
+    assert Golden(tiny41)._packed is clean._packed            # the clean cache is still shared
+
+
+def test_compile_cli_reports_prefill(tmp_path, capsys):
+    import json
+
+    from llmfab.host.cli import main
+    model = tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_0", seed=4)
+    out = tmp_path / "bundle"
+    assert main(["compile", "--model", model, "--config", "ci", "--out", str(out)]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    b = read_bundle(str(out))
+    assert rep["prefill_buckets"] == [2, 4, 8]
+    assert rep["prefill_program_bytes"] == {str(t): len(p) for t, p in b.prefill.items()}
