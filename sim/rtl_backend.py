@@ -1,0 +1,111 @@
+"""Backend ``rtl``: the generated accelerator under Verilator runs the compiled bundle.
+
+The model is compiled for the configuration, the bundle's HBM image is loaded
+into the simulated HBM (C++ memory behind DPI-C), and every token runs the
+decode program cycle-accurately; the logits are read back from the I/O region.
+``stats()`` reports cycles per token, weight bytes per token, HBM utilization
+(weight bytes moved during decode / (cycles x the configured peak bytes per
+cycle)) and per-queue busy fractions, from the accelerator's own counter block.
+
+The execution unit is ``hw/exec_unit.py``'s when it exists (MV/MM engine plus
+the SFU-based MISC engine); a run whose program uses an operation the
+plugged-in unit does not implement is refused rather than giving wrong bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmfab.boards.errors import BackendError, SimError
+from llmfab.compiler import isa
+from llmfab.host.runtime import Device
+
+
+def exec_factory():
+    """The most complete execution unit available, and the set of MISC/MV ops it implements."""
+    try:
+        from llmfab.hw.exec_unit import ExecUnit, IMPLEMENTED
+        return ExecUnit, set(IMPLEMENTED)
+    except ImportError:
+        return None, {"NOP", "COPY", "ADD", "MUL"}
+
+
+def program_ops(program: bytes) -> set:
+    ops = set()
+    for w in isa.from_bytes(program):
+        ins = isa.decode(w)
+        if ins.op in ("MV", "MM"):
+            ops.add(ins.op)
+        elif ins.op == "MISC":
+            ops.add(isa.MISC_NAMES[ins["func"]])
+    return ops
+
+
+class RtlDevice(Device):
+    name = "rtl"
+
+    def __init__(self, model, config=None, *, bundle=None, waves=False, timeout_cycles=200_000_000,
+                 **kw):
+        from llmfab.boards.config import load_config
+        from llmfab.compiler.compile import compile_model
+        from llmfab.sim.rtl.harness import RtlAccelerator
+        if config is None:
+            config = load_config("ci")
+        if bundle is None:
+            bundle = compile_model(model, config)
+        factory, implemented = exec_factory()
+        missing = program_ops(bundle.program) - implemented
+        if missing:
+            raise BackendError(f"backend 'rtl': the accelerator's execution unit does not implement "
+                               f"{', '.join(sorted(missing))} yet; use --backend golden")
+        self.bundle = bundle
+        self.config = config
+        self.acc = RtlAccelerator(config, bundle, waves=waves, exec_factory=factory)
+        self.acc.start()
+        self.timeout_cycles = timeout_cycles
+        self.context = int(bundle.manifest["context"])
+        self.vocab = int(bundle.manifest["model"]["vocab_size"])
+        self.wbase, self.wsize = bundle.manifest["memory_map"]["weights"]
+        self.pos = 0
+        self.runs = []
+
+    def reset(self):
+        kv0, kvn = self.bundle.manifest["memory_map"]["kv"]
+        self.acc.write_hbm(int(kv0), np.zeros(int(kvn), np.uint8))
+        self.pos = 0
+
+    def forward(self, tokens):
+        out = []
+        for t in tokens:
+            t = int(t)
+            if not 0 <= t < self.vocab:
+                raise BackendError(f"token id {t} out of range (vocab size {self.vocab})")
+            if self.pos >= self.context:
+                raise BackendError(f"context overflow: position {self.pos} >= compiled context {self.context}")
+            r = self.acc.run(self.pos, t, timeout_cycles=self.timeout_cycles)
+            if r.timed_out:
+                raise SimError(f"rtl: watchdog fired after {self.timeout_cycles} cycles at position {self.pos}")
+            if r.status != isa.STATUS_OK:
+                raise SimError(f"rtl: accelerator stopped with status {r.status} "
+                               f"({isa.STATUS_NAMES.get(r.status, '?')}) at instruction {r.pc}")
+            self.runs.append(r)
+            out.append(self.acc.logits().copy())
+            self.pos += 1
+        return np.stack(out)
+
+    def stats(self):
+        if not self.runs:
+            return {}
+        peak = self.config.hbm_bytes_per_cycle
+        cyc = [r.cycles for r in self.runs]
+        wbytes = int(self.bundle.manifest["stats"]["weight_bytes_per_token"])
+        c = self.runs[-1].counters
+        busy = {q: c.get(f"busy_{q}", 0) / max(c.get("cycles", 1), 1) for q in ("ld", "cmp", "st")}
+        return {"cycles_per_token": cyc, "weight_bytes_per_token": wbytes,
+                "hbm_utilization": round(wbytes / (cyc[-1] * peak), 4) if cyc[-1] else 0.0,
+                "busy_fraction": {k: round(v, 4) for k, v in busy.items()},
+                "sim_cycles_per_second": round(self.runs[-1].cycles_per_second, 1),
+                "sim_seconds_per_token": round(self.runs[-1].wall_seconds, 2)}
+
+    def close(self):
+        self.acc.close()
