@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/llmfab boards
+	@echo "--- reference backend (numpy float32, the software oracle)"
 	$(VENV)/bin/llmfab generate --prompt "$(PROMPT)" --max-tokens $(TOKENS) --backend reference
+	@echo "--- golden backend (compiled for the ci configuration, the accelerator's instruction stream and numerics)"
+	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/llmfab generate --prompt "$(PROMPT)" --max-tokens $(TOKENS) --backend golden --json
 
 # One BLAS thread per pytest worker: with -n 2 on 2 cores, OpenBLAS's own threads
 # oversubscribe the machine and small matrix products get ~10x slower.
