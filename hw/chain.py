@@ -459,7 +459,7 @@ class Chain(wiring.Component):
                 m.d.sync += bsum.eq(_popcount(borrows))
                 isum_t = isum_t + _delay(m, bsum, isum_stages - 1, f"bsum{lane}")
             isum_trees.append(isum_t)
-            # sumq over the active slots: starts at S2
+            # sumq over the active slots, from the S1 registers
             sx = [Mux(A_[s], X[s], 0) for s in range(BLOCK_WEIGHTS)]
             sumq_t, sumq_stages = _pipelined_sum(m, sx, f"sumq{lane}")
             sumq_trees.append(sumq_t)
