@@ -389,9 +389,14 @@ class AccelConfig:
         return self.hbm_bytes_per_cycle / block_bytes(fmt, sparsity)
 
     def chain_blocks_per_cycle(self, fmt: str, sparsity: str = "dense") -> float:
-        """Weight blocks the chains consume per cycle:
-        ``format_macs_per_cycle(fmt) / kept_weights(sparsity)``."""
-        return self.format_macs_per_cycle(fmt) / kept_weights(sparsity)
+        """Weight blocks the chains consume per cycle: ``format_macs_per_cycle(fmt) / 32``.
+
+        The same for every sparsity pattern: a chain reads ``length`` activations
+        per cycle, i.e. one 32-element block per 32 lanes, whatever fraction of
+        its weights is kept (hw/chain.py). Sparsity saves HBM bytes, not chain
+        cycles.
+        """
+        return self.format_macs_per_cycle(fmt) / BLOCK_WEIGHTS
 
     def keeps_up(self, fmt: str, sparsity: str = "dense") -> bool:
         """Whether the chains consume blocks at least as fast as the ports deliver them."""
