@@ -123,7 +123,11 @@ def sim_top_verilog(accel, *, read_latency=READ_LATENCY, write_latency=WRITE_LAT
     lines = [f"module {TOPLEVEL}(", "    input wire ap_clk,", "    input wire ap_rst_n,"]
     ext = [(n, w, d) for n, w, d in ports if not n.startswith("m_axi_hbm")]
     decl = [f"    {d} wire [{w - 1}:0] {n}" for n, w, d in ext]
-    lines += [",\n".join(decl), ");", "    wire rst = ~ap_rst_n;"]
+    # the reset is registered: logic that depends on a primary input is re-evaluated by
+    # Verilator at every input change (every clock edge), so a combinational reset would
+    # drag the whole next-state logic into that path
+    lines += [",\n".join(decl), ");", "    reg rst = 1'b1;",
+              "    always @(posedge ap_clk) rst <= ~ap_rst_n;"]
     conns = [".clk(ap_clk)", ".rst(rst)"] + [f".{n}({n})" for n, _, _ in ext]
     for n, w, d in ports:
         if n.startswith("m_axi_hbm"):
@@ -151,6 +155,33 @@ def _build_dir(tag: str, text: str, args) -> Path:
     return build_root() / f"{TOPLEVEL}-{tag}-{h.hexdigest()[:16]}"
 
 
+#: Only the simulation top's own signals are visible to cocotb (VPI).
+_PUBLIC_VLT = f"""`verilator_config
+public_flat_rw -module "{TOPLEVEL}" -var "*"
+"""
+
+
+def _top_public_runner(vlt):
+    """cocotb's Verilator runner without ``--public-flat-rw`` (a control file makes the top public).
+
+    With every signal public and writable Verilator must re-evaluate all
+    combinational logic at every input change; the harness only needs the top's
+    ports, and the simulation runs several times faster without it.
+    """
+    from cocotb_tools.runner import Verilator
+
+    class _Runner(Verilator):
+        def _execute(self, cmds, cwd):
+            cmds = [list(c) for c in cmds]
+            first = cmds[0]
+            if "--public-flat-rw" in first:
+                first.remove("--public-flat-rw")
+                first.append(str(vlt))
+            return super()._execute(cmds, cwd)
+
+    return _Runner()
+
+
 def build(config, *, waves: bool = False, exec_factory=None, read_latency=READ_LATENCY,
           write_latency=WRITE_LATENCY, progress=None) -> Path:
     """Generate and Verilate the simulation of ``config`` (cached); returns the build directory."""
@@ -163,7 +194,7 @@ def build(config, *, waves: bool = False, exec_factory=None, read_latency=READ_L
     args = list(VERILATOR_ARGS) + _BUILD_ARGS + [str(HBM_MODEL_CPP), "-LDFLAGS", "-rdynamic"]
     if waves:
         args += ["--trace-fst", "--trace-structs"]
-    bdir = _build_dir(config.name, text, args)
+    bdir = _build_dir(config.name, text + _PUBLIC_VLT, args)
     bdir.mkdir(parents=True, exist_ok=True)
     exe = bdir / TOPLEVEL
     with open(bdir / ".lock", "w") as lock:
@@ -177,7 +208,9 @@ def build(config, *, waves: bool = False, exec_factory=None, read_latency=READ_L
         if progress:
             progress(f"verilating {config.name} accelerator into {bdir}")
         t0 = time.perf_counter()
-        runner = get_runner("verilator")
+        vlt = bdir / "public.vlt"
+        vlt.write_text(_PUBLIC_VLT)
+        runner = _top_public_runner(vlt)
         try:
             runner.build(sources=[src], hdl_toplevel=TOPLEVEL, build_dir=bdir, build_args=args,
                          waves=waves, log_file=bdir / "build.log")
@@ -420,6 +453,15 @@ class RtlAccelerator:
         io = int(self.bundle.manifest["memory_map"]["logits"][0])
         n = int(self.bundle.manifest["model"]["vocab_size"])
         return self.read_hbm(io, 4 * n).view(np.float32)
+
+    # ---- control registers (hw/control.py)
+    def read_reg(self, offset: int) -> int:
+        """Read a 32-bit control register over AXI4-Lite."""
+        return int(self._call("reg_read", int(offset)))
+
+    def write_reg(self, offset: int, value: int) -> None:
+        """Write a 32-bit control register over AXI4-Lite."""
+        self._call("reg_write", int(offset), int(value) & 0xFFFFFFFF)
 
     # ---- runs
     def run(self, pos: int, token: int, *, timeout_cycles: int = 50_000_000,

@@ -160,6 +160,10 @@ async def serve(dut):
                 value = "llmfab" if args[0] == key else "?"
             elif cmd == "run":
                 value = await dev.run(*args)
+            elif cmd == "reg_read":
+                value = await dev.axil.read_dword(args[0])
+            elif cmd == "reg_write":
+                value = await dev.axil.write_dword(args[0], args[1])
             elif cmd == "hbm_init":
                 value = dev.hbm_init(*args)
             elif cmd == "hbm_load":

@@ -376,3 +376,28 @@ def test_misc_copy_add_mul_match_golden(tiny, acc):
         got = acc.read_hbm(0, hbm)
         diff = np.flatnonzero(got != g.hbm)
         assert diff.size == 0, f"trial {trial}: {diff.size} bytes differ, first at {diff[:8]}"
+
+
+def test_control_registers(tiny, acc):
+    """ap_ctrl_hs and the argument registers as the host sees them over AXI4-Lite."""
+    from llmfab.hw.control import ARGS, REG_CTRL, REG_CYCLES, REG_PC, REG_STATUS
+    config, bundle = tiny
+    words = isa.from_bytes(bundle.program)
+    r = rtl_status(acc, words, 4, 6)
+    assert r.status == 0
+    assert acc.read_reg(REG_CTRL) & 0b1111 == 0b0100        # idle; done/ready were read by the run
+    assert acc.read_reg(REG_STATUS) == 0 and acc.read_reg(REG_PC) == len(words) - 1
+    cycles = acc.read_reg(REG_CYCLES) | acc.read_reg(REG_CYCLES + 4) << 32
+    assert cycles == r.counters["cycles"] > 0
+    assert acc.read_reg(ARGS["pos"][0]) == 4 and acc.read_reg(ARGS["seq"][0]) == 5
+    assert acc.read_reg(ARGS["token"][0]) == 6
+    assert acc.read_reg(ARGS["hbm_size"][0]) == bundle.manifest["hbm_size"]
+    acc.write_reg(ARGS["wbase"][0], 0x12345678)
+    assert acc.read_reg(ARGS["wbase"][0]) == 0x12345678
+    # a faulting run leaves its status and pc in the read-only registers
+    bad = list(words)
+    bad[9] = (bad[9] & ~0xF) | 13
+    r = rtl_status(acc, bad, 4, 6)
+    assert (r.status, r.pc) == (isa.STATUS_ILLEGAL, 9)
+    assert (acc.read_reg(REG_STATUS), acc.read_reg(REG_PC)) == (isa.STATUS_ILLEGAL, 9)
+    assert r.counters["exec_cycles"] == 0 and r.counters["instr_ld"] == 0
