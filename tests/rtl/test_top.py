@@ -94,7 +94,7 @@ def handcrafted(words, man):
     w[3] = _w("LD", buf=0, hreg=isa.REG_ZERO, hoff=(hbm - 16) // 32, len=64)
     out.append(("HBM out of range", w))
     w = list(words)
-    w[5] = _w("LD", buf=0, hreg=isa.REG_ZERO, ireg=isa.REG_POS, stride=hbm // 4, len=16)
+    w[5] = _w("LD", buf=0, hreg=isa.REG_ZERO, ireg=isa.REG_POS, stride=hbm // 2, len=16)
     out.append(("HBM out of range via R1*stride", w))
     w = list(words)
     w[4] = _w("LD", buf=chip - 8, hreg=isa.REG_ZERO, len=16)
@@ -122,11 +122,57 @@ def handcrafted(words, man):
     w = [_w("MISC", func=0, wait_prev=1)] + [_w("MISC", func=0)] * 20 + [_w("LD", rel_next=1),
                                                                          _w("SYS", func=isa.SYS_END)]
     out.append(("full compute queue blocks the releasing LD", w))
+    # queue depth 16: a head blocked on a token plus 15 more fit, the 17th blocks dispatch
+    nop = _w("MISC", func=0)
+    for more in (15, 16):
+        out.append((f"compute head + {more} behind it, then the releasing LD",
+                    [_w("MISC", func=0, wait_prev=1)] + [nop] * more
+                    + [_w("LD", rel_next=1), _w("SYS", func=isa.SYS_END)]))
+        out.append((f"LD head + {more} behind it, then the releasing compute",
+                    [_w("LD", wait_next=1)] + [_w("LD")] * more
+                    + [_w("MISC", func=0, rel_prev=1), _w("SYS", func=isa.SYS_END)]))
+        out.append((f"ST head + {more} behind it, then the releasing compute",
+                    [_w("ST", wait_prev=1)] + [_w("ST")] * more
+                    + [_w("MISC", func=0, rel_next=1), _w("SYS", func=isa.SYS_END)]))
     w = [_w("ST", wait_prev=1), _w("SYS", func=isa.SYS_SYNC), _w("MISC", func=0, rel_next=1),
          _w("SYS", func=isa.SYS_END)]
     out.append(("SYNC before the release", w))
     w = list(words[:end]) + [_w("SYS", func=isa.SYS_END), (1 << 127) | 0xF]
     out.append(("garbage after END is not looked at", w))
+    # ranges ending exactly at the limit are legal, one byte more is not (inserted words carry
+    # no tokens, so the rest of the program runs as compiled)
+    ctx = int(man["onchip"]["context"])
+    q4 = isa.mv_func("q4_0")
+    edges = [
+        ("LD to the last HBM byte", _w("LD", buf=0, hreg=isa.REG_ZERO, hoff=(hbm - 64) // 32, len=64),
+         _w("LD", buf=0, hreg=isa.REG_ZERO, hoff=(hbm - 64) // 32, len=65)),
+        ("LD len scaled by R1 to the last HBM byte",
+         _w("LD", buf=0, hreg=isa.REG_ZERO, hoff=(hbm - 64) // 32, len=4, lreg=isa.REG_POS, lmul=20),
+         _w("LD", buf=0, hreg=isa.REG_ZERO, hoff=(hbm - 64) // 32, len=5, lreg=isa.REG_POS, lmul=20)),
+        ("ST to the last HBM byte", _w("ST", buf=0, hreg=isa.REG_IOBASE, hoff=(hbm - 32 - int(
+            man["registers"]["iobase"])) // 32, ireg=isa.REG_TOKEN, stride=4, len=12),
+         _w("ST", buf=0, hreg=isa.REG_IOBASE, hoff=(hbm - 32 - int(man["registers"]["iobase"])) // 32,
+            ireg=isa.REG_TOKEN, stride=4, len=13)),
+        ("LD to the last on-chip byte", _w("LD", buf=chip - 16, hreg=isa.REG_ZERO, len=16),
+         _w("LD", buf=chip - 16, hreg=isa.REG_ZERO, len=17)),
+        ("ST.f16 reading the last on-chip byte", _w("ST", func=isa.ST_F16, buf=chip - 64,
+                                                    hreg=isa.REG_IOBASE, len=32),
+         _w("ST", func=isa.ST_F16, buf=chip - 64, hreg=isa.REG_IOBASE, len=34)),
+        ("MV weights to the last on-chip byte",
+         _w("MV", func=q4, wb=chip - 2 * 2 * 18, rows=2, cols=64, qsrc=0, dst=0),
+         _w("MV", func=q4, wb=chip - 2 * 2 * 18 + 1, rows=2, cols=64, qsrc=0, dst=0)),
+        ("QUANT output to the last on-chip byte",
+         _w("MISC", func=isa.MISC_FUNCS["QUANT"], dst=chip - 80, a=0, n=64),
+         _w("MISC", func=isa.MISC_FUNCS["QUANT"], dst=chip - 79, a=0, n=64)),
+        ("ATTN V rows to the last on-chip byte",
+         _w("MISC", func=isa.MISC_FUNCS["ATTN"], dst=0, a=0, b=chip - 2 * ctx * 16 - 2 * 4 * 16,
+            n=1, aux=16, reg=isa.REG_SEQ),
+         _w("MISC", func=isa.MISC_FUNCS["ATTN"], dst=0, a=0, b=chip - 2 * ctx * 16 - 2 * 4 * 16 + 2,
+            n=1, aux=16, reg=isa.REG_SEQ)),
+    ]
+    for name, ok, bad in edges:
+        out.append((name, words[:2] + [ok] + words[2:]))
+        out.append((name + " + 1", words[:2] + [bad] + words[2:]))
     return out
 
 
@@ -168,6 +214,10 @@ def test_corrupted_programs_end_with_golden_status(tiny, acc):
     words = isa.from_bytes(bundle.program)
     rng = np.random.default_rng(2024)
     cases = [(name, w, 3, 5) for name, w in handcrafted(words, bundle.manifest)]
+    edge_bad = [c for c in cases if c[0].endswith(" + 1")]
+    assert all(golden_status(bundle, w, 3, 5)[0] in (2, 3) for _, w, _, _ in edge_bad)
+    assert all(golden_status(bundle, w, 3, 5)[0] == 0 for n, w, _, _ in cases
+               if n + " + 1" in {c[0] for c in edge_bad})
     for k in range(N_CORRUPT):
         w, what = corrupted(words, rng)
         pos = int(rng.integers(0, 160)) if k % 4 == 0 else int(rng.integers(0, 20))
