@@ -11,10 +11,12 @@ results at ``dst + t*rows*4``):
    (``data_width = 8 * line_bytes``; one command per token: format, pattern,
    ``rows * nb`` blocks, ``nb`` blocks per row). A second reader on ``rd1``
    streams the quantized vector (``q``, ``d``, ``sumq``: ``40 * nb`` bytes).
-2. **Activation load.** The vector's realigned lines are cut into 32-bit words,
-   one per cycle, into three buffers: ``q`` (``max_blocks`` x 256 bits, written a
-   word at a time with 32-bit write enables), ``d`` and ``sumq`` (``max_blocks`` x
-   32). Meanwhile the weight stream already fills the decoder (it stalls on the
+2. **Activation load.** The vector's three parts (``q``, ``d``, ``sumq``) are
+   read and realigned to offset 0 one after the other, cut into chunks of
+   ``CB = min(line_bytes, 32)`` bytes, one chunk per cycle, into three buffers:
+   ``q`` (``max_blocks`` x 256 bits, 32-bit write enables), ``d`` and ``sumq``
+   (``CB``-byte entries, the read side selects the word): ``40 nb / CB`` cycles.
+   Meanwhile the weight stream already fills the decoder (it stalls on the
    chain, which waits for activations).
 3. **Compute.** The chain takes one weight beat (one block, ``lanes = 1``) with
    the activation block of the same index (a read port addressed one cycle ahead,
@@ -122,9 +124,15 @@ class MvExec(wiring.Component):
         wiring.connect(m, dec.weights, chain.weights)
 
         # ---- activation buffers
+        CB = min(D, 32)                           # bytes per load chunk (one chunk per cycle)
+        cw = CB // 4                              # words per chunk
+        lgc = exact_log2(CB)
+        lgcw = exact_log2(cw)
+        cpb = D // CB                             # chunks per line
+        qpc = 32 // CB                            # chunks per q block
         m.submodules.qmem = qmem = memory.Memory(shape=unsigned(256), depth=NB, init=[])
-        m.submodules.dmem = dmem = memory.Memory(shape=unsigned(32), depth=NB, init=[])
-        m.submodules.smem = smem = memory.Memory(shape=unsigned(32), depth=NB, init=[])
+        m.submodules.dmem = dmem = memory.Memory(shape=unsigned(CB * 8), depth=-(-NB // cw), init=[])
+        m.submodules.smem = smem = memory.Memory(shape=unsigned(CB * 8), depth=-(-NB // cw), init=[])
         qw = qmem.write_port(granularity=32)
         dw = dmem.write_port()
         sw = smem.write_port()
@@ -160,40 +168,57 @@ class MvExec(wiring.Component):
         m.d.comb += abytes.eq(nb * QBLOCK_BYTES)
         sent = Signal(5)
 
-        # ---- activation load: realigned lines -> 32-bit words -> q / d / sumq buffers
+        # ---- activation load: q, d, sumq each realigned to offset 0 -> CB-byte chunks
         region = Signal(2)                         # 0 q, 1 d, 2 sumq
-        idx = Signal(range(NB))
-        qsub = Signal(3)
-        k = Signal(range(wpl))
+        cidx = Signal(range(max(NB * qpc, 2)))     # chunk within the region
+        k = Signal(range(max(cpb, 2)))             # chunk within the line
         loading = Signal()
-        aword = aal.o.payload.data.word_select(k, 32)
+        chunk = aal.o.payload.data.word_select(k, CB * 8)
         wvalid = loading & aal.o.valid
-        last_word = (region == 2) & (idx == nb - 1)
+        nq = Signal(16)
+        nd = Signal(16)
+        m.d.comb += [nq.eq(nb * qpc), nd.eq(((nb << 2) + CB - 1) >> lgc)]
+        reg_last = Mux(region == 0, cidx == nq - 1, cidx == nd - 1)
+        qlane = cidx[0:exact_log2(qpc)] if qpc > 1 else C(0, 1)
         m.d.comb += [
-            aal.o.ready.eq(loading & ((k == wpl - 1) | last_word)),
-            qw.addr.eq(idx), qw.data.eq(Cat(*([aword] * 8))),
-            qw.en.eq(Mux(wvalid & (region == 0), C(1, 8) << qsub, 0)),
-            dw.addr.eq(idx), dw.data.eq(aword), dw.en.eq(wvalid & (region == 1)),
-            sw.addr.eq(idx), sw.data.eq(aword), sw.en.eq(wvalid & (region == 2)),
+            aal.o.ready.eq(loading & ((k == cpb - 1) | reg_last)),
+            qw.addr.eq(cidx >> exact_log2(qpc)), qw.data.eq(Cat(*([chunk] * qpc))),
+            qw.en.eq(Mux(wvalid & (region == 0), C((1 << cw) - 1, 8) << (qlane * cw), 0)),
+            dw.addr.eq(cidx), dw.data.eq(chunk), dw.en.eq(wvalid & (region == 1)),
+            sw.addr.eq(cidx), sw.data.eq(chunk), sw.en.eq(wvalid & (region == 2)),
         ]
         load_done = Signal()
         with m.If(wvalid):
-            m.d.sync += k.eq(Mux((k == wpl - 1) | last_word, 0, k + 1))
-            with m.Switch(region):
+            m.d.sync += [k.eq(Mux((k == cpb - 1) | reg_last, 0, k + 1)),
+                         cidx.eq(Mux(reg_last, 0, cidx + 1))]
+            with m.If(reg_last):
+                m.d.sync += region.eq(region + 1)
+                with m.If(region == 2):
+                    m.d.comb += load_done.eq(1)
+        # the three regions' commands, in order, to the vector's reader and realigner
+        ard_i = Signal(2)
+        aal_i = Signal(2)
+        a_issue = Signal()
+        for sel_i, cmd, is_rd in ((ard_i, ard.cmd, True), (aal_i, aal.cmd, False)):
+            r_addr = Signal(24, name=f"r_addr_{'rd' if is_rd else 'al'}")
+            r_len = Signal(18, name=f"r_len_{'rd' if is_rd else 'al'}")
+            with m.Switch(sel_i):
                 with m.Case(0):
-                    m.d.sync += qsub.eq(qsub + 1)
-                    with m.If(qsub == 7):
-                        m.d.sync += idx.eq(Mux(idx == nb - 1, 0, idx + 1))
-                        with m.If(idx == nb - 1):
-                            m.d.sync += region.eq(1)
+                    m.d.comb += [r_addr.eq(qaddr), r_len.eq(nb << 5)]
                 with m.Case(1):
-                    m.d.sync += idx.eq(Mux(idx == nb - 1, 0, idx + 1))
-                    with m.If(idx == nb - 1):
-                        m.d.sync += region.eq(2)
-                with m.Case(2):
-                    m.d.sync += idx.eq(Mux(idx == nb - 1, 0, idx + 1))
-                    with m.If(idx == nb - 1):
-                        m.d.comb += load_done.eq(1)
+                    m.d.comb += [r_addr.eq(qaddr + (nb << 5)), r_len.eq(nb << 2)]
+                with m.Default():
+                    m.d.comb += [r_addr.eq(qaddr + (nb << 5) + (nb << 2)), r_len.eq(nb << 2)]
+            r_off = r_addr[0:lgd]
+            if is_rd:
+                m.d.comb += [cmd.payload.line.eq(r_addr >> lgd),
+                             cmd.payload.count.eq((r_off + r_len + D - 1) >> lgd)]
+            else:
+                m.d.comb += [cmd.payload.s_off.eq(r_off), cmd.payload.d_off.eq(0),
+                             cmd.payload.n.eq(r_len)]
+            m.d.comb += cmd.valid.eq(a_issue & (sel_i != 3))
+            with m.If(cmd.valid & cmd.ready):
+                m.d.sync += sel_i.eq(sel_i + 1)
 
         # ---- compute: activations to the chain, results + (d_x, sumq) to the scaler
         computing = Signal()
@@ -209,14 +234,21 @@ class MvExec(wiring.Component):
         lane = res.lanes[0]
         r_take = chain.results.valid & chain.results.ready
         rb_next = Mux(res.last, 0, rb + 1)
-        m.d.comb += [dr.addr.eq(Mux(r_take, rb_next, rb)), sr.addr.eq(Mux(r_take, rb_next, rb))]
+        r_at = Signal.like(rb)
+        r_word = Signal(max(lgcw, 1))
+        m.d.comb += [r_at.eq(Mux(r_take, rb_next, rb)),
+                     dr.addr.eq(r_at >> lgcw), sr.addr.eq(r_at >> lgcw)]
+        if lgcw:
+            m.d.sync += r_word.eq(r_at[0:lgcw])
+        d_x = dr.data.word_select(r_word, 32) if lgcw else dr.data
+        s_q = sr.data.word_select(r_word, 32) if lgcw else sr.data
         with m.If(r_take):
             m.d.sync += rb.eq(rb_next)
         si = sc.i.payload
         m.d.comb += [
             sc.i.valid.eq(chain.results.valid), chain.results.ready.eq(sc.i.ready),
             si.isum.eq(lane.isum), si.d_w.eq(lane.d), si.m_w.eq(lane.m),
-            si.sumq.eq(Mux(pat == 0, sr.data, lane.sumq)), si.d_x.eq(dr.data),
+            si.sumq.eq(Mux(pat == 0, s_q, lane.sumq)), si.d_x.eq(d_x),
             si.fmt.as_value().eq(res.fmt.as_value()), si.last.eq(res.last),
         ]
 
@@ -265,7 +297,6 @@ class MvExec(wiring.Component):
                 m.next = "START"
             with m.State("START"):
                 w_off = mv.wb[0:lgd]
-                q_off = qaddr[0:lgd]
                 cmds = [
                     (wrd.cmd, [wrd.cmd.payload.line.eq(mv.wb >> lgd),
                                wrd.cmd.payload.count.eq((w_off + wbytes + D - 1) >> lgd)]),
@@ -274,22 +305,19 @@ class MvExec(wiring.Component):
                     (dec.cmd, [dec.cmd.payload.fmt.as_value().eq(fmt),
                                dec.cmd.payload.pattern.as_value().eq(pat),
                                dec.cmd.payload.count.eq(nblk), dec.cmd.payload.row_blocks.eq(nb)]),
-                    (ard.cmd, [ard.cmd.payload.line.eq(qaddr >> lgd),
-                               ard.cmd.payload.count.eq((q_off + abytes + D - 1) >> lgd)]),
-                    (aal.cmd, [aal.cmd.payload.s_off.eq(q_off), aal.cmd.payload.d_off.eq(0),
-                               aal.cmd.payload.n.eq(abytes)]),
                 ]
+                m.d.comb += a_issue.eq(1)
                 for i, (s, sets) in enumerate(cmds):
                     m.d.comb += [s.valid.eq(~sent[i])] + sets
                     with m.If(s.valid & s.ready):
                         m.d.sync += sent[i].eq(1)
-                m.d.sync += [region.eq(0), idx.eq(0), qsub.eq(0), k.eq(0), bi.eq(0), rb.eq(0),
+                m.d.sync += [region.eq(0), cidx.eq(0), k.eq(0), bi.eq(0), rb.eq(0),
                              waddr.eq(daddr), rows_left.eq(mv.rows), second.eq(0)]
                 with m.If(Cat(sent[i] | (s.valid & s.ready) for i, (s, _) in enumerate(cmds)).all()):
                     m.d.sync += sent.eq(0)
                     m.next = "LOAD"
             with m.State("LOAD"):
-                m.d.comb += loading.eq(1)
+                m.d.comb += [loading.eq(1), a_issue.eq(1)]
                 with m.If(load_done):
                     m.next = "SETTLE"
             with m.State("SETTLE"):
@@ -299,6 +327,7 @@ class MvExec(wiring.Component):
                 with m.If(row_done & (rows_left == 1)):
                     m.d.sync += [tok.eq(tok + 1), qaddr.eq(qaddr + abytes),
                                  daddr.eq(daddr + (mv.rows << 2))]
+                    m.d.sync += [ard_i.eq(0), aal_i.eq(0)]
                     with m.If(is_mm & (tok + 1 < ntok)):
                         m.next = "START"
                     with m.Else():
