@@ -8,10 +8,12 @@ so responses never block the port they share with the load engine.
 
 :class:`Validator` is ``Golden.check`` in hardware: it decodes every word in
 program order, with the run's registers, and reports the first fault --
-illegal encoding (``compiler.isa.decode``), an illegal MISC operand (QUANT or
-EMBED ``n`` not a multiple of 32, ROPE or ATTN head dimension zero or odd,
-EMBED format >= 3), an HBM range beyond ``hbm_size`` or an on-chip range
-beyond the on-chip size -- or a program without END. Words after END are not
+illegal encoding (``compiler.isa.decode``), an illegal MISC operand
+(``compiler.isa.misc_operand_error``: QUANT or EMBED ``n`` not a multiple of
+32, ROPE or ATTN head dimension zero or odd, EMBED format >= 3), an HBM range
+beyond ``hbm_size`` or an on-chip range beyond the on-chip size (every range
+of ``Golden._ranges``, e.g. ATTN's ``R[reg] + t (+1 if cached)`` cache rows and
+COPY's ``aux`` strided rows) -- or a program without END. Words after END are not
 looked at. One word per cycle, three pipeline stages.
 """
 
@@ -223,8 +225,19 @@ class Validator(wiring.Component):
         m.d.sync += [n2.eq(misc.n), aux2.eq(misc.aux), a2.eq(misc.a), b2.eq(misc.b),
                      mdst2.eq(misc.dst)]
         na = _mul(m, misc.n, misc.aux, "na")
-        sa = _mul(m, reg_value(regs, misc.reg), misc.aux, "sa")
-        ca = _mul(m, self.context, misc.aux, "ca")
+        # ATTN operands: n = heads[7:0] | t[15:8], aux = head_dim[14:0] | cached[15]
+        a_nh, a_t, a_hd, a_cached = misc.n[0:8], misc.n[8:16], misc.aux[0:15], misc.aux[15]
+        a_rows = Signal(34)
+        m.d.comb += a_rows.eq(reg_value(regs, misc.reg) + a_t + a_cached)
+        attn_q = _mul(m, a_nh + Mux(a_cached, 0, 2), a_hd, "attn_q")      # query (+ new K, V) rows
+        attn_o = _mul(m, a_nh, a_hd, "attn_o")
+        attn_kv = _mul(m, a_rows, a_hd, "attn_kv")
+        attn_ctx = _mul(m, self.context, a_hd, "attn_ctx")
+        # COPY operands: aux rows (0 = 1) of n words, destination rows b words apart
+        c_reps = Signal(16)
+        m.d.comb += c_reps.eq(Mux(misc.aux == 0, 1, misc.aux))
+        copy_src = _mul(m, c_reps, misc.n, "copy_src")
+        copy_gap = _mul(m, c_reps - 1, Mux(c_reps > 1, misc.b, misc.n), "copy_gap")
         emb_bb = Signal(6)
         m.d.sync += emb_bb.eq(Mux(misc.aux == 0, BLOCK_BYTES[0],
                                   Mux(misc.aux == 1, BLOCK_BYTES[1], BLOCK_BYTES[2])))
@@ -258,19 +271,19 @@ class Validator(wiring.Component):
                     m.d.comb += slots((a2, n4), (mdst2, nq * QBLOCK_BYTES))
                     m.d.comb += misc_illegal.eq(n2[0:5] != 0)
                 with m.Case(MiscFunc.RMSNORM):
-                    m.d.comb += slots((a2, n4), (b2, n4), (mdst2, n4), (C(self._gb, 24), C(8, 4)))
+                    m.d.comb += slots((a2, n4), (b2, n4), (mdst2, n4), (C(self._gb, 24), C(12, 4)))
                 with m.Case(MiscFunc.ROPE):
                     m.d.comb += slots((a2, na << 2), (b2, aux2 << 2), (mdst2, na << 2))
                     m.d.comb += misc_illegal.eq((aux2 == 0) | aux2[0])
                 with m.Case(MiscFunc.ADD, MiscFunc.MUL, MiscFunc.SILU_MUL):
                     m.d.comb += slots((a2, n4), (b2, n4), (mdst2, n4))
                 with m.Case(MiscFunc.ATTN):
-                    m.d.comb += slots((a2, (na << 2) + (aux2 << 3)), (b2, sa << 1),
-                                      (b2 + (ca << 1), sa << 1), (mdst2, na << 2),
+                    m.d.comb += slots((a2, attn_q << 2), (b2, attn_kv << 1),
+                                      (b2 + (attn_ctx << 1), attn_kv << 1), (mdst2, attn_o << 2),
                                       (C(self._gb, 24), C(8, 4)))
-                    m.d.comb += misc_illegal.eq((aux2 == 0) | aux2[0])
+                    m.d.comb += misc_illegal.eq((aux2[0:15] == 0) | aux2[0])
                 with m.Case(MiscFunc.COPY):
-                    m.d.comb += slots((a2, n4), (mdst2, n4))
+                    m.d.comb += slots((a2, copy_src << 2), (mdst2, (copy_gap + n2) << 2))
                 with m.Case(MiscFunc.EMBED):
                     m.d.comb += slots((a2, nq * emb_bb), (mdst2, n4))
                     m.d.comb += misc_illegal.eq((n2[0:5] != 0) | (aux2 >= 3))

@@ -30,9 +30,10 @@ of the on-chip space is byte ``x % line_bytes`` of line ``x // line_bytes``.
 Every address range of an instruction has been checked before the run
 starts (``Golden.check``), so a unit never sees an out-of-range operand.
 
-:class:`MiscExec` (this module) executes MISC NOP, COPY, ADD and MUL bit-exactly
-(binary32 RNE + FTZ from ``hw/fp.py``, ``line_bytes / 4`` lanes) at any byte
-alignment. Every other MV/MM/MISC operation completes after
+:class:`MiscExec` (this module) executes MISC NOP, COPY (also its strided rows:
+``aux`` rows of ``n`` words, destination rows ``b`` words apart), ADD and MUL
+bit-exactly (binary32 RNE + FTZ from ``hw/fp.py``, ``line_bytes / 4`` lanes) at
+any byte alignment. Every other MV/MM/MISC operation completes after
 :data:`PLACEHOLDER_LATENCY` cycles **without writing anything**: the matrix
 engines and the special-function unit are not integrated yet.
 """
@@ -76,8 +77,10 @@ class MiscExec(wiring.Component):
     COPY/ADD/MUL stream ``n`` binary32 words: line readers on ``rd0`` (``a``)
     and ``rd1`` (``b``), each realigned to line offset 0, ``line_bytes/4``
     lanes (``FAddCore``/``FMulCore``, latency 3), realigned to ``dst`` and
-    written through ``wr``. Overlapping operands read before they are
-    written only when ``dst <= a`` (the compiler's in-place ``X = X + H``).
+    written through ``wr``; a multi-row COPY does one row after the other.
+    Overlapping operands read before they are written only when ``dst <= a``
+    (the compiler's in-place ``X = X + H``); the golden model reads a COPY's
+    whole source first.
     """
 
     def __init__(self, *, addr_bits: int, line_bytes: int):
@@ -107,6 +110,12 @@ class MiscExec(wiring.Component):
         use_b = Signal()
         nbytes = Signal(18)
         m.d.comb += [func.eq(misc.func), nbytes.eq(misc.n << 2)]
+        # COPY rows (docs/isa.md): aux rows (0 = 1) of n words; row r from a + 4*r*n to
+        # dst + 4*r*stride, stride = b words when there are several rows
+        rows_left = Signal(16)
+        src = Signal(24)
+        dstp = Signal(24)
+        dst_step = Signal(26)
         wline = Signal(self._ab)
         sent = Signal(5)
         wait = Signal(range(PLACEHOLDER_LATENCY + 1))
@@ -137,9 +146,12 @@ class MiscExec(wiring.Component):
                 with m.If(self.instr.valid):
                     iw = data.View(Instruction, self.instr.payload.word)
                     f = iw.misc.func
+                    reps = Mux((f == MiscFunc.COPY) & (iw.misc.aux > 1), iw.misc.aux, 1)
                     m.d.sync += [word.eq(self.instr.payload.word), sent.eq(0),
                                  use_b.eq((f == MiscFunc.ADD) | (f == MiscFunc.MUL)),
-                                 wait.eq(PLACEHOLDER_LATENCY - 1)]
+                                 wait.eq(PLACEHOLDER_LATENCY - 1),
+                                 rows_left.eq(reps - 1), src.eq(iw.misc.a), dstp.eq(iw.misc.dst),
+                                 dst_step.eq(Mux(reps > 1, iw.misc.b, iw.misc.n) << 2)]
                     streaming = (f == MiscFunc.COPY) | (f == MiscFunc.ADD) | (f == MiscFunc.MUL)
                     with m.If(iw.header.op != Op.MISC):
                         m.next = "WAIT"
@@ -154,9 +166,9 @@ class MiscExec(wiring.Component):
                 with m.If(wait == 0):
                     m.next = "DONE"
             with m.State("START"):
-                a_off, b_off, d_off = misc.a[0:lgd], misc.b[0:lgd], misc.dst[0:lgd]
+                a_off, b_off, d_off = src[0:lgd], misc.b[0:lgd], dstp[0:lgd]
                 cmds = [
-                    (rda.cmd, C(1, 1), [rda.cmd.payload.line.eq(misc.a >> lgd),
+                    (rda.cmd, C(1, 1), [rda.cmd.payload.line.eq(src >> lgd),
                                         rda.cmd.payload.count.eq((a_off + nbytes + D - 1) >> lgd)]),
                     (ala.cmd, C(1, 1), [ala.cmd.payload.s_off.eq(a_off), ala.cmd.payload.d_off.eq(0),
                                         ala.cmd.payload.n.eq(nbytes)]),
@@ -171,7 +183,7 @@ class MiscExec(wiring.Component):
                     m.d.comb += [s.valid.eq(~sent[k] & en)] + sets
                     with m.If(s.valid & s.ready):
                         m.d.sync += sent[k].eq(1)
-                m.d.sync += wline.eq(misc.dst >> lgd)
+                m.d.sync += wline.eq(dstp >> lgd)
                 with m.If(Cat(sent[k] | ~en | (s.valid & s.ready)
                               for k, (s, en, _) in enumerate(cmds)).all()):
                     m.next = "RUN"
@@ -179,7 +191,12 @@ class MiscExec(wiring.Component):
                 with m.If(wr.valid & wr.ready):
                     m.d.sync += wline.eq(wline + 1)
                     with m.If(alw.o.payload.last):
-                        m.next = "DONE"
+                        with m.If(rows_left != 0):
+                            m.d.sync += [rows_left.eq(rows_left - 1), src.eq(src + nbytes),
+                                         dstp.eq(dstp + dst_step), sent.eq(0)]
+                            m.next = "START"
+                        with m.Else():
+                            m.next = "DONE"
             with m.State("DONE"):
                 m.d.comb += self.done.eq(1)
                 m.next = "IDLE"
