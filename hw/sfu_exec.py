@@ -1,0 +1,512 @@
+"""An execution unit for the SFU-class MISC operations (``exec_signature``).
+
+:class:`SfuExec` executes MISC QUANT, RMSNORM, ROPE, SILU_MUL, EMBED and COPY
+(plain and strided) bit-exactly as ``sim/golden.py``'s ``_misc``, one
+instruction at a time, by sequencing on-chip line reads and writes around
+``hw/sfu.py``'s :class:`~llmfab.hw.sfu.Sfu` and ``hw/quantizer.py``'s
+:class:`~llmfab.hw.quantizer.Quantizer` (one lane):
+
+* operand ``a`` is read through ``rd0`` (a :class:`~llmfab.hw.dma.LineReader`
+  and a :class:`~llmfab.hw.dma.Realign` to line offset 0), operand ``b``
+  through ``rd1``; both are serialized to one element per cycle (ROPE: one
+  pair per cycle, EMBED: one byte per cycle);
+* the global-buffer constants line (eps, scale, 1/n) is read on ``rd1`` at
+  the start of every instruction;
+* results go through a small post stage (``fmul(y, s1)``, optionally
+  ``+ s2``: SILU_MUL's ``* b`` and EMBED's ``q*d (+m)``), a line packer and a
+  :class:`~llmfab.hw.dma.Realign` to the destination offset into ``wr``.
+
+Per instruction, in cycles (apart from a fixed start-up of about 10 and
+the SFU latency of about 75): QUANT ~n (+ 10*n/32 output words), RMSNORM
+~2n, SILU_MUL ~n, ROPE ~n*hd/2 (+hd table words), EMBED ~66 per block,
+COPY ~words. ATTN and the MV/MM classes are not implemented here: they
+complete without writing anything (a router sends them elsewhere).
+
+Limits: RMSNORM ``n`` <= ``max_len`` (the SFU's vector buffer); ROPE head
+dim <= ``max_hd``; the strided COPY streams (a destination row overlapping
+a not-yet-read source row is not the golden model's read-first result).
+"""
+
+from amaranth import Array, C, Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import data, fifo, memory, wiring
+from amaranth.utils import exact_log2
+
+from llmfab.hw import fp
+from llmfab.hw.dma import LineReader, Realign
+from llmfab.hw.execute import exec_signature
+from llmfab.hw.isa import Instruction, MiscFunc, Op
+from llmfab.hw.quantizer import Quantizer
+from llmfab.hw.sfu import Sfu, SfuOp
+
+__all__ = ["SfuExec", "MiscSfuRouter", "SFU_FUNCS"]
+
+#: MISC funcs this unit executes.
+SFU_FUNCS = ("QUANT", "RMSNORM", "ROPE", "SILU_MUL", "EMBED", "COPY")
+
+_BS = {0: 18, 1: 20, 2: 34}            # GGUF block bytes: Q4_0, Q4_1, Q8_0
+
+
+class _Ser:
+    """Serializer over a realigned line stream: ``take`` ``size`` bytes (1, 4 or 8)."""
+
+    def __init__(self, m, o, D, name):
+        self.o = o
+        self.bp = Signal(range(D), name=f"{name}_bp")
+        self.left = Signal(34, name=f"{name}_left")
+        self.take = Signal(name=f"{name}_take")
+        self.size = Signal(4, name=f"{name}_size")
+        by = [o.payload.data[8 * k:8 * k + 8] for k in range(D)] + [C(0, 8)] * 8
+        arr = Array(by)
+        self.bytes = Signal(64, name=f"{name}_bytes")
+        m.d.comb += self.bytes.eq(Cat(arr[self.bp + j] for j in range(8)))
+        self.avail = o.valid & (self.left != 0)
+        pop = ((self.bp + self.size) == D) | (self.left == self.size)
+        m.d.comb += o.ready.eq(self.take & pop)
+        with m.If(self.take):
+            m.d.sync += [self.bp.eq(Mux(pop, 0, self.bp + self.size)),
+                         self.left.eq(self.left - self.size)]
+
+
+class SfuExec(wiring.Component):
+    """MISC QUANT/RMSNORM/ROPE/SILU_MUL/EMBED/COPY with the execution-unit interface.
+
+    Parameters
+    ----------
+    addr_bits, line_bytes : int
+        As every execution unit (``exec_factory(addr_bits=, line_bytes=)``).
+    gb_base : int
+        On-chip byte address of the global buffer (its first line holds the
+        constants: word 0 eps, word 1 attention scale, word 2 1/n).
+    max_len : int
+        SFU vector buffer (longest RMSNORM).
+    max_hd : int
+        Longest ROPE head dimension.
+    """
+
+    def __init__(self, *, addr_bits: int, line_bytes: int, gb_base: int, max_len: int = 2048,
+                 max_hd: int = 256):
+        self._ab = addr_bits
+        self._d = line_bytes
+        self._gb = gb_base
+        self._max_len = max_len
+        self._max_hd = max_hd
+        super().__init__(exec_signature(addr_bits, line_bytes * 8))
+
+    def elaborate(self, platform):
+        m = Module()
+        D = self._d
+        lgd = exact_log2(D)
+        W = D // 4
+        m.submodules.rda = rda = LineReader(addr_bits=self._ab, line_bytes=D)
+        m.submodules.rdb = rdb = LineReader(addr_bits=self._ab, line_bytes=D)
+        m.submodules.ala = ala = Realign(D)
+        m.submodules.alb = alb = Realign(D)
+        m.submodules.alw = alw = Realign(D)
+        m.submodules.sfu = sfu = Sfu(max_len=self._max_len)
+        m.submodules.quant = quant = Quantizer(lanes=1)
+        m.submodules.side = side = fifo.SyncFIFO(width=32, depth=128)
+        wiring.connect(m, rda.mem, wiring.flipped(self.rd0))
+        wiring.connect(m, rda.o, ala.i)
+        wiring.connect(m, rdb.o, alb.i)
+
+        # ---- the instruction
+        word = Signal(128)
+        w = data.View(Instruction, word)
+        misc = w.misc
+        func = Signal(8)
+        m.d.comb += func.eq(misc.func)
+        is_q, is_rms, is_rope, is_silu, is_emb, is_copy = (
+            func == getattr(MiscFunc, f) for f in SFU_FUNCS)
+        n = Signal(16)
+        aux = Signal(16)
+        m.d.comb += [n.eq(misc.n), aux.eq(misc.aux)]
+        nb = n >> 5
+        fmt = aux[0:2]
+        bs = Signal(6)
+        m.d.comb += bs.eq(Mux(fmt == 0, _BS[0], Mux(fmt == 1, _BS[1], _BS[2])))
+        reps = Mux(aux > 1, aux, 1)
+
+        # constants (read from the global buffer at every start)
+        eps = Signal(32)
+        inv_n = Signal(32)
+        gb_line = self._gb // D
+        const_req = Signal()
+        const_wait = Signal()
+        m.d.comb += [self.rd1.req.valid.eq(Mux(const_req, 1, rdb.mem.req.valid)),
+                     self.rd1.req.payload.eq(Mux(const_req, gb_line, rdb.mem.req.payload)),
+                     rdb.mem.req.ready.eq(self.rd1.req.ready & ~const_req),
+                     rdb.mem.rsp.valid.eq(self.rd1.rsp.valid & ~const_wait),
+                     rdb.mem.rsp.payload.eq(self.rd1.rsp.payload)]
+        with m.If(const_wait & self.rd1.rsp.valid):
+            gbl = self.rd1.rsp.payload
+            m.d.sync += [eps.eq(gbl[0:32]), inv_n.eq(gbl[64:96])]
+
+        # ---- operand serializers
+        sa = _Ser(m, ala.o, D, "sa")
+        sb = _Ser(m, alb.o, D, "sb")
+        a_word = sa.bytes[0:32]
+        b_word = sb.bytes[0:32]
+
+        # ---- ROPE table
+        tmem = memory.Memory(shape=32, depth=self._max_hd, init=[])
+        m.submodules.tmem = tmem
+        twp = tmem.write_port()
+        trc = tmem.read_port(domain="comb")
+        trs = tmem.read_port(domain="comb")
+        half = aux >> 1
+        ridx = Signal(range(self._max_hd))
+        m.d.comb += [trc.addr.eq(ridx), trs.addr.eq(ridx + half)]
+
+        # ---- QUANT d/sumq buffer
+        qmem = memory.Memory(shape=64, depth=2048, init=[])
+        m.submodules.qmem = qmem
+        qwp = qmem.write_port()
+        qrp = qmem.read_port(domain="comb")
+
+        # ---- post stage: y = mode 0: x; 1: fmul(x, s1); 2: fadd(fmul(x, s1), s2)
+        pv = Signal()
+        px = Signal(32)
+        px1 = Signal(32)
+        ps1 = Signal(32)
+        ps2 = Signal(32)
+        pmode = Signal(2)
+        ppair = Signal()
+        w_ready = Signal()
+        post_ce = Signal()
+        p = fp.Pipe(m, post_ce, name="post")
+        x_ = p.input(px)
+        prod = p.fmul(x_, p.input(ps1))
+        summ = p.fadd(prod, p.input(ps2))
+        lat = p.stage_of(summ)
+        md = p.at(p.input(pmode), lat)
+        y = Mux(md == 0, p.at(x_, lat), Mux(md == 1, p.at(prod, lat), summ.value))
+        y1 = p.at(p.input(px1), lat)
+        pair_o = p.at(p.input(ppair), lat)
+        ce, post_valid = fp.stall_control(m, pv, w_ready, lat, name="post")
+        m.d.comb += post_ce.eq(ce)
+
+        # ---- writer input (words)
+        wi_valid = Signal()
+        wi_x0 = Signal(32)
+        wi_x1 = Signal(32)
+        wi_pair = Signal()
+        wi_ready = Signal()
+        from_quant = Signal()
+        m.d.comb += w_ready.eq(wi_ready & ~from_quant)
+
+        # ---- packer -> alw -> wr
+        pk = Array(Signal(32, name=f"pk{j}") for j in range(W))
+        pk_k = Signal(range(W + 1))
+        seg_w = Signal(34)        # words per segment
+        seg_left = Signal(34)
+        pl_valid = Signal()
+        pl_data = Signal(D * 8)
+        cnt = Mux(wi_pair, 2, 1)
+        m.d.comb += wi_ready.eq(~pl_valid | alw.i.ready)
+        m.d.comb += [alw.i.valid.eq(pl_valid), alw.i.payload.eq(pl_data)]
+        with m.If(alw.i.valid & alw.i.ready):
+            m.d.sync += pl_valid.eq(0)
+        newl = [Mux(pk_k == j, wi_x0, Mux(wi_pair & (pk_k + 1 == j), wi_x1, pk[j])) for j in range(W)]
+        with m.If(wi_valid & wi_ready):
+            with m.If((pk_k + cnt == W) | (seg_left == cnt)):
+                m.d.sync += [pl_valid.eq(1), pl_data.eq(Cat(*newl)), pk_k.eq(0),
+                             seg_left.eq(Mux(seg_left == cnt, seg_w, seg_left - cnt))]
+            with m.Else():
+                m.d.sync += [pk[j].eq(newl[j]) for j in range(W)]
+                m.d.sync += [pk_k.eq(pk_k + cnt), seg_left.eq(seg_left - cnt)]
+
+        nseg = Signal(16)
+        seg_i = Signal(16)
+        seg_dst = Signal(32)
+        seg_stride = Signal(34)
+        wline = Signal(self._ab)
+        wr = self.wr.req
+        m.d.comb += [wr.valid.eq(alw.o.valid), wr.payload.addr.eq(wline),
+                     wr.payload.data.eq(alw.o.payload.data), wr.payload.be.eq(alw.o.payload.be),
+                     alw.o.ready.eq(wr.ready)]
+        w_go = Signal()
+        w_done = Signal()
+        with m.FSM(name="writer"):
+            with m.State("IDLE"):
+                with m.If(w_go):
+                    m.next = "CMD"
+            with m.State("CMD"):
+                m.d.comb += [alw.cmd.valid.eq(1), alw.cmd.payload.s_off.eq(0),
+                             alw.cmd.payload.d_off.eq(seg_dst[0:lgd]),
+                             alw.cmd.payload.n.eq(seg_w << 2)]
+                m.d.sync += wline.eq(seg_dst >> lgd)
+                with m.If(alw.cmd.ready):
+                    m.next = "RUN"
+            with m.State("RUN"):
+                with m.If(wr.valid & wr.ready):
+                    m.d.sync += wline.eq(wline + 1)
+                    with m.If(alw.o.payload.last):
+                        m.d.sync += [seg_i.eq(seg_i + 1), seg_dst.eq(seg_dst + seg_stride)]
+                        with m.If(seg_i + 1 == nseg):
+                            m.d.comb += w_done.eq(1)
+                            m.next = "IDLE"
+                        with m.Else():
+                            m.next = "CMD"
+
+        # ---- SFU output -> post stage (SFU ops); direct feed -> post stage (EMBED, COPY)
+        use_sfu = Signal()
+        need_side = Signal()
+        d_valid = Signal()
+        d_x = Signal(32)
+        d_s1 = Signal(32)
+        d_s2 = Signal(32)
+        d_mode = Signal(2)
+        side_ok = ~need_side | side.r_rdy
+        with m.If(use_sfu):
+            m.d.comb += [pv.eq(sfu.o.valid & side_ok), px.eq(sfu.o.payload.y0),
+                         px1.eq(sfu.o.payload.y1), ps1.eq(side.r_data), ps2.eq(0),
+                         pmode.eq(need_side), ppair.eq(is_rope),
+                         sfu.o.ready.eq(post_ce & side_ok),
+                         side.r_en.eq(sfu.o.valid & post_ce & need_side)]
+        with m.Else():
+            m.d.comb += [pv.eq(d_valid), px.eq(d_x), ps1.eq(d_s1), ps2.eq(d_s2),
+                         pmode.eq(d_mode), ppair.eq(0)]
+
+        # ---- QUANT output: q words of each block, then d[nb], then sumq[nb]
+        qw = Signal(4)
+        qblk = Signal(12)
+        qphase = Signal(2)
+        qv = data.View(data.ArrayLayout(32, 8), quant.o.payload.q.as_value())
+        m.d.comb += qrp.addr.eq(qblk)
+        with m.If(from_quant):
+            with m.Switch(qphase):
+                with m.Case(0):
+                    m.d.comb += [wi_valid.eq(quant.o.valid), wi_x0.eq(Array(qv)[qw[0:3]])]
+                    with m.If(quant.o.valid & wi_ready):
+                        m.d.sync += qw.eq(qw + 1)
+                        with m.If(qw == 7):
+                            m.d.comb += [quant.o.ready.eq(1), qwp.en.eq(1), qwp.addr.eq(qblk),
+                                         qwp.data.eq(Cat(quant.o.payload.d,
+                                                         quant.o.payload.sumq))]
+                            m.d.sync += [qw.eq(0), qblk.eq(qblk + 1)]
+                            with m.If(qblk + 1 == nb):
+                                m.d.sync += [qblk.eq(0), qphase.eq(1)]
+                with m.Case(1, 2):
+                    m.d.comb += [wi_valid.eq(1),
+                                 wi_x0.eq(Mux(qphase == 1, qrp.data[0:32], qrp.data[32:64]))]
+                    with m.If(wi_ready):
+                        m.d.sync += qblk.eq(qblk + 1)
+                        with m.If(qblk + 1 == nb):
+                            m.d.sync += [qblk.eq(0), qphase.eq(qphase + 1)]
+        with m.Else():
+            m.d.comb += [wi_valid.eq(post_valid), wi_x0.eq(y), wi_x1.eq(y1), wi_pair.eq(pair_o)]
+
+        # ---- the sequencer
+        fcnt = Signal(34)           # elements fed
+        ftot = Signal(34)
+        tcnt = Signal(16)
+        blk = Array(Signal(8, name=f"blk{k}") for k in range(34))
+        bcnt = Signal(6)
+        ecnt = Signal(6)
+        sent = Signal(4)
+        a_bytes = Signal(34)
+        b_bytes = Signal(34)
+        use_b = Signal()
+        done_r = Signal()
+        m.d.comb += self.done.eq(done_r)
+        m.d.sync += done_r.eq(0)
+
+        with m.FSM(name="seq"):
+            with m.State("IDLE"):
+                m.d.comb += self.instr.ready.eq(1)
+                with m.If(self.instr.valid):
+                    iw = data.View(Instruction, self.instr.payload.word)
+                    f = iw.misc.func
+                    nn = iw.misc.n
+                    ax = iw.misc.aux
+                    m.d.sync += [word.eq(self.instr.payload.word), sent.eq(0), fcnt.eq(0),
+                                 tcnt.eq(0), bcnt.eq(0), ecnt.eq(0), ridx.eq(0), qw.eq(0),
+                                 qblk.eq(0), qphase.eq(0), pk_k.eq(0), seg_i.eq(0)]
+                    empty = ((nn == 0) | ((f == MiscFunc.ROPE) & (ax == 0))
+                             | ((f == MiscFunc.QUANT) & (nn[5:] == 0))
+                             | ((f == MiscFunc.EMBED) & (nn[5:] == 0)))
+                    known = Cat(f == getattr(MiscFunc, x) for x in SFU_FUNCS).any()
+                    with m.If((iw.header.op != Op.MISC) | ~known | empty):
+                        m.d.sync += done_r.eq(1)
+                    with m.Else():
+                        m.next = "CONST"
+            with m.State("CONST"):
+                m.d.comb += const_req.eq(1)
+                with m.If(self.rd1.req.ready):
+                    m.next = "CONSTW"
+            with m.State("CONSTW"):
+                m.d.comb += const_wait.eq(1)
+                nw = Signal(34)
+                m.d.comb += nw.eq(Mux(is_rope, n * aux, Mux(is_copy, n * reps, n)))
+                m.d.sync += [
+                    a_bytes.eq(Mux(is_emb, nb * bs, nw << 2)),
+                    b_bytes.eq(Mux(is_rope, aux << 2, n << 2)),
+                    use_b.eq(is_rms | is_silu | is_rope),
+                    use_sfu.eq(is_rms | is_silu | is_rope),
+                    need_side.eq(is_silu),
+                    from_quant.eq(is_q),
+                    ftot.eq(Mux(is_rope, nw >> 1, Mux(is_emb, nb, nw))),
+                    nseg.eq(Mux(is_copy, reps, 1)),
+                    seg_w.eq(Mux(is_q, nb * 10, Mux(is_copy, n, nw))),
+                    seg_left.eq(Mux(is_q, nb * 10, Mux(is_copy, n, nw))),
+                    seg_stride.eq(misc.b << 2),
+                    seg_dst.eq(misc.dst),
+                ]
+                m.next = "START"
+            with m.State("START"):
+                a_off, b_off = misc.a[0:lgd], misc.b[0:lgd]
+                cmds = [
+                    (rda.cmd, C(1, 1), [rda.cmd.payload.line.eq(misc.a >> lgd),
+                                        rda.cmd.payload.count.eq((a_off + a_bytes + D - 1) >> lgd)]),
+                    (ala.cmd, C(1, 1), [ala.cmd.payload.s_off.eq(a_off), ala.cmd.payload.d_off.eq(0),
+                                        ala.cmd.payload.n.eq(a_bytes)]),
+                    (rdb.cmd, use_b, [rdb.cmd.payload.line.eq(misc.b >> lgd),
+                                      rdb.cmd.payload.count.eq((b_off + b_bytes + D - 1) >> lgd)]),
+                    (alb.cmd, use_b, [alb.cmd.payload.s_off.eq(b_off), alb.cmd.payload.d_off.eq(0),
+                                      alb.cmd.payload.n.eq(b_bytes)]),
+                ]
+                for k, (s, en, sets) in enumerate(cmds):
+                    m.d.comb += [s.valid.eq(~sent[k] & en)] + sets
+                    with m.If(s.valid & s.ready):
+                        m.d.sync += sent[k].eq(1)
+                with m.If(Cat(sent[k] | ~en | (s.valid & s.ready)
+                              for k, (s, en, _) in enumerate(cmds)).all()):
+                    m.d.sync += [sa.left.eq(a_bytes), sb.left.eq(Mux(use_b, b_bytes, 0)),
+                                 sa.bp.eq(0), sb.bp.eq(0)]
+                    m.d.comb += w_go.eq(1)
+                    with m.If(is_rope):
+                        m.next = "TABLE"
+                    with m.Elif(is_emb):
+                        m.next = "EMB_COLLECT"
+                    with m.Else():
+                        m.next = "FEED"
+            with m.State("TABLE"):
+                m.d.comb += [sb.size.eq(4), sb.take.eq(sb.avail), twp.en.eq(sb.avail),
+                             twp.addr.eq(tcnt), twp.data.eq(b_word)]
+                with m.If(sb.avail):
+                    m.d.sync += tcnt.eq(tcnt + 1)
+                    with m.If(tcnt + 1 == aux):
+                        m.next = "FEED"
+            with m.State("FEED"):
+                last = fcnt + 1 == ftot
+                with m.If(is_q):
+                    m.d.comb += [sa.size.eq(4), quant.i.valid.eq(sa.avail),
+                                 quant.i.payload.eq(a_word), sa.take.eq(sa.avail & quant.i.ready)]
+                    go = sa.avail & quant.i.ready
+                with m.Elif(is_rms):
+                    ok = sa.avail & sb.avail
+                    m.d.comb += [sa.size.eq(4), sb.size.eq(4), sfu.i.valid.eq(ok),
+                                 sfu.i.payload.op.eq(SfuOp.RMS_NORM), sfu.i.payload.a.eq(a_word),
+                                 sfu.i.payload.b.eq(b_word), sfu.i.payload.c.eq(inv_n),
+                                 sfu.i.payload.d.eq(eps), sfu.i.payload.last.eq(last),
+                                 sa.take.eq(ok & sfu.i.ready), sb.take.eq(ok & sfu.i.ready)]
+                with m.Elif(is_silu):
+                    ok = sa.avail & sb.avail & side.w_rdy
+                    m.d.comb += [sa.size.eq(4), sb.size.eq(4), sfu.i.valid.eq(ok),
+                                 sfu.i.payload.op.eq(SfuOp.SILU), sfu.i.payload.a.eq(a_word),
+                                 sfu.i.payload.last.eq(last),
+                                 side.w_en.eq(ok & sfu.i.ready), side.w_data.eq(b_word),
+                                 sa.take.eq(ok & sfu.i.ready), sb.take.eq(ok & sfu.i.ready)]
+                with m.Elif(is_rope):
+                    ok = sa.avail
+                    m.d.comb += [sa.size.eq(8), sfu.i.valid.eq(ok),
+                                 sfu.i.payload.op.eq(SfuOp.ROPE), sfu.i.payload.a.eq(sa.bytes[0:32]),
+                                 sfu.i.payload.b.eq(sa.bytes[32:64]), sfu.i.payload.c.eq(trc.data),
+                                 sfu.i.payload.d.eq(trs.data), sfu.i.payload.last.eq(last),
+                                 sa.take.eq(ok & sfu.i.ready)]
+                    with m.If(ok & sfu.i.ready):
+                        m.d.sync += ridx.eq(Mux(ridx + 1 == half, 0, ridx + 1))
+                with m.Else():                   # COPY
+                    m.d.comb += [sa.size.eq(4), d_valid.eq(sa.avail), d_x.eq(a_word),
+                                 d_mode.eq(0), sa.take.eq(sa.avail & post_ce)]
+                took = sa.take
+                with m.If(took):
+                    m.d.sync += fcnt.eq(fcnt + 1)
+                    with m.If(last):
+                        m.next = "DRAIN"
+            with m.State("EMB_COLLECT"):
+                m.d.comb += [sa.size.eq(1), sa.take.eq(sa.avail)]
+                with m.If(sa.avail):
+                    m.d.sync += [blk[bcnt].eq(sa.bytes[0:8]), bcnt.eq(bcnt + 1)]
+                    with m.If(bcnt + 1 == bs):
+                        m.d.sync += [bcnt.eq(0), ecnt.eq(0)]
+                        m.next = "EMB_EMIT"
+            with m.State("EMB_EMIT"):
+                j = ecnt[0:5]
+                q8 = Signal(signed(8))
+                qs = Signal(8)
+                m.d.comb += qs.eq(Mux(fmt == 1, blk[4 + j[0:4]], blk[2 + j[0:4]]))
+                nib = Mux(j[4], qs[4:8], qs[0:4])
+                with m.Switch(fmt):
+                    with m.Case(0):
+                        m.d.comb += q8.eq(nib - 8)
+                    with m.Case(1):
+                        m.d.comb += q8.eq(nib)
+                    with m.Default():
+                        m.d.comb += q8.eq(blk[2 + j])
+                qf = fp.int_to_f32(m, q8, name="embq")
+                dd = fp.f16_to_f32(m, Cat(blk[0], blk[1]), name="embd")
+                mm = fp.f16_to_f32(m, Cat(blk[2], blk[3]), name="embm")
+                m.d.comb += [d_valid.eq(1), d_x.eq(qf), d_s1.eq(dd), d_s2.eq(mm),
+                             d_mode.eq(Mux(fmt == 1, 2, 1))]
+                with m.If(post_ce):
+                    m.d.sync += ecnt.eq(ecnt + 1)
+                    with m.If(ecnt == 31):
+                        m.d.sync += fcnt.eq(fcnt + 1)
+                        with m.If(fcnt + 1 == ftot):
+                            m.next = "DRAIN"
+                        with m.Else():
+                            m.next = "EMB_COLLECT"
+            with m.State("DRAIN"):
+                with m.If(w_done):
+                    m.d.sync += done_r.eq(1)
+                    m.next = "IDLE"
+        return m
+
+
+class MiscSfuRouter(wiring.Component):
+    """A minimal execution unit: MISC QUANT/RMSNORM/ROPE/SILU_MUL/EMBED/COPY to
+    :class:`SfuExec`, everything else to :class:`~llmfab.hw.execute.MiscExec`; one
+    instruction at a time (the next is accepted after the previous one's ``done``).
+    For tests until ``hw/exec_unit.py`` routes the full set."""
+
+    def __init__(self, *, addr_bits: int, line_bytes: int, gb_base: int, **kw):
+        self._ab = addr_bits
+        self._d = line_bytes
+        self._gb = gb_base
+        self._kw = kw
+        super().__init__(exec_signature(addr_bits, line_bytes * 8))
+
+    def elaborate(self, platform):
+        from llmfab.hw.execute import MiscExec
+        m = Module()
+        m.submodules.misc = mx = MiscExec(addr_bits=self._ab, line_bytes=self._d)
+        m.submodules.sfux = sx = SfuExec(addr_bits=self._ab, line_bytes=self._d,
+                                         gb_base=self._gb, **self._kw)
+        iw = data.View(Instruction, self.instr.payload.word)
+        to_s = Signal()
+        m.d.comb += to_s.eq((iw.header.op == Op.MISC)
+                            & Cat(iw.misc.func == getattr(MiscFunc, f) for f in SFU_FUNCS).any())
+        busy = Signal()
+        cur = Signal()                      # 1: SfuExec holds the instruction
+        for u, sel in ((mx, ~to_s), (sx, to_s)):
+            m.d.comb += [u.instr.payload.eq(self.instr.payload),
+                         u.instr.valid.eq(self.instr.valid & ~busy & sel), u.context.eq(self.context)]
+        m.d.comb += self.instr.ready.eq(~busy & Mux(to_s, sx.instr.ready, mx.instr.ready))
+        with m.If(self.instr.valid & self.instr.ready):
+            m.d.sync += [busy.eq(1), cur.eq(to_s)]
+        with m.If(mx.done | sx.done):
+            m.d.sync += busy.eq(0)
+        m.d.comb += self.done.eq(mx.done | sx.done)
+        for port in ("rd0", "rd1"):
+            me, a, b = getattr(self, port), getattr(mx, port), getattr(sx, port)
+            m.d.comb += [me.req.valid.eq(Mux(cur, b.req.valid, a.req.valid)),
+                         me.req.payload.eq(Mux(cur, b.req.payload, a.req.payload)),
+                         a.req.ready.eq(me.req.ready & ~cur), b.req.ready.eq(me.req.ready & cur),
+                         a.rsp.valid.eq(me.rsp.valid & ~cur), b.rsp.valid.eq(me.rsp.valid & cur),
+                         a.rsp.payload.eq(me.rsp.payload), b.rsp.payload.eq(me.rsp.payload)]
+        me, a, b = self.wr, mx.wr, sx.wr
+        m.d.comb += [me.req.valid.eq(Mux(cur, b.req.valid, a.req.valid)),
+                     me.req.payload.eq(Mux(cur, b.req.payload, a.req.payload)),
+                     a.req.ready.eq(me.req.ready & ~cur), b.req.ready.eq(me.req.ready & cur)]
+        return m
