@@ -155,6 +155,16 @@ def _build_dir(tag: str, text: str, args) -> Path:
     return build_root() / f"{TOPLEVEL}-{tag}-{h.hexdigest()[:16]}"
 
 
+def fst_available() -> bool:
+    """Whether Verilator's FST writer can be compiled here (it needs ``lz4.h``)."""
+    try:
+        r = subprocess.run(["c++", "-x", "c++", "-E", "-o", os.devnull, "-"], input="#include <lz4.h>\n",
+                           text=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
 #: Only the simulation top's own signals are visible to cocotb (VPI).
 _PUBLIC_VLT = f"""`verilator_config
 public_flat_rw -module "{TOPLEVEL}" -var "*"
@@ -193,7 +203,8 @@ def build(config, *, waves: bool = False, exec_factory=None, read_latency=READ_L
             + sim_top_verilog(accel, read_latency=read_latency, write_latency=write_latency))
     args = list(VERILATOR_ARGS) + _BUILD_ARGS + [str(HBM_MODEL_CPP), "-LDFLAGS", "-rdynamic"]
     if waves:
-        args += ["--trace-fst", "--trace-structs"]
+        # FST needs the system's lz4 headers (Verilator's FST writer); without them: VCD
+        args += (["--trace-fst"] if fst_available() else ["--trace"]) + ["--trace-structs"]
     bdir = _build_dir(config.name, text + _PUBLIC_VLT, args)
     bdir.mkdir(parents=True, exist_ok=True)
     exe = bdir / TOPLEVEL
@@ -288,7 +299,8 @@ class RtlAccelerator:
     bundle : Bundle
         Must have been compiled for ``config``.
     waves : bool
-        Record an FST waveform (``dump.fst`` in the build directory).
+        Record a waveform in the build directory: ``dump.fst``, or ``dump.vcd``
+        where the system lacks the lz4 headers Verilator's FST writer needs.
     exec_factory : callable, optional
         Execution unit to plug in (see :class:`~llmfab.hw.top.Accelerator`).
     timeout_seconds : float

@@ -470,3 +470,9 @@ def test_control_registers(tiny, acc):
     assert (r.status, r.pc) == (isa.STATUS_ILLEGAL, 9)
     assert (acc.read_reg(REG_STATUS), acc.read_reg(REG_PC)) == (isa.STATUS_ILLEGAL, 9)
     assert r.counters["exec_cycles"] == 0 and r.counters["instr_ld"] == 0
+    # the watchdog: a run cut short is reported as such, the accelerator is reset and works again
+    acc.load_program(bundle.program)
+    r = acc.run(4, 6, timeout_cycles=500)
+    assert r.timed_out and r.status is None
+    r = rtl_status(acc, words, 4, 6)
+    assert (r.status, r.pc) == (0, len(words) - 1)
