@@ -1,0 +1,183 @@
+"""cocotb bench of hw/mv_exec.py alone: an on-chip memory model behind rd0/rd1/wr, MV/MM words
+in, results compared with sim.numerics_model.matvec (the golden model's MV), bit for bit.
+
+Environment: MV_D (line bytes), MV_AB (line address bits), MV_N (random instructions),
+MV_SEED, MV_STALL (probability that rd0/wr are not ready in a cycle: the store and load
+engines' priority).
+"""
+
+import os
+
+import cocotb
+import numpy as np
+from cocotb.clock import Clock
+from cocotb.triggers import RisingEdge
+
+from llmfab.compiler import isa, quant, sparse
+from llmfab.sim import numerics as N
+from llmfab.sim.golden import _unpack_weights
+from llmfab.sim.numerics_model import matvec
+
+D = int(os.environ.get("MV_D", "64"))
+AB = int(os.environ.get("MV_AB", "13"))
+NI = int(os.environ.get("MV_N", "30"))
+SEED = int(os.environ.get("MV_SEED", "3"))
+STALL = float(os.environ.get("MV_STALL", "0.2"))
+MODES = [(f, p) for f in ("q4_0", "q4_1", "q8_0") for p in ("dense", "2:4", "8:16", "4:16", "2:16")]
+MEM = 1 << 19
+W0, A0, R0 = 0, 1 << 16, 1 << 17
+
+
+class MemModel:
+    """Line reads (response one cycle after the handshake) and byte-enabled line writes."""
+
+    def __init__(self, dut, rng):
+        self.dut, self.rng = dut, rng
+        self.mem = np.zeros(MEM, np.uint8)
+        self.stall = STALL
+        self.writes = 0
+
+    def line(self, a):
+        return int.from_bytes(self.mem[a * D:(a + 1) * D].tobytes(), "little")
+
+    async def run(self):
+        dut = self.dut
+        mask = (1 << AB) - 1
+        while True:
+            dut.rd0__req__ready.value = int(self.rng.random() >= self.stall)
+            dut.rd1__req__ready.value = 1
+            dut.wr__req__ready.value = int(self.rng.random() >= self.stall)
+            await RisingEdge(dut.clk)
+            for p in ("rd0", "rd1"):
+                req_v = int(getattr(dut, f"{p}__req__valid").value)
+                req_r = int(getattr(dut, f"{p}__req__ready").value)
+                if req_v and req_r:
+                    a = int(getattr(dut, f"{p}__req__payload").value) & mask
+                    getattr(dut, f"{p}__rsp__payload").value = self.line(a)
+                    getattr(dut, f"{p}__rsp__valid").value = 1
+                else:
+                    getattr(dut, f"{p}__rsp__valid").value = 0
+            if int(dut.wr__req__valid.value) and int(dut.wr__req__ready.value):
+                v = int(dut.wr__req__payload.value)
+                a = v & mask
+                data = (v >> AB) & ((1 << (8 * D)) - 1)
+                be = v >> (AB + 8 * D)
+                b = data.to_bytes(D, "little")
+                for i in range(D):
+                    if be >> i & 1:
+                        self.mem[a * D + i] = b[i]
+                self.writes += 1
+
+
+def weights(rng, fmt, sp, rows, cols):
+    vals = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(rng.uniform(0.01, 2))
+    raw = quant.quantize_rows(fmt, vals).reshape(rows, -1)
+    if sp != "dense":
+        raw = sparse.encode_sparse_rows(fmt, raw, sparse.prune(fmt, raw, sp), sp)
+    return np.ascontiguousarray(raw, np.uint8).reshape(-1)
+
+
+def qvec(rng, nb):
+    x = rng.standard_normal(nb * 32).astype(np.float32) * np.float32(10 ** rng.uniform(-3, 2))
+    q, d, s = N.quantize_act(x)
+    return (np.concatenate([np.asarray(q, np.int8).view(np.uint8).reshape(-1),
+                            np.asarray(d, np.float32).view(np.uint8),
+                            np.asarray(s, np.int32).view(np.uint8)]), (q, d, s))
+
+
+async def execute(dut, word):
+    """Hand one word to the unit; cycles from the handshake to done."""
+    dut.instr__payload.value = word
+    dut.instr__valid.value = 1
+    while True:
+        await RisingEdge(dut.clk)
+        if int(dut.instr__ready.value):
+            break
+    dut.instr__valid.value = 0
+    n = 0
+    while True:
+        await RisingEdge(dut.clk)
+        n += 1
+        if int(dut.done.value):
+            return n
+
+
+def place(rng, mm, fmt, sp, rows, nb, ntok, aligned):
+    """Write weights and vectors; returns (fields, expected [ntok][rows] float32)."""
+    w = weights(rng, fmt, sp, rows, nb * 32)
+    wb = W0 + (0 if aligned else int(rng.integers(0, 64)))
+    mm.mem[wb:wb + w.size] = w
+    qsrc = A0 + (0 if aligned else int(rng.integers(0, 64)))
+    dst = R0 + (0 if aligned else int(rng.integers(0, 64)))
+    W = _unpack_weights(fmt, sp, w, rows, nb)
+    exp = []
+    for t in range(max(ntok, 1)):
+        b, act = qvec(rng, nb)
+        a = qsrc + t * nb * 40
+        mm.mem[a:a + b.size] = b
+        exp.append(np.asarray(matvec(W, None, act=act), np.float32))
+    func = isa.FMTS.index(fmt) | (isa.SPARSITIES.index(sp) << 2)
+    f = dict(func=func, wb=wb, rows=rows, cols=nb * 32, qsrc=qsrc, dst=dst)
+    if ntok:
+        f["ntok"] = ntok
+    return ("MM" if ntok else "MV"), f, np.stack(exp)
+
+
+@cocotb.test()
+async def mv_random(dut):
+    rng = np.random.default_rng(SEED)
+    cocotb.start_soon(Clock(dut.clk, 2, unit="ns").start())
+    mm = MemModel(dut, rng)
+    mm.mem[:] = rng.integers(0, 256, MEM, dtype=np.uint8)
+    dut.instr__valid.value = 0
+    dut.rst.value = 1
+    for _ in range(3):
+        await RisingEdge(dut.clk)
+    dut.rst.value = 0
+    cocotb.start_soon(mm.run())
+    for i in range(NI):
+        fmt, sp = MODES[i % len(MODES)]
+        nb = int(rng.integers(1, 13))
+        rows = int(rng.integers(1, 41))
+        ntok = int(rng.integers(2, 4)) if rng.random() < 0.3 else 0
+        op, f, exp = place(rng, mm, fmt, sp, rows, nb, ntok, aligned=i % 3 == 0)
+        await execute(dut, isa.encode(isa.make(op, **f)))
+        got = mm.mem[f["dst"]:f["dst"] + exp.size * 4].copy().view(np.float32).reshape(exp.shape)
+        assert np.array_equal(got.view(np.uint32), exp.view(np.uint32)), \
+            f"instruction {i} {op} {fmt} {sp} {f}: {np.flatnonzero(got != exp)[:8]}"
+    dut._log.info(f"{NI} random MV/MM bit-exact (D = {D})")
+
+
+@cocotb.test()
+async def mv_steady_state(dut):
+    """Cycles per block from two row counts, memory never stalling."""
+    rng = np.random.default_rng(SEED + 1)
+    cocotb.start_soon(Clock(dut.clk, 2, unit="ns").start())
+    mm = MemModel(dut, rng)
+    mm.stall = 0.0
+    dut.instr__valid.value = 0
+    dut.rst.value = 1
+    for _ in range(3):
+        await RisingEdge(dut.clk)
+    dut.rst.value = 0
+    cocotb.start_soon(mm.run())
+    nb = 16
+    lines = []
+    for fmt, sp in [("q4_0", "dense"), ("q4_1", "dense"), ("q8_0", "dense"), ("q4_0", "2:4"),
+                    ("q4_1", "4:16"), ("q8_0", "2:16")]:
+        cyc = {}
+        for rows in (8, 72):
+            op, f, exp = place(rng, mm, fmt, sp, rows, nb, 0, aligned=True)
+            cyc[rows] = await execute(dut, isa.encode(isa.make(op, **f)))
+            got = mm.mem[f["dst"]:f["dst"] + exp.size * 4].copy().view(np.uint32)
+            assert np.array_equal(got, exp.reshape(-1).view(np.uint32))
+        cpb = (cyc[72] - cyc[8]) / (64 * nb)
+        # bound: one block per cycle (the chain: two for dense Q8_0), or the line rate
+        bound = max(2.0 if (fmt, sp) == ("q8_0", "dense") else 1.0,
+                    sparse.sparse_block_bytes(fmt, sp) / D)
+        assert cpb <= bound * 1.05, (fmt, sp, cpb, bound)
+        lines.append(f"{fmt} {sp}: {cpb:.3f} cycles/block (MV of 8 rows x {nb} blocks: "
+                     f"{cyc[8]} cycles)")
+    dut._log.info("steady state (D = %d):\n%s", D, "\n".join(lines))
+    with open(os.environ.get("MV_REPORT", "mv_steady.txt"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
