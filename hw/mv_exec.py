@@ -2,32 +2,35 @@
 
 :class:`MvExec` has :func:`~llmfab.hw.execute.exec_signature` and executes MV and
 MM words (docs/isa.md) bit-exactly as ``sim.numerics_model.matvec`` (the golden
-model). Per token (MV: one; MM: ``ntok``, vector ``t`` at ``qsrc + t*nb*40``,
-results at ``dst + t*rows*4``):
+model). An MV is an MM of one token; an MM's ``ntok`` tokens (vector ``t`` at
+``qsrc + t*nb*40``, results at ``dst + t*rows*4``) run in **passes** of as many
+tokens as the activation buffers hold (``max_blocks // nb``, all of them for
+every compiled shape):
 
-1. **Commands.** A :class:`~llmfab.hw.dma.LineReader` on ``rd0`` streams the
-   weight lines from ``wb`` through a :class:`~llmfab.hw.dma.Realign` (so
-   ``wb`` may have any byte alignment) into the :class:`~llmfab.hw.decoder.Decoder`
-   (``data_width = 8 * line_bytes``; one command per token: format, pattern,
-   ``rows * nb`` blocks, ``nb`` blocks per row). A second reader on ``rd1``
-   streams the quantized vector (``q``, ``d``, ``sumq``: ``40 * nb`` bytes).
-2. **Activation load.** The vector's three parts (``q``, ``d``, ``sumq``) are
-   read and realigned to offset 0 one after the other, cut into chunks of
+1. **Activation load.** For each token of the pass, its vector's three parts
+   (``q``, ``d``, ``sumq``) are read through ``rd1`` (a
+   :class:`~llmfab.hw.dma.LineReader`) and realigned to offset 0 one after
+   the other (:class:`~llmfab.hw.dma.Realign`), cut into chunks of
    ``CB = min(line_bytes, 32)`` bytes, one chunk per cycle, into three buffers:
    ``q`` (``max_blocks`` x 256 bits, 32-bit write enables), ``d`` and ``sumq``
-   (``CB``-byte entries, the read side selects the word): ``40 nb / CB`` cycles.
-   Meanwhile the weight stream already fills the decoder (it stalls on the
-   chain, which waits for activations).
+   (``CB``-byte entries, the read side selects the word): ``40 nb / CB`` cycles
+   per token. Meanwhile the weight stream already fills the decoder (it stalls
+   on the chain, which waits for activations).
+2. **Weights.** Per token one command each to a line reader on ``rd0`` (the
+   lines from ``wb``), a realigner (so ``wb`` may have any byte alignment) and
+   the :class:`~llmfab.hw.decoder.Decoder` (``data_width = 8 * line_bytes``;
+   format, pattern, ``rows * nb`` blocks, ``nb`` per row). The weights are
+   **re-read from the on-chip buffer for every token** (the decoder and chain
+   see ``ntok`` matrices back to back, without a pipeline drain between tokens).
 3. **Compute.** The chain takes one weight beat (one block, ``lanes = 1``) with
-   the activation block of the same index (a read port addressed one cycle ahead,
-   so it delivers one block per cycle); its results, in order, meet that block's
-   ``d_x`` and stored ``sumq`` (a second pair of read ports following the result
-   index) in the :class:`~llmfab.hw.scaler.Scaler`. Dense blocks use the stored
-   ``sumq`` (as ``matvec`` does for Q4_1), sparse ones the chain's kept-position
-   sum. Each row sum is written to ``dst + 4 r`` through ``wr`` (two line writes
-   when the word straddles a line).
-4. After the token's last row write is accepted: the next token (weights are
-   **re-read per token**: an MM costs ``ntok`` MVs), or the ``done`` pulse.
+   the activation block of the same index and token (a read port addressed one
+   cycle ahead, so it delivers one block per cycle); its results, in order,
+   meet that block's ``d_x`` and stored ``sumq`` (a second pair of read ports
+   following the result index) in the :class:`~llmfab.hw.scaler.Scaler`. Dense
+   blocks use the stored ``sumq`` (as ``matvec`` does for Q4_1), sparse ones the
+   chain's kept-position sum. Row sums are written through ``wr`` to
+   consecutive words from ``dst`` (two line writes when a word straddles a line).
+4. After the pass's last row write is accepted: the next pass, or ``done``.
 
 One instruction at a time. The unit accepts only MV/MM words (the combined unit in
 ``hw/exec_unit.py`` routes the others elsewhere; an unexpected word completes
@@ -131,8 +134,10 @@ class MvExec(wiring.Component):
         cpb = D // CB                             # chunks per line
         qpc = 32 // CB                            # chunks per q block
         m.submodules.qmem = qmem = memory.Memory(shape=unsigned(256), depth=NB, init=[])
-        m.submodules.dmem = dmem = memory.Memory(shape=unsigned(CB * 8), depth=-(-NB // cw), init=[])
-        m.submodules.smem = smem = memory.Memory(shape=unsigned(CB * 8), depth=-(-NB // cw), init=[])
+        # d / sumq entries: each token's start on an entry, so up to one more per token
+        DEPTH_D = -(-NB // cw) + 256
+        m.submodules.dmem = dmem = memory.Memory(shape=unsigned(CB * 8), depth=DEPTH_D, init=[])
+        m.submodules.smem = smem = memory.Memory(shape=unsigned(CB * 8), depth=DEPTH_D, init=[])
         qw = qmem.write_port(granularity=32)
         dw = dmem.write_port()
         sw = smem.write_port()
@@ -144,8 +149,6 @@ class MvExec(wiring.Component):
         word = Signal(128)
         w = data.View(Instruction, word)
         mv = w.mv
-        is_mm = Signal()
-        ntok = Signal(8)
         fmt = Signal(2)
         pat = Signal(3)
         m.d.comb += [fmt.eq(mv.func[0:2]), pat.eq(mv.func[2:5])]
@@ -161,54 +164,67 @@ class MvExec(wiring.Component):
                         m.d.comb += bb.eq(block_bytes(f, p))
             with m.Default():
                 m.d.comb += bb.eq(block_bytes("q4_0", "dense"))
-        tok = Signal(8)
-        qaddr = Signal(24)                         # this token's vector
-        daddr = Signal(24)                         # this token's results
-        abytes = Signal(18)
-        m.d.comb += abytes.eq(nb * QBLOCK_BYTES)
+        qaddr = Signal(24)                         # the next pass's first vector
         sent = Signal(5)
+        ntok_eff = Signal(8)                       # tokens of the instruction (MV: 1)
+        t0 = Signal(9)                             # tokens done by earlier passes
+        gmax = Signal(12)                          # tokens whose vectors fit the buffers
+        g = Signal(9)                              # tokens of this pass
+        pass_active = Signal()
+        rows = mv.rows
 
-        # ---- activation load: q, d, sumq each realigned to offset 0 -> CB-byte chunks
+        # ---- activation load: per token q, d, sumq, each realigned to offset 0 -> CB-byte chunks
         region = Signal(2)                         # 0 q, 1 d, 2 sumq
         cidx = Signal(range(max(NB * qpc, 2)))     # chunk within the region
         k = Signal(range(max(cpb, 2)))             # chunk within the line
+        ltok = Signal(9)                           # token of the pass being loaded
+        qbase_w = Signal(range(NB + 1))            # its first q entry
+        dbase_w = Signal(range(DEPTH_D + 1))       # its first d / sumq entry
         loading = Signal()
         chunk = aal.o.payload.data.word_select(k, CB * 8)
         wvalid = loading & aal.o.valid
         nq = Signal(16)
-        nd = Signal(16)
+        nd = Signal(16)                            # d (sumq) entries per token
         m.d.comb += [nq.eq(nb * qpc), nd.eq(((nb << 2) + CB - 1) >> lgc)]
         reg_last = Mux(region == 0, cidx == nq - 1, cidx == nd - 1)
         qlane = cidx[0:exact_log2(qpc)] if qpc > 1 else C(0, 1)
         m.d.comb += [
             aal.o.ready.eq(loading & ((k == cpb - 1) | reg_last)),
-            qw.addr.eq(cidx >> exact_log2(qpc)), qw.data.eq(Cat(*([chunk] * qpc))),
+            qw.addr.eq(qbase_w + (cidx >> exact_log2(qpc))), qw.data.eq(Cat(*([chunk] * qpc))),
             qw.en.eq(Mux(wvalid & (region == 0), C((1 << cw) - 1, 8) << (qlane * cw), 0)),
-            dw.addr.eq(cidx), dw.data.eq(chunk), dw.en.eq(wvalid & (region == 1)),
-            sw.addr.eq(cidx), sw.data.eq(chunk), sw.en.eq(wvalid & (region == 2)),
+            dw.addr.eq(dbase_w + cidx), dw.data.eq(chunk), dw.en.eq(wvalid & (region == 1)),
+            sw.addr.eq(dbase_w + cidx), sw.data.eq(chunk), sw.en.eq(wvalid & (region == 2)),
         ]
         load_done = Signal()
         with m.If(wvalid):
             m.d.sync += [k.eq(Mux((k == cpb - 1) | reg_last, 0, k + 1)),
                          cidx.eq(Mux(reg_last, 0, cidx + 1))]
             with m.If(reg_last):
-                m.d.sync += region.eq(region + 1)
+                m.d.sync += region.eq(Mux(region == 2, 0, region + 1))
                 with m.If(region == 2):
-                    m.d.comb += load_done.eq(1)
-        # the three regions' commands, in order, to the vector's reader and realigner
-        ard_i = Signal(2)
-        aal_i = Signal(2)
+                    m.d.sync += [ltok.eq(ltok + 1), qbase_w.eq(qbase_w + nb),
+                                 dbase_w.eq(dbase_w + nd)]
+                    with m.If(ltok == g - 1):
+                        m.d.comb += load_done.eq(1)
+        # per token the three regions' commands, in order, to the vector's reader and realigner
+        abytes = Signal(18)
+        m.d.comb += abytes.eq(nb * QBLOCK_BYTES)
         a_issue = Signal()
-        for sel_i, cmd, is_rd in ((ard_i, ard.cmd, True), (aal_i, aal.cmd, False)):
-            r_addr = Signal(24, name=f"r_addr_{'rd' if is_rd else 'al'}")
-            r_len = Signal(18, name=f"r_len_{'rd' if is_rd else 'al'}")
-            with m.Switch(sel_i):
+        issuers = []
+        for name, cmd, is_rd in (("rd", ard.cmd, True), ("al", aal.cmd, False)):
+            c_reg = Signal(2, name=f"c_reg_{name}")
+            c_tok = Signal(9, name=f"c_tok_{name}")
+            c_base = Signal(24, name=f"c_base_{name}")
+            issuers.append((c_reg, c_tok, c_base))
+            r_addr = Signal(24, name=f"r_addr_{name}")
+            r_len = Signal(18, name=f"r_len_{name}")
+            with m.Switch(c_reg):
                 with m.Case(0):
-                    m.d.comb += [r_addr.eq(qaddr), r_len.eq(nb << 5)]
+                    m.d.comb += [r_addr.eq(c_base), r_len.eq(nb << 5)]
                 with m.Case(1):
-                    m.d.comb += [r_addr.eq(qaddr + (nb << 5)), r_len.eq(nb << 2)]
+                    m.d.comb += [r_addr.eq(c_base + (nb << 5)), r_len.eq(nb << 2)]
                 with m.Default():
-                    m.d.comb += [r_addr.eq(qaddr + (nb << 5) + (nb << 2)), r_len.eq(nb << 2)]
+                    m.d.comb += [r_addr.eq(c_base + (nb << 5) + (nb << 2)), r_len.eq(nb << 2)]
             r_off = r_addr[0:lgd]
             if is_rd:
                 m.d.comb += [cmd.payload.line.eq(r_addr >> lgd),
@@ -216,34 +232,68 @@ class MvExec(wiring.Component):
             else:
                 m.d.comb += [cmd.payload.s_off.eq(r_off), cmd.payload.d_off.eq(0),
                              cmd.payload.n.eq(r_len)]
-            m.d.comb += cmd.valid.eq(a_issue & (sel_i != 3))
+            m.d.comb += cmd.valid.eq(a_issue & (c_tok < g))
             with m.If(cmd.valid & cmd.ready):
-                m.d.sync += sel_i.eq(sel_i + 1)
+                m.d.sync += c_reg.eq(Mux(c_reg == 2, 0, c_reg + 1))
+                with m.If(c_reg == 2):
+                    m.d.sync += [c_tok.eq(c_tok + 1), c_base.eq(c_base + abytes)]
+
+        # ---- per token, one weight command to the reader, the realigner and the decoder
+        w_off = mv.wb[0:lgd]
+        wcmds = [
+            (wrd.cmd, [wrd.cmd.payload.line.eq(mv.wb >> lgd),
+                       wrd.cmd.payload.count.eq((w_off + wbytes + D - 1) >> lgd)]),
+            (wal.cmd, [wal.cmd.payload.s_off.eq(w_off), wal.cmd.payload.d_off.eq(0),
+                       wal.cmd.payload.n.eq(wbytes)]),
+            (dec.cmd, [dec.cmd.payload.fmt.as_value().eq(fmt),
+                       dec.cmd.payload.pattern.as_value().eq(pat),
+                       dec.cmd.payload.count.eq(nblk), dec.cmd.payload.row_blocks.eq(nb)]),
+        ]
+        wcount = []
+        for i, (s_, sets) in enumerate(wcmds):
+            c = Signal(9, name=f"wcmd{i}")
+            wcount.append(c)
+            m.d.comb += [s_.valid.eq(pass_active & (c < g))] + sets
+            with m.If(s_.valid & s_.ready):
+                m.d.sync += c.eq(c + 1)
 
         # ---- compute: activations to the chain, results + (d_x, sumq) to the scaler
         computing = Signal()
-        bi = Signal(range(NB))                     # block index of the next activation beat
-        rb = Signal(range(NB))                     # block index of the next chain result
+        bi = Signal(range(NB))                     # block of the next activation beat
+        arow = Signal(16)                          # its row
+        qbase = Signal(range(NB + 1))              # its token's first q entry
         a_take = chain.acts.valid & chain.acts.ready
-        bi_next = Mux(bi == nb - 1, 0, bi + 1)
+        a_row_end = bi == nb - 1
+        a_tok_end = a_row_end & (arow == rows - 1)
+        bi_n = Mux(a_row_end, 0, bi + 1)
+        qbase_n = Mux(a_tok_end, qbase + nb, qbase)
         m.d.comb += [chain.acts.valid.eq(computing), chain.acts.payload.eq(qr.data),
-                     qr.addr.eq(Mux(a_take, bi_next, bi))]
+                     qr.addr.eq(Mux(a_take, qbase_n + bi_n, qbase + bi))]
         with m.If(a_take):
-            m.d.sync += bi.eq(bi_next)
+            m.d.sync += [bi.eq(bi_n), qbase.eq(qbase_n),
+                         arow.eq(Mux(a_tok_end, 0, Mux(a_row_end, arow + 1, arow)))]
         res = chain.results.payload
         lane = res.lanes[0]
         r_take = chain.results.valid & chain.results.ready
-        rb_next = Mux(res.last, 0, rb + 1)
-        r_at = Signal.like(rb)
+        rb = Signal(range(NB))                     # block of the next chain result
+        rrow = Signal(16)
+        dbase = Signal(range(DEPTH_D + 1))
+        r_tok_end = res.last & (rrow == rows - 1)
+        rb_n = Mux(res.last, 0, rb + 1)
+        dbase_n = Mux(r_tok_end, dbase + nd, dbase)
+        r_blk = Signal.like(rb)
+        r_ent = Signal(range(DEPTH_D + 1))
         r_word = Signal(max(lgcw, 1))
-        m.d.comb += [r_at.eq(Mux(r_take, rb_next, rb)),
-                     dr.addr.eq(r_at >> lgcw), sr.addr.eq(r_at >> lgcw)]
+        m.d.comb += [r_blk.eq(Mux(r_take, rb_n, rb)),
+                     r_ent.eq(Mux(r_take, dbase_n, dbase) + (r_blk >> lgcw)),
+                     dr.addr.eq(r_ent), sr.addr.eq(r_ent)]
         if lgcw:
-            m.d.sync += r_word.eq(r_at[0:lgcw])
+            m.d.sync += r_word.eq(r_blk[0:lgcw])
         d_x = dr.data.word_select(r_word, 32) if lgcw else dr.data
         s_q = sr.data.word_select(r_word, 32) if lgcw else sr.data
         with m.If(r_take):
-            m.d.sync += rb.eq(rb_next)
+            m.d.sync += [rb.eq(rb_n), dbase.eq(dbase_n),
+                         rrow.eq(Mux(r_tok_end, 0, Mux(res.last, rrow + 1, rrow)))]
         si = sc.i.payload
         m.d.comb += [
             sc.i.valid.eq(chain.results.valid), chain.results.ready.eq(sc.i.ready),
@@ -252,9 +302,10 @@ class MvExec(wiring.Component):
             si.fmt.as_value().eq(res.fmt.as_value()), si.last.eq(res.last),
         ]
 
-        # ---- row results -> wr (a word straddling a line takes two writes)
+        # ---- row results -> wr (a word straddling a line takes two writes); MM token t's
+        # rows follow token t-1's (dst + t*rows*4), so the address just counts on
         waddr = Signal(24)
-        rows_left = Signal(16)
+        rows_left = Signal(25)
         second = Signal()
         off = waddr[0:lgd]
         wide = Signal(D * 8 + 32)
@@ -282,54 +333,45 @@ class MvExec(wiring.Component):
                 with m.If(self.instr.valid):
                     iw = data.View(Instruction, self.instr.payload.word)
                     op = iw.header.op
-                    m.d.sync += [word.eq(self.instr.payload.word), tok.eq(0),
-                                 is_mm.eq(op == Op.MM), ntok.eq(iw.mm.ntok),
-                                 qaddr.eq(iw.mv.qsrc), daddr.eq(iw.mv.dst)]
+                    m.d.sync += [word.eq(self.instr.payload.word), t0.eq(0),
+                                 ntok_eff.eq(Mux(op == Op.MM, iw.mm.ntok, 1)),
+                                 qaddr.eq(iw.mv.qsrc), waddr.eq(iw.mv.dst)]
                     with m.If(((op != Op.MV) & (op != Op.MM)) | ((op == Op.MM) & (iw.mm.ntok == 0))):
                         m.next = "DONE"
                     with m.Else():
                         m.next = "SETUP"
             with m.State("SETUP"):
-                m.d.sync += nblk.eq(mv.rows * nb)
+                m.d.sync += [nblk.eq(rows * nb), gmax.eq(C(NB, 12) // nb)]
                 m.next = "SETUP2"
             with m.State("SETUP2"):
                 m.d.sync += wbytes.eq(nblk * bb)
-                m.next = "START"
-            with m.State("START"):
-                w_off = mv.wb[0:lgd]
-                cmds = [
-                    (wrd.cmd, [wrd.cmd.payload.line.eq(mv.wb >> lgd),
-                               wrd.cmd.payload.count.eq((w_off + wbytes + D - 1) >> lgd)]),
-                    (wal.cmd, [wal.cmd.payload.s_off.eq(w_off), wal.cmd.payload.d_off.eq(0),
-                               wal.cmd.payload.n.eq(wbytes)]),
-                    (dec.cmd, [dec.cmd.payload.fmt.as_value().eq(fmt),
-                               dec.cmd.payload.pattern.as_value().eq(pat),
-                               dec.cmd.payload.count.eq(nblk), dec.cmd.payload.row_blocks.eq(nb)]),
-                ]
-                m.d.comb += a_issue.eq(1)
-                for i, (s, sets) in enumerate(cmds):
-                    m.d.comb += [s.valid.eq(~sent[i])] + sets
-                    with m.If(s.valid & s.ready):
-                        m.d.sync += sent[i].eq(1)
-                m.d.sync += [region.eq(0), cidx.eq(0), k.eq(0), bi.eq(0), rb.eq(0),
-                             waddr.eq(daddr), rows_left.eq(mv.rows), second.eq(0)]
-                with m.If(Cat(sent[i] | (s.valid & s.ready) for i, (s, _) in enumerate(cmds)).all()):
-                    m.d.sync += sent.eq(0)
-                    m.next = "LOAD"
+                m.next = "PLAN"
+            with m.State("PLAN"):
+                left = ntok_eff - t0
+                m.d.sync += [g.eq(Mux(gmax < left, gmax, left)),
+                             region.eq(0), cidx.eq(0), k.eq(0), ltok.eq(0), qbase_w.eq(0),
+                             dbase_w.eq(0), bi.eq(0), arow.eq(0), qbase.eq(0), rb.eq(0),
+                             rrow.eq(0), dbase.eq(0), second.eq(0)]
+                m.d.sync += [c.eq(0) for c in wcount]
+                for c_reg, c_tok, c_base in issuers:
+                    m.d.sync += [c_reg.eq(0), c_tok.eq(0), c_base.eq(qaddr)]
+                m.next = "PLAN2"
+            with m.State("PLAN2"):
+                m.d.sync += rows_left.eq(rows * g)
+                m.next = "LOAD"
             with m.State("LOAD"):
-                m.d.comb += [loading.eq(1), a_issue.eq(1)]
+                m.d.comb += [loading.eq(1), a_issue.eq(1), pass_active.eq(1)]
                 with m.If(load_done):
                     m.next = "SETTLE"
             with m.State("SETTLE"):
+                m.d.comb += [a_issue.eq(1), pass_active.eq(1)]
                 m.next = "COMPUTE"
             with m.State("COMPUTE"):
-                m.d.comb += computing.eq(1)
+                m.d.comb += [computing.eq(1), a_issue.eq(1), pass_active.eq(1)]
                 with m.If(row_done & (rows_left == 1)):
-                    m.d.sync += [tok.eq(tok + 1), qaddr.eq(qaddr + abytes),
-                                 daddr.eq(daddr + (mv.rows << 2))]
-                    m.d.sync += [ard_i.eq(0), aal_i.eq(0)]
-                    with m.If(is_mm & (tok + 1 < ntok)):
-                        m.next = "START"
+                    m.d.sync += [t0.eq(t0 + g), qaddr.eq(issuers[0][2])]
+                    with m.If(t0 + g < ntok_eff):
+                        m.next = "PLAN"
                     with m.Else():
                         m.next = "DONE"
             with m.State("DONE"):
