@@ -165,14 +165,18 @@ def fst_available() -> bool:
     return r.returncode == 0
 
 
-#: Only the simulation top's own signals are visible to cocotb (VPI).
+#: Only the simulation top's ports are visible to cocotb (VPI): every public signal
+#: can change behind Verilator's back, so logic reading it is re-evaluated at every eval.
 _PUBLIC_VLT = f"""`verilator_config
-public_flat_rw -module "{TOPLEVEL}" -var "*"
+public_flat_rw -module "{TOPLEVEL}" -var "ap_clk"
+public_flat_rw -module "{TOPLEVEL}" -var "ap_rst_n"
+public_flat_rw -module "{TOPLEVEL}" -var "interrupt"
+public_flat_rw -module "{TOPLEVEL}" -var "s_axi_control__*"
 """
 
 
 def _top_public_runner(vlt):
-    """cocotb's Verilator runner without ``--public-flat-rw`` (a control file makes the top public).
+    """cocotb's Verilator runner without ``--public-flat-rw`` (a control file makes the top's ports public).
 
     With every signal public and writable Verilator must re-evaluate all
     combinational logic at every input change; the harness only needs the top's
