@@ -278,7 +278,8 @@ def test_compiled_qkv_tiles_match_golden(tiny, acc):
 
 
 def test_mv_exec_ci_geometry_cocotb():
-    """MvExec alone in the ``ci`` geometry (64-byte lines, 2 load chunks per line) under
+    """MvExec alone in the ``ci`` geometry (64-byte lines, 2 load chunks per line; a 64-block
+    activation buffer, so MMs of up to 6 tokens x 24 blocks take several passes) under
     cocotb with a memory model (random stalls on rd0 and wr): random MV/MM over all 15
     modes at any alignment vs ``matvec``, bit for bit; then steady-state cycles per block."""
     from pathlib import Path
@@ -290,7 +291,7 @@ def test_mv_exec_ci_geometry_cocotb():
     g = geometry(config)
     D = g["line_bytes"]
     ab = (g["onchip_size"] // D - 1).bit_length()
-    unit = MvExec.for_config(config)(addr_bits=ab, line_bytes=D)
+    unit = MvExec.for_config(config, max_blocks=64)(addr_bits=ab, line_bytes=D)
     from amaranth.hdl import Signal as _Signal
     from amaranth.hdl import Value as _Value
     ports = [_Value.cast(v) for _, _, v in unit.signature.flatten(unit)]
