@@ -301,3 +301,46 @@ def test_mv_exec_ci_geometry_cocotb():
                       extra_env={"MV_D": str(D), "MV_AB": str(ab), "MV_N": "30",
                                  "MV_REPORT": "mv_steady.txt"})
     print((bdir / "mv_steady.txt").read_text())
+
+
+def _ports(unit):
+    from amaranth.hdl import Signal, Value
+    return [v for v in (Value.cast(x) for _, _, x in unit.signature.flatten(unit))
+            if isinstance(v, Signal)]
+
+
+@pytest.mark.parametrize("name", ["ci", "tiny"])
+def test_mv_exec_and_exec_unit_lint(name, tmp_path):
+    """``verilator --lint-only -Wall`` (the shared waivers) is clean for MvExec and ExecUnit."""
+    from test_fp import verilator_lint
+
+    from llmfab.hw.exec_unit import ExecUnit
+    from llmfab.hw.mv_exec import MvExec
+    from llmfab.hw.top import geometry
+    from llmfab.sim.rtl.runner import to_verilog
+    config = load_config(name)
+    g = geometry(config)
+    D = g["line_bytes"]
+    ab = (g["onchip_size"] // D - 1).bit_length()
+    for top, unit in (("mv_exec", MvExec.for_config(config)(addr_bits=ab, line_bytes=D)),
+                      ("exec_unit", ExecUnit.factory(config, sfu=False)(addr_bits=ab, line_bytes=D))):
+        assert verilator_lint(to_verilog(unit, top, ports=_ports(unit)), top, tmp_path) == "", top
+
+
+@pytest.mark.filterwarnings("ignore:.*created but never used")
+def test_exec_unit_routes():
+    """The routing table: MV/MM -> mv, NOP/COPY/ADD/MUL -> misc, the rest -> sfu or misc."""
+    from llmfab.hw.exec_unit import ExecUnit, default_routes
+    from llmfab.hw.isa import MiscFunc, Op
+    r = default_routes(have_sfu=True)
+    assert r[Op.MV] == r[Op.MM] == "mv"
+    for f in MiscFunc:
+        simple = f in (MiscFunc.NOP, MiscFunc.COPY, MiscFunc.ADD, MiscFunc.MUL)
+        assert r[(Op.MISC, f)] == ("misc" if simple else "sfu")
+        assert default_routes(have_sfu=False)[(Op.MISC, f)] == "misc"
+    config = load_config("tiny")
+    u = ExecUnit.factory(config, sfu=False)(addr_bits=12, line_bytes=16)
+    assert set(u.routes.values()) == {"mv", "misc"}
+    with pytest.raises(ValueError, match="names unit"):
+        ExecUnit(addr_bits=12, line_bytes=16, config=config, sfu=False,
+                 routes={Op.MV: "nope"})
