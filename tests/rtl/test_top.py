@@ -1,9 +1,10 @@
 """The accelerator under Verilator: ISA decoder, corrupted programs, LD/ST byte movement.
 
 Builds: the decoder alone (small), and the whole accelerator for the ``tiny``
-configuration once; every accelerator test here shares one simulation
-(:class:`llmfab.sim.rtl.harness.RtlAccelerator`, module-scoped), reloading
-the program (and, where it matters, the HBM image) between runs.
+configuration and for ``tiny`` with four HBM ports (:data:`MACHINES`); the
+accelerator tests of one configuration share one simulation
+(:class:`llmfab.sim.rtl.harness.RtlAccelerator`, module-scoped), reloading the
+program (and, where it matters, the HBM image) between runs.
 """
 
 from pathlib import Path
@@ -36,24 +37,39 @@ def test_isa_decoder_matches_compiler():
 # the tiny model on the simulated accelerator
 # ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tinymodel import write_tiny_gguf
+#: Accelerators the tests run on: the ``tiny`` configuration (one 128-bit port) and the same
+#: with four 64-bit ports (the striping of HBM over several ports, 32-byte lines).
+MACHINES = ("tiny", "tiny4")
 
-    from llmfab.compiler.compile import compile_model
-    from llmfab.compiler.model import load_model
+
+def machine_config(name):
+    from llmfab.boards.config import config_from_dict
+    config = load_config("tiny")
+    if name == "tiny":
+        return config
+    d = config.to_dict()
+    d.update(name=name, hbm={"ports": 4, "data_width": 64})
+    return config_from_dict(d, f"{name} (tiny with four 64-bit HBM ports)")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tinymodel import write_tiny_gguf
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
     write_tiny_gguf(path, "q4_1")
-    config = load_config("tiny")
-    return config, compile_model(load_model(path), config)
+    return path
 
 
-@pytest.fixture(scope="module")
-def acc(tiny):
+@pytest.fixture(scope="module", params=MACHINES)
+def machine(request, tiny_model):
+    """(config, the tiny model compiled for it, the running simulation)."""
+    from llmfab.compiler.compile import compile_model
+    from llmfab.compiler.model import load_model
     from llmfab.sim.rtl.harness import RtlAccelerator
-    config, bundle = tiny
-    with RtlAccelerator(config, bundle, timeout_seconds=900) as a:
-        yield a
+    config = machine_config(request.param)
+    bundle = compile_model(load_model(tiny_model), config)
+    with RtlAccelerator(config, bundle, timeout_seconds=900) as acc:
+        yield config, bundle, acc
 
 
 def with_program(bundle, words) -> Bundle:
@@ -216,10 +232,10 @@ def corrupted(words, rng):
     return w, f"words {i} and {j} swapped"
 
 
-def test_corrupted_programs_end_with_golden_status(tiny, acc):
+def test_corrupted_programs_end_with_golden_status(machine):
     """Handcrafted and >= 200 random corruptions of a compiled program: the RTL ends every run
     with the golden model's status (and faulting pc), never by the watchdog; then a clean run."""
-    config, bundle = tiny
+    config, bundle, acc = machine
     words = isa.from_bytes(bundle.program)
     rng = np.random.default_rng(2024)
     cases = [(name, w, 3, 5) for name, w in handcrafted(words, bundle.manifest)]
@@ -339,10 +355,10 @@ def special_floats(rng, n):
     return u.view(np.uint8)
 
 
-def test_ld_st_bytes_match_golden(tiny, acc):
+def test_ld_st_bytes_match_golden(machine):
     """Random LD/ST programs (register-indexed addresses, any alignment, ST.f16 on tricky floats):
     after each run HBM holds exactly the golden model's bytes, and the byte counters agree."""
-    config, bundle = tiny
+    config, bundle, acc = machine
     man = bundle.manifest
     rng = np.random.default_rng(7)
     hbm = int(man["hbm_size"])
@@ -391,11 +407,11 @@ def finite_floats(rng, n):
     return (sign | (e << 23) | frac).view(np.float32)
 
 
-def test_misc_copy_add_mul_match_golden(tiny, acc):
+def test_misc_copy_add_mul_match_golden(machine):
     """COPY (single and strided rows, any byte alignment), ADD, MUL (incl. in-place ADD, any
     word alignment), n = 0, between LDs and STs:
     HBM after the run is the golden model's, bit for bit."""
-    config, bundle = tiny
+    config, bundle, acc = machine
     man = bundle.manifest
     rng = np.random.default_rng(11)
     hbm = int(man["hbm_size"])
@@ -447,10 +463,10 @@ def test_misc_copy_add_mul_match_golden(tiny, acc):
         assert diff.size == 0, f"trial {trial}: {diff.size} bytes differ, first at {diff[:8]}"
 
 
-def test_control_registers(tiny, acc):
+def test_control_registers(machine):
     """ap_ctrl_hs and the argument registers as the host sees them over AXI4-Lite."""
     from llmfab.hw.control import ARGS, REG_CTRL, REG_CYCLES, REG_PC, REG_STATUS
-    config, bundle = tiny
+    config, bundle, acc = machine
     words = isa.from_bytes(bundle.program)
     r = rtl_status(acc, words, 4, 6)
     assert r.status == 0
