@@ -36,12 +36,13 @@ from llmfab.hw.dma import LineReader, Realign
 from llmfab.hw.execute import exec_signature
 from llmfab.hw.isa import Instruction, MiscFunc, Op
 from llmfab.hw.quantizer import Quantizer
+from llmfab.hw.fp import Staged
 from llmfab.hw.sfu import Sfu, SfuOp
 
 __all__ = ["SfuExec", "MiscSfuRouter", "SFU_FUNCS"]
 
 #: MISC funcs this unit executes.
-SFU_FUNCS = ("QUANT", "RMSNORM", "ROPE", "SILU_MUL", "EMBED", "COPY")
+SFU_FUNCS = ("QUANT", "RMSNORM", "ROPE", "SILU_MUL", "EMBED", "COPY", "ATTN")
 
 _BS = {0: 18, 1: 20, 2: 34}            # GGUF block bytes: Q4_0, Q4_1, Q8_0
 
@@ -115,7 +116,7 @@ class SfuExec(wiring.Component):
         misc = w.misc
         func = Signal(8)
         m.d.comb += func.eq(misc.func)
-        is_q, is_rms, is_rope, is_silu, is_emb, is_copy = (
+        is_q, is_rms, is_rope, is_silu, is_emb, is_copy, is_attn = (
             func == getattr(MiscFunc, f) for f in SFU_FUNCS)
         n = Signal(16)
         aux = Signal(16)
@@ -129,6 +130,7 @@ class SfuExec(wiring.Component):
         # constants (read from the global buffer at every start)
         eps = Signal(32)
         inv_n = Signal(32)
+        scale = Signal(32)
         gb_line = self._gb // D
         const_req = Signal()
         const_wait = Signal()
@@ -139,7 +141,7 @@ class SfuExec(wiring.Component):
                      rdb.mem.rsp.payload.eq(self.rd1.rsp.payload)]
         with m.If(const_wait & self.rd1.rsp.valid):
             gbl = self.rd1.rsp.payload
-            m.d.sync += [eps.eq(gbl[0:32]), inv_n.eq(gbl[64:96])]
+            m.d.sync += [eps.eq(gbl[0:32]), scale.eq(gbl[32:64]), inv_n.eq(gbl[64:96])]
 
         # ---- operand serializers
         sa = _Ser(m, ala.o, D, "sa")
@@ -192,7 +194,9 @@ class SfuExec(wiring.Component):
         wi_pair = Signal()
         wi_ready = Signal()
         from_quant = Signal()
-        m.d.comb += w_ready.eq(wi_ready & ~from_quant)
+        to_sbuf = Signal()
+        from_attn = Signal()
+        m.d.comb += w_ready.eq(Mux(to_sbuf, 1, wi_ready & ~from_quant & ~from_attn))
 
         # ---- packer -> alw -> wr
         pk = Array(Signal(32, name=f"pk{j}") for j in range(W))
@@ -248,6 +252,62 @@ class SfuExec(wiring.Component):
                         with m.Else():
                             m.next = "CMD"
 
+        # ---- ATTN: q head, scores/probabilities, 4 partials per output element
+        to_sbuf_mode0 = Signal()          # softmax pass: post stage passes y through
+        qhm = memory.Memory(shape=32, depth=self._max_hd, init=[])
+        sbm = memory.Memory(shape=32, depth=self._max_len, init=[])
+        m.submodules.qhm = qhm
+        m.submodules.sbm = sbm
+        qh_w = qhm.write_port()
+        qh_r = qhm.read_port(domain="comb")
+        sb_w = sbm.write_port()
+        sb_r = sbm.read_port(domain="comb")
+        widx = Signal(range(self._max_len + 1))
+        with m.If(to_sbuf & post_valid):
+            m.d.comb += [sb_w.en.eq(1), sb_w.addr.eq(widx), sb_w.data.eq(y)]
+            m.d.sync += widx.eq(widx + 1)
+        pms = []
+        for k in range(4):
+            pmk = memory.Memory(shape=32, depth=self._max_hd, init=[])
+            m.submodules[f"pm{k}"] = pmk
+            pms.append((pmk.write_port(), pmk.read_port(domain="comb")))
+        # accumulate: p[j % 4][d] = fadd(p or +0 (first four rows), fmul(a_j, v_jd))
+        acc_v = Signal()
+        acc_a = Signal(32)
+        acc_x = Signal(32)
+        acc_d = Signal(range(self._max_hd))
+        acc_lane = Signal(2)
+        acc_first = Signal()
+        one = Signal(init=1)
+        pa = fp.Pipe(m, one, name="acc")
+        prod_a = pa.fmul(pa.input(acc_a), pa.input(acc_x))
+        st = prod_a.stage
+        d_s = pa.at(pa.input(acc_d), st)
+        lane_s = pa.at(pa.input(acc_lane), st)
+        first_s = pa.at(pa.input(acc_first), st)
+        tree_d = Signal(range(self._max_hd))
+        in_tree = Signal()
+        for k, (wp_, rp_) in enumerate(pms):
+            m.d.comb += rp_.addr.eq(Mux(in_tree, tree_d, d_s))
+        old = Mux(first_s, 0, Array(rp_.data for _, rp_ in pms)[lane_s])
+        sum_a = pa.fadd(Staged(old, st), prod_a)
+        avs = fp.valid_chain(m, one, acc_v, sum_a.stage, name="accv")
+        d_w = pa.at(pa.input(acc_d), sum_a.stage)
+        lane_w = pa.at(pa.input(acc_lane), sum_a.stage)
+        for k, (wp_, rp_) in enumerate(pms):
+            m.d.comb += [wp_.en.eq(avs[-1] & (lane_w == k)), wp_.addr.eq(d_w), wp_.data.eq(sum_a.value)]
+        acc_busy = Cat(avs).any()
+        # final: fadd(fadd(p0, p1), fadd(p2, p3)) per element -> writer
+        tree_in_v = Signal()
+        tree_ce = Signal()
+        pt = fp.Pipe(m, tree_ce, name="tree")
+        rows = Signal(18)                 # ATTN rows (S + 1); partials rows..3 stay +0
+        tp = [pt.input(Mux(rows > k, rp_.data, 0)) for k, (_, rp_) in enumerate(pms)]
+        tsum = pt.fadd(pt.fadd(tp[0], tp[1]), pt.fadd(tp[2], tp[3]))
+        tce, tree_valid = fp.stall_control(m, tree_in_v, wi_ready, tsum.stage, name="tree")
+        m.d.comb += tree_ce.eq(tce)
+        tree_y = tsum.value
+
         # ---- SFU output -> post stage (SFU ops); direct feed -> post stage (EMBED, COPY)
         use_sfu = Signal()
         need_side = Signal()
@@ -259,8 +319,9 @@ class SfuExec(wiring.Component):
         side_ok = ~need_side | side.r_rdy
         with m.If(use_sfu):
             m.d.comb += [pv.eq(sfu.o.valid & side_ok), px.eq(sfu.o.payload.y0),
-                         px1.eq(sfu.o.payload.y1), ps1.eq(side.r_data), ps2.eq(0),
-                         pmode.eq(need_side), ppair.eq(is_rope),
+                         px1.eq(sfu.o.payload.y1), ps1.eq(Mux(need_side, side.r_data, scale)),
+                         ps2.eq(0), pmode.eq(need_side | (is_attn & ~to_sbuf_mode0)),
+                         ppair.eq(is_rope),
                          sfu.o.ready.eq(post_ce & side_ok),
                          side.r_en.eq(sfu.o.valid & post_ce & need_side)]
         with m.Else():
@@ -293,6 +354,8 @@ class SfuExec(wiring.Component):
                         m.d.sync += qblk.eq(qblk + 1)
                         with m.If(qblk + 1 == nb):
                             m.d.sync += [qblk.eq(0), qphase.eq(qphase + 1)]
+        with m.Elif(from_attn):
+            m.d.comb += [wi_valid.eq(tree_valid), wi_x0.eq(tree_y)]
         with m.Else():
             m.d.comb += [wi_valid.eq(post_valid), wi_x0.eq(y), wi_x1.eq(y1), wi_pair.eq(pair_o)]
 
@@ -308,7 +371,49 @@ class SfuExec(wiring.Component):
         b_bytes = Signal(34)
         use_b = Signal()
         done_r = Signal()
+        rv = Signal(32)
+        nh = misc.n[0:8]
+        hd = misc.aux[0:15]
+        cached = misc.aux[15]
+        ncache = Signal(18)
+        h_i = Signal(8)
+        jcnt = Signal(18)
+        dcnt = Signal(16)
+        tout = Signal(16)
         m.d.comb += self.done.eq(done_r)
+        with m.If(tree_valid & wi_ready):
+            m.d.sync += tout.eq(tout + 1)
+
+        def issue(k, rd, al, ser, addr, nbytes, en):
+            off = addr[0:lgd]
+            m.d.comb += [rd.cmd.valid.eq(~sent[k] & en), rd.cmd.payload.line.eq(addr >> lgd),
+                         rd.cmd.payload.count.eq((off + nbytes + D - 1) >> lgd),
+                         al.cmd.valid.eq(~sent[k + 1] & en), al.cmd.payload.s_off.eq(off),
+                         al.cmd.payload.d_off.eq(0), al.cmd.payload.n.eq(nbytes)]
+            with m.If(rd.cmd.valid & rd.cmd.ready):
+                m.d.sync += sent[k].eq(1)
+            with m.If(al.cmd.valid & al.cmd.ready):
+                m.d.sync += sent[k + 1].eq(1)
+            ok = ((sent[k] | ~en | rd.cmd.ready) & (sent[k + 1] | ~en | al.cmd.ready))
+            return ok, [ser.left.eq(Mux(en, nbytes, 0)), ser.bp.eq(0)]
+
+        def kv_elem():
+            from_cache = jcnt < ncache
+            cur16 = fp.f32_to_f16(m, b_word, name="cur16")
+            h16 = Mux(from_cache, sa.bytes[0:16], cur16)
+            el = fp.f16_to_f32(m, h16, name="kv32")
+            ok = Mux(from_cache, sa.avail, sb.avail)
+            m.d.comb += [sa.size.eq(2), sb.size.eq(4)]
+            return from_cache, el, ok
+
+        def kv_take(go, from_cache):
+            m.d.comb += [sa.take.eq(go & from_cache), sb.take.eq(go & ~from_cache)]
+            lastd = dcnt + 1 == hd
+            with m.If(go):
+                m.d.sync += dcnt.eq(Mux(lastd, 0, dcnt + 1))
+                with m.If(lastd):
+                    m.d.sync += jcnt.eq(jcnt + 1)
+            return go & lastd & (jcnt + 1 == rows)
         m.d.sync += done_r.eq(0)
 
         with m.FSM(name="seq"):
@@ -319,12 +424,14 @@ class SfuExec(wiring.Component):
                     f = iw.misc.func
                     nn = iw.misc.n
                     ax = iw.misc.aux
+                    m.d.sync += [rv.eq(self.instr.payload.rval), h_i.eq(0)]
                     m.d.sync += [word.eq(self.instr.payload.word), sent.eq(0), fcnt.eq(0),
                                  tcnt.eq(0), bcnt.eq(0), ecnt.eq(0), ridx.eq(0), qw.eq(0),
                                  qblk.eq(0), qphase.eq(0), pk_k.eq(0), seg_i.eq(0)]
                     empty = ((nn == 0) | ((f == MiscFunc.ROPE) & (ax == 0))
                              | ((f == MiscFunc.QUANT) & (nn[5:] == 0))
-                             | ((f == MiscFunc.EMBED) & (nn[5:] == 0)))
+                             | ((f == MiscFunc.EMBED) & (nn[5:] == 0))
+                             | ((f == MiscFunc.ATTN) & (nn[0:8] == 0)))
                     known = Cat(f == getattr(MiscFunc, x) for x in SFU_FUNCS).any()
                     with m.If((iw.header.op != Op.MISC) | ~known | empty):
                         m.d.sync += done_r.eq(1)
@@ -342,13 +449,16 @@ class SfuExec(wiring.Component):
                     a_bytes.eq(Mux(is_emb, nb * bs, nw << 2)),
                     b_bytes.eq(Mux(is_rope, aux << 2, n << 2)),
                     use_b.eq(is_rms | is_silu | is_rope),
-                    use_sfu.eq(is_rms | is_silu | is_rope),
+                    use_sfu.eq(is_rms | is_silu | is_rope | is_attn),
+                    from_attn.eq(is_attn), to_sbuf.eq(is_attn),
+                    ncache.eq(rv + misc.n[8:16] + cached),
+                    rows.eq(rv + misc.n[8:16] + 1),
                     need_side.eq(is_silu),
                     from_quant.eq(is_q),
                     ftot.eq(Mux(is_rope, nw >> 1, Mux(is_emb, nb, nw))),
                     nseg.eq(Mux(is_copy, reps, 1)),
-                    seg_w.eq(Mux(is_q, nb * 10, Mux(is_copy, n, nw))),
-                    seg_left.eq(Mux(is_q, nb * 10, Mux(is_copy, n, nw))),
+                    seg_w.eq(Mux(is_attn, nh * hd, Mux(is_q, nb * 10, Mux(is_copy, n, nw)))),
+                    seg_left.eq(Mux(is_attn, nh * hd, Mux(is_q, nb * 10, Mux(is_copy, n, nw)))),
                     seg_stride.eq(misc.b << 2),
                     seg_dst.eq(misc.dst),
                 ]
@@ -356,9 +466,9 @@ class SfuExec(wiring.Component):
             with m.State("START"):
                 a_off, b_off = misc.a[0:lgd], misc.b[0:lgd]
                 cmds = [
-                    (rda.cmd, C(1, 1), [rda.cmd.payload.line.eq(misc.a >> lgd),
+                    (rda.cmd, ~is_attn, [rda.cmd.payload.line.eq(misc.a >> lgd),
                                         rda.cmd.payload.count.eq((a_off + a_bytes + D - 1) >> lgd)]),
-                    (ala.cmd, C(1, 1), [ala.cmd.payload.s_off.eq(a_off), ala.cmd.payload.d_off.eq(0),
+                    (ala.cmd, ~is_attn, [ala.cmd.payload.s_off.eq(a_off), ala.cmd.payload.d_off.eq(0),
                                         ala.cmd.payload.n.eq(a_bytes)]),
                     (rdb.cmd, use_b, [rdb.cmd.payload.line.eq(misc.b >> lgd),
                                       rdb.cmd.payload.count.eq((b_off + b_bytes + D - 1) >> lgd)]),
@@ -374,7 +484,10 @@ class SfuExec(wiring.Component):
                     m.d.sync += [sa.left.eq(a_bytes), sb.left.eq(Mux(use_b, b_bytes, 0)),
                                  sa.bp.eq(0), sb.bp.eq(0)]
                     m.d.comb += w_go.eq(1)
-                    with m.If(is_rope):
+                    m.d.sync += sent.eq(0)
+                    with m.If(is_attn):
+                        m.next = "AQ"
+                    with m.Elif(is_rope):
                         m.next = "TABLE"
                     with m.Elif(is_emb):
                         m.next = "EMB_COLLECT"
@@ -457,6 +570,81 @@ class SfuExec(wiring.Component):
                             m.next = "DRAIN"
                         with m.Else():
                             m.next = "EMB_COLLECT"
+            # ---- ATTN, per head: q -> qh; scores (VDOT * scale) -> sbuf; softmax in place;
+            # partials of sum_j a_j v_j; the partial tree -> writer
+            with m.State("AQ"):
+                ok, sets = issue(0, rdb, alb, sb, misc.a + ((h_i * hd) << 2), hd << 2, C(1, 1))
+                with m.If(ok):
+                    m.d.sync += sets + [sent.eq(0), dcnt.eq(0)]
+                    m.next = "AQL"
+            with m.State("AQL"):
+                m.d.comb += [sb.size.eq(4), sb.take.eq(sb.avail), qh_w.en.eq(sb.avail),
+                             qh_w.addr.eq(dcnt), qh_w.data.eq(b_word)]
+                with m.If(sb.avail):
+                    m.d.sync += dcnt.eq(dcnt + 1)
+                    with m.If(dcnt + 1 == hd):
+                        m.d.sync += dcnt.eq(0)
+                        m.next = "AK"
+            with m.State("AK"):
+                ok1, s1 = issue(0, rda, ala, sa, misc.b, (ncache * hd) << 1, ncache != 0)
+                ok2, s2 = issue(2, rdb, alb, sb, misc.a + ((nh * hd) << 2), hd << 2, ~cached)
+                with m.If(ok1 & ok2):
+                    m.d.sync += s1 + s2 + [sent.eq(0), jcnt.eq(0), dcnt.eq(0), widx.eq(0)]
+                    m.next = "AKF"
+            with m.State("AKF"):
+                fc, el, ok = kv_elem()
+                m.d.comb += [qh_r.addr.eq(dcnt), sfu.i.valid.eq(ok),
+                             sfu.i.payload.op.eq(SfuOp.VDOT), sfu.i.payload.a.eq(qh_r.data),
+                             sfu.i.payload.b.eq(el), sfu.i.payload.last.eq(dcnt + 1 == hd)]
+                with m.If(kv_take(ok & sfu.i.ready, fc)):
+                    m.next = "AKW"
+            with m.State("AKW"):
+                with m.If(widx == rows):
+                    m.d.sync += [widx.eq(0), jcnt.eq(0)]
+                    m.next = "ASM"
+            with m.State("ASM"):
+                m.d.comb += [to_sbuf_mode0.eq(1), sb_r.addr.eq(jcnt), sfu.i.valid.eq(1),
+                             sfu.i.payload.op.eq(SfuOp.SOFTMAX), sfu.i.payload.a.eq(sb_r.data),
+                             sfu.i.payload.last.eq(jcnt + 1 == rows)]
+                with m.If(sfu.i.ready):
+                    m.d.sync += jcnt.eq(jcnt + 1)
+                    with m.If(jcnt + 1 == rows):
+                        m.next = "ASMW"
+            with m.State("ASMW"):
+                m.d.comb += to_sbuf_mode0.eq(1)
+                with m.If(widx == rows):
+                    m.next = "AV"
+            with m.State("AV"):
+                ok1, s1 = issue(0, rda, ala, sa, misc.b + ((self.context * hd) << 1),
+                                (ncache * hd) << 1, ncache != 0)
+                ok2, s2 = issue(2, rdb, alb, sb, misc.a + (((nh + 1) * hd) << 2), hd << 2,
+                                ~cached)
+                with m.If(ok1 & ok2):
+                    m.d.sync += s1 + s2 + [sent.eq(0), jcnt.eq(0), dcnt.eq(0)]
+                    m.next = "AVF"
+            with m.State("AVF"):
+                fc, el, ok = kv_elem()
+                m.d.comb += [sb_r.addr.eq(jcnt), acc_v.eq(ok), acc_a.eq(sb_r.data), acc_x.eq(el),
+                             acc_d.eq(dcnt), acc_lane.eq(jcnt[0:2]), acc_first.eq(jcnt < 4)]
+                with m.If(kv_take(ok, fc)):
+                    m.next = "AVW"
+            with m.State("AVW"):
+                with m.If(~acc_busy):
+                    m.d.sync += [dcnt.eq(0), tout.eq(0)]
+                    m.next = "AT"
+            with m.State("AT"):
+                m.d.comb += [in_tree.eq(1), tree_d.eq(dcnt), tree_in_v.eq(1)]
+                with m.If(tree_ce):
+                    m.d.sync += dcnt.eq(dcnt + 1)
+                    with m.If(dcnt + 1 == hd):
+                        m.next = "ATW"
+            with m.State("ATW"):
+                with m.If(tout == hd):
+                    m.d.sync += [h_i.eq(h_i + 1), sent.eq(0)]
+                    with m.If(h_i + 1 == nh):
+                        m.next = "DRAIN"
+                    with m.Else():
+                        m.next = "AQ"
             with m.State("DRAIN"):
                 with m.If(w_done):
                     m.d.sync += done_r.eq(1)

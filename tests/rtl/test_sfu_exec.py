@@ -75,6 +75,8 @@ class Layout:
         self.chip = int(man["onchip"]["size"])
         self.gb = int(man["onchip"]["global"][0])
         self.z = self.chip // 3 & ~63           # zones: a [0, z), b [z, 2z), dst [2z, chip)
+        self.context = int(man["onchip"]["context"])
+        self.pos = 1
 
 
 def put_f32(img, addr, v):
@@ -153,6 +155,26 @@ def random_op(rng, img, L, name, sizes=None):
         put_f32(img, a, floats(rng, n * r))
         span = 4 * ((r - 1) * stride + n) if r > 1 else 4 * n
         return dict(func=F["COPY"], dst=place(2 * z, L.chip, span), a=a, b=stride, n=n, aux=reps)
+    if name == "ATTN":
+        ctx = int(L.context)
+        hd = int(rng.choice([2, 4, 8, 16]))
+        nh = int(rng.choice([1, 2, 3]))
+        t = int(rng.choice([0, 0, 1, 3]))
+        cached = int(rng.random() < 0.3)
+        reg = int(rng.choice([isa.REG_ZERO, isa.REG_POS, isa.REG_POS]))
+        S = (L.pos if reg == isa.REG_POS else 0) + t
+        rows = S + 1
+        b = int(rng.integers(0, 4800)) & ~1
+        kv = (rng.standard_normal(ctx * hd + rows * hd) * 2).astype(np.float16)
+        kv[rng.random(kv.size) < 0.02] = np.float16(6e-6)        # binary16 subnormals
+        img[b:b + 2 * kv.size] = kv.view(np.uint8)
+        a = place(L.z, 2 * L.z - 64, 4 * (nh + 2) * hd)
+        q = (rng.standard_normal((nh + 2) * hd) * 3).astype(np.float32)
+        if rng.random() < 0.2:
+            q[:hd] *= np.float32(300)                           # a peaked softmax
+        put_f32(img, a, q)
+        return dict(func=F["ATTN"], dst=place(2 * z, L.chip, 4 * nh * hd), a=a, b=b,
+                    n=nh | t << 8, aux=hd | cached << 15, reg=reg)
     if name in ("ADD", "MUL"):
         n = int(rng.choice([1, 16, 33]))
         a, b = place(0, z, 4 * n), place(z, 2 * z, 4 * n)
@@ -170,6 +192,8 @@ def _nan_free(gold_chip, ops):
         if name == "QUANT":
             continue
         nw = o["n"] * (o.get("aux") or 1) if name in ("ROPE", "COPY") else o["n"]
+        if name == "ATTN":
+            nw = (o["n"] & 255) * (o["aux"] & 0x7FFF)
         if name == "COPY" and (o.get("aux") or 0) > 1:
             nw = (o["aux"] - 1) * o["b"] + o["n"]
         v = gold_chip[o["dst"]:o["dst"] + 4 * nw].copy().view(np.float32)
@@ -178,13 +202,14 @@ def _nan_free(gold_chip, ops):
     return True
 
 
-def run_ops(bundle, acc, rng, ops_fn, inv_n=1.0 / 576):
+def run_ops(bundle, acc, rng, ops_fn, inv_n=1.0 / 576, pos=1):
     """Image + program of ops (regenerated until the golden results hold no NaN) ->
     (golden on-chip image, RTL on-chip image, RTL run, ops)."""
     man = bundle.manifest
     L = Layout(man)
+    L.pos = pos
     kv0 = int(man["memory_map"]["kv"][0])
-    pos, token = 1, 2
+    token = 2
     for attempt in range(50):
         img = floats(rng, L.chip // 4).view(np.uint8).copy()
         consts = np.zeros(16, np.float32)
@@ -226,15 +251,17 @@ def _describe(ops, L, gold, got):
     return f"{diff.size} bytes differ, first at {(diff[:8] + 0).tolist()}; ops {where}"
 
 
-@pytest.mark.parametrize("name", ["QUANT", "RMSNORM", "SILU_MUL", "ROPE", "EMBED", "COPY"])
+@pytest.mark.parametrize("name", ["QUANT", "RMSNORM", "SILU_MUL", "ROPE", "EMBED", "COPY",
+                                  "ATTN"])
 def test_sfu_exec_op_matches_golden(tiny, acc, name):
     """Random instances of one op (random lengths, alignments, edge values) per program,
     three programs: HBM is the golden model's, bit for bit."""
     config, bundle = tiny
     rng = np.random.default_rng(sum(name.encode()))
     for trial in range(3):
+        pos = min(int(rng.choice([0, 1, 7, 40, 100])), int(bundle.manifest["onchip"]["context"]) - 8)
         gold, got, r, ops = run_ops(bundle, acc, rng, lambda img, L: [
-            random_op(rng, img, L, name) for _ in range(int(rng.integers(3, 7)))])
+            random_op(rng, img, L, name) for _ in range(int(rng.integers(3, 7)))], pos=pos)
         assert np.array_equal(gold, got), f"{name} trial {trial}: " + _describe(ops, None, gold, got)
 
 
@@ -242,7 +269,7 @@ def test_sfu_exec_mixed_with_misc_exec(tiny, acc):
     """Every op of both units interleaved in one program (the router keeps program order)."""
     config, bundle = tiny
     rng = np.random.default_rng(5)
-    names = ["QUANT", "RMSNORM", "SILU_MUL", "ROPE", "EMBED", "COPY", "ADD", "MUL"]
+    names = ["QUANT", "RMSNORM", "SILU_MUL", "ROPE", "EMBED", "COPY", "ATTN", "ADD", "MUL"]
     for trial in range(2):
         gold, got, r, ops = run_ops(bundle, acc, rng, lambda img, L: [
             random_op(rng, img, L, names[int(rng.integers(0, len(names)))]) for _ in range(10)])
@@ -275,6 +302,21 @@ def test_sfu_exec_cycles(tiny, acc, capsys):
         assert np.array_equal(gold, got), f"{name}: " + _describe(ops, None, gold, got)
         o = ops[0]
         rows.append((name, o.get("n"), o.get("aux", 0), r.counters["busy_cmp"]))
+    ctx = int(bundle.manifest["onchip"]["context"])
+    for pos in (1, 50, 100):
+        if pos + 1 > ctx or 2 * 64 * (ctx + pos + 1) + 64 + 8 * 64 * 4 > int(bundle.manifest["onchip"]["size"]):
+            continue
+
+        def attn(img, L, pos=pos):
+            kv = (rng.standard_normal(ctx * 64 + (pos + 1) * 64) * 2).astype(np.float16)
+            img[0:2 * kv.size] = kv.view(np.uint8)
+            a = 2 * kv.size + 64
+            put_f32(img, a, (rng.standard_normal(5 * 64) * 3).astype(np.float32))
+            return [dict(func=F["ATTN"], dst=a + 5 * 64 * 4, a=a, b=0, n=3, aux=64,
+                         reg=isa.REG_POS)]
+        gold, got, r, ops = run_ops(bundle, acc, rng, attn, pos=pos)
+        assert np.array_equal(gold, got), f"ATTN pos {pos}: " + _describe(ops, None, gold, got)
+        rows.append((f"ATTN@{pos}", 3, 64, r.counters["busy_cmp"]))
     with capsys.disabled():
         print("\nSfuExec cycles per op (tiny, D=16; busy_cmp):")
         for name, n, aux, cyc in rows:
