@@ -1,6 +1,7 @@
 """An execution unit for the SFU-class MISC operations (``exec_signature``).
 
-:class:`SfuExec` executes MISC QUANT, RMSNORM, ROPE, SILU_MUL, EMBED and COPY
+:class:`SfuExec` executes MISC QUANT, RMSNORM, ROPE, SILU_MUL, EMBED, ATTN
+(decode form, and the prefill form with ``t`` and the cached flag) and COPY
 (plain and strided) bit-exactly as ``sim/golden.py``'s ``_misc``, one
 instruction at a time, by sequencing on-chip line reads and writes around
 ``hw/sfu.py``'s :class:`~llmfab.hw.sfu.Sfu` and ``hw/quantizer.py``'s
@@ -9,25 +10,32 @@ instruction at a time, by sequencing on-chip line reads and writes around
 * operand ``a`` is read through ``rd0`` (a :class:`~llmfab.hw.dma.LineReader`
   and a :class:`~llmfab.hw.dma.Realign` to line offset 0), operand ``b``
   through ``rd1``; both are serialized to one element per cycle (ROPE: one
-  pair per cycle, EMBED: one byte per cycle);
+  pair per cycle, EMBED: one byte per cycle, ATTN's cache: one binary16);
 * the global-buffer constants line (eps, scale, 1/n) is read on ``rd1`` at
   the start of every instruction;
 * results go through a small post stage (``fmul(y, s1)``, optionally
-  ``+ s2``: SILU_MUL's ``* b`` and EMBED's ``q*d (+m)``), a line packer and a
-  :class:`~llmfab.hw.dma.Realign` to the destination offset into ``wr``.
+  ``+ s2``: SILU_MUL's ``* b``, EMBED's ``q*d (+m)``, ATTN's ``* scale``), a
+  line packer and a :class:`~llmfab.hw.dma.Realign` to the destination
+  offset into ``wr``.
+* ATTN, per query head: q -> a local buffer; per row j one SFU VDOT of q and
+  K_j (cache rows binary16; the current row binary32 rounded to binary16),
+  times scale, into a score buffer; SFU SOFTMAX in place; then
+  ``accum4_j(a_j * V_j)`` with four partial memories (fmul + fadd, +0 for a
+  partial's first row) and the final ``(p0 + p1) + (p2 + p3)`` to the writer.
 
-Per instruction, in cycles (apart from a fixed start-up of about 10 and
-the SFU latency of about 75): QUANT ~n (+ 10*n/32 output words), RMSNORM
-~2n, SILU_MUL ~n, ROPE ~n*hd/2 (+hd table words), EMBED ~66 per block,
-COPY ~words. ATTN and the MV/MM classes are not implemented here: they
-complete without writing anything (a router sends them elsewhere).
+Cycles (tiny, measured by tests/rtl/test_sfu_exec.py, busy_cmp): RMSNORM
+n=576 1452, SILU_MUL n=1536 1628, QUANT n=576 691 / 1536 1711, ROPE 3x64
+252, EMBED Q4_1 576 953, ATTN 3 heads x 64 at position 1 / 50 / 100: 2952 /
+41760 / 81360 (one VDOT per row waits for the SFU's reduction, about 190
+cycles per row and head). MV/MM are not executed here (done without writing).
 
-Limits: RMSNORM ``n`` <= ``max_len`` (the SFU's vector buffer); ROPE head
-dim <= ``max_hd``; the strided COPY streams (a destination row overlapping
-a not-yet-read source row is not the golden model's read-first result).
+Limits: RMSNORM ``n`` and ATTN rows <= ``max_len`` (the SFU's vector
+buffer); ROPE/ATTN head dim <= ``max_hd``; the strided COPY streams (a
+destination row overlapping a not-yet-read source row is not the golden
+model's read-first result); NaN results are the canonical NaN.
 """
 
-from amaranth import Array, C, Cat, Const, Module, Mux, Signal, signed
+from amaranth import Array, C, Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, fifo, memory, wiring
 from amaranth.utils import exact_log2
 
