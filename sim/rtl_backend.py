@@ -21,13 +21,14 @@ from llmfab.compiler import isa
 from llmfab.host.runtime import Device
 
 
-def exec_factory():
-    """The most complete execution unit available, and the set of MISC/MV ops it implements."""
-    try:
-        from llmfab.hw.exec_unit import ExecUnit, IMPLEMENTED
-        return ExecUnit, set(IMPLEMENTED)
-    except ImportError:
-        return None, {"NOP", "COPY", "ADD", "MUL"}
+def exec_factory(config):
+    """The most complete execution unit available, and the set of MV/MISC ops it implements."""
+    from llmfab.hw.exec_unit import ExecUnit, sfu_exec_class
+    implemented = {"MV", "MM", "NOP", "COPY", "ADD", "MUL"}
+    if sfu_exec_class() is not None:
+        from llmfab.hw.sfu_exec import SFU_FUNCS
+        implemented |= set(SFU_FUNCS)
+    return ExecUnit.factory(config), implemented
 
 
 def program_ops(program: bytes) -> set:
@@ -53,7 +54,7 @@ class RtlDevice(Device):
             config = load_config("ci")
         if bundle is None:
             bundle = compile_model(model, config)
-        factory, implemented = exec_factory()
+        factory, implemented = exec_factory(config)
         missing = program_ops(bundle.program) - implemented
         if missing:
             raise BackendError(f"backend 'rtl': the accelerator's execution unit does not implement "
