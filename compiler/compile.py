@@ -651,13 +651,11 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             gbase = GSLOT[gs]
             rope = gbase + 2 * dim * 4
             gid = f"tables.{li}"
-            lds = [dict(buf=gbase, hreg=isa.REG_TBASE, hoff=hoff(t_norm[li]) if t_norm[li] % 32 == 0 else None,
+            lds = [dict(buf=gbase, hreg=isa.REG_TBASE, hoff=hoff(t_norm[li]),
                         len=2 * dim * 4),
                    # the RoPE rows of positions R1 .. R1+T-1 in one load
                    dict(buf=rope, hreg=isa.REG_TBASE, hoff=hoff(t_rope), ireg=isa.REG_POS,
                         stride=hd * 4, len=T * hd * 4)]
-            if lds[0]["hoff"] is None:
-                raise CompileError("norm table is not 32-byte aligned (dim must be a multiple of 8)")
 
             def c_norm(gbase=gbase, gid=gid):
                 # the first QKV write of this layer overwrites q/k/v that the previous layer's KV

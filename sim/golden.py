@@ -34,7 +34,8 @@ from llmfab.boards.errors import IsaError, SimError
 from llmfab.compiler import isa, sparse
 from llmfab.compiler.bundle import Bundle
 from llmfab.sim import numerics as N
-from llmfab.sim.numerics_model import PackedMatrix, matvec
+from llmfab.compiler import quant
+from llmfab.sim.numerics_model import PackedMatrix, attention, matvec
 
 QUEUE_DEPTH = 16
 _DYN_REGS = (isa.REG_POS, isa.REG_SEQ, isa.REG_TOKEN)   # registers that change from run to run
@@ -750,7 +751,6 @@ class Golden:
             fmt = isa.FMTS[f["aux"]]
             nb = n // 32
             raw = self.mem[f["a"]:f["a"] + nb * BLOCK_BYTES[fmt]]
-            from llmfab.compiler import quant
             q, d, m = quant.split_blocks(fmt, raw)
             v = N.fmul(q.astype(np.float32), N.from_f16(d)[:, None])
             if m is not None:
@@ -772,7 +772,6 @@ class Golden:
                 vc = N.to_f16(self.f32(a + 4 * (nh + 1) * hd, hd))
                 K = np.concatenate([K, kc[None]], 0)
                 V = np.concatenate([V, vc[None]], 0)
-            from llmfab.sim.numerics_model import attention
             o = attention(qh, K[:, None, :], V[:, None, :], scale, nh)
             self.f32(f["dst"], nh * hd)[:] = o.reshape(-1)
 
@@ -947,7 +946,6 @@ def _matmat_rows(W, xf, dxt, sq, rs):
 
 
 def _unpack_weights(fmt, sp, raw, rows, nb) -> PackedMatrix:
-    from llmfab.compiler import quant
     raw = np.asarray(raw, np.uint8)
     if sp == "dense":
         q, d, m = quant.split_blocks(fmt, raw.reshape(rows, -1))
