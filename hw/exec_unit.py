@@ -147,7 +147,7 @@ class ExecUnit(wiring.Component):
         for i, u in enumerate(subs):
             m.d.comb += [u.instr.payload.eq(self.instr.payload),
                          u.instr.valid.eq(self.instr.valid & ~busy & (target == i)),
-                         u.context.eq(self.context)]
+                         u.context.eq(self.context), u.snoop.eq(self.snoop)]
             with m.If(target == i):
                 m.d.comb += self.instr.ready.eq(~busy & u.instr.ready)
         with m.If(go):

@@ -24,6 +24,10 @@ The interface (:func:`exec_signature`, seen from the unit)
 ``context : In(32)``
     The compiled KV context (the V rows of an ATTN cache start at
     ``b + 2*context*aux``).
+``snoop : In(SnoopLayout)``
+    Every on-chip line write accepted this cycle, for units that keep copies of
+    on-chip data (the MV unit's activation cache): entry 0 the load engine's,
+    entry 1 the execution unit's own (``valid``, line ``addr``).
 
 Lines are ``line_bytes = hbm.ports * hbm.data_width / 8`` bytes; byte ``x``
 of the on-chip space is byte ``x % line_bytes`` of line ``x // line_bytes``.
@@ -48,7 +52,7 @@ from llmfab.hw.dma import LineReader, Realign
 from llmfab.hw.isa import Instruction, MiscFunc, Op
 from llmfab.hw.onchip import mem_read_signature, mem_write_signature
 
-__all__ = ["ExecInstr", "exec_signature", "MAX_IN_FLIGHT", "PLACEHOLDER_LATENCY", "MiscExec"]
+__all__ = ["ExecInstr", "exec_signature", "snoop_layout", "MAX_IN_FLIGHT", "PLACEHOLDER_LATENCY", "MiscExec"]
 
 #: One compute-queue instruction handed to the execution unit.
 ExecInstr = data.StructLayout({"word": 128, "pc": 32, "rval": 32})
@@ -59,9 +63,15 @@ MAX_IN_FLIGHT = 8
 PLACEHOLDER_LATENCY = 16
 
 
+def snoop_layout(addr_bits: int) -> data.ArrayLayout:
+    """Two write observations per cycle: [0] load engine, [1] execution unit."""
+    return data.ArrayLayout(data.StructLayout({"valid": 1, "addr": addr_bits}), 2)
+
+
 def exec_signature(addr_bits: int, line_bits: int) -> wiring.Signature:
     """The execution-unit interface, from the unit's side (see the module docstring)."""
     return wiring.Signature({
+        "snoop": In(snoop_layout(addr_bits)),
         "instr": In(stream.Signature(ExecInstr)),
         "done": Out(1),
         "rd0": Out(mem_read_signature(addr_bits, line_bits)),

@@ -57,6 +57,26 @@ QBLOCK_BYTES = 40
 DEFAULT_MAX_BLOCKS = 2048
 
 
+def _arbitrate(m, port, clients, name):
+    """Fixed-priority sharing of one on-chip read port (responses one cycle after the grant)."""
+    n = len(clients)
+    last = Signal(range(max(n, 2)), name=f"{name}_last")
+    taken = C(0, 1)
+    for i, c in enumerate(clients):
+        grant = Signal(name=f"{name}_grant{i}")
+        m.d.comb += grant.eq(c.req.valid & ~taken)
+        with m.If(grant):
+            m.d.comb += [port.req.valid.eq(1), port.req.payload.eq(c.req.payload)]
+        m.d.comb += [c.req.ready.eq(grant & port.req.ready),
+                     c.rsp.valid.eq(port.rsp.valid & (last == i)),
+                     c.rsp.payload.eq(port.rsp.payload)]
+        with m.If(grant & port.req.ready):
+            m.d.sync += last.eq(i)
+        t2 = Signal(name=f"{name}_taken{i}")
+        m.d.comb += t2.eq(taken | c.req.valid)
+        taken = t2
+
+
 class MvExec(wiring.Component):
     """MV/MM execution unit (see the module docstring).
 
@@ -65,7 +85,9 @@ class MvExec(wiring.Component):
     addr_bits, line_bytes : int
         The on-chip geometry (what ``Accelerator``'s ``exec_factory`` passes).
     chain_length : int
-        Multiplier slots of the chain; only 32 (one block per beat) is supported.
+        Multiplier slots of a chain; only 32 (one block per beat) is supported.
+    count : int
+        Row pipelines (the configuration's ``chain.count``).
     pack_int4 : bool
     formats, patterns : iterable of str
         Weight formats / sparsity patterns with hardware behind them.
@@ -74,59 +96,53 @@ class MvExec(wiring.Component):
     """
 
     def __init__(self, *, addr_bits: int, line_bytes: int, chain_length: int = 32,
-                 pack_int4: bool = True, formats=tuple(WEIGHT_FORMATS),
+                 count: int = 1, pack_int4: bool = True, formats=tuple(WEIGHT_FORMATS),
                  patterns=tuple(SPARSITY_PATTERNS), max_blocks: int = DEFAULT_MAX_BLOCKS):
         if chain_length != 32:
             raise ValueError(f"MvExec supports one block per chain beat (length 32), "
                              f"not {chain_length}")
         if line_bytes < 8 or line_bytes & (line_bytes - 1):
             raise ValueError(f"line_bytes must be a power of two >= 8, not {line_bytes}")
+        if not 1 <= count <= 64:
+            raise ValueError(f"MvExec needs 1..64 row pipelines, not {count}")
         self._ab = addr_bits
         self._d = line_bytes
         self._length = chain_length
+        self._count = count
         self._pack = pack_int4
         self._formats = tuple(formats)
         self._patterns = tuple(patterns)
         self._max_blocks = max_blocks
         super().__init__(exec_signature(addr_bits, line_bytes * 8))
 
+    @property
+    def count(self) -> int:
+        return self._count
+
     @classmethod
     def for_config(cls, config, **kw):
         """A factory for ``Accelerator(config, exec_factory=...)``."""
         def factory(*, addr_bits, line_bytes):
             return cls(addr_bits=addr_bits, line_bytes=line_bytes,
-                       chain_length=config.chain.length, pack_int4=config.chain.pack_int4,
-                       formats=tuple(config.weight_formats), patterns=tuple(config.sparsity),
-                       **kw)
+                       chain_length=config.chain.length, count=config.chain.count,
+                       pack_int4=config.chain.pack_int4, formats=tuple(config.weight_formats),
+                       patterns=tuple(config.sparsity), **kw)
         return factory
 
     def elaborate(self, platform):
         m = Module()
         D = self._d
+        L = self._count
         lgd = exact_log2(D)
-        wpl = D // 4                              # 32-bit words per line
         NB = self._max_blocks
         ab = self._ab
 
-        # ---- units
-        m.submodules.wrd = wrd = LineReader(addr_bits=ab, line_bytes=D)
-        m.submodules.wal = wal = Realign(D)
+        # ---- the activation loader
         m.submodules.ard = ard = LineReader(addr_bits=ab, line_bytes=D)
         m.submodules.aal = aal = Realign(D)
-        m.submodules.dec = dec = Decoder(lanes=1, data_width=D * 8, formats=self._formats,
-                                         patterns=self._patterns)
-        m.submodules.chain = chain = Chain(length=self._length, pack_int4=self._pack,
-                                           formats=self._formats, patterns=self._patterns)
-        m.submodules.scaler = sc = Scaler(formats=self._formats)
-        wiring.connect(m, wrd.mem, wiring.flipped(self.rd0))
-        wiring.connect(m, ard.mem, wiring.flipped(self.rd1))
-        wiring.connect(m, wrd.o, wal.i)
         wiring.connect(m, ard.o, aal.i)
-        m.d.comb += [dec.data.valid.eq(wal.o.valid), dec.data.payload.eq(wal.o.payload.data),
-                     wal.o.ready.eq(dec.data.ready)]
-        wiring.connect(m, dec.weights, chain.weights)
 
-        # ---- activation buffers
+        # ---- activation buffers (one write port, a read port per pipeline)
         CB = min(D, 32)                           # bytes per load chunk (one chunk per cycle)
         cw = CB // 4                              # words per chunk
         lgc = exact_log2(CB)
@@ -141,9 +157,6 @@ class MvExec(wiring.Component):
         qw = qmem.write_port(granularity=32)
         dw = dmem.write_port()
         sw = smem.write_port()
-        qr = qmem.read_port()
-        dr = dmem.read_port()
-        sr = smem.read_port()
 
         # ---- the instruction
         word = Signal(128)
@@ -154,8 +167,8 @@ class MvExec(wiring.Component):
         m.d.comb += [fmt.eq(mv.func[0:2]), pat.eq(mv.func[2:5])]
         nb = Signal(11)
         m.d.comb += nb.eq(mv.cols[5:16])
-        nblk = Signal(32)                          # rows * nb
-        wbytes = Signal(32)                        # weight bytes of the matrix
+        rows = mv.rows
+        rbytes = Signal(18)                        # weight bytes of one row
         bb = Signal(6)                             # bytes per block of the mode
         with m.Switch(Cat(fmt, pat)):
             for f in WEIGHT_FORMATS:
@@ -164,14 +177,35 @@ class MvExec(wiring.Component):
                         m.d.comb += bb.eq(block_bytes(f, p))
             with m.Default():
                 m.d.comb += bb.eq(block_bytes("q4_0", "dense"))
+        rstep = Signal(24)                         # L rows of weights
         qaddr = Signal(24)                         # the next pass's first vector
-        sent = Signal(5)
         ntok_eff = Signal(8)                       # tokens of the instruction (MV: 1)
         t0 = Signal(9)                             # tokens done by earlier passes
         gmax = Signal(12)                          # tokens whose vectors fit the buffers
         g = Signal(9)                              # tokens of this pass
         pass_active = Signal()
-        rows = mv.rows
+        computing = Signal()
+        nd = Signal(16)                            # d (sumq) entries per token
+        m.d.comb += nd.eq(((nb << 2) + CB - 1) >> lgc)
+
+        # ---- activation cache: the last MV's vector stays valid until a line of it is written
+        c_valid = Signal()
+        c_qsrc = Signal(24)
+        c_nb = Signal(11)
+        c_lo = Signal(ab)
+        c_hi = Signal(ab)
+        c_set = Signal()                           # (comb) a single-vector load starts now
+        c_clear = Signal()                         # (comb) a multi-vector load starts now
+        q_end = Signal(24)
+        m.d.comb += q_end.eq(mv.qsrc + nb * QBLOCK_BYTES - 1)
+        hit = Cat(s.valid & (s.addr >= c_lo) & (s.addr <= c_hi) for s in self.snoop).any()
+        with m.If(c_set):
+            m.d.sync += [c_valid.eq(1), c_qsrc.eq(mv.qsrc), c_nb.eq(nb),
+                         c_lo.eq(mv.qsrc >> lgd), c_hi.eq(q_end >> lgd)]
+        with m.If(c_clear | hit):
+            m.d.sync += c_valid.eq(0)
+        cached = Signal()
+        m.d.comb += cached.eq(c_valid & (c_qsrc == mv.qsrc) & (c_nb == nb))
 
         # ---- activation load: per token q, d, sumq, each realigned to offset 0 -> CB-byte chunks
         region = Signal(2)                         # 0 q, 1 d, 2 sumq
@@ -184,8 +218,7 @@ class MvExec(wiring.Component):
         chunk = aal.o.payload.data.word_select(k, CB * 8)
         wvalid = loading & aal.o.valid
         nq = Signal(16)
-        nd = Signal(16)                            # d (sumq) entries per token
-        m.d.comb += [nq.eq(nb * qpc), nd.eq(((nb << 2) + CB - 1) >> lgc)]
+        m.d.comb += nq.eq(nb * qpc)
         reg_last = Mux(region == 0, cidx == nq - 1, cidx == nd - 1)
         qlane = cidx[0:exact_log2(qpc)] if qpc > 1 else C(0, 1)
         m.d.comb += [
@@ -238,93 +271,162 @@ class MvExec(wiring.Component):
                 with m.If(c_reg == 2):
                     m.d.sync += [c_tok.eq(c_tok + 1), c_base.eq(c_base + abytes)]
 
-        # ---- per token, one weight command to the reader, the realigner and the decoder
-        w_off = mv.wb[0:lgd]
-        wcmds = [
-            (wrd.cmd, [wrd.cmd.payload.line.eq(mv.wb >> lgd),
-                       wrd.cmd.payload.count.eq((w_off + wbytes + D - 1) >> lgd)]),
-            (wal.cmd, [wal.cmd.payload.s_off.eq(w_off), wal.cmd.payload.d_off.eq(0),
-                       wal.cmd.payload.n.eq(wbytes)]),
-            (dec.cmd, [dec.cmd.payload.fmt.as_value().eq(fmt),
-                       dec.cmd.payload.pattern.as_value().eq(pat),
-                       dec.cmd.payload.count.eq(nblk), dec.cmd.payload.row_blocks.eq(nb)]),
-        ]
-        wcount = []
-        for i, (s_, sets) in enumerate(wcmds):
-            c = Signal(9, name=f"wcmd{i}")
-            wcount.append(c)
-            m.d.comb += [s_.valid.eq(pass_active & (c < g))] + sets
-            with m.If(s_.valid & s_.ready):
-                m.d.sync += c.eq(c + 1)
+        # ---- row pipelines: pipeline l does rows l, l + L, ... of every token of the pass
+        resets = []                                # (signal, value at PLAN)
+        outs = []                                  # (scaler output stream, its row address)
+        rd_clients = ([], [ard.mem])               # on rd0 / rd1
+        for l in range(L):
+            wrd = LineReader(addr_bits=ab, line_bytes=D)
+            wal = Realign(D)
+            dec = Decoder(lanes=1, data_width=D * 8, formats=self._formats,
+                          patterns=self._patterns)
+            chain = Chain(length=self._length, pack_int4=self._pack,
+                          formats=self._formats, patterns=self._patterns)
+            sc = Scaler(formats=self._formats)
+            for nm, u in (("wrd", wrd), ("wal", wal), ("dec", dec), ("chain", chain),
+                          ("scaler", sc)):
+                m.submodules[f"{nm}{l}"] = u
+            rd_clients[l % 2].append(wrd.mem)
+            wiring.connect(m, wrd.o, wal.i)
+            m.d.comb += [dec.data.valid.eq(wal.o.valid),
+                         dec.data.payload.eq(wal.o.payload.data),
+                         wal.o.ready.eq(dec.data.ready)]
+            wiring.connect(m, dec.weights, chain.weights)
 
-        # ---- compute: activations to the chain, results + (d_x, sumq) to the scaler
-        computing = Signal()
-        bi = Signal(range(NB))                     # block of the next activation beat
-        arow = Signal(16)                          # its row
-        qbase = Signal(range(NB + 1))              # its token's first q entry
-        a_take = chain.acts.valid & chain.acts.ready
-        a_row_end = bi == nb - 1
-        a_tok_end = a_row_end & (arow == rows - 1)
-        bi_n = Mux(a_row_end, 0, bi + 1)
-        qbase_n = Mux(a_tok_end, qbase + nb, qbase)
-        m.d.comb += [chain.acts.valid.eq(computing), chain.acts.payload.eq(qr.data),
-                     qr.addr.eq(Mux(a_take, qbase_n + bi_n, qbase + bi))]
-        with m.If(a_take):
-            m.d.sync += [bi.eq(bi_n), qbase.eq(qbase_n),
-                         arow.eq(Mux(a_tok_end, 0, Mux(a_row_end, arow + 1, arow)))]
-        res = chain.results.payload
-        lane = res.lanes[0]
-        r_take = chain.results.valid & chain.results.ready
-        rb = Signal(range(NB))                     # block of the next chain result
-        rrow = Signal(16)
-        dbase = Signal(range(DEPTH_D + 1))
-        r_tok_end = res.last & (rrow == rows - 1)
-        rb_n = Mux(res.last, 0, rb + 1)
-        dbase_n = Mux(r_tok_end, dbase + nd, dbase)
-        r_blk = Signal.like(rb)
-        r_ent = Signal(range(DEPTH_D + 1))
-        r_word = Signal(max(lgcw, 1))
-        m.d.comb += [r_blk.eq(Mux(r_take, rb_n, rb)),
-                     r_ent.eq(Mux(r_take, dbase_n, dbase) + (r_blk >> lgcw)),
-                     dr.addr.eq(r_ent), sr.addr.eq(r_ent)]
-        if lgcw:
-            m.d.sync += r_word.eq(r_blk[0:lgcw])
-        d_x = dr.data.word_select(r_word, 32) if lgcw else dr.data
-        s_q = sr.data.word_select(r_word, 32) if lgcw else sr.data
-        with m.If(r_take):
-            m.d.sync += [rb.eq(rb_n), dbase.eq(dbase_n),
-                         rrow.eq(Mux(r_tok_end, 0, Mux(res.last, rrow + 1, rrow)))]
-        si = sc.i.payload
-        m.d.comb += [
-            sc.i.valid.eq(chain.results.valid), chain.results.ready.eq(sc.i.ready),
-            si.isum.eq(lane.isum), si.d_w.eq(lane.d), si.m_w.eq(lane.m),
-            si.sumq.eq(Mux(pat == 0, s_q, lane.sumq)), si.d_x.eq(d_x),
-            si.fmt.as_value().eq(res.fmt.as_value()), si.last.eq(res.last),
-        ]
+            # one command per row to the reader, the realigner and the decoder
+            for i, cmd in enumerate((wrd.cmd, wal.cmd, dec.cmd)):
+                j_tok = Signal(9, name=f"p{l}_c{i}_tok")
+                j_row = Signal(16, name=f"p{l}_c{i}_row")
+                j_addr = Signal(24, name=f"p{l}_c{i}_addr")   # byte address of the row
+                resets += [(j_tok, 0), (j_row, l), (j_addr, mv.wb + l * rbytes)]
+                off = j_addr[0:lgd]
+                if i == 0:
+                    m.d.comb += [cmd.payload.line.eq(j_addr >> lgd),
+                                 cmd.payload.count.eq((off + rbytes + D - 1) >> lgd)]
+                elif i == 1:
+                    m.d.comb += [cmd.payload.s_off.eq(off), cmd.payload.d_off.eq(0),
+                                 cmd.payload.n.eq(rbytes)]
+                else:
+                    m.d.comb += [cmd.payload.fmt.as_value().eq(fmt),
+                                 cmd.payload.pattern.as_value().eq(pat),
+                                 cmd.payload.count.eq(nb), cmd.payload.row_blocks.eq(nb)]
+                m.d.comb += cmd.valid.eq(pass_active & (j_tok < g) & (j_row < rows))
+                with m.If(cmd.valid & cmd.ready):
+                    with m.If(j_row + L >= rows):
+                        m.d.sync += [j_tok.eq(j_tok + 1), j_row.eq(l),
+                                     j_addr.eq(mv.wb + l * rbytes)]
+                    with m.Else():
+                        m.d.sync += [j_row.eq(j_row + L), j_addr.eq(j_addr + rstep)]
 
-        # ---- row results -> wr (a word straddling a line takes two writes); MM token t's
-        # rows follow token t-1's (dst + t*rows*4), so the address just counts on
-        waddr = Signal(24)
-        rows_left = Signal(25)
+            # activations to the chain (a read port addressed one cycle ahead)
+            qr = qmem.read_port()
+            bi = Signal(range(NB), name=f"p{l}_bi")
+            arow = Signal(16, name=f"p{l}_arow")
+            atok = Signal(9, name=f"p{l}_atok")
+            qbase = Signal(range(NB + 1), name=f"p{l}_qbase")
+            resets += [(bi, 0), (arow, l), (atok, 0), (qbase, 0)]
+            a_take = chain.acts.valid & chain.acts.ready
+            a_row_end = bi == nb - 1
+            a_tok_end = a_row_end & (arow + L >= rows)
+            bi_n = Mux(a_row_end, 0, bi + 1)
+            qbase_n = Mux(a_tok_end, qbase + nb, qbase)
+            m.d.comb += [chain.acts.valid.eq(computing & (atok < g) & (arow < rows)),
+                         chain.acts.payload.eq(qr.data),
+                         qr.addr.eq(Mux(a_take, qbase_n + bi_n, qbase + bi))]
+            with m.If(a_take):
+                m.d.sync += [bi.eq(bi_n), qbase.eq(qbase_n),
+                             arow.eq(Mux(a_tok_end, l, Mux(a_row_end, arow + L, arow))),
+                             atok.eq(Mux(a_tok_end, atok + 1, atok))]
+
+            # chain results + (d_x, sumq) of the same block to the scaler
+            dr = dmem.read_port()
+            sr = smem.read_port()
+            res = chain.results.payload
+            lane = res.lanes[0]
+            r_take = chain.results.valid & chain.results.ready
+            rb = Signal(range(NB), name=f"p{l}_rb")
+            rrow = Signal(16, name=f"p{l}_rrow")
+            dbase = Signal(range(DEPTH_D + 1), name=f"p{l}_dbase")
+            resets += [(rb, 0), (rrow, l), (dbase, 0)]
+            r_tok_end = res.last & (rrow + L >= rows)
+            rb_n = Mux(res.last, 0, rb + 1)
+            dbase_n = Mux(r_tok_end, dbase + nd, dbase)
+            r_blk = Signal.like(rb, name=f"p{l}_rblk")
+            r_ent = Signal(range(DEPTH_D + 1), name=f"p{l}_rent")
+            r_word = Signal(max(lgcw, 1), name=f"p{l}_rword")
+            m.d.comb += [r_blk.eq(Mux(r_take, rb_n, rb)),
+                         r_ent.eq(Mux(r_take, dbase_n, dbase) + (r_blk >> lgcw)),
+                         dr.addr.eq(r_ent), sr.addr.eq(r_ent)]
+            if lgcw:
+                m.d.sync += r_word.eq(r_blk[0:lgcw])
+            d_x = dr.data.word_select(r_word, 32) if lgcw else dr.data
+            s_q = sr.data.word_select(r_word, 32) if lgcw else sr.data
+            with m.If(r_take):
+                m.d.sync += [rb.eq(rb_n), dbase.eq(dbase_n),
+                             rrow.eq(Mux(r_tok_end, l, Mux(res.last, rrow + L, rrow)))]
+            si = sc.i.payload
+            m.d.comb += [
+                sc.i.valid.eq(chain.results.valid), chain.results.ready.eq(sc.i.ready),
+                si.isum.eq(lane.isum), si.d_w.eq(lane.d), si.m_w.eq(lane.m),
+                si.sumq.eq(Mux(pat == 0, s_q, lane.sumq)), si.d_x.eq(d_x),
+                si.fmt.as_value().eq(res.fmt.as_value()), si.last.eq(res.last),
+            ]
+
+            # row sums leave in order: row l + k*L of token t goes to dst + (t*rows + row)*4
+            o_row = Signal(16, name=f"p{l}_orow")
+            o_addr = Signal(24, name=f"p{l}_oaddr")
+            o_tbase = Signal(24, name=f"p{l}_otbase")   # dst + t*rows*4
+            resets += [(o_row, l), (o_addr, mv.dst + (t0 * rows << 2) + 4 * l),
+                       (o_tbase, mv.dst + (t0 * rows << 2))]
+            outs.append((sc.o, o_addr))
+            o_take = sc.o.valid & sc.o.ready
+            with m.If(o_take):
+                with m.If(o_row + L >= rows):
+                    m.d.sync += [o_row.eq(l), o_tbase.eq(o_tbase + (rows << 2)),
+                                 o_addr.eq(o_tbase + (rows << 2) + 4 * l)]
+                with m.Else():
+                    m.d.sync += [o_row.eq(o_row + L), o_addr.eq(o_addr + 4 * L)]
+
+        _arbitrate(m, self.rd0, rd_clients[0], "rd0")
+        _arbitrate(m, self.rd1, rd_clients[1], "rd1")
+
+        # ---- row results -> wr, one row at a time (lowest pipeline first; a word straddling
+        # a line takes two writes, the pipeline is held for both)
         second = Signal()
+        held = Signal(range(max(L, 2)))
+        pick = Signal(range(max(L, 2)))
+        for l in reversed(range(L)):
+            with m.If(outs[l][0].valid):
+                m.d.comb += pick.eq(l)
+        sel = Mux(second, held, pick)
+        o_valid = Signal()
+        o_data = Signal(32)
+        waddr = Signal(24)
+        for l, (o, addr) in enumerate(outs):
+            with m.If(sel == l):
+                m.d.comb += [o_valid.eq(o.valid), o_data.eq(o.payload), waddr.eq(addr)]
         off = waddr[0:lgd]
         wide = Signal(D * 8 + 32)
         wbe = Signal(D + 4)
-        m.d.comb += [wide.eq(sc.o.payload << (off * 8)), wbe.eq(C(0xF, 4) << off)]
+        m.d.comb += [wide.eq(o_data << (off * 8)), wbe.eq(C(0xF, 4) << off)]
         straddle = off > D - 4
         wr = self.wr.req
+        o_ready = Signal()
         m.d.comb += [
-            wr.valid.eq(computing & sc.o.valid),
+            wr.valid.eq(computing & o_valid),
             wr.payload.addr.eq((waddr >> lgd) + second),
-            wr.payload.data.eq(Mux(second, wide[D * 8:] , wide[0:D * 8])),
+            wr.payload.data.eq(Mux(second, wide[D * 8:], wide[0:D * 8])),
             wr.payload.be.eq(Mux(second, wbe[D:], wbe[0:D])),
-            sc.o.ready.eq(computing & wr.ready & (~straddle | second)),
+            o_ready.eq(computing & wr.ready & (~straddle | second)),
         ]
+        for l, (o, _) in enumerate(outs):
+            m.d.comb += o.ready.eq(o_ready & (sel == l))
         with m.If(wr.valid & wr.ready):
-            m.d.sync += second.eq(straddle & ~second)
-        row_done = sc.o.valid & sc.o.ready
+            m.d.sync += [second.eq(straddle & ~second), held.eq(sel)]
+        rows_left = Signal(25)
+        row_done = o_valid & o_ready
         with m.If(row_done):
-            m.d.sync += [waddr.eq(waddr + 4), rows_left.eq(rows_left - 1)]
+            m.d.sync += rows_left.eq(rows_left - 1)
 
         # ---- control
         with m.FSM():
@@ -335,39 +437,45 @@ class MvExec(wiring.Component):
                     op = iw.header.op
                     m.d.sync += [word.eq(self.instr.payload.word), t0.eq(0),
                                  ntok_eff.eq(Mux(op == Op.MM, iw.mm.ntok, 1)),
-                                 qaddr.eq(iw.mv.qsrc), waddr.eq(iw.mv.dst)]
+                                 qaddr.eq(iw.mv.qsrc)]
                     with m.If(((op != Op.MV) & (op != Op.MM)) | ((op == Op.MM) & (iw.mm.ntok == 0))):
                         m.next = "DONE"
                     with m.Else():
                         m.next = "SETUP"
             with m.State("SETUP"):
-                m.d.sync += [nblk.eq(rows * nb), gmax.eq(C(NB, 12) // nb)]
+                m.d.sync += [rbytes.eq(nb * bb), gmax.eq(C(NB, 12) // nb)]
                 m.next = "SETUP2"
             with m.State("SETUP2"):
-                m.d.sync += wbytes.eq(nblk * bb)
+                m.d.sync += rstep.eq(rbytes * L)
                 m.next = "PLAN"
             with m.State("PLAN"):
                 left = ntok_eff - t0
                 m.d.sync += [g.eq(Mux(gmax < left, gmax, left)),
                              region.eq(0), cidx.eq(0), k.eq(0), ltok.eq(0), qbase_w.eq(0),
-                             dbase_w.eq(0), bi.eq(0), arow.eq(0), qbase.eq(0), rb.eq(0),
-                             rrow.eq(0), dbase.eq(0), second.eq(0)]
-                m.d.sync += [c.eq(0) for c in wcount]
+                             dbase_w.eq(0), second.eq(0)]
+                m.d.sync += [sig.eq(v) for sig, v in resets]
                 for c_reg, c_tok, c_base in issuers:
                     m.d.sync += [c_reg.eq(0), c_tok.eq(0), c_base.eq(qaddr)]
                 m.next = "PLAN2"
             with m.State("PLAN2"):
                 m.d.sync += rows_left.eq(rows * g)
-                m.next = "LOAD"
+                with m.If((ntok_eff == 1) & cached):
+                    m.next = "SETTLE"                  # the vector is still in the buffers
+                with m.Else():
+                    with m.If(ntok_eff == 1):
+                        m.d.comb += c_set.eq(1)
+                    with m.Else():
+                        m.d.comb += c_clear.eq(1)
+                    m.next = "LOAD"
             with m.State("LOAD"):
                 m.d.comb += [loading.eq(1), a_issue.eq(1), pass_active.eq(1)]
                 with m.If(load_done):
                     m.next = "SETTLE"
             with m.State("SETTLE"):
-                m.d.comb += [a_issue.eq(1), pass_active.eq(1)]
+                m.d.comb += pass_active.eq(1)
                 m.next = "COMPUTE"
             with m.State("COMPUTE"):
-                m.d.comb += [computing.eq(1), a_issue.eq(1), pass_active.eq(1)]
+                m.d.comb += [computing.eq(1), pass_active.eq(1)]
                 with m.If(row_done & (rows_left == 1)):
                     m.d.sync += [t0.eq(t0 + g), qaddr.eq(issuers[0][2])]
                     with m.If(t0 + g < ntok_eff):

@@ -144,6 +144,10 @@ class Core(wiring.Component):
         wiring.connect(m, ex.rd1, mem.ex_rd1)
         wiring.connect(m, ex.wr, mem.ex_wr)
         m.d.comb += ex.context.eq(self.context)
+        m.d.comb += [ex.snoop[0].valid.eq(ld.mem.req.valid & ld.mem.req.ready),
+                     ex.snoop[0].addr.eq(ld.mem.req.payload.addr),
+                     ex.snoop[1].valid.eq(ex.wr.req.valid & ex.wr.req.ready),
+                     ex.snoop[1].addr.eq(ex.wr.req.payload.addr)]
 
         # ---- queues and tokens
         queues = {}

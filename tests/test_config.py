@@ -212,7 +212,7 @@ def test_derived_dict_matches_properties():
 
 def test_config_hash_is_stable():
     # Recorded by compiled programs: changing these literals invalidates every bundle.
-    assert load_config("ci").config_hash() == "1be0fcd197f6d3af"
+    assert load_config("ci").config_hash() == "4d61f8e9a26a7937"
     assert load_config("u280").config_hash() == "1085c0061584c7f5"
     assert load_config("ci").config_hash() == load_config("ci").config_hash()
 
