@@ -1,4 +1,4 @@
-"""The MV/MM execution unit: weight decoder -> DSP chain -> scaler over on-chip operands.
+"""The MV/MM execution unit: ``count`` row pipelines (weight decoder -> DSP chain -> scaler).
 
 :class:`MvExec` has :func:`~llmfab.hw.execute.exec_signature` and executes MV and
 MM words (docs/isa.md) bit-exactly as ``sim.numerics_model.matvec`` (the golden
@@ -13,26 +13,38 @@ every compiled shape):
    the other (:class:`~llmfab.hw.dma.Realign`), cut into chunks of
    ``CB = min(line_bytes, 32)`` bytes, one chunk per cycle, into three buffers:
    ``q`` (``max_blocks`` x 256 bits, 32-bit write enables), ``d`` and ``sumq``
-   (``CB``-byte entries, the read side selects the word): ``40 nb / CB`` cycles
-   per token. Meanwhile the weight stream already fills the decoder (it stalls
-   on the chain, which waits for activations).
-2. **Weights.** Per token one command each to a line reader on ``rd0`` (the
-   lines from ``wb``), a realigner (so ``wb`` may have any byte alignment) and
-   the :class:`~llmfab.hw.decoder.Decoder` (``data_width = 8 * line_bytes``;
-   format, pattern, ``rows * nb`` blocks, ``nb`` per row). The weights are
-   **re-read from the on-chip buffer for every token** (the decoder and chain
-   see ``ntok`` matrices back to back, without a pipeline drain between tokens).
-3. **Compute.** The chain takes one weight beat (one block, ``lanes = 1``) with
-   the activation block of the same index and token (a read port addressed one
-   cycle ahead, so it delivers one block per cycle); its results, in order,
-   meet that block's ``d_x`` and stored ``sumq`` (a second pair of read ports
-   following the result index) in the :class:`~llmfab.hw.scaler.Scaler`. Dense
-   blocks use the stored ``sumq`` (as ``matvec`` does for Q4_1), sparse ones the
-   chain's kept-position sum. Row sums are written through ``wr`` to
-   consecutive words from ``dst`` (two line writes when a word straddles a line).
+   (``CB``-byte entries): ``40 nb / CB`` cycles per token. **Activation
+   cache:** an MV (or one-token MM) whose vector (``qsrc``, ``nb``) is the one
+   the buffers already hold skips the load. The copy is valid from its load
+   until any on-chip write (the ``snoop`` input: the load engine's writes and
+   the execution unit's own) touches one of its lines, or a multi-token load
+   replaces it -- so consecutive weight tiles of one matrix (the compiler
+   splits matrices into tiles of whole rows) load the vector once.
+2. **Row pipelines.** ``count`` (the configuration's ``chain.count``) copies of
+   line reader -> realigner -> :class:`~llmfab.hw.decoder.Decoder` (one block
+   per beat) -> :class:`~llmfab.hw.chain.Chain` -> :class:`~llmfab.hw.scaler.Scaler`.
+   Pipeline ``l`` computes rows ``l, l + count, ...`` of every token of the
+   pass: per row one command to its reader (the row's lines from
+   ``wb + row * rb``, any byte alignment), realigner (to offset 0) and decoder
+   (``nb`` blocks, one row). Even pipelines read weights through ``rd0``, odd
+   ones through ``rd1`` (after the activation loader), fixed priority per port;
+   the weight buffer has a memory port for each. The weights are re-read for
+   every token of an MM. Each chain takes one weight block per cycle with the
+   activation block of the same index and token (its own read port on ``q``);
+   its results meet that block's ``d_x`` and stored ``sumq`` (its own read
+   ports) in its scaler (row sums with accum4, as ``matvec``). Dense blocks
+   use the stored ``sumq`` (as ``matvec`` does for Q4_1), sparse ones the
+   chain's kept-position sum.
+3. **Results.** Row sums leave each pipeline in its row order; one at a time
+   (lowest pipeline first) they are written through ``wr`` to
+   ``dst + (t*rows + row)*4`` (two line writes when a word straddles a line).
 4. After the pass's last row write is accepted: the next pass, or ``done``.
 
-One instruction at a time. The unit accepts only MV/MM words (the combined unit in
+Throughput (``tests/rtl/cocotb_mv_exec.py``, ci geometry, memory never stalling):
+``count / (1 + 1/nb)`` blocks per cycle (the decoder idles one cycle between
+rows; dense Q8_0 half that: the packed chain takes two cycles per 8-bit
+block), as long as the two read ports deliver the rows' lines. One instruction
+at a time. The unit accepts only MV/MM words (the combined unit in
 ``hw/exec_unit.py`` routes the others elsewhere; an unexpected word completes
 without writing).
 """
