@@ -481,8 +481,13 @@ class RtlAccelerator:
 
     # ---- runs
     def run(self, pos: int, token: int, *, timeout_cycles: int = 50_000_000,
-            registers: dict | None = None) -> RtlRun:
+            registers: dict | None = None, ntok: int = 1) -> RtlRun:
         """Run the loaded program for token ``token`` at position ``pos``.
+
+        ``ntok`` is the number of tokens the program processes: 1 for the
+        decode program, T for a prefill program ``prefill_T`` (R2 = ``pos +
+        ntok``, as the golden model's ``Golden._regs``; the host stages the
+        token rows in the I/O region first, see ``Golden.stage_tokens``).
 
         ``timeout_cycles`` is the watchdog: if the accelerator has not
         finished after that many cycles the run is abandoned, the accelerator
@@ -492,7 +497,7 @@ class RtlAccelerator:
         regs.update(registers or {})
         args = {
             "program": self.program_addr, "program_words": len(self.program) // 16,
-            "pos": int(pos), "seq": int(pos) + 1, "token": int(token),
+            "pos": int(pos), "seq": int(pos) + int(ntok), "token": int(token),
             "wbase": regs["wbase"], "kvbase": regs["kvbase"], "iobase": regs["iobase"],
             "tbase": regs["tbase"], "counters": self.counters_addr, "hbm_size": self.hbm_size,
             "context": self.context,

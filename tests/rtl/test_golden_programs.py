@@ -1,0 +1,416 @@
+"""The golden model's test programs on the RTL accelerator (``ci`` configuration): the golden
+model's bytes, bit for bit.
+
+The programs of tests/test_golden.py and tests/test_prefill.py, compiled for ``ci``
+from tiny 2-layer models (tests/tinymodel.py): the three weight formats, the N:M
+sparse variants (2:4, 8:16, 4:16, 2:16), the prefill buckets (MM) mixed with decode
+runs, greedy generation, the status-code programs (illegal instruction, HBM out of
+range, token-dependent HBM range, on-chip out of range, deadlock, no END) and the
+randomly corrupted programs. Every run is made on the golden model and on the RTL
+(``sim/rtl_backend.py``'s execution unit, ``RtlAccelerator``) and compared: status and
+pc, logits (decode and un-tiled prefill logits), and the whole HBM the program may
+address (weights, KV cache, I/O region) after every run; generation compares tokens.
+
+One Verilator build and one simulator process serve the whole module (per pytest
+worker): the bundles are all compiled for ``ci``, and :class:`Rtl` puts each one into
+the running simulation in turn (HBM image, registers, program).
+"""
+
+import numpy as np
+import pytest
+
+from llmfab.boards.config import load_config
+from llmfab.compiler import isa
+from llmfab.compiler.bundle import Bundle
+from llmfab.compiler.compile import compile_model
+from llmfab.compiler.model import load_model
+from llmfab.sim.golden import Golden, untile_logits
+from llmfab.sim.golden_backend import GoldenDevice, split_buckets
+
+import tinymodel
+
+CONFIG = "ci"
+#: Watchdog of every run: a tiny-model decode step takes ~10^4 cycles on ci.
+WATCHDOG = 2_000_000
+
+
+def _bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+# ---------------------------------------------------------------------------------------
+# bundles: tiny models compiled for ci
+# ---------------------------------------------------------------------------------------
+
+#: name -> (qtype, seed, sparsity), as the golden tests make them
+MODELS = {
+    "q4_0": ("q4_0", 3, None),
+    "q4_1": ("q4_1", 3, None),
+    "q8_0": ("q8_0", 3, None),
+    "sp2:4": ("q4_1", 5, "2:4"),
+    "sp4:16,8:16": ("q4_1", 5, "ffn=4:16,attn=8:16"),
+    "sp2:16": ("q4_1", 5, "2:16"),
+    "status": ("q4_1", 2, None),        # test_golden.py's tiny_bundle, on ci
+}
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def bundles(config, tmp_path_factory):
+    d = tmp_path_factory.mktemp("gp")
+    out = {}
+    for name, (qtype, seed, sp) in MODELS.items():
+        m = load_model(tinymodel.write_tiny_gguf(d / f"{name.replace(':', '_')}.gguf", qtype, seed=seed))
+        out[name] = (m, compile_model(m, config, sparsity=sp))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the RTL side: one simulation, bundles swapped in
+# ---------------------------------------------------------------------------------------
+
+def _end_pc(program: bytes) -> int:
+    """The pc of the first END (where a clean run stops)."""
+    for pc, w in enumerate(isa.from_bytes(program)):
+        try:
+            ins = isa.decode(w)
+        except Exception:
+            continue
+        if ins.op == "SYS" and ins["func"] == isa.SYS_END:
+            return pc
+    return -1
+
+
+class Rtl:
+    """The running simulation, driven like the golden model (``run``, ``prefill``, ``hbm``)."""
+
+    def __init__(self, acc):
+        self.acc = acc
+        self.bundle = None
+        self.loaded = None
+
+    def use(self, bundle):
+        """Put ``bundle`` (compiled for the same configuration) into the simulation: HBM
+        = its image (everything else zero), its registers and sizes, its decode program."""
+        acc = self.acc
+        man = bundle.manifest
+        bundle.check_config(acc.config)
+        assert int(man["hbm_size"]) <= acc.counters_addr, "bundle does not fit the simulated HBM"
+        acc.bundle = bundle
+        acc.hbm_size = int(man["hbm_size"])
+        acc.registers = {k: int(v) for k, v in man["registers"].items()}
+        acc.context = int(man["onchip"]["context"])
+        acc.write_hbm(0, np.zeros(acc.counters_addr, np.uint8))
+        acc.write_hbm(0, np.ascontiguousarray(bundle.hbm_image, np.uint8))
+        self.bundle = bundle
+        self.loaded = None
+        self.load("decode")
+
+    def load(self, name, program=None):
+        if program is None:
+            program = self.bundle.program if name == "decode" else self.bundle.prefill[int(name.split("_")[1])]
+        if self.loaded != name:
+            self.acc.load_program(program)
+            self.loaded = name
+
+    def run(self, pos, token, program="decode", ntok=1):
+        self.load(program)
+        r = self.acc.run(pos, token, timeout_cycles=WATCHDOG, ntok=ntok)
+        assert not r.timed_out, f"watchdog: {program} at pos {pos} not done after {r.sim_cycles} cycles"
+        return r
+
+    def stage_tokens(self, tokens):
+        """The host's part of a prefill run: the tokens' raw embedding rows into the I/O region
+        (as ``Golden.stage_tokens``)."""
+        man = self.bundle.manifest
+        tr = man["prefill"]["token_rows"]
+        base, _ = man["memory_map"]["prefill_tokens"]
+        stride, rb = int(tr["row_stride"]), int(tr["row_bytes"])
+        emb = int(man["registers"]["wbase"]) + int(tr["embedding_offset"])
+        img = self.bundle.hbm_image
+        for t, tok in enumerate(tokens):
+            self.acc.write_hbm(int(base) + t * stride, img[emb + tok * rb:emb + (tok + 1) * rb])
+
+    def prefill(self, pos, tokens):
+        self.stage_tokens(tokens)
+        return self.run(pos, 0, f"prefill_{len(tokens)}", ntok=len(tokens))
+
+    def logits(self):
+        return self.acc.logits().copy()
+
+    def prefill_logits(self, ntok):
+        man = self.bundle.manifest
+        io = int(man["memory_map"]["prefill_logits"][0])
+        vocab = int(man["model"]["vocab_size"])
+        flat = self.acc.read_hbm(io, 4 * ntok * vocab).view(np.float32)
+        return untile_logits(flat, ntok, man["prefill"]["lm_head_tiles"], vocab)
+
+    def hbm(self):
+        return self.acc.read_hbm(0, self.acc.hbm_size)
+
+
+@pytest.fixture(scope="module")
+def rtl(config, bundles):
+    from llmfab.sim.rtl.harness import RtlAccelerator
+    from llmfab.sim.rtl_backend import exec_factory, program_ops
+    factory, implemented = exec_factory(config)
+    for name, (_, b) in bundles.items():
+        for prog in [b.program, *b.prefill.values()]:
+            missing = program_ops(prog) - implemented
+            assert not missing, f"{name}: the execution unit lacks {sorted(missing)}"
+    # the simulated HBM is sized for the largest bundle; the others are swapped in
+    big = max((b for _, b in bundles.values()), key=lambda b: int(b.manifest["hbm_size"]))
+    with RtlAccelerator(config, big, exec_factory=factory, timeout_seconds=900) as acc:
+        yield Rtl(acc)
+
+
+# ---------------------------------------------------------------------------------------
+# comparison
+# ---------------------------------------------------------------------------------------
+
+def _first_diff(a, b):
+    d = np.flatnonzero(np.asarray(a) != np.asarray(b))
+    return f"{d.size} differ, first at {d[0]}" if d.size else "equal"
+
+
+def assert_same_hbm(g, r, what):
+    got = r.hbm()
+    want = g.hbm
+    if np.array_equal(got, want):
+        return
+    man = g.bundle.manifest
+    regions = {k: v for k, v in man["memory_map"].items()
+               if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v)}
+    bad = [f"{k} [{a:#x}, +{n}): {_first_diff(got[a:a + n], want[a:a + n])}"
+           for k, (a, n) in regions.items() if not np.array_equal(got[a:a + n], want[a:a + n])]
+    raise AssertionError(f"{what}: HBM differs from the golden model's: {_first_diff(got, want)}; "
+                         + "; ".join(bad))
+
+
+def assert_logits(got, want, what):
+    gb, wb = _bits(got), _bits(want)
+    if not np.array_equal(gb, wb):
+        idx = np.argwhere(gb != wb)
+        i = tuple(idx[0])
+        raise AssertionError(f"{what}: {len(idx)} logits differ from the golden model's; first {i}: "
+                             f"rtl {np.asarray(got)[i]!r} ({gb[i]:#010x}), golden "
+                             f"{np.asarray(want)[i]!r} ({wb[i]:#010x})")
+
+
+def run_chunks(g, r, bundle, tokens, chunks, pos=0):
+    """Run ``tokens`` in ``chunks`` (1: decode, T: prefill_T) on both; compare everything after
+    every run. Returns the RTL's logits [len(tokens), vocab]."""
+    assert sum(chunks) == len(tokens)
+    out = []
+    i = 0
+    for T in chunks:
+        what = f"{'decode' if T == 1 else f'prefill_{T}'} at pos {pos}"
+        if T == 1:
+            gr = g.run(pos, tokens[i])
+            rr = r.run(pos, tokens[i])
+            prog = bundle.program
+        else:
+            gr = g.prefill(pos, tokens[i:i + T])
+            rr = r.prefill(pos, tokens[i:i + T])
+            prog = bundle.prefill[T]
+        assert gr.status == isa.STATUS_OK, (what, gr)
+        assert (rr.status, rr.pc) == (isa.STATUS_OK, _end_pc(prog)), (what, rr.status, rr.pc)
+        if T == 1:
+            want, got = g.logits()[None], r.logits()[None]
+        else:
+            want, got = g.prefill_logits(T), r.prefill_logits(T)
+        assert_logits(got, want, what)
+        assert_same_hbm(g, r, what)
+        out.append(got)
+        pos += T
+        i += T
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_tiny_models_decode(rtl, bundles, qtype):
+    """test_golden.py's tiny models (seed 3) in each weight format: decode runs (MV)."""
+    _, b = bundles[qtype]
+    rtl.use(b)
+    g = Golden(b)
+    rng = np.random.default_rng(0)
+    toks = [int(rng.integers(0, 256)) for _ in range(4)]
+    run_chunks(g, rtl, b, toks, [1] * len(toks))
+
+
+#: prefill chunks per format: every bucket (2, 4, 8) at position 0 and after decode and
+#: other prefill runs (odd positions)
+PREFILL_CHUNKS = {"q4_0": [2, 1, 4], "q4_1": [8, 1, 4, 2, 1], "q8_0": [4, 1, 2]}
+TOKS = [int(t) for t in np.random.default_rng(11).integers(0, 256, 23)]
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_tiny_models_prefill(rtl, bundles, qtype):
+    """test_prefill.py's bucket programs (MM, cached ATTN, SYNC) mixed with decode runs."""
+    _, b = bundles[qtype]
+    assert b.manifest["prefill"]["buckets"] == [2, 4, 8]
+    rtl.use(b)
+    chunks = PREFILL_CHUNKS[qtype]
+    run_chunks(Golden(b), rtl, b, TOKS[:sum(chunks)], chunks)
+
+
+@pytest.mark.parametrize("name", ["sp2:4", "sp4:16,8:16", "sp2:16"])
+def test_sparse_models(rtl, bundles, name):
+    """test_golden.py's sparse models (q4_1, seed 5): decode tokens, then a prefill bucket."""
+    _, b = bundles[name]
+    assert b.extra["masks"]
+    rtl.use(b)
+    toks = [1, 7, 42, 99, 200, 3, 17]
+    run_chunks(Golden(b), rtl, b, toks, [1, 1, 1, 4])
+
+
+def test_greedy_generation(rtl, bundles, config):
+    """Greedy generation as the golden backend does it (prompt through the prefill buckets,
+    then decode): the same tokens, and the same KV cache at the end."""
+    m, b = bundles["q4_1"]
+    prompt, n = TOKS[:7], 5
+    gold = GoldenDevice(m, config, bundle=b)
+    want = gold.generate(prompt, n).tokens
+    assert gold.prefill_runs == {4: 1, 2: 1}
+    rtl.use(b)
+    g = Golden(b)
+    lg = run_chunks(g, rtl, b, prompt, split_buckets(len(prompt), b.manifest["prefill"]["buckets"]))
+    pos, out = len(prompt), []
+    nxt = int(np.argmax(lg[-1]))
+    for i in range(n):
+        out.append(nxt)
+        if i == n - 1:
+            break
+        lg = run_chunks(g, rtl, b, [nxt], [1], pos=pos)
+        pos += 1
+        nxt = int(np.argmax(lg[-1]))
+    assert out == want
+    kv0, kvn = b.manifest["memory_map"]["kv"]
+    assert np.array_equal(rtl.hbm()[kv0:kv0 + kvn], gold.golden.hbm[kv0:kv0 + kvn])
+
+
+# ---- status-code programs ---------------------------------------------------------------
+
+def _patched(b, edit):
+    words = isa.from_bytes(b.program)
+    edit(words)
+    return Bundle(manifest=b.manifest, program=isa.to_bytes(words), hbm_image=b.hbm_image)
+
+
+def _find(words, pred):
+    for i, w in enumerate(words):
+        ins = isa.decode(w)
+        if pred(ins):
+            return i, ins
+    raise AssertionError("not found")
+
+
+def _illegal(w):
+    w[7] = 0xF                                      # opcode 15
+
+
+def _hbm_range(w):
+    i, ins = _find(w, lambda x: x.op == "LD" and x["hreg"] == isa.REG_WBASE and x["len"] > 0)
+    ins.fields["hoff"] = (1 << 28) - 1
+    w[i] = isa.encode(ins)
+
+
+def _onchip_range(w):
+    i, ins = _find(w, lambda x: x.op == "MISC" and x["func"] == isa.MISC_FUNCS["ADD"])
+    ins.fields["dst"] = (1 << 24) - 8
+    w[i] = isa.encode(ins)
+
+
+def _deadlock(w):
+    i, ins = _find(w, lambda x: x.op == "LD" and x["rel_next"])
+    ins.fields["rel_next"] = 0                      # the consumer now waits forever
+    w[i] = isa.encode(ins)
+
+
+def _no_end(w):
+    w[-1] = isa.encode(isa.make("SYS", func=isa.SYS_NOP))
+
+
+STATUS_CASES = {
+    "illegal": (_illegal, isa.STATUS_ILLEGAL),
+    "hbm_range": (_hbm_range, isa.STATUS_HBM_RANGE),
+    "onchip_range": (_onchip_range, isa.STATUS_BUF_RANGE),
+    "deadlock": (_deadlock, isa.STATUS_DEADLOCK),
+    "no_end": (_no_end, isa.STATUS_NO_END),
+}
+
+
+def _clean_run_after(rtl, b, pos=0, token=5):
+    """After a faulting run the clean program still gives the golden model's bytes."""
+    rtl.use(b)
+    run_chunks(Golden(b), rtl, b, [token], [1], pos=pos)
+
+
+@pytest.mark.parametrize("case", list(STATUS_CASES))
+def test_status_programs(rtl, bundles, case):
+    """test_golden.py's error-status programs: the golden model's status and pc; a validation
+    fault executes nothing (HBM untouched, as the golden model's)."""
+    _, b0 = bundles["status"]
+    edit, status = STATUS_CASES[case]
+    b = _patched(b0, edit)
+    g = Golden(b)
+    gr = g.run(0, 1)
+    assert gr.status == status
+    rtl.use(b)
+    rr = rtl.run(0, 1)
+    assert (rr.status, rr.pc) == (gr.status, gr.pc), (case, gr.detail)
+    if status != isa.STATUS_DEADLOCK:
+        # (a deadlocked RTL may have executed instructions before it; the golden model executes none)
+        assert_same_hbm(g, rtl, case)
+    _clean_run_after(rtl, b0)
+
+
+def test_token_dependent_hbm_range(rtl, bundles):
+    """The embedding LD indexes by R7: a token id far past the vocabulary faults at run time."""
+    _, b = bundles["status"]
+    g = Golden(b)
+    rtl.use(b)
+    run_chunks(g, rtl, b, [1], [1])
+    gr = g.run(1, 10 ** 8)
+    rr = rtl.run(1, 10 ** 8)
+    assert gr.status == isa.STATUS_HBM_RANGE
+    assert (rr.status, rr.pc) == (gr.status, gr.pc)
+    assert_same_hbm(g, rtl, "token 10**8")
+    run_chunks(g, rtl, b, [9], [1], pos=1)          # the next token runs normally
+
+
+def test_random_corruption(rtl, bundles):
+    """test_golden.py's 40 randomly corrupted programs (seed 7, 3 bit flips each): every run ends,
+    with the golden model's status and pc (the bytes of corrupted programs are not compared:
+    on-chip memory is not cleared between runs on the RTL, and NaN payloads may differ)."""
+    _, b0 = bundles["status"]
+    rtl.use(b0)
+    rng = np.random.default_rng(7)
+    bad = []
+    seen = set()
+    for k in range(40):
+        words = isa.from_bytes(b0.program)
+        for _ in range(3):
+            i = int(rng.integers(0, len(words)))
+            words[i] ^= 1 << int(rng.integers(0, 128))
+        b = Bundle(manifest=b0.manifest, program=isa.to_bytes(words), hbm_image=b0.hbm_image)
+        with np.errstate(all="ignore"):
+            gr = Golden(b).run(0, 3)
+        want = (gr.status, gr.pc if gr.status != isa.STATUS_OK else _end_pc(b.program))
+        rtl.acc.write_hbm(0, np.ascontiguousarray(b0.hbm_image, np.uint8))
+        rtl.load(f"corrupt{k}", b.program)
+        rr = rtl.acc.run(0, 3, timeout_cycles=WATCHDOG)     # a hang is reported, not raised
+        seen.add(gr.status)
+        if rr.timed_out or (rr.status, rr.pc) != want:
+            bad.append((k, want, (rr.status, rr.pc), gr.detail))
+    assert not bad, bad
+    assert isa.STATUS_ILLEGAL in seen
+    _clean_run_after(rtl, b0)
