@@ -51,7 +51,10 @@ MODELS = {
     "sp4:16,8:16": ("q4_1", 5, "ffn=4:16,attn=8:16"),
     "sp2:16": ("q4_1", 5, "2:16"),
     "status": ("q4_1", 2, None),        # test_golden.py's tiny_bundle, on ci
+    "tiled": ("q4_1", 4, None),         # FFN 512: several weight tiles (see TILED)
 }
+#: write_tiny_gguf arguments other than the defaults
+SHAPES = {"tiled": dict(ffn_dim=512)}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,8 @@ def bundles(config, tmp_path_factory):
     d = tmp_path_factory.mktemp("gp")
     out = {}
     for name, (qtype, seed, sp) in MODELS.items():
-        m = load_model(tinymodel.write_tiny_gguf(d / f"{name.replace(':', '_')}.gguf", qtype, seed=seed))
+        m = load_model(tinymodel.write_tiny_gguf(d / f"{name.replace(':', '_')}.gguf", qtype, seed=seed,
+                                                 **SHAPES.get(name, {})))
         out[name] = (m, compile_model(m, config, sparsity=sp))
     return out
 
@@ -242,34 +246,50 @@ def test_tiny_models_decode(rtl, bundles, qtype):
     rtl.use(b)
     g = Golden(b)
     rng = np.random.default_rng(0)
-    toks = [int(rng.integers(0, 256)) for _ in range(4)]
+    toks = [int(rng.integers(0, 256)) for _ in range(8)]
     run_chunks(g, rtl, b, toks, [1] * len(toks))
 
 
-#: prefill chunks per format: every bucket (2, 4, 8) at position 0 and after decode and
-#: other prefill runs (odd positions)
-PREFILL_CHUNKS = {"q4_0": [2, 1, 4], "q4_1": [8, 1, 4, 2, 1], "q8_0": [4, 1, 2]}
+#: (format, chunks) of the prefill tests (test_prefill.py's patterns): every bucket (2, 4, 8)
+#: in every format, at position 0 and after decode and other prefill runs (odd positions,
+#: up to position 22)
+PREFILL_CHUNKS = [("q4_0", [2, 1, 4, 8]), ("q4_1", [8, 1, 4, 2, 1]),
+                  ("q4_1", [1, 2, 1, 4, 1, 8, 1, 4, 1]), ("q8_0", [4, 1, 2, 8])]
 TOKS = [int(t) for t in np.random.default_rng(11).integers(0, 256, 23)]
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
-def test_tiny_models_prefill(rtl, bundles, qtype):
+@pytest.mark.parametrize("qtype,chunks", PREFILL_CHUNKS,
+                         ids=[f"{q}-{'.'.join(map(str, c))}" for q, c in PREFILL_CHUNKS])
+def test_tiny_models_prefill(rtl, bundles, qtype, chunks):
     """test_prefill.py's bucket programs (MM, cached ATTN, SYNC) mixed with decode runs."""
     _, b = bundles[qtype]
     assert b.manifest["prefill"]["buckets"] == [2, 4, 8]
     rtl.use(b)
-    chunks = PREFILL_CHUNKS[qtype]
+    run_chunks(Golden(b), rtl, b, TOKS[:sum(chunks)], chunks)
+
+
+def test_tiled_model(rtl, bundles):
+    """FFN 512 on ci: the FFN matrices exceed the 32 KiB weight buffer, so decode runs several
+    MVs per matrix and the prefill programs MM each tile into the stage, then COPY the rows
+    into place (test_prefill.py's ci_wb4 path, as SmolLM2's matrices on ci)."""
+    _, b = bundles["tiled"]
+    copies = sum(1 for w in isa.from_bytes(b.prefill[2])
+                 if isa.decode(w).op == "MISC" and isa.decode(w)["func"] == isa.MISC_FUNCS["COPY"])
+    assert copies > 0 and b.manifest["prefill"]["buckets"] == [2, 4]
+    rtl.use(b)
+    chunks = [4, 1, 2, 1]
     run_chunks(Golden(b), rtl, b, TOKS[:sum(chunks)], chunks)
 
 
 @pytest.mark.parametrize("name", ["sp2:4", "sp4:16,8:16", "sp2:16"])
 def test_sparse_models(rtl, bundles, name):
-    """test_golden.py's sparse models (q4_1, seed 5): decode tokens, then a prefill bucket."""
+    """test_golden.py's sparse models (q4_1, seed 5): decode runs, then every prefill bucket
+    (test_sparse_prefill_bit_exact)."""
     _, b = bundles[name]
     assert b.extra["masks"]
     rtl.use(b)
-    toks = [1, 7, 42, 99, 200, 3, 17]
-    run_chunks(Golden(b), rtl, b, toks, [1, 1, 1, 4])
+    toks = [1, 7, 42, 99, 200, 3, 17] + TOKS[:10]
+    run_chunks(Golden(b), rtl, b, toks, [1, 1, 1, 4, 8, 2])
 
 
 def test_greedy_generation(rtl, bundles, config):
