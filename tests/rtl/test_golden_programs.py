@@ -268,6 +268,20 @@ def test_tiny_models_prefill(rtl, bundles, qtype, chunks):
     run_chunks(Golden(b), rtl, b, TOKS[:sum(chunks)], chunks)
 
 
+def test_late_positions(rtl, bundles):
+    """Long attention: decode and prefill runs up to the last position of the compiled context
+    (256 for the tiny model: its GGUF context length), the rows between left zero. (ATTN takes
+    ~1,350 cycles per cached position per decode step of this model on ci, so a prefill_8
+    ending there would take ~2.8 M cycles, ~30 s: bucket 2 is used.)"""
+    _, b = bundles["q4_1"]
+    ctx = int(b.manifest["context"])
+    rtl.use(b)
+    g = Golden(b)
+    run_chunks(g, rtl, b, TOKS[:3], [2, 1])
+    run_chunks(g, rtl, b, TOKS[3:4], [1], pos=ctx // 2 + 1)
+    run_chunks(g, rtl, b, TOKS[4:6], [2], pos=ctx - 2)          # ends at position ctx - 1
+
+
 def test_tiled_model(rtl, bundles):
     """FFN 512 on ci: the FFN matrices exceed the 32 KiB weight buffer, so decode runs several
     MVs per matrix and the prefill programs MM each tile into the stage, then COPY the rows
