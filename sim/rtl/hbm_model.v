@@ -63,7 +63,10 @@ module hbm_axi_port #(
     reg [IDW-1:0] ar_id   [0:QDEPTH-1];
     reg [63:0]    ar_due  [0:QDEPTH-1];
     reg [QB:0]    ar_wp, ar_rp;
-    wire ar_full = (ar_wp - ar_rp) == QDEPTH;
+    // occupancy modulo 2^(QB+1): the difference must be taken at the pointers' width (a
+    // 32-bit difference of wrapped pointers never equals QDEPTH, and a full queue took more)
+    wire [QB:0]   ar_cnt = ar_wp - ar_rp;
+    wire ar_full = ar_cnt == QDEPTH;
     wire ar_empty = ar_wp == ar_rp;
     assign arready = !ar_full && !rst;
     reg [8:0] beat;
@@ -106,12 +109,14 @@ module hbm_axi_port #(
     reg [63:0]    aw_addr [0:QDEPTH-1];
     reg [IDW-1:0] aw_id   [0:QDEPTH-1];
     reg [QB:0]    aw_wp, aw_rp;
-    wire aw_full = (aw_wp - aw_rp) == QDEPTH;
+    wire [QB:0]   aw_cnt = aw_wp - aw_rp;
+    wire aw_full = aw_cnt == QDEPTH;
     wire aw_empty = aw_wp == aw_rp;
     reg [63:0]    b_due [0:QDEPTH-1];
     reg [IDW-1:0] b_id  [0:QDEPTH-1];
     reg [QB:0]    b_wp, b_rp;
-    wire b_full = (b_wp - b_rp) == QDEPTH;
+    wire [QB:0]   b_cnt = b_wp - b_rp;
+    wire b_full = b_cnt == QDEPTH;
     wire b_empty = b_wp == b_rp;
     reg [8:0] wbeat;
     bit [1023:0] wbuf;
