@@ -6,14 +6,19 @@ from tiny 2-layer models (tests/tinymodel.py): the three weight formats, the N:M
 sparse variants (2:4, 8:16, 4:16, 2:16), the prefill buckets (MM) mixed with decode
 runs, greedy generation, the status-code programs (illegal instruction, HBM out of
 range, token-dependent HBM range, on-chip out of range, deadlock, no END) and the
-randomly corrupted programs. Every run is made on the golden model and on the RTL
+randomly corrupted programs; besides those, a model whose matrices take several weight
+tiles (MM into the stage + COPY), runs up to the last context position (long ATTN), and
+four 64 KiB LDs back to back (many outstanding bursts). Every run is made on the golden
+model and on the RTL
 (``sim/rtl_backend.py``'s execution unit, ``RtlAccelerator``) and compared: status and
 pc, logits (decode and un-tiled prefill logits), and the whole HBM the program may
 address (weights, KV cache, I/O region) after every run; generation compares tokens.
 
 One Verilator build and one simulator process serve the whole module (per pytest
 worker): the bundles are all compiled for ``ci``, and :class:`Rtl` puts each one into
-the running simulation in turn (HBM image, registers, program).
+the running simulation in turn (HBM image, registers, program). Cost (2 shared cores):
+the ci build with the full execution unit, ~5-9 min once (cached in sim_build/), plus
+~60 s of elaboration per worker to hash it; the tests ~2 min.
 """
 
 import numpy as np
