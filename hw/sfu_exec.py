@@ -5,7 +5,7 @@
 (plain and strided) bit-exactly as ``sim/golden.py``'s ``_misc``, one
 instruction at a time, by sequencing on-chip line reads and writes around
 ``hw/sfu.py``'s :class:`~llmfab.hw.sfu.Sfu` and ``hw/quantizer.py``'s
-:class:`~llmfab.hw.quantizer.Quantizer` (one lane):
+:class:`~llmfab.hw.quantizer.Quantizer` (``L`` lanes):
 
 * operand ``a`` is read through ``rd0`` (a :class:`~llmfab.hw.dma.LineReader`
   and a :class:`~llmfab.hw.dma.Realign` to line offset 0), operand ``b``
@@ -37,7 +37,8 @@ is 3). ``tiny`` (16-byte lines) has 4 lanes, ``ci`` (64-byte lines) 8.
 
 Cycles (tiny, measured by tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles,
 busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 1452, SILU_MUL n=1536
-1628, QUANT n=576 691 / 1536 1711, ROPE 3x64 252, EMBED Q4_1 576 953, ATTN
+1628, QUANT n=576 229 / 1536 529 (was 691 / 1711: the quantizer takes L
+elements per cycle and the packer up to L words), ROPE 3x64 252, EMBED Q4_1 576 953, ATTN
 3 heads x 64 at position 1 / 50 / 100: 1518 / 6663 / 11913 (was 2952 / 41760
 / 81360 with one element per cycle and a reduction per row: per row and head
 now hd/L = 16 cycles for the scores and 16 for AV, plus the softmax's 3 per
@@ -165,7 +166,7 @@ class SfuExec(wiring.Component):
         m.submodules.alb = alb = Realign(D)
         m.submodules.alw = alw = Realign(D)
         m.submodules.sfu = sfu = Sfu(max_len=self._max_len)
-        m.submodules.quant = quant = Quantizer(lanes=1)
+        m.submodules.quant = quant = Quantizer(lanes=self.lanes)
         m.submodules.side = side = fifo.SyncFIFO(width=32, depth=128)
         wiring.connect(m, rda.mem, wiring.flipped(self.rd0))
         wiring.connect(m, rda.o, ala.i)
@@ -253,9 +254,10 @@ class SfuExec(wiring.Component):
 
         # ---- writer input (words)
         wi_valid = Signal()
-        wi_x0 = Signal(32)
-        wi_x1 = Signal(32)
-        wi_pair = Signal()
+        LP = max(L, 2)
+        wi_x = [Signal(32, name=f"wi_x{j}") for j in range(LP)]
+        wi_x0, wi_x1 = wi_x[0], wi_x[1]
+        wi_n = Signal(range(LP + 1), init=1)   # words this cycle (pk_k + wi_n <= W always)
         wi_ready = Signal()
         from_quant = Signal()
         to_sbuf = Signal()
@@ -269,12 +271,12 @@ class SfuExec(wiring.Component):
         seg_left = Signal(34)
         pl_valid = Signal()
         pl_data = Signal(D * 8)
-        cnt = Mux(wi_pair, 2, 1)
+        cnt = wi_n
         m.d.comb += wi_ready.eq(~pl_valid | alw.i.ready)
         m.d.comb += [alw.i.valid.eq(pl_valid), alw.i.payload.eq(pl_data)]
         with m.If(alw.i.valid & alw.i.ready):
             m.d.sync += pl_valid.eq(0)
-        newl = [Mux(pk_k == j, wi_x0, Mux(wi_pair & (pk_k + 1 == j), wi_x1, pk[j])) for j in range(W)]
+        newl = [Mux(pk_k > j, pk[j], Array(wi_x)[(j - pk_k)[0:exact_log2(LP)]]) for j in range(W)]
         with m.If(wi_valid & wi_ready):
             with m.If((pk_k + cnt == W) | (seg_left == cnt)):
                 m.d.sync += [pl_valid.eq(1), pl_data.eq(Cat(*newl)), pk_k.eq(0),
@@ -477,10 +479,11 @@ class SfuExec(wiring.Component):
         with m.If(from_quant):
             with m.Switch(qphase):
                 with m.Case(0):
-                    m.d.comb += [wi_valid.eq(quant.o.valid), wi_x0.eq(Array(qv)[qw[0:3]])]
+                    m.d.comb += [wi_valid.eq(quant.o.valid), wi_n.eq(L)]
+                    m.d.comb += [wi_x[j].eq(Array(qv)[(qw + j)[0:3]]) for j in range(L)]
                     with m.If(quant.o.valid & wi_ready):
-                        m.d.sync += qw.eq(qw + 1)
-                        with m.If(qw == 7):
+                        m.d.sync += qw.eq(qw + L)
+                        with m.If(qw + L == 8):
                             m.d.comb += [quant.o.ready.eq(1), qwp.en.eq(1), qwp.addr.eq(qblk),
                                          qwp.data.eq(Cat(quant.o.payload.d,
                                                          quant.o.payload.sumq))]
@@ -497,7 +500,7 @@ class SfuExec(wiring.Component):
         with m.Elif(from_attn):
             m.d.comb += [wi_valid.eq(tree_valid), wi_x0.eq(tree_y)]
         with m.Else():
-            m.d.comb += [wi_valid.eq(post_valid), wi_x0.eq(y), wi_x1.eq(y1), wi_pair.eq(pair_o)]
+            m.d.comb += [wi_valid.eq(post_valid), wi_x0.eq(y), wi_x1.eq(y1), wi_n.eq(Mux(pair_o, 2, 1))]
 
         # ---- the sequencer
         fcnt = Signal(34)           # elements fed
@@ -651,10 +654,12 @@ class SfuExec(wiring.Component):
                     with m.If(tcnt + 1 == aux):
                         m.next = "FEED"
             with m.State("FEED"):
-                last = fcnt + 1 == ftot
+                step = Mux(is_q, L, 1)           # elements per take (QUANT: L-wide beats)
+                last = fcnt + step == ftot
                 with m.If(is_q):
-                    m.d.comb += [sa.size.eq(4), quant.i.valid.eq(sa.avail),
-                                 quant.i.payload.eq(a_word), sa.take.eq(sa.avail & quant.i.ready)]
+                    m.d.comb += [sa.size.eq(4 * L), quant.i.valid.eq(sa.avail),
+                                 quant.i.payload.eq(sa.bytes[0:32 * L]),
+                                 sa.take.eq(sa.avail & quant.i.ready)]
                     go = sa.avail & quant.i.ready
                 with m.Elif(is_rms):
                     ok = sa.avail & sb.avail
@@ -684,7 +689,7 @@ class SfuExec(wiring.Component):
                                  d_mode.eq(0), sa.take.eq(sa.avail & post_ce)]
                 took = sa.take
                 with m.If(took):
-                    m.d.sync += fcnt.eq(fcnt + 1)
+                    m.d.sync += fcnt.eq(fcnt + step)
                     with m.If(last):
                         m.next = "DRAIN"
             with m.State("EMB_COLLECT"):
