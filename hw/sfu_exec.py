@@ -29,6 +29,12 @@ instruction at a time, by sequencing on-chip line reads and writes around
   cycle on the same multipliers and adders, with four partial memories (+0
   for a partial's first row) and the final ``(p0 + p1) + (p2 + p3)`` to the
   writer.
+* RMSNORM: the sum of squares ``reduce_sum(x*x)`` on the ATTN score datapath
+  (one row of ``n`` elements, ``L`` per cycle); ``rsqrt(ss * (1/n) + eps)``
+  as one beat through the SFU (``SfuOp.RMS_SCALAR``); then ``x`` is read
+  again with ``w`` and ``(x * r) * w`` goes ``L`` per cycle through 2L
+  multipliers to the writer. ``x`` is read twice: a destination overlapping
+  ``x`` (other than exactly in place) is not the golden model's result.
 
 ``lanes`` defaults to ``min(8, line_bytes / 4)`` (:meth:`SfuExec.default_lanes`):
 one line of binary32 operands per cycle, at most 8 so that each of the 32
@@ -36,7 +42,7 @@ reduce lanes sees a new element at most every 4 cycles (the adder's latency
 is 3). ``tiny`` (16-byte lines) has 4 lanes, ``ci`` (64-byte lines) 8.
 
 Cycles (tiny, measured by tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles,
-busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 1452, SILU_MUL n=1536
+busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 416 (was 1452), SILU_MUL n=1536
 1628, QUANT n=576 229 / 1536 529 (was 691 / 1711: the quantizer takes L
 elements per cycle and the packer up to L words), ROPE 3x64 252, EMBED Q4_1 576 953, ATTN
 3 heads x 64 at position 1 / 50 / 100: 1518 / 6663 / 11913 (was 2952 / 41760
@@ -211,6 +217,7 @@ class SfuExec(wiring.Component):
         WN = max(8, 4 * L)
         sa = _Win(m, ala.o, D, WN, "sa")
         sb = _Win(m, alb.o, D, WN, "sb")
+        self._dbg = dict(sa=sa, sb=sb)
         a_word = sa.bytes[0:32]
         b_word = sb.bytes[0:32]
 
@@ -262,7 +269,8 @@ class SfuExec(wiring.Component):
         from_quant = Signal()
         to_sbuf = Signal()
         from_attn = Signal()
-        m.d.comb += w_ready.eq(Mux(to_sbuf, 1, wi_ready & ~from_quant & ~from_attn))
+        from_rms = Signal()
+        m.d.comb += w_ready.eq(Mux(to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms))
 
         # ---- packer -> alw -> wr
         pk = Array(Signal(32, name=f"pk{j}") for j in range(W))
@@ -433,6 +441,7 @@ class SfuExec(wiring.Component):
                 o = pr.fadd(Staged(held, 0), Staged(lv_x[0], 0))
                 lv_v = fp.valid_chain(m, one, lv_v & ph, o.stage, name=f"lv{level}")[-1]
                 lv_x = [o.value]
+        red_v, red_y = lv_v, lv_x[0]      # the row's reduce_sum (RMSNORM: the sum of squares)
         scaled = pr.fmul(Staged(lv_x[0], 0), Staged(scale, 0))
         sv = fp.valid_chain(m, one, lv_v, scaled.stage, name="scv")
         m.d.comb += [sc_out_v.eq(sv[-1]), sc_out.eq(scaled.value)]
@@ -470,6 +479,23 @@ class SfuExec(wiring.Component):
             m.d.comb += [pv.eq(d_valid), px.eq(d_x), ps1.eq(d_s1), ps2.eq(d_s2),
                          pmode.eq(d_mode), ppair.eq(0)]
 
+        # ---- RMSNORM, second pass: y = fmul(fmul(x, r), w), L elements per cycle (a stalling
+        # pipeline of 2L multipliers into the writer). The first pass (ss = reduce_sum(x*x))
+        # runs on the ATTN score datapath, r = rsqrt(ss * (1/n) + eps) on the SFU.
+        rms_r = Signal(32)
+        r2_in_v = Signal()
+        r2_cnt_in = Signal(range(L + 1))
+        r2_ce = Signal()
+        p2 = fp.Pipe(m, r2_ce, name="r2")
+        r_s = p2.input(rms_r)
+        r2_out = [p2.fmul(p2.fmul(p2.input(sa.bytes[32 * k:32 * k + 32]), r_s),
+                          p2.input(sb.bytes[32 * k:32 * k + 32])) for k in range(L)]
+        r2_lat = r2_out[0].stage
+        r2_y = [v.value for v in r2_out]
+        r2_cnt = p2.at(p2.input(r2_cnt_in), r2_lat)
+        ce2, r2_valid = fp.stall_control(m, r2_in_v, wi_ready, r2_lat, name="r2")
+        m.d.comb += r2_ce.eq(ce2)
+
         # ---- QUANT output: q words of each block, then d[nb], then sumq[nb]
         qw = Signal(4)
         qblk = Signal(12)
@@ -499,6 +525,9 @@ class SfuExec(wiring.Component):
                             m.d.sync += [qblk.eq(0), qphase.eq(qphase + 1)]
         with m.Elif(from_attn):
             m.d.comb += [wi_valid.eq(tree_valid), wi_x0.eq(tree_y)]
+        with m.Elif(from_rms):
+            m.d.comb += [wi_valid.eq(r2_valid), wi_n.eq(r2_cnt)]
+            m.d.comb += [wi_x[k].eq(r2_y[k]) for k in range(L)]
         with m.Else():
             m.d.comb += [wi_valid.eq(post_valid), wi_x0.eq(y), wi_x1.eq(y1), wi_n.eq(Mux(pair_o, 2, 1))]
 
@@ -546,7 +575,9 @@ class SfuExec(wiring.Component):
         kd = Signal(17)
         rem = Signal(signed(18))
         n_el = Signal(range(L + 1))
-        m.d.comb += [kd.eq(kb << lgl), rem.eq(hd - kd), n_el.eq(Mux(rem > L, L, rem))]
+        vlen = Mux(is_rms, n, hd)             # elements per row: ATTN head dim, RMSNORM n
+        self._dbg.update(kb=kb, n_el=n_el, rem=rem, kd=kd)
+        m.d.comb += [kd.eq(kb << lgl), rem.eq(vlen - kd), n_el.eq(Mux(rem > L, L, rem))]
         from_cache = jcnt < ncache
         els = []
         for k in range(L):
@@ -554,8 +585,8 @@ class SfuExec(wiring.Component):
             h16 = Mux(from_cache, sa.bytes[16 * k:16 * k + 16], c16)
             els.append(fp.f16_to_f32(m, h16, name=f"kv32_{k}"))
         kv_ok = Mux(from_cache, sa.avail, sb.avail)
-        nbs = ((hd + 31) >> 5) << lgcb        # score beats per row (whole 32-element chunks)
-        nbv = (hd + L - 1) >> lgl             # AV beats per row
+        nbs = ((vlen + 31) >> 5) << lgcb      # score beats per row (whole 32-element chunks)
+        nbv = (vlen + L - 1) >> lgl           # AV (RMSNORM pass 2) beats per row
 
         def kv_take(go, data_beat, nbeats):
             m.d.comb += [sa.size.eq(n_el << 1), sb.size.eq(n_el << 2),
@@ -570,7 +601,8 @@ class SfuExec(wiring.Component):
             return go & lastk & (jcnt + 1 == rows)
         m.d.sync += done_r.eq(0)
 
-        with m.FSM(name="seq"):
+        with m.FSM(name="seq") as seq_fsm:
+            self._seq_fsm = seq_fsm         # (tests: the sequencer state)
             with m.State("IDLE"):
                 m.d.comb += self.instr.ready.eq(1)
                 with m.If(self.instr.valid):
@@ -603,8 +635,8 @@ class SfuExec(wiring.Component):
                     a_bytes.eq(Mux(is_emb, nb * bs, nw << 2)),
                     b_bytes.eq(Mux(is_rope, aux << 2, n << 2)),
                     use_b.eq(is_rms | is_silu | is_rope),
-                    use_sfu.eq(is_rms | is_silu | is_rope | is_attn),
-                    from_attn.eq(is_attn), to_sbuf.eq(is_attn),
+                    use_sfu.eq(is_silu | is_rope | is_attn),
+                    from_attn.eq(is_attn), to_sbuf.eq(is_attn), from_rms.eq(is_rms),
                     ncache.eq(rv + misc.n[8:16] + cached),
                     rows.eq(rv + misc.n[8:16] + 1),
                     need_side.eq(is_silu),
@@ -644,6 +676,9 @@ class SfuExec(wiring.Component):
                         m.next = "TABLE"
                     with m.Elif(is_emb):
                         m.next = "EMB_COLLECT"
+                    with m.Elif(is_rms):
+                        m.d.sync += [kb.eq(0), av_mode.eq(0)]
+                        m.next = "RMS1"
                     with m.Else():
                         m.next = "FEED"
             with m.State("TABLE"):
@@ -661,13 +696,6 @@ class SfuExec(wiring.Component):
                                  quant.i.payload.eq(sa.bytes[0:32 * L]),
                                  sa.take.eq(sa.avail & quant.i.ready)]
                     go = sa.avail & quant.i.ready
-                with m.Elif(is_rms):
-                    ok = sa.avail & sb.avail
-                    m.d.comb += [sa.size.eq(4), sb.size.eq(4), sfu.i.valid.eq(ok),
-                                 sfu.i.payload.op.eq(SfuOp.RMS_NORM), sfu.i.payload.a.eq(a_word),
-                                 sfu.i.payload.b.eq(b_word), sfu.i.payload.c.eq(inv_n),
-                                 sfu.i.payload.d.eq(eps), sfu.i.payload.last.eq(last),
-                                 sa.take.eq(ok & sfu.i.ready), sb.take.eq(ok & sfu.i.ready)]
                 with m.Elif(is_silu):
                     ok = sa.avail & sb.avail & side.w_rdy
                     m.d.comb += [sa.size.eq(4), sb.size.eq(4), sfu.i.valid.eq(ok),
@@ -691,6 +719,48 @@ class SfuExec(wiring.Component):
                 with m.If(took):
                     m.d.sync += fcnt.eq(fcnt + step)
                     with m.If(last):
+                        m.next = "DRAIN"
+            # ---- RMSNORM: ss on the L-lane reduce datapath; r on the SFU; y = (x * r) * w
+            with m.State("RMS1"):
+                data_beat = kd < n
+                go = ~data_beat | sa.avail
+                m.d.comb += [sa.size.eq(n_el << 2), sa.take.eq(go & data_beat), mv.eq(go),
+                             m_first.eq(kb < CB), m_addr.eq(kb), m_last.eq(kb + 1 == nbs),
+                             m_mask.eq(Cat(*((kd + k) < n for k in range(L))))]
+                m.d.comb += [m_a[k].eq(sa.bytes[32 * k:32 * k + 32]) for k in range(L)]
+                m.d.comb += [m_x[k].eq(sa.bytes[32 * k:32 * k + 32]) for k in range(L)]
+                with m.If(go):
+                    m.d.sync += kb.eq(kb + 1)
+                    with m.If(kb + 1 == nbs):
+                        m.d.sync += kb.eq(0)
+                        m.next = "RMS_SS"
+            with m.State("RMS_SS"):
+                with m.If(red_v):
+                    m.d.sync += rms_r.eq(red_y)
+                    m.next = "RMS_R"
+            with m.State("RMS_R"):
+                m.d.comb += [sfu.i.valid.eq(1), sfu.i.payload.op.eq(SfuOp.RMS_SCALAR),
+                             sfu.i.payload.a.eq(rms_r), sfu.i.payload.c.eq(inv_n),
+                             sfu.i.payload.d.eq(eps), sfu.i.payload.last.eq(1)]
+                with m.If(sfu.i.ready):
+                    m.next = "RMS_RW"
+            with m.State("RMS_RW"):
+                m.d.comb += sfu.o.ready.eq(1)
+                with m.If(sfu.o.valid):
+                    m.d.sync += rms_r.eq(sfu.o.payload.y0)
+                    m.next = "RMS_X"
+            with m.State("RMS_X"):
+                ok, sets = issue(0, rda, ala, sa, misc.a, n << 2, C(1, 1))
+                with m.If(ok):
+                    m.d.sync += sets + [sent.eq(0), kb.eq(0)]
+                    m.next = "RMS2"
+            with m.State("RMS2"):
+                ok = sa.avail & sb.avail
+                m.d.comb += [sa.size.eq(n_el << 2), sb.size.eq(n_el << 2), r2_in_v.eq(ok),
+                             r2_cnt_in.eq(n_el), sa.take.eq(ok & r2_ce), sb.take.eq(ok & r2_ce)]
+                with m.If(ok & r2_ce):
+                    m.d.sync += kb.eq(kb + 1)
+                    with m.If(kb + 1 == nbv):
                         m.next = "DRAIN"
             with m.State("EMB_COLLECT"):
                 m.d.comb += [sa.size.eq(1), sa.take.eq(sa.avail)]
