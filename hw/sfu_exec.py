@@ -11,12 +11,12 @@ instruction at a time, by sequencing on-chip line reads and writes around
   and a :class:`~llmfab.hw.dma.Realign` to line offset 0), operand ``b``
   through ``rd1``; a byte-window serializer (:class:`_Win`, takes of any size
   up to ``max(8, 4 L)`` bytes, crossing line boundaries) hands out one element
-  per cycle (ROPE: one pair, EMBED: one byte) or ``L`` (ATTN);
+  per cycle (EMBED: one byte) or ``L`` (ATTN, RMSNORM, QUANT, ROPE);
 * the global-buffer constants line (eps, scale, 1/n) is read on ``rd1`` at
   the start of every instruction;
 * results go through a small post stage (``fmul(y, s1)``, optionally
-  ``+ s2``: SILU_MUL's ``* b``, EMBED's ``q*d (+m)``, ATTN's ``* scale``), a
-  line packer and a :class:`~llmfab.hw.dma.Realign` to the destination
+  ``+ s2``: SILU_MUL's ``* b``, EMBED's ``q*d (+m)``) or come ``L`` words at a
+  time from the wide paths, then a line packer (up to ``L`` words per cycle) and a :class:`~llmfab.hw.dma.Realign` to the destination
   offset into ``wr``.
 * ATTN, per query head: q -> a local buffer (``lanes`` elements per word); per row
   j the score ``vdot(q, K_j) * scale`` on an ``L``-lane datapath (``L = lanes``
@@ -35,6 +35,12 @@ instruction at a time, by sequencing on-chip line reads and writes around
   again with ``w`` and ``(x * r) * w`` goes ``L`` per cycle through 2L
   multipliers to the writer. ``x`` is read twice: a destination overlapping
   ``x`` (other than exactly in place) is not the golden model's result.
+* ROPE: ``L/2`` pairs per cycle over the whole ``n x hd`` stream (2L
+  multipliers, ``L`` adders; a beat may hold pairs of two heads), the cos/sin
+  table read at ``(i + q) mod (hd/2)`` for pair ``q`` of the beat.
+* SILU_MUL, EMBED, COPY: one element per cycle (SILU_MUL through the SFU).
+
+See docs/hw-units.md ("SFU execution unit") for the cycle table.
 
 ``lanes`` defaults to ``min(8, line_bytes / 4)`` (:meth:`SfuExec.default_lanes`):
 one line of binary32 operands per cycle, at most 8 so that each of the 32
@@ -44,13 +50,14 @@ is 3). ``tiny`` (16-byte lines) has 4 lanes, ``ci`` (64-byte lines) 8.
 Cycles (tiny, measured by tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles,
 busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 416 (was 1452), SILU_MUL n=1536
 1628, QUANT n=576 229 / 1536 529 (was 691 / 1711: the quantizer takes L
-elements per cycle and the packer up to L words), ROPE 3x64 252, EMBED Q4_1 576 953, ATTN
+elements per cycle and the packer up to L words), ROPE 3x64 129 (was 252; the
+table load, one entry per cycle, is now half of it), EMBED Q4_1 576 953, ATTN
 3 heads x 64 at position 1 / 50 / 100: 1518 / 6663 / 11913 (was 2952 / 41760
 / 81360 with one element per cycle and a reduction per row: per row and head
 now hd/L = 16 cycles for the scores and 16 for AV, plus the softmax's 3 per
 row). MV/MM are not executed here (done without writing).
 
-Limits: RMSNORM ``n`` and ATTN rows <= ``max_len`` (the SFU's vector
+Limits: ATTN rows <= ``max_len`` (the score buffer and the SFU's vector
 buffer); ROPE/ATTN head dim <= ``max_hd``; the strided COPY streams (a
 destination row overlapping a not-yet-read source row is not the golden
 model's read-first result); NaN results are the canonical NaN.
@@ -142,8 +149,9 @@ class SfuExec(wiring.Component):
                  max_hd: int = 256, lanes: int | None = None):
         if lanes is None:
             lanes = self.default_lanes(line_bytes)
-        if lanes not in (1, 2, 4, 8) or 4 * lanes > line_bytes or max_hd % lanes:
-            raise ValueError(f"SfuExec lanes must be 1, 2, 4 or 8, at most line_bytes/4 "
+        if lanes not in (2, 4, 8) or 4 * lanes > line_bytes or max_hd % lanes:
+            self._MustUse__silence = True        # no UnusedElaboratable warning
+            raise ValueError(f"SfuExec lanes must be 2, 4 or 8, at most line_bytes/4 "
                              f"({line_bytes}/4) and divide max_hd ({max_hd}), not {lanes!r}")
         self.lanes = lanes
         self._ab = addr_bits
@@ -159,7 +167,7 @@ class SfuExec(wiring.Component):
         (one line of binary32 operands per cycle up to 8; 8 keeps the 32 reduce lanes
         time-multiplexed over 8 adders at one new element per lane every 4 cycles, more than
         the adder's 3-cycle latency)."""
-        return max(1, min(8, line_bytes // 4))
+        return max(2, min(8, line_bytes // 4))
 
     def elaborate(self, platform):
         m = Module()
@@ -217,19 +225,33 @@ class SfuExec(wiring.Component):
         WN = max(8, 4 * L)
         sa = _Win(m, ala.o, D, WN, "sa")
         sb = _Win(m, alb.o, D, WN, "sb")
-        self._dbg = dict(sa=sa, sb=sb)
         a_word = sa.bytes[0:32]
         b_word = sb.bytes[0:32]
 
         # ---- ROPE table
-        tmem = memory.Memory(shape=32, depth=self._max_hd, init=[])
-        m.submodules.tmem = tmem
-        twp = tmem.write_port()
-        trc = tmem.read_port(domain="comb")
-        trs = tmem.read_port(domain="comb")
+        # cos and sin tables; a beat's L/2 pairs read entries (ridx + q) mod half
+        HP = L // 2
         half = aux >> 1
+        tcm = memory.Memory(shape=32, depth=self._max_hd // 2, init=[])
+        tsm = memory.Memory(shape=32, depth=self._max_hd // 2, init=[])
+        m.submodules.tcm = tcm
+        m.submodules.tsm = tsm
+        tcw, tsw = tcm.write_port(), tsm.write_port()
         ridx = Signal(range(self._max_hd))
-        m.d.comb += [trc.addr.eq(ridx), trs.addr.eq(ridx + half)]
+
+        def mod_half(v):
+            for _ in range(HP):          # v < ridx + HP: at most HP wraps (half may be 1)
+                v = Mux(v >= half, v - half, v)
+            return v
+        t_cos, t_sin = [], []
+        for q in range(HP):
+            rc, rs_ = tcm.read_port(domain="comb"), tsm.read_port(domain="comb")
+            ti = Signal(range(self._max_hd + HP), name=f"ropeidx{q}")
+            m.d.comb += [ti.eq(mod_half(ridx + q)), rc.addr.eq(ti), rs_.addr.eq(ti)]
+            t_cos.append(rc.data)
+            t_sin.append(rs_.data)
+        ridx_next = Signal(range(self._max_hd + HP))
+        m.d.comb += ridx_next.eq(mod_half(ridx + HP))
 
         # ---- QUANT d/sumq buffer
         qmem = memory.Memory(shape=64, depth=2048, init=[])
@@ -270,7 +292,9 @@ class SfuExec(wiring.Component):
         to_sbuf = Signal()
         from_attn = Signal()
         from_rms = Signal()
-        m.d.comb += w_ready.eq(Mux(to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms))
+        from_rope = Signal()
+        m.d.comb += w_ready.eq(Mux(to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms
+                                   & ~from_rope))
 
         # ---- packer -> alw -> wr
         pk = Array(Signal(32, name=f"pk{j}") for j in range(W))
@@ -496,6 +520,24 @@ class SfuExec(wiring.Component):
         ce2, r2_valid = fp.stall_control(m, r2_in_v, wi_ready, r2_lat, name="r2")
         m.d.comb += r2_ce.eq(ce2)
 
+        # ---- ROPE: L elements (L/2 pairs) per cycle: y0 = x0 c - x1 s, y1 = x0 s + x1 c
+        rp_in_v = Signal()
+        rp_cnt_in = Signal(range(L + 1))
+        rp_ce = Signal()
+        pq = fp.Pipe(m, rp_ce, name="rope")
+        rp_y = []
+        for q in range(HP):
+            x0 = pq.input(sa.bytes[64 * q:64 * q + 32])
+            x1 = pq.input(sa.bytes[64 * q + 32:64 * q + 64])
+            cq, sq = pq.input(t_cos[q]), pq.input(t_sin[q])
+            rp_y += [pq.fsub(pq.fmul(x0, cq), pq.fmul(x1, sq)),
+                     pq.fadd(pq.fmul(x0, sq), pq.fmul(x1, cq))]
+        rp_lat = rp_y[0].stage
+        rp_y = [v.value for v in rp_y]
+        rp_cnt = pq.at(pq.input(rp_cnt_in), rp_lat)
+        ce3, rp_valid = fp.stall_control(m, rp_in_v, wi_ready, rp_lat, name="rope")
+        m.d.comb += rp_ce.eq(ce3)
+
         # ---- QUANT output: q words of each block, then d[nb], then sumq[nb]
         qw = Signal(4)
         qblk = Signal(12)
@@ -528,6 +570,9 @@ class SfuExec(wiring.Component):
         with m.Elif(from_rms):
             m.d.comb += [wi_valid.eq(r2_valid), wi_n.eq(r2_cnt)]
             m.d.comb += [wi_x[k].eq(r2_y[k]) for k in range(L)]
+        with m.Elif(from_rope):
+            m.d.comb += [wi_valid.eq(rp_valid), wi_n.eq(rp_cnt)]
+            m.d.comb += [wi_x[k].eq(rp_y[k]) for k in range(L)]
         with m.Else():
             m.d.comb += [wi_valid.eq(post_valid), wi_x0.eq(y), wi_x1.eq(y1), wi_n.eq(Mux(pair_o, 2, 1))]
 
@@ -576,7 +621,6 @@ class SfuExec(wiring.Component):
         rem = Signal(signed(18))
         n_el = Signal(range(L + 1))
         vlen = Mux(is_rms, n, hd)             # elements per row: ATTN head dim, RMSNORM n
-        self._dbg.update(kb=kb, n_el=n_el, rem=rem, kd=kd)
         m.d.comb += [kd.eq(kb << lgl), rem.eq(vlen - kd), n_el.eq(Mux(rem > L, L, rem))]
         from_cache = jcnt < ncache
         els = []
@@ -635,8 +679,9 @@ class SfuExec(wiring.Component):
                     a_bytes.eq(Mux(is_emb, nb * bs, nw << 2)),
                     b_bytes.eq(Mux(is_rope, aux << 2, n << 2)),
                     use_b.eq(is_rms | is_silu | is_rope),
-                    use_sfu.eq(is_silu | is_rope | is_attn),
+                    use_sfu.eq(is_silu | is_attn),
                     from_attn.eq(is_attn), to_sbuf.eq(is_attn), from_rms.eq(is_rms),
+                    from_rope.eq(is_rope),
                     ncache.eq(rv + misc.n[8:16] + cached),
                     rows.eq(rv + misc.n[8:16] + 1),
                     need_side.eq(is_silu),
@@ -682,12 +727,28 @@ class SfuExec(wiring.Component):
                     with m.Else():
                         m.next = "FEED"
             with m.State("TABLE"):
-                m.d.comb += [sb.size.eq(4), sb.take.eq(sb.avail), twp.en.eq(sb.avail),
-                             twp.addr.eq(tcnt), twp.data.eq(b_word)]
+                is_sin = tcnt >= half
+                m.d.comb += [sb.size.eq(4), sb.take.eq(sb.avail)]
+                for wp_, sel in ((tcw, ~is_sin), (tsw, is_sin)):
+                    m.d.comb += [wp_.en.eq(sb.avail & sel), wp_.data.eq(b_word),
+                                 wp_.addr.eq(Mux(is_sin, tcnt - half, tcnt))]
                 with m.If(sb.avail):
                     m.d.sync += tcnt.eq(tcnt + 1)
                     with m.If(tcnt + 1 == aux):
-                        m.next = "FEED"
+                        m.d.sync += [kb.eq(0), ridx.eq(0)]
+                        m.next = "ROPEF"
+            with m.State("ROPEF"):
+                # L elements per beat over the whole stream (a beat may hold pairs of two rows)
+                ok = sa.avail
+                r_left = (ftot << 1) - fcnt
+                ne = Signal(range(L + 1))
+                m.d.comb += ne.eq(Mux(r_left > L, L, r_left))
+                m.d.comb += [sa.size.eq(ne << 2), rp_in_v.eq(ok), rp_cnt_in.eq(ne),
+                             sa.take.eq(ok & rp_ce)]
+                with m.If(ok & rp_ce):
+                    m.d.sync += [ridx.eq(ridx_next), fcnt.eq(fcnt + ne)]
+                    with m.If(fcnt + ne == (ftot << 1)):
+                        m.next = "DRAIN"
             with m.State("FEED"):
                 step = Mux(is_q, L, 1)           # elements per take (QUANT: L-wide beats)
                 last = fcnt + step == ftot
@@ -703,15 +764,6 @@ class SfuExec(wiring.Component):
                                  sfu.i.payload.last.eq(last),
                                  side.w_en.eq(ok & sfu.i.ready), side.w_data.eq(b_word),
                                  sa.take.eq(ok & sfu.i.ready), sb.take.eq(ok & sfu.i.ready)]
-                with m.Elif(is_rope):
-                    ok = sa.avail
-                    m.d.comb += [sa.size.eq(8), sfu.i.valid.eq(ok),
-                                 sfu.i.payload.op.eq(SfuOp.ROPE), sfu.i.payload.a.eq(sa.bytes[0:32]),
-                                 sfu.i.payload.b.eq(sa.bytes[32:64]), sfu.i.payload.c.eq(trc.data),
-                                 sfu.i.payload.d.eq(trs.data), sfu.i.payload.last.eq(last),
-                                 sa.take.eq(ok & sfu.i.ready)]
-                    with m.If(ok & sfu.i.ready):
-                        m.d.sync += ridx.eq(Mux(ridx + 1 == half, 0, ridx + 1))
                 with m.Else():                   # COPY
                     m.d.comb += [sa.size.eq(4), d_valid.eq(sa.avail), d_x.eq(a_word),
                                  d_mode.eq(0), sa.take.eq(sa.avail & post_ce)]
