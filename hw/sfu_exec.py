@@ -55,7 +55,7 @@ table load, one entry per cycle, is now half of it), EMBED Q4_1 576 953, ATTN
 3 heads x 64 at position 1 / 50 / 100: 1518 / 6663 / 11913 (was 2952 / 41760
 / 81360 with one element per cycle and a reduction per row: per row and head
 now hd/L = 16 cycles for the scores and 16 for AV, plus the softmax's 3 per
-row). MV/MM are not executed here (done without writing).
+row, and about 440 per head). MV/MM are not executed here (done without writing).
 
 Limits: ATTN rows <= ``max_len`` (the score buffer and the SFU's vector
 buffer); ROPE/ATTN head dim <= ``max_hd``; the strided COPY streams (a
