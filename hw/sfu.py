@@ -270,6 +270,8 @@ class SfuOp(enum.Enum, shape=4):
     VDOT = 8         #: one beat out: y0 = reduce_sum(fmul(a, b))
     RMS_NORM = 9     #: a = x, b = w; c = fp32(1/n), d = fp32(eps) on the last beat
     SOFTMAX = 10     #: a = s
+    RMS_SCALAR = 11  #: streaming: y0 = rsqrt(fadd(fmul(a, c), d)) (rms_norm's scalar: a = ss,
+                     #: c = fp32(1/n), d = fp32(eps))
 
 
 class _Uop(enum.Enum, shape=4):
@@ -310,8 +312,8 @@ class Sfu(wiring.Component):
     an internal op code selects the operands. Vector ops are sequenced by an
     FSM around it:
 
-    * EXP, RECIP, RSQRT, SILU, ADD, MUL, ROPE: streaming, one beat per cycle,
-      outputs in order with the input's ``last``.
+    * EXP, RECIP, RSQRT, SILU, ADD, MUL, ROPE, RMS_SCALAR: streaming, one beat
+      per cycle, outputs in order with the input's ``last``.
     * REDUCE_SUM, VDOT: the values go to the :class:`Reducer`; one output beat.
     * RMS_NORM: pass 1 stores (x, w) in the vector buffer and reduces x*x;
       ``rsqrt(ss * c + d)`` goes through the pipeline; pass 2 reads the buffer:
@@ -495,6 +497,9 @@ class Sfu(wiring.Component):
                                 SfuOp.MUL, SfuOp.ROPE):
                         m.d.comb += [iss_valid.eq(self.i.valid), self.i.ready.eq(ce),
                                      iss_uop.eq(op.as_value()), iss_dest.eq(_Dest.OUT)]
+                    with m.Case(SfuOp.RMS_SCALAR):
+                        m.d.comb += [iss_valid.eq(self.i.valid), self.i.ready.eq(ce),
+                                     iss_uop.eq(_Uop.RMS_SCALAR), iss_dest.eq(_Dest.OUT)]
                     with m.Case(SfuOp.REDUCE_SUM, SfuOp.VDOT):
                         m.d.comb += [iss_valid.eq(self.i.valid), self.i.ready.eq(ce),
                                      iss_uop.eq(Mux(op == SfuOp.VDOT, _Uop.MUL, _Uop.PASS)),

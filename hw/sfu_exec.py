@@ -5,31 +5,59 @@
 (plain and strided) bit-exactly as ``sim/golden.py``'s ``_misc``, one
 instruction at a time, by sequencing on-chip line reads and writes around
 ``hw/sfu.py``'s :class:`~llmfab.hw.sfu.Sfu` and ``hw/quantizer.py``'s
-:class:`~llmfab.hw.quantizer.Quantizer` (one lane):
+:class:`~llmfab.hw.quantizer.Quantizer` (``L`` lanes):
 
 * operand ``a`` is read through ``rd0`` (a :class:`~llmfab.hw.dma.LineReader`
   and a :class:`~llmfab.hw.dma.Realign` to line offset 0), operand ``b``
-  through ``rd1``; both are serialized to one element per cycle (ROPE: one
-  pair per cycle, EMBED: one byte per cycle, ATTN's cache: one binary16);
+  through ``rd1``; a byte-window serializer (:class:`_Win`, takes of any size
+  up to ``max(8, 4 L)`` bytes, crossing line boundaries) hands out one element
+  per cycle (EMBED: one byte) or ``L`` (ATTN, RMSNORM, QUANT, ROPE);
 * the global-buffer constants line (eps, scale, 1/n) is read on ``rd1`` at
   the start of every instruction;
 * results go through a small post stage (``fmul(y, s1)``, optionally
-  ``+ s2``: SILU_MUL's ``* b``, EMBED's ``q*d (+m)``, ATTN's ``* scale``), a
-  line packer and a :class:`~llmfab.hw.dma.Realign` to the destination
+  ``+ s2``: SILU_MUL's ``* b``, EMBED's ``q*d (+m)``) or come ``L`` words at a
+  time from the wide paths, then a line packer (up to ``L`` words per cycle) and a :class:`~llmfab.hw.dma.Realign` to the destination
   offset into ``wr``.
-* ATTN, per query head: q -> a local buffer; per row j one SFU VDOT of q and
-  K_j (cache rows binary16; the current row binary32 rounded to binary16),
-  times scale, into a score buffer; SFU SOFTMAX in place; then
-  ``accum4_j(a_j * V_j)`` with four partial memories (fmul + fadd, +0 for a
-  partial's first row) and the final ``(p0 + p1) + (p2 + p3)`` to the writer.
+* ATTN, per query head: q -> a local buffer (``lanes`` elements per word); per row
+  j the score ``vdot(q, K_j) * scale`` on an ``L``-lane datapath (``L = lanes``
+  elements of q and K_j per cycle: cache rows binary16, the current row binary32
+  rounded to binary16): ``L`` multipliers, ``L`` adders accumulating the 32
+  ``reduce_sum`` lanes (time-multiplexed, one new element per lane every 32/L
+  cycles), then a streaming adder tree fed in bit-reversed lane order, so row
+  j+1 accumulates while row j's tree runs; the scores go into a score buffer;
+  SFU SOFTMAX in place; then ``accum4_j(a_j * V_j)``, ``L`` elements per
+  cycle on the same multipliers and adders, with four partial memories (+0
+  for a partial's first row) and the final ``(p0 + p1) + (p2 + p3)`` to the
+  writer.
+* RMSNORM: the sum of squares ``reduce_sum(x*x)`` on the ATTN score datapath
+  (one row of ``n`` elements, ``L`` per cycle); ``rsqrt(ss * (1/n) + eps)``
+  as one beat through the SFU (``SfuOp.RMS_SCALAR``); then ``x`` is read
+  again with ``w`` and ``(x * r) * w`` goes ``L`` per cycle through 2L
+  multipliers to the writer. ``x`` is read twice: a destination overlapping
+  ``x`` (other than exactly in place) is not the golden model's result.
+* ROPE: ``L/2`` pairs per cycle over the whole ``n x hd`` stream (2L
+  multipliers, ``L`` adders; a beat may hold pairs of two heads), the cos/sin
+  table read at ``(i + q) mod (hd/2)`` for pair ``q`` of the beat.
+* SILU_MUL, EMBED, COPY: one element per cycle (SILU_MUL through the SFU).
 
-Cycles (tiny, measured by tests/rtl/test_sfu_exec.py, busy_cmp): RMSNORM
-n=576 1452, SILU_MUL n=1536 1628, QUANT n=576 691 / 1536 1711, ROPE 3x64
-252, EMBED Q4_1 576 953, ATTN 3 heads x 64 at position 1 / 50 / 100: 2952 /
-41760 / 81360 (one VDOT per row waits for the SFU's reduction, about 190
-cycles per row and head). MV/MM are not executed here (done without writing).
+See docs/hw-units.md ("SFU execution unit") for the cycle table.
 
-Limits: RMSNORM ``n`` and ATTN rows <= ``max_len`` (the SFU's vector
+``lanes`` defaults to ``min(8, line_bytes / 4)`` (:meth:`SfuExec.default_lanes`):
+one line of binary32 operands per cycle, at most 8 so that each of the 32
+reduce lanes sees a new element at most every 4 cycles (the adder's latency
+is 3). ``tiny`` (16-byte lines) has 4 lanes, ``ci`` (64-byte lines) 8.
+
+Cycles (tiny, measured by tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles,
+busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 416 (was 1452), SILU_MUL n=1536
+1628, QUANT n=576 229 / 1536 529 (was 691 / 1711: the quantizer takes L
+elements per cycle and the packer up to L words), ROPE 3x64 129 (was 252; the
+table load, one entry per cycle, is now half of it), EMBED Q4_1 576 953, ATTN
+3 heads x 64 at position 1 / 50 / 100: 1518 / 6663 / 11913 (was 2952 / 41760
+/ 81360 with one element per cycle and a reduction per row: per row and head
+now hd/L = 16 cycles for the scores and 16 for AV, plus the softmax's 3 per
+row, and about 440 per head). MV/MM are not executed here (done without writing).
+
+Limits: ATTN rows <= ``max_len`` (the score buffer and the SFU's vector
 buffer); ROPE/ATTN head dim <= ``max_hd``; the strided COPY streams (a
 destination row overlapping a not-yet-read source row is not the golden
 model's read-first result); NaN results are the canonical NaN.
@@ -45,7 +73,7 @@ from llmfab.hw.execute import exec_signature
 from llmfab.hw.isa import Instruction, MiscFunc, Op
 from llmfab.hw.quantizer import Quantizer
 from llmfab.hw.fp import Staged
-from llmfab.hw.sfu import Sfu, SfuOp
+from llmfab.hw.sfu import NEG_ZERO, Sfu, SfuOp
 
 __all__ = ["SfuExec", "MiscSfuRouter", "SFU_FUNCS"]
 
@@ -55,25 +83,50 @@ SFU_FUNCS = ("QUANT", "RMSNORM", "ROPE", "SILU_MUL", "EMBED", "COPY", "ATTN")
 _BS = {0: 18, 1: 20, 2: 34}            # GGUF block bytes: Q4_0, Q4_1, Q8_0
 
 
-class _Ser:
-    """Serializer over a realigned line stream: ``take`` ``size`` bytes (1, 4 or 8)."""
+class _Win:
+    """Serializer over a realigned line stream: ``take`` ``size`` bytes (1 .. ``WN``).
 
-    def __init__(self, m, o, D, name):
+    ``bytes`` shows the next ``WN`` bytes of the stream; a take may cross from
+    one line into the next (the line being read is kept in ``l0`` while the
+    stream's next line waits at the realigner's output), so any sequence of
+    sizes that sums to ``left`` works, without bubbles at line boundaries.
+    ``avail`` is high when ``size`` bytes are there.
+    """
+
+    def __init__(self, m, o, D, WN, name):
+        assert WN <= D
         self.o = o
         self.bp = Signal(range(D), name=f"{name}_bp")
         self.left = Signal(34, name=f"{name}_left")
         self.take = Signal(name=f"{name}_take")
-        self.size = Signal(4, name=f"{name}_size")
-        by = [o.payload.data[8 * k:8 * k + 8] for k in range(D)] + [C(0, 8)] * 8
-        arr = Array(by)
-        self.bytes = Signal(64, name=f"{name}_bytes")
-        m.d.comb += self.bytes.eq(Cat(arr[self.bp + j] for j in range(8)))
-        self.avail = o.valid & (self.left != 0)
-        pop = ((self.bp + self.size) == D) | (self.left == self.size)
-        m.d.comb += o.ready.eq(self.take & pop)
+        self.size = Signal(range(WN + 1), name=f"{name}_size")
+        self.l0 = Signal(D * 8, name=f"{name}_l0")
+        self.l0v = Signal(name=f"{name}_l0v")
+        line = Signal(D * 8, name=f"{name}_line")
+        m.d.comb += line.eq(o.payload.data if hasattr(o.payload, "data") else o.payload)
+        cur = Mux(self.l0v, self.l0, line)
+        self.bytes = Signal(8 * WN, name=f"{name}_bytes")
+        m.d.comb += self.bytes.eq((Cat(cur, line) >> Cat(C(0, 3), self.bp))[0:8 * WN])
+        end = Signal(range(2 * D + 1), name=f"{name}_end")
+        m.d.comb += end.eq(self.bp + self.size)
+        self.avail = ((self.left != 0) & (self.l0v | o.valid)
+                      & ((end <= D) | (self.l0v & o.valid)))
+        last = self.left == self.size
+        m.d.comb += o.ready.eq(self.take & (~self.l0v | (end > D)))
         with m.If(self.take):
-            m.d.sync += [self.bp.eq(Mux(pop, 0, self.bp + self.size)),
-                         self.left.eq(self.left - self.size)]
+            m.d.sync += self.left.eq(self.left - self.size)
+            with m.If(last | (end == D)):
+                m.d.sync += [self.l0v.eq(0), self.bp.eq(0)]
+            with m.Elif(end < D):
+                m.d.sync += [self.bp.eq(end), self.l0v.eq(1)]
+                with m.If(~self.l0v):
+                    m.d.sync += self.l0.eq(line)
+            with m.Else():                       # crossing into the next line
+                m.d.sync += [self.l0.eq(line), self.l0v.eq(1), self.bp.eq(end - D)]
+
+    def restart(self, nbytes):
+        """Sync statements starting a stream of ``nbytes`` bytes."""
+        return [self.left.eq(nbytes), self.bp.eq(0), self.l0v.eq(0)]
 
 
 class SfuExec(wiring.Component):
@@ -93,13 +146,28 @@ class SfuExec(wiring.Component):
     """
 
     def __init__(self, *, addr_bits: int, line_bytes: int, gb_base: int, max_len: int = 2048,
-                 max_hd: int = 256):
+                 max_hd: int = 256, lanes: int | None = None):
+        if lanes is None:
+            lanes = self.default_lanes(line_bytes)
+        if lanes not in (2, 4, 8) or 4 * lanes > line_bytes or max_hd % lanes:
+            self._MustUse__silence = True        # no UnusedElaboratable warning
+            raise ValueError(f"SfuExec lanes must be 2, 4 or 8, at most line_bytes/4 "
+                             f"({line_bytes}/4) and divide max_hd ({max_hd}), not {lanes!r}")
+        self.lanes = lanes
         self._ab = addr_bits
         self._d = line_bytes
         self._gb = gb_base
         self._max_len = max_len
         self._max_hd = max_hd
         super().__init__(exec_signature(addr_bits, line_bytes * 8))
+
+    @staticmethod
+    def default_lanes(line_bytes: int) -> int:
+        """Lanes of the wide datapaths: ``min(8, line_bytes / 4)`` binary32 elements per cycle
+        (one line of binary32 operands per cycle up to 8; 8 keeps the 32 reduce lanes
+        time-multiplexed over 8 adders at one new element per lane every 4 cycles, more than
+        the adder's 3-cycle latency)."""
+        return max(2, min(8, line_bytes // 4))
 
     def elaborate(self, platform):
         m = Module()
@@ -112,7 +180,7 @@ class SfuExec(wiring.Component):
         m.submodules.alb = alb = Realign(D)
         m.submodules.alw = alw = Realign(D)
         m.submodules.sfu = sfu = Sfu(max_len=self._max_len)
-        m.submodules.quant = quant = Quantizer(lanes=1)
+        m.submodules.quant = quant = Quantizer(lanes=self.lanes)
         m.submodules.side = side = fifo.SyncFIFO(width=32, depth=128)
         wiring.connect(m, rda.mem, wiring.flipped(self.rd0))
         wiring.connect(m, rda.o, ala.i)
@@ -152,20 +220,38 @@ class SfuExec(wiring.Component):
             m.d.sync += [eps.eq(gbl[0:32]), scale.eq(gbl[32:64]), inv_n.eq(gbl[64:96])]
 
         # ---- operand serializers
-        sa = _Ser(m, ala.o, D, "sa")
-        sb = _Ser(m, alb.o, D, "sb")
+        L = self.lanes
+        lgl = exact_log2(L)
+        WN = max(8, 4 * L)
+        sa = _Win(m, ala.o, D, WN, "sa")
+        sb = _Win(m, alb.o, D, WN, "sb")
         a_word = sa.bytes[0:32]
         b_word = sb.bytes[0:32]
 
         # ---- ROPE table
-        tmem = memory.Memory(shape=32, depth=self._max_hd, init=[])
-        m.submodules.tmem = tmem
-        twp = tmem.write_port()
-        trc = tmem.read_port(domain="comb")
-        trs = tmem.read_port(domain="comb")
+        # cos and sin tables; a beat's L/2 pairs read entries (ridx + q) mod half
+        HP = L // 2
         half = aux >> 1
+        tcm = memory.Memory(shape=32, depth=self._max_hd // 2, init=[])
+        tsm = memory.Memory(shape=32, depth=self._max_hd // 2, init=[])
+        m.submodules.tcm = tcm
+        m.submodules.tsm = tsm
+        tcw, tsw = tcm.write_port(), tsm.write_port()
         ridx = Signal(range(self._max_hd))
-        m.d.comb += [trc.addr.eq(ridx), trs.addr.eq(ridx + half)]
+
+        def mod_half(v):
+            for _ in range(HP):          # v < ridx + HP: at most HP wraps (half may be 1)
+                v = Mux(v >= half, v - half, v)
+            return v
+        t_cos, t_sin = [], []
+        for q in range(HP):
+            rc, rs_ = tcm.read_port(domain="comb"), tsm.read_port(domain="comb")
+            ti = Signal(range(self._max_hd + HP), name=f"ropeidx{q}")
+            m.d.comb += [ti.eq(mod_half(ridx + q)), rc.addr.eq(ti), rs_.addr.eq(ti)]
+            t_cos.append(rc.data)
+            t_sin.append(rs_.data)
+        ridx_next = Signal(range(self._max_hd + HP))
+        m.d.comb += ridx_next.eq(mod_half(ridx + HP))
 
         # ---- QUANT d/sumq buffer
         qmem = memory.Memory(shape=64, depth=2048, init=[])
@@ -197,14 +283,18 @@ class SfuExec(wiring.Component):
 
         # ---- writer input (words)
         wi_valid = Signal()
-        wi_x0 = Signal(32)
-        wi_x1 = Signal(32)
-        wi_pair = Signal()
+        LP = max(L, 2)
+        wi_x = [Signal(32, name=f"wi_x{j}") for j in range(LP)]
+        wi_x0, wi_x1 = wi_x[0], wi_x[1]
+        wi_n = Signal(range(LP + 1), init=1)   # words this cycle (pk_k + wi_n <= W always)
         wi_ready = Signal()
         from_quant = Signal()
         to_sbuf = Signal()
         from_attn = Signal()
-        m.d.comb += w_ready.eq(Mux(to_sbuf, 1, wi_ready & ~from_quant & ~from_attn))
+        from_rms = Signal()
+        from_rope = Signal()
+        m.d.comb += w_ready.eq(Mux(to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms
+                                   & ~from_rope))
 
         # ---- packer -> alw -> wr
         pk = Array(Signal(32, name=f"pk{j}") for j in range(W))
@@ -213,12 +303,12 @@ class SfuExec(wiring.Component):
         seg_left = Signal(34)
         pl_valid = Signal()
         pl_data = Signal(D * 8)
-        cnt = Mux(wi_pair, 2, 1)
+        cnt = wi_n
         m.d.comb += wi_ready.eq(~pl_valid | alw.i.ready)
         m.d.comb += [alw.i.valid.eq(pl_valid), alw.i.payload.eq(pl_data)]
         with m.If(alw.i.valid & alw.i.ready):
             m.d.sync += pl_valid.eq(0)
-        newl = [Mux(pk_k == j, wi_x0, Mux(wi_pair & (pk_k + 1 == j), wi_x1, pk[j])) for j in range(W)]
+        newl = [Mux(pk_k > j, pk[j], Array(wi_x)[(j - pk_k)[0:exact_log2(LP)]]) for j in range(W)]
         with m.If(wi_valid & wi_ready):
             with m.If((pk_k + cnt == W) | (seg_left == cnt)):
                 m.d.sync += [pl_valid.eq(1), pl_data.eq(Cat(*newl)), pk_k.eq(0),
@@ -260,9 +350,22 @@ class SfuExec(wiring.Component):
                         with m.Else():
                             m.next = "CMD"
 
-        # ---- ATTN: q head, scores/probabilities, 4 partials per output element
+        # ---- ATTN: q head, scores/probabilities, 4 partials per output element; L lanes.
+        # One L-lane multiply-add datapath (L fmul, L fadd; never stalls) serves both phases:
+        # * scores: beat k of row j carries elements d = kL .. kL+L-1 of q and K_j (+0 past
+        #   hd: reduce_sum's padding); reduce lane r = d mod 32 sits in slot r mod L, register
+        #   sacc[r]: the first 32-element chunk is added to -0.0 (exact), the others to their
+        #   lane, one new element per lane every 32/L >= 4 cycles. After the row's last beat the
+        #   32 lanes are copied to tbuf and streamed L per cycle in bit-reversed lane order
+        #   into a tree of streaming adder levels (adjacent pairs = reduce_sum's
+        #   acc[i] + acc[i+h]), while the next row accumulates; then * scale -> sbuf.
+        # * AV: p[j % 4][d] = fadd(p or +0 (first four rows), fmul(a_j, V_jd)), L elements
+        #   per beat, partial memories L elements wide.
+        CB = 32 // L                      # beats per 32-element chunk
+        lgcb = exact_log2(CB)
+        hdw = self._max_hd // L           # L-element words of the longest head
         to_sbuf_mode0 = Signal()          # softmax pass: post stage passes y through
-        qhm = memory.Memory(shape=32, depth=self._max_hd, init=[])
+        qhm = memory.Memory(shape=32 * L, depth=hdw, init=[])
         sbm = memory.Memory(shape=32, depth=self._max_len, init=[])
         m.submodules.qhm = qhm
         m.submodules.sbm = sbm
@@ -271,46 +374,110 @@ class SfuExec(wiring.Component):
         sb_w = sbm.write_port()
         sb_r = sbm.read_port(domain="comb")
         widx = Signal(range(self._max_len + 1))
-        with m.If(to_sbuf & post_valid):
+        sc_out_v = Signal()
+        sc_out = Signal(32)
+        with m.If(sc_out_v):
+            m.d.comb += [sb_w.en.eq(1), sb_w.addr.eq(widx), sb_w.data.eq(sc_out)]
+            m.d.sync += widx.eq(widx + 1)
+        with m.Elif(to_sbuf & post_valid):
             m.d.comb += [sb_w.en.eq(1), sb_w.addr.eq(widx), sb_w.data.eq(y)]
             m.d.sync += widx.eq(widx + 1)
         pms = []
         for k in range(4):
-            pmk = memory.Memory(shape=32, depth=self._max_hd, init=[])
+            pmk = memory.Memory(shape=32 * L, depth=hdw, init=[])
             m.submodules[f"pm{k}"] = pmk
             pms.append((pmk.write_port(), pmk.read_port(domain="comb")))
-        # accumulate: p[j % 4][d] = fadd(p or +0 (first four rows), fmul(a_j, v_jd))
-        acc_v = Signal()
-        acc_a = Signal(32)
-        acc_x = Signal(32)
-        acc_d = Signal(range(self._max_hd))
-        acc_lane = Signal(2)
-        acc_first = Signal()
+        av_mode = Signal()
+        mv = Signal()
+        m_a = [Signal(32, name=f"ma{k}") for k in range(L)]
+        m_x = [Signal(32, name=f"mx{k}") for k in range(L)]
+        m_mask = Signal(L)
+        m_first = Signal()
+        m_addr = Signal(16)
+        m_lane4 = Signal(2)
+        m_last = Signal()
         one = Signal(init=1)
         pa = fp.Pipe(m, one, name="acc")
-        prod_a = pa.fmul(pa.input(acc_a), pa.input(acc_x))
-        st = prod_a.stage
-        d_s = pa.at(pa.input(acc_d), st)
-        lane_s = pa.at(pa.input(acc_lane), st)
-        first_s = pa.at(pa.input(acc_first), st)
+        prods = [pa.fmul(pa.input(m_a[k]), pa.input(m_x[k])) for k in range(L)]
+        st = prods[0].stage
+        i_addr, i_lane4, i_first = pa.input(m_addr), pa.input(m_lane4), pa.input(m_first)
+        i_last, i_mask = pa.input(m_last), pa.input(m_mask)
+        addr3, lane43, first3 = pa.at(i_addr, st), pa.at(i_lane4, st), pa.at(i_first, st)
+        mask3 = pa.at(i_mask, st)
         tree_d = Signal(range(self._max_hd))
         in_tree = Signal()
         for k, (wp_, rp_) in enumerate(pms):
-            m.d.comb += rp_.addr.eq(Mux(in_tree, tree_d, d_s))
-        old = Mux(first_s, 0, Array(rp_.data for _, rp_ in pms)[lane_s])
-        sum_a = pa.fadd(Staged(old, st), prod_a)
-        avs = fp.valid_chain(m, one, acc_v, sum_a.stage, name="accv")
-        d_w = pa.at(pa.input(acc_d), sum_a.stage)
-        lane_w = pa.at(pa.input(acc_lane), sum_a.stage)
+            m.d.comb += rp_.addr.eq(Mux(in_tree, tree_d >> lgl, addr3))
+        pword = Array(rp_.data for _, rp_ in pms)[lane43]
+        sacc = [Signal(32, name=f"sacc{r}") for r in range(32)]
+        sums = []
+        for k in range(L):
+            lane_old = Array(sacc[b * L + k] for b in range(CB))[addr3[0:lgcb]]
+            old = Mux(av_mode, Mux(first3, 0, pword[32 * k:32 * k + 32]),
+                      Mux(first3, NEG_ZERO, lane_old))
+            x = Mux(mask3[k], prods[k].value, 0)
+            sums.append(pa.fadd(Staged(old, st), Staged(x, st)))
+        sst = sums[0].stage
+        avs = fp.valid_chain(m, one, mv, sst + 1, name="accv")
+        addr6, lane46 = pa.at(i_addr, sst), pa.at(i_lane4, sst)
+        last7 = pa.at(i_last, sst + 1)
         for k, (wp_, rp_) in enumerate(pms):
-            m.d.comb += [wp_.en.eq(avs[-1] & (lane_w == k)), wp_.addr.eq(d_w), wp_.data.eq(sum_a.value)]
+            m.d.comb += [wp_.en.eq(avs[sst] & av_mode & (lane46 == k)), wp_.addr.eq(addr6),
+                         wp_.data.eq(Cat(*(v.value for v in sums)))]
+        for b in range(CB):
+            with m.If(avs[sst] & ~av_mode & (addr6[0:lgcb] == b)):
+                m.d.sync += [sacc[b * L + k].eq(sums[k].value) for k in range(L)]
         acc_busy = Cat(avs).any()
+        # scores: the reduce tree of each row, streamed in bit-reversed lane order
+        tbuf = [Signal(32, name=f"tbuf{r}") for r in range(32)]
+        copy = avs[sst + 1] & ~av_mode & last7
+        ts = Signal(range(CB))
+        ts_on = Signal()
+        with m.If(copy):
+            m.d.sync += [tbuf[r].eq(sacc[r]) for r in range(32)]
+            m.d.sync += [ts.eq(0), ts_on.eq(1)]
+        with m.Elif(ts_on):
+            m.d.sync += ts.eq(ts + 1)
+            with m.If(ts == CB - 1):
+                m.d.sync += ts_on.eq(0)
+
+        def bitrev5(v):
+            return int(f"{v:05b}"[::-1], 2)
+        lv_x = [Array(tbuf[bitrev5(t * L + k)] for t in range(CB))[ts] if CB > 1
+                else tbuf[bitrev5(k)] for k in range(L)]
+        lv_v = ts_on
+        pr = fp.Pipe(m, one, name="red")
+        serial_ph = []
+        for level in range(5):
+            if len(lv_x) >= 2:
+                outs = [pr.fadd(Staged(lv_x[2 * k], 0), Staged(lv_x[2 * k + 1], 0))
+                        for k in range(len(lv_x) // 2)]
+                lv_v = fp.valid_chain(m, one, lv_v, outs[0].stage, name=f"lv{level}")[-1]
+                lv_x = [o.value for o in outs]
+            else:
+                held = Signal(32, name=f"held{level}")
+                ph = Signal(name=f"ph{level}")
+                serial_ph.append(ph)
+                with m.If(lv_v):
+                    m.d.sync += ph.eq(~ph)
+                    with m.If(~ph):
+                        m.d.sync += held.eq(lv_x[0])
+                o = pr.fadd(Staged(held, 0), Staged(lv_x[0], 0))
+                lv_v = fp.valid_chain(m, one, lv_v & ph, o.stage, name=f"lv{level}")[-1]
+                lv_x = [o.value]
+        red_v, red_y = lv_v, lv_x[0]      # the row's reduce_sum (RMSNORM: the sum of squares)
+        scaled = pr.fmul(Staged(lv_x[0], 0), Staged(scale, 0))
+        sv = fp.valid_chain(m, one, lv_v, scaled.stage, name="scv")
+        m.d.comb += [sc_out_v.eq(sv[-1]), sc_out.eq(scaled.value)]
+        score_busy = ts_on | Cat(sv).any()
         # final: fadd(fadd(p0, p1), fadd(p2, p3)) per element -> writer
         tree_in_v = Signal()
         tree_ce = Signal()
         pt = fp.Pipe(m, tree_ce, name="tree")
         rows = Signal(18)                 # ATTN rows (S + 1); partials rows..3 stay +0
-        tp = [pt.input(Mux(rows > k, rp_.data, 0)) for k, (_, rp_) in enumerate(pms)]
+        tsel = tree_d[0:lgl] if L > 1 else C(0, 1)
+        tp = [pt.input(Mux(rows > k, Array(rp_.data[32 * q:32 * q + 32] for q in range(L))[tsel], 0))
+              for k, (_, rp_) in enumerate(pms)]
         tsum = pt.fadd(pt.fadd(tp[0], tp[1]), pt.fadd(tp[2], tp[3]))
         tce, tree_valid = fp.stall_control(m, tree_in_v, wi_ready, tsum.stage, name="tree")
         m.d.comb += tree_ce.eq(tce)
@@ -336,6 +503,41 @@ class SfuExec(wiring.Component):
             m.d.comb += [pv.eq(d_valid), px.eq(d_x), ps1.eq(d_s1), ps2.eq(d_s2),
                          pmode.eq(d_mode), ppair.eq(0)]
 
+        # ---- RMSNORM, second pass: y = fmul(fmul(x, r), w), L elements per cycle (a stalling
+        # pipeline of 2L multipliers into the writer). The first pass (ss = reduce_sum(x*x))
+        # runs on the ATTN score datapath, r = rsqrt(ss * (1/n) + eps) on the SFU.
+        rms_r = Signal(32)
+        r2_in_v = Signal()
+        r2_cnt_in = Signal(range(L + 1))
+        r2_ce = Signal()
+        p2 = fp.Pipe(m, r2_ce, name="r2")
+        r_s = p2.input(rms_r)
+        r2_out = [p2.fmul(p2.fmul(p2.input(sa.bytes[32 * k:32 * k + 32]), r_s),
+                          p2.input(sb.bytes[32 * k:32 * k + 32])) for k in range(L)]
+        r2_lat = r2_out[0].stage
+        r2_y = [v.value for v in r2_out]
+        r2_cnt = p2.at(p2.input(r2_cnt_in), r2_lat)
+        ce2, r2_valid = fp.stall_control(m, r2_in_v, wi_ready, r2_lat, name="r2")
+        m.d.comb += r2_ce.eq(ce2)
+
+        # ---- ROPE: L elements (L/2 pairs) per cycle: y0 = x0 c - x1 s, y1 = x0 s + x1 c
+        rp_in_v = Signal()
+        rp_cnt_in = Signal(range(L + 1))
+        rp_ce = Signal()
+        pq = fp.Pipe(m, rp_ce, name="rope")
+        rp_y = []
+        for q in range(HP):
+            x0 = pq.input(sa.bytes[64 * q:64 * q + 32])
+            x1 = pq.input(sa.bytes[64 * q + 32:64 * q + 64])
+            cq, sq = pq.input(t_cos[q]), pq.input(t_sin[q])
+            rp_y += [pq.fsub(pq.fmul(x0, cq), pq.fmul(x1, sq)),
+                     pq.fadd(pq.fmul(x0, sq), pq.fmul(x1, cq))]
+        rp_lat = rp_y[0].stage
+        rp_y = [v.value for v in rp_y]
+        rp_cnt = pq.at(pq.input(rp_cnt_in), rp_lat)
+        ce3, rp_valid = fp.stall_control(m, rp_in_v, wi_ready, rp_lat, name="rope")
+        m.d.comb += rp_ce.eq(ce3)
+
         # ---- QUANT output: q words of each block, then d[nb], then sumq[nb]
         qw = Signal(4)
         qblk = Signal(12)
@@ -345,10 +547,11 @@ class SfuExec(wiring.Component):
         with m.If(from_quant):
             with m.Switch(qphase):
                 with m.Case(0):
-                    m.d.comb += [wi_valid.eq(quant.o.valid), wi_x0.eq(Array(qv)[qw[0:3]])]
+                    m.d.comb += [wi_valid.eq(quant.o.valid), wi_n.eq(L)]
+                    m.d.comb += [wi_x[j].eq(Array(qv)[(qw + j)[0:3]]) for j in range(L)]
                     with m.If(quant.o.valid & wi_ready):
-                        m.d.sync += qw.eq(qw + 1)
-                        with m.If(qw == 7):
+                        m.d.sync += qw.eq(qw + L)
+                        with m.If(qw + L == 8):
                             m.d.comb += [quant.o.ready.eq(1), qwp.en.eq(1), qwp.addr.eq(qblk),
                                          qwp.data.eq(Cat(quant.o.payload.d,
                                                          quant.o.payload.sumq))]
@@ -364,8 +567,14 @@ class SfuExec(wiring.Component):
                             m.d.sync += [qblk.eq(0), qphase.eq(qphase + 1)]
         with m.Elif(from_attn):
             m.d.comb += [wi_valid.eq(tree_valid), wi_x0.eq(tree_y)]
+        with m.Elif(from_rms):
+            m.d.comb += [wi_valid.eq(r2_valid), wi_n.eq(r2_cnt)]
+            m.d.comb += [wi_x[k].eq(r2_y[k]) for k in range(L)]
+        with m.Elif(from_rope):
+            m.d.comb += [wi_valid.eq(rp_valid), wi_n.eq(rp_cnt)]
+            m.d.comb += [wi_x[k].eq(rp_y[k]) for k in range(L)]
         with m.Else():
-            m.d.comb += [wi_valid.eq(post_valid), wi_x0.eq(y), wi_x1.eq(y1), wi_pair.eq(pair_o)]
+            m.d.comb += [wi_valid.eq(post_valid), wi_x0.eq(y), wi_x1.eq(y1), wi_n.eq(Mux(pair_o, 2, 1))]
 
         # ---- the sequencer
         fcnt = Signal(34)           # elements fed
@@ -403,28 +612,41 @@ class SfuExec(wiring.Component):
             with m.If(al.cmd.valid & al.cmd.ready):
                 m.d.sync += sent[k + 1].eq(1)
             ok = ((sent[k] | ~en | rd.cmd.ready) & (sent[k + 1] | ~en | al.cmd.ready))
-            return ok, [ser.left.eq(Mux(en, nbytes, 0)), ser.bp.eq(0)]
+            return ok, ser.restart(Mux(en, nbytes, 0))
 
-        def kv_elem():
-            from_cache = jcnt < ncache
-            cur16 = fp.f32_to_f16(m, b_word, name="cur16")
-            h16 = Mux(from_cache, sa.bytes[0:16], cur16)
-            el = fp.f16_to_f32(m, h16, name="kv32")
-            ok = Mux(from_cache, sa.avail, sb.avail)
-            m.d.comb += [sa.size.eq(2), sb.size.eq(4)]
-            return from_cache, el, ok
+        # ATTN element source: beat kb of a row carries elements kd = kb*L .. kd+L-1 (cache rows
+        # binary16; the current row binary32 rounded to binary16), n_el of them from the stream
+        kb = Signal(16)
+        kd = Signal(17)
+        rem = Signal(signed(18))
+        n_el = Signal(range(L + 1))
+        vlen = Mux(is_rms, n, hd)             # elements per row: ATTN head dim, RMSNORM n
+        m.d.comb += [kd.eq(kb << lgl), rem.eq(vlen - kd), n_el.eq(Mux(rem > L, L, rem))]
+        from_cache = jcnt < ncache
+        els = []
+        for k in range(L):
+            c16 = fp.f32_to_f16(m, sb.bytes[32 * k:32 * k + 32], name=f"cur16_{k}")
+            h16 = Mux(from_cache, sa.bytes[16 * k:16 * k + 16], c16)
+            els.append(fp.f16_to_f32(m, h16, name=f"kv32_{k}"))
+        kv_ok = Mux(from_cache, sa.avail, sb.avail)
+        nbs = ((vlen + 31) >> 5) << lgcb      # score beats per row (whole 32-element chunks)
+        nbv = (vlen + L - 1) >> lgl           # AV (RMSNORM pass 2) beats per row
 
-        def kv_take(go, from_cache):
-            m.d.comb += [sa.take.eq(go & from_cache), sb.take.eq(go & ~from_cache)]
-            lastd = dcnt + 1 == hd
+        def kv_take(go, data_beat, nbeats):
+            m.d.comb += [sa.size.eq(n_el << 1), sb.size.eq(n_el << 2),
+                         sa.take.eq(go & data_beat & from_cache),
+                         sb.take.eq(go & data_beat & ~from_cache), mv.eq(go)]
+            m.d.comb += [m_x[k].eq(els[k]) for k in range(L)]
+            lastk = kb + 1 == nbeats
             with m.If(go):
-                m.d.sync += dcnt.eq(Mux(lastd, 0, dcnt + 1))
-                with m.If(lastd):
+                m.d.sync += kb.eq(Mux(lastk, 0, kb + 1))
+                with m.If(lastk):
                     m.d.sync += jcnt.eq(jcnt + 1)
-            return go & lastd & (jcnt + 1 == rows)
+            return go & lastk & (jcnt + 1 == rows)
         m.d.sync += done_r.eq(0)
 
-        with m.FSM(name="seq"):
+        with m.FSM(name="seq") as seq_fsm:
+            self._seq_fsm = seq_fsm         # (tests: the sequencer state)
             with m.State("IDLE"):
                 m.d.comb += self.instr.ready.eq(1)
                 with m.If(self.instr.valid):
@@ -457,8 +679,9 @@ class SfuExec(wiring.Component):
                     a_bytes.eq(Mux(is_emb, nb * bs, nw << 2)),
                     b_bytes.eq(Mux(is_rope, aux << 2, n << 2)),
                     use_b.eq(is_rms | is_silu | is_rope),
-                    use_sfu.eq(is_rms | is_silu | is_rope | is_attn),
-                    from_attn.eq(is_attn), to_sbuf.eq(is_attn),
+                    use_sfu.eq(is_silu | is_attn),
+                    from_attn.eq(is_attn), to_sbuf.eq(is_attn), from_rms.eq(is_rms),
+                    from_rope.eq(is_rope),
                     ncache.eq(rv + misc.n[8:16] + cached),
                     rows.eq(rv + misc.n[8:16] + 1),
                     need_side.eq(is_silu),
@@ -489,8 +712,7 @@ class SfuExec(wiring.Component):
                         m.d.sync += sent[k].eq(1)
                 with m.If(Cat(sent[k] | ~en | (s.valid & s.ready)
                               for k, (s, en, _) in enumerate(cmds)).all()):
-                    m.d.sync += [sa.left.eq(a_bytes), sb.left.eq(Mux(use_b, b_bytes, 0)),
-                                 sa.bp.eq(0), sb.bp.eq(0)]
+                    m.d.sync += sa.restart(a_bytes) + sb.restart(Mux(use_b, b_bytes, 0))
                     m.d.comb += w_go.eq(1)
                     m.d.sync += sent.eq(0)
                     with m.If(is_attn):
@@ -499,28 +721,42 @@ class SfuExec(wiring.Component):
                         m.next = "TABLE"
                     with m.Elif(is_emb):
                         m.next = "EMB_COLLECT"
+                    with m.Elif(is_rms):
+                        m.d.sync += [kb.eq(0), av_mode.eq(0)]
+                        m.next = "RMS1"
                     with m.Else():
                         m.next = "FEED"
             with m.State("TABLE"):
-                m.d.comb += [sb.size.eq(4), sb.take.eq(sb.avail), twp.en.eq(sb.avail),
-                             twp.addr.eq(tcnt), twp.data.eq(b_word)]
+                is_sin = tcnt >= half
+                m.d.comb += [sb.size.eq(4), sb.take.eq(sb.avail)]
+                for wp_, sel in ((tcw, ~is_sin), (tsw, is_sin)):
+                    m.d.comb += [wp_.en.eq(sb.avail & sel), wp_.data.eq(b_word),
+                                 wp_.addr.eq(Mux(is_sin, tcnt - half, tcnt))]
                 with m.If(sb.avail):
                     m.d.sync += tcnt.eq(tcnt + 1)
                     with m.If(tcnt + 1 == aux):
-                        m.next = "FEED"
+                        m.d.sync += [kb.eq(0), ridx.eq(0)]
+                        m.next = "ROPEF"
+            with m.State("ROPEF"):
+                # L elements per beat over the whole stream (a beat may hold pairs of two rows)
+                ok = sa.avail
+                r_left = (ftot << 1) - fcnt
+                ne = Signal(range(L + 1))
+                m.d.comb += ne.eq(Mux(r_left > L, L, r_left))
+                m.d.comb += [sa.size.eq(ne << 2), rp_in_v.eq(ok), rp_cnt_in.eq(ne),
+                             sa.take.eq(ok & rp_ce)]
+                with m.If(ok & rp_ce):
+                    m.d.sync += [ridx.eq(ridx_next), fcnt.eq(fcnt + ne)]
+                    with m.If(fcnt + ne == (ftot << 1)):
+                        m.next = "DRAIN"
             with m.State("FEED"):
-                last = fcnt + 1 == ftot
+                step = Mux(is_q, L, 1)           # elements per take (QUANT: L-wide beats)
+                last = fcnt + step == ftot
                 with m.If(is_q):
-                    m.d.comb += [sa.size.eq(4), quant.i.valid.eq(sa.avail),
-                                 quant.i.payload.eq(a_word), sa.take.eq(sa.avail & quant.i.ready)]
+                    m.d.comb += [sa.size.eq(4 * L), quant.i.valid.eq(sa.avail),
+                                 quant.i.payload.eq(sa.bytes[0:32 * L]),
+                                 sa.take.eq(sa.avail & quant.i.ready)]
                     go = sa.avail & quant.i.ready
-                with m.Elif(is_rms):
-                    ok = sa.avail & sb.avail
-                    m.d.comb += [sa.size.eq(4), sb.size.eq(4), sfu.i.valid.eq(ok),
-                                 sfu.i.payload.op.eq(SfuOp.RMS_NORM), sfu.i.payload.a.eq(a_word),
-                                 sfu.i.payload.b.eq(b_word), sfu.i.payload.c.eq(inv_n),
-                                 sfu.i.payload.d.eq(eps), sfu.i.payload.last.eq(last),
-                                 sa.take.eq(ok & sfu.i.ready), sb.take.eq(ok & sfu.i.ready)]
                 with m.Elif(is_silu):
                     ok = sa.avail & sb.avail & side.w_rdy
                     m.d.comb += [sa.size.eq(4), sb.size.eq(4), sfu.i.valid.eq(ok),
@@ -528,22 +764,55 @@ class SfuExec(wiring.Component):
                                  sfu.i.payload.last.eq(last),
                                  side.w_en.eq(ok & sfu.i.ready), side.w_data.eq(b_word),
                                  sa.take.eq(ok & sfu.i.ready), sb.take.eq(ok & sfu.i.ready)]
-                with m.Elif(is_rope):
-                    ok = sa.avail
-                    m.d.comb += [sa.size.eq(8), sfu.i.valid.eq(ok),
-                                 sfu.i.payload.op.eq(SfuOp.ROPE), sfu.i.payload.a.eq(sa.bytes[0:32]),
-                                 sfu.i.payload.b.eq(sa.bytes[32:64]), sfu.i.payload.c.eq(trc.data),
-                                 sfu.i.payload.d.eq(trs.data), sfu.i.payload.last.eq(last),
-                                 sa.take.eq(ok & sfu.i.ready)]
-                    with m.If(ok & sfu.i.ready):
-                        m.d.sync += ridx.eq(Mux(ridx + 1 == half, 0, ridx + 1))
                 with m.Else():                   # COPY
                     m.d.comb += [sa.size.eq(4), d_valid.eq(sa.avail), d_x.eq(a_word),
                                  d_mode.eq(0), sa.take.eq(sa.avail & post_ce)]
                 took = sa.take
                 with m.If(took):
-                    m.d.sync += fcnt.eq(fcnt + 1)
+                    m.d.sync += fcnt.eq(fcnt + step)
                     with m.If(last):
+                        m.next = "DRAIN"
+            # ---- RMSNORM: ss on the L-lane reduce datapath; r on the SFU; y = (x * r) * w
+            with m.State("RMS1"):
+                data_beat = kd < n
+                go = ~data_beat | sa.avail
+                m.d.comb += [sa.size.eq(n_el << 2), sa.take.eq(go & data_beat), mv.eq(go),
+                             m_first.eq(kb < CB), m_addr.eq(kb), m_last.eq(kb + 1 == nbs),
+                             m_mask.eq(Cat(*((kd + k) < n for k in range(L))))]
+                m.d.comb += [m_a[k].eq(sa.bytes[32 * k:32 * k + 32]) for k in range(L)]
+                m.d.comb += [m_x[k].eq(sa.bytes[32 * k:32 * k + 32]) for k in range(L)]
+                with m.If(go):
+                    m.d.sync += kb.eq(kb + 1)
+                    with m.If(kb + 1 == nbs):
+                        m.d.sync += kb.eq(0)
+                        m.next = "RMS_SS"
+            with m.State("RMS_SS"):
+                with m.If(red_v):
+                    m.d.sync += rms_r.eq(red_y)
+                    m.next = "RMS_R"
+            with m.State("RMS_R"):
+                m.d.comb += [sfu.i.valid.eq(1), sfu.i.payload.op.eq(SfuOp.RMS_SCALAR),
+                             sfu.i.payload.a.eq(rms_r), sfu.i.payload.c.eq(inv_n),
+                             sfu.i.payload.d.eq(eps), sfu.i.payload.last.eq(1)]
+                with m.If(sfu.i.ready):
+                    m.next = "RMS_RW"
+            with m.State("RMS_RW"):
+                m.d.comb += sfu.o.ready.eq(1)
+                with m.If(sfu.o.valid):
+                    m.d.sync += rms_r.eq(sfu.o.payload.y0)
+                    m.next = "RMS_X"
+            with m.State("RMS_X"):
+                ok, sets = issue(0, rda, ala, sa, misc.a, n << 2, C(1, 1))
+                with m.If(ok):
+                    m.d.sync += sets + [sent.eq(0), kb.eq(0)]
+                    m.next = "RMS2"
+            with m.State("RMS2"):
+                ok = sa.avail & sb.avail
+                m.d.comb += [sa.size.eq(n_el << 2), sb.size.eq(n_el << 2), r2_in_v.eq(ok),
+                             r2_cnt_in.eq(n_el), sa.take.eq(ok & r2_ce), sb.take.eq(ok & r2_ce)]
+                with m.If(ok & r2_ce):
+                    m.d.sync += kb.eq(kb + 1)
+                    with m.If(kb + 1 == nbv):
                         m.next = "DRAIN"
             with m.State("EMB_COLLECT"):
                 m.d.comb += [sa.size.eq(1), sa.take.eq(sa.avail)]
@@ -583,28 +852,30 @@ class SfuExec(wiring.Component):
             with m.State("AQ"):
                 ok, sets = issue(0, rdb, alb, sb, misc.a + ((h_i * hd) << 2), hd << 2, C(1, 1))
                 with m.If(ok):
-                    m.d.sync += sets + [sent.eq(0), dcnt.eq(0)]
+                    m.d.sync += sets + [sent.eq(0), kb.eq(0), av_mode.eq(0)]
                     m.next = "AQL"
             with m.State("AQL"):
-                m.d.comb += [sb.size.eq(4), sb.take.eq(sb.avail), qh_w.en.eq(sb.avail),
-                             qh_w.addr.eq(dcnt), qh_w.data.eq(b_word)]
+                m.d.comb += [sb.size.eq(n_el << 2), sb.take.eq(sb.avail), qh_w.en.eq(sb.avail),
+                             qh_w.addr.eq(kb), qh_w.data.eq(sb.bytes[0:32 * L])]
                 with m.If(sb.avail):
-                    m.d.sync += dcnt.eq(dcnt + 1)
-                    with m.If(dcnt + 1 == hd):
-                        m.d.sync += dcnt.eq(0)
+                    m.d.sync += kb.eq(kb + 1)
+                    with m.If(kb + 1 == nbv):
+                        m.d.sync += kb.eq(0)
                         m.next = "AK"
             with m.State("AK"):
                 ok1, s1 = issue(0, rda, ala, sa, misc.b, (ncache * hd) << 1, ncache != 0)
                 ok2, s2 = issue(2, rdb, alb, sb, misc.a + ((nh * hd) << 2), hd << 2, ~cached)
                 with m.If(ok1 & ok2):
-                    m.d.sync += s1 + s2 + [sent.eq(0), jcnt.eq(0), dcnt.eq(0), widx.eq(0)]
+                    m.d.sync += s1 + s2 + [sent.eq(0), jcnt.eq(0), kb.eq(0), widx.eq(0)]
                     m.next = "AKF"
             with m.State("AKF"):
-                fc, el, ok = kv_elem()
-                m.d.comb += [qh_r.addr.eq(dcnt), sfu.i.valid.eq(ok),
-                             sfu.i.payload.op.eq(SfuOp.VDOT), sfu.i.payload.a.eq(qh_r.data),
-                             sfu.i.payload.b.eq(el), sfu.i.payload.last.eq(dcnt + 1 == hd)]
-                with m.If(kv_take(ok & sfu.i.ready, fc)):
+                data_beat = Signal(name="data_beat")
+                m.d.comb += data_beat.eq(kd < hd)
+                m.d.comb += [qh_r.addr.eq(kb), m_first.eq(kb < CB), m_addr.eq(kb),
+                             m_last.eq(kb + 1 == nbs),
+                             m_mask.eq(Cat(*((kd + k) < hd for k in range(L))))]
+                m.d.comb += [m_a[k].eq(qh_r.data[32 * k:32 * k + 32]) for k in range(L)]
+                with m.If(kv_take(~data_beat | kv_ok, data_beat, nbs)):
                     m.next = "AKW"
             with m.State("AKW"):
                 with m.If(widx == rows):
@@ -628,13 +899,13 @@ class SfuExec(wiring.Component):
                 ok2, s2 = issue(2, rdb, alb, sb, misc.a + (((nh + 1) * hd) << 2), hd << 2,
                                 ~cached)
                 with m.If(ok1 & ok2):
-                    m.d.sync += s1 + s2 + [sent.eq(0), jcnt.eq(0), dcnt.eq(0)]
+                    m.d.sync += s1 + s2 + [sent.eq(0), jcnt.eq(0), kb.eq(0), av_mode.eq(1)]
                     m.next = "AVF"
             with m.State("AVF"):
-                fc, el, ok = kv_elem()
-                m.d.comb += [sb_r.addr.eq(jcnt), acc_v.eq(ok), acc_a.eq(sb_r.data), acc_x.eq(el),
-                             acc_d.eq(dcnt), acc_lane.eq(jcnt[0:2]), acc_first.eq(jcnt < 4)]
-                with m.If(kv_take(ok, fc)):
+                m.d.comb += [sb_r.addr.eq(jcnt), m_first.eq(jcnt < 4), m_addr.eq(kb),
+                             m_lane4.eq(jcnt[0:2]), m_mask.eq((1 << L) - 1)]
+                m.d.comb += [m_a[k].eq(sb_r.data) for k in range(L)]
+                with m.If(kv_take(kv_ok, C(1, 1), nbv)):
                     m.next = "AVW"
             with m.State("AVW"):
                 with m.If(~acc_busy):

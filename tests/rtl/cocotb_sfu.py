@@ -105,6 +105,19 @@ def elementwise_jobs(rng, n):
             vecs = beats_of(op, {"a": a, "b": b}, lens)
             ys = np.split(y, np.cumsum(lens)[:-1])
             jobs += [(op, v, yy, None) for v, yy in zip(vecs, ys)]
+        # rms_norm's scalar as a streaming op: rsqrt(fadd(fmul(ss, 1/n), eps)); sums of squares
+        # from 0 through tiny (the product flushes) to huge and inf
+        m = n // 8
+        ss = flush_in(np.abs(np.concatenate([rand_normal(rng, m, 1, 254),
+                                             np.float32([0, 1e-38, 3e38, np.inf]).view(np.uint32)]))
+                      .astype(np.uint32) & np.uint32(0x7FFFFFFF))
+        inv_n = bits(F(1.0) / rng.integers(1, 5000, len(ss)).astype(F))
+        eps = bits(rng.choice(np.float32([1e-5, 1e-6, 0.0]), len(ss)))
+        y = bits(nx.rsqrt(nx.fadd(nx.fmul(floats(ss), floats(inv_n)), floats(eps))))
+        lens = split_lengths(rng, len(ss))
+        vecs = beats_of(SfuOp.RMS_SCALAR, {"a": ss, "c": inv_n, "d": eps}, lens)
+        jobs += [(SfuOp.RMS_SCALAR, v, yy, None)
+                 for v, yy in zip(vecs, np.split(y, np.cumsum(lens)[:-1]))]
         # rope: pairs with the compiler's cos/sin tables
         cos, sin = nx.rope_tables(64, 10000.0, 512)
         m = n // 4
