@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from llmfab.boards.config import load_config
 from llmfab.compiler.compile import compile_model
@@ -40,7 +41,13 @@ def main(argv=None):
     gold_res = gold.generate(prompt, args.new_tokens)
     t = time.perf_counter()
     rtl.reset()
-    lr = rtl.forward(prompt)
+    bar = tqdm(total=len(prompt) + args.new_tokens - 1, desc="rtl decode runs", unit="token",
+               file=sys.stderr)
+    parts = []
+    for t_ in prompt:                   # the rtl backend runs the decode program per position
+        parts.append(rtl.forward([t_]))
+        bar.update(1)
+    lr = np.concatenate(parts)
     toks, logits_r = [], [lr]
     nxt = int(np.argmax(lr[-1]))
     for i in range(args.new_tokens):
@@ -48,8 +55,10 @@ def main(argv=None):
         if i == args.new_tokens - 1:
             break
         l1 = rtl.forward([nxt])
+        bar.update(1)
         logits_r.append(l1)
         nxt = int(np.argmax(l1[-1]))
+    bar.close()
     wall = time.perf_counter() - t
     gold.reset()
     lg = gold.forward(prompt + toks[:-1])
