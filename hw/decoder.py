@@ -18,7 +18,7 @@ of that beat is dropped. An output beat never mixes rows: a row's final beat has
 ``last`` set and its lanes past the row's final block disabled (``en = 0``), so
 with ``lanes`` blocks per beat lane ``l`` carries blocks ``l, l + lanes, ...`` of
 every row (accum4's partial ``l`` when ``lanes`` is 4). The next command is taken
-the cycle after the last block left (one idle cycle between matrices).
+in the cycle the current one's last beat leaves (no idle cycle between matrices).
 """
 
 import math
@@ -201,12 +201,7 @@ class Decoder(wiring.Component):
         remaining = Signal(32)                   # blocks left in the command
         row_len = Signal(32)
         row_left = Signal(32)                    # blocks left in the current row
-        m.d.comb += self.cmd.ready.eq(~active)
         cmd = self.cmd.payload
-        with m.If(self.cmd.valid & ~active & (cmd.count != 0)):
-            rl = Mux(cmd.row_blocks != 0, cmd.row_blocks, cmd.count)
-            m.d.sync += [active.eq(1), fmt.eq(cmd.fmt), pattern.eq(cmd.pattern),
-                         remaining.eq(cmd.count), row_len.eq(rl), row_left.eq(rl)]
 
         # ---- beat window -------------------------------------------------------------
         window = [Signal(self._data_width, name=f"win{k}", reset_less=True) for k in range(NW)]
@@ -275,6 +270,13 @@ class Decoder(wiring.Component):
             with m.Else():
                 m.d.sync += [off.eq(need[:beat_log]), remaining.eq(remaining - n_blk),
                              row_left.eq(Mux(row_end, row_len, row_left - n_blk))]
+        # the next command is taken while the current one emits its final beat (no idle cycle
+        # between matrices); its bytes start on the next beat, where the window now begins
+        m.d.comb += self.cmd.ready.eq(~active | (emit & cmd_end))
+        with m.If(self.cmd.valid & self.cmd.ready & (cmd.count != 0)):
+            rl = Mux(cmd.row_blocks != 0, cmd.row_blocks, cmd.count)
+            m.d.sync += [active.eq(1), fmt.eq(cmd.fmt), pattern.eq(cmd.pattern),
+                         remaining.eq(cmd.count), row_len.eq(rl), row_left.eq(rl)]
 
         # log shifter over the viewed beats, in steps of `grain` bytes
         view = Cat(*window[:NV])
