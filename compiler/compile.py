@@ -5,8 +5,8 @@ id (R7) and the region bases (R3..R6) are runtime registers; the KV-cache
 loads scale their length by R1, the KV stores and the RoPE-table load index
 by R1, the embedding load by R7. Program size does not grow with context.
 
-Schedule (decoupled access-execute): weights stream through a double-buffered
-weight buffer (WB), the per-head KV cache through a double-buffered KV buffer
+Schedule (decoupled access-execute): weights stream through a ring of 2 or 4
+weight-buffer slots (WB; 4 when each holds >= 64 KiB), the per-head KV cache through a double-buffered KV buffer
 (KB), per-layer tables (norm weights, RoPE row) through a double-buffered
 global buffer (GB). Loads for step i+1 are issued before the compute of step
 i, so loads overlap compute; dependency tokens order them (see docs/isa.md).
@@ -40,6 +40,7 @@ from llmfab.compiler.model import Model
 ALIGN = 4096
 QBLOCK_BYTES = 40          # quantized activation block in QB: 32 q + fp32 d + int32 sumq
 GB_CONSTS = 64             # constants block at the start of GB: eps, attention scale
+WEIGHT_SLOTS_LARGE = 4     # weight tile slots when each would hold >= 64 KiB (else 2)
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -286,8 +287,12 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     L1 = vector_layout(1)
     kv_head_bytes = ctx * hd * 2
     KSLOT = [KB.alloc(2 * kv_head_bytes, "K/V of one head"), KB.alloc(2 * kv_head_bytes, "K/V of one head")]
-    wslot_bytes = (wb_sz // 2) // 64 * 64
-    WSLOT = [WB.alloc(wslot_bytes, "weight tile"), WB.alloc(wslot_bytes, "weight tile")]
+    # Weight tiles rotate through the slots; the load engine runs up to (slots - 1) tiles
+    # ahead of the compute queue, which hides the SFU work between matrices. Four slots
+    # once each holds at least 64 KiB (the ci configuration), else two.
+    n_wslots = WEIGHT_SLOTS_LARGE if wb_sz // WEIGHT_SLOTS_LARGE >= 64 * 1024 else 2
+    wslot_bytes = (wb_sz // n_wslots) // 64 * 64
+    WSLOT = [WB.alloc(wslot_bytes, "weight tile") for _ in range(n_wslots)]
 
     # ---- weights ----------------------------------------------------------------------
     def weight(name, tname):
@@ -581,7 +586,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
 
         def matrix_work(cm, qsrc, dst, logits=None):
             for ti, (r0, nr, off) in enumerate(cm.tiles):
-                s = next_slot(wslot_i)
+                s = next_slot(wslot_i, n_wslots)
                 gid = f"{cm.name}.{ti}"
                 lds = [dict(buf=WSLOT[s], hreg=isa.REG_WBASE, hoff=hoff(off), len=nr * cm.row_bytes)]
                 mf = dict(func=isa.mv_func(cm.fmt, cm.sparsity), wb=WSLOT[s], rows=nr, cols=cm.cols,
@@ -621,7 +626,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         efmt = isa.FMTS.index(emb.fmt)
         if T == 1:
             # embedding row (dynamic: R7 selects the row)
-            es = next_slot(wslot_i)
+            es = next_slot(wslot_i, n_wslots)
             W(("emb", ("W", es), [dict(buf=WSLOT[es], hreg=isa.REG_WBASE, hoff=hoff(emb.hbm_off),
                                        ireg=isa.REG_TOKEN, stride=emb.row_bytes,
                                        len=emb.row_bytes)]),
@@ -631,7 +636,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             # the host stages the T embedding rows in the I/O region (row stride tok_stride)
             rps = wslot_bytes // tok_stride
             for k0 in range(0, T, rps):
-                es = next_slot(wslot_i)
+                es = next_slot(wslot_i, n_wslots)
                 nrow = min(rps, T - k0)
                 gid = f"emb.{k0}"
 
