@@ -6,7 +6,8 @@ loads scale their length by R1, the KV stores and the RoPE-table load index
 by R1, the embedding load by R7. Program size does not grow with context.
 
 Schedule (decoupled access-execute): weights stream through a ring of 2 or 4
-weight-buffer slots (WB; 4 when each holds >= 64 KiB), the per-head KV cache through a double-buffered KV buffer
+weight-buffer slots (WB; 4 when each holds >= 1024 cycles of the ports'
+bandwidth), the per-head KV cache through a double-buffered KV buffer
 (KB), per-layer tables (norm weights, RoPE row) through a double-buffered
 global buffer (GB). Loads for step i+1 are issued before the compute of step
 i, so loads overlap compute; dependency tokens order them (see docs/isa.md).
@@ -40,7 +41,8 @@ from llmfab.compiler.model import Model
 ALIGN = 4096
 QBLOCK_BYTES = 40          # quantized activation block in QB: 32 q + fp32 d + int32 sumq
 GB_CONSTS = 64             # constants block at the start of GB: eps, attention scale
-WEIGHT_SLOTS_LARGE = 4     # weight tile slots when each would hold >= 64 KiB (else 2)
+WEIGHT_SLOTS_LARGE = 4     # weight tile slots when each holds >= SLOT_MIN_CYCLES of loads
+SLOT_MIN_CYCLES = 1024     # (else 2)
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -289,8 +291,11 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     KSLOT = [KB.alloc(2 * kv_head_bytes, "K/V of one head"), KB.alloc(2 * kv_head_bytes, "K/V of one head")]
     # Weight tiles rotate through the slots; the load engine runs up to (slots - 1) tiles
     # ahead of the compute queue, which hides the SFU work between matrices. Four slots
-    # once each holds at least 64 KiB (the ci configuration), else two.
-    n_wslots = WEIGHT_SLOTS_LARGE if wb_sz // WEIGHT_SLOTS_LARGE >= 64 * 1024 else 2
+    # when each still holds >= SLOT_MIN_CYCLES of the ports' bandwidth (ci), else two
+    # (short tiles would pay the per-instruction overhead too often).
+    n_wslots = 2
+    if wb_sz // WEIGHT_SLOTS_LARGE >= SLOT_MIN_CYCLES * config.hbm_bytes_per_cycle:
+        n_wslots = WEIGHT_SLOTS_LARGE
     wslot_bytes = (wb_sz // n_wslots) // 64 * 64
     WSLOT = [WB.alloc(wslot_bytes, "weight tile") for _ in range(n_wslots)]
 
@@ -328,6 +333,10 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         unit = int(np.lcm(config.chain.count, 8))    # whole chains; 32-byte aligned logits
         if per >= unit:
             per = per // unit * unit
+        else:                                         # whole 32-byte units of HBM per tile
+            a = int(np.lcm(8, 32 // np.gcd(rb, 32)))
+            if per >= a:
+                per = per // a * a
         off0 = image_len[0]
         if emit_image:
             image.extend(_encode_rows(fmt, sp, raw, mask).tobytes())
