@@ -52,7 +52,7 @@ ADDR_WIDTH = 12
 #: ``port<p>_wr_bytes`` for every port (see docs/accelerator.md).
 COUNTERS = (
     "magic", "status", "pc", "cycles", "validate_cycles", "exec_cycles",
-    "busy_ld", "busy_cmp", "busy_st",
+    "busy_ld", "busy_cmp", "busy_st", "busy_mv", "busy_misc",
     "instr_ld", "instr_cmp", "instr_st", "instr_sys",
     "ld_bytes", "st_bytes",
     "stall_fetch", "stall_ld_full", "stall_cmp_full", "stall_st_full", "stall_sys_drain",

@@ -39,13 +39,24 @@ from llmfab.hw.execute import MAX_IN_FLIGHT, ExecInstr, MiscExec, exec_signature
 from llmfab.hw.isa import Instruction, Op, SysFunc
 from llmfab.hw.onchip import OnChipMemory, region_map
 
-__all__ = ["QUEUE_DEPTH", "DEADLOCK_CYCLES", "ID_WIDTH", "Core", "Accelerator", "geometry"]
+__all__ = ["QUEUE_DEPTH", "DEADLOCK_CYCLES", "ID_WIDTH", "Core", "Accelerator", "geometry",
+           "probe_names"]
 
 QUEUE_DEPTH = 16
 #: Cycles the "nothing can proceed" condition must hold before status 4.
 DEADLOCK_CYCLES = 16
 ID_WIDTH = 1
 _CHANNELS = ("ld2cmp", "cmp2ld", "cmp2st", "st2cmp")
+
+
+def probe_names(ports: int) -> list:
+    """The counters on the simulation-only ``probe`` output, word 0 upwards (64 bits each).
+
+    Every counter of the block (``hw/control.py``'s :func:`counter_names`) except
+    ``magic``, ``status`` and ``pc``: their live values during a run, as they
+    will be written at its end.
+    """
+    return [n for n in counter_names(ports) if n not in ("magic", "status", "pc")]
 
 
 def geometry(config) -> dict:
@@ -70,19 +81,23 @@ class Core(wiring.Component):
     args : In per :data:`~llmfab.hw.control.ARGS`, ``port_base`` x ports
     status : Out(3), pc : Out(32), cycles : Out(64)
     m_axi_hbm<p> : Out(Axi4Signature)
+    probe : Out(64 * len(probe_names(ports))), only with ``probe=True``
     """
 
-    def __init__(self, config, *, exec_factory=None):
+    def __init__(self, config, *, exec_factory=None, probe=False):
         g = geometry(config)
         self._g = g
         self._config = config
         self._exec_factory = exec_factory
+        self._probe = probe
         P, S = g["ports"], g["beat_bytes"]
         members = {
             "start": In(1), "idle": Out(1), "finish": Out(1),
             "status": Out(3), "pc": Out(32), "cycles": Out(64),
             "port_base": In(64).array(P),
         }
+        if probe:
+            members["probe"] = Out(64 * len(probe_names(P)))
         for name, (_, bits) in ARGS.items():
             members[name] = In(bits)
         for p in range(P):
@@ -178,7 +193,8 @@ class Core(wiring.Component):
                 m.d.comb += dec[c].eq(eng.q.valid & eng.q.ready & getattr(hw_[q], bit))
         m.d.comb += [inc["ld2cmp"].eq(ld.rel_next), inc["st2cmp"].eq(st.rel_prev)]
         # compute queue -> execution unit; releases kept in order until each done pulse
-        m.submodules.pend = pend = fifo.SyncFIFO(width=2, depth=MAX_IN_FLIGHT)
+        # (bit 2: the instruction is an MV/MM, for the busy_mv / busy_misc counters)
+        m.submodules.pend = pend = fifo.SyncFIFO(width=3, depth=MAX_IN_FLIGHT)
         fc = queues["cmp"]
         misc_reg = data.View(Instruction, heads["cmp"].word).misc.reg
         m.d.comb += [
@@ -188,7 +204,8 @@ class Core(wiring.Component):
         ]
         cmp_go = ex.instr.valid & ex.instr.ready
         m.d.comb += [fc.r_en.eq(cmp_go), pend.w_en.eq(cmp_go),
-                     pend.w_data.eq(Cat(hw_["cmp"].rel_prev, hw_["cmp"].rel_next)),
+                     pend.w_data.eq(Cat(hw_["cmp"].rel_prev, hw_["cmp"].rel_next,
+                                        (hw_["cmp"].op == Op.MV) | (hw_["cmp"].op == Op.MM))),
                      dec["ld2cmp"].eq(cmp_go & hw_["cmp"].wait_prev),
                      dec["st2cmp"].eq(cmp_go & hw_["cmp"].wait_next),
                      pend.r_en.eq(ex.done),
@@ -305,6 +322,9 @@ class Core(wiring.Component):
         counter("exec_cycles", state_exec)
         for q in ("ld", "cmp", "st"):
             counter(f"busy_{q}", busy[q])
+        # busy_cmp split by the oldest instruction in the execution unit: MV/MM or MISC
+        counter("busy_mv", pend.r_rdy & pend.r_data[2])
+        counter("busy_misc", pend.r_rdy & ~pend.r_data[2])
         for i, q in enumerate(("ld", "cmp", "st")):
             counter(f"instr_{q}", m_dispatch & (target == i))
         counter("instr_sys", m_dispatch & (target == 3))
@@ -324,6 +344,8 @@ class Core(wiring.Component):
         for i, name in enumerate(names):
             m.d.comb += cw.values[i].eq(values[name])
         m.d.comb += [cw.addr.eq(self.counters), cycles.eq(cnt["cycles"])]
+        if self._probe:
+            m.d.comb += self.probe.eq(Cat(cnt[n] for n in probe_names(P)))
         return m
 
 
@@ -337,29 +359,38 @@ class Accelerator(wiring.Component):
         ``exec_factory(addr_bits=, line_bytes=)`` -> a component with
         :func:`~llmfab.hw.execute.exec_signature` (default
         :class:`~llmfab.hw.execute.MiscExec`).
+    probe : bool
+        Simulation only (default off, so the kernel keeps the Vitis shape): an
+        extra output ``probe`` with the live performance counters of
+        :func:`probe_names`, 64 bits each, word 0 in the low bits, so a
+        testbench can sample them during a run (``sim/rtl/harness.py``).
 
     Members
     -------
     s_axi_control : In(AxiLiteSignature(12, 32))
     m_axi_hbm<p> : Out(Axi4Signature(64, data_width, 1)) for every port
     interrupt : Out(1)
+    probe : Out(64 * len(probe_names(ports))), only with ``probe=True``
     """
 
-    def __init__(self, config, *, exec_factory=None):
+    def __init__(self, config, *, exec_factory=None, probe=False):
         self._config = config
         self._exec_factory = exec_factory
+        self._probe = probe
         g = geometry(config)
         self.geometry = g
         members = {"s_axi_control": In(AxiLiteSignature(ADDR_WIDTH, 32)), "interrupt": Out(1)}
         for p in range(g["ports"]):
             members[f"m_axi_hbm{p}"] = Out(Axi4Signature(64, g["beat_bytes"] * 8, ID_WIDTH))
+        if probe:
+            members["probe"] = Out(64 * len(probe_names(g["ports"])))
         super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
         P = self.geometry["ports"]
         m.submodules.ctrl = ctrl = ControlRegs(ports=P)
-        core = Core(self._config, exec_factory=self._exec_factory)
+        core = Core(self._config, exec_factory=self._exec_factory, probe=self._probe)
         clear = Signal()
         go = Signal()
         m.submodules.core = ResetInserter(clear)(core)
@@ -376,4 +407,6 @@ class Accelerator(wiring.Component):
                      ctrl.finish.eq(core.finish), ctrl.status.eq(core.status),
                      ctrl.pc.eq(core.pc), ctrl.cycles.eq(core.cycles),
                      self.interrupt.eq(ctrl.interrupt)]
+        if self._probe:
+            m.d.comb += self.probe.eq(core.probe)
         return m

@@ -46,7 +46,7 @@ class RtlDevice(Device):
     name = "rtl"
 
     def __init__(self, model, config=None, *, bundle=None, waves=False, timeout_cycles=200_000_000,
-                 **kw):
+                 sample_every=None, **kw):
         from llmfab.boards.config import load_config
         from llmfab.compiler.compile import compile_model
         from llmfab.sim.rtl.harness import RtlAccelerator
@@ -64,6 +64,8 @@ class RtlDevice(Device):
         self.acc = RtlAccelerator(config, bundle, waves=waves, exec_factory=factory)
         self.acc.start()
         self.timeout_cycles = timeout_cycles
+        #: record the live counters every this many cycles in each run (``RtlRun.samples``)
+        self.sample_every = sample_every
         self.context = int(bundle.manifest["context"])
         self.vocab = int(bundle.manifest["model"]["vocab_size"])
         self.wbase, self.wsize = bundle.manifest["memory_map"]["weights"]
@@ -83,7 +85,8 @@ class RtlDevice(Device):
                 raise BackendError(f"token id {t} out of range (vocab size {self.vocab})")
             if self.pos >= self.context:
                 raise BackendError(f"context overflow: position {self.pos} >= compiled context {self.context}")
-            r = self.acc.run(self.pos, t, timeout_cycles=self.timeout_cycles)
+            r = self.acc.run(self.pos, t, timeout_cycles=self.timeout_cycles,
+                             sample_every=self.sample_every)
             if r.timed_out:
                 raise SimError(f"rtl: watchdog fired after {self.timeout_cycles} cycles at position {self.pos}")
             if r.status != isa.STATUS_OK:

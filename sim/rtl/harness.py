@@ -78,6 +78,11 @@ class RtlRun:
         Clock cycles simulated for the run (control register accesses included).
     wall_seconds : float
     timed_out : bool
+    samples : list of dict
+        With ``run(..., sample_every=N)``: the live counters (``hw/top.py``'s
+        :func:`~llmfab.hw.top.probe_names`, each sample a dict name -> value)
+        every ``N`` clock cycles from ``ap_start``, then one taken after the
+        run ended (equal to the counter block). Empty otherwise.
     """
 
     status: int | None
@@ -87,6 +92,7 @@ class RtlRun:
     sim_cycles: int = 0
     wall_seconds: float = 0.0
     timed_out: bool = False
+    samples: list = field(default_factory=list)
 
     @property
     def cycles(self) -> int:
@@ -172,6 +178,7 @@ public_flat_rw -module "{TOPLEVEL}" -var "ap_clk"
 public_flat_rw -module "{TOPLEVEL}" -var "ap_rst_n"
 public_flat_rw -module "{TOPLEVEL}" -var "interrupt"
 public_flat_rw -module "{TOPLEVEL}" -var "s_axi_control__*"
+public_flat_rd -module "{TOPLEVEL}" -var "probe"
 """
 
 
@@ -197,12 +204,16 @@ def _top_public_runner(vlt):
 
 
 def build(config, *, waves: bool = False, exec_factory=None, read_latency=READ_LATENCY,
-          write_latency=WRITE_LATENCY, progress=None) -> Path:
-    """Generate and Verilate the simulation of ``config`` (cached); returns the build directory."""
+          write_latency=WRITE_LATENCY, progress=None, probe: bool = True) -> Path:
+    """Generate and Verilate the simulation of ``config`` (cached); returns the build directory.
+
+    ``probe``: build the accelerator with its simulation-only ``probe`` output
+    (the live counters, see :meth:`RtlAccelerator.run`'s ``sample_every``).
+    """
     from llmfab.hw.top import Accelerator
     from llmfab.sim.rtl.runner import VERILATOR_ARGS, to_verilog, verilator_env
 
-    accel = Accelerator(config, exec_factory=exec_factory)
+    accel = Accelerator(config, exec_factory=exec_factory, probe=probe)
     text = (to_verilog(accel, ACCEL_MODULE) + "\n" + HBM_MODEL_V.read_text() + "\n"
             + sim_top_verilog(accel, read_latency=read_latency, write_latency=write_latency))
     args = list(VERILATOR_ARGS) + _BUILD_ARGS + [str(HBM_MODEL_CPP), "-LDFLAGS", "-rdynamic"]
@@ -310,11 +321,14 @@ class RtlAccelerator:
     timeout_seconds : float
         Wall-clock bound on any single request to the simulator (the
         simulation is killed and :class:`SimError` raised when it is exceeded).
+    probe : bool
+        Build the accelerator with its ``probe`` output (default), which
+        ``run(..., sample_every=N)`` samples; without it runs cannot record samples.
     """
 
     def __init__(self, config, bundle, *, waves: bool = False, exec_factory=None,
                  read_latency: int = READ_LATENCY, timeout_seconds: float = 3600,
-                 progress=None):
+                 progress=None, probe: bool = True):
         from llmfab.hw.top import geometry
         bundle.check_config(config)
         self.config = config
@@ -338,6 +352,7 @@ class RtlAccelerator:
         self._read_latency = read_latency
         self._timeout = timeout_seconds
         self._progress = progress
+        self.probe = probe
         self._proc = None
         self._sock = None
         self._tmp = None
@@ -357,7 +372,8 @@ class RtlAccelerator:
         if self._proc is not None:
             return
         self.build_dir = build(self.config, waves=self._waves, exec_factory=self._exec_factory,
-                               read_latency=self._read_latency, progress=self._progress)
+                               read_latency=self._read_latency, progress=self._progress,
+                               probe=self.probe)
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
@@ -481,7 +497,8 @@ class RtlAccelerator:
 
     # ---- runs
     def run(self, pos: int, token: int, *, timeout_cycles: int = 50_000_000,
-            registers: dict | None = None, ntok: int = 1) -> RtlRun:
+            registers: dict | None = None, ntok: int = 1,
+            sample_every: int | None = None) -> RtlRun:
         """Run the loaded program for token ``token`` at position ``pos``.
 
         ``ntok`` is the number of tokens the program processes: 1 for the
@@ -492,7 +509,16 @@ class RtlAccelerator:
         ``timeout_cycles`` is the watchdog: if the accelerator has not
         finished after that many cycles the run is abandoned, the accelerator
         reset, and the result has ``timed_out`` set and status None.
+
+        ``sample_every``: record the live counters every that many clock
+        cycles (a timer in the simulation, not a per-cycle callback) into
+        ``RtlRun.samples``, plus one sample after the run ended.
         """
+        if sample_every is not None:
+            if not self.probe:
+                raise SimError("sampling needs the accelerator built with probe=True")
+            if int(sample_every) < 1:
+                raise SimError(f"sample_every must be a positive number of cycles, not {sample_every}")
         regs = dict(self.registers)
         regs.update(registers or {})
         args = {
@@ -505,5 +531,6 @@ class RtlAccelerator:
         for k in ("pos", "seq", "token", "wbase", "kvbase", "iobase", "tbase"):
             if not 0 <= args[k] < 1 << 32:
                 raise SimError(f"register {k} = {args[k]} does not fit in 32 bits")
-        res = self._call("run", args, int(timeout_cycles))
+        res = self._call("run", args, int(timeout_cycles),
+                         None if sample_every is None else int(sample_every))
         return RtlRun(**res)

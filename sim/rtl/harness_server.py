@@ -16,11 +16,12 @@ import traceback
 
 import cocotb
 from cocotb.clock import Clock
-from cocotb.triggers import ClockCycles, First, RisingEdge, Timer
+from cocotb.triggers import ClockCycles, First, ReadOnly, RisingEdge, Timer
 from cocotb.utils import get_sim_time
 
 from llmfab.hw.control import (ARGS, COUNTER_MAGIC, REG_CTRL, REG_GIE, REG_IER, REG_ISR,
                                counter_names)
+from llmfab.hw.top import probe_names
 from llmfab.sim.rtl.harness import recv_msg, send_msg
 
 CLOCK_NS = int(os.environ.get("LLMFAB_CLOCK_NS", "10"))
@@ -93,6 +94,21 @@ class Device:
         return [dict(rd_bytes=arr[4 * p], wr_bytes=arr[4 * p + 1], rd_beats=arr[4 * p + 2],
                      wr_beats=arr[4 * p + 3]) for p in range(self.ports)]
 
+    # ---- the probe (hw/top.py's live counters)
+    def probe(self) -> dict:
+        """The live counters now: name -> value (``probe_names``)."""
+        names = probe_names(self.ports)
+        v = self.dut.probe.value.to_unsigned()
+        mask = (1 << 64) - 1
+        return {n: (v >> (64 * i)) & mask for i, n in enumerate(names)}
+
+    async def _sampler(self, every, out):
+        """Append a sample every ``every`` cycles (one timer per sample, read after the edge settles)."""
+        while True:
+            await Timer(every * CLOCK_NS, unit="ns")
+            await ReadOnly()
+            out.append(self.probe())
+
     # ---- runs
     async def write_args(self, args):
         for name, value in args.items():
@@ -101,7 +117,7 @@ class Device:
             if bits == 64:
                 await self.axil.write_dword(off + 4, (value >> 32) & 0xFFFFFFFF)
 
-    async def run(self, args, timeout_cycles):
+    async def run(self, args, timeout_cycles, sample_every=None):
         names = counter_names(self.ports)
         block = 8 * len(names)
         t_wall = time.perf_counter()
@@ -112,15 +128,22 @@ class Device:
         before = self.port_counters()
         c0 = self.cycle()
         await self.axil.write_dword(REG_CTRL, 1)
+        samples, sampler = [], None
+        if sample_every:
+            sampler = cocotb.start_soon(self._sampler(int(sample_every), samples))
         irq = RisingEdge(self.dut.interrupt)
         await First(irq, Timer(timeout_cycles * CLOCK_NS, unit="ns"))
         c1 = self.cycle()
+        if sampler is not None:
+            sampler.cancel()
         if not int(self.dut.interrupt.value):
             await self.reset()
             return dict(status=None, pc=-1, timed_out=True, sim_cycles=c1 - c0,
-                        wall_seconds=time.perf_counter() - t_wall)
+                        wall_seconds=time.perf_counter() - t_wall, samples=samples)
         after = self.port_counters()
         ctrl = (await self.axil.read_dword(REG_CTRL))
+        if sampler is not None:
+            samples.append(self.probe())                      # the counters hold until the next start
         await self.axil.write_dword(REG_ISR, 1)              # toggle: clears the done bit
         raw = self.hbm_read(args["counters"], block)
         vals = [int.from_bytes(raw[8 * i:8 * i + 8], "little") for i in range(len(names))]
@@ -136,7 +159,7 @@ class Device:
             raise RuntimeError(f"the accelerator accessed HBM outside the model ({oob} beats)")
         return dict(status=counters["status"], pc=counters["pc"], counters=counters,
                     port_bytes=ports, sim_cycles=c1 - c0, timed_out=False,
-                    wall_seconds=time.perf_counter() - t_wall)
+                    wall_seconds=time.perf_counter() - t_wall, samples=samples)
 
 
 @cocotb.test()
