@@ -150,6 +150,8 @@ def main(argv=None):
               "golden prompt speed: decode program | prefill buckets | speedup |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "zero weights" in r.get("note", ""):
+            continue                     # the same program as the stream-only row above
         sizes = ", ".join(f"{t}: {_kib(n)}" for t, n in r["prefill_program_bytes"].items()) or "-"
         if "prefill_speedup" in r:
             sp = (f"{r['golden_decode_tokens_per_s']} tok/s | {r['golden_prefill_tokens_per_s']} tok/s "
