@@ -142,13 +142,13 @@ def test_ci_derived_by_hand():
               for n, b in c.buffer_layout.items()}
     assert layout == {
         "activation": (64 * 1024, 32 * 8, 2048, "uram", 4 * 1, 11),       # ceil(256/72)=4
-        "weight": (32 * 1024, 2 * 256, 512, "bram36", 8 * 1, 9),          # ceil(512/72)=8
+        "weight": (256 * 1024, 2 * 256, 4096, "uram", 8 * 1, 12),       # ceil(512/72)=8
         "kv": (256 * 1024, 64, 32768, "uram", 1 * 8, 15),
         "global": (64 * 1024, 64, 8192, "uram", 1 * 2, 13),
         "instruction": (16 * 1024, 64, 2048, "bram36", 1 * 4, 11),      # < 64 KiB: BRAM
     }
-    assert c.bram36_total == 12
-    assert c.uram_total == 14
+    assert c.bram36_total == 4
+    assert c.uram_total == 22
     assert c.hbm_addr_bits == 28          # 256 MiB per channel
     assert c.memory_addr_bits == 30       # 1 GiB
     assert c.position_bits == 9           # context 512
