@@ -152,7 +152,7 @@ def busy_plot(run, f, config, model_name, path):
     axes[-1].set_xlabel(f"cycle of the decode step ({unit}cycles; grey: validation pass; "
                         f"one bar per {every:,} cycles)")
     axes[0].set_title(f"{model_name} on {config.name}: busy fraction per unit, decode step at "
-                      f"position {f['pos']} ({f['cycles']:,} cycles; right: whole-step fraction)",
+                      f"position {f['pos']}\n({f['cycles']:,} cycles; right: fraction over the whole step)",
                       fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -234,9 +234,10 @@ def main(argv=None):
         js = os.path.join(args.out_dir, f"rtl_utilization_{tag}.json")
         short = model.desc.name.split()[0]
         busy_plot(decode_runs[0], steps[0], cfg, model.desc.name, busy_png)
-        pts = [(f"RTL, pos {s['pos']}", s["mac_per_byte"], s["mac_per_cycle"]) for s in steps]
-        pts.append((f"model ({short}), pos {steps[0]['pos']}", steps[0]["model"]["mac_per_byte"],
-                    steps[0]["model"]["mac_per_cycle"]))
+        pts = [(f"RTL (measured), pos {s['pos']}", s["mac_per_byte"], s["mac_per_cycle"],
+                (-20 - 10 * i, 8 + 11 * i)) for i, s in enumerate(steps)]
+        pts.append((f"analytical model ({short}), pos {steps[0]['pos']}", steps[0]["model"]["mac_per_byte"],
+                    steps[0]["model"]["mac_per_cycle"], (8, -14)))
         roofline_plot(pts, cfg, roof_png)
         with open(js, "w") as fh:
             json.dump(out, fh, indent=1)

@@ -105,7 +105,11 @@ def estimate(bundle, config, *, pos: int | None = None, efficiency: float = HBM_
 
 
 def roofline_plot(points, config, path):
-    """Roofline of a configuration (MAC/cycle vs MAC/byte) with decode points; writes a PNG."""
+    """Roofline of a configuration (MAC/cycle vs MAC/byte) with decode points; writes a PNG.
+
+    ``points``: ``(label, MAC per byte, MAC per cycle)``, optionally with a fourth
+    item, the label's offset in points (default ``(5, -12)``).
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,9 +121,10 @@ def roofline_plot(points, config, path):
     y = np.minimum(peak_macs, bw * x)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.loglog(x, y, label=f"{config.name}: {peak_macs} MAC/cycle, {bw} B/cycle")
-    for label, intensity, perf in points:
+    for label, intensity, perf, *offset in points:     # optional 4th item: label offset (points)
         ax.plot([intensity], [perf], "o")
-        ax.annotate(label, (intensity, perf), textcoords="offset points", xytext=(5, -12), fontsize=8)
+        ax.annotate(label, (intensity, perf), textcoords="offset points",
+                    xytext=offset[0] if offset else (5, -12), fontsize=8)
     ax.set_xlabel("arithmetic intensity (MAC per byte from HBM)")
     ax.set_ylabel("MAC per cycle")
     ax.set_title(f"Roofline: {config.name} at {config.clock_mhz:g} MHz")

@@ -46,8 +46,10 @@ def test_samples_consistent_with_counter_block(tmp_path):
             # cumulative counters never go down
             assert (np.diff(a, axis=0) >= 0).all()
             cyc = a[:, names.index("cycles")]
-            # the periodic samples are exactly EVERY cycles apart (the counters run from ap_start)
-            assert (np.diff(cyc[:-1]) == EVERY).all()
+            # the periodic samples are exactly EVERY cycles apart while the counters run; the
+            # last one may fall after they stopped (the counter block being written): closer
+            d = np.diff(cyc[:-1])
+            assert (d[:-1] == EVERY).all() and 0 <= d[-1] <= EVERY
             # the last one is taken after the run: the counter block's values exactly
             assert s[-1] == {n: c[n] for n in names}
             # the last periodic one is within one interval of the end
