@@ -104,7 +104,7 @@ class RtlDevice(Device):
         cyc = [r.cycles for r in self.runs]
         wbytes = int(self.bundle.manifest["stats"]["weight_bytes_per_token"])
         c = self.runs[-1].counters
-        busy = {q: c.get(f"busy_{q}", 0) / max(c.get("cycles", 1), 1) for q in ("ld", "cmp", "st")}
+        busy = {q: c.get(f"busy_{q}", 0) / max(c.get("cycles", 1), 1) for q in ("ld", "cmp", "mv", "misc", "st")}
         return {"cycles_per_token": cyc, "weight_bytes_per_token": wbytes,
                 "hbm_utilization": round(wbytes / (cyc[-1] * peak), 4) if cyc[-1] else 0.0,
                 "busy_fraction": {k: round(v, 4) for k, v in busy.items()},
