@@ -135,12 +135,13 @@ def place(rng, mm, fmt, sp, rows, nb, ntok, aligned):
     return ("MM" if ntok else "MV"), f, np.stack(exp)
 
 
-@cocotb.test()
-async def mv_random(dut):
-    rng = np.random.default_rng(SEED)
+async def start(dut, rng, stall=STALL, fill=False):
+    """Clock, reset, and the memory model (random contents with ``fill``) running."""
     cocotb.start_soon(Clock(dut.clk, 2, unit="ns").start())
     mm = MemModel(dut, rng)
-    mm.mem[:] = rng.integers(0, 256, MEM, dtype=np.uint8)
+    mm.stall = stall
+    if fill:
+        mm.mem[:] = rng.integers(0, 256, MEM, dtype=np.uint8)
     dut.instr__valid.value = 0
     dut.snoop.value = 0
     dut.rst.value = 1
@@ -148,6 +149,13 @@ async def mv_random(dut):
         await RisingEdge(dut.clk)
     dut.rst.value = 0
     cocotb.start_soon(mm.run())
+    return mm
+
+
+@cocotb.test()
+async def mv_random(dut):
+    rng = np.random.default_rng(SEED)
+    mm = await start(dut, rng, fill=True)
     for i in range(NI):
         fmt, sp = MODES[i % len(MODES)]
         nb = int(rng.integers(1, 25))
@@ -165,16 +173,7 @@ async def mv_random(dut):
 async def mv_steady_state(dut):
     """Cycles per block from two row counts, memory never stalling."""
     rng = np.random.default_rng(SEED + 1)
-    cocotb.start_soon(Clock(dut.clk, 2, unit="ns").start())
-    mm = MemModel(dut, rng)
-    mm.stall = 0.0
-    dut.instr__valid.value = 0
-    dut.snoop.value = 0
-    dut.rst.value = 1
-    for _ in range(3):
-        await RisingEdge(dut.clk)
-    dut.rst.value = 0
-    cocotb.start_soon(mm.run())
+    mm = await start(dut, rng, stall=0.0)
     nb = 16
     lines = []
     for fmt, sp in [("q4_0", "dense"), ("q4_1", "dense"), ("q8_0", "dense"), ("q4_0", "2:4"),
@@ -211,16 +210,7 @@ async def mv_steady_state(dut):
 async def mv_activation_cache(dut):
     """Consecutive MVs on one vector load it once; a write to any line of it reloads it."""
     rng = np.random.default_rng(SEED + 2)
-    cocotb.start_soon(Clock(dut.clk, 2, unit="ns").start())
-    mm = MemModel(dut, rng)
-    mm.stall = 0.0
-    dut.instr__valid.value = 0
-    dut.snoop.value = 0
-    dut.rst.value = 1
-    for _ in range(3):
-        await RisingEdge(dut.clk)
-    dut.rst.value = 0
-    cocotb.start_soon(mm.run())
+    mm = await start(dut, rng, stall=0.0)
     nb, rows = 18, 16
     qsrc = A0 + 24
     b, act = qvec(rng, nb)
