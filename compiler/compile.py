@@ -223,6 +223,71 @@ def _check_device_memory(model, config, ctx, sp_of):
                        f"at context {ctx}) but board '{board.name}' has {cap / 2**30:.2f} GiB")
 
 
+def _weight_slots(wb_sz: int, config) -> tuple:
+    """(slots, bytes per slot) of a weight buffer of ``wb_sz`` bytes.
+
+    Weight tiles rotate through the slots; the load engine runs up to (slots - 1)
+    tiles ahead of the compute queue, which hides the SFU work between matrices.
+    Four slots when each still holds >= SLOT_MIN_CYCLES of the ports' bandwidth
+    (ci), else two (short tiles would pay the per-instruction overhead too often).
+    """
+    n = 2
+    if wb_sz // WEIGHT_SLOTS_LARGE >= SLOT_MIN_CYCLES * config.hbm_bytes_per_cycle:
+        n = WEIGHT_SLOTS_LARGE
+    return n, (wb_sz // n) // 64 * 64
+
+
+def _weight_kib_for(config, slot_bytes: int) -> int:
+    """The smallest ``buffers.weight_kib`` whose slots hold ``slot_bytes`` each."""
+    kib = max(1, -(-2 * slot_bytes // 1024))
+    while _weight_slots(kib * 1024, config)[1] < slot_bytes:
+        kib += 1
+    return kib
+
+
+def _config_file(config) -> str:
+    """The configuration's file for messages (the path given, or boards/configs/<name>.yaml)."""
+    return config.source or f"configuration '{config.name}'"
+
+
+def _tile_rows(config, rb: int) -> int:
+    """Rows a weight-buffer slot must hold so that tiles of ``rb``-byte rows start aligned.
+
+    Tiles are whole chains (multiples of lcm(chain.count, 8) rows) or whole
+    32-byte units of device memory; either way a multiple of 8 rows, so LM-head
+    logits land 32-byte aligned.
+    """
+    unit = int(np.lcm(config.chain.count, 8))
+    a = int(np.lcm(8, 32 // np.gcd(rb, 32)))
+    return min(unit, a)
+
+
+def _min_weight_kib(model, config, sp_of: dict) -> int:
+    """The smallest ``buffers.weight_kib`` that every weight matrix of ``model`` tiles into."""
+    d = model.desc
+    fmt_of = lambda t: "q8_0" if t.qtype in ("f32", "f16") else t.qtype   # noqa: E731
+    mats = [(model.tensor("token_embd.weight"), "dense", d.vocab_size)]
+    if not d.tied_embeddings:
+        mats.append((model.tensor("output.weight"), "dense", d.vocab_size))
+    for li in range(d.n_layers):
+        for w in ("attn_q", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            t = model.layer(li, w)
+            mats.append((t, sp_of[w], d.n_kv_heads * (d.gqa_group + 2) * d.head_dim
+                         if w == "attn_q" else t.shape[0]))
+    need = 0
+    for t, sp, rows in mats:
+        rb = _row_bytes(fmt_of(t), sp, t.shape[1])
+        need = max(need, min(rows, _tile_rows(config, rb)) * rb)
+    return _weight_kib_for(config, need)
+
+
+def _weight_buffer_error(config, model, sp_of, what: str) -> FitError:
+    """The weight buffer is too small: say so, naming the configuration file, and the size it needs."""
+    return FitError(f"{_config_file(config)}: buffers.weight_kib {config.buffers.weight_kib} is too "
+                    f"small: {what}; set buffers.weight_kib to at least "
+                    f"{_min_weight_kib(model, config, sp_of)} for this model")
+
+
 def compile_model(model: Model, config, *, sparsity: str | None = None, progress: bool = False,
                   context: int | None = None, emit_image: bool = True, prefill: bool = True) -> Bundle:
     """Compile ``model`` for ``config`` into a bundle (decode and prefill programs + HBM image + manifest).
@@ -289,14 +354,8 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     L1 = vector_layout(1)
     kv_head_bytes = ctx * hd * 2
     KSLOT = [KB.alloc(2 * kv_head_bytes, "K/V of one head"), KB.alloc(2 * kv_head_bytes, "K/V of one head")]
-    # Weight tiles rotate through the slots; the load engine runs up to (slots - 1) tiles
-    # ahead of the compute queue, which hides the SFU work between matrices. Four slots
-    # when each still holds >= SLOT_MIN_CYCLES of the ports' bandwidth (ci), else two
-    # (short tiles would pay the per-instruction overhead too often).
-    n_wslots = 2
-    if wb_sz // WEIGHT_SLOTS_LARGE >= SLOT_MIN_CYCLES * config.hbm_bytes_per_cycle:
-        n_wslots = WEIGHT_SLOTS_LARGE
-    wslot_bytes = (wb_sz // n_wslots) // 64 * 64
+    # Weight tiles rotate through the slots (see _weight_slots)
+    n_wslots, wslot_bytes = _weight_slots(wb_sz, config)
     WSLOT = [WB.alloc(wslot_bytes, "weight tile") for _ in range(n_wslots)]
 
     # ---- weights ----------------------------------------------------------------------
@@ -327,8 +386,8 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         cols = rb_dense // quant.BLOCK_BYTES[fmt] * 32
         rb = _row_bytes(fmt, sp, cols)
         if rb > wslot_bytes:
-            raise FitError(f"a row of {key} ({rb} bytes) does not fit a weight-buffer slot of "
-                           f"{wslot_bytes} bytes; use a configuration with a larger buffers.weight_kib")
+            raise _weight_buffer_error(config, model, sp_of, f"a row of {key} ({rb} bytes) does "
+                                       f"not fit a weight-buffer slot of {wslot_bytes} bytes")
         per = wslot_bytes // rb
         unit = int(np.lcm(config.chain.count, 8))    # whole chains; 32-byte aligned logits
         if per >= unit:
@@ -337,6 +396,13 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             a = int(np.lcm(8, 32 // np.gcd(rb, 32)))
             if per >= a:
                 per = per // a * a
+        if per < rows and per < _tile_rows(config, rb):
+            rule = ("LM-head tiles must start at multiples of 8 rows"
+                    if key in ("token_embd", "output") else
+                    f"tiles must start at 32-byte aligned offsets, every {_tile_rows(config, rb)} rows")
+            raise _weight_buffer_error(
+                config, model, sp_of, f"a weight-buffer slot of {wslot_bytes} bytes holds {per} "
+                f"row{'s' if per != 1 else ''} of {key} ({rb} bytes each), but {rule}")
         off0 = image_len[0]
         if emit_image:
             image.extend(_encode_rows(fmt, sp, raw, mask).tobytes())
@@ -502,9 +568,6 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         raise CompileError("device memory map exceeds the ISA's 8 GiB offset range")
     if emb.row_bytes >= 1 << 16:
         raise CompileError(f"embedding row of {emb.row_bytes} bytes exceeds the LD stride field")
-    for (r0, nr, off) in head.tiles:
-        if (r0 * 4) % isa.HBM_ALIGN:
-            raise CompileError("LM-head tile rows must start at multiples of 8")
 
     def hoff(x):
         assert x % isa.HBM_ALIGN == 0, x

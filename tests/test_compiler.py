@@ -143,9 +143,38 @@ def test_unsupported_format_is_an_error(tmp_path, smol):
 
 def test_weight_buffer_too_small(tmp_path, smol):
     cfg = _write_config(tmp_path, **{"buffers.weight_kib": 1})
-    with pytest.raises(FitError, match=r"a row of token_embd \(612 bytes\) does not fit a weight-buffer "
-                                       r"slot of 512 bytes; use a configuration with a larger buffers.weight_kib$"):
+    with pytest.raises(FitError) as e:
         compile_model(smol, cfg)
+    assert str(e.value) == (f"{tmp_path / 'cfg.yaml'}: buffers.weight_kib 1 is too small: a row of "
+                            "token_embd (612 bytes) does not fit a weight-buffer slot of 512 bytes; "
+                            "set buffers.weight_kib to at least 15 for this model")
+
+
+@pytest.mark.parametrize("kib,what", [
+    (2, "a weight-buffer slot of 1024 bytes holds 1 row of token_embd (612 bytes each), but "
+        "LM-head tiles must start at multiples of 8 rows"),
+    (14, "a weight-buffer slot of 7168 bytes holds 7 rows of blk.0.ffn_down (960 bytes each), but "
+         "tiles must start at 32-byte aligned offsets, every 8 rows"),
+])
+def test_weight_buffer_too_small_for_aligned_tiles(tmp_path, smol, kib, what):
+    """Issue 9: 'LM-head tile rows must start at multiples of 8' said neither which buffer
+    nor how large; the size it names is the smallest that compiles."""
+    cfg = _write_config(tmp_path, **{"buffers.weight_kib": kib})
+    with pytest.raises(FitError) as e:
+        compile_model(smol, cfg, emit_image=False)
+    assert str(e.value) == (f"{tmp_path / 'cfg.yaml'}: buffers.weight_kib {kib} is too small: {what}; "
+                            "set buffers.weight_kib to at least 15 for this model")
+    compile_model(smol, _write_config(tmp_path, **{"buffers.weight_kib": 15}), emit_image=False,
+                  prefill=False)
+
+
+def test_weight_buffer_message_names_packaged_config(smol):
+    import dataclasses
+    cfg = load_config("ci")
+    small = dataclasses.replace(cfg, buffers=dataclasses.replace(cfg.buffers, weight_kib=4))
+    with pytest.raises(FitError, match=r"^boards/configs/ci\.yaml: buffers\.weight_kib 4 is too "
+                                       r"small: .* at least 15 for this model$"):
+        compile_model(smol, small, emit_image=False)
 
 
 def test_sparsity_errors(tmp_path, smol, ci):
