@@ -237,10 +237,56 @@ def _weight_slots(wb_sz: int, config) -> tuple:
     return n, (wb_sz // n) // 64 * 64
 
 
-def _weight_kib_for(config, slot_bytes: int) -> int:
-    """The smallest ``buffers.weight_kib`` whose slots hold ``slot_bytes`` each."""
-    kib = max(1, -(-2 * slot_bytes // 1024))
-    while _weight_slots(kib * 1024, config)[1] < slot_bytes:
+def _rows_per_tile(config, wslot_bytes: int, rb: int) -> int:
+    """Rows of ``rb`` bytes per weight tile: whole chains when a slot holds them, else whole
+    32-byte units of device memory, else as many as fit."""
+    per = wslot_bytes // rb
+    unit = int(np.lcm(config.chain.count, 8))    # whole chains; 32-byte aligned logits
+    if per >= unit:
+        return per // unit * unit
+    a = int(np.lcm(8, 32 // np.gcd(rb, 32)))      # whole 32-byte units of HBM per tile
+    return per // a * a if per >= a else per
+
+
+def _tiling_problem(config, wslot_bytes: int, rb: int, rows: int, head: bool) -> str | None:
+    """Why a matrix of ``rows`` rows of ``rb`` bytes cannot be tiled into slots of
+    ``wslot_bytes`` (None: it can)."""
+    if rb > wslot_bytes:
+        return f"a row ({rb} bytes) does not fit a weight-buffer slot of {wslot_bytes} bytes"
+    per = _rows_per_tile(config, wslot_bytes, rb)
+    starts = range(per, rows, per)
+    if head and any(r % 8 for r in starts):
+        return (f"a weight-buffer slot of {wslot_bytes} bytes holds {per} row{'s' * (per != 1)} "
+                f"({rb} bytes each), but LM-head tiles must start at multiples of 8 rows")
+    if any((r * rb) % isa.HBM_ALIGN for r in starts):
+        return (f"a weight-buffer slot of {wslot_bytes} bytes holds {per} row{'s' * (per != 1)} "
+                f"({rb} bytes each), but tiles must start at {isa.HBM_ALIGN}-byte aligned offsets")
+    return None
+
+
+def _weight_matrices(model, sp_of: dict) -> set:
+    """(row bytes, rows, is LM head) of every weight matrix the compiler tiles."""
+    d = model.desc
+    fmt_of = lambda t: "q8_0" if t.qtype in ("f32", "f16") else t.qtype   # noqa: E731
+    head = model.tensor("token_embd.weight" if d.tied_embeddings else "output.weight")
+    mats = {(_row_bytes(fmt_of(head), "dense", head.shape[1]), head.shape[0], True)}
+    if not d.tied_embeddings:
+        t = model.tensor("token_embd.weight")
+        mats.add((_row_bytes(fmt_of(t), "dense", t.shape[1]), t.shape[0], False))
+    for li in range(d.n_layers):
+        for w in ("attn_q", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            t = model.layer(li, w)
+            rows = d.n_kv_heads * (d.gqa_group + 2) * d.head_dim if w == "attn_q" else t.shape[0]
+            mats.add((_row_bytes(fmt_of(t), sp_of[w], t.shape[1]), rows, False))
+    return mats
+
+
+def _min_weight_kib(model, config, sp_of: dict) -> int:
+    """The smallest ``buffers.weight_kib`` that every weight matrix of ``model`` tiles into."""
+    mats = _weight_matrices(model, sp_of)
+    kib = max(1, -(-2 * max(rb for rb, _, _ in mats) // 1024))
+    while any(_tiling_problem(config, _weight_slots(kib * 1024, config)[1], rb, rows, head)
+              for rb, rows, head in mats):
         kib += 1
     return kib
 
@@ -248,37 +294,6 @@ def _weight_kib_for(config, slot_bytes: int) -> int:
 def _config_file(config) -> str:
     """The configuration's file for messages (the path given, or boards/configs/<name>.yaml)."""
     return config.source or f"configuration '{config.name}'"
-
-
-def _tile_rows(config, rb: int) -> int:
-    """Rows a weight-buffer slot must hold so that tiles of ``rb``-byte rows start aligned.
-
-    Tiles are whole chains (multiples of lcm(chain.count, 8) rows) or whole
-    32-byte units of device memory; either way a multiple of 8 rows, so LM-head
-    logits land 32-byte aligned.
-    """
-    unit = int(np.lcm(config.chain.count, 8))
-    a = int(np.lcm(8, 32 // np.gcd(rb, 32)))
-    return min(unit, a)
-
-
-def _min_weight_kib(model, config, sp_of: dict) -> int:
-    """The smallest ``buffers.weight_kib`` that every weight matrix of ``model`` tiles into."""
-    d = model.desc
-    fmt_of = lambda t: "q8_0" if t.qtype in ("f32", "f16") else t.qtype   # noqa: E731
-    mats = [(model.tensor("token_embd.weight"), "dense", d.vocab_size)]
-    if not d.tied_embeddings:
-        mats.append((model.tensor("output.weight"), "dense", d.vocab_size))
-    for li in range(d.n_layers):
-        for w in ("attn_q", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-            t = model.layer(li, w)
-            mats.append((t, sp_of[w], d.n_kv_heads * (d.gqa_group + 2) * d.head_dim
-                         if w == "attn_q" else t.shape[0]))
-    need = 0
-    for t, sp, rows in mats:
-        rb = _row_bytes(fmt_of(t), sp, t.shape[1])
-        need = max(need, min(rows, _tile_rows(config, rb)) * rb)
-    return _weight_kib_for(config, need)
 
 
 def _weight_buffer_error(config, model, sp_of, what: str) -> FitError:
@@ -385,24 +400,10 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         rows, rb_dense = raw.shape
         cols = rb_dense // quant.BLOCK_BYTES[fmt] * 32
         rb = _row_bytes(fmt, sp, cols)
-        if rb > wslot_bytes:
-            raise _weight_buffer_error(config, model, sp_of, f"a row of {key} ({rb} bytes) does "
-                                       f"not fit a weight-buffer slot of {wslot_bytes} bytes")
-        per = wslot_bytes // rb
-        unit = int(np.lcm(config.chain.count, 8))    # whole chains; 32-byte aligned logits
-        if per >= unit:
-            per = per // unit * unit
-        else:                                         # whole 32-byte units of HBM per tile
-            a = int(np.lcm(8, 32 // np.gcd(rb, 32)))
-            if per >= a:
-                per = per // a * a
-        if per < rows and per < _tile_rows(config, rb):
-            rule = ("LM-head tiles must start at multiples of 8 rows"
-                    if key in ("token_embd", "output") else
-                    f"tiles must start at 32-byte aligned offsets, every {_tile_rows(config, rb)} rows")
-            raise _weight_buffer_error(
-                config, model, sp_of, f"a weight-buffer slot of {wslot_bytes} bytes holds {per} "
-                f"row{'s' if per != 1 else ''} of {key} ({rb} bytes each), but {rule}")
+        problem = _tiling_problem(config, wslot_bytes, rb, rows, key == head_key)
+        if problem:
+            raise _weight_buffer_error(config, model, sp_of, f"{key}: {problem}")
+        per = _rows_per_tile(config, wslot_bytes, rb)
         off0 = image_len[0]
         if emit_image:
             image.extend(_encode_rows(fmt, sp, raw, mask).tobytes())
@@ -425,6 +426,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         from tqdm import tqdm
         it = tqdm(it, desc="compiling", unit="layer")
     # embedding / LM head first: the embedding LD indexes its rows by R7
+    head_key = "token_embd" if d.tied_embeddings else "output"
     emb_fmt, emb_raw = weight("embedding", "token_embd.weight")
     emb = add_matrix("token_embd", emb_fmt, "dense", emb_raw, None)
     if d.tied_embeddings:
