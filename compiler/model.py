@@ -175,13 +175,19 @@ _LAYER_TENSORS = {
 
 def expected_shapes(desc: ModelDesc) -> dict:
     """Every tensor the model needs, with its numpy shape."""
-    shapes = {"token_embd.weight": (desc.vocab_size, desc.dim), "output_norm.weight": (desc.dim,)}
+    return dict(_iter_expected(desc))
+
+
+def _iter_expected(desc: ModelDesc):
+    """(name, shape) of every tensor the model needs, lazily: a file claiming 4e9 layers
+    fails at its first missing tensor, not after building a table of them all."""
+    yield "token_embd.weight", (desc.vocab_size, desc.dim)
+    yield "output_norm.weight", (desc.dim,)
     if not desc.tied_embeddings:
-        shapes["output.weight"] = (desc.vocab_size, desc.dim)
+        yield "output.weight", (desc.vocab_size, desc.dim)
     for i in range(desc.n_layers):
         for what, fn in _LAYER_TENSORS.items():
-            shapes[f"blk.{i}.{what}.weight"] = fn(desc)
-    return shapes
+            yield f"blk.{i}.{what}.weight", fn(desc)
 
 
 def _field(reader, key, path, default=None, required=True):
@@ -272,6 +278,20 @@ def _check_finite(path: str, name: str, qtype: str, data) -> None:
 
 
 _LAYER_RE = re.compile(r"blk\.(\d+)\.")
+_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _layers_hint(missing: str, names, layer_re, key: str, n_layers: int) -> str:
+    """When a whole layer is missing, the layer count is the likely culprit: say what it
+    claims and which layers the file has."""
+    m = layer_re.match(missing)
+    if not m:
+        return ""
+    layers = {int(x.group(1)) for x in map(layer_re.match, names) if x}
+    if int(m.group(1)) in layers:
+        return ""
+    have = f"layers 0 to {max(layers)}" if layers else "no layers"
+    return f" ({key} is {n_layers} but the file has {have})"
 
 
 def _open_gguf(path: str):
@@ -477,10 +497,11 @@ def load_gguf(path: str, *, requantize: bool = True) -> Model:
         raise ModelError(f"{path}: unsupported partial RoPE (rope.dimension_count {desc.rope_dim} "
                          f"!= head dim {desc.head_dim})")
     model = Model(desc=desc, path=path, source="gguf")
-    for name, shape in expected_shapes(desc).items():
+    for name, shape in _iter_expected(desc):
         t = tensors_by_name.get(name)
         if t is None:
-            raise ModelError(f"{path}: missing tensor '{name}'")
+            raise ModelError(f"{path}: missing tensor '{name}'"
+                             f"{_layers_hint(name, tensors_by_name, _LAYER_RE, p + 'block_count', n_layers)}")
         got = tuple(int(x) for x in reversed([int(s) for s in t.shape if True]))
         # ggml pads unused dims with 1; strip leading ones to compare
         while len(got) > len(shape) and got[0] == 1:
@@ -745,10 +766,11 @@ def load_hf(path: str, *, quantize: str | None = None) -> Model:
                 and int(parts[2]) >= desc.n_layers):
             raise ModelError(f"{path}: tensor '{k}' is beyond num_hidden_layers {desc.n_layers} "
                              f"(layers 0 to {desc.n_layers - 1})")
-    for name, shape in expected_shapes(desc).items():
+    for name, shape in _iter_expected(desc):
         hf = _hf_name(name)
         if name not in names:
-            raise ModelError(f"{path}: missing tensor '{hf}'")
+            raise ModelError(f"{path}: missing tensor '{hf}'"
+                             f"{_layers_hint(hf, raw, _HF_LAYER_RE, 'num_hidden_layers', desc.n_layers)}")
         w = names[name]
         if tuple(w.shape) != tuple(shape):
             raise ModelError(f"{path}: inconsistent shapes: tensor '{hf}' is {list(w.shape)}, "

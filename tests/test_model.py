@@ -792,3 +792,18 @@ def test_cli_tokenize_dev_zero(capsys):
     assert main(["tokenize", "--model", "/dev/zero", "abc"]) == 1
     assert capsys.readouterr().err == \
         "llmfab: error: /dev/zero: not a regular file (a character device); expected a GGUF file\n"
+
+
+@pytest.mark.parametrize("n", [3, 4_000_000_000])
+def test_error_block_count_beyond_the_layers_present(tmp_path, n):
+    """A layer count above the file's layers names the count (and 4e9 fails at once)."""
+    p = tm.write_tiny_gguf(tmp_path / "b.gguf", metadata={"{arch}.block_count": n})
+    assert raises(load_gguf, p) == (f"{p}: missing tensor 'blk.2.attn_norm.weight' "
+                                    f"(llama.block_count is {n} but the file has layers 0 to 1)")
+
+
+@pytest.mark.parametrize("n", [3, 10**12])
+def test_hf_error_num_hidden_layers_beyond_the_layers_present(tmp_path, n):
+    d = tm.write_tiny_hf(tmp_path / "hf", config={"num_hidden_layers": n})
+    assert raises(load_hf, d) == (f"{d}: missing tensor 'model.layers.2.input_layernorm.weight' "
+                                  f"(num_hidden_layers is {n} but the file has layers 0 to 1)")
