@@ -656,6 +656,11 @@ def _read_safetensors(path: str) -> dict:
             raise ModelError(f"{where}: data_offsets {offsets} span {b - a} bytes but shape "
                              f"{shape} of {dt} needs {need}")
         entries.append((name, dt, shape, a, b))
+    ordered = sorted(entries, key=lambda e: (e[3], e[4]))
+    for (n0, _, _, a0, b0), (n1, _, _, a1, b1) in zip(ordered, ordered[1:]):
+        if a1 < b0:
+            raise ModelError(f"{path}: tensor '{n1}': data_offsets [{a1}, {b1}] overlap "
+                             f"tensor '{n0}' [{a0}, {b0}]")
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if data_size else np.zeros(0, np.uint8)
     out = {}
     for name, dt, shape, a, b in entries:
@@ -744,9 +749,13 @@ def load_hf(path: str, *, quantize: str | None = None) -> Model:
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise ModelError(f"{path}: no .safetensors files")
-    raw = {}
+    raw, source = {}, {}
     for f in files:
-        raw.update(_read_safetensors(os.path.join(path, f)))
+        fp = os.path.join(path, f)
+        for k, v in _read_safetensors(fp).items():
+            if k in raw:
+                raise ModelError(f"{fp}: tensor '{k}' is also in {source[k]}")
+            raw[k], source[k] = v, fp
     if "lm_head.weight" not in raw:
         desc = ModelDesc(**{**desc.to_dict(), "tied_embeddings": True})
     model = Model(desc=desc, path=path, source="hf")

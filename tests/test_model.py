@@ -807,3 +807,17 @@ def test_hf_error_num_hidden_layers_beyond_the_layers_present(tmp_path, n):
     d = tm.write_tiny_hf(tmp_path / "hf", config={"num_hidden_layers": n})
     assert raises(load_hf, d) == (f"{d}: missing tensor 'model.layers.2.input_layernorm.weight' "
                                   f"(num_hidden_layers is {n} but the file has layers 0 to 1)")
+
+
+def test_hf_error_safetensors_overlap_and_duplicates(tmp_path):
+    d = tm.write_tiny_hf(tmp_path / "hf")
+    st = os.path.join(d, "model.safetensors")
+    _raw_safetensors(st, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                          "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}})
+    assert raises(load_hf, d) == f"{st}: tensor 'b': data_offsets [8, 24] overlap tensor 'a' [0, 16]"
+    d = tm.write_tiny_hf(tmp_path / "hf2")
+    sd = tm.hf_state_dict()
+    second = tm.write_safetensors(os.path.join(d, "shard2.safetensors"),
+                                  {"model.norm.weight": sd["model.norm.weight"]})
+    assert raises(load_hf, d) == \
+        f"{second}: tensor 'model.norm.weight' is also in {os.path.join(d, 'model.safetensors')}"
