@@ -324,7 +324,8 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     sp_of = parse_sparsity(sparsity)
     for m, p in sp_of.items():
         if p not in config.sparsity:
-            raise CompileError(f"configuration '{config.name}' does not support sparsity {p} "
+            raise CompileError(f"{_config_file(config)}: configuration '{config.name}' does not "
+                               f"support sparsity {p} "
                                f"(supports {', '.join(config.sparsity)})")
     notes = []
     _check_device_memory(model, config, ctx, sp_of)
@@ -385,7 +386,8 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             warnings.warn(msg, stacklevel=3)
             notes.append(msg)
         if fmt not in config.weight_formats:
-            raise CompileError(f"configuration '{config.name}' does not support {fmt.upper()} "
+            raise CompileError(f"{_config_file(config)}: configuration '{config.name}' does not "
+                               f"support {fmt.upper()} "
                                f"weights ({tname}); it supports "
                                f"{', '.join(f.upper() for f in config.weight_formats)}")
         return fmt, np.asarray(raw, np.uint8)

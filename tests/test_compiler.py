@@ -136,7 +136,8 @@ def test_model_too_large_for_board():
 
 def test_unsupported_format_is_an_error(tmp_path, smol):
     cfg = _write_config(tmp_path, weight_formats=["q4_0", "q8_0"])
-    with pytest.raises(CompileError, match=r"does not support Q4_1 weights \(blk\.0\.attn_q\.weight\); "
+    with pytest.raises(CompileError, match=rf"^{tmp_path / 'cfg.yaml'}: configuration 'ci' "
+                                           r"does not support Q4_1 weights \(blk\.0\.attn_q\.weight\); "
                                            r"it supports Q4_0, Q8_0$"):
         compile_model(smol, cfg)
 
@@ -192,7 +193,8 @@ def test_sparsity_errors(tmp_path, smol, ci):
     with pytest.raises(CompileError, match=r"^--sparsity: unknown target 'mlp'"):
         parse_sparsity("mlp=2:4")
     cfg = _write_config(tmp_path, sparsity=["dense"])
-    with pytest.raises(CompileError, match=r"does not support sparsity 2:4 \(supports dense\)$"):
+    with pytest.raises(CompileError, match=rf"^{tmp_path / 'cfg.yaml'}: configuration 'ci' does not "
+                                           r"support sparsity 2:4 \(supports dense\)$"):
         compile_model(smol, cfg, sparsity="2:4")
 
 
