@@ -472,6 +472,9 @@ def load_gguf(path: str, *, requantize: bool = True) -> Model:
                          f"head_count {n_heads}, head_count_kv {n_kv}")
     head_dim = dim // n_heads
     rope_dim = integer("rope.dimension_count", default=head_dim)
+    if head_dim % 2:
+        raise ModelError(f"{path}: unsupported head dim {head_dim} ({p}embedding_length {dim} / "
+                         f"{p}attention.head_count {n_heads}): RoPE needs an even head dim")
     for tname in tensors_by_name:
         m = _LAYER_RE.match(tname)
         if m and int(m.group(1)) >= n_layers:
@@ -738,6 +741,11 @@ def load_hf(path: str, *, quantize: str | None = None) -> Model:
         raise ModelError(f"{path}: inconsistent shapes: hidden_size {dim}, num_attention_heads "
                          f"{n_heads}, num_key_value_heads {n_kv}")
     head_dim = dim // n_heads if cfg.get("head_dim") is None else integer("head_dim")
+    if head_dim % 2:
+        why = (f"head_dim {head_dim}" if cfg.get("head_dim") is not None else
+               f"hidden_size {dim} / num_attention_heads {n_heads}")
+        raise ModelError(f"{cfg_path}: unsupported head dim {head_dim} ({why}): "
+                         "RoPE needs an even head dim")
     desc = ModelDesc(
         arch="llama", name=name or os.path.basename(path.rstrip("/")),
         n_layers=n_layers, dim=dim, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,

@@ -821,3 +821,17 @@ def test_hf_error_safetensors_overlap_and_duplicates(tmp_path):
                                   {"model.norm.weight": sd["model.norm.weight"]})
     assert raises(load_hf, d) == \
         f"{second}: tensor 'model.norm.weight' is also in {os.path.join(d, 'model.safetensors')}"
+
+
+def test_error_odd_head_dim(tmp_path):
+    """RoPE rotates pairs: an odd head dim was a numpy broadcast/reshape traceback."""
+    p = tm.write_tiny_gguf(tmp_path / "o.gguf", "f32", dim=60, n_heads=4, n_kv_heads=2)
+    assert raises(load_gguf, p) == (f"{p}: unsupported head dim 15 (llama.embedding_length 60 / "
+                                    "llama.attention.head_count 4): RoPE needs an even head dim")
+    d = tm.write_tiny_hf(tmp_path / "hf", config={"hidden_size": 60})   # the check comes first
+    cfg = os.path.join(d, "config.json")
+    assert raises(load_hf, d) == (f"{cfg}: unsupported head dim 15 (hidden_size 60 / "
+                                  "num_attention_heads 4): RoPE needs an even head dim")
+    d = tm.write_tiny_hf(tmp_path / "hf2", config={"head_dim": 15})
+    cfg = os.path.join(d, "config.json")
+    assert raises(load_hf, d) == f"{cfg}: unsupported head dim 15 (head_dim 15): RoPE needs an even head dim"
