@@ -223,12 +223,15 @@ def _positive_int(where: str, key: str, value) -> int:
     return int(value)
 
 
-def _positive_float(where: str, key: str, value) -> float:
-    """``value`` as a float, or a ModelError: it must be a finite number above zero."""
+def _positive_float(where: str, key: str, value, minimum: float | None = None) -> float:
+    """``value`` as a float, or a ModelError: it must be a finite number above zero
+    (or at least ``minimum``)."""
     ok = (isinstance(value, (int, float, np.integer, np.floating))
-          and not isinstance(value, (bool, np.bool_)) and math.isfinite(value) and value > 0)
+          and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+          and (value > 0 if minimum is None else value >= minimum))
     if not ok:
-        raise ModelError(f"{where}: {key} must be a positive finite number, not {_show(value)}")
+        what = "a positive finite number" if minimum is None else f"a finite number of at least {minimum:g}"
+        raise ModelError(f"{where}: {key} must be {what}, not {_show(value)}")
     return float(value)
 
 
@@ -443,8 +446,8 @@ def load_gguf(path: str, *, requantize: bool = True) -> Model:
         v = _field(reader, p + key, path, default=default, required=required)
         return None if v is None else _positive_int(path, p + key, v)
 
-    def number(key, default):
-        return _positive_float(path, p + key, _field(reader, p + key, path, default=default))
+    def number(key, default, minimum=None):
+        return _positive_float(path, p + key, _field(reader, p + key, path, default=default), minimum)
 
     n_layers = integer("block_count")
     n_heads = integer("attention.head_count")
@@ -452,7 +455,7 @@ def load_gguf(path: str, *, requantize: bool = True) -> Model:
     dim = integer("embedding_length")
     ffn_dim = integer("feed_forward_length")
     context_length = integer("context_length", default=2048)
-    rope_base = number("rope.freq_base", 10000.0)
+    rope_base = number("rope.freq_base", 10000.0, minimum=1.0)   # below 1 the frequencies blow up
     rms_eps = number("attention.layer_norm_rms_epsilon", 1e-5)
     name = _field(reader, "general.name", path, required=False)
     if name is not None and not isinstance(name, str):
@@ -719,8 +722,8 @@ def load_hf(path: str, *, quantize: str | None = None) -> Model:
             raise ModelError(f"{cfg_path}: missing field {key!r}")
         return _positive_int(cfg_path, key, cfg[key])
 
-    def number(key, default):
-        return _positive_float(cfg_path, key, cfg.get(key, default))
+    def number(key, default, minimum=None):
+        return _positive_float(cfg_path, key, cfg.get(key, default), minimum)
 
     dim = integer("hidden_size")
     n_heads = integer("num_attention_heads")
@@ -729,7 +732,7 @@ def load_hf(path: str, *, quantize: str | None = None) -> Model:
     vocab = integer("vocab_size")
     n_kv = integer("num_key_value_heads", n_heads)
     context_length = integer("max_position_embeddings", 2048)
-    rope_base = number("rope_theta", 10000.0)
+    rope_base = number("rope_theta", 10000.0, minimum=1.0)
     rms_eps = number("rms_norm_eps", 1e-5)
     tied = cfg.get("tie_word_embeddings", False)
     if not isinstance(tied, bool):

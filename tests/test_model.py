@@ -536,10 +536,6 @@ def test_error_metadata_not_a_positive_integer(tmp_path, key, value, shown):
 
 
 @pytest.mark.parametrize("key,value,shown", [
-    ("rope.freq_base", -10000.0, "-10000.0"),
-    ("rope.freq_base", 0.0, "0.0"),
-    ("rope.freq_base", float("inf"), "inf"),
-    ("rope.freq_base", "1e4", "'1e4'"),
     ("attention.layer_norm_rms_epsilon", -1e-5, "-9.999999747378752e-06"),   # as FLOAT32
     ("attention.layer_norm_rms_epsilon", np.float64(-1e-5), "-1e-05"),
     ("attention.layer_norm_rms_epsilon", float("nan"), "nan"),
@@ -547,6 +543,16 @@ def test_error_metadata_not_a_positive_integer(tmp_path, key, value, shown):
 def test_error_metadata_not_a_positive_number(tmp_path, key, value, shown):
     p = tm.write_tiny_gguf(tmp_path / "m.gguf", metadata={"{arch}." + key: value})
     assert raises(load_gguf, p) == f"{p}: llama.{key} must be a positive finite number, not {shown}"
+
+
+@pytest.mark.parametrize("value,shown", [
+    (-10000.0, "-10000.0"), (0.0, "0.0"), (float("inf"), "inf"), ("1e4", "'1e4'"),
+    (np.float64(1e-300), "1e-300"),      # finite, but its frequencies overflow: inf logits
+])
+def test_error_rope_freq_base(tmp_path, value, shown):
+    p = tm.write_tiny_gguf(tmp_path / "m.gguf", metadata={"{arch}.rope.freq_base": value})
+    assert raises(load_gguf, p) == \
+        f"{p}: llama.rope.freq_base must be a finite number of at least 1, not {shown}"
 
 
 def test_error_layer_tensors_beyond_block_count(tmp_path):
@@ -691,8 +697,6 @@ def test_hf_error_not_a_positive_integer(tmp_path, key, value, shown):
 
 
 @pytest.mark.parametrize("key,value,shown", [
-    ("rope_theta", -10000.0, "-10000.0"),
-    ("rope_theta", 0, "0"),
     ("rms_norm_eps", -1e-5, "-1e-05"),
     ("rms_norm_eps", float("nan"), "nan"),
     ("rms_norm_eps", "1e-5", "'1e-5'"),
@@ -701,6 +705,13 @@ def test_hf_error_not_a_positive_number(tmp_path, key, value, shown):
     d = tm.write_tiny_hf(tmp_path / "hf", config={key: value})
     cfg = os.path.join(d, "config.json")
     assert raises(load_hf, d) == f"{cfg}: {key} must be a positive finite number, not {shown}"
+
+
+@pytest.mark.parametrize("value,shown", [(-10000.0, "-10000.0"), (0, "0"), (1e-300, "1e-300")])
+def test_hf_error_rope_theta(tmp_path, value, shown):
+    d = tm.write_tiny_hf(tmp_path / "hf", config={"rope_theta": value})
+    cfg = os.path.join(d, "config.json")
+    assert raises(load_hf, d) == f"{cfg}: rope_theta must be a finite number of at least 1, not {shown}"
 
 
 def test_hf_error_other_fields(tmp_path):
@@ -773,7 +784,7 @@ def test_hf_error_malformed_safetensors_header(tmp_path, header, want):
     (lambda tmp: tm.write_tiny_gguf(tmp / "s.gguf", metadata={"{arch}.block_count": "abc"}),
      "{p}: llama.block_count must be a positive integer, not 'abc'"),
     (lambda tmp: tm.write_tiny_gguf(tmp / "r.gguf", metadata={"{arch}.rope.freq_base": -1.0}),
-     "{p}: llama.rope.freq_base must be a positive finite number, not -1.0"),
+     "{p}: llama.rope.freq_base must be a finite number of at least 1, not -1.0"),
     (lambda tmp: tm.write_tiny_hf(tmp / "hf", config={"num_attention_heads": 0}),
      "{p}/config.json: num_attention_heads must be a positive integer, not 0"),
 ])
