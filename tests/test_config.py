@@ -478,13 +478,15 @@ def test_config_that_is_a_fifo_or_directory(tmp_path):
 
 
 def test_cli_config_errors_are_one_line(tmp_path, capsys):
+    import tinymodel
     from llmfab.host.cli import main
-    assert main(["compile", "--config", "/dev/zero", "--out", str(tmp_path / "b")]) == 1
+    model = tinymodel.write_tiny_gguf(tmp_path / "tiny.gguf")     # not the 98 MB default
+    assert main(["compile", "--model", model, "--config", "/dev/zero", "--out", str(tmp_path / "b")]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err == ("llmfab: error: config file '/dev/zero' is not a regular file "
                                  "(a character device); give a YAML file\n")
     path = variant(tmp_path, hbm__ports=8)
-    assert main(["compile", "--config", str(path), "--out", str(tmp_path / "b")]) == 1
+    assert main(["compile", "--model", model, "--config", str(path), "--out", str(tmp_path / "b")]) == 1
     assert capsys.readouterr().err == (
         f"llmfab: error: {path}: config 'ci' uses 8 memory ports but board 'sim-small' has "
         "4 HBM channels; lower hbm.ports\n")
