@@ -101,6 +101,10 @@ def display_path(path: Path, package_dir: Path = BOARDS_DIR) -> str:
         return str(path)
 
 
+#: Board and configuration files are a few KiB; anything past this is the wrong file.
+MAX_YAML_BYTES = 1 << 20
+
+
 def read_yaml(path: Path, display: str, error: type[LlmfabError]) -> dict:
     """Read a YAML file that must hold a mapping of fields.
 
@@ -119,6 +123,13 @@ def read_yaml(path: Path, display: str, error: type[LlmfabError]) -> dict:
         One line naming the file: unreadable, malformed YAML, duplicate key,
         or not a mapping.
     """
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0                      # reported by the read below
+    if size > MAX_YAML_BYTES:
+        raise error(f"{display}: {size} bytes is too large for a YAML description "
+                    f"(at most {MAX_YAML_BYTES}); is it the right file?")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

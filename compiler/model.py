@@ -599,6 +599,7 @@ def hf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
              .swapaxes(1, 2).reshape(w.shape))
 
 
+_MAX_CONFIG_JSON = 16 << 20             # HF config.json files are a few KiB
 _ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 _ST_MAX_HEADER = 100 * 1024 * 1024      # the safetensors format's own limit
 
@@ -694,7 +695,10 @@ def load_hf(path: str, *, quantize: str | None = None) -> Model:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.lexists(cfg_path):
         raise ModelError(f"{path}: not a Hugging Face checkpoint (no config.json)")
-    check_regular_file(cfg_path, "a JSON file")
+    size = check_regular_file(cfg_path, "a JSON file")
+    if size > _MAX_CONFIG_JSON:
+        raise ModelError(f"{cfg_path}: {size} bytes is too large for a config.json "
+                         f"(at most {_MAX_CONFIG_JSON})")
     try:
         with open(cfg_path, "rb") as fh:
             cfg = json.loads(fh.read())

@@ -491,3 +491,12 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys):
         f"llmfab: error: {path}: config 'ci' uses 8 memory ports but board 'sim-small' has "
         "4 HBM channels; lower hbm.ports\n")
     assert not (tmp_path / "b").exists()
+
+
+def test_config_that_is_too_large(tmp_path):
+    """--config pointing at a model file (or a sparse 1 TB file) is refused from its size."""
+    big = tmp_path / "model.gguf"
+    with open(big, "wb") as f:
+        f.truncate((1 << 20) + 1)
+    assert error_of(str(big)) == (f"{big}: 1048577 bytes is too large for a YAML description "
+                                  "(at most 1048576); is it the right file?")

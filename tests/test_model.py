@@ -846,3 +846,11 @@ def test_error_odd_head_dim(tmp_path):
     d = tm.write_tiny_hf(tmp_path / "hf2", config={"head_dim": 15})
     cfg = os.path.join(d, "config.json")
     assert raises(load_hf, d) == f"{cfg}: unsupported head dim 15 (head_dim 15): RoPE needs an even head dim"
+
+
+def test_hf_error_config_too_large(tmp_path):
+    d = tm.write_tiny_hf(tmp_path / "hf")
+    cfg = os.path.join(d, "config.json")
+    with open(cfg, "r+b") as f:
+        f.truncate(1 << 40)                  # sparse: 1 TiB of nothing, never read
+    assert raises(load_hf, d) == f"{cfg}: {1 << 40} bytes is too large for a config.json (at most {16 << 20})"
