@@ -281,6 +281,8 @@ def _check_finite(path: str, name: str, qtype: str, data) -> None:
 
 
 _LAYER_RE = re.compile(r"blk\.(\d+)\.")
+_LAYER_NAME_RE = re.compile(r"blk\.\d+\.(\w+)\.weight")
+_TOP_TENSORS = ("token_embd.weight", "output_norm.weight", "output.weight")
 _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -483,6 +485,10 @@ def load_gguf(path: str, *, requantize: bool = True) -> Model:
         if m and int(m.group(1)) >= n_layers:
             raise ModelError(f"{path}: tensor '{tname}' is beyond {p}block_count {n_layers} "
                              f"(layers 0 to {n_layers - 1})")
+        m = _LAYER_NAME_RE.fullmatch(tname)
+        if not (tname in _TOP_TENSORS or (m and m.group(1) in _LAYER_TENSORS)):
+            raise ModelError(f"{path}: unexpected tensor '{tname}' (not part of a {arch} model: "
+                             "it would be ignored)")
     desc = ModelDesc(
         arch=arch,
         name=name or os.path.basename(path),
@@ -780,16 +786,17 @@ def load_hf(path: str, *, quantize: str | None = None) -> Model:
             names[_HF_NAMES[k]] = v
             continue
         parts = k.split(".")
-        if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers":
-            sub = ".".join(parts[3:-1])
-            if sub in _HF_LAYER:
-                names[f"blk.{parts[2]}.{_HF_LAYER[sub]}.weight"] = v
-    for k in raw:
-        parts = k.split(".")
         if (len(parts) >= 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
                 and int(parts[2]) >= desc.n_layers):
             raise ModelError(f"{path}: tensor '{k}' is beyond num_hidden_layers {desc.n_layers} "
                              f"(layers 0 to {desc.n_layers - 1})")
+        sub = ".".join(parts[3:-1])
+        if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[-1] == "weight" \
+                and sub in _HF_LAYER:
+            names[f"blk.{int(parts[2])}.{_HF_LAYER[sub]}.weight"] = v
+        elif not k.endswith("rotary_emb.inv_freq"):      # a buffer of old checkpoints: rope_theta's
+            raise ModelError(f"{source[k]}: unexpected tensor '{k}' (not part of a LLaMA model: "
+                             "it would be ignored)")
     for name, shape in _iter_expected(desc):
         hf = _hf_name(name)
         if name not in names:

@@ -854,3 +854,27 @@ def test_hf_error_config_too_large(tmp_path):
     with open(cfg, "r+b") as f:
         f.truncate(1 << 40)                  # sparse: 1 TiB of nothing, never read
     assert raises(load_hf, d) == f"{cfg}: {1 << 40} bytes is too large for a config.json (at most {16 << 20})"
+
+
+@pytest.mark.parametrize("extra", ["blk.0.attn_q.bias", "rope_freqs.weight", "blk.1.ffn_gate_inp.weight"])
+def test_error_unexpected_tensor(tmp_path, extra):
+    """A tensor the importer does not read (bias, RoPE scaling factors, MoE router) would be
+    dropped silently, and the model would compute something else."""
+    w = tm.tiny_weights()
+    w[extra] = np.ones(64 if extra != "blk.1.ffn_gate_inp.weight" else (8, 64), np.float32)
+    p = tm.write_tiny_gguf(tmp_path / "x.gguf", "f32", weights=w)
+    assert raises(load_gguf, p) == \
+        f"{p}: unexpected tensor '{extra}' (not part of a llama model: it would be ignored)"
+
+
+def test_hf_error_unexpected_tensor(tmp_path):
+    sd = tm.hf_state_dict()
+    sd["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    d = tm.write_tiny_hf(tmp_path / "hf", state=sd)
+    st = os.path.join(d, "model.safetensors")
+    assert raises(load_hf, d) == (f"{st}: unexpected tensor 'model.layers.0.self_attn.q_proj.bias' "
+                                  "(not part of a LLaMA model: it would be ignored)")
+    sd = tm.hf_state_dict()
+    sd["model.layers.1.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)   # old checkpoints
+    m = load_hf(tm.write_tiny_hf(tmp_path / "hf2", state=sd))
+    assert len(m.tensors) == 2 + 1 + 9 * 2
