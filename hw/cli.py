@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from llmfab.boards.errors import LlmfabError
+from llmfab.core.errors import LlmfabError
 
 __all__ = ["hw_cli", "generate_verilog"]
 
@@ -35,7 +35,7 @@ def _top(config):
 def generate_verilog(config, out_dir) -> list:
     """Write ``<unit>.v`` per unit (module named after the unit) and the top into ``out_dir``."""
     from llmfab.hw.units import all_units
-    from llmfab.sim.rtl.runner import to_verilog
+    from llmfab.hw.verilog import to_verilog
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LlmfabError(f"cannot write Verilog to {out_dir}: it is a file; give a directory")

@@ -8,28 +8,13 @@ import pytest
 import yaml
 
 from llmfab.boards.config import load_config
-from llmfab.boards.errors import BundleError, CompileError, FitError
+from llmfab.core.errors import BundleError, CompileError, FitError
 from llmfab.compiler import isa
 from llmfab.compiler.bundle import read_bundle, write_bundle
 from llmfab.compiler.compile import compile_model, parse_sparsity
 from llmfab.compiler.model import load_model
 
 import tinymodel
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
-
-
-@pytest.fixture(scope="module")
-def ci():
-    return load_config("ci")
-
-
-@pytest.fixture(scope="module")
-def smol_bundle(smol, ci):
-    return compile_model(smol, ci)
 
 
 def _sha(b):

@@ -10,22 +10,12 @@ from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
 from llmfab.sim.accuracy import compare, load_llamacpp_reference
 from llmfab.sim.golden import Golden
-from llmfab.sim.golden_backend import GoldenDevice
+from llmfab.host.golden_backend import GoldenDevice
 from llmfab.sim.numerics_model import NumericsModel
 
 import tinymodel
 
 DATA = __import__("os").path.join(__import__("os").path.dirname(__file__), "data")
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
-
-
-@pytest.fixture(scope="module")
-def smol_bundle(smol):
-    return compile_model(smol, load_config("ci"))
 
 
 def _bits(a):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from llmfab.boards.errors import LlmfabError, ModelError
+from llmfab.core.errors import LlmfabError, ModelError
 from llmfab.compiler import model as M
 from llmfab.compiler.model import load_gguf, load_hf, load_model
 from llmfab.compiler.paths import default_model_path
@@ -20,11 +20,6 @@ import tinymodel as tm
 
 SUPPORTED = ("(supported: Q4_0, Q4_1, Q8_0, F16, F32; "
              "re-quantized: BF16, Q2_K, Q3_K, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K)")
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
 
 
 @pytest.fixture

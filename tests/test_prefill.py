@@ -12,14 +12,14 @@ import pytest
 import yaml
 
 from llmfab.boards.config import load_config
-from llmfab.boards.errors import BackendError, BundleError, SimError
+from llmfab.core.errors import BackendError, BundleError, SimError
 from llmfab.compiler import isa
 from llmfab.compiler.bundle import Bundle, read_bundle, write_bundle
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
-from llmfab.sim import numerics as N
+from llmfab.core import numerics as N
 from llmfab.sim.golden import Golden, matmat, untile_logits
-from llmfab.sim.golden_backend import GoldenDevice, split_buckets
+from llmfab.host.golden_backend import GoldenDevice, split_buckets
 from llmfab.sim.numerics_model import NumericsModel, matvec, pack_matrix
 
 import tinymodel
@@ -87,11 +87,6 @@ def assert_same(bundle, tokens, chunks, ref=None):
 
 
 # ---- tiny models on the ci configuration (buckets 2, 4, 8) --------------------------------
-
-@pytest.fixture(scope="module")
-def ci():
-    return load_config("ci")
-
 
 @pytest.fixture(scope="module")
 def ci_wb4(tmp_path_factory):
@@ -206,11 +201,6 @@ def test_sparse_prefill_bit_exact(tmp_path, ci, sp):
 
 
 # ---- SmolLM2 ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
-
 
 SMOL_TOKS = [504, 3575, 282, 4649, 314, 7042, 28, 9, 1167, 253, 8134, 30, 2115, 282, 260, 1345,
              7042, 314, 28, 504, 3575, 282, 4649, 9, 30, 1167, 253, 8134, 2115, 260, 1345]
