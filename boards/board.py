@@ -29,6 +29,7 @@ from typing import Any, Callable
 import yaml
 
 from llmfab.core.errors import BoardError, LlmfabError
+from llmfab.boards.memory_timing import MemoryTiming, timing_from_fields
 
 __all__ = [
     "BOARDS_DIR",
@@ -352,6 +353,12 @@ class MemorySpec:
         Theoretical peak per channel in GB/s (1e9 bytes per second).
     standard : str or None
         Marketing name for tables (``"HBM2"``, ``"DDR4"``); defaults to the kind.
+    timing : MemoryTiming or None
+        How the memory behaves (latency, pages, refresh, switch), for the RTL's
+        card-like memory model and the performance model; see
+        :mod:`llmfab.boards.memory_timing`. None: only the ideal model runs.
+    timing_board : str or None
+        The board whose timing this memory borrows (``timing: u280``), or None.
     """
 
     kind: str
@@ -359,6 +366,8 @@ class MemorySpec:
     capacity_bytes_per_channel: int
     bandwidth_gbps_per_channel: float
     standard: str | None = None
+    timing: MemoryTiming | None = None
+    timing_board: str | None = None
 
     @property
     def capacity_bytes(self) -> int:
@@ -482,7 +491,7 @@ _BOARD_FIELDS = ("name", "part", "family", "description", "resources", "dsp_type
                  "kernel_clock_mhz", "max_kernel_clock_mhz", "slrs", "platform")
 _RESOURCE_FIELDS = ("dsp", "lut", "ff", "bram36", "uram")
 _MEMORY_FIELDS = ("kind", "channels", "bandwidth_gbps_per_channel")
-_MEMORY_OPTIONAL = ("capacity_gib_per_channel", "capacity_mib_per_channel", "standard")
+_MEMORY_OPTIONAL = ("capacity_gib_per_channel", "capacity_mib_per_channel", "standard", "timing")
 
 
 def board_from_dict(data: dict, display: str, expected_name: str | None = None) -> Board:
@@ -543,7 +552,9 @@ def board_from_dict(data: dict, display: str, expected_name: str | None = None) 
             raise m.fail(key, "must be a whole number of bytes")
         bandwidth = m.number("bandwidth_gbps_per_channel")
         standard = m.string("standard") if m.has("standard") else None
-        memory.append(MemorySpec(kind, channels, int(capacity), bandwidth, standard))
+        timing, timing_board = _memory_timing(m, name)
+        memory.append(MemorySpec(kind, channels, int(capacity), bandwidth, standard, timing,
+                                 timing_board))
 
     clock = f.number("kernel_clock_mhz")
     max_clock = f.number("max_kernel_clock_mhz")
@@ -568,6 +579,23 @@ def board_from_dict(data: dict, display: str, expected_name: str | None = None) 
                  resources=resources, dsp_type=dsp_type, memory=tuple(memory),
                  kernel_clock_mhz=clock, max_kernel_clock_mhz=max_clock, slrs=slrs,
                  platform=platform, shell_reserved=shell, source=display)
+
+
+def _memory_timing(m: Fields, board_name: str):
+    """A memory's ``timing``: a mapping of figures, or the name of a board to borrow them from."""
+    if not m.has("timing"):
+        return None, None
+    value = m.data["timing"]
+    if isinstance(value, str):
+        if value == board_name or value not in board_names():
+            raise m.fail("timing", f"must be a mapping of timing figures or the name of another "
+                                   f"board ({', '.join(board_names())}), not {show(value)}")
+        other = load_board(value).main_memory
+        if other.timing is None or other.timing_board is not None:
+            raise m.fail("timing", f"names board '{value}', whose main memory has no timing "
+                                   f"figures of its own")
+        return other.timing, value
+    return timing_from_fields(m.sub("timing")), None
 
 
 def board_names() -> list[str]:

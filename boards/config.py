@@ -295,6 +295,14 @@ class AccelConfig:
         """Theoretical streaming rate: ``min(peak_hbm_gbps, memory_gbps)``."""
         return min(self.peak_hbm_gbps, self.memory_gbps)
 
+    @property
+    def sustainable_hbm_gbps(self) -> float:
+        """What the memory sustains for long sequential bursts through the ports: the board's
+        memory timing (refresh, per-burst costs; ``boards/memory_timing.py``), or
+        ``effective_hbm_gbps`` for a board without a ``timing`` section."""
+        from llmfab.boards.memory_timing import sustainable_fraction
+        return self.peak_hbm_gbps * sustainable_fraction(self, "card")
+
     def hbm_blocks_per_cycle(self, fmt: str, sparsity: str = "dense") -> float:
         """Weight blocks the ports deliver per cycle: ``hbm_bytes_per_cycle / block_bytes``."""
         return self.hbm_bytes_per_cycle / block_bytes(fmt, sparsity)
@@ -428,6 +436,7 @@ class AccelConfig:
             "peak_hbm_gbps": self.peak_hbm_gbps,
             "memory_gbps": self.memory_gbps,
             "effective_hbm_gbps": self.effective_hbm_gbps,
+            "sustainable_hbm_gbps": self.sustainable_hbm_gbps,
             "formats": formats,
             "buffers": {n: asdict(b) for n, b in self.buffer_layout.items()},
             "bram36_total": self.bram36_total,

@@ -5,7 +5,9 @@ into the simulated HBM (C++ memory behind DPI-C), and every token runs the
 decode program cycle-accurately; the logits are read back from the I/O region.
 ``stats()`` reports cycles per token, weight bytes per token, HBM utilization
 (weight bytes moved during decode / (cycles x the configured peak bytes per
-cycle)) and per-queue busy fractions, from the accelerator's own counter block.
+cycle), and the same against the memory's sustainable peak), the memory timing
+model that ran (``memory="ideal"`` or ``"card"``, boards/memory_timing.py) and
+per-queue busy fractions, from the accelerator's own counter block.
 
 The execution unit is ``hw/exec_unit.py``'s when it exists (MV/MM engine plus
 the SFU-based MISC engine); a run whose program uses an operation the
@@ -46,7 +48,7 @@ class RtlDevice(Device):
     name = "rtl"
 
     def __init__(self, model, config=None, *, bundle=None, waves=False, timeout_cycles=200_000_000,
-                 sample_every=None, **kw):
+                 sample_every=None, memory="ideal", **kw):
         from llmfab.boards.config import load_config
         from llmfab.compiler.compile import compile_model
         from llmfab.sim.rtl.harness import RtlAccelerator
@@ -61,7 +63,7 @@ class RtlDevice(Device):
                                f"{', '.join(sorted(missing))} yet; use --backend golden")
         self.bundle = bundle
         self.config = config
-        self.acc = RtlAccelerator(config, bundle, waves=waves, exec_factory=factory)
+        self.acc = RtlAccelerator(config, bundle, waves=waves, exec_factory=factory, memory=memory)
         self.acc.start()
         self.timeout_cycles = timeout_cycles
         #: record the live counters every this many cycles in each run (``RtlRun.samples``)
@@ -105,8 +107,15 @@ class RtlDevice(Device):
         wbytes = int(self.bundle.manifest["stats"]["weight_bytes_per_token"])
         c = self.runs[-1].counters
         busy = {q: c.get(f"busy_{q}", 0) / max(c.get("cycles", 1), 1) for q in ("ld", "cmp", "mv", "misc", "st")}
+        from llmfab.boards import memory_timing
+        sustainable = memory_timing.sustainable_fraction(self.config)
         return {"cycles_per_token": cyc, "weight_bytes_per_token": wbytes,
+                "memory_model": memory_timing.describe(self.config, self.acc.memory),
                 "hbm_utilization": round(wbytes / (cyc[-1] * peak), 4) if cyc[-1] else 0.0,
+                # against what the card's memory sustains for long bursts (boards/memory_timing.py)
+                "hbm_utilization_sustainable": round(wbytes / (cyc[-1] * peak * sustainable), 4)
+                if cyc[-1] else 0.0,
+                "memory_sustainable_fraction": round(sustainable, 4),
                 "busy_fraction": {k: round(v, 4) for k, v in busy.items()},
                 "sim_cycles_per_second": round(self.runs[-1].cycles_per_second, 1),
                 "sim_seconds_per_token": round(self.runs[-1].wall_seconds, 2)}

@@ -10,8 +10,13 @@ where both exist (sim/rtl) and projects full-size models onto the real boards.
 
 Costs (per instruction):
 
-* LD / ST: ``bytes / (hbm_bytes_per_cycle * efficiency)`` (+ a fixed latency
-  charged once per stretch, not per beat).
+* LD / ST: ``bytes / bytes_per_cycle`` (+ a fixed latency charged once per
+  stretch, not per beat), where ``bytes_per_cycle`` is the smaller of what the
+  accelerator's ports move (``hbm_bytes_per_cycle * efficiency``) and what the
+  memory sustains for long bursts under the chosen memory model
+  (``boards/memory_timing.py``: the board's refresh and per-burst costs for
+  ``card``, the default; the ports' peak for ``ideal``), so card projections
+  use the sustainable bandwidth, not the nominal one.
 * MV: ``blocks / chain_blocks_per_cycle`` (the chains take one 32-weight block
   per chain per cycle; sparse blocks are as fast as the pattern allows).
 * MISC: vector ops at ``LANES`` elements per cycle times a pass count
@@ -23,12 +28,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, asdict
 
+from llmfab.boards import memory_timing
 from llmfab.compiler import isa
 
 LANES = 32
 PASSES = {"NOP": 0, "QUANT": 2, "RMSNORM": 3, "ROPE": 2, "ADD": 1, "MUL": 1, "SILU_MUL": 2,
           "COPY": 1, "EMBED": 1}
-HBM_EFFICIENCY = 0.9          # sustained fraction of peak for long sequential bursts
+HBM_EFFICIENCY = 0.9          # fraction of the ports' peak the load engine keeps busy
 LATENCY = 64                  # cycles to first data of a load that cannot be prefetched
 
 
@@ -47,16 +53,26 @@ class PerfEstimate:
     tokens_per_s: float
     hbm_utilization: float     # weight+KV bytes / (cycles * peak bytes per cycle)
     bound: str                 # "memory", "compute" (chains) or "sfu" (exposed SFU work)
+    memory_model: str = "card"             # boards/memory_timing.py model the bandwidth came from
+    bytes_per_cycle: float = 0.0           # the streaming rate the loads were charged at
+    hbm_utilization_sustainable: float = 0.0   # the same bytes against the memory's sustainable peak
 
     def to_dict(self):
         return asdict(self)
 
 
-def estimate(bundle, config, *, pos: int | None = None, efficiency: float = HBM_EFFICIENCY) -> PerfEstimate:
-    """Cycles of one decode step at position ``pos`` (default: half the compiled context)."""
+def estimate(bundle, config, *, pos: int | None = None, efficiency: float = HBM_EFFICIENCY,
+             memory: str = "card") -> PerfEstimate:
+    """Cycles of one decode step at position ``pos`` (default: half the compiled context).
+
+    ``memory``: ``card`` (default) charges loads at no more than what the
+    board's memory sustains (:func:`~llmfab.boards.memory_timing.sustainable_fraction`),
+    ``ideal`` at the ports' peak times ``efficiency`` alone.
+    """
     ctx = int(bundle.manifest["context"])
     pos = ctx // 2 if pos is None else pos
-    bpc = config.hbm_bytes_per_cycle * efficiency
+    sustainable = memory_timing.sustainable_fraction(config, memory)
+    bpc = config.hbm_bytes_per_cycle * min(efficiency, sustainable)
     prefetch = 2 * (config.buffer_bytes["weight"] // 2) / bpc     # two weight slots
     regs = {isa.REG_POS: pos, isa.REG_SEQ: pos + 1}
     load = mv = sfu = exposed = 0.0
@@ -101,7 +117,10 @@ def estimate(bundle, config, *, pos: int | None = None, efficiency: float = HBM_
                         weight_bytes=wbytes, kv_bytes=kvbytes, macs=macs, clock_mhz=config.clock_mhz,
                         tokens_per_s=tps, hbm_utilization=(wbytes + kvbytes) / (cycles * peak) if cycles else 0,
                         bound=("sfu" if exposed > max(load, mv) else
-                               "memory" if load >= mv else "compute"))
+                               "memory" if load >= mv else "compute"),
+                        memory_model=memory, bytes_per_cycle=bpc,
+                        hbm_utilization_sustainable=((wbytes + kvbytes) / (cycles * peak * sustainable)
+                                                     if cycles else 0))
 
 
 def roofline_plot(points, config, path):

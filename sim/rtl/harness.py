@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llmfab.core.errors import SimError
+from llmfab.boards.memory_timing import IDEAL_READ_LATENCY, IDEAL_WRITE_LATENCY, MODELS, timing_params
+from llmfab.core.errors import LlmfabError, SimError
 
 HERE = Path(__file__).parent
 HBM_MODEL_V = HERE / "hbm_model.v"
@@ -47,9 +48,10 @@ HBM_MODEL_CPP = HERE / "hbm_model.cpp"
 TOPLEVEL = "sim_top"
 ACCEL_MODULE = "llmfab_accel"
 SERVER_MODULE = "llmfab.sim.rtl.harness_server"
-#: Read latency of the HBM model (cycles from AR to the first beat) and write-response latency.
-READ_LATENCY = 24
-WRITE_LATENCY = 8
+#: Read latency of the ideal HBM model (cycles from AR to the first beat) and write-response
+#: latency (boards/memory_timing.py; the card-like model takes its own from the board).
+READ_LATENCY = IDEAL_READ_LATENCY
+WRITE_LATENCY = IDEAL_WRITE_LATENCY
 #: Clock period the simulation uses (ns); only cycle counts are reported.
 CLOCK_NS = 10
 _ALIGN = 4096
@@ -83,6 +85,13 @@ class RtlRun:
         :func:`~llmfab.hw.top.probe_names`, each sample a dict name -> value)
         every ``N`` clock cycles from ``ap_start``, then one taken after the
         run ended (equal to the counter block). Empty otherwise.
+    memory : str
+        The memory timing model the run had (``ideal`` or ``card``).
+    memory_stats : dict
+        What the card-like timing model counted during the run: ``rd_bursts``,
+        ``wr_bursts``, ``row_misses``, ``refreshes``, ``switch_bursts``,
+        ``bus_cycles`` (channel-cycles the data buses were held, all channels).
+        Zeros under the ideal model.
     """
 
     status: int | None
@@ -93,6 +102,8 @@ class RtlRun:
     wall_seconds: float = 0.0
     timed_out: bool = False
     samples: list = field(default_factory=list)
+    memory: str = "ideal"
+    memory_stats: dict = field(default_factory=dict)
 
     @property
     def cycles(self) -> int:
@@ -324,11 +335,17 @@ class RtlAccelerator:
     probe : bool
         Build the accelerator with its ``probe`` output (default), which
         ``run(..., sample_every=N)`` samples; without it runs cannot record samples.
+    memory : str
+        The HBM timing model (``boards/memory_timing.py``): ``ideal`` (default:
+        a beat per cycle per port, fixed latency) or ``card`` (the board's
+        memory timing: latency, pages, refresh, switch). A run-time choice:
+        both run on the same build, and :meth:`set_memory` switches between runs.
+        Results never depend on it, only cycle counts.
     """
 
     def __init__(self, config, bundle, *, waves: bool = False, exec_factory=None,
                  read_latency: int = READ_LATENCY, timeout_seconds: float = 3600,
-                 progress=None, probe: bool = True):
+                 progress=None, probe: bool = True, memory: str = "ideal"):
         from llmfab.hw.top import geometry
         bundle.check_config(config)
         self.config = config
@@ -353,6 +370,10 @@ class RtlAccelerator:
         self._timeout = timeout_seconds
         self._progress = progress
         self.probe = probe
+        if memory not in MODELS:
+            raise SimError(f"unknown memory model '{memory}'; known models: {', '.join(MODELS)}")
+        self.memory = memory
+        self.channel_offset = 0
         self._proc = None
         self._sock = None
         self._tmp = None
@@ -398,6 +419,7 @@ class RtlAccelerator:
         if self._call("hello", key) != "llmfab":
             raise SimError("unexpected simulator handshake")
         self._call("hbm_init", self.memory_size, self.geometry["ports"], self.geometry["beat_bytes"])
+        self.set_memory(self.memory, channel_offset=self.channel_offset)
         self.reload_hbm()
         self.load_program(self.program)
 
@@ -447,6 +469,23 @@ class RtlAccelerator:
         return value
 
     # ---- memory
+    def set_memory(self, model: str, *, channel_offset: int = 0) -> None:
+        """Choose the HBM timing model for the next runs (``ideal`` or ``card``).
+
+        ``channel_offset`` (card model): port p reaches channel (p + offset)
+        mod ports through the HBM switch instead of its own (a microbenchmark
+        knob for the switch penalty). The timing state (open rows, refresh) starts afresh.
+        """
+        try:
+            params = timing_params(self.config, model, channel_offset=channel_offset)
+        except LlmfabError as e:
+            raise SimError(str(e)) from None
+        if self._sock is not None:
+            self._call("hbm_timing", params.to_array())
+        self.memory = model
+        self.channel_offset = int(channel_offset)
+        self.timing = params
+
     def _hbm_file(self) -> str:
         if self.bundle.path:
             p = Path(self.bundle.path) / "hbm.bin"
@@ -533,4 +572,4 @@ class RtlAccelerator:
                 raise SimError(f"register {k} = {args[k]} does not fit in 32 bits")
         res = self._call("run", args, int(timeout_cycles),
                          None if sample_every is None else int(sample_every))
-        return RtlRun(**res)
+        return RtlRun(**res, memory=self.memory)

@@ -38,6 +38,8 @@ def _lib():
     lib.hbm_fill.argtypes = [u64, ctypes.c_uint8, u64]
     lib.hbm_port_counters.argtypes = [p]
     lib.hbm_out_of_range.restype = u64
+    lib.hbm_timing.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
+    lib.hbm_timing_stats.argtypes = [p]
     return lib
 
 
@@ -88,6 +90,17 @@ class Device:
         if self.lib.hbm_fill(addr, value, n) != 0:
             raise RuntimeError(f"HBM fill [{addr:#x}, +{n}) out of range")
 
+    def hbm_timing(self, params):
+        arr = (ctypes.c_double * len(params))(*params)
+        if self.lib.hbm_timing(arr, len(params)) != 0:
+            raise RuntimeError(f"hbm_timing({list(params)}) refused the parameters")
+
+    def timing_stats(self):
+        arr = (ctypes.c_uint64 * 6)()
+        self.lib.hbm_timing_stats(arr)
+        return dict(zip(("rd_bursts", "wr_bursts", "row_misses", "refreshes", "switch_bursts",
+                         "bus_cycles"), arr))
+
     def port_counters(self):
         arr = (ctypes.c_uint64 * (4 * self.ports))()
         self.lib.hbm_port_counters(arr)
@@ -126,6 +139,7 @@ class Device:
         await self.axil.write_dword(REG_GIE, 1)
         await self.axil.write_dword(REG_IER, 1)
         before = self.port_counters()
+        tbefore = self.timing_stats()
         c0 = self.cycle()
         await self.axil.write_dword(REG_CTRL, 1)
         samples, sampler = [], None
@@ -154,12 +168,15 @@ class Device:
         if not ctrl & 2:
             raise RuntimeError(f"interrupt without ap_done (ctrl {ctrl:#x})")
         ports = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
+        tafter = self.timing_stats()
+        memory_stats = {k: tafter[k] - tbefore[k] for k in tafter}
         oob = self.lib.hbm_out_of_range()
         if oob:
             raise RuntimeError(f"the accelerator accessed HBM outside the model ({oob} beats)")
         return dict(status=counters["status"], pc=counters["pc"], counters=counters,
                     port_bytes=ports, sim_cycles=c1 - c0, timed_out=False,
-                    wall_seconds=time.perf_counter() - t_wall, samples=samples)
+                    wall_seconds=time.perf_counter() - t_wall, samples=samples,
+                    memory_stats=memory_stats)
 
 
 @cocotb.test()
@@ -187,6 +204,8 @@ async def serve(dut):
                 value = await dev.axil.read_dword(args[0])
             elif cmd == "reg_write":
                 value = await dev.axil.write_dword(args[0], args[1])
+            elif cmd == "hbm_timing":
+                value = dev.hbm_timing(*args)
             elif cmd == "hbm_init":
                 value = dev.hbm_init(*args)
             elif cmd == "hbm_load":

@@ -5,10 +5,13 @@
 // a file read) and maps each port-local address to the flat one: byte A of the
 // flat space lives on port (A / S) % P at local address (A / (P*S)) * S + A % S.
 //
-// Timing per port: up to QDEPTH bursts accepted per direction; the first read
-// beat of a burst comes RLAT cycles after its AR was accepted, then one beat
+// Timing per port: up to QDEPTH bursts accepted per direction; the C++ side
+// (hbm_dpi_sched) says when the first read beat of a burst is due, then one beat
 // per cycle; write data is accepted one beat per cycle once its AW is known,
-// the B response comes BLAT cycles after the last beat.
+// the B response comes BLAT cycles after the last beat, or later if the C++ side
+// says so. With the ideal timing model (the default) the first read beat comes RLAT
+// cycles after its AR was accepted; the card-like model (refresh, pages, bus
+// occupancy, the HBM switch) is chosen at run time, without a rebuild.
 
 module hbm_axi_port #(
     parameter integer PORT = 0,
@@ -50,6 +53,9 @@ module hbm_axi_port #(
                                               output bit [1023:0] data);
     import "DPI-C" function void hbm_dpi_write(input int port, input longint addr,
                                                input bit [1023:0] data, input bit [127:0] strb);
+    import "DPI-C" function longint hbm_dpi_sched(input int port, input int is_write,
+                                                  input longint addr, input int beats,
+                                                  input longint now, input int lat);
 
     localparam integer S = DW / 8;
     localparam integer QB = $clog2(QDEPTH);
@@ -84,7 +90,8 @@ module hbm_axi_port #(
                 ar_addr[ar_wp[QB-1:0]] <= araddr;
                 ar_len[ar_wp[QB-1:0]] <= arlen;
                 ar_id[ar_wp[QB-1:0]] <= arid;
-                ar_due[ar_wp[QB-1:0]] <= now + RLAT;
+                ar_due[ar_wp[QB-1:0]] <= hbm_dpi_sched(PORT, 0, araddr, {24'd0, arlen} + 32'd1,
+                                                       now, RLAT);
                 ar_wp <= ar_wp + 1;
             end
             if (rvalid && rready && !load_next)
@@ -108,6 +115,7 @@ module hbm_axi_port #(
     // ---------------- writes
     reg [63:0]    aw_addr [0:QDEPTH-1];
     reg [IDW-1:0] aw_id   [0:QDEPTH-1];
+    reg [63:0]    aw_done [0:QDEPTH-1];     // earliest B response (0: BLAT alone decides)
     reg [QB:0]    aw_wp, aw_rp;
     wire [QB:0]   aw_cnt = aw_wp - aw_rp;
     wire aw_full = aw_cnt == QDEPTH;
@@ -134,6 +142,8 @@ module hbm_axi_port #(
             if (awvalid && awready) begin
                 aw_addr[aw_wp[QB-1:0]] <= awaddr;
                 aw_id[aw_wp[QB-1:0]] <= awid;
+                aw_done[aw_wp[QB-1:0]] <= hbm_dpi_sched(PORT, 1, awaddr, {24'd0, awlen} + 32'd1,
+                                                        now, BLAT);
                 aw_wp <= aw_wp + 1;
             end
             if (wvalid && wready) begin
@@ -146,7 +156,8 @@ module hbm_axi_port #(
                     wbeat <= 0;
                     aw_rp <= aw_rp + 1;
                     b_id[b_wp[QB-1:0]] <= aw_id[aw_rp[QB-1:0]];
-                    b_due[b_wp[QB-1:0]] <= now + BLAT;
+                    b_due[b_wp[QB-1:0]] <= (aw_done[aw_rp[QB-1:0]] > now + BLAT)
+                                           ? aw_done[aw_rp[QB-1:0]] : now + BLAT;
                     b_wp <= b_wp + 1;
                 end else begin
                     wbeat <= wbeat + 1;
