@@ -1,10 +1,14 @@
 """Benchmark: SmolLM2 on the simulated accelerator (Verilator), against the golden model.
 
-    .venv/bin/python benchmarks/rtl_decode.py [--config ci] [--new-tokens 3]
+    .venv/bin/python benchmarks/rtl_decode.py [--config ci] [--new-tokens 3] [--memory ideal,card]
 
-Prints the build time, per-token cycles, HBM utilization, per-queue busy
-fractions, simulation speed, and whether tokens and logits equal the golden
-backend's (bit for bit).
+Prints the build time, per-token cycles, the memory timing model that ran
+(``--memory ideal``, the default, or ``card``: the board's HBM timing,
+boards/memory_timing.py; ``ideal,card`` runs both, one after the other, in one
+simulation), HBM utilization against the ports' peak and against the memory's
+sustainable peak, per-queue busy fractions, simulation speed, and whether
+tokens and logits equal the golden backend's (bit for bit); one JSON line per
+memory model.
 """
 
 import argparse
@@ -28,20 +32,33 @@ def main(argv=None):
     ap.add_argument("--config", default="ci")
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--new-tokens", type=int, default=3)
+    ap.add_argument("--memory", default="ideal",
+                    help="HBM timing model(s), comma-separated: ideal, card (boards/memory_timing.py)")
     args = ap.parse_args(argv)
+    models = args.memory.split(",")
     m = load_model()
     cfg = load_config(args.config)
     tok = Tokenizer.from_gguf(m.path)
     prompt = tok.encode(args.prompt)
     b = compile_model(m, cfg)
     t = time.perf_counter()
-    rtl = RtlDevice(m, cfg, bundle=b)
+    rtl = RtlDevice(m, cfg, bundle=b, memory=models[0])
     build = time.perf_counter() - t
     gold = GoldenDevice(m, cfg, bundle=b)
     gold_res = gold.generate(prompt, args.new_tokens)
+    rc = 0
+    for memory in models:
+        rc |= _run(args, rtl, gold, gold_res, prompt, memory, build)
+    rtl.close()
+    return rc
+
+
+def _run(args, rtl, gold, gold_res, prompt, memory, build):
+    rtl.acc.set_memory(memory)
+    rtl.runs = []
     t = time.perf_counter()
     rtl.reset()
-    bar = tqdm(total=len(prompt) + args.new_tokens - 1, desc="rtl decode runs", unit="token",
+    bar = tqdm(total=len(prompt) + args.new_tokens - 1, desc=f"rtl decode runs ({memory} memory)", unit="token",
                file=sys.stderr)
     parts = []
     for t_ in prompt:                   # the rtl backend runs the decode program per position
@@ -69,8 +86,7 @@ def main(argv=None):
            "logits_bit_exact": bool(np.array_equal(lr_all.view(np.uint32), lg.view(np.uint32))),
            "wall_seconds": round(wall, 1), "seconds_per_token": round(wall / (len(prompt) + len(toks) - 1), 1),
            **st}
-    print(json.dumps(out))
-    rtl.close()
+    print(json.dumps(out), flush=True)
     return 0 if out["logits_bit_exact"] and toks == gold_res.tokens else 1
 
 
