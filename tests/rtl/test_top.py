@@ -62,13 +62,18 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=MACHINES)
 def machine(request, tiny_model):
-    """(config, the tiny model compiled for it, the running simulation)."""
+    """(config, the tiny model compiled for it, the running simulation).
+
+    The execution unit is the MiscExec test double (NOP/COPY/ADD/MUL executed, the rest a
+    fixed-latency placeholder): these tests are about control, validation and data movement,
+    and the small build keeps them fast."""
     from llmfab.compiler.compile import compile_model
     from llmfab.compiler.model import load_model
+    from llmfab.hw.execute import MiscExec
     from llmfab.sim.rtl.harness import RtlAccelerator
     config = machine_config(request.param)
     bundle = compile_model(load_model(tiny_model), config)
-    with RtlAccelerator(config, bundle, timeout_seconds=900) as acc:
+    with RtlAccelerator(config, bundle, timeout_seconds=900, exec_factory=MiscExec) as acc:
         yield config, bundle, acc
 
 
