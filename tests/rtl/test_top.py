@@ -19,6 +19,8 @@ from llmfab.hw.isa import InstrDecoder
 from llmfab.sim.golden import Golden
 from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 
+from tb import soak
+
 HERE = Path(__file__).parent
 BUILD_ARGS = ("--output-split", "0")
 N_CORRUPT = 240
@@ -26,11 +28,13 @@ N_CORRUPT = 240
 WATCHDOG = 400_000
 
 
-def test_isa_decoder_matches_compiler():
-    """>= 10,000 random words (legal, corrupted, random): legal flag and queue as compiler.isa.decode."""
+@soak(12_000)
+def test_isa_decoder_matches_compiler(vectors):
+    """Random words (legal, corrupted, random; 1,000, or 12,000 under slow): legal flag and
+    queue as compiler.isa.decode."""
     run_cocotb(to_verilog(InstrDecoder(), "instr_decoder"), "instr_decoder", "cocotb_top",
                module_dir=HERE, testcase="decoder_random", build_args=BUILD_ARGS,
-               extra_env={"DEC_N": "12000"})
+               extra_env={"DEC_N": str(vectors)})
 
 
 # ---------------------------------------------------------------------------------------
