@@ -19,8 +19,8 @@ from llmfab.boards.config import load_config
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
 from llmfab.compiler.tokenizer import Tokenizer
-from llmfab.sim.golden_backend import GoldenDevice
-from llmfab.sim.rtl_backend import RtlDevice
+from llmfab.host.golden_backend import GoldenDevice
+from llmfab.host.rtl_backend import RtlDevice
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@
         [--write-docs]
 
 Runs the model (default: the bundled SmolLM2) compiled for ``--config`` on the
-Verilator simulation of the accelerator (``sim/rtl_backend.py``'s execution
+Verilator simulation of the accelerator (``host/rtl_backend.py``'s execution
 unit): the prompt token by token, then ``--decode-steps`` greedy decode steps.
 During the decode steps the accelerator's live counters (``hw/top.py``'s
 ``probe``) are sampled every ``--sample-every`` cycles. For the first decode
@@ -40,7 +40,7 @@ from llmfab.compiler.model import load_model
 from llmfab.compiler.tokenizer import Tokenizer
 from llmfab.hw.top import probe_names
 from llmfab.sim.perf import estimate, roofline_plot
-from llmfab.sim.rtl_backend import RtlDevice
+from llmfab.host.rtl_backend import RtlDevice
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMG = os.path.join(HERE, "..", "docs", "img")

@@ -11,17 +11,14 @@ See ``docs/boards.md`` and ``docs/config.md``.
 
 from .board import (Board, MemorySpec, Resources, ShellReserved, board_names,
                     format_boards_table, list_boards, load_board)
-from .config import (BLOCK_WEIGHTS, SPARSITY_PATTERNS, WEIGHT_FORMATS, AccelConfig,
-                     BufferConfig, BufferLayout, ChainConfig, HbmConfig, block_bytes,
-                     check_fits, config_names, format_configs_table, kept_weights,
-                     list_configs, load_config)
-from .errors import BoardError, ConfigError, FitError
+from .config import (AccelConfig, BufferConfig, BufferLayout, ChainConfig, HbmConfig, check_fits,
+                     config_names, format_configs_table, list_configs, load_config)
+from llmfab.core.errors import BoardError, ConfigError, FitError
 
 __all__ = [
     "Board", "MemorySpec", "Resources", "ShellReserved",
     "load_board", "list_boards", "board_names", "format_boards_table",
     "AccelConfig", "ChainConfig", "BufferConfig", "HbmConfig", "BufferLayout",
     "load_config", "list_configs", "config_names", "check_fits", "format_configs_table",
-    "block_bytes", "kept_weights", "BLOCK_WEIGHTS", "WEIGHT_FORMATS", "SPARSITY_PATTERNS",
     "BoardError", "ConfigError", "FitError",
 ]

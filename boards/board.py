@@ -3,7 +3,7 @@
 Every card llmfab targets is described by ``boards/<name>.yaml`` (see
 ``docs/boards.md`` for the fields and the rule that every fact carries its
 source in a YAML comment). This module reads those files, checks every field
-and turns each mistake into a one-line :class:`~llmfab.boards.errors.BoardError`
+and turns each mistake into a one-line :class:`~llmfab.core.errors.BoardError`
 that names the file and the field::
 
     boards/u280.yaml: field 'resources.dsp' must be a positive integer, not 'lots'
@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import BoardError, LlmfabError
+from llmfab.core.errors import BoardError, LlmfabError
 
 __all__ = [
     "BOARDS_DIR",

@@ -25,22 +25,18 @@ from typing import Any
 
 from .board import (BOARDS_DIR, Board, Fields, board_names, display_path, load_board,
                     read_yaml, resolve_file, show)
-from .errors import ConfigError, FitError
+from llmfab.core.errors import ConfigError, FitError
+from llmfab.core.formats import (BLOCK_WEIGHTS, SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes,
+                                 check_format)
 
 __all__ = [
     "CONFIGS_DIR",
-    "BLOCK_WEIGHTS",
-    "WEIGHT_FORMATS",
-    "SPARSITY_PATTERNS",
     "BUFFERS",
-    "FormatSpec",
     "ChainConfig",
     "BufferConfig",
     "HbmConfig",
     "BufferLayout",
     "AccelConfig",
-    "block_bytes",
-    "kept_weights",
     "load_config",
     "list_configs",
     "config_names",
@@ -50,50 +46,6 @@ __all__ = [
 
 #: Folder holding the named configurations.
 CONFIGS_DIR = BOARDS_DIR / "configs"
-
-#: Weights in one GGUF block (every supported format has one scale per block).
-BLOCK_WEIGHTS = 32
-
-
-@dataclass(frozen=True)
-class FormatSpec:
-    """Storage of one GGUF weight format.
-
-    Attributes
-    ----------
-    name : str
-        GGUF type name (``"q4_0"``).
-    weight_bits : int
-        Bits per quantized weight.
-    header_bytes : int
-        Bytes of per-block parameters: fp16 scale ``d`` (and fp16 minimum
-        ``m`` for Q4_1).
-    scale_fmuls : int
-        binary32 multiplies per block result on the chains: ``d_w * d_a`` and
-        that times the integer dot product; Q4_1 adds ``m_w * s_a``.
-    """
-
-    name: str
-    weight_bits: int
-    header_bytes: int
-    scale_fmuls: int
-
-
-#: Supported weight formats, in canonical order.
-WEIGHT_FORMATS: dict[str, FormatSpec] = {
-    "q4_0": FormatSpec("q4_0", 4, 2, 2),
-    "q4_1": FormatSpec("q4_1", 4, 4, 3),
-    "q8_0": FormatSpec("q8_0", 8, 2, 2),
-}
-
-#: Supported N:M sparsity patterns (N weights kept of every M), canonical order.
-SPARSITY_PATTERNS: dict[str, tuple[int, int]] = {
-    "dense": (1, 1),
-    "2:4": (2, 4),
-    "8:16": (8, 16),
-    "4:16": (4, 16),
-    "2:16": (2, 16),
-}
 
 #: On-chip buffers, in canonical order, with the field name of their size.
 BUFFERS = ("activation", "weight", "kv", "global", "instruction")
@@ -129,47 +81,6 @@ def _ceil_log2(n: int) -> int:
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-def kept_weights(sparsity: str = "dense") -> int:
-    """Weights stored per 32-weight block under *sparsity* (32 for dense, 16 for 2:4)."""
-    try:
-        n, m = SPARSITY_PATTERNS[sparsity]
-    except KeyError:
-        raise ConfigError(f"unknown sparsity pattern {show(sparsity)}; known: "
-                          f"{', '.join(SPARSITY_PATTERNS)}") from None
-    return BLOCK_WEIGHTS * n // m
-
-
-def block_bytes(fmt: str, sparsity: str = "dense") -> int:
-    """Bytes of one 32-weight block of *fmt* stored with *sparsity*.
-
-    ``header + ceil(kept * weight_bits / 8) + ceil(kept * log2(M) / 8)``:
-    a sparse block stores only its ``kept = 32 * N / M`` weights, each with a
-    ``log2(M)``-bit index of its position inside its group of M. The pattern is
-    fixed per tensor (recorded in the program), so a block carries no N byte.
-
-    Parameters
-    ----------
-    fmt : str
-        ``"q4_0"`` (18 bytes dense), ``"q4_1"`` (20) or ``"q8_0"`` (34).
-    sparsity : str
-        A key of :data:`SPARSITY_PATTERNS`.
-
-    Returns
-    -------
-    int
-    """
-    try:
-        spec = WEIGHT_FORMATS[fmt]
-    except KeyError:
-        raise ConfigError(f"unknown weight format {show(fmt)}; known: "
-                          f"{', '.join(WEIGHT_FORMATS)}") from None
-    kept = kept_weights(sparsity)
-    n, m = SPARSITY_PATTERNS[sparsity]
-    index_bits = 0 if m == 1 else _ceil_log2(m)
-    return spec.header_bytes + math.ceil(kept * spec.weight_bits / 8) \
-        + math.ceil(kept * index_bits / 8)
 
 
 # --------------------------------------------------------------------------
@@ -322,7 +233,7 @@ class AccelConfig:
     def format_macs_per_cycle(self, fmt: str) -> int:
         """MACs per cycle for weights of *fmt*: halved for 8-bit weights when
         ``pack_int4`` (a packed DSP does one int8 x int8 product, not two)."""
-        spec = WEIGHT_FORMATS[fmt]
+        spec = check_format(fmt)
         if self.chain.pack_int4 and spec.weight_bits > 4:
             return self.macs_per_cycle // 2
         return self.macs_per_cycle

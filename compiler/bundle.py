@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmfab.boards.errors import BundleError
+from llmfab.core.errors import BundleError
 
 FORMAT_VERSION = 2
 

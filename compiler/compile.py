@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmfab.boards.errors import CompileError, FitError
+from llmfab.core.errors import CompileError, FitError
+from llmfab.core import formats
+from llmfab.core.formats import QBLOCK_BYTES
 from llmfab.compiler import isa, quant, sparse
 from llmfab.compiler.bundle import FORMAT_VERSION, Bundle
 from llmfab.compiler.model import Model
 
 ALIGN = 4096
-QBLOCK_BYTES = 40          # quantized activation block in QB: 32 q + fp32 d + int32 sumq
 GB_CONSTS = 64             # constants block at the start of GB: eps, attention scale
 WEIGHT_SLOTS_LARGE = 4     # weight tile slots when each holds >= SLOT_MIN_CYCLES of loads
 SLOT_MIN_CYCLES = 1024     # (else 2)
@@ -158,7 +159,7 @@ class OnChip:
 
 
 def _row_bytes(fmt, sp, cols):
-    return cols // 32 * sparse.sparse_block_bytes(fmt, sp)
+    return cols // 32 * formats.block_bytes(fmt, sp)
 
 
 def _encode_rows(fmt, sp, raw, mask):
@@ -187,7 +188,7 @@ def parse_sparsity(spec: str | None) -> dict:
         if names is None:
             raise CompileError(f"--sparsity: unknown target '{key}' "
                                f"(use all, ffn, attn or one of {', '.join(MATRICES)})")
-        sparse.parse_pattern(pat)
+        formats.pattern(pat)
         for n in names:
             out[n] = pat
     return out
@@ -401,7 +402,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     weights_bytes = image_len[0]
 
     # ---- tables ----------------------------------------------------------------------
-    from llmfab.sim import numerics as N
+    from llmfab.core import numerics as N
     tables = bytearray()
     consts = np.zeros(GB_CONSTS // 4, np.float32)
     consts[0] = np.float32(d.rms_eps)
@@ -865,27 +866,3 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     b = Bundle(manifest=manifest, program=program, hbm_image=img, prefill=prefill_programs)
     b.extra["masks"] = masks
     return b
-
-
-def compile_cli(args) -> None:
-    """`llmfab compile [--model GGUF] [--config NAME|PATH] --out BUNDLE [--sparsity ...]`."""
-    from llmfab.boards.config import load_config
-    from llmfab.compiler.bundle import write_bundle
-    from llmfab.compiler.model import load_model
-
-    model = load_model(args.model)
-    config = load_config(args.config)
-    b = compile_model(model, config, sparsity=args.sparsity, progress=True)
-    report = b.manifest["stats"]
-    if args.sparsity:
-        from llmfab.compiler.report import sparsity_report
-        report["accuracy"] = sparsity_report(model, b, config)
-        b.manifest["stats"] = report
-    write_bundle(b, args.out)
-    print(json.dumps({"bundle": args.out, "program_bytes": len(b.program),
-                      "prefill_buckets": b.manifest["prefill"]["buckets"],
-                      "prefill_program_bytes": report["prefill_program_bytes"],
-                      "instructions": report["instructions"],
-                      "weight_bytes": report["weight_bytes"],
-                      "compile_seconds": report["compile_seconds"],
-                      **({"accuracy": report["accuracy"]} if "accuracy" in report else {})}))

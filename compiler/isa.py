@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmfab.boards.errors import IsaError
+from llmfab.core.errors import IsaError
+from llmfab.core.formats import SPARSITY_PATTERNS, WEIGHT_FORMATS
 
 WORD_BITS = 128
 WORD_BYTES = 16
@@ -39,8 +40,8 @@ LD_RAW = 0
 # ST func
 ST_F32, ST_F16 = 0, 1
 # MV/MM func: fmt[2] | sparsity[3] << 2
-FMTS = ("q4_0", "q4_1", "q8_0")
-SPARSITIES = ("dense", "2:4", "8:16", "4:16", "2:16")
+FMTS = tuple(WEIGHT_FORMATS)            # fmt codes 0, 1, 2 in the catalogue's order
+SPARSITIES = tuple(SPARSITY_PATTERNS)   # sparsity codes in the catalogue's order
 # MISC (SFU) funcs
 MISC_FUNCS = {
     "NOP": 0, "QUANT": 1, "RMSNORM": 2, "ROPE": 3, "ADD": 4, "MUL": 5, "SILU_MUL": 6,

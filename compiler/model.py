@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, asdict
 
 import numpy as np
 
-from llmfab.boards.errors import ModelError
+from llmfab.core.errors import ModelError
 
 __all__ = [
     "ModelDesc", "QTensor", "Model", "load_model", "load_gguf", "load_hf",

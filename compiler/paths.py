@@ -3,7 +3,7 @@
 import importlib.util
 import os
 
-from llmfab.boards.errors import ModelError
+from llmfab.core.errors import ModelError
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

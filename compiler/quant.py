@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmfab.boards.errors import ModelError
-
-BLOCK = 32
-BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+from llmfab.core.errors import ModelError
+from llmfab.core.formats import BLOCK_BYTES, BLOCK_WEIGHTS as BLOCK
 
 
 def _ggml_type(qtype: str):

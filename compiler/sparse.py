@@ -25,37 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmfab.boards.errors import CompileError
+from llmfab.core.errors import CompileError
 from llmfab.compiler import quant
-
-PATTERNS = {"dense": (32, 32), "2:4": (2, 4), "8:16": (8, 16), "4:16": (4, 16), "2:16": (2, 16)}
-HEADER = {"q4_0": 2, "q4_1": 4, "q8_0": 2}
-
-
-def parse_pattern(p: str):
-    if p not in PATTERNS:
-        raise CompileError(f"unknown sparsity pattern '{p}' (choose from {', '.join(PATTERNS)})")
-    return PATTERNS[p]
-
-
-def kept(p: str) -> int:
-    n, m = parse_pattern(p)
-    return 32 * n // m
-
-
-def sparse_block_bytes(fmt: str, p: str) -> int:
-    if p == "dense":
-        return quant.BLOCK_BYTES[fmt]
-    n, m = parse_pattern(p)
-    K = kept(p)
-    vbits = 8 if fmt == "q8_0" else 4
-    ibits = int(np.log2(m))
-    return HEADER[fmt] + (K * vbits + 7) // 8 + (K * ibits + 7) // 8
-
+from llmfab.core import formats as F
 
 def magnitude_mask(values: np.ndarray, p: str) -> np.ndarray:
     """Keep the N largest-magnitude weights of every group of M (ties: lower position)."""
-    n, m = parse_pattern(p)
+    n, m = F.pattern(p)
     if p == "dense":
         return np.ones(values.shape, bool)
     if values.shape[-1] % m:
@@ -81,9 +57,9 @@ def encode_sparse_rows(qtype: str, raw: np.ndarray, mask: np.ndarray, p: str) ->
 
     Returns uint8 ``[rows, nb * sparse_block_bytes]`` in the layout above.
     """
-    n, m = parse_pattern(p)
-    K = kept(p)
-    ibits = int(np.log2(m))
+    n, m = F.pattern(p)
+    K = F.kept_weights(p)
+    ibits = F.index_bits(p)
     raw = np.asarray(raw, np.uint8)
     rows = raw.shape[0]
     q, d, mm = quant.split_blocks(qtype, raw)             # q [rows, nb, 32]
@@ -104,26 +80,27 @@ def encode_sparse_rows(qtype: str, raw: np.ndarray, mask: np.ndarray, p: str) ->
     else:
         codes = (v + (8 if qtype == "q4_0" else 0)).astype(np.uint8)
         parts.append((codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4))
-    idx = (pos % m).astype(np.uint8)
-    per = 8 // ibits
-    packed = np.zeros((rows, nb, K * ibits // 8), np.uint8)
-    for j in range(per):
-        packed |= (idx[..., j::per] << (j * ibits)).astype(np.uint8)
-    parts.append(packed)
+    if ibits:
+        idx = (pos % m).astype(np.uint8)
+        per = 8 // ibits
+        packed = np.zeros((rows, nb, K * ibits // 8), np.uint8)
+        for j in range(per):
+            packed |= (idx[..., j::per] << (j * ibits)).astype(np.uint8)
+        parts.append(packed)
     return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
 
 def decode_sparse_rows(qtype: str, data: np.ndarray, p: str, nb: int):
     """Inverse of :func:`encode_sparse_rows`: (values [rows, nb, K], idx, d [rows, nb], m)."""
-    n, m = parse_pattern(p)
-    K = kept(p)
-    ibits = int(np.log2(m))
-    bb = sparse_block_bytes(qtype, p)
+    n, m = F.pattern(p)
+    K = F.kept_weights(p)
+    ibits = F.index_bits(p)
+    bb = F.block_bytes(qtype, p)
     buf = np.asarray(data, np.uint8).reshape(-1, nb, bb)
     rows = buf.shape[0]
     d = buf[..., 0:2].copy().view(np.float16)[..., 0]
     mm = buf[..., 2:4].copy().view(np.float16)[..., 0] if qtype == "q4_1" else None
-    off = HEADER[qtype]
+    off = F.check_format(qtype).header_bytes
     if qtype == "q8_0":
         vals = buf[..., off:off + K].view(np.int8).astype(np.int16)
         off += K
@@ -135,6 +112,8 @@ def decode_sparse_rows(qtype: str, data: np.ndarray, p: str, nb: int):
         if qtype == "q4_0":
             vals -= 8
         off += K // 2
+    if not ibits:                                   # dense: every position kept
+        return vals, np.broadcast_to(np.arange(K) % m, (rows, nb, K)).copy(), d, mm
     ib = buf[..., off:off + K * ibits // 8]
     per = 8 // ibits
     idx = np.empty((rows, nb, K), np.int64)

@@ -16,7 +16,7 @@ text between them both become pieces). The same is expressed here as a
 see ``docs/reference-data.md``) are listed in :data:`PRE_TOKENIZERS`.
 
 Only ``tokenizer.ggml.model = "gpt2"`` (byte-level BPE) is supported; anything
-else raises :class:`~llmfab.boards.errors.TokenizerError`.
+else raises :class:`~llmfab.core.errors.TokenizerError`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from datetime import datetime
 
 import numpy as np
 
-from llmfab.boards.errors import ModelError, TokenizerError
+from llmfab.core.errors import ModelError, TokenizerError
 
 # --------------------------------------------------------------------------
 # pre-tokenizer families (regexes as in llama.cpp src/llama-vocab.cpp)

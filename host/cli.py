@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from llmfab.boards.errors import LlmfabError
+from llmfab.core.errors import LlmfabError
 
 BACKEND_CHOICES = ("reference", "golden", "rtl", "xrt")
 
@@ -233,8 +233,28 @@ def cmd_tokenize(args):
 
 
 def cmd_compile(args):
-    from llmfab.compiler.compile import compile_cli
-    compile_cli(args)
+    """`llmfab compile [--model GGUF] [--config NAME|PATH] --out BUNDLE [--sparsity ...]`."""
+    from llmfab.compiler.compile import compile_model
+    from llmfab.boards.config import load_config
+    from llmfab.compiler.bundle import write_bundle
+    from llmfab.compiler.model import load_model
+
+    model = load_model(args.model)
+    config = load_config(args.config)
+    b = compile_model(model, config, sparsity=args.sparsity, progress=True)
+    report = b.manifest["stats"]
+    if args.sparsity:
+        from llmfab.sim.report import sparsity_report
+        report["accuracy"] = sparsity_report(model, b, config)
+        b.manifest["stats"] = report
+    write_bundle(b, args.out)
+    print(json.dumps({"bundle": args.out, "program_bytes": len(b.program),
+                      "prefill_buckets": b.manifest["prefill"]["buckets"],
+                      "prefill_program_bytes": report["prefill_program_bytes"],
+                      "instructions": report["instructions"],
+                      "weight_bytes": report["weight_bytes"],
+                      "compile_seconds": report["compile_seconds"],
+                      **({"accuracy": report["accuracy"]} if "accuracy" in report else {})}))
 
 
 def cmd_hw(args):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmfab.boards.errors import BackendError
+from llmfab.core.errors import BackendError
 
 BACKENDS = ("reference", "golden", "rtl", "xrt")
 
@@ -105,13 +105,13 @@ def open_device(backend: str, model, config=None, **kw) -> Device:
         return ReferenceDevice(model, config, **kw)
     if backend == "golden":
         try:
-            from llmfab.sim.golden_backend import GoldenDevice
+            from llmfab.host.golden_backend import GoldenDevice
         except ImportError:
             raise BackendError("backend 'golden' is not available in this build") from None
         return GoldenDevice(model, config, **kw)
     if backend == "rtl":
         try:
-            from llmfab.sim.rtl_backend import RtlDevice
+            from llmfab.host.rtl_backend import RtlDevice
         except ImportError:
             raise BackendError("backend 'rtl' is not available in this build") from None
         return RtlDevice(model, config, **kw)

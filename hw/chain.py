@@ -4,7 +4,7 @@ One chain consumes per cycle one *operand beat*: ``length / 32`` block lanes, ea
 a 32-weight block (or its N:M sparse kept weights and their indices) with the 32
 int8 activations of the same block, and produces per lane the exact block sum
 ``isum = sum_i qw[i] * q[i]`` and ``sumq``, the sum of the activations at the
-kept positions (``sim.numerics.block_isum`` / ``sparse_isum`` are the spec).
+kept positions (``core.numerics.block_isum`` / ``sparse_isum`` are the spec).
 
 Datapath (docs/hw-units.md has the pictures and numbers):
 
@@ -45,7 +45,7 @@ from amaranth.lib import data, enum, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from llmfab.boards.config import BLOCK_WEIGHTS, SPARSITY_PATTERNS, WEIGHT_FORMATS, kept_weights
+from llmfab.core.formats import BLOCK_WEIGHTS, SPARSITY_PATTERNS, WEIGHT_FORMATS, kept_weights
 
 __all__ = [
     "WeightFormat", "Sparsity", "FORMAT_CODES", "PATTERN_CODES", "MAX_KEPT",

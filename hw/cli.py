@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmfab.boards.errors import LlmfabError
+from llmfab.core.errors import LlmfabError
 
 __all__ = ["TOP_MODULE", "hw_cli", "generate_verilog"]
 
@@ -32,7 +32,7 @@ def generate_verilog(config, out_dir, *, units: bool = False, progress=None) -> 
 
     ``progress(name)`` is called before each file is generated."""
     from llmfab.hw.top import Accelerator
-    from llmfab.sim.rtl.runner import to_verilog
+    from llmfab.hw.verilog import to_verilog
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LlmfabError(f"cannot write Verilog to {out_dir}: it is a file; give a directory")

@@ -28,7 +28,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
-from llmfab.boards.config import (BLOCK_WEIGHTS, SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes,
+from llmfab.core.formats import (BLOCK_WEIGHTS, SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes,
                                   kept_weights)
 from llmfab.hw.chain import (FORMAT_CODES, MAX_KEPT, PATTERN_CODES, Sparsity, WeightFormat,
                              _check_names, weight_beat_layout)

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmfab.boards.errors import SimError
+from llmfab.core.errors import SimError
 
 __all__ = ["SCRIPT", "synthesize", "estimate", "format_table", "summarize_stat"]
 
@@ -49,7 +49,7 @@ SOFT_MUL_CELLS = ("$__soft_mul", "$mul")
 
 
 def _cache_dir() -> Path:
-    from llmfab.sim.rtl.runner import build_root
+    from llmfab.hw.verilog import build_root
     d = build_root() / "estimate"
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -139,7 +139,7 @@ def estimate(config, *, units: dict | None = None, progress: bool = True, cache:
     from tqdm import tqdm
 
     from llmfab.hw.units import all_units
-    from llmfab.sim.rtl.runner import to_verilog
+    from llmfab.hw.verilog import to_verilog
     units = all_units(config) if units is None else units
     out = {}
     bar = tqdm(units.items(), desc="synth_xilinx", unit="unit", file=sys.stderr,

@@ -1,6 +1,6 @@
 """binary32 arithmetic for the accelerator: adder, multiplier, conversions, pipeline builder.
 
-Every operation follows ``sim/numerics.py`` bit for bit: IEEE binary32 round to
+Every operation follows ``core/numerics.py`` bit for bit: IEEE binary32 round to
 nearest even, computed as IEEE with gradual underflow and then flushed to a
 zero of the same sign when the result is subnormal (FTZ). Inputs are never
 subnormal in the datapath; a subnormal input is read as a zero of its sign.

@@ -18,7 +18,7 @@ from amaranth.lib import data, enum, wiring
 from amaranth.lib.wiring import In, Out
 
 from llmfab.compiler import isa as _isa
-from llmfab.compiler import sparse as _sparse
+from llmfab.core.formats import QBLOCK_BYTES, block_bytes
 
 __all__ = [
     "WORD_BITS", "Op", "Queue", "MiscFunc", "SysFunc", "StFunc", "LAYOUTS", "Header",
@@ -100,12 +100,10 @@ for _lay in (*LAYOUTS.values(), Header, Instruction):
     assert _lay.size == WORD_BITS
 
 #: Bytes of a dense GGUF block per format index (``fmt`` of MV/MM, ``aux`` of EMBED).
-BLOCK_BYTES = [_sparse.sparse_block_bytes(f, "dense") for f in _isa.FMTS]
-#: Bytes of one 32-weight block per ``[fmt][sparsity]`` (``compiler.sparse.sparse_block_bytes``).
-SPARSE_BLOCK_BYTES = [[_sparse.sparse_block_bytes(f, s) for s in _isa.SPARSITIES]
+BLOCK_BYTES = [block_bytes(f) for f in _isa.FMTS]
+#: Bytes of one 32-weight block per ``[fmt][sparsity]`` (``core.formats.block_bytes``).
+SPARSE_BLOCK_BYTES = [[block_bytes(f, s) for s in _isa.SPARSITIES]
                       for f in _isa.FMTS]
-#: Bytes of one quantized activation block (32 int8, binary32 d, int32 sumq).
-QBLOCK_BYTES = 40
 
 
 def is_legal(m: Module, word) -> Signal:

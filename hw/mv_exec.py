@@ -54,7 +54,7 @@ from amaranth import C, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, memory, wiring
 from amaranth.utils import ceil_log2, exact_log2
 
-from llmfab.boards.config import SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes
+from llmfab.core.formats import QBLOCK_BYTES, SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes
 from llmfab.hw.chain import FORMAT_CODES, PATTERN_CODES, Chain
 from llmfab.hw.decoder import Decoder
 from llmfab.hw.dma import LineReader, Realign
@@ -62,10 +62,8 @@ from llmfab.hw.execute import exec_signature
 from llmfab.hw.isa import Instruction, Op
 from llmfab.hw.scaler import Scaler
 
-__all__ = ["MvExec", "QBLOCK_BYTES", "DEFAULT_MAX_BLOCKS"]
+__all__ = ["MvExec", "DEFAULT_MAX_BLOCKS"]
 
-#: Bytes per block of a quantized vector: 32 int8, a binary32 scale, an int32 sum.
-QBLOCK_BYTES = 40
 #: ``cols`` is 16 bits and a multiple of 32: at most 2047 blocks per row.
 DEFAULT_MAX_BLOCKS = 2048
 

@@ -22,7 +22,7 @@ from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from ..sim import numerics as nx
+from llmfab.core import numerics as nx
 from .fp import F32, Pipe, f32_bits, stall_control
 from .sfu import recip_rsqrt_pipe
 

@@ -22,7 +22,7 @@ from amaranth import Array, C, Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..sim import numerics as nx
+from llmfab.core import numerics as nx
 from .fp import Pipe, f16_to_f32, int_to_f32, valid_chain
 
 __all__ = ["WeightFormat", "ScalerIn", "Scaler", "units"]

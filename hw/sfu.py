@@ -2,7 +2,7 @@
 
 The special functions are pipeline builders (:func:`exp_pipe`,
 :func:`recip_rsqrt_pipe`, :func:`silu_pipe`) on :class:`llmfab.hw.fp.Pipe`, in
-the exact operation order of ``sim/numerics.py``; the quantizer reuses
+the exact operation order of ``core/numerics.py``; the quantizer reuses
 ``recip_rsqrt_pipe``. :class:`Sfu` (unit ``sfu``) runs them and the vector
 ops (rms_norm, softmax, rope, residual add, elementwise multiply, reduce_sum,
 vdot) over fp32 streams; see its docstring and docs/hw-fp.md.
@@ -12,7 +12,7 @@ from amaranth import Array, C, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..sim import numerics as nx
+from llmfab.core import numerics as nx
 from .fp import (CANONICAL_NAN, F32, POS_INF, FAddCore, Pipe, Staged, f32_bits, f32_key,
                  floor_int, int_to_f32, ldexp, stall_control, valid_chain)
 

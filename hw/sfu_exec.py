@@ -70,7 +70,7 @@ from amaranth.utils import exact_log2
 from llmfab.hw import fp
 from llmfab.hw.dma import LineReader, Realign
 from llmfab.hw.execute import exec_signature
-from llmfab.hw.isa import Instruction, MiscFunc, Op
+from llmfab.hw.isa import BLOCK_BYTES, Instruction, MiscFunc, Op
 from llmfab.hw.quantizer import Quantizer
 from llmfab.hw.fp import Staged
 from llmfab.hw.sfu import NEG_ZERO, Sfu, SfuOp
@@ -80,7 +80,6 @@ __all__ = ["SfuExec", "SFU_FUNCS"]
 #: MISC funcs this unit executes.
 SFU_FUNCS = ("QUANT", "RMSNORM", "ROPE", "SILU_MUL", "EMBED", "COPY", "ATTN")
 
-_BS = {0: 18, 1: 20, 2: 34}            # GGUF block bytes: Q4_0, Q4_1, Q8_0
 
 
 class _Win:
@@ -200,7 +199,7 @@ class SfuExec(wiring.Component):
         nb = n >> 5
         fmt = aux[0:2]
         bs = Signal(6)
-        m.d.comb += bs.eq(Mux(fmt == 0, _BS[0], Mux(fmt == 1, _BS[1], _BS[2])))
+        m.d.comb += bs.eq(Mux(fmt == 0, BLOCK_BYTES[0], Mux(fmt == 1, BLOCK_BYTES[1], BLOCK_BYTES[2])))
         reps = Mux(aux > 1, aux, 1)
 
         # constants (read from the global buffer at every start)

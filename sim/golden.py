@@ -30,17 +30,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmfab.boards.errors import IsaError, SimError
+from llmfab.core.errors import IsaError, SimError
 from llmfab.compiler import isa, sparse
 from llmfab.compiler.bundle import Bundle
-from llmfab.sim import numerics as N
+from llmfab.core import numerics as N
+from llmfab.core import formats
+from llmfab.core.formats import BLOCK_BYTES, QBLOCK_BYTES
 from llmfab.compiler import quant
 from llmfab.sim.numerics_model import PackedMatrix, attention, matvec
 
 QUEUE_DEPTH = 16
 _DYN_REGS = (isa.REG_POS, isa.REG_SEQ, isa.REG_TOKEN)   # registers that change from run to run
-QBLOCK_BYTES = 40
-BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 
 
 class GoldenFault(SimError):
@@ -60,7 +60,7 @@ class RunResult:
 
 
 def mv_weight_bytes(fmt, sp, rows, cols):
-    return rows * (cols // 32) * sparse.sparse_block_bytes(fmt, sp)
+    return rows * (cols // 32) * formats.block_bytes(fmt, sp)
 
 
 class _Program:
@@ -950,8 +950,8 @@ def _unpack_weights(fmt, sp, raw, rows, nb) -> PackedMatrix:
     if sp == "dense":
         q, d, m = quant.split_blocks(fmt, raw.reshape(rows, -1))
         return PackedMatrix(fmt, q, d, m)
-    n, mm = sparse.parse_pattern(sp)
-    K = sparse.kept(sp)
+    n, mm = formats.pattern(sp)
+    K = formats.kept_weights(sp)
     vals, idx, d, m = sparse.decode_sparse_rows(fmt, raw, sp, nb)
     per = K // (32 // mm)
     pos = (np.arange(K) // per) * mm + idx                     # [rows, nb, K]

@@ -12,7 +12,7 @@ import numpy as np
 
 from llmfab.compiler import quant
 from llmfab.compiler.model import Model
-from llmfab.sim import numerics as N
+from llmfab.core import numerics as N
 
 __all__ = ["PackedMatrix", "pack_matrix", "matvec", "NumericsModel"]
 

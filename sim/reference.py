@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmfab.boards.errors import ModelError
+from llmfab.core.errors import ModelError
 from llmfab.compiler.model import Model
 
 __all__ = ["ReferenceModel", "rms_norm", "rope_tables", "apply_rope", "q8_round", "q8_1_round"]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from llmfab.boards.config import load_config
-from llmfab.boards.errors import BundleError, CompileError, FitError
+from llmfab.core.errors import BundleError, CompileError, FitError
 from llmfab.compiler import isa
 from llmfab.compiler.bundle import read_bundle, write_bundle
 from llmfab.compiler.compile import compile_model, parse_sparsity

@@ -6,8 +6,9 @@ import pathlib
 import pytest
 import yaml
 
-from llmfab.boards import (AccelConfig, ConfigError, FitError, block_bytes, check_fits,
-                           config_names, format_configs_table, kept_weights, list_configs,
+from llmfab.core.formats import block_bytes, kept_weights
+from llmfab.boards import (AccelConfig, ConfigError, FitError, check_fits,
+                           config_names, format_configs_table, list_configs,
                            load_board, load_config)
 from llmfab.boards.config import CONFIGS_DIR
 
@@ -105,7 +106,7 @@ def test_kept_weights():
 
 
 def test_block_bytes_unknown():
-    with pytest.raises(ConfigError, match=r"^unknown weight format 'q5_0'; known: q4_0, q4_1, q8_0$"):
+    with pytest.raises(ConfigError, match=r"^unknown weight format 'q5_0' \(choose from q4_0, q4_1, q8_0\)$"):
         block_bytes("q5_0")
     with pytest.raises(ConfigError, match=r"^unknown sparsity pattern '3:4'"):
         block_bytes("q4_0", "3:4")

@@ -10,7 +10,7 @@ from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
 from llmfab.sim.accuracy import compare, load_llamacpp_reference
 from llmfab.sim.golden import Golden
-from llmfab.sim.golden_backend import GoldenDevice
+from llmfab.host.golden_backend import GoldenDevice
 from llmfab.sim.numerics_model import NumericsModel
 
 import tinymodel

@@ -135,7 +135,7 @@ def test_summarize_stat_counts():
 
 
 def test_yosys_failure_is_one_line(monkeypatch, tmp_path):
-    from llmfab.boards.errors import SimError
+    from llmfab.core.errors import SimError
     from llmfab.hw import estimate as est
     monkeypatch.setenv("LLMFAB_SIM_BUILD", str(tmp_path))
     with pytest.raises(SimError, match=r"yosys synth_xilinx failed for unit 'broken' .*yosys.log"):

@@ -4,7 +4,7 @@ overflow, every class of illegal encoding with its exact message, and random wor
 import numpy as np
 import pytest
 
-from llmfab.boards.errors import IsaError
+from llmfab.core.errors import IsaError
 from llmfab.compiler import isa
 
 N_RANDOM_INSTR = 20_000

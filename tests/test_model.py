@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from llmfab.boards.errors import LlmfabError, ModelError
+from llmfab.core.errors import LlmfabError, ModelError
 from llmfab.compiler import model as M
 from llmfab.compiler.model import load_gguf, load_hf, load_model
 from llmfab.compiler.paths import default_model_path

@@ -1,4 +1,4 @@
-"""The hardware numerics (sim/numerics.py) against float64 references and bit-level rules.
+"""The hardware numerics (core/numerics.py) against float64 references and bit-level rules.
 
 Error bounds are the measured ones of docs/numerics.md ("Error bounds (measured)")
 with a small margin; every random input comes from a seeded generator, so each run
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from llmfab.compiler import quant
-from llmfab.sim import numerics as N
+from llmfab.core import numerics as N
 
 EPS = 2.0 ** -23
 TINY = 2.0 ** -126           # smallest normal binary32

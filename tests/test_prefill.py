@@ -12,14 +12,14 @@ import pytest
 import yaml
 
 from llmfab.boards.config import load_config
-from llmfab.boards.errors import BackendError, BundleError, SimError
+from llmfab.core.errors import BackendError, BundleError, SimError
 from llmfab.compiler import isa
 from llmfab.compiler.bundle import Bundle, read_bundle, write_bundle
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
-from llmfab.sim import numerics as N
+from llmfab.core import numerics as N
 from llmfab.sim.golden import Golden, matmat, untile_logits
-from llmfab.sim.golden_backend import GoldenDevice, split_buckets
+from llmfab.host.golden_backend import GoldenDevice, split_buckets
 from llmfab.sim.numerics_model import NumericsModel, matvec, pack_matrix
 
 import tinymodel

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from llmfab.boards.errors import ModelError
+from llmfab.core.errors import ModelError
 from llmfab.compiler import quant
 from llmfab.compiler.model import load_model
 

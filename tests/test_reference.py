@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from llmfab.boards.errors import BackendError, ModelError
+from llmfab.core.errors import BackendError, ModelError
 from llmfab.compiler.model import load_model
 from llmfab.compiler.tokenizer import Tokenizer
 from llmfab.host.runtime import open_device

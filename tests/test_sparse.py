@@ -1,16 +1,16 @@
 """N:M sparse weight blocks (compiler/sparse.py): pruning, the on-HBM block format, and
-exact sparse dot products (sim.numerics.sparse_isum) against dense blocks with zeros."""
+exact sparse dot products (core.numerics.sparse_isum) against dense blocks with zeros."""
 
 import math
 
 import numpy as np
 import pytest
 
-from llmfab.boards import config
-from llmfab.boards.errors import CompileError
+from llmfab.core import formats
+from llmfab.core.errors import CompileError
 from llmfab.compiler import quant, sparse
 from llmfab.compiler.model import load_model
-from llmfab.sim import numerics as N
+from llmfab.core import numerics as N
 
 FMTS = ["q4_0", "q4_1", "q8_0"]
 PATTERNS = ["2:4", "8:16", "4:16", "2:16"]
@@ -38,7 +38,7 @@ def _activation(seed, cols):
 
 def _encode_by_doc(fmt, q, d, m, mask, p):
     """The sparse layout of the module docstring, written independently (bit strings)."""
-    n, M = sparse.PATTERNS[p]
+    n, M = formats.SPARSITY_PATTERNS[p]
     ibits = int(math.log2(M))
     out = bytearray()
     for b in range(q.shape[0]):
@@ -61,12 +61,12 @@ def _encode_by_doc(fmt, q, d, m, mask, p):
 
 def _check_matrix(fmt, p, raw, qx, sumq_x):
     """Prune raw blocks [rows, bytes] to p and check mask, format and dot products, row by row."""
-    n, M = sparse.PATTERNS[p]
+    n, M = formats.SPARSITY_PATTERNS[p]
     rows = raw.shape[0]
     q, d, m = quant.split_blocks(fmt, raw)
     nb = q.shape[1]
-    K = sparse.kept(p)
-    assert K == 32 * n // M == config.kept_weights(p)
+    K = formats.kept_weights(p)
+    assert K == 32 * n // M == formats.kept_weights(p)
     w = quant.dequantize_rows(fmt, raw)
     mask = sparse.prune(fmt, raw, p)
     assert mask.dtype == bool and mask.shape == w.shape
@@ -78,8 +78,7 @@ def _check_matrix(fmt, p, raw, qx, sumq_x):
     kept_min = np.where(g, mag, np.inf).min(-1)
     dropped_max = np.where(g, -np.inf, mag).max(-1)
     assert np.all(kept_min >= dropped_max)
-    bb = sparse.sparse_block_bytes(fmt, p)
-    assert bb == config.block_bytes(fmt, p)
+    bb = formats.block_bytes(fmt, p)
     for r in range(rows):
         mb = mask[r].reshape(nb, 32)
         enc = sparse.encode_sparse(fmt, raw[r], mask[r], p)
@@ -133,7 +132,7 @@ def test_sparse_smollm2_rows(smol, fmt, p):
     mask = _check_matrix(fmt, p, raw, qx, sumq)
     # the sparse row value: block values over kept positions, accumulated; pruned weights give nothing
     q, d, m = quant.split_blocks(fmt, raw)
-    _, M = sparse.PATTERNS[p]
+    _, M = formats.SPARSITY_PATTERNS[p]
     vals_sparse = []
     for r in range(8):
         vals, idx, dd, mm = sparse.decode_sparse(fmt, sparse.encode_sparse(fmt, raw[r], mask[r], p), p, 18)
@@ -153,7 +152,7 @@ def test_q4_1_min_term_kept_only():
     x = np.arange(1, 33, dtype=np.float32)
     qx, dx, sumq = N.quantize_act(x)
     for p in PATTERNS:
-        n, M = sparse.PATTERNS[p]
+        n, M = formats.SPARSITY_PATTERNS[p]
         mask = np.zeros(32, bool)
         for gs in range(0, 32, M):
             mask[gs + M - n: gs + M] = True                      # keep the last n of every group
@@ -174,7 +173,7 @@ def test_magnitude_mask_ties_and_shapes():
     assert sparse.magnitude_mask(v, "dense").all()
     row = np.arange(32, dtype=np.float32)[::-1].copy()            # 31 .. 0
     for p in PATTERNS:
-        n, M = sparse.PATTERNS[p]
+        n, M = formats.SPARSITY_PATTERNS[p]
         k = sparse.magnitude_mask(row[None], p)[0]
         # each group keeps its first n positions (largest values)
         assert np.array_equal(np.nonzero(k)[0], [g + i for g in range(0, 32, M) for i in range(n)])
@@ -186,13 +185,10 @@ def test_magnitude_mask_ties_and_shapes():
 def test_block_bytes_table():
     want = {("q4_0", "2:4"): 2 + 8 + 4, ("q4_1", "2:4"): 4 + 8 + 4, ("q8_0", "2:4"): 2 + 16 + 4,
             ("q4_0", "8:16"): 2 + 8 + 8, ("q4_0", "4:16"): 2 + 4 + 4, ("q4_0", "2:16"): 2 + 2 + 2,
-            ("q8_0", "2:16"): 2 + 4 + 2, ("q4_1", "8:16"): 4 + 8 + 8}
+            ("q8_0", "2:16"): 2 + 4 + 2, ("q4_1", "8:16"): 4 + 8 + 8,
+            ("q4_0", "dense"): 18, ("q4_1", "dense"): 20, ("q8_0", "dense"): 34}
     for (fmt, p), b in want.items():
-        assert sparse.sparse_block_bytes(fmt, p) == b == config.block_bytes(fmt, p)
-    for fmt in FMTS:
-        assert sparse.sparse_block_bytes(fmt, "dense") == quant.BLOCK_BYTES[fmt] == config.block_bytes(fmt)
-        for p in PATTERNS:
-            assert sparse.sparse_block_bytes(fmt, p) == config.block_bytes(fmt, p)
+        assert formats.block_bytes(fmt, p) == b
 
 
 def test_pruned_values_do_not_matter():
@@ -219,9 +215,9 @@ def _raises(exc, msg, fn, *a):
 def test_errors():
     for bad in ["3:4", "1:2", "x", "2:8", ""]:
         msg = f"unknown sparsity pattern '{bad}' (choose from {PATTERN_LIST})"
-        _raises(CompileError, msg, sparse.parse_pattern, bad)
-        _raises(CompileError, msg, sparse.kept, bad)
-        _raises(CompileError, msg, sparse.sparse_block_bytes, "q4_0", bad)
+        _raises(CompileError, msg, formats.pattern, bad)
+        _raises(CompileError, msg, formats.kept_weights, bad)
+        _raises(CompileError, msg, formats.block_bytes, "q4_0", bad)
         _raises(CompileError, msg, sparse.magnitude_mask, np.ones((2, 32)), bad)
         _raises(CompileError, msg, sparse.encode_sparse, "q4_0", np.zeros(18, np.uint8), np.ones(32, bool), bad)
         _raises(CompileError, msg, sparse.decode_sparse, "q4_0", b"", bad, 0)

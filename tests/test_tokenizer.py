@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from llmfab.boards.errors import ModelError, TokenizerError
+from llmfab.core.errors import ModelError, TokenizerError
 from llmfab.compiler.paths import default_model_path
 from llmfab.compiler.tokenizer import Tokenizer, read_gguf_metadata
 

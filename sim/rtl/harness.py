@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmfab.boards.errors import SimError
+from llmfab.core.errors import SimError
 
 HERE = Path(__file__).parent
 HBM_MODEL_V = HERE / "hbm_model.v"

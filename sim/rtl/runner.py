@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from llmfab.boards.errors import SimError
+from llmfab.core.errors import SimError
+from llmfab.hw.verilog import build_root, to_verilog  # noqa: F401  (re-used by the benches)
 
 # Amaranth's output trips Verilator's width/unused warnings; they are not errors
 # for generated code. -Wno-fatal keeps the other warnings visible in the log.
@@ -34,18 +35,6 @@ def verilator_env() -> str:
     binp = os.path.join(root, "bin")
     if binp not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = binp + os.pathsep + os.environ.get("PATH", "")
-    return root
-
-
-def to_verilog(component, name: str, ports=None) -> str:
-    """Verilog text of an Amaranth component (amaranth[builtin-yosys], no system Yosys)."""
-    from amaranth.back import verilog
-    return verilog.convert(component, name=name, ports=ports, emit_src=False)
-
-
-def build_root() -> Path:
-    root = Path(os.environ.get("LLMFAB_SIM_BUILD", Path.cwd() / "sim_build"))
-    root.mkdir(parents=True, exist_ok=True)
     return root
 
 

@@ -1,4 +1,4 @@
-"""cocotb tests of the DSP chain (hw/chain.py) against sim.numerics.block_isum / sparse_isum.
+"""cocotb tests of the DSP chain (hw/chain.py) against core.numerics.block_isum / sparse_isum.
 
 Parameters come from the environment (set by tests/rtl/test_chain.py):
 ``CHAIN_LENGTH``, ``CHAIN_PACK`` (0/1), ``CHAIN_BLOCKS`` (randomized blocks),
@@ -12,10 +12,10 @@ import random
 
 import numpy as np
 
-from llmfab.boards.config import SPARSITY_PATTERNS, kept_weights
+from llmfab.core.formats import SPARSITY_PATTERNS, kept_weights
 from llmfab.compiler import sparse as csparse
 from llmfab.hw import chain as hwchain
-from llmfab.sim import numerics
+from llmfab.core import numerics
 
 from tb import TB, pack, unpack
 
@@ -74,7 +74,7 @@ def random_blocks(rng: np.random.Generator, n: int, fmt: str, pattern: str):
 
 
 def golden(fmt: str, pattern: str, blk):
-    """(isum, sumq) int32 [n] from sim.numerics (the spec)."""
+    """(isum, sumq) int32 [n] from core.numerics (the spec)."""
     x = blk["x"]
     if pattern == "dense":
         isum = numerics.block_isum(blk["w"], x)
@@ -215,7 +215,7 @@ def _report(env, values):
 @cocotb.test()
 async def steady_state(dut):
     """Inputs never stall, output always ready: cycles per beat for every mode, no bubbles."""
-    from llmfab.boards.config import kept_weights as kw
+    from llmfab.core.formats import kept_weights as kw
     env = _env()
     lanes = env["length"] // 32
     rng = np.random.default_rng(env["seed"] + 7)

@@ -10,7 +10,7 @@ import random
 
 import numpy as np
 
-from llmfab.boards.config import SPARSITY_PATTERNS, kept_weights
+from llmfab.core.formats import SPARSITY_PATTERNS, kept_weights
 from llmfab.compiler import quant
 from llmfab.compiler import sparse as csparse
 from llmfab.hw import chain as hwchain
@@ -213,7 +213,7 @@ async def random_traffic(dut):
 @cocotb.test()
 async def steady_state(dut):
     """Data never stalls, output always ready: output beats per cycle for every mode."""
-    from llmfab.boards.config import block_bytes
+    from llmfab.core.formats import block_bytes
     env = _env()
     lanes, width = env["lanes"], env["width"]
     rng = np.random.default_rng(env["seed"] + 3)
@@ -256,8 +256,8 @@ async def steady_state(dut):
 @cocotb.test()
 async def decode_chain(dut):
     """decoder -> chain: bytes of real GGUF blocks (llama.cpp's quantizer) and real int8
-    activations (sim.numerics.quantize_act) in, isums out, against block_isum / sparse_isum."""
-    from llmfab.sim import numerics
+    activations (core.numerics.quantize_act) in, isums out, against block_isum / sparse_isum."""
+    from llmfab.core import numerics
     env = _env()
     lanes, width = env["lanes"], env["width"]
     rng = np.random.default_rng(env["seed"] + 11)

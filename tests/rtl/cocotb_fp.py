@@ -1,4 +1,4 @@
-"""cocotb tests of hw/fp.py (fp_add, fp_mul, fp_cvt) against sim.numerics, bit for bit.
+"""cocotb tests of hw/fp.py (fp_add, fp_mul, fp_cvt) against core.numerics, bit for bit.
 
 Also holds the float-vector generators and the comparison helper the other
 float-unit tests import (cocotb_quantizer, cocotb_scaler, cocotb_sfu).
@@ -10,7 +10,7 @@ import cocotb
 import numpy as np
 
 from llmfab.hw.fp import CvtOp, CvtOperands, FAddOperands, FMulOperands
-from llmfab.sim import numerics as nx
+from llmfab.core import numerics as nx
 
 from tb import TB, throughput
 

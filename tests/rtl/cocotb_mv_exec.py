@@ -14,7 +14,8 @@ import numpy as np
 from cocotb.triggers import RisingEdge
 
 from llmfab.compiler import isa, quant, sparse
-from llmfab.sim import numerics as N
+from llmfab.core import formats
+from llmfab.core import numerics as N
 from llmfab.sim.golden import _unpack_weights
 from llmfab.sim.numerics_model import matvec
 
@@ -188,7 +189,7 @@ async def mv_steady_state(dut):
         # bound: each of the L row pipelines one block per cycle (the chain: two for dense
         # Q8_0) and one idle decoder cycle per row, or the two read ports' line rate
         chain = 2.0 if (fmt, sp) == ("q8_0", "dense") else 1.0
-        bound = max((chain * nb + 1) / (nb * NL), sparse.sparse_block_bytes(fmt, sp) / (2 * D))
+        bound = max((chain * nb + 1) / (nb * NL), formats.block_bytes(fmt, sp) / (2 * D))
         assert cpb <= bound * 1.05, (fmt, sp, cpb, bound)
         lines.append(f"{fmt} {sp}: {cpb:.3f} cycles/block (MV of 8 rows x {nb} blocks: "
                      f"{cyc[8]} cycles)")

@@ -1,4 +1,4 @@
-"""cocotb tests of hw/quantizer.py against sim.numerics.quantize_act, bit for bit."""
+"""cocotb tests of hw/quantizer.py against core.numerics.quantize_act, bit for bit."""
 
 import os
 
@@ -8,7 +8,7 @@ import numpy as np
 from amaranth.lib import data
 
 from llmfab.hw.quantizer import QBlock
-from llmfab.sim import numerics as nx
+from llmfab.core import numerics as nx
 
 from cocotb_fp import bits, check, floats
 from tb import TB, throughput

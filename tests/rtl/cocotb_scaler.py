@@ -1,4 +1,4 @@
-"""cocotb tests of hw/scaler.py against sim.numerics.block_values + accum4, bit for bit."""
+"""cocotb tests of hw/scaler.py against core.numerics.block_values + accum4, bit for bit."""
 
 import os
 
@@ -6,7 +6,7 @@ import cocotb
 import numpy as np
 
 from llmfab.hw.scaler import ScalerIn, WeightFormat
-from llmfab.sim import numerics as nx
+from llmfab.core import numerics as nx
 
 from cocotb_fp import bits, check, floats
 from tb import TB, throughput

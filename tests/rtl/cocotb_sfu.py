@@ -1,4 +1,4 @@
-"""cocotb tests of hw/sfu.py against sim.numerics (exp, recip, rsqrt, silu, add, mul, rope,
+"""cocotb tests of hw/sfu.py against core.numerics (exp, recip, rsqrt, silu, add, mul, rope,
 reduce_sum, vdot, rms_norm, softmax), bit for bit, ops interleaved in random order."""
 
 import os
@@ -7,7 +7,7 @@ import cocotb
 import numpy as np
 
 from llmfab.hw.sfu import SfuIn, SfuOp, SfuOut
-from llmfab.sim import numerics as nx
+from llmfab.core import numerics as nx
 
 from cocotb_fp import EDGE, bits, check, flush_in, floats, make, rand_normal
 from tb import TB, throughput

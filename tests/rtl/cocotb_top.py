@@ -12,7 +12,7 @@ import cocotb
 import numpy as np
 from cocotb.triggers import Timer
 
-from llmfab.boards.errors import IsaError
+from llmfab.core.errors import IsaError
 from llmfab.compiler import isa
 
 MASK128 = (1 << 128) - 1

@@ -1,4 +1,4 @@
-"""The DSP chain (hw/chain.py): bit-exact against sim.numerics under Verilator, and its constructor.
+"""The DSP chain (hw/chain.py): bit-exact against core.numerics under Verilator, and its constructor.
 
 Two Verilator builds: the `ci` configuration's chain (32 weights, int4 packing) and
 a 64-weight unpacked chain (two break points per cycle, one product per DSP). The

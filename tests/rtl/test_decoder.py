@@ -15,9 +15,9 @@ from amaranth import Module
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from llmfab.boards.config import block_bytes, load_config
+from llmfab.boards.config import load_config
+from llmfab.core.formats import SPARSITY_PATTERNS, block_bytes
 from llmfab.compiler import quant
-from llmfab.compiler import sparse as csparse
 from llmfab.hw import chain as hwchain
 from llmfab.hw import decoder as hwdec
 from llmfab.sim.rtl.runner import run_cocotb, to_verilog
@@ -89,7 +89,7 @@ class DecodeChain(wiring.Component):
 
 @soak(10_000)
 def test_decoder_to_chain_rtl(tmp_path, vectors):
-    """Real GGUF blocks (llama.cpp quantizer) through decoder and chain against sim.numerics
+    """Real GGUF blocks (llama.cpp quantizer) through decoder and chain against core.numerics
     (1,000 blocks, or 10,000 under slow)."""
     cfg = load_config("ci")
     top = DecodeChain(cfg)
@@ -217,11 +217,11 @@ def test_decoder_verilog_lint_clean(config, tmp_path):
 
 
 def test_block_layouts_match_the_byte_formats():
-    """The decoder's Structs are as long as compiler/sparse.py's blocks and config's sizes."""
+    """The decoder's Structs are as long as the catalogue's blocks (core/formats.py)."""
     for fmt in quant.BLOCK_BYTES:
-        for p in csparse.PATTERNS:
+        for p in SPARSITY_PATTERNS:
             lay = hwdec.block_layout(fmt, p)
-            assert lay.size == 8 * block_bytes(fmt, p) == 8 * csparse.sparse_block_bytes(fmt, p)
+            assert lay.size == 8 * block_bytes(fmt, p)
 
 
 def test_decoder_window_sizes():

@@ -1,4 +1,4 @@
-"""hw/fp.py under Verilator: fp_add, fp_mul and fp_cvt in one build, checked against sim.numerics."""
+"""hw/fp.py under Verilator: fp_add, fp_mul and fp_cvt in one build, checked against core.numerics."""
 
 import os
 import subprocess

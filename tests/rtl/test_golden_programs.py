@@ -10,7 +10,7 @@ randomly corrupted programs; besides those, a model whose matrices take several 
 tiles (MM into the stage + COPY), runs up to the last context position (long ATTN), and
 four 64 KiB LDs back to back (many outstanding bursts). Every run is made on the golden
 model and on the RTL
-(``sim/rtl_backend.py``'s execution unit, ``RtlAccelerator``) and compared: status and
+(``host/rtl_backend.py``'s execution unit, ``RtlAccelerator``) and compared: status and
 pc, logits (decode and un-tiled prefill logits), and the whole HBM the program may
 address (weights, KV cache, I/O region) after every run; generation compares tokens.
 
@@ -30,7 +30,7 @@ from llmfab.compiler.bundle import Bundle
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
 from llmfab.sim.golden import Golden, untile_logits
-from llmfab.sim.golden_backend import GoldenDevice, split_buckets
+from llmfab.host.golden_backend import GoldenDevice, split_buckets
 
 import tinymodel
 
@@ -168,7 +168,7 @@ class Rtl:
 @pytest.fixture(scope="module")
 def rtl(config, bundles):
     from llmfab.sim.rtl.harness import RtlAccelerator
-    from llmfab.sim.rtl_backend import exec_factory, program_ops
+    from llmfab.host.rtl_backend import exec_factory, program_ops
     factory, implemented = exec_factory(config)
     for name, (_, b) in bundles.items():
         for prog in [b.program, *b.prefill.values()]:

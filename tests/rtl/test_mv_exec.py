@@ -14,7 +14,8 @@ import pytest
 from llmfab.boards.config import load_config
 from llmfab.compiler import isa, quant, sparse
 from llmfab.compiler.bundle import Bundle
-from llmfab.sim import numerics as N
+from llmfab.core import formats
+from llmfab.core import numerics as N
 from llmfab.sim.golden import Golden
 
 WATCHDOG = 2_000_000
@@ -114,7 +115,7 @@ def mv_program(rng, L: Layout, modes, *, align_any=True):
     wblob, ablob, ins = [], [], []
     wpos, apos, dpos = 0, 0, 0
     for fmt, sp in modes:
-        bpb = sparse.sparse_block_bytes(fmt, sp)
+        bpb = formats.block_bytes(fmt, sp)
         for _ in range(20):
             nb = int(rng.integers(1, 9))
             rows = int(rng.integers(1, 25))
@@ -185,7 +186,7 @@ def test_mv_mm_match_golden(tiny, acc):
 def steady_cycles(acc, bundle, L, fmt, sp, nb=8):
     """Compute-queue busy cycles of one MV at two row counts -> cycles per block."""
     rng = np.random.default_rng(5)
-    bpb = sparse.sparse_block_bytes(fmt, sp)
+    bpb = formats.block_bytes(fmt, sp)
     big = min(L.wbn // (nb * bpb), 64)
     busy = {}
     for rows in (4, big):
@@ -218,7 +219,7 @@ def test_mv_steady_state_cycles(tiny, acc):
     for fmt, sp in [("q4_0", "dense"), ("q4_1", "dense"), ("q8_0", "dense"), ("q4_0", "2:4"),
                     ("q8_0", "2:16")]:
         cpb, busy = steady_cycles(acc, bundle, L, fmt, sp)
-        bpb = sparse.sparse_block_bytes(fmt, sp)
+        bpb = formats.block_bytes(fmt, sp)
         # bound: the chain.count row pipelines (one block per cycle each, one idle decoder
         # cycle per row; dense Q8_0: 2 cycles/block), or their weight reads: a row of
         # nb blocks is at most rb/D + 1 lines plus a command cycle, ceil(count/2) readers

@@ -9,7 +9,7 @@ from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
 from llmfab.hw.control import counter_names
 from llmfab.hw.top import Accelerator, probe_names
-from llmfab.sim.rtl_backend import RtlDevice
+from llmfab.host.rtl_backend import RtlDevice
 
 import tinymodel
 

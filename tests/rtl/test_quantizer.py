@@ -1,4 +1,4 @@
-"""hw/quantizer.py under Verilator against sim.numerics.quantize_act."""
+"""hw/quantizer.py under Verilator against core.numerics.quantize_act."""
 
 from pathlib import Path
 

@@ -7,8 +7,8 @@ import pytest
 from llmfab.boards.config import load_config
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
-from llmfab.sim.golden_backend import GoldenDevice
-from llmfab.sim.rtl_backend import RtlDevice
+from llmfab.host.golden_backend import GoldenDevice
+from llmfab.host.rtl_backend import RtlDevice
 
 import tinymodel
 

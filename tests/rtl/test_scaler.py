@@ -1,4 +1,4 @@
-"""hw/scaler.py under Verilator against sim.numerics.block_values + accum4."""
+"""hw/scaler.py under Verilator against core.numerics.block_values + accum4."""
 
 from pathlib import Path
 

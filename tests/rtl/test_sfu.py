@@ -1,4 +1,4 @@
-"""hw/sfu.py under Verilator against sim.numerics (special functions and vector ops)."""
+"""hw/sfu.py under Verilator against core.numerics (special functions and vector ops)."""
 
 from pathlib import Path
 

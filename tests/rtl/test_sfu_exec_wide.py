@@ -1,5 +1,5 @@
 """hw/sfu_exec.py's L-lane paths (ATTN, RMSNORM, QUANT, ROPE) at 8 lanes (64-byte lines, the
-``ci`` geometry) in Amaranth's simulator, against sim.numerics, bit for bit.
+``ci`` geometry) in Amaranth's simulator, against core.numerics, bit for bit.
 
 tests/rtl/test_sfu_exec.py runs every op inside the tiny accelerator (16-byte lines: 4
 lanes) under Verilator; this one drives :class:`SfuExec` alone with a flat on-chip memory
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llmfab.compiler import isa
-from llmfab.sim import numerics as N
+from llmfab.core import numerics as N
 from llmfab.sim.numerics_model import attention
 
 F = isa.MISC_FUNCS

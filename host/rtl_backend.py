@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmfab.boards.errors import BackendError, SimError
+from llmfab.core.errors import BackendError, SimError
 from llmfab.compiler import isa
 from llmfab.host.runtime import Device
 
