@@ -28,10 +28,11 @@ N_CORRUPT = 240
 WATCHDOG = 400_000
 
 
-@soak(12_000)
+@soak(8_000)
 def test_isa_decoder_matches_compiler(vectors):
-    """Random words (legal, corrupted, random; 1,000, or 12,000 under slow): legal flag and
-    queue as compiler.isa.decode."""
+    """Every opcode x func (4,096 words), then random words (legal, corrupted, random; 1,000,
+    or 8,000 under slow as the former 12,000-word total): legal flag and queue as
+    compiler.isa.decode."""
     run_cocotb(to_verilog(InstrDecoder(), "instr_decoder"), "instr_decoder", "cocotb_top",
                module_dir=HERE, testcase="decoder_random", build_args=BUILD_ARGS,
                extra_env={"DEC_N": str(vectors)})
