@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from llmfab.core import formats
 from llmfab.core.formats import QBLOCK_BYTES
 from llmfab.compiler import isa, quant, sparse
 from llmfab.compiler.bundle import FORMAT_VERSION, Bundle
+from llmfab.compiler.identity import compiler_hash, model_hash
 from llmfab.compiler.model import Model
 
 ALIGN = 4096
@@ -222,6 +224,14 @@ def _check_device_memory(model, config, ctx, sp_of):
         raise FitError(f"model '{model.desc.name}' needs {total / 2**30:.2f} GiB of device memory "
                        f"(weights {wbytes / 2**30:.2f} GiB, KV cache {kv / 2**30:.2f} GiB "
                        f"at context {ctx}) but board '{board.name}' has {cap / 2**30:.2f} GiB")
+
+
+def _llmfab_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("llmfab")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def compile_model(model: Model, config, *, sparsity: str | None = None, progress: bool = False,
@@ -827,7 +837,9 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         "format_version": FORMAT_VERSION,
         "config_name": config.name,
         "config_hash": config.config_hash(),
-        "model": {**d.to_dict(), "source": model.source, "file": str(model.path)},
+        "compiler": {"version": _llmfab_version(), "source_hash": compiler_hash()},
+        "model": {**d.to_dict(), "source": model.source, "file": os.path.abspath(model.path) if model.path else "",
+                  "sha256": model_hash(model)},
         "context": ctx,
         "sparsity": sp_of,
         "hbm_size": int(hbm_used),
