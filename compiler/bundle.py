@@ -302,7 +302,7 @@ def _check_consistency(m: dict) -> None:
         raise _Bad("onchip.context", f"is {oc['context']}, not context {m['context']}")
     files = m["files"]
     for k in files:
-        FileName()(k, f"files.{k}")
+        FileName()(k, "files")
     progs = m["programs"]
     used = {"hbm.bin": "the HBM image"}
     listed = [("programs.decode", progs["decode"])]

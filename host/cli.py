@@ -27,6 +27,16 @@ def _add_config(p, default="ci"):
                    help=f"accelerator configuration: a name or a YAML path (default: {default})")
 
 
+def _add_bundle(p):
+    p.add_argument("--bundle", metavar="DIR",
+                   help="run this compiled bundle (llmfab compile --out DIR) on the golden or rtl "
+                        "backend instead of compiling; --config and --model default to the bundle's "
+                        "and must match its hashes")
+    p.add_argument("--no-cache", action="store_true",
+                   help="golden/rtl: compile afresh, neither reading nor writing the bundle cache")
+    p.set_defaults(config=None)           # with --bundle: the bundle's configuration
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmfab", description="Quantized LLMs on FPGA cards.")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -46,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, metavar="N")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="reference")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_bundle(p)
 
     p = sub.add_parser("logits", help="teacher-forced logits for every position")
     _add_model(p)
@@ -55,10 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--text", help="text to tokenize")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="reference")
     p.add_argument("--out", required=True, metavar="FILE.npy")
+    _add_bundle(p)
 
     p = sub.add_parser("tokenize", help="token ids of a text")
     _add_model(p)
     p.add_argument("text")
+
+    p = sub.add_parser("info", help="describe a compiled bundle (model, configuration, programs, sizes, hashes)")
+    p.add_argument("bundle", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("cache", help="the compiled-bundle cache of the golden and rtl backends")
+    p.add_argument("action", choices=("info", "clear"), help="info: list the entries; clear: remove them")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("compile", help="compile a model into a program bundle")
     _add_model(p)
@@ -96,6 +116,36 @@ def _load(args, need_config=True):
         from llmfab.boards.config import load_config
         config = load_config(args.config)
     return model, config
+
+
+def _load_run(args, need_model: bool):
+    """The model (reference backend) or the compiled bundle (golden, rtl: ``--bundle``, the
+    cache, or the compiler) a run needs: ``(model or None, config, Compiled or None)``.
+    ``need_model``: the model file is read (the tokenizer), so a bundle's model is checked."""
+    if args.backend not in ("golden", "rtl"):
+        if args.bundle:
+            raise LlmfabError(f"--bundle runs on --backend golden or rtl, not {args.backend}")
+        model, config = _load(args)
+        return model, config, None
+    from llmfab.boards.config import load_config
+    from llmfab.host import cache
+    if args.bundle:
+        name = args.config
+        if name is None:
+            name = cache.read_manifest(args.bundle)["config_name"]
+        run = cache.load_bundle(args.bundle, load_config(name), model_path=args.model, need_model=need_model)
+        return None, load_config(name), run
+    config = load_config(args.config or "ci")
+    return None, config, cache.compiled_bundle(args.model, config, use_cache=not args.no_cache,
+                                               progress=sys.stderr.isatty())
+
+
+def _gguf_path(model, run, what: str) -> str:
+    """The GGUF file whose tokenizer ``what`` needs."""
+    path = run.model_path if run is not None else model.path
+    if (run is None and model.source != "gguf") or (run is not None and os.path.isdir(path)):
+        raise LlmfabError(f"{what} needs a tokenizer: give a GGUF model")
+    return path
 
 
 def cmd_boards(args):
@@ -161,10 +211,8 @@ def cmd_generate(args):
         raise LlmfabError(f"--max-tokens must be at least 1, not {args.max_tokens}")
     if not args.prompt:
         raise LlmfabError("--prompt is empty: give some text")
-    model, config = _load(args)
-    if model.source != "gguf":
-        raise LlmfabError("generate needs a tokenizer: give a GGUF model")
-    tok = Tokenizer.from_gguf(model.path)
+    model, config, run = _load_run(args, need_model=True)
+    tok = Tokenizer.from_gguf(_gguf_path(model, run, "generate"))
     text = args.prompt
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -172,7 +220,7 @@ def cmd_generate(args):
     if not prompt:
         raise LlmfabError("the prompt encodes to no tokens")
     stop = set(tok.eot_ids)
-    dev = open_device(args.backend, model, config)
+    dev = open_device(args.backend, model, config, **({"bundle": run.bundle} if run else {}))
     stream = None
     if not args.json and sys.stdout.isatty():
         if not args.chat:
@@ -185,6 +233,8 @@ def cmd_generate(args):
         obj = {"text": completion, "tokens": res.tokens, "backend": args.backend,
                "tokens_per_s": round(res.tokens_per_s, 3), "prompt_tokens": res.prompt_tokens}
         obj.update(res.stats)
+        if run is not None:
+            obj.update(run.info)
         print(json.dumps(obj))
     elif stream is not None:
         stream.close()
@@ -200,18 +250,17 @@ def cmd_logits(args):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise LlmfabError(f"cannot write {args.out}: directory {out_dir} does not exist")
-    model, config = _load(args)
+    model, config, run = _load_run(args, need_model=toks is None)
     if toks is None:
         from llmfab.compiler.tokenizer import Tokenizer
-        if model.source != "gguf":
-            raise LlmfabError("--text needs a tokenizer: give a GGUF model or use --tokens")
-        toks = Tokenizer.from_gguf(model.path).encode(args.text)
+        toks = Tokenizer.from_gguf(_gguf_path(model, run, "--text")).encode(args.text)
         if not toks:
             raise LlmfabError("--text encodes to no tokens")
-    bad = [t for t in toks if not 0 <= t < model.desc.vocab_size]
+    vocab = model.desc.vocab_size if run is None else run.bundle.manifest["model"]["vocab_size"]
+    bad = [t for t in toks if not 0 <= t < vocab]
     if bad:
-        raise LlmfabError(f"token id {bad[0]} out of range (vocab size {model.desc.vocab_size})")
-    dev = open_device(args.backend, model, config)
+        raise LlmfabError(f"token id {bad[0]} out of range (vocab size {vocab})")
+    dev = open_device(args.backend, model, config, **({"bundle": run.bundle} if run else {}))
     lg = dev.logits(toks).astype(np.float32)
     try:
         np.save(args.out, lg)
@@ -255,13 +304,62 @@ def cmd_compile(args):
                       **({"accuracy": report["accuracy"]} if "accuracy" in report else {})}))
 
 
+def cmd_info(args):
+    """`llmfab info DIR`: a verified bundle's model, configuration, programs, sizes and hashes."""
+    from llmfab.compiler.bundle import describe, read_bundle
+    d = describe(read_bundle(args.bundle))
+    if args.json:
+        print(json.dumps(d))
+        return
+    m, c = d["model"], d["config"]
+    sp = ", ".join(f"{k}={v}" for k, v in d["sparsity"].items()) or "dense"
+    lines = [f"bundle       {d['bundle']} (format {d['format_version']})",
+             f"bundle hash  {d['bundle_hash']}",
+             f"model        {m['name']}: {m['n_layers']} layers, dim {m['dim']}, vocab {m['vocab_size']}",
+             f"model file   {m['file']}",
+             f"model hash   {m['sha256']}",
+             f"config       {c['name']} (hash {c['hash']})",
+             f"compiler     llmfab {d['compiler']['version']} (sources {d['compiler']['source_hash'][:16]})",
+             f"context      {d['context']} tokens, sparsity {sp}",
+             f"HBM          {d['hbm_size']} bytes, {d['weight_bytes_per_token']} weight bytes per token"]
+    for name, p in d["programs"].items():
+        lines.append(f"program      {name}: {p['words']} instructions, {p['bytes']} bytes")
+    for name, f in d["files"].items():
+        lines.append(f"file         {name:16s} {f['bytes']:>12d} bytes  sha256 {f['sha256']}")
+    lines.append(f"total        {d['total_bytes']} bytes")
+    print("\n".join(lines))
+
+
+def cmd_cache(args):
+    """`llmfab cache info|clear`: the golden and rtl backends' compiled-bundle cache."""
+    from llmfab.host import cache
+    if args.action == "clear":
+        r = cache.cache_clear()
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"removed {r['removed_bundles']} bundles ({r['freed_bytes']} bytes) from {r['cache_dir']}")
+        return
+    r = cache.cache_info()
+    if args.json:
+        print(json.dumps(r))
+        return
+    print(f"cache {r['cache_dir']}: {len(r['bundles'])} bundles, {r['total_bytes']} bytes")
+    for e in r["bundles"]:
+        if "damaged" in e:
+            print(f"  {e['key']}  damaged: {e['damaged']}")
+        else:
+            print(f"  {e['key']}  {e['config']:8s} {e['bytes']:>12d} bytes  {e['model']}")
+
+
 def cmd_hw(args):
     from llmfab.hw.cli import hw_cli
     hw_cli(args)
 
 
 COMMANDS = {"boards": cmd_boards, "configs": cmd_configs, "generate": cmd_generate,
-            "logits": cmd_logits, "tokenize": cmd_tokenize, "compile": cmd_compile, "hw": cmd_hw}
+            "logits": cmd_logits, "tokenize": cmd_tokenize, "compile": cmd_compile, "hw": cmd_hw,
+            "info": cmd_info, "cache": cmd_cache}
 
 
 def main(argv=None) -> int:
