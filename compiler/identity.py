@@ -52,7 +52,7 @@ def _one_file_hash(path: str, remember: bool) -> str:
     key = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:32]
     entry = os.path.join(cache_dir(), "model-hashes", key + ".json")
     if remember:
-        m = _memo.get(real)
+        m = _memo.get(entry)
         if m is not None and m[0] == stamp:
             return m[1]
         try:
@@ -60,13 +60,13 @@ def _one_file_hash(path: str, remember: bool) -> str:
                 old = json.load(fh)
             if isinstance(old, dict) and {k: old.get(k) for k in stamp} == stamp \
                     and isinstance(old.get("sha256"), str):
-                _memo[real] = (stamp, old["sha256"])
+                _memo[entry] = (stamp, old["sha256"])
                 return old["sha256"]
         except (OSError, ValueError):
             pass
     sha = _sha_file(real)
     if remember:
-        _memo[real] = (stamp, sha)
+        _memo[entry] = (stamp, sha)
         try:
             write_json_atomic(entry, {**stamp, "sha256": sha})
         except OSError:
