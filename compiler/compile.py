@@ -839,7 +839,8 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         "config_hash": config.config_hash(),
         "compiler": {"version": _llmfab_version(), "source_hash": compiler_hash()},
         "model": {**d.to_dict(), "source": model.source, "file": os.path.abspath(model.path) if model.path else "",
-                  "sha256": model_hash(model)},
+                  # a layout-only compile (emit_image=False) has no weights to identify
+                  "sha256": model_hash(model) if emit_image else "0" * 64},
         "context": ctx,
         "sparsity": sp_of,
         "hbm_size": int(hbm_used),

@@ -10,6 +10,8 @@
   (``remember=False``) always hashes.
 - :func:`model_hash`: the identity of an imported :class:`~llmfab.compiler.model.Model`:
   its file's hash when it was loaded from a file, else a hash of its description and tensors.
+  (A model loaded with non-default options, or changed in memory after loading, still
+  carries its file's identity: the CLI, which caches by identity, does neither.)
 - :func:`compiler_hash`: a hash of the sources of the layers that make a bundle
   (core, boards, compiler), part of the bundle-cache key so that a changed compiler
   never serves a bundle compiled by an older one.

@@ -144,7 +144,8 @@ def _gguf_path(model, run, what: str) -> str:
     """The GGUF file whose tokenizer ``what`` needs."""
     path = run.model_path if run is not None else model.path
     if (run is None and model.source != "gguf") or (run is not None and os.path.isdir(path)):
-        raise LlmfabError(f"{what} needs a tokenizer: give a GGUF model")
+        raise LlmfabError(f"{what} needs a tokenizer: give a GGUF model"
+                          + (" or use --tokens" if what == "--text" else ""))
     return path
 
 
