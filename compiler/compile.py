@@ -169,10 +169,15 @@ def _encode_rows(fmt, sp, raw, mask):
 
 
 def parse_sparsity(spec: str | None) -> dict:
-    """'2:4' (all projections) or 'ffn=2:4,attn=8:16' -> {matrix name: pattern}."""
+    """'2:4' (all projections) or 'ffn=2:4,attn=8:16' -> {matrix name: pattern}.
+
+    Each matrix may be named once: a repeated target (``ffn=2:4,ffn=8:16``) or two
+    targets that share a matrix (``2:4,ffn=8:16``) are refused, not resolved by order.
+    """
     out = {m: "dense" for m in MATRICES}
     if not spec:
         return out
+    set_by = {}
     groups = {"ffn": ("ffn_gate", "ffn_up", "ffn_down"),
               "attn": ("attn_q", "attn_k", "attn_v", "attn_output"),
               "all": MATRICES}
@@ -190,6 +195,12 @@ def parse_sparsity(spec: str | None) -> dict:
                                f"(use all, ffn, attn or one of {', '.join(MATRICES)})")
         formats.pattern(pat)
         for n in names:
+            if n in set_by:
+                first = set_by[n]
+                raise CompileError(f"--sparsity: target '{key}' is given twice" if first == key else
+                                   f"--sparsity: targets '{first}' and '{key}' both set {n}; "
+                                   f"give each matrix one pattern")
+            set_by[n] = key
             out[n] = pat
     return out
 
@@ -358,7 +369,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     it = range(d.n_layers)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc="compiling", unit="layer")
+        it = tqdm(it, desc="compiling", unit="layer", disable=None)   # no bar off a terminal
     # embedding / LM head first: the embedding LD indexes its rows by R7
     emb_fmt, emb_raw = weight("embedding", "token_embd.weight")
     emb = add_matrix("token_embd", emb_fmt, "dense", emb_raw, None)
