@@ -154,8 +154,15 @@ def _check_backend_args(args) -> None:
             raise LlmfabError(f"--context must be at least 1, not {args.context}")
 
 
-def _device_options(args) -> dict:
-    return {"max_context": args.context} if args.context is not None else {}
+def _device_options(args, model) -> dict:
+    """open_device's options from the command line (``--context`` checked against the model)."""
+    if args.context is None:
+        return {}
+    limit = model.desc.context_length
+    if args.context > limit:
+        raise LlmfabError(f"--context {args.context} is above the context length of model "
+                          f"'{model.desc.name}' ({limit})")
+    return {"max_context": args.context}
 
 
 def _check_output_file(path: str) -> None:
@@ -260,7 +267,7 @@ def cmd_generate(args):
     if not prompt:
         raise LlmfabError("the prompt encodes to no tokens")
     stop = set(tok.eot_ids)
-    dev = open_device(args.backend, model, config, **_device_options(args))
+    dev = open_device(args.backend, model, config, **_device_options(args, model))
     stream = None
     if not args.json and sys.stdout.isatty():
         if not args.chat:
@@ -305,7 +312,7 @@ def cmd_logits(args):
     bad = [t for t in toks if not 0 <= t < model.desc.vocab_size]
     if bad:
         raise LlmfabError(f"token id {bad[0]} out of range (vocab size {model.desc.vocab_size})")
-    dev = open_device(args.backend, model, config, **_device_options(args))
+    dev = open_device(args.backend, model, config, **_device_options(args, model))
     lg = dev.logits(toks).astype(np.float32)
     try:
         with open(args.out, "wb") as fh:     # np.save(path) would append .npy to the name
