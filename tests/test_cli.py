@@ -367,6 +367,24 @@ def test_runtime_prompt_past_context_refused_before_work():
     assert dev.forwarded == 0
 
 
+def test_golden_generate_stops_at_the_compiled_context(tmp_path):
+    """The golden backend's context is its program's: generation stops there, a longer prompt is refused."""
+    from llmfab.boards.config import load_config
+    from llmfab.compiler.compile import compile_model
+    from llmfab.compiler.model import load_model
+    from llmfab.core.errors import BackendError
+    from llmfab.host.golden_backend import GoldenDevice
+    m = load_model(tm.write_tiny_gguf(tmp_path / "t.gguf"))
+    cfg = load_config("tiny")
+    dev = GoldenDevice(m, cfg, bundle=compile_model(m, cfg, context=16))
+    assert dev.context == 16
+    res = dev.generate([1, 2, 3, 4], 100)
+    assert res.stop == "context" and len(res.tokens) == 16 - 4 + 1
+    with pytest.raises(BackendError) as e:
+        dev.generate(list(range(17)), 3)
+    assert str(e.value) == "the prompt is 17 tokens but backend 'golden' holds a context of 16 positions: shorten it"
+
+
 def test_generate_stops_at_context_json(capsys):
     """--max-tokens far past the context: the text made so far comes back, with stop 'context'."""
     rc, out, err = run(capsys, "generate", "--prompt", PROMPT, "--max-tokens", 1000000, "--context", 12,
