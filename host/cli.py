@@ -273,7 +273,14 @@ def cmd_generate(args):
         if not args.chat:
             sys.stdout.write(args.prompt)
         stream = TextStream(tok, sys.stdout, skip=stop)
-    res = dev.generate(prompt, args.max_tokens, stop_ids=stop, progress=stream)
+    try:
+        res = dev.generate(prompt, args.max_tokens, stop_ids=stop, progress=stream)
+    except BaseException:
+        if stream is not None:          # the error goes on a line of its own, not glued to the text
+            stream.close()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
     shown = res.tokens[:-1] if res.tokens and res.tokens[-1] in stop else res.tokens
     completion = tok.decode(shown)
     if args.json:

@@ -415,6 +415,27 @@ def test_generate_stops_at_context_on_terminal(monkeypatch, capsys):
                                        f"backend 'reference' ({ctx} positions) after 5 tokens\n")
 
 
+def test_generate_error_on_terminal_starts_a_new_line(monkeypatch, capsys):
+    """A failure part-way through a streamed generation: the text so far, a newline, then the error."""
+    from llmfab.core.errors import SimError
+    tok = Tokenizer.from_gguf(default_model_path())
+    ids = tok.encode(" one two three")
+    prompt = tok.encode("Hi")
+
+    class Failing(ScriptedDevice):
+        def forward(self, tokens):
+            if self.pos >= len(prompt) + 2:
+                raise SimError("golden model stopped")
+            return super().forward(tokens)
+    script = [0] * (len(prompt) - 1) + ids
+    monkeypatch.setattr("llmfab.host.runtime.open_device", lambda *a, **k: Failing(script, 100))
+    out = TTY()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.main(["generate", "--prompt", "Hi", "--max-tokens", "64"]) == 1
+    assert out.getvalue() == "Hi" + tok.decode(ids[:3]) + "\n"
+    assert capsys.readouterr().err == "llmfab: error: golden model stopped\n"
+
+
 def test_generate_prompt_past_context_refused(capsys):
     prompt = Tokenizer.from_gguf(default_model_path()).encode(PROMPT)
     one_line_error(*run(capsys, "generate", "--prompt", PROMPT, "--context", 3),
