@@ -17,21 +17,6 @@ from llmfab.compiler.model import load_model
 import tinymodel
 
 
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
-
-
-@pytest.fixture(scope="module")
-def ci():
-    return load_config("ci")
-
-
-@pytest.fixture(scope="module")
-def smol_bundle(smol, ci):
-    return compile_model(smol, ci)
-
-
 def _sha(b):
     return hashlib.sha256(bytes(b)).hexdigest()
 

@@ -18,16 +18,6 @@ import tinymodel
 DATA = __import__("os").path.join(__import__("os").path.dirname(__file__), "data")
 
 
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
-
-
-@pytest.fixture(scope="module")
-def smol_bundle(smol):
-    return compile_model(smol, load_config("ci"))
-
-
 def _bits(a):
     return np.asarray(a, np.float32).view(np.uint32)
 

@@ -22,11 +22,6 @@ SUPPORTED = ("(supported: Q4_0, Q4_1, Q8_0, F16, F32; "
              "re-quantized: BF16, Q2_K, Q3_K, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K)")
 
 
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
-
-
 @pytest.fixture
 def tiny(tmp_path):
     return tm.write_tiny_gguf(tmp_path / "tiny.gguf")

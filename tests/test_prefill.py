@@ -89,11 +89,6 @@ def assert_same(bundle, tokens, chunks, ref=None):
 # ---- tiny models on the ci configuration (buckets 2, 4, 8) --------------------------------
 
 @pytest.fixture(scope="module")
-def ci():
-    return load_config("ci")
-
-
-@pytest.fixture(scope="module")
 def ci_wb4(tmp_path_factory):
     """ci with a 4 KiB weight buffer: the tiny model's matrices take several tiles (MM into
     the stage, then COPY), as SmolLM2's do on ci."""
@@ -206,11 +201,6 @@ def test_sparse_prefill_bit_exact(tmp_path, ci, sp):
 
 
 # ---- SmolLM2 ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
-
 
 SMOL_TOKS = [504, 3575, 282, 4649, 314, 7042, 28, 9, 1167, 253, 8134, 30, 2115, 282, 260, 1345,
              7042, 314, 28, 504, 3575, 282, 4649, 9, 30, 1167, 253, 8134, 2115, 260, 1345]

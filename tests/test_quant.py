@@ -7,14 +7,8 @@ from gguf import GGMLQuantizationType, quants
 
 from llmfab.core.errors import ModelError
 from llmfab.compiler import quant
-from llmfab.compiler.model import load_model
 
 QTYPES = ["q4_0", "q4_1", "q8_0"]
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
 
 
 def _random_blocks(qtype, rows, nblocks, seed=0):

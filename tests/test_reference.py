@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from llmfab.core.errors import BackendError, ModelError
-from llmfab.compiler.model import load_model
 from llmfab.compiler.tokenizer import Tokenizer
 from llmfab.host.runtime import open_device
 from llmfab.sim.accuracy import compare, load_llamacpp_reference
@@ -17,11 +16,6 @@ from llmfab.sim.reference import ReferenceModel, apply_rope, q8_1_round, q8_roun
 DATA = os.path.join(os.path.dirname(__file__), "data")
 with open(os.path.join(DATA, "llamacpp_greedy.json"), encoding="utf-8") as _f:
     GREEDY = json.load(_f)
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,11 @@ import pytest
 from llmfab.core import formats
 from llmfab.core.errors import CompileError
 from llmfab.compiler import quant, sparse
-from llmfab.compiler.model import load_model
 from llmfab.core import numerics as N
 
 FMTS = ["q4_0", "q4_1", "q8_0"]
 PATTERNS = ["2:4", "8:16", "4:16", "2:16"]
 PATTERN_LIST = "dense, 2:4, 8:16, 4:16, 2:16"
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
 
 
 def _weights(seed, rows, cols):
