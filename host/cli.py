@@ -161,7 +161,7 @@ def _device_options(args, model) -> dict:
     limit = model.desc.context_length
     if args.context > limit:
         raise LlmfabError(f"--context {args.context} is above the context length of model "
-                          f"'{model.desc.name}' ({limit})")
+                          f"'{model.desc.name}' ({limit}): give {limit} or less")
     return {"max_context": args.context}
 
 

@@ -446,7 +446,7 @@ def test_generate_prompt_past_context_refused(capsys):
 def test_context_option_checks(capsys, tmp_path):
     p = tm.write_tiny_gguf(tmp_path / "tiny.gguf", context_length=256)
     one_line_error(*run(capsys, "generate", "--model", p, "--prompt", "the", "--context", 257),
-                   "--context 257 is above the context length of model 'tiny' (256)")
+                   "--context 257 is above the context length of model 'tiny' (256): give 256 or less")
     one_line_error(*run(capsys, "logits", "--model", p, "--tokens", "1", "--context", 0,
                         "--out", tmp_path / "x.npy"),
                    "--context must be at least 1, not 0")
