@@ -167,6 +167,8 @@ def _device_options(args, model) -> dict:
 
 def _check_output_file(path: str) -> None:
     """A file can be written at ``path`` (its directory exists and is writable; it is not a directory)."""
+    if not path:
+        raise LlmfabError("--out is empty: give a file name")
     if os.path.isdir(path):
         raise LlmfabError(f"cannot write {path}: it is a directory")
     out_dir = os.path.dirname(os.path.abspath(path))
@@ -347,6 +349,8 @@ def _check_bundle_dest(path: str, force: bool) -> None:
     when it holds a bundle (a ``manifest.json``), so that ``--force`` never
     deletes a directory of other files.
     """
+    if not path:
+        raise LlmfabError("--out is empty: give a directory name")
     if os.path.lexists(path) and not os.path.isdir(path):
         raise LlmfabError(f"cannot write a bundle to {path}: it exists and is not a directory")
     if os.path.isdir(path) and os.listdir(path):

@@ -517,6 +517,8 @@ def _no_model_load(monkeypatch):
     (["logits", "--tokens", "1 2", "--out", "x.npy"], TOKENS_MSG.format("1 2")),
     (["logits", "--tokens", "1", "--out", "no/such/x.npy"], "cannot write no/such/x.npy: directory {cwd}/no/such does not exist"),
     (["logits", "--tokens", "1", "--out", "."], "cannot write .: it is a directory"),
+    (["logits", "--tokens", "1", "--out", ""], "--out is empty: give a file name"),
+    (["compile", "--out", ""], "--out is empty: give a directory name"),
     (["logits", "--tokens", "1", "--out", "x.npy", "--config", "nope"],
      "unknown config 'nope'; known configs: ci, tiny, u250, u280, u55c, v80, vhk158"),
     (["compile", "--out", "/dev/null"], "cannot write a bundle to /dev/null: it exists and is not a directory"),
