@@ -21,6 +21,7 @@ import difflib
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -100,6 +101,10 @@ def display_path(path: Path, package_dir: Path = BOARDS_DIR) -> str:
         return str(path)
 
 
+#: Board and configuration files are a few KiB; anything past this is the wrong file.
+MAX_YAML_BYTES = 1 << 20
+
+
 def read_yaml(path: Path, display: str, error: type[LlmfabError]) -> dict:
     """Read a YAML file that must hold a mapping of fields.
 
@@ -118,6 +123,13 @@ def read_yaml(path: Path, display: str, error: type[LlmfabError]) -> dict:
         One line naming the file: unreadable, malformed YAML, duplicate key,
         or not a mapping.
     """
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0                      # reported by the read below
+    if size > MAX_YAML_BYTES:
+        raise error(f"{display}: {size} bytes is too large for a YAML description "
+                    f"(at most {MAX_YAML_BYTES}); is it the right file?")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -248,6 +260,22 @@ def normalize_number(value: int | float) -> int | float:
     return value
 
 
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is not a readable YAML file: missing, a directory, a device, a FIFO..."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a YAML file"
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a plain file")
+    return f"is not a regular file ({kind}); give a YAML file"
+
+
 def resolve_file(name_or_path: str | os.PathLike, folder: Path, kind: str,
                  known: Callable[[], list[str]], error: type[LlmfabError]) -> tuple[Path, bool]:
     """Turn a name or a path into a file; return ``(path, is_named)``.
@@ -267,7 +295,7 @@ def resolve_file(name_or_path: str | os.PathLike, folder: Path, kind: str,
     if is_path:
         path = Path(text)
         if not path.is_file():
-            raise error(f"{kind} file '{text}' does not exist")
+            raise error(f"{kind} file '{text}' {_not_a_file(path)}")
         return path, False
     path = folder / f"{text}.yaml"
     if not _NAME_RE.match(text) or not path.is_file():

@@ -629,7 +629,13 @@ def load_config(name_or_path: str | os.PathLike) -> AccelConfig:
     display = display_path(path) if named else str(name_or_path)
     data = read_yaml(path, display, ConfigError)
     config = config_from_dict(data, display, expected_name=path.stem if named else None)
-    check_fits(config)
+    try:
+        check_fits(config)
+    except FitError as exc:
+        if named:
+            raise
+        # a file given by path may carry any name: say which file (issue 9)
+        raise FitError(f"{display}: {exc}") from None
     return config
 
 

@@ -171,10 +171,15 @@ def _encode_rows(fmt, sp, raw, mask):
 
 
 def parse_sparsity(spec: str | None) -> dict:
-    """'2:4' (all projections) or 'ffn=2:4,attn=8:16' -> {matrix name: pattern}."""
+    """'2:4' (all projections) or 'ffn=2:4,attn=8:16' -> {matrix name: pattern}.
+
+    Each matrix may be named once: a repeated target (``ffn=2:4,ffn=8:16``) or two
+    targets that share a matrix (``2:4,ffn=8:16``) are refused, not resolved by order.
+    """
     out = {m: "dense" for m in MATRICES}
     if not spec:
         return out
+    set_by = {}
     groups = {"ffn": ("ffn_gate", "ffn_up", "ffn_down"),
               "attn": ("attn_q", "attn_k", "attn_v", "attn_output"),
               "all": MATRICES}
@@ -192,6 +197,12 @@ def parse_sparsity(spec: str | None) -> dict:
                                f"(use all, ffn, attn or one of {', '.join(MATRICES)})")
         formats.pattern(pat)
         for n in names:
+            if n in set_by:
+                first = set_by[n]
+                raise CompileError(f"--sparsity: target '{key}' is given twice" if first == key else
+                                   f"--sparsity: targets '{first}' and '{key}' both set {n}; "
+                                   f"give each matrix one pattern")
+            set_by[n] = key
             out[n] = pat
     return out
 
@@ -234,6 +245,86 @@ def _llmfab_version() -> str:
         return "unknown"
 
 
+def _weight_slots(wb_sz: int, config) -> tuple:
+    """(slots, bytes per slot) of a weight buffer of ``wb_sz`` bytes.
+
+    Weight tiles rotate through the slots; the load engine runs up to (slots - 1)
+    tiles ahead of the compute queue, which hides the SFU work between matrices.
+    Four slots when each still holds >= SLOT_MIN_CYCLES of the ports' bandwidth
+    (ci), else two (short tiles would pay the per-instruction overhead too often).
+    """
+    n = 2
+    if wb_sz // WEIGHT_SLOTS_LARGE >= SLOT_MIN_CYCLES * config.hbm_bytes_per_cycle:
+        n = WEIGHT_SLOTS_LARGE
+    return n, (wb_sz // n) // 64 * 64
+
+
+def _rows_per_tile(config, wslot_bytes: int, rb: int) -> int:
+    """Rows of ``rb`` bytes per weight tile: whole chains when a slot holds them, else whole
+    32-byte units of device memory, else as many as fit."""
+    per = wslot_bytes // rb
+    unit = int(np.lcm(config.chain.count, 8))    # whole chains; 32-byte aligned logits
+    if per >= unit:
+        return per // unit * unit
+    a = int(np.lcm(8, 32 // np.gcd(rb, 32)))      # whole 32-byte units of HBM per tile
+    return per // a * a if per >= a else per
+
+
+def _tiling_problem(config, wslot_bytes: int, rb: int, rows: int, head: bool) -> str | None:
+    """Why a matrix of ``rows`` rows of ``rb`` bytes cannot be tiled into slots of
+    ``wslot_bytes`` (None: it can)."""
+    if rb > wslot_bytes:
+        return f"a row ({rb} bytes) does not fit a weight-buffer slot of {wslot_bytes} bytes"
+    per = _rows_per_tile(config, wslot_bytes, rb)
+    starts = range(per, rows, per)
+    if head and any(r % 8 for r in starts):
+        return (f"a weight-buffer slot of {wslot_bytes} bytes holds {per} row{'s' * (per != 1)} "
+                f"({rb} bytes each), but LM-head tiles must start at multiples of 8 rows")
+    if any((r * rb) % isa.HBM_ALIGN for r in starts):
+        return (f"a weight-buffer slot of {wslot_bytes} bytes holds {per} row{'s' * (per != 1)} "
+                f"({rb} bytes each), but tiles must start at {isa.HBM_ALIGN}-byte aligned offsets")
+    return None
+
+
+def _weight_matrices(model, sp_of: dict) -> set:
+    """(row bytes, rows, is LM head) of every weight matrix the compiler tiles."""
+    d = model.desc
+    fmt_of = lambda t: "q8_0" if t.qtype in ("f32", "f16") else t.qtype   # noqa: E731
+    head = model.tensor("token_embd.weight" if d.tied_embeddings else "output.weight")
+    mats = {(_row_bytes(fmt_of(head), "dense", head.shape[1]), head.shape[0], True)}
+    if not d.tied_embeddings:
+        t = model.tensor("token_embd.weight")
+        mats.add((_row_bytes(fmt_of(t), "dense", t.shape[1]), t.shape[0], False))
+    for li in range(d.n_layers):
+        for w in ("attn_q", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            t = model.layer(li, w)
+            rows = d.n_kv_heads * (d.gqa_group + 2) * d.head_dim if w == "attn_q" else t.shape[0]
+            mats.add((_row_bytes(fmt_of(t), sp_of[w], t.shape[1]), rows, False))
+    return mats
+
+
+def _min_weight_kib(model, config, sp_of: dict) -> int:
+    """The smallest ``buffers.weight_kib`` that every weight matrix of ``model`` tiles into."""
+    mats = _weight_matrices(model, sp_of)
+    kib = max(1, -(-2 * max(rb for rb, _, _ in mats) // 1024))
+    while any(_tiling_problem(config, _weight_slots(kib * 1024, config)[1], rb, rows, head)
+              for rb, rows, head in mats):
+        kib += 1
+    return kib
+
+
+def _config_file(config) -> str:
+    """The configuration's file for messages (the path given, or boards/configs/<name>.yaml)."""
+    return config.source or f"configuration '{config.name}'"
+
+
+def _weight_buffer_error(config, model, sp_of, what: str) -> FitError:
+    """The weight buffer is too small: say so, naming the configuration file, and the size it needs."""
+    return FitError(f"{_config_file(config)}: buffers.weight_kib {config.buffers.weight_kib} is too "
+                    f"small: {what}; set buffers.weight_kib to at least "
+                    f"{_min_weight_kib(model, config, sp_of)} for this model")
+
+
 def compile_model(model: Model, config, *, sparsity: str | None = None, progress: bool = False,
                   context: int | None = None, emit_image: bool = True, prefill: bool = True) -> Bundle:
     """Compile ``model`` for ``config`` into a bundle (decode and prefill programs + HBM image + manifest).
@@ -255,7 +346,8 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     sp_of = parse_sparsity(sparsity)
     for m, p in sp_of.items():
         if p not in config.sparsity:
-            raise CompileError(f"configuration '{config.name}' does not support sparsity {p} "
+            raise CompileError(f"{_config_file(config)}: configuration '{config.name}' does not "
+                               f"support sparsity {p} "
                                f"(supports {', '.join(config.sparsity)})")
     notes = []
     _check_device_memory(model, config, ctx, sp_of)
@@ -300,14 +392,8 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     L1 = vector_layout(1)
     kv_head_bytes = ctx * hd * 2
     KSLOT = [KB.alloc(2 * kv_head_bytes, "K/V of one head"), KB.alloc(2 * kv_head_bytes, "K/V of one head")]
-    # Weight tiles rotate through the slots; the load engine runs up to (slots - 1) tiles
-    # ahead of the compute queue, which hides the SFU work between matrices. Four slots
-    # when each still holds >= SLOT_MIN_CYCLES of the ports' bandwidth (ci), else two
-    # (short tiles would pay the per-instruction overhead too often).
-    n_wslots = 2
-    if wb_sz // WEIGHT_SLOTS_LARGE >= SLOT_MIN_CYCLES * config.hbm_bytes_per_cycle:
-        n_wslots = WEIGHT_SLOTS_LARGE
-    wslot_bytes = (wb_sz // n_wslots) // 64 * 64
+    # Weight tiles rotate through the slots (see _weight_slots)
+    n_wslots, wslot_bytes = _weight_slots(wb_sz, config)
     WSLOT = [WB.alloc(wslot_bytes, "weight tile") for _ in range(n_wslots)]
 
     # ---- weights ----------------------------------------------------------------------
@@ -322,7 +408,8 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             warnings.warn(msg, stacklevel=3)
             notes.append(msg)
         if fmt not in config.weight_formats:
-            raise CompileError(f"configuration '{config.name}' does not support {fmt.upper()} "
+            raise CompileError(f"{_config_file(config)}: configuration '{config.name}' does not "
+                               f"support {fmt.upper()} "
                                f"weights ({tname}); it supports "
                                f"{', '.join(f.upper() for f in config.weight_formats)}")
         return fmt, np.asarray(raw, np.uint8)
@@ -337,17 +424,10 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         rows, rb_dense = raw.shape
         cols = rb_dense // quant.BLOCK_BYTES[fmt] * 32
         rb = _row_bytes(fmt, sp, cols)
-        if rb > wslot_bytes:
-            raise FitError(f"a row of {key} ({rb} bytes) does not fit a weight-buffer slot of "
-                           f"{wslot_bytes} bytes; use a configuration with a larger buffers.weight_kib")
-        per = wslot_bytes // rb
-        unit = int(np.lcm(config.chain.count, 8))    # whole chains; 32-byte aligned logits
-        if per >= unit:
-            per = per // unit * unit
-        else:                                         # whole 32-byte units of HBM per tile
-            a = int(np.lcm(8, 32 // np.gcd(rb, 32)))
-            if per >= a:
-                per = per // a * a
+        problem = _tiling_problem(config, wslot_bytes, rb, rows, key == head_key)
+        if problem:
+            raise _weight_buffer_error(config, model, sp_of, f"{key}: {problem}")
+        per = _rows_per_tile(config, wslot_bytes, rb)
         off0 = image_len[0]
         if emit_image:
             image.extend(_encode_rows(fmt, sp, raw, mask).tobytes())
@@ -368,8 +448,9 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     it = range(d.n_layers)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc="compiling", unit="layer")
+        it = tqdm(it, desc="compiling", unit="layer", disable=None)   # no bar off a terminal
     # embedding / LM head first: the embedding LD indexes its rows by R7
+    head_key = "token_embd" if d.tied_embeddings else "output"
     emb_fmt, emb_raw = weight("embedding", "token_embd.weight")
     emb = add_matrix("token_embd", emb_fmt, "dense", emb_raw, None)
     if d.tied_embeddings:
@@ -513,9 +594,6 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         raise CompileError("device memory map exceeds the ISA's 8 GiB offset range")
     if emb.row_bytes >= 1 << 16:
         raise CompileError(f"embedding row of {emb.row_bytes} bytes exceeds the LD stride field")
-    for (r0, nr, off) in head.tiles:
-        if (r0 * 4) % isa.HBM_ALIGN:
-            raise CompileError("LM-head tile rows must start at multiples of 8")
 
     def hoff(x):
         assert x % isa.HBM_ALIGN == 0, x

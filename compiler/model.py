@@ -14,7 +14,10 @@ llama.cpp's ``convert_hf_to_gguf.py`` does, so the two are the same model.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import stat
 import warnings
 from dataclasses import dataclass, field, asdict
 
@@ -172,13 +175,19 @@ _LAYER_TENSORS = {
 
 def expected_shapes(desc: ModelDesc) -> dict:
     """Every tensor the model needs, with its numpy shape."""
-    shapes = {"token_embd.weight": (desc.vocab_size, desc.dim), "output_norm.weight": (desc.dim,)}
+    return dict(_iter_expected(desc))
+
+
+def _iter_expected(desc: ModelDesc):
+    """(name, shape) of every tensor the model needs, lazily: a file claiming 4e9 layers
+    fails at its first missing tensor, not after building a table of them all."""
+    yield "token_embd.weight", (desc.vocab_size, desc.dim)
+    yield "output_norm.weight", (desc.dim,)
     if not desc.tied_embeddings:
-        shapes["output.weight"] = (desc.vocab_size, desc.dim)
+        yield "output.weight", (desc.vocab_size, desc.dim)
     for i in range(desc.n_layers):
         for what, fn in _LAYER_TENSORS.items():
-            shapes[f"blk.{i}.{what}.weight"] = fn(desc)
-    return shapes
+            yield f"blk.{i}.{what}.weight", fn(desc)
 
 
 def _field(reader, key, path, default=None, required=True):
@@ -193,14 +202,107 @@ def _field(reader, key, path, default=None, required=True):
         raise ModelError(f"{path}: unreadable metadata '{key}' ({e})") from None
 
 
+# --------------------------------------------------------------------------------------
+# Validation shared by the GGUF and Hugging Face importers
+# --------------------------------------------------------------------------------------
+
+def _show(value) -> str:
+    """A metadata value for an error message (``'abc'``, ``-1``, ``[1, 2]``), kept short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _positive_int(where: str, key: str, value) -> int:
+    """``value`` as an int, or a ModelError ``<where>: <key> must be a positive integer, not ...``."""
+    if not _is_int(value) or value <= 0:
+        raise ModelError(f"{where}: {key} must be a positive integer, not {_show(value)}")
+    return int(value)
+
+
+def _positive_float(where: str, key: str, value, minimum: float | None = None) -> float:
+    """``value`` as a float, or a ModelError: it must be a finite number above zero
+    (or at least ``minimum``)."""
+    ok = (isinstance(value, (int, float, np.integer, np.floating))
+          and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+          and (value > 0 if minimum is None else value >= minimum))
+    if not ok:
+        what = "a positive finite number" if minimum is None else f"a finite number of at least {minimum:g}"
+        raise ModelError(f"{where}: {key} must be {what}, not {_show(value)}")
+    return float(value)
+
+
+_FILE_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path: str, expected: str, error=ModelError) -> int:
+    """Fail fast unless ``path`` is a regular file; return its size.
+
+    A device, FIFO or socket would block or never end when read (``/dev/zero``,
+    a named pipe): they are refused from ``stat`` alone, before any ``open``.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{path}: is a directory, not {expected}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a plain file")
+        raise error(f"{path}: not a regular file ({kind}); expected {expected}")
+    return st.st_size
+
+
+# Byte offsets of the f16 scale fields in one block: d (and m for Q4_1)
+_SCALE_FIELDS = {"q4_0": (0,), "q4_1": (0, 2), "q8_0": (0,)}
+
+
+def _check_finite(path: str, name: str, qtype: str, data) -> None:
+    """Refuse NaN or infinite weights: float values, or the f16 scales of quantized blocks.
+
+    Quantized blocks are checked through their scales alone (the integer
+    quants cannot be NaN): a strided look at 2 or 4 bytes of each block.
+    """
+    if qtype in ("f32", "f16"):
+        if not np.isfinite(data).all():
+            raise ModelError(f"{path}: tensor '{name}' holds NaN or infinite values")
+        return
+    bb = QTYPE_BLOCK[qtype][1]
+    u16 = np.asarray(data).reshape(-1).view(np.uint16).reshape(-1, bb // 2)
+    for off in _SCALE_FIELDS[qtype]:
+        if ((u16[:, off // 2] & 0x7C00) == 0x7C00).any():     # f16 exponent all ones
+            raise ModelError(f"{path}: tensor '{name}' holds NaN or infinite block scales")
+
+
+_LAYER_RE = re.compile(r"blk\.(\d+)\.")
+_LAYER_NAME_RE = re.compile(r"blk\.\d+\.(\w+)\.weight")
+_TOP_TENSORS = ("token_embd.weight", "output_norm.weight", "output.weight")
+_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _layers_hint(missing: str, names, layer_re, key: str, n_layers: int) -> str:
+    """When a whole layer is missing, the layer count is the likely culprit: say what it
+    claims and which layers the file has."""
+    m = layer_re.match(missing)
+    if not m:
+        return ""
+    layers = {int(x.group(1)) for x in map(layer_re.match, names) if x}
+    if int(m.group(1)) in layers:
+        return ""
+    have = f"layers 0 to {max(layers)}" if layers else "no layers"
+    return f" ({key} is {n_layers} but the file has {have})"
+
+
 def _open_gguf(path: str):
     from gguf import GGUFReader
 
-    if not os.path.exists(path):
-        raise ModelError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise ModelError(f"{path}: is a directory, not a GGUF file")
-    size = os.path.getsize(path)
+    size = check_regular_file(path, "a GGUF file")
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":
@@ -341,44 +443,77 @@ def load_gguf(path: str, *, requantize: bool = True) -> Model:
         raise ModelError(f"{path}: unsupported architecture '{arch}' "
                          f"(supported: {', '.join(SUPPORTED_ARCHS)})")
     p = arch + "."
-    n_heads = int(_field(reader, p + "attention.head_count", path))
-    n_kv = int(_field(reader, p + "attention.head_count_kv", path, default=n_heads))
-    dim = int(_field(reader, p + "embedding_length", path))
+
+    def integer(key, default=None, required=True):
+        v = _field(reader, p + key, path, default=default, required=required)
+        return None if v is None else _positive_int(path, p + key, v)
+
+    def number(key, default, minimum=None):
+        return _positive_float(path, p + key, _field(reader, p + key, path, default=default), minimum)
+
+    n_layers = integer("block_count")
+    n_heads = integer("attention.head_count")
+    n_kv = integer("attention.head_count_kv", default=n_heads)
+    dim = integer("embedding_length")
+    ffn_dim = integer("feed_forward_length")
+    context_length = integer("context_length", default=2048)
+    rope_base = number("rope.freq_base", 10000.0, minimum=1.0)   # below 1 the frequencies blow up
+    rms_eps = number("attention.layer_norm_rms_epsilon", 1e-5)
+    name = _field(reader, "general.name", path, required=False)
+    if name is not None and not isinstance(name, str):
+        raise ModelError(f"{path}: general.name must be a string, not {_show(name)}")
+    scaling = _field(reader, p + "rope.scaling.type", path, required=False)
+    if scaling not in (None, "none"):
+        raise ModelError(f"{path}: unsupported {p}rope.scaling.type {_show(scaling)} "
+                         "(supported: none)")
     tensors_by_name = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors_by_name:
         raise ModelError(f"{path}: missing tensor 'token_embd.weight'")
-    vocab = _field(reader, p + "vocab_size", path, required=False)
+    vocab = integer("vocab_size", required=False)
     if vocab is None:
         vocab = int(tensors_by_name["token_embd.weight"].shape[-1])
-    head_dim = dim // n_heads if n_heads else 0
-    if n_heads <= 0 or dim % n_heads or n_kv <= 0 or n_heads % n_kv:
+    if dim % n_heads or n_heads % n_kv:
         raise ModelError(f"{path}: inconsistent shapes: embedding_length {dim}, "
                          f"head_count {n_heads}, head_count_kv {n_kv}")
+    head_dim = dim // n_heads
+    rope_dim = integer("rope.dimension_count", default=head_dim)
+    if head_dim % 2:
+        raise ModelError(f"{path}: unsupported head dim {head_dim} ({p}embedding_length {dim} / "
+                         f"{p}attention.head_count {n_heads}): RoPE needs an even head dim")
+    for tname in tensors_by_name:
+        m = _LAYER_RE.match(tname)
+        if m and int(m.group(1)) >= n_layers:
+            raise ModelError(f"{path}: tensor '{tname}' is beyond {p}block_count {n_layers} "
+                             f"(layers 0 to {n_layers - 1})")
+        m = _LAYER_NAME_RE.fullmatch(tname)
+        if not (tname in _TOP_TENSORS or (m and m.group(1) in _LAYER_TENSORS)):
+            raise ModelError(f"{path}: unexpected tensor '{tname}' (not part of a {arch} model: "
+                             "it would be ignored)")
     desc = ModelDesc(
         arch=arch,
-        name=str(_field(reader, "general.name", path, required=False) or os.path.basename(path)),
-        n_layers=int(_field(reader, p + "block_count", path)),
+        name=name or os.path.basename(path),
+        n_layers=n_layers,
         dim=dim,
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
-        ffn_dim=int(_field(reader, p + "feed_forward_length", path)),
-        vocab_size=int(vocab),
-        context_length=int(_field(reader, p + "context_length", path, default=2048)),
-        rope_base=float(_field(reader, p + "rope.freq_base", path, required=False) or 10000.0),
-        rope_dim=int(_field(reader, p + "rope.dimension_count", path, required=False) or head_dim),
-        rms_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", path,
-                             required=False) or 1e-5),
+        ffn_dim=ffn_dim,
+        vocab_size=vocab,
+        context_length=context_length,
+        rope_base=rope_base,
+        rope_dim=rope_dim,
+        rms_eps=rms_eps,
         tied_embeddings="output.weight" not in tensors_by_name,
     )
     if desc.rope_dim != desc.head_dim:
         raise ModelError(f"{path}: unsupported partial RoPE (rope.dimension_count {desc.rope_dim} "
                          f"!= head dim {desc.head_dim})")
     model = Model(desc=desc, path=path, source="gguf")
-    for name, shape in expected_shapes(desc).items():
+    for name, shape in _iter_expected(desc):
         t = tensors_by_name.get(name)
         if t is None:
-            raise ModelError(f"{path}: missing tensor '{name}'")
+            raise ModelError(f"{path}: missing tensor '{name}'"
+                             f"{_layers_hint(name, tensors_by_name, _LAYER_RE, p + 'block_count', n_layers)}")
         got = tuple(int(x) for x in reversed([int(s) for s in t.shape if True]))
         # ggml pads unused dims with 1; strip leading ones to compare
         while len(got) > len(shape) and got[0] == 1:
@@ -399,6 +534,7 @@ def load_gguf(path: str, *, requantize: bool = True) -> Model:
                 target = "f32"
             raw = np.asarray(t.data)
             values = quants.dequantize(raw, t.tensor_type).astype(np.float32).reshape(shape)
+            _check_finite(path, name, "f32", values)
             msg = f"{name}: {qname} is re-quantized to {target.upper()} (not decoded on chip)"
             warnings.warn(msg, stacklevel=2)
             model.warnings.append(msg)
@@ -417,6 +553,8 @@ def load_gguf(path: str, *, requantize: bool = True) -> Model:
             if shape[1] % bw:
                 raise ModelError(f"{path}: inconsistent shapes: '{name}' row length {shape[1]} "
                                  f"is not a multiple of the {qtype.upper()} block ({bw})")
+        if qname not in _REQUANT_TARGET:
+            _check_finite(path, name, qtype, data)
         model.tensors[name] = QTensor(name=name, qtype=qtype, shape=tuple(shape), data=data)
     return model
 
@@ -467,11 +605,22 @@ def hf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
              .swapaxes(1, 2).reshape(w.shape))
 
 
+_MAX_CONFIG_JSON = 16 << 20             # HF config.json files are a few KiB
+_ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+_ST_MAX_HEADER = 100 * 1024 * 1024      # the safetensors format's own limit
+
+
 def _read_safetensors(path: str) -> dict:
-    """Read every tensor of a .safetensors file as float32 (F32, F16 and BF16)."""
+    """Read every tensor of a .safetensors file as float32 (F32, F16 and BF16).
+
+    The header is checked whole before any data is read: a JSON object of
+    entries, each with a known dtype, a shape of non-negative integers and
+    ``data_offsets`` ``[begin, end]`` that lie inside the data, in order, and
+    span exactly the bytes the shape needs.
+    """
     import struct
 
-    size = os.path.getsize(path)
+    size = check_regular_file(path, "a safetensors file")
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
@@ -479,30 +628,64 @@ def _read_safetensors(path: str) -> dict:
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
             raise ModelError(f"{path}: not a safetensors file (header length {n} > file size)")
+        if n > _ST_MAX_HEADER:
+            raise ModelError(f"{path}: not a safetensors file (header length {n} exceeds "
+                             f"the format's {_ST_MAX_HEADER} bytes)")
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ModelError(f"{path}: not a safetensors file (header is not JSON)") from None
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out = {}
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: not a safetensors file (header is a JSON "
+                         f"{type(header).__name__}, expected an object)")
+    data_size = size - 8 - n
+    entries = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        a, b = info["data_offsets"]
-        if b > raw.shape[0]:
+        where = f"{path}: tensor '{name}'"
+        if not isinstance(info, dict):
+            raise ModelError(f"{where}: header entry must be a JSON object, not {_show(info)}")
+        dt, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dt, str):
+            raise ModelError(f"{where}: dtype must be a string, not {_show(dt)}")
+        if not isinstance(shape, list) or not all(_is_int(x) and x >= 0 for x in shape):
+            raise ModelError(f"{where}: shape must be a list of non-negative integers, "
+                             f"not {_show(shape)}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_int(x) and x >= 0 for x in offsets)):
+            raise ModelError(f"{where}: data_offsets must be two non-negative integers "
+                             f"[begin, end], not {_show(offsets)}")
+        a, b = offsets
+        if b < a:
+            raise ModelError(f"{where}: data_offsets {offsets} are reversed (end before begin)")
+        if b > data_size:
             raise ModelError(f"{path}: truncated safetensors file: tensor '{name}' ends past the end")
+        if dt not in _ST_ITEMSIZE:
+            raise ModelError(f"{path}: unsupported tensor type {dt} for '{name}' "
+                             "(supported: F32, F16, BF16)")
+        need = math.prod(shape) * _ST_ITEMSIZE[dt]
+        if b - a != need:
+            raise ModelError(f"{where}: data_offsets {offsets} span {b - a} bytes but shape "
+                             f"{shape} of {dt} needs {need}")
+        entries.append((name, dt, shape, a, b))
+    ordered = sorted(entries, key=lambda e: (e[3], e[4]))
+    for (n0, _, _, a0, b0), (n1, _, _, a1, b1) in zip(ordered, ordered[1:]):
+        if a1 < b0:
+            raise ModelError(f"{path}: tensor '{n1}': data_offsets [{a1}, {b1}] overlap "
+                             f"tensor '{n0}' [{a0}, {b0}]")
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if data_size else np.zeros(0, np.uint8)
+    out = {}
+    for name, dt, shape, a, b in entries:
         buf = raw[a:b]
-        dt = info["dtype"]
         if dt == "F32":
             arr = buf.view(np.float32)
         elif dt == "F16":
             arr = buf.view(np.float16).astype(np.float32)
-        elif dt == "BF16":
-            arr = (buf.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         else:
-            raise ModelError(f"{path}: unsupported tensor type {dt} for '{name}' "
-                             "(supported: F32, F16, BF16)")
-        out[name] = np.asarray(arr, dtype=np.float32).reshape(info["shape"])
+            arr = (buf.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        out[name] = np.asarray(arr, dtype=np.float32).reshape(shape)
+        _check_finite(path, name, "f32", out[name])
     return out
 
 
@@ -516,44 +699,84 @@ def load_hf(path: str, *, quantize: str | None = None) -> Model:
 
     path = str(path)
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
+    if not os.path.lexists(cfg_path):
         raise ModelError(f"{path}: not a Hugging Face checkpoint (no config.json)")
+    size = check_regular_file(cfg_path, "a JSON file")
+    if size > _MAX_CONFIG_JSON:
+        raise ModelError(f"{cfg_path}: {size} bytes is too large for a config.json "
+                         f"(at most {_MAX_CONFIG_JSON})")
     try:
-        with open(cfg_path) as fh:
-            cfg = json.load(fh)
+        with open(cfg_path, "rb") as fh:
+            cfg = json.loads(fh.read())
     except json.JSONDecodeError as e:
         raise ModelError(f"{cfg_path}: malformed JSON ({e.msg} at line {e.lineno})") from None
-    archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+    except UnicodeDecodeError:
+        raise ModelError(f"{cfg_path}: malformed JSON (not UTF-8 text)") from None
+    except OSError as e:
+        raise ModelError(f"{cfg_path}: cannot read ({e.strerror})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{cfg_path}: expected a JSON object of fields, not a "
+                         f"{type(cfg).__name__}")
+    archs = cfg.get("architectures")
+    if archs is not None and (not isinstance(archs, list)
+                              or not all(isinstance(x, str) for x in archs)):
+        raise ModelError(f"{cfg_path}: architectures must be a list of strings, not {_show(archs)}")
+    archs = archs or [cfg.get("model_type", "?")]
     if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
         raise ModelError(f"{path}: unsupported architecture '{archs[0]}' (supported: LlamaForCausalLM)")
-    try:
-        dim = int(cfg["hidden_size"])
-        n_heads = int(cfg["num_attention_heads"])
-        n_kv = int(cfg.get("num_key_value_heads", n_heads))
-        desc = ModelDesc(
-            arch="llama", name=str(cfg.get("_name_or_path") or os.path.basename(path.rstrip("/"))),
-            n_layers=int(cfg["num_hidden_layers"]), dim=dim, n_heads=n_heads, n_kv_heads=n_kv,
-            head_dim=int(cfg.get("head_dim", dim // n_heads)),
-            ffn_dim=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]),
-            context_length=int(cfg.get("max_position_embeddings", 2048)),
-            rope_base=float(cfg.get("rope_theta", 10000.0)),
-            rope_dim=int(cfg.get("head_dim", dim // n_heads)),
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
-    except KeyError as e:
-        raise ModelError(f"{cfg_path}: missing field {e.args[0]!r}") from None
-    if n_heads <= 0 or dim % n_heads or n_kv <= 0 or n_heads % n_kv:
+
+    def integer(key, default=None):
+        if key not in cfg and default is not None:
+            return default
+        if key not in cfg:
+            raise ModelError(f"{cfg_path}: missing field {key!r}")
+        return _positive_int(cfg_path, key, cfg[key])
+
+    def number(key, default, minimum=None):
+        return _positive_float(cfg_path, key, cfg.get(key, default), minimum)
+
+    dim = integer("hidden_size")
+    n_heads = integer("num_attention_heads")
+    n_layers = integer("num_hidden_layers")
+    ffn_dim = integer("intermediate_size")
+    vocab = integer("vocab_size")
+    n_kv = integer("num_key_value_heads", n_heads)
+    context_length = integer("max_position_embeddings", 2048)
+    rope_base = number("rope_theta", 10000.0, minimum=1.0)
+    rms_eps = number("rms_norm_eps", 1e-5)
+    tied = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise ModelError(f"{cfg_path}: tie_word_embeddings must be true or false, not {_show(tied)}")
+    name = cfg.get("_name_or_path")
+    if name is not None and not isinstance(name, str):
+        raise ModelError(f"{cfg_path}: _name_or_path must be a string, not {_show(name)}")
+    if dim % n_heads or n_heads % n_kv:
         raise ModelError(f"{path}: inconsistent shapes: hidden_size {dim}, num_attention_heads "
                          f"{n_heads}, num_key_value_heads {n_kv}")
+    head_dim = dim // n_heads if cfg.get("head_dim") is None else integer("head_dim")
+    if head_dim % 2:
+        why = (f"head_dim {head_dim}" if cfg.get("head_dim") is not None else
+               f"hidden_size {dim} / num_attention_heads {n_heads}")
+        raise ModelError(f"{cfg_path}: unsupported head dim {head_dim} ({why}): "
+                         "RoPE needs an even head dim")
+    desc = ModelDesc(
+        arch="llama", name=name or os.path.basename(path.rstrip("/")),
+        n_layers=n_layers, dim=dim, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+        ffn_dim=ffn_dim, vocab_size=vocab, context_length=context_length,
+        rope_base=rope_base, rope_dim=head_dim, rms_eps=rms_eps, tied_embeddings=tied,
+    )
     if cfg.get("rope_scaling"):
         raise ModelError(f"{cfg_path}: unsupported rope_scaling {cfg['rope_scaling']!r}")
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise ModelError(f"{path}: no .safetensors files")
-    raw = {}
+    raw, source = {}, {}
     for f in files:
-        raw.update(_read_safetensors(os.path.join(path, f)))
+        fp = os.path.join(path, f)
+        for k, v in _read_safetensors(fp).items():
+            if k in raw:
+                raise ModelError(f"{fp}: tensor '{k}' is also in {source[k]}")
+            raw[k], source[k] = v, fp
     if "lm_head.weight" not in raw:
         desc = ModelDesc(**{**desc.to_dict(), "tied_embeddings": True})
     model = Model(desc=desc, path=path, source="hf")
@@ -563,14 +786,22 @@ def load_hf(path: str, *, quantize: str | None = None) -> Model:
             names[_HF_NAMES[k]] = v
             continue
         parts = k.split(".")
-        if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers":
-            sub = ".".join(parts[3:-1])
-            if sub in _HF_LAYER:
-                names[f"blk.{parts[2]}.{_HF_LAYER[sub]}.weight"] = v
-    for name, shape in expected_shapes(desc).items():
+        if (len(parts) >= 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+                and int(parts[2]) >= desc.n_layers):
+            raise ModelError(f"{path}: tensor '{k}' is beyond num_hidden_layers {desc.n_layers} "
+                             f"(layers 0 to {desc.n_layers - 1})")
+        sub = ".".join(parts[3:-1])
+        if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[-1] == "weight" \
+                and sub in _HF_LAYER:
+            names[f"blk.{int(parts[2])}.{_HF_LAYER[sub]}.weight"] = v
+        elif not k.endswith("rotary_emb.inv_freq"):      # a buffer of old checkpoints: rope_theta's
+            raise ModelError(f"{source[k]}: unexpected tensor '{k}' (not part of a LLaMA model: "
+                             "it would be ignored)")
+    for name, shape in _iter_expected(desc):
         hf = _hf_name(name)
         if name not in names:
-            raise ModelError(f"{path}: missing tensor '{hf}'")
+            raise ModelError(f"{path}: missing tensor '{hf}'"
+                             f"{_layers_hint(hf, raw, _HF_LAYER_RE, 'num_hidden_layers', desc.n_layers)}")
         w = names[name]
         if tuple(w.shape) != tuple(shape):
             raise ModelError(f"{path}: inconsistent shapes: tensor '{hf}' is {list(w.shape)}, "

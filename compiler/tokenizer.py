@@ -141,6 +141,8 @@ def read_gguf_metadata(path: str | os.PathLike, prefix: str = "") -> dict:
     arrays, string arrays lists of ``str``.
     """
     path = os.fspath(path)
+    from llmfab.compiler.model import check_regular_file
+    check_regular_file(path, "a GGUF file")     # a device or FIFO would block or never end
     try:
         f = open(path, "rb")
     except OSError as e:

@@ -121,16 +121,55 @@ def test_model_too_large_for_board():
 
 def test_unsupported_format_is_an_error(tmp_path, smol):
     cfg = _write_config(tmp_path, weight_formats=["q4_0", "q8_0"])
-    with pytest.raises(CompileError, match=r"does not support Q4_1 weights \(blk\.0\.attn_q\.weight\); "
+    with pytest.raises(CompileError, match=rf"^{tmp_path / 'cfg.yaml'}: configuration 'ci' "
+                                           r"does not support Q4_1 weights \(blk\.0\.attn_q\.weight\); "
                                            r"it supports Q4_0, Q8_0$"):
         compile_model(smol, cfg)
 
 
-def test_weight_buffer_too_small(tmp_path, smol):
-    cfg = _write_config(tmp_path, **{"buffers.weight_kib": 1})
-    with pytest.raises(FitError, match=r"a row of token_embd \(612 bytes\) does not fit a weight-buffer "
-                                       r"slot of 512 bytes; use a configuration with a larger buffers.weight_kib$"):
-        compile_model(smol, cfg)
+@pytest.mark.parametrize("kib,what", [
+    (1, "token_embd: a row (612 bytes) does not fit a weight-buffer slot of 512 bytes"),
+    (2, "token_embd: a weight-buffer slot of 1024 bytes holds 1 row (612 bytes each), but "
+        "LM-head tiles must start at multiples of 8 rows"),
+    (9, "token_embd: a weight-buffer slot of 4608 bytes holds 7 rows (612 bytes each), but "
+        "LM-head tiles must start at multiples of 8 rows"),
+])
+def test_weight_buffer_too_small(tmp_path, smol, kib, what):
+    """Issue 9: 'LM-head tile rows must start at multiples of 8' said neither which buffer
+    nor how large; the size it names now is the smallest that compiles."""
+    cfg = _write_config(tmp_path, **{"buffers.weight_kib": kib})
+    with pytest.raises(FitError) as e:
+        compile_model(smol, cfg, emit_image=False)
+    assert str(e.value) == (f"{tmp_path / 'cfg.yaml'}: buffers.weight_kib {kib} is too small: {what}; "
+                            "set buffers.weight_kib to at least 10 for this model")
+
+
+def test_weight_buffer_smallest_size_compiles(tmp_path, smol):
+    compile_model(smol, _write_config(tmp_path, **{"buffers.weight_kib": 10}), emit_image=False)
+
+
+def test_weight_buffer_too_small_for_aligned_tiles(tmp_path):
+    """A tile of 7 rows of 136 bytes would start off the 32-byte grid (was an AssertionError)."""
+    import tinymodel as tm
+    from llmfab.compiler.model import load_model
+    model = load_model(tm.write_tiny_gguf(tmp_path / "t.gguf", "q8_0"))
+    cfg = _write_config(tmp_path, **{"buffers.weight_kib": 2})
+    with pytest.raises(FitError) as e:
+        compile_model(model, cfg)
+    assert str(e.value) == (f"{tmp_path / 'cfg.yaml'}: buffers.weight_kib 2 is too small: "
+                            "blk.0.ffn_down: a weight-buffer slot of 1024 bytes holds 7 rows (136 bytes "
+                            "each), but tiles must start at 32-byte aligned offsets; set "
+                            "buffers.weight_kib to at least 3 for this model")
+    compile_model(model, _write_config(tmp_path, **{"buffers.weight_kib": 3}))
+
+
+def test_weight_buffer_message_names_packaged_config(smol):
+    import dataclasses
+    cfg = load_config("ci")
+    small = dataclasses.replace(cfg, buffers=dataclasses.replace(cfg.buffers, weight_kib=4))
+    with pytest.raises(FitError, match=r"^boards/configs/ci\.yaml: buffers\.weight_kib 4 is too "
+                                       r"small: .* at least 10 for this model$"):
+        compile_model(smol, small, emit_image=False)
 
 
 def test_sparsity_errors(tmp_path, smol, ci):
@@ -139,7 +178,8 @@ def test_sparsity_errors(tmp_path, smol, ci):
     with pytest.raises(CompileError, match=r"^--sparsity: unknown target 'mlp'"):
         parse_sparsity("mlp=2:4")
     cfg = _write_config(tmp_path, sparsity=["dense"])
-    with pytest.raises(CompileError, match=r"does not support sparsity 2:4 \(supports dense\)$"):
+    with pytest.raises(CompileError, match=rf"^{tmp_path / 'cfg.yaml'}: configuration 'ci' does not "
+                                           r"support sparsity 2:4 \(supports dense\)$"):
         compile_model(smol, cfg, sparsity="2:4")
 
 

@@ -368,27 +368,27 @@ def test_does_not_fit_dsp(tmp_path):
     path = variant(tmp_path, chain__count=64)
     # 64 chains x 22 + SFU 64 x 4 x 2
     assert error_of(path, FitError) == (
-        "config 'ci' needs 1920 DSP48E2 but board 'sim-small' has 256; "
+        f"{path}: config 'ci' needs 1920 DSP48E2 but board 'sim-small' has 256; "
         "use fewer or shorter chains (chain.count, chain.length)")
 
 
 def test_does_not_fit_memory_channels(tmp_path):
     path = variant(tmp_path, hbm__ports=8)
     assert error_of(path, FitError) == (
-        "config 'ci' uses 8 memory ports but board 'sim-small' has 4 HBM channels; lower hbm.ports")
+        f"{path}: config 'ci' uses 8 memory ports but board 'sim-small' has 4 HBM channels; lower hbm.ports")
 
 
 def test_clock_too_high(tmp_path):
     path = variant(tmp_path, clock_mhz=250)
     assert error_of(path, FitError) == (
-        "config 'ci' runs at 250 MHz but board 'sim-small' allows at most 200 MHz; lower clock_mhz")
+        f"{path}: config 'ci' runs at 250 MHz but board 'sim-small' allows at most 200 MHz; lower clock_mhz")
 
 
 def test_does_not_fit_bram36(tmp_path):
     # tiny: activation 4 + weight 2 + kv 16 (63 KiB, 64 bit x 8064) + global 16 + instruction 1
     path = variant(tmp_path, "tiny", buffers__kv_kib=63, buffers__global_kib=63)
     assert error_of(path, FitError) == (
-        "config 'tiny' needs 39 BRAM36 but board 'sim-tiny' has 32; "
+        f"{path}: config 'tiny' needs 39 BRAM36 but board 'sim-tiny' has 32; "
         "shrink the buffers (buffers.*_kib)")
 
 
@@ -396,7 +396,7 @@ def test_does_not_fit_uram(tmp_path):
     # 64 KiB and 8192 deep: goes to URAM (2 of them), and sim-tiny has none
     path = variant(tmp_path, "tiny", buffers__kv_kib=64)
     assert error_of(path, FitError) == (
-        "config 'tiny' needs 2 URAM but board 'sim-tiny' has 0; shrink the buffers (buffers.*_kib)")
+        f"{path}: config 'tiny' needs 2 URAM but board 'sim-tiny' has 0; shrink the buffers (buffers.*_kib)")
 
 
 def test_fit_counts_the_shell_reservation(tmp_path):
@@ -438,3 +438,66 @@ def test_docs_config_table_is_generated_from_code():
     text = (DOCS / "config.md").read_text()
     assert format_configs_table(list_configs()) in text, \
         "docs/config.md is stale: paste format_configs_table(list_configs())"
+
+
+# ---- errors name the file (issue 9) --------------------------------------------------
+
+def test_fit_error_names_the_file_not_only_the_name(tmp_path):
+    """A configuration given by path may carry any name: its file is what to fix."""
+    data = packaged("ci")
+    data["name"] = "u280"          # not the packaged u280: nothing to do with it
+    data["chain"]["count"] = 64
+    path = write(tmp_path, data, "mine.yaml")
+    assert error_of(str(path), FitError) == (
+        f"{path}: config 'u280' needs 1920 DSP48E2 but board 'sim-small' has 256; "
+        "use fewer or shorter chains (chain.count, chain.length)")
+
+
+def test_field_errors_name_the_file(tmp_path):
+    data = packaged("ci")
+    data["name"] = "other"
+    data["context"] = 100
+    path = write(tmp_path, data, "mine.yaml")
+    assert error_of(str(path)) == f"{path}: field 'context' must be a power of two of at least 64, not 100"
+
+
+@pytest.mark.parametrize("target,kind", [("/dev/zero", "a character device"),
+                                         ("/dev/null", "a character device")])
+def test_config_that_is_a_device(target, kind):
+    assert error_of(target) == f"config file '{target}' is not a regular file ({kind}); give a YAML file"
+
+
+def test_config_that_is_a_fifo_or_directory(tmp_path):
+    import os
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    assert error_of(str(fifo)) == f"config file '{fifo}' is not a regular file (a FIFO); give a YAML file"
+    d = tmp_path / "dir.yaml"
+    d.mkdir()
+    assert error_of(str(d)) == f"config file '{d}' is a directory, not a YAML file"
+    assert error_of(str(tmp_path / "none.yaml")) == f"config file '{tmp_path / 'none.yaml'}' does not exist"
+
+
+def test_cli_config_errors_are_one_line(tmp_path, capsys):
+    import tinymodel
+    from llmfab.host.cli import main
+    model = tinymodel.write_tiny_gguf(tmp_path / "tiny.gguf")     # not the 98 MB default
+    assert main(["compile", "--model", model, "--config", "/dev/zero", "--out", str(tmp_path / "b")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("llmfab: error: config file '/dev/zero' is not a regular file "
+                                 "(a character device); give a YAML file\n")
+    path = variant(tmp_path, hbm__ports=8)
+    assert main(["compile", "--model", model, "--config", str(path), "--out", str(tmp_path / "b")]) == 1
+    assert capsys.readouterr().err == (
+        f"llmfab: error: {path}: config 'ci' uses 8 memory ports but board 'sim-small' has "
+        "4 HBM channels; lower hbm.ports\n")
+    assert not (tmp_path / "b").exists()
+
+
+def test_config_that_is_too_large(tmp_path):
+    """--config pointing at a model file (or a sparse 1 TB file) is refused from its size."""
+    big = tmp_path / "model.gguf"
+    with open(big, "wb") as f:
+        f.truncate((1 << 20) + 1)
+    assert error_of(str(big)) == (f"{big}: 1048577 bytes is too large for a YAML description "
+                                  "(at most 1048576); is it the right file?")

@@ -508,3 +508,368 @@ def test_hf_reads_safetensors_numpy_files(tmp_path):
     m = load_hf(d)
     np.testing.assert_array_equal(m.tensors["blk.1.ffn_down.weight"].dequantize(),
                                   sd["model.layers.1.mlp.down_proj.weight"])
+
+
+# ------------------------------------------------------------------ malformed metadata (issue 9, item 5)
+@pytest.mark.parametrize("key,value,shown", [
+    ("block_count", "abc", "'abc'"),
+    ("block_count", 0, "0"),
+    ("block_count", np.int32(-1), "-1"),
+    ("block_count", 2.0, "2.0"),
+    ("block_count", True, "True"),
+    ("attention.head_count", 0, "0"),
+    ("attention.head_count_kv", "2", "'2'"),
+    ("embedding_length", [64], "[64]"),
+    ("feed_forward_length", np.int32(-128), "-128"),
+    ("context_length", 0, "0"),
+    ("vocab_size", 0, "0"),
+    ("rope.dimension_count", 0, "0"),
+])
+def test_error_metadata_not_a_positive_integer(tmp_path, key, value, shown):
+    p = tm.write_tiny_gguf(tmp_path / "m.gguf", metadata={"{arch}." + key: value})
+    assert raises(load_gguf, p) == f"{p}: llama.{key} must be a positive integer, not {shown}"
+
+
+@pytest.mark.parametrize("key,value,shown", [
+    ("attention.layer_norm_rms_epsilon", -1e-5, "-9.999999747378752e-06"),   # as FLOAT32
+    ("attention.layer_norm_rms_epsilon", np.float64(-1e-5), "-1e-05"),
+    ("attention.layer_norm_rms_epsilon", float("nan"), "nan"),
+])
+def test_error_metadata_not_a_positive_number(tmp_path, key, value, shown):
+    p = tm.write_tiny_gguf(tmp_path / "m.gguf", metadata={"{arch}." + key: value})
+    assert raises(load_gguf, p) == f"{p}: llama.{key} must be a positive finite number, not {shown}"
+
+
+@pytest.mark.parametrize("value,shown", [
+    (-10000.0, "-10000.0"), (0.0, "0.0"), (float("inf"), "inf"), ("1e4", "'1e4'"),
+    (np.float64(1e-300), "1e-300"),      # finite, but its frequencies overflow: inf logits
+])
+def test_error_rope_freq_base(tmp_path, value, shown):
+    p = tm.write_tiny_gguf(tmp_path / "m.gguf", metadata={"{arch}.rope.freq_base": value})
+    assert raises(load_gguf, p) == \
+        f"{p}: llama.rope.freq_base must be a finite number of at least 1, not {shown}"
+
+
+def test_error_layer_tensors_beyond_block_count(tmp_path):
+    """block_count 1 with two layers of tensors: the second layer would be ignored silently."""
+    p = tm.write_tiny_gguf(tmp_path / "b.gguf", metadata={"{arch}.block_count": 1})
+    assert raises(load_gguf, p) == \
+        f"{p}: tensor 'blk.1.attn_norm.weight' is beyond llama.block_count 1 (layers 0 to 0)"
+    p = tm.write_tiny_gguf(tmp_path / "b0.gguf", metadata={"{arch}.block_count": 0})
+    assert raises(load_gguf, p) == f"{p}: llama.block_count must be a positive integer, not 0"
+
+
+def test_error_metadata_name_and_rope_scaling(tmp_path):
+    p = tm.write_tiny_gguf(tmp_path / "n.gguf", metadata={"general.name": 7})
+    assert raises(load_gguf, p) == f"{p}: general.name must be a string, not 7"
+    p = tm.write_tiny_gguf(tmp_path / "r.gguf", metadata={"{arch}.rope.scaling.type": "linear"})
+    assert raises(load_gguf, p) == f"{p}: unsupported llama.rope.scaling.type 'linear' (supported: none)"
+    m = load_gguf(tm.write_tiny_gguf(tmp_path / "ok.gguf",
+                                     metadata={"{arch}.rope.scaling.type": "none"}))
+    assert m.desc.rope_base == 10000.0
+
+
+def _poisoned(n_layers=2, bad=float("nan"), where=("blk.1.ffn_up.weight", 3, 5)):
+    w = tm.tiny_weights(n_layers)
+    name, r, c = where
+    w[name] = w[name].copy()
+    w[name][(r, c) if w[name].ndim == 2 else (r,)] = bad
+    return w
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")      # gguf.quants quantizing NaN
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", "f16", "f32"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_error_nan_weights(tmp_path, qtype, bad):
+    p = tm.write_tiny_gguf(tmp_path / "nan.gguf", qtype, weights=_poisoned(bad=bad))
+    what = "values" if qtype in ("f16", "f32") else "block scales"
+    assert raises(load_gguf, p) == f"{p}: tensor 'blk.1.ffn_up.weight' holds NaN or infinite {what}"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_error_nan_norm_and_embedding(tmp_path):
+    p = tm.write_tiny_gguf(tmp_path / "n.gguf", weights=_poisoned(where=("blk.0.ffn_norm.weight", 7, 0)))
+    assert raises(load_gguf, p) == f"{p}: tensor 'blk.0.ffn_norm.weight' holds NaN or infinite values"
+    p = tm.write_tiny_gguf(tmp_path / "e.gguf", weights=_poisoned(where=("token_embd.weight", 255, 63)))
+    assert raises(load_gguf, p) == f"{p}: tensor 'token_embd.weight' holds NaN or infinite block scales"
+
+
+def test_error_nan_scale_in_raw_blocks(tmp_path):
+    """A Q4_1 block whose min (m, the second f16) is NaN, its d still fine."""
+    p = tm.write_tiny_gguf(tmp_path / "ok.gguf")
+    m = load_gguf(p)
+    t = m.tensors["blk.0.attn_v.weight"]
+    with open(p, "rb") as f:
+        data = bytearray(f.read())
+    blob = t.data.tobytes()
+    at = bytes(data).index(blob)
+    data[at + 20 * 5 + 2:at + 20 * 5 + 4] = np.float16(np.nan).tobytes()    # block 5: m
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    assert raises(load_gguf, bad) == f"{bad}: tensor 'blk.0.attn_v.weight' holds NaN or infinite block scales"
+
+
+def test_error_nan_in_kquant(tmp_path):
+    from gguf import GGML_QUANT_SIZES
+    p = tm.write_tiny_gguf(tmp_path / "k.gguf", tensor_types={"blk.0.ffn_gate.weight": "q6_k"},
+                           dim=256, ffn_dim=256)
+    data = bytearray(open(p, "rb").read())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from gguf import GGUFReader
+        t = {t.name: t for t in GGUFReader(p).tensors}["blk.0.ffn_gate.weight"]
+    off = int(t.data_offset)
+    bb = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]
+    data[off + bb - 2:off + bb] = np.float16(np.inf).tobytes()       # Q6_K: d is the last field
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert raises(load_gguf, bad) == \
+            f"{bad}: tensor 'blk.0.ffn_gate.weight' holds NaN or infinite values"
+
+
+def test_error_not_a_regular_file(tmp_path):
+    msg = "/dev/zero: not a regular file (a character device); expected a GGUF file"
+    assert raises(load_gguf, "/dev/zero") == msg
+    assert raises(load_model, "/dev/zero") == msg
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    assert raises(load_model, fifo) == f"{fifo}: not a regular file (a FIFO); expected a GGUF file"
+
+
+def test_hf_error_not_a_regular_file(tmp_path):
+    d = tm.write_tiny_hf(tmp_path / "hf")
+    cfg = os.path.join(d, "config.json")
+    os.remove(cfg)
+    os.mkfifo(cfg)
+    assert raises(load_hf, d) == f"{cfg}: not a regular file (a FIFO); expected a JSON file"
+    os.remove(cfg)
+    os.mkdir(cfg)
+    assert raises(load_hf, d) == f"{cfg}: is a directory, not a JSON file"
+    d2 = tm.write_tiny_hf(tmp_path / "hf2")
+    st = os.path.join(d2, "model.safetensors")
+    os.remove(st)
+    os.mkfifo(st)
+    assert raises(load_hf, d2) == f"{st}: not a regular file (a FIFO); expected a safetensors file"
+
+
+def _write_cfg(d, cfg):
+    cfg_path = os.path.join(d, "config.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    return cfg_path
+
+
+def test_hf_error_config_not_an_object(tmp_path):
+    d = tm.write_tiny_hf(tmp_path / "hf")
+    cfg = _write_cfg(d, [{"hidden_size": 64}])
+    assert raises(load_hf, d) == f"{cfg}: expected a JSON object of fields, not a list"
+    cfg = _write_cfg(d, "llama")
+    assert raises(load_hf, d) == f"{cfg}: expected a JSON object of fields, not a str"
+    assert raises(load_model, d) == f"{cfg}: expected a JSON object of fields, not a str"
+
+
+@pytest.mark.parametrize("key,value,shown", [
+    ("num_attention_heads", 0, "0"),
+    ("num_hidden_layers", -1, "-1"),
+    ("num_hidden_layers", 0, "0"),
+    ("hidden_size", "64", "'64'"),
+    ("intermediate_size", 128.0, "128.0"),
+    ("vocab_size", None, None),
+    ("num_key_value_heads", 0, "0"),
+    ("max_position_embeddings", -256, "-256"),
+    ("head_dim", 0, "0"),
+    ("num_hidden_layers", True, "True"),
+])
+def test_hf_error_not_a_positive_integer(tmp_path, key, value, shown):
+    d = tm.write_tiny_hf(tmp_path / "hf", config={key: value})
+    cfg = os.path.join(d, "config.json")
+    if value is None:
+        assert raises(load_hf, d) == f"{cfg}: missing field '{key}'"
+    else:
+        assert raises(load_hf, d) == f"{cfg}: {key} must be a positive integer, not {shown}"
+
+
+@pytest.mark.parametrize("key,value,shown", [
+    ("rms_norm_eps", -1e-5, "-1e-05"),
+    ("rms_norm_eps", float("nan"), "nan"),
+    ("rms_norm_eps", "1e-5", "'1e-5'"),
+])
+def test_hf_error_not_a_positive_number(tmp_path, key, value, shown):
+    d = tm.write_tiny_hf(tmp_path / "hf", config={key: value})
+    cfg = os.path.join(d, "config.json")
+    assert raises(load_hf, d) == f"{cfg}: {key} must be a positive finite number, not {shown}"
+
+
+@pytest.mark.parametrize("value,shown", [(-10000.0, "-10000.0"), (0, "0"), (1e-300, "1e-300")])
+def test_hf_error_rope_theta(tmp_path, value, shown):
+    d = tm.write_tiny_hf(tmp_path / "hf", config={"rope_theta": value})
+    cfg = os.path.join(d, "config.json")
+    assert raises(load_hf, d) == f"{cfg}: rope_theta must be a finite number of at least 1, not {shown}"
+
+
+def test_hf_error_other_fields(tmp_path):
+    d = tm.write_tiny_hf(tmp_path / "hf", config={"tie_word_embeddings": "yes"})
+    cfg = os.path.join(d, "config.json")
+    assert raises(load_hf, d) == f"{cfg}: tie_word_embeddings must be true or false, not 'yes'"
+    d = tm.write_tiny_hf(tmp_path / "hf2", config={"architectures": "LlamaForCausalLM"})
+    cfg = os.path.join(d, "config.json")
+    assert raises(load_hf, d) == \
+        f"{cfg}: architectures must be a list of strings, not 'LlamaForCausalLM'"
+    d = tm.write_tiny_hf(tmp_path / "hf3", config={"_name_or_path": ["x"]})
+    cfg = os.path.join(d, "config.json")
+    assert raises(load_hf, d) == f"{cfg}: _name_or_path must be a string, not ['x']"
+
+
+def test_hf_error_layer_tensors_beyond_num_hidden_layers(tmp_path):
+    d = tm.write_tiny_hf(tmp_path / "hf", config={"num_hidden_layers": 1})
+    assert raises(load_hf, d) == (f"{d}: tensor 'model.layers.1.input_layernorm.weight' is beyond "
+                                  "num_hidden_layers 1 (layers 0 to 0)")
+
+
+def test_hf_error_nan_weights(tmp_path):
+    sd = tm.hf_state_dict()
+    sd["model.layers.0.mlp.gate_proj.weight"][4, 2] = np.nan
+    d = tm.write_tiny_hf(tmp_path / "hf", state=sd)
+    st = os.path.join(d, "model.safetensors")
+    assert raises(load_hf, d) == \
+        f"{st}: tensor 'model.layers.0.mlp.gate_proj.weight' holds NaN or infinite values"
+    sd = tm.hf_state_dict()
+    sd["model.norm.weight"][0] = np.inf
+    d = tm.write_tiny_hf(tmp_path / "hf2", state=sd, dtype="BF16")
+    st = os.path.join(d, "model.safetensors")
+    assert raises(load_hf, d) == f"{st}: tensor 'model.norm.weight' holds NaN or infinite values"
+
+
+def _raw_safetensors(path, header, data=b"\0" * 64):
+    import struct
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + data)
+
+
+@pytest.mark.parametrize("header,want", [
+    ([{"dtype": "F32"}], "not a safetensors file (header is a JSON list, expected an object)"),
+    ("x", "not a safetensors file (header is a JSON str, expected an object)"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}},
+     "tensor 'w': data_offsets [16, 0] are reversed (end before begin)"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}},
+     "tensor 'w': data_offsets [0, 8] span 8 bytes but shape [4] of F32 needs 16"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0]}},
+     "tensor 'w': data_offsets must be two non-negative integers [begin, end], not [0]"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]}},
+     "tensor 'w': data_offsets must be two non-negative integers [begin, end], not [-16, 0]"),
+    ({"w": {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}},
+     "tensor 'w': shape must be a list of non-negative integers, not '4'"),
+    ({"w": {"dtype": 5, "shape": [4], "data_offsets": [0, 16]}},
+     "tensor 'w': dtype must be a string, not 5"),
+    ({"w": [0, 16]}, "tensor 'w': header entry must be a JSON object, not [0, 16]"),
+])
+def test_hf_error_malformed_safetensors_header(tmp_path, header, want):
+    d = tm.write_tiny_hf(tmp_path / "hf")
+    st = os.path.join(d, "model.safetensors")
+    _raw_safetensors(st, header)
+    assert raises(load_hf, d) == f"{st}: {want}"
+
+
+# ------------------------------------------------------------------ the CLI: one line, exit 1
+@pytest.mark.parametrize("make,want", [
+    (lambda tmp: "/dev/zero", "/dev/zero: not a regular file (a character device); expected a GGUF file"),
+    (lambda tmp: tm.write_tiny_gguf(tmp / "s.gguf", metadata={"{arch}.block_count": "abc"}),
+     "{p}: llama.block_count must be a positive integer, not 'abc'"),
+    (lambda tmp: tm.write_tiny_gguf(tmp / "r.gguf", metadata={"{arch}.rope.freq_base": -1.0}),
+     "{p}: llama.rope.freq_base must be a finite number of at least 1, not -1.0"),
+    (lambda tmp: tm.write_tiny_hf(tmp / "hf", config={"num_attention_heads": 0}),
+     "{p}/config.json: num_attention_heads must be a positive integer, not 0"),
+])
+def test_cli_malformed_model_is_one_line(tmp_path, capsys, make, want):
+    from llmfab.host.cli import main
+    p = make(tmp_path)
+    rc = main(["logits", "--model", str(p), "--tokens", "1,2", "--out", str(tmp_path / "l.npy")])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == ""
+    assert err == f"llmfab: error: {want.format(p=p)}\n"
+    assert not (tmp_path / "l.npy").exists()
+
+
+def test_cli_tokenize_dev_zero(capsys):
+    from llmfab.host.cli import main
+    assert main(["tokenize", "--model", "/dev/zero", "abc"]) == 1
+    assert capsys.readouterr().err == \
+        "llmfab: error: /dev/zero: not a regular file (a character device); expected a GGUF file\n"
+
+
+@pytest.mark.parametrize("n", [3, 4_000_000_000])
+def test_error_block_count_beyond_the_layers_present(tmp_path, n):
+    """A layer count above the file's layers names the count (and 4e9 fails at once)."""
+    p = tm.write_tiny_gguf(tmp_path / "b.gguf", metadata={"{arch}.block_count": n})
+    assert raises(load_gguf, p) == (f"{p}: missing tensor 'blk.2.attn_norm.weight' "
+                                    f"(llama.block_count is {n} but the file has layers 0 to 1)")
+
+
+@pytest.mark.parametrize("n", [3, 10**12])
+def test_hf_error_num_hidden_layers_beyond_the_layers_present(tmp_path, n):
+    d = tm.write_tiny_hf(tmp_path / "hf", config={"num_hidden_layers": n})
+    assert raises(load_hf, d) == (f"{d}: missing tensor 'model.layers.2.input_layernorm.weight' "
+                                  f"(num_hidden_layers is {n} but the file has layers 0 to 1)")
+
+
+def test_hf_error_safetensors_overlap_and_duplicates(tmp_path):
+    d = tm.write_tiny_hf(tmp_path / "hf")
+    st = os.path.join(d, "model.safetensors")
+    _raw_safetensors(st, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                          "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}})
+    assert raises(load_hf, d) == f"{st}: tensor 'b': data_offsets [8, 24] overlap tensor 'a' [0, 16]"
+    d = tm.write_tiny_hf(tmp_path / "hf2")
+    sd = tm.hf_state_dict()
+    second = tm.write_safetensors(os.path.join(d, "shard2.safetensors"),
+                                  {"model.norm.weight": sd["model.norm.weight"]})
+    assert raises(load_hf, d) == \
+        f"{second}: tensor 'model.norm.weight' is also in {os.path.join(d, 'model.safetensors')}"
+
+
+def test_error_odd_head_dim(tmp_path):
+    """RoPE rotates pairs: an odd head dim was a numpy broadcast/reshape traceback."""
+    p = tm.write_tiny_gguf(tmp_path / "o.gguf", "f32", dim=60, n_heads=4, n_kv_heads=2)
+    assert raises(load_gguf, p) == (f"{p}: unsupported head dim 15 (llama.embedding_length 60 / "
+                                    "llama.attention.head_count 4): RoPE needs an even head dim")
+    d = tm.write_tiny_hf(tmp_path / "hf", config={"hidden_size": 60})   # the check comes first
+    cfg = os.path.join(d, "config.json")
+    assert raises(load_hf, d) == (f"{cfg}: unsupported head dim 15 (hidden_size 60 / "
+                                  "num_attention_heads 4): RoPE needs an even head dim")
+    d = tm.write_tiny_hf(tmp_path / "hf2", config={"head_dim": 15})
+    cfg = os.path.join(d, "config.json")
+    assert raises(load_hf, d) == f"{cfg}: unsupported head dim 15 (head_dim 15): RoPE needs an even head dim"
+
+
+def test_hf_error_config_too_large(tmp_path):
+    d = tm.write_tiny_hf(tmp_path / "hf")
+    cfg = os.path.join(d, "config.json")
+    with open(cfg, "r+b") as f:
+        f.truncate(1 << 40)                  # sparse: 1 TiB of nothing, never read
+    assert raises(load_hf, d) == f"{cfg}: {1 << 40} bytes is too large for a config.json (at most {16 << 20})"
+
+
+@pytest.mark.parametrize("extra", ["blk.0.attn_q.bias", "rope_freqs.weight", "blk.1.ffn_gate_inp.weight"])
+def test_error_unexpected_tensor(tmp_path, extra):
+    """A tensor the importer does not read (bias, RoPE scaling factors, MoE router) would be
+    dropped silently, and the model would compute something else."""
+    w = tm.tiny_weights()
+    w[extra] = np.ones(64 if extra != "blk.1.ffn_gate_inp.weight" else (8, 64), np.float32)
+    p = tm.write_tiny_gguf(tmp_path / "x.gguf", "f32", weights=w)
+    assert raises(load_gguf, p) == \
+        f"{p}: unexpected tensor '{extra}' (not part of a llama model: it would be ignored)"
+
+
+def test_hf_error_unexpected_tensor(tmp_path):
+    sd = tm.hf_state_dict()
+    sd["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    d = tm.write_tiny_hf(tmp_path / "hf", state=sd)
+    st = os.path.join(d, "model.safetensors")
+    assert raises(load_hf, d) == (f"{st}: unexpected tensor 'model.layers.0.self_attn.q_proj.bias' "
+                                  "(not part of a LLaMA model: it would be ignored)")
+    sd = tm.hf_state_dict()
+    sd["model.layers.1.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)   # old checkpoints
+    m = load_hf(tm.write_tiny_hf(tmp_path / "hf2", state=sd))
+    assert len(m.tensors) == 2 + 1 + 9 * 2

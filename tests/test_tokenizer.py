@@ -304,7 +304,10 @@ def test_not_a_gguf(tmp_path):
     assert str(e.value) == f"{p} is not a GGUF file (bad magic b'NOPE')"
     with pytest.raises(ModelError) as e:
         Tokenizer.from_gguf(tmp_path / "missing.gguf")
-    assert str(e.value) == f"cannot open {tmp_path / 'missing.gguf'}: No such file or directory"
+    assert str(e.value) == f"{tmp_path / 'missing.gguf'}: no such file"
+    with pytest.raises(ModelError) as e:
+        Tokenizer.from_gguf("/dev/zero")
+    assert str(e.value) == "/dev/zero: not a regular file (a character device); expected a GGUF file"
     good = write_gguf(tmp_path / "ok.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(good[:200])
     with pytest.raises(ModelError) as e:

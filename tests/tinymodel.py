@@ -217,7 +217,11 @@ def write_tiny_gguf(path, qtype: str = "q4_1", *, n_layers: int = 2, dim: int = 
     for k, v in md.items():
         if k == "general.architecture":
             continue
-        if isinstance(v, bool):
+        if isinstance(v, np.int32):          # typed values for malformed files
+            writer.add_int32(k, int(v))
+        elif isinstance(v, np.float64):
+            writer.add_float64(k, float(v))
+        elif isinstance(v, bool):
             writer.add_bool(k, v)
         elif isinstance(v, int):
             writer.add_uint32(k, v)
