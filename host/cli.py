@@ -56,6 +56,11 @@ def _add_backend(p):
                         "length, also the most it takes); golden and rtl use the compiled program's")
 
 
+class _ImplicitConfig(str):
+    """The default ``--config`` (shown as such), told apart from an explicit ``--config ci``:
+    with ``--bundle`` the default is the bundle's own configuration."""
+
+
 def _add_bundle(p):
     p.add_argument("--bundle", metavar="DIR",
                    help="run this compiled bundle (llmfab compile --out DIR) on the golden or rtl "
@@ -63,7 +68,7 @@ def _add_bundle(p):
                         "model) then default to the bundle's own and must match its hashes")
     p.add_argument("--no-cache", action="store_true",
                    help="golden/rtl: compile afresh, neither reading nor writing the bundle cache")
-    p.set_defaults(config=None)           # with --bundle: the bundle's configuration
+    p.set_defaults(config=_ImplicitConfig("ci"))     # with --bundle: the bundle's configuration
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -226,11 +231,11 @@ def _load_run(args, need_model: bool):
     from llmfab.host import cache
     if args.bundle:
         name = args.config
-        if name is None:
+        if isinstance(name, _ImplicitConfig):
             name = cache.read_manifest(args.bundle)["config_name"]
         run = cache.load_bundle(args.bundle, load_config(name), model_path=args.model, need_model=need_model)
         return None, load_config(name), run
-    config = load_config(args.config or "ci")
+    config = load_config(args.config)
     return None, config, cache.compiled_bundle(args.model, config, use_cache=not args.no_cache,
                                                progress=sys.stderr.isatty())
 

@@ -301,9 +301,12 @@ def test_cache_second_run_is_a_cache_hit(built, tmp_path, monkeypatch, capsys):
     # a damaged entry is compiled again
     with open(os.path.join(second["bundle"], "program.bin"), "r+b") as fh:
         fh.write(b"\0" * 16)
-    with pytest.warns(UserWarning, match="is damaged .*program.bin: corrupt"):
-        assert main(gen) == 0
-    assert json.loads(capsys.readouterr().out)["compile_cached"] is False
+    assert main(gen) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["compile_cached"] is False
+    assert err.splitlines() == [f"llmfab: warning: cache entry {second['bundle']} is damaged "
+                                f"({second['bundle']}/program.bin: corrupt (SHA-256 does not match the "
+                                f"manifest)); compiling again"]
     assert main(["cache", "clear"]) == 0
     assert capsys.readouterr().out.startswith(f"removed 1 bundles (")
     assert not os.path.exists(tmp_path / "cache" / "bundles")
