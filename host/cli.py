@@ -48,9 +48,10 @@ def _add_config(p, default="ci"):
 
 
 def _add_backend(p):
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="reference",
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="reference: numpy float32; golden: the accelerator's golden model; "
-                        "rtl: the generated accelerator under Verilator")
+                        "rtl: the generated accelerator under Verilator "
+                        "(default: reference, golden with --bundle)")
     p.add_argument("--context", type=int, metavar="N", default=None,
                    help="token positions the reference backend holds (default: the model's context "
                         "length, also the most it takes); golden and rtl use the compiled program's")
@@ -171,6 +172,8 @@ def _check_utf8(s: str, name: str) -> None:
 
 
 def _check_backend_args(args) -> None:
+    if args.backend is None:            # a bundle runs on the golden model unless told otherwise
+        args.backend = "golden" if getattr(args, "bundle", None) else "reference"
     if args.context is not None:
         if args.backend != "reference":
             raise LlmfabError(f"--context applies to --backend reference; backend '{args.backend}' "

@@ -234,9 +234,16 @@ def test_bundle_for_another_config_or_model_is_refused(built, tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"llmfab: error: bundle {b} was compiled for model {model} (sha256 {mine}), not {other} "
         f"(sha256 {theirs}); recompile with --model {other}"]
-    assert main(["generate", "--bundle", b, "--prompt", "the"]) == 1
+    assert main(["generate", "--backend", "reference", "--bundle", b, "--prompt", "the"]) == 1
     assert capsys.readouterr().err.splitlines() == [
         "llmfab: error: --bundle runs on --backend golden or rtl, not reference"]
+
+
+def test_bundle_runs_on_golden_when_no_backend_is_named(built, capsys):
+    model, b = built
+    assert main(["generate", "--bundle", b, "--prompt", "the", "--max-tokens", "3", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["backend"] == "golden" and r["bundle"] == b and r["compile_cached"] is True
 
 
 def test_bundle_whose_model_file_is_gone(built, tmp_path, capsys):

@@ -560,7 +560,7 @@ def test_every_option_has_help_and_shown_default():
         assert "default: None" not in text and "default: False" not in text, p.prog
     gen = cli._parser()._subparsers._group_actions[0].choices["generate"].format_help()
     assert "--model GGUF|DIR" in gen
-    assert "(default: 32)" in gen and "(default: reference)" in gen and "(default: ci)" in gen
+    assert "(default: 32)" in gen and "(default: reference, golden with --bundle)" in gen and "(default: ci)" in gen
 
 
 def test_backends_offered_are_the_ones_that_exist(capsys):
