@@ -1,6 +1,6 @@
 """Backend ``rtl``: the generated accelerator under Verilator runs the compiled bundle.
 
-The model is compiled for the configuration, the bundle's HBM image is loaded
+The model is compiled for the configuration (or a compiled bundle is given), the bundle's HBM image is loaded
 into the simulated HBM (C++ memory behind DPI-C), and every token runs the
 decode program cycle-accurately; the logits are read back from the I/O region.
 ``stats()`` reports cycles per token, weight bytes per token, HBM utilization
@@ -55,6 +55,8 @@ class RtlDevice(Device):
             config = load_config("ci")
         if bundle is None:
             bundle = compile_model(model, config)
+        else:
+            bundle.check_config(config)
         factory, implemented = exec_factory(config)
         missing = program_ops(bundle.program) - implemented
         if missing:
