@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from llmfab.core import formats
 from llmfab.core.formats import QBLOCK_BYTES
 from llmfab.compiler import isa, quant, sparse
 from llmfab.compiler.bundle import FORMAT_VERSION, Bundle
+from llmfab.compiler.identity import compiler_hash, model_hash
 from llmfab.compiler.model import Model
 
 ALIGN = 4096
@@ -169,10 +171,15 @@ def _encode_rows(fmt, sp, raw, mask):
 
 
 def parse_sparsity(spec: str | None) -> dict:
-    """'2:4' (all projections) or 'ffn=2:4,attn=8:16' -> {matrix name: pattern}."""
+    """'2:4' (all projections) or 'ffn=2:4,attn=8:16' -> {matrix name: pattern}.
+
+    Each matrix may be named once: a repeated target (``ffn=2:4,ffn=8:16``) or two
+    targets that share a matrix (``2:4,ffn=8:16``) are refused, not resolved by order.
+    """
     out = {m: "dense" for m in MATRICES}
     if not spec:
         return out
+    set_by = {}
     groups = {"ffn": ("ffn_gate", "ffn_up", "ffn_down"),
               "attn": ("attn_q", "attn_k", "attn_v", "attn_output"),
               "all": MATRICES}
@@ -190,6 +197,12 @@ def parse_sparsity(spec: str | None) -> dict:
                                f"(use all, ffn, attn or one of {', '.join(MATRICES)})")
         formats.pattern(pat)
         for n in names:
+            if n in set_by:
+                first = set_by[n]
+                raise CompileError(f"--sparsity: target '{key}' is given twice" if first == key else
+                                   f"--sparsity: targets '{first}' and '{key}' both set {n}; "
+                                   f"give each matrix one pattern")
+            set_by[n] = key
             out[n] = pat
     return out
 
@@ -222,6 +235,14 @@ def _check_device_memory(model, config, ctx, sp_of):
         raise FitError(f"model '{model.desc.name}' needs {total / 2**30:.2f} GiB of device memory "
                        f"(weights {wbytes / 2**30:.2f} GiB, KV cache {kv / 2**30:.2f} GiB "
                        f"at context {ctx}) but board '{board.name}' has {cap / 2**30:.2f} GiB")
+
+
+def _llmfab_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("llmfab")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _weight_slots(wb_sz: int, config) -> tuple:
@@ -427,7 +448,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     it = range(d.n_layers)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc="compiling", unit="layer")
+        it = tqdm(it, desc="compiling", unit="layer", disable=None)   # no bar off a terminal
     # embedding / LM head first: the embedding LD indexes its rows by R7
     head_key = "token_embd" if d.tied_embeddings else "output"
     emb_fmt, emb_raw = weight("embedding", "token_embd.weight")
@@ -894,7 +915,10 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         "format_version": FORMAT_VERSION,
         "config_name": config.name,
         "config_hash": config.config_hash(),
-        "model": {**d.to_dict(), "source": model.source, "file": str(model.path)},
+        "compiler": {"version": _llmfab_version(), "source_hash": compiler_hash()},
+        "model": {**d.to_dict(), "source": model.source, "file": os.path.abspath(model.path) if model.path else "",
+                  # a layout-only compile (emit_image=False) has no weights to identify
+                  "sha256": model_hash(model) if emit_image else "0" * 64},
         "context": ctx,
         "sparsity": sp_of,
         "hbm_size": int(hbm_used),

@@ -1,6 +1,6 @@
 """Backend ``rtl``: the generated accelerator under Verilator runs the compiled bundle.
 
-The model is compiled for the configuration, the bundle's HBM image is loaded
+The model is compiled for the configuration (or a compiled bundle is given), the bundle's HBM image is loaded
 into the simulated HBM (C++ memory behind DPI-C), and every token runs the
 decode program cycle-accurately; the logits are read back from the I/O region.
 ``stats()`` reports cycles per token, weight bytes per token, HBM utilization
@@ -9,9 +9,10 @@ cycle), and the same against the memory's sustainable peak), the memory timing
 model that ran (``memory="ideal"`` or ``"card"``, boards/memory_timing.py) and
 per-queue busy fractions, from the accelerator's own counter block.
 
-The execution unit is ``hw/exec_unit.py``'s when it exists (MV/MM engine plus
-the SFU-based MISC engine); a run whose program uses an operation the
-plugged-in unit does not implement is refused rather than giving wrong bytes.
+The execution unit is ``hw/exec_unit.py``'s ``ExecUnit`` (MV/MM engine, the
+SFU-based MISC engine, MiscExec for NOP/COPY/ADD/MUL), the accelerator's
+default; a program using an operation it does not route is refused rather
+than giving wrong bytes.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from llmfab.host.runtime import Device
 
 
 def exec_factory(config):
-    """The most complete execution unit available, and the set of MV/MISC ops it implements."""
-    from llmfab.hw.exec_unit import ExecUnit, sfu_exec_class
-    implemented = {"MV", "MM", "NOP", "COPY", "ADD", "MUL"}
-    if sfu_exec_class() is not None:
-        from llmfab.hw.sfu_exec import SFU_FUNCS
-        implemented |= set(SFU_FUNCS)
+    """The accelerator's execution unit for ``config`` and the set of MV/MISC ops it implements."""
+    from llmfab.hw.exec_unit import MISC_SIMPLE, ExecUnit, default_routes
+    implemented = {f.name for f in MISC_SIMPLE}
+    for key, unit in default_routes().items():
+        if unit != "misc":          # MiscExec's other operations are placeholders
+            implemented.add(key.name if not isinstance(key, tuple) else key[1].name)
     return ExecUnit.factory(config), implemented
 
 
@@ -56,6 +57,8 @@ class RtlDevice(Device):
             config = load_config("ci")
         if bundle is None:
             bundle = compile_model(model, config)
+        else:
+            bundle.check_config(config)
         factory, implemented = exec_factory(config)
         missing = program_ops(bundle.program) - implemented
         if missing:

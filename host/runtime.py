@@ -1,4 +1,4 @@
-"""One runtime API over the backends: reference | golden | rtl | xrt.
+"""One runtime API over the backends: reference | golden | rtl.
 
     dev = open_device("reference", model=load_model(path), config="ci")
     logits = dev.logits(token_ids)            # teacher-forced, [T, vocab] float32
@@ -7,7 +7,10 @@
 Every backend implements :class:`Device`: ``reset()``, ``forward(tokens)``
 (runs tokens at the next positions, returns their logits) and ``stats()``
 (backend-specific counters). Greedy generation and teacher-forced logits are
-written once, here, on top of ``forward``.
+written once, here, on top of ``forward``. Every device has a ``context``: the
+number of token positions it holds (its KV cache). Generation stops there and
+returns what it made, with ``stop == "context"``; a prompt that cannot fit is
+refused before any work.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import numpy as np
 
 from llmfab.core.errors import BackendError
 
-BACKENDS = ("reference", "golden", "rtl", "xrt")
+BACKENDS = ("reference", "golden", "rtl")
+
+#: why generation stopped: an end-of-turn token, ``max_tokens``, or the device's context
+STOP_REASONS = ("eos", "length", "context")
 
 
 @dataclass
@@ -29,6 +35,8 @@ class GenerateResult:
     seconds: float
     prefill_seconds: float
     stats: dict = field(default_factory=dict)
+    #: one of :data:`STOP_REASONS`
+    stop: str = "length"
 
     @property
     def tokens_per_s(self) -> float:
@@ -43,6 +51,8 @@ class Device:
     """A backend that runs a model token by token."""
 
     name = "?"
+    #: token positions the device holds (prompt and generated tokens but the last)
+    context: int = 0
 
     def reset(self) -> None:
         raise NotImplementedError
@@ -53,36 +63,60 @@ class Device:
     def stats(self) -> dict:
         return {}
 
+    def _check_fits(self, n: int, what: str) -> None:
+        if n > self.context:
+            raise BackendError(f"{what} is {n} tokens but backend '{self.name}' holds a context of "
+                               f"{self.context} positions: shorten it")
+
     def logits(self, tokens, *, chunk: int | None = None) -> np.ndarray:
         """Teacher-forced logits for every position of ``tokens`` (float32 ``[T, vocab]``)."""
-        self.reset()
         tokens = list(tokens)
+        self._check_fits(len(tokens), "the token sequence")
+        self.reset()
         if chunk is None:
             return self.forward(tokens)
         out = [self.forward(tokens[i:i + chunk]) for i in range(0, len(tokens), chunk)]
         return np.concatenate(out, axis=0)
 
     def generate(self, prompt, max_tokens: int, *, stop_ids=(), progress=None) -> GenerateResult:
-        """Greedy decoding: the prompt in one forward, then one token at a time."""
+        """Greedy decoding: the prompt in one forward, then one token at a time.
+
+        Stops after a token in ``stop_ids`` (``stop == "eos"``), after ``max_tokens``
+        tokens (``"length"``), or when the next token would need a position past
+        :attr:`context` (``"context"``): the prompt and every generated token but the
+        last fill at most ``context`` positions. A prompt longer than the context is
+        refused before anything runs.
+        """
         if not prompt:
             raise BackendError("the prompt is empty: give at least one token")
+        if max_tokens < 1:
+            raise BackendError(f"max_tokens must be at least 1, not {max_tokens}")
+        prompt = list(prompt)
+        self._check_fits(len(prompt), "the prompt")
         self.reset()
         t0 = time.perf_counter()
-        lg = self.forward(list(prompt))
+        lg = self.forward(prompt)
         t1 = time.perf_counter()
         out = []
+        stop = "length"
         nxt = int(np.argmax(lg[-1]))
-        for i in range(max_tokens):
+        while True:
             out.append(nxt)
             if progress:
                 progress(nxt)
-            if nxt in stop_ids or i == max_tokens - 1:
+            if nxt in stop_ids:
+                stop = "eos"
+                break
+            if len(out) >= max_tokens:
+                break
+            if len(prompt) + len(out) > self.context:     # no position left for nxt
+                stop = "context"
                 break
             lg = self.forward([nxt])
             nxt = int(np.argmax(lg[-1]))
         t2 = time.perf_counter()
-        return GenerateResult(tokens=out, prompt_tokens=list(prompt), seconds=t2 - t0,
-                              prefill_seconds=t1 - t0, stats=self.stats())
+        return GenerateResult(tokens=out, prompt_tokens=prompt, seconds=t2 - t0,
+                              prefill_seconds=t1 - t0, stats=self.stats(), stop=stop)
 
 
 class ReferenceDevice(Device):
@@ -91,6 +125,10 @@ class ReferenceDevice(Device):
     def __init__(self, model, config=None, *, max_context=None):
         from llmfab.sim.reference import ReferenceModel
         self.ref = ReferenceModel(model, max_context=max_context)
+
+    @property
+    def context(self) -> int:
+        return self.ref.max_context
 
     def reset(self):
         self.ref.reset()
@@ -115,10 +153,4 @@ def open_device(backend: str, model, config=None, **kw) -> Device:
         except ImportError:
             raise BackendError("backend 'rtl' is not available in this build") from None
         return RtlDevice(model, config, **kw)
-    if backend == "xrt":
-        try:
-            from llmfab.host.xrt_backend import XrtDevice
-        except ImportError:
-            raise BackendError("backend 'xrt' is not available in this build") from None
-        return XrtDevice(model, config, **kw)
     raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")

@@ -1,52 +1,51 @@
-"""``llmfab hw``: write the units' Verilog, estimate their resources.
+"""``llmfab hw``: write the accelerator's Verilog, estimate the units' resources.
 
-``llmfab hw verilog --config NAME|PATH --out DIR`` writes ``DIR/<unit>.v`` for every
-unit of :func:`llmfab.hw.units.all_units` and ``DIR/llmfab_accel.v``, the whole
-accelerator (``hw/top.py``'s ``Accelerator``, the module sim/rtl/harness.py builds). ``llmfab hw estimate --config NAME|PATH [--json]`` runs
-:func:`llmfab.hw.estimate.estimate` and prints a table, or one JSON object.
+``llmfab hw verilog --config NAME|PATH --out DIR`` writes ``DIR/llmfab_accel.v``:
+the whole accelerator (``hw/top.py``'s :class:`~llmfab.hw.top.Accelerator`, the
+Vitis RTL kernel with its execution unit: MV/MM engine, SFU unit, MiscExec), top
+module ``llmfab_accel``, every submodule in the same file. That file is what a
+synthesis flow takes; it is the module sim/rtl/harness.py simulates (there with
+the simulation-only ``probe`` port). ``--units`` also writes ``DIR/<unit>.v`` for
+every unit of :func:`llmfab.hw.units.all_units`, each its own top (for
+out-of-context synthesis, ``llmfab hw estimate``). ``llmfab hw estimate --config
+NAME|PATH [--json]`` runs :func:`llmfab.hw.estimate.estimate` and prints a
+table, or one JSON object.
 """
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from llmfab.core.errors import LlmfabError
 
-__all__ = ["hw_cli", "generate_verilog"]
+__all__ = ["TOP_MODULE", "hw_cli", "generate_verilog"]
 
 
 #: Module (and file) name of the accelerator top, as sim/rtl/harness.py builds it.
 TOP_MODULE = "llmfab_accel"
 
 
-def _top(config):
-    """The accelerator top (``hw/top.py``'s :class:`Accelerator`), or None before it exists."""
-    import importlib
-    try:
-        topmod = importlib.import_module("llmfab.hw.top")
-    except ModuleNotFoundError as e:
-        if e.name == "llmfab.hw.top":
-            return None
-        raise
-    make = getattr(topmod, "Accelerator", None)
-    return make(config) if callable(make) else None
+def generate_verilog(config, out_dir, *, units: bool = False, progress=None) -> list:
+    """Write the accelerator top ``<TOP_MODULE>.v`` (and with ``units`` every ``<unit>.v``,
+    module named after the unit) into ``out_dir``; returns the paths, the top first.
 
-
-def generate_verilog(config, out_dir) -> list:
-    """Write ``<unit>.v`` per unit (module named after the unit) and the top into ``out_dir``."""
-    from llmfab.hw.units import all_units
+    ``progress(name)`` is called before each file is generated."""
+    from llmfab.hw.top import Accelerator
     from llmfab.hw.verilog import to_verilog
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LlmfabError(f"cannot write Verilog to {out_dir}: it is a file; give a directory")
-    units = dict(all_units(config))
-    top = _top(config)
-    if top is not None:
-        units[TOP_MODULE] = top
+    designs = {TOP_MODULE: Accelerator(config)}
+    if units:
+        from llmfab.hw.units import all_units
+        designs.update(all_units(config))
     written = []
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name, comp in units.items():
+        for name, comp in designs.items():
+            if progress:
+                progress(name)
             path = out / f"{name}.v"
             path.write_text(to_verilog(comp, name))
             written.append(path)
@@ -60,11 +59,19 @@ def hw_cli(args) -> None:
     from llmfab.boards.config import load_config
     config = load_config(args.config)
     if args.hwcmd == "verilog":
-        paths = generate_verilog(config, args.out)
+        units = getattr(args, "units", False)
+
+        def progress(name):
+            what = "the accelerator (a minute or more)" if name == TOP_MODULE else f"unit {name}"
+            print(f"generating {what} ...", file=sys.stderr, flush=True)
+
+        t0 = time.perf_counter()
+        paths = generate_verilog(config, args.out, units=units, progress=progress)
         for p in paths:
             print(p)
-        print(f"wrote {len(paths)} Verilog files for config '{config.name}' to {args.out}",
-              file=sys.stderr)
+        print(f"wrote {paths[0]}: top module {TOP_MODULE} (config '{config.name}')"
+              + (f" and {len(paths) - 1} unit files" if units else "")
+              + f" in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     elif args.hwcmd == "estimate":
         from llmfab.hw.estimate import estimate, format_table
         result = estimate(config)

@@ -7,16 +7,23 @@ once that sub-unit has pulsed ``done`` (one instruction in flight at a time, so
 there are no hazards between sub-units). The sub-unit being used owns ``rd0``,
 ``rd1`` and ``wr``; read responses go back to the sub-unit that made the request.
 
-Routing (:func:`default_routes`): a dict whose keys are ``Op.MV`` / ``Op.MM``
-(whole opcodes) or ``(Op.MISC, MiscFunc.X)``, values sub-unit names:
+This is the accelerator's execution unit (``hw/top.py``'s :class:`Accelerator`
+default). Routing (:func:`default_routes`): a dict whose keys are ``Op.MV`` /
+``Op.MM`` (whole opcodes) or ``(Op.MISC, MiscFunc.X)``, values sub-unit names:
 
 * MV, MM -> ``"mv"`` (:class:`~llmfab.hw.mv_exec.MvExec`);
-* MISC NOP, COPY, ADD, MUL -> ``"misc"`` (:class:`~llmfab.hw.execute.MiscExec`);
-* every other MISC -> ``"sfu"`` when ``llmfab.hw.sfu_exec`` can be imported
-  (its ``SfuExec``), else ``"misc"`` (MiscExec's fixed-latency placeholder).
+* MISC NOP, COPY, ADD, MUL -> ``"misc"`` (:class:`~llmfab.hw.execute.MiscExec`,
+  which executes these four bit-exactly);
+* every other MISC (QUANT, RMSNORM, ROPE, SILU_MUL, ATTN, EMBED) -> ``"sfu"``
+  (:class:`~llmfab.hw.sfu_exec.SfuExec`).
 
 A word no route names goes to ``"misc"``. Extending: pass ``units`` (name ->
 factory ``f(addr_bits=, line_bytes=)``) and ``routes``.
+
+Test double: ``sfu=False`` asks, by name, for MiscExec's fixed-latency
+placeholder (it writes nothing) instead of the SFU unit, for benches of the MV
+engine that do not want the SFU's build time. Nothing picks it by default or on
+a failed import.
 """
 
 from amaranth import Cat, Module, Signal
@@ -24,48 +31,36 @@ from amaranth.lib import data, wiring
 
 from llmfab.hw.execute import MiscExec, exec_signature
 from llmfab.hw.isa import Instruction, MiscFunc, Op
+from llmfab.hw.mv_exec import MvExec
+from llmfab.hw.onchip import region_map
+from llmfab.hw.sfu_exec import SfuExec
 
-__all__ = ["ExecUnit", "default_routes", "default_units", "sfu_exec_class"]
+__all__ = ["ExecUnit", "default_routes", "default_units"]
 
 #: MISC functions MiscExec executes itself.
 MISC_SIMPLE = (MiscFunc.NOP, MiscFunc.COPY, MiscFunc.ADD, MiscFunc.MUL)
 
 
-def sfu_exec_class():
-    """``llmfab.hw.sfu_exec.SfuExec`` if that module exists and imports, else None."""
-    try:
-        from llmfab.hw import sfu_exec
-    except ImportError:
-        return None
-    return getattr(sfu_exec, "SfuExec", None)
-
-
-def default_routes(have_sfu: bool) -> dict:
+def default_routes(have_sfu: bool = True) -> dict:
+    """The routing table; ``have_sfu=False``: the SFU operations to MiscExec's placeholder."""
     routes = {Op.MV: "mv", Op.MM: "mv"}
     for f in MiscFunc:
         routes[(Op.MISC, f)] = "misc" if (f in MISC_SIMPLE or not have_sfu) else "sfu"
     return routes
 
 
-def default_units(config=None, *, sfu: bool = True) -> dict:
+def default_units(config, *, sfu: bool = True) -> dict:
     """name -> factory(addr_bits=, line_bytes=) for the configuration's engines.
 
-    ``"sfu"`` is included when ``sfu`` is true, a configuration is given (the SFU
-    unit needs the global buffer's base) and :func:`sfu_exec_class` finds the unit.
+    ``sfu=False`` leaves the SFU unit out (the test double of the module docstring).
     """
-    from llmfab.hw.mv_exec import MvExec
-    units = {
-        "misc": lambda **kw: MiscExec(**kw),
-        "mv": MvExec.for_config(config) if config is not None else (lambda **kw: MvExec(**kw)),
-    }
-    cls = sfu_exec_class() if sfu else None
-    if cls is not None and config is not None:
-        if hasattr(cls, "for_config"):
-            units["sfu"] = cls.for_config(config)
-        else:
-            from llmfab.hw.top import geometry
-            gb = geometry(config)["global_base"]
-            units["sfu"] = lambda **kw: cls(gb_base=gb, **kw)
+    if config is None:
+        raise TypeError("default_units needs the accelerator configuration (the MV engine's "
+                        "chain and the SFU unit's global-buffer base come from it)")
+    units = {"misc": lambda **kw: MiscExec(**kw), "mv": MvExec.for_config(config)}
+    if sfu:
+        gb = dict((r[0], r[1]) for r in region_map(config))["global"]
+        units["sfu"] = lambda **kw: SfuExec(gb_base=gb, **kw)
     return units
 
 
@@ -75,13 +70,14 @@ class ExecUnit(wiring.Component):
     Parameters
     ----------
     addr_bits, line_bytes : int
-    config : AccelConfig, optional
-        Passed to the sub-units' factories (chain length, formats, patterns).
+    config : AccelConfig
+        Passed to the sub-units' factories (chain length, formats, patterns, the
+        global buffer's base); needed unless ``units`` is given.
     units : dict, optional
         name -> factory(addr_bits=, line_bytes=); default :func:`default_units`.
     sfu : bool
-        With the default units: use the SFU unit if available (False: MiscExec's
-        placeholder for the SFU operations).
+        With the default units: True (default) the SFU unit; False asks for
+        MiscExec's placeholder for the SFU operations (a test double).
     routes : dict, optional
         ``Op`` or ``(Op.MISC, MiscFunc)`` -> unit name; default :func:`default_routes`.
     """
@@ -101,7 +97,7 @@ class ExecUnit(wiring.Component):
         super().__init__(exec_signature(addr_bits, line_bytes * 8))
 
     @classmethod
-    def factory(cls, config=None, **kw):
+    def factory(cls, config, **kw):
         """``exec_factory`` for ``Accelerator(config, exec_factory=...)``."""
         return lambda *, addr_bits, line_bytes: cls(addr_bits=addr_bits, line_bytes=line_bytes,
                                                     config=config, **kw)

@@ -38,8 +38,10 @@ starts (``Golden.check``), so a unit never sees an out-of-range operand.
 ``aux`` rows of ``n`` words, destination rows ``b`` words apart), ADD and MUL
 bit-exactly (binary32 RNE + FTZ from ``hw/fp.py``, ``line_bytes / 4`` lanes) at
 any byte alignment. Every other MV/MM/MISC operation completes after
-:data:`PLACEHOLDER_LATENCY` cycles **without writing anything**: the matrix
-engines and the special-function unit are not integrated yet.
+:data:`PLACEHOLDER_LATENCY` cycles **without writing anything**. The
+accelerator's execution unit (``hw/exec_unit.py``'s ``ExecUnit``) routes only
+those four operations here; MiscExec alone is a test double that a test asks
+for by name (``Accelerator(config, exec_factory=MiscExec)``).
 """
 
 from amaranth import C, Cat, Module, Mux, Signal
@@ -58,8 +60,8 @@ __all__ = ["ExecInstr", "exec_signature", "snoop_layout", "MAX_IN_FLIGHT", "PLAC
 ExecInstr = data.StructLayout({"word": 128, "pc": 32, "rval": 32})
 #: Instructions the compute queue lets a unit hold at once.
 MAX_IN_FLIGHT = 8
-#: Cycles a not-yet-integrated operation (MV, MM, QUANT, RMSNORM, ROPE, SILU_MUL, ATTN,
-#: EMBED) takes in :class:`MiscExec`.
+#: Cycles an operation MiscExec does not execute (MV, MM, QUANT, RMSNORM, ROPE, SILU_MUL,
+#: ATTN, EMBED) takes in :class:`MiscExec` used alone (a test double).
 PLACEHOLDER_LATENCY = 16
 
 

@@ -75,7 +75,7 @@ from llmfab.hw.quantizer import Quantizer
 from llmfab.hw.fp import Staged
 from llmfab.hw.sfu import NEG_ZERO, Sfu, SfuOp
 
-__all__ = ["SfuExec", "MiscSfuRouter", "SFU_FUNCS"]
+__all__ = ["SfuExec", "SFU_FUNCS"]
 
 #: MISC funcs this unit executes.
 SFU_FUNCS = ("QUANT", "RMSNORM", "ROPE", "SILU_MUL", "EMBED", "COPY", "ATTN")
@@ -927,52 +927,4 @@ class SfuExec(wiring.Component):
                 with m.If(w_done):
                     m.d.sync += done_r.eq(1)
                     m.next = "IDLE"
-        return m
-
-
-class MiscSfuRouter(wiring.Component):
-    """A minimal execution unit: MISC QUANT/RMSNORM/ROPE/SILU_MUL/EMBED/COPY to
-    :class:`SfuExec`, everything else to :class:`~llmfab.hw.execute.MiscExec`; one
-    instruction at a time (the next is accepted after the previous one's ``done``).
-    For tests until ``hw/exec_unit.py`` routes the full set."""
-
-    def __init__(self, *, addr_bits: int, line_bytes: int, gb_base: int, **kw):
-        self._ab = addr_bits
-        self._d = line_bytes
-        self._gb = gb_base
-        self._kw = kw
-        super().__init__(exec_signature(addr_bits, line_bytes * 8))
-
-    def elaborate(self, platform):
-        from llmfab.hw.execute import MiscExec
-        m = Module()
-        m.submodules.misc = mx = MiscExec(addr_bits=self._ab, line_bytes=self._d)
-        m.submodules.sfux = sx = SfuExec(addr_bits=self._ab, line_bytes=self._d,
-                                         gb_base=self._gb, **self._kw)
-        iw = data.View(Instruction, self.instr.payload.word)
-        to_s = Signal()
-        m.d.comb += to_s.eq((iw.header.op == Op.MISC)
-                            & Cat(iw.misc.func == getattr(MiscFunc, f) for f in SFU_FUNCS).any())
-        busy = Signal()
-        cur = Signal()                      # 1: SfuExec holds the instruction
-        for u, sel in ((mx, ~to_s), (sx, to_s)):
-            m.d.comb += [u.instr.payload.eq(self.instr.payload),
-                         u.instr.valid.eq(self.instr.valid & ~busy & sel), u.context.eq(self.context)]
-        m.d.comb += self.instr.ready.eq(~busy & Mux(to_s, sx.instr.ready, mx.instr.ready))
-        with m.If(self.instr.valid & self.instr.ready):
-            m.d.sync += [busy.eq(1), cur.eq(to_s)]
-        with m.If(mx.done | sx.done):
-            m.d.sync += busy.eq(0)
-        m.d.comb += self.done.eq(mx.done | sx.done)
-        for port in ("rd0", "rd1"):
-            me, a, b = getattr(self, port), getattr(mx, port), getattr(sx, port)
-            m.d.comb += [me.req.valid.eq(Mux(cur, b.req.valid, a.req.valid)),
-                         me.req.payload.eq(Mux(cur, b.req.payload, a.req.payload)),
-                         a.req.ready.eq(me.req.ready & ~cur), b.req.ready.eq(me.req.ready & cur),
-                         a.rsp.valid.eq(me.rsp.valid & ~cur), b.rsp.valid.eq(me.rsp.valid & cur),
-                         a.rsp.payload.eq(me.rsp.payload), b.rsp.payload.eq(me.rsp.payload)]
-        me, a, b = self.wr, mx.wr, sx.wr
-        m.d.comb += [me.req.valid.eq(Mux(cur, b.req.valid, a.req.valid)),
-                     me.req.payload.eq(Mux(cur, b.req.payload, a.req.payload)),
-                     a.req.ready.eq(me.req.ready & ~cur), b.req.ready.eq(me.req.ready & cur)]
         return m

@@ -35,7 +35,8 @@ from llmfab.hw.control import (ADDR_WIDTH, ARGS, COUNTER_MAGIC, REG_ARGS, Contro
                                CounterWriter, counter_names)
 from llmfab.hw.dispatch import Fetch, Validator
 from llmfab.hw.dma import QEntry, LoadEngine, StoreEngine, reg_value
-from llmfab.hw.execute import MAX_IN_FLIGHT, ExecInstr, MiscExec, exec_signature
+from llmfab.hw.exec_unit import ExecUnit
+from llmfab.hw.execute import MAX_IN_FLIGHT
 from llmfab.hw.isa import Instruction, Op, SysFunc
 from llmfab.hw.onchip import OnChipMemory, region_map
 
@@ -118,7 +119,8 @@ class Core(wiring.Component):
                                                  global_base=g["global_base"])
         m.submodules.ld = ld = LoadEngine(ports=P, beat_bytes=S, addr_bits=ab)
         m.submodules.st = st = StoreEngine(ports=P, beat_bytes=S, addr_bits=ab)
-        ex = (self._exec_factory or (lambda **kw: MiscExec(**kw)))(addr_bits=ab, line_bytes=D)
+        make_exec = self._exec_factory or ExecUnit.factory(self._config)
+        ex = make_exec(addr_bits=ab, line_bytes=D)
         m.submodules.exec = ex
         names = counter_names(P)
         m.submodules.cw = cw = CounterWriter(ports=P, beat_bytes=S, n=len(names))
@@ -357,8 +359,10 @@ class Accelerator(wiring.Component):
     config : AccelConfig
     exec_factory : callable, optional
         ``exec_factory(addr_bits=, line_bytes=)`` -> a component with
-        :func:`~llmfab.hw.execute.exec_signature` (default
-        :class:`~llmfab.hw.execute.MiscExec`).
+        :func:`~llmfab.hw.execute.exec_signature`. Default: the whole execution
+        unit, :class:`~llmfab.hw.exec_unit.ExecUnit` for ``config`` (MV/MM engine,
+        SFU unit, MiscExec for NOP/COPY/ADD/MUL). Tests of the control path may
+        ask for a smaller double by name (e.g. ``exec_factory=MiscExec``).
     probe : bool
         Simulation only (default off, so the kernel keeps the Vitis shape): an
         extra output ``probe`` with the live performance counters of

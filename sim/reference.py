@@ -169,7 +169,7 @@ def _dequantized(model: Model, progress: bool = False):
     it = range(d.n_layers)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc="dequantizing", unit="layer", leave=False)
+        it = tqdm(it, desc="dequantizing", unit="layer", leave=False, disable=None)
     out_norm = model.tensor("output_norm.weight").dequantize()
     layers = []
     for i in it:
@@ -197,7 +197,9 @@ class ReferenceModel:
     model : Model
         An imported model (:func:`llmfab.compiler.model.load_model`).
     max_context : int
-        KV-cache length; defaults to the model's context length capped at 2048.
+        Token positions the KV cache holds; defaults to the model's context length,
+        which is also its ceiling. The cache grows as positions are used, so a long
+        context costs memory only when it is filled.
     """
 
     def __init__(self, model: Model, *, max_context: int | None = None, progress: bool = False,
@@ -205,17 +207,35 @@ class ReferenceModel:
         self.model = model
         self.llamacpp_rounding = llamacpp_rounding
         d = self.desc = model.desc
-        self.max_context = int(max_context or min(d.context_length, 2048))
+        if max_context is None:
+            max_context = d.context_length
+        max_context = int(max_context)
+        if not 1 <= max_context <= d.context_length:
+            raise ModelError(f"context {max_context} is outside 1..{d.context_length}, the context "
+                             f"length of model '{d.name}'")
+        self.max_context = max_context
         self.emb = model.tensor("token_embd.weight")
         self.out_norm, self.layers, self.output = _dequantized(model, progress)
         self.reset()
 
     def reset(self) -> None:
-        d = self.desc
-        shape = (d.n_layers, self.max_context, d.n_kv_heads, d.head_dim)
-        self.k_cache = np.zeros(shape, np.float32)
-        self.v_cache = np.zeros(shape, np.float32)
+        self.k_cache = self.v_cache = None
+        self._reserve(min(self.max_context, 256))
         self.pos = 0
+
+    def _reserve(self, n: int) -> None:
+        """Make the KV cache hold at least ``n`` positions (doubling, up to ``max_context``)."""
+        have = 0 if self.k_cache is None else self.k_cache.shape[1]
+        if n <= have:
+            return
+        n = min(max(n, 2 * have), self.max_context)
+        d = self.desc
+        shape = (d.n_layers, n, d.n_kv_heads, d.head_dim)
+        k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        if have:
+            k[:, :have] = self.k_cache
+            v[:, :have] = self.v_cache
+        self.k_cache, self.v_cache = k, v
 
     def embed(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -234,6 +254,7 @@ class ReferenceModel:
         if self.pos + T > self.max_context:
             raise ModelError(f"context overflow: {self.pos + T} tokens > max context {self.max_context}")
         x = self.embed(tokens)
+        self._reserve(self.pos + T)
         pos = np.arange(self.pos, self.pos + T)
         cos, sin = rope_tables(d.head_dim, d.rope_base, pos)
         nq, nkv, hd = d.n_heads, d.n_kv_heads, d.head_dim

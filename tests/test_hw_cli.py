@@ -7,8 +7,12 @@ the whole `ci` estimate is marked slow.
 """
 
 import json
+import re
 
 import pytest
+from amaranth import Module
+from amaranth.lib import wiring
+from amaranth.lib.wiring import Out
 
 from llmfab.boards.config import load_config
 from llmfab.host.cli import main
@@ -16,20 +20,45 @@ from llmfab.host.cli import main
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 
 
-def test_hw_verilog_writes_one_file_per_unit(tmp_path, capsys):
-    from llmfab.hw.units import all_units
+def test_hw_verilog_writes_the_accelerator_top(tmp_path, capsys):
+    """The default output is the whole accelerator, with the real execution unit: the MV/MM
+    engine and the SFU unit are modules of the top (not MiscExec's placeholder alone)."""
     out = tmp_path / "v"
     assert main(["hw", "verilog", "--config", "tiny", "--out", str(out)]) == 0
-    units = all_units(load_config("tiny"))
-    for u in units.values():
-        u._MustUse__silence = True         # built for their names only
-    names = set(units) | {"llmfab_accel"}
-    assert {"chain", "decoder"} <= names
+    captured = capsys.readouterr()
+    assert captured.out.split() == [str(out / "llmfab_accel.v")]
+    assert "top module llmfab_accel" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["llmfab_accel.v"]
+    text = (out / "llmfab_accel.v").read_text()
+    assert "module llmfab_accel(" in text
+    modules = set(re.findall(r"^module \\?(\S+) ?\(", text, re.M))
+    for unit in ("exec", "exec.mv", "exec.sfu", "exec.misc"):
+        assert f"llmfab_accel.core.{unit}" in modules, unit
+    # the engines inside them: the DSP chains, the GGUF decoders, the special-function unit
+    assert any(m.startswith("llmfab_accel.core.exec.mv.chain") for m in modules)
+    assert any(m.startswith("llmfab_accel.core.exec.mv.dec") for m in modules)
+
+
+class _Stub(wiring.Component):
+    o: Out(1)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.sync += self.o.eq(~self.o)
+        return m
+
+
+def test_hw_verilog_units(tmp_path, capsys, monkeypatch, own_units):
+    """``--units`` adds one file per unit, each its own top (the accelerator is stubbed here:
+    the test above checks it)."""
+    import llmfab.hw.top as top
+    monkeypatch.setattr(top, "Accelerator", lambda config: _Stub())
+    out = tmp_path / "v"
+    assert main(["hw", "verilog", "--config", "tiny", "--out", str(out), "--units"]) == 0
+    names = ["llmfab_accel", "chain", "decoder"]
     for name in names:
-        text = (out / f"{name}.v").read_text()
-        assert f"module {name}(" in text
-    printed = capsys.readouterr().out.split()
-    assert sorted(printed) == sorted(str(out / f"{n}.v") for n in names)
+        assert f"module {name}(" in (out / f"{name}.v").read_text()
+    assert capsys.readouterr().out.split() == [str(out / f"{n}.v") for n in names]
 
 
 def test_hw_verilog_out_is_a_file(tmp_path, capsys):

@@ -328,7 +328,8 @@ class RtlAccelerator:
         Record a waveform in the build directory: ``dump.fst``, or ``dump.vcd``
         where the system lacks the lz4 headers Verilator's FST writer needs.
     exec_factory : callable, optional
-        Execution unit to plug in (see :class:`~llmfab.hw.top.Accelerator`).
+        Execution unit to plug in (see :class:`~llmfab.hw.top.Accelerator`); default the
+        accelerator's own, ``hw/exec_unit.py``'s ``ExecUnit`` for ``config``.
     timeout_seconds : float
         Wall-clock bound on any single request to the simulator (the
         simulation is killed and :class:`SimError` raised when it is exceeded).

@@ -43,60 +43,54 @@ __all__ = ["StreamSource", "StreamSink", "pack", "unpack"]
 
 
 def _layout(layout):
+    """``data.Layout.cast(layout)``, or None for a plain shape (an int width, ``signed(n)``, an enum)."""
     if layout is None:
         return None
     from amaranth.lib import data
-    return data.Layout.cast(layout)
+    try:
+        return data.Layout.cast(layout)
+    except TypeError:
+        return None
 
 
 def pack(layout, value) -> int:
-    """Pack a dict/list/int ``value`` into an integer following an Amaranth ``layout``."""
+    """The payload bits of ``value`` (dicts for structs, lists for arrays, ints, enum members)
+    in ``layout``: ``data.Layout.const(value).as_bits()``. An int is taken as the bits."""
     from amaranth.hdl import Shape
-    from amaranth.lib import data
-    if isinstance(value, int):
-        return value & ((1 << _width(layout)) - 1)
-    if isinstance(layout, data.ArrayLayout):
-        esize = _width(layout.elem_shape)
-        out = 0
-        for i, v in enumerate(value):
-            out |= pack(layout.elem_shape, v) << (i * esize)
-        return out
-    if isinstance(layout, data.Layout):
-        out = 0
-        for name, v in value.items():
-            f = layout[name]
-            out |= pack(f.shape, v) << f.offset
-        return out
-    w = Shape.cast(layout).width
-    return int(value) & ((1 << w) - 1)
+    lay = _layout(layout)
+    if hasattr(value, "value") and not isinstance(value, int):      # enum member
+        value = value.value
+    if isinstance(value, int) or hasattr(value, "__index__"):
+        width = lay.size if lay is not None else Shape.cast(layout).width
+        return int(value) & ((1 << width) - 1)
+    return lay.const(value).as_bits()
 
 
 def unpack(layout, bits: int):
-    """Inverse of :func:`pack`: dicts for structs, lists for arrays, (signed) ints."""
+    """The inverse of :func:`pack` via ``data.Layout.from_bits``: dicts for structs, lists for
+    arrays, ints (sign-extended for signed fields, enum members as their values)."""
     from amaranth.hdl import Shape
-    from amaranth.lib import data
-    if isinstance(layout, data.ArrayLayout):
-        esize = _width(layout.elem_shape)
-        return [unpack(layout.elem_shape, (bits >> (i * esize)) & ((1 << esize) - 1))
-                for i in range(layout.length)]
-    if isinstance(layout, data.Layout):
-        out = {}
-        for name, f in layout:
-            w = _width(f.shape)
-            out[name] = unpack(f.shape, (bits >> f.offset) & ((1 << w) - 1))
-        return out
-    s = Shape.cast(layout)
-    if s.signed and bits >> (s.width - 1) & 1:
-        return bits - (1 << s.width)
-    return bits
+    lay = _layout(layout)
+    if lay is None:
+        s = Shape.cast(layout)
+        bits &= (1 << s.width) - 1
+        return bits - (1 << s.width) if s.signed and bits >> (s.width - 1) else bits
+    return _plain(lay.from_bits(bits))
 
 
-def _width(shape) -> int:
-    from amaranth.hdl import Shape
+def _plain(v):
+    """A ``data.Const`` as nested dicts / lists of ints."""
+    import enum
+
     from amaranth.lib import data
-    if isinstance(shape, data.Layout):
-        return shape.size
-    return Shape.cast(shape).width
+    if isinstance(v, data.Const):
+        lay = data.Layout.cast(v.shape())
+        if isinstance(lay, data.ArrayLayout):
+            return [_plain(v[i]) for i in range(lay.length)]
+        return {name: _plain(v[name]) for name, _ in lay}
+    if isinstance(v, enum.Enum):
+        return v.value
+    return int(v)
 
 
 class StreamSource:

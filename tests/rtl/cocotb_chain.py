@@ -2,8 +2,9 @@
 
 Parameters come from the environment (set by tests/rtl/test_chain.py):
 ``CHAIN_LENGTH``, ``CHAIN_PACK`` (0/1), ``CHAIN_BLOCKS`` (randomized blocks),
-``CHAIN_SEED``. Also holds the helpers the decoder tests share: payload packing
-from the hardware's own layouts, golden block generation, stream drivers.
+``CHAIN_SEED``. Also holds the helpers the decoder tests share: golden block
+generation and operand beats (packed with tests/rtl/tb.py's :func:`~tb.pack`, i.e.
+the hardware's own layouts).
 """
 
 import os
@@ -11,66 +12,15 @@ import random
 
 import numpy as np
 
-from amaranth import Shape
-from amaranth.lib import data
-
 from llmfab.core.formats import SPARSITY_PATTERNS, kept_weights
 from llmfab.compiler import sparse as csparse
 from llmfab.hw import chain as hwchain
 from llmfab.core import numerics
 
+from tb import TB, pack, unpack
+
 FORMATS = ("q4_0", "q4_1", "q8_0")
 PATTERNS = tuple(SPARSITY_PATTERNS)
-
-
-# ---- payload <-> int, from the hardware's layouts -------------------------------------
-
-def _layout(shape):
-    try:
-        return data.Layout.cast(shape)
-    except TypeError:
-        return None
-
-
-def _width(shape) -> int:
-    lay = _layout(shape)
-    return lay.size if lay is not None else Shape.cast(shape).width
-
-
-def pack(shape, value) -> int:
-    """Nested dicts / lists / ints (or enum members) -> the payload's integer bits."""
-    lay = _layout(shape)
-    if isinstance(lay, data.StructLayout):
-        out = 0
-        for name, field in lay:
-            if name in value:
-                out |= pack(field.shape, value[name]) << field.offset
-        return out
-    if isinstance(lay, data.ArrayLayout):
-        size = _width(lay.elem_shape)
-        out = 0
-        for i, v in enumerate(value):
-            out |= pack(lay.elem_shape, v) << (i * size)
-        return out
-    width = _width(shape)
-    v = value.value if hasattr(value, "value") and not isinstance(value, (int, np.integer)) else value
-    return int(v) & ((1 << width) - 1)
-
-
-def unpack(shape, bits: int):
-    """The inverse of :func:`pack` (signed shapes sign-extend, enums stay ints)."""
-    lay = _layout(shape)
-    if isinstance(lay, data.StructLayout):
-        return {name: unpack(f.shape, (bits >> f.offset) & ((1 << _width(f.shape)) - 1))
-                for name, f in lay}
-    if isinstance(lay, data.ArrayLayout):
-        size = _width(lay.elem_shape)
-        return [unpack(lay.elem_shape, (bits >> (i * size)) & ((1 << size) - 1))
-                for i in range(lay.length)]
-    sh = Shape.cast(shape)
-    if sh.signed and bits >> (sh.width - 1):
-        return bits - (1 << sh.width)
-    return bits
 
 
 # ---- golden operand blocks -------------------------------------------------------------
@@ -140,79 +90,6 @@ def lane_value(fmt, pattern, blk, i, en=1):
     w = [int(v) for v in blk["w"][i]] + [0] * (32 - K)
     idx = ([int(v) for v in blk["idx"][i]] + [0] * 16)[:16] if pattern != "dense" else [0] * 16
     return {"en": en, "w": w, "idx": idx, "d": int(blk["d"][i]), "m": int(blk["m"][i])}
-
-
-# ---- stream plumbing on top of sim/rtl/streams.py ---------------------------------------
-# Payloads are packed here (pack() above handles data.Struct classes nested in arrays and
-# enum members) and handed to the shared drivers as integers.
-
-PERIOD_NS = 10
-
-
-def cycles(ns) -> int:
-    return int(round(ns / PERIOD_NS))
-
-
-def stream_rule_monitor(dut, prefix, errors: list):
-    """Start a coroutine asserting the stream rule on an output: once valid, valid and payload
-    hold until ready. Violations are appended to ``errors``."""
-    import cocotb
-    from cocotb.triggers import RisingEdge
-    valid = getattr(dut, f"{prefix}__valid")
-    ready = getattr(dut, f"{prefix}__ready")
-    payload = getattr(dut, f"{prefix}__payload")
-
-    async def run():
-        held = None
-        while True:
-            await RisingEdge(dut.clk)
-            v = int(valid.value)
-            p = int(payload.value) if v else None
-            if held is not None and (not v or p != held):
-                errors.append(f"{prefix}: valid dropped or payload changed before ready")
-            held = p if (v and not int(ready.value)) else None
-
-    return cocotb.start_soon(run())
-
-
-def traffic_shaper(dut, period: int, rng, sources=(), sinks=(), stalls=(0.0, 0.4, 0.8),
-                   pressures=(0.0, 0.1, 0.5, 0.9)):
-    """Start a coroutine re-drawing every source's random_stall and every sink's backpressure
-    every ``period`` cycles (traffic changes shape during a run)."""
-    import cocotb
-    from cocotb.triggers import ClockCycles
-
-    async def run():
-        while True:
-            for s in sources:
-                s.random_stall = rng.choice(stalls)
-            for s in sinks:
-                s.backpressure = rng.choice(pressures)
-            await ClockCycles(dut.clk, period)
-
-    return cocotb.start_soon(run())
-
-
-async def collect(sink, n: int, limit_cycles: int):
-    """``n`` payloads from ``sink`` (fails after ``limit_cycles``)."""
-    from cocotb.triggers import with_timeout
-
-    async def take():
-        return [await sink.recv() for _ in range(n)]
-
-    return await with_timeout(take(), limit_cycles * PERIOD_NS, "ns")
-
-
-async def reset(dut):
-    from cocotb.clock import Clock
-    from cocotb.triggers import RisingEdge
-    import cocotb
-    cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
-    dut.rst.value = 1
-    for _ in range(3):
-        await RisingEdge(dut.clk)
-    dut.rst.value = 0
-    await RisingEdge(dut.clk)
 
 
 # ---- the chain tests ----------------------------------------------------------------------
@@ -294,25 +171,24 @@ import cocotb  # noqa: E402  (the helpers above are imported without a simulator
 async def random_traffic(dut):
     """>= CHAIN_BLOCKS random blocks over every mode, mode changing per beat,
     random gaps on both inputs and random back-pressure on the output."""
-    from cocotb.utils import get_sim_time
-    from llmfab.sim.rtl.streams import StreamSink, StreamSource
     env = _env()
     lanes = env["length"] // 32
     rng = np.random.default_rng(env["seed"])
     prng = random.Random(env["seed"])
-    await reset(dut)
+    tb = TB(dut)
+    await tb.reset(3)
     w_items, x_items, exp = make_beats(rng, _modes(env), env["blocks"], lanes)
-    wsrc = StreamSource(dut, "weights", dut.clk, seed=prng.random())
-    xsrc = StreamSource(dut, "acts", dut.clk, seed=prng.random())
-    sink = StreamSink(dut, "results", dut.clk, seed=prng.random())
+    wsrc = tb.source("weights", seed=prng.random())
+    xsrc = tb.source("acts", seed=prng.random())
+    sink = tb.sink("results", seed=prng.random())
     errors = []
-    mon = stream_rule_monitor(dut, "results", errors)
-    shaper = traffic_shaper(dut, 512, prng, (wsrc, xsrc), (sink,))
-    t0 = get_sim_time(unit="ns")
+    mon = tb.stream_rule_monitor("results", errors)
+    shaper = tb.traffic_shaper(512, prng, (wsrc, xsrc), (sink,))
+    t0 = tb.now_ns()
     wsrc.extend(w_items)
     xsrc.extend(x_items)
-    got = await collect(sink, len(exp), 100 * len(exp) + 1000)
-    cycle = cycles(get_sim_time(unit="ns") - t0)
+    got = await tb.collect(sink, len(exp), 100 * len(exp) + 1000)
+    cycle = tb.to_cycles(tb.now_ns() - t0)
     for task in (mon, shaper):
         task.cancel()
     assert not errors, errors[0]
@@ -340,25 +216,25 @@ def _report(env, values):
 async def steady_state(dut):
     """Inputs never stall, output always ready: cycles per beat for every mode, no bubbles."""
     from llmfab.core.formats import kept_weights as kw
-    from llmfab.sim.rtl.streams import StreamSink, StreamSource
     env = _env()
     lanes = env["length"] // 32
     rng = np.random.default_rng(env["seed"] + 7)
-    await reset(dut)
+    tb = TB(dut)
+    await tb.reset(3)
     report = {}
     n_beats = 64
-    wsrc = StreamSource(dut, "weights", dut.clk)
-    xsrc = StreamSource(dut, "acts", dut.clk)
-    sink = StreamSink(dut, "results", dut.clk)
+    wsrc = tb.source("weights")
+    xsrc = tb.source("acts")
+    sink = tb.sink("results")
     for fmt, pat in _modes(env):
         w_items, x_items, exp = make_beats(rng, [(fmt, pat)], n_beats * lanes, lanes,
                                            shuffle=False)
         n_in, n_out = wsrc.count, sink.count
         wsrc.extend(w_items)
         xsrc.extend(x_items)
-        got = await collect(sink, len(exp), 10_000)
+        got = await tb.collect(sink, len(exp), 10_000)
         check_results(got, exp, lanes, f"steady state {fmt} {pat}")
-        t_out = [cycles(t) for t in sink.times[n_out:]]
+        t_out = [tb.to_cycles(t) for t in sink.times[n_out:]]
         gaps = np.diff(t_out)
         # one operand beat (L activations) per cycle at most; fewer if the DSPs do fewer
         # products per cycle than the block has kept weights (dense Q8_0 on a packed chain)
@@ -366,7 +242,7 @@ async def steady_state(dut):
         want = max(1, lanes * kw(pat) // macs)
         cpb = (t_out[-1] - t_out[0]) / (len(exp) - 1)
         assert set(gaps.tolist()) == {want}, f"{fmt} {pat}: gaps {sorted(set(gaps.tolist()))}, want {want}"
-        latency = t_out[0] - cycles(wsrc.times[n_in])
+        latency = t_out[0] - tb.to_cycles(wsrc.times[n_in])
         report[f"{fmt} {pat}"] = {"cycles_per_beat": cpb, "blocks_per_cycle": lanes / cpb,
                                   "latency": latency}
         dut._log.info("steady state %s %s: %.3f cycles per beat (%d blocks per beat), "

@@ -1,11 +1,11 @@
 import cocotb
-from cocotb.clock import Clock
-from cocotb.triggers import RisingEdge
+
+from tb import TB
+
+
 @cocotb.test()
 async def count(dut):
-    cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
-    dut.rst.value = 1
-    await RisingEdge(dut.clk); await RisingEdge(dut.clk)
-    dut.rst.value = 0
-    for i in range(5): await RisingEdge(dut.clk)
-    assert int(dut.o.value) in (4,5), int(dut.o.value)
+    tb = TB(dut)
+    await tb.reset(2)       # two edges in reset, one after: the counter has counted once
+    await tb.cycles(4)
+    assert int(dut.o.value) in (4, 5), int(dut.o.value)

@@ -16,6 +16,7 @@ from llmfab.compiler import sparse as csparse
 from llmfab.hw import chain as hwchain
 
 import cocotb_chain as cc
+from tb import TB, pack, unpack
 
 FORMATS = cc.FORMATS
 PATTERNS = cc.PATTERNS
@@ -137,7 +138,7 @@ def make_program(rng, modes, n_blocks, lanes, width, max_count=64, real=False):
         rows = _row_blocks(rng, count, lanes)
         if count:
             data, golden_lanes, fields = make_matrix(rng, fmt, pat, count, real=real)
-        cmds.append(cc.pack(_cmd_layout(), {"fmt": hwchain.FORMAT_CODES[fmt],
+        cmds.append(pack(_cmd_layout(), {"fmt": hwchain.FORMAT_CODES[fmt],
                                             "pattern": hwchain.PATTERN_CODES[pat], "count": count,
                                             "row_blocks": rows}))
         if count:
@@ -157,7 +158,7 @@ def check_beats(got, exp, lanes, what):
     lay = hwchain.weight_beat_layout(lanes)
     assert len(got) == len(exp), f"{what}: {len(got)} beats for {len(exp)} expected"
     for k, (g, e) in enumerate(zip(got, exp)):
-        r = cc.unpack(lay, g)
+        r = unpack(lay, g)
         assert r == e, f"{what}: beat {k} differs: got {r}, want {e}"
 
 
@@ -180,25 +181,24 @@ import cocotb  # noqa: E402
 async def random_traffic(dut):
     """>= DEC_BLOCKS blocks in random matrices of every mode; random gaps on cmd and data,
     random back-pressure on the output; fields against split_blocks / decode_sparse."""
-    from cocotb.utils import get_sim_time
-    from llmfab.sim.rtl.streams import StreamSink, StreamSource
     env = _env()
     rng = np.random.default_rng(env["seed"])
     prng = random.Random(env["seed"])
-    await cc.reset(dut)
+    tb = TB(dut)
+    await tb.reset(3)
     modes = [(f, p) for f in env["formats"] for p in env["patterns"]]
     cmds, beats, exp, info = make_program(rng, modes, env["blocks"], env["lanes"], env["width"])
-    csrc = StreamSource(dut, "cmd", dut.clk, seed=prng.random())
-    dsrc = StreamSource(dut, "data", dut.clk, seed=prng.random())
-    sink = StreamSink(dut, "weights", dut.clk, seed=prng.random())
+    csrc = tb.source("cmd", seed=prng.random())
+    dsrc = tb.source("data", seed=prng.random())
+    sink = tb.sink("weights", seed=prng.random())
     errors = []
-    mon = cc.stream_rule_monitor(dut, "weights", errors)
-    shaper = cc.traffic_shaper(dut, 400, prng, (csrc, dsrc), (sink,))
-    t0 = get_sim_time(unit="ns")
+    mon = tb.stream_rule_monitor("weights", errors)
+    shaper = tb.traffic_shaper(400, prng, (csrc, dsrc), (sink,))
+    t0 = tb.now_ns()
     csrc.extend(cmds)
     dsrc.extend(beats)
-    got = await cc.collect(sink, len(exp), 100 * len(exp) + 1000)
-    cycle = cc.cycles(get_sim_time(unit="ns") - t0)
+    got = await tb.collect(sink, len(exp), 100 * len(exp) + 1000)
+    cycle = tb.to_cycles(tb.now_ns() - t0)
     for task in (mon, shaper):
         task.cancel()
     assert not errors, errors[0]
@@ -214,28 +214,28 @@ async def random_traffic(dut):
 async def steady_state(dut):
     """Data never stalls, output always ready: output beats per cycle for every mode."""
     from llmfab.core.formats import block_bytes
-    from llmfab.sim.rtl.streams import StreamSink, StreamSource
     env = _env()
     lanes, width = env["lanes"], env["width"]
     rng = np.random.default_rng(env["seed"] + 3)
-    await cc.reset(dut)
+    tb = TB(dut)
+    await tb.reset(3)
     report = {}
-    csrc = StreamSource(dut, "cmd", dut.clk)
-    dsrc = StreamSource(dut, "data", dut.clk)
-    sink = StreamSink(dut, "weights", dut.clk)
+    csrc = tb.source("cmd")
+    dsrc = tb.source("data")
+    sink = tb.sink("weights")
     for fmt in env["formats"]:
         for pat in env["patterns"]:
             count = 256 * lanes
             data, golden_lanes, _ = make_matrix(rng, fmt, pat, count)
             exp = expected_beats(fmt, pat, golden_lanes, lanes, 32 * lanes)
             n_in, n_out = dsrc.count, sink.count
-            csrc.put(cc.pack(_cmd_layout(), {"fmt": hwchain.FORMAT_CODES[fmt],
+            csrc.put(pack(_cmd_layout(), {"fmt": hwchain.FORMAT_CODES[fmt],
                                              "pattern": hwchain.PATTERN_CODES[pat],
                                              "count": count, "row_blocks": 32 * lanes}))
             dsrc.extend(beats_of(data, width))
-            got = await cc.collect(sink, len(exp), 100_000)
+            got = await tb.collect(sink, len(exp), 100_000)
             check_beats(got, exp, lanes, f"steady state {fmt} {pat}")
-            t_out = [cc.cycles(t) for t in sink.times[n_out:]]
+            t_out = [tb.to_cycles(t) for t in sink.times[n_out:]]
             cpb = (t_out[-1] - t_out[0]) / (len(exp) - 1)
             bb = block_bytes(fmt, pat)
             # the decoder emits one beat per cycle unless the byte stream is slower
@@ -245,7 +245,7 @@ async def steady_state(dut):
                 assert set(gaps.tolist()) == {1}, f"{fmt} {pat}: bubbles {sorted(set(gaps.tolist()))}"
             else:
                 assert abs(cpb - want) < 0.05, f"{fmt} {pat}: {cpb:.3f} cycles/beat, want {want:.3f}"
-            latency = t_out[0] - cc.cycles(dsrc.times[n_in])
+            latency = t_out[0] - tb.to_cycles(dsrc.times[n_in])
             report[f"{fmt} {pat}"] = {"cycles_per_beat": cpb, "blocks_per_cycle": lanes / cpb,
                                       "bytes_per_block": bb, "latency": latency}
             dut._log.info("steady state %s %s (%d B/block): %.3f cycles per beat, latency %d",
@@ -262,7 +262,8 @@ async def decode_chain(dut):
     lanes, width = env["lanes"], env["width"]
     rng = np.random.default_rng(env["seed"] + 11)
     prng = random.Random(env["seed"] + 11)
-    await cc.reset(dut)
+    tb = TB(dut)
+    await tb.reset(3)
     modes = [(f, p) for f in env["formats"] for p in env["patterns"]]
     cmds, beats, _, info = make_program(rng, modes, env["blocks"], lanes, width, real=True)
     act_items, exp = [], []
@@ -280,7 +281,7 @@ async def decode_chain(dut):
         else:
             isum, sumq = numerics.sparse_isum(vals, idx, qx, SPARSITY_PATTERNS[pat][1])
         for b0, n, last in row_groups(count, rows, lanes):
-            act_items.append(cc.pack(hwchain.act_beat_layout(lanes),
+            act_items.append(pack(hwchain.act_beat_layout(lanes),
                                      [[int(v) for v in qx[b0 + i]] if i < n else [0] * 32
                                       for i in range(lanes)]))
             exp.append({"fmt": hwchain.FORMAT_CODES[fmt].value, "last": last,
@@ -288,28 +289,26 @@ async def decode_chain(dut):
                                    "d": int(d_bits[b0 + i]), "m": int(m_bits[b0 + i])}
                                   if i < n else {"en": 0, "isum": 0, "sumq": 0, "d": 0, "m": 0}
                                   for i in range(lanes)]})
-    from cocotb.utils import get_sim_time
-    from llmfab.sim.rtl.streams import StreamSink, StreamSource
-    csrc = StreamSource(dut, "cmd", dut.clk, seed=prng.random())
-    dsrc = StreamSource(dut, "data", dut.clk, seed=prng.random())
-    asrc = StreamSource(dut, "acts", dut.clk, seed=prng.random())
-    sink = StreamSink(dut, "results", dut.clk, seed=prng.random())
+    csrc = tb.source("cmd", seed=prng.random())
+    dsrc = tb.source("data", seed=prng.random())
+    asrc = tb.source("acts", seed=prng.random())
+    sink = tb.sink("results", seed=prng.random())
     errors = []
-    mon = cc.stream_rule_monitor(dut, "results", errors)
-    shaper = cc.traffic_shaper(dut, 300, prng, (dsrc, asrc), (sink,), stalls=(0.0, 0.5),
+    mon = tb.stream_rule_monitor("results", errors)
+    shaper = tb.traffic_shaper(300, prng, (dsrc, asrc), (sink,), stalls=(0.0, 0.5),
                                pressures=(0.0, 0.1, 0.7))
-    t0 = get_sim_time(unit="ns")
+    t0 = tb.now_ns()
     csrc.extend(cmds)
     dsrc.extend(beats)
     asrc.extend(act_items)
-    got = await cc.collect(sink, len(exp), 100 * len(exp) + 1000)
-    cycle = cc.cycles(get_sim_time(unit="ns") - t0)
+    got = await tb.collect(sink, len(exp), 100 * len(exp) + 1000)
+    cycle = tb.to_cycles(tb.now_ns() - t0)
     for task in (mon, shaper):
         task.cancel()
     assert not errors, errors[0]
     assert len(got) == len(exp)
     for k, (g, e) in enumerate(zip(got, exp)):
-        r = cc.unpack(rl, g)
+        r = unpack(rl, g)
         assert r == e, f"decode -> chain: beat {k} differs: got {r}, want {e}"
     nblocks = sum(i[2] for i in info)
     dut._log.info("decode -> chain: %d real GGUF blocks in %d matrices, %d cycles",

@@ -8,12 +8,11 @@ import os
 
 import cocotb
 import numpy as np
-from cocotb.clock import Clock
-from cocotb.triggers import RisingEdge
 
 from llmfab.hw.fp import CvtOp, CvtOperands, FAddOperands, FMulOperands
 from llmfab.core import numerics as nx
-from llmfab.sim.rtl.streams import StreamSink, StreamSource
+
+from tb import TB, throughput
 
 N = int(os.environ.get("FP_N", "12000"))
 SEED = int(os.environ.get("FP_SEED", "1"))
@@ -90,37 +89,6 @@ def check(name, got, exp, inputs=None, *, log=None, max_show=8):
         log.info("%s: %d results bit-exact", name, len(got))
 
 
-async def start(dut, period=10):
-    cocotb.start_soon(Clock(dut.clk, period, unit="ns").start())
-    dut.rst.value = 1
-    await RisingEdge(dut.clk)
-    await RisingEdge(dut.clk)
-    dut.rst.value = 0
-    await RisingEdge(dut.clk)
-
-
-async def run_stream(dut, prefix_in, prefix_out, payloads, *, layout, stall, bp, seed,
-                     out_layout=None, n_out=None):
-    """Send payloads, collect as many outputs (or ``n_out``); returns (outputs, src, sink)."""
-    src = StreamSource(dut, prefix_in, dut.clk, layout=layout, random_stall=stall, seed=seed)
-    snk = StreamSink(dut, prefix_out, dut.clk, backpressure=bp, layout=out_layout,
-                     seed=seed + 1)
-    src.extend(payloads)
-    n_out = len(payloads) if n_out is None else n_out
-    outs = [await snk.recv() for _ in range(n_out)]
-    await src.idle()
-    src.stop()
-    snk.stop()
-    return outs, src, snk
-
-
-def throughput(times, period=10):
-    """Items per cycle between the first and the last transfer."""
-    if len(times) < 2:
-        return 1.0
-    return (len(times) - 1) / ((times[-1] - times[0]) / period)
-
-
 # ---- add / sub ---------------------------------------------------------------------------
 
 def add_vectors(rng, n):
@@ -187,15 +155,16 @@ def mul_vectors(rng, n):
 
 @cocotb.test()
 async def fp_add(dut):
-    await start(dut)
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED)
     a, b, sub = add_vectors(rng, N)
     with np.errstate(all="ignore"):
         fa, fb = floats(flush_in(a)), floats(flush_in(b))
         exp = bits(np.where(sub == 1, nx.fsub(fa, fb), nx.fadd(fa, fb)))
     pays = [{"a": int(x), "b": int(y), "sub": int(s)} for x, y, s in zip(a, b, sub)]
-    outs, src, snk = await run_stream(dut, "add_i", "add_o", pays, layout=FAddOperands,
-                                      stall=STALL, bp=STALL, seed=SEED)
+    outs, src, snk = await tb.run_stream("add_i", "add_o", pays, layout=FAddOperands,
+                                         stall=STALL, bp=STALL, seed=SEED)
     check("fp_add", outs, exp, (a, b, sub), log=dut._log)
     n_add = np.count_nonzero(sub == 0)
     dut._log.info("fp_add: %d operand pairs (%d adds, %d subs)", len(a), n_add, len(a) - n_add)
@@ -203,15 +172,16 @@ async def fp_add(dut):
 
 @cocotb.test()
 async def fp_mul(dut):
-    await start(dut)
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED + 10)
     a, b = mul_vectors(rng, N)
     with np.errstate(all="ignore"):
         exp = bits(nx.fmul(floats(flush_in(a)), floats(flush_in(b))))
         exact = floats(flush_in(a)).astype(np.float64) * floats(flush_in(b)).astype(np.float64)
     pays = [{"a": int(x), "b": int(y)} for x, y in zip(a, b)]
-    outs, src, snk = await run_stream(dut, "mul_i", "mul_o", pays, layout=FMulOperands,
-                                      stall=STALL, bp=STALL, seed=SEED)
+    outs, src, snk = await tb.run_stream("mul_i", "mul_o", pays, layout=FMulOperands,
+                                         stall=STALL, bp=STALL, seed=SEED)
     check("fp_mul", outs, exp, (a, b), log=dut._log)
     with np.errstate(all="ignore"):
         tiny = np.count_nonzero((np.abs(exact) < 2.0 ** -126) & (exact != 0))
@@ -224,7 +194,8 @@ async def fp_mul(dut):
 
 @cocotb.test()
 async def fp_cvt(dut):
-    await start(dut)
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED + 20)
     pays, exp, ins = [], [], []
 
@@ -259,8 +230,8 @@ async def fp_cvt(dut):
     # floor to int (|x| < 2**23)
     x = np.concatenate([rand_normal(rng, n, 100, 149), EDGE[:2]])
     add(CvtOp.FLOOR, x, np.zeros(len(x)), np.floor(floats(flush_in(x))).astype(np.int64))
-    outs, src, snk = await run_stream(dut, "cvt_i", "cvt_o", pays, layout=CvtOperands,
-                                      stall=STALL, bp=STALL, seed=SEED)
+    outs, src, snk = await tb.run_stream("cvt_i", "cvt_o", pays, layout=CvtOperands,
+                                         stall=STALL, bp=STALL, seed=SEED)
     outs = np.array(outs, dtype=np.uint64)
     exp = np.array(exp, dtype=np.uint64)
     ops = np.array([p["op"] for p in pays])
@@ -280,21 +251,22 @@ async def fp_cvt(dut):
 
 
 @cocotb.test()
-async def fp_throughput(dut):
-    """No stalls: one operation per cycle on every unit, latency as documented."""
-    await start(dut)
+@cocotb.parametrize(unit=["add", "mul", "cvt"])
+async def fp_throughput(dut, unit):
+    """No stalls: one operation per cycle on the unit, latency as documented."""
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED + 30)
     m = 2000
     a, b = rand_normal(rng, m), rand_normal(rng, m)
-    res = {}
-    for name, layout, pays in [
-            ("add", FAddOperands, [{"a": int(x), "b": int(y), "sub": 0} for x, y in zip(a, b)]),
-            ("mul", FMulOperands, [{"a": int(x), "b": int(y)} for x, y in zip(a, b)]),
-            ("cvt", CvtOperands, [{"x": int(x), "n": 3, "op": CvtOp.LDEXP.value} for x in a])]:
-        outs, src, snk = await run_stream(dut, f"{name}_i", f"{name}_o", pays, layout=layout,
-                                          stall=0.0, bp=0.0, seed=SEED)
-        tp = throughput(snk.times)
-        lat = (snk.times[0] - src.times[0]) / 10
-        res[name] = (tp, lat)
-        assert tp == 1.0, f"{name}: throughput {tp} < 1 op/cycle"
-        dut._log.info("fp_%s: steady state %.3f ops/cycle, latency %d cycles", name, tp, lat)
+    layout, pays = {
+        "add": (FAddOperands, [{"a": int(x), "b": int(y), "sub": 0} for x, y in zip(a, b)]),
+        "mul": (FMulOperands, [{"a": int(x), "b": int(y)} for x, y in zip(a, b)]),
+        "cvt": (CvtOperands, [{"x": int(x), "n": 3, "op": CvtOp.LDEXP.value} for x in a]),
+    }[unit]
+    outs, src, snk = await tb.run_stream(f"{unit}_i", f"{unit}_o", pays, layout=layout,
+                                         stall=0.0, bp=0.0, seed=SEED)
+    tp = throughput(snk.times)
+    lat = (snk.times[0] - src.times[0]) / 10
+    assert tp == 1.0, f"{unit}: throughput {tp} < 1 op/cycle"
+    dut._log.info("fp_%s: steady state %.3f ops/cycle, latency %d cycles", unit, tp, lat)

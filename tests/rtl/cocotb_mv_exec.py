@@ -11,7 +11,6 @@ import os
 
 import cocotb
 import numpy as np
-from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge
 
 from llmfab.compiler import isa, quant, sparse
@@ -19,6 +18,8 @@ from llmfab.core import formats
 from llmfab.core import numerics as N
 from llmfab.sim.golden import _unpack_weights
 from llmfab.sim.numerics_model import matvec
+
+from tb import TB
 
 D = int(os.environ.get("MV_D", "64"))
 AB = int(os.environ.get("MV_AB", "13"))
@@ -138,17 +139,14 @@ def place(rng, mm, fmt, sp, rows, nb, ntok, aligned):
 
 async def start(dut, rng, stall=STALL, fill=False):
     """Clock, reset, and the memory model (random contents with ``fill``) running."""
-    cocotb.start_soon(Clock(dut.clk, 2, unit="ns").start())
+    tb = TB(dut, period_ns=2)
     mm = MemModel(dut, rng)
     mm.stall = stall
     if fill:
         mm.mem[:] = rng.integers(0, 256, MEM, dtype=np.uint8)
     dut.instr__valid.value = 0
     dut.snoop.value = 0
-    dut.rst.value = 1
-    for _ in range(3):
-        await RisingEdge(dut.clk)
-    dut.rst.value = 0
+    await tb.reset(3)
     cocotb.start_soon(mm.run())
     return mm
 

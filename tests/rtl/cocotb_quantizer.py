@@ -10,7 +10,8 @@ from amaranth.lib import data
 from llmfab.hw.quantizer import QBlock
 from llmfab.core import numerics as nx
 
-from cocotb_fp import bits, check, floats, run_stream, start, throughput
+from cocotb_fp import bits, check, floats
+from tb import TB, throughput
 
 N = int(os.environ.get("Q_N", "10000"))
 LANES = int(os.environ["Q_LANES"])
@@ -46,15 +47,16 @@ def blocks(rng, n):
 
 @cocotb.test()
 async def quantize(dut):
-    await start(dut)
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED)
     x = blocks(rng, N)
     with np.errstate(all="ignore"):
         q, d, sumq = nx.quantize_act(x.reshape(-1))
     xb = bits(x).reshape(-1, LANES)
     pays = [[int(v) for v in row] for row in xb]
-    outs, src, snk = await run_stream(dut, "i", "o", pays, layout=IN, stall=0.3, bp=0.3,
-                                      seed=SEED, out_layout=QBlock, n_out=N)
+    outs, src, snk = await tb.run_stream("i", "o", pays, layout=IN, stall=0.3, bp=0.3,
+                                         seed=SEED, out_layout=QBlock, n_out=N)
     got_q = np.array([o["q"] for o in outs], dtype=np.int64)
     got_d = np.array([o["d"] for o in outs], dtype=np.uint32)
     got_s = np.array([o["sumq"] for o in outs], dtype=np.int64)
@@ -68,15 +70,16 @@ async def quantize(dut):
 
 @cocotb.test()
 async def quantize_throughput(dut):
-    await start(dut)
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED + 1)
     n = 400
     x = blocks(rng, n)
     with np.errstate(all="ignore"):
         q, d, sumq = nx.quantize_act(x.reshape(-1))
     pays = [[int(v) for v in row] for row in bits(x).reshape(-1, LANES)]
-    outs, src, snk = await run_stream(dut, "i", "o", pays, layout=IN, stall=0.0, bp=0.0,
-                                      seed=SEED, out_layout=QBlock, n_out=n)
+    outs, src, snk = await tb.run_stream("i", "o", pays, layout=IN, stall=0.0, bp=0.0,
+                                         seed=SEED, out_layout=QBlock, n_out=n)
     assert (np.array([o["q"] for o in outs]) == q).all()
     tin = throughput(src.times)
     tout = throughput(snk.times)

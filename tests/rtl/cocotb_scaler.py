@@ -8,7 +8,8 @@ import numpy as np
 from llmfab.hw.scaler import ScalerIn, WeightFormat
 from llmfab.core import numerics as nx
 
-from cocotb_fp import bits, check, floats, run_stream, start, throughput
+from cocotb_fp import bits, check, floats
+from tb import TB, throughput
 
 N = int(os.environ.get("S_N", "12000"))       # blocks
 SEED = int(os.environ.get("S_SEED", "5"))
@@ -109,12 +110,13 @@ def payloads_and_expected(rows):
 
 @cocotb.test()
 async def scaler_rows(dut):
-    await start(dut)
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED)
     rows = make_rows(rng, N)
     pays, exp = payloads_and_expected(rows)
-    outs, src, snk = await run_stream(dut, "i", "o", pays, layout=ScalerIn, stall=0.3, bp=0.3,
-                                      seed=SEED, n_out=len(rows))
+    outs, src, snk = await tb.run_stream("i", "o", pays, layout=ScalerIn, stall=0.3, bp=0.3,
+                                         seed=SEED, n_out=len(rows))
     check("scaler rows", outs, exp, log=dut._log)
     dut._log.info("scaler: %d blocks in %d rows (formats %s) bit-exact", len(pays), len(rows),
                   ",".join(FORMATS))
@@ -123,25 +125,27 @@ async def scaler_rows(dut):
 @cocotb.test()
 async def scaler_single_blocks(dut):
     """Rows of one block: the row sum is fadd(v, +0) = the block value (up to -0 -> +0)."""
-    await start(dut)
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED + 1)
     fmt, isum, d, mm, sumq, dx = make_blocks(rng, 3000)
     rows = [(fmt[i:i + 1], isum[i:i + 1], d[i:i + 1], mm[i:i + 1], sumq[i:i + 1], dx[i:i + 1])
             for i in range(len(fmt))]
     pays, exp = payloads_and_expected(rows)
-    outs, src, snk = await run_stream(dut, "i", "o", pays, layout=ScalerIn, stall=0.2, bp=0.2,
-                                      seed=SEED, n_out=len(rows))
+    outs, src, snk = await tb.run_stream("i", "o", pays, layout=ScalerIn, stall=0.2, bp=0.2,
+                                         seed=SEED, n_out=len(rows))
     check("scaler block values", outs, exp, log=dut._log)
 
 
 @cocotb.test()
 async def scaler_throughput(dut):
-    await start(dut)
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED + 2)
     rows = make_rows(rng, 2000)
     pays, exp = payloads_and_expected(rows)
-    outs, src, snk = await run_stream(dut, "i", "o", pays, layout=ScalerIn, stall=0.0, bp=0.0,
-                                      seed=SEED, n_out=len(rows))
+    outs, src, snk = await tb.run_stream("i", "o", pays, layout=ScalerIn, stall=0.0, bp=0.0,
+                                         seed=SEED, n_out=len(rows))
     check("scaler (no stalls)", outs, exp)
     tp = throughput(src.times)
     lat = (snk.times[0] - src.times[len(rows[0][0]) - 1]) / 10

@@ -9,8 +9,8 @@ import numpy as np
 from llmfab.hw.sfu import SfuIn, SfuOp, SfuOut
 from llmfab.core import numerics as nx
 
-from cocotb_fp import (EDGE, bits, check, flush_in, floats, make, rand_normal, run_stream, start,
-                       throughput)
+from cocotb_fp import EDGE, bits, check, flush_in, floats, make, rand_normal
+from tb import TB, throughput
 
 N_FN = int(os.environ.get("SFU_N", "12000"))       # values per special function
 N_VEC = int(os.environ.get("SFU_NVEC", "250"))      # vectors per vector op
@@ -188,11 +188,11 @@ def vector_jobs(rng, nvec):
     return jobs
 
 
-async def run_jobs(dut, jobs, stall, bp, seed):
+async def run_jobs(tb, jobs, stall, bp, seed):
     pays = [b for _, vec, _, _ in jobs for b in vec]
     n_out = sum(len(y0) for _, _, y0, _ in jobs)
-    outs, src, snk = await run_stream(dut, "i", "o", pays, layout=SfuIn, stall=stall, bp=bp,
-                                      seed=seed, out_layout=SfuOut, n_out=n_out)
+    outs, src, snk = await tb.run_stream("i", "o", pays, layout=SfuIn, stall=stall, bp=bp,
+                                         seed=seed, out_layout=SfuOut, n_out=n_out)
     pos = 0
     per_op = {}
     for op, vec, y0, y1 in jobs:
@@ -208,21 +208,22 @@ async def run_jobs(dut, jobs, stall, bp, seed):
             e[2].append(np.array([o["y1"] for o in got], np.uint32))
             e[3].append(y1)
     for op, (g, y, g1, y1) in per_op.items():
-        check(f"sfu {op.name}", np.concatenate(g), np.concatenate(y), log=dut._log)
+        check(f"sfu {op.name}", np.concatenate(g), np.concatenate(y), log=tb.log)
         if g1:
-            check(f"sfu {op.name} y1", np.concatenate(g1), np.concatenate(y1), log=dut._log)
+            check(f"sfu {op.name} y1", np.concatenate(g1), np.concatenate(y1), log=tb.log)
     return src, snk, per_op
 
 
 @cocotb.test()
 async def sfu_functions(dut):
     """exp, recip, rsqrt, silu (12k+ values each), add, mul, rope, interleaved."""
-    await start(dut)
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED)
     jobs = elementwise_jobs(rng, N_FN)
     order = rng.permutation(len(jobs))
     jobs = [jobs[i] for i in order]
-    src, snk, per_op = await run_jobs(dut, jobs, 0.3, 0.3, SEED)
+    src, snk, per_op = await run_jobs(tb, jobs, 0.3, 0.3, SEED)
     dut._log.info("sfu elementwise: %s", ", ".join(
         f"{op.name} {sum(len(y) for y in v[1])}" for op, v in per_op.items()))
 
@@ -230,12 +231,13 @@ async def sfu_functions(dut):
 @cocotb.test()
 async def sfu_vectors(dut):
     """reduce_sum, vdot, rms_norm, softmax (and streaming ops between them), random order."""
-    await start(dut)
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED + 1)
     jobs = vector_jobs(rng, N_VEC) + elementwise_jobs(rng, 400)
     order = rng.permutation(len(jobs))
     jobs = [jobs[i] for i in order]
-    src, snk, per_op = await run_jobs(dut, jobs, 0.3, 0.3, SEED + 1)
+    src, snk, per_op = await run_jobs(tb, jobs, 0.3, 0.3, SEED + 1)
     dut._log.info("sfu vectors: %s", ", ".join(
         f"{op.name} {len(v[1])} vectors" for op, v in per_op.items()))
 
@@ -243,13 +245,14 @@ async def sfu_vectors(dut):
 @cocotb.test()
 async def sfu_throughput(dut):
     """No stalls: streaming ops at one element per cycle; cycles of rms_norm(576), softmax(512)."""
-    await start(dut)
+    tb = TB(dut)
+    await tb.reset()
     rng = np.random.default_rng(SEED + 2)
     x = bits(rng.uniform(-10, 10, 2000).astype(F))
     with np.errstate(all="ignore"):
         jobs = [(SfuOp.SILU, beats_of(SfuOp.SILU, {"a": x}, [2000])[0], bits(nx.silu(floats(x))),
                  None)]
-    src, snk, _ = await run_jobs(dut, jobs, 0.0, 0.0, 1)
+    src, snk, _ = await run_jobs(tb, jobs, 0.0, 0.0, 1)
     tp = throughput(src.times)
     lat = (snk.times[0] - src.times[0]) / 10
     dut._log.info("sfu: SILU %.3f elements/cycle, latency %d cycles", tp, lat)
@@ -266,7 +269,7 @@ async def sfu_throughput(dut):
                 cols, y = {"a": bits(v)}, bits(nx.softmax(v))
             else:
                 cols, y = {"a": bits(v)}, bits(nx.reduce_sum(v)).reshape(1)
-        src, snk, _ = await run_jobs(dut, [(op, beats_of(op, cols, [ln])[0], y, None)], 0.0, 0.0, 1)
+        src, snk, _ = await run_jobs(tb, [(op, beats_of(op, cols, [ln])[0], y, None)], 0.0, 0.0, 1)
         cyc = (snk.times[-1] - src.times[0]) / 10 + 1
         dut._log.info("sfu: %s of %d elements: %d cycles from first input to last output",
                       op.name, ln, cyc)

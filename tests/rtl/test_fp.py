@@ -11,6 +11,8 @@ from amaranth.lib.wiring import In, Out
 from llmfab.hw import fp
 from llmfab.sim.rtl.runner import VERILATOR_ARGS, run_cocotb, to_verilog, verilator_env
 
+from tb import soak
+
 #: Beyond the runner's waivers, -Wall flags two things of Amaranth's Verilog style:
 #: ``reg x = init;`` assigned in ``always`` (PROCASSINIT), FSM ``case``s without default.
 LINT_WAIVERS = ("-Wno-PROCASSINIT", "-Wno-CASEINCOMPLETE")
@@ -48,9 +50,11 @@ class FpTop(wiring.Component):
         return m
 
 
-def test_fp_units():
+@soak(12_000)
+def test_fp_units(vectors):
+    """``vectors`` operand pairs per unit (1,000, or 12,000 under slow), then throughput."""
     run_cocotb(to_verilog(FpTop(), "fp_top"), "fp_top", "cocotb_fp",
-               module_dir=Path(__file__).parent)
+               module_dir=Path(__file__).parent, extra_env={"FP_N": str(vectors)})
 
 
 def test_fp_lint(tmp_path):

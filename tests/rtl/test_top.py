@@ -19,6 +19,8 @@ from llmfab.hw.isa import InstrDecoder
 from llmfab.sim.golden import Golden
 from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 
+from tb import soak
+
 HERE = Path(__file__).parent
 BUILD_ARGS = ("--output-split", "0")
 N_CORRUPT = 240
@@ -26,11 +28,14 @@ N_CORRUPT = 240
 WATCHDOG = 400_000
 
 
-def test_isa_decoder_matches_compiler():
-    """>= 10,000 random words (legal, corrupted, random): legal flag and queue as compiler.isa.decode."""
+@soak(8_000)
+def test_isa_decoder_matches_compiler(vectors):
+    """Every opcode x func (4,096 words), then random words (legal, corrupted, random; 1,000,
+    or 8,000 under slow as the former 12,000-word total): legal flag and queue as
+    compiler.isa.decode."""
     run_cocotb(to_verilog(InstrDecoder(), "instr_decoder"), "instr_decoder", "cocotb_top",
                module_dir=HERE, testcase="decoder_random", build_args=BUILD_ARGS,
-               extra_env={"DEC_N": "12000"})
+               extra_env={"DEC_N": str(vectors)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -62,13 +67,18 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=MACHINES)
 def machine(request, tiny_model):
-    """(config, the tiny model compiled for it, the running simulation)."""
+    """(config, the tiny model compiled for it, the running simulation).
+
+    The execution unit is the MiscExec test double (NOP/COPY/ADD/MUL executed, the rest a
+    fixed-latency placeholder): these tests are about control, validation and data movement,
+    and the small build keeps them fast."""
     from llmfab.compiler.compile import compile_model
     from llmfab.compiler.model import load_model
+    from llmfab.hw.execute import MiscExec
     from llmfab.sim.rtl.harness import RtlAccelerator
     config = machine_config(request.param)
     bundle = compile_model(load_model(tiny_model), config)
-    with RtlAccelerator(config, bundle, timeout_seconds=900) as acc:
+    with RtlAccelerator(config, bundle, timeout_seconds=900, exec_factory=MiscExec) as acc:
         yield config, bundle, acc
 
 
