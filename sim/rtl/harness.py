@@ -375,6 +375,8 @@ class RtlAccelerator:
             raise SimError(f"unknown memory model '{memory}'; known models: {', '.join(MODELS)}")
         self.memory = memory
         self.channel_offset = 0
+        #: the timing model's parameters in cycles (set by set_memory at start)
+        self.timing = None
         self._proc = None
         self._sock = None
         self._tmp = None
@@ -474,8 +476,10 @@ class RtlAccelerator:
         """Choose the HBM timing model for the next runs (``ideal`` or ``card``).
 
         ``channel_offset`` (card model): port p reaches channel (p + offset)
-        mod ports through the HBM switch instead of its own (a microbenchmark
-        knob for the switch penalty). The timing state (open rows, refresh) starts afresh.
+        mod the board's channels through the HBM switch instead of its own (a
+        microbenchmark knob for the switch penalty). The timing state (open
+        rows, refresh) starts afresh. A board without a ``timing`` section
+        runs the ideal model only (:class:`SimError` naming the fix).
         """
         try:
             params = timing_params(self.config, model, channel_offset=channel_offset)
