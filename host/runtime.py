@@ -142,15 +142,9 @@ def open_device(backend: str, model, config=None, **kw) -> Device:
     if backend == "reference":
         return ReferenceDevice(model, config, **kw)
     if backend == "golden":
-        try:
-            from llmfab.host.golden_backend import GoldenDevice
-        except ImportError:
-            raise BackendError("backend 'golden' is not available in this build") from None
+        from llmfab.host.golden_backend import GoldenDevice
         return GoldenDevice(model, config, **kw)
     if backend == "rtl":
-        try:
-            from llmfab.host.rtl_backend import RtlDevice
-        except ImportError:
-            raise BackendError("backend 'rtl' is not available in this build") from None
+        from llmfab.host.rtl_backend import RtlDevice
         return RtlDevice(model, config, **kw)
     raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
