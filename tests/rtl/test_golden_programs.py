@@ -16,8 +16,9 @@ address (weights, KV cache, I/O region) after every run; generation compares tok
 
 One Verilator build and one simulator process serve the whole module (per pytest
 worker): the bundles are all compiled for ``ci``, and :class:`Rtl` puts each one into
-the running simulation in turn (HBM image, registers, program). Cost (2 shared cores):
-the ci build with the full execution unit, ~5-9 min once (cached in sim_build/), plus
+the running simulation in turn (HBM image, registers, program). Cost (2 cores): the ci
+build with the full execution unit once (cached in sim_build/; on a fresh clone on
+2026-12-02 Verilator's front end alone took 32 min, then one serial C++ compile), plus
 ~60 s of elaboration per worker to hash it; the tests ~2 min.
 """
 
