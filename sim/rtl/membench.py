@@ -12,7 +12,7 @@ of the ports' peak (one beat per port per cycle) and in GB/s at the
 configuration's clock.
 
 Used by ``benchmarks/memory_bandwidth.py`` (the table and plot) and
-``tests/rtl/test_memory_timing.py`` (the calibration check).
+``tests/rtl/test_rtl_memory_timing.py`` (the calibration check).
 """
 
 from __future__ import annotations
