@@ -1,8 +1,9 @@
 """MV/MM on the simulated accelerator (hw/mv_exec.py behind hw/exec_unit.py), bit for bit.
 
-One Verilator build of the ``tiny`` accelerator with ``ExecUnit`` (MV/MM ->
-MvExec, NOP/COPY/ADD/MUL -> MiscExec, other MISC -> MiscExec's placeholder) and
-one simulation for every program here. Programs: LD (weights into the weight
+The ``tiny`` accelerator as the rtl backend builds it (the default ``ExecUnit``:
+MV/MM -> MvExec, the SFU's MISC operations -> SfuExec, NOP/COPY/ADD/MUL -> MiscExec),
+so the Verilator build is the one tests/rtl/test_rtl_backend.py and the others share,
+and one simulation for every program here. Programs: LD (weights into the weight
 buffer, quantized vectors into the activation buffer, both prepared in HBM by
 the test) -> MV/MM ... -> ST of the results; HBM after the run must be the
 golden model's (``sim.golden.Golden``, i.e. ``sim.numerics_model.matvec``).
@@ -39,11 +40,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def acc(tiny):
-    from llmfab.hw.exec_unit import ExecUnit
     from llmfab.sim.rtl.harness import RtlAccelerator
     config, bundle = tiny
-    with RtlAccelerator(config, bundle, exec_factory=ExecUnit.factory(config, sfu=False),
-                        timeout_seconds=1200) as a:
+    with RtlAccelerator(config, bundle, timeout_seconds=1200) as a:
         yield a
 
 

@@ -1,8 +1,9 @@
 """hw/sfu_exec.py in the whole accelerator (tiny configuration) against the golden model.
 
-One Verilator build of ``Accelerator(tiny, exec_factory=misc_sfu_exec(tiny))`` (MISC
-QUANT/RMSNORM/ROPE/SILU_MUL/EMBED/COPY/ATTN -> :class:`SfuExec`, the rest ->
-:class:`MiscExec`; no MV engine), one simulation for every run: each program loads the
+The ``tiny`` accelerator as the rtl backend builds it (the default ``ExecUnit``: MISC
+QUANT/RMSNORM/ROPE/SILU_MUL/EMBED/ATTN -> :class:`SfuExec`, NOP/COPY/ADD/MUL ->
+:class:`MiscExec`, MV/MM -> MvExec), so its Verilator build is the one the other tiny
+tests share; one simulation for every run: each program loads the
 whole on-chip space from HBM (random operands, the GB constants), runs
 random MISC operations, stores the whole on-chip space back; HBM after the
 run must be the golden model's, byte for byte.
@@ -36,26 +37,11 @@ def tiny(tmp_path_factory):
     return config, compile_model(load_model(path), config)
 
 
-def misc_sfu_exec(config):
-    """Test double: an ``ExecUnit`` of MiscExec and SfuExec only (SFU_FUNCS -> SfuExec, the
-    other MISC operations and MV/MM -> MiscExec), so this build leaves the MV engine out."""
-    from llmfab.hw.exec_unit import ExecUnit
-    from llmfab.hw.execute import MiscExec
-    from llmfab.hw.isa import MiscFunc, Op
-    from llmfab.hw.sfu_exec import SFU_FUNCS, SfuExec
-    from llmfab.hw.top import geometry
-    gb = geometry(config)["global_base"]
-    routes = {(Op.MISC, f): ("sfu" if f.name in SFU_FUNCS else "misc") for f in MiscFunc}
-    units = {"misc": lambda **kw: MiscExec(**kw), "sfu": lambda **kw: SfuExec(gb_base=gb, **kw)}
-    return ExecUnit.factory(config, units=units, routes=routes)
-
-
 @pytest.fixture(scope="module")
 def acc(tiny):
     from llmfab.sim.rtl.harness import RtlAccelerator
     config, bundle = tiny
-    with RtlAccelerator(config, bundle, timeout_seconds=1800,
-                        exec_factory=misc_sfu_exec(config)) as a:
+    with RtlAccelerator(config, bundle, timeout_seconds=1800) as a:
         yield a
 
 
