@@ -346,12 +346,24 @@ class RtlAccelerator:
 
     def __init__(self, config, bundle, *, waves: bool = False, exec_factory=None,
                  read_latency: int = READ_LATENCY, timeout_seconds: float = 3600,
-                 progress=None, probe: bool = True, memory: str = "ideal"):
+                 progress=None, probe: bool = True, memory: str = "ideal",
+                 memory_size: int | None = None):
         from llmfab.hw.top import geometry
-        bundle.check_config(config)
         self.config = config
         self.bundle = bundle
         self.geometry = geometry(config)
+        self._init_common(waves, exec_factory, read_latency, timeout_seconds, progress, probe, memory)
+        if bundle is None:
+            # a bare simulation (the simulated card, sim/rtl/xrt_card.py): memory, registers,
+            # start and wait; the host puts everything into the memory itself
+            if not memory_size or memory_size % self.geometry["line_bytes"]:
+                raise SimError(f"a simulation without a bundle needs memory_size, a multiple of "
+                               f"{self.geometry['line_bytes']} bytes, not {memory_size}")
+            self.memory_size = int(memory_size)
+            self.hbm_size, self.registers, self.context = self.memory_size, {}, 0
+            self.program = b""
+            return
+        bundle.check_config(config)
         man = bundle.manifest
         self.hbm_size = int(man["hbm_size"])
         mm = man["memory_map"]
@@ -365,6 +377,8 @@ class RtlAccelerator:
         self.program_capacity = _align(max(1 << 16, 4 * len(bundle.program)))
         self.memory_size = self.program_addr + self.program_capacity
         self.program = bytes(bundle.program)
+
+    def _init_common(self, waves, exec_factory, read_latency, timeout_seconds, progress, probe, memory):
         self._waves = waves
         self._exec_factory = exec_factory
         self._read_latency = read_latency
@@ -395,6 +409,13 @@ class RtlAccelerator:
         """Build (if needed), start the simulator, load the HBM image and the program."""
         if self._proc is not None:
             return
+        self._launch()
+        if self.bundle is not None:
+            self.reload_hbm()
+            self.load_program(self.program)
+
+    def _launch(self):
+        """Build (if needed), start the simulator, size its memory, set the timing model."""
         self.build_dir = build(self.config, waves=self._waves, exec_factory=self._exec_factory,
                                read_latency=self._read_latency, progress=self._progress,
                                probe=self.probe)
@@ -423,8 +444,6 @@ class RtlAccelerator:
             raise SimError("unexpected simulator handshake")
         self._call("hbm_init", self.memory_size, self.geometry["ports"], self.geometry["beat_bytes"])
         self.set_memory(self.memory, channel_offset=self.channel_offset)
-        self.reload_hbm()
-        self.load_program(self.program)
 
     def close(self):
         """Stop the simulator."""
@@ -538,6 +557,24 @@ class RtlAccelerator:
     def write_reg(self, offset: int, value: int) -> None:
         """Write a 32-bit control register over AXI4-Lite."""
         self._call("reg_write", int(offset), int(value) & 0xFFFFFFFF)
+
+    # ---- one port's own memory (the bank behind m_axi_hbm<port>)
+    def write_port(self, port: int, local: int, data) -> None:
+        """Write ``data`` at byte ``local`` of what port ``port`` addresses (its bank)."""
+        data = bytes(np.asarray(data, np.uint8).tobytes() if not isinstance(data, (bytes, bytearray))
+                     else data)
+        self._call("port_write", int(port), int(local), data)
+
+    def read_port(self, port: int, local: int, n: int) -> np.ndarray:
+        """``n`` bytes at byte ``local`` of port ``port``'s bank."""
+        return np.frombuffer(self._call("port_read", int(port), int(local), int(n)), np.uint8).copy()
+
+    def wait_done(self, timeout_cycles: int) -> dict:
+        """Clock the simulation until the kernel raises ``interrupt`` (ap_done) or
+        ``timeout_cycles`` pass, as XRT waits for a compute unit: on the interrupt, read
+        ctrl (clears ap_done) and toggle ISR. Returns ``done``, ``ctrl``, ``cycles``
+        (simulated) and ``oob`` (beats the kernel put outside the memory)."""
+        return self._call("wait_done", int(timeout_cycles))
 
     # ---- runs
     def run(self, pos: int, token: int, *, timeout_cycles: int = 50_000_000,
