@@ -50,9 +50,8 @@ def _add_config(p, default="ci"):
 def _add_backend(p):
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="reference: numpy float32; golden: the accelerator's golden model; "
-                        "rtl: the generated accelerator under Verilator; "
-                        "xrt: an Alveo card through pyxrt, or the simulated card without XRT "
-                        "(default: reference, golden with --bundle)")
+                        "rtl: the generated accelerator under Verilator; xrt: a card "
+                        "(pyxrt), else the simulated card (default: reference, golden with --bundle)")
     p.add_argument("--context", type=int, metavar="N", default=None,
                    help="token positions the reference backend holds (default: the model's context "
                         "length, also the most it takes); golden, rtl and xrt use the compiled program's")
