@@ -347,9 +347,12 @@ class RtlAccelerator:
     def __init__(self, config, bundle, *, waves: bool = False, exec_factory=None,
                  read_latency: int = READ_LATENCY, timeout_seconds: float = 3600,
                  progress=None, probe: bool = True, memory: str = "ideal",
-                 memory_size: int | None = None):
+                 memory_size: int | None = None, build_dir=None):
         from llmfab.hw.top import geometry
         self.config = config
+        #: a build of :func:`build` for this very configuration and execution unit, reused
+        #: without generating the Verilog again to hash it (None: build, or find the cached one)
+        self._prebuilt = Path(build_dir) if build_dir is not None else None
         self.bundle = bundle
         self.geometry = geometry(config)
         self._init_common(waves, exec_factory, read_latency, timeout_seconds, progress, probe, memory)
@@ -416,9 +419,12 @@ class RtlAccelerator:
 
     def _launch(self):
         """Build (if needed), start the simulator, size its memory, set the timing model."""
-        self.build_dir = build(self.config, waves=self._waves, exec_factory=self._exec_factory,
-                               read_latency=self._read_latency, progress=self._progress,
-                               probe=self.probe)
+        if self._prebuilt is not None and (self._prebuilt / TOPLEVEL).is_file():
+            self.build_dir = self._prebuilt
+        else:
+            self.build_dir = build(self.config, waves=self._waves, exec_factory=self._exec_factory,
+                                   read_latency=self._read_latency, progress=self._progress,
+                                   probe=self.probe)
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)

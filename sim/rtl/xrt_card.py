@@ -63,6 +63,9 @@ PYXRT_NAMES = (
 )
 
 STANDIN_FORMAT = "llmfab-simulated-xclbin-1"
+#: config hash -> the simulation build a card of this process already started (generating
+#: the accelerator's Verilog only to find its cached build costs about a minute)
+_BUILDS = {}
 #: Bus/device/function the simulated card reports.
 SIM_BDF = "sim:00:00.0"
 _C_INT = (-(1 << 31), (1 << 31) - 1)
@@ -307,8 +310,9 @@ class device:
         ports = cfg.hbm.ports
         self.sim = RtlAccelerator(cfg, None, memory_size=ports * xb.bank_bytes,
                                   exec_factory=ExecUnit.factory(cfg), timeout_seconds=self._timeout,
-                                  progress=self._progress)
+                                  progress=self._progress, build_dir=_BUILDS.get(cfg.config_hash()))
         self.sim.start()
+        _BUILDS[cfg.config_hash()] = self.sim.build_dir
         # what XRT's driver does when it sets up an interrupt-capable ap_ctrl_hs CU
         from llmfab.hw.control import REG_GIE, REG_IER
         self.sim.write_reg(REG_GIE, 1)

@@ -51,8 +51,9 @@ def test_two_layer_model_on_the_simulated_card(tiny):
         # the KV cache on the card is the golden model's
         kv0, kvn = b.manifest["memory_map"]["kv"]
         assert np.array_equal(dev.read_flat(int(kv0), int(kvn)), gold.golden.hbm[int(kv0):int(kv0) + int(kvn)])
-        # decode steps, token by token
-        assert np.array_equal(_bits(dev.forward([5, 6])), _bits(gold.forward([5, 6])))
+        # decode steps, one token each (the decode program)
+        for t in (5, 6):
+            assert np.array_equal(_bits(dev.forward([t])), _bits(gold.forward([t])))
         st = dev.stats()
         for key in ("cycles_per_token", "weight_bytes_per_token", "hbm_utilization",
                     "hbm_utilization_sustainable", "memory_sustainable_fraction", "busy_fraction"):
@@ -86,7 +87,7 @@ def test_one_bundle_on_golden_rtl_and_xrt(tiny, capsys):
     # the counters the rtl backend reports
     for key in ("cycles_per_token", "weight_bytes_per_token", "hbm_utilization", "busy_fraction"):
         assert key in x and key in outs["rtl"], key
-    assert x["bundle_hash"] == outs["golden"]["bundle_hash"]
+    assert x["bundle"] == outs["golden"]["bundle"] == outs["rtl"]["bundle"]
 
 
 def test_options_of_the_xrt_backend(tiny, capsys):
@@ -118,9 +119,10 @@ def test_missing_sync_fails_as_on_a_card(tiny, monkeypatch):
                         else real(self, direction, *a))
     dev = XrtDevice(m, cfg, bundle=b, prefill=False)
     try:
-        with pytest.raises(SimError, match=r"^xrt: the kernel stopped with status \d+ \(\w+\) at "
-                                           r"instruction \d+ \(decode at position 0\)$"):
+        with pytest.raises(SimError) as e:
             dev.forward([1])
+        assert str(e.value) == ("xrt: the kernel stopped with status 1 (illegal instruction) at "
+                                "instruction 0 (decode at position 0)")
     finally:
         dev.close()
     # 2. results are never synced back: the host reads its own zeroed counter block
