@@ -171,3 +171,31 @@ def test_link_config_parse_round_trip():
     kx = xrt_card.parse_kernel_xml(vitis.kernel_xml(cfg))
     assert [a["name"] for a in kx["args"]] == [a.name for a in vitis.kernel_args(32)]
     assert json.loads(json.dumps(vitis.project_info(cfg)))["connections"]["m_axi_hbm0"] == "HBM[0]"
+
+
+def test_devices_without_xrt(capsys):
+    from llmfab.host.cli import main
+    assert main(["devices"]) == 0
+    assert capsys.readouterr().out == (
+        "no XRT: no XRT Python binding (pyxrt) on this machine: source /opt/xilinx/xrt/setup.sh so "
+        "that PYTHONPATH has /opt/xilinx/xrt/python; --backend xrt runs on the simulated card\n")
+    assert main(["devices", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["xrt"] is False and r["devices"] == []
+
+
+def test_devices_and_open_with_a_pyxrt(monkeypatch, capsys, tmp_path):
+    """With a pyxrt module importable (here the simulated card's, under that name) `llmfab
+    devices` lists its cards; a pyxrt that is installed but broken is reported, not replaced."""
+    import sys
+    from llmfab.host.cli import main
+    monkeypatch.setitem(sys.modules, "pyxrt", xrt_card)
+    assert main(["devices"]) == 0
+    assert capsys.readouterr().out == f"card 0: llmfab simulated card ({xrt_card.SIM_BDF})\n"
+    monkeypatch.delitem(sys.modules, "pyxrt")
+    (tmp_path / "pyxrt.py").write_text(
+        "raise ImportError('libxrt_coreutil.so.2: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["devices"]) == 1
+    assert capsys.readouterr().err == ("llmfab: error: pyxrt is installed but fails to import: "
+                                       "libxrt_coreutil.so.2: cannot open shared object file\n")
