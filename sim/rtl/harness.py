@@ -322,8 +322,8 @@ class RtlAccelerator:
     Parameters
     ----------
     config : AccelConfig
-    bundle : Bundle
-        Must have been compiled for ``config``.
+    bundle : Bundle or None
+        Must have been compiled for ``config``; None for a bare simulation (``memory_size``).
     waves : bool
         Record a waveform in the build directory: ``dump.fst``, or ``dump.vcd``
         where the system lacks the lz4 headers Verilator's FST writer needs.
@@ -342,6 +342,14 @@ class RtlAccelerator:
         memory timing: latency, pages, refresh, switch). A run-time choice:
         both run on the same build, and :meth:`set_memory` switches between runs.
         Results never depend on it, only cycle counts.
+    memory_size : int, optional
+        With ``bundle=None``: a bare simulation of this many bytes of (flat, striped)
+        memory and nothing in it; the host fills it through :meth:`write_port` /
+        :meth:`write_hbm` and drives the registers itself (the simulated card,
+        ``sim/rtl/xrt_card.py``). :meth:`run` needs a bundle.
+    build_dir : path, optional
+        A :func:`build` of this configuration and execution unit to reuse without
+        generating the Verilog again to find it (about a minute for ``ci``).
     """
 
     def __init__(self, config, bundle, *, waves: bool = False, exec_factory=None,
