@@ -157,6 +157,26 @@ def test_waits_time_out(tiny):
         dev.close()
 
 
+def test_64_bit_arguments_reach_the_kernel(tiny):
+    """pyxrt passes C ints only: a 64-bit register goes as its two halves (kernel.xml's
+    ``<name>_lo``/``_hi``), and a half >= 2**31 as the negative C int with its bits. Here the
+    hbm_size register is 2**32 + 2**31 + the image size (a looser range check): the kernel reads
+    back both halves, and the run still gives golden's logits."""
+    from llmfab.hw.control import ARGS
+    d, m, cfg, b = tiny
+    dev = XrtDevice(m, cfg, bundle=b, prefill=False)
+    try:
+        size = dev.hbm_size
+        dev.hbm_size = (1 << 32) + (1 << 31) + size
+        lx = dev.forward([3])
+        off = ARGS["hbm_size"][0]
+        sim = dev._dev.sim
+        assert (sim.read_reg(off), sim.read_reg(off + 4)) == ((1 << 31) + size, 1)
+        assert np.array_equal(_bits(lx), _bits(GoldenDevice(m, cfg, bundle=b, prefill=False).forward([3])))
+    finally:
+        dev.close()
+
+
 @pytest.mark.slow
 def test_smollm2_on_the_simulated_card(capsys):
     """The issue's command: SmolLM2 on ci, "The capital of France is" + 3 tokens: the golden
