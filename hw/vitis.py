@@ -268,9 +268,10 @@ def package_kernel_tcl(config) -> str:
              "set src_dir [file join $root src]",
              "set ip_dir [file join $root packaged_kernel]",
              "set tmp_dir [file join $root tmp_kernel_pack]",
-             f"set part {{{part}}}",
              "",
-             "create_project -force kernel_pack $tmp_dir -part $part",
+             # a simulation board has no real part: Vivado's default part then (v++ retargets)
+             "create_project -force kernel_pack $tmp_dir" + (f" -part {part}" if config.board_spec.platform
+                                                             else ""),
              f"add_files -norecurse [list [file join $src_dir {ACCEL_TOP}.v] [file join $src_dir {KERNEL_NAME}.v]]",
              f"set_property top {KERNEL_NAME} [current_fileset]",
              "update_compile_order -fileset sources_1",
