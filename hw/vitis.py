@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """The Vitis RTL-kernel project of a configuration: ``kernel.xml``, IP-packaging Tcl, link config.
 
 Everything here derives from two descriptions, so nothing can drift:
