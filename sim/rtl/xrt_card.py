@@ -157,8 +157,8 @@ def write_standin(path, project_dir, config, *, bank_bytes: int | None = None) -
     doc = {"format": STANDIN_FORMAT, "uuid": u, "kernel_xml": str(project_dir / "kernel.xml"),
            "link_cfg": str(project_dir / "link.cfg"), "config": config.to_dict(),
            "config_hash": config.config_hash(), "bank_bytes": int(bank_bytes),
-           "simulation": "sim/rtl/harness.py build(config, exec_factory=ExecUnit.factory(config)), "
-                         "probe on: the build the rtl backend uses"}
+           "simulation": "sim/rtl/harness.py build(config): the accelerator's default execution "
+                         "unit, probe on: the build the rtl backend uses"}
     path = Path(path)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
@@ -304,12 +304,11 @@ class device:
         if not isinstance(xb, xclbin):
             xb = xclbin(str(xb))
         self.close()
-        from llmfab.hw.exec_unit import ExecUnit
         from llmfab.sim.rtl.harness import RtlAccelerator
         cfg = xb.config
         ports = cfg.hbm.ports
         self.sim = RtlAccelerator(cfg, None, memory_size=ports * xb.bank_bytes,
-                                  exec_factory=ExecUnit.factory(cfg), timeout_seconds=self._timeout,
+                                  timeout_seconds=self._timeout,
                                   progress=self._progress, build_dir=_BUILDS.get(cfg.config_hash()))
         self.sim.start()
         _BUILDS[cfg.config_hash()] = self.sim.build_dir
