@@ -16,7 +16,7 @@ import warnings
 from llmfab.core.errors import LlmfabError
 
 #: the backends that exist (host/runtime.py's BACKENDS)
-BACKEND_CHOICES = ("reference", "golden", "rtl")
+BACKEND_CHOICES = ("reference", "golden", "rtl", "xrt")
 
 
 def _version() -> str:
@@ -50,11 +50,19 @@ def _add_config(p, default="ci"):
 def _add_backend(p):
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="reference: numpy float32; golden: the accelerator's golden model; "
-                        "rtl: the generated accelerator under Verilator "
-                        "(default: reference, golden with --bundle)")
+                        "rtl: the generated accelerator under Verilator; xrt: a card "
+                        "(pyxrt), else the simulated card (default: reference, golden with --bundle)")
     p.add_argument("--context", type=int, metavar="N", default=None,
                    help="token positions the reference backend holds (default: the model's context "
-                        "length, also the most it takes); golden and rtl use the compiled program's")
+                        "length, also the most it takes); golden, rtl and xrt use the compiled program's")
+    p.add_argument("--xclbin", metavar="FILE", default=None,
+                   help="xrt on a card: the xclbin to load (make in the directory llmfab build wrote)")
+    p.add_argument("--device", metavar="N|sim", default=None,
+                   help="xrt: the card's index, or 'sim' for the simulated card (default: card 0 "
+                        "when pyxrt is present, else the simulated card)")
+    p.add_argument("--timeout-ms", type=int, metavar="MS", default=None,
+                   help="xrt: bound on every wait for the kernel, in milliseconds of kernel time "
+                        "(default: 10000)")
 
 
 class _ImplicitConfig(str):
@@ -64,11 +72,11 @@ class _ImplicitConfig(str):
 
 def _add_bundle(p):
     p.add_argument("--bundle", metavar="DIR",
-                   help="run this compiled bundle (llmfab compile --out DIR) on the golden or rtl "
-                        "backend instead of compiling; --config (else ci) and --model (else the bundled "
+                   help="run this compiled bundle (llmfab compile --out DIR) on the golden, rtl or "
+                        "xrt backend instead of compiling; --config (else ci) and --model (else the bundled "
                         "model) then default to the bundle's own and must match its hashes")
     p.add_argument("--no-cache", action="store_true",
-                   help="golden/rtl: compile afresh, neither reading nor writing the bundle cache")
+                   help="golden/rtl/xrt: compile afresh, neither reading nor writing the bundle cache")
     p.set_defaults(config=_ImplicitConfig("ci"))     # with --bundle: the bundle's configuration
 
 
@@ -124,6 +132,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("info", "clear"), help="info: list the entries; clear: remove them")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = add_parser(sub, "devices", "list the Alveo cards XRT sees (or say that there is no XRT)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = add_parser(sub, "build", "write the Vitis RTL-kernel project of a configuration "
+                                 "(Verilog, kernel.xml, packaging Tcl, link config, Makefile)")
+    _add_config(p, default="u280")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="project directory to write (new or empty; see --force)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    p.add_argument("--no-verilog", action="store_true",
+                   help="write everything but the accelerator's Verilog (src/llmfab_accel.v)")
+
     p = add_parser(sub, "compile", "compile a model into a program bundle")
     _add_model(p)
     _add_config(p)
@@ -176,6 +196,13 @@ def _check_utf8(s: str, name: str) -> None:
 def _check_backend_args(args) -> None:
     if args.backend is None:            # a bundle runs on the golden model unless told otherwise
         args.backend = "golden" if getattr(args, "bundle", None) else "reference"
+    if args.backend != "xrt":
+        for opt, val in (("--xclbin", args.xclbin), ("--device", args.device),
+                         ("--timeout-ms", args.timeout_ms)):
+            if val is not None:
+                raise LlmfabError(f"{opt} applies to --backend xrt, not {args.backend}")
+    elif args.timeout_ms is not None and args.timeout_ms < 1:
+        raise LlmfabError(f"--timeout-ms must be at least 1, not {args.timeout_ms}")
     if args.context is not None:
         if args.backend != "reference":
             raise LlmfabError(f"--context applies to --backend reference; backend '{args.backend}' "
@@ -186,6 +213,11 @@ def _check_backend_args(args) -> None:
 
 def _device_options(args, model) -> dict:
     """open_device's options from the command line (``--context`` checked against the model)."""
+    if args.backend == "xrt":
+        opts = {"xclbin": args.xclbin, "device": args.device}
+        if args.timeout_ms is not None:
+            opts["timeout_ms"] = args.timeout_ms
+        return opts
     if args.context is None:
         return {}
     limit = model.desc.context_length
@@ -227,9 +259,9 @@ def _load_run(args, need_model: bool):
     """The model (reference backend) or the compiled bundle (golden, rtl: ``--bundle``, the
     cache, or the compiler) a run needs: ``(model or None, config, Compiled or None)``.
     ``need_model``: the model file is read (the tokenizer), so a bundle's model is checked."""
-    if args.backend not in ("golden", "rtl"):
+    if args.backend not in ("golden", "rtl", "xrt"):
         if args.bundle:
-            raise LlmfabError(f"--bundle runs on --backend golden or rtl, not {args.backend}")
+            raise LlmfabError(f"--bundle runs on --backend golden, rtl or xrt, not {args.backend}")
         model, config = _load(args)
         return model, config, None
     from llmfab.boards.config import load_config
@@ -534,6 +566,59 @@ def cmd_cache(args):
             print(f"  {e['key']}  {e['config']:8s} {e['bytes']:>12d} bytes  {e['model']}")
 
 
+def cmd_devices(args):
+    """`llmfab devices`: the cards pyxrt enumerates, or why there are none."""
+    from llmfab.host.xrt_backend import list_devices
+    r = list_devices()
+    if args.json:
+        print(json.dumps(r))
+        return
+    if not r["xrt"]:
+        print(f"no XRT: {r['note']}")
+        return
+    if not r["devices"]:
+        print(r["note"])
+    for d in r["devices"]:
+        print(f"card {d['index']}: " + (f"{d['name']} ({d['bdf']})" if "name" in d
+                                        else f"cannot be opened: {d['error']}"))
+
+
+def cmd_build(args):
+    """`llmfab build --config C --out DIR`: the Vitis RTL-kernel project (hw/vitis.py)."""
+    from llmfab.hw.vitis import verilog_blocker, write_project
+    out = args.out
+    if not out:
+        raise LlmfabError("--out is empty: give a directory name")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise LlmfabError(f"cannot write the project to {out}: it exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not args.force:
+        raise LlmfabError(f"{out} is not empty: give --force to write the project into it, "
+                          f"or choose a new directory")
+    config = _load_config(args)
+    blocker = None if args.no_verilog else verilog_blocker(config)
+    note = None
+    if args.no_verilog:
+        note = "not written (llmfab build --no-verilog); write it with llmfab hw verilog --out src"
+    elif blocker:
+        note = (f"not written: the accelerator cannot be generated for config '{config.name}' yet "
+                f"({blocker}); make stops until src/llmfab_accel.v exists")
+
+    def progress(name):
+        print(f"generating {name} (a minute or more) ...", file=sys.stderr, flush=True)
+
+    paths = write_project(config, out, verilog=note is None, verilog_note=note, progress=progress)
+    for p in paths:
+        print(p)
+    platform = config.board_spec.platform
+    if blocker:
+        raise LlmfabError(f"wrote the project to {out} without src/llmfab_accel.v: the accelerator "
+                          f"cannot be generated for config '{config.name}' yet ({blocker}); "
+                          f"give --no-verilog to write the rest on purpose")
+    print(f"wrote the RTL-kernel project of config '{config.name}' to {out}"
+          + ("" if platform else f" (board '{config.board}' has no Vitis platform: make needs PLATFORM=)")
+          + (" without the Verilog (--no-verilog)" if args.no_verilog else ""), file=sys.stderr)
+
+
 def cmd_hw(args):
     from llmfab.hw.cli import hw_cli
     hw_cli(args)
@@ -541,7 +626,7 @@ def cmd_hw(args):
 
 COMMANDS = {"boards": cmd_boards, "configs": cmd_configs, "generate": cmd_generate,
             "logits": cmd_logits, "tokenize": cmd_tokenize, "compile": cmd_compile, "hw": cmd_hw,
-            "info": cmd_info, "cache": cmd_cache}
+            "info": cmd_info, "cache": cmd_cache, "devices": cmd_devices, "build": cmd_build}
 
 
 def _showwarning(message, category, filename, lineno, file=None, line=None):

@@ -45,6 +45,24 @@ def program_ops(program: bytes) -> set:
     return ops
 
 
+def counter_stats(config, bundle, cycles, counters) -> dict:
+    """What the accelerator's counter block says about decode runs (the rtl and xrt backends):
+    ``cycles`` of every decode run (one token each), ``counters`` of the last one."""
+    from llmfab.boards import memory_timing
+    peak = config.hbm_bytes_per_cycle
+    wbytes = int(bundle.manifest["stats"]["weight_bytes_per_token"])
+    c = counters
+    busy = {q: c.get(f"busy_{q}", 0) / max(c.get("cycles", 1), 1) for q in ("ld", "cmp", "mv", "misc", "st")}
+    sustainable = memory_timing.sustainable_fraction(config)
+    last = cycles[-1] if cycles else 0
+    return {"cycles_per_token": list(cycles), "weight_bytes_per_token": wbytes,
+            "hbm_utilization": round(wbytes / (last * peak), 4) if last else 0.0,
+            # against what the card's memory sustains for long bursts (boards/memory_timing.py)
+            "hbm_utilization_sustainable": round(wbytes / (last * peak * sustainable), 4) if last else 0.0,
+            "memory_sustainable_fraction": round(sustainable, 4),
+            "busy_fraction": {k: round(v, 4) for k, v in busy.items()}}
+
+
 class RtlDevice(Device):
     name = "rtl"
 
@@ -105,23 +123,12 @@ class RtlDevice(Device):
     def stats(self):
         if not self.runs:
             return {}
-        peak = self.config.hbm_bytes_per_cycle
-        cyc = [r.cycles for r in self.runs]
-        wbytes = int(self.bundle.manifest["stats"]["weight_bytes_per_token"])
-        c = self.runs[-1].counters
-        busy = {q: c.get(f"busy_{q}", 0) / max(c.get("cycles", 1), 1) for q in ("ld", "cmp", "mv", "misc", "st")}
         from llmfab.boards import memory_timing
-        sustainable = memory_timing.sustainable_fraction(self.config)
-        return {"cycles_per_token": cyc, "weight_bytes_per_token": wbytes,
-                "memory_model": memory_timing.describe(self.config, self.acc.memory),
-                "hbm_utilization": round(wbytes / (cyc[-1] * peak), 4) if cyc[-1] else 0.0,
-                # against what the card's memory sustains for long bursts (boards/memory_timing.py)
-                "hbm_utilization_sustainable": round(wbytes / (cyc[-1] * peak * sustainable), 4)
-                if cyc[-1] else 0.0,
-                "memory_sustainable_fraction": round(sustainable, 4),
-                "busy_fraction": {k: round(v, 4) for k, v in busy.items()},
-                "sim_cycles_per_second": round(self.runs[-1].cycles_per_second, 1),
-                "sim_seconds_per_token": round(self.runs[-1].wall_seconds, 2)}
+        out = counter_stats(self.config, self.bundle, [r.cycles for r in self.runs], self.runs[-1].counters)
+        out["memory_model"] = memory_timing.describe(self.config, self.acc.memory)
+        out.update({"sim_cycles_per_second": round(self.runs[-1].cycles_per_second, 1),
+                    "sim_seconds_per_token": round(self.runs[-1].wall_seconds, 2)})
+        return out
 
     def close(self):
         self.acc.close()

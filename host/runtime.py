@@ -1,4 +1,4 @@
-"""One runtime API over the backends: reference | golden | rtl.
+"""One runtime API over the backends: reference | golden | rtl | xrt.
 
     dev = open_device("reference", model=load_model(path), config="ci")
     logits = dev.logits(token_ids)            # teacher-forced, [T, vocab] float32
@@ -22,7 +22,7 @@ import numpy as np
 
 from llmfab.core.errors import BackendError
 
-BACKENDS = ("reference", "golden", "rtl")
+BACKENDS = ("reference", "golden", "rtl", "xrt")
 
 #: why generation stopped: an end-of-turn token, ``max_tokens``, or the device's context
 STOP_REASONS = ("eos", "length", "context")
@@ -147,4 +147,7 @@ def open_device(backend: str, model, config=None, **kw) -> Device:
     if backend == "rtl":
         from llmfab.host.rtl_backend import RtlDevice
         return RtlDevice(model, config, **kw)
+    if backend == "xrt":
+        from llmfab.host.xrt_backend import XrtDevice
+        return XrtDevice(model, config, **kw)
     raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")

@@ -236,7 +236,7 @@ def test_bundle_for_another_config_or_model_is_refused(built, tmp_path, capsys):
         f"(sha256 {theirs}); recompile with --model {other}"]
     assert main(["generate", "--backend", "reference", "--bundle", b, "--prompt", "the"]) == 1
     assert capsys.readouterr().err.splitlines() == [
-        "llmfab: error: --bundle runs on --backend golden or rtl, not reference"]
+        "llmfab: error: --bundle runs on --backend golden, rtl or xrt, not reference"]
 
 
 def test_bundle_runs_on_golden_when_no_backend_is_named(built, capsys):

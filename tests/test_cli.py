@@ -565,11 +565,11 @@ def test_every_option_has_help_and_shown_default():
 
 def test_backends_offered_are_the_ones_that_exist(capsys):
     from llmfab.host.runtime import BACKENDS
-    assert cli.BACKEND_CHOICES == BACKENDS == ("reference", "golden", "rtl")
+    assert cli.BACKEND_CHOICES == BACKENDS == ("reference", "golden", "rtl", "xrt")
     with pytest.raises(SystemExit) as e:
-        cli.main(["generate", "--prompt", "x", "--backend", "xrt"])
+        cli.main(["generate", "--prompt", "x", "--backend", "card"])
     assert e.value.code == 2
-    assert "invalid choice: 'xrt' (choose from 'reference', 'golden', 'rtl')" in capsys.readouterr().err
+    assert "invalid choice: 'card' (choose from 'reference', 'golden', 'rtl', 'xrt')" in capsys.readouterr().err
 
 
 def test_logits_out_writes_exactly_the_named_path(capsys, tmp_path):

@@ -310,8 +310,8 @@ class RtlAccelerator:
     Parameters
     ----------
     config : AccelConfig
-    bundle : Bundle
-        Must have been compiled for ``config``.
+    bundle : Bundle or None
+        Must have been compiled for ``config``; None for a bare simulation (``memory_size``).
     waves : bool
         Record a waveform in the build directory: ``dump.fst``, or ``dump.vcd``
         where the system lacks the lz4 headers Verilator's FST writer needs.
@@ -330,16 +330,39 @@ class RtlAccelerator:
         memory timing: latency, pages, refresh, switch). A run-time choice:
         both run on the same build, and :meth:`set_memory` switches between runs.
         Results never depend on it, only cycle counts.
+    memory_size : int, optional
+        With ``bundle=None``: a bare simulation of this many bytes of (flat, striped)
+        memory and nothing in it; the host fills it through :meth:`write_port` /
+        :meth:`write_hbm` and drives the registers itself (the simulated card,
+        ``sim/rtl/xrt_card.py``). :meth:`run` needs a bundle.
+    build_dir : path, optional
+        A :func:`build` of this configuration and execution unit to reuse without
+        generating the Verilog again to find it (about a minute for ``ci``).
     """
 
     def __init__(self, config, bundle, *, waves: bool = False, exec_factory=None,
                  read_latency: int = READ_LATENCY, timeout_seconds: float = 3600,
-                 progress=None, probe: bool = True, memory: str = "ideal"):
+                 progress=None, probe: bool = True, memory: str = "ideal",
+                 memory_size: int | None = None, build_dir=None):
         from llmfab.hw.top import geometry
-        bundle.check_config(config)
         self.config = config
+        #: a build of :func:`build` for this very configuration and execution unit, reused
+        #: without generating the Verilog again to hash it (None: build, or find the cached one)
+        self._prebuilt = Path(build_dir) if build_dir is not None else None
         self.bundle = bundle
         self.geometry = geometry(config)
+        self._init_common(waves, exec_factory, read_latency, timeout_seconds, progress, probe, memory)
+        if bundle is None:
+            # a bare simulation (the simulated card, sim/rtl/xrt_card.py): memory, registers,
+            # start and wait; the host puts everything into the memory itself
+            if not memory_size or memory_size % self.geometry["line_bytes"]:
+                raise SimError(f"a simulation without a bundle needs memory_size, a multiple of "
+                               f"{self.geometry['line_bytes']} bytes, not {memory_size}")
+            self.memory_size = int(memory_size)
+            self.hbm_size, self.registers, self.context = self.memory_size, {}, 0
+            self.program = b""
+            return
+        bundle.check_config(config)
         man = bundle.manifest
         self.hbm_size = int(man["hbm_size"])
         mm = man["memory_map"]
@@ -353,6 +376,8 @@ class RtlAccelerator:
         self.program_capacity = _align(max(1 << 16, 4 * len(bundle.program)))
         self.memory_size = self.program_addr + self.program_capacity
         self.program = bytes(bundle.program)
+
+    def _init_common(self, waves, exec_factory, read_latency, timeout_seconds, progress, probe, memory):
         self._waves = waves
         self._exec_factory = exec_factory
         self._read_latency = read_latency
@@ -383,9 +408,19 @@ class RtlAccelerator:
         """Build (if needed), start the simulator, load the HBM image and the program."""
         if self._proc is not None:
             return
-        self.build_dir = build(self.config, waves=self._waves, exec_factory=self._exec_factory,
-                               read_latency=self._read_latency, progress=self._progress,
-                               probe=self.probe)
+        self._launch()
+        if self.bundle is not None:
+            self.reload_hbm()
+            self.load_program(self.program)
+
+    def _launch(self):
+        """Build (if needed), start the simulator, size its memory, set the timing model."""
+        if self._prebuilt is not None and (self._prebuilt / TOPLEVEL).is_file():
+            self.build_dir = self._prebuilt
+        else:
+            self.build_dir = build(self.config, waves=self._waves, exec_factory=self._exec_factory,
+                                   read_latency=self._read_latency, progress=self._progress,
+                                   probe=self.probe)
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
@@ -411,8 +446,6 @@ class RtlAccelerator:
             raise SimError("unexpected simulator handshake")
         self._call("hbm_init", self.memory_size, self.geometry["ports"], self.geometry["beat_bytes"])
         self.set_memory(self.memory, channel_offset=self.channel_offset)
-        self.reload_hbm()
-        self.load_program(self.program)
 
     def close(self):
         """Stop the simulator."""
@@ -526,6 +559,24 @@ class RtlAccelerator:
     def write_reg(self, offset: int, value: int) -> None:
         """Write a 32-bit control register over AXI4-Lite."""
         self._call("reg_write", int(offset), int(value) & 0xFFFFFFFF)
+
+    # ---- one port's own memory (the bank behind m_axi_hbm<port>)
+    def write_port(self, port: int, local: int, data) -> None:
+        """Write ``data`` at byte ``local`` of what port ``port`` addresses (its bank)."""
+        data = bytes(np.asarray(data, np.uint8).tobytes() if not isinstance(data, (bytes, bytearray))
+                     else data)
+        self._call("port_write", int(port), int(local), data)
+
+    def read_port(self, port: int, local: int, n: int) -> np.ndarray:
+        """``n`` bytes at byte ``local`` of port ``port``'s bank."""
+        return np.frombuffer(self._call("port_read", int(port), int(local), int(n)), np.uint8).copy()
+
+    def wait_done(self, timeout_cycles: int) -> dict:
+        """Clock the simulation until the kernel raises ``interrupt`` (ap_done) or
+        ``timeout_cycles`` pass, as XRT waits for a compute unit: on the interrupt, read
+        ctrl (clears ap_done) and toggle ISR. Returns ``done``, ``ctrl``, ``cycles``
+        (simulated) and ``oob`` (beats the kernel put outside the memory)."""
+        return self._call("wait_done", int(timeout_cycles))
 
     # ---- runs
     def run(self, pos: int, token: int, *, timeout_cycles: int = 50_000_000,

@@ -51,6 +51,7 @@ class Device:
         self.dut = dut
         self.lib = _lib()
         self.ports = 1
+        self.lib_stripe = 32
         cocotb.start_soon(Clock(dut.ap_clk, CLOCK_NS, unit="ns").start())
         self.axil = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi_control", bus_separator="__"),
                                   dut.ap_clk, dut.ap_rst_n, reset_active_level=False)
@@ -69,6 +70,7 @@ class Device:
         if self.lib.hbm_init(size, ports, stripe) != 0:
             raise RuntimeError(f"hbm_init({size}, {ports}, {stripe}) failed")
         self.ports = ports
+        self.lib_stripe = stripe
 
     def hbm_load(self, path, addr):
         n = self.lib.hbm_load_file(str(path).encode(), addr)
@@ -179,6 +181,54 @@ class Device:
                     memory_stats=memory_stats)
 
 
+    # ---- a port's own memory (sim/rtl/hbm_model.cpp stripes the flat image over the ports)
+    def _port_span(self, port, local, n):
+        S, P = int(self.lib_stripe), self.ports
+        if not 0 <= port < P or local < 0 or n < 0:
+            raise RuntimeError(f"port {port} [{local:#x}, +{n}) is not a port's memory")
+        l0, l1 = local // S, -(-(local + n) // S)
+        return S, P, l0, l1
+
+    def port_write(self, port, local, data):
+        """Write ``data`` at ``local`` of port ``port``: read-modify-write of the flat lines."""
+        import numpy as np
+        n = len(data)
+        if n == 0:
+            return
+        S, P, l0, l1 = self._port_span(port, local, n)
+        flat = np.frombuffer(self.hbm_read(l0 * P * S, (l1 - l0) * P * S), np.uint8).copy()
+        lines = flat.reshape(l1 - l0, P, S)
+        mine = lines[:, port, :].reshape(-1)
+        a = local - l0 * S
+        mine[a:a + n] = np.frombuffer(bytes(data), np.uint8)
+        lines[:, port, :] = mine.reshape(l1 - l0, S)
+        self.hbm_write(l0 * P * S, lines.tobytes())
+
+    def port_read(self, port, local, n):
+        import numpy as np
+        if n == 0:
+            return b""
+        S, P, l0, l1 = self._port_span(port, local, n)
+        flat = np.frombuffer(self.hbm_read(l0 * P * S, (l1 - l0) * P * S), np.uint8)
+        mine = flat.reshape(l1 - l0, P, S)[:, port, :].reshape(-1)
+        a = local - l0 * S
+        return mine[a:a + n].tobytes()
+
+    async def wait_done(self, timeout_cycles):
+        """Clock until ``interrupt`` or ``timeout_cycles``; then ctrl is read (clearing
+        ap_done) and ISR toggled, as XRT's interrupt handling does."""
+        c0 = self.cycle()
+        if not int(self.dut.interrupt.value):
+            await First(RisingEdge(self.dut.interrupt), Timer(int(timeout_cycles) * CLOCK_NS, unit="ns"))
+        c1 = self.cycle()
+        if not int(self.dut.interrupt.value):
+            return dict(done=False, ctrl=None, cycles=c1 - c0, oob=int(self.lib.hbm_out_of_range()))
+        ctrl = await self.axil.read_dword(REG_CTRL)
+        await self.axil.write_dword(REG_ISR, 1)
+        return dict(done=bool(ctrl & 2), ctrl=int(ctrl), cycles=c1 - c0,
+                    oob=int(self.lib.hbm_out_of_range()))
+
+
 @cocotb.test()
 async def serve(dut):
     """Serve the host's requests until it says quit."""
@@ -216,6 +266,12 @@ async def serve(dut):
                 value = dev.hbm_read(*args)
             elif cmd == "hbm_fill":
                 value = dev.hbm_fill(*args)
+            elif cmd == "port_write":
+                value = dev.port_write(*args)
+            elif cmd == "port_read":
+                value = dev.port_read(*args)
+            elif cmd == "wait_done":
+                value = await dev.wait_done(*args)
             else:
                 raise ValueError(f"unknown request {cmd!r}")
             send_msg(sock, ("ok", value))
