@@ -26,6 +26,7 @@ the stage.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 
 import numpy as np
@@ -254,6 +255,9 @@ class Pipeline:
                 if ray_address:
                     ray.init(address=ray_address, **kw)
                 else:
+                    # the stage actors are the work: they run at the driver's priority, not at
+                    # Ray's default worker niceness (15), which starves them on a busy host
+                    os.environ.setdefault("RAY_worker_niceness", "0")
                     ray.init(num_cpus=num_cpus, **kw)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray instance"

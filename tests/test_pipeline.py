@@ -34,6 +34,8 @@ def ray_local(tmp_path_factory):
              _temp_dir=short)
     yield tmp
     ray.shutdown()
+    import shutil
+    shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
