@@ -224,6 +224,33 @@ def _ray():
     return ray
 
 
+_RAY_INIT = dict(include_dashboard=False, log_to_driver=False, configure_logging=True)
+
+
+def start_local_ray(num_cpus: int = 2, *, temp_dir: str | None = None, attempts: int = 3) -> None:
+    """Start a local Ray instance (no dashboard; ``temp_dir``: Ray's files, default /tmp/ray).
+
+    The stage actors are the work: they run at the driver's priority, not at Ray's default
+    worker niceness (15), which starves them on a busy host. Ray gives its node 30 s to
+    come up; on a loaded host that can pass, so the start is tried ``attempts`` times.
+    """
+    import logging
+    ray = _ray()
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    kw = dict(_RAY_INIT, logging_level=logging.ERROR, num_cpus=num_cpus)
+    if temp_dir:
+        kw["_temp_dir"] = temp_dir
+    for k in range(attempts):
+        try:
+            ray.init(**kw)
+            return
+        except Exception as e:      # noqa: BLE001 - Ray raises bare Exceptions too
+            if ray.is_initialized():
+                ray.shutdown()
+            if k == attempts - 1:
+                raise BackendError(f"cannot start a local Ray instance: {_one_line(e)}") from None
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -248,20 +275,14 @@ class Pipeline:
         self.vocab = int(bundles[-1].manifest["model"]["vocab_size"])
         self._owns_ray = False
         if not ray.is_initialized():
-            import logging
-            kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                      configure_logging=True)
-            try:
-                if ray_address:
-                    ray.init(address=ray_address, **kw)
-                else:
-                    # the stage actors are the work: they run at the driver's priority, not at
-                    # Ray's default worker niceness (15), which starves them on a busy host
-                    os.environ.setdefault("RAY_worker_niceness", "0")
-                    ray.init(num_cpus=num_cpus, **kw)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray instance"
-                raise BackendError(f"cannot start or join {where}: {_one_line(e)}") from None
+            if ray_address:
+                try:
+                    ray.init(address=ray_address, **_RAY_INIT)
+                except Exception as e:      # noqa: BLE001 - Ray raises bare Exceptions too
+                    raise BackendError(f"cannot join the Ray cluster at {ray_address}: "
+                                       f"{_one_line(e)}") from None
+            else:
+                start_local_ray(num_cpus)
             self._owns_ray = True
         opts = {"num_cpus": 0, "max_restarts": 0,
                 "runtime_env": {"env_vars": {"OPENBLAS_NUM_THREADS": "1"}}}

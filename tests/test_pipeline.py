@@ -25,13 +25,12 @@ def _bits(a):
 def ray_local(tmp_path_factory):
     """One small local Ray instance for the module (its files outside the repository)."""
     ray = pytest.importorskip("ray")
-    import logging
     tmp = tmp_path_factory.mktemp("ray")
     # Ray's socket paths must stay short: a temp dir under /tmp, not pytest's deep one
     short = os.path.join("/tmp", f"llmfab-ray-{os.getpid()}")
     os.makedirs(short, exist_ok=True)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-             _temp_dir=short)
+    from llmfab.host.pipeline import start_local_ray
+    start_local_ray(2, temp_dir=short)
     yield tmp
     ray.shutdown()
     import shutil
@@ -169,6 +168,15 @@ def test_stage_error_names_the_stage(tiny_pipe):
     with pytest.raises(BackendError, match=r"^stage 0 \(layers 0-0\): token id out of range "
                                            r"\(vocab size 256\)$"):
         tiny_pipe.generate([256], 2)
+
+
+def test_a_stage_that_does_not_answer_in_time_is_named(tiny_pipe):
+    tiny_pipe.timeout = 0.01
+    try:
+        with pytest.raises(BackendError, match=r"^stage [01] \(layers (?:0-0|1-2)\) gave no answer within 0.01 s$"):
+            tiny_pipe.generate([1, 2, 3, 4, 5, 6, 7, 8], 2)
+    finally:
+        tiny_pipe.timeout = 120
 
 
 def test_killed_stage_ends_the_request_with_one_line(ray_local, tiny3):
