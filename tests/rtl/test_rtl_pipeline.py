@@ -3,6 +3,7 @@ logits and tokens bit for bit (the stages use the same cached Verilator build of
 single device is the golden backend, which test_rtl_backend.py holds the rtl backend to bit for bit)."""
 
 import numpy as np
+import pytest
 
 from llmfab.boards.config import load_config
 from llmfab.compiler.compile import compile_model
@@ -18,6 +19,7 @@ def _bits(a):
     return np.asarray(a, np.float32).view(np.uint32)
 
 
+@pytest.mark.slow
 def test_two_layer_model_over_two_rtl_stages(tmp_path):
     m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_1", seed=3))
     cfg = load_config("tiny")
