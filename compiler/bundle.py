@@ -262,8 +262,9 @@ MANIFEST_SCHEMA = Obj({
     "sparsity": Map(Str()),
     "hbm_size": Int(0),
     "memory_map": Obj({"weights": Pair(), "tables": Pair(), "kv": Pair(), "io": Pair(),
-                       "logits": Pair(), "hbm_stripe_bytes": Int(1), "hbm_ports": Int(1)},
-                      {"prefill_logits": Pair(), "prefill_tokens": Pair()}),
+                       "hbm_stripe_bytes": Int(1), "hbm_ports": Int(1)},
+                      {"logits": Pair(), "prefill_logits": Pair(), "prefill_tokens": Pair(),
+                       "hidden_in": Pair(), "hidden_out": Pair()}),
     "registers": Obj({"wbase": Int(0), "tbase": Int(0), "kvbase": Int(0), "iobase": Int(0)}),
     "onchip": Obj({"size": Int(1, (1 << 24) - 1), "activation": Pair(), "global": Pair(),
                    "kv": Pair(), "weight": Pair(), "context": Int(1)}),
@@ -274,12 +275,14 @@ MANIFEST_SCHEMA = Obj({
     }),
     "prefill": Obj({
         "buckets": List(Int(2, 128)),
-        "token_rows": Obj({"row_stride": Int(0), "row_bytes": Int(0), "format": Str(),
-                           "embedding_offset": Int(0)}),
         "lm_head_tiles": List(Pair()),
-    }),
+    }, {"token_rows": Obj({"row_stride": Int(0), "row_bytes": Int(0), "format": Str(),
+                           "embedding_offset": Int(0)})}),
     "stats": Obj({"weight_bytes_per_token": Int(0)}),
     "files": Map(Obj({"bytes": Int(0), "sha256": Hex(64)})),
+}, {
+    # a pipeline stage (compiler/partition.py): layers [a, b) of the model
+    "stage": Obj({"layers": Pair(), "first": Bool(), "last": Bool(), "hidden_dim": Int(1)}),
 })
 
 
@@ -287,7 +290,13 @@ def _check_consistency(m: dict) -> None:
     """The fields agree with each other (raises :class:`_Bad`)."""
     hbm = m["hbm_size"]
     mm = m["memory_map"]
-    for k in ("weights", "tables", "kv", "io", "logits", "prefill_logits", "prefill_tokens"):
+    st = m.get("stage") or {"first": True, "last": True}
+    for k, need in (("logits", st["last"]), ("hidden_out", not st["last"]),
+                    ("hidden_in", not st["first"])):
+        if need and k not in mm:
+            raise _Bad(f"memory_map.{k}", "is missing")
+    for k in ("weights", "tables", "kv", "io", "logits", "prefill_logits", "prefill_tokens",
+              "hidden_in", "hidden_out"):
         if k in mm and mm[k][0] + mm[k][1] > hbm:
             raise _Bad(f"memory_map.{k}", f"{_show(mm[k])} ends past hbm_size {hbm}")
     for reg, region in (("wbase", "weights"), ("tbase", "tables"), ("kvbase", "kv"), ("iobase", "io")):
@@ -331,9 +340,12 @@ def _check_consistency(m: dict) -> None:
         raise _Bad("prefill.buckets", f"is {_show(buckets)}, not the prefill programs' sizes "
                                       f"{sorted(int(k) for k in progs['prefill'])}")
     if buckets:
-        for k in ("prefill_logits", "prefill_tokens"):
-            if k not in mm:
+        for k, need in (("prefill_logits", st["last"]), ("prefill_tokens", st["first"])):
+            if need and k not in mm:
                 raise _Bad(f"memory_map.{k}", "is missing (the bundle has prefill programs)")
+    if buckets and st["first"]:
+        if "token_rows" not in m["prefill"]:
+            raise _Bad("prefill.token_rows", "is missing")
         vocab = m["model"]["vocab_size"]
         for i, (r0, nr) in enumerate(m["prefill"]["lm_head_tiles"]):
             if r0 + nr > vocab:

@@ -326,16 +326,30 @@ def _weight_buffer_error(config, model, sp_of, what: str) -> FitError:
 
 
 def compile_model(model: Model, config, *, sparsity: str | None = None, progress: bool = False,
-                  context: int | None = None, emit_image: bool = True, prefill: bool = True) -> Bundle:
+                  context: int | None = None, emit_image: bool = True, prefill: bool = True,
+                  layers: tuple | None = None) -> Bundle:
     """Compile ``model`` for ``config`` into a bundle (decode and prefill programs + HBM image + manifest).
 
     ``prefill=False`` compiles the decode program only.
 
     ``emit_image=False`` lays out the weights (sizes and addresses) without
     copying them, for program-size and compile-time studies of shape-only models.
+
+    ``layers=(a, b)`` compiles one pipeline stage (compiler/partition.py): layers
+    ``a .. b-1`` only, with the embedding when ``a == 0`` and the final norm and LM
+    head when ``b`` is the last layer. A stage that does not start at layer 0 reads
+    its input, the float32 residual ``X`` of its T tokens, from ``memory_map
+    ["hidden_in"]``; one that does not end the model stores its ``X`` to
+    ``memory_map["hidden_out"]`` instead of logits: the same bits the whole model
+    carries from layer ``b-1`` to layer ``b`` in its activation buffer.
     """
     t0 = time.perf_counter()
     d = model.desc
+    la, lb = (0, d.n_layers) if layers is None else (int(layers[0]), int(layers[1]))
+    if not 0 <= la < lb <= d.n_layers:
+        raise CompileError(f"layers [{la}, {lb}) is not a range of model '{d.name}' "
+                           f"({d.n_layers} layers)")
+    first, last = la == 0, lb == d.n_layers
     ctx = int(context or min(config.context, d.context_length))
     if ctx > config.context:
         raise CompileError(f"context {ctx} exceeds the configuration's context {config.context}")
@@ -350,7 +364,8 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
                                f"support sparsity {p} "
                                f"(supports {', '.join(config.sparsity)})")
     notes = []
-    _check_device_memory(model, config, ctx, sp_of)
+    if layers is None:
+        _check_device_memory(model, config, ctx, sp_of)
 
     # ---- on-chip regions ------------------------------------------------------------
     bb = config.buffer_bytes
@@ -445,19 +460,22 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         matrices[key] = cm
         return cm
 
-    it = range(d.n_layers)
+    it = range(la, lb)
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="compiling", unit="layer", disable=None)   # no bar off a terminal
     # embedding / LM head first: the embedding LD indexes its rows by R7
     head_key = "token_embd" if d.tied_embeddings else "output"
-    emb_fmt, emb_raw = weight("embedding", "token_embd.weight")
-    emb = add_matrix("token_embd", emb_fmt, "dense", emb_raw, None)
-    if d.tied_embeddings:
-        head = emb
-    else:
-        hf, hr = weight("output", "output.weight")
-        head = add_matrix("output", hf, "dense", hr, None)
+    emb = head = None
+    if first or (last and d.tied_embeddings):
+        emb_fmt, emb_raw = weight("embedding", "token_embd.weight")
+        emb = add_matrix("token_embd", emb_fmt, "dense", emb_raw, None)
+    if last:
+        if d.tied_embeddings:
+            head = emb
+        else:
+            hf, hr = weight("output", "output.weight")
+            head = add_matrix("output", hf, "dense", hr, None)
 
     layer_mats = []
     for li in it:
@@ -502,7 +520,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     t_consts = len(tables)
     tables += consts.tobytes()
     t_norm = []
-    for li in range(d.n_layers):
+    for li in range(la, lb):
         t_norm.append(len(tables))
         tables += model.layer(li, "attn_norm").dequantize().astype(np.float32).tobytes()
         tables += model.layer(li, "ffn_norm").dequantize().astype(np.float32).tobytes()
@@ -519,7 +537,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     # A prefill program runs T tokens (positions R1 .. R1+T-1) with every weight tile
     # streamed once for all of them (MM with ntok = T). Its activations are T times the
     # decode program's; buckets are the powers of two that fit (the decode program is T = 1).
-    head_nr = head.tiles[0][1]
+    head_nr = head.tiles[0][1] if last else 0
     stage_rows = max((cm.tiles[0][1] for mats in layer_mats for cm in mats.values()
                       if len(cm.tiles) > 1), default=0)
 
@@ -534,6 +552,9 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             raise FitError(f"activation buffer too small for the logits slots ({2 * lt} bytes needed)")
         if lt >= 1 << 20 or T * hd * 4 >= 1 << 20:
             raise FitError(f"a {T}-token logits tile or RoPE load exceeds the LD/ST length field")
+        if not (first and last) and T * dim * 4 >= 1 << 20:
+            raise FitError(f"a {T}-token hidden state ({T * dim * 4} bytes) exceeds the LD/ST "
+                           f"length field")
         L["LOGS"] = [AB.alloc(lt, "logits slot"), AB.alloc(lt, "logits slot")]
         return L
 
@@ -574,15 +595,20 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     WBASE = 0
     TBASE = _align(WBASE + weights_bytes)
     KVBASE = _align(TBASE + len(tables))
-    kv_bytes = d.n_layers * nkv * 2 * kv_head_bytes
+    kv_bytes = (lb - la) * nkv * 2 * kv_head_bytes
     IOBASE = _align(KVBASE + kv_bytes)
     # I/O region: logits (decode: [vocab]; prefill: tile-major [tile][T][tile rows]), then
-    # the prefill token rows the host stages (raw embedding blocks, 32-byte row stride)
-    logits_bytes = max_t * d.vocab_size * 4
-    tok_stride = _align(emb.row_bytes, isa.HBM_ALIGN)
+    # the prefill token rows the host stages (raw embedding blocks, 32-byte row stride).
+    # A pipeline stage: its output (logits, or the hidden state [T][dim] float32 when it
+    # does not end the model), then its input (token rows, or the hidden state [T][dim]).
+    logits_bytes = max_t * (d.vocab_size if last else dim) * 4
+    tok_stride = _align(emb.row_bytes, isa.HBM_ALIGN) if first else dim * 4
     tok_off = _align(logits_bytes, isa.HBM_ALIGN)
-    tok_bytes = max_t * tok_stride if buckets else 0
-    io_bytes = _align(logits_bytes + tok_bytes + 4096) if buckets else _align(d.vocab_size * 4 + 4096)
+    tok_bytes = max_t * tok_stride if buckets or not first else 0
+    if first and last:
+        io_bytes = _align(logits_bytes + tok_bytes + 4096) if buckets else _align(d.vocab_size * 4 + 4096)
+    else:
+        io_bytes = _align(tok_off + tok_bytes + 4096)
     hbm_used = IOBASE + io_bytes
     board = config.board_spec
     cap = board.total_memory_bytes
@@ -592,7 +618,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
                        f"at context {ctx}) but board '{board.name}' has {cap / 2**30:.2f} GiB")
     if IOBASE // isa.HBM_ALIGN >= 1 << 28:
         raise CompileError("device memory map exceeds the ISA's 8 GiB offset range")
-    if emb.row_bytes >= 1 << 16:
+    if emb is not None and emb.row_bytes >= 1 << 16:
         raise CompileError(f"embedding row of {emb.row_bytes} bytes exceeds the LD stride field")
 
     def hoff(x):
@@ -721,8 +747,12 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         W(("consts", ("C", 0), [dict(buf=CONSTS, hreg=isa.REG_TBASE, hoff=hoff(t_consts), len=GB_CONSTS)]),
           lambda: consume("MISC", gid="consts", func=F["NOP"]))
 
-        efmt = isa.FMTS.index(emb.fmt)
-        if T == 1:
+        if not first:
+            # the previous stage's residual X of the T tokens, staged by the host
+            W(("xin", ("X", 0), [dict(buf=X, hreg=isa.REG_IOBASE, hoff=hoff(tok_off), len=T * dim * 4)]),
+              lambda: consume("MISC", gid="xin", func=F["NOP"]))
+        elif T == 1:
+            efmt = isa.FMTS.index(emb.fmt)
             # embedding row (dynamic: R7 selects the row)
             es = next_slot(wslot_i, n_wslots)
             W(("emb", ("W", es), [dict(buf=WSLOT[es], hreg=isa.REG_WBASE, hoff=hoff(emb.hbm_off),
@@ -731,6 +761,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
               lambda: consume("MISC", gid="emb", free_slot=("W", es), func=F["EMBED"], dst=X,
                               a=WSLOT[es], n=dim, aux=efmt))
         else:
+            efmt = isa.FMTS.index(emb.fmt)
             # the host stages the T embedding rows in the I/O region (row stride tok_stride)
             rps = wslot_bytes // tok_stride
             for k0 in range(0, T, rps):
@@ -748,7 +779,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
 
         kv_st_events = []
 
-        for li in range(d.n_layers):
+        for li in range(lb - la):           # li: the stage's own layer index (KV, tables)
             mats = layer_mats[li]
             gs = next_slot(gslot_i)
             gbase = GSLOT[gs]
@@ -853,11 +884,21 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             matrix_work(mats["ffn_down"], QF, H)
             W(None, lambda: elementwise("ADD", X, X, H, dim))
 
-        # final norm + LM head, logits streamed out through two AB slots
-        gs = next_slot(gslot_i)
-        W(("onorm", ("G", gs), [dict(buf=GSLOT[gs], hreg=isa.REG_TBASE, hoff=hoff(t_onorm), len=dim * 4)]),
-          lambda gs=gs: norm_quant(X, GSLOT[gs], dim, gid="onorm", free_slot=("G", gs)))
-        matrix_work(head, QH, None, logits=LOGS)
+        if last:
+            # final norm + LM head, logits streamed out through two AB slots
+            gs = next_slot(gslot_i)
+            W(("onorm", ("G", gs), [dict(buf=GSLOT[gs], hreg=isa.REG_TBASE, hoff=hoff(t_onorm),
+                                         len=dim * 4)]),
+              lambda gs=gs: norm_quant(X, GSLOT[gs], dim, gid="onorm", free_slot=("G", gs)))
+            matrix_work(head, QH, None, logits=LOGS)
+        else:
+            # the residual X leaves for the next stage (the compute queue is in order: the
+            # NOP releases the store once the last ADD has written X)
+            def c_out():
+                e = consume("MISC", func=F["NOP"], release=["cmp2st"])
+                S.emit("ST", need={"cmp2st": e["cmp2st"]}, func=isa.ST_F32, buf=X,
+                       hreg=isa.REG_IOBASE, hoff=hoff(0), len=T * dim * 4)
+            W(None, c_out)
 
         # emit with one item of lookahead on the loads
         def emit_loads(item):
@@ -905,11 +946,17 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     memory_map = {
         "weights": [WBASE, weights_bytes], "tables": [TBASE, len(tables)],
         "kv": [KVBASE, kv_bytes], "io": [IOBASE, io_bytes],
-        "logits": [IOBASE, d.vocab_size * 4],
         "hbm_stripe_bytes": config.hbm.data_width // 8, "hbm_ports": config.hbm.ports,
     }
-    if buckets:
+    if last:
+        memory_map["logits"] = [IOBASE, d.vocab_size * 4]
+    else:
+        memory_map["hidden_out"] = [IOBASE, logits_bytes]
+    if not first:
+        memory_map["hidden_in"] = [IOBASE + tok_off, tok_bytes]
+    if buckets and last:
         memory_map["prefill_logits"] = [IOBASE, logits_bytes]
+    if buckets and first:
         memory_map["prefill_tokens"] = [IOBASE + tok_off, tok_bytes]
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -939,21 +986,23 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             "per_token_activation_bytes": per_token,
             "activation_buffer_bytes": ab_sz,
             # the host stages token t's embedding row (raw blocks) at prefill_tokens + t*row_stride
-            "token_rows": {"row_stride": tok_stride, "row_bytes": emb.row_bytes, "format": emb.fmt,
-                           "embedding_offset": emb.hbm_off},
+            **({"token_rows": {"row_stride": tok_stride, "row_bytes": emb.row_bytes, "format": emb.fmt,
+                               "embedding_offset": emb.hbm_off}} if first else {}),
             # logits of a T-token run: tile (r0, nr) is [T][nr] float32 at prefill_logits + T*r0*4
-            "lm_head_tiles": [[r0, nr] for (r0, nr, _) in head.tiles],
+            "lm_head_tiles": [[r0, nr] for (r0, nr, _) in head.tiles] if last else [],
         },
         "stats": {
             "instructions": counts, "weight_bytes": weights_bytes,
             # every matrix streams once per decode step, plus one embedding row
-            "weight_bytes_per_token": weights_bytes + emb.row_bytes
-            - (0 if d.tied_embeddings else emb.rows * emb.row_bytes),
+            "weight_bytes_per_token": weights_bytes + (emb.row_bytes if first else 0)
+            - (emb.rows * emb.row_bytes if emb is not None and emb is not head else 0),
             "prefill_program_bytes": {str(T): len(p) for T, p in prefill_programs.items()},
             "compile_seconds": round(time.perf_counter() - t0, 3),
         },
         "notes": notes,
     }
+    if layers is not None:
+        manifest["stage"] = {"layers": [la, lb], "first": first, "last": last, "hidden_dim": dim}
     b = Bundle(manifest=manifest, program=program, hbm_image=img, prefill=prefill_programs)
     b.extra["masks"] = masks
     return b

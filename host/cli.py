@@ -14,6 +14,7 @@ import sys
 import warnings
 
 from llmfab.core.errors import LlmfabError
+from llmfab.host import cli_cards
 
 #: the backends that exist (host/runtime.py's BACKENDS)
 BACKEND_CHOICES = ("reference", "golden", "rtl", "xrt")
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, tokens, stop reason: eos, length or context)")
     _add_bundle(p)
+    cli_cards.add_card_options(p, "generate")
 
     p = add_parser(sub, "logits", "teacher-forced logits for every position")
     _add_model(p)
@@ -153,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace an existing bundle in --out (whole, once the new one is compiled)")
     p.add_argument("--sparsity", default=None,
                    help="prune projections to N:M, e.g. '2:4' or 'ffn=8:16,attn=dense' (default: dense)")
+    cli_cards.add_card_options(p, "compile")
+
+    cli_cards.add_plan_parser(sub, add_parser, _add_model, _add_config)
 
     hw = add_parser(sub, "hw", "hardware generation").add_subparsers(dest="hwcmd", metavar="HWCMD")
     hw.required = True
@@ -343,6 +348,8 @@ class TextStream:
 
 
 def cmd_generate(args):
+    if cli_cards.wants_cards(args):
+        return cli_cards.cmd_generate_cards(args, TextStream)
     from llmfab.compiler.tokenizer import Tokenizer
     from llmfab.host.runtime import open_device
     if args.max_tokens < 1:
@@ -498,6 +505,8 @@ def cmd_compile(args):
     from llmfab.compiler.compile import compile_model, parse_sparsity
     from llmfab.compiler.model import load_model
 
+    if cli_cards.wants_cards(args):
+        return cli_cards.cmd_compile_cards(args)
     _check_bundle_dest(args.out, args.force)
     parse_sparsity(args.sparsity)
     config = _load_config(args)
@@ -626,7 +635,8 @@ def cmd_hw(args):
 
 COMMANDS = {"boards": cmd_boards, "configs": cmd_configs, "generate": cmd_generate,
             "logits": cmd_logits, "tokenize": cmd_tokenize, "compile": cmd_compile, "hw": cmd_hw,
-            "info": cmd_info, "cache": cmd_cache, "devices": cmd_devices, "build": cmd_build}
+            "info": cmd_info, "cache": cmd_cache, "devices": cmd_devices, "build": cmd_build,
+            "plan": cli_cards.cmd_plan}
 
 
 def _showwarning(message, category, filename, lineno, file=None, line=None):
