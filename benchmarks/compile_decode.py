@@ -20,31 +20,14 @@ import numpy as np
 
 from llmfab.boards.config import load_config
 from llmfab.compiler.compile import compile_model
-from llmfab.compiler.model import Model, ModelDesc, QTensor, load_model
-from llmfab.compiler import quant
+from llmfab.compiler.model import load_model
+from llmfab.compiler.shapes import SHAPES, shape_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = os.path.join(HERE, "..", "docs", "benchmarks.md")
 
 
-def shape_model(desc: ModelDesc, qtype: str = "q4_0") -> Model:
-    """A model with the given shape whose weights are all-zero blocks (no memory: broadcast views)."""
-    bw, bb = quant.QTYPE_BLOCK[qtype] if hasattr(quant, "QTYPE_BLOCK") else (32, quant.BLOCK_BYTES[qtype])
-    from llmfab.compiler.model import expected_shapes
-    m = Model(desc=desc, path="(shape only)", source="shape")
-    for name, shape in expected_shapes(desc).items():
-        if len(shape) == 1:
-            m.tensors[name] = QTensor(name, "f32", shape, np.ones(shape, np.float32))
-        else:
-            rb = shape[1] // 32 * quant.BLOCK_BYTES[qtype]
-            m.tensors[name] = QTensor(name, qtype, shape, np.broadcast_to(np.zeros(rb, np.uint8), (shape[0], rb)))
-    return m
-
-
-LLAMA2_7B = ModelDesc(arch="llama", name="LLaMA2-7B-shaped", n_layers=32, dim=4096, n_heads=32,
-                      n_kv_heads=32, head_dim=128, ffn_dim=11008, vocab_size=32000,
-                      context_length=4096, rope_base=10000.0, rope_dim=128, rms_eps=1e-5,
-                      tied_embeddings=False)
+LLAMA2_7B = SHAPES["llama2-7b"]
 
 
 def bench_compile(model, cfg_name, context=None, emit_image=True):
