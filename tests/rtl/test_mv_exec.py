@@ -285,21 +285,24 @@ def test_compiled_qkv_tiles_match_golden(tiny, acc):
           f"{r.counters['cycles']} cycles, busy_cmp {r.counters['busy_cmp']}")
 
 
-def test_mv_exec_ci_geometry_cocotb():
+@pytest.mark.parametrize("name", ["ci", pytest.param("u280-slice", marks=pytest.mark.slow)])
+def test_mv_exec_ci_geometry_cocotb(name):
     """MvExec alone in the ``ci`` geometry (64-byte lines, 2 load chunks per line; a 64-block
     activation buffer, so MMs of up to 6 tokens x 24 blocks take several passes) under
     cocotb with a memory model (random stalls on rd0 and wr): random MV/MM over all 15
-    modes at any alignment vs ``matvec``, bit for bit; then steady-state cycles per block."""
+    modes at any alignment vs ``matvec``, bit for bit; then steady-state cycles per block.
+    ``u280-slice``: 128-byte lines and two 128-weight chains (8 row pipelines)."""
     from pathlib import Path
 
     from llmfab.hw.mv_exec import MvExec
     from llmfab.hw.top import geometry
     from llmfab.sim.rtl.runner import run_cocotb, to_verilog
-    config = load_config("ci")
+    config = load_config(name)
     g = geometry(config)
     D = g["line_bytes"]
     ab = (g["onchip_size"] // D - 1).bit_length()
     unit = MvExec.for_config(config, max_blocks=64)(addr_bits=ab, line_bytes=D)
+    assert unit.pipelines == config.chain.count * config.chain.length // 32
     from amaranth.hdl import Signal as _Signal
     from amaranth.hdl import Value as _Value
     ports = [_Value.cast(v) for _, _, v in unit.signature.flatten(unit)]
@@ -307,7 +310,7 @@ def test_mv_exec_ci_geometry_cocotb():
     bdir = run_cocotb(to_verilog(unit, "mv_exec", ports=ports), "mv_exec", "cocotb_mv_exec",
                       module_dir=Path(__file__).parent, build_args=("--output-split", "0"),
                       extra_env={"MV_D": str(D), "MV_AB": str(ab), "MV_N": "30",
-                                 "MV_L": str(config.chain.count),
+                                 "MV_L": str(unit.pipelines),
                                  "MV_REPORT": "mv_steady.txt"})
     print((bdir / "mv_steady.txt").read_text())
 
@@ -316,6 +319,20 @@ def _ports(unit):
     from amaranth.hdl import Signal, Value
     return [v for v in (Value.cast(x) for _, _, x in unit.signature.flatten(unit))
             if isinstance(v, Signal)]
+
+
+def test_mv_exec_chain_lengths():
+    """A chain of length 32 k is k block lanes, each its own row pipeline; other lengths and
+    more than 64 pipelines are errors naming the value."""
+    from llmfab.hw.mv_exec import MvExec
+    assert [MvExec(addr_bits=12, line_bytes=64, chain_length=n, count=2).pipelines
+            for n in (32, 64, 128, 256)] == [2, 4, 8, 16]
+    with pytest.raises(ValueError, match=r"^MvExec chain length must be 32, 64, 128 or 256 "
+                                         r"\(whole blocks between break points\), not 96$"):
+        MvExec(addr_bits=12, line_bytes=64, chain_length=96)
+    with pytest.raises(ValueError, match=r"^MvExec needs 1..64 row pipelines \(chain count x "
+                                         r"length / 32\), not 32 x 4$"):
+        MvExec(addr_bits=12, line_bytes=64, chain_length=128, count=32)
 
 
 @pytest.mark.parametrize("name", ["ci", "tiny"])
