@@ -239,11 +239,12 @@ def design_units(verilog: str, top: str) -> dict:
 
     def identity(n):
         if n not in ident:
-            # equal instances differ in the writer's numbered names ($auto$...$1892) and in the
-            # order of the header's port list
+            # equal instances differ in the writer's numbered names ($auto$...$1892), hence in
+            # the order of its statements, and in the order of the header's port list
             head, rest = mods[n].split(";", 1)
             ports = sorted(p.strip() for p in head[head.index("(") + 1:head.rindex(")")].split(","))
-            body = re.sub(r"\$\d+\b", "$#", "\0self(" + ",".join(ports) + ")" + rest)
+            lines = sorted(re.sub(r"\$\d+\b", "$#", rest).split("\n"))
+            body = "\0self(" + ",".join(ports) + ")" + "\n".join(lines)
             for c in sorted(set(children[n]), key=len, reverse=True):
                 body = body.replace(c + " ", identity(c) + " ")
             ident[n] = hashlib.sha256(body.encode()).hexdigest()[:16]
