@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/rtl_utilization.py [--config ci] [--model GGUF]
         [--prompt TEXT] [--decode-steps 1] [--sample-every 2000] [--out-dir docs/img]
-        [--write-docs]
+        [--memory ideal|card] [--write-docs]
 
 Runs the model (default: the bundled SmolLM2) compiled for ``--config`` on the
 Verilator simulation of the accelerator (``host/rtl_backend.py``'s execution
@@ -11,7 +11,10 @@ During the decode steps the accelerator's live counters (``hw/top.py``'s
 ``probe``) are sampled every ``--sample-every`` cycles. For the first decode
 step it prints a table -- per-unit busy fractions, HBM bytes per port, HBM
 utilization (weight bytes per token / (cycles x peak bytes per cycle)),
-stalls by cause -- and writes, into ``--out-dir``:
+stalls by cause; the HBM timing model that ran (``--memory``: ``ideal``, the
+default, or ``card``, the board's timing, boards/memory_timing.py) and the
+utilization against the memory's sustainable peak too -- and writes, into
+``--out-dir`` (the ``card`` model's files carry a ``-card`` suffix):
 
 * ``rtl_busy_<config>.png``: per-unit busy fraction over the step (one lane
   per unit, each point one sampling interval), with the HBM read rate;
@@ -34,6 +37,7 @@ import time
 
 import numpy as np
 
+from llmfab.boards import memory_timing
 from llmfab.boards.config import load_config
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
@@ -53,9 +57,10 @@ STALLS = ("stall_fetch", "stall_ld_full", "stall_cmp_full", "stall_st_full", "st
           "wait_ld", "wait_cmp", "wait_st")
 
 
-def step_figures(run, *, pos, config, bundle) -> dict:
+def step_figures(run, *, pos, config, bundle, memory="ideal") -> dict:
     """The figures of one run (one decode step) from its counter block and the analytical model."""
     c = run.counters
+    sustainable = memory_timing.sustainable_fraction(config)
     cyc = c["cycles"]
     P = config.hbm.ports
     peak = config.hbm_bytes_per_cycle
@@ -71,7 +76,10 @@ def step_figures(run, *, pos, config, bundle) -> dict:
         "ld_bytes": c["ld_bytes"], "st_bytes": c["st_bytes"],
         "port_rd_bytes": rd, "port_wr_bytes": wr,
         "weight_bytes": wbytes, "peak_bytes_per_cycle": peak,
+        "memory_model": memory_timing.describe(config, memory),
         "hbm_utilization": round(wbytes / (cyc * peak), 4),
+        "hbm_utilization_sustainable": round(wbytes / (cyc * peak * sustainable), 4),
+        "memory_sustainable_fraction": round(sustainable, 4),
         "port_read_utilization": round(sum(rd) / (cyc * peak), 4),
         "stalls": {k: c[k] for k in STALLS},
         "macs": est.macs, "mac_per_cycle": round(est.macs / cyc, 2),
@@ -103,6 +111,9 @@ def table(f: dict, config) -> str:
         ("weight bytes per token", f"{f['weight_bytes'] / 1e6:.2f} MB"),
         ("HBM utilization (weight bytes / (cycles x peak))",
          f"{f['hbm_utilization']:.3f} (peak {f['peak_bytes_per_cycle']} B/cycle)"),
+        ("HBM utilization against the memory's sustainable peak",
+         f"{f['hbm_utilization_sustainable']:.3f} (sustainable {f['memory_sustainable_fraction']:.3f} of the ports' peak)"),
+        ("HBM timing model", f["memory_model"]),
         ("port read bytes / (cycles x peak)", f"{f['port_read_utilization']:.3f}"),
         ("MAC per cycle (peak)", f"{f['mac_per_cycle']:.1f} ({config.macs_per_cycle})"),
         ("analytical model: cycles, bound", f"{f['model']['cycles']:,}, {f['model']['bound']}"),
@@ -168,6 +179,8 @@ def main(argv=None):
     ap.add_argument("--decode-steps", type=int, default=1)
     ap.add_argument("--sample-every", type=int, default=2000, help="cycles between counter samples")
     ap.add_argument("--out-dir", default=IMG)
+    ap.add_argument("--memory", default="ideal", choices=("ideal", "card"),
+                    help="HBM timing model of the simulation (boards/memory_timing.py; default %(default)s)")
     ap.add_argument("--save-samples", default=None, metavar="PATH",
                     help="also pickle the decode steps' raw samples and figures to PATH")
     ap.add_argument("--write-docs", action="store_true",
@@ -187,7 +200,7 @@ def main(argv=None):
     print(f"compiled {model.desc.name} for {cfg.name} in {compile_s:.1f} s; building/starting the "
           f"simulation (a Verilator build takes minutes the first time)...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    rtl = RtlDevice(model, cfg, bundle=bundle)
+    rtl = RtlDevice(model, cfg, bundle=bundle, memory=args.memory)
     start_s = time.perf_counter() - t0
     try:
         n = len(prompt) + args.decode_steps
@@ -210,11 +223,11 @@ def main(argv=None):
             bar.update()
         bar.close()
         decode_runs = rtl.runs[len(prompt):]
-        steps = [step_figures(r, pos=len(prompt) + i, config=cfg, bundle=bundle)
+        steps = [step_figures(r, pos=len(prompt) + i, config=cfg, bundle=bundle, memory=args.memory)
                  for i, r in enumerate(decode_runs)]
         prompt_runs = rtl.runs[:len(prompt)]
         out = {
-            "config": cfg.name, "model": model.desc.name, "prompt": args.prompt,
+            "config": cfg.name, "memory": args.memory, "model": model.desc.name, "prompt": args.prompt,
             "prompt_tokens": prompt, "decoded_tokens": decoded,
             "decoded_text": tok.decode(decoded) if decoded else "",
             "sample_every": args.sample_every, "compile_seconds": round(compile_s, 1),
@@ -228,7 +241,7 @@ def main(argv=None):
             "decode_steps": steps,
         }
         os.makedirs(args.out_dir, exist_ok=True)
-        tag = cfg.name
+        tag = cfg.name + ("" if args.memory == "ideal" else f"-{args.memory}")
         busy_png = os.path.join(args.out_dir, f"rtl_busy_{tag}.png")
         roof_png = os.path.join(args.out_dir, f"rtl_roofline_{tag}.png")
         js = os.path.join(args.out_dir, f"rtl_utilization_{tag}.json")
@@ -257,9 +270,11 @@ def main(argv=None):
         print(f"wrote {busy_png}, {roof_png}, {js}")
         if args.write_docs:
             doc = open(DOCS).read()
-            if MARK[0] not in doc:
-                raise SystemExit(f"{DOCS} lacks the {MARK[0]} marker")
-            i, j = doc.index(MARK[0]) + len(MARK[0]), doc.index(MARK[1])
+            mark = MARK if args.memory == "ideal" else tuple(m.replace(" -->", f" {args.memory} -->")
+                                                             for m in MARK)
+            if mark[0] not in doc:
+                raise SystemExit(f"{DOCS} lacks the {mark[0]} marker")
+            i, j = doc.index(mark[0]) + len(mark[0]), doc.index(mark[1])
             doc = doc[:i] + "\n" + head + ":\n\n" + md + "\n" + doc[j:]
             with open(DOCS, "w") as fh:
                 fh.write(doc)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
-__all__ = ["to_verilog", "build_root"]
+__all__ = ["to_verilog", "build_root", "cached_verilog", "generator_digest"]
+
+#: The packages whose source decides what Verilog a configuration elaborates to
+#: (hw imports compiler, boards and core: the layers below it), and the board files.
+_GENERATOR_DIRS = ("hw", "compiler", "boards", "core")
 
 
 def to_verilog(component, name: str, ports=None) -> str:
@@ -18,3 +24,39 @@ def build_root() -> Path:
     root = Path(os.environ.get("LLMFAB_SIM_BUILD", Path.cwd() / "sim_build"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def generator_digest() -> str:
+    """A hash of everything the generated Verilog depends on besides its arguments: the
+    source of :data:`_GENERATOR_DIRS` (Python and board/configuration YAML) and Amaranth's
+    version."""
+    import amaranth
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(amaranth.__version__.encode())
+    for d in _GENERATOR_DIRS:
+        for f in sorted((root / d).rglob("*")):
+            if f.suffix in (".py", ".yaml") and f.is_file():
+                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def cached_verilog(key, make) -> str:
+    """``make()``'s Verilog text, cached on disk under :func:`build_root` by ``key`` (plain data
+    naming the design: configuration, options) and :func:`generator_digest`.
+
+    Elaborating and converting the whole accelerator takes 30-60 s; every simulation,
+    benchmark and rtl-backend run of an unchanged design reuses the text instead. A change
+    to any generator source gives a new digest, so a stale text is never used.
+    """
+    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    h.update(generator_digest().encode())
+    d = build_root() / "verilog"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{h.hexdigest()[:24]}.v"
+    if path.is_file():
+        return path.read_text()
+    text = make()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return text

