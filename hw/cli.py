@@ -8,8 +8,11 @@ synthesis flow takes; it is the module sim/rtl/harness.py simulates (there with
 the simulation-only ``probe`` port). ``--units`` also writes ``DIR/<unit>.v`` for
 every unit of :func:`llmfab.hw.units.all_units`, each its own top (for
 out-of-context synthesis, ``llmfab hw estimate``). ``llmfab hw estimate --config
-NAME|PATH [--json]`` runs :func:`llmfab.hw.estimate.estimate` and prints a
-table, or one JSON object.
+NAME|PATH [--json]`` runs :func:`llmfab.hw.estimate.estimate_design` on the whole
+accelerator (each distinct unit synthesized once, multiplied by its count, plus the
+shared rest; against the board after its shell) and prints a table, or one JSON
+object; a design over the board is then an error naming the resource. ``--units``
+estimates the registry's units one by one instead (:func:`llmfab.hw.estimate.estimate`).
 """
 
 import json
@@ -72,7 +75,7 @@ def hw_cli(args) -> None:
         print(f"wrote {paths[0]}: top module {TOP_MODULE} (config '{config.name}')"
               + (f" and {len(paths) - 1} unit files" if units else "")
               + f" in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    elif args.hwcmd == "estimate":
+    elif args.hwcmd == "estimate" and getattr(args, "units", False):
         from llmfab.hw.estimate import estimate, format_table
         result = estimate(config)
         if getattr(args, "json", False):
@@ -80,5 +83,19 @@ def hw_cli(args) -> None:
         else:
             print(f"config '{config.name}': Yosys synth_xilinx -family xcup, out of context")
             print(format_table(result, config))
+    elif args.hwcmd == "estimate":
+        from llmfab.hw.estimate import check_design_fits, estimate_design, format_design_table
+        print("generating the accelerator ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        result = estimate_design(config)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        if getattr(args, "json", False):
+            print(json.dumps(result))
+        else:
+            print(f"config '{config.name}': the whole accelerator, each distinct unit synthesized "
+                  f"once (Yosys synth_xilinx -family xcup, out of context) x its count")
+            print(format_design_table(result))
+            print(f"shell reservation: {result['shell']['source']}")
+        check_design_fits(result)
     else:   # argparse only offers the two
         raise LlmfabError(f"unknown hw command {args.hwcmd!r}; use verilog or estimate")

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from llmfab.core.errors import SimError
 
-__all__ = ["SCRIPT", "synthesize", "estimate", "format_table", "summarize_stat"]
+__all__ = ["SCRIPT", "synthesize", "estimate", "format_table", "summarize_stat", "design_units",
+           "logic_levels", "estimate_design", "check_design_fits", "format_design_table"]
 
 #: The synthesis script; ``{top}`` and ``{src}`` are filled in. The first run stops after
 #: DSP mapping to count the multipliers Yosys could not put in DSPs.
@@ -172,4 +173,284 @@ def format_table(result: dict, config=None) -> str:
         lines.append(f"| chain x {n} | " + " | ".join(f"{r[c] * n:,}" for c in cols) + " |")
     lines.append("")
     lines.append(f"macs_per_dsp (chain): {result.get('macs_per_dsp')}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole design: each distinct unit synthesized once and multiplied by its count
+# --------------------------------------------------------------------------------------------
+
+#: Cells that are a logic level on a path (as Vivado's LOGIC_LEVELS counts them: LUTs, carry
+#: blocks, wide-function muxes); inverters pass through without a level (they fold into LUTs).
+LEVEL_CELLS = LUT_CELLS + ("CARRY4", "CARRY8", "MUXF7", "MUXF8", "MUXF9")
+_THROUGH_CELLS = ("INV",)
+#: Resources the fit check compares, with the board's resource names.
+FIT_RESOURCES = (("LUT", "lut"), ("FF", "ff"), ("DSP48E2", "dsp"), ("BRAM", "bram36"),
+                 ("URAM", "uram"))
+#: Where the shell reservations of boards/*.yaml come from (``shell_reserved``).
+SHELL_SOURCE = ("boards/<board>.yaml shell_reserved (u280: xdma 202211 shell, public HLS "
+                "resource notes, unverified); resources without a figure reserve nothing")
+
+DESIGN_SCRIPT = ("{read}synth_xilinx -family xcup -flatten -noiopad -top {top}; "
+                 "tee -q -o stat.json stat -json; write_json net.json")
+
+
+def _split_modules(verilog: str) -> dict:
+    """Verilog text -> {module name: its text, ``module`` to ``endmodule``} (yosys's output)."""
+    import re
+    mods = {}
+    for mt in re.finditer(r"^module (\\\S+|[A-Za-z_][\w$]*)\s*\(.*?^endmodule\n?", verilog,
+                          re.M | re.S):
+        mods[mt.group(1)] = mt.group(0)
+    return mods
+
+
+def _instances(text: str, names) -> list:
+    """Module names instantiated in a module's text (one entry per instance)."""
+    import re
+    out = []
+    for mt in re.finditer(r"^  (\\\S+|[A-Za-z_][\w$]*)\s+(\\\S+|[A-Za-z_][\w$]*)\s*\(", text,
+                          re.M):
+        if mt.group(1) in names:
+            out.append(mt.group(1))
+    return out
+
+
+def design_units(verilog: str, top: str) -> dict:
+    """Split a generated design into replicated units and the shared rest.
+
+    Amaranth writes every instance as its own module. Two modules are the same unit when
+    their text is equal once their own name and those of their submodules are replaced by
+    the submodules' (recursive) identities. Walking down from ``top``, a module whose
+    identity occurs more than once is a unit (not descended into); the rest is shared.
+
+    Returns ``{"units": {name: {"module": first instance's module, "count": n,
+    "text": the module and its submodules}}, "shared": {"text": the other modules,
+    "lib": port-only stubs of the units' modules}}``; a unit's name is its module path below
+    ``top`` with instance numbers as ``N`` (``core.exec.mv.chainN``).
+    """
+    import re
+    mods = _split_modules(verilog)
+    if top not in mods:
+        raise SimError(f"the design has no module {top!r}")
+    names = set(mods)
+    children = {n: _instances(t, names) for n, t in mods.items()}
+    ident = {}
+
+    def identity(n):
+        if n not in ident:
+            # equal instances differ in the writer's numbered names ($auto$...$1892), hence in
+            # the order of its statements, and in the order of the header's port list
+            head, rest = mods[n].split(";", 1)
+            ports = sorted(p.strip() for p in head[head.index("(") + 1:head.rindex(")")].split(","))
+            lines = sorted(re.sub(r"\$\d+\b", "$#", rest).split("\n"))
+            body = "\0self(" + ",".join(ports) + ")" + "\n".join(lines)
+            for c in sorted(set(children[n]), key=len, reverse=True):
+                body = body.replace(c + " ", identity(c) + " ")
+            ident[n] = hashlib.sha256(body.encode()).hexdigest()[:16]
+        return ident[n]
+
+    mult = {top: 1}
+    order = [top]
+    for n in order:
+        for c in children[n]:
+            if c not in mult:
+                order.append(c)
+            mult[c] = mult.get(c, 0) + mult[n]
+    total = {}
+    for n in order:
+        total[identity(n)] = total.get(identity(n), 0) + mult[n]
+
+    def subtree(n):
+        seen, stack = [], [n]
+        while stack:
+            x = stack.pop()
+            if x not in seen:
+                seen.append(x)
+                stack.extend(children[x])
+        return seen
+
+    units, unit_mods, stack = {}, set(), [top]
+    while stack:
+        n = stack.pop()
+        h = identity(n)
+        if n != top and total[h] > 1:
+            unit_mods.add(n)
+            if h not in units:
+                short = n.lstrip("\\")
+                short = short[len(top) + 1:] if short.startswith(top + ".") else short
+                units[h] = {"name": re.sub(r"\d+", "N", short), "module": n,
+                            "count": total[h],
+                            "text": "".join(mods[x] for x in reversed(subtree(n)))}
+            continue
+        stack.extend(children[n])
+    inner = set()
+    for n in unit_mods:
+        inner.update(subtree(n)[1:])
+    shared = "".join(t for n, t in mods.items() if n not in unit_mods and n not in inner)
+    lib = "".join(mods[n] for n in sorted(unit_mods))
+    by_name = {}
+    for u in units.values():
+        name, k = u.pop("name"), 2
+        base = name
+        while name in by_name:
+            name, k = f"{base}#{k}", k + 1
+        by_name[name] = u
+    return {"units": by_name, "shared": {"text": shared, "lib": lib}}
+
+
+def logic_levels(netlist: dict, top: str) -> int:
+    """Logic levels of the longest combinational path of a synthesized, flattened netlist
+    (``write_json``): LUTs, carry blocks and wide muxes count one each (:data:`LEVEL_CELLS`),
+    paths end at flip-flops, DSPs, memories and ports."""
+    cells = netlist["modules"][top]["cells"]
+    comb = {n: c for n, c in cells.items() if c["type"] in LEVEL_CELLS + _THROUGH_CELLS}
+    driver = {}
+    for n, c in comb.items():
+        for port, bits in c["connections"].items():
+            if c.get("port_directions", {}).get(port) == "output":
+                for b in bits:
+                    if isinstance(b, int):
+                        driver[b] = n
+    preds = {n: set() for n in comb}
+    for n, c in comb.items():
+        for port, bits in c["connections"].items():
+            if c.get("port_directions", {}).get(port) == "input":
+                for b in bits:
+                    d = driver.get(b)
+                    if d is not None and d != n:
+                        preds[n].add(d)
+    succ = {n: [] for n in comb}
+    indeg = {n: len(p) for n, p in preds.items()}
+    for n, p in preds.items():
+        for d in p:
+            succ[d].append(n)
+    depth = {n: 0 for n in comb}
+    ready = [n for n, k in indeg.items() if k == 0]
+    best = 0
+    while ready:
+        n = ready.pop()
+        here = depth[n] + (comb[n]["type"] in LEVEL_CELLS)
+        best = max(best, here)
+        for s in succ[n]:
+            depth[s] = max(depth[s], here)
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                ready.append(s)
+    return best
+
+
+def _synth_design_part(text: str, top: str, tag: str, *, lib: str = "", cache: bool = True) -> dict:
+    """Synthesize one unit (or the shared part, its units as black boxes ``lib``) -> resources
+    and ``logic_levels``; cached under sim_build/estimate/ like :func:`synthesize`."""
+    read = (("read_verilog -lib units.v; " if lib else "") + "read_verilog -sv part.v; ")
+    script = DESIGN_SCRIPT.format(read=read, top=top)
+    key = hashlib.sha256((script + "\0" + lib + "\0" + text).encode()).hexdigest()[:16]
+    cdir = _cache_dir()
+    hit = cdir / f"{tag}-{key}.json"
+    if cache and hit.exists():
+        res = json.loads(hit.read_text())
+        res["cached"] = True
+        return res
+    work = cdir / f"{tag}-{key}"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "part.v").write_text(text)
+    if lib:
+        (work / "units.v").write_text(lib)
+    t0 = time.monotonic()
+    proc = subprocess.run(_yosys_command() + ["-q", "-l", "yosys.log", "-p", script], cwd=work,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not (work / "net.json").exists():
+        raise SimError(f"yosys synth_xilinx failed for unit '{tag}' (exit {proc.returncode}); "
+                       f"see {work / 'yosys.log'}")
+    res = summarize_stat(json.loads((work / "stat.json").read_text()))
+    res.pop("cells")
+    net = json.loads((work / "net.json").read_text())
+    res["logic_levels"] = logic_levels(net, top.lstrip("\\") if top.lstrip("\\") in
+                                       net["modules"] else top)
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    (work / "net.json").unlink()
+    hit.write_text(json.dumps(res, indent=1))
+    res["cached"] = False
+    return res
+
+
+def estimate_design(config, *, verilog: str | None = None, top: str = "llmfab_accel",
+                    progress: bool = True, cache: bool = True) -> dict:
+    """Resource estimate of the whole accelerator of ``config``: :func:`design_units` splits its
+    Verilog (``llmfab hw verilog``'s top, generated here unless given) into replicated units and
+    the shared rest; each distinct unit is synthesized once (Yosys ``synth_xilinx``, out of
+    context) and multiplied by its count, the shared rest is synthesized with the units as
+    black boxes. The totals are compared with the board after its shell's reservation.
+
+    Returns ``{"config", "board", "units": {name: {"count", "DSP48E2", "LUT", "FF", "BRAM",
+    "URAM", "LUTRAM", "CARRY", "logic_levels", "seconds", "cached"}}, "shared": {...},
+    "total": {resource: n}, "available": {resource: n}, "shell": {resource: n, "source": ...},
+    "utilization": {resource: fraction}, "fits": bool, "over": [resources over the board]}``.
+    """
+    from tqdm import tqdm
+    if verilog is None:
+        from llmfab.hw.top import Accelerator
+        from llmfab.hw.verilog import to_verilog
+        verilog = to_verilog(Accelerator(config), top)
+    split = design_units(verilog, top)
+    parts = [(name, u["text"], u["module"], "") for name, u in split["units"].items()]
+    parts.append(("shared", split["shared"]["text"], top, split["shared"]["lib"]))
+    bar = tqdm(parts, desc="synth_xilinx", unit="unit", file=sys.stderr,
+               disable=None if progress else True, leave=False)
+    units, shared = {}, None
+    for name, text, mod, lib in bar:
+        bar.set_postfix_str(name)
+        tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        res = _synth_design_part(text, mod, "design-" + tag, lib=lib, cache=cache)
+        if name == "shared":
+            shared = res
+        else:
+            units[name] = {"count": split["units"][name]["count"], **res}
+    keys = [r for r, _ in FIT_RESOURCES]
+    total = {k: shared[k] + sum(u["count"] * u[k] for u in units.values()) for k in keys}
+    board = config.board_spec
+    available = {k: board.available(b) for k, b in FIT_RESOURCES}
+    shell = {k: getattr(board.shell_reserved, b) for k, b in FIT_RESOURCES}
+    util = {k: (round(total[k] / available[k], 4) if available[k] else None) for k in keys}
+    over = [k for k in keys if total[k] > available[k]]
+    return {"config": config.name, "board": board.name, "units": units, "shared": shared,
+            "total": total, "available": available, "shell": {**shell, "source": SHELL_SOURCE},
+            "utilization": util, "fits": not over, "over": over}
+
+
+def _num(x) -> str:
+    """1234 -> '1,234'; 195.5 -> '195.5'."""
+    return f"{int(x):,}" if float(x) == int(x) else f"{x:,}"
+
+
+def check_design_fits(result: dict) -> None:
+    """Raise :class:`~llmfab.core.errors.FitError` naming the first resource of
+    :func:`estimate_design`'s result that exceeds the board (after the shell)."""
+    from llmfab.core.errors import FitError
+    for k in result["over"]:
+        need, have = result["total"][k], result["available"][k]
+        shell = result["shell"].get(k) or 0
+        after = f" after the shell's {_num(shell)}" if shell else ""
+        raise FitError(f"config '{result['config']}' needs {_num(need)} {k} but board "
+                       f"'{result['board']}' has {_num(have)}{after} (Yosys synth_xilinx estimate); "
+                       f"use fewer or smaller slices")
+
+
+def format_design_table(result: dict) -> str:
+    """A Markdown table of :func:`estimate_design`'s result."""
+    cols = [r for r, _ in FIT_RESOURCES]
+    lines = ["| unit | count | " + " | ".join(cols) + " | logic levels |",
+             "|---|---:|" + "---:|" * (len(cols) + 1)]
+    rows = list(result["units"].items()) + [("shared", {"count": 1, **result["shared"]})]
+    for name, r in sorted(rows, key=lambda x: -x[1]["LUT"] * x[1]["count"]):
+        lines.append(f"| {name} | {r['count']} | "
+                     + " | ".join(_num(r[c] * r["count"]) for c in cols)
+                     + f" | {r['logic_levels']} |")
+    lines.append("| **total** | | " + " | ".join(_num(result["total"][c]) for c in cols) + " | |")
+    lines.append(f"| {result['board']} after shell | | "
+                 + " | ".join(_num(result["available"][c]) for c in cols) + " | |")
+    lines.append("| utilization | | " + " | ".join(
+        "-" if result["utilization"][c] is None else f"{result['utilization'][c]:.1%}"
+        for c in cols) + " | |")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The MV/MM execution unit: ``count`` row pipelines (weight decoder -> DSP chain -> scaler).
+"""The MV/MM execution unit: row pipelines (weight decoder -> DSP chain lane -> scaler).
 
 :class:`MvExec` has :func:`~llmfab.hw.execute.exec_signature` and executes MV and
 MM words (docs/isa.md) bit-exactly as ``sim.numerics_model.matvec`` (the golden
@@ -20,10 +20,11 @@ every compiled shape):
    the execution unit's own) touches one of its lines, or a multi-token load
    replaces it -- so consecutive weight tiles of one matrix (the compiler
    splits matrices into tiles of whole rows) load the vector once.
-2. **Row pipelines.** ``count`` (the configuration's ``chain.count``) copies of
+2. **Row pipelines.** ``count * chain_length / 32`` (the configuration's ``chain.count``
+   chains, each cut by its break points into ``chain_length / 32`` block lanes) copies of
    line reader -> realigner -> :class:`~llmfab.hw.decoder.Decoder` (one block
    per beat) -> :class:`~llmfab.hw.chain.Chain` -> :class:`~llmfab.hw.scaler.Scaler`.
-   Pipeline ``l`` computes rows ``l, l + count, ...`` of every token of the
+   Pipeline ``l`` of ``L`` computes rows ``l, l + L, ...`` of every token of the
    pass: per row one command to its reader (the row's lines from
    ``wb + row * rb``, any byte alignment), realigner (to offset 0) and decoder
    (``nb`` blocks, one row). Even pipelines read weights through ``rd0``, odd
@@ -41,7 +42,7 @@ every compiled shape):
 4. After the pass's last row write is accepted: the next pass, or ``done``.
 
 Throughput (``tests/rtl/cocotb_mv_exec.py``, ci geometry, memory never stalling):
-``count`` blocks per cycle (0.250 cycles/block measured with 4 pipelines; dense
+one block per pipeline per cycle (0.250 cycles/block measured with 4 pipelines; dense
 Q8_0 half that: the packed chain takes two cycles per 8-bit block), as long as
 the two read ports deliver the rows' lines (per row at most ``rb/D + 1`` lines
 and a command cycle per reader). One instruction
@@ -62,7 +63,10 @@ from llmfab.hw.execute import exec_signature
 from llmfab.hw.isa import Instruction, Op
 from llmfab.hw.scaler import Scaler
 
-__all__ = ["MvExec", "DEFAULT_MAX_BLOCKS"]
+__all__ = ["MvExec", "DEFAULT_MAX_BLOCKS", "CHAIN_LENGTHS"]
+
+#: Chain lengths the unit builds: 1, 2, 4 or 8 GGUF blocks between break points.
+CHAIN_LENGTHS = (32, 64, 128, 256)
 
 #: ``cols`` is 16 bits and a multiple of 32: at most 2047 blocks per row.
 DEFAULT_MAX_BLOCKS = 2048
@@ -96,9 +100,12 @@ class MvExec(wiring.Component):
     addr_bits, line_bytes : int
         The on-chip geometry (what ``Accelerator``'s ``exec_factory`` passes).
     chain_length : int
-        Multiplier slots of a chain; only 32 (one block per beat) is supported.
+        Multiplier slots of a chain: 32, 64, 128 or 256. With break points every 32
+        slots, a chain of length ``32 k`` is ``k`` block lanes; each lane is its own row
+        pipeline (activations broadcast), so the unit has ``count * k`` pipelines and
+        ``count * k * 32`` multipliers, the configuration's ``macs_per_cycle``.
     count : int
-        Row pipelines (the configuration's ``chain.count``).
+        Chains (the configuration's ``chain.count``).
     pack_int4 : bool
     formats, patterns : iterable of str
         Weight formats / sparsity patterns with hardware behind them.
@@ -109,13 +116,14 @@ class MvExec(wiring.Component):
     def __init__(self, *, addr_bits: int, line_bytes: int, chain_length: int = 32,
                  count: int = 1, pack_int4: bool = True, formats=tuple(WEIGHT_FORMATS),
                  patterns=tuple(SPARSITY_PATTERNS), max_blocks: int = DEFAULT_MAX_BLOCKS):
-        if chain_length != 32:
-            raise ValueError(f"MvExec supports one block per chain beat (length 32), "
-                             f"not {chain_length}")
+        if chain_length not in CHAIN_LENGTHS:
+            raise ValueError(f"MvExec chain length must be 32, 64, 128 or 256 (whole blocks "
+                             f"between break points), not {chain_length}")
         if line_bytes < 8 or line_bytes & (line_bytes - 1):
             raise ValueError(f"line_bytes must be a power of two >= 8, not {line_bytes}")
-        if not 1 <= count <= 64:
-            raise ValueError(f"MvExec needs 1..64 row pipelines, not {count}")
+        if not 1 <= count * (chain_length // 32) <= 64:
+            raise ValueError(f"MvExec needs 1..64 row pipelines (chain count x length / 32), "
+                             f"not {count} x {chain_length // 32}")
         self._ab = addr_bits
         self._d = line_bytes
         self._length = chain_length
@@ -130,6 +138,11 @@ class MvExec(wiring.Component):
     def count(self) -> int:
         return self._count
 
+    @property
+    def pipelines(self) -> int:
+        """Row pipelines: ``count * chain_length / 32`` (one per block lane)."""
+        return self._count * (self._length // 32)
+
     @classmethod
     def for_config(cls, config, **kw):
         """A factory for ``Accelerator(config, exec_factory=...)``."""
@@ -143,7 +156,7 @@ class MvExec(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         D = self._d
-        L = self._count
+        L = self.pipelines                         # one row pipeline per 32-weight block lane
         lgd = exact_log2(D)
         NB = self._max_blocks
         ab = self._ab
@@ -291,7 +304,7 @@ class MvExec(wiring.Component):
             wal = Realign(D)
             dec = Decoder(lanes=1, data_width=D * 8, formats=self._formats,
                           patterns=self._patterns)
-            chain = Chain(length=self._length, pack_int4=self._pack,
+            chain = Chain(length=32, pack_int4=self._pack,
                           formats=self._formats, patterns=self._patterns)
             sc = Scaler(formats=self._formats)
             for nm, u in (("wrd", wrd), ("wal", wal), ("dec", dec), ("chain", chain),

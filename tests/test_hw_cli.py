@@ -88,7 +88,7 @@ def test_hw_estimate_json_chain_on_dsp(own_units, capsys):
     """The JSON object of `llmfab hw estimate --json` on `tiny`: the chain's multipliers are
     DSP48E2 slices (none left to LUTs) and it does two int4 x int8 MACs per DSP."""
     cfg = load_config("tiny")
-    assert main(["hw", "estimate", "--config", "tiny", "--json"]) == 0
+    assert main(["hw", "estimate", "--config", "tiny", "--units", "--json"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out)
     assert set(result) == {"chain", "decoder", "macs_per_dsp"}
@@ -118,7 +118,7 @@ def test_chain_cells_have_no_fabric_multiplier(own_units):
 
 
 def test_hw_estimate_table(own_units, capsys):
-    assert main(["hw", "estimate", "--config", "tiny"]) == 0
+    assert main(["hw", "estimate", "--config", "tiny", "--units"]) == 0
     out = capsys.readouterr().out
     assert "| chain | 16 |" in out and "| chain x 2 | 32 |" in out and "macs_per_dsp" in out
 
@@ -146,7 +146,67 @@ def test_yosys_failure_is_one_line(monkeypatch, tmp_path):
 def test_hw_estimate_ci_all_units(capsys):
     """Every unit of `ci` (about 5 minutes cold)."""
     from llmfab.hw.units import all_units
-    assert main(["hw", "estimate", "--config", "ci", "--json"]) == 0
+    assert main(["hw", "estimate", "--config", "ci", "--units", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == set(all_units(load_config("ci"))) | {"macs_per_dsp"}
     assert result["chain"]["DSP48E2"] == 16 and result["chain"]["soft_mul"] == 0
+
+
+class _Add(wiring.Component):
+    """A registered adder (a replicated unit of the design below)."""
+
+    def __init__(self, width):
+        self._w = width
+        super().__init__({"a": wiring.In(width), "b": wiring.In(width), "o": Out(width)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.sync += self.o.eq(self.a + self.b)
+        return m
+
+
+class _Design(wiring.Component):
+    """Three equal 8-bit adders, one 16-bit adder, a register: two units and a shared rest."""
+    a: wiring.In(16)
+    b: wiring.In(64)
+    o: Out(16)
+
+    def elaborate(self, platform):
+        m = Module()
+        acc = self.a
+        for i, w in enumerate((8, 8, 16, 8)):
+            u = _Add(w)
+            m.submodules[f"add{i}"] = u
+            m.d.comb += [u.a.eq(acc), u.b.eq(self.b[16 * i:16 * i + w])]
+            acc = u.o
+        m.d.sync += self.o.eq(acc)
+        return m
+
+
+def test_estimate_design_units_counts_and_fit():
+    """The whole-design estimate: equal instances are one unit synthesized once and counted
+    three times, the rest is shared; totals, logic levels and the board's fit check."""
+    from llmfab.core.errors import FitError
+    from llmfab.hw.estimate import check_design_fits, design_units, estimate_design
+    from llmfab.hw.verilog import to_verilog
+    v = to_verilog(_Design(), "top")
+    split = design_units(v, "top")
+    assert {n: u["count"] for n, u in split["units"].items()} == {"addN": 3}
+    assert "module \\top.add2" in split["shared"]["text"]         # the 16-bit one is shared
+    cfg = load_config("tiny")
+    res = estimate_design(cfg, verilog=v, top="top", progress=False)
+    unit = res["units"]["addN"]
+    assert unit["count"] == 3 and unit["DSP48E2"] == 0 and unit["FF"] == 8
+    assert 1 <= unit["logic_levels"] <= 4
+    for k in ("LUT", "FF", "DSP48E2", "BRAM", "URAM"):
+        assert res["total"][k] == res["shared"][k] + 3 * unit[k], k
+    # shared: the top's register and the 16-bit adder, flattened together (only 8 bits of
+    # each are ever non-zero or read); a unit is synthesized out of context, all 8 FFs kept
+    assert res["shared"]["FF"] == 8 + 8 and res["fits"] and res["over"] == []
+    assert res["available"]["LUT"] == cfg.board_spec.available("lut")
+    check_design_fits(res)
+    res["total"]["LUT"], res["over"] = 10 ** 6, ["LUT"]
+    with pytest.raises(FitError, match=r"^config 'tiny' needs 1,000,000 LUT but board 'sim-tiny' "
+                                       r"has [\d,]+ \(Yosys synth_xilinx estimate\); use fewer "
+                                       r"or smaller slices$"):
+        check_design_fits(res)

@@ -306,7 +306,7 @@ def test_mv_exec_ci_geometry_cocotb():
     bdir = run_cocotb(to_verilog(unit, "mv_exec", ports=ports), "mv_exec", "cocotb_mv_exec",
                       module_dir=Path(__file__).parent,
                       extra_env={"MV_D": str(D), "MV_AB": str(ab), "MV_N": "30",
-                                 "MV_L": str(config.chain.count),
+                                 "MV_L": str(unit.pipelines),
                                  "MV_REPORT": "mv_steady.txt"})
     print((bdir / "mv_steady.txt").read_text())
 
@@ -315,6 +315,20 @@ def _ports(unit):
     from amaranth.hdl import Signal, Value
     return [v for v in (Value.cast(x) for _, _, x in unit.signature.flatten(unit))
             if isinstance(v, Signal)]
+
+
+def test_mv_exec_chain_lengths():
+    """A chain of length 32 k is k block lanes, each its own row pipeline; other lengths and
+    more than 64 pipelines are errors naming the value."""
+    from llmfab.hw.mv_exec import MvExec
+    assert [MvExec(addr_bits=12, line_bytes=64, chain_length=n, count=2).pipelines
+            for n in (32, 64, 128, 256)] == [2, 4, 8, 16]
+    with pytest.raises(ValueError, match=r"^MvExec chain length must be 32, 64, 128 or 256 "
+                                         r"\(whole blocks between break points\), not 96$"):
+        MvExec(addr_bits=12, line_bytes=64, chain_length=96)
+    with pytest.raises(ValueError, match=r"^MvExec needs 1..64 row pipelines \(chain count x "
+                                         r"length / 32\), not 32 x 4$"):
+        MvExec(addr_bits=12, line_bytes=64, chain_length=128, count=32)
 
 
 @pytest.mark.parametrize("name", ["ci", "tiny"])
