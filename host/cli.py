@@ -444,32 +444,34 @@ def cmd_tokenize(args):
     print(",".join(str(t) for t in Tokenizer.from_gguf(path).encode(args.text)))
 
 
-def _check_bundle_dest(path: str, force: bool) -> None:
+def _check_bundle_dest(path: str, force: bool, *, what: str = "bundle",
+                       marker: str = "manifest.json") -> None:
     """Refuse a bundle destination that cannot be written, before anything is compiled.
 
     ``path`` may be new (missing parent directories are made) or an empty
     directory; a non-empty directory is replaced only with ``force``, and only
     when it holds a bundle (a ``manifest.json``), so that ``--force`` never
-    deletes a directory of other files.
+    deletes a directory of other files. ``what``/``marker``: the same for another
+    kind of output directory (a pipeline of stage bundles: ``pipeline.json``).
     """
     if not path:
         raise LlmfabError("--out is empty: give a directory name")
     if os.path.lexists(path) and not os.path.isdir(path):
-        raise LlmfabError(f"cannot write a bundle to {path}: it exists and is not a directory")
+        raise LlmfabError(f"cannot write a {what} to {path}: it exists and is not a directory")
     if os.path.isdir(path) and os.listdir(path):
         if not force:
-            raise LlmfabError(f"{path} is not empty: give --force to replace the bundle in it, "
+            raise LlmfabError(f"{path} is not empty: give --force to replace the {what} in it, "
                               f"or choose a new directory")
-        if not os.path.isfile(os.path.join(path, "manifest.json")):
-            raise LlmfabError(f"{path} is not empty and holds no bundle (no manifest.json): "
-                              f"--force replaces only a bundle; choose a new directory")
+        if not os.path.isfile(os.path.join(path, marker)):
+            raise LlmfabError(f"{path} is not empty and holds no {what} (no {marker}): "
+                              f"--force replaces only a {what}; choose a new directory")
     ancestor = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
-        raise LlmfabError(f"cannot write a bundle to {path}: {ancestor} is not a directory")
+        raise LlmfabError(f"cannot write a {what} to {path}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise LlmfabError(f"cannot write a bundle to {path}: directory {ancestor} is not writable")
+        raise LlmfabError(f"cannot write a {what} to {path}: directory {ancestor} is not writable")
 
 
 def _write_bundle_whole(bundle, path: str) -> None:

@@ -90,20 +90,6 @@ def _load_model(name):
 
 
 # ---------------------------------------------------------------------------- compile --cards
-def _check_pipeline_dest(path: str, force: bool) -> None:
-    if not path:
-        raise LlmfabError("--out is empty: give a directory name")
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise LlmfabError(f"cannot write a pipeline to {path}: it exists and is not a directory")
-    if os.path.isdir(path) and os.listdir(path):
-        if not force:
-            raise LlmfabError(f"{path} is not empty: give --force to replace the pipeline in it, "
-                              f"or choose a new directory")
-        if not os.path.isfile(os.path.join(path, PIPELINE_FILE)):
-            raise LlmfabError(f"{path} is not empty and holds no pipeline (no {PIPELINE_FILE}): "
-                              f"--force replaces only a pipeline; choose a new directory")
-
-
 def cmd_compile_cards(args) -> None:
     """`llmfab compile --cards N | --placement FILE --out DIR`: one bundle per stage."""
     import shutil
@@ -112,7 +98,8 @@ def cmd_compile_cards(args) -> None:
     from llmfab.compiler.compile import parse_sparsity
     from llmfab.compiler.partition import compile_stages, plan_stages
     _check_cards(args)
-    _check_pipeline_dest(args.out, args.force)
+    from llmfab.host.cli import _check_bundle_dest
+    _check_bundle_dest(args.out, args.force, what="pipeline", marker=PIPELINE_FILE)
     parse_sparsity(args.sparsity)
     model = _load_model(args.model)
     configs, ranges = _stages(args, model, load_config)
