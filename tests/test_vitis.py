@@ -198,9 +198,9 @@ def test_build_u280_without_verilog_says_so(tmp_path, capsys):
     assert main(["build", "--config", "u280", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"llmfab: error: wrote the project to {out} without src/llmfab_accel.v: the "
-                       f"accelerator cannot be generated for config 'u280' yet (MvExec supports one "
-                       f"block per chain beat (length 32), not 128); give --no-verilog to write the "
-                       f"rest on purpose")
+                       f"accelerator cannot be generated for config 'u280' yet (MvExec needs 1..64 row "
+                       f"pipelines (chain count x length / 32), not 32 x 4); give --no-verilog to "
+                       f"write the rest on purpose")
     for f in vitis.PROJECT_FILES:
         assert (out / f).is_file(), f
     assert not (out / "src" / "llmfab_accel.v").exists()
