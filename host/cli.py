@@ -362,12 +362,7 @@ def cmd_generate(args):
     _check_backend_args(args)
     model, config, run = _load_run(args, need_model=True)
     tok = Tokenizer.from_gguf(_gguf_path(model, run, "generate"))
-    text = args.prompt
-    if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
-    prompt = tok.encode(text)
-    if not prompt:
-        raise LlmfabError("the prompt encodes to no tokens")
+    prompt = _encode_prompt(tok, args)
     stop = set(tok.eot_ids)
     dev = open_device(args.backend, model, config, **_device_options(args, model),
                       **({"bundle": run.bundle} if run else {}))
@@ -442,6 +437,17 @@ def cmd_tokenize(args):
         from llmfab.compiler.paths import default_model_path
         path = default_model_path()
     print(",".join(str(t) for t in Tokenizer.from_gguf(path).encode(args.text)))
+
+
+def _encode_prompt(tok, args) -> list:
+    """``--prompt`` (through the model's chat template with ``--chat``) as token ids."""
+    text = args.prompt
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
+    prompt = tok.encode(text)
+    if not prompt:
+        raise LlmfabError("the prompt encodes to no tokens")
+    return prompt
 
 
 def _check_bundle_dest(path: str, force: bool, *, what: str = "bundle",

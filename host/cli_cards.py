@@ -191,12 +191,8 @@ def cmd_generate_cards(args, text_stream) -> None:
     if os.path.isdir(model_path):
         raise LlmfabError("generate needs a tokenizer: give a GGUF model")
     tok = Tokenizer.from_gguf(model_path)
-    text = args.prompt
-    if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
-    prompt = tok.encode(text)
-    if not prompt:
-        raise LlmfabError("the prompt encodes to no tokens")
+    from llmfab.host.cli import _encode_prompt
+    prompt = _encode_prompt(tok, args)
     stop = set(tok.eot_ids)
     stream = None
     if not args.json and sys.stdout.isatty():
