@@ -12,7 +12,7 @@ import numpy as np
 
 from llmfab.core.errors import BackendError, SimError
 from llmfab.compiler import isa
-from llmfab.host.runtime import Device
+from llmfab.host.runtime import Device, config_and_bundle
 
 
 def split_buckets(n: int, buckets) -> list:
@@ -31,15 +31,8 @@ class GoldenDevice(Device):
 
     def __init__(self, model, config=None, *, bundle=None, sparsity=None, progress=False,
                  prefill: bool = True, **kw):
-        from llmfab.boards.config import load_config
-        from llmfab.compiler.compile import compile_model
         from llmfab.sim.golden import Golden
-        if config is None:
-            config = load_config("ci")
-        if bundle is None:
-            bundle = compile_model(model, config, sparsity=sparsity, progress=progress)
-        else:
-            bundle.check_config(config)
+        config, bundle = config_and_bundle(model, config, bundle, sparsity=sparsity, progress=progress)
         self.bundle = bundle
         self.config = config
         self.golden = Golden(bundle)

@@ -21,7 +21,7 @@ import numpy as np
 
 from llmfab.core.errors import BackendError, SimError
 from llmfab.compiler import isa
-from llmfab.host.runtime import Device
+from llmfab.host.runtime import Device, config_and_bundle
 
 
 def exec_factory(config):
@@ -68,15 +68,8 @@ class RtlDevice(Device):
 
     def __init__(self, model, config=None, *, bundle=None, waves=False, timeout_cycles=200_000_000,
                  sample_every=None, memory="ideal", **kw):
-        from llmfab.boards.config import load_config
-        from llmfab.compiler.compile import compile_model
         from llmfab.sim.rtl.harness import RtlAccelerator
-        if config is None:
-            config = load_config("ci")
-        if bundle is None:
-            bundle = compile_model(model, config)
-        else:
-            bundle.check_config(config)
+        config, bundle = config_and_bundle(model, config, bundle)
         factory, implemented = exec_factory(config)
         missing = program_ops(bundle.program) - implemented
         if missing:

@@ -47,6 +47,20 @@ class GenerateResult:
         return n / decode
 
 
+def config_and_bundle(model, config=None, bundle=None, **compile_kw):
+    """The configuration (default ``ci``) and the bundle a device runs: ``bundle`` checked
+    against the configuration, or ``model`` compiled for it (``compile_kw`` to compile_model)."""
+    from llmfab.boards.config import load_config
+    from llmfab.compiler.compile import compile_model
+    if config is None:
+        config = load_config("ci")
+    if bundle is None:
+        bundle = compile_model(model, config, **compile_kw)
+    else:
+        bundle.check_config(config)
+    return config, bundle
+
+
 class Device:
     """A backend that runs a model token by token."""
 

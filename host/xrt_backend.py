@@ -39,7 +39,7 @@ import numpy as np
 from llmfab.compiler import isa
 from llmfab.core.errors import BackendError, SimError
 from llmfab.host.golden_backend import split_buckets
-from llmfab.host.runtime import Device
+from llmfab.host.runtime import Device, config_and_bundle
 
 #: Default bound of every wait on a run: 10 s of kernel time (a card runs a SmolLM2 decode
 #: step on ``ci`` in ~8 ms; the simulated card counts simulated time at the kernel clock).
@@ -112,16 +112,9 @@ class XrtDevice(Device):
         when pyxrt is present, else the simulated card. ``xclbin``: the card's xclbin
         (``make`` in the ``llmfab build`` directory); the simulated card makes its own.
         ``pyxrt``: the module to use (tests pass the simulated card's)."""
-        from llmfab.boards.config import load_config
-        from llmfab.compiler.compile import compile_model
         from llmfab.hw.vitis import KERNEL_NAME, kernel_args
         from llmfab.hw.top import geometry
-        if config is None:
-            config = load_config("ci")
-        if bundle is None:
-            bundle = compile_model(model, config)
-        else:
-            bundle.check_config(config)
+        config, bundle = config_and_bundle(model, config, bundle)
         if int(timeout_ms) < 1:
             raise BackendError(f"timeout_ms must be at least 1, not {timeout_ms}")
         self.bundle, self.config = bundle, config
