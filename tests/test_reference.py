@@ -200,7 +200,7 @@ def test_errors(smol):
     assert str(e.value) == "the prompt is empty: give at least one token"
     with pytest.raises(BackendError) as e:
         open_device("fpga", smol)
-    assert str(e.value) == "unknown backend 'fpga' (choose from reference, golden, rtl)"
+    assert str(e.value) == "unknown backend 'fpga' (choose from reference, golden, rtl, xrt)"
 
 
 # ------------------------------------------------------------------ building blocks
