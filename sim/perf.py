@@ -1,133 +1,439 @@
-"""Analytical performance model: cycles of a compiled decode program on a configuration.
+"""Analytical performance model: cycles of a compiled program on a configuration.
 
-Level 4 of the simulation stack: it walks the bundle's instruction stream and
-charges each queue for its work, assuming what the schedule provides -- the
-load queue streams weights while the compute queue works (double-buffered
-slots), so a decode step costs about ``max(load cycles, compute cycles)`` plus
-the stretches where the compute queue runs SFU work that no load can overlap
-beyond the two prefetched tiles. It is calibrated against RTL cycle counts
-where both exist (sim/rtl) and projects full-size models onto the real boards.
+Level 4 of the simulation stack. :func:`estimate` walks a bundle's instruction
+stream (the decode program, or a prefill program) with the run's registers and
+plays the accelerator's three queues against each other at instruction
+granularity, the way ``hw/top.py`` runs them (docs/isa.md, "Queues and
+dependency tokens"):
 
-Costs (per instruction):
+* a **validation pass** first (``hw/dispatch.py``'s Validator: one word per
+  cycle), then execution;
+* the dispatcher hands out one word per cycle, in program order, into queues
+  ``QUEUE_DEPTH`` deep (it stalls while the target queue is full); SYS waits
+  until every queue has drained;
+* each queue runs its instructions in order; an instruction starts once it is
+  dispatched, its queue is free and the tokens it waits for have been
+  released (the k-th wait on a channel takes the k-th release); it releases
+  its tokens when it completes;
+* the load and store queues move ``bytes / bytes_per_cycle`` plus a fixed
+  cost per instruction, data landing ``read latency`` cycles later; the
+  instruction fetch shares the ports with the loads (16 bytes per word);
+* the compute queue runs one instruction at a time (``hw/exec_unit.py``):
+  MV/MM on the row pipelines of ``hw/mv_exec.py``, QUANT, RMSNORM, ROPE,
+  SILU_MUL, EMBED and ATTN on ``hw/sfu_exec.py``'s ``SfuExec`` with the RTL's
+  lane count, COPY/ADD/MUL/NOP on ``hw/execute.py``'s MiscExec, each with the
+  cycle formula of its unit (:class:`UnitCosts`, every constant with where it
+  comes from).
 
-* LD / ST: ``bytes / bytes_per_cycle`` (+ a fixed latency charged once per
-  stretch, not per beat), where ``bytes_per_cycle`` is the smaller of what the
-  accelerator's ports move (``hbm_bytes_per_cycle * efficiency``) and what the
-  memory sustains for long bursts under the chosen memory model
-  (``boards/memory_timing.py``: the board's refresh and per-burst costs for
-  ``card``, the default; the ports' peak for ``ideal``), so card projections
-  use the sustainable bandwidth, not the nominal one.
-* MV: ``blocks / chain_blocks_per_cycle`` (the chains take one 32-weight block
-  per chain per cycle; sparse blocks are as fast as the pattern allows).
-* MISC: vector ops at ``LANES`` elements per cycle times a pass count
-  (RMSNORM 3 passes, QUANT 2, SILU_MUL 2, ROPE 2, ADD/MUL 1, EMBED 1); ATTN
-  ``heads * head_dim * positions * 2 / LANES`` plus softmax passes.
+The result is the run's cycle count (what the RTL's counter block reports as
+``cycles``), per-unit busy time and what bounds the step. The model is checked
+against the RTL by ``benchmarks/perf_calibration.py`` (docs/benchmarks.md).
+
+Bandwidth: the memory streams at most ``min(ports' peak, the board's memory
+bandwidth)`` (:func:`peak_bytes_per_cycle`), times ``efficiency``; under the
+``card`` memory model (the default) never more than what the memory sustains
+for long bursts (``boards/memory_timing.py``: refresh and per-burst costs), and
+a load's data lands after the card's read latency.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+import math
+from dataclasses import asdict, dataclass, field, replace
 
 from llmfab.boards import memory_timing
 from llmfab.compiler import isa
+from llmfab.core.formats import BLOCK_BYTES, QBLOCK_BYTES, block_bytes
 
-LANES = 32
-PASSES = {"NOP": 0, "QUANT": 2, "RMSNORM": 3, "ROPE": 2, "ADD": 1, "MUL": 1, "SILU_MUL": 2,
-          "COPY": 1, "EMBED": 1}
-HBM_EFFICIENCY = 0.9          # fraction of the ports' peak the load engine keeps busy
-LATENCY = 64                  # cycles to first data of a load that cannot be prefetched
+__all__ = ["UnitCosts", "COSTS", "PerfEstimate", "estimate", "peak_bytes_per_cycle",
+           "sfu_lanes", "mv_pipelines", "misc_cycles", "mv_cycles", "roofline_plot"]
+
+#: Queue depth of the load, compute and store queues (docs/isa.md, hw/top.py).
+QUEUE_DEPTH = 16
 
 
-@dataclass
-class PerfEstimate:
-    cycles: int
-    load_cycles: int
-    compute_cycles: int
-    mv_cycles: int
-    sfu_cycles: int
-    exposed_sfu_cycles: int
-    weight_bytes: int
-    kv_bytes: int
-    macs: int
-    clock_mhz: float
-    tokens_per_s: float
-    hbm_utilization: float     # weight+KV bytes / (cycles * peak bytes per cycle)
-    bound: str                 # "memory", "compute" (chains) or "sfu" (exposed SFU work)
-    memory_model: str = "card"             # boards/memory_timing.py model the bandwidth came from
-    bytes_per_cycle: float = 0.0           # the streaming rate the loads were charged at
-    hbm_utilization_sustainable: float = 0.0   # the same bytes against the memory's sustainable peak
+@dataclass(frozen=True)
+class UnitCosts:
+    """Per-unit cycle constants of the model, in one place, each with its source.
+
+    "tiny fit": fitted to the compute-queue busy cycles of single instructions
+    measured on the ``tiny`` accelerator (``L = 4`` SFU lanes, 16-byte lines;
+    tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles, the figures in
+    hw/sfu_exec.py's docstring and docs/hw-units.md) with the per-element terms
+    read off hw/sfu_exec.py's state machine; "calibration": fitted by
+    benchmarks/perf_calibration.py against whole decode steps on the RTL.
+    """
+
+    # ---- SfuExec (hw/sfu_exec.py). Per-element terms are structural (the FSM):
+    #: QUANT: n/L beats through the quantizer, then d[nb] and sumq[nb] one word per cycle
+    #: (qphase 1, 2); the rest fixed. tiny fit: 576 -> 229, 1536 -> 529 (both give 49).
+    quant_fixed: float = 49
+    #: RMSNORM: pass 1 ceil(n/32)*32/L beats (whole 32-element reduce chunks), the
+    #: rsqrt on the SFU, pass 2 ceil(n/L) beats. tiny fit: 576 -> 416 gives 128.
+    rmsnorm_fixed: float = 128
+    #: ROPE: the cos/sin table one entry per cycle (TABLE: hd cycles), then n*hd/L beats
+    #: (ROPEF: L elements = L/2 pairs per cycle). tiny fit: 3 x 64 -> 129 gives 17.
+    rope_fixed: float = 17
+    #: SILU_MUL: one element per cycle through the SFU. tiny fit: 1536 -> 1628 gives 92.
+    silu_fixed: float = 92
+    #: EMBED: per block, its bytes one per cycle (EMB_COLLECT) then 32 elements one per
+    #: cycle (EMB_EMIT). tiny fit: Q4_1 576 (18 x (20 + 32) = 936) -> 953 gives 17.
+    embed_fixed: float = 17
+    #: ATTN per row and head: score beats ceil(hd/32)*32/L (AKF) + AV beats ceil(hd/L)
+    #: (AVF) + this many for the softmax (ASM issue + the SFU's passes). tiny fit:
+    #: 3 heads x 64 at positions 1 / 50 / 100 -> 1518 / 6663 / 11913: per row and head
+    #: 16 + 16 + 3 = 35 exactly (the slope).
+    softmax_per_row: float = 3
+    #: ATTN per head, besides the rows: q in ceil(hd/L) beats (AQL) and the partial tree
+    #: hd cycles (AT, one element per cycle) are structural; this is the rest (command
+    #: issue, the softmax's reductions and reciprocal, pipeline fills). tiny fit: the
+    #: intercept 1068 of the three ATTN figures = 3 x head + fixed, with fixed = rope_fixed.
+    attn_head_fixed: float = 350
+    #: Every SfuExec instruction: IDLE -> CONST (the constants line) -> START, and the
+    #: writer's drain. ROPE's and EMBED's intercept (tiny fit).
+    sfu_fixed: float = 17
+
+    # ---- MiscExec (hw/execute.py): COPY/ADD/MUL at line_bytes/4 lanes, one line per cycle
+    #: per instruction (commands, the 3-cycle float pipe, realign, the last write); calibration.
+    misc_fixed: float = 8
+    #: per row of a strided COPY (one row after the other: commands and realign again); calibration.
+    copy_row_fixed: float = 6
+    #: NOP: taken and done.
+    nop_cycles: float = 2
+
+    # ---- MvExec (hw/mv_exec.py)
+    #: per MV/MM: command, pipeline fill (reader, realigner, decoder, chain, scaler) and the
+    #: last result writes; calibration.
+    mv_fixed: float = 30
+    #: per row and pipeline, besides its lines: the reader's command cycle (module
+    #: docstring: "per row at most rb/D + 1 lines and a command cycle per reader"); calibration.
+    mv_row_port_overhead: float = 1
+
+    # ---- ExecUnit (hw/exec_unit.py): the hand-off between instructions; calibration.
+    exec_handoff: float = 2
+
+    # ---- load / store engines (hw/dma.py) and the dispatcher
+    #: per LD/ST besides its beats (address, burst split, the last write on chip):
+    #: benchmarks/memory_bandwidth.py on tiny, ideal memory: seq LDs of 32 B .. 8 KiB take
+    #: beats + 2.2 .. 2.6 cycles (docs/benchmarks.md "Calibration through the accelerator").
+    ld_fixed: float = 2.3
+    #: the validation pass (hw/dispatch.py: one word per cycle, three stages) and the run's
+    #: start and end (fetch latency, the counter block); calibration.
+    validate_fixed: float = 40
+    run_fixed: float = 40
+    #: dispatcher: cycles per word.
+    dispatch_cycles: float = 1
 
     def to_dict(self):
         return asdict(self)
 
 
-def estimate(bundle, config, *, pos: int | None = None, efficiency: float = HBM_EFFICIENCY,
-             memory: str = "card") -> PerfEstimate:
-    """Cycles of one decode step at position ``pos`` (default: half the compiled context).
+#: The constants the model uses unless told otherwise.
+COSTS = UnitCosts()
 
-    ``memory``: ``card`` (default) charges loads at no more than what the
-    board's memory sustains (:func:`~llmfab.boards.memory_timing.sustainable_fraction`),
-    ``ideal`` at the ports' peak times ``efficiency`` alone.
+
+@dataclass
+class PerfEstimate:
+    cycles: int                # the whole run: validation + execution
+    load_cycles: int           # load-queue occupancy (LD bytes / rate + fixed costs)
+    compute_cycles: int        # compute-queue busy time (MV/MM + MISC)
+    mv_cycles: int             # of which MV/MM
+    sfu_cycles: int            # of which MISC (SfuExec and MiscExec)
+    exposed_sfu_cycles: int    # execution time beyond max(load, MV): what the SFU work adds
+    weight_bytes: int
+    kv_bytes: int
+    macs: int
+    clock_mhz: float
+    tokens_per_s: float        # tokens of the program (prefill: T) per second
+    hbm_utilization: float     # weight+KV bytes / (cycles * peak bytes per cycle)
+    bound: str                 # "memory" (loads), "compute" (MV chains) or "sfu" (MISC work)
+    memory_model: str = "card"             # boards/memory_timing.py model the bandwidth came from
+    bytes_per_cycle: float = 0.0           # the streaming rate the loads were charged at
+    hbm_utilization_sustainable: float = 0.0   # the same bytes against the memory's sustainable peak
+    peak_bytes_per_cycle: float = 0.0      # min(ports' peak, the board's memory bandwidth)
+    validate_cycles: int = 0
+    exec_cycles: int = 0
+    pos: int = 0
+    tokens: int = 1                        # tokens the program runs (1 decode, T prefill)
+    sfu_lanes: int = 0
+    misc_by_op: dict = field(default_factory=dict)   # MISC op -> cycles
+    store_cycles: int = 0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# the configuration's units
+# ---------------------------------------------------------------------------------------
+
+def peak_bytes_per_cycle(config) -> float:
+    """The most the memory can stream per kernel cycle: the lesser of the accelerator's
+    ports' peak (``hbm_bytes_per_cycle``) and the board's memory bandwidth through those
+    ports (``memory_gbps``), i.e. ``effective_hbm_gbps`` per cycle."""
+    return min(float(config.hbm_bytes_per_cycle), config.memory_gbps * 1e3 / config.clock_mhz)
+
+
+def line_bytes(config) -> int:
+    """The on-chip line (hw/top.py: ``ports * data_width / 8``), the execution units' width."""
+    return config.hbm_bytes_per_cycle
+
+
+def sfu_lanes(config) -> int:
+    """SfuExec's lanes in the accelerator of ``config``: the RTL's own default
+    (``SfuExec.default_lanes(line_bytes)``: ``min(8, line_bytes / 4)``, at least 2),
+    which ``hw/exec_unit.py`` builds."""
+    from llmfab.hw.sfu_exec import SfuExec
+    return SfuExec.default_lanes(line_bytes(config))
+
+
+def mv_pipelines(config) -> int:
+    """MvExec's row pipelines: one per 32-weight block lane, ``count * length / 32``."""
+    return config.chain.count * config.block_lanes_per_chain
+
+
+def _ceil(a, b):
+    return -(-int(a) // int(b))
+
+
+def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lanes=None) -> float:
+    """Compute-queue cycles of one MISC instruction (fields ``f``) on its RTL unit."""
+    L = lanes or sfu_lanes(config)
+    D = line_bytes(config)
+    n = f["n"]
+    c = costs
+    if name == "NOP":
+        return c.nop_cycles
+    if name in ("ADD", "MUL"):                          # MiscExec: a line of words per cycle
+        return c.misc_fixed + _ceil(4 * n, D) if n else c.nop_cycles
+    if name == "COPY":
+        reps, w, _ = isa.copy_operands(f)
+        if not w:
+            return c.nop_cycles
+        return c.misc_fixed + reps * _ceil(4 * w, D) + (reps - 1) * c.copy_row_fixed
+    if name == "QUANT":
+        nb = n // 32
+        return c.quant_fixed + _ceil(n, L) + 2 * nb
+    if name == "RMSNORM":
+        return c.rmsnorm_fixed + _ceil(n, 32) * (32 // L) + _ceil(n, L)
+    if name == "ROPE":                                  # n heads of aux elements
+        hd = f["aux"]
+        return c.rope_fixed + hd + _ceil(n * hd, L)
+    if name == "SILU_MUL":
+        return c.silu_fixed + n
+    if name == "EMBED":
+        fmt = isa.FMTS[f["aux"]] if f["aux"] < 3 else "q8_0"
+        return c.embed_fixed + (n // 32) * (BLOCK_BYTES[fmt] + 32)
+    if name == "ATTN":
+        nh, t, hd, _cached = isa.attn_operands(f)
+        rows = regs[f["reg"]] + t + 1                   # cache rows [0, S) (+ S cached or current)
+        per_row = _ceil(hd, 32) * (32 // L) + _ceil(hd, L) + c.softmax_per_row
+        per_head = _ceil(hd, L) + hd + c.attn_head_fixed
+        return c.sfu_fixed + nh * (per_head + rows * per_row)
+    return c.sfu_fixed
+
+
+def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cached: bool = False) -> float:
+    """Compute-queue cycles of one MV (``ntok`` 1) or MM on MvExec's row pipelines.
+
+    Per token: the activation load (``40 nb / min(line_bytes, 32)`` cycles, skipped when
+    the unit's activation cache holds the vector), then the rows spread over the
+    pipelines: each row takes ``nb`` cycles on its chain (twice that for 8-bit
+    weights on packed chains), or what its read port delivers if that is slower (the
+    row's lines, a command cycle, the pipelines sharing each of the two ports).
+    """
+    fmt = isa.FMTS[f["func"] & 3]
+    sp = isa.SPARSITIES[f["func"] >> 2]
+    rows, cols = f["rows"], f["cols"]
+    nb = cols // 32
+    D = line_bytes(config)
+    P = mv_pipelines(config)
+    per_block = config.macs_per_cycle / config.format_macs_per_cycle(fmt)   # 2 for Q8_0 packed
+    rb = nb * block_bytes(fmt, sp)
+    g = math.gcd(rb, D) if rb else D
+    lines = (rb + D - g) / D                        # lines a row touches, on average
+    share = max(1, _ceil(P, 2))                     # pipelines per read port
+    per_row = max(nb * per_block, share * (lines + costs.mv_row_port_overhead))
+    act = 0 if act_cached else ntok * _ceil(nb * QBLOCK_BYTES, min(D, 32))
+    return costs.mv_fixed + act + ntok * _ceil(rows, P) * per_row
+
+
+# ---------------------------------------------------------------------------------------
+# the queues
+# ---------------------------------------------------------------------------------------
+
+_WAIT = {  # (queue, header bit) -> channel
+    ("cmp", "wait_prev"): "ld2cmp", ("ld", "wait_next"): "cmp2ld",
+    ("st", "wait_prev"): "cmp2st", ("cmp", "wait_next"): "st2cmp"}
+_REL = {
+    ("ld", "rel_next"): "ld2cmp", ("cmp", "rel_prev"): "cmp2ld",
+    ("cmp", "rel_next"): "cmp2st", ("st", "rel_prev"): "st2cmp"}
+
+
+def _program(bundle, program):
+    if program in (None, "decode", 1):
+        return bundle.program, 1
+    T = int(program)
+    if T not in bundle.prefill:
+        raise KeyError(f"the bundle has no prefill program of {T} tokens "
+                       f"(buckets: {sorted(bundle.prefill)})")
+    return bundle.prefill[T], T
+
+
+def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency: float = 1.0,
+             memory: str = "card", costs: UnitCosts = COSTS) -> PerfEstimate:
+    """Cycles of one run of a program at position ``pos`` (default: half the compiled context).
+
+    ``program``: ``None`` / ``"decode"`` the decode program, an int T the prefill program
+    of bucket T (tokens at positions ``pos .. pos + T - 1``). ``memory``: ``card``
+    (default) charges loads at no more than what the board's memory sustains
+    (:func:`~llmfab.boards.memory_timing.sustainable_fraction`) with the card's read
+    latency, ``ideal`` at the peak (the lesser of ports and memory) times ``efficiency``
+    with the RTL ideal model's latency. ``costs``: the unit constants (:class:`UnitCosts`).
     """
     ctx = int(bundle.manifest["context"])
-    pos = ctx // 2 if pos is None else pos
-    sustainable = memory_timing.sustainable_fraction(config, memory)
-    bpc = config.hbm_bytes_per_cycle * min(efficiency, sustainable)
-    prefetch = 2 * (config.buffer_bytes["weight"] // 2) / bpc     # two weight slots
-    regs = {isa.REG_POS: pos, isa.REG_SEQ: pos + 1}
-    load = mv = sfu = exposed = 0.0
+    pos = ctx // 2 if pos is None else int(pos)
+    prog, ntok = _program(bundle, program)
+    peak = peak_bytes_per_cycle(config)
+    bpc = peak * efficiency
+    if memory == "card":
+        sustainable = memory_timing.sustainable_fraction(config, "card")
+        bpc = min(bpc, config.hbm_bytes_per_cycle * sustainable)
+        try:
+            tp = memory_timing.timing_params(config, "card")
+            rlat, wlat = tp.read_latency, tp.write_latency
+        except Exception:      # noqa: BLE001 - a board without timing: the ideal latencies
+            rlat, wlat = memory_timing.IDEAL_READ_LATENCY, memory_timing.IDEAL_WRITE_LATENCY
+    elif memory == "ideal":
+        sustainable = 1.0
+        rlat, wlat = memory_timing.IDEAL_READ_LATENCY, memory_timing.IDEAL_WRITE_LATENCY
+    else:
+        raise ValueError(f"unknown memory model '{memory}'; known: {', '.join(memory_timing.MODELS)}")
+    L = sfu_lanes(config)
+    c = costs
+    regs = [0] * isa.NREGS
+    regs[isa.REG_POS] = pos
+    regs[isa.REG_SEQ] = pos + ntok
+    words = isa.from_bytes(prog)
+
+    validate = c.validate_fixed + len(words) * c.dispatch_cycles
+    t_disp = 0.0
+    free = {"ld": 0.0, "cmp": 0.0, "st": 0.0}       # when each queue's engine is free
+    last_end = {"ld": 0.0, "cmp": 0.0, "st": 0.0}   # when each queue's last instruction completes
+    pops = {"ld": [], "cmp": [], "st": []}          # start times (queue slot freed)
+    rel = {ch: [] for ch in ("ld2cmp", "cmp2ld", "cmp2st", "st2cmp")}
+    used = {ch: 0 for ch in rel}
+    busy = {"ld": 0.0, "cmp": 0.0, "st": 0.0, "mv": 0.0, "misc": 0.0}
+    misc_by_op = {}
     wbytes = kvbytes = macs = 0
-    seg_sfu = 0.0
-    for w in isa.from_bytes(bundle.program):
+    fetch_debt = 0.0                                # port cycles the instruction fetch took
+    ld_idle_from = 0.0
+    act_vec = None                                  # MvExec's activation cache (qsrc, nb)
+    end = 0.0
+    for w in words:
         ins = isa.decode(w)
         f = ins.fields
-        if ins.op in ("LD", "ST"):
-            n = f["len"] + regs.get(f["lreg"], 0) * f["lmul"]
-            load += n / bpc
-            if f["hreg"] == isa.REG_WBASE:
-                wbytes += n
-            elif f["hreg"] == isa.REG_KVBASE:
-                kvbytes += n
-        elif ins.op in ("MV", "MM"):
-            fmt = isa.FMTS[f["func"] & 3]
-            sp = isa.SPARSITIES[f["func"] >> 2]
-            blocks = f["rows"] * f["cols"] // 32 * (f["ntok"] if ins.op == "MM" else 1)
-            mv += blocks / config.chain_blocks_per_cycle(fmt, sp)
-            macs += f["rows"] * f["cols"]
-            if seg_sfu:
-                # SFU work between matrix ops stalls the chains; the load queue keeps
-                # streaming only until both weight slots are full
-                exposed += max(0.0, seg_sfu - prefetch) + LATENCY
-                seg_sfu = 0.0
-        elif ins.op == "MISC":
-            name = isa.MISC_NAMES[f["func"]]
-            if name == "ATTN":
-                S = pos + 1
-                c = f["n"] * f["aux"] * S * 2 / LANES + f["n"] * S * 4 / LANES
+        q = isa.QUEUE[isa.OPCODES[ins.op]]
+        fetch_debt += isa.WORD_BYTES / bpc
+        if q == "sys":
+            t = max(t_disp, *last_end.values())
+            t_disp = t + c.dispatch_cycles
+            if f["func"] == isa.SYS_END:
+                end = t
+                break
+            continue
+        # dispatch: in order, one word per cycle, into a queue QUEUE_DEPTH deep
+        t = t_disp
+        if len(pops[q]) >= QUEUE_DEPTH:
+            t = max(t, pops[q][-QUEUE_DEPTH])
+        t_disp = t + c.dispatch_cycles
+        start = max(t + c.dispatch_cycles, free[q])
+        for bit in ("wait_prev", "wait_next"):
+            if f.get(bit):
+                ch = _WAIT[(q, bit)]
+                k = used[ch]
+                used[ch] += 1
+                if k < len(rel[ch]):
+                    start = max(start, rel[ch][k])
+        pops[q].append(start)
+        if q in ("ld", "st"):
+            n = f["len"] + regs[f["lreg"]] * f["lmul"]
+            if q == "ld":
+                if f["hreg"] == isa.REG_WBASE:
+                    wbytes += n
+                elif f["hreg"] == isa.REG_KVBASE:
+                    kvbytes += n
+                # the fetch shares the ports: what it took beyond the ports' idle time
+                idle = max(0.0, start - ld_idle_from)
+                occ = (n / bpc + c.ld_fixed if n else 1) + max(0.0, fetch_debt - idle)
+                fetch_debt = 0.0
+                done = start + occ + (rlat if n else 0)
+                ld_idle_from = start + occ
             else:
-                c = f["n"] * PASSES.get(name, 1) / LANES
-            sfu += c
-            seg_sfu += c
-    compute = mv + sfu
-    cycles = max(load, mv) + exposed
-    peak = config.hbm_bytes_per_cycle
-    tps = config.clock_mhz * 1e6 / cycles if cycles else 0.0
-    return PerfEstimate(cycles=int(cycles), load_cycles=int(load), compute_cycles=int(compute),
-                        mv_cycles=int(mv), sfu_cycles=int(sfu), exposed_sfu_cycles=int(exposed),
-                        weight_bytes=wbytes, kv_bytes=kvbytes, macs=macs, clock_mhz=config.clock_mhz,
-                        tokens_per_s=tps, hbm_utilization=(wbytes + kvbytes) / (cycles * peak) if cycles else 0,
-                        bound=("sfu" if exposed > max(load, mv) else
-                               "memory" if load >= mv else "compute"),
-                        memory_model=memory, bytes_per_cycle=bpc,
-                        hbm_utilization_sustainable=((wbytes + kvbytes) / (cycles * peak * sustainable)
-                                                     if cycles else 0))
+                occ = n / bpc + c.ld_fixed if n else 1
+                done = start + occ + (wlat if n else 0)
+            free[q] = start + occ
+            busy[q] += occ
+        else:
+            if ins.op in ("MV", "MM"):
+                nt = max(f.get("ntok", 1), 1) if ins.op == "MM" else 1
+                vec = (f["qsrc"], f["cols"])
+                cyc = mv_cycles(f, nt, config, c, act_cached=(nt == 1 and vec == act_vec))
+                act_vec = vec if nt == 1 else None
+                macs += f["rows"] * f["cols"] * nt
+                busy["mv"] += cyc
+            else:
+                name = isa.MISC_NAMES[f["func"]]
+                cyc = misc_cycles(name, f, regs, config, c, lanes=L)
+                if name != "NOP":
+                    act_vec = None          # an on-chip write may touch the cached vector
+                busy["misc"] += cyc
+                misc_by_op[name] = misc_by_op.get(name, 0.0) + cyc
+            cyc += c.exec_handoff
+            done = start + cyc
+            free[q] = done
+            busy[q] += cyc
+        last_end[q] = max(last_end[q], done)
+        for bit in ("rel_prev", "rel_next"):
+            if f.get(bit):
+                rel[_REL[(q, bit)]].append(done)
+    else:
+        end = max(t_disp, *last_end.values())
+    exec_cycles = end + c.run_fixed
+    cycles = validate + exec_cycles
+    load, mv, sfu = busy["ld"], busy["mv"], busy["misc"]
+    exposed = max(0.0, exec_cycles - max(load, mv))
+    moved = wbytes + kvbytes
+    # the load queue busier than the compute queue: memory; else the compute queue is the
+    # critical path: "compute" if the MV work alone outlasts the loads and the MISC work,
+    # else "sfu" (the MISC work is what puts the compute queue above the loads)
+    bound = ("memory" if load >= busy["cmp"] else
+             "compute" if mv >= load and mv > sfu else "sfu")
+    return PerfEstimate(
+        cycles=int(round(cycles)), load_cycles=int(load), compute_cycles=int(busy["cmp"]),
+        mv_cycles=int(mv), sfu_cycles=int(sfu), exposed_sfu_cycles=int(exposed),
+        weight_bytes=wbytes, kv_bytes=kvbytes, macs=macs, clock_mhz=config.clock_mhz,
+        tokens_per_s=ntok * config.clock_mhz * 1e6 / cycles if cycles else 0.0,
+        hbm_utilization=moved / (cycles * peak) if cycles else 0.0, bound=bound,
+        memory_model=memory, bytes_per_cycle=bpc,
+        hbm_utilization_sustainable=(moved / (cycles * config.hbm_bytes_per_cycle * sustainable)
+                                     if cycles else 0.0),
+        peak_bytes_per_cycle=peak, validate_cycles=int(validate), exec_cycles=int(exec_cycles),
+        pos=pos, tokens=ntok, sfu_lanes=L, misc_by_op={k: int(v) for k, v in misc_by_op.items()},
+        store_cycles=int(busy["st"]))
+
+
+def with_costs(**changes) -> UnitCosts:
+    """:data:`COSTS` with some constants changed (what-if studies, calibration fits)."""
+    return replace(COSTS, **changes)
 
 
 def roofline_plot(points, config, path):
     """Roofline of a configuration (MAC/cycle vs MAC/byte) with decode points; writes a PNG.
 
     ``points``: ``(label, MAC per byte, MAC per cycle)``, optionally with a fourth
-    item, the label's offset in points (default ``(5, -12)``).
+    item, the label's offset in points (default ``(5, -12)``). The memory roof is
+    :func:`peak_bytes_per_cycle` (the lesser of the ports' and the memory's bandwidth).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -135,11 +441,11 @@ def roofline_plot(points, config, path):
     import numpy as np
 
     peak_macs = config.macs_per_cycle
-    bw = config.hbm_bytes_per_cycle
+    bw = peak_bytes_per_cycle(config)
     x = np.logspace(-1, 3, 200)
     y = np.minimum(peak_macs, bw * x)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.loglog(x, y, label=f"{config.name}: {peak_macs} MAC/cycle, {bw} B/cycle")
+    ax.loglog(x, y, label=f"{config.name}: {peak_macs} MAC/cycle, {bw:.0f} B/cycle")
     for label, intensity, perf, *offset in points:     # optional 4th item: label offset (points)
         ax.plot([intensity], [perf], "o")
         ax.annotate(label, (intensity, perf), textcoords="offset points",

@@ -1,0 +1,200 @@
+"""Benchmark: the analytical performance model (sim/perf.py) against the RTL, cycle for cycle.
+
+    .venv/bin/python benchmarks/perf_calibration.py [--config tiny] [--positions 0,64,127]
+                                                     [--models tiny,tiny-wide] [--ops] [--write-docs]
+
+For each synthetic model (tests/tinymodel.py's GGUF writer; ``tiny``: 2 layers, dim 64,
+4 heads of 16, FFN 128, vocab 256, Q4_1, SFU-heavy; ``tiny-wide``: FFN 512, vocab 4096,
+Q4_0, weight-streaming-heavy) compiled for the configuration, and each position p: the
+golden model runs the tokens before p (filling the KV cache), the cache is copied into
+the simulated accelerator's HBM, and the RTL runs one decode step at position p; its
+counter block (cycles = validation + execution, busy cycles per queue) is compared
+with ``sim.perf.estimate(bundle, config, pos=p, memory="ideal")`` (the RTL's default
+memory model). The RTL's logits are checked against the golden model's at every step.
+
+``--ops``: also run, for each kind of compute instruction of the decode program (MV,
+ATTN, RMSNORM, ...), that kind's instructions alone (tokens stripped, then END) and
+compare the model's per-unit formula with the RTL's execution cycles: where a
+whole-step error comes from.
+
+``--write-docs`` replaces the table between ``<!-- BEGIN perf_calibration -->`` and
+``<!-- END perf_calibration -->`` in docs/benchmarks.md. Needs the configuration's
+Verilator build (cached in sim_build/, or $LLMFAB_SIM_BUILD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+DOCS = os.path.join(HERE, "..", "docs", "benchmarks.md")
+
+#: The synthetic models: name -> (weight type, tinymodel.write_tiny_gguf shape)
+MODELS = {
+    "tiny": ("q4_1", dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab=256)),
+    "tiny-wide": ("q4_0", dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=4096)),
+}
+
+
+def _model(name, tmp):
+    import tinymodel
+    from llmfab.compiler.model import load_model
+    qtype, shape = MODELS[name]
+    return load_model(tinymodel.write_tiny_gguf(os.path.join(tmp, f"{name}.gguf"), qtype, seed=7, **shape))
+
+
+def op_programs(program: bytes):
+    """kind -> program of the decode program's compute instructions of that kind alone
+    (no token bits), then END. Kinds: MV, MM, and each MISC op."""
+    from llmfab.compiler import isa
+    groups = {}
+    for w in isa.from_bytes(program):
+        ins = isa.decode(w)
+        if ins.op in ("MV", "MM"):
+            kind = ins.op
+        elif ins.op == "MISC":
+            kind = isa.MISC_NAMES[ins.fields["func"]]
+            if kind == "NOP":
+                continue
+        else:
+            continue
+        f = dict(ins.fields)
+        for k in ("wait_prev", "wait_next", "rel_prev", "rel_next"):
+            f[k] = 0
+        f.pop("op", None)
+        groups.setdefault(kind, []).append(isa.encode(isa.make(ins.op, **f)))
+    end = isa.encode(isa.make("SYS", func=isa.SYS_END))
+    return {k: (isa.to_bytes(v + [end]), len(v)) for k, v in groups.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--models", default="tiny,tiny-wide")
+    ap.add_argument("--positions", default=None, help="comma-separated (default: 0, context/2, context-1)")
+    ap.add_argument("--memory", default="ideal", help="RTL and model memory timing: ideal or card")
+    ap.add_argument("--ops", action="store_true", help="per-kind instruction streams too")
+    ap.add_argument("--json", default=None, help="write every row to this file")
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args(argv)
+
+    from llmfab.boards.config import load_config
+    from llmfab.compiler import isa
+    from llmfab.compiler.compile import compile_model
+    from llmfab.host.golden_backend import GoldenDevice
+    from llmfab.host.rtl_backend import exec_factory
+    from llmfab.sim.perf import estimate, sfu_lanes
+    from llmfab.sim.rtl.harness import RtlAccelerator
+
+    cfg = load_config(args.config)
+    rows, oprows = [], []
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for mname in args.models.split(","):
+            m = _model(mname, tmp)
+            b = compile_model(m, cfg)
+            ctx = int(b.manifest["context"])
+            positions = ([int(p) for p in args.positions.split(",")] if args.positions
+                         else [0, ctx // 2, ctx - 1])
+            kv0, kvn = (int(x) for x in b.manifest["memory_map"]["kv"])
+            vocab = int(b.manifest["model"]["vocab_size"])
+            rng = np.random.default_rng(1)
+            toks = [int(t) for t in rng.integers(0, vocab, max(positions) + 1)]
+            factory, _ = exec_factory(cfg)
+            gold = GoldenDevice(m, cfg, bundle=b)
+            with RtlAccelerator(cfg, b, exec_factory=factory, memory=args.memory,
+                                progress=lambda s: print(s, file=sys.stderr)) as acc:
+                for p in positions:
+                    gold.reset()
+                    if p:
+                        gold.forward(toks[:p])
+                    acc.write_hbm(kv0, gold.golden.hbm[kv0:kv0 + kvn].copy())
+                    lg = gold.forward([toks[p]])[-1]
+                    t0 = time.perf_counter()
+                    r = acc.run(p, toks[p])
+                    wall = time.perf_counter() - t0
+                    if r.timed_out or r.status != isa.STATUS_OK:
+                        raise SystemExit(f"rtl run at position {p} ended with status {r.status} at {r.pc}")
+                    exact = bool(np.array_equal(acc.logits().view(np.uint32), lg.view(np.uint32)))
+                    c = r.counters
+                    e = estimate(b, cfg, pos=p, memory=args.memory)
+                    row = {"config": cfg.name, "model": mname, "pos": p, "rtl_cycles": int(c["cycles"]),
+                           "model_cycles": e.cycles,
+                           "error": round(e.cycles / int(c["cycles"]) - 1, 4),
+                           "rtl_validate": int(c["validate_cycles"]), "model_validate": e.validate_cycles,
+                           "rtl_busy_ld": int(c["busy_ld"]), "model_busy_ld": e.load_cycles,
+                           "rtl_busy_mv": int(c["busy_mv"]), "model_busy_mv": e.mv_cycles,
+                           "rtl_busy_misc": int(c["busy_misc"]), "model_busy_misc": e.sfu_cycles,
+                           "rtl_busy_cmp": int(c["busy_cmp"]), "model_busy_cmp": e.compute_cycles,
+                           "model_bound": e.bound, "logits_bit_exact": exact,
+                           "wall_seconds": round(wall, 1)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                if args.ops:
+                    old = acc.program
+                    pos = positions[-1]
+                    for kind, (prog, count) in sorted(op_programs(b.program).items()):
+                        acc.load_program(prog)
+                        r = acc.run(pos, toks[pos])
+                        if r.timed_out or r.status != isa.STATUS_OK:
+                            print(f"{kind}: status {r.status} at {r.pc}", file=sys.stderr)
+                            continue
+                        e = estimate(dataclasses.replace(b, program=prog, prefill={}), cfg, pos=pos,
+                                     memory=args.memory)
+                        orow = {"model": mname, "kind": kind, "count": count, "pos": pos,
+                                "rtl_busy_cmp": int(r.counters["busy_cmp"]),
+                                "model_busy_cmp": e.compute_cycles,
+                                "rtl_exec": int(r.counters["exec_cycles"]), "model_exec": e.exec_cycles,
+                                "error": round(e.compute_cycles / max(int(r.counters["busy_cmp"]), 1) - 1, 4)}
+                        oprows.append(orow)
+                        print(json.dumps(orow), flush=True)
+                    acc.load_program(old)
+    wall = time.perf_counter() - t_all
+    lanes = sfu_lanes(cfg)
+    table = [f"`{cfg.name}` ({cfg.hbm.ports} x {cfg.hbm.data_width}-bit port(s), {cfg.chain.count} x "
+             f"{cfg.chain.length} chains, SFU {lanes} lanes), {args.memory} memory; cycles of one "
+             f"decode step (validation + execution):", "",
+             "| model | position | RTL cycles | model cycles | error | RTL busy LD / MV / MISC | "
+             "model LD / MV / MISC | logits = golden |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['model']} | {r['pos']} | {r['rtl_cycles']:,} | {r['model_cycles']:,} | "
+                     f"{r['error'] * 100:+.1f}% | {r['rtl_busy_ld']:,} / {r['rtl_busy_mv']:,} / "
+                     f"{r['rtl_busy_misc']:,} | {r['model_busy_ld']:,} / {r['model_busy_mv']:,} / "
+                     f"{r['model_busy_misc']:,} | {'yes' if r['logits_bit_exact'] else 'NO'} |")
+    if oprows:
+        table += ["", "Each kind of compute instruction alone (the decode program's, at position "
+                  f"{oprows[0]['pos']}; compute-queue busy cycles):", "",
+                  "| model | kind | instructions | RTL | model | error |", "|---|---|---|---|---|---|"]
+        for r in oprows:
+            table.append(f"| {r['model']} | {r['kind']} | {r['count']} | {r['rtl_busy_cmp']:,} | "
+                         f"{r['model_busy_cmp']:,} | {r['error'] * 100:+.1f}% |")
+    md = "\n".join(table)
+    print(md)
+    print(f"({wall:.0f} s)", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "ops": oprows}, f, indent=1)
+    if args.write_docs:
+        doc = open(DOCS).read()
+        a, b_ = "<!-- BEGIN perf_calibration -->", "<!-- END perf_calibration -->"
+        if a not in doc:
+            doc += f"\n{a}\n{b_}\n"
+        i, j = doc.index(a) + len(a), doc.index(b_)
+        doc = doc[:i] + "\n" + md + "\n" + doc[j:]
+        open(DOCS, "w").write(doc)
+    bad = [r for r in rows if abs(r["error"]) > 0.10 or not r["logits_bit_exact"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The analytical performance model (sim/perf.py): bandwidth, per-op cycle formulas, prefill
+ATTN operands, and the whole decode step against the RTL's measured cycles.
+
+Expected numbers are worked out by hand in each test from the configuration, the ISA
+fields and the unit formulas of hw/sfu_exec.py, not copied from the model's output.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmfab.boards.config import load_config
+from llmfab.compiler import isa
+from llmfab.sim import perf
+from llmfab.sim.perf import COSTS, misc_cycles, peak_bytes_per_cycle, sfu_lanes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tinymodel  # noqa: E402
+
+
+def _regs(pos, ntok=1):
+    r = [0] * isa.NREGS
+    r[isa.REG_POS] = pos
+    r[isa.REG_SEQ] = pos + ntok
+    return r
+
+
+# ---- bandwidth: the lesser of the ports' peak and the board's memory ----------------------
+
+def test_bandwidth_is_the_lesser_of_ports_and_memory():
+    v80 = load_config("v80")
+    # ports: 32 x 1024 bit = 4096 B/cycle (921.6 GB/s at 225 MHz); memory: 32 channels x
+    # 25.6 GB/s = 819.2 GB/s = 819.2e9 / 225e6 = 3640.89 B/cycle: the memory is the limit
+    assert peak_bytes_per_cycle(v80) == pytest.approx(819.2e3 / 225)
+    assert peak_bytes_per_cycle(v80) == pytest.approx(3640.888, abs=1e-2)
+    # u280: ports 32 x 512 bit = 2048 B/cycle (460.8 GB/s), memory 32 x 14.375 = 460 GB/s
+    u280 = load_config("u280")
+    assert peak_bytes_per_cycle(u280) == pytest.approx(460e3 / 225)
+    # ci: ports 2 x 256 bit = 64 B/cycle; memory 2 of sim-small's 6.4 GB/s channels at 200 MHz
+    # = 64 B/cycle: equal
+    assert peak_bytes_per_cycle(load_config("ci")) == pytest.approx(64.0)
+
+
+def test_estimate_charges_the_memory_limited_rate(tmp_path):
+    """Under the ideal memory model the loads stream at min(ports, memory) x efficiency: on the
+    v80 that is 3640.89 B/cycle, not the ports' 4096 (12.5% more)."""
+    from llmfab.compiler.compile import compile_model
+    from llmfab.compiler.model import load_model
+    cfg = load_config("v80")
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_0"))
+    b = compile_model(m, cfg, emit_image=False)
+    e = perf.estimate(b, cfg, pos=3, memory="ideal")
+    assert e.bytes_per_cycle == pytest.approx(819.2e3 / 225)
+    assert e.peak_bytes_per_cycle == pytest.approx(819.2e3 / 225)
+    assert perf.estimate(b, cfg, pos=3, memory="ideal", efficiency=0.5).bytes_per_cycle == \
+        pytest.approx(0.5 * 819.2e3 / 225)
+    # card: never above the memory's sustainable rate (boards/memory_timing.py)
+    from llmfab.boards.memory_timing import sustainable_fraction
+    card = perf.estimate(b, cfg, pos=3, memory="card")
+    assert card.bytes_per_cycle == pytest.approx(4096 * sustainable_fraction(cfg, "card"))
+    assert card.bytes_per_cycle < 819.2e3 / 225
+
+
+# ---- SFU lanes: the RTL's ----------------------------------------------------------------
+
+def test_sfu_lanes_are_the_rtls():
+    # SfuExec.default_lanes(line_bytes) = min(8, line_bytes / 4); line = ports x data_width / 8
+    assert sfu_lanes(load_config("tiny")) == 4        # 16-byte lines
+    assert sfu_lanes(load_config("ci")) == 8          # 64-byte lines
+    assert sfu_lanes(load_config("u280")) == 8        # 2048-byte lines, capped at 8
+
+
+# ---- ROPE: by elements -------------------------------------------------------------------
+
+def test_rope_costs_elements_not_heads():
+    tiny = load_config("tiny")                         # L = 4
+    f = {"n": 3, "aux": 64}
+    # TABLE: 64 entries one per cycle; ROPEF: 3 x 64 elements, 4 per cycle = 48 beats
+    assert misc_cycles("ROPE", f, _regs(0), tiny) == COSTS.rope_fixed + 64 + 48
+    # the RTL's measured figure for this op (docs/hw-units.md: ROPE 3 heads x 64 -> 129)
+    assert misc_cycles("ROPE", f, _regs(0), tiny) == 129
+    # twice the heads: 96 more beats (3 x 64 / 4 more), not twice the cost
+    assert misc_cycles("ROPE", {"n": 6, "aux": 64}, _regs(0), tiny) == COSTS.rope_fixed + 64 + 96
+    # same elements as 6 heads of 32: 6 x 32 / 4 = 48 beats and a 32-entry table
+    assert misc_cycles("ROPE", {"n": 6, "aux": 32}, _regs(0), tiny) == COSTS.rope_fixed + 32 + 48
+    ci = load_config("ci")                             # L = 8
+    assert misc_cycles("ROPE", f, _regs(0), ci) == COSTS.rope_fixed + 64 + 24
+
+
+# ---- ATTN: decode and prefill operands ---------------------------------------------------
+
+def test_attn_decode_form():
+    tiny = load_config("tiny")                         # L = 4
+    f = {**isa.attn_fields(3, 64), "reg": isa.REG_POS}
+    # rows = pos + 1; per row and head: scores ceil(64/32) x 32/4 = 16, AV 64/4 = 16, softmax 3
+    # per head: q 64/4 = 16 beats, the partial tree 64 cycles, plus the fixed part
+    per_head = 16 + 64 + COSTS.attn_head_fixed
+    for pos, rtl in ((1, 1518), (50, 6663), (100, 11913)):
+        want = COSTS.sfu_fixed + 3 * (per_head + (pos + 1) * 35)
+        assert misc_cycles("ATTN", f, _regs(pos), tiny) == want
+        # and the RTL's measured figures (docs/hw-units.md) within 1%
+        assert want == pytest.approx(rtl, rel=0.01)
+
+
+def test_attn_prefill_fields_are_decoded():
+    """n = heads | t << 8, aux = head_dim | cached << 15: t and the flag are not heads and dims."""
+    tiny = load_config("tiny")                         # L = 4
+    hd = 16
+    per_row = 8 + 4 + 3          # scores: ceil(16/32) = 1 chunk of 32 / 4 = 8 beats; AV 16/4; softmax
+    per_head = 4 + 16 + COSTS.attn_head_fixed
+    pos = 10
+    for t in (0, 1, 5):
+        for cached in (False, True):
+            f = {**isa.attn_fields(2, hd, t=t, cached=cached), "reg": isa.REG_POS}
+            assert f["n"] == 2 + (t << 8)
+            # rows: the cache's [0, pos + t) and position pos + t (from the cache or after q)
+            rows = pos + t + 1
+            assert misc_cycles("ATTN", f, _regs(pos, ntok=8), tiny) == \
+                COSTS.sfu_fixed + 2 * (per_head + rows * per_row)
+    # token t of a prefill run costs t more rows per head than token 0, nothing else
+    f0 = {**isa.attn_fields(2, hd, t=0, cached=True), "reg": isa.REG_POS}
+    f5 = {**isa.attn_fields(2, hd, t=5, cached=True), "reg": isa.REG_POS}
+    assert misc_cycles("ATTN", f5, _regs(pos), tiny) - misc_cycles("ATTN", f0, _regs(pos), tiny) == \
+        2 * 5 * per_row
+
+
+def test_prefill_program_estimate(tmp_path):
+    """A prefill program's ATTN words carry t and the cached flag: the model adds each token's
+    rows, so its MISC time is that of T decode steps' attentions, not of heads | t << 8 heads."""
+    from llmfab.compiler.compile import compile_model
+    from llmfab.compiler.model import load_model
+    cfg = load_config("tiny")
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_1"))
+    b = compile_model(m, cfg, emit_image=False)
+    assert 2 in b.prefill
+    pos = 20
+    pre = perf.estimate(b, cfg, pos=pos, program=2, memory="ideal")
+    assert pre.tokens == 2
+    # by hand: every ATTN of the prefill program, decoded as the golden model does
+    L, want = 4, 0
+    for w in isa.from_bytes(b.prefill[2]):
+        ins = isa.decode(w)
+        if ins.op == "MISC" and isa.MISC_NAMES[ins["func"]] == "ATTN":
+            nh, t, hd, cached = ins["n"] & 0xFF, ins["n"] >> 8, ins["aux"] & 0x7FFF, ins["aux"] >> 15
+            assert cached == 1 and t in (0, 1)
+            rows = pos + t + 1
+            per_row = -(-hd // 32) * (32 // L) + -(-hd // L) + COSTS.softmax_per_row
+            want += COSTS.sfu_fixed + nh * (-(-hd // L) + hd + COSTS.attn_head_fixed + rows * per_row)
+    assert pre.misc_by_op["ATTN"] == want
+    # the two tokens' attention costs the same as two decode steps' (positions 20 and 21)
+    dec = [perf.estimate(b, cfg, pos=p, memory="ideal").misc_by_op["ATTN"] for p in (pos, pos + 1)]
+    assert want == sum(dec)
+    with pytest.raises(KeyError):
+        perf.estimate(b, cfg, program=64)
+
+
+# ---- whole steps ---------------------------------------------------------------------------
+
+def test_decode_step_within_10_percent_of_the_rtl_measurement():
+    """SmolLM2 on ci, decode step at position 5: the RTL measured 1,643,921 cycles (validation
+    4,762 + execution 1,639,158; docs/benchmarks.md "RTL utilization", ideal memory)."""
+    from llmfab.compiler.compile import compile_model
+    from llmfab.compiler.model import load_model
+    cfg = load_config("ci")
+    b = compile_model(load_model(), cfg, emit_image=False)
+    e = perf.estimate(b, cfg, pos=5, memory="ideal")
+    assert e.cycles == pytest.approx(1_643_921, rel=0.10)
+    # the RTL's busy fractions: load engine 0.924, MV 0.827, MISC 0.151
+    assert e.load_cycles / e.cycles == pytest.approx(0.924, abs=0.05)
+    assert e.mv_cycles / e.cycles == pytest.approx(0.827, abs=0.05)
+    assert e.sfu_cycles / e.cycles == pytest.approx(0.151, abs=0.05)
