@@ -1,6 +1,6 @@
 """Benchmark: the analytical performance model's projections, with roofline plots.
 
-    .venv/bin/python benchmarks/perf_model.py [--write-docs]
+    .venv/bin/python benchmarks/perf_model.py [--write-docs] [--configs ci,u280,...] [--no-projection]
 
 For SmolLM2-135M (Q4_1, the real GGUF) and a LLaMA2-7B-shaped model (Q4_0, shape
 only) on each named configuration: cycles per decode token, tokens/s, HBM
@@ -8,6 +8,11 @@ utilization against the ports' peak and against the memory's sustainable peak,
 bound; once with the card-like memory model (loads charged at what the board's
 memory sustains, boards/memory_timing.py) and once with the ideal one. Plots go
 to docs/img/roofline_<config>.png.
+
+Then the projection for LLaMA2-7B-shaped models (Q4_0 and Q4_1) on ``u280`` at
+positions 128, 1024 and 2048 (card-like memory): cycles per token split into loads,
+MV/MM and MISC work (ATTN alone), tokens/s, HBM utilization and what bounds the step;
+plot docs/img/perf_projection_u280.png.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--configs", default="ci,u280,u55c,u250,v80")
+    ap.add_argument("--no-projection", action="store_true", help="skip the LLaMA2-7B u280 projection")
+    ap.add_argument("--projection-config", default="u280")
+    ap.add_argument("--positions", default="128,1024,2048")
     args = ap.parse_args(argv)
     os.makedirs(IMG, exist_ok=True)
     smol = load_model()
@@ -78,14 +86,96 @@ def main(argv=None):
     md = "\n".join(table)
     print(md)
     if args.write_docs:
-        doc = open(DOCS).read()
-        a, b_ = "<!-- BEGIN perf_model -->", "<!-- END perf_model -->"
-        if a not in doc:
-            doc += f"\n## Performance model (analytical)\n\n`.venv/bin/python benchmarks/perf_model.py --write-docs`\n\n{a}\n{b_}\n"
-        i, j = doc.index(a) + len(a), doc.index(b_)
-        doc = doc[:i] + "\n" + md + "\n" + doc[j:]
-        open(DOCS, "w").write(doc)
+        _write(md, "perf_model")
+    if not args.no_projection:
+        md = projection(load_config(args.projection_config), [int(p) for p in args.positions.split(",")])
+        print(md)
+        if args.write_docs:
+            _write(md, "perf_projection")
     return 0
+
+
+def _write(md, marker):
+    doc = open(DOCS).read()
+    a, b_ = f"<!-- BEGIN {marker} -->", f"<!-- END {marker} -->"
+    if a not in doc:
+        doc += f"\n{a}\n{b_}\n"
+    i, j = doc.index(a) + len(a), doc.index(b_)
+    doc = doc[:i] + "\n" + md + "\n" + doc[j:]
+    open(DOCS, "w").write(doc)
+
+
+#: the issue-11 goal for LLaMA2-7B Q4_0-class weights on the U280 (tokens/s)
+GOAL_TOKENS_PER_S = 110
+
+
+def projection(cfg, positions):
+    """LLaMA2-7B-shaped, Q4_0 and Q4_1, on ``cfg`` at ``positions``: a Markdown table and a plot."""
+    rows = []
+    for fmt in ("q4_0", "q4_1"):
+        model = shape_model(LLAMA2_7B, fmt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            b = compile_model(model, cfg, context=min(4096, cfg.context), emit_image=False, prefill=False)
+        for pos in positions:
+            e = estimate(b, cfg, pos=pos, memory="card")
+            # the memory-only bound: the step's bytes at the rate the loads were charged
+            mem_only = (e.weight_bytes + e.kv_bytes) / e.bytes_per_cycle
+            r = {"config": cfg.name, "format": fmt, "pos": pos, **e.to_dict(),
+                 "memory_only_tokens_per_s": cfg.clock_mhz * 1e6 / mem_only}
+            rows.append(r)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+    table = [f"LLaMA2-7B-shaped on `{cfg.name}` ({cfg.clock_mhz:g} MHz, {cfg.chain.count} x "
+             f"{cfg.chain.length} chains, SFU {rows[0]['sfu_lanes']} lanes), card-like memory "
+             f"({rows[0]['bytes_per_cycle']:.0f} B/cycle charged of {rows[0]['peak_bytes_per_cycle']:.0f}):", "",
+             "| weights | position | cycles/token | loads | MV/MM | MISC (of which ATTN) | tokens/s | "
+             "HBM utilization (peak) | (sustainable) | bound | memory-only tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(
+            f"| {r['format'].upper()} | {r['pos']} | {r['cycles'] / 1e6:.2f} M | {r['load_cycles'] / 1e6:.2f} M | "
+            f"{r['mv_cycles'] / 1e6:.2f} M | {r['sfu_cycles'] / 1e6:.2f} M ({r['misc_by_op'].get('ATTN', 0) / 1e6:.2f} M) | "
+            f"{r['tokens_per_s']:.1f} | {r['hbm_utilization']:.3f} | {r['hbm_utilization_sustainable']:.3f} | "
+            f"{r['bound']} | {r['memory_only_tokens_per_s']:.0f} |")
+    _projection_plot(rows, cfg, os.path.join(IMG, f"perf_projection_{cfg.name}.png"))
+    return "\n".join(table)
+
+
+def _projection_plot(rows, cfg, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for fmt, style in (("q4_0", "o-"), ("q4_1", "s--")):
+        rs = [r for r in rows if r["format"] == fmt]
+        a1.plot([r["pos"] for r in rs], [r["tokens_per_s"] for r in rs], style, label=f"{fmt.upper()} model")
+        a1.plot([r["pos"] for r in rs], [r["memory_only_tokens_per_s"] for r in rs], style, alpha=0.4,
+                label=f"{fmt.upper()} memory-only")
+    a1.axhline(GOAL_TOKENS_PER_S, color="grey", ls=":", lw=1, label=f"goal {GOAL_TOKENS_PER_S} tok/s")
+    a1.set_yscale("log")
+    a1.set_xlabel("position")
+    a1.set_ylabel("tokens/s")
+    a1.legend(fontsize=7)
+    a1.grid(True, which="both", alpha=0.3)
+    rs = [r for r in rows if r["format"] == "q4_0"]
+    x = range(len(rs))
+    loads = [r["load_cycles"] / 1e6 for r in rs]
+    mv = [r["mv_cycles"] / 1e6 for r in rs]
+    attn = [r["misc_by_op"].get("ATTN", 0) / 1e6 for r in rs]
+    other = [(r["sfu_cycles"] - r["misc_by_op"].get("ATTN", 0)) / 1e6 for r in rs]
+    a2.bar([i - 0.2 for i in x], loads, 0.4, label="loads (LD queue)")
+    a2.bar([i + 0.2 for i in x], mv, 0.4, label="MV/MM")
+    a2.bar([i + 0.2 for i in x], other, 0.4, bottom=mv, label="other MISC")
+    a2.bar([i + 0.2 for i in x], attn, 0.4, bottom=[a + b for a, b in zip(mv, other)], label="ATTN (SFU)")
+    a2.set_xticks(list(x), [str(r["pos"]) for r in rs])
+    a2.set_xlabel("position (Q4_0)")
+    a2.set_ylabel("M cycles per token")
+    a2.legend(fontsize=7)
+    a2.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"LLaMA2-7B-shaped on {cfg.name}: analytical model (sim/perf.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     rb = nb * block_bytes(fmt, sp)
     g = math.gcd(rb, D) if rb else D
     lines = (rb + D - g) / D                        # lines a row touches, on average
-    share = max(1, _ceil(P, 2))                     # pipelines per read port
+    share = max(1, _ceil(min(rows, P), 2))          # busy pipelines per read port
     per_row = max(nb * per_block, share * (lines + costs.mv_row_port_overhead))
     act = 0 if act_cached else ntok * _ceil(nb * QBLOCK_BYTES, min(D, 32))
     return costs.mv_fixed + act + ntok * _ceil(rows, P) * per_row
