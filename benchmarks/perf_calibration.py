@@ -76,6 +76,50 @@ def op_programs(program: bytes):
     return {k: (isa.to_bytes(v + [end]), len(v)) for k, v in groups.items()}
 
 
+def _prefill_row(acc, gold, b, cfg, mname, p, T, toks, memory):
+    """The prefill program of bucket T at position p (tokens p .. p+T-1) on the RTL and the model."""
+    from llmfab.compiler import isa
+    from llmfab.sim.golden import untile_logits
+    from llmfab.sim.perf import estimate
+    man = b.manifest
+    kv0, kvn = (int(x) for x in man["memory_map"]["kv"])
+    gold.reset()
+    if p:
+        gold.forward(toks[:p])
+    acc.write_hbm(kv0, gold.golden.hbm[kv0:kv0 + kvn].copy())
+    g = gold.golden
+    g.stage_tokens(toks[p:p + T])
+    base, size = (int(x) for x in man["memory_map"]["prefill_tokens"])
+    acc.write_hbm(base, g.hbm[base:base + size].copy())
+    r0 = g.run(p, 0, f"prefill_{T}")
+    io, iosize = (int(x) for x in man["memory_map"]["prefill_logits"])
+    vocab = int(man["model"]["vocab_size"])
+    want = untile_logits(g.hbm[io:io + T * vocab * 4].view(np.float32), T, man["prefill"]["lm_head_tiles"], vocab)
+    old = acc.program
+    acc.load_program(b.prefill[T])
+    try:
+        t0 = time.perf_counter()
+        r = acc.run(p, 0, ntok=T)
+        wall = time.perf_counter() - t0
+    finally:
+        acc.load_program(old)
+    if r.timed_out or r.status != isa.STATUS_OK or r0.status != isa.STATUS_OK:
+        raise SystemExit(f"prefill {T} at position {p}: rtl status {r.status}, golden {r0.status}")
+    got = untile_logits(acc.read_hbm(io, T * vocab * 4).view(np.float32), T, man["prefill"]["lm_head_tiles"], vocab)
+    c = r.counters
+    e = estimate(b, cfg, pos=p, program=T, memory=memory)
+    return {"config": cfg.name, "model": mname, "pos": p, "what": f" (prefill T={T})",
+            "rtl_cycles": int(c["cycles"]), "model_cycles": e.cycles,
+            "error": round(e.cycles / int(c["cycles"]) - 1, 4),
+            "rtl_validate": int(c["validate_cycles"]), "model_validate": e.validate_cycles,
+            "rtl_busy_ld": int(c["busy_ld"]), "model_busy_ld": e.load_cycles,
+            "rtl_busy_mv": int(c["busy_mv"]), "model_busy_mv": e.mv_cycles,
+            "rtl_busy_misc": int(c["busy_misc"]), "model_busy_misc": e.sfu_cycles,
+            "rtl_busy_cmp": int(c["busy_cmp"]), "model_busy_cmp": e.compute_cycles,
+            "model_bound": e.bound, "logits_bit_exact": bool(np.array_equal(got.view(np.uint32), want.view(np.uint32))),
+            "wall_seconds": round(wall, 1)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny")
@@ -83,6 +127,10 @@ def main(argv=None):
     ap.add_argument("--positions", default=None, help="comma-separated (default: 0, context/2, context-1)")
     ap.add_argument("--memory", default="ideal", help="RTL and model memory timing: ideal or card")
     ap.add_argument("--ops", action="store_true", help="per-kind instruction streams too")
+    ap.add_argument("--prefill", type=int, default=2,
+                    help="also run this prefill bucket at each position where it fits (0: none)")
+    ap.add_argument("--build-dir", default=None,
+                    help="a Verilator build of the configuration's accelerator to reuse as is")
     ap.add_argument("--json", default=None, help="write every row to this file")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
@@ -111,7 +159,7 @@ def main(argv=None):
             toks = [int(t) for t in rng.integers(0, vocab, max(positions) + 1)]
             factory, _ = exec_factory(cfg)
             gold = GoldenDevice(m, cfg, bundle=b)
-            with RtlAccelerator(cfg, b, exec_factory=factory, memory=args.memory,
+            with RtlAccelerator(cfg, b, exec_factory=factory, memory=args.memory, build_dir=args.build_dir,
                                 progress=lambda s: print(s, file=sys.stderr)) as acc:
                 for p in positions:
                     gold.reset()
@@ -139,6 +187,10 @@ def main(argv=None):
                            "wall_seconds": round(wall, 1)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    T = args.prefill
+                    if T in b.prefill and p + T <= ctx:
+                        rows.append(_prefill_row(acc, gold, b, cfg, mname, p, T, toks, args.memory))
+                        print(json.dumps(rows[-1]), flush=True)
                 if args.ops:
                     old = acc.program
                     pos = positions[-1]
@@ -167,7 +219,7 @@ def main(argv=None):
              "model LD / MV / MISC | logits = golden |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {r['model']} | {r['pos']} | {r['rtl_cycles']:,} | {r['model_cycles']:,} | "
+        table.append(f"| {r['model']} | {r['pos']}{r.get('what', '')} | {r['rtl_cycles']:,} | {r['model_cycles']:,} | "
                      f"{r['error'] * 100:+.1f}% | {r['rtl_busy_ld']:,} / {r['rtl_busy_mv']:,} / "
                      f"{r['rtl_busy_misc']:,} | {r['model_busy_ld']:,} / {r['model_busy_mv']:,} / "
                      f"{r['model_busy_misc']:,} | {'yes' if r['logits_bit_exact'] else 'NO'} |")

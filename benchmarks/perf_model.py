@@ -55,7 +55,7 @@ def main(argv=None):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    b = compile_model(model, cfg, context=ctx, emit_image=False)
+                    b = compile_model(model, cfg, context=ctx, emit_image=False, prefill=False)
             except Exception as e:  # noqa: BLE001 - a model that does not fit is a row too
                 r = {"config": name, "model": model.desc.name, "error": str(e)}
                 rows.append(r)
@@ -72,15 +72,15 @@ def main(argv=None):
             pts.append((model.desc.name.split()[0], e.macs / max(e.weight_bytes + e.kv_bytes, 1),
                         e.macs / e.cycles))
         roofline_plot(pts, cfg, os.path.join(IMG, f"roofline_{name}.png"))
-    table = ["| config | model | memory model | B/cycle charged | cycles/token | tokens/s | "
-             "HBM utilization (ports' peak) | (sustainable peak) | bound |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = ["| config | model | position | memory model | B/cycle charged | cycles/token | tokens/s | "
+             "HBM utilization (min(ports, memory) peak) | (sustainable peak) | bound |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            table.append(f"| {r['config']} | {r['model']} | - | - | - | does not fit: {r['error'][:80]}... "
+            table.append(f"| {r['config']} | {r['model']} | - | - | - | - | does not fit: {r['error'][:80]}... "
                          f"| - | - | - |")
         else:
-            table.append(f"| {r['config']} | {r['model']} | {r['memory_model']} | {r['bytes_per_cycle']:.1f} | "
+            table.append(f"| {r['config']} | {r['model']} | {r['pos']} | {r['memory_model']} | {r['bytes_per_cycle']:.1f} | "
                          f"{r['cycles']} | {r['tokens_per_s']:.1f} | {r['hbm_utilization']:.2f} | "
                          f"{r['hbm_utilization_sustainable']:.2f} | {r['bound']} |")
     md = "\n".join(table)
