@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/perf_calibration.py [--config tiny] [--positions 0,64,127]
                                                      [--models tiny,tiny-wide] [--ops] [--write-docs]
+    .venv/bin/python benchmarks/perf_calibration.py --config ci --models smollm2 --positions 0,128,400
 
 For each synthetic model (tests/tinymodel.py's GGUF writer; ``tiny``: 2 layers, dim 64,
 4 heads of 16, FFN 128, vocab 256, Q4_1, SFU-heavy; ``tiny-wide``: FFN 512, vocab 4096,
-Q4_0, weight-streaming-heavy) compiled for the configuration, and each position p: the
+Q4_0, weight-streaming-heavy; ``smollm2``: the bundled SmolLM2-135M) compiled for the configuration, and each position p: the
 golden model runs the tokens before p (filling the KV cache), the cache is copied into
 the simulated accelerator's HBM, and the RTL runs one decode step at position p; its
 counter block (cycles = validation + execution, busy cycles per queue) is compared
@@ -17,8 +18,8 @@ ATTN, RMSNORM, ...), that kind's instructions alone (tokens stripped, then END) 
 compare the model's per-unit formula with the RTL's execution cycles: where a
 whole-step error comes from.
 
-``--write-docs`` replaces the table between ``<!-- BEGIN perf_calibration -->`` and
-``<!-- END perf_calibration -->`` in docs/benchmarks.md. Needs the configuration's
+``--write-docs`` replaces the table between ``<!-- BEGIN perf_calibration CONFIG -->`` and
+``<!-- END perf_calibration CONFIG -->`` in docs/benchmarks.md. Needs the configuration's
 Verilator build (cached in sim_build/, or $LLMFAB_SIM_BUILD).
 """
 
@@ -42,12 +43,15 @@ DOCS = os.path.join(HERE, "..", "docs", "benchmarks.md")
 MODELS = {
     "tiny": ("q4_1", dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab=256)),
     "tiny-wide": ("q4_0", dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=4096)),
+    "smollm2": None,            # the bundled SmolLM2-135M (Q4_1): the ci configuration's model
 }
 
 
 def _model(name, tmp):
     import tinymodel
     from llmfab.compiler.model import load_model
+    if name == "smollm2":
+        return load_model()                 # the bundled SmolLM2-135M (Q4_1)
     qtype, shape = MODELS[name]
     return load_model(tinymodel.write_tiny_gguf(os.path.join(tmp, f"{name}.gguf"), qtype, seed=7, **shape))
 
@@ -156,7 +160,7 @@ def main(argv=None):
             kv0, kvn = (int(x) for x in b.manifest["memory_map"]["kv"])
             vocab = int(b.manifest["model"]["vocab_size"])
             rng = np.random.default_rng(1)
-            toks = [int(t) for t in rng.integers(0, vocab, max(positions) + 1)]
+            toks = [int(t) for t in rng.integers(0, vocab, ctx)]
             factory, _ = exec_factory(cfg)
             gold = GoldenDevice(m, cfg, bundle=b)
             with RtlAccelerator(cfg, b, exec_factory=factory, memory=args.memory, build_dir=args.build_dir,
@@ -238,7 +242,7 @@ def main(argv=None):
             json.dump({"rows": rows, "ops": oprows}, f, indent=1)
     if args.write_docs:
         doc = open(DOCS).read()
-        a, b_ = "<!-- BEGIN perf_calibration -->", "<!-- END perf_calibration -->"
+        a, b_ = f"<!-- BEGIN perf_calibration {cfg.name} -->", f"<!-- END perf_calibration {cfg.name} -->"
         if a not in doc:
             doc += f"\n{a}\n{b_}\n"
         i, j = doc.index(a) + len(a), doc.index(b_)
