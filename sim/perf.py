@@ -91,36 +91,45 @@ class UnitCosts:
     attn_head_fixed: float = 350
     #: Every SfuExec instruction: IDLE -> CONST (the constants line) -> START, and the
     #: writer's drain. ROPE's and EMBED's intercept (tiny fit).
-    sfu_fixed: float = 17
+    sfu_fixed: float = 14
 
     # ---- MiscExec (hw/execute.py): COPY/ADD/MUL at line_bytes/4 lanes, one line per cycle
     #: per instruction (commands, the 3-cycle float pipe, realign, the last write); calibration.
-    misc_fixed: float = 8
+    misc_fixed: float = 11
     #: per row of a strided COPY (one row after the other: commands and realign again); calibration.
     copy_row_fixed: float = 6
     #: NOP: taken and done.
     nop_cycles: float = 2
 
-    # ---- MvExec (hw/mv_exec.py)
-    #: per MV/MM: command, pipeline fill (reader, realigner, decoder, chain, scaler) and the
-    #: last result writes; calibration.
-    mv_fixed: float = 30
-    #: per row and pipeline, besides its lines: the reader's command cycle (module
-    #: docstring: "per row at most rb/D + 1 lines and a command cycle per reader"); calibration.
-    mv_row_port_overhead: float = 1
+    # ---- MvExec (hw/mv_exec.py). Fitted to single MV instructions repeated on tiny
+    # (2 pipelines, 16-byte lines; Q4_0 64 x 8..56 rows, 512 x 1..7 rows, Q8_0 64 x 16..24 rows:
+    # every figure within 1 cycle of ``mv_fixed + groups x per_row``, groups = ceil(rows / P)).
+    #: per MV/MM: the command, pipeline fill (reader, realigner, decoder, chain, scaler) and the
+    #: last result writes (the intercept: 39-40 cycles; the ExecUnit hand-off included).
+    mv_fixed: float = 40
+    #: per row and pipeline besides its lines: the commands to its reader, realigner and
+    #: decoder (the slope: a Q4_0 row of 64 columns, 36 bytes over 3 lines, takes 6 cycles;
+    #: 512 columns, 288 bytes over 18 lines, 21; a Q8_0 row of 64, 68 bytes over 5 lines, 8).
+    mv_row_overhead: float = 3
+    #: the activation load besides its 40 nb / min(line_bytes, 32) chunks (uncached MV - cached:
+    #: 7 cycles for nb = 2, 42 for nb = 16 on tiny).
+    mv_act_fixed: float = 2
 
-    # ---- ExecUnit (hw/exec_unit.py): the hand-off between instructions; calibration.
-    exec_handoff: float = 2
+    # ---- ExecUnit (hw/exec_unit.py): cycles between one instruction's done and the next's
+    # start. The per-op fits above already hold it (busy cycles of instruction streams: no gap).
+    exec_handoff: float = 0
 
     # ---- load / store engines (hw/dma.py) and the dispatcher
     #: per LD/ST besides its beats (address, burst split, the last write on chip):
     #: benchmarks/memory_bandwidth.py on tiny, ideal memory: seq LDs of 32 B .. 8 KiB take
     #: beats + 2.2 .. 2.6 cycles (docs/benchmarks.md "Calibration through the accelerator").
     ld_fixed: float = 2.3
-    #: the validation pass (hw/dispatch.py: one word per cycle, three stages) and the run's
-    #: start and end (fetch latency, the counter block); calibration.
-    validate_fixed: float = 40
-    run_fixed: float = 40
+    #: the validation pass (hw/dispatch.py: one word per cycle, three stages): words + 33
+    #: (validate_cycles on tiny, 151 words -> 184; on ci, 4,729 words -> 4,762).
+    validate_fixed: float = 33
+    #: execution beyond the queues' work (fetch latency, the final drain): exec_cycles - busy
+    #: cycles of single-kind instruction streams on tiny (31 for LD-only and MV-only streams).
+    run_fixed: float = 31
     #: dispatcher: cycles per word.
     dispatch_cycles: float = 1
 
@@ -239,8 +248,9 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     Per token: the activation load (``40 nb / min(line_bytes, 32)`` cycles, skipped when
     the unit's activation cache holds the vector), then the rows spread over the
     pipelines: each row takes ``nb`` cycles on its chain (twice that for 8-bit
-    weights on packed chains), or what its read port delivers if that is slower (the
-    row's lines, a command cycle, the pipelines sharing each of the two ports).
+    weights on packed chains), or what its reader delivers if that is slower (the row's
+    lines and ``mv_row_overhead`` command cycles), or its read port (the lines of the
+    pipelines sharing each of the two ports). MM re-reads the weights for every token.
     """
     fmt = isa.FMTS[f["func"] & 3]
     sp = isa.SPARSITIES[f["func"] >> 2]
@@ -253,8 +263,10 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     g = math.gcd(rb, D) if rb else D
     lines = (rb + D - g) / D                        # lines a row touches, on average
     share = max(1, _ceil(min(rows, P), 2))          # busy pipelines per read port
-    per_row = max(nb * per_block, share * (lines + costs.mv_row_port_overhead))
-    act = 0 if act_cached else ntok * _ceil(nb * QBLOCK_BYTES, min(D, 32))
+    # the slowest of: the chain (a block per cycle), the row's reader (its lines and
+    # commands), the read port the pipelines share (their lines)
+    per_row = max(nb * per_block, lines + costs.mv_row_overhead, share * lines)
+    act = 0 if act_cached else ntok * (_ceil(nb * QBLOCK_BYTES, min(D, 32)) + costs.mv_act_fixed)
     return costs.mv_fixed + act + ntok * _ceil(rows, P) * per_row
 
 
