@@ -124,6 +124,38 @@ def _prefill_row(acc, gold, b, cfg, mname, p, T, toks, memory):
             "wall_seconds": round(wall, 1)}
 
 
+def _mv_rows(acc, b, cfg, mname, pos):
+    from llmfab.compiler import isa
+    from llmfab.sim.perf import mv_cycles
+    end = isa.encode(isa.make("SYS", func=isa.SYS_END))
+    seen, out = {}, []
+    for w in isa.from_bytes(b.program):
+        ins = isa.decode(w)
+        if ins.op == "MV":
+            seen.setdefault((ins["rows"], ins["cols"], ins["func"]), ins)
+    old = acc.program
+
+    def busy(words):
+        acc.load_program(isa.to_bytes(words + [end]))
+        return int(acc.run(pos, 0).counters["busy_mv"])
+    try:
+        for (rows, cols, func), ins in seen.items():
+            f = dict(ins.fields)
+            f.pop("op", None)
+            for k in ("wait_prev", "wait_next", "rel_prev", "rel_next"):
+                f[k] = 0
+            w = isa.encode(isa.make("MV", **f))
+            one, eight = busy([w]), busy([w] * 8)
+            out.append({"model": mname, "rows": rows, "cols": cols, "format": isa.FMTS[func & 3],
+                        "rtl_1x": one, "model_1x": mv_cycles(ins.fields, 1, cfg),
+                        "rtl_repeat": (eight - one) / 7,
+                        "model_repeat": mv_cycles(ins.fields, 1, cfg, act_cached=True)})
+            print(json.dumps(out[-1]), flush=True)
+    finally:
+        acc.load_program(old)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny")
@@ -131,6 +163,9 @@ def main(argv=None):
     ap.add_argument("--positions", default=None, help="comma-separated (default: 0, context/2, context-1)")
     ap.add_argument("--memory", default="ideal", help="RTL and model memory timing: ideal or card")
     ap.add_argument("--ops", action="store_true", help="per-kind instruction streams too")
+    ap.add_argument("--mv", action="store_true",
+                    help="also each distinct MV of the decode program alone and 8 times in a row "
+                         "(the activation cache hit after the first): MvExec's fixed and per-row costs")
     ap.add_argument("--prefill", type=int, default=2,
                     help="also run this prefill bucket at each position where it fits (0: none)")
     ap.add_argument("--build-dir", default=None,
@@ -148,7 +183,7 @@ def main(argv=None):
     from llmfab.sim.rtl.harness import RtlAccelerator
 
     cfg = load_config(args.config)
-    rows, oprows = [], []
+    rows, oprows, mvrows = [], [], []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for mname in args.models.split(","):
@@ -214,6 +249,8 @@ def main(argv=None):
                         oprows.append(orow)
                         print(json.dumps(orow), flush=True)
                     acc.load_program(old)
+                if args.mv:
+                    mvrows += _mv_rows(acc, b, cfg, mname, positions[-1])
     wall = time.perf_counter() - t_all
     lanes = sfu_lanes(cfg)
     table = [f"`{cfg.name}` ({cfg.hbm.ports} x {cfg.hbm.data_width}-bit port(s), {cfg.chain.count} x "
@@ -234,12 +271,20 @@ def main(argv=None):
         for r in oprows:
             table.append(f"| {r['model']} | {r['kind']} | {r['count']} | {r['rtl_busy_cmp']:,} | "
                          f"{r['model_busy_cmp']:,} | {r['error'] * 100:+.1f}% |")
+    if mvrows:
+        table += ["", "Each distinct MV alone, once and 8 times in a row (MvExec busy cycles; "
+                  "per repeat = (8x - 1x) / 7, the activation cache hit):", "",
+                  "| model | rows x cols | format | RTL 1x | model 1x | RTL per repeat | model per repeat |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in mvrows:
+            table.append(f"| {r['model']} | {r['rows']} x {r['cols']} | {r['format']} | {r['rtl_1x']} | "
+                         f"{r['model_1x']:.0f} | {r['rtl_repeat']:.1f} | {r['model_repeat']:.0f} |")
     md = "\n".join(table)
     print(md)
     print(f"({wall:.0f} s)", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "ops": oprows}, f, indent=1)
+            json.dump({"rows": rows, "ops": oprows, "mv": mvrows}, f, indent=1)
     if args.write_docs:
         doc = open(DOCS).read()
         a, b_ = f"<!-- BEGIN perf_calibration {cfg.name} -->", f"<!-- END perf_calibration {cfg.name} -->"

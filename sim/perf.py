@@ -87,16 +87,19 @@ class UnitCosts:
     #: ATTN per head, besides the rows: q in ceil(hd/L) beats (AQL) and the partial tree
     #: hd cycles (AT, one element per cycle) are structural; this is the rest (command
     #: issue, the softmax's reductions and reciprocal, pipeline fills). tiny fit: the
-    #: intercept 1068 of the three ATTN figures = 3 x head + fixed, with fixed = rope_fixed.
+    #: intercept 1068 of the three ATTN figures = 3 x (16 + 64 + head) + sfu_fixed.
     attn_head_fixed: float = 350
-    #: Every SfuExec instruction: IDLE -> CONST (the constants line) -> START, and the
-    #: writer's drain. ROPE's and EMBED's intercept (tiny fit).
+    #: ATTN's own per-instruction cost (IDLE -> CONST, the constants line -> START, the
+    #: writer's drain): the decode program's 4 ATTNs on tiny (2 heads of 16 each, position
+    #: 127) take 18,376 busy cycles, 4 x 14 above the per-head and per-row terms.
     sfu_fixed: float = 14
 
     # ---- MiscExec (hw/execute.py): COPY/ADD/MUL at line_bytes/4 lanes, one line per cycle
-    #: per instruction (commands, the 3-cycle float pipe, realign, the last write); calibration.
+    #: per instruction (commands, the 3-cycle float pipe, realign, the last write): tiny fit,
+    #: ADD of 64 words (16 lines) takes 27 busy cycles.
     misc_fixed: float = 11
-    #: per row of a strided COPY (one row after the other: commands and realign again); calibration.
+    #: per row of a strided COPY (one row after the other: commands and realign again); not
+    #: measured (the decode programs have no COPY; prefill programs of multi-tile matrices do).
     copy_row_fixed: float = 6
     #: NOP: taken and done.
     nop_cycles: float = 2
