@@ -65,7 +65,7 @@ def step_figures(run, *, pos, config, bundle, memory="ideal") -> dict:
     P = config.hbm.ports
     peak = config.hbm_bytes_per_cycle
     wbytes = int(bundle.manifest["stats"]["weight_bytes_per_token"])
-    est = estimate(bundle, config, pos=pos)
+    est = estimate(bundle, config, pos=pos, memory=memory)   # the memory model the RTL ran
     rd = [c[f"port{p}_rd_bytes"] for p in range(P)]
     wr = [c[f"port{p}_wr_bytes"] for p in range(P)]
     return {
