@@ -56,12 +56,14 @@ QUEUE_DEPTH = 16
 class UnitCosts:
     """Per-unit cycle constants of the model, in one place, each with its source.
 
-    "tiny fit": fitted to the compute-queue busy cycles of single instructions
-    measured on the ``tiny`` accelerator (``L = 4`` SFU lanes, 16-byte lines;
-    tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles, the figures in
-    hw/sfu_exec.py's docstring and docs/hw-units.md) with the per-element terms
-    read off hw/sfu_exec.py's state machine; "calibration": fitted by
-    benchmarks/perf_calibration.py against whole decode steps on the RTL.
+    The per-element and per-row terms are read off the units' state machines; the
+    constants are fitted ("tiny fit") to busy cycles measured on the ``tiny``
+    accelerator (``L = 4`` SFU lanes, 2 row pipelines, 16-byte lines): the SFU ones
+    to tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles (the figures in
+    hw/sfu_exec.py's docstring and docs/hw-units.md), all of them to the
+    single-kind instruction streams of ``benchmarks/perf_calibration.py --ops --mv``
+    (every kind within 1% there). The whole-step check is the same script's table
+    (docs/benchmarks.md, "The model against the RTL").
     """
 
     # ---- SfuExec (hw/sfu_exec.py). Per-element terms are structural (the FSM):
