@@ -171,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--build-dir", default=None,
                     help="a Verilator build of the configuration's accelerator to reuse as is")
     ap.add_argument("--json", default=None, help="write every row to this file")
+    ap.add_argument("--from-json", default=None,
+                    help="no simulation: print (and --write-docs) the tables of a run saved with --json")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
 
@@ -185,72 +187,79 @@ def main(argv=None):
     cfg = load_config(args.config)
     rows, oprows, mvrows = [], [], []
     t_all = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for mname in args.models.split(","):
-            m = _model(mname, tmp)
-            b = compile_model(m, cfg)
-            ctx = int(b.manifest["context"])
-            positions = ([int(p) for p in args.positions.split(",")] if args.positions
-                         else [0, ctx // 2, ctx - 1])
-            kv0, kvn = (int(x) for x in b.manifest["memory_map"]["kv"])
-            vocab = int(b.manifest["model"]["vocab_size"])
-            rng = np.random.default_rng(1)
-            toks = [int(t) for t in rng.integers(0, vocab, ctx)]
-            factory, _ = exec_factory(cfg)
-            gold = GoldenDevice(m, cfg, bundle=b)
-            with RtlAccelerator(cfg, b, exec_factory=factory, memory=args.memory, build_dir=args.build_dir,
-                                progress=lambda s: print(s, file=sys.stderr)) as acc:
-                for p in positions:
-                    gold.reset()
-                    if p:
-                        gold.forward(toks[:p])
-                    acc.write_hbm(kv0, gold.golden.hbm[kv0:kv0 + kvn].copy())
-                    lg = gold.forward([toks[p]])[-1]
-                    t0 = time.perf_counter()
-                    r = acc.run(p, toks[p])
-                    wall = time.perf_counter() - t0
-                    if r.timed_out or r.status != isa.STATUS_OK:
-                        raise SystemExit(f"rtl run at position {p} ended with status {r.status} at {r.pc}")
-                    exact = bool(np.array_equal(acc.logits().view(np.uint32), lg.view(np.uint32)))
-                    c = r.counters
-                    e = estimate(b, cfg, pos=p, memory=args.memory)
-                    row = {"config": cfg.name, "model": mname, "pos": p, "rtl_cycles": int(c["cycles"]),
-                           "model_cycles": e.cycles,
-                           "error": round(e.cycles / int(c["cycles"]) - 1, 4),
-                           "rtl_validate": int(c["validate_cycles"]), "model_validate": e.validate_cycles,
-                           "rtl_busy_ld": int(c["busy_ld"]), "model_busy_ld": e.load_cycles,
-                           "rtl_busy_mv": int(c["busy_mv"]), "model_busy_mv": e.mv_cycles,
-                           "rtl_busy_misc": int(c["busy_misc"]), "model_busy_misc": e.sfu_cycles,
-                           "rtl_busy_cmp": int(c["busy_cmp"]), "model_busy_cmp": e.compute_cycles,
-                           "model_bound": e.bound, "logits_bit_exact": exact,
-                           "wall_seconds": round(wall, 1)}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    T = args.prefill
-                    if T in b.prefill and p + T <= ctx:
-                        rows.append(_prefill_row(acc, gold, b, cfg, mname, p, T, toks, args.memory))
-                        print(json.dumps(rows[-1]), flush=True)
-                if args.ops:
-                    old = acc.program
-                    pos = positions[-1]
-                    for kind, (prog, count) in sorted(op_programs(b.program).items()):
-                        acc.load_program(prog)
-                        r = acc.run(pos, toks[pos])
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        rows, oprows, mvrows = saved["rows"], saved.get("ops", []), saved.get("mv", [])
+        args.memory = saved.get("memory", args.memory)
+        cfg = load_config(saved.get("config") or rows[0]["config"])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for mname in args.models.split(","):
+                m = _model(mname, tmp)
+                b = compile_model(m, cfg)
+                ctx = int(b.manifest["context"])
+                positions = ([int(p) for p in args.positions.split(",")] if args.positions
+                             else [0, ctx // 2, ctx - 1])
+                kv0, kvn = (int(x) for x in b.manifest["memory_map"]["kv"])
+                vocab = int(b.manifest["model"]["vocab_size"])
+                rng = np.random.default_rng(1)
+                toks = [int(t) for t in rng.integers(0, vocab, ctx)]
+                factory, _ = exec_factory(cfg)
+                gold = GoldenDevice(m, cfg, bundle=b)
+                with RtlAccelerator(cfg, b, exec_factory=factory, memory=args.memory, build_dir=args.build_dir,
+                                    progress=lambda s: print(s, file=sys.stderr)) as acc:
+                    for p in positions:
+                        gold.reset()
+                        if p:
+                            gold.forward(toks[:p])
+                        acc.write_hbm(kv0, gold.golden.hbm[kv0:kv0 + kvn].copy())
+                        lg = gold.forward([toks[p]])[-1]
+                        t0 = time.perf_counter()
+                        r = acc.run(p, toks[p])
+                        wall = time.perf_counter() - t0
                         if r.timed_out or r.status != isa.STATUS_OK:
-                            print(f"{kind}: status {r.status} at {r.pc}", file=sys.stderr)
-                            continue
-                        e = estimate(dataclasses.replace(b, program=prog, prefill={}), cfg, pos=pos,
-                                     memory=args.memory)
-                        orow = {"model": mname, "kind": kind, "count": count, "pos": pos,
-                                "rtl_busy_cmp": int(r.counters["busy_cmp"]),
-                                "model_busy_cmp": e.compute_cycles,
-                                "rtl_exec": int(r.counters["exec_cycles"]), "model_exec": e.exec_cycles,
-                                "error": round(e.compute_cycles / max(int(r.counters["busy_cmp"]), 1) - 1, 4)}
-                        oprows.append(orow)
-                        print(json.dumps(orow), flush=True)
-                    acc.load_program(old)
-                if args.mv:
-                    mvrows += _mv_rows(acc, b, cfg, mname, positions[-1])
+                            raise SystemExit(f"rtl run at position {p} ended with status {r.status} at {r.pc}")
+                        exact = bool(np.array_equal(acc.logits().view(np.uint32), lg.view(np.uint32)))
+                        c = r.counters
+                        e = estimate(b, cfg, pos=p, memory=args.memory)
+                        row = {"config": cfg.name, "model": mname, "pos": p, "rtl_cycles": int(c["cycles"]),
+                               "model_cycles": e.cycles,
+                               "error": round(e.cycles / int(c["cycles"]) - 1, 4),
+                               "rtl_validate": int(c["validate_cycles"]), "model_validate": e.validate_cycles,
+                               "rtl_busy_ld": int(c["busy_ld"]), "model_busy_ld": e.load_cycles,
+                               "rtl_busy_mv": int(c["busy_mv"]), "model_busy_mv": e.mv_cycles,
+                               "rtl_busy_misc": int(c["busy_misc"]), "model_busy_misc": e.sfu_cycles,
+                               "rtl_busy_cmp": int(c["busy_cmp"]), "model_busy_cmp": e.compute_cycles,
+                               "model_bound": e.bound, "logits_bit_exact": exact,
+                               "wall_seconds": round(wall, 1)}
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                        T = args.prefill
+                        if T in b.prefill and p + T <= ctx:
+                            rows.append(_prefill_row(acc, gold, b, cfg, mname, p, T, toks, args.memory))
+                            print(json.dumps(rows[-1]), flush=True)
+                    if args.ops:
+                        old = acc.program
+                        pos = positions[-1]
+                        for kind, (prog, count) in sorted(op_programs(b.program).items()):
+                            acc.load_program(prog)
+                            r = acc.run(pos, toks[pos])
+                            if r.timed_out or r.status != isa.STATUS_OK:
+                                print(f"{kind}: status {r.status} at {r.pc}", file=sys.stderr)
+                                continue
+                            e = estimate(dataclasses.replace(b, program=prog, prefill={}), cfg, pos=pos,
+                                         memory=args.memory)
+                            orow = {"model": mname, "kind": kind, "count": count, "pos": pos,
+                                    "rtl_busy_cmp": int(r.counters["busy_cmp"]),
+                                    "model_busy_cmp": e.compute_cycles,
+                                    "rtl_exec": int(r.counters["exec_cycles"]), "model_exec": e.exec_cycles,
+                                    "error": round(e.compute_cycles / max(int(r.counters["busy_cmp"]), 1) - 1, 4)}
+                            oprows.append(orow)
+                            print(json.dumps(orow), flush=True)
+                        acc.load_program(old)
+                    if args.mv:
+                        mvrows += _mv_rows(acc, b, cfg, mname, positions[-1])
     wall = time.perf_counter() - t_all
     lanes = sfu_lanes(cfg)
     table = [f"`{cfg.name}` ({cfg.hbm.ports} x {cfg.hbm.data_width}-bit port(s), {cfg.chain.count} x "
@@ -282,9 +291,10 @@ def main(argv=None):
     md = "\n".join(table)
     print(md)
     print(f"({wall:.0f} s)", file=sys.stderr)
-    if args.json:
+    if args.json and not args.from_json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "ops": oprows, "mv": mvrows}, f, indent=1)
+            json.dump({"config": cfg.name, "memory": args.memory, "rows": rows, "ops": oprows,
+                       "mv": mvrows}, f, indent=1)
     if args.write_docs:
         doc = open(DOCS).read()
         a, b_ = f"<!-- BEGIN perf_calibration {cfg.name} -->", f"<!-- END perf_calibration {cfg.name} -->"
