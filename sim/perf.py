@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from llmfab.boards import memory_timing
 from llmfab.compiler import isa
+from llmfab.core.errors import BoardError
 from llmfab.core.formats import BLOCK_BYTES, QBLOCK_BYTES, block_bytes
 
 __all__ = ["UnitCosts", "COSTS", "PerfEstimate", "estimate", "peak_bytes_per_cycle",
@@ -319,7 +320,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
         try:
             tp = memory_timing.timing_params(config, "card")
             rlat, wlat = tp.read_latency, tp.write_latency
-        except Exception:      # noqa: BLE001 - a board without timing: the ideal latencies
+        except BoardError:     # a board without a timing section: the ideal model's latencies
             rlat, wlat = memory_timing.IDEAL_READ_LATENCY, memory_timing.IDEAL_WRITE_LATENCY
     elif memory == "ideal":
         sustainable = 1.0
