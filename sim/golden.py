@@ -26,7 +26,6 @@ the same): sim/golden_plan.py turns the execution order into that plan, and
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
