@@ -71,13 +71,9 @@ def _align(x, a=ALIGN):
 # --------------------------------------------------------------------------------------
 
 @dataclass
-class Region:
-    base: int
-    size: int
-
-
-@dataclass
 class CompiledMatrix:
+    """A matrix in the weight image, as the chains stream it: ``tiles`` are ``(first row,
+    rows, offset from WBASE)``, each one weight-buffer slot's load."""
     name: str
     fmt: str
     sparsity: str
