@@ -308,7 +308,8 @@ class ProgramBuilder:
                     dict(buf=kslots[ks] + kvh, hreg=isa.REG_KVBASE, hoff=hoff(vb), lreg=isa.REG_POS,
                          lmul=d.hd * 2)]
             gaddr = self.L.qkv + j * d.grp_rows * 4
-            self._add(LoadGroup(kgid, ("K", ks), klds), partial(self._attend_decode, j, ks, kgid, gaddr, kb, vb, rope))
+            self._add(LoadGroup(kgid, ("K", ks), klds),
+                      partial(self._attend_decode, j, ks, kgid, gaddr, kb, vb, rope))
 
     def _attend_decode(self, j, ks, kgid, gaddr, kb, vb, rope):
         d = self.c.dims

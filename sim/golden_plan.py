@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, replace
-from typing import Union
+from typing import NamedTuple, Union
 
 from llmfab.compiler import isa
 from llmfab.core import formats
@@ -139,9 +139,16 @@ def _hit(ranges, others):
     return any(a < d and c < b for a, b in ranges for c, d in others)
 
 
+class _Written(NamedTuple):
+    """On-chip bytes [start, end) last written by the LD at ``pc`` (-1: by another writer)."""
+    start: int
+    end: int
+    pc: int
+
+
 def _overlap(w, a, ln):
-    """Does the interval ``w = (start, end, ...)`` overlap [a, a + ln)?"""
-    return not (w[1] <= a or w[0] >= a + ln)
+    """Does the interval ``w`` overlap [a, a + ln)?"""
+    return not (w.end <= a or w.start >= a + ln)
 
 
 def _st_span(ins, regs0):
@@ -198,7 +205,7 @@ class Planner:
         weights from HBM, {LD pcs whose bytes a non-fused reader needs})."""
         g, p, instrs, regs0 = self.g, self.p, self.instrs, self.regs0
         wb_lo = int(g.bundle.manifest["onchip"]["weight"][0])
-        # the live writes of on-chip intervals: (start, end, LD pc, or -1 for another writer)
+        # the live writes of on-chip intervals
         wb_writes = []
         ld_needed = set()
         ld_static = {}
@@ -211,7 +218,8 @@ class Planner:
                 dynamic = f["ireg"] != 0 or f["lreg"] != 0 or f["hreg"] in _DYN_REGS
                 end = start + f["len"] + f["lmul"] * g._reg_max(f["lreg"], regs0, p)
                 # an earlier write stays live unless this one covers it completely
-                wb_writes = [w for w in wb_writes if not (start <= w[0] and w[1] <= end)] + [(start, end, pc)]
+                wb_writes = [w for w in wb_writes if not (start <= w.start and w.end <= end)]
+                wb_writes.append(_Written(start, end, pc))
                 if not dynamic:
                     ld_static[pc] = regs0[f["hreg"]] + f["hoff"] * isa.HBM_ALIGN
                 else:
@@ -227,10 +235,10 @@ class Planner:
                 cover = [w for w in wb_writes if _overlap(w, wa, wl)]
                 # the latest write overlapping the weights decides: fast if it is one static LD
                 # that covers them all (and is not the host-staged I/O region)
-                if g.fast and cover and cover[-1][2] in ld_static \
-                        and cover[-1][0] <= wa and wa + wl <= cover[-1][1]:
-                    ld = cover[-1][2]
-                    fast_mv[pc] = ld_static[ld] + (wa - cover[-1][0])
+                latest = cover[-1] if cover else None
+                if g.fast and latest is not None and latest.pc in ld_static \
+                        and latest.start <= wa and wa + wl <= latest.end:
+                    fast_mv[pc] = ld_static[latest.pc] + (wa - latest.start)
                     reads = chip[1:2]
             elif ins.op == "ST":
                 reads = chip
@@ -242,11 +250,11 @@ class Planner:
             for a, ln in reads:
                 for w in wb_writes:
                     if _overlap(w, a, ln):
-                        ld_needed.add(w[2])
+                        ld_needed.add(w.pc)
             for a, ln in writes:
-                wb_writes = [w for w in wb_writes if not (a <= w[0] and w[1] <= a + ln)]
+                wb_writes = [w for w in wb_writes if not (a <= w.start and w.end <= a + ln)]
                 if a + ln > wb_lo:
-                    wb_writes.append((a, a + ln, -1))
+                    wb_writes.append(_Written(a, a + ln, -1))
         return fast_mv, ld_needed
 
     def _runs(self, fast_mv):
