@@ -723,7 +723,7 @@ class MemoryMap:
 
 
 @dataclass
-class _Compile:
+class CompileParts:
     """What the program builder addresses (compiler/program.py)."""
     dims: Dims
     onchip: OnChipPlan
@@ -806,12 +806,12 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         notes.append(pf.note)
     mem = MemoryMap.plan(config, d, onchip, weights, tables, pf.buckets, pf.max_tokens,
                          n_layers=lb - la, ctx=ctx, first=first, last=last)
-    c = _Compile(dims, onchip, weights, tables, mem, lb - la, first, last)
+    parts = CompileParts(dims, onchip, weights, tables, mem, lb - la, first, last)
 
-    program, counts = _assemble(ProgramBuilder(c, pf.layouts[1]).build())
+    program, counts = _assemble(ProgramBuilder(parts, pf.layouts[1]).build())
     prefill_programs, prefill_info = {}, {}
     for T in pf.buckets:
-        prog, cnt = _assemble(ProgramBuilder(c, pf.layouts[T]).build())
+        prog, cnt = _assemble(ProgramBuilder(parts, pf.layouts[T]).build())
         prefill_programs[T] = prog
         prefill_info[str(T)] = {"file": f"prefill_{T}.bin", "tokens": T, "words": len(prog) // isa.WORD_BYTES,
                                 "bytes": len(prog), "instructions": cnt,

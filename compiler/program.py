@@ -135,13 +135,13 @@ class WorkItem:
 class ProgramBuilder:
     """The instruction stream of one program over ``layout.tokens`` tokens.
 
-    ``c`` is the compile (compiler/compile.py's ``_Compile``): the model's dimensions,
-    the on-chip plan, the weight image, the tables and the memory map; ``layout``
-    the program's :class:`~llmfab.compiler.compile.VectorLayout`.
+    ``parts`` are what compiler/compile.py made (its ``CompileParts``): the model's
+    dimensions, the on-chip plan, the weight image, the tables and the memory map;
+    ``layout`` is the program's :class:`~llmfab.compiler.compile.VectorLayout`.
     """
 
-    def __init__(self, c, layout):
-        self.c = c
+    def __init__(self, parts, layout):
+        self.parts = parts
         self.L = layout
         self.T = layout.tokens
         self.S = Scheduler()
@@ -155,13 +155,13 @@ class ProgramBuilder:
     # ---- the program --------------------------------------------------------------------
     def build(self) -> list:
         """The whole program: its stages in order, then the instructions."""
-        c = self.c
+        parts = self.parts
         self.constants()
         self.embedding()
-        for li in range(c.n_layers):            # li: the stage's own layer index (KV, tables)
+        for li in range(parts.n_layers):            # li: the stage's own layer index (KV, tables)
             gs = self.attention(li)
             self.ffn(li, gs)
-        if c.last:
+        if parts.last:
             self.lm_head()
         else:
             self.hidden_out()
@@ -186,38 +186,38 @@ class ProgramBuilder:
     # ---- stages -------------------------------------------------------------------------
     def constants(self):
         """The constants block, loaded once."""
-        lds = [dict(buf=self.L.consts, hreg=isa.REG_TBASE, hoff=hoff(self.c.tables.consts),
-                    len=self.c.tables.consts_bytes)]
+        lds = [dict(buf=self.L.consts, hreg=isa.REG_TBASE, hoff=hoff(self.parts.tables.consts),
+                    len=self.parts.tables.consts_bytes)]
         self._add(LoadGroup("consts", ("C", 0), lds), partial(self.consume, "MISC", gid="consts", func=F["NOP"]))
 
     def embedding(self):
         """The residual ``X`` of the T tokens: the embedding row of R7 (decode), the rows the
         host staged in the I/O region (prefill), or the previous stage's ``X``."""
-        c, L, T = self.c, self.L, self.T
-        mm = c.memory
-        if not c.first:
+        parts, L, T = self.parts, self.L, self.T
+        mm = parts.memory
+        if not parts.first:
             # the previous stage's residual X of the T tokens, staged by the host
-            lds = [dict(buf=L.x, hreg=isa.REG_IOBASE, hoff=hoff(mm.tok_off), len=T * c.dims.dim * 4)]
+            lds = [dict(buf=L.x, hreg=isa.REG_IOBASE, hoff=hoff(mm.tok_off), len=T * parts.dims.dim * 4)]
             self._add(LoadGroup("xin", ("X", 0), lds), partial(self.consume, "MISC", gid="xin", func=F["NOP"]))
             return
-        emb = c.weights.emb
+        emb = parts.weights.emb
         efmt = isa.FMTS.index(emb.fmt)
         if T == 1:
             # embedding row (dynamic: R7 selects the row)
             es = self._next_slot("W")
-            lds = [dict(buf=c.onchip.wslots[es], hreg=isa.REG_WBASE, hoff=hoff(emb.hbm_off),
+            lds = [dict(buf=parts.onchip.wslots[es], hreg=isa.REG_WBASE, hoff=hoff(emb.hbm_off),
                         ireg=isa.REG_TOKEN, stride=emb.row_bytes, len=emb.row_bytes)]
             self._add(LoadGroup("emb", ("W", es), lds),
                       partial(self.consume, "MISC", gid="emb", free_slot=("W", es), func=F["EMBED"], dst=L.x,
-                              a=c.onchip.wslots[es], n=c.dims.dim, aux=efmt))
+                              a=parts.onchip.wslots[es], n=parts.dims.dim, aux=efmt))
             return
         # the host stages the T embedding rows in the I/O region (row stride tok_stride)
-        rps = c.onchip.wslot_bytes // mm.tok_stride
+        rps = parts.onchip.wslot_bytes // mm.tok_stride
         for k0 in range(0, T, rps):
             es = self._next_slot("W")
             nrow = min(rps, T - k0)
             gid = f"emb.{k0}"
-            lds = [dict(buf=c.onchip.wslots[es], hreg=isa.REG_IOBASE,
+            lds = [dict(buf=parts.onchip.wslots[es], hreg=isa.REG_IOBASE,
                         hoff=hoff(mm.tok_off + k0 * mm.tok_stride), len=nrow * mm.tok_stride)]
             self._add(LoadGroup(gid, ("W", es), lds), partial(self._embed_rows, es, nrow, k0, gid, efmt))
 
@@ -225,16 +225,16 @@ class ProgramBuilder:
         """Layer ``li``'s attention block: its tables (norm weights, RoPE rows) into a GB slot,
         the attention norm, QKV, RoPE and the K/V stores, attention per KV head, the output
         projection. Returns the GB slot (the FFN norm reads it)."""
-        c, L, T = self.c, self.L, self.T
-        d = c.dims
-        mats = c.weights.layers[li]
+        parts, L, T = self.parts, self.L, self.T
+        d = parts.dims
+        mats = parts.weights.layers[li]
         gs = self._next_slot("G")
         gbase = L.gslots[gs]
         rope = gbase + 2 * d.dim * 4
         gid = f"tables.{li}"
-        lds = [dict(buf=gbase, hreg=isa.REG_TBASE, hoff=hoff(c.tables.norms[li]), len=2 * d.dim * 4),
+        lds = [dict(buf=gbase, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.norms[li]), len=2 * d.dim * 4),
                # the RoPE rows of positions R1 .. R1+T-1 in one load
-               dict(buf=rope, hreg=isa.REG_TBASE, hoff=hoff(c.tables.rope), ireg=isa.REG_POS,
+               dict(buf=rope, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.rope), ireg=isa.REG_POS,
                     stride=d.hd * 4, len=T * d.hd * 4)]
         self._add(LoadGroup(gid, ("G", gs), lds), partial(self._attn_norm, gbase, gid))
         self.matrix(mats.qkv, L.qh, L.qkv)
@@ -250,22 +250,23 @@ class ProgramBuilder:
         """Layer ``li``'s feed-forward block: residual add, FFN norm (the tables in GB slot
         ``gs``), gate and up, SiLU-multiply, down, residual add."""
         L = self.L
-        mats = self.c.weights.layers[li]
+        mats = self.parts.weights.layers[li]
         self._add(None, partial(self._ffn_in, L.gslots[gs], gs))
         self.matrix(mats.ffn_gate, L.qh, L.gate)
         self.matrix(mats.ffn_up, L.qh, L.up)
         self._add(None, self._ffn_act)
         self.matrix(mats.ffn_down, L.qf, L.h)
-        self._add(None, partial(self.elementwise, "ADD", L.x, L.x, L.h, self.c.dims.dim))
+        self._add(None, partial(self.elementwise, "ADD", L.x, L.x, L.h, self.parts.dims.dim))
 
     def lm_head(self):
         """Final norm + LM head, the logits streamed out through two activation-buffer slots."""
-        c, L = self.c, self.L
+        parts, L = self.parts, self.L
         gs = self._next_slot("G")
-        lds = [dict(buf=L.gslots[gs], hreg=isa.REG_TBASE, hoff=hoff(c.tables.output_norm), len=c.dims.dim * 4)]
+        lds = [dict(buf=L.gslots[gs], hreg=isa.REG_TBASE, hoff=hoff(parts.tables.output_norm),
+                    len=parts.dims.dim * 4)]
         self._add(LoadGroup("onorm", ("G", gs), lds),
-                  partial(self.norm_quant, L.x, L.gslots[gs], c.dims.dim, gid="onorm", free_slot=("G", gs)))
-        self.matrix(c.weights.head, L.qh, None, logits=True)
+                  partial(self.norm_quant, L.x, L.gslots[gs], parts.dims.dim, gid="onorm", free_slot=("G", gs)))
+        self.matrix(parts.weights.head, L.qh, None, logits=True)
 
     def hidden_out(self):
         """The residual ``X`` leaves for the next stage (the compute queue is in order: the
@@ -274,32 +275,32 @@ class ProgramBuilder:
 
     # ---- stage parts (compute, run by emit) ---------------------------------------------------
     def _embed_rows(self, es, nrow, k0, gid, efmt):
-        c, L = self.c, self.L
-        dim = c.dims.dim
+        parts, L = self.parts, self.L
+        dim = parts.dims.dim
         for i in range(nrow):
             self.consume("MISC", gid=gid if i == 0 else None,
                          free_slot=("W", es) if i == nrow - 1 else None, func=F["EMBED"],
-                         dst=L.x + (k0 + i) * dim * 4, a=c.onchip.wslots[es] + i * c.memory.tok_stride,
+                         dst=L.x + (k0 + i) * dim * 4, a=parts.onchip.wslots[es] + i * parts.memory.tok_stride,
                          n=dim, aux=efmt)
 
     def _attn_norm(self, gbase, gid):
         # the first QKV write of this layer overwrites q/k/v that the previous layer's KV
         # stores read: RMSNORM waits for those stores (st2cmp)
-        self.norm_quant(self.L.x, gbase, self.c.dims.dim, gid=gid,
+        self.norm_quant(self.L.x, gbase, self.parts.dims.dim, gid=gid,
                         need={"st2cmp": self.kv_stored[-1] if self.kv_stored else None})
 
     def _kv_offsets(self, li, j):
         """Offsets from KVBASE of the K and V cache of KV head ``j`` of stage layer ``li``."""
-        kvh = self.c.onchip.kv_head_bytes
-        kb = ((li * self.c.dims.nkv + j) * 2) * kvh
+        kvh = self.parts.onchip.kv_head_bytes
+        kb = ((li * self.parts.dims.nkv + j) * 2) * kvh
         return kb, kb + kvh
 
     def _attention_decode(self, li, rope):
         """Per KV head: its K/V cache rows [0, R1) into a KV slot; RoPE, the new K/V rows
         stored at R1, ATTN (the current row from q/k/v)."""
-        c = self.c
-        d = c.dims
-        kslots, kvh = c.onchip.kslots, c.onchip.kv_head_bytes
+        parts = self.parts
+        d = parts.dims
+        kslots, kvh = parts.onchip.kslots, parts.onchip.kv_head_bytes
         for j in range(d.nkv):
             ks = self._next_slot("K")
             kgid = f"kv.{li}.{j}"
@@ -312,7 +313,7 @@ class ProgramBuilder:
                       partial(self._attend_decode, j, ks, kgid, gaddr, kb, vb, rope))
 
     def _attend_decode(self, j, ks, kgid, gaddr, kb, vb, rope):
-        d = self.c.dims
+        d = self.parts.dims
         g, hd = d.g, d.hd
         last = j == d.nkv - 1
         e = self.consume("MISC", func=F["ROPE"], dst=gaddr, a=gaddr, b=rope, n=g + 1, aux=hd, release=["cmp2st"])
@@ -326,14 +327,14 @@ class ProgramBuilder:
             self.kv_stored.append(e2["st2cmp"])
         # the current row comes from q/k/v (ATTN t = 0, not cached)
         self.consume("MISC", gid=kgid, free_slot=("K", ks), func=F["ATTN"], dst=self.L.o + j * g * hd * 4,
-                     a=gaddr, b=self.c.onchip.kslots[ks], reg=isa.REG_POS, **isa.attn_fields(g, hd))
+                     a=gaddr, b=self.parts.onchip.kslots[ks], reg=isa.REG_POS, **isa.attn_fields(g, hd))
 
     def _attention_prefill(self, li, rope):
         """RoPE and the K/V stores of every token; then per KV head (after a SYNC: the cache
         rows [0, R1 + T) must have reached HBM) its cache into a KV slot and ATTN per token."""
-        c = self.c
-        d = c.dims
-        kslots, kvh = c.onchip.kslots, c.onchip.kv_head_bytes
+        parts = self.parts
+        d = parts.dims
+        kslots, kvh = parts.onchip.kslots, parts.onchip.kv_head_bytes
         T = self.T
         self._add(None, partial(self._rope_store, li, rope))
         for j in range(d.nkv):
@@ -349,7 +350,7 @@ class ProgramBuilder:
 
     def _rope_store(self, li, rope):
         # rotate q and k of every token and group; K/V rows -> HBM at R1 + t
-        d = self.c.dims
+        d = self.parts.dims
         g, hd, T = d.g, d.hd, self.T
         for t in range(T):
             for j in range(d.nkv):
@@ -369,28 +370,28 @@ class ProgramBuilder:
 
     def _attend_prefill(self, j, ks, kgid):
         # token t attends to positions [0, R1 + t], all from the cache
-        d, L = self.c.dims, self.L
+        d, L = self.parts.dims, self.L
         g, hd = d.g, d.hd
-        kslot = self.c.onchip.kslots[ks]
+        kslot = self.parts.onchip.kslots[ks]
         self.each_token(lambda t, k: self.consume(
             "MISC", func=F["ATTN"], dst=L.o + (t * d.nq * hd + j * g * hd) * 4,
             a=L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4, b=kslot, reg=isa.REG_POS,
             **isa.attn_fields(g, hd, t, cached=True), **k), gid=kgid, free_slot=("K", ks))
 
     def _ffn_in(self, gbase, gs):
-        L, dim = self.L, self.c.dims.dim
+        L, dim = self.L, self.parts.dims.dim
         self.elementwise("ADD", L.x, L.x, L.h, dim)
         self.norm_quant(L.x, gbase + dim * 4, dim, free_slot=("G", gs))
 
     def _ffn_act(self):
-        L, ffn = self.L, self.c.dims.ffn
+        L, ffn = self.L, self.parts.dims.ffn
         self.elementwise("SILU_MUL", L.gate, L.gate, L.up, ffn)
         self.quant(L.qf, L.gate, ffn)
 
     def _store_x(self):
         e = self.consume("MISC", func=F["NOP"], release=["cmp2st"])
         self.S.emit("ST", need={"cmp2st": e["cmp2st"]}, func=isa.ST_F32, buf=self.L.x,
-                    hreg=isa.REG_IOBASE, hoff=hoff(0), len=self.T * self.c.dims.dim * 4)
+                    hreg=isa.REG_IOBASE, hoff=hoff(0), len=self.T * self.parts.dims.dim * 4)
 
     # ---- matrices -----------------------------------------------------------------------------
     def matrix(self, cm, qsrc, dst, logits=False):
@@ -399,13 +400,14 @@ class ProgramBuilder:
         for ti, (r0, nr, off) in enumerate(cm.tiles):
             s = self._next_slot("W")
             gid = f"{cm.name}.{ti}"
-            lds = [dict(buf=self.c.onchip.wslots[s], hreg=isa.REG_WBASE, hoff=hoff(off), len=nr * cm.row_bytes)]
+            lds = [dict(buf=self.parts.onchip.wslots[s], hreg=isa.REG_WBASE, hoff=hoff(off),
+                        len=nr * cm.row_bytes)]
             self._add(LoadGroup(gid, ("W", s), lds),
                       partial(self._matrix_tile, cm, s, gid, ti, r0, nr, qsrc, dst, logits))
 
     def _matrix_tile(self, cm, s, gid, ti, r0, nr, qsrc, dst, logits):
         T, L = self.T, self.L
-        mf = dict(func=isa.mv_func(cm.fmt, cm.sparsity), wb=self.c.onchip.wslots[s], rows=nr, cols=cm.cols,
+        mf = dict(func=isa.mv_func(cm.fmt, cm.sparsity), wb=self.parts.onchip.wslots[s], rows=nr, cols=cm.cols,
                   qsrc=qsrc)
         op = "MV" if T == 1 else "MM"
         if T > 1:
@@ -472,7 +474,7 @@ class ProgramBuilder:
 
     def _next_slot(self, kind):
         """The next slot of the ring ``kind``: weight tiles ("W"), K/V ("K"), tables ("G")."""
-        n = self.c.onchip.n_wslots if kind == "W" else 2
+        n = self.parts.onchip.n_wslots if kind == "W" else 2
         s = self._slot_counters[kind] % n
         self._slot_counters[kind] += 1
         return s
