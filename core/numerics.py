@@ -55,7 +55,7 @@ def ftz(x) -> np.ndarray:
     """Flush subnormal values to a zero of the same sign."""
     x = np.asarray(x, dtype=np.float32)
     tiny = np.abs(x) < TINY
-    if np.any(tiny):
+    if tiny.any():                   # the method: np.any's wrapper cost half of ftz's time
         x = np.where(tiny, np.copysign(F32(0.0), x), x).astype(np.float32)
     return x
 

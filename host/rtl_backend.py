@@ -25,13 +25,17 @@ from llmfab.host.runtime import Device, config_and_bundle
 
 
 def exec_factory(config):
-    """The accelerator's execution unit for ``config`` and the set of MV/MISC ops it implements."""
-    from llmfab.hw.exec_unit import MISC_SIMPLE, ExecUnit, default_routes
+    """The accelerator's execution unit for ``config`` and the set of MV/MISC ops it implements.
+
+    The unit is the accelerator's default (``ExecUnit``), so the factory is ``None``: the
+    simulation build is then the default design's, whose Verilog sim/rtl/harness.py caches,
+    and every backend, bench and test of one configuration shares one Verilator build."""
+    from llmfab.hw.exec_unit import MISC_SIMPLE, default_routes
     implemented = {f.name for f in MISC_SIMPLE}
     for key, unit in default_routes().items():
         if unit != "misc":          # MiscExec's other operations are placeholders
             implemented.add(key.name if not isinstance(key, tuple) else key[1].name)
-    return ExecUnit.factory(config), implemented
+    return None, implemented
 
 
 def program_ops(program: bytes) -> set:

@@ -35,7 +35,7 @@ def generate_verilog(config, out_dir, *, units: bool = False, progress=None) -> 
 
     ``progress(name)`` is called before each file is generated."""
     from llmfab.hw.top import Accelerator
-    from llmfab.hw.verilog import to_verilog
+    from llmfab.hw.verilog import cached_verilog, to_verilog
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LlmfabError(f"cannot write Verilog to {out_dir}: it is a file; give a directory")
@@ -50,7 +50,17 @@ def generate_verilog(config, out_dir, *, units: bool = False, progress=None) -> 
             if progress:
                 progress(name)
             path = out / f"{name}.v"
-            path.write_text(to_verilog(comp, name))
+            if name == TOP_MODULE:
+                # the simulation's key for the same design (sim/rtl/harness.py, probe off):
+                # `hw verilog`, `llmfab build` and an rtl run of one configuration elaborate once
+                made = []
+                text = cached_verilog(["accelerator", config.to_dict(), False],
+                                      lambda: made.append(1) or to_verilog(comp, name))
+                if not made:
+                    comp._MustUse__silence = True      # from the cache: not elaborated
+            else:
+                text = to_verilog(comp, name)
+            path.write_text(text)
             written.append(path)
     except OSError as e:
         raise LlmfabError(f"cannot write Verilog to {out_dir}: {e.strerror}") from None

@@ -20,12 +20,12 @@ registers) yields an order that respects every token; instructions then
 execute in that order. Matrix-vector (MV) and matrix-matrix (MM) products
 whose weights come straight from static weight loads are fused into one numpy
 product per run of tiles (rows and tokens are independent, so the bits are
-the same).
+the same): sim/golden_plan.py turns the execution order into that plan, and
+``Golden(bundle, fast=False)`` executes every instruction as it is.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,10 +37,11 @@ from llmfab.core import numerics as N
 from llmfab.core import formats
 from llmfab.core.formats import BLOCK_BYTES, QBLOCK_BYTES
 from llmfab.compiler import quant
+from llmfab.sim.golden_plan import (MvRun, MvScatter, MvStore, MvWrite, Planner, mv_weight_bytes,
+                                    overlaps)
 from llmfab.sim.numerics_model import PackedMatrix, attention, matvec
 
 QUEUE_DEPTH = 16
-_DYN_REGS = (isa.REG_POS, isa.REG_SEQ, isa.REG_TOKEN)   # registers that change from run to run
 
 
 class GoldenFault(SimError):
@@ -57,10 +58,6 @@ class RunResult:
     pc: int = -1
     detail: str = ""
     counters: dict = field(default_factory=dict)
-
-
-def mv_weight_bytes(fmt, sp, rows, cols):
-    return rows * (cols // 32) * formats.block_bytes(fmt, sp)
 
 
 class _Program:
@@ -328,314 +325,16 @@ class Golden:
             return RunResult(*p.static_fault)
         return None
 
-    # ---- plan -------------------------------------------------------------------------------
+    # ---- plan (sim/golden_plan.py) --------------------------------------------------------
     def _build_plan(self, p: _Program):
-        """Execution order -> list of steps; static weight LD -> MV/MM pairs become fused products."""
-        instrs = p.instrs
-        regs0 = self._regs(0, 0, p.ntok)
-        wb_lo = int(self.bundle.manifest["onchip"]["weight"][0])
-        order = p.order
-        # last writer of each WB interval: list of (start, end, writer step index or LD pc)
-        wb_writes = []   # (start, end, pc)
-        ld_needed = set()
-        ld_static = {}
-        fast_mv = {}
-        for pc in order:
-            ins = instrs[pc]
-            f = ins.fields
-            if ins.op == "LD":
-                start = f["buf"]
-                dynamic = f["ireg"] != 0 or f["lreg"] != 0 or f["hreg"] in _DYN_REGS
-                end = start + f["len"] + f["lmul"] * self._reg_max(f["lreg"], regs0, p)
-                # an earlier write stays live unless this one covers it completely
-                wb_writes = [w for w in wb_writes if not (start <= w[0] and w[1] <= end)] + [(start, end, pc)]
-                if not dynamic:
-                    ld_static[pc] = regs0[f["hreg"]] + f["hoff"] * isa.HBM_ALIGN
-                else:
-                    ld_needed.add(pc)
-                continue
-            hbm, chip = self._ranges(ins, regs0)
-            reads = []
-            writes = []
-            if ins.op in ("MV", "MM"):
-                reads = chip[:2]
-                writes = chip[2:]
-                wa, wl = chip[0]
-                cover = [w for w in wb_writes if not (w[1] <= wa or w[0] >= wa + wl)]
-                # the latest write overlapping the weights decides: fast if it is one static LD
-                # that covers them all (and is not the host-staged I/O region)
-                if self.fast and cover and cover[-1][2] in ld_static \
-                        and cover[-1][0] <= wa and wa + wl <= cover[-1][1]:
-                    ld = cover[-1][2]
-                    fast_mv[pc] = ld_static[ld] + (wa - cover[-1][0])
-                    reads = chip[1:2]
-            elif ins.op == "ST":
-                reads = chip
-            elif ins.op == "MISC":
-                reads, writes = chip[:-1], chip[-1:]
-                if isa.MISC_NAMES[f["func"]] in ("RMSNORM", "ATTN"):
-                    writes = [c for c in chip if c[0] == f["dst"]]
-                    reads = [c for c in chip if c[0] != f["dst"]]
-            for a, ln in reads:
-                for w in wb_writes:
-                    if not (w[1] <= a or w[0] >= a + ln):
-                        ld_needed.add(w[2])
-            for a, ln in writes:
-                wb_writes = [w for w in wb_writes if not (a <= w[0] and w[1] <= a + ln)]
-                if a + ln > wb_lo:
-                    wb_writes.append((a, a + ln, -1))
-        # LDs never read by a non-fused reader are skipped (fused products read HBM directly).
-        # Runs: fast MVs (or MMs) in execution order with the same input, format, width and
-        # token count, whose weights are contiguous in HBM, and whose input is not written in
-        # between, are computed as one product at the first one; each then writes its rows
-        # at its own place in the order.
-        runs = {}            # first pc -> [pcs]
-        run_of = {}
-        cur = None
-        for pc in order:
-            ins = instrs[pc]
-            f = ins.fields
-            if ins.op in ("MV", "MM") and pc in fast_mv:
-                if cur is not None:
-                    h0 = instrs[cur[0]]
-                    h = h0.fields
-                    lastf = instrs[cur[-1]].fields
-                    fmt = isa.FMTS[h["func"] & 3]
-                    sp = isa.SPARSITIES[h["func"] >> 2]
-                    if (ins.op == h0.op and f.get("ntok", 1) == h.get("ntok", 1)
-                            and f["func"] == h["func"] and f["cols"] == h["cols"] and f["qsrc"] == h["qsrc"]
-                            and fast_mv[pc] == fast_mv[cur[-1]] + mv_weight_bytes(fmt, sp, lastf["rows"], h["cols"])):
-                        cur.append(pc)
-                        run_of[pc] = cur[0]
-                        continue
-                cur = [pc]
-                runs[pc] = cur
-                run_of[pc] = pc
-                continue
-            if cur is None or ins.op == "SYS":
-                cur = None if ins.op == "SYS" else cur
-                continue
-            # does this instruction write the run's input?
-            h = instrs[cur[0]].fields
-            qa, ql = h["qsrc"], h.get("ntok", 1) * h["cols"] // 32 * QBLOCK_BYTES
-            _, chip = self._ranges(ins, regs0)
-            if ins.op == "LD":
-                wr = chip
-            elif ins.op in ("MV", "MM", "MISC"):
-                wr = [c for c in chip if c[0] == f.get("dst", -1)]
-            else:
-                wr = []
-            if any(not (a + ln <= qa or a >= qa + ql) for a, ln in wr):
-                cur = None
-        fused = []
-        for pc, a in fast_mv.items():
-            f = instrs[pc].fields
-            fused.append((a, a + mv_weight_bytes(isa.FMTS[f["func"] & 3], isa.SPARSITIES[f["func"] >> 2],
-                                                 f["rows"], f["cols"])))
-        fused = _merge_ranges(fused)
-        st_spans = [self._st_span(instrs[pc], regs0) for pc in order if instrs[pc].op == "ST"]
-        if any(_overlaps(a, b, fused) for a, b in st_spans):
-            # the program may store into weights it reads: execute it instruction by instruction
-            p.plan = [("ld", pc) if instrs[pc].op == "LD" else ("ins", pc) for pc in order]
-            return
-        if fused:
-            self._fused = _merge_ranges(self._fused + fused)
-            self._fused_span = (self._fused[0][0], self._fused[-1][1])
-        cache = self._packed
-        steps = []
-        for pc in order:
-            ins = instrs[pc]
-            if ins.op == "LD":
-                if pc in ld_needed or not self.fast:
-                    steps.append(("ld", pc))
-                continue
-            if ins.op in ("MV", "MM") and pc in run_of:
-                first = run_of[pc]
-                f = ins.fields
-                nt = f.get("ntok", 1) if ins.op == "MM" else 0
-                if pc == first:
-                    run = runs[first]
-                    rows = sum(instrs[q].fields["rows"] for q in run)
-                    key = (fast_mv[pc], f["func"], rows, f["cols"])
-                    if key not in cache:
-                        cache[key] = self._pack(fast_mv[pc], f["func"], rows, f["cols"])
-                    steps.append(("mvrun", pc, cache[key], f["qsrc"], f["cols"], nt))
-                    off = 0
-                    for q in run:
-                        p.row_off[q] = off
-                        off += instrs[q].fields["rows"]
-                steps.append(("mvw", pc, first, p.row_off[pc], f["rows"], f["dst"], nt))
-                continue
-            steps.append(("ins", pc))
-        # adjacent row writes of one MV run into contiguous destinations become one copy
-        merged = []
-        for st in steps:
-            if st[0] == "mvw" and merged and merged[-1][0] == "mvw" and st[6] == 0:
-                _, pc0, first0, r00, nr0, dst0, nt0 = merged[-1]
-                _, pc, first, r0, nr, dst, nt = st
-                if first == first0 and r0 == r00 + nr0 and dst == dst0 + 4 * nr0:
-                    merged[-1] = ("mvw", pc0, first0, r00, nr0 + nr, dst0, nt0)
-                    continue
-            merged.append(st)
-        p.plan = self._fuse_writes(merged, p) if self.fast else merged
-        p.fast_mv = fast_mv
-
-    # Plan fusion: the results of a fused product are in memory (numpy), so a COPY that
-    # scatters a staged MM tile, or an ST that streams a logits tile to HBM, can take them
-    # from there; writes that a later write covers before anything reads them are dropped,
-    # and the remaining row writes of one product into contiguous places merge. Every
-    # rewrite checks that the steps it moves past touch none of the moved ranges, so the
-    # final on-chip and HBM contents are those of executing the instructions one by one.
-    _LOOK = 24      # how far the passes look for a partner step
-
-    def _access(self, st, p, regs_max):
-        """(on-chip reads, on-chip writes, HBM reads, HBM writes) of a plan step: [(start, end)]."""
-        ALL = [(0, 1 << 62)]
-        kind = st[0]
-        if kind == "mvw":
-            _, pc, first, r0, nr, dst, nt = st
-            return [], [(dst, dst + 4 * max(nt, 1) * nr)], [], []
-        if kind == "mvrun":
-            _, pc, W, qsrc, cols, nt = st
-            return [(qsrc, qsrc + max(nt, 1) * cols // 32 * QBLOCK_BYTES)], [], [], []
-        if kind == "mvs":
-            _, first, r0, nr, nt, cdst, stride, stages = st
-            w = [(cdst, cdst + 4 * ((nt - 1) * stride + nr))]
-            w += [(sa, sa + 4 * nt * snr) for sa, _, snr in stages]
-            return [], w, [], []
-        if kind == "mvst":
-            _, first, r0, nr, nt, addr, k = st
-            return [], [], [], [(addr, addr + 4 * max(nt, 1) * nr * k)]
-        ins = p.instrs[st[1]]
-        f = ins.fields
-        if ins.op == "SYS":
-            return [], [], [], []
-        hbm, chip = self._ranges(ins, regs_max)
-        chip = [(a, a + ln) for a, ln in chip]
-        if ins.op in ("LD", "ST"):
-            static = f["ireg"] == 0 and f["lreg"] == 0 and f["hreg"] not in (isa.REG_POS, isa.REG_SEQ,
-                                                                              isa.REG_TOKEN)
-            h = [(a, a + ln) for a, ln in hbm] if static else ALL
-            return ([], chip, h, []) if ins.op == "LD" else (chip, [], [], h)
-        return chip, chip, [], []
-
-    @staticmethod
-    def _hit(ranges, others):
-        return any(a < d and c < b for a, b in ranges for c, d in others)
-
-    def _fuse_writes(self, steps, p):
-        regs_max = self._regs(self.kv_context - p.ntok, int(self.bundle.manifest["model"]["vocab_size"]),
-                              p.ntok)
-        acc = lambda st: self._access(st, p, regs_max)          # noqa: E731
-        instrs = p.instrs
-        # A: COPY scattering a staged MM tile -> "mvs" (scatter from the product, plus the stage)
-        out = []
-        for st in steps:
-            if st[0] == "ins" and instrs[st[1]].op == "MISC" and \
-                    isa.MISC_NAMES[instrs[st[1]]["func"]] == "COPY":
-                f = instrs[st[1]].fields
-                reps, w, stride = isa.copy_operands(f)
-                cdst = (f["dst"], f["dst"] + 4 * ((reps - 1) * stride + w))
-                for k in range(len(out) - 1, max(len(out) - self._LOOK, -1), -1):
-                    o = out[k]
-                    if o[0] == "mvw":
-                        _, pc, first, r0, nr, dst, nt = o
-                        srcr = (dst, dst + 4 * max(nt, 1) * nr)
-                        between = [acc(x) for x in out[k + 1:]]
-                        if nt > 1 and dst == f["a"] and nt == reps and nr == w and not any(
-                                self._hit([srcr, cdst], b[0] + b[1]) for b in between) \
-                                and not self._hit([srcr], [cdst]):
-                            out[k] = ("mvs", first, r0, nr, nt, f["dst"], stride, ((dst, r0, nr),))
-                            st = None
-                        break
-                    if o[0] != "ld":
-                        break
-                if st is None:
-                    continue
-            out.append(st)
-        steps = out
-        # B: ST of a fused product's rows -> "mvst" (HBM written from the product)
-        out = []
-        for st in steps:
-            if st[0] == "ins" and instrs[st[1]].op == "ST" and instrs[st[1]]["func"] == isa.ST_F32:
-                f = instrs[st[1]].fields
-                cr, _, _, hw = acc(st)
-                if hw != [(0, 1 << 62)]:
-                    for k in range(len(out) - 1, max(len(out) - self._LOOK, -1), -1):
-                        o = out[k]
-                        ocw = acc(o)[1]
-                        if not self._hit(cr, ocw):
-                            continue
-                        if o[0] == "mvw" and ocw == cr:
-                            _, pc, first, r0, nr, dst, nt = o
-                            st = ("mvst", first, r0, nr, nt, hw[0][0], 1)
-                        break
-            out.append(st)
-        steps = out
-        # C: drop row writes (and stage writes) that a later row or stage write covers first
-        out = list(steps)
-        for i, st in enumerate(out):
-            if st is None or st[0] not in ("mvw", "mvs") or (st[0] == "mvs" and len(st[7]) != 1):
-                continue
-            region = acc(st)[1][-1]
-            for j in range(i + 1, min(i + self._LOOK, len(out))):
-                o = out[j]
-                if o is None:
-                    continue
-                r, w, _, _ = acc(o)
-                cover = w[0] if o[0] == "mvw" else (w[-1] if o[0] == "mvs" and len(o[7]) == 1 else None)
-                if cover and cover[0] <= region[0] and region[1] <= cover[1] and \
-                        not self._hit([region], w[:-1] if o[0] == "mvs" else []):
-                    out[i] = None if st[0] == "mvw" else st[:7] + ((),)
-                    break
-                if self._hit([region], r + w):
-                    break
-        steps = [st for st in out if st is not None]
-        # D, E: merge contiguous scatters / HBM writes of one product
-        out = []
-        for st in steps:
-            if st[0] in ("mvs", "mvst"):
-                for k in range(len(out) - 1, max(len(out) - self._LOOK, -1), -1):
-                    o = out[k]
-                    if o[0] == st[0] and o[1] == st[1]:
-                        mine = acc(st)
-                        between = [acc(x) for x in out[k + 1:]]
-                        moved = mine[1] if st[0] == "mvs" else mine[3]
-                        safe = not any(self._hit(moved, b[0] + b[1] + b[2] + b[3]) for b in between)
-                        if st[0] == "mvs":
-                            _, first, r0, nr, nt, cdst, stride, stages = o
-                            ok = (st[4] == nt and st[6] == stride and st[2] == r0 + nr
-                                  and st[5] == cdst + 4 * nr)
-                            if ok and safe:
-                                # the scatters merge; the stage writes stay in their order
-                                out[k] = ("mvs", first, r0, nr + st[3], nt, cdst, stride, stages + st[7])
-                                st = None
-                        else:
-                            _, first, r0, nr, nt, addr, kk = o
-                            ok = (st[4] == nt and st[3] == nr and st[2] == r0 + kk * nr
-                                  and st[5] == addr + 4 * max(nt, 1) * nr * kk)
-                            if ok and safe:
-                                out[k] = ("mvst", first, r0, nr, nt, addr, kk + 1)
-                                st = None
-                        break
-                if st is None:
-                    continue
-            out.append(st)
-        return out
-
-    @staticmethod
-    def _st_span(ins, regs0):
-        """HBM bytes an ST may write, [start, end) (to infinity when a register moves it)."""
-        f = ins.fields
-        lo = regs0[f["hreg"]] + f["hoff"] * isa.HBM_ALIGN
-        if f["hreg"] in _DYN_REGS or f["ireg"] or f["lreg"]:
-            return (lo if f["hreg"] not in _DYN_REGS else 0, 1 << 62)
-        return (lo, lo + f["len"])
+        """Plan the program ``p``: its execution order -> ``p.plan``, a list of steps
+        (sim/golden_plan.py); fused products when ``fast``."""
+        Planner(self, p).plan()
 
     def _note_hbm_write(self, addr, ln):
         """A run stored into HBM: if fused products read those bytes, later plans re-read them."""
         lo, hi = self._fused_span
-        if addr < hi and lo < addr + ln and _overlaps(addr, addr + ln, self._fused):
+        if addr < hi and lo < addr + ln and overlaps(addr, addr + ln, self._fused):
             self._packed = {}                       # private from now on: HBM left the image
             self._fused, self._fused_span = [], (0, 0)
             for q in self.programs.values():
@@ -787,35 +486,33 @@ class Golden:
         regs = self._regs(pos, token, p.ntok)
         self.counters["runs"] += 1
         out = self._run_out
-        mem = self.mem
         c = self.counters
         for st in p.plan:
-            kind = st[0]
-            if kind == "mvw":
-                _, pc, first, r0, nr, dst, nt = st
-                ne = max(nt, 1)
-                self.f32(dst, ne * nr).reshape(ne, nr)[:] = out[first][:, r0:r0 + nr]
-            elif kind == "mvrun":
-                _, pc, W, qsrc, cols, nt = st
-                out[pc] = matmat(W, self._read_q(qsrc, cols // 32, max(nt, 1)))
-                c["macs"] = c.get("macs", 0) + W.rows * cols * max(nt, 1)
-            elif kind == "mvs":
-                # MM tiles into the stage, each scattered by COPY to rows r0.. of nt vectors
-                _, first, r0, nr, nt, cdst, stride, stages = st
-                for sa, sr0, snr in stages:
-                    self.f32(sa, nt * snr).reshape(nt, snr)[:] = out[first][:, sr0:sr0 + snr]
-                v = self.f32(cdst, (nt - 1) * stride + nr)
-                np.lib.stride_tricks.as_strided(v, (nt, nr), (4 * stride, 4))[:] = out[first][:, r0:r0 + nr]
-            elif kind == "mvst":
+            t = type(st)
+            if t is MvWrite:
+                ne = max(st.ntok, 1)
+                self.f32(st.dst, ne * st.rows).reshape(ne, st.rows)[:] = out[st.first][:, st.r0:st.r0 + st.rows]
+            elif t is MvRun:
+                ne = max(st.ntok, 1)
+                out[st.pc] = matmat(st.W, self._read_q(st.qsrc, st.cols // 32, ne))
+                c["macs"] = c.get("macs", 0) + st.W.rows * st.cols * ne
+            elif t is MvScatter:
+                # MM tiles into the stage, each scattered by COPY to rows r0.. of ntok vectors
+                res = out[st.first]
+                nt, nr = st.ntok, st.rows
+                for sa, sr0, snr in st.stages:
+                    self.f32(sa, nt * snr).reshape(nt, snr)[:] = res[:, sr0:sr0 + snr]
+                v = self.f32(st.dst, (nt - 1) * st.stride + nr)
+                np.lib.stride_tricks.as_strided(v, (nt, nr), (4 * st.stride, 4))[:] = res[:, st.r0:st.r0 + nr]
+            elif t is MvStore:
                 # k tiles of nr rows streamed to HBM, each [ne][nr] (tile-major)
-                _, first, r0, nr, nt, addr, k = st
-                ne = max(nt, 1)
-                blk = out[first][:, r0:r0 + k * nr].reshape(ne, k, nr).transpose(1, 0, 2)
+                ne, nr, k, addr = max(st.ntok, 1), st.rows, st.tiles, st.addr
+                blk = out[st.first][:, st.r0:st.r0 + k * nr].reshape(ne, k, nr).transpose(1, 0, 2)
                 self.hbm[addr:addr + 4 * ne * nr * k].view(np.float32).reshape(k, ne, nr)[:] = blk
                 c["st_bytes"] = c.get("st_bytes", 0) + 4 * ne * nr * k
                 self._note_hbm_write(addr, 4 * ne * nr * k)
-            else:
-                self._exec(p.instrs[st[1]], regs)
+            else:                                   # Load, Exec
+                self._exec(p.instrs[st.pc], regs)
         return RunResult(isa.STATUS_OK)
 
     # ---- host side: logits, prefill staging ------------------------------------------------
@@ -862,24 +559,6 @@ class Golden:
         for ins in self.program(program).instrs:
             out[ins.op] = out.get(ins.op, 0) + 1
         return out
-
-
-def _merge_ranges(ranges):
-    """Sorted, disjoint, merged [(start, end)]."""
-    out = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
-def _overlaps(a, b, merged) -> bool:
-    """Does [a, b) overlap one of the merged ranges?"""
-    import bisect
-    i = bisect.bisect_right(merged, (b, -1)) - 1     # last range starting before b
-    return i >= 0 and merged[i][1] > a and a < b
 
 
 def untile_logits(flat: np.ndarray, ntok: int, tiles, vocab: int) -> np.ndarray:

@@ -126,7 +126,7 @@ def _set(path, value):
     (_set("files/program.bin", "x"), "manifest field 'files.program.bin' must be an object, not \"x\""),
     (_set("config_hash", "XYZ"), "manifest field 'config_hash' must be 16 lowercase hex digits, not \"XYZ\""),
     (_set("model/rope_base", -1.0), "manifest field 'model.rope_base' must be a positive finite number, not -1.0"),
-    (_set("prefill/buckets", [4]), "manifest field 'prefill.buckets' is [4], not the prefill programs' sizes [2]"),
+    (_set("prefill/buckets", [4]), "manifest field 'prefill.buckets' is [4], not the prefill programs' sizes [2, 4, 8]"),
     (_set("registers/kvbase", 0), "manifest field 'registers.kvbase' is 0, not memory_map.kv's offset 77824"),
     (_set("hbm_size", 1000), "manifest field 'memory_map.weights' [0, 63488] ends past hbm_size 1000"),
     (_set("onchip/context", 64), "manifest field 'onchip.context' is 64, not context 128"),
@@ -272,7 +272,7 @@ def test_info(built, capsys):
     assert d["bundle_hash"] == rb.hash == rb.manifest["bundle_hash"]
     assert d["model"]["sha256"] == identity.file_hash(model) and d["model"]["file"] == model
     assert d["config"] == {"name": "tiny", "hash": load_config("tiny").config_hash()}
-    assert set(d["programs"]) == {"decode", "prefill_2"}
+    assert set(d["programs"]) == {"decode", "prefill_2", "prefill_4", "prefill_8"}
     assert d["files"]["program.bin"]["bytes"] == len(rb.program)
     assert d["total_bytes"] == sum(os.path.getsize(os.path.join(b, f)) for f in rb.manifest["files"])
     assert main(["info", b]) == 0

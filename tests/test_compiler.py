@@ -195,3 +195,43 @@ def test_tiny_model_on_tiny_config(tmp_path):
     assert b.manifest["model"]["n_layers"] == 2
     ins = [isa.decode(w) for w in isa.from_bytes(b.program)]
     assert ins[-1].op == "SYS"
+
+
+def test_compile_parts_layouts_and_stages(tmp_path):
+    """The named parts of a compile: every program's vectors are disjoint ranges of the
+    activation buffer (its layout's ``ab.top`` is what the manifest reports), and the program
+    builder's stages of a middle pipeline stage read the hidden state and store it."""
+    from llmfab.compiler.compile import Dims, OnChipPlan, PrefillPlan, WeightImage
+    from llmfab.core.formats import QBLOCK_BYTES
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_1", n_layers=3, seed=1))
+    ci = load_config("ci")
+    b = compile_model(m, ci, sparsity="ffn=2:4")
+    ctx = b.manifest["context"]
+    dims = Dims.of(m.desc)
+    onchip = OnChipPlan.plan(ci, dims, ctx)
+    assert onchip.manifest(ctx) == b.manifest["onchip"]
+    weights = WeightImage.build(m, ci, parse_sparsity("ffn=2:4"), onchip.wslot_bytes, 0, 3,
+                                emit_image=True, progress=False)
+    assert weights.size == b.manifest["stats"]["weight_bytes"]
+    assert set(weights.masks) == set(b.extra["masks"])
+    pf = PrefillPlan.plan(ci, onchip, dims, weights, ctx, prefill=True, first=True, last=True)
+    assert pf.buckets == b.manifest["prefill"]["buckets"]
+    for T, L in pf.layouts.items():
+        d, nqhd = dims, dims.nq * dims.hd
+        sizes = {"x": d.dim * 4, "h": max(d.dim, nqhd) * 4, "qkv": d.qkv_rows * 4, "o": nqhd * 4,
+                 "gate": d.ffn * 4, "up": d.ffn * 4, "qh": max(d.dim, nqhd) // 32 * QBLOCK_BYTES,
+                 "qf": d.ffn // 32 * QBLOCK_BYTES}
+        spans = sorted((getattr(L, k), getattr(L, k) + T * n) for k, n in sizes.items())
+        spans += [(a, a + T * weights.head.tiles[0][1] * 4) for a in L.logits]
+        assert all(a1 <= a2 for (_, a1), (a2, _) in zip(spans, spans[1:])), T
+        assert spans[-1][1] <= L.ab.top <= onchip.activation
+        if T > 1:
+            assert b.manifest["programs"]["prefill"][str(T)]["activation_bytes"] == L.ab.top
+    # a middle stage: X comes in from the I/O region and goes out to it
+    st = compile_model(m, ci, layers=(1, 2))
+    ins = [isa.decode(w) for w in isa.from_bytes(st.program)]
+    io = st.manifest["registers"]["iobase"]
+    lds = [i for i in ins if i.op == "LD" and i["hreg"] == isa.REG_IOBASE]
+    sts = [i for i in ins if i.op == "ST" and i["hreg"] == isa.REG_IOBASE]
+    assert [io + i["hoff"] * isa.HBM_ALIGN for i in lds] == [st.manifest["memory_map"]["hidden_in"][0]]
+    assert [(i["hoff"], i["len"], i["func"]) for i in sts] == [(0, m.desc.dim * 4, isa.ST_F32)]

@@ -385,10 +385,10 @@ def test_clock_too_high(tmp_path):
 
 
 def test_does_not_fit_bram36(tmp_path):
-    # tiny: activation 4 + weight 2 + kv 16 (63 KiB, 64 bit x 8064) + global 16 + instruction 1
+    # tiny: activation 8 + weight 2 + kv 16 (63 KiB, 64 bit x 8064) + global 16 + instruction 1
     path = variant(tmp_path, "tiny", buffers__kv_kib=63, buffers__global_kib=63)
     assert error_of(path, FitError) == (
-        f"{path}: config 'tiny' needs 39 BRAM36 but board 'sim-tiny' has 32; "
+        f"{path}: config 'tiny' needs 43 BRAM36 but board 'sim-tiny' has 32; "
         "shrink the buffers (buffers.*_kib)")
 
 

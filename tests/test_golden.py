@@ -71,6 +71,41 @@ def test_slow_path_equals_fast_path(tmp_path):
         assert np.array_equal(_bits(fast.logits()), _bits(slow.logits()))
 
 
+@pytest.mark.parametrize("sparsity,layers", [("2:4", None), (None, (1, 2))])
+def test_fast_plan_equals_spec_path_sparse_and_stage(tmp_path, sparsity, layers):
+    """The planner's fused plan (sim/golden_plan.py) leaves the bytes the specification path
+    (fast=False, every instruction executed) leaves, on a sparse model and on a middle
+    pipeline stage (hidden state in and out), decode and prefill runs; and a plan is made of
+    the named step types only."""
+    from llmfab.sim import golden_plan as gp
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_1", n_layers=3, seed=6))
+    b = compile_model(m, load_config("ci"), sparsity=sparsity, layers=layers)
+    mm = b.manifest["memory_map"]
+    fast, slow = Golden(b), Golden(b, fast=False)
+    wb = b.manifest["onchip"]["weight"][0]
+    T = max(fast.buckets)
+    hidden = np.random.default_rng(1).standard_normal((T, m.desc.dim)).astype(np.float32)
+    for pos, ntok in enumerate([1, 1, T, 1]):
+        pos = pos if pos < 3 else 2 + T
+        for g in (fast, slow):
+            if "hidden_in" in mm:
+                a = mm["hidden_in"][0]
+                g.hbm[a:a + hidden[:ntok].nbytes] = hidden[:ntok].reshape(-1).view(np.uint8)
+            if ntok == 1:
+                assert g.run(pos, 3 + pos).status == isa.STATUS_OK
+            else:
+                if "prefill_tokens" in mm:
+                    g.stage_tokens(list(range(10, 10 + ntok)))
+                assert g.run(pos, 0, f"prefill_{ntok}").status == isa.STATUS_OK
+        assert np.array_equal(fast.hbm, slow.hbm), (pos, ntok)
+        assert np.array_equal(fast.mem[:wb], slow.mem[:wb]), (pos, ntok)
+    steps = (gp.Load, gp.Exec, gp.MvRun, gp.MvWrite, gp.MvScatter, gp.MvStore)
+    for g, fused in ((fast, True), (slow, False)):
+        for p in g.programs.values():
+            assert all(isinstance(s, steps) for s in p.plan)
+            assert any(isinstance(s, gp.MvRun) for s in p.plan) == fused
+
+
 # ---- error statuses -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
 from llmfab.core import numerics as N
 from llmfab.sim.golden import Golden, matmat, untile_logits
+from llmfab.sim.golden_plan import Exec, Load, MvRun, MvScatter, MvStore, MvWrite
 from llmfab.host.golden_backend import GoldenDevice, split_buckets
 from llmfab.sim.numerics_model import NumericsModel, matvec, pack_matrix
 
@@ -542,13 +543,13 @@ def test_fast_plan_equals_instruction_by_instruction(tiny41):
             pos += T
         fast.hbm[:] = slow.hbm[:] = Golden(tiny41).hbm
     plan = fast.program("prefill_8").plan
-    kinds = {s[0] for s in plan}
-    assert {"mvrun", "mvst", "mvs"} <= kinds
+    kinds = {type(s) for s in plan}
+    assert {MvRun, MvStore, MvScatter} <= kinds
     # the fusion really shortens the plan: fewer row writes than MM tiles, no COPY or logits ST left
     instrs = fast.program("prefill_8").instrs
     n_mm = sum(i.op == "MM" for i in instrs)
-    assert sum(s[0] in ("mvw", "mvs", "mvst") for s in plan) < n_mm // 2
-    left = [instrs[s[1]] for s in plan if s[0] == "ins"]
+    assert sum(isinstance(s, (MvWrite, MvScatter, MvStore)) for s in plan) < n_mm // 2
+    left = [instrs[s.pc] for s in plan if isinstance(s, Exec)]
     assert not any(i.op == "MISC" and i["func"] == isa.MISC_FUNCS["COPY"] for i in left)
     assert not any(i.op == "ST" and i["func"] == isa.ST_F32 for i in left)
 
@@ -593,7 +594,7 @@ def test_stores_into_weights_are_seen(tiny41):
     assert np.array_equal(_bits(fast.logits()), _bits(slow.logits()))
     p = fast.program("prefill_2")
     fast._build_plan(p)
-    assert all(s[0] in ("ld", "ins") for s in p.plan)
+    assert all(isinstance(s, (Load, Exec)) for s in p.plan)
     clean = Golden(tiny41)
     clean.run(0, 5)
     clean.prefill(1, TOKS[:2])

@@ -1,0 +1,507 @@
+"""The program builder: one program's instruction stream, stage by stage.
+
+:class:`ProgramBuilder` writes the program over T tokens (T = 1: the decode
+program; T > 1: a prefill bucket) of a compiled model (compiler/compile.py lays
+out the on-chip buffers, the weight image, the tables and the memory map it
+addresses). It has one method per stage, called in the model's order:
+
+- :meth:`ProgramBuilder.constants`: the constants block (eps, attention scale, 1/dim);
+- :meth:`ProgramBuilder.embedding`: the token rows into the residual ``X`` (or, for a
+  pipeline stage that does not start the model, the previous stage's ``X``);
+- :meth:`ProgramBuilder.attention` and :meth:`ProgramBuilder.ffn`, per layer;
+- :meth:`ProgramBuilder.lm_head` (final norm and LM head, logits to the I/O region), or
+  :meth:`ProgramBuilder.hidden_out` for a stage that does not end the model.
+
+Each stage appends :class:`WorkItem` s: a group of loads into a buffer slot (a weight
+tile, a head's K/V, a layer's tables) and the compute that consumes them.
+:meth:`ProgramBuilder.emit` then writes the instructions with one item of lookahead on
+the loads: the loads of item i+1 go before the compute of item i (so loads overlap
+compute), unless item i+1 is a barrier (its loads read what item i stores: compute i,
+SYNC, then its loads). The :class:`Scheduler` orders the queues with dependency
+tokens (docs/isa.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+from llmfab.compiler import isa
+from llmfab.core.formats import QBLOCK_BYTES
+
+F = isa.MISC_FUNCS
+
+# --------------------------------------------------------------------------------------
+# token scheduler
+# --------------------------------------------------------------------------------------
+
+# channel -> (producer queue, header bit on producer, consumer queue, header bit on consumer)
+CHANNELS = {
+    "ld2cmp": ("ld", "rel_next", "cmp", "wait_prev"),
+    "cmp2ld": ("cmp", "rel_prev", "ld", "wait_next"),
+    "cmp2st": ("cmp", "rel_next", "st", "wait_prev"),
+    "st2cmp": ("st", "rel_prev", "cmp", "wait_next"),
+}
+
+
+def _queue(op):
+    return {"LD": "ld", "ST": "st", "MV": "cmp", "MM": "cmp", "MISC": "cmp", "SYS": "sys"}[op]
+
+
+class Scheduler:
+    """Emits instructions in dispatch order and assigns dependency tokens.
+
+    Tokens are counted per channel and consumed in order, so "event k has
+    happened" is guaranteed once a consumer queue has completed k waits on the
+    channel. ``emit(..., need={chan: k})`` adds waits (on the instruction
+    itself, plus NOPs when more than one wait is needed) until that holds;
+    ``release=[chan]`` returns the new event numbers.
+    """
+
+    def __init__(self):
+        self.instrs: list[isa.Instr] = []
+        self.released = {c: 0 for c in CHANNELS}
+        self.waited = {c: 0 for c in CHANNELS}
+
+    def _nop(self, q):
+        if q == "ld":
+            return isa.make("LD", func=0)
+        if q == "st":
+            return isa.make("ST", func=0)
+        return isa.make("MISC", func=isa.MISC_FUNCS["NOP"])
+
+    def emit(self, op: str, need=None, release=(), **fields):
+        q = _queue(op)
+        ins = isa.make(op, **fields)
+        for ch, k in (need or {}).items():
+            if k is None or k <= 0:
+                continue
+            prod, _, cons, bit = CHANNELS[ch]
+            assert cons == q, (ch, op)
+            if k > self.released[ch]:
+                raise AssertionError(f"need {ch} event {k} before it was released")
+            while self.waited[ch] < k - 1:
+                nop = self._nop(q)
+                nop.fields[bit] = 1
+                self.instrs.append(nop)
+                self.waited[ch] += 1
+            if self.waited[ch] < k:
+                ins.fields[bit] = 1
+                self.waited[ch] += 1
+        ev = {}
+        for ch in release:
+            prod, bit, _, _ = CHANNELS[ch]
+            assert prod == q, (ch, op)
+            ins.fields[bit] = 1
+            self.released[ch] += 1
+            ev[ch] = self.released[ch]
+        self.instrs.append(ins)
+        return ev
+
+
+def hoff(x: int) -> int:
+    """A device-memory offset in the LD/ST ``hoff`` field's units (HBM_ALIGN bytes)."""
+    assert x % isa.HBM_ALIGN == 0, x
+    return x // isa.HBM_ALIGN
+
+
+# --------------------------------------------------------------------------------------
+# work items
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadGroup:
+    """Loads into one buffer slot: the first waits until the slot's last consumer freed it,
+    the last releases the group (``gid``) to the compute queue."""
+    gid: str
+    slot: tuple          # ("W", i) weight tile, ("K", i) K/V of a head, ("G", i) tables, ...
+    loads: list          # LD fields, one dict per LD
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """Loads (or None) and the compute that consumes them; ``barrier``: the loads read
+    what earlier compute stored (a SYNC goes before them)."""
+    loads: LoadGroup | None
+    compute: Callable[[], None]
+    barrier: bool = False
+
+
+# --------------------------------------------------------------------------------------
+# the builder
+# --------------------------------------------------------------------------------------
+
+class ProgramBuilder:
+    """The instruction stream of one program over ``layout.tokens`` tokens.
+
+    ``parts`` are what compiler/compile.py made (its ``CompileParts``): the model's
+    dimensions, the on-chip plan, the weight image, the tables and the memory map;
+    ``layout`` is the program's :class:`~llmfab.compiler.compile.VectorLayout`.
+    """
+
+    def __init__(self, parts, layout):
+        self.parts = parts
+        self.L = layout
+        self.T = layout.tokens
+        self.S = Scheduler()
+        self.work: list[WorkItem] = []
+        self.ring_free = {}        # slot -> free event (cmp2ld) of its last consumer
+        self.group_ready = {}      # group id -> ld2cmp event
+        self.logits_stored = {}    # logits slot -> events of its last ST
+        self.kv_stored = []        # st2cmp event of each layer's last K/V store
+        self._slot_counters = {"W": 0, "K": 0, "G": 0}
+
+    # ---- the program --------------------------------------------------------------------
+    def build(self) -> list:
+        """The whole program: its stages in order, then the instructions."""
+        parts = self.parts
+        self.constants()
+        self.embedding()
+        for li in range(parts.n_layers):            # li: the stage's own layer index (KV, tables)
+            gs = self.attention(li)
+            self.ffn(li, gs)
+        if parts.last:
+            self.lm_head()
+        else:
+            self.hidden_out()
+        return self.emit()
+
+    def emit(self) -> list:
+        """Emit the work items with one item of lookahead on the loads; END."""
+        S, work = self.S, self.work
+        if work:
+            self._load(work[0])
+        for i, item in enumerate(work):
+            nxt = work[i + 1] if i + 1 < len(work) else None
+            if nxt is not None and not nxt.barrier:
+                self._load(nxt)
+            item.compute()
+            if nxt is not None and nxt.barrier:
+                S.emit("SYS", func=isa.SYS_SYNC)
+                self._load(nxt)
+        S.emit("SYS", func=isa.SYS_END)
+        return S.instrs
+
+    # ---- stages -------------------------------------------------------------------------
+    def constants(self):
+        """The constants block, loaded once."""
+        lds = [dict(buf=self.L.consts, hreg=isa.REG_TBASE, hoff=hoff(self.parts.tables.consts),
+                    len=self.parts.tables.consts_bytes)]
+        self._add(LoadGroup("consts", ("C", 0), lds), partial(self.consume, "MISC", gid="consts", func=F["NOP"]))
+
+    def embedding(self):
+        """The residual ``X`` of the T tokens: the embedding row of R7 (decode), the rows the
+        host staged in the I/O region (prefill), or the previous stage's ``X``."""
+        parts, L, T = self.parts, self.L, self.T
+        mm = parts.memory
+        if not parts.first:
+            # the previous stage's residual X of the T tokens, staged by the host
+            lds = [dict(buf=L.x, hreg=isa.REG_IOBASE, hoff=hoff(mm.tok_off), len=T * parts.dims.dim * 4)]
+            self._add(LoadGroup("xin", ("X", 0), lds), partial(self.consume, "MISC", gid="xin", func=F["NOP"]))
+            return
+        emb = parts.weights.emb
+        efmt = isa.FMTS.index(emb.fmt)
+        if T == 1:
+            # embedding row (dynamic: R7 selects the row)
+            es = self._next_slot("W")
+            lds = [dict(buf=parts.onchip.wslots[es], hreg=isa.REG_WBASE, hoff=hoff(emb.hbm_off),
+                        ireg=isa.REG_TOKEN, stride=emb.row_bytes, len=emb.row_bytes)]
+            self._add(LoadGroup("emb", ("W", es), lds),
+                      partial(self.consume, "MISC", gid="emb", free_slot=("W", es), func=F["EMBED"], dst=L.x,
+                              a=parts.onchip.wslots[es], n=parts.dims.dim, aux=efmt))
+            return
+        # the host stages the T embedding rows in the I/O region (row stride tok_stride)
+        rps = parts.onchip.wslot_bytes // mm.tok_stride
+        for k0 in range(0, T, rps):
+            es = self._next_slot("W")
+            nrow = min(rps, T - k0)
+            gid = f"emb.{k0}"
+            lds = [dict(buf=parts.onchip.wslots[es], hreg=isa.REG_IOBASE,
+                        hoff=hoff(mm.tok_off + k0 * mm.tok_stride), len=nrow * mm.tok_stride)]
+            self._add(LoadGroup(gid, ("W", es), lds), partial(self._embed_rows, es, nrow, k0, gid, efmt))
+
+    def attention(self, li: int) -> int:
+        """Layer ``li``'s attention block: its tables (norm weights, RoPE rows) into a GB slot,
+        the attention norm, QKV, RoPE and the K/V stores, attention per KV head, the output
+        projection. Returns the GB slot (the FFN norm reads it)."""
+        parts, L, T = self.parts, self.L, self.T
+        d = parts.dims
+        mats = parts.weights.layers[li]
+        gs = self._next_slot("G")
+        gbase = L.gslots[gs]
+        rope = gbase + 2 * d.dim * 4
+        gid = f"tables.{li}"
+        lds = [dict(buf=gbase, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.norms[li]), len=2 * d.dim * 4),
+               # the RoPE rows of positions R1 .. R1+T-1 in one load
+               dict(buf=rope, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.rope), ireg=isa.REG_POS,
+                    stride=d.hd * 4, len=T * d.hd * 4)]
+        self._add(LoadGroup(gid, ("G", gs), lds), partial(self._attn_norm, gbase, gid))
+        self.matrix(mats.qkv, L.qh, L.qkv)
+        if T == 1:
+            self._attention_decode(li, rope)
+        else:
+            self._attention_prefill(li, rope)
+        self._add(None, partial(self.quant, L.qh, L.o, d.nq * d.hd))
+        self.matrix(mats.attn_output, L.qh, L.h)
+        return gs
+
+    def ffn(self, li: int, gs: int):
+        """Layer ``li``'s feed-forward block: residual add, FFN norm (the tables in GB slot
+        ``gs``), gate and up, SiLU-multiply, down, residual add."""
+        L = self.L
+        mats = self.parts.weights.layers[li]
+        self._add(None, partial(self._ffn_in, L.gslots[gs], gs))
+        self.matrix(mats.ffn_gate, L.qh, L.gate)
+        self.matrix(mats.ffn_up, L.qh, L.up)
+        self._add(None, self._ffn_act)
+        self.matrix(mats.ffn_down, L.qf, L.h)
+        self._add(None, partial(self.elementwise, "ADD", L.x, L.x, L.h, self.parts.dims.dim))
+
+    def lm_head(self):
+        """Final norm + LM head, the logits streamed out through two activation-buffer slots."""
+        parts, L = self.parts, self.L
+        gs = self._next_slot("G")
+        lds = [dict(buf=L.gslots[gs], hreg=isa.REG_TBASE, hoff=hoff(parts.tables.output_norm),
+                    len=parts.dims.dim * 4)]
+        self._add(LoadGroup("onorm", ("G", gs), lds),
+                  partial(self.norm_quant, L.x, L.gslots[gs], parts.dims.dim, gid="onorm", free_slot=("G", gs)))
+        self.matrix(parts.weights.head, L.qh, None, logits=True)
+
+    def hidden_out(self):
+        """The residual ``X`` leaves for the next stage (the compute queue is in order: the
+        NOP releases the store once the last ADD has written ``X``)."""
+        self._add(None, self._store_x)
+
+    # ---- stage parts (compute, run by emit) ---------------------------------------------------
+    def _embed_rows(self, es, nrow, k0, gid, efmt):
+        parts, L = self.parts, self.L
+        dim = parts.dims.dim
+        for i in range(nrow):
+            self.consume("MISC", gid=gid if i == 0 else None,
+                         free_slot=("W", es) if i == nrow - 1 else None, func=F["EMBED"],
+                         dst=L.x + (k0 + i) * dim * 4, a=parts.onchip.wslots[es] + i * parts.memory.tok_stride,
+                         n=dim, aux=efmt)
+
+    def _attn_norm(self, gbase, gid):
+        # the first QKV write of this layer overwrites q/k/v that the previous layer's KV
+        # stores read: RMSNORM waits for those stores (st2cmp)
+        self.norm_quant(self.L.x, gbase, self.parts.dims.dim, gid=gid,
+                        need={"st2cmp": self.kv_stored[-1] if self.kv_stored else None})
+
+    def _kv_offsets(self, li, j):
+        """Offsets from KVBASE of the K and V cache of KV head ``j`` of stage layer ``li``."""
+        kvh = self.parts.onchip.kv_head_bytes
+        kb = ((li * self.parts.dims.nkv + j) * 2) * kvh
+        return kb, kb + kvh
+
+    def _attention_decode(self, li, rope):
+        """Per KV head: its K/V cache rows [0, R1) into a KV slot; RoPE, the new K/V rows
+        stored at R1, ATTN (the current row from q/k/v)."""
+        parts = self.parts
+        d = parts.dims
+        kslots, kvh = parts.onchip.kslots, parts.onchip.kv_head_bytes
+        for j in range(d.nkv):
+            ks = self._next_slot("K")
+            kgid = f"kv.{li}.{j}"
+            kb, vb = self._kv_offsets(li, j)
+            klds = [dict(buf=kslots[ks], hreg=isa.REG_KVBASE, hoff=hoff(kb), lreg=isa.REG_POS, lmul=d.hd * 2),
+                    dict(buf=kslots[ks] + kvh, hreg=isa.REG_KVBASE, hoff=hoff(vb), lreg=isa.REG_POS,
+                         lmul=d.hd * 2)]
+            gaddr = self.L.qkv + j * d.grp_rows * 4
+            self._add(LoadGroup(kgid, ("K", ks), klds),
+                      partial(self._attend_decode, j, ks, kgid, gaddr, kb, vb, rope))
+
+    def _attend_decode(self, j, ks, kgid, gaddr, kb, vb, rope):
+        d = self.parts.dims
+        g, hd = d.g, d.hd
+        last = j == d.nkv - 1
+        e = self.consume("MISC", func=F["ROPE"], dst=gaddr, a=gaddr, b=rope, n=g + 1, aux=hd, release=["cmp2st"])
+        # new K and V rows -> HBM (fp16), at position R1
+        self.S.emit("ST", need={"cmp2st": e["cmp2st"]}, func=isa.ST_F16, buf=gaddr + g * hd * 4,
+                    hreg=isa.REG_KVBASE, hoff=hoff(kb), ireg=isa.REG_POS, stride=hd * 2, len=hd * 2)
+        e2 = self.S.emit("ST", func=isa.ST_F16, buf=gaddr + (g + 1) * hd * 4, hreg=isa.REG_KVBASE,
+                         hoff=hoff(vb), ireg=isa.REG_POS, stride=hd * 2, len=hd * 2,
+                         release=["st2cmp"] if last else ())
+        if last:
+            self.kv_stored.append(e2["st2cmp"])
+        # the current row comes from q/k/v (ATTN t = 0, not cached)
+        self.consume("MISC", gid=kgid, free_slot=("K", ks), func=F["ATTN"], dst=self.L.o + j * g * hd * 4,
+                     a=gaddr, b=self.parts.onchip.kslots[ks], reg=isa.REG_POS, **isa.attn_fields(g, hd))
+
+    def _attention_prefill(self, li, rope):
+        """RoPE and the K/V stores of every token; then per KV head (after a SYNC: the cache
+        rows [0, R1 + T) must have reached HBM) its cache into a KV slot and ATTN per token."""
+        parts = self.parts
+        d = parts.dims
+        kslots, kvh = parts.onchip.kslots, parts.onchip.kv_head_bytes
+        T = self.T
+        self._add(None, partial(self._rope_store, li, rope))
+        for j in range(d.nkv):
+            ks = self._next_slot("K")
+            kgid = f"kv.{li}.{j}"
+            kb, vb = self._kv_offsets(li, j)
+            klds = [dict(buf=kslots[ks], hreg=isa.REG_KVBASE, hoff=hoff(kb), len=T * d.hd * 2,
+                         lreg=isa.REG_POS, lmul=d.hd * 2),
+                    dict(buf=kslots[ks] + kvh, hreg=isa.REG_KVBASE, hoff=hoff(vb), len=T * d.hd * 2,
+                         lreg=isa.REG_POS, lmul=d.hd * 2)]
+            self._add(LoadGroup(kgid, ("K", ks), klds), partial(self._attend_prefill, j, ks, kgid),
+                      barrier=j == 0)
+
+    def _rope_store(self, li, rope):
+        # rotate q and k of every token and group; K/V rows -> HBM at R1 + t
+        d = self.parts.dims
+        g, hd, T = d.g, d.hd, self.T
+        for t in range(T):
+            for j in range(d.nkv):
+                gaddr = self.L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4
+                kb, vb = self._kv_offsets(li, j)
+                e = self.consume("MISC", func=F["ROPE"], dst=gaddr, a=gaddr, b=rope + t * hd * 4,
+                                 n=g + 1, aux=hd, release=["cmp2st"])
+                self.S.emit("ST", need={"cmp2st": e["cmp2st"]}, func=isa.ST_F16,
+                            buf=gaddr + g * hd * 4, hreg=isa.REG_KVBASE, hoff=hoff(kb + t * hd * 2),
+                            ireg=isa.REG_POS, stride=hd * 2, len=hd * 2)
+                last = t == T - 1 and j == d.nkv - 1
+                e2 = self.S.emit("ST", func=isa.ST_F16, buf=gaddr + (g + 1) * hd * 4, hreg=isa.REG_KVBASE,
+                                 hoff=hoff(vb + t * hd * 2), ireg=isa.REG_POS, stride=hd * 2, len=hd * 2,
+                                 release=["st2cmp"] if last else ())
+                if last:
+                    self.kv_stored.append(e2["st2cmp"])
+
+    def _attend_prefill(self, j, ks, kgid):
+        # token t attends to positions [0, R1 + t], all from the cache
+        d, L = self.parts.dims, self.L
+        g, hd = d.g, d.hd
+        kslot = self.parts.onchip.kslots[ks]
+        self.each_token(lambda t, k: self.consume(
+            "MISC", func=F["ATTN"], dst=L.o + (t * d.nq * hd + j * g * hd) * 4,
+            a=L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4, b=kslot, reg=isa.REG_POS,
+            **isa.attn_fields(g, hd, t, cached=True), **k), gid=kgid, free_slot=("K", ks))
+
+    def _ffn_in(self, gbase, gs):
+        L, dim = self.L, self.parts.dims.dim
+        self.elementwise("ADD", L.x, L.x, L.h, dim)
+        self.norm_quant(L.x, gbase + dim * 4, dim, free_slot=("G", gs))
+
+    def _ffn_act(self):
+        L, ffn = self.L, self.parts.dims.ffn
+        self.elementwise("SILU_MUL", L.gate, L.gate, L.up, ffn)
+        self.quant(L.qf, L.gate, ffn)
+
+    def _store_x(self):
+        e = self.consume("MISC", func=F["NOP"], release=["cmp2st"])
+        self.S.emit("ST", need={"cmp2st": e["cmp2st"]}, func=isa.ST_F32, buf=self.L.x,
+                    hreg=isa.REG_IOBASE, hoff=hoff(0), len=self.T * self.parts.dims.dim * 4)
+
+    # ---- matrices -----------------------------------------------------------------------------
+    def matrix(self, cm, qsrc, dst, logits=False):
+        """A weight matrix, tile by tile through the weight slots, times the quantized vectors
+        at ``qsrc``: rows to ``dst`` (token-major), or (``logits``) to the I/O region."""
+        for ti, (r0, nr, off) in enumerate(cm.tiles):
+            s = self._next_slot("W")
+            gid = f"{cm.name}.{ti}"
+            lds = [dict(buf=self.parts.onchip.wslots[s], hreg=isa.REG_WBASE, hoff=hoff(off),
+                        len=nr * cm.row_bytes)]
+            self._add(LoadGroup(gid, ("W", s), lds),
+                      partial(self._matrix_tile, cm, s, gid, ti, r0, nr, qsrc, dst, logits))
+
+    def _matrix_tile(self, cm, s, gid, ti, r0, nr, qsrc, dst, logits):
+        T, L = self.T, self.L
+        mf = dict(func=isa.mv_func(cm.fmt, cm.sparsity), wb=self.parts.onchip.wslots[s], rows=nr, cols=cm.cols,
+                  qsrc=qsrc)
+        op = "MV" if T == 1 else "MM"
+        if T > 1:
+            mf["ntok"] = T
+        if not logits:
+            if T == 1:
+                self.consume(op, gid=gid, free_slot=("W", s), dst=dst + r0 * 4, **mf)
+            elif len(cm.tiles) == 1:
+                self.consume(op, gid=gid, free_slot=("W", s), dst=dst, **mf)
+            else:
+                # [T][nr] into the stage, then scattered to rows r0.. of each token
+                self.consume(op, gid=gid, free_slot=("W", s), dst=L.stage, **mf)
+                self.consume("MISC", func=F["COPY"], dst=dst + r0 * 4, a=L.stage, n=nr, aux=T, b=cm.rows)
+            return
+        ls = ti % 2
+        e = self.consume(op, gid=gid, free_slot=("W", s),
+                         need={"st2cmp": self.logits_stored.get(ls, {}).get("st2cmp")},
+                         release=["cmp2st"], dst=L.logits[ls], **mf)
+        # logits tile-major: tile (r0, nr) is [T][nr] at T*r0*4
+        self.logits_stored[ls] = self.S.emit(
+            "ST", need={"cmp2st": e["cmp2st"]}, release=["st2cmp"], func=isa.ST_F32, buf=L.logits[ls],
+            hreg=isa.REG_IOBASE, hoff=hoff(T * r0 * 4), len=T * nr * 4)
+
+    # ---- vector operations over the T tokens ----------------------------------------------------
+    def each_token(self, fn, gid=None, free_slot=None, need=None):
+        """fn(t, kwargs) for t < T: the first waits for gid/need, the last frees the slot."""
+        T = self.T
+        for t in range(T):
+            kw = {}
+            if t == 0:
+                kw.update(gid=gid, need=need)
+            if t == T - 1:
+                kw["free_slot"] = free_slot
+            fn(t, kw)
+
+    def quant(self, dst, a, n, **kw):
+        """The T vectors of n words at ``a`` quantized to ``dst``."""
+        self.each_token(lambda t, k: self.consume("MISC", func=F["QUANT"], dst=dst + t * n // 32 * QBLOCK_BYTES,
+                                                  a=a + t * n * 4, n=n, **k), **kw)
+
+    def norm_quant(self, a, w, n, gid=None, free_slot=None, need=None):
+        """H = rms_norm(a) per token, QH = quant(H) per token."""
+        L = self.L
+        T = self.T
+        for t in range(T):
+            self.consume("MISC", gid=gid if t == 0 else None, need=need if t == 0 else None,
+                         free_slot=free_slot if t == T - 1 else None, func=F["RMSNORM"],
+                         dst=L.h + t * n * 4, a=a + t * n * 4, b=w, n=n)
+            self.consume("MISC", func=F["QUANT"], dst=L.qh + t * n // 32 * QBLOCK_BYTES, a=L.h + t * n * 4, n=n)
+
+    def elementwise(self, func, dst, a, b, n):
+        """An elementwise op over T token-major vectors of n words (n fits 16 bits)."""
+        T = self.T
+        per = max(1, 0xFFFF // n)
+        t = 0
+        while t < T:
+            k = min(per, T - t)
+            self.consume("MISC", func=F[func], dst=dst + t * n * 4, a=a + t * n * 4, b=b + t * n * 4, n=k * n)
+            t += k
+
+    # ---- queues, slots and tokens ---------------------------------------------------------------
+    def _add(self, loads, compute, barrier=False):
+        self.work.append(WorkItem(loads, compute, barrier))
+
+    def _next_slot(self, kind):
+        """The next slot of the ring ``kind``: weight tiles ("W"), K/V ("K"), tables ("G")."""
+        n = self.parts.onchip.n_wslots if kind == "W" else 2
+        s = self._slot_counters[kind] % n
+        self._slot_counters[kind] += 1
+        return s
+
+    def _load(self, item):
+        """Emit the LDs of an item's group into its slot; the first waits for the slot, the
+        last releases the group."""
+        grp = item.loads
+        if grp is None:
+            return
+        need = {"cmp2ld": self.ring_free.get(grp.slot)}
+        for i, f in enumerate(grp.loads):
+            last = i == len(grp.loads) - 1
+            e = self.S.emit("LD", need=need if i == 0 else None, release=["ld2cmp"] if last else (), **f)
+            if last:
+                self.group_ready[grp.gid] = e["ld2cmp"]
+
+    def consume(self, op, gid=None, free_slot=None, need=None, release=(), **f):
+        """Emit a compute instruction: it waits for load group ``gid`` (and ``need``) and,
+        with ``free_slot``, frees that slot for the next loads."""
+        nd = dict(need or {})
+        if gid is not None:
+            nd["ld2cmp"] = max(nd.get("ld2cmp") or 0, self.group_ready[gid])
+        rel = list(release)
+        if free_slot is not None:
+            rel.append("cmp2ld")
+        e = self.S.emit(op, need=nd, release=rel, **f)
+        if free_slot is not None:
+            self.ring_free[free_slot] = e["cmp2ld"]
+        return e
