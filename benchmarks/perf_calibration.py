@@ -37,7 +37,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-DOCS = os.path.join(HERE, "..", "docs", "benchmarks.md")
 
 #: The synthetic models: name -> (weight type, tinymodel.write_tiny_gguf shape)
 MODELS = {
@@ -110,17 +109,22 @@ def _prefill_row(acc, gold, b, cfg, mname, p, T, toks, memory):
     if r.timed_out or r.status != isa.STATUS_OK or r0.status != isa.STATUS_OK:
         raise SystemExit(f"prefill {T} at position {p}: rtl status {r.status}, golden {r0.status}")
     got = untile_logits(acc.read_hbm(io, T * vocab * 4).view(np.float32), T, man["prefill"]["lm_head_tiles"], vocab)
-    c = r.counters
     e = estimate(b, cfg, pos=p, program=T, memory=memory)
-    return {"config": cfg.name, "model": mname, "pos": p, "what": f" (prefill T={T})",
-            "rtl_cycles": int(c["cycles"]), "model_cycles": e.cycles,
+    exact = bool(np.array_equal(got.view(np.uint32), want.view(np.uint32)))
+    return {**_row(cfg, mname, p, r.counters, e, exact, wall), "what": f" (prefill T={T})"}
+
+
+def _row(cfg, mname, p, c, e, exact, wall):
+    """One calibration row: the RTL's counters ``c`` beside the model's estimate ``e``."""
+    return {"config": cfg.name, "model": mname, "pos": p, "rtl_cycles": int(c["cycles"]),
+            "model_cycles": e.cycles,
             "error": round(e.cycles / int(c["cycles"]) - 1, 4),
             "rtl_validate": int(c["validate_cycles"]), "model_validate": e.validate_cycles,
             "rtl_busy_ld": int(c["busy_ld"]), "model_busy_ld": e.load_cycles,
             "rtl_busy_mv": int(c["busy_mv"]), "model_busy_mv": e.mv_cycles,
             "rtl_busy_misc": int(c["busy_misc"]), "model_busy_misc": e.sfu_cycles,
             "rtl_busy_cmp": int(c["busy_cmp"]), "model_busy_cmp": e.compute_cycles,
-            "model_bound": e.bound, "logits_bit_exact": bool(np.array_equal(got.view(np.uint32), want.view(np.uint32))),
+            "model_bound": e.bound, "logits_bit_exact": exact,
             "wall_seconds": round(wall, 1)}
 
 
@@ -221,18 +225,8 @@ def main(argv=None):
                         if r.timed_out or r.status != isa.STATUS_OK:
                             raise SystemExit(f"rtl run at position {p} ended with status {r.status} at {r.pc}")
                         exact = bool(np.array_equal(acc.logits().view(np.uint32), lg.view(np.uint32)))
-                        c = r.counters
                         e = estimate(b, cfg, pos=p, memory=args.memory)
-                        row = {"config": cfg.name, "model": mname, "pos": p, "rtl_cycles": int(c["cycles"]),
-                               "model_cycles": e.cycles,
-                               "error": round(e.cycles / int(c["cycles"]) - 1, 4),
-                               "rtl_validate": int(c["validate_cycles"]), "model_validate": e.validate_cycles,
-                               "rtl_busy_ld": int(c["busy_ld"]), "model_busy_ld": e.load_cycles,
-                               "rtl_busy_mv": int(c["busy_mv"]), "model_busy_mv": e.mv_cycles,
-                               "rtl_busy_misc": int(c["busy_misc"]), "model_busy_misc": e.sfu_cycles,
-                               "rtl_busy_cmp": int(c["busy_cmp"]), "model_busy_cmp": e.compute_cycles,
-                               "model_bound": e.bound, "logits_bit_exact": exact,
-                               "wall_seconds": round(wall, 1)}
+                        row = _row(cfg, mname, p, r.counters, e, exact, wall)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                         T = args.prefill
@@ -296,13 +290,8 @@ def main(argv=None):
             json.dump({"config": cfg.name, "memory": args.memory, "rows": rows, "ops": oprows,
                        "mv": mvrows}, f, indent=1)
     if args.write_docs:
-        doc = open(DOCS).read()
-        a, b_ = f"<!-- BEGIN perf_calibration {cfg.name} -->", f"<!-- END perf_calibration {cfg.name} -->"
-        if a not in doc:
-            doc += f"\n{a}\n{b_}\n"
-        i, j = doc.index(a) + len(a), doc.index(b_)
-        doc = doc[:i] + "\n" + md + "\n" + doc[j:]
-        open(DOCS, "w").write(doc)
+        from perf_model import _write        # benchmarks/: the docs block writer, one home
+        _write(md, f"perf_calibration {cfg.name}")
     bad = [r for r in rows if abs(r["error"]) > 0.10 or not r["logits_bit_exact"]]
     return 1 if bad else 0
 
