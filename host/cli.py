@@ -349,6 +349,17 @@ class TextStream:
         self.out.flush()
 
 
+def _print_completion(stream, args, completion) -> None:
+    """End a generation's text on stdout: close the token stream with a newline, or print the
+    completion whole (after the prompt unless ``--chat``). One card or ``--cards``."""
+    if stream is not None:
+        stream.close()
+        sys.stdout.write("\n")
+    else:
+        print(completion if args.chat else args.prompt + completion)
+    sys.stdout.flush()
+
+
 def cmd_generate(args):
     if cli_cards.wants_cards(args):
         return cli_cards.cmd_generate_cards(args, TextStream)
@@ -389,12 +400,7 @@ def cmd_generate(args):
             obj.update(run.info)
         print(json.dumps(obj))
         return
-    if stream is not None:
-        stream.close()
-        sys.stdout.write("\n")
-    else:
-        print(completion if args.chat else args.prompt + completion)
-    sys.stdout.flush()
+    _print_completion(stream, args, completion)
     if res.stop == "context":
         print(f"llmfab: warning: generation stopped at the context limit of backend '{args.backend}' "
               f"({dev.context} positions) after {len(res.tokens)} tokens", file=sys.stderr)

@@ -191,7 +191,7 @@ def cmd_generate_cards(args, text_stream) -> None:
     if os.path.isdir(model_path):
         raise LlmfabError("generate needs a tokenizer: give a GGUF model")
     tok = Tokenizer.from_gguf(model_path)
-    from llmfab.host.cli import _encode_prompt
+    from llmfab.host.cli import _encode_prompt, _print_completion
     prompt = _encode_prompt(tok, args)
     stop = set(tok.eot_ids)
     stream = None
@@ -217,12 +217,7 @@ def cmd_generate_cards(args, text_stream) -> None:
                           "cards": len(bundles), "tokens_per_s": round(res.tokens_per_s, 3),
                           "prompt_tokens": res.prompt_tokens, "stages": stages}))
         return
-    if stream is not None:
-        stream.close()
-        sys.stdout.write("\n")
-    else:
-        print(completion if args.chat else args.prompt + completion)
-    sys.stdout.flush()
+    _print_completion(stream, args, completion)
 
 
 # ---------------------------------------------------------------------------- plan

@@ -297,7 +297,7 @@ def test_tiled_model(rtl, bundles):
     _, b = bundles["tiled"]
     copies = sum(1 for w in isa.from_bytes(b.prefill[2])
                  if isa.decode(w).op == "MISC" and isa.decode(w)["func"] == isa.MISC_FUNCS["COPY"])
-    assert copies > 0 and 2 in b.manifest["prefill"]["buckets"]
+    assert copies > 0 and b.manifest["prefill"]["buckets"] == [2, 4, 8]
     rtl.use(b)
     chunks = [2, 1, 2]
     run_chunks(Golden(b), rtl, b, TOKS[:sum(chunks)], chunks)
