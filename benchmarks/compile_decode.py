@@ -70,7 +70,8 @@ def bench_golden(bundle, model, n_tokens):
 def bench_prefill(bundle, model, n_tokens):
     """Golden speed over an n-token prompt: greedy prefill buckets vs the decode program
     token by token (same logits bits, checked)."""
-    from llmfab.host.golden_backend import GoldenDevice, split_buckets
+    from llmfab.host.golden_backend import GoldenDevice
+    from llmfab.host.runtime import split_buckets
     cfg = load_config(bundle.manifest["config_name"])
     toks = [504, 3575, 282, 4649, 314, 7042, 28, 9]
     toks = (toks * (n_tokens // len(toks) + 1))[:n_tokens]

@@ -8,25 +8,12 @@ bucket gives the bits the decode program gives token by token (docs/isa.md).
 
 from __future__ import annotations
 
-import numpy as np
-
-from llmfab.core.errors import BackendError, SimError
+from llmfab.core.errors import SimError
 from llmfab.compiler import isa
-from llmfab.host.runtime import Device, config_and_bundle
+from llmfab.host.runtime import ProgramDevice, config_and_bundle
 
 
-def split_buckets(n: int, buckets) -> list:
-    """Greedy decomposition of ``n`` tokens into buckets (1 is always a bucket)."""
-    sizes = sorted({1, *(int(b) for b in buckets)}, reverse=True)
-    out = []
-    while n > 0:
-        t = next(b for b in sizes if b <= n)
-        out.append(t)
-        n -= t
-    return out
-
-
-class GoldenDevice(Device):
+class GoldenDevice(ProgramDevice):
     name = "golden"
 
     def __init__(self, model, config=None, *, bundle=None, sparsity=None, progress=False,
@@ -52,36 +39,20 @@ class GoldenDevice(Device):
         raise SimError(f"golden model stopped with status {r.status} "
                        f"({isa.STATUS_NAMES[r.status]}) at instruction {r.pc}: {r.detail}")
 
-    def forward(self, tokens):
-        toks = [int(t) for t in tokens]
-        for t in toks:
-            if not 0 <= t < self.vocab:
-                raise BackendError(f"token id {t} out of range (vocab size {self.vocab})")
-        out = []
-        i = 0
-        while i < len(toks):
-            if self.pos >= self.context:
-                raise BackendError(f"context overflow: position {self.pos} >= compiled context "
-                                   f"{self.context}")
-            left = min(len(toks) - i, self.context - self.pos)
-            T = split_buckets(left, self.buckets)[0]
-            if T == 1:
-                r = self.golden.run(self.pos, toks[i])
-                if r.status != isa.STATUS_OK:
-                    self._fault(r)
-                out.append(self.golden.logits()[None])
-                self.steps += 1
-            else:
-                r = self.golden.prefill(self.pos, toks[i:i + T])
-                if r.status != isa.STATUS_OK:
-                    self._fault(r)
-                out.append(self.golden.prefill_logits(T))
-                self.prefill_runs[T] = self.prefill_runs.get(T, 0) + 1
-            self.pos += T
-            i += T
-        if not out:
-            return np.zeros((0, self.vocab), np.float32)
-        return np.concatenate(out, axis=0)
+    def _decode(self, pos, token):
+        r = self.golden.run(pos, token)
+        if r.status != isa.STATUS_OK:
+            self._fault(r)
+        self.steps += 1
+        return self.golden.logits()[None]
+
+    def _prefill(self, pos, tokens):
+        T = len(tokens)
+        r = self.golden.prefill(pos, tokens)
+        if r.status != isa.STATUS_OK:
+            self._fault(r)
+        self.prefill_runs[T] = self.prefill_runs.get(T, 0) + 1
+        return self.golden.prefill_logits(T)
 
     def stats(self):
         c = self.golden.instruction_counts()

@@ -181,7 +181,7 @@ class StageRunner:
         return self._read(self.h_out, T * self.dim * 4).view(np.float32).reshape(T, self.dim)
 
     def forward(self, req, x, start: bool = False, rows: str = "all") -> np.ndarray:
-        from llmfab.host.golden_backend import split_buckets
+        from llmfab.host.runtime import split_buckets
         t0 = time.perf_counter()
         x = list(x) if self.first else np.asarray(x, np.float32).reshape(-1, self.dim)
         pos = self._switch(req, start)

@@ -21,7 +21,7 @@ import numpy as np
 
 from llmfab.core.errors import BackendError, SimError
 from llmfab.compiler import isa
-from llmfab.host.runtime import Device, config_and_bundle
+from llmfab.host.runtime import ProgramDevice, config_and_bundle
 
 
 def exec_factory(config):
@@ -67,8 +67,10 @@ def counter_stats(config, bundle, cycles, counters) -> dict:
             "busy_fraction": {k: round(v, 4) for k, v in busy.items()}}
 
 
-class RtlDevice(Device):
+class RtlDevice(ProgramDevice):
     name = "rtl"
+    #: prompts run through the decode program, one position at a time (issue 13 adds prefill)
+    buckets = []
 
     def __init__(self, model, config=None, *, bundle=None, waves=False, timeout_cycles=200_000_000,
                  sample_every=None, memory="ideal", **kw):
@@ -97,25 +99,16 @@ class RtlDevice(Device):
         self.acc.write_hbm(int(kv0), np.zeros(int(kvn), np.uint8))
         self.pos = 0
 
-    def forward(self, tokens):
-        out = []
-        for t in tokens:
-            t = int(t)
-            if not 0 <= t < self.vocab:
-                raise BackendError(f"token id {t} out of range (vocab size {self.vocab})")
-            if self.pos >= self.context:
-                raise BackendError(f"context overflow: position {self.pos} >= compiled context {self.context}")
-            r = self.acc.run(self.pos, t, timeout_cycles=self.timeout_cycles,
-                             sample_every=self.sample_every)
-            if r.timed_out:
-                raise SimError(f"rtl: watchdog fired after {self.timeout_cycles} cycles at position {self.pos}")
-            if r.status != isa.STATUS_OK:
-                raise SimError(f"rtl: accelerator stopped with status {r.status} "
-                               f"({isa.STATUS_NAMES.get(r.status, '?')}) at instruction {r.pc}")
-            self.runs.append(r)
-            out.append(self.acc.logits().copy())
-            self.pos += 1
-        return np.stack(out)
+    def _decode(self, pos, token):
+        r = self.acc.run(pos, token, timeout_cycles=self.timeout_cycles,
+                         sample_every=self.sample_every)
+        if r.timed_out:
+            raise SimError(f"rtl: watchdog fired after {self.timeout_cycles} cycles at position {pos}")
+        if r.status != isa.STATUS_OK:
+            raise SimError(f"rtl: accelerator stopped with status {r.status} "
+                           f"({isa.STATUS_NAMES.get(r.status, '?')}) at instruction {r.pc}")
+        self.runs.append(r)
+        return self.acc.logits().copy()[None]
 
     def stats(self):
         if not self.runs:

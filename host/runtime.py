@@ -133,6 +133,58 @@ class Device:
                               prefill_seconds=t1 - t0, stats=self.stats(), stop=stop)
 
 
+def split_buckets(n: int, buckets) -> list:
+    """Greedy decomposition of ``n`` tokens into buckets (1 is always a bucket)."""
+    sizes = sorted({1, *(int(b) for b in buckets)}, reverse=True)
+    out = []
+    while n > 0:
+        t = next(b for b in sizes if b <= n)
+        out.append(t)
+        n -= t
+    return out
+
+
+class ProgramDevice(Device):
+    """A device that runs a compiled bundle's programs: the decode program for one token,
+    a prefill program for a bucket of ``T`` tokens (greedily the largest bucket that fits
+    the tokens left and the context). Subclasses set ``vocab``, ``context``, ``buckets`` and
+    ``pos`` and implement ``_decode(pos, token)`` -> ``[1, vocab]`` and
+    ``_prefill(pos, tokens)`` -> ``[T, vocab]``."""
+
+    vocab: int = 0
+    buckets: list = []
+    pos: int = 0
+
+    def _decode(self, pos: int, token: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _prefill(self, pos: int, tokens: list) -> np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, tokens):
+        toks = [int(t) for t in tokens]
+        for t in toks:
+            if not 0 <= t < self.vocab:
+                raise BackendError(f"token id {t} out of range (vocab size {self.vocab})")
+        out = []
+        i = 0
+        while i < len(toks):
+            if self.pos >= self.context:
+                raise BackendError(f"context overflow: position {self.pos} >= compiled context "
+                                   f"{self.context}")
+            left = min(len(toks) - i, self.context - self.pos)
+            T = split_buckets(left, self.buckets)[0]
+            if T == 1:
+                out.append(self._decode(self.pos, toks[i]))
+            else:
+                out.append(self._prefill(self.pos, toks[i:i + T]))
+            self.pos += T
+            i += T
+        if not out:
+            return np.zeros((0, self.vocab), np.float32)
+        return np.concatenate(out, axis=0)
+
+
 class ReferenceDevice(Device):
     name = "reference"
 

@@ -38,8 +38,7 @@ import numpy as np
 
 from llmfab.compiler import isa
 from llmfab.core.errors import BackendError, SimError
-from llmfab.host.golden_backend import split_buckets
-from llmfab.host.runtime import Device, config_and_bundle
+from llmfab.host.runtime import ProgramDevice, config_and_bundle
 
 #: Default bound of every wait on a run: 10 s of kernel time (a card runs a SmolLM2 decode
 #: step on ``ci`` in ~8 ms; the simulated card counts simulated time at the kernel clock).
@@ -102,7 +101,7 @@ def simulated_xclbin(config, *, progress=None) -> Path:
     return standin
 
 
-class XrtDevice(Device):
+class XrtDevice(ProgramDevice):
     name = "xrt"
 
     def __init__(self, model, config=None, *, bundle=None, xclbin=None, device=None,
@@ -345,39 +344,23 @@ class XrtDevice(Device):
         for t in range(len(tokens)):
             self.write_flat(int(base) + t * stride, rows[t * stride:t * stride + rb])
 
-    def forward(self, tokens):
+    def _decode(self, pos, token):
+        c = self._run("decode", pos, token, 1)
+        self.decode_cycles.append(c["cycles"])
+        self.decode_counters = c
+        io = int(self.bundle.manifest["memory_map"]["logits"][0])
+        return self.read_flat(io, 4 * self.vocab).view(np.float32)[None]
+
+    def _prefill(self, pos, tokens):
         from llmfab.sim.golden import untile_logits
-        toks = [int(t) for t in tokens]
-        for t in toks:
-            if not 0 <= t < self.vocab:
-                raise BackendError(f"token id {t} out of range (vocab size {self.vocab})")
         man = self.bundle.manifest
-        out = []
-        i = 0
-        while i < len(toks):
-            if self.pos >= self.context:
-                raise BackendError(f"context overflow: position {self.pos} >= compiled context "
-                                   f"{self.context}")
-            left = min(len(toks) - i, self.context - self.pos)
-            T = split_buckets(left, self.buckets)[0]
-            if T == 1:
-                c = self._run("decode", self.pos, toks[i], 1)
-                self.decode_cycles.append(c["cycles"])
-                self.decode_counters = c
-                io = int(man["memory_map"]["logits"][0])
-                out.append(self.read_flat(io, 4 * self.vocab).view(np.float32)[None])
-            else:
-                self._stage_tokens(toks[i:i + T])
-                c = self._run(f"prefill_{T}", self.pos, 0, T)
-                self.prefill_runs.append({"tokens": T, "cycles": c["cycles"]})
-                io = int(man["memory_map"]["prefill_logits"][0])
-                flat = self.read_flat(io, 4 * T * self.vocab).view(np.float32)
-                out.append(untile_logits(flat, T, man["prefill"]["lm_head_tiles"], self.vocab))
-            self.pos += T
-            i += T
-        if not out:
-            return np.zeros((0, self.vocab), np.float32)
-        return np.concatenate(out, axis=0)
+        T = len(tokens)
+        self._stage_tokens(tokens)
+        c = self._run(f"prefill_{T}", pos, 0, T)
+        self.prefill_runs.append({"tokens": T, "cycles": c["cycles"]})
+        io = int(man["memory_map"]["prefill_logits"][0])
+        flat = self.read_flat(io, 4 * T * self.vocab).view(np.float32)
+        return untile_logits(flat, T, man["prefill"]["lm_head_tiles"], self.vocab)
 
     def stats(self):
         from llmfab.host.rtl_backend import counter_stats

@@ -20,7 +20,8 @@ from llmfab.compiler.model import load_model
 from llmfab.core import numerics as N
 from llmfab.sim.golden import Golden, matmat, untile_logits
 from llmfab.sim.golden_plan import Exec, Load, MvRun, MvScatter, MvStore, MvWrite
-from llmfab.host.golden_backend import GoldenDevice, split_buckets
+from llmfab.host.golden_backend import GoldenDevice
+from llmfab.host.runtime import split_buckets
 from llmfab.sim.numerics_model import NumericsModel, matvec, pack_matrix
 
 import tinymodel
