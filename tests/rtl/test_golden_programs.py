@@ -32,7 +32,8 @@ from llmfab.compiler.bundle import Bundle
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
 from llmfab.sim.golden import Golden, untile_logits
-from llmfab.host.golden_backend import GoldenDevice, split_buckets
+from llmfab.host.golden_backend import GoldenDevice
+from llmfab.host.runtime import split_buckets
 
 import tinymodel
 
