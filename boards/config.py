@@ -102,12 +102,18 @@ class ChainConfig:
         products (required for ``length > 32``: every block has its own scale).
     pack_int4 : bool
         Two int4 x int8 products per DSP slice.
+    tokens : int
+        Token lanes (1, 2, 4 or 8; optional, default 1): each row pipeline's decoded weight
+        blocks feed this many chains, one token each, so an MM (prefill) reads and decodes
+        each weight row once per ``tokens`` tokens. MV (decode) uses the first lane. The
+        chains and their scalers are replicated per lane (``dsp_total`` counts them).
     """
 
     length: int
     count: int
     break_points: bool
     pack_int4: bool
+    tokens: int = 1
 
 
 @dataclass(frozen=True)
@@ -226,6 +232,11 @@ class AccelConfig:
         return self.chain.length * self.chain.count
 
     @property
+    def prefill_macs_per_cycle(self) -> int:
+        """MACs per cycle of an MM with at least ``chain.tokens`` tokens: ``macs_per_cycle * tokens``."""
+        return self.macs_per_cycle * self.chain.tokens
+
+    @property
     def peak_gmacs(self) -> float:
         """Peak GMAC/s for 4-bit weights: ``macs_per_cycle * clock_mhz / 1000``."""
         return self.macs_per_cycle * self.clock_mhz / 1000
@@ -270,8 +281,9 @@ class AccelConfig:
 
     @property
     def dsp_total(self) -> int:
-        """DSP slices of the accelerator: ``count * dsp_per_chain + sfu_dsp``."""
-        return self.chain.count * self.dsp_per_chain + self.sfu_dsp
+        """DSP slices of the accelerator: ``count * tokens * dsp_per_chain + sfu_dsp`` (every
+        token lane has its own chains and scalers)."""
+        return self.chain.count * self.chain.tokens * self.dsp_per_chain + self.sfu_dsp
 
     # ---- memory bandwidth ---------------------------------------------------
 
@@ -383,7 +395,10 @@ class AccelConfig:
             "clock_mhz": self.clock_mhz,
             "chain": {"length": self.chain.length, "count": self.chain.count,
                       "break_points": self.chain.break_points,
-                      "pack_int4": self.chain.pack_int4},
+                      "pack_int4": self.chain.pack_int4,
+                      # optional fields at their default are left out, so adding one does
+                      # not change the hash of the configurations that do not use it
+                      **({"tokens": self.chain.tokens} if self.chain.tokens != 1 else {})},
             "weight_formats": list(self.weight_formats),
             "sparsity": list(self.sparsity),
             "activation_bits": self.activation_bits,
@@ -528,7 +543,7 @@ def config_from_dict(data: dict, display: str, expected_name: str | None = None)
     clock = f.number("clock_mhz")
 
     c = f.sub("chain")
-    c.check_keys(_CHAIN_FIELDS)
+    c.check_keys(_CHAIN_FIELDS, ("tokens",))
     length = _pow2(c, "length", BLOCK_WEIGHTS, 8 * BLOCK_WEIGHTS,
                    " (one to eight 32-weight blocks)")
     count = c.integer("count")
@@ -536,7 +551,8 @@ def config_from_dict(data: dict, display: str, expected_name: str | None = None)
     if length > BLOCK_WEIGHTS and not break_points:
         raise c.fail("break_points", f"must be true when chain.length is above {BLOCK_WEIGHTS} "
                                      f"(every 32-weight block has its own scale), not false")
-    chain = ChainConfig(length, count, break_points, c.boolean("pack_int4"))
+    tokens = _pow2(c, "tokens", 1, 8, " (token lanes per row pipeline)") if c.has("tokens") else 1
+    chain = ChainConfig(length, count, break_points, c.boolean("pack_int4"), tokens)
 
     formats = _choices(f, "weight_formats", WEIGHT_FORMATS, "weight format")
     sparsity = _choices(f, "sparsity", SPARSITY_PATTERNS, "sparsity pattern")
@@ -673,7 +689,9 @@ def format_configs_table(configs: list[AccelConfig]) -> str:
         b = c.board_spec
         keeps = ", ".join(f for f in c.weight_formats if c.keeps_up(f)) or "none"
         row = [
-            c.name, b.name, f"{c.clock_mhz:g}", f"{c.chain.count} x {c.chain.length}",
+            c.name, b.name, f"{c.clock_mhz:g}",
+            f"{c.chain.count} x {c.chain.length}"
+            + (f" x {c.chain.tokens} tokens" if c.chain.tokens > 1 else ""),
             f"{c.macs_per_cycle:,}", f"{c.peak_gmacs:,.1f}",
             f"{c.dsp_total:,} / {b.available('dsp'):,}",
             f"{c.bram36_total:,} / {b.available('bram36'):,}",

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmfab.core.errors import BundleError
+from llmfab.core.errors import BundleError, SimError
 
 #: 3: ``bundle_hash``, ``model.sha256``, ``compiler``; fields validated on load.
 FORMAT_VERSION = 3
@@ -84,6 +84,23 @@ class Bundle:
             raise BundleError(f"{self._where()} was compiled for configuration "
                               f"{self.manifest.get('config_name')!r} (hash {self.config_hash}), not "
                               f"{config.name!r} (hash {h}); recompile with --config {config.name}")
+
+    def prefill_token_rows(self, tokens) -> list:
+        """What the host writes before a prefill run of ``tokens``: ``[(hbm address, bytes)]``,
+        each token's raw embedding row (GGUF blocks, from the weight image) at its row of the
+        I/O region's staging area (``prefill.token_rows``); the bytes between rows are left
+        alone. Token ids must already be checked against the vocabulary."""
+        man = self.manifest
+        tr = man["prefill"]["token_rows"]
+        base, size = (int(v) for v in man["memory_map"]["prefill_tokens"])
+        stride, rb = int(tr["row_stride"]), int(tr["row_bytes"])
+        if len(tokens) * stride > size:
+            raise SimError(f"{len(tokens)} prefill tokens exceed the staging region of "
+                              f"{self._where()} ({size} bytes)")
+        emb = int(man["registers"]["wbase"]) + int(tr["embedding_offset"])
+        img = self.hbm_image
+        return [(base + t * stride, img[emb + int(tok) * rb:emb + (int(tok) + 1) * rb])
+                for t, tok in enumerate(tokens)]
 
     def check_model(self, sha256: str, path: str) -> None:
         """Refuse a model whose identity (:func:`~llmfab.compiler.identity.file_hash`) is not the bundle's."""

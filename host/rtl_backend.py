@@ -69,11 +69,9 @@ def counter_stats(config, bundle, cycles, counters) -> dict:
 
 class RtlDevice(ProgramDevice):
     name = "rtl"
-    #: prompts run through the decode program, one position at a time (issue 13 adds prefill)
-    buckets = []
 
     def __init__(self, model, config=None, *, bundle=None, waves=False, timeout_cycles=200_000_000,
-                 sample_every=None, memory="ideal", **kw):
+                 sample_every=None, memory="ideal", prefill: bool = True, **kw):
         from llmfab.sim.rtl.harness import RtlAccelerator
         config, bundle = config_and_bundle(model, config, bundle)
         factory, implemented = exec_factory(config)
@@ -93,31 +91,63 @@ class RtlDevice(ProgramDevice):
         self.wbase, self.wsize = bundle.manifest["memory_map"]["weights"]
         self.pos = 0
         self.runs = []
+        #: prefill buckets in use (``prefill=False``: every token through the decode program)
+        self.buckets = [int(t) for t in bundle.manifest["prefill"]["buckets"]] if prefill else []
+        self.prefill_runs = []
+        self._loaded = "decode"
 
     def reset(self):
         kv0, kvn = self.bundle.manifest["memory_map"]["kv"]
         self.acc.write_hbm(int(kv0), np.zeros(int(kvn), np.uint8))
         self.pos = 0
 
-    def _decode(self, pos, token):
-        r = self.acc.run(pos, token, timeout_cycles=self.timeout_cycles,
-                         sample_every=self.sample_every)
+    def _program(self, name: str) -> None:
+        if self._loaded != name:
+            self.acc.load_program(self.bundle.program if name == "decode" else
+                                  self.bundle.prefill[int(name.split("_")[1])])
+            self._loaded = name
+
+    def _check(self, r, what: str):
         if r.timed_out:
-            raise SimError(f"rtl: watchdog fired after {self.timeout_cycles} cycles at position {pos}")
+            raise SimError(f"rtl: watchdog fired after {self.timeout_cycles} cycles ({what})")
         if r.status != isa.STATUS_OK:
             raise SimError(f"rtl: accelerator stopped with status {r.status} "
-                           f"({isa.STATUS_NAMES.get(r.status, '?')}) at instruction {r.pc}")
+                           f"({isa.STATUS_NAMES.get(r.status, '?')}) at instruction {r.pc} ({what})")
+
+    def _decode(self, pos, token):
+        self._program("decode")
+        r = self.acc.run(pos, token, timeout_cycles=self.timeout_cycles,
+                         sample_every=self.sample_every)
+        self._check(r, f"decode at position {pos}")
         self.runs.append(r)
         return self.acc.logits().copy()[None]
 
+    def _prefill(self, pos, tokens):
+        from llmfab.sim.golden import untile_logits
+        T = len(tokens)
+        man = self.bundle.manifest
+        self._program(f"prefill_{T}")
+        for addr, row in self.bundle.prefill_token_rows(tokens):
+            self.acc.write_hbm(addr, row)
+        r = self.acc.run(pos, 0, ntok=T, timeout_cycles=self.timeout_cycles,
+                         sample_every=self.sample_every)
+        self._check(r, f"prefill_{T} at position {pos}")
+        self.prefill_runs.append({"tokens": T, "cycles": r.cycles})
+        io = int(man["memory_map"]["prefill_logits"][0])
+        flat = self.acc.read_hbm(io, 4 * T * self.vocab).view(np.float32)
+        return untile_logits(flat, T, man["prefill"]["lm_head_tiles"], self.vocab)
+
     def stats(self):
-        if not self.runs:
-            return {}
-        from llmfab.boards import memory_timing
-        out = counter_stats(self.config, self.bundle, [r.cycles for r in self.runs], self.runs[-1].counters)
-        out["memory_model"] = memory_timing.describe(self.config, self.acc.memory)
-        out.update({"sim_cycles_per_second": round(self.runs[-1].cycles_per_second, 1),
-                    "sim_seconds_per_token": round(self.runs[-1].wall_seconds, 2)})
+        out = {}
+        if self.runs:
+            from llmfab.boards import memory_timing
+            out = counter_stats(self.config, self.bundle, [r.cycles for r in self.runs],
+                                self.runs[-1].counters)
+            out["memory_model"] = memory_timing.describe(self.config, self.acc.memory)
+            out.update({"sim_cycles_per_second": round(self.runs[-1].cycles_per_second, 1),
+                        "sim_seconds_per_token": round(self.runs[-1].wall_seconds, 2)})
+        if self.prefill_runs:
+            out["prefill_runs"] = list(self.prefill_runs)
         return out
 
     def close(self):

@@ -326,24 +326,6 @@ class XrtDevice(ProgramDevice):
         self.write_flat(int(kv0), np.zeros(int(kvn), np.uint8))
         self.pos = 0
 
-    def _stage_tokens(self, tokens):
-        """The prefill tokens' raw embedding rows into the I/O region (Golden.stage_tokens)."""
-        man = self.bundle.manifest
-        tr = man["prefill"]["token_rows"]
-        base, size = man["memory_map"]["prefill_tokens"]
-        stride, rb = int(tr["row_stride"]), int(tr["row_bytes"])
-        emb = int(man["registers"]["wbase"]) + int(tr["embedding_offset"])
-        img = self.bundle.hbm_image
-        rows = np.zeros(len(tokens) * stride, np.uint8)
-        for t, tok in enumerate(tokens):
-            rows[t * stride:t * stride + rb] = img[emb + tok * rb:emb + (tok + 1) * rb]
-        if rows.size > int(size):
-            raise BackendError(f"{len(tokens)} prefill tokens exceed the staging region ({size} bytes)")
-        # the whole stride of each row: the bytes between rows are the ones Golden leaves alone,
-        # so write row by row
-        for t in range(len(tokens)):
-            self.write_flat(int(base) + t * stride, rows[t * stride:t * stride + rb])
-
     def _decode(self, pos, token):
         c = self._run("decode", pos, token, 1)
         self.decode_cycles.append(c["cycles"])
@@ -355,7 +337,8 @@ class XrtDevice(ProgramDevice):
         from llmfab.sim.golden import untile_logits
         man = self.bundle.manifest
         T = len(tokens)
-        self._stage_tokens(tokens)
+        for addr, row in self.bundle.prefill_token_rows(tokens):
+            self.write_flat(addr, row)
         c = self._run(f"prefill_{T}", pos, 0, T)
         self.prefill_runs.append({"tokens": T, "cycles": c["cycles"]})
         io = int(man["memory_map"]["prefill_logits"][0])

@@ -29,9 +29,12 @@ every compiled shape):
    ``wb + row * rb``, any byte alignment), realigner (to offset 0) and decoder
    (``nb`` blocks, one row). Even pipelines read weights through ``rd0``, odd
    ones through ``rd1`` (after the activation loader), fixed priority per port;
-   the weight buffer has a memory port for each. The weights are re-read for
-   every token of an MM. Each chain takes one weight block per cycle with the
-   activation block of the same index and token (its own read port on ``q``);
+   the weight buffer has a memory port for each. **Token lanes:** each pipeline's
+   decoder feeds ``tokens`` chains (and scalers) in lock step, lane ``k`` taking tokens
+   ``k, k + tokens, ...`` of the pass, so an MM reads and decodes a row once per
+   ``tokens`` tokens (lanes past the pass's last token run on whatever activations they
+   address and their results are dropped). Each chain takes one weight block per cycle
+   with the activation block of the same index and token (its own read port on ``q``);
    its results meet that block's ``d_x`` and stored ``sumq`` (its own read
    ports) in its scaler (row sums with accum4, as ``matvec``). Dense blocks
    use the stored ``sumq`` (as ``matvec`` does for Q4_1), sparse ones the
@@ -39,7 +42,8 @@ every compiled shape):
 3. **Results.** Row sums leave each pipeline in its row order; one at a time
    (lowest pipeline first) they are written through ``wr`` to
    ``dst + (t*rows + row)*4`` (two line writes when a word straddles a line).
-4. After the pass's last row write is accepted: the next pass, or ``done``.
+4. Once every lane's outputs have left (written, or dropped past the pass's last token):
+   the next pass, or ``done``.
 
 Throughput (``tests/rtl/cocotb_mv_exec.py``, ci geometry, memory never stalling):
 one block per pipeline per cycle (0.250 cycles/block measured with 4 pipelines; dense
@@ -111,11 +115,15 @@ class MvExec(wiring.Component):
         Weight formats / sparsity patterns with hardware behind them.
     max_blocks : int
         Activation buffer depth in blocks (largest ``cols / 32``).
+    tokens : int
+        Token lanes per row pipeline (1, 2, 4 or 8; the configuration's ``chain.tokens``):
+        the pipeline's decoded blocks feed this many chains (and scalers), one token each.
     """
 
     def __init__(self, *, addr_bits: int, line_bytes: int, chain_length: int = 32,
                  count: int = 1, pack_int4: bool = True, formats=tuple(WEIGHT_FORMATS),
-                 patterns=tuple(SPARSITY_PATTERNS), max_blocks: int = DEFAULT_MAX_BLOCKS):
+                 patterns=tuple(SPARSITY_PATTERNS), max_blocks: int = DEFAULT_MAX_BLOCKS,
+                 tokens: int = 1):
         if chain_length not in CHAIN_LENGTHS:
             raise ValueError(f"MvExec chain length must be 32, 64, 128 or 256 (whole blocks "
                              f"between break points), not {chain_length}")
@@ -124,6 +132,9 @@ class MvExec(wiring.Component):
         if not 1 <= count * (chain_length // 32) <= 64:
             raise ValueError(f"MvExec needs 1..64 row pipelines (chain count x length / 32), "
                              f"not {count} x {chain_length // 32}")
+        if tokens not in (1, 2, 4, 8):
+            raise ValueError(f"MvExec token lanes must be 1, 2, 4 or 8, not {tokens}")
+        self._tokens = tokens
         self._ab = addr_bits
         self._d = line_bytes
         self._length = chain_length
@@ -139,6 +150,11 @@ class MvExec(wiring.Component):
         return self._count
 
     @property
+    def tokens(self) -> int:
+        """Token lanes per row pipeline (chains per pipeline)."""
+        return self._tokens
+
+    @property
     def pipelines(self) -> int:
         """Row pipelines: ``count * chain_length / 32`` (one per block lane)."""
         return self._count * (self._length // 32)
@@ -150,7 +166,7 @@ class MvExec(wiring.Component):
             return cls(addr_bits=addr_bits, line_bytes=line_bytes,
                        chain_length=config.chain.length, count=config.chain.count,
                        pack_int4=config.chain.pack_int4, formats=tuple(config.weight_formats),
-                       patterns=tuple(config.sparsity), **kw)
+                       patterns=tuple(config.sparsity), tokens=config.chain.tokens, **kw)
         return factory
 
     def elaborate(self, platform):
@@ -295,29 +311,48 @@ class MvExec(wiring.Component):
                 with m.If(c_reg == 2):
                     m.d.sync += [c_tok.eq(c_tok + 1), c_base.eq(c_base + abytes)]
 
-        # ---- row pipelines: pipeline l does rows l, l + L, ... of every token of the pass
+        # ---- row pipelines: pipeline l does rows l, l + L, ... of every token of the pass;
+        # its decoded weight blocks feed K chains (token lanes), lane k taking tokens k, k + K, ...
+        # of the pass. Lanes past the pass's last token (its last group of K) still take the
+        # blocks (they run in lock step) and their results are dropped, not written.
+        K = self._tokens
+        lgk = exact_log2(K)
+        g_round = Signal(10)                       # g rounded up to whole groups of K
+        m.d.comb += g_round.eq(((g + K - 1) >> lgk) << lgk)
         resets = []                                # (signal, value at PLAN)
-        outs = []                                  # (scaler output stream, its row address)
+        outs = []                                  # (scaler output stream, its address, dropped)
+        lanes_done = []                            # per lane: every output of the pass has left
         rd_clients = ([], [ard.mem])               # on rd0 / rd1
         for l in range(L):
             wrd = LineReader(addr_bits=ab, line_bytes=D)
             wal = Realign(D)
             dec = Decoder(lanes=1, data_width=D * 8, formats=self._formats,
                           patterns=self._patterns)
-            chain = Chain(length=32, pack_int4=self._pack,
-                          formats=self._formats, patterns=self._patterns)
-            sc = Scaler(formats=self._formats)
-            for nm, u in (("wrd", wrd), ("wal", wal), ("dec", dec), ("chain", chain),
-                          ("scaler", sc)):
+            for nm, u in (("wrd", wrd), ("wal", wal), ("dec", dec)):
                 m.submodules[f"{nm}{l}"] = u
             rd_clients[l % 2].append(wrd.mem)
             wiring.connect(m, wrd.o, wal.i)
             m.d.comb += [dec.data.valid.eq(wal.o.valid),
                          dec.data.payload.eq(wal.o.payload.data),
                          wal.o.ready.eq(dec.data.ready)]
-            wiring.connect(m, dec.weights, chain.weights)
+            chains = []
+            for tk in range(K):
+                chain = Chain(length=32, pack_int4=self._pack,
+                              formats=self._formats, patterns=self._patterns)
+                sc = Scaler(formats=self._formats)
+                sfx = f"{l}" if K == 1 else f"{l}_{tk}"
+                m.submodules[f"chain{sfx}"] = chain
+                m.submodules[f"scaler{sfx}"] = sc
+                chains.append((chain, sc))
+            # the decoder's blocks to every lane at once (each lane's valid waits for the others)
+            for tk, (chain, _) in enumerate(chains):
+                others = [c.weights.ready for j, (c, _) in enumerate(chains) if j != tk]
+                m.d.comb += [chain.weights.valid.eq(dec.weights.valid & Cat(*others).all()
+                                                    if others else dec.weights.valid),
+                             chain.weights.payload.eq(dec.weights.payload)]
+            m.d.comb += dec.weights.ready.eq(Cat(*(c.weights.ready for c, _ in chains)).all())
 
-            # one command per row to the reader, the realigner and the decoder
+            # one command per row (and group of K tokens) to the reader, realigner and decoder
             for i, cmd in enumerate((wrd.cmd, wal.cmd, dec.cmd)):
                 j_tok = Signal(9, name=f"p{l}_c{i}_tok")
                 j_row = Signal(16, name=f"p{l}_c{i}_row")
@@ -337,98 +372,106 @@ class MvExec(wiring.Component):
                 m.d.comb += cmd.valid.eq(pass_active & (j_tok < g) & (j_row < rows))
                 with m.If(cmd.valid & cmd.ready):
                     with m.If(j_row + L >= rows):
-                        m.d.sync += [j_tok.eq(j_tok + 1), j_row.eq(l),
+                        m.d.sync += [j_tok.eq(j_tok + K), j_row.eq(l),
                                      j_addr.eq(mv.wb + l * rbytes)]
                     with m.Else():
                         m.d.sync += [j_row.eq(j_row + L), j_addr.eq(j_addr + rstep)]
 
-            # activations to the chain (a read port addressed one cycle ahead)
-            qr = qmem.read_port()
-            bi = Signal(range(NB), name=f"p{l}_bi")
-            arow = Signal(16, name=f"p{l}_arow")
-            atok = Signal(9, name=f"p{l}_atok")
-            qbase = Signal(range(NB + 1), name=f"p{l}_qbase")
-            resets += [(bi, 0), (arow, l), (atok, 0), (qbase, 0)]
-            a_take = chain.acts.valid & chain.acts.ready
-            a_row_end = bi == nb - 1
-            a_tok_end = a_row_end & (arow + L >= rows)
-            bi_n = Mux(a_row_end, 0, bi + 1)
-            qbase_n = Mux(a_tok_end, qbase + nb, qbase)
-            m.d.comb += [chain.acts.valid.eq(computing & (atok < g) & (arow < rows)),
-                         chain.acts.payload.eq(qr.data),
-                         qr.addr.eq(Mux(a_take, qbase_n + bi_n, qbase + bi))]
-            with m.If(a_take):
-                m.d.sync += [bi.eq(bi_n), qbase.eq(qbase_n),
-                             arow.eq(Mux(a_tok_end, l, Mux(a_row_end, arow + L, arow))),
-                             atok.eq(Mux(a_tok_end, atok + 1, atok))]
+            for tk, (chain, sc) in enumerate(chains):
+                p = f"p{l}" if K == 1 else f"p{l}_{tk}"
+                # activations to the chain (a read port addressed one cycle ahead)
+                qr = qmem.read_port()
+                bi = Signal(range(NB), name=f"{p}_bi")
+                arow = Signal(16, name=f"{p}_arow")
+                atok = Signal(9, name=f"{p}_atok")
+                qbase = Signal(range(NB * K + 1), name=f"{p}_qbase")
+                resets += [(bi, 0), (arow, l), (atok, tk), (qbase, nb * tk)]
+                a_take = chain.acts.valid & chain.acts.ready
+                a_row_end = bi == nb - 1
+                a_tok_end = a_row_end & (arow + L >= rows)
+                bi_n = Mux(a_row_end, 0, bi + 1)
+                qbase_n = Mux(a_tok_end, qbase + (nb << lgk), qbase)
+                m.d.comb += [chain.acts.valid.eq(computing & (atok < g_round) & (arow < rows)),
+                             chain.acts.payload.eq(qr.data),
+                             qr.addr.eq(Mux(a_take, qbase_n + bi_n, qbase + bi))]
+                with m.If(a_take):
+                    m.d.sync += [bi.eq(bi_n), qbase.eq(qbase_n),
+                                 arow.eq(Mux(a_tok_end, l, Mux(a_row_end, arow + L, arow))),
+                                 atok.eq(Mux(a_tok_end, atok + K, atok))]
 
-            # chain results + (d_x, sumq) of the same block to the scaler
-            dr = dmem.read_port()
-            sr = smem.read_port()
-            res = chain.results.payload
-            lane = res.lanes[0]
-            r_take = chain.results.valid & chain.results.ready
-            rb = Signal(range(NB), name=f"p{l}_rb")
-            rrow = Signal(16, name=f"p{l}_rrow")
-            dbase = Signal(range(DEPTH_D + 1), name=f"p{l}_dbase")
-            resets += [(rb, 0), (rrow, l), (dbase, 0)]
-            r_tok_end = res.last & (rrow + L >= rows)
-            rb_n = Mux(res.last, 0, rb + 1)
-            dbase_n = Mux(r_tok_end, dbase + nd, dbase)
-            r_blk = Signal.like(rb, name=f"p{l}_rblk")
-            r_ent = Signal(range(DEPTH_D + 1), name=f"p{l}_rent")
-            r_word = Signal(max(lgcw, 1), name=f"p{l}_rword")
-            m.d.comb += [r_blk.eq(Mux(r_take, rb_n, rb)),
-                         r_ent.eq(Mux(r_take, dbase_n, dbase) + (r_blk >> lgcw)),
-                         dr.addr.eq(r_ent), sr.addr.eq(r_ent)]
-            if lgcw:
-                m.d.sync += r_word.eq(r_blk[0:lgcw])
-            d_x = dr.data.word_select(r_word, 32) if lgcw else dr.data
-            s_q = sr.data.word_select(r_word, 32) if lgcw else sr.data
-            with m.If(r_take):
-                m.d.sync += [rb.eq(rb_n), dbase.eq(dbase_n),
-                             rrow.eq(Mux(r_tok_end, l, Mux(res.last, rrow + L, rrow)))]
-            si = sc.i.payload
-            m.d.comb += [
-                sc.i.valid.eq(chain.results.valid), chain.results.ready.eq(sc.i.ready),
-                si.isum.eq(lane.isum), si.d_w.eq(lane.d), si.m_w.eq(lane.m),
-                si.sumq.eq(Mux(pat == 0, s_q, lane.sumq)), si.d_x.eq(d_x),
-                si.fmt.as_value().eq(res.fmt.as_value()), si.last.eq(res.last),
-            ]
+                # chain results + (d_x, sumq) of the same block to the scaler
+                dr = dmem.read_port()
+                sr = smem.read_port()
+                res = chain.results.payload
+                lane = res.lanes[0]
+                r_take = chain.results.valid & chain.results.ready
+                rb = Signal(range(NB), name=f"{p}_rb")
+                rrow = Signal(16, name=f"{p}_rrow")
+                dbase = Signal(range(DEPTH_D * K + 1), name=f"{p}_dbase")
+                resets += [(rb, 0), (rrow, l), (dbase, nd * tk)]
+                r_tok_end = res.last & (rrow + L >= rows)
+                rb_n = Mux(res.last, 0, rb + 1)
+                dbase_n = Mux(r_tok_end, dbase + (nd << lgk), dbase)
+                r_blk = Signal.like(rb, name=f"{p}_rblk")
+                r_ent = Signal(range(DEPTH_D * K + 1), name=f"{p}_rent")
+                r_word = Signal(max(lgcw, 1), name=f"{p}_rword")
+                m.d.comb += [r_blk.eq(Mux(r_take, rb_n, rb)),
+                             r_ent.eq(Mux(r_take, dbase_n, dbase) + (r_blk >> lgcw)),
+                             dr.addr.eq(r_ent), sr.addr.eq(r_ent)]
+                if lgcw:
+                    m.d.sync += r_word.eq(r_blk[0:lgcw])
+                d_x = dr.data.word_select(r_word, 32) if lgcw else dr.data
+                s_q = sr.data.word_select(r_word, 32) if lgcw else sr.data
+                with m.If(r_take):
+                    m.d.sync += [rb.eq(rb_n), dbase.eq(dbase_n),
+                                 rrow.eq(Mux(r_tok_end, l, Mux(res.last, rrow + L, rrow)))]
+                si = sc.i.payload
+                m.d.comb += [
+                    sc.i.valid.eq(chain.results.valid), chain.results.ready.eq(sc.i.ready),
+                    si.isum.eq(lane.isum), si.d_w.eq(lane.d), si.m_w.eq(lane.m),
+                    si.sumq.eq(Mux(pat == 0, s_q, lane.sumq)), si.d_x.eq(d_x),
+                    si.fmt.as_value().eq(res.fmt.as_value()), si.last.eq(res.last),
+                ]
 
-            # row sums leave in order: row l + k*L of token t goes to dst + (t*rows + row)*4
-            o_row = Signal(16, name=f"p{l}_orow")
-            o_addr = Signal(24, name=f"p{l}_oaddr")
-            o_tbase = Signal(24, name=f"p{l}_otbase")   # dst + t*rows*4
-            resets += [(o_row, l), (o_addr, mv.dst + (t0 * rows << 2) + 4 * l),
-                       (o_tbase, mv.dst + (t0 * rows << 2))]
-            outs.append((sc.o, o_addr))
-            o_take = sc.o.valid & sc.o.ready
-            with m.If(o_take):
-                with m.If(o_row + L >= rows):
-                    m.d.sync += [o_row.eq(l), o_tbase.eq(o_tbase + (rows << 2)),
-                                 o_addr.eq(o_tbase + (rows << 2) + 4 * l)]
-                with m.Else():
-                    m.d.sync += [o_row.eq(o_row + L), o_addr.eq(o_addr + 4 * L)]
+                # row sums leave in order: row l + j*L of token t goes to dst + (t*rows + row)*4
+                o_row = Signal(16, name=f"{p}_orow")
+                o_tok = Signal(9, name=f"{p}_otok")         # token of the pass
+                o_addr = Signal(24, name=f"{p}_oaddr")
+                o_tbase = Signal(24, name=f"{p}_otbase")   # dst + t*rows*4
+                resets += [(o_row, l), (o_tok, tk),
+                           (o_addr, mv.dst + ((t0 + tk) * rows << 2) + 4 * l),
+                           (o_tbase, mv.dst + ((t0 + tk) * rows << 2))]
+                outs.append((sc.o, o_addr, o_tok >= g))
+                lanes_done.append((o_tok >= g_round) | (rows <= l))
+                o_take = sc.o.valid & sc.o.ready
+                with m.If(o_take):
+                    with m.If(o_row + L >= rows):
+                        m.d.sync += [o_row.eq(l), o_tok.eq(o_tok + K),
+                                     o_tbase.eq(o_tbase + (rows << (2 + lgk))),
+                                     o_addr.eq(o_tbase + (rows << (2 + lgk)) + 4 * l)]
+                    with m.Else():
+                        m.d.sync += [o_row.eq(o_row + L), o_addr.eq(o_addr + 4 * L)]
 
         _arbitrate(m, self.rd0, rd_clients[0], "rd0")
         _arbitrate(m, self.rd1, rd_clients[1], "rd1")
 
         # ---- row results -> wr, one row at a time (lowest pipeline first; a word straddling
         # a line takes two writes, the pipeline is held for both)
+        NO = len(outs)                             # L pipelines x K lanes
         second = Signal()
-        held = Signal(range(max(L, 2)))
-        pick = Signal(range(max(L, 2)))
-        for l in reversed(range(L)):
-            with m.If(outs[l][0].valid):
-                m.d.comb += pick.eq(l)
+        held = Signal(range(max(NO, 2)))
+        pick = Signal(range(max(NO, 2)))
+        for i in reversed(range(NO)):
+            with m.If(outs[i][0].valid & ~outs[i][2]):
+                m.d.comb += pick.eq(i)
         sel = Mux(second, held, pick)
         o_valid = Signal()
         o_data = Signal(32)
         waddr = Signal(24)
-        for l, (o, addr) in enumerate(outs):
-            with m.If(sel == l):
-                m.d.comb += [o_valid.eq(o.valid), o_data.eq(o.payload), waddr.eq(addr)]
+        for i, (o, addr, _) in enumerate(outs):
+            with m.If(sel == i):
+                m.d.comb += [o_valid.eq(o.valid & ~outs[i][2]), o_data.eq(o.payload),
+                             waddr.eq(addr)]
         off = waddr[0:lgd]
         wide = Signal(D * 8 + 32)
         wbe = Signal(D + 4)
@@ -443,14 +486,10 @@ class MvExec(wiring.Component):
             wr.payload.be.eq(Mux(second, wbe[D:], wbe[0:D])),
             o_ready.eq(computing & wr.ready & (~straddle | second)),
         ]
-        for l, (o, _) in enumerate(outs):
-            m.d.comb += o.ready.eq(o_ready & (sel == l))
+        for i, (o, _, dropped) in enumerate(outs):
+            m.d.comb += o.ready.eq((o_ready & (sel == i)) | (computing & dropped))
         with m.If(wr.valid & wr.ready):
             m.d.sync += [second.eq(straddle & ~second), held.eq(sel)]
-        rows_left = Signal(25)
-        row_done = o_valid & o_ready
-        with m.If(row_done):
-            m.d.sync += rows_left.eq(rows_left - 1)
 
         # ---- control
         with m.FSM():
@@ -482,7 +521,6 @@ class MvExec(wiring.Component):
                     m.d.sync += [c_reg.eq(0), c_tok.eq(0), c_base.eq(qaddr)]
                 m.next = "PLAN2"
             with m.State("PLAN2"):
-                m.d.sync += rows_left.eq(rows * g)
                 with m.If((ntok_eff == 1) & cached):
                     m.next = "SETTLE"                  # the vector is still in the buffers
                 with m.Else():
@@ -500,7 +538,9 @@ class MvExec(wiring.Component):
                 m.next = "COMPUTE"
             with m.State("COMPUTE"):
                 m.d.comb += [computing.eq(1), pass_active.eq(1)]
-                with m.If(row_done & (rows_left == 1)):
+                # every lane's outputs have left (written, or dropped past the last token), so
+                # nothing of this pass is left in a scaler when the next one starts
+                with m.If(Cat(*lanes_done).all()):
                     m.d.sync += [t0.eq(t0 + g), qaddr.eq(issuers[0][2])]
                     with m.If(t0 + g < ntok_eff):
                         m.next = "PLAN"

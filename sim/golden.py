@@ -525,20 +525,12 @@ class Golden:
     def stage_tokens(self, tokens) -> None:
         """What the host does before a prefill run: write the raw embedding rows (GGUF
         blocks, from the bundle's weight image) of ``tokens`` into the I/O region."""
-        man = self.bundle.manifest
-        tr = man["prefill"]["token_rows"]
-        base, size = man["memory_map"]["prefill_tokens"]
-        stride, rb = int(tr["row_stride"]), int(tr["row_bytes"])
-        if len(tokens) * stride > size:
-            raise SimError(f"{len(tokens)} prefill tokens exceed the staging region ({size} bytes)")
-        emb = int(man["registers"]["wbase"]) + int(tr["embedding_offset"])
-        img = self.bundle.hbm_image
-        vocab = int(man["model"]["vocab_size"])
-        for t, tok in enumerate(tokens):
-            tok = int(tok)
-            if not 0 <= tok < vocab:
-                raise SimError(f"token id {tok} out of range (vocab size {vocab})")
-            self.hbm[base + t * stride:base + t * stride + rb] = img[emb + tok * rb:emb + (tok + 1) * rb]
+        vocab = int(self.bundle.manifest["model"]["vocab_size"])
+        for tok in tokens:
+            if not 0 <= int(tok) < vocab:
+                raise SimError(f"token id {int(tok)} out of range (vocab size {vocab})")
+        for addr, row in self.bundle.prefill_token_rows(tokens):
+            self.hbm[addr:addr + row.size] = row
 
     def prefill(self, pos: int, tokens, program: str | None = None) -> RunResult:
         """Stage ``tokens`` and run the prefill program of bucket ``len(tokens)`` at ``pos``."""

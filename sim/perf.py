@@ -256,7 +256,8 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     pipelines: each row takes ``nb`` cycles on its chain (twice that for 8-bit
     weights on packed chains), or what its reader delivers if that is slower (the row's
     lines and ``mv_row_overhead`` command cycles), or its read port (the lines of the
-    pipelines sharing each of the two ports). MM re-reads the weights for every token.
+    pipelines sharing each of the two ports). MM reads each row once per group of
+    ``chain.tokens`` tokens (the token lanes take a group's tokens side by side).
     """
     fmt = isa.FMTS[f["func"] & 3]
     sp = isa.SPARSITIES[f["func"] >> 2]
@@ -273,7 +274,8 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     # commands), the read port the pipelines share (their lines)
     per_row = max(nb * per_block, lines + costs.mv_row_overhead, share * lines)
     act = 0 if act_cached else ntok * (_ceil(nb * QBLOCK_BYTES, min(D, 32)) + costs.mv_act_fixed)
-    return costs.mv_fixed + act + ntok * _ceil(rows, P) * per_row
+    groups = _ceil(ntok, config.chain.tokens)
+    return costs.mv_fixed + act + groups * _ceil(rows, P) * per_row
 
 
 # ---------------------------------------------------------------------------------------

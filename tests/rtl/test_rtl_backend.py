@@ -25,9 +25,9 @@ def test_two_layer_model_bit_exact(tmp_path, qtype, monkeypatch):
     m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", qtype, seed=3))
     cfg = load_config("tiny")
     b = compile_model(m, cfg)
-    rtl = RtlDevice(m, cfg, bundle=b)
+    rtl = RtlDevice(m, cfg, bundle=b, prefill=False)        # every token through decode
     try:
-        gold = GoldenDevice(m, cfg, bundle=b)
+        gold = GoldenDevice(m, cfg, bundle=b, prefill=False)
         toks = [1, 7, 42, 99, 200, 3]
         lr = rtl.forward(toks)
         lg = gold.forward(toks)
@@ -52,6 +52,38 @@ def test_two_layer_model_bit_exact(tmp_path, qtype, monkeypatch):
     assert main(["logits", "--backend", "rtl", "--bundle", str(tmp_path / "b"), "--tokens", "1,7,42",
                  "--out", str(out)]) == 0
     assert np.array_equal(_bits(np.load(out)), _bits(lg[:3]))
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_prompts_through_prefill_programs(tmp_path, qtype):
+    """Prompts run as prefill programs on the RTL (tiny: buckets 2, 4, 8; MM on two token
+    lanes): every bucket, prompts that are not a bucket size and one longer than the largest
+    bucket give the golden model's logits and KV cache bit for bit, then decode goes on."""
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", qtype, seed=11))
+    cfg = load_config("tiny")
+    b = compile_model(m, cfg)
+    assert b.manifest["prefill"]["buckets"] == [2, 4, 8] and cfg.chain.tokens == 2
+    rtl = RtlDevice(m, cfg, bundle=b)
+    try:
+        gold = GoldenDevice(m, cfg, bundle=b)
+        kv0, kvn = (int(v) for v in b.manifest["memory_map"]["kv"])
+        rng = np.random.default_rng(7)
+        runs = []
+        for n in (2, 3, 4, 8, 15):                   # 2 | 2+1 | 4 | 8 | 8+4+2+1
+            toks = [int(t) for t in rng.integers(0, m.desc.vocab_size, n)]
+            rtl.reset()
+            gold.reset()
+            lr, lg = rtl.forward(toks), gold.forward(toks)
+            assert np.array_equal(_bits(lr), _bits(lg)), n
+            assert np.array_equal(rtl.acc.read_hbm(kv0, kvn), gold.golden.hbm[kv0:kv0 + kvn]), n
+            # the next token decodes from the cache the prefill programs left
+            nxt = int(np.argmax(lr[-1]))
+            assert np.array_equal(_bits(rtl.forward([nxt])), _bits(gold.forward([nxt]))), n
+            runs += [r["tokens"] for r in rtl.prefill_runs[len(runs):]]
+        assert runs == [2, 2, 4, 8, 8, 4, 2]
+        assert rtl.stats()["prefill_runs"][-1]["cycles"] > 0
+    finally:
+        rtl.close()
 
 
 @pytest.mark.slow
