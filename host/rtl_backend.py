@@ -132,7 +132,8 @@ class RtlDevice(ProgramDevice):
         r = self.acc.run(pos, 0, ntok=T, timeout_cycles=self.timeout_cycles,
                          sample_every=self.sample_every)
         self._check(r, f"prefill_{T} at position {pos}")
-        self.prefill_runs.append({"tokens": T, "cycles": r.cycles})
+        self.prefill_runs.append({"tokens": T, "cycles": r.cycles,
+                                  "busy_mv": int(r.counters.get("busy_mv", 0))})
         io = int(man["memory_map"]["prefill_logits"][0])
         flat = self.acc.read_hbm(io, 4 * T * self.vocab).view(np.float32)
         return untile_logits(flat, T, man["prefill"]["lm_head_tiles"], self.vocab)

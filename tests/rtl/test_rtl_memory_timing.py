@@ -27,7 +27,7 @@ def tiny_rtl(tmp_path_factory):
     m = load_model(path)
     cfg = load_config("tiny")
     b = compile_model(m, cfg)
-    rtl = RtlDevice(m, cfg, bundle=b, memory="card")
+    rtl = RtlDevice(m, cfg, bundle=b, memory="card", prefill=False)   # decode runs, token by token
     try:
         yield m, cfg, b, rtl
     finally:

@@ -1,0 +1,176 @@
+"""Benchmark: prefill of SmolLM2 prompts on the simulated accelerator (Verilator).
+
+    .venv/bin/python benchmarks/rtl_prefill.py [--config ci] [--lanes 1,2] [--prompts 8,32]
+        [--write-docs] [--plot docs/img/rtl_prefill_ci.png]
+
+For each token-lane count (``chain.tokens``; the configuration as given, with only that
+field changed, so each is its own Verilator build) and each prompt length ``n`` (the first
+``n`` tokens of a fixed text): the prompt runs through the bundle's prefill programs on the
+rtl backend (greedy buckets, as ``llmfab generate`` runs it) and, for reference, through the
+golden backend; reported per run:
+
+* cycles of the whole prompt (every prefill run, plus a decode run for an odd last token),
+  prefill tokens/s and time to first token at the configuration's clock;
+* chain MAC utilization: the MACs the prompt's MV/MM instructions do (rows x cols x tokens,
+  from the programs) over the cycles times the MACs the chains can do per cycle
+  (``prefill_macs_per_cycle``), over the whole prompt and over the cycles the MV/MM unit was
+  busy (``busy_mv``);
+* whether the prompt's logits and the KV cache equal the golden model's, bit for bit.
+
+One JSON line per (lanes, prompt); ``--write-docs`` puts the table in docs/benchmarks.md.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from llmfab.boards.config import check_fits, config_from_dict, load_config
+from llmfab.compiler import isa
+from llmfab.compiler.compile import compile_model
+from llmfab.compiler.model import load_model
+from llmfab.compiler.tokenizer import Tokenizer
+from llmfab.host.golden_backend import GoldenDevice
+from llmfab.host.rtl_backend import RtlDevice
+
+TEXT = ("Once upon a time, in a small village at the edge of a great forest, there lived an old "
+        "clockmaker and his granddaughter. Every morning the two of them opened the shop, wound "
+        "the clocks on the walls and listened to them tick together, and every evening they "
+        "walked to the river to watch the boats come home. One autumn a stranger arrived with a "
+        "broken watch that no one in the country had been able to mend, and he asked the old man "
+        "whether he could make it run again before the first snow.")
+
+
+def with_lanes(config, lanes: int):
+    """``config`` with ``chain.tokens`` = ``lanes`` (fit-checked; its own hash)."""
+    d = config.to_dict()
+    d["chain"]["tokens"] = lanes
+    c = config_from_dict(d, f"{config.name} with chain.tokens {lanes}")
+    check_fits(c)
+    return c
+
+
+def program_macs(program: bytes) -> int:
+    """MACs of a program's MV/MM instructions: rows x cols (x ntok for MM)."""
+    total = 0
+    for w in isa.from_bytes(program):
+        i = isa.decode(w)
+        if i.op in ("MV", "MM"):
+            total += i["rows"] * i["cols"] * (max(i["ntok"], 1) if i.op == "MM" else 1)
+    return total
+
+
+def run(args, config, model, prompts, tok_ids):
+    bundle = compile_model(model, config)
+    t = time.perf_counter()
+    rtl = RtlDevice(model, config, bundle=bundle)
+    build = time.perf_counter() - t
+    gold = GoldenDevice(model, config, bundle=bundle)
+    kv0, kvn = (int(v) for v in bundle.manifest["memory_map"]["kv"])
+    macs_of = {T: program_macs(p) for T, p in bundle.prefill.items()}
+    macs_of[1] = program_macs(bundle.program)
+    rows = []
+    try:
+        for n in prompts:
+            toks = tok_ids[:n]
+            rtl.reset()
+            gold.reset()
+            first_run = len(rtl.prefill_runs)
+            first_dec = len(rtl.runs)
+            t = time.perf_counter()
+            lr = rtl.forward(toks)
+            wall = time.perf_counter() - t
+            lg = gold.forward(toks)
+            pre = rtl.prefill_runs[first_run:]
+            dec = rtl.runs[first_dec:]
+            cycles = sum(r["cycles"] for r in pre) + sum(r.cycles for r in dec)
+            busy_mv = sum(r["busy_mv"] for r in pre) + sum(r.counters.get("busy_mv", 0) for r in dec)
+            macs = sum(macs_of[r["tokens"]] for r in pre) + len(dec) * macs_of[1]
+            peak = config.prefill_macs_per_cycle
+            secs = cycles / (config.clock_mhz * 1e6)
+            row = {"config": config.name, "lanes": config.chain.tokens, "prompt_tokens": n,
+                   "buckets": [r["tokens"] for r in pre] + [1] * len(dec),
+                   "cycles": cycles, "cycles_per_token": round(cycles / n),
+                   "tokens_per_s": round(n / secs, 1), "ttft_ms": round(1e3 * secs, 2),
+                   "mac_utilization": round(macs / (cycles * peak), 3),
+                   "mac_utilization_mv_busy": round(macs / (busy_mv * peak), 3) if busy_mv else 0.0,
+                   "mv_busy_fraction": round(busy_mv / cycles, 3),
+                   "logits_bit_exact": bool(np.array_equal(lr.view(np.uint32), lg.view(np.uint32))),
+                   "kv_bit_exact": bool(np.array_equal(rtl.acc.read_hbm(kv0, kvn),
+                                                       gold.golden.hbm[kv0:kv0 + kvn])),
+                   "build_seconds": round(build, 1), "wall_seconds": round(wall, 1)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        rtl.close()
+    return rows
+
+
+def table(rows) -> str:
+    out = ["| config | token lanes | prompt | runs (bucket sizes) | cycles | cycles/token | "
+           "tokens/s | time to first token | MAC util. (whole prompt / MV busy) | RTL == golden |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["buckets"]
+        runs = f"{len(b)} x {b[0]}" if len(set(b)) == 1 else " + ".join(map(str, b))
+        out.append(f"| {r['config']} | {r['lanes']} | {r['prompt_tokens']} | {runs} | {r['cycles']:,} | "
+                   f"{r['cycles_per_token']:,} | {r['tokens_per_s']:,} | {r['ttft_ms']} ms | "
+                   f"{r['mac_utilization']:.3f} / {r['mac_utilization_mv_busy']:.3f} | "
+                   f"{'yes' if r['logits_bit_exact'] and r['kv_bit_exact'] else 'NO'} |")
+    return "\n".join(out)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lanes = sorted({r["lanes"] for r in rows})
+    prompts = sorted({r["prompt_tokens"] for r in rows})
+    w = 0.8 / len(lanes)
+    for i, L in enumerate(lanes):
+        ys = [next((r["tokens_per_s"] for r in rows if r["lanes"] == L and r["prompt_tokens"] == n), 0)
+              for n in prompts]
+        ax.bar([j + i * w for j in range(len(prompts))], ys, w, label=f"{L} token lane(s)")
+    ax.set_xticks([j + w * (len(lanes) - 1) / 2 for j in range(len(prompts))])
+    ax.set_xticklabels([f"{n}-token prompt" for n in prompts])
+    ax.set_ylabel("prefill tokens/s (at the clock)")
+    ax.set_title(f"SmolLM2 prefill on the RTL ({rows[0]['config']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="ci")
+    ap.add_argument("--lanes", default="1,2", help="token-lane counts (chain.tokens), comma-separated")
+    ap.add_argument("--prompts", default="8,32", help="prompt lengths in tokens, comma-separated")
+    ap.add_argument("--write-docs", action="store_true", help="put the table in docs/benchmarks.md")
+    ap.add_argument("--plot", help="write a bar chart of prefill tokens/s to this PNG")
+    args = ap.parse_args(argv)
+    base = load_config(args.config)
+    model = load_model()
+    tok_ids = Tokenizer.from_gguf(model.path).encode(TEXT)
+    prompts = [int(x) for x in args.prompts.split(",")]
+    if max(prompts) > len(tok_ids):
+        ap.error(f"the longest prompt is {len(tok_ids)} tokens")
+    rows = []
+    for lanes in (int(x) for x in args.lanes.split(",")):
+        rows += run(args, with_lanes(base, lanes), model, prompts, tok_ids)
+    print(table(rows))
+    if args.plot:
+        plot(rows, args.plot)
+    if args.write_docs:
+        from perf_model import _write
+        _write(f"```sh\n.venv/bin/python benchmarks/rtl_prefill.py --config {args.config} "
+               f"--lanes {args.lanes} --prompts {args.prompts}\n```\n\n{table(rows)}", "rtl-prefill")
+    ok = all(r["logits_bit_exact"] and r["kv_bit_exact"] for r in rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
