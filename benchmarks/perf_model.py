@@ -13,6 +13,13 @@ Then the projection for LLaMA2-7B-shaped models (Q4_0 and Q4_1) on ``u280`` at
 positions 128, 1024 and 2048 (card-like memory): cycles per token split into loads,
 MV/MM and MISC work (ATTN alone), tokens/s, HBM utilization and what bounds the step;
 plot docs/img/perf_projection_u280.png.
+
+And the prefill projection (``--prefill-prompts 128,512 --prefill-lanes 1,2,4``): a
+LLaMA2-7B-shaped Q4_0 prompt through the bundle's prefill programs, greedily bucketed as the
+backends run it, each run costed by the model at its start position (``estimate(...,
+program=T)``), for ``chain.tokens`` = each lane count (the configuration otherwise as it is,
+fit-checked): prefill tokens/s, time to first token, and the MV/MM vs MISC split; plot
+docs/img/prefill_projection_u280.png.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import warnings
 from llmfab.boards.config import load_config
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
+from llmfab.core.errors import FitError
 from llmfab.sim.perf import estimate, roofline_plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,6 +51,9 @@ def main(argv=None):
     ap.add_argument("--no-projection", action="store_true", help="skip the LLaMA2-7B u280 projection")
     ap.add_argument("--projection-config", default="u280")
     ap.add_argument("--positions", default="128,1024,2048")
+    ap.add_argument("--prefill-prompts", default="128,512",
+                    help="prompt lengths of the prefill projection ('' to skip it)")
+    ap.add_argument("--prefill-lanes", default="1,2,4", help="chain.tokens values of the prefill projection")
     args = ap.parse_args(argv)
     os.makedirs(IMG, exist_ok=True)
     smol = load_model()
@@ -92,7 +103,82 @@ def main(argv=None):
         print(md)
         if args.write_docs:
             _write(md, "perf_projection")
+        if args.prefill_prompts:
+            md = prefill_projection(load_config(args.projection_config),
+                                    [int(p) for p in args.prefill_prompts.split(",")],
+                                    [int(x) for x in args.prefill_lanes.split(",")])
+            print(md)
+            if args.write_docs:
+                _write(md, "prefill_projection")
     return 0
+
+
+def prefill_projection(cfg, prompts, lanes):
+    """LLaMA2-7B-shaped Q4_0 prompts of ``prompts`` tokens through the prefill programs on
+    ``cfg`` with ``chain.tokens`` = each of ``lanes``: a Markdown table and a plot."""
+    from rtl_prefill import with_lanes
+
+    from llmfab.host.runtime import split_buckets
+    model = shape_model(LLAMA2_7B, "q4_0")
+    rows = []
+    unfit = []
+    for n_lanes in lanes:
+        try:
+            c = with_lanes(cfg, n_lanes)
+        except FitError as e:
+            unfit.append(f"{n_lanes} token lanes do not fit: {str(e).split(': ', 1)[-1]}")
+            print(unfit[-1])
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            b = compile_model(model, c, context=min(4096, c.context), emit_image=False)
+        buckets = b.manifest["prefill"]["buckets"]
+        for n in prompts:
+            pos, parts = 0, []
+            for T in split_buckets(n, buckets):
+                parts.append(estimate(b, c, pos=pos, memory="card", program=None if T == 1 else T))
+                pos += T
+            cycles = sum(e.cycles for e in parts)
+            secs = cycles / (c.clock_mhz * 1e6)
+            r = {"config": cfg.name, "lanes": n_lanes, "dsp": c.dsp_total, "prompt": n,
+                 "buckets": buckets, "runs": len(parts), "cycles": cycles,
+                 "mv_cycles": sum(e.mv_cycles for e in parts), "sfu_cycles": sum(e.sfu_cycles for e in parts),
+                 "attn_cycles": sum(e.misc_by_op.get("ATTN", 0) for e in parts),
+                 "tokens_per_s": n / secs, "ttft_s": secs}
+            rows.append(r)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+    table = [f"LLaMA2-7B-shaped (Q4_0) prompts on `{cfg.name}` through its prefill programs "
+             f"(buckets {rows[0]['buckets']}, card-like memory), per token-lane count (`chain.tokens`):", "",
+             "| token lanes | DSPs | prompt | runs | cycles | MV/MM | MISC (of which ATTN) | prefill tokens/s | "
+             "time to first token |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['lanes']} | {r['dsp']:,} | {r['prompt']} | {r['runs']} | {r['cycles'] / 1e6:.1f} M | "
+                     f"{r['mv_cycles'] / 1e6:.1f} M | {r['sfu_cycles'] / 1e6:.1f} M ({r['attn_cycles'] / 1e6:.1f} M) | "
+                     f"{r['tokens_per_s']:.1f} | {r['ttft_s']:.2f} s |")
+    table += [""] + [f"* {u}." for u in unfit]
+    _prefill_plot(rows, cfg, os.path.join(IMG, f"prefill_projection_{cfg.name}.png"))
+    return "\n".join(table)
+
+
+def _prefill_plot(rows, cfg, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n in sorted({r["prompt"] for r in rows}):
+        rs = [r for r in rows if r["prompt"] == n]
+        ax.plot([r["lanes"] for r in rs], [r["ttft_s"] for r in rs], "o-", label=f"{n}-token prompt")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["lanes"] for r in rows}), [str(x) for x in sorted({r["lanes"] for r in rows})])
+    ax.set_xlabel("token lanes (chain.tokens)")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(f"LLaMA2-7B-shaped Q4_0 prefill on {cfg.name} (sim/perf.py)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _write(md, marker):
