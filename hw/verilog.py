@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,10 +27,13 @@ def build_root() -> Path:
     return root
 
 
+@functools.cache
 def generator_digest() -> str:
     """A hash of everything the generated Verilog depends on besides its arguments: the
     source of :data:`_GENERATOR_DIRS` (Python and board/configuration YAML) and Amaranth's
-    version."""
+    version. Taken once per process (the first time it is needed), so a long run whose
+    sources are edited while it goes on keys what it generates by the sources it imported,
+    not by the edited ones (which would file its old Verilog under the new sources)."""
     import amaranth
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256(amaranth.__version__.encode())
