@@ -14,12 +14,13 @@ every compiled shape):
    ``CB = min(line_bytes, 32)`` bytes, one chunk per cycle, into three buffers:
    ``q`` (``max_blocks`` x 256 bits, 32-bit write enables), ``d`` and ``sumq``
    (``CB``-byte entries): ``40 nb / CB`` cycles per token. **Activation
-   cache:** an MV (or one-token MM) whose vector (``qsrc``, ``nb``) is the one
-   the buffers already hold skips the load. The copy is valid from its load
-   until any on-chip write (the ``snoop`` input: the load engine's writes and
-   the execution unit's own) touches one of its lines, or a multi-token load
-   replaces it -- so consecutive weight tiles of one matrix (the compiler
-   splits matrices into tiles of whole rows) load the vector once.
+   cache:** an MV or MM whose vectors (``qsrc``, ``nb``, ``ntok``) are the ones
+   the buffers already hold skips the load. The copy is valid from a load that
+   took every vector of its instruction in one pass until any on-chip write
+   (the ``snoop`` input: the load engine's writes and the execution unit's own)
+   touches one of its lines, or a load of one pass of several replaces it -- so
+   consecutive weight tiles of one matrix (the compiler splits matrices into
+   tiles of whole rows) load the vector, or a prefill MM's tokens, once.
 2. **Row pipelines.** ``count * chain_length / 32`` (the configuration's ``chain.count``
    chains, each cut by its break points into ``chain_length / 32`` block lanes) copies of
    line reader -> realigner -> :class:`~llmfab.hw.decoder.Decoder` (one block
@@ -228,24 +229,27 @@ class MvExec(wiring.Component):
         nd = Signal(16)                            # d (sumq) entries per token
         m.d.comb += nd.eq(((nb << 2) + CB - 1) >> lgc)
 
-        # ---- activation cache: the last MV's vector stays valid until a line of it is written
+        # ---- activation cache: the last vectors loaded in one pass (an MV's vector, or all of
+        # an MM's tokens) stay valid until a line of them is written
         c_valid = Signal()
         c_qsrc = Signal(24)
         c_nb = Signal(11)
+        c_ntok = Signal(8)
         c_lo = Signal(ab)
         c_hi = Signal(ab)
-        c_set = Signal()                           # (comb) a single-vector load starts now
-        c_clear = Signal()                         # (comb) a multi-vector load starts now
+        c_set = Signal()                           # (comb) a whole-instruction load starts now
+        c_clear = Signal()                         # (comb) a load of one pass of several starts now
+        vbytes = Signal(26)                        # the instruction's vectors: ntok * nb * 40
         q_end = Signal(24)
-        m.d.comb += q_end.eq(mv.qsrc + nb * QBLOCK_BYTES - 1)
+        m.d.comb += q_end.eq(mv.qsrc + vbytes - 1)
         hit = Cat(s.valid & (s.addr >= c_lo) & (s.addr <= c_hi) for s in self.snoop).any()
         with m.If(c_set):
-            m.d.sync += [c_valid.eq(1), c_qsrc.eq(mv.qsrc), c_nb.eq(nb),
+            m.d.sync += [c_valid.eq(1), c_qsrc.eq(mv.qsrc), c_nb.eq(nb), c_ntok.eq(ntok_eff),
                          c_lo.eq(mv.qsrc >> lgd), c_hi.eq(q_end >> lgd)]
         with m.If(c_clear | hit):
             m.d.sync += c_valid.eq(0)
         cached = Signal()
-        m.d.comb += cached.eq(c_valid & (c_qsrc == mv.qsrc) & (c_nb == nb))
+        m.d.comb += cached.eq(c_valid & (c_qsrc == mv.qsrc) & (c_nb == nb) & (c_ntok == ntok_eff))
 
         # ---- activation load: per token q, d, sumq, each realigned to offset 0 -> CB-byte chunks
         region = Signal(2)                         # 0 q, 1 d, 2 sumq
@@ -509,7 +513,7 @@ class MvExec(wiring.Component):
                 m.d.sync += [rbytes.eq(nb * bb), gmax.eq(C(NB, 12) // nb)]
                 m.next = "SETUP2"
             with m.State("SETUP2"):
-                m.d.sync += rstep.eq(rbytes * L)
+                m.d.sync += [rstep.eq(rbytes * L), vbytes.eq(abytes * ntok_eff)]
                 m.next = "PLAN"
             with m.State("PLAN"):
                 left = ntok_eff - t0
@@ -521,10 +525,11 @@ class MvExec(wiring.Component):
                     m.d.sync += [c_reg.eq(0), c_tok.eq(0), c_base.eq(qaddr)]
                 m.next = "PLAN2"
             with m.State("PLAN2"):
-                with m.If((ntok_eff == 1) & cached):
-                    m.next = "SETTLE"                  # the vector is still in the buffers
+                whole = (t0 == 0) & (g == ntok_eff)  # one pass loads every vector
+                with m.If(whole & cached):
+                    m.next = "SETTLE"                  # the vectors are still in the buffers
                 with m.Else():
-                    with m.If(ntok_eff == 1):
+                    with m.If(whole):
                         m.d.comb += c_set.eq(1)
                     with m.Else():
                         m.d.comb += c_clear.eq(1)

@@ -348,7 +348,9 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     wbytes = kvbytes = macs = 0
     fetch_debt = 0.0                                # port cycles the instruction fetch took
     ld_idle_from = 0.0
-    act_vec = None                                  # MvExec's activation cache (qsrc, nb)
+    act_vec = None                                  # MvExec's activation cache (qsrc, cols, ntok)
+    from llmfab.hw.mv_exec import DEFAULT_MAX_BLOCKS
+    act_tokens = DEFAULT_MAX_BLOCKS                 # its buffers' blocks (the accelerator's MvExec)
     end = 0.0
     for w in words:
         ins = isa.decode(w)
@@ -397,9 +399,10 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
         else:
             if ins.op in ("MV", "MM"):
                 nt = max(f.get("ntok", 1), 1) if ins.op == "MM" else 1
-                vec = (f["qsrc"], f["cols"])
-                cyc = mv_cycles(f, nt, config, c, act_cached=(nt == 1 and vec == act_vec))
-                act_vec = vec if nt == 1 else None
+                vec = (f["qsrc"], f["cols"], nt)
+                cyc = mv_cycles(f, nt, config, c, act_cached=(vec == act_vec))
+                # MvExec keeps vectors it loaded in one pass (every token of the instruction)
+                act_vec = vec if nt <= act_tokens // max(f["cols"] // 32, 1) else None
                 macs += f["rows"] * f["cols"] * nt
                 busy["mv"] += cyc
             else:

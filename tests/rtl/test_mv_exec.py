@@ -233,6 +233,54 @@ def test_mv_steady_state_cycles(tiny, acc):
     print("\n".join(lines))
 
 
+def test_mm_activation_cache(tiny, acc):
+    """The activation cache holds an MM's tokens: a second MM on the same vectors (another
+    weight tile) skips their load, an MM on other vectors or after an LD rewrote the vectors
+    loads them again; every result is the golden model's."""
+    config, bundle = tiny
+    L = Layout(bundle)
+    rng = np.random.default_rng(9)
+    rows, nb, ntok = 6, 4, 3
+    w = np.concatenate([weight_bytes(rng, "q4_0", "dense", rows, nb * 32) for _ in range(2)])
+    vecs = [qvec_bytes(rng, nb, ntok) for _ in range(3)]        # A, B, and A's replacement
+    vb = vecs[0].size
+    aoff = -(-w.size // 32) * 32
+    scratch = np.zeros(aoff + 3 * vb + 32, np.uint8)
+    scratch[:w.size] = w
+    for i, v in enumerate(vecs):
+        scratch[aoff + i * vb:aoff + (i + 1) * vb] = v
+    half, out = w.size // 2, rows * ntok * 4
+
+    def mm(i, qsrc, **tok):
+        return _w("MM", func=0, wb=L.wb0 + (i % 2) * half, rows=rows, cols=nb * 32, qsrc=qsrc,
+                  dst=L.glob0 + i * out, ntok=ntok, **tok)
+
+    def program(second_qsrc, rewrite):
+        words = [_w("LD", buf=L.wb0, hreg=isa.REG_KVBASE, len=w.size),
+                 _w("LD", buf=L.act0, hreg=isa.REG_KVBASE, hoff=aoff // 32, len=2 * vb, rel_next=1),
+                 mm(0, L.act0, wait_prev=1, rel_prev=int(rewrite))]
+        if rewrite:         # the vectors at act0 replaced between the two MMs
+            words += [_w("LD", buf=L.act0, hreg=isa.REG_KVBASE, hoff=(aoff + 2 * vb) // 32, len=vb,
+                         wait_next=1, rel_next=1)]
+        words += [mm(1, second_qsrc, wait_prev=int(rewrite), rel_next=1),
+                  _w("ST", wait_prev=1, buf=L.glob0, hreg=isa.REG_IOBASE, len=2 * out),
+                  _w("SYS", func=isa.SYS_END)]
+        return words
+
+    assert (aoff + 2 * vb) % 32 == 0 and vb % 32 == 0
+    busy = {}
+    for name, qsrc, rewrite in (("same", L.act0, False), ("other", L.act0 + vb, False),
+                                ("rewritten", L.act0, True)):
+        g, r = run_both(acc, bundle, program(qsrc, rewrite), scratch, L.kv0)
+        got = acc.read_hbm(L.io0, 2 * out)
+        assert np.array_equal(got, g.hbm[L.io0:L.io0 + 2 * out]), name
+        busy[name] = r.counters["busy_mv"]
+    load = ntok * (-(-nb * 40 // min(config.hbm.ports * config.hbm.data_width // 8, 32)))
+    # the second MM's vectors: cached (no load) vs loaded (at least a chunk per cycle)
+    assert busy["other"] - busy["same"] >= load, busy
+    print(f"busy_mv: {busy} (a {ntok}-token load is >= {load} cycles)")
+
+
 def test_compiled_qkv_tiles_match_golden(tiny, acc):
     """The compiled tiny model's decode program, truncated after its first QKV tiles, with an
     ST of their outputs appended. EMBED/RMSNORM/QUANT are still placeholders in RTL, so the
