@@ -111,8 +111,9 @@ class UnitCosts:
     # (2 pipelines, 16-byte lines; Q4_0 64 x 8..56 rows, 512 x 1..7 rows, Q8_0 64 x 16..24 rows:
     # every figure within 1 cycle of ``mv_fixed + groups x per_row``, groups = ceil(rows / P)).
     #: per MV/MM: the command, pipeline fill (reader, realigner, decoder, chain, scaler) and the
-    #: last result writes (the intercept: 39-40 cycles; the ExecUnit hand-off included).
-    mv_fixed: float = 40
+    #: last result writes (the intercept: 40-41 cycles; the ExecUnit hand-off included; one
+    #: more than before the token lanes, whose pass ends the cycle after its last write).
+    mv_fixed: float = 41
     #: per row and pipeline besides its lines: the commands to its reader, realigner and
     #: decoder (the slope: a Q4_0 row of 64 columns, 36 bytes over 3 lines, takes 6 cycles;
     #: 512 columns, 288 bytes over 18 lines, 21; a Q8_0 row of 64, 68 bytes over 5 lines, 8).

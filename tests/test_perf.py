@@ -176,24 +176,25 @@ def test_decode_step_within_10_percent_of_the_rtl_measurement():
 
 def test_mv_cycles_on_tiny_match_the_rtl():
     """tiny: 2 pipelines (2 chains x 32), 16-byte lines. Busy cycles of an MV repeated (the
-    activation cache hit), measured on the RTL (benchmarks/perf_calibration.py --mv)."""
+    activation cache hit), measured on the RTL (benchmarks/perf_calibration.py --mv; 2026-12-02,
+    with the token lanes' pass completion, one cycle more per instruction than before)."""
     tiny = load_config("tiny")
     q4_0, q8_0 = isa.mv_func("q4_0"), isa.mv_func("q8_0")
     # Q4_0 x 64 columns: a row is 2 blocks = 36 bytes; at offsets 0, 4, 8, 12 of a 16-byte line
     # it touches (36 + 12) / 16 = 3 lines on average, + 3 command cycles = 6 > 2 blocks
-    for rows, rtl in ((56, 208), (16, 88), (8, 64)):
+    for rows, rtl in ((56, 209), (16, 89), (8, 65)):
         want = COSTS.mv_fixed + -(-rows // 2) * (3 + COSTS.mv_row_overhead)
         assert perf.mv_cycles({"func": q4_0, "rows": rows, "cols": 64}, 1, tiny, act_cached=True) == want
         assert want == pytest.approx(rtl, abs=1)
     # Q4_0 x 512: 16 blocks = 288 bytes, (288 + 0) / 16 = 18 lines + 3 = 21 per row
     assert perf.mv_cycles({"func": q4_0, "rows": 7, "cols": 512}, 1, tiny, act_cached=True) == \
-        COSTS.mv_fixed + 4 * 21 == pytest.approx(123, abs=1)
+        COSTS.mv_fixed + 4 * 21 == pytest.approx(124, abs=1)
     # Q8_0 x 64: 2 blocks of 34 bytes = 68 over (68 + 12) / 16 = 5 lines + 3 = 8 per row
     assert perf.mv_cycles({"func": q8_0, "rows": 24, "cols": 64}, 1, tiny, act_cached=True) == \
-        COSTS.mv_fixed + 12 * 8 == pytest.approx(137, abs=1)
+        COSTS.mv_fixed + 12 * 8 == pytest.approx(138, abs=1)
     # not cached: the activation load, 40 bytes per block in 16-byte chunks (+ its fixed part)
     assert perf.mv_cycles({"func": q4_0, "rows": 7, "cols": 512}, 1, tiny) == \
-        COSTS.mv_fixed + 4 * 21 + 16 * 40 / 16 + COSTS.mv_act_fixed == pytest.approx(165, abs=1)
+        COSTS.mv_fixed + 4 * 21 + 16 * 40 / 16 + COSTS.mv_act_fixed == pytest.approx(166, abs=1)
 
 
 def test_mv_cycles_chain_bound_and_idle_pipelines():
