@@ -1,8 +1,10 @@
 """Backend ``rtl``: the generated accelerator under Verilator runs the compiled bundle.
 
 The model is compiled for the configuration (or a compiled bundle is given), the bundle's HBM image is loaded
-into the simulated HBM (C++ memory behind DPI-C), and every token runs the
-decode program cycle-accurately; the logits are read back from the I/O region.
+into the simulated HBM (C++ memory behind DPI-C), and the bundle's programs run
+cycle-accurately as on the golden backend: a chunk of tokens through the prefill programs
+(greedy buckets, the token rows staged in the I/O region first), a single token through the
+decode program; the logits are read back from the I/O region.
 ``stats()`` reports cycles per token, weight bytes per token, HBM utilization
 (weight bytes moved during decode / (cycles x the configured peak bytes per
 cycle), and the same against the memory's sustainable peak), the memory timing
