@@ -290,6 +290,30 @@ def test_bad_chain_length(tmp_path, length, message):
     assert error_of(path) == f"{path}: field 'chain.length' {message}"
 
 
+@pytest.mark.parametrize("tokens, message", [
+    (3, "must be a power of two, not 3"),
+    (16, "must be between 1 and 8 (token lanes per row pipeline), not 16"),
+    (0, "must be a positive integer, not 0"),
+])
+def test_bad_chain_tokens(tmp_path, tokens, message):
+    path = variant(tmp_path, chain__tokens=tokens)
+    assert error_of(path) == f"{path}: field 'chain.tokens' {message}"
+
+
+def test_chain_tokens(tmp_path):
+    """Token lanes replicate the chains and scalers (DSPs), double the MM MACs per cycle, and
+    appear in the hash only when they are not 1 (so ci's hash did not move)."""
+    ci = load_config("ci")
+    two = load_config(str(variant(tmp_path, chain__tokens=2)))
+    assert (ci.chain.tokens, two.chain.tokens) == (1, 2)
+    assert "tokens" not in ci.to_dict()["chain"] and two.to_dict()["chain"]["tokens"] == 2
+    assert two.config_hash() != ci.config_hash()
+    assert two.dsp_total - two.sfu_dsp == 2 * (ci.dsp_total - ci.sfu_dsp)
+    assert (two.macs_per_cycle, two.prefill_macs_per_cycle) == (ci.macs_per_cycle, 2 * ci.macs_per_cycle)
+    explicit = load_config(str(variant(tmp_path, chain__tokens=1)))
+    assert explicit.config_hash() == ci.config_hash()
+
+
 def test_break_points_required_above_32(tmp_path):
     path = variant(tmp_path, chain__length=64, chain__break_points=False)
     assert error_of(path) == (f"{path}: field 'chain.break_points' must be true when chain.length "
