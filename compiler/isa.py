@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmfab.core.errors import IsaError
-from llmfab.core.formats import SPARSITY_PATTERNS, WEIGHT_FORMATS
+from llmfab.core.formats import QBLOCK_BYTES, SPARSITY_PATTERNS, WEIGHT_FORMATS
 
 WORD_BITS = 128
 WORD_BYTES = 16
@@ -188,6 +188,26 @@ def copy_operands(f) -> tuple:
     """(rows, words per row, destination row stride in words) of a COPY word's fields."""
     reps = max(f["aux"], 1)
     return reps, f["n"], f["b"] if reps > 1 else f["n"]
+
+
+def misc_write_bytes(f) -> int:
+    """Bytes a MISC word's fields write at ``dst`` (0 for NOP): the one statement of each
+    operation's result size, for the golden model's range checks and the performance model."""
+    name = MISC_NAMES[f["func"]]
+    n = f["n"]
+    if name == "QUANT":
+        return n // 32 * QBLOCK_BYTES
+    if name in ("ADD", "MUL", "SILU_MUL", "RMSNORM", "EMBED"):
+        return 4 * n
+    if name == "ROPE":
+        return 4 * n * f["aux"]
+    if name == "COPY":
+        reps, w, stride = copy_operands(f)
+        return 4 * ((reps - 1) * stride + w)
+    if name == "ATTN":
+        nh, _t, hd, _cached = attn_operands(f)
+        return 4 * nh * hd
+    return 0
 
 
 def misc_operand_error(ins: Instr) -> str | None:

@@ -238,26 +238,27 @@ class Golden:
         elif op == "MISC":
             name = isa.MISC_NAMES[f["func"]]
             n = f["n"]
+            out = (f["dst"], isa.misc_write_bytes(f))
             if name == "QUANT":
-                chip += [(f["a"], 4 * n), (f["dst"], n // 32 * QBLOCK_BYTES)]
+                chip += [(f["a"], 4 * n), out]
             elif name in ("ADD", "MUL", "SILU_MUL"):
-                chip += [(f["a"], 4 * n), (f["b"], 4 * n), (f["dst"], 4 * n)]
+                chip += [(f["a"], 4 * n), (f["b"], 4 * n), out]
             elif name == "RMSNORM":
-                chip += [(f["a"], 4 * n), (f["b"], 4 * n), (f["dst"], 4 * n), (self.gb_base, 12)]
+                chip += [(f["a"], 4 * n), (f["b"], 4 * n), out, (self.gb_base, 12)]
             elif name == "ROPE":
                 hd = f["aux"]
-                chip += [(f["a"], 4 * n * hd), (f["b"], 4 * hd), (f["dst"], 4 * n * hd)]
+                chip += [(f["a"], 4 * n * hd), (f["b"], 4 * hd), out]
             elif name == "COPY":
                 reps, w, stride = isa.copy_operands(f)
-                chip += [(f["a"], 4 * reps * w), (f["dst"], 4 * ((reps - 1) * stride + w))]
+                chip += [(f["a"], 4 * reps * w), out]
             elif name == "EMBED":
                 fmt = isa.FMTS[f["aux"]] if f["aux"] < 3 else None
-                chip += [(f["a"], n // 32 * BLOCK_BYTES.get(fmt, 1 << 24)), (f["dst"], 4 * n)]
+                chip += [(f["a"], n // 32 * BLOCK_BYTES.get(fmt, 1 << 24)), out]
             elif name == "ATTN":
                 nh, t, hd, cached = isa.attn_operands(f)
                 rows = regs[f["reg"]] + t + (1 if cached else 0)
                 chip += [(f["a"], 4 * (nh + (0 if cached else 2)) * hd), (f["b"], 2 * rows * hd),
-                         (f["b"] + 2 * self.kv_context * hd, 2 * rows * hd), (f["dst"], 4 * nh * hd),
+                         (f["b"] + 2 * self.kv_context * hd, 2 * rows * hd), out,
                          (self.gb_base, 8)]
         return hbm, chip
 

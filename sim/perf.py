@@ -409,8 +409,14 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
             else:
                 name = isa.MISC_NAMES[f["func"]]
                 cyc = misc_cycles(name, f, regs, config, c, lanes=L)
-                if name != "NOP":
-                    act_vec = None          # an on-chip write may touch the cached vector
+                # MvExec's cache stays valid unless the write touches a line of its vectors
+                if act_vec is not None:
+                    D = line_bytes(config)
+                    lo = act_vec[0] // D * D
+                    hi = act_vec[0] + act_vec[2] * (act_vec[1] // 32) * QBLOCK_BYTES
+                    w = isa.misc_write_bytes(f)
+                    if w and f["dst"] < -(-hi // D) * D and f["dst"] + w > lo:
+                        act_vec = None
                 busy["misc"] += cyc
                 misc_by_op[name] = misc_by_op.get(name, 0.0) + cyc
             cyc += c.exec_handoff
