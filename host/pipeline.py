@@ -83,7 +83,7 @@ class StageRunner:
         else:
             from llmfab.host.rtl_backend import RtlDevice
             self.dev = RtlDevice(None, config, bundle=bundle, **device_kw)
-            self.buckets = []                     # the rtl backend runs the decode program only
+            self.buckets = list(self.dev.buckets)
         self.dev.reset()
         self.states = {}          # request -> (position, saved KV bytes or None when resident)
         self.resident = None
@@ -174,10 +174,20 @@ class StageRunner:
                 return g.logits()[None] if T == 1 else g.prefill_logits(T)
         else:
             acc = self.dev.acc
-            r = acc.run(pos, tok, timeout_cycles=self.dev.timeout_cycles)
+            self.dev._program("decode" if T == 1 else f"prefill_{T}")
+            if T > 1 and self.first:
+                for addr, row in self.bundle.prefill_token_rows(chunk):
+                    acc.write_hbm(addr, row)
+            r = acc.run(pos, tok, ntok=T, timeout_cycles=self.dev.timeout_cycles)
             self._check(r)
             if self.last:
-                return acc.logits().copy()[None]
+                if T == 1:
+                    return acc.logits().copy()[None]
+                from llmfab.sim.golden import untile_logits
+                man = self.bundle.manifest
+                io = int(man["memory_map"]["prefill_logits"][0])
+                flat = acc.read_hbm(io, 4 * T * self.vocab).view(np.float32)
+                return untile_logits(flat, T, man["prefill"]["lm_head_tiles"], self.vocab)
         return self._read(self.h_out, T * self.dim * 4).view(np.float32).reshape(T, self.dim)
 
     def forward(self, req, x, start: bool = False, rows: str = "all") -> np.ndarray:

@@ -32,4 +32,6 @@ def test_two_layer_model_over_two_rtl_stages(tmp_path):
     bundles = compile_stages(m, stages)
     with Pipeline(bundles, backend="rtl", configs=[cfg, cfg], timeout=600) as pipe:
         assert np.array_equal(_bits(pipe.logits(toks)), _bits(want))
+        # the 4 tokens ran as one prefill run (bucket 4) on each rtl stage, not 4 decode steps
+        assert [(st["buckets"], st["steps"]) for st in pipe.stats()] == [([2, 4, 8], 1)] * 2
         assert pipe.generate([5, 6, 7], 3).tokens == want_gen
