@@ -82,7 +82,6 @@ def op_programs(program: bytes):
 def _prefill_row(acc, gold, b, cfg, mname, p, T, toks, memory):
     """The prefill program of bucket T at position p (tokens p .. p+T-1) on the RTL and the model."""
     from llmfab.compiler import isa
-    from llmfab.sim.golden import untile_logits
     from llmfab.sim.perf import estimate
     man = b.manifest
     kv0, kvn = (int(x) for x in man["memory_map"]["kv"])
@@ -95,9 +94,7 @@ def _prefill_row(acc, gold, b, cfg, mname, p, T, toks, memory):
     base, size = (int(x) for x in man["memory_map"]["prefill_tokens"])
     acc.write_hbm(base, g.hbm[base:base + size].copy())
     r0 = g.run(p, 0, f"prefill_{T}")
-    io, iosize = (int(x) for x in man["memory_map"]["prefill_logits"])
-    vocab = int(man["model"]["vocab_size"])
-    want = untile_logits(g.hbm[io:io + T * vocab * 4].view(np.float32), T, man["prefill"]["lm_head_tiles"], vocab)
+    want = g.prefill_logits(T)
     old = acc.program
     acc.load_program(b.prefill[T])
     try:
@@ -108,7 +105,7 @@ def _prefill_row(acc, gold, b, cfg, mname, p, T, toks, memory):
         acc.load_program(old)
     if r.timed_out or r.status != isa.STATUS_OK or r0.status != isa.STATUS_OK:
         raise SystemExit(f"prefill {T} at position {p}: rtl status {r.status}, golden {r0.status}")
-    got = untile_logits(acc.read_hbm(io, T * vocab * 4).view(np.float32), T, man["prefill"]["lm_head_tiles"], vocab)
+    got = b.prefill_logits(T, acc.read_hbm)
     e = estimate(b, cfg, pos=p, program=T, memory=memory)
     exact = bool(np.array_equal(got.view(np.uint32), want.view(np.uint32)))
     return {**_row(cfg, mname, p, r.counters, e, exact, wall), "what": f" (prefill T={T})"}

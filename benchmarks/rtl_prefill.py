@@ -62,7 +62,7 @@ def program_macs(program: bytes) -> int:
     return total
 
 
-def run(args, config, model, prompts, tok_ids):
+def run(config, model, prompts, tok_ids):
     bundle = compile_model(model, config)
     t = time.perf_counter()
     rtl = RtlDevice(model, config, bundle=bundle)
@@ -160,7 +160,7 @@ def main(argv=None):
         ap.error(f"the longest prompt is {len(tok_ids)} tokens")
     rows = []
     for lanes in (int(x) for x in args.lanes.split(",")):
-        rows += run(args, with_lanes(base, lanes), model, prompts, tok_ids)
+        rows += run(with_lanes(base, lanes), model, prompts, tok_ids)
     print(table(rows))
     if args.plot:
         plot(rows, args.plot)

@@ -96,11 +96,21 @@ class Bundle:
         stride, rb = int(tr["row_stride"]), int(tr["row_bytes"])
         if len(tokens) * stride > size:
             raise SimError(f"{len(tokens)} prefill tokens exceed the staging region of "
-                              f"{self._where()} ({size} bytes)")
+                           f"{self._where()} ({size} bytes)")
         emb = int(man["registers"]["wbase"]) + int(tr["embedding_offset"])
         img = self.hbm_image
         return [(base + t * stride, img[emb + int(tok) * rb:emb + (int(tok) + 1) * rb])
                 for t, tok in enumerate(tokens)]
+
+    def prefill_logits(self, ntok: int, read) -> np.ndarray:
+        """The logits an ``ntok``-token prefill run left in the I/O region, ``[ntok, vocab]`` in
+        token order: ``read(address, nbytes)`` gives the device's bytes (uint8), un-tiled from
+        the LM head's tile-major layout (``prefill.lm_head_tiles``)."""
+        man = self.manifest
+        io = int(man["memory_map"]["prefill_logits"][0])
+        vocab = int(man["model"]["vocab_size"])
+        flat = np.asarray(read(io, 4 * ntok * vocab), np.uint8).view(np.float32)
+        return untile_logits(flat, ntok, man["prefill"]["lm_head_tiles"], vocab)
 
     def check_model(self, sha256: str, path: str) -> None:
         """Refuse a model whose identity (:func:`~llmfab.compiler.identity.file_hash`) is not the bundle's."""
@@ -108,6 +118,22 @@ class Bundle:
             raise BundleError(f"{self._where()} was compiled for model {self.manifest['model']['file']} "
                               f"(sha256 {self.model_hash}), not {path} (sha256 {sha256}); "
                               f"recompile with --model {path}")
+
+
+def untile_logits(flat: np.ndarray, ntok: int, tiles, vocab: int) -> np.ndarray:
+    """Tile-major logits (tile (r0, nr) is ``[ntok][nr]`` at ``ntok*r0``) -> ``[ntok, vocab]``."""
+    out = np.empty((ntok, vocab), np.float32)
+    i = 0
+    while i < len(tiles):
+        r0, nr = tiles[i]
+        j = i
+        while j + 1 < len(tiles) and tiles[j + 1][1] == nr and tiles[j + 1][0] == tiles[j][0] + nr:
+            j += 1
+        k = j - i + 1                      # k equal tiles in a row: one reshape
+        blk = flat[ntok * r0:ntok * (r0 + k * nr)].reshape(k, ntok, nr)
+        out[:, r0:r0 + k * nr] = blk.transpose(1, 0, 2).reshape(ntok, k * nr)
+        i = j + 1
+    return out
 
 
 def _sha(b) -> str:

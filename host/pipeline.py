@@ -174,7 +174,7 @@ class StageRunner:
                 return g.logits()[None] if T == 1 else g.prefill_logits(T)
         else:
             acc = self.dev.acc
-            self.dev._program("decode" if T == 1 else f"prefill_{T}")
+            self.dev.use_program(T)
             if T > 1 and self.first:
                 for addr, row in self.bundle.prefill_token_rows(chunk):
                     acc.write_hbm(addr, row)
@@ -183,11 +183,7 @@ class StageRunner:
             if self.last:
                 if T == 1:
                     return acc.logits().copy()[None]
-                from llmfab.sim.golden import untile_logits
-                man = self.bundle.manifest
-                io = int(man["memory_map"]["prefill_logits"][0])
-                flat = acc.read_hbm(io, 4 * T * self.vocab).view(np.float32)
-                return untile_logits(flat, T, man["prefill"]["lm_head_tiles"], self.vocab)
+                return self.bundle.prefill_logits(T, acc.read_hbm)
         return self._read(self.h_out, T * self.dim * 4).view(np.float32).reshape(T, self.dim)
 
     def forward(self, req, x, start: bool = False, rows: str = "all") -> np.ndarray:

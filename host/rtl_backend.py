@@ -96,18 +96,18 @@ class RtlDevice(ProgramDevice):
         #: prefill buckets in use (``prefill=False``: every token through the decode program)
         self.buckets = [int(t) for t in bundle.manifest["prefill"]["buckets"]] if prefill else []
         self.prefill_runs = []
-        self._loaded = "decode"
+        self._loaded = 1                        # the program in the simulation: 1 decode, T prefill
 
     def reset(self):
         kv0, kvn = self.bundle.manifest["memory_map"]["kv"]
         self.acc.write_hbm(int(kv0), np.zeros(int(kvn), np.uint8))
         self.pos = 0
 
-    def _program(self, name: str) -> None:
-        if self._loaded != name:
-            self.acc.load_program(self.bundle.program if name == "decode" else
-                                  self.bundle.prefill[int(name.split("_")[1])])
-            self._loaded = name
+    def use_program(self, T: int) -> None:
+        """Have the simulation run the decode program (``T`` = 1) or the prefill program of bucket ``T``."""
+        if self._loaded != T:
+            self.acc.load_program(self.bundle.program if T == 1 else self.bundle.prefill[T])
+            self._loaded = T
 
     def _check(self, r, what: str):
         if r.timed_out:
@@ -117,7 +117,7 @@ class RtlDevice(ProgramDevice):
                            f"({isa.STATUS_NAMES.get(r.status, '?')}) at instruction {r.pc} ({what})")
 
     def _decode(self, pos, token):
-        self._program("decode")
+        self.use_program(1)
         r = self.acc.run(pos, token, timeout_cycles=self.timeout_cycles,
                          sample_every=self.sample_every)
         self._check(r, f"decode at position {pos}")
@@ -125,10 +125,8 @@ class RtlDevice(ProgramDevice):
         return self.acc.logits().copy()[None]
 
     def _prefill(self, pos, tokens):
-        from llmfab.sim.golden import untile_logits
         T = len(tokens)
-        man = self.bundle.manifest
-        self._program(f"prefill_{T}")
+        self.use_program(T)
         for addr, row in self.bundle.prefill_token_rows(tokens):
             self.acc.write_hbm(addr, row)
         r = self.acc.run(pos, 0, ntok=T, timeout_cycles=self.timeout_cycles,
@@ -136,9 +134,7 @@ class RtlDevice(ProgramDevice):
         self._check(r, f"prefill_{T} at position {pos}")
         self.prefill_runs.append({"tokens": T, "cycles": r.cycles,
                                   "busy_mv": int(r.counters.get("busy_mv", 0))})
-        io = int(man["memory_map"]["prefill_logits"][0])
-        flat = self.acc.read_hbm(io, 4 * T * self.vocab).view(np.float32)
-        return untile_logits(flat, T, man["prefill"]["lm_head_tiles"], self.vocab)
+        return self.bundle.prefill_logits(T, self.acc.read_hbm)
 
     def stats(self):
         out = {}

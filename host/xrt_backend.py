@@ -334,16 +334,12 @@ class XrtDevice(ProgramDevice):
         return self.read_flat(io, 4 * self.vocab).view(np.float32)[None]
 
     def _prefill(self, pos, tokens):
-        from llmfab.sim.golden import untile_logits
-        man = self.bundle.manifest
         T = len(tokens)
         for addr, row in self.bundle.prefill_token_rows(tokens):
             self.write_flat(addr, row)
         c = self._run(f"prefill_{T}", pos, 0, T)
         self.prefill_runs.append({"tokens": T, "cycles": c["cycles"]})
-        io = int(man["memory_map"]["prefill_logits"][0])
-        flat = self.read_flat(io, 4 * T * self.vocab).view(np.float32)
-        return untile_logits(flat, T, man["prefill"]["lm_head_tiles"], self.vocab)
+        return self.bundle.prefill_logits(T, self.read_flat)
 
     def stats(self):
         from llmfab.host.rtl_backend import counter_stats

@@ -541,33 +541,13 @@ class Golden:
     def prefill_logits(self, ntok: int) -> np.ndarray:
         """The logits of the last ``ntok``-token prefill run, ``[ntok, vocab]`` in token order
         (un-tiled from the tile-major I/O layout)."""
-        man = self.bundle.manifest
-        io = int(man["memory_map"]["prefill_logits"][0])
-        vocab = int(man["model"]["vocab_size"])
-        flat = self.hbm[io:io + 4 * ntok * vocab].view(np.float32)
-        return untile_logits(flat, ntok, man["prefill"]["lm_head_tiles"], vocab)
+        return self.bundle.prefill_logits(ntok, lambda a, n: self.hbm[a:a + n])
 
     def instruction_counts(self, program: str = "decode") -> dict:
         out = {}
         for ins in self.program(program).instrs:
             out[ins.op] = out.get(ins.op, 0) + 1
         return out
-
-
-def untile_logits(flat: np.ndarray, ntok: int, tiles, vocab: int) -> np.ndarray:
-    """Tile-major logits (tile (r0, nr) is ``[ntok][nr]`` at ``ntok*r0``) -> ``[ntok, vocab]``."""
-    out = np.empty((ntok, vocab), np.float32)
-    i = 0
-    while i < len(tiles):
-        r0, nr = tiles[i]
-        j = i
-        while j + 1 < len(tiles) and tiles[j + 1][1] == nr and tiles[j + 1][0] == tiles[j][0] + nr:
-            j += 1
-        k = j - i + 1                      # k equal tiles in a row: one reshape
-        blk = flat[ntok * r0:ntok * (r0 + k * nr)].reshape(k, ntok, nr)
-        out[:, r0:r0 + k * nr] = blk.transpose(1, 0, 2).reshape(ntok, k * nr)
-        i = j + 1
-    return out
 
 
 _SAFE = np.float32(2.0 ** -102)

@@ -349,9 +349,10 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     wbytes = kvbytes = macs = 0
     fetch_debt = 0.0                                # port cycles the instruction fetch took
     ld_idle_from = 0.0
-    act_vec = None                                  # MvExec's activation cache (qsrc, cols, ntok)
-    from llmfab.hw.mv_exec import DEFAULT_MAX_BLOCKS
-    act_tokens = DEFAULT_MAX_BLOCKS                 # its buffers' blocks (the accelerator's MvExec)
+    from llmfab.hw.mv_exec import DEFAULT_MAX_BLOCKS   # the accelerator's MvExec buffers' blocks
+    D = line_bytes(config)
+    act_vec = None              # MvExec's activation cache: (qsrc, cols, ntok) it holds ...
+    act_lines = (0, 0)          # ... and the on-chip lines [first, end) those vectors occupy
     end = 0.0
     for w in words:
         ins = isa.decode(w)
@@ -403,20 +404,18 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 vec = (f["qsrc"], f["cols"], nt)
                 cyc = mv_cycles(f, nt, config, c, act_cached=(vec == act_vec))
                 # MvExec keeps vectors it loaded in one pass (every token of the instruction)
-                act_vec = vec if nt <= act_tokens // max(f["cols"] // 32, 1) else None
+                nb = max(f["cols"] // 32, 1)
+                act_vec = vec if nt <= DEFAULT_MAX_BLOCKS // nb else None
+                act_lines = (f["qsrc"] // D, _ceil(f["qsrc"] + nt * nb * QBLOCK_BYTES, D))
                 macs += f["rows"] * f["cols"] * nt
                 busy["mv"] += cyc
             else:
                 name = isa.MISC_NAMES[f["func"]]
                 cyc = misc_cycles(name, f, regs, config, c, lanes=L)
                 # MvExec's cache stays valid unless the write touches a line of its vectors
-                if act_vec is not None:
-                    D = line_bytes(config)
-                    lo = act_vec[0] // D * D
-                    hi = act_vec[0] + act_vec[2] * (act_vec[1] // 32) * QBLOCK_BYTES
-                    w = isa.misc_write_bytes(f)
-                    if w and f["dst"] < -(-hi // D) * D and f["dst"] + w > lo:
-                        act_vec = None
+                w = isa.misc_write_bytes(f)
+                if w and f["dst"] // D < act_lines[1] and _ceil(f["dst"] + w, D) > act_lines[0]:
+                    act_vec = None
                 busy["misc"] += cyc
                 misc_by_op[name] = misc_by_op.get(name, 0.0) + cyc
             cyc += c.exec_handoff

@@ -14,11 +14,11 @@ import yaml
 from llmfab.boards.config import load_config
 from llmfab.core.errors import BackendError, BundleError, SimError
 from llmfab.compiler import isa
-from llmfab.compiler.bundle import Bundle, read_bundle, write_bundle
+from llmfab.compiler.bundle import Bundle, read_bundle, untile_logits, write_bundle
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
 from llmfab.core import numerics as N
-from llmfab.sim.golden import Golden, matmat, untile_logits
+from llmfab.sim.golden import Golden, matmat
 from llmfab.sim.golden_plan import Exec, Load, MvRun, MvScatter, MvStore, MvWrite
 from llmfab.host.golden_backend import GoldenDevice
 from llmfab.host.runtime import split_buckets

@@ -31,7 +31,7 @@ from llmfab.compiler import isa
 from llmfab.compiler.bundle import Bundle
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
-from llmfab.sim.golden import Golden, untile_logits
+from llmfab.sim.golden import Golden
 from llmfab.host.golden_backend import GoldenDevice
 from llmfab.host.runtime import split_buckets
 
@@ -158,11 +158,7 @@ class Rtl:
         return self.acc.logits().copy()
 
     def prefill_logits(self, ntok):
-        man = self.bundle.manifest
-        io = int(man["memory_map"]["prefill_logits"][0])
-        vocab = int(man["model"]["vocab_size"])
-        flat = self.acc.read_hbm(io, 4 * ntok * vocab).view(np.float32)
-        return untile_logits(flat, ntok, man["prefill"]["lm_head_tiles"], vocab)
+        return self.bundle.prefill_logits(ntok, self.acc.read_hbm)
 
     def hbm(self):
         return self.acc.read_hbm(0, self.acc.hbm_size)

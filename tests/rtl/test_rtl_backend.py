@@ -68,7 +68,6 @@ def test_prompts_through_prefill_programs(tmp_path, qtype):
         gold = GoldenDevice(m, cfg, bundle=b)
         kv0, kvn = (int(v) for v in b.manifest["memory_map"]["kv"])
         rng = np.random.default_rng(7)
-        runs = []
         for n in (2, 3, 4, 8, 15):                   # 2 | 2+1 | 4 | 8 | 8+4+2+1
             toks = [int(t) for t in rng.integers(0, m.desc.vocab_size, n)]
             rtl.reset()
@@ -79,8 +78,7 @@ def test_prompts_through_prefill_programs(tmp_path, qtype):
             # the next token decodes from the cache the prefill programs left
             nxt = int(np.argmax(lr[-1]))
             assert np.array_equal(_bits(rtl.forward([nxt])), _bits(gold.forward([nxt]))), n
-            runs += [r["tokens"] for r in rtl.prefill_runs[len(runs):]]
-        assert runs == [2, 2, 4, 8, 8, 4, 2]
+        assert [r["tokens"] for r in rtl.prefill_runs] == [2, 2, 4, 8, 8, 4, 2]
         assert rtl.stats()["prefill_runs"][-1]["cycles"] > 0
     finally:
         rtl.close()
