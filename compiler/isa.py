@@ -190,6 +190,55 @@ def copy_operands(f) -> tuple:
     return reps, f["n"], f["b"] if reps > 1 else f["n"]
 
 
+def mv_span(rows: int, row_bytes: int, slices: int = 1, stripe: int = 64) -> int:
+    """Bytes an MV/MM weight tile of ``rows`` rows of ``row_bytes`` occupies, on chip and in
+    HBM (docs/isa.md, "Slices").
+
+    One slice (``slices`` = 1): the rows one after the other, ``rows * row_bytes``. On ``P``
+    slices the tile is ``P`` interleaved streams: byte ``x`` of the on-chip space belongs to
+    slice ``(x // stripe) % P`` (``stripe`` = the HBM port's beat, ``D = P * stripe`` the
+    line), and slice ``p``'s stream holds rows ``p, p + P, ...`` back to back. The tile
+    starts on a line and covers every slice's stream in whole stripes:
+    ``P * ceil(ceil(rows / P) * row_bytes / stripe) * stripe`` bytes.
+    """
+    if slices == 1:
+        return rows * row_bytes
+    per = -(-rows // slices)
+    return -(-(per * row_bytes) // stripe) * stripe * slices
+
+
+def slice_rows(raw: np.ndarray, slices: int, stripe: int) -> np.ndarray:
+    """The bytes of an MV/MM weight tile (``mv_span`` of them) from its rows ``[rows, row
+    bytes]``: slice ``p``'s rows ``p, p + P, ...`` in stripe ``p`` of every line (zero padded)."""
+    raw = np.ascontiguousarray(raw, np.uint8)
+    rows, rb = raw.shape
+    if slices == 1:
+        return raw.reshape(-1).copy()
+    span = mv_span(rows, rb, slices, stripe)
+    lines = span // (slices * stripe)
+    streams = np.zeros((slices, lines * stripe), np.uint8)
+    for p in range(slices):
+        part = raw[p::slices].reshape(-1)
+        streams[p, :part.size] = part
+    return streams.reshape(slices, lines, stripe).transpose(1, 0, 2).reshape(-1)
+
+
+def unslice_rows(buf, rows: int, row_bytes: int, slices: int, stripe: int) -> np.ndarray:
+    """The rows ``[rows, row_bytes]`` of an MV/MM weight tile from its bytes (the inverse of
+    :func:`slice_rows`; ``buf`` holds at least ``mv_span`` bytes from the tile's first line)."""
+    buf = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
+    span = mv_span(rows, row_bytes, slices, stripe)
+    if slices == 1:
+        return buf[:span].reshape(rows, row_bytes)
+    lines = span // (slices * stripe)
+    streams = buf[:span].reshape(lines, slices, stripe).transpose(1, 0, 2).reshape(slices, -1)
+    out = np.empty((rows, row_bytes), np.uint8)
+    for p in range(min(slices, rows)):
+        n = len(range(p, rows, slices))
+        out[p::slices] = streams[p, :n * row_bytes].reshape(n, row_bytes)
+    return out
+
+
 def misc_write_bytes(f) -> int:
     """Bytes a MISC word's fields write at ``dst`` (0 for NOP): the one statement of each
     operation's result size, for the golden model's range checks and the performance model."""
