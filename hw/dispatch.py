@@ -154,9 +154,13 @@ class Validator(wiring.Component):
     status : Out(3), pc : Out(32)
     """
 
-    def __init__(self, *, onchip_size: int, global_base: int):
+    def __init__(self, *, onchip_size: int, global_base: int, weight_base: int = 0,
+                 slices: int = 1, stripe: int = 64):
         self._size = onchip_size
         self._gb = global_base
+        self._wbase = weight_base
+        self._slices = slices
+        self._stripe = stripe
         super().__init__({
             "start": In(1),
             "i": In(stream.Signature(QEntry)),
@@ -216,6 +220,10 @@ class Validator(wiring.Component):
                     with m.Case(si | (fi << 6)):
                         m.d.comb += bb_tab.eq(SPARSE_BLOCK_BYTES[fi][si])
         rn = _mul(m, mv.rows, nb, "rn")
+        # slice-major weights (docs/isa.md, "Slices"): slice p's rows p, p+P, ... in its bank
+        P, S = self._slices, self._stripe
+        lgp, lgs = exact_log2(P), exact_log2(S)
+        pn = _mul(m, (mv.rows + P - 1) >> lgp, nb, "pn")      # blocks of the fullest slice
         bb2 = Signal(6)
         ntnb = _mul(m, nt, nb, "ntnb")
         ntrows = _mul(m, nt, mv.rows, "ntrows")
@@ -264,7 +272,8 @@ class Validator(wiring.Component):
             st16 = (op2 == Op.ST) & (func2 == StFunc.F16)
             m.d.comb += slots((buf, Mux(st16, hbm_len << 1, hbm_len)))
         with m.Elif(is_mvmm):
-            m.d.comb += slots((wb2, rn * bb2), (qsrc2, ntnb * QBLOCK_BYTES), (dst2, ntrows << 2))
+            span = rn * bb2 if P == 1 else ((pn * bb2 + S - 1) >> lgs) << (lgs + lgp)
+            m.d.comb += slots((wb2, span), (qsrc2, ntnb * QBLOCK_BYTES), (dst2, ntrows << 2))
         with m.Elif(is_misc):
             with m.Switch(func2):
                 with m.Case(MiscFunc.QUANT):
@@ -288,8 +297,12 @@ class Validator(wiring.Component):
                     m.d.comb += slots((a2, nq * emb_bb), (mdst2, n4))
                     m.d.comb += misc_illegal.eq((n2[0:5] != 0) | (aux2 >= 3))
         hbm_bad = is_ldst & (hbm_len != 0) & (hbm_start + hbm_len > self.hbm_size)
-        chip_bad = Cat(((lens[k] != 0) & (starts[k] + lens[k] > self._size))
-                       for k in range(nslots)).any()
+        # MV/MM weights lie in the weight buffer, on a line when there are several slices
+        w_bad = wb2 < self._wbase
+        if P > 1:
+            w_bad = w_bad | (wb2[0:lgs + lgp] != 0)
+        chip_bad = Cat(*[((lens[k] != 0) & (starts[k] + lens[k] > self._size))
+                         for k in range(nslots)], is_mvmm & w_bad).any()
         v3 = Signal()
         pc3 = Signal(32)
         end3 = Signal()

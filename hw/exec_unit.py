@@ -28,11 +28,12 @@ a failed import.
 
 from amaranth import Cat, Module, Signal
 from amaranth.lib import data, wiring
+from amaranth.lib.wiring import Out
 
 from llmfab.hw.execute import MiscExec, exec_signature
 from llmfab.hw.isa import Instruction, MiscFunc, Op
 from llmfab.hw.mv_exec import MvExec
-from llmfab.hw.onchip import region_map
+from llmfab.hw.onchip import mem_read_signature, region_map, slice_geometry
 from llmfab.hw.sfu_exec import SfuExec
 
 __all__ = ["ExecUnit", "default_routes", "default_units"]
@@ -94,7 +95,14 @@ class ExecUnit(wiring.Component):
                                  f"{sorted(self._units)}")
         if "misc" not in self._units:
             raise ValueError("ExecUnit needs a 'misc' unit (the default route)")
-        super().__init__(exec_signature(addr_bits, line_bytes * 8))
+        sig = dict(exec_signature(addr_bits, line_bytes * 8).members)
+        if config is not None:
+            # the slices' weight-bank read ports (hw/onchip.py), passed to the unit that has them
+            g = slice_geometry(config)
+            self._slices = g["slices"]
+            sig = sig | {"bank": Out(mem_read_signature(
+                g["bank_addr_bits"], line_bytes // g["slices"] * 8)).array(g["slices"], 2)}
+        super().__init__(sig)
 
     @classmethod
     def factory(cls, config, **kw):
@@ -155,6 +163,14 @@ class ExecUnit(wiring.Component):
             m.d.sync += busy.eq(0)
 
         # ---- memory ports: the selected unit's requests; responses to the requester
+        if "bank" in self.signature.members:
+            owners = [u for u in subs if "bank" in u.signature.members]
+            if len(owners) > 1:
+                raise ValueError("only one execution sub-unit may own the weight-bank ports")
+            if owners:
+                for p in range(self._slices):
+                    for k in range(2):
+                        wiring.connect(m, owners[0].bank[p][k], wiring.flipped(self.bank[p][k]))
         for port, sel_r in ((self.rd0, sel_rsp0), (self.rd1, sel_rsp1)):
             for i, u in enumerate(subs):
                 p = getattr(u, port is self.rd0 and "rd0" or "rd1")

@@ -26,11 +26,18 @@ every compiled shape):
    line reader -> realigner -> :class:`~llmfab.hw.decoder.Decoder` (one block
    per beat) -> :class:`~llmfab.hw.chain.Chain` -> :class:`~llmfab.hw.scaler.Scaler`.
    Pipeline ``l`` of ``L`` computes rows ``l, l + L, ...`` of every token of the
-   pass: per row one command to its reader (the row's lines from
-   ``wb + row * rb``, any byte alignment), realigner (to offset 0) and decoder
-   (``nb`` blocks, one row). Even pipelines read weights through ``rd0``, odd
-   ones through ``rd1`` (after the activation loader), fixed priority per port;
-   the weight buffer has a memory port for each. **Token lanes:** each pipeline's
+   pass. **Slices** (``slices`` = P, one per HBM port): pipeline ``l`` belongs to
+   slice ``p = l % P``, whose weight bank (``bank[p]``: stripe ``p`` of every line
+   of the weight buffer, ``S = line_bytes / P`` bytes) holds the tile's rows
+   ``p, p + P, ...`` back to back from ``b0`` (docs/isa.md's slice-major tile;
+   ``b0`` is ``wb``'s place in every bank), so row ``l + i L`` is that slice's
+   local row ``l // P + i L / P``. Per row one command to its reader (the row's
+   ``S``-byte bank lines from ``b0 + j * rb``, any byte alignment on one slice),
+   realigner (to offset 0) and decoder (``nb`` blocks, one row): nothing in a
+   pipeline is wider than one port's beat. A slice's pipelines share its bank's two
+   read ports (``l // P`` even on port 0, odd on 1, fixed priority), which they
+   take when the line view (store engine, ``rd0``/``rd1``) leaves them free.
+   **Token lanes:** each pipeline's
    decoder feeds ``tokens`` chains (and scalers) in lock step, lane ``k`` taking tokens
    ``k, k + tokens, ...`` of the pass, so an MM reads and decodes a row once per
    ``tokens`` tokens (lanes past the pass's last token run on whatever activations they
@@ -49,7 +56,7 @@ every compiled shape):
 Throughput (``tests/rtl/cocotb_mv_exec.py``, ci geometry, memory never stalling):
 one block per pipeline per cycle (0.250 cycles/block measured with 4 pipelines; dense
 Q8_0 half that: the packed chain takes two cycles per 8-bit block), as long as
-the two read ports deliver the rows' lines (per row at most ``rb/D + 1`` lines
+each slice's two bank ports deliver its rows' lines (per row at most ``rb/S + 1`` lines
 and a command cycle per reader). One instruction
 at a time. The unit accepts only MV/MM words (the combined unit in
 ``hw/exec_unit.py`` routes the others elsewhere; an unexpected word completes
@@ -58,6 +65,7 @@ without writing).
 
 from amaranth import C, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, memory, wiring
+from amaranth.lib.wiring import Out
 from amaranth.utils import ceil_log2, exact_log2
 
 from llmfab.core.formats import QBLOCK_BYTES, SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes
@@ -66,6 +74,7 @@ from llmfab.hw.decoder import Decoder
 from llmfab.hw.dma import LineReader, Realign
 from llmfab.hw.execute import exec_signature
 from llmfab.hw.isa import Instruction, Op
+from llmfab.hw.onchip import mem_read_signature, slice_geometry
 from llmfab.hw.scaler import Scaler
 
 __all__ = ["MvExec", "DEFAULT_MAX_BLOCKS", "CHAIN_LENGTHS"]
@@ -124,17 +133,28 @@ class MvExec(wiring.Component):
     def __init__(self, *, addr_bits: int, line_bytes: int, chain_length: int = 32,
                  count: int = 1, pack_int4: bool = True, formats=tuple(WEIGHT_FORMATS),
                  patterns=tuple(SPARSITY_PATTERNS), max_blocks: int = DEFAULT_MAX_BLOCKS,
-                 tokens: int = 1):
+                 tokens: int = 1, slices: int = 1, weight_base: int = 0, bank_addr_bits=None):
         if chain_length not in CHAIN_LENGTHS:
             raise ValueError(f"MvExec chain length must be 32, 64, 128 or 256 (whole blocks "
                              f"between break points), not {chain_length}")
         if line_bytes < 8 or line_bytes & (line_bytes - 1):
             raise ValueError(f"line_bytes must be a power of two >= 8, not {line_bytes}")
-        if not 1 <= count * (chain_length // 32) <= 64:
-            raise ValueError(f"MvExec needs 1..64 row pipelines (chain count x length / 32), "
+        if not 1 <= count * (chain_length // 32) <= 256:
+            raise ValueError(f"MvExec needs 1..256 row pipelines (chain count x length / 32), "
                              f"not {count} x {chain_length // 32}")
         if tokens not in (1, 2, 4, 8):
             raise ValueError(f"MvExec token lanes must be 1, 2, 4 or 8, not {tokens}")
+        if slices < 1 or slices & (slices - 1) or line_bytes % slices:
+            raise ValueError(f"MvExec slices must be a power of two dividing the {line_bytes}-byte "
+                             f"line, not {slices}")
+        if (count * (chain_length // 32)) % slices:
+            raise ValueError(f"MvExec needs whole row pipelines per slice: {count} chains of "
+                             f"{chain_length} over {slices} slices")
+        if weight_base % line_bytes:
+            raise ValueError(f"the weight buffer must start on a line, not at {weight_base}")
+        self._slices = slices
+        self._wbase = weight_base
+        self._bab = bank_addr_bits if bank_addr_bits is not None else addr_bits
         self._tokens = tokens
         self._ab = addr_bits
         self._d = line_bytes
@@ -144,7 +164,14 @@ class MvExec(wiring.Component):
         self._formats = tuple(formats)
         self._patterns = tuple(patterns)
         self._max_blocks = max_blocks
-        super().__init__(exec_signature(addr_bits, line_bytes * 8))
+        sig = exec_signature(addr_bits, line_bytes * 8)
+        S = line_bytes // slices
+        super().__init__(dict(sig.members) | {
+            "bank": Out(mem_read_signature(self._bab, S * 8)).array(slices, 2)})
+
+    @property
+    def slices(self) -> int:
+        return self._slices
 
     @property
     def count(self) -> int:
@@ -167,7 +194,8 @@ class MvExec(wiring.Component):
             return cls(addr_bits=addr_bits, line_bytes=line_bytes,
                        chain_length=config.chain.length, count=config.chain.count,
                        pack_int4=config.chain.pack_int4, formats=tuple(config.weight_formats),
-                       patterns=tuple(config.sparsity), tokens=config.chain.tokens, **kw)
+                       patterns=tuple(config.sparsity), tokens=config.chain.tokens,
+                       **slice_geometry(config), **kw)
         return factory
 
     def elaborate(self, platform):
@@ -218,7 +246,14 @@ class MvExec(wiring.Component):
                         m.d.comb += bb.eq(block_bytes(f, p))
             with m.Default():
                 m.d.comb += bb.eq(block_bytes("q4_0", "dense"))
-        rstep = Signal(24)                         # L rows of weights
+        rstep = Signal(24)                         # L / P rows of one slice's weights
+        P = self._slices
+        S = D // P
+        lgs = exact_log2(S)
+        Ls = L // P                                # row pipelines per slice
+        b0 = Signal(24)                            # the tile's first byte in every bank
+        wrel = Signal(24)
+        m.d.comb += wrel.eq(mv.wb - self._wbase)
         qaddr = Signal(24)                         # the next pass's first vector
         ntok_eff = Signal(8)                       # tokens of the instruction (MV: 1)
         t0 = Signal(9)                             # tokens done by earlier passes
@@ -326,15 +361,19 @@ class MvExec(wiring.Component):
         resets = []                                # (signal, value at PLAN)
         outs = []                                  # (scaler output stream, its address, dropped)
         lanes_done = []                            # per lane: every output of the pass has left
-        rd_clients = ([], [ard.mem])               # on rd0 / rd1
+        # Pipeline l belongs to slice p = l % P (its rows l, l + L, ... are that slice's local
+        # rows j = l // P, l // P + L / P, ...: docs/isa.md's slice-major tile) and reads them
+        # from its bank at b0 + j * rbytes through bank port (l // P) % 2.
+        bank_clients = [([], []) for _ in range(P)]
         for l in range(L):
-            wrd = LineReader(addr_bits=ab, line_bytes=D)
-            wal = Realign(D)
-            dec = Decoder(lanes=1, data_width=D * 8, formats=self._formats,
+            sp, ls = l % P, l // P
+            wrd = LineReader(addr_bits=self._bab, line_bytes=S)
+            wal = Realign(S)
+            dec = Decoder(lanes=1, data_width=S * 8, formats=self._formats,
                           patterns=self._patterns)
             for nm, u in (("wrd", wrd), ("wal", wal), ("dec", dec)):
                 m.submodules[f"{nm}{l}"] = u
-            rd_clients[l % 2].append(wrd.mem)
+            bank_clients[sp][ls % 2].append(wrd.mem)
             wiring.connect(m, wrd.o, wal.i)
             m.d.comb += [dec.data.valid.eq(wal.o.valid),
                          dec.data.payload.eq(wal.o.payload.data),
@@ -361,11 +400,11 @@ class MvExec(wiring.Component):
                 j_tok = Signal(9, name=f"p{l}_c{i}_tok")
                 j_row = Signal(16, name=f"p{l}_c{i}_row")
                 j_addr = Signal(24, name=f"p{l}_c{i}_addr")   # byte address of the row
-                resets += [(j_tok, 0), (j_row, l), (j_addr, mv.wb + l * rbytes)]
-                off = j_addr[0:lgd]
+                resets += [(j_tok, 0), (j_row, l), (j_addr, b0 + ls * rbytes)]
+                off = j_addr[0:lgs]
                 if i == 0:
-                    m.d.comb += [cmd.payload.line.eq(j_addr >> lgd),
-                                 cmd.payload.count.eq((off + rbytes + D - 1) >> lgd)]
+                    m.d.comb += [cmd.payload.line.eq(j_addr >> lgs),
+                                 cmd.payload.count.eq((off + rbytes + S - 1) >> lgs)]
                 elif i == 1:
                     m.d.comb += [cmd.payload.s_off.eq(off), cmd.payload.d_off.eq(0),
                                  cmd.payload.n.eq(rbytes)]
@@ -377,7 +416,7 @@ class MvExec(wiring.Component):
                 with m.If(cmd.valid & cmd.ready):
                     with m.If(j_row + L >= rows):
                         m.d.sync += [j_tok.eq(j_tok + K), j_row.eq(l),
-                                     j_addr.eq(mv.wb + l * rbytes)]
+                                     j_addr.eq(b0 + ls * rbytes)]
                     with m.Else():
                         m.d.sync += [j_row.eq(j_row + L), j_addr.eq(j_addr + rstep)]
 
@@ -456,8 +495,11 @@ class MvExec(wiring.Component):
                     with m.Else():
                         m.d.sync += [o_row.eq(o_row + L), o_addr.eq(o_addr + 4 * L)]
 
-        _arbitrate(m, self.rd0, rd_clients[0], "rd0")
-        _arbitrate(m, self.rd1, rd_clients[1], "rd1")
+        for sp in range(P):
+            for port in range(2):
+                if bank_clients[sp][port]:
+                    _arbitrate(m, self.bank[sp][port], bank_clients[sp][port], f"bank{sp}_{port}")
+        _arbitrate(m, self.rd1, [ard.mem], "rd1")
 
         # ---- row results -> wr, one row at a time (lowest pipeline first; a word straddling
         # a line takes two writes, the pipeline is held for both)
@@ -510,10 +552,11 @@ class MvExec(wiring.Component):
                     with m.Else():
                         m.next = "SETUP"
             with m.State("SETUP"):
-                m.d.sync += [rbytes.eq(nb * bb), gmax.eq(C(NB, 12) // nb)]
+                m.d.sync += [rbytes.eq(nb * bb), gmax.eq(C(NB, 12) // nb),
+                             b0.eq(((wrel >> lgd) << lgs) | wrel[0:lgs])]
                 m.next = "SETUP2"
             with m.State("SETUP2"):
-                m.d.sync += [rstep.eq(rbytes * L), vbytes.eq(abytes * ntok_eff)]
+                m.d.sync += [rstep.eq(rbytes * Ls), vbytes.eq(abytes * ntok_eff)]
                 m.next = "PLAN"
             with m.State("PLAN"):
                 left = ntok_eff - t0

@@ -16,6 +16,16 @@ its region and arbitrates per region and port with fixed priority:
 A read returns its line exactly one cycle after the request's handshake (no
 back-pressure on responses: a client only asks when it can take the answer).
 A write is visible to reads issued from the cycle after its handshake.
+
+**Slice banks.** With ``slices`` = P > 1 (one per HBM port, ``line_bytes = P *
+stripe``) the weight region is P memories of ``stripe``-byte lines: bank ``p``
+holds stripe ``p`` of every line (the bytes a line took from port ``p``), which
+is where docs/isa.md's slice-major weight tiles put slice ``p``'s rows. The
+line view above still reads and writes whole lines (every bank at once); each
+bank also has two read ports of its own for its slice's MV pipelines
+(``bank[p][k]``, bank-line addresses from the weight region's start), which
+take bank port ``k`` when the line view's port A (``k = 0``) or B (``k = 1``)
+does not want it. With one slice the weight region is bank 0.
 """
 
 from amaranth import Cat, Module, Mux, Signal
@@ -23,7 +33,7 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-__all__ = ["REGIONS", "region_map", "mem_read_signature", "mem_write_signature",
+__all__ = ["REGIONS", "region_map", "slice_geometry", "mem_read_signature", "mem_write_signature",
            "WriteReq", "OnChipMemory"]
 
 #: Regions of the on-chip address space, in address order (docs/isa.md).
@@ -38,6 +48,16 @@ def region_map(config) -> list:
         out.append((name, base, size))
         base += size
     return out
+
+
+def slice_geometry(config) -> dict:
+    """The slice banks of a configuration (module docstring): ``slices`` (one per HBM port),
+    ``weight_base`` (the weight region's first byte) and ``bank_addr_bits`` (bank-line
+    addresses: the weight region's lines)."""
+    P = config.hbm.ports
+    D = P * config.hbm.data_width // 8
+    base, size = [(r[1], r[2]) for r in region_map(config) if r[0] == "weight"][0]
+    return {"slices": P, "weight_base": base, "bank_addr_bits": max(1, ceil_log2(size // D))}
 
 
 def WriteReq(addr_bits: int, line_bits: int) -> data.StructLayout:
@@ -77,7 +97,7 @@ class OnChipMemory(wiring.Component):
         The client of read port B.
     """
 
-    def __init__(self, *, regions, line_bytes: int):
+    def __init__(self, *, regions, line_bytes: int, slices: int = 1):
         base = 0
         for name, b, size in regions:
             if b != base:
@@ -86,15 +106,23 @@ class OnChipMemory(wiring.Component):
                 raise ValueError(f"Region {name} of {size} bytes is not a whole number of "
                                  f"{line_bytes}-byte lines")
             base += size
+        if line_bytes % slices or (slices & (slices - 1)):
+            raise ValueError(f"{slices} slices do not divide a {line_bytes}-byte line")
         self._regions = list(regions)
         self._line = line_bytes
         self._lines = base // line_bytes
+        self._slices = slices
         self.addr_bits = max(1, ceil_log2(self._lines))
+        wsize = dict((r[0], r[2]) for r in regions)["weight"]
+        self.bank_lines = wsize // line_bytes
+        self.bank_addr_bits = max(1, ceil_log2(self.bank_lines))
+        self.stripe = line_bytes // slices
         lb = line_bytes * 8
         rd = mem_read_signature(self.addr_bits, lb)
         wr = mem_write_signature(self.addr_bits, lb)
+        brd = mem_read_signature(self.bank_addr_bits, self.stripe * 8)
         super().__init__({"ld_wr": In(wr), "ex_wr": In(wr), "st_rd": In(rd), "ex_rd0": In(rd),
-                          "ex_rd1": In(rd)})
+                          "ex_rd1": In(rd), "bank": In(brd).array(slices, 2)})
 
     @property
     def lines(self) -> int:
@@ -106,7 +134,10 @@ class OnChipMemory(wiring.Component):
         bounds = []
         for name, base, size in self._regions:
             lo, hi = base // self._line, (base + size) // self._line
-            mem = memory.Memory(shape=lb, depth=hi - lo, init=[])
+            if name == "weight":
+                mem = _Banks(self, hi - lo)
+            else:
+                mem = memory.Memory(shape=lb, depth=hi - lo, init=[])
             m.submodules[f"mem_{name}"] = mem
             bounds.append((name, lo, hi, mem))
 
@@ -168,3 +199,67 @@ class OnChipMemory(wiring.Component):
         read_port([self.st_rd, self.ex_rd0], "a")
         read_port([self.ex_rd1], "b")
         return m
+
+
+class _Banks(wiring.Component):
+    """The weight region as ``slices`` memories of stripe-byte lines (module docstring).
+
+    Looks like a ``memory.Memory`` of whole lines to :class:`OnChipMemory`
+    (``write_port(granularity=8)``, two ``read_port()``: A then B) and serves the
+    slices' own read ports (``owner.bank``) on the cycles the line view leaves a bank
+    port free.
+    """
+
+    def __init__(self, owner, depth):
+        self._owner = owner
+        self._depth = depth
+        self._views = []
+        ab = max(1, ceil_log2(depth))
+        lb = owner._line * 8
+        self._wp = _Port(ab, lb, lb // 8)
+        super().__init__({})
+
+    def write_port(self, granularity=8):
+        assert granularity == 8
+        return self._wp
+
+    def read_port(self):
+        o = self._owner
+        rp = _Port(max(1, ceil_log2(self._depth)), o._line * 8, 1)
+        self._views.append(rp)
+        return rp
+
+    def elaborate(self, platform):
+        m = Module()
+        o = self._owner
+        P, S = o._slices, o.stripe
+        for p in range(P):
+            mem = memory.Memory(shape=S * 8, depth=self._depth, init=[])
+            m.submodules[f"bank{p}"] = mem
+            wp = mem.write_port(granularity=8)
+            m.d.comb += [wp.addr.eq(self._wp.addr), wp.data.eq(self._wp.data[p * S * 8:(p + 1) * S * 8]),
+                         wp.en.eq(self._wp.en[p * S:(p + 1) * S])]
+            for k, view in enumerate(self._views):
+                rp = mem.read_port()
+                c = o.bank[p][k]
+                granted = Signal(name=f"b{p}_{k}_grant")
+                m.d.comb += [view.data[p * S * 8:(p + 1) * S * 8].eq(rp.data),
+                             c.rsp.payload.eq(rp.data)]
+                with m.If(view.en):
+                    m.d.comb += [rp.addr.eq(view.addr), rp.en.eq(1)]
+                with m.Elif(c.req.valid):
+                    m.d.comb += [rp.addr.eq(c.req.payload), rp.en.eq(1), granted.eq(1)]
+                m.d.comb += c.req.ready.eq(granted)
+                m.d.sync += c.rsp.valid.eq(granted)
+            for k in range(len(self._views), 2):
+                m.d.comb += o.bank[p][k].req.ready.eq(0)
+        return m
+
+
+class _Port:
+    """The signals of a memory port, for :class:`_Banks`' line view."""
+
+    def __init__(self, ab, bits, en_bits):
+        self.addr = Signal(ab)
+        self.data = Signal(bits)
+        self.en = Signal(en_bits)

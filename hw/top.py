@@ -70,6 +70,7 @@ def geometry(config) -> dict:
     return {"ports": P, "beat_bytes": S, "line_bytes": P * S, "regions": regions,
             "onchip_size": sum(r[2] for r in regions),
             "global_base": dict((r[0], r[1]) for r in regions)["global"],
+            "weight_base": dict((r[0], r[1]) for r in regions)["weight"],
             "instruction_bytes": config.buffer_bytes["instruction"]}
 
 
@@ -110,13 +111,14 @@ class Core(wiring.Component):
         g = self._g
         P, S, D = g["ports"], g["beat_bytes"], g["line_bytes"]
         lgs = exact_log2(S)
-        mem = OnChipMemory(regions=g["regions"], line_bytes=D)
+        mem = OnChipMemory(regions=g["regions"], line_bytes=D, slices=P)
         m.submodules.onchip = mem
         ab = mem.addr_bits
         m.submodules.fetch = fetch = Fetch(ports=P, beat_bytes=S,
                                            buffer_bytes=g["instruction_bytes"])
         m.submodules.validator = val = Validator(onchip_size=g["onchip_size"],
-                                                 global_base=g["global_base"])
+                                                 global_base=g["global_base"],
+                                                 weight_base=g["weight_base"], slices=P, stripe=S)
         m.submodules.ld = ld = LoadEngine(ports=P, beat_bytes=S, addr_bits=ab)
         m.submodules.st = st = StoreEngine(ports=P, beat_bytes=S, addr_bits=ab)
         make_exec = self._exec_factory or ExecUnit.factory(self._config)
@@ -160,6 +162,10 @@ class Core(wiring.Component):
         wiring.connect(m, ex.rd0, mem.ex_rd0)
         wiring.connect(m, ex.rd1, mem.ex_rd1)
         wiring.connect(m, ex.wr, mem.ex_wr)
+        if "bank" in ex.signature.members:        # the MV slices' own weight-bank reads
+            for p in range(P):
+                for k in range(2):
+                    wiring.connect(m, ex.bank[p][k], mem.bank[p][k])
         m.d.comb += ex.context.eq(self.context)
         m.d.comb += [ex.snoop[0].valid.eq(ld.mem.req.valid & ld.mem.req.ready),
                      ex.snoop[0].addr.eq(ld.mem.req.payload.addr),

@@ -1,10 +1,12 @@
 """cocotb bench of hw/mv_exec.py alone (built with a small activation buffer, so MMs run in
-several passes): an on-chip memory model behind rd0/rd1/wr, MV/MM words
+several passes): an on-chip memory model behind rd0/rd1/wr and the slices' weight-bank ports
+(``bank[p][k]``: stripe p of the weight buffer's lines), MV/MM words
 in, results compared with sim.numerics_model.matvec (the golden model's MV), bit for bit.
 
 Environment: MV_D (line bytes), MV_AB (line address bits), MV_N (random instructions),
-MV_SEED, MV_STALL (probability that rd0/wr are not ready in a cycle: the store and load
-engines' priority).
+MV_SEED, MV_STALL (probability that rd0, bank port 0 and wr are not ready in a cycle: the
+store and load engines' priority), MV_P (slices), MV_WB (weight buffer base), MV_BAB (bank
+line address bits).
 """
 
 import os
@@ -26,10 +28,14 @@ AB = int(os.environ.get("MV_AB", "13"))
 NI = int(os.environ.get("MV_N", "30"))
 NL = int(os.environ.get("MV_L", "1"))      # row pipelines of the unit
 SEED = int(os.environ.get("MV_SEED", "3"))
+NP = int(os.environ.get("MV_P", "1"))      # slices (weight banks of D / NP bytes)
+WB = int(os.environ.get("MV_WB", "0"))     # the weight buffer's first byte
+BAB = int(os.environ.get("MV_BAB", "13"))  # bank line address bits
 STALL = float(os.environ.get("MV_STALL", "0.2"))
 MODES = [(f, p) for f in ("q4_0", "q4_1", "q8_0") for p in ("dense", "2:4", "8:16", "4:16", "2:16")]
-MEM = 1 << 19
-W0, A0, R0 = 0, 1 << 16, 1 << 17
+SB = D // NP                                # bytes per bank line
+W0, A0, R0 = WB, 1 << 16, 1 << 17
+MEM = max(1 << 19, WB + (1 << 17))
 
 
 class MemModel:
@@ -50,8 +56,23 @@ class MemModel:
         while True:
             dut.rd0__req__ready.value = int(self.rng.random() >= self.stall)
             dut.rd1__req__ready.value = 1
+            for p in range(NP):        # bank port 0 shares its memory port with the line view
+                getattr(dut, f"bank__{p}__0__req__ready").value = int(self.rng.random() >= self.stall)
+                getattr(dut, f"bank__{p}__1__req__ready").value = 1
             dut.wr__req__ready.value = int(self.rng.random() >= self.stall)
             await RisingEdge(dut.clk)
+            for p in range(NP):
+                for k in range(2):
+                    pre = f"bank__{p}__{k}__"
+                    if int(getattr(dut, pre + "req__valid").value) and \
+                            int(getattr(dut, pre + "req__ready").value):
+                        a = int(getattr(dut, pre + "req__payload").value) & ((1 << BAB) - 1)
+                        b0 = WB + a * D + p * SB
+                        getattr(dut, pre + "rsp__payload").value = int.from_bytes(
+                            self.mem[b0:b0 + SB].tobytes(), "little")
+                        getattr(dut, pre + "rsp__valid").value = 1
+                    else:
+                        getattr(dut, pre + "rsp__valid").value = 0
             for p in ("rd0", "rd1"):
                 req_v = int(getattr(dut, f"{p}__req__valid").value)
                 req_r = int(getattr(dut, f"{p}__req__ready").value)
@@ -119,8 +140,10 @@ async def execute(dut, word, qsrc=None):
 def place(rng, mm, fmt, sp, rows, nb, ntok, aligned):
     """Write weights and vectors; returns (fields, expected [ntok][rows] float32)."""
     w = weights(rng, fmt, sp, rows, nb * 32)
-    wb = W0 + (0 if aligned else int(rng.integers(0, 64)))
-    mm.mem[wb:wb + w.size] = w
+    # slice-major (docs/isa.md): on several slices the tile starts on a line
+    wb = W0 + (0 if aligned or NP > 1 else int(rng.integers(0, 64)))
+    t = isa.slice_rows(w.reshape(rows, -1), NP, SB)
+    mm.mem[wb:wb + t.size] = t
     qsrc = A0 + (0 if aligned else int(rng.integers(0, 64)))
     dst = R0 + (0 if aligned else int(rng.integers(0, 64)))
     W = _unpack_weights(fmt, sp, w, rows, nb)
@@ -217,7 +240,8 @@ async def mv_activation_cache(dut):
     cyc = []
     for i in range(4):
         w = weights(rng, "q4_1", "dense", rows, nb * 32)
-        mm.mem[W0:W0 + w.size] = w
+        t = isa.slice_rows(w.reshape(rows, -1), NP, SB)
+        mm.mem[W0:W0 + t.size] = t
         if i == 2:                       # new vector, announced through its last line
             b, act = qvec(rng, nb)
             mm.mem[qsrc:qsrc + b.size] = b

@@ -340,6 +340,7 @@ def test_mv_exec_ci_geometry_cocotb():
     from pathlib import Path
 
     from llmfab.hw.mv_exec import MvExec
+    from llmfab.hw.onchip import slice_geometry
     from llmfab.hw.top import geometry
     from llmfab.sim.rtl.runner import run_cocotb, to_verilog
     config = load_config("ci")
@@ -354,7 +355,9 @@ def test_mv_exec_ci_geometry_cocotb():
     bdir = run_cocotb(to_verilog(unit, "mv_exec", ports=ports), "mv_exec", "cocotb_mv_exec",
                       module_dir=Path(__file__).parent,
                       extra_env={"MV_D": str(D), "MV_AB": str(ab), "MV_N": "30",
-                                 "MV_L": str(unit.pipelines),
+                                 "MV_L": str(unit.pipelines), "MV_P": str(unit.slices),
+                                 "MV_WB": str(g["weight_base"]),
+                                 "MV_BAB": str(slice_geometry(config)["bank_addr_bits"]),
                                  "MV_REPORT": "mv_steady.txt"})
     print((bdir / "mv_steady.txt").read_text())
 
@@ -374,9 +377,9 @@ def test_mv_exec_chain_lengths():
     with pytest.raises(ValueError, match=r"^MvExec chain length must be 32, 64, 128 or 256 "
                                          r"\(whole blocks between break points\), not 96$"):
         MvExec(addr_bits=12, line_bytes=64, chain_length=96)
-    with pytest.raises(ValueError, match=r"^MvExec needs 1..64 row pipelines \(chain count x "
-                                         r"length / 32\), not 32 x 4$"):
-        MvExec(addr_bits=12, line_bytes=64, chain_length=128, count=32)
+    with pytest.raises(ValueError, match=r"^MvExec needs 1..256 row pipelines \(chain count x "
+                                         r"length / 32\), not 128 x 4$"):
+        MvExec(addr_bits=12, line_bytes=64, chain_length=128, count=128)
 
 
 @pytest.mark.parametrize("name", ["ci", "tiny"])
