@@ -393,39 +393,64 @@ class LoadEngine(wiring.Component):
     in order and retires each LD, with its release bits, after its last
     on-chip write (a zero-length LD retires in order without moving data).
 
+    The on-chip line (``line_bytes``, ``k`` beats) may be narrower than the HBM
+    line (``P`` beats): the engine then gathers each on-chip line from the ``k``
+    ports that hold it (flat line ``L`` is on ports ``(L % G) k .. + k - 1``,
+    ``G = P / k``) and realigns at the on-chip width, one line per cycle. **Fast
+    path** (``bank_addr_bits`` given, ``k < P``): an LD into the weight buffer whose
+    HBM and on-chip addresses agree modulo the HBM line (every compiled weight
+    tile) moves each port's beats straight into that port's slice bank
+    (``bank_wr[p]``, hw/onchip.py), every port at its own pace, no realigner; the
+    LD retires when every port has written its last beat.
+
     Members
     -------
     q : In(stream.Signature(QEntry))
     regs : In(32) x 8
     rd : Out(read_client_signature) per port
     mem : Out(mem_write_signature)
+    bank_wr : Out(mem_write_signature) per port (fast path only)
     retire, rel_prev, rel_next : Out(1)
     retire_bytes : Out(32)
     busy : Out(1)
     """
 
-    def __init__(self, *, ports: int, beat_bytes: int, addr_bits: int):
+    def __init__(self, *, ports: int, beat_bytes: int, addr_bits: int, line_bytes: int = 0,
+                 weight_base: int = 0, bank_addr_bits: int | None = None):
         self._p, self._s, self._ab = ports, beat_bytes, addr_bits
-        lb = ports * beat_bytes * 8
-        super().__init__({
+        self._lb = line_bytes or ports * beat_bytes
+        k = self._lb // beat_bytes
+        if self._lb % beat_bytes or ports % k:
+            raise ValueError(f"a {self._lb}-byte on-chip line is not a whole number of "
+                             f"{beat_bytes}-byte beats dividing {ports} ports")
+        self._fast = bank_addr_bits is not None and k < ports
+        self._wbase = weight_base
+        members = {
             "q": In(stream.Signature(QEntry)),
             "regs": In(32).array(8),
             "rd": Out(read_client_signature(beat_bytes * 8)).array(ports),
-            "mem": Out(mem_write_signature(addr_bits, lb)),
+            "mem": Out(mem_write_signature(addr_bits, self._lb * 8)),
             "busy": Out(1),
             **retire_members(),
-        })
+        }
+        if self._fast:
+            members["bank_wr"] = Out(mem_write_signature(bank_addr_bits, beat_bytes * 8)).array(ports)
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
-        P, S = self._p, self._s
+        P, S, Ds = self._p, self._s, self._lb
         D = P * S
-        lgs, lgp, lgd = exact_log2(S), exact_log2(P), exact_log2(D)
+        k = Ds // S
+        G = P // k
+        lgs, lgp, lgd, lgk, lgg = (exact_log2(S), exact_log2(P), exact_log2(D), exact_log2(k),
+                                   exact_log2(G))
+        lgl = exact_log2(Ds)
         m.submodules.dec = dec = MemInstrDecode()
         m.submodules.bursts = bursts = BurstGen(ports=P, beat_bytes=S)
         m.submodules.descq = descq = fifo.SyncFIFO(width=MemDesc.size, depth=4)
         m.submodules.cmdq = cmdq = fifo.SyncFIFO(width=96, depth=4)
-        m.submodules.realign = rl = Realign(D)
+        m.submodules.realign = rl = Realign(Ds)
         wiring.connect(m, wiring.flipped(self.q), dec.i)
         for i in range(8):
             m.d.comb += dec.regs[i].eq(self.regs[i])
@@ -445,44 +470,83 @@ class LoadEngine(wiring.Component):
         # the mover
         desc = data.View(MemDesc, descq.r_data)
         running = Signal()
-        line = Signal(64)
+        fast = Signal()
+        line = Signal(64)                      # flat on-chip-width line of HBM being gathered
         first_line = Signal(64)
         last_line = Signal(64)
-        b0m = Signal(max(lgp, 1))
-        b1m = Signal(max(lgp, 1))
+        b0m = Signal(max(lgk, 1))
+        b1m = Signal(max(lgk, 1))
         wline = Signal(self._ab)
         end = desc.addr + desc.len - 1
-        m.d.comb += [rl.cmd.payload.s_off.eq(desc.addr[0:lgd]),
-                     rl.cmd.payload.d_off.eq(desc.buf[0:lgd]),
+        m.d.comb += [rl.cmd.payload.s_off.eq(desc.addr[0:lgl]),
+                     rl.cmd.payload.d_off.eq(desc.buf[0:lgl]),
                      rl.cmd.payload.n.eq(desc.len)]
         retire = Signal()
+        fast_ok = C(0, 1)
+        if self._fast:
+            fast_ok = (desc.buf >= self._wbase) & (desc.addr[0:lgd] == desc.buf[0:lgd])
+        # fast path: per port, its beats of the range (BurstGen's first_p .. last_p)
+        f_act = [Signal(name=f"fact{p}") for p in range(P)]
+        f_cur = [Signal(64, name=f"fcur{p}") for p in range(P)]
+        f_last = [Signal(64, name=f"flast{p}") for p in range(P)]
+        f_b0 = Signal(64)
+        f_b1 = Signal(64)
+        f_lo = Signal(max(lgs, 1))
+        f_hi = Signal(max(lgs, 1))
+        f_delta = Signal(64)                   # bank line = port-local beat + delta
         with m.If(descq.r_rdy & ~running):
             with m.If(desc.len == 0):
                 m.d.comb += retire.eq(1)
+            with m.Elif(fast_ok):
+                b0 = desc.addr >> lgs
+                b1 = end >> lgs
+                m.d.sync += [running.eq(1), fast.eq(1), f_b0.eq(b0), f_b1.eq(b1),
+                             f_lo.eq(desc.addr[0:lgs] if lgs else 0),
+                             f_hi.eq(end[0:lgs] if lgs else 0),
+                             f_delta.eq((desc.buf >> lgd) - (desc.addr >> lgd)
+                                        - (self._wbase >> lgd))]
+                for p in range(P):
+                    first_p = (b0 + (P - 1 - p)) >> lgp
+                    last_p = (b1 - p) >> lgp
+                    m.d.sync += [f_act[p].eq((b1 >= p) & (first_p <= last_p)),
+                                 f_cur[p].eq(first_p), f_last[p].eq(last_p)]
             with m.Else():
                 m.d.comb += rl.cmd.valid.eq(1)
                 with m.If(rl.cmd.ready):
-                    m.d.sync += [running.eq(1), line.eq(desc.addr >> lgd),
-                                 first_line.eq(desc.addr >> lgd), last_line.eq(end >> lgd),
-                                 wline.eq(desc.buf >> lgd)]
-                    if lgp:
-                        m.d.sync += [b0m.eq((desc.addr >> lgs)[0:lgp]), b1m.eq((end >> lgs)[0:lgp])]
-        # feed lines: every port that holds a beat of this line must have it ready
+                    m.d.sync += [running.eq(1), fast.eq(0), line.eq(desc.addr >> lgl),
+                                 first_line.eq(desc.addr >> lgl), last_line.eq(end >> lgl),
+                                 wline.eq(desc.buf >> lgl)]
+                    if lgk:
+                        m.d.sync += [b0m.eq((desc.addr >> lgs)[0:lgk]), b1m.eq((end >> lgs)[0:lgk])]
+        # gather: on-chip line `line` is beats of ports g k .. g k + k - 1 (g = line % G);
+        # every port that holds a beat of it must have it ready
+        grp = line[0:lgg] if lgg else C(0, 1)
+        gathering = running & ~fast & (line <= last_line)
         part = []
-        for p in range(P):
-            ok = Signal(name=f"part{p}")
-            if lgp:
-                m.d.comb += ok.eq(~((line == first_line) & (p < b0m)) & ~((line == last_line) & (p > b1m)))
+        for i in range(k):
+            ok = Signal(name=f"part{i}")
+            if lgk:
+                m.d.comb += ok.eq(~((line == first_line) & (i < b0m)) & ~((line == last_line) & (i > b1m)))
             else:
                 m.d.comb += ok.eq(1)
             part.append(ok)
-        have = Cat((self.rd[p].r.valid | ~part[p]) for p in range(P)).all()
-        feeding = running & (line <= last_line)
-        m.d.comb += [rl.i.valid.eq(feeding & have),
-                     rl.i.payload.eq(Cat(self.rd[p].r.payload.data for p in range(P)))]
+        beats = []
+        have_i = []
+        for i in range(k):
+            bv = Signal(name=f"have{i}")
+            bd = Signal(S * 8, name=f"beat{i}")
+            for g in range(G):
+                with m.If(grp == g):
+                    r = self.rd[g * k + i].r
+                    m.d.comb += [bv.eq(r.valid), bd.eq(r.payload.data)]
+            beats.append(bd)
+            have_i.append(bv | ~part[i])
+        have = Cat(*have_i).all()
+        m.d.comb += [rl.i.valid.eq(gathering & have), rl.i.payload.eq(Cat(*beats))]
         fire = rl.i.valid & rl.i.ready
-        for p in range(P):
-            m.d.comb += self.rd[p].r.ready.eq(fire & part[p])
+        for g in range(G):
+            for i in range(k):
+                m.d.comb += self.rd[g * k + i].r.ready.eq(fire & part[i] & (grp == g))
         with m.If(fire):
             m.d.sync += line.eq(line + 1)
         # write lines on chip
@@ -493,6 +557,26 @@ class LoadEngine(wiring.Component):
         with m.If(mw.valid & mw.ready):
             m.d.sync += wline.eq(wline + 1)
             with m.If(rl.o.payload.last):
+                m.d.comb += retire.eq(1)
+                m.d.sync += running.eq(0)
+        if self._fast:
+            for p in range(P):
+                r = self.rd[p].r
+                bw = self.bank_wr[p].req
+                b = (f_cur[p] << lgp) | p             # the flat beat
+                lo = Mux(b == f_b0, f_lo, 0)
+                hi = Mux(b == f_b1, f_hi, S - 1)
+                be = _bytes_between(m, lo, hi + 1, S, f"fbe{p}")
+                go = running & fast & f_act[p]
+                m.d.comb += [bw.valid.eq(go & r.valid), bw.payload.addr.eq(f_cur[p] + f_delta),
+                             bw.payload.data.eq(r.payload.data), bw.payload.be.eq(be)]
+                with m.If(go):
+                    m.d.comb += r.ready.eq(bw.ready)
+                with m.If(bw.valid & bw.ready):
+                    m.d.sync += f_cur[p].eq(f_cur[p] + 1)
+                    with m.If(f_cur[p] == f_last[p]):
+                        m.d.sync += f_act[p].eq(0)
+            with m.If(running & fast & ~Cat(*f_act).any()):
                 m.d.comb += retire.eq(1)
                 m.d.sync += running.eq(0)
         m.d.comb += [descq.r_en.eq(retire), self.retire.eq(retire),
@@ -521,9 +605,13 @@ class StoreEngine(wiring.Component):
     busy : Out(1)
     """
 
-    def __init__(self, *, ports: int, beat_bytes: int, addr_bits: int):
+    def __init__(self, *, ports: int, beat_bytes: int, addr_bits: int, line_bytes: int = 0):
         self._p, self._s, self._ab = ports, beat_bytes, addr_bits
-        lb = ports * beat_bytes * 8
+        self._lb = line_bytes or ports * beat_bytes
+        if self._lb % beat_bytes or ports % (self._lb // beat_bytes):
+            raise ValueError(f"a {self._lb}-byte on-chip line is not a whole number of "
+                             f"{beat_bytes}-byte beats dividing {ports} ports")
+        lb = self._lb * 8
         super().__init__({
             "q": In(stream.Signature(QEntry)),
             "regs": In(32).array(8),
@@ -536,8 +624,10 @@ class StoreEngine(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         P, S = self._p, self._s
-        D = P * S
-        lgs, lgp, lgd = exact_log2(S), exact_log2(P), exact_log2(D)
+        D = self._lb                           # the on-chip line: k beats
+        nk = D // S                            # beats per on-chip line
+        G = P // nk                            # on-chip lines per HBM line
+        lgs, lgp, lgd, lgg = exact_log2(S), exact_log2(P), exact_log2(D), exact_log2(G)
         bb = min(BURST_BYTES // S, 256)
         m.submodules.dec = dec = MemInstrDecode()
         m.submodules.bursts = bursts = BurstGen(ports=P, beat_bytes=S)
@@ -610,16 +700,22 @@ class StoreEngine(wiring.Component):
                               for k in range(len(cmds))).all()):
                     m.next = "RUN"
             with m.State("RUN"):
-                # split destination lines into per-port beats with strobes
+                # split destination lines into beats with strobes for the k ports of the
+                # line's group (flat line kline is port-local beat kline // G of ports
+                # (kline % G) k .. + k - 1)
                 o = al_out.o
-                strbs = [o.payload.be[p * S:(p + 1) * S] for p in range(P)]
-                room = Cat((f.w_rdy | (strbs[p] == 0)) for p, f in enumerate(wfifos)).all()
+                grp = kline[0:lgg] if lgg else C(0, 1)
+                kb = kline >> lgg
+                strbs = [o.payload.be[i * S:(i + 1) * S] for i in range(nk)]
+                room = Cat(((wfifos[g * nk + i].w_rdy | (strbs[i] == 0)) | (grp != g))
+                           for g in range(G) for i in range(nk)).all()
                 m.d.comb += o.ready.eq(room)
                 for p, f in enumerate(wfifos):
-                    last = ((kline[0:exact_log2(bb)] == bb - 1) if bb > 1 else C(1, 1)) | (kline == ll[p])
-                    m.d.comb += [f.w_en.eq(o.valid & room & (strbs[p] != 0)),
-                                 f.w_data.eq(Cat(o.payload.data[p * S * 8:(p + 1) * S * 8],
-                                                 strbs[p], last))]
+                    g, i = p // nk, p % nk
+                    last = ((kb[0:exact_log2(bb)] == bb - 1) if bb > 1 else C(1, 1)) | (kb == ll[p])
+                    m.d.comb += [f.w_en.eq(o.valid & room & (strbs[i] != 0) & (grp == g)),
+                                 f.w_data.eq(Cat(o.payload.data[i * S * 8:(i + 1) * S * 8],
+                                                 strbs[i], last))]
                 with m.If(o.valid & o.ready):
                     m.d.sync += kline.eq(kline + 1)
                     with m.If(o.payload.last):

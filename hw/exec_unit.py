@@ -101,7 +101,7 @@ class ExecUnit(wiring.Component):
             g = slice_geometry(config)
             self._slices = g["slices"]
             sig = sig | {"bank": Out(mem_read_signature(
-                g["bank_addr_bits"], line_bytes // g["slices"] * 8)).array(g["slices"], 2)}
+                g["bank_addr_bits"], g["stripe"] * 8)).array(g["slices"], 2)}
         super().__init__(sig)
 
     @classmethod

@@ -133,7 +133,8 @@ class MvExec(wiring.Component):
     def __init__(self, *, addr_bits: int, line_bytes: int, chain_length: int = 32,
                  count: int = 1, pack_int4: bool = True, formats=tuple(WEIGHT_FORMATS),
                  patterns=tuple(SPARSITY_PATTERNS), max_blocks: int = DEFAULT_MAX_BLOCKS,
-                 tokens: int = 1, slices: int = 1, weight_base: int = 0, bank_addr_bits=None):
+                 tokens: int = 1, slices: int = 1, stripe: int | None = None,
+                 weight_base: int = 0, bank_addr_bits=None):
         if chain_length not in CHAIN_LENGTHS:
             raise ValueError(f"MvExec chain length must be 32, 64, 128 or 256 (whole blocks "
                              f"between break points), not {chain_length}")
@@ -144,15 +145,17 @@ class MvExec(wiring.Component):
                              f"not {count} x {chain_length // 32}")
         if tokens not in (1, 2, 4, 8):
             raise ValueError(f"MvExec token lanes must be 1, 2, 4 or 8, not {tokens}")
-        if slices < 1 or slices & (slices - 1) or line_bytes % slices:
-            raise ValueError(f"MvExec slices must be a power of two dividing the {line_bytes}-byte "
-                             f"line, not {slices}")
+        stripe = stripe or line_bytes // slices
+        if slices < 1 or slices & (slices - 1) or stripe & (stripe - 1):
+            raise ValueError(f"MvExec slices and stripe must be powers of two, not {slices} x "
+                             f"{stripe}")
         if (count * (chain_length // 32)) % slices:
             raise ValueError(f"MvExec needs whole row pipelines per slice: {count} chains of "
                              f"{chain_length} over {slices} slices")
-        if weight_base % line_bytes:
-            raise ValueError(f"the weight buffer must start on a line, not at {weight_base}")
+        if weight_base % (slices * stripe):
+            raise ValueError(f"the weight buffer must start on an HBM line, not at {weight_base}")
         self._slices = slices
+        self._stripe = stripe
         self._wbase = weight_base
         self._bab = bank_addr_bits if bank_addr_bits is not None else addr_bits
         self._tokens = tokens
@@ -165,7 +168,7 @@ class MvExec(wiring.Component):
         self._patterns = tuple(patterns)
         self._max_blocks = max_blocks
         sig = exec_signature(addr_bits, line_bytes * 8)
-        S = line_bytes // slices
+        S = stripe
         super().__init__(dict(sig.members) | {
             "bank": Out(mem_read_signature(self._bab, S * 8)).array(slices, 2)})
 
@@ -248,8 +251,9 @@ class MvExec(wiring.Component):
                 m.d.comb += bb.eq(block_bytes("q4_0", "dense"))
         rstep = Signal(24)                         # L / P rows of one slice's weights
         P = self._slices
-        S = D // P
+        S = self._stripe
         lgs = exact_log2(S)
+        lghd = exact_log2(P * S)                   # the HBM line: one beat of every slice
         Ls = L // P                                # row pipelines per slice
         b0 = Signal(24)                            # the tile's first byte in every bank
         wrel = Signal(24)
@@ -553,7 +557,7 @@ class MvExec(wiring.Component):
                         m.next = "SETUP"
             with m.State("SETUP"):
                 m.d.sync += [rbytes.eq(nb * bb), gmax.eq(C(NB, 12) // nb),
-                             b0.eq(((wrel >> lgd) << lgs) | wrel[0:lgs])]
+                             b0.eq(((wrel >> lghd) << lgs) | wrel[0:lgs])]
                 m.next = "SETUP2"
             with m.State("SETUP2"):
                 m.d.sync += [rstep.eq(rbytes * Ls), vbytes.eq(abytes * ntok_eff)]

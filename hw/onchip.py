@@ -17,21 +17,25 @@ A read returns its line exactly one cycle after the request's handshake (no
 back-pressure on responses: a client only asks when it can take the answer).
 A write is visible to reads issued from the cycle after its handshake.
 
-**Slice banks.** With ``slices`` = P > 1 (one per HBM port, ``line_bytes = P *
-stripe``) the weight region is P memories of ``stripe``-byte lines: bank ``p``
-holds stripe ``p`` of every line (the bytes a line took from port ``p``), which
-is where docs/isa.md's slice-major weight tiles put slice ``p``'s rows. The
-line view above still reads and writes whole lines (every bank at once); each
-bank also has two read ports of its own for its slice's MV pipelines
-(``bank[p][k]``, bank-line addresses from the weight region's start), which
-take bank port ``k`` when the line view's port A (``k = 0``) or B (``k = 1``)
-does not want it. With one slice the weight region is bank 0.
+**Slice banks.** With ``slices`` = P (one per HBM port of ``stripe`` = S bytes per
+beat; the HBM line is ``P * S`` bytes) the weight region is P memories of S-byte
+lines: bank ``p`` holds stripe ``p`` of every HBM line (the bytes a line took from
+port ``p``), which is where docs/isa.md's slice-major weight tiles put slice
+``p``'s rows. The on-chip line (``line_bytes``, k beats) may be narrower than the
+HBM line: on-chip line ``L`` of the weight region is then stripes ``(L % G) k ..
+(L % G) k + k - 1`` (``G = P / k``) of bank line ``L // G``. Clients of the line
+view read and write it like any other line; each bank also has two read ports of
+its own for its slice's MV pipelines (``bank[p][k]``, bank-line addresses from the
+weight region's start), which take bank port ``k`` when the line view's port A
+(``k = 0``) or B (``k = 1``) does not want it, and a write port of its own
+(``bank_wr[p]``, the load engine's per-port fast path), which takes the bank's
+write port when the line view does not.
 """
 
-from amaranth import Cat, Module, Mux, Signal
+from amaranth import C, Cat, Module, Mux, Signal
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
-from amaranth.utils import ceil_log2
+from amaranth.utils import ceil_log2, exact_log2
 
 __all__ = ["REGIONS", "region_map", "slice_geometry", "mem_read_signature", "mem_write_signature",
            "WriteReq", "OnChipMemory"]
@@ -52,12 +56,13 @@ def region_map(config) -> list:
 
 def slice_geometry(config) -> dict:
     """The slice banks of a configuration (module docstring): ``slices`` (one per HBM port),
-    ``weight_base`` (the weight region's first byte) and ``bank_addr_bits`` (bank-line
+    ``stripe`` (bytes per beat), ``weight_base`` (the weight region's first byte) and ``bank_addr_bits`` (bank-line
     addresses: the weight region's lines)."""
     P = config.hbm.ports
-    D = P * config.hbm.data_width // 8
+    S = config.hbm.data_width // 8
     base, size = [(r[1], r[2]) for r in region_map(config) if r[0] == "weight"][0]
-    return {"slices": P, "weight_base": base, "bank_addr_bits": max(1, ceil_log2(size // D))}
+    return {"slices": P, "stripe": S, "weight_base": base,
+            "bank_addr_bits": max(1, ceil_log2(size // (P * S)))}
 
 
 def WriteReq(addr_bits: int, line_bits: int) -> data.StructLayout:
@@ -97,7 +102,7 @@ class OnChipMemory(wiring.Component):
         The client of read port B.
     """
 
-    def __init__(self, *, regions, line_bytes: int, slices: int = 1):
+    def __init__(self, *, regions, line_bytes: int, slices: int = 1, stripe: int | None = None):
         base = 0
         for name, b, size in regions:
             if b != base:
@@ -106,23 +111,30 @@ class OnChipMemory(wiring.Component):
                 raise ValueError(f"Region {name} of {size} bytes is not a whole number of "
                                  f"{line_bytes}-byte lines")
             base += size
-        if line_bytes % slices or (slices & (slices - 1)):
-            raise ValueError(f"{slices} slices do not divide a {line_bytes}-byte line")
+        stripe = stripe or line_bytes // slices
+        if slices & (slices - 1) or line_bytes % stripe or slices % (line_bytes // stripe):
+            raise ValueError(f"a {line_bytes}-byte line is not a whole number of {stripe}-byte "
+                             f"stripes dividing {slices} slices")
+        wbase, wsize = [(r[1], r[2]) for r in regions if r[0] == "weight"][0]
+        if wbase % (slices * stripe) or wsize % (slices * stripe):
+            raise ValueError(f"the weight region [{wbase}, +{wsize}) is not whole "
+                             f"{slices * stripe}-byte HBM lines")
         self._regions = list(regions)
         self._line = line_bytes
         self._lines = base // line_bytes
         self._slices = slices
         self.addr_bits = max(1, ceil_log2(self._lines))
-        wsize = dict((r[0], r[2]) for r in regions)["weight"]
-        self.bank_lines = wsize // line_bytes
+        self.bank_lines = wsize // (slices * stripe)
         self.bank_addr_bits = max(1, ceil_log2(self.bank_lines))
-        self.stripe = line_bytes // slices
+        self.stripe = stripe
         lb = line_bytes * 8
         rd = mem_read_signature(self.addr_bits, lb)
         wr = mem_write_signature(self.addr_bits, lb)
         brd = mem_read_signature(self.bank_addr_bits, self.stripe * 8)
+        bwr = mem_write_signature(self.bank_addr_bits, self.stripe * 8)
         super().__init__({"ld_wr": In(wr), "ex_wr": In(wr), "st_rd": In(rd), "ex_rd0": In(rd),
-                          "ex_rd1": In(rd), "bank": In(brd).array(slices, 2)})
+                          "ex_rd1": In(rd), "bank": In(brd).array(slices, 2),
+                          "bank_wr": In(bwr).array(slices)})
 
     @property
     def lines(self) -> int:
@@ -212,7 +224,8 @@ class _Banks(wiring.Component):
 
     def __init__(self, owner, depth):
         self._owner = owner
-        self._depth = depth
+        self._depth = depth                    # on-chip lines of the region
+        self.bank_depth = owner.bank_lines
         self._views = []
         ab = max(1, ceil_log2(depth))
         lb = owner._line * 8
@@ -233,26 +246,44 @@ class _Banks(wiring.Component):
         m = Module()
         o = self._owner
         P, S = o._slices, o.stripe
+        k = o._line // S                       # stripes per on-chip line
+        G = P // k                             # on-chip lines per HBM line
+        lgg = exact_log2(G)
+        wp_grp = self._wp.addr[0:lgg] if G > 1 else C(0, 1)
+        rd_grp = []
+        for v, view in enumerate(self._views):
+            g = Signal(max(lgg, 1), name=f"rgrp{v}")
+            if G > 1:
+                m.d.sync += g.eq(view.addr[0:lgg])
+            rd_grp.append(g)
         for p in range(P):
-            mem = memory.Memory(shape=S * 8, depth=self._depth, init=[])
+            mem = memory.Memory(shape=S * 8, depth=self.bank_depth, init=[])
             m.submodules[f"bank{p}"] = mem
+            i, grp = p % k, p // k
             wp = mem.write_port(granularity=8)
-            m.d.comb += [wp.addr.eq(self._wp.addr), wp.data.eq(self._wp.data[p * S * 8:(p + 1) * S * 8]),
-                         wp.en.eq(self._wp.en[p * S:(p + 1) * S])]
-            for k, view in enumerate(self._views):
+            view_en = self._wp.en[i * S:(i + 1) * S]
+            view_hit = Signal(name=f"b{p}_wview")
+            m.d.comb += view_hit.eq((view_en != 0) & (wp_grp == grp))
+            bw = o.bank_wr[p].req
+            with m.If(view_hit):
+                m.d.comb += [wp.addr.eq(self._wp.addr >> lgg),
+                             wp.data.eq(self._wp.data[i * S * 8:(i + 1) * S * 8]), wp.en.eq(view_en)]
+            with m.Else():
+                m.d.comb += [wp.addr.eq(bw.payload.addr), wp.data.eq(bw.payload.data),
+                             wp.en.eq(Mux(bw.valid, bw.payload.be, 0)), bw.ready.eq(1)]
+            for v, view in enumerate(self._views):
                 rp = mem.read_port()
-                c = o.bank[p][k]
-                granted = Signal(name=f"b{p}_{k}_grant")
-                m.d.comb += [view.data[p * S * 8:(p + 1) * S * 8].eq(rp.data),
-                             c.rsp.payload.eq(rp.data)]
+                c = o.bank[p][v]
+                granted = Signal(name=f"b{p}_{v}_grant")
+                with m.If(rd_grp[v] == grp):
+                    m.d.comb += view.data[i * S * 8:(i + 1) * S * 8].eq(rp.data)
+                m.d.comb += c.rsp.payload.eq(rp.data)
                 with m.If(view.en):
-                    m.d.comb += [rp.addr.eq(view.addr), rp.en.eq(1)]
+                    m.d.comb += [rp.addr.eq(view.addr >> lgg), rp.en.eq(1)]
                 with m.Elif(c.req.valid):
                     m.d.comb += [rp.addr.eq(c.req.payload), rp.en.eq(1), granted.eq(1)]
                 m.d.comb += c.req.ready.eq(granted)
                 m.d.sync += c.rsp.valid.eq(granted)
-            for k in range(len(self._views), 2):
-                m.d.comb += o.bank[p][k].req.ready.eq(0)
         return m
 
 

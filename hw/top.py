@@ -41,6 +41,7 @@ from llmfab.hw.isa import Instruction, Op, SysFunc
 from llmfab.hw.onchip import OnChipMemory, region_map
 
 __all__ = ["QUEUE_DEPTH", "DEADLOCK_CYCLES", "ID_WIDTH", "Core", "Accelerator", "geometry",
+           "onchip_line_bytes", "SHARED_LINE_BYTES",
            "probe_names"]
 
 QUEUE_DEPTH = 16
@@ -60,6 +61,19 @@ def probe_names(ports: int) -> list:
     return [n for n in counter_names(ports) if n not in ("magic", "status", "pc")]
 
 
+#: The on-chip line of the shared path when the HBM line (one beat of every port) is wider.
+SHARED_LINE_BYTES = 64
+
+
+def onchip_line_bytes(config) -> int:
+    """Bytes of an on-chip line: the HBM line (one beat of every port) up to
+    :data:`SHARED_LINE_BYTES`, else whole beats up to that (one beat when the beat is wider);
+    ``hbm.line_bytes`` in the configuration overrides it (tests: a narrower line on few ports)."""
+    P, S = config.hbm.ports, config.hbm.data_width // 8
+    want = getattr(config.hbm, "line_bytes", None) or max(S, SHARED_LINE_BYTES)
+    return min(P * S, want)
+
+
 def geometry(config) -> dict:
     """The datapath geometry of a configuration: ports, beat and line bytes, on-chip layout."""
     P = config.hbm.ports
@@ -67,7 +81,8 @@ def geometry(config) -> dict:
     if P & (P - 1):
         raise ValueError(f"hbm.ports must be a power of two for the striped address map, not {P}")
     regions = region_map(config)
-    return {"ports": P, "beat_bytes": S, "line_bytes": P * S, "regions": regions,
+    return {"ports": P, "beat_bytes": S, "hbm_line_bytes": P * S,
+            "line_bytes": onchip_line_bytes(config), "regions": regions,
             "onchip_size": sum(r[2] for r in regions),
             "global_base": dict((r[0], r[1]) for r in regions)["global"],
             "weight_base": dict((r[0], r[1]) for r in regions)["weight"],
@@ -111,7 +126,7 @@ class Core(wiring.Component):
         g = self._g
         P, S, D = g["ports"], g["beat_bytes"], g["line_bytes"]
         lgs = exact_log2(S)
-        mem = OnChipMemory(regions=g["regions"], line_bytes=D, slices=P)
+        mem = OnChipMemory(regions=g["regions"], line_bytes=D, slices=P, stripe=S)
         m.submodules.onchip = mem
         ab = mem.addr_bits
         m.submodules.fetch = fetch = Fetch(ports=P, beat_bytes=S,
@@ -119,8 +134,10 @@ class Core(wiring.Component):
         m.submodules.validator = val = Validator(onchip_size=g["onchip_size"],
                                                  global_base=g["global_base"],
                                                  weight_base=g["weight_base"], slices=P, stripe=S)
-        m.submodules.ld = ld = LoadEngine(ports=P, beat_bytes=S, addr_bits=ab)
-        m.submodules.st = st = StoreEngine(ports=P, beat_bytes=S, addr_bits=ab)
+        m.submodules.ld = ld = LoadEngine(ports=P, beat_bytes=S, addr_bits=ab, line_bytes=D,
+                                          weight_base=g["weight_base"],
+                                          bank_addr_bits=mem.bank_addr_bits)
+        m.submodules.st = st = StoreEngine(ports=P, beat_bytes=S, addr_bits=ab, line_bytes=D)
         make_exec = self._exec_factory or ExecUnit.factory(self._config)
         ex = make_exec(addr_bits=ab, line_bytes=D)
         m.submodules.exec = ex
@@ -158,6 +175,9 @@ class Core(wiring.Component):
 
         # ---- on-chip memory clients
         wiring.connect(m, ld.mem, mem.ld_wr)
+        if "bank_wr" in ld.signature.members:     # the weight fast path: port p -> bank p
+            for p in range(P):
+                wiring.connect(m, ld.bank_wr[p], mem.bank_wr[p])
         wiring.connect(m, st.mem, mem.st_rd)
         wiring.connect(m, ex.rd0, mem.ex_rd0)
         wiring.connect(m, ex.rd1, mem.ex_rd1)

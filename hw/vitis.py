@@ -453,9 +453,9 @@ def verilog_blocker(config) -> str | None:
     """Why the accelerator's Verilog cannot be generated for ``config`` yet, or None.
 
     Cheap (constructors only, no elaboration): the units refuse parameters they do not
-    implement (``MvExec`` takes chain length 32 only), and a datapath line wider than
-    :data:`MAX_LINE_BYTES` does not finish generating (issue 10 replaces the one wide line
-    with a slice per HBM channel; this check goes when it lands).
+    implement, and an on-chip line wider than :data:`MAX_LINE_BYTES` does not finish
+    generating (the on-chip line is at most ``hw/top.py``'s ``SHARED_LINE_BYTES`` unless a
+    configuration's ``hbm.line_bytes`` asks for more; the weights go through per-port slices).
     """
     from llmfab.hw.exec_unit import default_units
     from llmfab.hw.top import geometry
@@ -466,9 +466,8 @@ def verilog_blocker(config) -> str | None:
     except ValueError as e:
         return str(e)
     if g["line_bytes"] > MAX_LINE_BYTES:
-        return (f"its datapath is one line of {config.hbm.ports} ports x {config.hbm.data_width} bits = "
-                f"{g['line_bytes']} bytes, and generation does not finish in bounded time above "
-                f"{MAX_LINE_BYTES} bytes (per-channel slices, issue 10)")
+        return (f"its on-chip line is {g['line_bytes']} bytes, and generation does not finish "
+                f"in bounded time above {MAX_LINE_BYTES} bytes")
     return None
 
 

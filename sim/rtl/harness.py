@@ -355,9 +355,9 @@ class RtlAccelerator:
         if bundle is None:
             # a bare simulation (the simulated card, sim/rtl/xrt_card.py): memory, registers,
             # start and wait; the host puts everything into the memory itself
-            if not memory_size or memory_size % self.geometry["line_bytes"]:
+            if not memory_size or memory_size % self.geometry["hbm_line_bytes"]:
                 raise SimError(f"a simulation without a bundle needs memory_size, a multiple of "
-                               f"{self.geometry['line_bytes']} bytes, not {memory_size}")
+                               f"{self.geometry['hbm_line_bytes']} bytes, not {memory_size}")
             self.memory_size = int(memory_size)
             self.hbm_size, self.registers, self.context = self.memory_size, {}, 0
             self.program = b""
