@@ -96,7 +96,9 @@ class ChainConfig:
     length : int
         Weights one chain consumes per cycle: 32, 64, 128 or 256.
     count : int
-        Chains (lanes of the matrix engine); each works on one output row.
+        Chains (lanes of the matrix engine); each works on one output row. A multiple
+        of ``hbm.ports``: the accelerator is one slice per memory port, each with
+        ``count / ports`` chains (docs/isa.md, "Slices").
     break_points : bool
         The chain may split into ``length / 32`` independent 32-element dot
         products (required for ``length > 32``: every block has its own scale).
@@ -134,13 +136,20 @@ class HbmConfig:
     Attributes
     ----------
     ports : int
-        Masters, each bound to one memory channel.
+        Masters, each bound to one memory channel; one slice of the accelerator each
+        (its share of the chains, its bank of the on-chip memory).
     data_width : int
         Bits per port per kernel cycle (64..1024, power of two).
+    line_bytes : int
+        Optional (0: the default): bytes of an on-chip line of the shared path, a
+        power of two from one beat to one beat of every port. The default is the
+        HBM line (one beat of every port) up to 64 bytes (hw/top.py's
+        ``onchip_line_bytes``); tests set it to run a narrow line on few ports.
     """
 
     ports: int
     data_width: int
+    line_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -288,6 +297,16 @@ class AccelConfig:
     # ---- memory bandwidth ---------------------------------------------------
 
     @property
+    def slices(self) -> int:
+        """Slices of the accelerator: one per memory port (docs/isa.md, "Slices")."""
+        return self.hbm.ports
+
+    @property
+    def stripe_bytes(self) -> int:
+        """One port's beat, the stripe of HBM and of the on-chip banks: ``data_width / 8``."""
+        return self.hbm.data_width // 8
+
+    @property
     def hbm_bytes_per_cycle(self) -> int:
         """Bytes the ports deliver per kernel cycle: ``ports * data_width / 8``."""
         return self.hbm.ports * self.hbm.data_width // 8
@@ -403,7 +422,8 @@ class AccelConfig:
             "sparsity": list(self.sparsity),
             "activation_bits": self.activation_bits,
             "buffers": {f"{n}_kib": getattr(self.buffers, f"{n}_kib") for n in BUFFERS},
-            "hbm": {"ports": self.hbm.ports, "data_width": self.hbm.data_width},
+            "hbm": {"ports": self.hbm.ports, "data_width": self.hbm.data_width,
+                    **({"line_bytes": self.hbm.line_bytes} if self.hbm.line_bytes else {})},
             "context": self.context,
             "max_prefill": self.max_prefill,
         })
@@ -568,8 +588,17 @@ def config_from_dict(data: dict, display: str, expected_name: str | None = None)
     buffers = BufferConfig(*(b.integer(k) for k in _BUFFER_FIELDS))
 
     h = f.sub("hbm")
-    h.check_keys(_HBM_FIELDS)
+    h.check_keys(_HBM_FIELDS, ("line_bytes",))
     hbm = HbmConfig(h.integer("ports"), _pow2(h, "data_width", 64, 1024))
+    if h.has("line_bytes"):
+        beat = hbm.data_width // 8
+        lb = _pow2(h, "line_bytes", beat, hbm.ports * beat,
+                   f" (on-chip line: whole {beat}-byte beats, at most one of every port)")
+        hbm = HbmConfig(hbm.ports, hbm.data_width, lb)
+    if count % hbm.ports:
+        # one slice per port (docs/isa.md, "Slices"): each gets count / ports chains
+        raise c.fail("count", f"must be a multiple of hbm.ports ({hbm.ports}): each memory port's "
+                              f"slice gets chain.count / hbm.ports chains, not {count}")
 
     context = f.integer("context")
     if not _is_pow2(context) or context < 64:

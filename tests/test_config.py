@@ -228,7 +228,7 @@ def test_config_hash_ignores_name_order_and_source(tmp_path):
 
 
 @pytest.mark.parametrize("change", [
-    {"clock_mhz": 150}, {"chain__count": 3}, {"chain__pack_int4": False},
+    {"clock_mhz": 150}, {"chain__count": 2}, {"chain__pack_int4": False},
     {"weight_formats": ["q4_0"]}, {"sparsity": ["dense"]}, {"buffers__kv_kib": 128},
     {"hbm__ports": 1}, {"context": 256}, {"max_prefill": 64},
 ])
@@ -254,6 +254,21 @@ def test_missing_field(tmp_path):
     del data["chain"]["count"]
     path = write(tmp_path, data)
     assert error_of(path) == f"{path}: field 'chain.count' is missing"
+
+
+def test_chain_count_a_multiple_of_ports(tmp_path):
+    """One slice per memory port, each with chain.count / hbm.ports chains (docs/isa.md, "Slices")."""
+    path = variant(tmp_path, chain__count=3)
+    assert error_of(path) == (f"{path}: field 'chain.count' must be a multiple of hbm.ports (2): each "
+                              "memory port's slice gets chain.count / hbm.ports chains, not 3")
+    path = variant(tmp_path, "tiny", hbm__ports=2, chain__count=1)
+    assert error_of(path) == (f"{path}: field 'chain.count' must be a multiple of hbm.ports (2): each "
+                              "memory port's slice gets chain.count / hbm.ports chains, not 1")
+    c = load_config(variant(tmp_path, chain__count=6))
+    assert (c.slices, c.stripe_bytes, c.chain.count // c.slices) == (2, 32, 3)
+    for name in config_names():
+        c = load_config(name)
+        assert c.chain.count % c.slices == 0 and c.slices == c.hbm.ports
 
 
 def test_wrong_type(tmp_path):
@@ -397,7 +412,7 @@ def test_does_not_fit_dsp(tmp_path):
 
 
 def test_does_not_fit_memory_channels(tmp_path):
-    path = variant(tmp_path, hbm__ports=8)
+    path = variant(tmp_path, hbm__ports=8, chain__count=8)
     assert error_of(path, FitError) == (
         f"{path}: config 'ci' uses 8 memory ports but board 'sim-small' has 4 HBM channels; lower hbm.ports")
 
@@ -510,7 +525,7 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err == ("llmfab: error: config file '/dev/zero' is not a regular file "
                                  "(a character device); give a YAML file\n")
-    path = variant(tmp_path, hbm__ports=8)
+    path = variant(tmp_path, hbm__ports=8, chain__count=8)
     assert main(["compile", "--model", model, "--config", str(path), "--out", str(tmp_path / "b")]) == 1
     assert capsys.readouterr().err == (
         f"llmfab: error: {path}: config 'ci' uses 8 memory ports but board 'sim-small' has "
