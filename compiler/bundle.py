@@ -6,8 +6,9 @@ A bundle is a directory::
                     description, memory map, registers, program list, statistics
     program.bin     the decode program (128-bit little-endian words)
     prefill_<T>.bin the prefill program of bucket T (manifest "programs" -> "prefill")
-    hbm.bin         the initial HBM image from byte 0: weights, tables (norms,
-                    constants, RoPE cos/sin), zeroed KV cache and I/O regions
+    hbm.bin         the initial HBM image from byte 0: weights (the embedding's rows, then
+                    every matrix's MV/MM tiles, slice-major: docs/isa.md "Slices"), tables
+                    (norms, constants, RoPE cos/sin), zeroed KV cache and I/O regions
                     are not stored (they start as zeros); see manifest "hbm_size"
 
 Loading verifies the bundle whole before anything reads it:
@@ -40,7 +41,10 @@ import numpy as np
 from llmfab.core.errors import BundleError, SimError
 
 #: 3: ``bundle_hash``, ``model.sha256``, ``compiler``; fields validated on load.
-FORMAT_VERSION = 3
+#: 4: MV/MM weight tiles are slice-major (docs/isa.md, "Slices"): on ``memory_map.hbm_ports``
+#: > 1 a tile's bytes in ``hbm.bin`` are P interleaved streams of rows, not rows back to back,
+#: so a version-3 bundle's image would be misread.
+FORMAT_VERSION = 4
 
 _WORD_BYTES = 16          # compiler/isa.py WORD_BYTES (bundle.py stays import-free of the ISA)
 

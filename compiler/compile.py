@@ -73,7 +73,13 @@ def _align(x, a=ALIGN):
 @dataclass
 class CompiledMatrix:
     """A matrix in the weight image, as the chains stream it: ``tiles`` are ``(first row,
-    rows, offset from WBASE)``, each one weight-buffer slot's load."""
+    rows, offset from WBASE)``, each one weight-buffer slot's load.
+
+    ``slices`` and ``stripe`` are the layout of its tiles (docs/isa.md, "Slices"): each tile
+    is :func:`~llmfab.compiler.isa.slice_rows` of its rows, ``tile_bytes(rows)`` bytes at a
+    line-aligned offset. ``slices`` 1: the rows back to back (a one-port configuration, and
+    the embedding rows the EMBED path reads by token id).
+    """
     name: str
     fmt: str
     sparsity: str
@@ -82,6 +88,12 @@ class CompiledMatrix:
     row_bytes: int
     hbm_off: int          # offset from WBASE
     tiles: list = field(default_factory=list)   # (row0, nrows, hbm_off)
+    slices: int = 1
+    stripe: int = 64
+
+    def tile_bytes(self, nrows: int) -> int:
+        """Bytes of a tile of ``nrows`` rows (its LD length): ``isa.mv_span``."""
+        return isa.mv_span(nrows, self.row_bytes, self.slices, self.stripe)
 
 
 class OnChip:
@@ -91,7 +103,8 @@ class OnChip:
         self.name, self.base, self.size, self.top = name, base, size, 0
 
     def alloc(self, nbytes, what, align=64):
-        self.top = _align(self.top, align)
+        """``nbytes`` at the next address (absolute) that is a multiple of ``align``."""
+        self.top = _align(self.base + self.top, align) - self.base
         if self.top + nbytes > self.size:
             raise FitError(f"on-chip {self.name} buffer too small: {what} needs {nbytes} bytes, "
                            f"{self.size - self.top} of {self.size} left; use a configuration "
@@ -152,8 +165,9 @@ def parse_sparsity(spec: str | None) -> dict:
 # the compiler
 # --------------------------------------------------------------------------------------
 
-def _device_bytes(model, ctx, sp_of):
-    """(weights, kv, total) bytes a model needs in device memory (before padding)."""
+def _device_bytes(model, ctx, sp_of, slices=1):
+    """(weights, kv, total) bytes a model needs in device memory (before padding). A tied
+    embedding counts twice on ``slices`` > 1 (rows for EMBED, slice-major tiles for the LM head)."""
     d = model.desc
     wbytes = 0
     for name, t in model.tensors.items():
@@ -161,7 +175,8 @@ def _device_bytes(model, ctx, sp_of):
             continue
         fmt = t.qtype if t.qtype in quant.BLOCK_BYTES else "q8_0"
         key = name.split(".")[-2] if name.startswith("blk.") else ""
-        wbytes += t.shape[0] * _row_bytes(fmt, sp_of.get(key, "dense"), t.shape[1])
+        n = 2 if name == "token_embd.weight" and d.tied_embeddings and slices > 1 else 1
+        wbytes += n * t.shape[0] * _row_bytes(fmt, sp_of.get(key, "dense"), t.shape[1])
     kv = d.n_layers * d.n_kv_heads * 2 * ctx * d.head_dim * 2
     io = d.vocab_size * 4
     tables = (2 * d.n_layers + 1) * d.dim * 4 + ctx * d.head_dim * 4
@@ -169,7 +184,7 @@ def _device_bytes(model, ctx, sp_of):
 
 
 def _check_device_memory(model, config, ctx, sp_of):
-    wbytes, kv, total = _device_bytes(model, ctx, sp_of)
+    wbytes, kv, total = _device_bytes(model, ctx, sp_of, config.slices)
     board = config.board_spec
     cap = board.total_memory_bytes
     if total > cap:
@@ -186,70 +201,121 @@ def _llmfab_version() -> str:
         return "unknown"
 
 
-def _weight_slots(wb_sz: int, config) -> tuple:
-    """(slots, bytes per slot) of a weight buffer of ``wb_sz`` bytes.
+def _line_align(config) -> int:
+    """Alignment of weight tiles, in HBM and on chip: the line ``D = ports * stripe`` on a
+    configuration of several slices (docs/isa.md, "Slices"), and ``isa.HBM_ALIGN`` (the LD's
+    ``hoff`` unit) in HBM."""
+    return int(np.lcm(config.hbm_bytes_per_cycle, isa.HBM_ALIGN)) if config.slices > 1 else isa.HBM_ALIGN
+
+
+def _slot_align(config) -> int:
+    """Alignment (and size unit) of the on-chip weight-buffer slots: 64 bytes, and on several
+    slices whole lines (an MV/MM's weights must start on a line, docs/isa.md "Slices")."""
+    return int(np.lcm(64, config.hbm_bytes_per_cycle)) if config.slices > 1 else 64
+
+
+def _weight_slots(wb_sz: int, config, base: int = 0) -> tuple:
+    """(slots, bytes per slot) of a weight buffer of ``wb_sz`` bytes at on-chip ``base``.
 
     Weight tiles rotate through the slots; the load engine runs up to (slots - 1)
     tiles ahead of the compute queue, which hides the SFU work between matrices.
     Four slots when each still holds >= SLOT_MIN_CYCLES of the ports' bandwidth
     (ci), else two (short tiles would pay the per-instruction overhead too often).
+    Slots are multiples of :func:`_slot_align` and start on one.
     """
     n = 2
     if wb_sz // WEIGHT_SLOTS_LARGE >= SLOT_MIN_CYCLES * config.hbm_bytes_per_cycle:
         n = WEIGHT_SLOTS_LARGE
-    return n, (wb_sz // n) // 64 * 64
+    a = _slot_align(config)
+    usable = max(0, wb_sz - (-base) % a)
+    return n, (usable // n) // a * a
 
 
 def _rows_per_tile(config, wslot_bytes: int, rb: int) -> int:
-    """Rows of ``rb`` bytes per weight tile: whole chains when a slot holds them, else whole
-    32-byte units of device memory, else as many as fit."""
-    per = wslot_bytes // rb
-    unit = int(np.lcm(config.chain.count, 8))    # whole chains; 32-byte aligned logits
+    """Rows of ``rb`` bytes per weight tile (its span, ``isa.mv_span``, fits a slot): whole
+    chains when a slot holds them, else (one slice) whole 32-byte units of device memory or
+    (several slices) a multiple of 8 rows and of the slices, else as many as fit.
+
+    On ``P`` slices a tile of ``k * P`` rows spans ``P`` streams of ``k`` rows each rounded up
+    to whole stripes: a slot of ``W`` bytes holds ``k = (W // D) * stripe // rb`` rows per slice.
+    """
+    P, S = config.slices, config.stripe_bytes
+    per = wslot_bytes // rb if P == 1 else (wslot_bytes // (P * S)) * S // rb * P
+    unit = int(np.lcm(config.chain.count, 8))    # whole chains (a multiple of P); 32-byte aligned logits
     if per >= unit:
         return per // unit * unit
-    a = int(np.lcm(8, 32 // np.gcd(rb, 32)))      # whole 32-byte units of HBM per tile
+    if P == 1:
+        a = int(np.lcm(8, 32 // np.gcd(rb, 32)))  # whole 32-byte units of HBM per tile
+    else:
+        a = int(np.lcm(8, P))                     # every tile starts on its own line
     return per // a * a if per >= a else per
 
 
 def _tiling_problem(config, wslot_bytes: int, rb: int, rows: int, head: bool) -> str | None:
     """Why a matrix of ``rows`` rows of ``rb`` bytes cannot be tiled into slots of
     ``wslot_bytes`` (None: it can)."""
-    if rb > wslot_bytes:
-        return f"a row ({rb} bytes) does not fit a weight-buffer slot of {wslot_bytes} bytes"
+    P = config.slices
     per = _rows_per_tile(config, wslot_bytes, rb)
+    if per == 0:
+        if P == 1:
+            return f"a row ({rb} bytes) does not fit a weight-buffer slot of {wslot_bytes} bytes"
+        span = isa.mv_span(1, rb, P, config.stripe_bytes)
+        return (f"a row ({rb} bytes, a tile of {span} bytes on {P} slices of "
+                f"{config.stripe_bytes}-byte stripes) does not fit a weight-buffer slot of "
+                f"{wslot_bytes} bytes")
     starts = range(per, rows, per)
+    each = f"{rb} bytes each" + (f", on {P} slices of {config.stripe_bytes}-byte stripes" if P > 1 else "")
     if head and any(r % 8 for r in starts):
         return (f"a weight-buffer slot of {wslot_bytes} bytes holds {per} row{'s' * (per != 1)} "
-                f"({rb} bytes each), but LM-head tiles must start at multiples of 8 rows")
-    if any((r * rb) % isa.HBM_ALIGN for r in starts):
+                f"({each}), but LM-head tiles must start at multiples of 8 rows")
+    if P == 1 and any((r * rb) % isa.HBM_ALIGN for r in starts):
         return (f"a weight-buffer slot of {wslot_bytes} bytes holds {per} row{'s' * (per != 1)} "
                 f"({rb} bytes each), but tiles must start at {isa.HBM_ALIGN}-byte aligned offsets")
     return None
 
 
-def _weight_matrices(model, sp_of: dict) -> set:
-    """(row bytes, rows, is LM head) of every weight matrix the compiler tiles."""
+def _embedding_problem(wslot_bytes: int, rb: int) -> str | None:
+    """Why embedding rows of ``rb`` bytes cannot be read (the decode program's EMBED loads
+    one row by token id into a weight-buffer slot; None: they can)."""
+    if rb > wslot_bytes:
+        return f"a row ({rb} bytes) does not fit a weight-buffer slot of {wslot_bytes} bytes"
+    return None
+
+
+def _weight_matrices(model, config, sp_of: dict) -> set:
+    """(row bytes, rows, kind) of every weight matrix the compiler lays out: kind "head" (the
+    LM head), "matrix" (the layers' matrices) or "embedding" (rows EMBED reads by token id,
+    untiled: an untied embedding, or a tied one's row copy on several slices)."""
     d = model.desc
     fmt_of = lambda t: "q8_0" if t.qtype in ("f32", "f16") else t.qtype   # noqa: E731
     head = model.tensor("token_embd.weight" if d.tied_embeddings else "output.weight")
-    mats = {(_row_bytes(fmt_of(head), "dense", head.shape[1]), head.shape[0], True)}
-    if not d.tied_embeddings:
+    mats = {(_row_bytes(fmt_of(head), "dense", head.shape[1]), head.shape[0], "head")}
+    if not d.tied_embeddings or config.slices > 1:
         t = model.tensor("token_embd.weight")
-        mats.add((_row_bytes(fmt_of(t), "dense", t.shape[1]), t.shape[0], False))
+        mats.add((_row_bytes(fmt_of(t), "dense", t.shape[1]), t.shape[0], "embedding"))
     for li in range(d.n_layers):
         for w in ("attn_q", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
             t = model.layer(li, w)
             rows = d.n_kv_heads * (d.gqa_group + 2) * d.head_dim if w == "attn_q" else t.shape[0]
-            mats.add((_row_bytes(fmt_of(t), sp_of[w], t.shape[1]), rows, False))
+            mats.add((_row_bytes(fmt_of(t), sp_of[w], t.shape[1]), rows, "matrix"))
     return mats
 
 
+def _matrix_problem(config, wslot_bytes: int, rb: int, rows: int, kind: str) -> str | None:
+    if kind == "embedding":
+        return _embedding_problem(wslot_bytes, rb)
+    return _tiling_problem(config, wslot_bytes, rb, rows, kind == "head")
+
+
 def _min_weight_kib(model, config, sp_of: dict) -> int:
-    """The smallest ``buffers.weight_kib`` that every weight matrix of ``model`` tiles into."""
-    mats = _weight_matrices(model, sp_of)
+    """The smallest ``buffers.weight_kib`` that every weight matrix of ``model`` tiles into
+    (tiles of ``isa.mv_span`` bytes in line-aligned slots)."""
+    mats = _weight_matrices(model, config, sp_of)
+    bb = config.buffer_bytes
+    base = bb["activation"] + bb["global"] + bb["kv"]
     kib = max(1, -(-2 * max(rb for rb, _, _ in mats) // 1024))
-    while any(_tiling_problem(config, _weight_slots(kib * 1024, config)[1], rb, rows, head)
-              for rb, rows, head in mats):
+    while any(_matrix_problem(config, _weight_slots(kib * 1024, config, base)[1], rb, rows, kind)
+              for rb, rows, kind in mats):
         kib += 1
     return kib
 
@@ -370,8 +436,8 @@ class OnChipPlan:
         kv_head_bytes = ctx * dims.hd * 2
         kslots = (kb.alloc(2 * kv_head_bytes, "K/V of one head"), kb.alloc(2 * kv_head_bytes, "K/V of one head"))
         # Weight tiles rotate through the slots (see _weight_slots)
-        n_wslots, wslot_bytes = _weight_slots(wb_sz, config)
-        wslots = tuple(wb.alloc(wslot_bytes, "weight tile") for _ in range(n_wslots))
+        n_wslots, wslot_bytes = _weight_slots(wb_sz, config, wb.base)
+        wslots = tuple(wb.alloc(wslot_bytes, "weight tile", _slot_align(config)) for _ in range(n_wslots))
         return cls(ab_sz, gb_sz, kb_sz, wb_sz, decode, kv_head_bytes, kslots, n_wslots, wslot_bytes, wslots)
 
     def finish(self, L: VectorLayout, *, stage_rows: int, head_rows: int, dims: Dims,
@@ -417,9 +483,15 @@ class LayerMatrices:
 
 class WeightImage:
     """The weights region of device memory: every matrix's rows (sparse-encoded where
-    pruned), each matrix padded to ``isa.HBM_ALIGN`` and cut into weight-slot tiles.
+    pruned), cut into weight-slot tiles, each tile's bytes in the slice-major layout of
+    docs/isa.md ("Slices": :func:`~llmfab.compiler.isa.slice_rows`) at an offset that is a
+    multiple of the line (several slices) and of ``isa.HBM_ALIGN``; each matrix padded to
+    ``isa.HBM_ALIGN``. On one slice that is every matrix's rows back to back.
 
-    The embedding (and LM head) come first: the embedding LD indexes its rows by R7.
+    The embedding (and LM head) come first: the embedding LD indexes its rows by R7, so the
+    embedding's rows stay back to back (untiled). A tied embedding on several slices is
+    there twice: its rows (EMBED, the host's prefill token rows) and its slice-major tiles
+    (the LM head's MVs); on one slice the two are the same bytes.
     ``emit_image=False`` lays the matrices out without copying them.
     """
 
@@ -435,6 +507,7 @@ class WeightImage:
         self.emb: CompiledMatrix | None = None
         self.head: CompiledMatrix | None = None
         self.layers: list[LayerMatrices] = []
+        self._sources: dict = {}
 
     @classmethod
     def build(cls, model, config, sp_of: dict, wslot_bytes: int, la: int, lb: int, *,
@@ -454,16 +527,33 @@ class WeightImage:
         return w
 
     def embedding_and_head(self, first: bool, last: bool):
-        """The embedding (a stage that starts the model, or ends it with a tied LM head) and
-        the LM head (a stage that ends the model)."""
+        """The embedding (a stage that starts the model) and the LM head (a stage that ends
+        it). On one slice a tied LM head is the embedding itself; on several it is a second,
+        slice-major copy (the embedding's rows stay back to back for EMBED)."""
         tied = self.model.desc.tied_embeddings
-        if first or (last and tied):
-            self.emb = self.add("token_embd", *self.source("token_embd.weight"), "dense", None)
+        one = self.config.slices == 1
+        if first or (last and tied and one):
+            self.emb = self.add("token_embd", *self.source("token_embd.weight"), "dense", None,
+                                sliced=last and tied and one)
         if last:
-            self.head = self.emb if tied else self.add("output", *self.source("output.weight"), "dense", None)
+            if tied and one:
+                self.head = self.emb
+            else:
+                self.head = self.add("token_embd.head" if tied else "output",
+                                     *self.source("token_embd.weight" if tied else "output.weight"),
+                                     "dense", None, head=True)
 
     def source(self, tname: str) -> tuple:
-        """(format, raw blocks) of a matrix as the chains take it: F32/F16 quantized to Q8_0."""
+        """(format, raw blocks) of a matrix as the chains take it: F32/F16 quantized to Q8_0
+        (once: a tied embedding's two copies share it)."""
+        if tname in self._sources:
+            return self._sources[tname]
+        out = self._source(tname)
+        if tname == "token_embd.weight":
+            self._sources[tname] = out
+        return out
+
+    def _source(self, tname: str) -> tuple:
         config = self.config
         t = self.model.tensor(tname)
         fmt = t.qtype
@@ -472,7 +562,7 @@ class WeightImage:
             fmt = "q8_0"
             raw = quant.quantize_rows("q8_0", t.dequantize())
             msg = f"{tname}: {t.qtype.upper()} matrix quantized to Q8_0 for the chains"
-            warnings.warn(msg, stacklevel=5)          # compile_model's caller
+            warnings.warn(msg, stacklevel=6)          # compile_model's caller
             self.notes.append(msg)
         if fmt not in config.weight_formats:
             raise CompileError(f"{_config_file(config)}: configuration '{config.name}' does not "
@@ -481,30 +571,44 @@ class WeightImage:
                                f"{', '.join(f.upper() for f in config.weight_formats)}")
         return fmt, np.asarray(raw, np.uint8)
 
-    def add(self, key, fmt, raw, sp, mask) -> CompiledMatrix:
-        """Append a matrix (raw dense blocks ``[rows, row bytes]``, encoded as ``sp``)."""
+    def _pad_to(self, align: int):
+        pad = (-self.size) % align
+        if self.emit_image:
+            self.data.extend(b"\0" * pad)
+        self.size += pad
+
+    def add(self, key, fmt, raw, sp, mask, *, head: bool = False, sliced: bool = True) -> CompiledMatrix:
+        """Append a matrix (raw dense blocks ``[rows, row bytes]``, encoded as ``sp``): its
+        tiles (``sliced``, MV/MM operands; ``head``: the LM head's), or (``sliced=False``,
+        the embedding) its rows back to back for EMBED, untiled."""
         config = self.config
         rows, rb_dense = raw.shape
         cols = rb_dense // quant.BLOCK_BYTES[fmt] * 32
         rb = _row_bytes(fmt, sp, cols)
-        problem = _tiling_problem(config, self.wslot_bytes, rb, rows, key == self.head_key)
+        head = head or (sliced and key == self.head_key)
+        problem = (_tiling_problem(config, self.wslot_bytes, rb, rows, head) if sliced
+                   else _embedding_problem(self.wslot_bytes, rb))
         if problem:
             raise _weight_buffer_error(config, self.model, self.sp_of, f"{key}: {problem}")
-        per = _rows_per_tile(config, self.wslot_bytes, rb)
+        P, S = (config.slices, config.stripe_bytes) if sliced else (1, config.stripe_bytes)
+        align = _line_align(config) if P > 1 else isa.HBM_ALIGN
+        self._pad_to(align)
         off0 = self.size
-        if self.emit_image:
-            self.data.extend(_encode_rows(fmt, sp, raw, mask).tobytes())
-        self.size += rows * rb
-        cm = CompiledMatrix(key, fmt, sp, rows, cols, rb, off0)
+        enc = _encode_rows(fmt, sp, raw, mask).reshape(rows, rb) if self.emit_image else None
+        cm = CompiledMatrix(key, fmt, sp, rows, cols, rb, off0, slices=P, stripe=S)
+        per = _rows_per_tile(config, self.wslot_bytes, rb) if sliced else rows
         r = 0
         while r < rows:
             n = min(per, rows - r)
-            cm.tiles.append((r, n, off0 + r * rb))
+            # one slice: tiles follow each other (their starts are 32-byte aligned, _tiling_problem);
+            # several: each starts on a line
+            self._pad_to(align if P > 1 else 1)
+            cm.tiles.append((r, n, self.size))
+            if self.emit_image:
+                self.data.extend(isa.slice_rows(enc[r:r + n], P, S).tobytes())
+            self.size += cm.tile_bytes(n)
             r += n
-        pad = (-self.size) % isa.HBM_ALIGN
-        if self.emit_image:
-            self.data.extend(b"\0" * pad)
-        self.size += pad
+        self._pad_to(isa.HBM_ALIGN)
         self.matrices[key] = cm
         return cm
 
@@ -849,7 +953,9 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         },
         "stats": {
             "instructions": counts, "weight_bytes": weights.size,
-            # every matrix streams once per decode step, plus one embedding row
+            # every matrix streams once per decode step (its tiles, slice-major), plus one
+            # embedding row; an embedding only EMBED reads (untied, or a tied one's row copy
+            # on several slices) is not streamed
             "weight_bytes_per_token": weights.size + (emb.row_bytes if first else 0)
             - (emb.rows * emb.row_bytes if emb is not None and emb is not head else 0),
             "prefill_program_bytes": {str(T): len(p) for T, p in prefill_programs.items()},

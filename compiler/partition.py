@@ -76,13 +76,17 @@ def layer_bytes(model, sparsity: str | None = None) -> tuple:
     return emb, head, per
 
 
-def stage_device_bytes(model, layers: tuple, context: int, sparsity: str | None = None) -> tuple:
-    """(weight bytes, device bytes) a stage of ``layers`` needs (before the compiler's padding)."""
+def stage_device_bytes(model, layers: tuple, context: int, sparsity: str | None = None,
+                       slices: int = 1) -> tuple:
+    """(weight bytes, device bytes) a stage of ``layers`` needs (before the compiler's padding)
+    on a card of ``slices`` slices: a stage with a tied LM head holds the embedding as its
+    head, and on several slices also as rows when it starts the model (docs/isa.md, "Slices")."""
     d = model.desc
     a, b = layers
     emb, head, per = layer_bytes(model, sparsity)
     first, last = a == 0, b == d.n_layers
-    w = sum(per[a:b]) + (emb if first or (last and d.tied_embeddings) else 0) + (head if last else 0)
+    tied_head = last and d.tied_embeddings and (not first or slices > 1)
+    w = sum(per[a:b]) + (emb if first else 0) + (emb if tied_head else 0) + (head if last else 0)
     kv = (b - a) * d.n_kv_heads * 2 * context * d.head_dim * 2
     io = (d.vocab_size if last else d.dim) * 4 + d.dim * 4
     tables = (2 * (b - a) + 1) * d.dim * 4 + context * d.head_dim * 4
@@ -159,7 +163,7 @@ def plan_stages(model, configs: list, *, sparsity: str | None = None, context: i
     for i, (rng, cfg) in enumerate(zip(layers, configs)):
         st = Stage(i, tuple(rng), cfg)
         st.weight_bytes, st.device_bytes = stage_device_bytes(model, rng, _context(model, cfg, context),
-                                                              sparsity)
+                                                              sparsity, cfg.slices)
         mem = cfg.board_spec.main_memory
         if st.device_bytes > mem.capacity_bytes:
             raise FitError(f"{st.name} needs {st.device_bytes / 2**30:.2f} GiB of device memory "

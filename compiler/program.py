@@ -400,8 +400,9 @@ class ProgramBuilder:
         for ti, (r0, nr, off) in enumerate(cm.tiles):
             s = self._next_slot("W")
             gid = f"{cm.name}.{ti}"
+            # the tile's bytes, slice-major (docs/isa.md, "Slices"): isa.mv_span of them
             lds = [dict(buf=self.parts.onchip.wslots[s], hreg=isa.REG_WBASE, hoff=hoff(off),
-                        len=nr * cm.row_bytes)]
+                        len=cm.tile_bytes(nr))]
             self._add(LoadGroup(gid, ("W", s), lds),
                       partial(self._matrix_tile, cm, s, gid, ti, r0, nr, qsrc, dst, logits))
 

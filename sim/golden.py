@@ -10,7 +10,9 @@ OK (logits in the I/O region of HBM) or with an error status:
    registers are constant during a run, so every address is known at
    dispatch). The first faulting instruction in program order decides the
    status: illegal encoding, HBM address out of range, on-chip address out of
-   range. A program without END runs off its end (``NO_END``).
+   range (an MV/MM's weights must lie in the weight buffer and, on several
+   slices, start on a line: docs/isa.md, "Slices"). A program without END runs
+   off its end (``NO_END``).
 2. The queues execute under the dependency tokens (in-order queues of depth
    ``QUEUE_DEPTH``, dispatch stalls when the target queue is full). If no
    queue can make progress the status is ``DEADLOCK``.
@@ -37,8 +39,7 @@ from llmfab.core import numerics as N
 from llmfab.core import formats
 from llmfab.core.formats import BLOCK_BYTES, QBLOCK_BYTES
 from llmfab.compiler import quant
-from llmfab.sim.golden_plan import (MvRun, MvScatter, MvStore, MvWrite, Planner, mv_weight_bytes,
-                                    overlaps)
+from llmfab.sim.golden_plan import MvRun, MvScatter, MvStore, MvWrite, Planner, mv_row_bytes, overlaps
 from llmfab.sim.numerics_model import PackedMatrix, attention, matvec
 
 QUEUE_DEPTH = 16
@@ -87,6 +88,12 @@ class Golden:
         man = bundle.manifest
         self.onchip_size = int(man["onchip"]["size"])
         self.gb_base = int(man["onchip"]["global"][0])
+        wb0, wbn = (int(v) for v in man["onchip"]["weight"])
+        self.weight_buffer = (wb0, wb0 + wbn)       # where MV/MM weights may be
+        # the slices (docs/isa.md, "Slices"): one per HBM port, stripe = one port's beat
+        self.slices = int(man["memory_map"]["hbm_ports"])
+        self.stripe = int(man["memory_map"]["hbm_stripe_bytes"])
+        self.line = self.slices * self.stripe
         self.kv_context = int(man["onchip"]["context"])
         self.hbm_size = int(man["hbm_size"])
         self.hbm = np.zeros(self.hbm_size, np.uint8)
@@ -229,10 +236,8 @@ class Golden:
             hbm.append((addr, ln))
             chip.append((f["buf"], 2 * ln if op == "ST" and f["func"] == isa.ST_F16 else ln))
         elif op in ("MV", "MM"):
-            fmt = isa.FMTS[f["func"] & 3]
-            sp = isa.SPARSITIES[f["func"] >> 2]
             nt = f.get("ntok", 1) if op == "MM" else 1
-            chip.append((f["wb"], mv_weight_bytes(fmt, sp, f["rows"], f["cols"])))
+            chip.append((f["wb"], self.mv_span(f["func"], f["rows"], f["cols"])))
             chip.append((f["qsrc"], nt * f["cols"] // 32 * QBLOCK_BYTES))
             chip.append((f["dst"], nt * f["rows"] * 4))
         elif op == "MISC":
@@ -262,7 +267,27 @@ class Golden:
                          (self.gb_base, 8)]
         return hbm, chip
 
+    def mv_span(self, func, rows, cols) -> int:
+        """Bytes of an MV/MM weight tile (``isa.mv_span`` on this bundle's slices)."""
+        return isa.mv_span(rows, mv_row_bytes(func, cols), self.slices, self.stripe)
+
+    def _weight_error(self, ins) -> str | None:
+        """Why an MV/MM's weights are out of range (None: they are not), the checks in order:
+        ``[wb, wb + span)`` inside the weight buffer, then (several slices) ``wb`` on a line."""
+        f = ins.fields
+        wb, span = f["wb"], self.mv_span(f["func"], f["rows"], f["cols"])
+        lo, hi = self.weight_buffer
+        if wb < lo or wb + span > hi:
+            return f"{ins.op} weights [{wb:#x}, +{span}) outside the weight buffer [{lo:#x}, {hi:#x})"
+        if self.slices > 1 and wb % self.line:
+            return (f"{ins.op} weights at {wb:#x}: not a multiple of the {self.line}-byte line of a "
+                    f"{self.slices}-slice configuration")
+        return None
+
     def _check(self, ins, pc, regs):
+        """The status and message an instruction faults with (None: it does not). In order:
+        operand rules (status 1), HBM ranges (2), on-chip ranges (3): an MV/MM's weights first
+        (:meth:`_weight_error`), then every other operand against the on-chip size."""
         why = isa.misc_operand_error(ins)
         if why:
             return isa.STATUS_ILLEGAL, why
@@ -270,6 +295,11 @@ class Golden:
         for a, ln in hbm:
             if ln and (a < 0 or a + ln > self.hbm_size):
                 return isa.STATUS_HBM_RANGE, f"HBM [{a:#x}, +{ln}) beyond {self.hbm_size:#x}"
+        if ins.op in ("MV", "MM"):
+            why = self._weight_error(ins)
+            if why:
+                return isa.STATUS_BUF_RANGE, why
+            chip = chip[1:]
         for a, ln in chip:
             if ln and a + ln > self.onchip_size:
                 return isa.STATUS_BUF_RANGE, f"on-chip [{a:#x}, +{ln}) beyond {self.onchip_size:#x}"
@@ -351,11 +381,23 @@ class Golden:
             return int(self.bundle.manifest["model"]["vocab_size"])
         return regs0[r]
 
-    def _pack(self, hbm_addr, func, rows, cols):
+    def _pack(self, hbm_addr, func, tiles, cols):
+        """The weights of a run of MV/MM tiles of ``tiles`` rows each, one after the other in
+        HBM from ``hbm_addr`` (each ``mv_span`` bytes, slice-major), as one matrix."""
         fmt = isa.FMTS[func & 3]
         sp = isa.SPARSITIES[func >> 2]
         nb = cols // 32
-        raw = self.hbm[hbm_addr:hbm_addr + mv_weight_bytes(fmt, sp, rows, cols)]
+        rb = mv_row_bytes(func, cols)
+        rows = sum(tiles)
+        if self.slices == 1:
+            raw = self.hbm[hbm_addr:hbm_addr + rows * rb].reshape(rows, rb)
+        else:
+            parts, a = [], hbm_addr
+            for n in tiles:
+                span = isa.mv_span(n, rb, self.slices, self.stripe)
+                parts.append(isa.unslice_rows(self.hbm[a:a + span], n, rb, self.slices, self.stripe))
+                a += span
+            raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return _unpack_weights(fmt, sp, raw, rows, nb)
 
     # ---- execution --------------------------------------------------------------------------
@@ -385,7 +427,9 @@ class Golden:
             fmt = isa.FMTS[f["func"] & 3]
             sp = isa.SPARSITIES[f["func"] >> 2]
             nb = f["cols"] // 32
-            raw = self.mem[f["wb"]:f["wb"] + mv_weight_bytes(fmt, sp, f["rows"], f["cols"])]
+            span = self.mv_span(f["func"], f["rows"], f["cols"])
+            raw = isa.unslice_rows(self.mem[f["wb"]:f["wb"] + span], f["rows"],
+                                   mv_row_bytes(f["func"], f["cols"]), self.slices, self.stripe)
             W = _unpack_weights(fmt, sp, raw, f["rows"], nb)
             for t in range(f["ntok"] if op == "MM" else 1):
                 self._mv(W, f["qsrc"] + t * nb * QBLOCK_BYTES, f["dst"] + t * f["rows"] * 4, f["cols"])

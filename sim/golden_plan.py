@@ -7,9 +7,11 @@ instead, which leaves exactly the same on-chip and HBM bytes (except the weight
 buffer, whose loads the fused products skip):
 
 - matrix-vector (MV) and matrix-matrix (MM) products whose weights come straight
-  from static weight loads read their weights from HBM (unpacked once per bundle),
-  and a run of them with the same input and contiguous weights is one product
-  (:class:`MvRun`) whose rows each instruction then writes (:class:`MvWrite`);
+  from static weight loads read their weights from HBM (unpacked once per bundle,
+  each tile de-interleaved from its slice-major layout, docs/isa.md "Slices"),
+  and a run of them with the same input and contiguous weights (each tile starting
+  where the previous one's span ends) is one product (:class:`MvRun`) whose rows
+  each instruction then writes (:class:`MvWrite`);
 - weight loads only fused products read are dropped; the other instructions
   execute as they are (:class:`Load`, :class:`Exec`);
 - a COPY that scatters a staged MM tile (:class:`MvScatter`) or an ST that streams a
@@ -39,13 +41,15 @@ _ALL = [(0, 1 << 62)]                                     # "anywhere" (a regist
 _LOOK = 24      # how far the fusion passes look for a partner step
 
 
-def mv_weight_bytes(fmt, sp, rows, cols):
-    return rows * (cols // 32) * formats.block_bytes(fmt, sp)
-
-
 def _mv_format(func):
     """(weight format, sparsity) of an MV/MM ``func`` field."""
     return isa.FMTS[func & 3], isa.SPARSITIES[func >> 2]
+
+
+def mv_row_bytes(func, cols) -> int:
+    """Bytes of one weight row of an MV/MM (``func``, ``cols``); a tile of rows takes
+    ``isa.mv_span`` bytes (docs/isa.md, "Slices")."""
+    return (cols // 32) * formats.block_bytes(*_mv_format(func))
 
 
 # ---- steps -----------------------------------------------------------------------------
@@ -185,7 +189,7 @@ class Planner:
         fused = []
         for pc, a in fast_mv.items():
             f = instrs[pc].fields
-            fused.append((a, a + mv_weight_bytes(*_mv_format(f["func"]), f["rows"], f["cols"])))
+            fused.append((a, a + g.mv_span(f["func"], f["rows"], f["cols"])))
         fused = merge_ranges(fused)
         st_spans = [_st_span(instrs[pc], self.regs0) for pc in p.order if instrs[pc].op == "ST"]
         if any(overlaps(a, b, fused) for a, b in st_spans):
@@ -274,10 +278,10 @@ class Planner:
                     h0 = instrs[cur[0]]
                     h = h0.fields
                     lastf = instrs[cur[-1]].fields
-                    fmt, sp = _mv_format(h["func"])
+                    # the next tile starts where the last one's bytes (its span) end
                     if (ins.op == h0.op and f.get("ntok", 1) == h.get("ntok", 1)
                             and f["func"] == h["func"] and f["cols"] == h["cols"] and f["qsrc"] == h["qsrc"]
-                            and fast_mv[pc] == fast_mv[cur[-1]] + mv_weight_bytes(fmt, sp, lastf["rows"], h["cols"])):
+                            and fast_mv[pc] == fast_mv[cur[-1]] + self.g.mv_span(h["func"], lastf["rows"], h["cols"])):
                         cur.append(pc)
                         run_of[pc] = cur[0]
                         continue
@@ -320,10 +324,10 @@ class Planner:
                 nt = f.get("ntok", 1) if ins.op == "MM" else 0
                 if pc == first:
                     run = runs[first]
-                    rows = sum(instrs[q].fields["rows"] for q in run)
-                    key = (fast_mv[pc], f["func"], rows, f["cols"])
+                    tiles = tuple(instrs[q].fields["rows"] for q in run)
+                    key = (fast_mv[pc], f["func"], tiles, f["cols"])
                     if key not in cache:
-                        cache[key] = g._pack(fast_mv[pc], f["func"], rows, f["cols"])
+                        cache[key] = g._pack(fast_mv[pc], f["func"], tiles, f["cols"])
                     steps.append(MvRun(pc, cache[key], f["qsrc"], f["cols"], nt))
                     off = 0
                     for q in run:

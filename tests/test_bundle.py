@@ -166,6 +166,15 @@ def test_unreadable_manifests(bundle, text, problem):
     assert _err(bundle) == f"{bundle}/manifest.json: corrupt manifest (not UTF-8 text)"
 
 
+def test_version_3_bundle_is_refused(bundle):
+    """Version 3 had MV/MM weight tiles as rows back to back; version 4's are slice-major
+    (docs/isa.md, "Slices"): an old bundle, even with a consistent hash, is refused, not misread."""
+    assert FORMAT_VERSION == 4
+    _rewrite(bundle, lambda m: m.__setitem__("format_version", 3))
+    assert _err(bundle) == (f"{bundle}/manifest.json: bundle format version 3, this llmfab reads "
+                            "version 4; recompile it with llmfab compile")
+
+
 def test_truncated_and_corrupt_files(bundle):
     size = (bundle / "hbm.bin").stat().st_size
     data = (bundle / "hbm.bin").read_bytes()

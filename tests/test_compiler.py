@@ -56,13 +56,24 @@ def test_decode_program_does_not_depend_on_context(smol):
 
 
 def test_weights_in_image_are_the_gguf_blocks(smol, smol_bundle):
-    """Every weight byte of the model is in the HBM image (Q/K/V rows regrouped per KV head)."""
+    """Every weight byte of the model is in the HBM image (Q/K/V rows regrouped per KV head):
+    the embedding's rows first, back to back (EMBED reads a row by token id); on ci's two
+    slices the tied LM head is a second, slice-major copy (docs/isa.md, "Slices")."""
     img = smol_bundle.hbm_image
     emb = smol.tensor("token_embd.weight").data
     assert np.array_equal(img[:emb.nbytes], emb.reshape(-1))
+    assert smol_bundle.manifest["prefill"]["token_rows"]["embedding_offset"] == 0
     wb = smol_bundle.manifest["memory_map"]["weights"][1]
-    total = sum(t.nbytes for t in smol.tensors.values() if len(t.shape) == 2)
+    total = sum(t.nbytes for t in smol.tensors.values() if len(t.shape) == 2) + emb.nbytes
     assert total <= wb < total + 4096 * 300
+    # the LM head's tiles: slice_rows of the embedding's rows, one after the other on lines
+    head = smol_bundle.manifest["prefill"]["lm_head_tiles"]
+    off = -(-emb.nbytes // 64) * 64
+    for r0, nr in head:
+        span = isa.mv_span(nr, emb.shape[1], 2, 32)
+        assert np.array_equal(isa.unslice_rows(img[off:off + span], nr, emb.shape[1], 2, 32),
+                              emb[r0:r0 + nr])
+        off += span
 
 
 def test_bundle_roundtrip(tmp_path, smol_bundle, ci):
@@ -129,14 +140,16 @@ def test_unsupported_format_is_an_error(tmp_path, smol):
 
 @pytest.mark.parametrize("kib,what", [
     (1, "token_embd: a row (612 bytes) does not fit a weight-buffer slot of 512 bytes"),
-    (2, "token_embd: a weight-buffer slot of 1024 bytes holds 1 row (612 bytes each), but "
-        "LM-head tiles must start at multiples of 8 rows"),
-    (9, "token_embd: a weight-buffer slot of 4608 bytes holds 7 rows (612 bytes each), but "
-        "LM-head tiles must start at multiples of 8 rows"),
+    (2, "token_embd.head: a row (612 bytes, a tile of 1280 bytes on 2 slices of 32-byte stripes) "
+        "does not fit a weight-buffer slot of 1024 bytes"),
+    (9, "token_embd.head: a weight-buffer slot of 4608 bytes holds 6 rows (612 bytes each, on 2 "
+        "slices of 32-byte stripes), but LM-head tiles must start at multiples of 8 rows"),
 ])
 def test_weight_buffer_too_small(tmp_path, smol, kib, what):
     """Issue 9: 'LM-head tile rows must start at multiples of 8' said neither which buffer
-    nor how large; the size it names now is the smallest that compiles."""
+    nor how large; the size it names now is the smallest that compiles. On ci's two slices a
+    tile's span (each slice's rows in whole 32-byte stripes) must fit a slot: 6 rows of 612
+    bytes span 2 x 58 stripes = 3712 bytes, 8 rows 2 x 77 = 4928 (kib 10: slots of 5120)."""
     cfg = _write_config(tmp_path, **{"buffers.weight_kib": kib})
     with pytest.raises(FitError) as e:
         compile_model(smol, cfg, emit_image=False)
@@ -149,18 +162,23 @@ def test_weight_buffer_smallest_size_compiles(tmp_path, smol):
 
 
 def test_weight_buffer_too_small_for_aligned_tiles(tmp_path):
-    """A tile of 7 rows of 136 bytes would start off the 32-byte grid (was an AssertionError)."""
+    """A tile of 7 rows of 136 bytes would start off the 32-byte grid (was an AssertionError).
+    That is a one-slice rule (ci with one port): on several slices every tile starts on its
+    own line, and a slot holds whole slices' worth of rows (6 of 136 bytes on ci)."""
     import tinymodel as tm
     from llmfab.compiler.model import load_model
     model = load_model(tm.write_tiny_gguf(tmp_path / "t.gguf", "q8_0"))
-    cfg = _write_config(tmp_path, **{"buffers.weight_kib": 2})
+    cfg = _write_config(tmp_path, **{"buffers.weight_kib": 2, "hbm.ports": 1})
     with pytest.raises(FitError) as e:
         compile_model(model, cfg)
     assert str(e.value) == (f"{tmp_path / 'cfg.yaml'}: buffers.weight_kib 2 is too small: "
                             "blk.0.ffn_down: a weight-buffer slot of 1024 bytes holds 7 rows (136 bytes "
                             "each), but tiles must start at 32-byte aligned offsets; set "
                             "buffers.weight_kib to at least 3 for this model")
-    compile_model(model, _write_config(tmp_path, **{"buffers.weight_kib": 3}))
+    compile_model(model, _write_config(tmp_path, **{"buffers.weight_kib": 3, "hbm.ports": 1}))
+    b = compile_model(model, _write_config(tmp_path, **{"buffers.weight_kib": 2}))
+    rows = {isa.decode(w)["rows"] for w in isa.from_bytes(b.program) if isa.decode(w).op == "MV"}
+    assert 6 in rows and max(rows) <= 8
 
 
 def test_weight_buffer_message_names_packaged_config(smol):
