@@ -47,7 +47,8 @@ from llmfab.core.errors import BoardError
 from llmfab.core.formats import BLOCK_BYTES, QBLOCK_BYTES, block_bytes
 
 __all__ = ["UnitCosts", "COSTS", "PerfEstimate", "estimate", "peak_bytes_per_cycle",
-           "sfu_lanes", "mv_pipelines", "misc_cycles", "mv_cycles", "roofline_plot"]
+           "sfu_lanes", "mv_pipelines", "slice_pipelines", "misc_cycles", "mv_cycles",
+           "roofline_plot"]
 
 #: Queue depth of the load, compute and store queues (docs/isa.md, hw/top.py).
 QUEUE_DEPTH = 16
@@ -208,6 +209,11 @@ def mv_pipelines(config) -> int:
     return config.chain.count * config.block_lanes_per_chain
 
 
+def slice_pipelines(config) -> int:
+    """Row pipelines of one slice (docs/isa.md, "Slices"): ``count / ports * length / 32``."""
+    return mv_pipelines(config) // config.slices
+
+
 def _ceil(a, b):
     return -(-int(a) // int(b))
 
@@ -253,30 +259,36 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     """Compute-queue cycles of one MV (``ntok`` 1) or MM on MvExec's row pipelines.
 
     Per token: the activation load (``40 nb / min(line_bytes, 32)`` cycles, skipped when
-    the unit's activation cache holds the vector), then the rows spread over the
-    pipelines: each row takes ``nb`` cycles on its chain (twice that for 8-bit
-    weights on packed chains), or what its reader delivers if that is slower (the row's
-    lines and ``mv_row_overhead`` command cycles), or its read port (the lines of the
-    pipelines sharing each of the two ports). MM reads each row once per group of
-    ``chain.tokens`` tokens (the token lanes take a group's tokens side by side).
+    the unit's activation cache holds the vector), then the rows: slice ``p`` of the
+    ``ports`` slices (docs/isa.md, "Slices") takes rows ``p, p + ports, ...`` (slice 0 the
+    most, ``ceil(rows / ports)``), spread over its own :func:`slice_pipelines`, reading
+    its own bank (lines of one stripe, ``data_width / 8`` bytes): each row takes ``nb``
+    cycles on its chain (twice that for 8-bit weights on packed chains), or what its
+    reader delivers if that is slower (the row's stripes and ``mv_row_overhead`` command
+    cycles), or its read port (the stripes of the slice's pipelines sharing each of its
+    two ports). MM reads each row once per group of ``chain.tokens`` tokens (the token
+    lanes take a group's tokens side by side). One slice (``tiny``): the whole line and
+    every pipeline, as before the slices.
     """
     fmt = isa.FMTS[f["func"] & 3]
     sp = isa.SPARSITIES[f["func"] >> 2]
     rows, cols = f["rows"], f["cols"]
     nb = cols // 32
     D = line_bytes(config)
-    P = mv_pipelines(config)
+    S = config.stripe_bytes                         # a slice's bank: one stripe per line
+    P = slice_pipelines(config)
+    srows = _ceil(rows, config.slices)              # rows of the busiest slice
     per_block = config.macs_per_cycle / config.format_macs_per_cycle(fmt)   # 2 for Q8_0 packed
     rb = nb * block_bytes(fmt, sp)
-    g = math.gcd(rb, D) if rb else D
-    lines = (rb + D - g) / D                        # lines a row touches, on average
-    share = max(1, _ceil(min(rows, P), 2))          # busy pipelines per read port
+    g = math.gcd(rb, S) if rb else S
+    lines = (rb + S - g) / S                        # bank lines a row touches, on average
+    share = max(1, _ceil(min(srows, P), 2))         # busy pipelines per read port
     # the slowest of: the chain (a block per cycle), the row's reader (its lines and
     # commands), the read port the pipelines share (their lines)
     per_row = max(nb * per_block, lines + costs.mv_row_overhead, share * lines)
     act = 0 if act_cached else ntok * (_ceil(nb * QBLOCK_BYTES, min(D, 32)) + costs.mv_act_fixed)
     groups = _ceil(ntok, config.chain.tokens)
-    return costs.mv_fixed + act + groups * _ceil(rows, P) * per_row
+    return costs.mv_fixed + act + groups * _ceil(srows, P) * per_row
 
 
 # ---------------------------------------------------------------------------------------

@@ -198,14 +198,37 @@ def test_mv_cycles_on_tiny_match_the_rtl():
 
 
 def test_mv_cycles_chain_bound_and_idle_pipelines():
-    u280 = load_config("u280")          # 32 chains x 128 = 128 pipelines, 2048-byte lines
+    u280 = load_config("u280")          # 32 slices of one chain x 128 = 4 pipelines, 64-byte stripes
     q4_0 = isa.mv_func("q4_0")
-    # 4096 columns: 128 blocks per row (the chain) against 2304 bytes = 2 lines on average
-    # (+3) per reader and 48 pipelines x 2 lines per port: the chain's 128 cycles bound it
+    # 4096 columns: 128 blocks per row (the chain) against 2304 bytes = 36 stripes of the
+    # slice's bank (+3) per reader and the 3 rows of each slice (96 / 32) on 2 pipelines
+    # per bank port x 36 stripes: the chain's 128 cycles bound it
     f = {"func": q4_0, "rows": 96, "cols": 4096}
-    assert perf.mv_cycles(f, 1, u280, act_cached=True) == COSTS.mv_fixed + 1 * max(128, 2 + 3, 48 * 2)
+    assert perf.mv_cycles(f, 1, u280, act_cached=True) == COSTS.mv_fixed + 1 * max(128, 36 + 3, 2 * 36)
     # a tile of 32 rows keeps 32 of the 128 pipelines busy: same time for a quarter of the work
     f32 = {"func": q4_0, "rows": 32, "cols": 4096}
     assert perf.mv_cycles(f32, 1, u280, act_cached=True) == COSTS.mv_fixed + 128
     # MM re-reads the weights for every token
     assert perf.mv_cycles(f, 4, u280, act_cached=True) == COSTS.mv_fixed + 4 * 128
+
+
+def test_mv_cycles_per_slice():
+    """Slice p takes rows p, p + P, ... on its count / P chains, reading its own bank of
+    stripe-wide lines (docs/isa.md, "Slices"). tiny with four 64-bit ports and four chains:
+    one pipeline per slice, 8-byte stripes. Q8_0 x 64: a row of 68 bytes touches
+    (68 + 8 - 4) / 8 = 9 stripes (+3 commands) = 12 cycles > 2 blocks x 2 (packed chain);
+    8 rows = 2 per slice. One slice of the same 32-byte line would read (68 + 32 - 4) / 32 = 3
+    lines a row: 2 pipelines on each port, 6 a row, 2 groups of 4 rows."""
+    from llmfab.boards.config import config_from_dict
+    d = load_config("tiny").to_dict()
+    d.update(name="tiny4", hbm={"ports": 4, "data_width": 64})
+    d["chain"]["count"] = 4
+    tiny4 = config_from_dict(d, "tiny4")
+    d.update(name="tiny1", hbm={"ports": 1, "data_width": 256})
+    tiny1 = config_from_dict(d, "tiny1")
+    assert (perf.slice_pipelines(tiny4), perf.slice_pipelines(tiny1)) == (1, 4)
+    f = {"func": isa.mv_func("q8_0"), "rows": 8, "cols": 64}
+    assert perf.mv_cycles(f, 1, tiny4, act_cached=True) == COSTS.mv_fixed + 2 * 12
+    assert perf.mv_cycles(f, 1, tiny1, act_cached=True) == COSTS.mv_fixed + 2 * max(4, 3 + 3, 2 * 3)
+    # 9 rows: slice 0 has three (0, 4, 8)
+    assert perf.mv_cycles({**f, "rows": 9}, 1, tiny4, act_cached=True) == COSTS.mv_fixed + 3 * 12
