@@ -307,6 +307,14 @@ class AccelConfig:
         return self.hbm.data_width // 8
 
     @property
+    def onchip_line_bytes(self) -> int:
+        """Bytes of an on-chip line, the shared path's width (docs/accelerator.md): the HBM
+        line (one beat of every port) up to :data:`SHARED_LINE_BYTES`, else whole beats up to
+        that (one beat when a beat is wider); ``hbm.line_bytes`` overrides it."""
+        want = self.hbm.line_bytes or max(self.stripe_bytes, SHARED_LINE_BYTES)
+        return min(self.hbm_bytes_per_cycle, want)
+
+    @property
     def hbm_bytes_per_cycle(self) -> int:
         """Bytes the ports deliver per kernel cycle: ``ports * data_width / 8``."""
         return self.hbm.ports * self.hbm.data_width // 8
@@ -491,6 +499,8 @@ _TOP_FIELDS = ("name", "board", "clock_mhz", "chain", "weight_formats", "sparsit
 _CHAIN_FIELDS = ("length", "count", "break_points", "pack_int4")
 _BUFFER_FIELDS = tuple(f"{n}_kib" for n in BUFFERS)
 _HBM_FIELDS = ("ports", "data_width")
+#: The on-chip line of the shared path when the HBM line (one beat of every port) is wider.
+SHARED_LINE_BYTES = 64
 
 
 def _pow2(f: Fields, key: str, lo: int, hi: int, why: str = "") -> int:

@@ -69,6 +69,7 @@ from amaranth.lib.wiring import Out
 from amaranth.utils import ceil_log2, exact_log2
 
 from llmfab.core.formats import QBLOCK_BYTES, SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes
+from llmfab.hw.blackbox import Shared
 from llmfab.hw.chain import FORMAT_CODES, PATTERN_CODES, Chain
 from llmfab.hw.decoder import Decoder
 from llmfab.hw.dma import LineReader, Realign
@@ -371,10 +372,11 @@ class MvExec(wiring.Component):
         bank_clients = [([], []) for _ in range(P)]
         for l in range(L):
             sp, ls = l % P, l // P
-            wrd = LineReader(addr_bits=self._bab, line_bytes=S)
-            wal = Realign(S)
-            dec = Decoder(lanes=1, data_width=S * 8, formats=self._formats,
-                          patterns=self._patterns)
+            bab, fm, pt, pk = self._bab, self._formats, self._patterns, self._pack
+            wrd = LineReader(addr_bits=bab, line_bytes=S)
+            wal = Shared(("realign", S), lambda: Realign(S))
+            dec = Shared(("decoder", S, fm, pt),
+                         lambda: Decoder(lanes=1, data_width=S * 8, formats=fm, patterns=pt))
             for nm, u in (("wrd", wrd), ("wal", wal), ("dec", dec)):
                 m.submodules[f"{nm}{l}"] = u
             bank_clients[sp][ls % 2].append(wrd.mem)
@@ -384,9 +386,9 @@ class MvExec(wiring.Component):
                          wal.o.ready.eq(dec.data.ready)]
             chains = []
             for tk in range(K):
-                chain = Chain(length=32, pack_int4=self._pack,
-                              formats=self._formats, patterns=self._patterns)
-                sc = Scaler(formats=self._formats)
+                chain = Shared(("chain", pk, fm, pt),
+                               lambda: Chain(length=32, pack_int4=pk, formats=fm, patterns=pt))
+                sc = Shared(("scaler", fm), lambda: Scaler(formats=fm))
                 sfx = f"{l}" if K == 1 else f"{l}_{tk}"
                 m.submodules[f"chain{sfx}"] = chain
                 m.submodules[f"scaler{sfx}"] = sc

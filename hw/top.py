@@ -41,7 +41,7 @@ from llmfab.hw.isa import Instruction, Op, SysFunc
 from llmfab.hw.onchip import OnChipMemory, region_map
 
 __all__ = ["QUEUE_DEPTH", "DEADLOCK_CYCLES", "ID_WIDTH", "Core", "Accelerator", "geometry",
-           "onchip_line_bytes", "SHARED_LINE_BYTES",
+           "onchip_line_bytes",
            "probe_names"]
 
 QUEUE_DEPTH = 16
@@ -61,17 +61,9 @@ def probe_names(ports: int) -> list:
     return [n for n in counter_names(ports) if n not in ("magic", "status", "pc")]
 
 
-#: The on-chip line of the shared path when the HBM line (one beat of every port) is wider.
-SHARED_LINE_BYTES = 64
-
-
 def onchip_line_bytes(config) -> int:
-    """Bytes of an on-chip line: the HBM line (one beat of every port) up to
-    :data:`SHARED_LINE_BYTES`, else whole beats up to that (one beat when the beat is wider);
-    ``hbm.line_bytes`` in the configuration overrides it (tests: a narrower line on few ports)."""
-    P, S = config.hbm.ports, config.hbm.data_width // 8
-    want = getattr(config.hbm, "line_bytes", None) or max(S, SHARED_LINE_BYTES)
-    return min(P * S, want)
+    """Bytes of an on-chip line (``AccelConfig.onchip_line_bytes``): the shared path's width."""
+    return config.onchip_line_bytes
 
 
 def geometry(config) -> dict:

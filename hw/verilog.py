@@ -16,9 +16,12 @@ _GENERATOR_DIRS = ("hw", "compiler", "boards", "core")
 
 
 def to_verilog(component, name: str, ports=None) -> str:
-    """Verilog text of an Amaranth component (amaranth[builtin-yosys], no system Yosys)."""
+    """Verilog text of an Amaranth component (amaranth[builtin-yosys], no system Yosys),
+    followed by the modules of the shared units it instantiates (``hw/blackbox.py``)."""
     from amaranth.back import verilog
-    return verilog.convert(component, name=name, ports=ports, emit_src=False)
+
+    from llmfab.hw.blackbox import append_modules
+    return append_modules(verilog.convert(component, name=name, ports=ports, emit_src=False))
 
 
 def build_root() -> Path:

@@ -454,7 +454,7 @@ def verilog_blocker(config) -> str | None:
 
     Cheap (constructors only, no elaboration): the units refuse parameters they do not
     implement, and an on-chip line wider than :data:`MAX_LINE_BYTES` does not finish
-    generating (the on-chip line is at most ``hw/top.py``'s ``SHARED_LINE_BYTES`` unless a
+    generating (the on-chip line is at most ``boards/config.py``'s ``SHARED_LINE_BYTES`` unless a
     configuration's ``hbm.line_bytes`` asks for more; the weights go through per-port slices).
     """
     from llmfab.hw.exec_unit import default_units

@@ -192,8 +192,9 @@ def peak_bytes_per_cycle(config) -> float:
 
 
 def line_bytes(config) -> int:
-    """The on-chip line (hw/top.py: ``ports * data_width / 8``), the execution units' width."""
-    return config.hbm_bytes_per_cycle
+    """The on-chip line (``AccelConfig.onchip_line_bytes``), the shared path's and the
+    execution units' width; LDs outside the weight fast path move one per cycle."""
+    return config.onchip_line_bytes
 
 
 def sfu_lanes(config) -> int:
@@ -363,6 +364,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     ld_idle_from = 0.0
     from llmfab.hw.mv_exec import DEFAULT_MAX_BLOCKS   # the accelerator's MvExec buffers' blocks
     D = line_bytes(config)
+    hbm_line = config.hbm_bytes_per_cycle
+    wbase = sum(config.buffer_bytes[r] for r in ("activation", "global", "kv"))
     act_vec = None              # MvExec's activation cache: (qsrc, cols, ntok) it holds ...
     act_lines = (0, 0)          # ... and the on-chip lines [first, end) those vectors occupy
     end = 0.0
@@ -394,6 +397,12 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
         pops[q].append(start)
         if q in ("ld", "st"):
             n = f["len"] + regs[f["lreg"]] * f["lmul"]
+            # the shared path moves one on-chip line per cycle; an LD of a weight tile (into
+            # the weight buffer, HBM and on-chip addresses equal modulo the HBM line) takes
+            # the per-port fast path at the ports' rate
+            addr = regs[f["hreg"]] + f["hoff"] * isa.HBM_ALIGN + regs[f["ireg"]] * f["stride"]
+            fast = q == "ld" and f["buf"] >= wbase and (addr - f["buf"]) % hbm_line == 0
+            rate = bpc if fast else min(bpc, D)
             if q == "ld":
                 if f["hreg"] == isa.REG_WBASE:
                     wbytes += n
@@ -401,12 +410,12 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                     kvbytes += n
                 # the fetch shares the ports: what it took beyond the ports' idle time
                 idle = max(0.0, start - ld_idle_from)
-                occ = (n / bpc + c.ld_fixed if n else 1) + max(0.0, fetch_debt - idle)
+                occ = (n / rate + c.ld_fixed if n else 1) + max(0.0, fetch_debt - idle)
                 fetch_debt = 0.0
                 done = start + occ + (rlat if n else 0)
                 ld_idle_from = start + occ
             else:
-                occ = n / bpc + c.ld_fixed if n else 1
+                occ = n / rate + c.ld_fixed if n else 1
                 done = start + occ + (wlat if n else 0)
             free[q] = start + occ
             busy[q] += occ

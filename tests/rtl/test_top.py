@@ -42,7 +42,10 @@ def test_isa_decoder_matches_compiler(vectors):
 # ---------------------------------------------------------------------------------------
 
 #: Accelerators the tests run on: the ``tiny`` configuration (one 128-bit port) and the same
-#: with four 64-bit ports (the striping of HBM over several ports, 32-byte lines).
+#: with four 64-bit ports and four chains (four slices: the striping of HBM over several
+#: ports, 32-byte HBM lines) and a 16-byte on-chip line (each on-chip line two ports' beats,
+#: so the load and store engines gather and scatter by port group, and weight tiles take
+#: the per-port fast path into the slice banks).
 MACHINES = ("tiny", "tiny4")
 
 
@@ -52,8 +55,10 @@ def machine_config(name):
     if name == "tiny":
         return config
     d = config.to_dict()
-    d.update(name=name, hbm={"ports": 4, "data_width": 64})
-    return config_from_dict(d, f"{name} (tiny with four 64-bit HBM ports)")
+    d.update(name=name, hbm={"ports": 4, "data_width": 64, "line_bytes": 16})
+    d["chain"] = dict(d["chain"], count=4)
+    return config_from_dict(d, f"{name} (tiny with four 64-bit HBM ports, four chains, "
+                               f"16-byte on-chip lines)")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +124,9 @@ def handcrafted(words, man):
     w[3] = _w("LD", buf=0, hreg=isa.REG_ZERO, hoff=(hbm - 16) // 32, len=64)
     out.append(("HBM out of range", w))
     w = list(words)
-    w[5] = _w("LD", buf=0, hreg=isa.REG_ZERO, ireg=isa.REG_POS, stride=hbm // 2, len=16)
+    stride = min(hbm // 2, 0xFFFF)                 # the runs are at pos 3: 3 * stride > hbm
+    assert 3 * stride + 16 > hbm
+    w[5] = _w("LD", buf=0, hreg=isa.REG_ZERO, ireg=isa.REG_POS, stride=stride, len=16)
     out.append(("HBM out of range via R1*stride", w))
     w = list(words)
     w[4] = _w("LD", buf=chip - 8, hreg=isa.REG_ZERO, len=16)
@@ -168,6 +175,11 @@ def handcrafted(words, man):
     # no tokens, so the rest of the program runs as compiled)
     ctx = int(man["onchip"]["context"])
     q4 = isa.mv_func("q4_0")
+    # a 2 x 64 Q4_0 tile: slice-major on several ports (docs/isa.md), starting on an HBM line,
+    # so the next legal start is a line later
+    P, S = int(man["memory_map"]["hbm_ports"]), int(man["memory_map"]["hbm_stripe_bytes"])
+    span = isa.mv_span(2, 2 * 18, P, S)
+    step = 1 if P == 1 else P * S
     edges = [
         ("LD to the last HBM byte", _w("LD", buf=0, hreg=isa.REG_ZERO, hoff=(hbm - 64) // 32, len=64),
          _w("LD", buf=0, hreg=isa.REG_ZERO, hoff=(hbm - 64) // 32, len=65)),
@@ -184,8 +196,8 @@ def handcrafted(words, man):
                                                     hreg=isa.REG_IOBASE, len=32),
          _w("ST", func=isa.ST_F16, buf=chip - 64, hreg=isa.REG_IOBASE, len=34)),
         ("MV weights to the last on-chip byte",
-         _w("MV", func=q4, wb=chip - 2 * 2 * 18, rows=2, cols=64, qsrc=0, dst=0),
-         _w("MV", func=q4, wb=chip - 2 * 2 * 18 + 1, rows=2, cols=64, qsrc=0, dst=0)),
+         _w("MV", func=q4, wb=chip - span, rows=2, cols=64, qsrc=0, dst=0),
+         _w("MV", func=q4, wb=chip - span + step, rows=2, cols=64, qsrc=0, dst=0)),
         ("QUANT output to the last on-chip byte",
          _w("MISC", func=isa.MISC_FUNCS["QUANT"], dst=chip - 80, a=0, n=64),
          _w("MISC", func=isa.MISC_FUNCS["QUANT"], dst=chip - 79, a=0, n=64)),
@@ -285,21 +297,31 @@ def ldst_program(man, rng, rounds=6):
     tokens: LD ... LD[r] NOP[W r] ST[W] ... ST[R] NOP[w R] LD[w] ... ; END.
 
     The first LD fills the whole on-chip space (from the weights), so that every byte a ST
-    reads was written by this program (on-chip memory is not cleared between runs)."""
+    reads was written by this program (on-chip memory is not cleared between runs). One LD
+    in five is a weight tile's: into the weight buffer, its HBM and on-chip addresses equal
+    modulo the HBM line (on ``tiny4`` the load engine's per-port fast path)."""
     chip = int(man["onchip"]["size"])
     mm = man["memory_map"]
     wb_end = mm["weights"][1]
     kv0, kvn = mm["kv"]
     io0, ion = mm["io"]
     assert wb_end >= chip
+    w0 = int(man["onchip"]["weight"][0])
+    line = int(mm["hbm_ports"]) * int(mm["hbm_stripe_bytes"])
     words = [_w("LD", buf=0, hreg=isa.REG_WBASE, len=chip)]
     for r in range(rounds):
         lds = []
         for k in range(int(rng.integers(2, 7))):
             ln = int(rng.choice([0, 1, 3, 16, 17, 64, 100, 255, 600]))
             buf = int(rng.integers(0, chip - ln - 1))
-            mode = rng.integers(0, 4)
-            if mode == 0:      # weights/tables, plain offset
+            mode = rng.integers(0, 5)
+            if mode == 4:      # a weight tile's LD: the load engine's per-port fast path
+                hreg, ireg, stride, lreg, lmul = isa.REG_WBASE, 0, 0, 0, 0
+                hoff = int(rng.integers(0, (wb_end - 700) // 32))
+                src = int(man["registers"]["wbase"]) + hoff * 32
+                buf = int(rng.integers(w0, chip - ln - 1 - line))
+                buf += (src - buf) % line                # HBM and on-chip agree modulo the line
+            elif mode == 0:    # weights/tables, plain offset
                 hreg, ireg, stride, lreg, lmul = isa.REG_WBASE, 0, 0, 0, 0
                 hoff = int(rng.integers(0, (wb_end - 700) // 32))
             elif mode == 1:    # tables indexed by pos
