@@ -71,6 +71,9 @@ def module_text(name: str) -> str:
     """The Verilog of a :class:`Shared` module (generated once per process)."""
     if name not in _TEXTS:
         from amaranth.back import verilog
+
+        from llmfab.hw.verilog import _no_zero_meminit
+        _no_zero_meminit()
         unit = _FACTORIES[name]()
         ports = [v for v in (Value.cast(x) for _, _, x in unit.signature.flatten(unit))
                  if isinstance(v, Signal)]                # not the constant members

@@ -391,8 +391,10 @@ def estimate_design(config, *, verilog: str | None = None, top: str = "llmfab_ac
     from tqdm import tqdm
     if verilog is None:
         from llmfab.hw.top import Accelerator
-        from llmfab.hw.verilog import to_verilog
-        verilog = to_verilog(Accelerator(config), top)
+        from llmfab.hw.verilog import cached_verilog, to_verilog
+        # the key `llmfab hw verilog` and the simulations use: one elaboration per design
+        verilog = cached_verilog(["accelerator", config.to_dict(), False],
+                                 lambda: to_verilog(Accelerator(config), top))
     split = design_units(verilog, top)
     parts = [(name, u["text"], u["module"], "") for name, u in split["units"].items()]
     parts.append(("shared", split["shared"]["text"], top, split["shared"]["lib"]))

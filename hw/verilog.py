@@ -15,10 +15,30 @@ __all__ = ["to_verilog", "build_root", "cached_verilog", "generator_digest"]
 _GENERATOR_DIRS = ("hw", "compiler", "boards", "core")
 
 
+def _no_zero_meminit():
+    """Amaranth 0.5 writes every memory's initial contents, word by word, also when they are
+    all zero (``init=[]``): the u280's 8 MiB of on-chip buffers were 20 MB of the Verilog
+    and most of its generation time. A memory whose contents are all zero gets no initial
+    block; the FPGA's block and ultra RAMs start at zero without one, and the simulations
+    build with ``--x-initial 0`` (sim/rtl/runner.py), so nothing changes but the size."""
+    from amaranth.back import rtlil
+    emit = rtlil.ModuleEmitter.emit_memory
+    if getattr(emit, "_llmfab", False):
+        return
+
+    def emit_memory(self, cell_idx, cell):
+        if any(cell.init):
+            emit(self, cell_idx, cell)
+    emit_memory._llmfab = True
+    rtlil.ModuleEmitter.emit_memory = emit_memory
+
+
 def to_verilog(component, name: str, ports=None) -> str:
     """Verilog text of an Amaranth component (amaranth[builtin-yosys], no system Yosys),
-    followed by the modules of the shared units it instantiates (``hw/blackbox.py``)."""
+    followed by the modules of the shared units it instantiates (``hw/blackbox.py``).
+    Memories that start all zero have no initial block (:func:`_no_zero_meminit`)."""
     from amaranth.back import verilog
+    _no_zero_meminit()
 
     from llmfab.hw.blackbox import append_modules
     return append_modules(verilog.convert(component, name=name, ports=ports, emit_src=False))

@@ -23,9 +23,11 @@ from llmfab.hw.verilog import build_root, to_verilog  # noqa: F401  (re-used by 
 # of the front end's time, and the front end finishes in 16 s without it.
 # Verilator splits big designs into several C++ files (its default --output-split), which
 # make compiles in parallel, the run-once (Slow) code at -O0: see :func:`verilator_runner`.
+# --x-initial 0: everything without an initial value starts at zero, as the FPGA's RAMs do (the
+# generated Verilog leaves out the initial blocks of all-zero memories, hw/verilog.py).
 VERILATOR_ARGS = ["-fno-merge-cond-motion", "-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC",
                   "-Wno-UNUSEDSIGNAL", "-Wno-DECLFILENAME", "-Wno-UNOPTFLAT", "-O3",
-                  "--x-assign", "fast", "--x-initial", "fast"]
+                  "--x-assign", "fast", "--x-initial", "0"]
 
 #: The PyPI wheel's verilated.mk has ``CFG_CXXFLAGS_PCH_I`` empty (its build machine's
 #: configure found no flag), so the split C++ files are compiled with the precompiled

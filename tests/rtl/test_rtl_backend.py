@@ -84,14 +84,12 @@ def test_prompts_through_prefill_programs(tmp_path, qtype):
         rtl.close()
 
 
-@pytest.mark.slow
 def test_two_layer_model_bit_exact_u280_slice(tmp_path):
     """Two slices of the U280's per-channel datapath (512-bit ports at 225 MHz, 128-weight
-    chains): the golden model's logits, KV cache and greedy tokens bit for bit.
-
-    ``slow`` until it has run to completion once: its Verilator build (10 MB of Verilog) did
-    not finish in the session that wrote it (docs/benchmarks.md, u280-slice). Issue 10 wants
-    it in ``make test`` (one build, shared with the SmolLM2 run below)."""
+    chains, a 64-byte on-chip line: weight tiles through the per-port fast path into the
+    slice banks, each slice's four row pipelines reading only its bank): the golden model's
+    logits, KV cache and greedy tokens bit for bit (one Verilator build, shared with the
+    slow SmolLM2 run below; about 4 minutes with the build)."""
     m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_0", seed=5))
     cfg = load_config("u280-slice")
     assert (cfg.chain.length, cfg.hbm.ports, cfg.hbm.data_width) == (128, 2, 512)
