@@ -193,14 +193,27 @@ def test_tcl_runs_with_vivado_stubbed(u280_project):
     assert Path(px[px.index("-xo_path") + 1]).name == "llmfab.xo"
 
 
-def test_build_u280_without_verilog_says_so(tmp_path, capsys):
+def _wide_line_u280(tmp_path) -> Path:
+    """The u280 with a 512-byte on-chip line (``hbm.line_bytes``): a configuration whose
+    accelerator cannot be generated in bounded time (hw/vitis.py's ``MAX_LINE_BYTES``)."""
+    import yaml
+    d = load_config("u280").to_dict()
+    d["name"] = "u280-wide"
+    d["hbm"] = dict(d["hbm"], line_bytes=512)
+    path = tmp_path / "u280-wide.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_build_without_verilog_says_so(tmp_path, capsys):
     out = tmp_path / "p"
-    assert main(["build", "--config", "u280", "--out", str(out)]) == 1
+    cfg = str(_wide_line_u280(tmp_path))
+    assert main(["build", "--config", cfg, "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"llmfab: error: wrote the project to {out} without src/llmfab_accel.v: the "
-                       f"accelerator cannot be generated for config 'u280' yet (MvExec needs 1..64 row "
-                       f"pipelines (chain count x length / 32), not 32 x 4); give --no-verilog to "
-                       f"write the rest on purpose")
+                       f"accelerator cannot be generated for config 'u280-wide' yet (its on-chip "
+                       f"line is 512 bytes, and generation does not finish in bounded time above "
+                       f"256 bytes); give --no-verilog to write the rest on purpose")
     for f in vitis.PROJECT_FILES:
         assert (out / f).is_file(), f
     assert not (out / "src" / "llmfab_accel.v").exists()
@@ -214,10 +227,10 @@ def test_build_u280_without_verilog_says_so(tmp_path, capsys):
         r = subprocess.run(["make", "-n", "xo"], cwd=out, capture_output=True, text=True)
         assert "src/llmfab_accel.v" in r.stdout + r.stderr
     # a non-empty directory needs --force
-    assert main(["build", "--config", "u280", "--out", str(out), "--no-verilog"]) == 1
+    assert main(["build", "--config", cfg, "--out", str(out), "--no-verilog"]) == 1
     assert capsys.readouterr().err.strip() == (f"llmfab: error: {out} is not empty: give --force to "
                                                f"write the project into it, or choose a new directory")
-    assert main(["build", "--config", "u280", "--out", str(out), "--no-verilog", "--force"]) == 0
+    assert main(["build", "--config", cfg, "--out", str(out), "--no-verilog", "--force"]) == 0
 
 
 def test_build_tiny_writes_the_verilog_and_the_wrapper_matches_it(tmp_path):
@@ -238,3 +251,18 @@ def test_build_tiny_writes_the_verilog_and_the_wrapper_matches_it(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "PINMISSING" not in r.stderr and "PINNOTFOUND" not in r.stderr
     assert not re.search(r"%Warning-WIDTH\w*: src/llmfab\.v", r.stderr), r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_build_u280_writes_the_verilog(tmp_path, capsys):
+    """`llmfab build --config u280` writes the whole project with the accelerator's Verilog
+    (32 slices; about 3 minutes to generate on the 2-core machine)."""
+    out = tmp_path / "p"
+    assert main(["build", "--config", "u280", "--out", str(out)]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"wrote the RTL-kernel project of config 'u280' to {out}")
+    for f in vitis.PROJECT_FILES:
+        assert (out / f).is_file(), f
+    v = (out / "src" / "llmfab_accel.v").read_text()
+    assert re.search(r"^module llmfab_accel\(", v, re.M)
+    assert all(f"m_axi_hbm{p}__arvalid" in v for p in range(32))
