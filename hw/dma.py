@@ -7,7 +7,10 @@ Address maps (docs/accelerator.md):
   port-local address ``(A // (P*S)) * S + A % S``. A *line* of ``D = P*S``
   bytes (flat line ``l`` = bytes ``[l*D, l*D + D)``) is local beat ``l`` of
   every port, so one beat from each port makes one line.
-* On chip, memory lines are ``D`` bytes as well (``hw/onchip.py``).
+* On chip, a line is ``AccelConfig.onchip_line_bytes``: the HBM line up to 64
+  bytes, else whole beats up to that (``hw/onchip.py``); the load and store
+  engines gather and scatter it by port group, and weight tiles bypass it
+  (:class:`LoadEngine`'s fast path into the slice banks).
 
 Every transfer is a stream of lines plus one byte realignment
 (:class:`Realign`): any source byte address, destination byte address and

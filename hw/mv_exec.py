@@ -28,7 +28,7 @@ every compiled shape):
    Pipeline ``l`` of ``L`` computes rows ``l, l + L, ...`` of every token of the
    pass. **Slices** (``slices`` = P, one per HBM port): pipeline ``l`` belongs to
    slice ``p = l % P``, whose weight bank (``bank[p]``: stripe ``p`` of every line
-   of the weight buffer, ``S = line_bytes / P`` bytes) holds the tile's rows
+   of the weight buffer, ``S`` = one port's beat) holds the tile's rows
    ``p, p + P, ...`` back to back from ``b0`` (docs/isa.md's slice-major tile;
    ``b0`` is ``wb``'s place in every bank), so row ``l + i L`` is that slice's
    local row ``l // P + i L / P``. Per row one command to its reader (the row's
