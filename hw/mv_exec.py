@@ -64,7 +64,7 @@ without writing).
 """
 
 from amaranth import C, Cat, Const, Module, Mux, Signal, unsigned
-from amaranth.lib import data, memory, wiring
+from amaranth.lib import data, fifo, memory, wiring
 from amaranth.lib.wiring import Out
 from amaranth.utils import ceil_log2, exact_log2
 
@@ -381,9 +381,16 @@ class MvExec(wiring.Component):
                 m.submodules[f"{nm}{l}"] = u
             bank_clients[sp][ls % 2].append(wrd.mem)
             wiring.connect(m, wrd.o, wal.i)
-            m.d.comb += [dec.data.valid.eq(wal.o.valid),
-                         dec.data.payload.eq(wal.o.payload.data),
-                         wal.o.ready.eq(dec.data.ready)]
+            # a few beats of slack between realigner and decoder: the realigner pauses a few
+            # cycles between rows (its next command, then two source beats before the first
+            # output), which the decoder's 3-beat window does not cover once beats are narrow
+            # (18-block rows lost a cycle each at 32-byte beats)
+            slack = fifo.SyncFIFOBuffered(width=S * 8, depth=4)
+            m.submodules[f"slack{l}"] = slack
+            m.d.comb += [slack.w_en.eq(wal.o.valid), slack.w_data.eq(wal.o.payload.data),
+                         wal.o.ready.eq(slack.w_rdy),
+                         dec.data.valid.eq(slack.r_rdy), dec.data.payload.eq(slack.r_data),
+                         slack.r_en.eq(dec.data.ready)]
             chains = []
             for tk in range(K):
                 chain = Shared(("chain", pk, fm, pt),
