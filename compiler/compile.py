@@ -258,7 +258,7 @@ def _tiling_problem(config, wslot_bytes: int, rb: int, rows: int, head: bool) ->
     per = _rows_per_tile(config, wslot_bytes, rb)
     if per == 0:
         if P == 1:
-            return f"a row ({rb} bytes) does not fit a weight-buffer slot of {wslot_bytes} bytes"
+            return _row_problem(wslot_bytes, rb)
         span = isa.mv_span(1, rb, P, config.stripe_bytes)
         return (f"a row ({rb} bytes, a tile of {span} bytes on {P} slices of "
                 f"{config.stripe_bytes}-byte stripes) does not fit a weight-buffer slot of "
@@ -274,7 +274,7 @@ def _tiling_problem(config, wslot_bytes: int, rb: int, rows: int, head: bool) ->
     return None
 
 
-def _embedding_problem(wslot_bytes: int, rb: int) -> str | None:
+def _row_problem(wslot_bytes: int, rb: int) -> str | None:
     """Why embedding rows of ``rb`` bytes cannot be read (the decode program's EMBED loads
     one row by token id into a weight-buffer slot; None: they can)."""
     if rb > wslot_bytes:
@@ -303,7 +303,7 @@ def _weight_matrices(model, config, sp_of: dict) -> set:
 
 def _matrix_problem(config, wslot_bytes: int, rb: int, rows: int, kind: str) -> str | None:
     if kind == "embedding":
-        return _embedding_problem(wslot_bytes, rb)
+        return _row_problem(wslot_bytes, rb)
     return _tiling_problem(config, wslot_bytes, rb, rows, kind == "head")
 
 
@@ -587,7 +587,7 @@ class WeightImage:
         rb = _row_bytes(fmt, sp, cols)
         head = head or (sliced and key == self.head_key)
         problem = (_tiling_problem(config, self.wslot_bytes, rb, rows, head) if sliced
-                   else _embedding_problem(self.wslot_bytes, rb))
+                   else _row_problem(self.wslot_bytes, rb))
         if problem:
             raise _weight_buffer_error(config, self.model, self.sp_of, f"{key}: {problem}")
         P, S = (config.slices, config.stripe_bytes) if sliced else (1, config.stripe_bytes)
