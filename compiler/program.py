@@ -237,10 +237,19 @@ class ProgramBuilder:
                dict(buf=rope, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.rope), ireg=isa.REG_POS,
                     stride=d.hd * 4, len=T * d.hd * 4)]
         self._add(LoadGroup(gid, ("G", gs), lds), partial(self._attn_norm, gbase, gid))
-        self.matrix(mats.qkv, L.qh, L.qkv)
         if T == 1:
-            self._attention_decode(li, rope)
+            # a KV head's attention once its rows of q/k/v are written: after the next QKV tile
+            # (it runs beside that tile's MV: docs/isa.md, "Overlap")
+            j = 0
+            for ti, (r0, _nr, _off) in enumerate(mats.qkv.tiles):
+                self.matrix(mats.qkv, L.qh, L.qkv, only=(ti,))
+                while j < d.nkv and (j + 1) * d.grp_rows <= r0:
+                    self._attention_decode(li, rope, j)
+                    j += 1
+            for j in range(j, d.nkv):
+                self._attention_decode(li, rope, j)
         else:
+            self.matrix(mats.qkv, L.qh, L.qkv)
             self._attention_prefill(li, rope)
         self._add(None, partial(self.quant, L.qh, L.o, d.nq * d.hd))
         self.matrix(mats.attn_output, L.qh, L.h)
@@ -252,9 +261,21 @@ class ProgramBuilder:
         L = self.L
         mats = self.parts.weights.layers[li]
         self._add(None, partial(self._ffn_in, L.gslots[gs], gs))
-        self.matrix(mats.ffn_gate, L.qh, L.gate)
-        self.matrix(mats.ffn_up, L.qh, L.up)
-        self._add(None, self._ffn_act)
+        gt = mats.ffn_gate.tiles
+        if self.T == 1 and [t[:2] for t in gt] == [t[:2] for t in mats.ffn_up.tiles]:
+            # gate and up tile by tile; each tile's SiLU-multiply beside the next tile's MVs
+            # (docs/isa.md, "Overlap"); the quantization (planar: q, d, sumq) after the last
+            for ti in range(len(gt)):
+                self.matrix(mats.ffn_gate, L.qh, L.gate, only=(ti,))
+                if ti:
+                    self._add(None, partial(self._silu_rows, *gt[ti - 1][:2]))
+                self.matrix(mats.ffn_up, L.qh, L.up, only=(ti,))
+            self._add(None, partial(self._silu_rows, *gt[-1][:2]))
+            self._add(None, partial(self.quant, L.qf, L.gate, self.parts.dims.ffn))
+        else:
+            self.matrix(mats.ffn_gate, L.qh, L.gate)
+            self.matrix(mats.ffn_up, L.qh, L.up)
+            self._add(None, self._ffn_act)
         self.matrix(mats.ffn_down, L.qf, L.h)
         self._add(None, partial(self.elementwise, "ADD", L.x, L.x, L.h, self.parts.dims.dim))
 
@@ -295,22 +316,21 @@ class ProgramBuilder:
         kb = ((li * self.parts.dims.nkv + j) * 2) * kvh
         return kb, kb + kvh
 
-    def _attention_decode(self, li, rope):
-        """Per KV head: its K/V cache rows [0, R1) into a KV slot; RoPE, the new K/V rows
+    def _attention_decode(self, li, rope, j):
+        """KV head ``j``: its K/V cache rows [0, R1) into a KV slot; RoPE, the new K/V rows
         stored at R1, ATTN (the current row from q/k/v)."""
         parts = self.parts
         d = parts.dims
         kslots, kvh = parts.onchip.kslots, parts.onchip.kv_head_bytes
-        for j in range(d.nkv):
-            ks = self._next_slot("K")
-            kgid = f"kv.{li}.{j}"
-            kb, vb = self._kv_offsets(li, j)
-            klds = [dict(buf=kslots[ks], hreg=isa.REG_KVBASE, hoff=hoff(kb), lreg=isa.REG_POS, lmul=d.hd * 2),
-                    dict(buf=kslots[ks] + kvh, hreg=isa.REG_KVBASE, hoff=hoff(vb), lreg=isa.REG_POS,
-                         lmul=d.hd * 2)]
-            gaddr = self.L.qkv + j * d.grp_rows * 4
-            self._add(LoadGroup(kgid, ("K", ks), klds),
-                      partial(self._attend_decode, j, ks, kgid, gaddr, kb, vb, rope))
+        ks = self._next_slot("K")
+        kgid = f"kv.{li}.{j}"
+        kb, vb = self._kv_offsets(li, j)
+        klds = [dict(buf=kslots[ks], hreg=isa.REG_KVBASE, hoff=hoff(kb), lreg=isa.REG_POS, lmul=d.hd * 2),
+                dict(buf=kslots[ks] + kvh, hreg=isa.REG_KVBASE, hoff=hoff(vb), lreg=isa.REG_POS,
+                     lmul=d.hd * 2)]
+        gaddr = self.L.qkv + j * d.grp_rows * 4
+        self._add(LoadGroup(kgid, ("K", ks), klds),
+                  partial(self._attend_decode, j, ks, kgid, gaddr, kb, vb, rope))
 
     def _attend_decode(self, j, ks, kgid, gaddr, kb, vb, rope):
         d = self.parts.dims
@@ -383,6 +403,11 @@ class ProgramBuilder:
         self.elementwise("ADD", L.x, L.x, L.h, dim)
         self.norm_quant(L.x, gbase + dim * 4, dim, free_slot=("G", gs))
 
+    def _silu_rows(self, r0, nr):
+        """SiLU-multiply of rows [r0, r0 + nr) of gate and up (decode)."""
+        L = self.L
+        self.elementwise("SILU_MUL", L.gate + r0 * 4, L.gate + r0 * 4, L.up + r0 * 4, nr)
+
     def _ffn_act(self):
         L, ffn = self.L, self.parts.dims.ffn
         self.elementwise("SILU_MUL", L.gate, L.gate, L.up, ffn)
@@ -394,10 +419,13 @@ class ProgramBuilder:
                     hreg=isa.REG_IOBASE, hoff=hoff(0), len=self.T * self.parts.dims.dim * 4)
 
     # ---- matrices -----------------------------------------------------------------------------
-    def matrix(self, cm, qsrc, dst, logits=False):
+    def matrix(self, cm, qsrc, dst, logits=False, only=None):
         """A weight matrix, tile by tile through the weight slots, times the quantized vectors
-        at ``qsrc``: rows to ``dst`` (token-major), or (``logits``) to the I/O region."""
+        at ``qsrc``: rows to ``dst`` (token-major), or (``logits``) to the I/O region.
+        ``only``: just these tiles (by index)."""
         for ti, (r0, nr, off) in enumerate(cm.tiles):
+            if only is not None and ti not in only:
+                continue
             s = self._next_slot("W")
             gid = f"{cm.name}.{ti}"
             # the tile's bytes, slice-major (docs/isa.md, "Slices"): isa.mv_span of them

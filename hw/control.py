@@ -57,6 +57,7 @@ COUNTERS = (
     "ld_bytes", "st_bytes",
     "stall_fetch", "stall_ld_full", "stall_cmp_full", "stall_st_full", "stall_sys_drain",
     "wait_ld", "wait_cmp", "wait_st",
+    "busy_both",
 )
 #: Word 0 of a written counter block ("llmfab01" little-endian).
 COUNTER_MAGIC = int.from_bytes(b"llmfab01", "little")

@@ -28,7 +28,7 @@ from llmfab.hw.dma import QEntry, reg_value
 from llmfab.hw.isa import (BLOCK_BYTES, QBLOCK_BYTES, SPARSE_BLOCK_BYTES, Instruction, MiscFunc,
                            Op, StFunc, SysFunc, is_legal)
 
-__all__ = ["Fetch", "Validator", "is_end"]
+__all__ = ["Fetch", "Footprint", "Validator", "is_end"]
 
 
 def is_end(word) -> "Value":
@@ -140,6 +140,105 @@ def _mul(m, a, b, name):
     return s
 
 
+class Footprint:
+    """The on-chip ranges of an MV, MM or MISC word (``sim/golden_plan.py``'s
+    ``onchip_ranges``), computed over two cycles: the products are registered from the
+    word presented this cycle, and ``starts`` / ``lens`` (:data:`SLOTS` ranges, unused ones
+    of length 0) are valid the next cycle from those registers; LD, ST and SYS words have no
+    range here. ``misc_illegal``: an illegal MISC operand (``compiler.isa.misc_operand_error``),
+    ``wb``: the MV/MM weight address. The validation pass and the execution unit's overlap
+    check (``hw/exec_unit.py``) both use it.
+    """
+
+    SLOTS = 5
+
+    def __init__(self, m, word, rval, context, *, global_base: int, slices: int = 1,
+                 stripe: int = 64):
+        w = data.View(Instruction, word)
+        op, func = w.header.op, w.header.func
+        op2, func2 = Signal(4), Signal(8)
+        m.d.sync += [op2.eq(op), func2.eq(func)]
+        mv, mm, misc = w.mv, w.mm, w.misc
+        nb = mv.cols[5:16]
+        nt = Mux(op == Op.MM, mm.ntok, 1)
+        bb_tab = Signal(6)
+        with m.Switch(Cat(mv.func[2:8], mv.func[0:2])):
+            for fi in range(3):
+                for si in range(len(SPARSE_BLOCK_BYTES[0])):
+                    with m.Case(si | (fi << 6)):
+                        m.d.comb += bb_tab.eq(SPARSE_BLOCK_BYTES[fi][si])
+        rn = _mul(m, mv.rows, nb, "rn")
+        # slice-major weights (docs/isa.md, "Slices"): slice p's rows p, p+P, ... in its bank
+        P, S = slices, stripe
+        lgp, lgs = exact_log2(P), exact_log2(S)
+        pn = _mul(m, (mv.rows + P - 1) >> lgp, nb, "pn")      # blocks of the fullest slice
+        bb2 = Signal(6)
+        ntnb = _mul(m, nt, nb, "ntnb")
+        ntrows = _mul(m, nt, mv.rows, "ntrows")
+        wb2, qsrc2, dst2 = Signal(24), Signal(24), Signal(24)
+        m.d.sync += [bb2.eq(bb_tab), wb2.eq(mv.wb), qsrc2.eq(mv.qsrc), dst2.eq(mv.dst)]
+        n2, aux2, a2, b2, mdst2 = Signal(16), Signal(16), Signal(24), Signal(24), Signal(24)
+        m.d.sync += [n2.eq(misc.n), aux2.eq(misc.aux), a2.eq(misc.a), b2.eq(misc.b),
+                     mdst2.eq(misc.dst)]
+        na = _mul(m, misc.n, misc.aux, "na")
+        # ATTN operands: n = heads[7:0] | t[15:8], aux = head_dim[14:0] | cached[15]
+        a_nh, a_t, a_hd, a_cached = misc.n[0:8], misc.n[8:16], misc.aux[0:15], misc.aux[15]
+        a_rows = Signal(34)
+        m.d.comb += a_rows.eq(rval + a_t + a_cached)
+        attn_q = _mul(m, a_nh + Mux(a_cached, 0, 2), a_hd, "attn_q")      # query (+ new K, V) rows
+        attn_o = _mul(m, a_nh, a_hd, "attn_o")
+        attn_kv = _mul(m, a_rows, a_hd, "attn_kv")
+        attn_ctx = _mul(m, context, a_hd, "attn_ctx")
+        # COPY operands: aux rows (0 = 1) of n words, destination rows b words apart
+        c_reps = Signal(16)
+        m.d.comb += c_reps.eq(Mux(misc.aux == 0, 1, misc.aux))
+        copy_src = _mul(m, c_reps, misc.n, "copy_src")
+        copy_gap = _mul(m, c_reps - 1, Mux(c_reps > 1, misc.b, misc.n), "copy_gap")
+        emb_bb = Signal(6)
+        m.d.sync += emb_bb.eq(Mux(misc.aux == 0, BLOCK_BYTES[0],
+                                  Mux(misc.aux == 1, BLOCK_BYTES[1], BLOCK_BYTES[2])))
+
+        # ---- the next cycle: the ranges
+        self.starts = [Signal(64, name=f"fp_s{k}") for k in range(self.SLOTS)]
+        self.lens = [Signal(64, name=f"fp_l{k}") for k in range(self.SLOTS)]
+        self.misc_illegal = Signal(name="fp_misc_illegal")
+        self.wb = wb2
+        starts, lens = self.starts, self.lens
+        n4 = n2 << 2
+        nq = n2[5:16]
+        gb = C(global_base, 24)
+
+        def slots(*pairs):
+            return [s.eq(a) for s, (a, _) in zip(starts, pairs)] + \
+                   [s.eq(b) for s, (_, b) in zip(lens, pairs)]
+
+        with m.If((op2 == Op.MV) | (op2 == Op.MM)):
+            span = rn * bb2 if P == 1 else ((pn * bb2 + S - 1) >> lgs) << (lgs + lgp)
+            m.d.comb += slots((wb2, span), (qsrc2, ntnb * QBLOCK_BYTES), (dst2, ntrows << 2))
+        with m.Elif(op2 == Op.MISC):
+            with m.Switch(func2):
+                with m.Case(MiscFunc.QUANT):
+                    m.d.comb += slots((a2, n4), (mdst2, nq * QBLOCK_BYTES))
+                    m.d.comb += self.misc_illegal.eq(n2[0:5] != 0)
+                with m.Case(MiscFunc.RMSNORM):
+                    m.d.comb += slots((a2, n4), (b2, n4), (mdst2, n4), (gb, C(12, 4)))
+                with m.Case(MiscFunc.ROPE):
+                    m.d.comb += slots((a2, na << 2), (b2, aux2 << 2), (mdst2, na << 2))
+                    m.d.comb += self.misc_illegal.eq((aux2 == 0) | aux2[0])
+                with m.Case(MiscFunc.ADD, MiscFunc.MUL, MiscFunc.SILU_MUL):
+                    m.d.comb += slots((a2, n4), (b2, n4), (mdst2, n4))
+                with m.Case(MiscFunc.ATTN):
+                    m.d.comb += slots((a2, attn_q << 2), (b2, attn_kv << 1),
+                                      (b2 + (attn_ctx << 1), attn_kv << 1), (mdst2, attn_o << 2),
+                                      (gb, C(8, 4)))
+                    m.d.comb += self.misc_illegal.eq((aux2[0:15] == 0) | aux2[0])
+                with m.Case(MiscFunc.COPY):
+                    m.d.comb += slots((a2, copy_src << 2), (mdst2, (copy_gap + n2) << 2))
+                with m.Case(MiscFunc.EMBED):
+                    m.d.comb += slots((a2, nq * emb_bb), (mdst2, n4))
+                    m.d.comb += self.misc_illegal.eq((n2[0:5] != 0) | (aux2 >= 3))
+
+
 class Validator(wiring.Component):
     """The validation pass (``Golden.check``) over the fetched program.
 
@@ -210,92 +309,24 @@ class Validator(wiring.Component):
                      buf.eq(ld.buf)]
         p_str = _mul(m, reg_value(regs, ld.ireg), ld.stride, "p_str")
         p_len = _mul(m, reg_value(regs, ld.lreg), ld.lmul, "p_len")
-        mv, mm, misc = w.mv, w.mm, w.misc
-        nb = mv.cols[5:16]
-        nt = Mux(op == Op.MM, mm.ntok, 1)
-        bb_tab = Signal(6)
-        with m.Switch(Cat(mv.func[2:8], mv.func[0:2])):
-            for fi in range(3):
-                for si in range(len(SPARSE_BLOCK_BYTES[0])):
-                    with m.Case(si | (fi << 6)):
-                        m.d.comb += bb_tab.eq(SPARSE_BLOCK_BYTES[fi][si])
-        rn = _mul(m, mv.rows, nb, "rn")
-        # slice-major weights (docs/isa.md, "Slices"): slice p's rows p, p+P, ... in its bank
-        P, S = self._slices, self._stripe
-        lgp, lgs = exact_log2(P), exact_log2(S)
-        pn = _mul(m, (mv.rows + P - 1) >> lgp, nb, "pn")      # blocks of the fullest slice
-        bb2 = Signal(6)
-        ntnb = _mul(m, nt, nb, "ntnb")
-        ntrows = _mul(m, nt, mv.rows, "ntrows")
-        wb2, qsrc2, dst2 = Signal(24), Signal(24), Signal(24)
-        m.d.sync += [bb2.eq(bb_tab), wb2.eq(mv.wb), qsrc2.eq(mv.qsrc), dst2.eq(mv.dst)]
-        n2, aux2, a2, b2, mdst2 = Signal(16), Signal(16), Signal(24), Signal(24), Signal(24)
-        m.d.sync += [n2.eq(misc.n), aux2.eq(misc.aux), a2.eq(misc.a), b2.eq(misc.b),
-                     mdst2.eq(misc.dst)]
-        na = _mul(m, misc.n, misc.aux, "na")
-        # ATTN operands: n = heads[7:0] | t[15:8], aux = head_dim[14:0] | cached[15]
-        a_nh, a_t, a_hd, a_cached = misc.n[0:8], misc.n[8:16], misc.aux[0:15], misc.aux[15]
-        a_rows = Signal(34)
-        m.d.comb += a_rows.eq(reg_value(regs, misc.reg) + a_t + a_cached)
-        attn_q = _mul(m, a_nh + Mux(a_cached, 0, 2), a_hd, "attn_q")      # query (+ new K, V) rows
-        attn_o = _mul(m, a_nh, a_hd, "attn_o")
-        attn_kv = _mul(m, a_rows, a_hd, "attn_kv")
-        attn_ctx = _mul(m, self.context, a_hd, "attn_ctx")
-        # COPY operands: aux rows (0 = 1) of n words, destination rows b words apart
-        c_reps = Signal(16)
-        m.d.comb += c_reps.eq(Mux(misc.aux == 0, 1, misc.aux))
-        copy_src = _mul(m, c_reps, misc.n, "copy_src")
-        copy_gap = _mul(m, c_reps - 1, Mux(c_reps > 1, misc.b, misc.n), "copy_gap")
-        emb_bb = Signal(6)
-        m.d.sync += emb_bb.eq(Mux(misc.aux == 0, BLOCK_BYTES[0],
-                                  Mux(misc.aux == 1, BLOCK_BYTES[1], BLOCK_BYTES[2])))
+        fp = Footprint(m, word1, reg_value(regs, w.misc.reg), self.context,
+                       global_base=self._gb, slices=self._slices, stripe=self._stripe)
 
         # ---- stage 3: ranges and the fault of this word
         is_ldst = (op2 == Op.LD) | (op2 == Op.ST)
         is_mvmm = (op2 == Op.MV) | (op2 == Op.MM)
-        is_misc = op2 == Op.MISC
         hbm_start = Signal(64)
         hbm_len = Signal(64)
         m.d.comb += [hbm_start.eq(rh + (hoff << 5) + p_str), hbm_len.eq(len0 + p_len)]
-        nslots = 5
-        starts = [Signal(64, name=f"cs{k}") for k in range(nslots)]
-        lens = [Signal(64, name=f"cl{k}") for k in range(nslots)]
-        n4 = n2 << 2
-        nq = n2[5:16]
-        misc_illegal = Signal()
-
-        def slots(*pairs):
-            return [s.eq(a) for s, (a, _) in zip(starts, pairs)] + \
-                   [s.eq(b) for s, (_, b) in zip(lens, pairs)]
-
-        with m.If(is_ldst):
-            st16 = (op2 == Op.ST) & (func2 == StFunc.F16)
-            m.d.comb += slots((buf, Mux(st16, hbm_len << 1, hbm_len)))
-        with m.Elif(is_mvmm):
-            span = rn * bb2 if P == 1 else ((pn * bb2 + S - 1) >> lgs) << (lgs + lgp)
-            m.d.comb += slots((wb2, span), (qsrc2, ntnb * QBLOCK_BYTES), (dst2, ntrows << 2))
-        with m.Elif(is_misc):
-            with m.Switch(func2):
-                with m.Case(MiscFunc.QUANT):
-                    m.d.comb += slots((a2, n4), (mdst2, nq * QBLOCK_BYTES))
-                    m.d.comb += misc_illegal.eq(n2[0:5] != 0)
-                with m.Case(MiscFunc.RMSNORM):
-                    m.d.comb += slots((a2, n4), (b2, n4), (mdst2, n4), (C(self._gb, 24), C(12, 4)))
-                with m.Case(MiscFunc.ROPE):
-                    m.d.comb += slots((a2, na << 2), (b2, aux2 << 2), (mdst2, na << 2))
-                    m.d.comb += misc_illegal.eq((aux2 == 0) | aux2[0])
-                with m.Case(MiscFunc.ADD, MiscFunc.MUL, MiscFunc.SILU_MUL):
-                    m.d.comb += slots((a2, n4), (b2, n4), (mdst2, n4))
-                with m.Case(MiscFunc.ATTN):
-                    m.d.comb += slots((a2, attn_q << 2), (b2, attn_kv << 1),
-                                      (b2 + (attn_ctx << 1), attn_kv << 1), (mdst2, attn_o << 2),
-                                      (C(self._gb, 24), C(8, 4)))
-                    m.d.comb += misc_illegal.eq((aux2[0:15] == 0) | aux2[0])
-                with m.Case(MiscFunc.COPY):
-                    m.d.comb += slots((a2, copy_src << 2), (mdst2, (copy_gap + n2) << 2))
-                with m.Case(MiscFunc.EMBED):
-                    m.d.comb += slots((a2, nq * emb_bb), (mdst2, n4))
-                    m.d.comb += misc_illegal.eq((n2[0:5] != 0) | (aux2 >= 3))
+        starts, lens = list(fp.starts), list(fp.lens)
+        st16 = (op2 == Op.ST) & (func2 == StFunc.F16)
+        starts[0] = Mux(is_ldst, buf, starts[0])
+        lens[0] = Mux(is_ldst, Mux(st16, hbm_len << 1, hbm_len), lens[0])
+        misc_illegal = fp.misc_illegal
+        nslots = len(starts)
+        wb2 = fp.wb
+        P, S = self._slices, self._stripe
+        lgp, lgs = exact_log2(P), exact_log2(S)
         hbm_bad = is_ldst & (hbm_len != 0) & (hbm_start + hbm_len > self.hbm_size)
         # MV/MM weights lie in the weight buffer, on a line when there are several slices
         w_bad = wb2 < self._wbase

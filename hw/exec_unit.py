@@ -2,10 +2,18 @@
 
 :class:`ExecUnit` has :func:`~llmfab.hw.execute.exec_signature` and holds
 sub-units with the same signature. Each accepted instruction goes, in program
-order, to the sub-unit its routing table names; the next instruction is taken
-once that sub-unit has pulsed ``done`` (one instruction in flight at a time, so
-there are no hazards between sub-units). The sub-unit being used owns ``rd0``,
-``rd1`` and ``wr``; read responses go back to the sub-unit that made the request.
+order, to the sub-unit its routing table names, through two stages: the word,
+then its on-chip footprint (``hw/dispatch.py``'s :class:`~llmfab.hw.dispatch.Footprint`,
+the validation pass's ranges). **Overlap** (docs/isa.md): the units MV/MM go to
+form one class, the others a second; each class has at most one instruction in
+flight, and a word issues once its class's unit is free and its ranges share no
+byte with those of the other class's instruction in flight, so an MV and a
+MISC run side by side only on disjoint data and the results are the in-order
+ones. ``done`` pulses in acceptance order (a younger instruction that finishes
+first waits); ``both`` is high while both classes are in flight. The units in
+flight share ``rd0``, ``rd1`` and ``wr``, the MV class first; read responses go
+back to the unit whose request was taken. Without a configuration (``units``
+given, no layout to compare) every unit is one class: one instruction at a time.
 
 This is the accelerator's execution unit (``hw/top.py``'s :class:`Accelerator`
 default). Routing (:func:`default_routes`): a dict whose keys are ``Op.MV`` /
@@ -26,11 +34,12 @@ engine that do not want the SFU's build time. Nothing picks it by default or on
 a failed import.
 """
 
-from amaranth import Cat, Module, Signal
+from amaranth import C, Cat, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import Out
 
-from llmfab.hw.execute import MiscExec, exec_signature
+from llmfab.hw.dispatch import Footprint
+from llmfab.hw.execute import ExecInstr, MiscExec, exec_signature
 from llmfab.hw.isa import Instruction, MiscFunc, Op
 from llmfab.hw.mv_exec import MvExec
 from llmfab.hw.onchip import mem_read_signature, region_map, slice_geometry
@@ -96,12 +105,19 @@ class ExecUnit(wiring.Component):
         if "misc" not in self._units:
             raise ValueError("ExecUnit needs a 'misc' unit (the default route)")
         sig = dict(exec_signature(addr_bits, line_bytes * 8).members)
+        # the on-chip footprint of each word (overlap check): the configuration's layout; no
+        # configuration, no overlap
+        self._gb, self._nslices, self._stripe = None, 1, 64
         if config is not None:
+            self._gb = dict((r[0], r[1]) for r in region_map(config))["global"]
+            self._nslices, self._stripe = config.slices, config.stripe_bytes
             # the slices' weight-bank read ports (hw/onchip.py), passed to the unit that has them
             g = slice_geometry(config)
             self._slices = g["slices"]
             sig = sig | {"bank": Out(mem_read_signature(
                 g["bank_addr_bits"], g["stripe"] * 8)).array(g["slices"], 2)}
+        # high while an MV/MM and a MISC are both in flight (the busy_both counter)
+        sig["both"] = Out(1)
         super().__init__(sig)
 
     @classmethod
@@ -124,8 +140,43 @@ class ExecUnit(wiring.Component):
             subs.append(u)
         index = {n: i for i, n in enumerate(names)}
 
-        # ---- which unit the head instruction goes to
-        iw = data.View(Instruction, self.instr.payload.word)
+        # ---- overlap classes: the units MV/MM go to, and the rest (docs/isa.md, "Overlap")
+        mv_units = {index[n] for k, n in self._routes.items()
+                    if k in (Op.MV, Op.MM) and self._gb is not None}
+        cls_of = [0 if i in mv_units else 1 for i in range(len(subs))]
+        classes = sorted(set(cls_of))
+        NC = 2
+
+        # ---- stage 1: the accepted word; stage 2: its on-chip footprint, then issue
+        v1, v2 = Signal(), Signal()
+        p1 = Signal(ExecInstr)
+        p2 = Signal(ExecInstr)
+        issue = Signal()
+        adv = Signal()
+        m.d.comb += [adv.eq(v1 & (~v2 | issue)),
+                     self.instr.ready.eq(~v1 | adv)]
+        with m.If(self.instr.valid & self.instr.ready):
+            m.d.sync += [v1.eq(1), p1.eq(self.instr.payload)]
+        with m.Elif(adv):
+            m.d.sync += v1.eq(0)
+        with m.If(adv):
+            m.d.sync += [v2.eq(1), p2.eq(p1)]
+        with m.Elif(issue):
+            m.d.sync += v2.eq(0)
+        fp = Footprint(m, p1.word, p1.rval, self.context, global_base=self._gb or 0,
+                       slices=self._nslices, stripe=self._stripe)
+        # Footprint registers its products every cycle: hold them while the word waits
+        hold = [Signal(64, name=f"fp2_s{k}") for k in range(Footprint.SLOTS)] + \
+               [Signal(64, name=f"fp2_l{k}") for k in range(Footprint.SLOTS)]
+        fresh = Signal()
+        m.d.sync += fresh.eq(adv)
+        with m.If(fresh):
+            m.d.sync += [h.eq(x) for h, x in zip(hold, fp.starts + fp.lens)]
+        cur = [Mux(fresh, x, h) for h, x in zip(hold, fp.starts + fp.lens)]
+        c_starts, c_lens = cur[:Footprint.SLOTS], cur[Footprint.SLOTS:]
+
+        # ---- which unit the word in stage 2 goes to
+        iw = data.View(Instruction, p2.word)
         op, func = iw.header.op, iw.header.func
         target = Signal(range(max(len(subs), 2)))
         m.d.comb += target.eq(index["misc"])
@@ -141,28 +192,61 @@ class ExecUnit(wiring.Component):
                             assert key[0] == Op.MISC, key
                             with m.Case(key[1]):
                                 m.d.comb += target.eq(index[n])
-
-        busy = Signal()
-        sel = Signal.like(target)
-        sel_rsp0 = Signal.like(target)
-        sel_rsp1 = Signal.like(target)
-        m.d.sync += [sel_rsp0.eq(sel), sel_rsp1.eq(sel)]
-        go = self.instr.valid & self.instr.ready
-        for i, u in enumerate(subs):
-            m.d.comb += [u.instr.payload.eq(self.instr.payload),
-                         u.instr.valid.eq(self.instr.valid & ~busy & (target == i)),
-                         u.context.eq(self.context), u.snoop.eq(self.snoop)]
+        tcls = Signal()
+        for i in range(len(subs)):
             with m.If(target == i):
-                m.d.comb += self.instr.ready.eq(~busy & u.instr.ready)
-        with m.If(go):
-            m.d.sync += [busy.eq(1), sel.eq(target)]
-        done = Signal()
-        m.d.comb += done.eq(Cat(u.done & (sel == i) for i, u in enumerate(subs)).any())
-        m.d.comb += self.done.eq(busy & done)
-        with m.If(busy & done):
-            m.d.sync += busy.eq(0)
+                m.d.comb += tcls.eq(cls_of[i])
 
-        # ---- memory ports: the selected unit's requests; responses to the requester
+        # ---- per class: busy (until its done is reported), its unit, its ranges, done seen
+        cbusy = [Signal(name=f"cbusy{c}") for c in range(NC)]
+        csel = [Signal.like(target, name=f"csel{c}") for c in range(NC)]
+        cdone = [Signal(name=f"cdone{c}") for c in range(NC)]
+        cfp = [[Signal(64, name=f"cfp{c}_{k}") for k in range(2 * Footprint.SLOTS)]
+               for c in range(NC)]
+        first = Signal()            # the class of the oldest instruction in flight
+        self._cbusy = cbusy
+
+        def conflict(c):
+            st, ln = cfp[c][:Footprint.SLOTS], cfp[c][Footprint.SLOTS:]
+            return Cat(*[(c_lens[a] != 0) & (ln[b] != 0) & (c_starts[a] < st[b] + ln[b])
+                         & (st[b] < c_starts[a] + c_lens[a])
+                         for a in range(Footprint.SLOTS) for b in range(Footprint.SLOTS)]).any()
+
+        free_cls = Signal()
+        blocked = Signal()
+        m.d.comb += [free_cls.eq(Mux(tcls, ~cbusy[1], ~cbusy[0])),
+                     blocked.eq(Mux(tcls, cbusy[0] & conflict(0), cbusy[1] & conflict(1)))]
+        for i, u in enumerate(subs):
+            m.d.comb += [u.instr.payload.eq(p2),
+                         u.instr.valid.eq(v2 & free_cls & ~blocked & (target == i)),
+                         u.context.eq(self.context), u.snoop.eq(self.snoop)]
+            with m.If(u.instr.valid & u.instr.ready):
+                m.d.comb += issue.eq(1)
+        for c in range(NC):
+            with m.If(issue & (tcls == c)):
+                m.d.sync += [cbusy[c].eq(1), csel[c].eq(target), cdone[c].eq(0)]
+                m.d.sync += [h.eq(x) for h, x in zip(cfp[c], c_starts + c_lens)]
+                with m.If(~cbusy[1 - c]):
+                    m.d.sync += first.eq(c)
+        # dones in acceptance order: a younger instruction that finishes first waits
+        fin = []
+        for c in range(NC):
+            pulse = Cat(u.done & (csel[c] == i) for i, u in enumerate(subs) if cls_of[i] == c).any() \
+                if c in classes else C(0, 1)
+            f = Signal(name=f"fin{c}")
+            m.d.comb += f.eq(cbusy[c] & (cdone[c] | pulse))
+            with m.If(cbusy[c] & pulse):
+                m.d.sync += cdone[c].eq(1)
+            fin.append(f)
+        m.d.comb += self.both.eq(cbusy[0] & cbusy[1])
+        report = Mux(first, fin[1], fin[0])
+        m.d.comb += self.done.eq(report)
+        with m.If(report):
+            for c in range(NC):
+                with m.If(first == c):
+                    m.d.sync += [cbusy[c].eq(0), cdone[c].eq(0), first.eq(1 - c)]
+
+        # ---- memory ports: the MV class first, then the other; responses to the requester
         if "bank" in self.signature.members:
             owners = [u for u in subs if "bank" in u.signature.members]
             if len(owners) > 1:
@@ -171,18 +255,32 @@ class ExecUnit(wiring.Component):
                 for p in range(self._slices):
                     for k in range(2):
                         wiring.connect(m, owners[0].bank[p][k], wiring.flipped(self.bank[p][k]))
-        for port, sel_r in ((self.rd0, sel_rsp0), (self.rd1, sel_rsp1)):
+        active = [cbusy[cls_of[i]] & (csel[cls_of[i]] == i) for i in range(len(subs))]
+        order = sorted(range(len(subs)), key=lambda i: (cls_of[i], i))
+
+        def arbitrate(port, reqs, name):
+            """Grant ``port`` to the first active requester (in ``order``); returns the grants."""
+            grants = []
+            taken = C(0, 1)
+            for i in order:
+                g = Signal(name=f"{name}_g{i}")
+                m.d.comb += g.eq(active[i] & reqs[i].valid & ~taken)
+                taken = taken | g
+                grants.append((i, g))
+            for i, g in grants:
+                with m.If(g):
+                    m.d.comb += [port.valid.eq(1), port.payload.eq(reqs[i].payload)]
+                m.d.comb += reqs[i].ready.eq(port.ready & g)
+            return dict(grants)
+
+        for pname in ("rd0", "rd1"):
+            port = getattr(self, pname)
+            reqs = [getattr(u, pname).req for u in subs]
+            grants = arbitrate(port.req, reqs, pname)
+            got = [Signal(name=f"{pname}_rsp{i}") for i in range(len(subs))]
             for i, u in enumerate(subs):
-                p = getattr(u, port is self.rd0 and "rd0" or "rd1")
-                m.d.comb += [p.req.ready.eq(port.req.ready & busy & (sel == i)),
-                             p.rsp.valid.eq(port.rsp.valid & (sel_r == i)),
-                             p.rsp.payload.eq(port.rsp.payload)]
-                with m.If(sel == i):
-                    m.d.comb += [port.req.valid.eq(busy & p.req.valid),
-                                 port.req.payload.eq(p.req.payload)]
-        for i, u in enumerate(subs):
-            m.d.comb += u.wr.req.ready.eq(self.wr.req.ready & busy & (sel == i))
-            with m.If(sel == i):
-                m.d.comb += [self.wr.req.valid.eq(busy & u.wr.req.valid),
-                             self.wr.req.payload.eq(u.wr.req.payload)]
+                m.d.sync += got[i].eq(grants[i] & port.req.ready)
+                p = getattr(u, pname)
+                m.d.comb += [p.rsp.valid.eq(port.rsp.valid & got[i]), p.rsp.payload.eq(port.rsp.payload)]
+        arbitrate(self.wr.req, [u.wr.req for u in subs], "wr")
         return m

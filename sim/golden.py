@@ -39,7 +39,8 @@ from llmfab.core import numerics as N
 from llmfab.core import formats
 from llmfab.core.formats import BLOCK_BYTES, QBLOCK_BYTES
 from llmfab.compiler import quant
-from llmfab.sim.golden_plan import MvRun, MvScatter, MvStore, MvWrite, Planner, mv_row_bytes, overlaps
+from llmfab.sim.golden_plan import (MvRun, MvScatter, MvStore, MvWrite, Planner, mv_row_bytes,
+                                    onchip_ranges, overlaps)
 from llmfab.sim.numerics_model import PackedMatrix, attention, matvec
 
 QUEUE_DEPTH = 16
@@ -228,43 +229,12 @@ class Golden:
     def _ranges(self, ins, regs):
         """(hbm ranges, on-chip ranges) touched by an instruction: lists of (start, length)."""
         f = ins.fields
-        op = ins.op
-        hbm, chip = [], []
-        if op in ("LD", "ST"):
+        hbm = []
+        if ins.op in ("LD", "ST"):
             addr = regs[f["hreg"]] + f["hoff"] * isa.HBM_ALIGN + regs[f["ireg"]] * f["stride"]
-            ln = f["len"] + regs[f["lreg"]] * f["lmul"]
-            hbm.append((addr, ln))
-            chip.append((f["buf"], 2 * ln if op == "ST" and f["func"] == isa.ST_F16 else ln))
-        elif op in ("MV", "MM"):
-            nt = f.get("ntok", 1) if op == "MM" else 1
-            chip.append((f["wb"], self.mv_span(f["func"], f["rows"], f["cols"])))
-            chip.append((f["qsrc"], nt * f["cols"] // 32 * QBLOCK_BYTES))
-            chip.append((f["dst"], nt * f["rows"] * 4))
-        elif op == "MISC":
-            name = isa.MISC_NAMES[f["func"]]
-            n = f["n"]
-            out = (f["dst"], isa.misc_write_bytes(f))
-            if name == "QUANT":
-                chip += [(f["a"], 4 * n), out]
-            elif name in ("ADD", "MUL", "SILU_MUL"):
-                chip += [(f["a"], 4 * n), (f["b"], 4 * n), out]
-            elif name == "RMSNORM":
-                chip += [(f["a"], 4 * n), (f["b"], 4 * n), out, (self.gb_base, 12)]
-            elif name == "ROPE":
-                hd = f["aux"]
-                chip += [(f["a"], 4 * n * hd), (f["b"], 4 * hd), out]
-            elif name == "COPY":
-                reps, w, stride = isa.copy_operands(f)
-                chip += [(f["a"], 4 * reps * w), out]
-            elif name == "EMBED":
-                fmt = isa.FMTS[f["aux"]] if f["aux"] < 3 else None
-                chip += [(f["a"], n // 32 * BLOCK_BYTES.get(fmt, 1 << 24)), out]
-            elif name == "ATTN":
-                nh, t, hd, cached = isa.attn_operands(f)
-                rows = regs[f["reg"]] + t + (1 if cached else 0)
-                chip += [(f["a"], 4 * (nh + (0 if cached else 2)) * hd), (f["b"], 2 * rows * hd),
-                         (f["b"] + 2 * self.kv_context * hd, 2 * rows * hd), out,
-                         (self.gb_base, 8)]
+            hbm.append((addr, f["len"] + regs[f["lreg"]] * f["lmul"]))
+        chip = onchip_ranges(ins, regs, gb_base=self.gb_base, kv_context=self.kv_context,
+                             slices=self.slices, stripe=self.stripe)
         return hbm, chip
 
     def mv_span(self, func, rows, cols) -> int:

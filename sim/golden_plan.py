@@ -52,6 +52,48 @@ def mv_row_bytes(func, cols) -> int:
     return (cols // 32) * formats.block_bytes(*_mv_format(func))
 
 
+
+def onchip_ranges(ins, regs, *, gb_base: int, kv_context: int, slices: int, stripe: int) -> list:
+    """The on-chip ranges, ``(start, length)``, an instruction touches (reads or writes): the
+    validation pass's ranges (``Golden._ranges``), and what the execution unit compares to
+    decide whether a MISC may run beside an MV/MM (docs/isa.md, "Overlap")."""
+    f = ins.fields
+    op = ins.op
+    if op in ("LD", "ST"):
+        ln = f["len"] + regs[f["lreg"]] * f["lmul"]
+        return [(f["buf"], 2 * ln if op == "ST" and f["func"] == isa.ST_F16 else ln)]
+    if op in ("MV", "MM"):
+        nt = f.get("ntok", 1) if op == "MM" else 1
+        return [(f["wb"], isa.mv_span(f["rows"], mv_row_bytes(f["func"], f["cols"]), slices, stripe)),
+                (f["qsrc"], nt * f["cols"] // 32 * QBLOCK_BYTES),
+                (f["dst"], nt * f["rows"] * 4)]
+    if op != "MISC":
+        return []
+    name = isa.MISC_NAMES[f["func"]]
+    n = f["n"]
+    out = (f["dst"], isa.misc_write_bytes(f))
+    if name == "QUANT":
+        return [(f["a"], 4 * n), out]
+    if name in ("ADD", "MUL", "SILU_MUL"):
+        return [(f["a"], 4 * n), (f["b"], 4 * n), out]
+    if name == "RMSNORM":
+        return [(f["a"], 4 * n), (f["b"], 4 * n), out, (gb_base, 12)]
+    if name == "ROPE":
+        hd = f["aux"]
+        return [(f["a"], 4 * n * hd), (f["b"], 4 * hd), out]
+    if name == "COPY":
+        reps, w, _stride = isa.copy_operands(f)
+        return [(f["a"], 4 * reps * w), out]
+    if name == "EMBED":
+        fmt = isa.FMTS[f["aux"]] if f["aux"] < 3 else None
+        return [(f["a"], n // 32 * formats.BLOCK_BYTES.get(fmt, 1 << 24)), out]
+    if name == "ATTN":
+        nh, t, hd, cached = isa.attn_operands(f)
+        rows = regs[f["reg"]] + t + (1 if cached else 0)
+        return [(f["a"], 4 * (nh + (0 if cached else 2)) * hd), (f["b"], 2 * rows * hd),
+                (f["b"] + 2 * kv_context * hd, 2 * rows * hd), out, (gb_base, 8)]
+    return []
+
 # ---- steps -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)

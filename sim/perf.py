@@ -45,6 +45,7 @@ from llmfab.boards import memory_timing
 from llmfab.compiler import isa
 from llmfab.core.errors import BoardError
 from llmfab.core.formats import BLOCK_BYTES, QBLOCK_BYTES, block_bytes
+from llmfab.sim.golden_plan import onchip_ranges
 
 __all__ = ["UnitCosts", "COSTS", "PerfEstimate", "estimate", "peak_bytes_per_cycle",
            "sfu_lanes", "mv_pipelines", "slice_pipelines", "misc_cycles", "mv_cycles",
@@ -126,6 +127,9 @@ class UnitCosts:
     # ---- ExecUnit (hw/exec_unit.py): cycles between one instruction's done and the next's
     # start. The per-op fits above already hold it (busy cycles of instruction streams: no gap).
     exec_handoff: float = 0
+    #: cycles between issuing one compute-queue instruction and the next (the execution
+    #: unit's footprint stage takes the next word while a unit runs)
+    exec_issue: float = 1
 
     # ---- load / store engines (hw/dma.py) and the dispatcher
     #: per LD/ST besides its beats (address, burst split, the last write on chip):
@@ -314,6 +318,11 @@ def _program(bundle, program):
     return bundle.prefill[T], T
 
 
+def _conflict(a, b) -> bool:
+    """Do two lists of on-chip ranges ``(start, length)`` share a byte?"""
+    return any(la and lb and sa < sb + lb and sb < sa + la for sa, la in a for sb, lb in b)
+
+
 def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency: float = 1.0,
              memory: str = "card", costs: UnitCosts = COSTS) -> PerfEstimate:
     """Cycles of one run of a program at position ``pos`` (default: half the compiled context).
@@ -368,6 +377,17 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     wbase = sum(config.buffer_bytes[r] for r in ("activation", "global", "kv"))
     act_vec = None              # MvExec's activation cache: (qsrc, cols, ntok) it holds ...
     act_lines = (0, 0)          # ... and the on-chip lines [first, end) those vectors occupy
+    # the execution unit (hw/exec_unit.py): an MV/MM and a MISC run side by side when their
+    # on-chip ranges are disjoint (docs/isa.md, "Overlap"); each unit busy until its done is
+    # reported, dones (and the releases on them) in program order
+    man = bundle.manifest
+    rng = dict(gb_base=int(man["onchip"]["global"][0]), kv_context=int(man["onchip"]["context"]),
+               slices=int(man["memory_map"]["hbm_ports"]),
+               stripe=int(man["memory_map"]["hbm_stripe_bytes"]))
+    unit_free = {"mv": 0.0, "misc": 0.0}
+    in_flight = {"mv": (0.0, []), "misc": (0.0, [])}     # (done, on-chip ranges) of the last
+    last_done = 0.0
+    cmp_busy_to = 0.0
     end = 0.0
     for w in words:
         ins = isa.decode(w)
@@ -420,6 +440,12 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
             free[q] = start + occ
             busy[q] += occ
         else:
+            cls = "mv" if ins.op in ("MV", "MM") else "misc"
+            other = in_flight["misc" if cls == "mv" else "mv"]
+            mine = onchip_ranges(ins, regs, **rng)
+            start = max(start, unit_free[cls])
+            if other[0] > start and _conflict(mine, other[1]):
+                start = other[0]
             if ins.op in ("MV", "MM"):
                 nt = max(f.get("ntok", 1), 1) if ins.op == "MM" else 1
                 vec = (f["qsrc"], f["cols"], nt)
@@ -440,9 +466,12 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 busy["misc"] += cyc
                 misc_by_op[name] = misc_by_op.get(name, 0.0) + cyc
             cyc += c.exec_handoff
-            done = start + cyc
-            free[q] = done
-            busy[q] += cyc
+            done = max(start + cyc, last_done)
+            last_done = unit_free[cls] = done
+            in_flight[cls] = (done, mine)
+            free[q] = start + c.exec_issue
+            busy[q] += done - max(start, cmp_busy_to)
+            cmp_busy_to = done
         last_end[q] = max(last_end[q], done)
         for bit in ("rel_prev", "rel_next"):
             if f.get(bit):

@@ -40,6 +40,8 @@ def test_samples_consistent_with_counter_block(tmp_path):
             c = r.counters
             assert r.status == 0 and c["busy_mv"] + c["busy_misc"] == c["busy_cmp"]
             assert c["busy_mv"] > 0 and c["busy_misc"] > 0
+            # MISC work beside MV work (the SiLU of one FFN tile beside the next tile's MVs)
+            assert 0 < c["busy_both"] < c["busy_cmp"]
             s = r.samples
             assert len(s) >= 2 + c["cycles"] // EVERY - 2 and all(set(x) == set(names) for x in s)
             a = np.array([[x[n] for n in names] for x in s], dtype=np.int64)
