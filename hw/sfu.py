@@ -444,14 +444,29 @@ class Sfu(wiring.Component):
         red_to_o = Signal()
         pipe_o = out_valid & (dest_o == _Dest.OUT)
         to_red = out_valid & ((dest_o == _Dest.RED) | (dest_o == _Dest.BUF_RED))
+        # softmax pass 3, e * (1/z), on a short multiplier of its own: the long pipeline is
+        # empty by then (the recip has left it), so the outputs keep their order
+        sm_in = Signal()
+        sm_idx = Signal(aw)
+        sm_last = Signal()
+        sm_c = Signal(32)
+        sce = Signal()
+        ps = Pipe(m, sce, name="smo")
+        rp2 = mem.read_port()
+        m.d.comb += [rp2.addr.eq(sm_idx), rp2.en.eq(sce)]
+        sm_y = ps.fmul(Staged(rp2.data[0:32], 1), ps.input(sm_c))
+        sm_last_o = ps.at(ps.input(sm_last), sm_y.stage)
+        sm_valids = valid_chain(m, sce, sm_in, sm_y.stage, name="smo")
+        sm_o = sm_valids[-1]
+        m.d.comb += sce.eq(~sm_o | self.o.ready)
         m.d.comb += [
             red.i.valid.eq(to_red),
             red.i.payload.v.eq(y0_o),
             red.i.payload.last.eq(last_o),
-            self.o.valid.eq(pipe_o | (red_to_o & red.o.valid)),
-            self.o.payload.y0.eq(Mux(pipe_o, y0_o, red.o.payload)),
+            self.o.valid.eq(pipe_o | sm_o | (red_to_o & red.o.valid)),
+            self.o.payload.y0.eq(Mux(pipe_o, y0_o, Mux(sm_o, sm_y.value, red.o.payload))),
             self.o.payload.y1.eq(Mux(pipe_o, y1_o, 0)),
-            self.o.payload.last.eq(Mux(pipe_o, last_o, 1)),
+            self.o.payload.last.eq(Mux(pipe_o, last_o, Mux(sm_o, sm_last_o, 1))),
         ]
         dest_ready = Signal()
         with m.Switch(dest_o):
@@ -572,14 +587,17 @@ class Sfu(wiring.Component):
                 with m.If(scalar_done):
                     m.next = "SM_OUT"
             with m.State("SM_OUT"):
-                m.d.comb += [iss_valid.eq(1), iss_uop.eq(_Uop.SCALE), iss_dest.eq(_Dest.OUT),
-                             iss_buf.eq(1), iss_idx.eq(cnt), iss_c.eq(scalar),
-                             iss_last.eq(cnt == n - 1)]
-                with m.If(ce):
+                m.d.comb += [sm_in.eq(1), sm_idx.eq(cnt), sm_c.eq(scalar),
+                             sm_last.eq(cnt == n - 1)]
+                with m.If(sce):
                     m.d.sync += cnt.eq(cnt + 1)
                     with m.If(cnt == n - 1):
                         m.d.sync += cnt.eq(0)
-                        m.next = "ACCEPT"
+                        m.next = "SM_DRAIN"
+            with m.State("SM_DRAIN"):
+                # the next vector's outputs may not pass the last of these
+                with m.If(~Cat(sm_valids[1:]).any()):
+                    m.next = "ACCEPT"
         return m
 
 

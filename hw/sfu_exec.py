@@ -27,8 +27,8 @@ instruction at a time, by sequencing on-chip line reads and writes around
   j+1 accumulates while row j's tree runs; the scores go into a score buffer;
   SFU SOFTMAX in place; then ``accum4_j(a_j * V_j)``, ``L`` elements per
   cycle on the same multipliers and adders, with four partial memories (+0
-  for a partial's first row) and the final ``(p0 + p1) + (p2 + p3)`` to the
-  writer.
+  for a partial's first row) and the final ``(p0 + p1) + (p2 + p3)``, ``at_n``
+  elements per cycle, to the writer.
 * RMSNORM: the sum of squares ``reduce_sum(x*x)`` on the ATTN score datapath
   (one row of ``n`` elements, ``L`` per cycle); ``rsqrt(ss * (1/n) + eps)``
   as one beat through the SFU (``SfuOp.RMS_SCALAR``); then ``x`` is read
@@ -48,14 +48,15 @@ reduce lanes sees a new element at most every 4 cycles (the adder's latency
 is 3). ``tiny`` (16-byte lines) has 4 lanes, ``ci`` (64-byte lines) 8.
 
 Cycles (tiny, measured by tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles,
-busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 416 (was 1452), SILU_MUL n=1536
-1628, QUANT n=576 229 / 1536 529 (was 691 / 1711: the quantizer takes L
-elements per cycle and the packer up to L words), ROPE 3x64 129 (was 252; the
-table load, one entry per cycle, is now half of it), EMBED Q4_1 576 953, ATTN
-3 heads x 64 at position 1 / 50 / 100: 1518 / 6663 / 11913 (was 2952 / 41760
-/ 81360 with one element per cycle and a reduction per row: per row and head
-now hd/L = 16 cycles for the scores and 16 for AV, plus the softmax's 3 per
-row, and about 440 per head). MV/MM are not executed here (done without writing).
+busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 418, SILU_MUL n=1536 1630,
+QUANT n=576 231 / 1536 531, ROPE 3x64 131, EMBED Q4_1 576 919, ATTN 3 heads x 64
+at position 1 / 50 / 100: 1163 / 6308 / 11558 (per row and head hd/L = 16 cycles
+for the scores and 16 for AV plus the softmax's 3; per head about 330: the q load,
+the score tree's drain, the softmax's first two passes through the SFU's long
+pipeline, the AV drain and the final partial tree, ``at_n`` = the largest power
+of two <= L dividing hd elements per cycle). Each op is 2 cycles more than
+alone in the unit (the execution unit's footprint stage, hw/exec_unit.py).
+MV/MM are not executed here (done without writing).
 
 Limits: ATTN rows <= ``max_len`` (the score buffer and the SFU's vector
 buffer); ROPE/ATTN head dim <= ``max_hd``; the strided COPY streams (a
@@ -474,13 +475,18 @@ class SfuExec(wiring.Component):
         tree_ce = Signal()
         pt = fp.Pipe(m, tree_ce, name="tree")
         rows = Signal(18)                 # ATTN rows (S + 1); partials rows..3 stay +0
-        tsel = tree_d[0:lgl] if L > 1 else C(0, 1)
-        tp = [pt.input(Mux(rows > k, Array(rp_.data[32 * q:32 * q + 32] for q in range(L))[tsel], 0))
-              for k, (_, rp_) in enumerate(pms)]
-        tsum = pt.fadd(pt.fadd(tp[0], tp[1]), pt.fadd(tp[2], tp[3]))
-        tce, tree_valid = fp.stall_control(m, tree_in_v, wi_ready, tsum.stage, name="tree")
+        # at_n elements per cycle (the largest power of two <= L dividing hd): lane k takes
+        # element tree_d + k of the partials' beat tree_d // L
+        at_n = Signal(range(L + 1))
+        tsums = []
+        for k in range(L):
+            tsel = (tree_d[0:lgl] + k)[0:lgl] if L > 1 else C(0, 1)
+            tp = [pt.input(Mux(rows > j, Array(rp_.data[32 * q:32 * q + 32] for q in range(L))[tsel], 0))
+                  for j, (_, rp_) in enumerate(pms)]
+            tsums.append(pt.fadd(pt.fadd(tp[0], tp[1]), pt.fadd(tp[2], tp[3])))
+        tce, tree_valid = fp.stall_control(m, tree_in_v, wi_ready, tsums[0].stage, name="tree")
         m.d.comb += tree_ce.eq(tce)
-        tree_y = tsum.value
+        tree_y = [t.value for t in tsums]
 
         # ---- SFU output -> post stage (SFU ops); direct feed -> post stage (EMBED, COPY)
         use_sfu = Signal()
@@ -565,7 +571,8 @@ class SfuExec(wiring.Component):
                         with m.If(qblk + 1 == nb):
                             m.d.sync += [qblk.eq(0), qphase.eq(qphase + 1)]
         with m.Elif(from_attn):
-            m.d.comb += [wi_valid.eq(tree_valid), wi_x0.eq(tree_y)]
+            m.d.comb += [wi_valid.eq(tree_valid), wi_n.eq(at_n)]
+            m.d.comb += [wi_x[k].eq(tree_y[k]) for k in range(L)]
         with m.Elif(from_rms):
             m.d.comb += [wi_valid.eq(r2_valid), wi_n.eq(r2_cnt)]
             m.d.comb += [wi_x[k].eq(r2_y[k]) for k in range(L)]
@@ -598,7 +605,7 @@ class SfuExec(wiring.Component):
         tout = Signal(16)
         m.d.comb += self.done.eq(done_r)
         with m.If(tree_valid & wi_ready):
-            m.d.sync += tout.eq(tout + 1)
+            m.d.sync += tout.eq(tout + at_n)
 
         def issue(k, rd, al, ser, addr, nbytes, en):
             off = addr[0:lgd]
@@ -674,6 +681,11 @@ class SfuExec(wiring.Component):
                 m.d.comb += const_wait.eq(1)
                 nw = Signal(34)
                 m.d.comb += nw.eq(Mux(is_rope, n * aux, Mux(is_copy, n * reps, n)))
+                # ATTN's final tree: hd even, so at least 2 elements per cycle
+                at_sel = C(1, 1)
+                for lanes in [1 << i for i in range(1, lgl + 1)]:
+                    at_sel = Mux(hd[0:exact_log2(lanes)] == 0, lanes, at_sel)
+                m.d.sync += at_n.eq(at_sel if L > 1 else 1)
                 m.d.sync += [
                     a_bytes.eq(Mux(is_emb, nb * bs, nw << 2)),
                     b_bytes.eq(Mux(is_rope, aux << 2, n << 2)),
@@ -913,8 +925,8 @@ class SfuExec(wiring.Component):
             with m.State("AT"):
                 m.d.comb += [in_tree.eq(1), tree_d.eq(dcnt), tree_in_v.eq(1)]
                 with m.If(tree_ce):
-                    m.d.sync += dcnt.eq(dcnt + 1)
-                    with m.If(dcnt + 1 == hd):
+                    m.d.sync += dcnt.eq(dcnt + at_n)
+                    with m.If(dcnt + at_n == hd):
                         m.next = "ATW"
             with m.State("ATW"):
                 with m.If(tout == hd):

@@ -86,14 +86,16 @@ class UnitCosts:
     embed_fixed: float = 17
     #: ATTN per row and head: score beats ceil(hd/32)*32/L (AKF) + AV beats ceil(hd/L)
     #: (AVF) + this many for the softmax (ASM issue + the SFU's passes). tiny fit:
-    #: 3 heads x 64 at positions 1 / 50 / 100 -> 1518 / 6663 / 11913: per row and head
+    #: 3 heads x 64 at positions 1 / 50 / 100 -> 1163 / 6308 / 11558: per row and head
     #: 16 + 16 + 3 = 35 exactly (the slope).
     softmax_per_row: float = 3
     #: ATTN per head, besides the rows: q in ceil(hd/L) beats (AQL) and the partial tree
-    #: hd cycles (AT, one element per cycle) are structural; this is the rest (command
+    #: hd / attn_tree_lanes cycles (AT) are structural; this is the rest (command
     #: issue, the softmax's reductions and reciprocal, pipeline fills). tiny fit: the
-    #: intercept 1068 of the three ATTN figures = 3 x (16 + 64 + head) + sfu_fixed.
-    attn_head_fixed: float = 350
+    #: intercept of the three ATTN figures, 1163 / 6308 / 11558 less 2 / 51 / 101 rows x 3
+    #: heads x 35 = 953 = 3 x (16 + 16 + head) + sfu_fixed (was 350 before the wide final
+    #: tree and the softmax's own output multiplier).
+    attn_head_fixed: float = 281
     #: ATTN's own per-instruction cost (IDLE -> CONST, the constants line -> START, the
     #: writer's drain): the decode program's 4 ATTNs on tiny (2 heads of 16 each, position
     #: 127) take 18,376 busy cycles, 4 x 14 above the per-head and per-row terms.
@@ -223,6 +225,15 @@ def _ceil(a, b):
     return -(-int(a) // int(b))
 
 
+def attn_tree_lanes(hd: int, lanes: int) -> int:
+    """Elements per cycle of ATTN's final partial tree (AT): the largest power of two that
+    is at most ``lanes`` and divides the head dimension."""
+    k = 1
+    while k * 2 <= lanes and hd % (k * 2) == 0:
+        k *= 2
+    return k
+
+
 def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lanes=None) -> float:
     """Compute-queue cycles of one MISC instruction (fields ``f``) on its RTL unit."""
     L = lanes or sfu_lanes(config)
@@ -255,7 +266,7 @@ def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lane
         nh, t, hd, _cached = isa.attn_operands(f)
         rows = regs[f["reg"]] + t + 1                   # cache rows [0, S) (+ S cached or current)
         per_row = _ceil(hd, 32) * (32 // L) + _ceil(hd, L) + c.softmax_per_row
-        per_head = _ceil(hd, L) + hd + c.attn_head_fixed
+        per_head = _ceil(hd, L) + hd // attn_tree_lanes(hd, L) + c.attn_head_fixed
         return c.sfu_fixed + nh * (per_head + rows * per_row)
     return c.sfu_fixed
 
