@@ -37,6 +37,11 @@ every compiled shape):
    pipeline is wider than one port's beat. A slice's pipelines share its bank's two
    read ports (``l // P`` even on port 0, odd on 1, fixed priority), which they
    take when the line view (store engine, ``rd0``/``rd1``) leaves them free.
+   **One module per slice:** a slice's pipelines, their command counters, its bank
+   arbitration and its copy of the activation buffers are :class:`MvSlice`, written once
+   (:class:`~llmfab.hw.blackbox.Shared`, the slice number an input) and instantiated ``P``
+   times; MvExec keeps the activation loader, the instruction's control and the result
+   writer, and broadcasts the loader's buffer writes to every slice's copy.
    **Token lanes:** each pipeline's
    decoder feeds ``tokens`` chains (and scalers) in lock step, lane ``k`` taking tokens
    ``k, k + tokens, ...`` of the pass, so an MM reads and decodes a row once per
