@@ -112,6 +112,48 @@ def _arbitrate(m, port, clients, name):
         taken = t2
 
 
+class _Buffer:
+    """One of a slice's activation buffers as copies of two read ports each.
+
+    A block RAM has two ports. Each copy's first read port shares its address with the copy's
+    write port (the buffer is written only while MvExec loads activations, ``writing``, and
+    read only while it computes, so one port of the RAM does both), the second read port is
+    the RAM's other port: ``n`` read ports cost ``n / 2`` copies, not ``n`` (Yosys and Vivado
+    give every read port beyond a RAM's two a copy of its own). A first port read while the
+    buffer is written returns the written address's old contents, which nothing takes: the
+    chains take activations, the scalers d and sumq, only while MvExec computes.
+    """
+
+    class _Read:
+        def __init__(self, addr, data):
+            self.addr, self.data = addr, data
+
+    def __init__(self, m, name, width, depth, w_addr, w_data, w_en, writing, granularity=None):
+        self._m, self._name = m, name
+        self._width, self._depth, self._gran = width, depth, granularity
+        self._w = (w_addr, w_data, w_en, writing)
+        self._copies = []                         # (memory, whether its second port is used)
+
+    def read_port(self):
+        m = self._m
+        if self._copies and not self._copies[-1][1]:
+            mem = self._copies[-1][0]
+            self._copies[-1] = (mem, True)
+            return mem.read_port()
+        w_addr, w_data, w_en, writing = self._w
+        c = len(self._copies)
+        mem = memory.Memory(shape=unsigned(self._width), depth=self._depth, init=[])
+        m.submodules[f"{self._name}{c}"] = mem
+        self._copies.append((mem, False))
+        wp = mem.write_port(granularity=self._gran) if self._gran else mem.write_port()
+        rp = mem.read_port()
+        addr = Signal.like(wp.addr, name=f"{self._name}{c}_raddr")    # the reader's address
+        port = Signal.like(wp.addr, name=f"{self._name}{c}_addr")     # the RAM port's
+        m.d.comb += [port.eq(Mux(writing, w_addr, addr)), wp.addr.eq(port), rp.addr.eq(port),
+                     wp.data.eq(w_data), wp.en.eq(w_en)]
+        return self._Read(addr, rp.data)
+
+
 class MvSlice(wiring.Component):
     """One slice's row pipelines and its copy of the activation buffers (see MvExec).
 
@@ -176,16 +218,14 @@ class MvSlice(wiring.Component):
         nd = Signal(16)                            # d (sumq) entries per token
         m.d.comb += nd.eq(((nb << 2) + CB - 1) >> lgc)
 
-        # ---- this slice's copy of the activation buffers: every slice takes the same writes
-        m.submodules.qmem = qmem = memory.Memory(shape=unsigned(256), depth=NB, init=[])
-        m.submodules.dmem = dmem = memory.Memory(shape=unsigned(CB * 8), depth=DEPTH_D, init=[])
-        m.submodules.smem = smem = memory.Memory(shape=unsigned(CB * 8), depth=DEPTH_D, init=[])
-        qw = qmem.write_port(granularity=32)
-        dw = dmem.write_port()
-        sw = smem.write_port()
-        m.d.comb += [qw.addr.eq(self.qw_addr), qw.data.eq(self.qw_data), qw.en.eq(self.qw_en),
-                     dw.addr.eq(self.dw_addr), dw.data.eq(self.dw_data), dw.en.eq(self.dw_en),
-                     sw.addr.eq(self.dw_addr), sw.data.eq(self.dw_data), sw.en.eq(self.sw_en)]
+        # ---- this slice's copy of the activation buffers: every slice takes the same writes;
+        # a read port per chain, two per block RAM (_Buffer)
+        qmem = _Buffer(m, "qmem", 256, NB, self.qw_addr, self.qw_data, self.qw_en,
+                       self.qw_en.any(), granularity=32)
+        dmem = _Buffer(m, "dmem", CB * 8, DEPTH_D, self.dw_addr, self.dw_data, self.dw_en,
+                       self.dw_en)
+        smem = _Buffer(m, "smem", CB * 8, DEPTH_D, self.dw_addr, self.dw_data, self.sw_en,
+                       self.sw_en)
 
         resets = []                                # (signal, value at PLAN)
         lanes_done = []
