@@ -216,7 +216,8 @@ def test_estimate_design_units_counts_and_fit():
 
 def test_u280_mv_exec_is_32_slice_instances_of_one_module():
     """u280's MV/MM unit (32 slices x 4 row pipelines): one slice module, defined once and
-    instantiated 32 times, holding the slice's pipelines; the estimate's split has it as a
+    instantiated 32 times, holding the slice's pipelines (seconds to generate, against
+    over a minute for the whole accelerator); the estimate's split has it as a
     unit of count 32 and the pipelines' chains, decoders, realigners and scalers (written once
     as modules of their own) as units of count 128, each synthesized once."""
     from llmfab.hw.estimate import design_units
@@ -240,6 +241,10 @@ def test_u280_mv_exec_is_32_slice_instances_of_one_module():
     body = text[text.index(f"module {defined[0]}("):]
     body = body[:body.index("endmodule")]
     assert len(re.findall(r"^  \\\S+\.chain\d+ +chain\d+ \(", body, re.M)) == 4
+    # its activation buffers: a RAM copy per two chains (the copies' write port doubles as a
+    # read port), so two copies each of q, d and sumq
+    assert sorted(re.findall(r"^  reg \[\d+:0\] (\w+) \[", body, re.M)) == [
+        "dmem0", "dmem1", "qmem0", "qmem1", "smem0", "smem1"]
     split = design_units(text, "mv_exec")
     counts = {n: u["count"] for n, u in split["units"].items()}
     assert counts["mvslice"] == 32
