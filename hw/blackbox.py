@@ -11,8 +11,11 @@ text of every such module the design instantiates, each generated once per proce
 
 The module's ports are the unit's, named as Amaranth names a component's ports (the
 member path joined by ``__``) plus ``clk`` and ``rst``; the instance's ``rst`` is the
-domain's reset (a ``ResetInserter`` around the design does not reach into the module:
-units that must be cleared with the core's per-run reset are not shared).
+domain's reset (a ``ResetInserter`` around the design does not reach into the module),
+or'ed with ``reset`` if one is given: a unit whose state must be cleared with the core's
+per-run reset takes a signal that follows it (MvExec's slices: a register that the
+``ResetInserter`` sets, so one cycle after the core's reset, while MvExec is idle).
+Shared units instantiated inside a shared unit get that unit's ``rst``.
 """
 
 from __future__ import annotations
@@ -43,20 +46,24 @@ class Shared(wiring.Component):
     make : callable
         Returns the unit (an Amaranth component); called here once for the signature,
         and once more per process to write the module.
+    reset : Value, optional
+        An extra reset of the instance (or'ed with the domain's).
     """
 
-    def __init__(self, key, make):
+    def __init__(self, key, make, *, reset=None):
         unit = make()
         unit._MustUse__silence = True                    # only its signature is used here
         kind = type(unit).__name__.lower()
         digest = hashlib.sha256(repr((kind, key)).encode()).hexdigest()[:12]
         self.module = f"llmfab_{kind}_{digest}"
         _FACTORIES.setdefault(self.module, make)
+        self._reset = reset
         super().__init__(unit.signature)
 
     def elaborate(self, platform):
         m = Module()
-        ports = {"i_clk": ClockSignal(), "i_rst": ResetSignal()}
+        rst = ResetSignal() if self._reset is None else ResetSignal() | self._reset
+        ports = {"i_clk": ClockSignal(), "i_rst": rst}
         for path, member, value in self.signature.flatten(self):
             v = Value.cast(value)
             if not isinstance(v, Signal):

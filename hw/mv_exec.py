@@ -37,6 +37,11 @@ every compiled shape):
    pipeline is wider than one port's beat. A slice's pipelines share its bank's two
    read ports (``l // P`` even on port 0, odd on 1, fixed priority), which they
    take when the line view (store engine, ``rd0``/``rd1``) leaves them free.
+   **One module per slice:** a slice's pipelines, their command counters, its bank
+   arbitration and its copy of the activation buffers are :class:`MvSlice`, written once
+   (:class:`~llmfab.hw.blackbox.Shared`, the slice number an input) and instantiated ``P``
+   times; MvExec keeps the activation loader, the instruction's control and the result
+   writer, and broadcasts the loader's buffer writes to every slice's copy.
    **Token lanes:** each pipeline's
    decoder feeds ``tokens`` chains (and scalers) in lock step, lane ``k`` taking tokens
    ``k, k + tokens, ...`` of the pass, so an MM reads and decodes a row once per
@@ -64,8 +69,8 @@ without writing).
 """
 
 from amaranth import C, Cat, Const, Module, Mux, Signal, unsigned
-from amaranth.lib import data, fifo, memory, wiring
-from amaranth.lib.wiring import Out
+from amaranth.lib import data, fifo, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
 from llmfab.core.formats import QBLOCK_BYTES, SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes
@@ -78,7 +83,7 @@ from llmfab.hw.isa import Instruction, Op
 from llmfab.hw.onchip import mem_read_signature, slice_geometry
 from llmfab.hw.scaler import Scaler
 
-__all__ = ["MvExec", "DEFAULT_MAX_BLOCKS", "CHAIN_LENGTHS"]
+__all__ = ["MvExec", "MvSlice", "DEFAULT_MAX_BLOCKS", "CHAIN_LENGTHS"]
 
 #: Chain lengths the unit builds: 1, 2, 4 or 8 GGUF blocks between break points.
 CHAIN_LENGTHS = (32, 64, 128, 256)
@@ -105,6 +110,281 @@ def _arbitrate(m, port, clients, name):
         t2 = Signal(name=f"{name}_taken{i}")
         m.d.comb += t2.eq(taken | c.req.valid)
         taken = t2
+
+
+class _Buffer:
+    """One of a slice's activation buffers as copies of two read ports each.
+
+    A block RAM has two ports. Each copy's first read port shares its address with the copy's
+    write port (the buffer is written only while MvExec loads activations, ``writing``, and
+    read only while it computes, so one port of the RAM does both), the second read port is
+    the RAM's other port: ``n`` read ports cost ``n / 2`` copies, not ``n`` (Yosys and Vivado
+    give every read port beyond a RAM's two a copy of its own). A first port read while the
+    buffer is written returns the written address's old contents, which nothing takes: the
+    chains take activations, the scalers d and sumq, only while MvExec computes.
+    """
+
+    class _Read:
+        def __init__(self, addr, data):
+            self.addr, self.data = addr, data
+
+    def __init__(self, m, name, width, depth, w_addr, w_data, w_en, writing, granularity=None):
+        self._m, self._name = m, name
+        self._width, self._depth, self._gran = width, depth, granularity
+        self._w = (w_addr, w_data, w_en, writing)
+        self._copies = []                         # (memory, whether its second port is used)
+
+    def read_port(self):
+        m = self._m
+        if self._copies and not self._copies[-1][1]:
+            mem = self._copies[-1][0]
+            self._copies[-1] = (mem, True)
+            return mem.read_port()
+        w_addr, w_data, w_en, writing = self._w
+        c = len(self._copies)
+        mem = memory.Memory(shape=unsigned(self._width), depth=self._depth, init=[])
+        m.submodules[f"{self._name}{c}"] = mem
+        self._copies.append((mem, False))
+        wp = mem.write_port(granularity=self._gran) if self._gran else mem.write_port()
+        rp = mem.read_port()
+        addr = Signal.like(wp.addr, name=f"{self._name}{c}_raddr")    # the reader's address
+        port = Signal.like(wp.addr, name=f"{self._name}{c}_addr")     # the RAM port's
+        m.d.comb += [port.eq(Mux(writing, w_addr, addr)), wp.addr.eq(port), rp.addr.eq(port),
+                     wp.data.eq(w_data), wp.en.eq(w_en)]
+        return self._Read(addr, rp.data)
+
+
+class MvSlice(wiring.Component):
+    """One slice's row pipelines and its copy of the activation buffers (see MvExec).
+
+    Slice ``p`` (the ``index`` input, so every slice is the same module) has the
+    ``pipelines / slices`` row pipelines ``l = p + i * slices``; pipeline ``l`` does rows
+    ``l, l + pipelines, ...`` of every token of the pass. MvExec broadcasts the instruction's
+    fields, the pass's state and the activation load's writes to every slice; a slice
+    returns each lane's row sums (with their byte address, and whether they are dropped: a
+    lane past the pass's last token) and ``done`` (every lane's outputs have left). ``plan``
+    is MvExec's PLAN cycle: every counter takes its start of the pass.
+
+    A slice is generated once and instantiated per slice (:class:`~llmfab.hw.blackbox.Shared`),
+    so the accelerator's Verilog and its resource estimate (``llmfab hw estimate``) hold it once
+    with its count.
+    """
+
+    def __init__(self, *, pipelines: int, slices: int, stripe: int, bank_addr_bits: int,
+                 tokens: int, max_blocks: int, chunk_bytes: int, pack_int4: bool,
+                 formats, patterns):
+        self._L = pipelines
+        self._P = slices
+        self._S = stripe
+        self._bab = bank_addr_bits
+        self._K = tokens
+        self._NB = max_blocks
+        self._CB = chunk_bytes
+        self._pack = pack_int4
+        self._formats = tuple(formats)
+        self._patterns = tuple(patterns)
+        self._DD = -(-max_blocks // (chunk_bytes // 4)) + 256   # d / sumq entries (MvExec)
+        n = (pipelines // slices) * tokens
+        CB = chunk_bytes
+        super().__init__({
+            "index": In(max(1, ceil_log2(slices))),
+            "fmt": In(2), "pat": In(3), "nb": In(11), "rows": In(16), "rbytes": In(18),
+            "rstep": In(24), "b0": In(24), "g": In(9), "g_round": In(10), "t0": In(9),
+            "dst": In(24), "pass_active": In(1), "computing": In(1), "plan": In(1),
+            "qw_addr": In(range(max_blocks)), "qw_data": In(256), "qw_en": In(8),
+            "dw_addr": In(range(self._DD)), "dw_data": In(CB * 8), "dw_en": In(1),
+            "sw_en": In(1),
+            "bank": Out(mem_read_signature(bank_addr_bits, stripe * 8)).array(2),
+            "o": Out(stream.Signature(32)).array(n),
+            "o_addr": Out(24).array(n),
+            "o_drop": Out(1).array(n),
+            "done": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        L, P, S, K, NB, CB = self._L, self._P, self._S, self._K, self._NB, self._CB
+        DEPTH_D = self._DD
+        Ls = L // P
+        lgs = exact_log2(S)
+        lgk = exact_log2(K)
+        lgc = exact_log2(CB)
+        cw = CB // 4
+        lgcw = exact_log2(cw)
+        fmt, pat, nb, rows = self.fmt, self.pat, self.nb, self.rows
+        rbytes, rstep, b0, g, g_round = self.rbytes, self.rstep, self.b0, self.g, self.g_round
+        t0, dst = self.t0, self.dst
+        pass_active, computing = self.pass_active, self.computing
+        nd = Signal(16)                            # d (sumq) entries per token
+        m.d.comb += nd.eq(((nb << 2) + CB - 1) >> lgc)
+
+        # ---- this slice's copy of the activation buffers: every slice takes the same writes;
+        # a read port per chain, two per block RAM (_Buffer)
+        qmem = _Buffer(m, "qmem", 256, NB, self.qw_addr, self.qw_data, self.qw_en,
+                       self.qw_en.any(), granularity=32)
+        dmem = _Buffer(m, "dmem", CB * 8, DEPTH_D, self.dw_addr, self.dw_data, self.dw_en,
+                       self.dw_en)
+        smem = _Buffer(m, "smem", CB * 8, DEPTH_D, self.dw_addr, self.dw_data, self.sw_en,
+                       self.sw_en)
+
+        resets = []                                # (signal, value at PLAN)
+        lanes_done = []
+        bank_clients = ([], [])
+        n_out = 0
+        for ls in range(Ls):
+            # pipeline l = p + ls * P of the unit: its rows l, l + L, ... are this slice's local
+            # rows ls, ls + L / P, ... (docs/isa.md's slice-major tile), read from the bank at
+            # b0 + ls * rbytes through bank port ls % 2
+            l = Signal(16, name=f"l{ls}")
+            m.d.comb += l.eq(self.index + ls * P)
+            bab, fm, pt, pk = self._bab, self._formats, self._patterns, self._pack
+            wrd = LineReader(addr_bits=bab, line_bytes=S)
+            wal = Shared(("realign", S), lambda: Realign(S))
+            dec = Shared(("decoder", S, fm, pt),
+                         lambda: Decoder(lanes=1, data_width=S * 8, formats=fm, patterns=pt))
+            for nm, u in (("wrd", wrd), ("wal", wal), ("dec", dec)):
+                m.submodules[f"{nm}{ls}"] = u
+            bank_clients[ls % 2].append(wrd.mem)
+            wiring.connect(m, wrd.o, wal.i)
+            # a few beats of slack between realigner and decoder: the realigner pauses a few
+            # cycles between rows (its next command, then two source beats before the first
+            # output), which the decoder's 3-beat window does not cover once beats are narrow
+            # (18-block rows lost a cycle each at 32-byte beats)
+            slack = fifo.SyncFIFOBuffered(width=S * 8, depth=4)
+            m.submodules[f"slack{ls}"] = slack
+            m.d.comb += [slack.w_en.eq(wal.o.valid), slack.w_data.eq(wal.o.payload.data),
+                         wal.o.ready.eq(slack.w_rdy),
+                         dec.data.valid.eq(slack.r_rdy), dec.data.payload.eq(slack.r_data),
+                         slack.r_en.eq(dec.data.ready)]
+            chains = []
+            for tk in range(K):
+                chain = Shared(("chain", pk, fm, pt),
+                               lambda: Chain(length=32, pack_int4=pk, formats=fm, patterns=pt))
+                sc = Shared(("scaler", fm), lambda: Scaler(formats=fm))
+                sfx = f"{ls}" if K == 1 else f"{ls}_{tk}"
+                m.submodules[f"chain{sfx}"] = chain
+                m.submodules[f"scaler{sfx}"] = sc
+                chains.append((chain, sc))
+            # the decoder's blocks to every lane at once (each lane's valid waits for the others)
+            for tk, (chain, _) in enumerate(chains):
+                others = [c.weights.ready for j, (c, _) in enumerate(chains) if j != tk]
+                m.d.comb += [chain.weights.valid.eq(dec.weights.valid & Cat(*others).all()
+                                                    if others else dec.weights.valid),
+                             chain.weights.payload.eq(dec.weights.payload)]
+            m.d.comb += dec.weights.ready.eq(Cat(*(c.weights.ready for c, _ in chains)).all())
+
+            # one command per row (and group of K tokens) to the reader, realigner and decoder
+            for i, cmd in enumerate((wrd.cmd, wal.cmd, dec.cmd)):
+                j_tok = Signal(9, name=f"p{ls}_c{i}_tok")
+                j_row = Signal(16, name=f"p{ls}_c{i}_row")
+                j_addr = Signal(24, name=f"p{ls}_c{i}_addr")  # byte address of the row
+                resets += [(j_tok, 0), (j_row, l), (j_addr, b0 + ls * rbytes)]
+                off = j_addr[0:lgs]
+                if i == 0:
+                    m.d.comb += [cmd.payload.line.eq(j_addr >> lgs),
+                                 cmd.payload.count.eq((off + rbytes + S - 1) >> lgs)]
+                elif i == 1:
+                    m.d.comb += [cmd.payload.s_off.eq(off), cmd.payload.d_off.eq(0),
+                                 cmd.payload.n.eq(rbytes)]
+                else:
+                    m.d.comb += [cmd.payload.fmt.as_value().eq(fmt),
+                                 cmd.payload.pattern.as_value().eq(pat),
+                                 cmd.payload.count.eq(nb), cmd.payload.row_blocks.eq(nb)]
+                m.d.comb += cmd.valid.eq(pass_active & (j_tok < g) & (j_row < rows))
+                with m.If(cmd.valid & cmd.ready):
+                    with m.If(j_row + L >= rows):
+                        m.d.sync += [j_tok.eq(j_tok + K), j_row.eq(l),
+                                     j_addr.eq(b0 + ls * rbytes)]
+                    with m.Else():
+                        m.d.sync += [j_row.eq(j_row + L), j_addr.eq(j_addr + rstep)]
+
+            for tk, (chain, sc) in enumerate(chains):
+                p = f"p{ls}" if K == 1 else f"p{ls}_{tk}"
+                # activations to the chain (a read port addressed one cycle ahead)
+                qr = qmem.read_port()
+                bi = Signal(range(NB), name=f"{p}_bi")
+                arow = Signal(16, name=f"{p}_arow")
+                atok = Signal(9, name=f"{p}_atok")
+                qbase = Signal(range(NB * K + 1), name=f"{p}_qbase")
+                resets += [(bi, 0), (arow, l), (atok, tk), (qbase, nb * tk)]
+                a_take = chain.acts.valid & chain.acts.ready
+                a_row_end = bi == nb - 1
+                a_tok_end = a_row_end & (arow + L >= rows)
+                bi_n = Mux(a_row_end, 0, bi + 1)
+                qbase_n = Mux(a_tok_end, qbase + (nb << lgk), qbase)
+                m.d.comb += [chain.acts.valid.eq(computing & (atok < g_round) & (arow < rows)),
+                             chain.acts.payload.eq(qr.data),
+                             qr.addr.eq(Mux(a_take, qbase_n + bi_n, qbase + bi))]
+                with m.If(a_take):
+                    m.d.sync += [bi.eq(bi_n), qbase.eq(qbase_n),
+                                 arow.eq(Mux(a_tok_end, l, Mux(a_row_end, arow + L, arow))),
+                                 atok.eq(Mux(a_tok_end, atok + K, atok))]
+
+                # chain results + (d_x, sumq) of the same block to the scaler
+                dr = dmem.read_port()
+                sr = smem.read_port()
+                res = chain.results.payload
+                lane = res.lanes[0]
+                r_take = chain.results.valid & chain.results.ready
+                rb = Signal(range(NB), name=f"{p}_rb")
+                rrow = Signal(16, name=f"{p}_rrow")
+                dbase = Signal(range(DEPTH_D * K + 1), name=f"{p}_dbase")
+                resets += [(rb, 0), (rrow, l), (dbase, nd * tk)]
+                r_tok_end = res.last & (rrow + L >= rows)
+                rb_n = Mux(res.last, 0, rb + 1)
+                dbase_n = Mux(r_tok_end, dbase + (nd << lgk), dbase)
+                r_blk = Signal.like(rb, name=f"{p}_rblk")
+                r_ent = Signal(range(DEPTH_D * K + 1), name=f"{p}_rent")
+                r_word = Signal(max(lgcw, 1), name=f"{p}_rword")
+                m.d.comb += [r_blk.eq(Mux(r_take, rb_n, rb)),
+                             r_ent.eq(Mux(r_take, dbase_n, dbase) + (r_blk >> lgcw)),
+                             dr.addr.eq(r_ent), sr.addr.eq(r_ent)]
+                if lgcw:
+                    m.d.sync += r_word.eq(r_blk[0:lgcw])
+                d_x = dr.data.word_select(r_word, 32) if lgcw else dr.data
+                s_q = sr.data.word_select(r_word, 32) if lgcw else sr.data
+                with m.If(r_take):
+                    m.d.sync += [rb.eq(rb_n), dbase.eq(dbase_n),
+                                 rrow.eq(Mux(r_tok_end, l, Mux(res.last, rrow + L, rrow)))]
+                si = sc.i.payload
+                m.d.comb += [
+                    sc.i.valid.eq(chain.results.valid), chain.results.ready.eq(sc.i.ready),
+                    si.isum.eq(lane.isum), si.d_w.eq(lane.d), si.m_w.eq(lane.m),
+                    si.sumq.eq(Mux(pat == 0, s_q, lane.sumq)), si.d_x.eq(d_x),
+                    si.fmt.as_value().eq(res.fmt.as_value()), si.last.eq(res.last),
+                ]
+
+                # row sums leave in order: row l + j*L of token t goes to dst + (t*rows + row)*4
+                o_row = Signal(16, name=f"{p}_orow")
+                o_tok = Signal(9, name=f"{p}_otok")         # token of the pass
+                o_addr = Signal(24, name=f"{p}_oaddr")
+                o_tbase = Signal(24, name=f"{p}_otbase")   # dst + t*rows*4
+                resets += [(o_row, l), (o_tok, tk),
+                           (o_addr, dst + ((t0 + tk) * rows << 2) + 4 * l),
+                           (o_tbase, dst + ((t0 + tk) * rows << 2))]
+                o = self.o[n_out]
+                m.d.comb += [o.valid.eq(sc.o.valid), o.payload.eq(sc.o.payload),
+                             sc.o.ready.eq(o.ready), self.o_addr[n_out].eq(o_addr),
+                             self.o_drop[n_out].eq(o_tok >= g)]
+                n_out += 1
+                lanes_done.append((o_tok >= g_round) | (rows <= l))
+                o_take = sc.o.valid & sc.o.ready
+                with m.If(o_take):
+                    with m.If(o_row + L >= rows):
+                        m.d.sync += [o_row.eq(l), o_tok.eq(o_tok + K),
+                                     o_tbase.eq(o_tbase + (rows << (2 + lgk))),
+                                     o_addr.eq(o_tbase + (rows << (2 + lgk)) + 4 * l)]
+                    with m.Else():
+                        m.d.sync += [o_row.eq(o_row + L), o_addr.eq(o_addr + 4 * L)]
+
+        for port in range(2):
+            if bank_clients[port]:
+                _arbitrate(m, self.bank[port], bank_clients[port], f"bank{port}")
+        m.d.comb += self.done.eq(Cat(*lanes_done).all())
+        # MvExec's PLAN: every counter to its start of the pass (last: it wins over the above)
+        with m.If(self.plan):
+            m.d.sync += [sig.eq(v) for sig, v in resets]
+        return m
 
 
 class MvExec(wiring.Component):
@@ -215,21 +495,22 @@ class MvExec(wiring.Component):
         m.submodules.aal = aal = Realign(D)
         wiring.connect(m, ard.o, aal.i)
 
-        # ---- activation buffers (one write port, a read port per pipeline)
+        # ---- activation buffers: one write port here, broadcast to every slice's copy (MvSlice),
+        # which has a read port per chain
         CB = min(D, 32)                           # bytes per load chunk (one chunk per cycle)
         cw = CB // 4                              # words per chunk
         lgc = exact_log2(CB)
-        lgcw = exact_log2(cw)
         cpb = D // CB                             # chunks per line
         qpc = 32 // CB                            # chunks per q block
-        m.submodules.qmem = qmem = memory.Memory(shape=unsigned(256), depth=NB, init=[])
         # d / sumq entries: each token's start on an entry, so up to one more per token
         DEPTH_D = -(-NB // cw) + 256
-        m.submodules.dmem = dmem = memory.Memory(shape=unsigned(CB * 8), depth=DEPTH_D, init=[])
-        m.submodules.smem = smem = memory.Memory(shape=unsigned(CB * 8), depth=DEPTH_D, init=[])
-        qw = qmem.write_port(granularity=32)
-        dw = dmem.write_port()
-        sw = smem.write_port()
+        qw_addr = Signal(range(NB))
+        qw_data = Signal(256)
+        qw_en = Signal(8)
+        dw_addr = Signal(range(DEPTH_D))
+        dw_data = Signal(CB * 8)
+        dw_en = Signal()
+        sw_en = Signal()
 
         # ---- the instruction
         word = Signal(128)
@@ -307,10 +588,10 @@ class MvExec(wiring.Component):
         qlane = cidx[0:exact_log2(qpc)] if qpc > 1 else C(0, 1)
         m.d.comb += [
             aal.o.ready.eq(loading & ((k == cpb - 1) | reg_last)),
-            qw.addr.eq(qbase_w + (cidx >> exact_log2(qpc))), qw.data.eq(Cat(*([chunk] * qpc))),
-            qw.en.eq(Mux(wvalid & (region == 0), C((1 << cw) - 1, 8) << (qlane * cw), 0)),
-            dw.addr.eq(dbase_w + cidx), dw.data.eq(chunk), dw.en.eq(wvalid & (region == 1)),
-            sw.addr.eq(dbase_w + cidx), sw.data.eq(chunk), sw.en.eq(wvalid & (region == 2)),
+            qw_addr.eq(qbase_w + (cidx >> exact_log2(qpc))), qw_data.eq(Cat(*([chunk] * qpc))),
+            qw_en.eq(Mux(wvalid & (region == 0), C((1 << cw) - 1, 8) << (qlane * cw), 0)),
+            dw_addr.eq(dbase_w + cidx), dw_data.eq(chunk), dw_en.eq(wvalid & (region == 1)),
+            sw_en.eq(wvalid & (region == 2)),
         ]
         load_done = Signal()
         with m.If(wvalid):
@@ -355,163 +636,48 @@ class MvExec(wiring.Component):
                 with m.If(c_reg == 2):
                     m.d.sync += [c_tok.eq(c_tok + 1), c_base.eq(c_base + abytes)]
 
-        # ---- row pipelines: pipeline l does rows l, l + L, ... of every token of the pass;
-        # its decoded weight blocks feed K chains (token lanes), lane k taking tokens k, k + K, ...
-        # of the pass. Lanes past the pass's last token (its last group of K) still take the
-        # blocks (they run in lock step) and their results are dropped, not written.
+        # ---- row pipelines, one MvSlice per slice: pipeline l does rows l, l + L, ... of every
+        # token of the pass; its decoded weight blocks feed K chains (token lanes), lane k taking
+        # tokens k, k + K, ... of the pass. Lanes past the pass's last token (its last group of
+        # K) still take the blocks (they run in lock step) and their results are dropped, not
+        # written. Pipeline l belongs to slice p = l % P and reads its rows from bank p.
         K = self._tokens
         lgk = exact_log2(K)
         g_round = Signal(10)                       # g rounded up to whole groups of K
         m.d.comb += g_round.eq(((g + K - 1) >> lgk) << lgk)
-        resets = []                                # (signal, value at PLAN)
-        outs = []                                  # (scaler output stream, its address, dropped)
-        lanes_done = []                            # per lane: every output of the pass has left
-        # Pipeline l belongs to slice p = l % P (its rows l, l + L, ... are that slice's local
-        # rows j = l // P, l // P + L / P, ...: docs/isa.md's slice-major tile) and reads them
-        # from its bank at b0 + j * rbytes through bank port (l // P) % 2.
-        bank_clients = [([], []) for _ in range(P)]
-        for l in range(L):
-            sp, ls = l % P, l // P
-            bab, fm, pt, pk = self._bab, self._formats, self._patterns, self._pack
-            wrd = LineReader(addr_bits=bab, line_bytes=S)
-            wal = Shared(("realign", S), lambda: Realign(S))
-            dec = Shared(("decoder", S, fm, pt),
-                         lambda: Decoder(lanes=1, data_width=S * 8, formats=fm, patterns=pt))
-            for nm, u in (("wrd", wrd), ("wal", wal), ("dec", dec)):
-                m.submodules[f"{nm}{l}"] = u
-            bank_clients[sp][ls % 2].append(wrd.mem)
-            wiring.connect(m, wrd.o, wal.i)
-            # a few beats of slack between realigner and decoder: the realigner pauses a few
-            # cycles between rows (its next command, then two source beats before the first
-            # output), which the decoder's 3-beat window does not cover once beats are narrow
-            # (18-block rows lost a cycle each at 32-byte beats)
-            slack = fifo.SyncFIFOBuffered(width=S * 8, depth=4)
-            m.submodules[f"slack{l}"] = slack
-            m.d.comb += [slack.w_en.eq(wal.o.valid), slack.w_data.eq(wal.o.payload.data),
-                         wal.o.ready.eq(slack.w_rdy),
-                         dec.data.valid.eq(slack.r_rdy), dec.data.payload.eq(slack.r_data),
-                         slack.r_en.eq(dec.data.ready)]
-            chains = []
-            for tk in range(K):
-                chain = Shared(("chain", pk, fm, pt),
-                               lambda: Chain(length=32, pack_int4=pk, formats=fm, patterns=pt))
-                sc = Shared(("scaler", fm), lambda: Scaler(formats=fm))
-                sfx = f"{l}" if K == 1 else f"{l}_{tk}"
-                m.submodules[f"chain{sfx}"] = chain
-                m.submodules[f"scaler{sfx}"] = sc
-                chains.append((chain, sc))
-            # the decoder's blocks to every lane at once (each lane's valid waits for the others)
-            for tk, (chain, _) in enumerate(chains):
-                others = [c.weights.ready for j, (c, _) in enumerate(chains) if j != tk]
-                m.d.comb += [chain.weights.valid.eq(dec.weights.valid & Cat(*others).all()
-                                                    if others else dec.weights.valid),
-                             chain.weights.payload.eq(dec.weights.payload)]
-            m.d.comb += dec.weights.ready.eq(Cat(*(c.weights.ready for c, _ in chains)).all())
-
-            # one command per row (and group of K tokens) to the reader, realigner and decoder
-            for i, cmd in enumerate((wrd.cmd, wal.cmd, dec.cmd)):
-                j_tok = Signal(9, name=f"p{l}_c{i}_tok")
-                j_row = Signal(16, name=f"p{l}_c{i}_row")
-                j_addr = Signal(24, name=f"p{l}_c{i}_addr")   # byte address of the row
-                resets += [(j_tok, 0), (j_row, l), (j_addr, b0 + ls * rbytes)]
-                off = j_addr[0:lgs]
-                if i == 0:
-                    m.d.comb += [cmd.payload.line.eq(j_addr >> lgs),
-                                 cmd.payload.count.eq((off + rbytes + S - 1) >> lgs)]
-                elif i == 1:
-                    m.d.comb += [cmd.payload.s_off.eq(off), cmd.payload.d_off.eq(0),
-                                 cmd.payload.n.eq(rbytes)]
-                else:
-                    m.d.comb += [cmd.payload.fmt.as_value().eq(fmt),
-                                 cmd.payload.pattern.as_value().eq(pat),
-                                 cmd.payload.count.eq(nb), cmd.payload.row_blocks.eq(nb)]
-                m.d.comb += cmd.valid.eq(pass_active & (j_tok < g) & (j_row < rows))
-                with m.If(cmd.valid & cmd.ready):
-                    with m.If(j_row + L >= rows):
-                        m.d.sync += [j_tok.eq(j_tok + K), j_row.eq(l),
-                                     j_addr.eq(b0 + ls * rbytes)]
-                    with m.Else():
-                        m.d.sync += [j_row.eq(j_row + L), j_addr.eq(j_addr + rstep)]
-
-            for tk, (chain, sc) in enumerate(chains):
-                p = f"p{l}" if K == 1 else f"p{l}_{tk}"
-                # activations to the chain (a read port addressed one cycle ahead)
-                qr = qmem.read_port()
-                bi = Signal(range(NB), name=f"{p}_bi")
-                arow = Signal(16, name=f"{p}_arow")
-                atok = Signal(9, name=f"{p}_atok")
-                qbase = Signal(range(NB * K + 1), name=f"{p}_qbase")
-                resets += [(bi, 0), (arow, l), (atok, tk), (qbase, nb * tk)]
-                a_take = chain.acts.valid & chain.acts.ready
-                a_row_end = bi == nb - 1
-                a_tok_end = a_row_end & (arow + L >= rows)
-                bi_n = Mux(a_row_end, 0, bi + 1)
-                qbase_n = Mux(a_tok_end, qbase + (nb << lgk), qbase)
-                m.d.comb += [chain.acts.valid.eq(computing & (atok < g_round) & (arow < rows)),
-                             chain.acts.payload.eq(qr.data),
-                             qr.addr.eq(Mux(a_take, qbase_n + bi_n, qbase + bi))]
-                with m.If(a_take):
-                    m.d.sync += [bi.eq(bi_n), qbase.eq(qbase_n),
-                                 arow.eq(Mux(a_tok_end, l, Mux(a_row_end, arow + L, arow))),
-                                 atok.eq(Mux(a_tok_end, atok + K, atok))]
-
-                # chain results + (d_x, sumq) of the same block to the scaler
-                dr = dmem.read_port()
-                sr = smem.read_port()
-                res = chain.results.payload
-                lane = res.lanes[0]
-                r_take = chain.results.valid & chain.results.ready
-                rb = Signal(range(NB), name=f"{p}_rb")
-                rrow = Signal(16, name=f"{p}_rrow")
-                dbase = Signal(range(DEPTH_D * K + 1), name=f"{p}_dbase")
-                resets += [(rb, 0), (rrow, l), (dbase, nd * tk)]
-                r_tok_end = res.last & (rrow + L >= rows)
-                rb_n = Mux(res.last, 0, rb + 1)
-                dbase_n = Mux(r_tok_end, dbase + (nd << lgk), dbase)
-                r_blk = Signal.like(rb, name=f"{p}_rblk")
-                r_ent = Signal(range(DEPTH_D * K + 1), name=f"{p}_rent")
-                r_word = Signal(max(lgcw, 1), name=f"{p}_rword")
-                m.d.comb += [r_blk.eq(Mux(r_take, rb_n, rb)),
-                             r_ent.eq(Mux(r_take, dbase_n, dbase) + (r_blk >> lgcw)),
-                             dr.addr.eq(r_ent), sr.addr.eq(r_ent)]
-                if lgcw:
-                    m.d.sync += r_word.eq(r_blk[0:lgcw])
-                d_x = dr.data.word_select(r_word, 32) if lgcw else dr.data
-                s_q = sr.data.word_select(r_word, 32) if lgcw else sr.data
-                with m.If(r_take):
-                    m.d.sync += [rb.eq(rb_n), dbase.eq(dbase_n),
-                                 rrow.eq(Mux(r_tok_end, l, Mux(res.last, rrow + L, rrow)))]
-                si = sc.i.payload
-                m.d.comb += [
-                    sc.i.valid.eq(chain.results.valid), chain.results.ready.eq(sc.i.ready),
-                    si.isum.eq(lane.isum), si.d_w.eq(lane.d), si.m_w.eq(lane.m),
-                    si.sumq.eq(Mux(pat == 0, s_q, lane.sumq)), si.d_x.eq(d_x),
-                    si.fmt.as_value().eq(res.fmt.as_value()), si.last.eq(res.last),
-                ]
-
-                # row sums leave in order: row l + j*L of token t goes to dst + (t*rows + row)*4
-                o_row = Signal(16, name=f"{p}_orow")
-                o_tok = Signal(9, name=f"{p}_otok")         # token of the pass
-                o_addr = Signal(24, name=f"{p}_oaddr")
-                o_tbase = Signal(24, name=f"{p}_otbase")   # dst + t*rows*4
-                resets += [(o_row, l), (o_tok, tk),
-                           (o_addr, mv.dst + ((t0 + tk) * rows << 2) + 4 * l),
-                           (o_tbase, mv.dst + ((t0 + tk) * rows << 2))]
-                outs.append((sc.o, o_addr, o_tok >= g))
-                lanes_done.append((o_tok >= g_round) | (rows <= l))
-                o_take = sc.o.valid & sc.o.ready
-                with m.If(o_take):
-                    with m.If(o_row + L >= rows):
-                        m.d.sync += [o_row.eq(l), o_tok.eq(o_tok + K),
-                                     o_tbase.eq(o_tbase + (rows << (2 + lgk))),
-                                     o_addr.eq(o_tbase + (rows << (2 + lgk)) + 4 * l)]
-                    with m.Else():
-                        m.d.sync += [o_row.eq(o_row + L), o_addr.eq(o_addr + 4 * L)]
-
+        plan = Signal()                            # (comb) the PLAN cycle
+        # the slices are instances of one module, outside the core's per-run ResetInserter: they
+        # are reset one cycle after it (and with the domain), when this unit is still idle
+        fresh = Signal(init=1)
+        m.d.sync += fresh.eq(0)
+        fm, pt, pk, bab, SB = self._formats, self._patterns, self._pack, self._bab, S
+        slices = []
         for sp in range(P):
+            sl = Shared(("mvslice", L, P, S, bab, K, NB, CB, pk, fm, pt),
+                        lambda: MvSlice(pipelines=L, slices=P, stripe=SB, bank_addr_bits=bab,
+                                        tokens=K, max_blocks=NB, chunk_bytes=CB, pack_int4=pk,
+                                        formats=fm, patterns=pt),
+                        reset=fresh)
+            m.submodules[f"slice{sp}"] = sl
+            slices.append(sl)
+            m.d.comb += [sl.index.eq(sp), sl.fmt.eq(fmt), sl.pat.eq(pat), sl.nb.eq(nb),
+                         sl.rows.eq(rows), sl.rbytes.eq(rbytes), sl.rstep.eq(rstep),
+                         sl.b0.eq(b0), sl.g.eq(g), sl.g_round.eq(g_round), sl.t0.eq(t0),
+                         sl.dst.eq(mv.dst), sl.pass_active.eq(pass_active),
+                         sl.computing.eq(computing), sl.plan.eq(plan),
+                         sl.qw_addr.eq(qw_addr), sl.qw_data.eq(qw_data), sl.qw_en.eq(qw_en),
+                         sl.dw_addr.eq(dw_addr), sl.dw_data.eq(dw_data), sl.dw_en.eq(dw_en),
+                         sl.sw_en.eq(sw_en)]
             for port in range(2):
-                if bank_clients[sp][port]:
-                    _arbitrate(m, self.bank[sp][port], bank_clients[sp][port], f"bank{sp}_{port}")
+                wiring.connect(m, wiring.flipped(self.bank[sp][port]), sl.bank[port])
+        # the lanes' row sums in pipeline order (lane k of pipeline l is output l * K + k)
+        outs = []                                  # (row sum stream, its address, dropped)
+        for l in range(L):
+            sl, ls = slices[l % P], l // P
+            for tk in range(K):
+                j = ls * K + tk
+                outs.append((sl.o[j], sl.o_addr[j], sl.o_drop[j]))
+        lanes_done = [sl.done for sl in slices]
         _arbitrate(m, self.rd1, [ard.mem], "rd1")
 
         # ---- row results -> wr, one row at a time (lowest pipeline first; a word straddling
@@ -576,7 +742,7 @@ class MvExec(wiring.Component):
                 m.d.sync += [g.eq(Mux(gmax < left, gmax, left)),
                              region.eq(0), cidx.eq(0), k.eq(0), ltok.eq(0), qbase_w.eq(0),
                              dbase_w.eq(0), second.eq(0)]
-                m.d.sync += [sig.eq(v) for sig, v in resets]
+                m.d.comb += plan.eq(1)
                 for c_reg, c_tok, c_base in issuers:
                     m.d.sync += [c_reg.eq(0), c_tok.eq(0), c_base.eq(qaddr)]
                 m.next = "PLAN2"

@@ -70,6 +70,10 @@ def WriteReq(addr_bits: int, line_bits: int) -> data.StructLayout:
     return data.StructLayout({"addr": addr_bits, "data": line_bits, "be": line_bits // 8})
 
 
+#: Lines of a region from which it is UltraRAM (``ram_style``), the depth of one URAM288.
+URAM_DEPTH = 4096
+
+
 def mem_read_signature(addr_bits: int, line_bits: int) -> wiring.Signature:
     """A read client (client side): ``req`` line addresses out, ``rsp`` lines in one cycle later."""
     return wiring.Signature({
@@ -149,7 +153,11 @@ class OnChipMemory(wiring.Component):
             if name == "weight":
                 mem = _Banks(self, hi - lo)
             else:
-                mem = memory.Memory(shape=lb, depth=hi - lo, init=[])
+                # a region of a URAM288's depth or more is UltraRAM: the u280's 8.75 MiB of
+                # buffers (two copies, one per read port) are four times its block RAM
+                big = hi - lo >= URAM_DEPTH
+                mem = memory.Memory(shape=lb, depth=hi - lo, init=[],
+                                    attrs={"ram_style": "ultra"} if big else None)
             m.submodules[f"mem_{name}"] = mem
             bounds.append((name, lo, hi, mem))
 

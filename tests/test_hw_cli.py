@@ -34,9 +34,11 @@ def test_hw_verilog_writes_the_accelerator_top(tmp_path, capsys):
     modules = set(re.findall(r"^module \\?(\S+) ?\(", text, re.M))
     for unit in ("exec", "exec.mv", "exec.sfu", "exec.misc"):
         assert f"llmfab_accel.core.{unit}" in modules, unit
-    # the engines inside them: the DSP chains, the GGUF decoders, the special-function unit
-    assert any(m.startswith("llmfab_accel.core.exec.mv.chain") for m in modules)
-    assert any(m.startswith("llmfab_accel.core.exec.mv.dec") for m in modules)
+    # the engines inside them: the MV unit's slices (one module, hw/mv_exec.py's MvSlice,
+    # instantiated per slice) with their DSP chains and GGUF decoders (modules written once)
+    assert any(m.startswith("llmfab_accel.core.exec.mv.slice") for m in modules)
+    for kind in ("mvslice", "chain", "decoder"):
+        assert any(re.fullmatch(rf"llmfab_{kind}_[0-9a-f]{{12}}", m) for m in modules), kind
 
 
 class _Stub(wiring.Component):
@@ -210,3 +212,44 @@ def test_estimate_design_units_counts_and_fit():
                                        r"has [\d,]+ \(Yosys synth_xilinx estimate\); use fewer "
                                        r"or smaller slices$"):
         check_design_fits(res)
+
+
+def test_u280_mv_exec_is_32_slice_instances_of_one_module():
+    """u280's MV/MM unit (32 slices x 4 row pipelines): one slice module, defined once and
+    instantiated 32 times, holding the slice's pipelines (seconds to generate, against
+    over a minute for the whole accelerator); the estimate's split has it as a
+    unit of count 32 and the pipelines' chains, decoders, realigners and scalers (written once
+    as modules of their own) as units of count 128, each synthesized once."""
+    from llmfab.hw.estimate import design_units
+    from llmfab.hw.mv_exec import MvExec
+    from llmfab.hw.top import geometry
+    from llmfab.hw.verilog import to_verilog
+    cfg = load_config("u280")
+    g = geometry(cfg)
+    D = g["line_bytes"]
+    ab = (g["onchip_size"] // D - 1).bit_length()
+    unit = MvExec.for_config(cfg)(addr_bits=ab, line_bytes=D)
+    assert (unit.slices, unit.pipelines) == (32, 128)
+    from amaranth.hdl import Signal, Value
+    ports = [v for v in (Value.cast(x) for _, _, x in unit.signature.flatten(unit))
+             if isinstance(v, Signal)]                  # not rsp.ready (a constant)
+    text = to_verilog(unit, "mv_exec", ports=ports)
+    defined = re.findall(r"^module (llmfab_mvslice_[0-9a-f]{12})\(", text, re.M)
+    assert len(defined) == 1
+    assert len(re.findall(rf"^  {defined[0]} unit \(", text, re.M)) == 32
+    # the slice module holds four pipelines' chains (u280: one token lane each)
+    body = text[text.index(f"module {defined[0]}("):]
+    body = body[:body.index("endmodule")]
+    assert len(re.findall(r"^  \\\S+\.chain\d+ +chain\d+ \(", body, re.M)) == 4
+    # its activation buffers: a RAM copy per two chains (the copies' write port doubles as a
+    # read port), so two copies each of q, d and sumq
+    assert sorted(re.findall(r"^  reg \[\d+:0\] (\w+) \[", body, re.M)) == [
+        "dmem0", "dmem1", "qmem0", "qmem1", "smem0", "smem1"]
+    split = design_units(text, "mv_exec")
+    counts = {n: u["count"] for n, u in split["units"].items()}
+    assert counts["mvslice"] == 32
+    for kind in ("chain", "decoder", "realign", "scaler", "mvslice.wrdN"):
+        assert counts[kind] == 128, (kind, counts)
+    # MvExec itself (loader, control, result writer) is the small shared rest
+    assert len(split["shared"]["text"]) < 1_000_000
+    assert "llmfab_mvslice_" in split["shared"]["lib"]
