@@ -58,7 +58,7 @@ def counter_stats(config, bundle, cycles, counters) -> dict:
     peak = config.hbm_bytes_per_cycle
     wbytes = int(bundle.manifest["stats"]["weight_bytes_per_token"])
     c = counters
-    busy = {q: c.get(f"busy_{q}", 0) / max(c.get("cycles", 1), 1) for q in ("ld", "cmp", "mv", "misc", "st")}
+    busy = {q: c.get(f"busy_{q}", 0) / max(c.get("cycles", 1), 1) for q in ("ld", "cmp", "mv", "misc", "both", "st")}
     sustainable = memory_timing.sustainable_fraction(config)
     last = cycles[-1] if cycles else 0
     return {"cycles_per_token": list(cycles), "weight_bytes_per_token": wbytes,

@@ -335,7 +335,7 @@ def _conflict(a, b) -> bool:
 
 
 def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency: float = 1.0,
-             memory: str = "card", costs: UnitCosts = COSTS) -> PerfEstimate:
+             memory: str = "card", costs: UnitCosts = COSTS, trace: list | None = None) -> PerfEstimate:
     """Cycles of one run of a program at position ``pos`` (default: half the compiled context).
 
     ``program``: ``None`` / ``"decode"`` the decode program, an int T the prefill program
@@ -344,6 +344,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     (:func:`~llmfab.boards.memory_timing.sustainable_fraction`) with the card's read
     latency, ``ideal`` at the peak (the lesser of ports and memory) times ``efficiency``
     with the RTL ideal model's latency. ``costs``: the unit constants (:class:`UnitCosts`).
+    ``trace``: a list to append ``(index, op, dispatch, start, done)`` of every LD, ST and
+    compute instruction to (a timeline, for finding what a step waits on).
     """
     ctx = int(bundle.manifest["context"])
     pos = ctx // 2 if pos is None else int(pos)
@@ -484,6 +486,9 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
             busy[q] += done - max(start, cmp_busy_to)
             cmp_busy_to = done
         last_end[q] = max(last_end[q], done)
+        if trace is not None:
+            op = isa.MISC_NAMES[f["func"]] if ins.op == "MISC" else ins.op
+            trace.append((len(trace), op, t, start, done))
         for bit in ("rel_prev", "rel_next"):
             if f.get(bit):
                 rel[_REL[(q, bit)]].append(done)

@@ -38,7 +38,7 @@ def test_two_layer_model_bit_exact(tmp_path, qtype, monkeypatch):
         st = rtl.stats()
         assert len(st["cycles_per_token"]) == len(toks) and all(c > 0 for c in st["cycles_per_token"])
         assert 0 < st["hbm_utilization"] < 1
-        assert set(st["busy_fraction"]) == {"ld", "cmp", "mv", "misc", "st"}
+        assert set(st["busy_fraction"]) == {"ld", "cmp", "mv", "misc", "both", "st"}
         # greedy generation through the device API agrees too
         rg = rtl.generate([5, 6, 7], 4)
         gg = gold.generate([5, 6, 7], 4)
