@@ -9,8 +9,12 @@ form one class, the others a second; each class has at most one instruction in
 flight, and a word issues once its class's unit is free and its ranges share no
 byte with those of the other class's instruction in flight, so an MV and a
 MISC run side by side only on disjoint data and the results are the in-order
-ones. ``done`` pulses in acceptance order (a younger instruction that finishes
-first waits); ``both`` is high while both classes are in flight. The units in
+ones. A class's unit takes its next instruction as soon as it finishes the
+last, so MVs stream on beside one long MISC (an ATTN); ``done`` pulses in
+acceptance order (a younger instruction that finished first waits for the
+older one's done; at most ``MAX_IN_FLIGHT`` issued and not yet done, the
+compute queue's own bound in ``hw/top.py``); ``both`` is high while both units
+are running. The units in
 flight share ``rd0``, ``rd1`` and ``wr``, the MV class first; read responses go
 back to the unit whose request was taken. Without a configuration (``units``
 given, no layout to compare) every unit is one class: one instruction at a time.
@@ -35,11 +39,11 @@ a failed import.
 """
 
 from amaranth import C, Cat, Module, Mux, Signal
-from amaranth.lib import data, wiring
+from amaranth.lib import data, fifo, wiring
 from amaranth.lib.wiring import Out
 
 from llmfab.hw.dispatch import Footprint
-from llmfab.hw.execute import ExecInstr, MiscExec, exec_signature
+from llmfab.hw.execute import MAX_IN_FLIGHT, ExecInstr, MiscExec, exec_signature
 from llmfab.hw.isa import Instruction, MiscFunc, Op
 from llmfab.hw.mv_exec import MvExec
 from llmfab.hw.onchip import mem_read_signature, region_map, slice_geometry
@@ -197,14 +201,16 @@ class ExecUnit(wiring.Component):
             with m.If(target == i):
                 m.d.comb += tcls.eq(cls_of[i])
 
-        # ---- per class: busy (until its done is reported), its unit, its ranges, done seen
-        cbusy = [Signal(name=f"cbusy{c}") for c in range(NC)]
+        # ---- per class: running (its unit has an unfinished instruction), the unit, its
+        # ranges, how many of its instructions finished and wait for their done; the classes
+        # of the instructions issued and not yet reported, in acceptance order
+        run = [Signal(name=f"run{c}") for c in range(NC)]
         csel = [Signal.like(target, name=f"csel{c}") for c in range(NC)]
-        cdone = [Signal(name=f"cdone{c}") for c in range(NC)]
+        nfin = [Signal(range(MAX_IN_FLIGHT + 1), name=f"nfin{c}") for c in range(NC)]
         cfp = [[Signal(64, name=f"cfp{c}_{k}") for k in range(2 * Footprint.SLOTS)]
                for c in range(NC)]
-        first = Signal()            # the class of the oldest instruction in flight
-        self._cbusy = cbusy
+        m.submodules.accepted = accepted = fifo.SyncFIFO(width=1, depth=MAX_IN_FLIGHT)
+        self._run = run
 
         def conflict(c):
             st, ln = cfp[c][:Footprint.SLOTS], cfp[c][Footprint.SLOTS:]
@@ -214,37 +220,37 @@ class ExecUnit(wiring.Component):
 
         free_cls = Signal()
         blocked = Signal()
-        m.d.comb += [free_cls.eq(Mux(tcls, ~cbusy[1], ~cbusy[0])),
-                     blocked.eq(Mux(tcls, cbusy[0] & conflict(0), cbusy[1] & conflict(1)))]
+        m.d.comb += [free_cls.eq(Mux(tcls, ~run[1], ~run[0]) & accepted.w_rdy),
+                     blocked.eq(Mux(tcls, run[0] & conflict(0), run[1] & conflict(1)))]
         for i, u in enumerate(subs):
             m.d.comb += [u.instr.payload.eq(p2),
                          u.instr.valid.eq(v2 & free_cls & ~blocked & (target == i)),
                          u.context.eq(self.context), u.snoop.eq(self.snoop)]
             with m.If(u.instr.valid & u.instr.ready):
                 m.d.comb += issue.eq(1)
+        m.d.comb += [accepted.w_en.eq(issue), accepted.w_data.eq(tcls)]
         for c in range(NC):
             with m.If(issue & (tcls == c)):
-                m.d.sync += [cbusy[c].eq(1), csel[c].eq(target), cdone[c].eq(0)]
+                m.d.sync += [run[c].eq(1), csel[c].eq(target)]
                 m.d.sync += [h.eq(x) for h, x in zip(cfp[c], c_starts + c_lens)]
-                with m.If(~cbusy[1 - c]):
-                    m.d.sync += first.eq(c)
-        # dones in acceptance order: a younger instruction that finishes first waits
-        fin = []
-        for c in range(NC):
-            pulse = Cat(u.done & (csel[c] == i) for i, u in enumerate(subs) if cls_of[i] == c).any() \
-                if c in classes else C(0, 1)
-            f = Signal(name=f"fin{c}")
-            m.d.comb += f.eq(cbusy[c] & (cdone[c] | pulse))
-            with m.If(cbusy[c] & pulse):
-                m.d.sync += cdone[c].eq(1)
-            fin.append(f)
-        m.d.comb += self.both.eq(cbusy[0] & cbusy[1])
-        report = Mux(first, fin[1], fin[0])
+        # a unit takes its class's next instruction once it finishes; dones go in acceptance
+        # order (a younger instruction that finished first waits for the older one's done)
+        report = Signal()
         m.d.comb += self.done.eq(report)
-        with m.If(report):
-            for c in range(NC):
-                with m.If(first == c):
-                    m.d.sync += [cbusy[c].eq(0), cdone[c].eq(0), first.eq(1 - c)]
+        head = accepted.r_data[0]
+        for c in range(NC):
+            pulse = Signal(name=f"fin{c}")
+            if c in classes:
+                m.d.comb += pulse.eq(run[c] & Cat(u.done & (csel[c] == i)
+                                                  for i, u in enumerate(subs) if cls_of[i] == c).any())
+            with m.If(pulse):
+                m.d.sync += run[c].eq(0)
+            mine = Signal(name=f"rep{c}")
+            m.d.comb += mine.eq(report & (head == c))
+            with m.If(accepted.r_rdy & (head == c) & ((nfin[c] != 0) | pulse)):
+                m.d.comb += report.eq(1)
+            m.d.sync += nfin[c].eq(nfin[c] + pulse - mine)
+        m.d.comb += [accepted.r_en.eq(report), self.both.eq(run[0] & run[1])]
 
         # ---- memory ports: the MV class first, then the other; responses to the requester
         if "bank" in self.signature.members:
@@ -255,7 +261,7 @@ class ExecUnit(wiring.Component):
                 for p in range(self._slices):
                     for k in range(2):
                         wiring.connect(m, owners[0].bank[p][k], wiring.flipped(self.bank[p][k]))
-        active = [cbusy[cls_of[i]] & (csel[cls_of[i]] == i) for i in range(len(subs))]
+        active = [run[cls_of[i]] & (csel[cls_of[i]] == i) for i in range(len(subs))]
         order = sorted(range(len(subs)), key=lambda i: (cls_of[i], i))
 
         def arbitrate(port, reqs, name):

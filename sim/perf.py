@@ -391,13 +391,15 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     act_vec = None              # MvExec's activation cache: (qsrc, cols, ntok) it holds ...
     act_lines = (0, 0)          # ... and the on-chip lines [first, end) those vectors occupy
     # the execution unit (hw/exec_unit.py): an MV/MM and a MISC run side by side when their
-    # on-chip ranges are disjoint (docs/isa.md, "Overlap"); each unit busy until its done is
-    # reported, dones (and the releases on them) in program order
+    # on-chip ranges are disjoint (docs/isa.md, "Overlap"); each unit takes its class's next
+    # instruction once it finishes, dones (and the releases on them) in program order
+    from llmfab.hw.execute import MAX_IN_FLIGHT     # accepted and not yet done (hw/top.py)
     man = bundle.manifest
     rng = dict(gb_base=int(man["onchip"]["global"][0]), kv_context=int(man["onchip"]["context"]),
                slices=int(man["memory_map"]["hbm_ports"]),
                stripe=int(man["memory_map"]["hbm_stripe_bytes"]))
     unit_free = {"mv": 0.0, "misc": 0.0}
+    cmp_dones = []                                  # done times of the compute instructions
     in_flight = {"mv": (0.0, []), "misc": (0.0, [])}     # (done, on-chip ranges) of the last
     last_done = 0.0
     cmp_busy_to = 0.0
@@ -457,6 +459,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
             other = in_flight["misc" if cls == "mv" else "mv"]
             mine = onchip_ranges(ins, regs, **rng)
             start = max(start, unit_free[cls])
+            if len(cmp_dones) >= MAX_IN_FLIGHT:
+                start = max(start, cmp_dones[-MAX_IN_FLIGHT])
             if other[0] > start and _conflict(mine, other[1]):
                 start = other[0]
             if ins.op in ("MV", "MM"):
@@ -479,9 +483,14 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 busy["misc"] += cyc
                 misc_by_op[name] = misc_by_op.get(name, 0.0) + cyc
             cyc += c.exec_handoff
-            done = max(start + cyc, last_done)
-            last_done = unit_free[cls] = done
-            in_flight[cls] = (done, mine)
+            # the unit is free when it finishes; its done (and releases) waits for the older
+            # instructions' dones, at most MAX_IN_FLIGHT accepted and not yet done
+            fin = start + cyc
+            done = max(fin, last_done)
+            last_done = done
+            unit_free[cls] = fin
+            in_flight[cls] = (fin, mine)
+            cmp_dones.append(done)
             free[q] = start + c.exec_issue
             busy[q] += done - max(start, cmp_busy_to)
             cmp_busy_to = done
