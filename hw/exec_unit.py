@@ -5,17 +5,16 @@ sub-units with the same signature. Each accepted instruction goes, in program
 order, to the sub-unit its routing table names, through two stages: the word,
 then its on-chip footprint (``hw/dispatch.py``'s :class:`~llmfab.hw.dispatch.Footprint`,
 the validation pass's ranges). **Overlap** (docs/isa.md): the units MV/MM go to
-form one class, the others a second; each class has at most one instruction in
-flight, and a word issues once its class's unit is free and its ranges share no
-byte with those of the other class's instruction in flight, so an MV and a
-MISC run side by side only on disjoint data and the results are the in-order
-ones. A class's unit takes its next instruction as soon as it finishes the
+form one class, the others a second; each class's unit executes one instruction
+at a time, and a word issues once its class's unit is free and its ranges share
+no byte with those of the instruction the other class's unit executes, so an MV
+and a MISC run side by side only on disjoint data and the results are the
+in-order ones. A class's unit takes its next instruction as soon as it finishes the
 last, so MVs stream on beside one long MISC (an ATTN); ``done`` pulses in
 acceptance order (a younger instruction that finished first waits for the
 older one's done; at most ``MAX_IN_FLIGHT`` issued and not yet done, the
 compute queue's own bound in ``hw/top.py``); ``both`` is high while both units
-are running. The units in
-flight share ``rd0``, ``rd1`` and ``wr``, the MV class first; read responses go
+are running. The running units share ``rd0``, ``rd1`` and ``wr``, the MV class first; read responses go
 back to the unit whose request was taken. Without a configuration (``units``
 given, no layout to compare) every unit is one class: one instruction at a time.
 
@@ -120,7 +119,7 @@ class ExecUnit(wiring.Component):
             self._slices = g["slices"]
             sig = sig | {"bank": Out(mem_read_signature(
                 g["bank_addr_bits"], g["stripe"] * 8)).array(g["slices"], 2)}
-        # high while an MV/MM and a MISC are both in flight (the busy_both counter)
+        # high while an MV/MM and a MISC both execute (the busy_both counter)
         sig["both"] = Out(1)
         super().__init__(sig)
 
@@ -210,7 +209,6 @@ class ExecUnit(wiring.Component):
         cfp = [[Signal(64, name=f"cfp{c}_{k}") for k in range(2 * Footprint.SLOTS)]
                for c in range(NC)]
         m.submodules.accepted = accepted = fifo.SyncFIFO(width=1, depth=MAX_IN_FLIGHT)
-        self._run = run
 
         def conflict(c):
             st, ln = cfp[c][:Footprint.SLOTS], cfp[c][Footprint.SLOTS:]

@@ -345,7 +345,7 @@ class Core(wiring.Component):
         # busy_cmp split by the oldest instruction in the execution unit: MV/MM or MISC
         counter("busy_mv", pend.r_rdy & pend.r_data[2])
         counter("busy_misc", pend.r_rdy & ~pend.r_data[2])
-        # an MV/MM and a MISC in flight at once (docs/isa.md, "Overlap"; ExecUnit's ``both``)
+        # an MV/MM and a MISC executing at once (docs/isa.md, "Overlap"; ExecUnit's ``both``)
         counter("busy_both", ex.both if "both" in ex.signature.members else C(0, 1))
         for i, q in enumerate(("ld", "cmp", "st")):
             counter(f"instr_{q}", m_dispatch & (target == i))

@@ -52,7 +52,6 @@ def mv_row_bytes(func, cols) -> int:
     return (cols // 32) * formats.block_bytes(*_mv_format(func))
 
 
-
 def onchip_ranges(ins, regs, *, gb_base: int, kv_context: int, slices: int, stripe: int) -> list:
     """The on-chip ranges, ``(start, length)``, an instruction touches (reads or writes): the
     validation pass's ranges (``Golden._ranges``), and what the execution unit compares to

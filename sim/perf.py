@@ -399,9 +399,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                slices=int(man["memory_map"]["hbm_ports"]),
                stripe=int(man["memory_map"]["hbm_stripe_bytes"]))
     unit_free = {"mv": 0.0, "misc": 0.0}
-    cmp_dones = []                                  # done times of the compute instructions
-    in_flight = {"mv": (0.0, []), "misc": (0.0, [])}     # (done, on-chip ranges) of the last
-    last_done = 0.0
+    cmp_dones = [0.0]                               # done times of the compute instructions
+    in_flight = {"mv": (0.0, []), "misc": (0.0, [])}     # (finish, on-chip ranges) of the last
     cmp_busy_to = 0.0
     end = 0.0
     for w in words:
@@ -459,7 +458,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
             other = in_flight["misc" if cls == "mv" else "mv"]
             mine = onchip_ranges(ins, regs, **rng)
             start = max(start, unit_free[cls])
-            if len(cmp_dones) >= MAX_IN_FLIGHT:
+            if len(cmp_dones) > MAX_IN_FLIGHT:
                 start = max(start, cmp_dones[-MAX_IN_FLIGHT])
             if other[0] > start and _conflict(mine, other[1]):
                 start = other[0]
@@ -486,8 +485,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
             # the unit is free when it finishes; its done (and releases) waits for the older
             # instructions' dones, at most MAX_IN_FLIGHT accepted and not yet done
             fin = start + cyc
-            done = max(fin, last_done)
-            last_done = done
+            done = max(fin, cmp_dones[-1])
             unit_free[cls] = fin
             in_flight[cls] = (fin, mine)
             cmp_dones.append(done)
