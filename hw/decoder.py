@@ -11,10 +11,12 @@ block's :mod:`amaranth.lib.data` layout (:class:`Q4_0Block`, :class:`Q4_1Block`,
 :class:`Q8_0Block`, :func:`sparse_block_layout`) into a
 :func:`~llmfab.hw.chain.weight_beat_layout` beat for the chain.
 
-Control: a ``cmd`` stream sets format, sparsity pattern, block count and blocks
-per row per matrix (what the instruction knows). A matrix's bytes start on a beat
-boundary and its rows follow each other unpadded; after its last block the rest
-of that beat is dropped. An output beat never mixes rows: a row's final beat has
+Control: a ``cmd`` stream sets format, sparsity pattern, block count, blocks
+per row and the first block's byte offset per matrix (what the instruction knows). A
+matrix's bytes start ``offset`` bytes into its first beat (the bytes before it are
+dropped: the window starts there, so no realigner is needed in front of the decoder)
+and its rows follow each other unpadded; after its last block the rest of that beat is
+dropped. An output beat never mixes rows: a row's final beat has
 ``last`` set and its lanes past the row's final block disabled (``en = 0``), so
 with ``lanes`` blocks per beat lane ``l`` carries blocks ``l, l + lanes, ...`` of
 every row (accum4's partial ``l`` when ``lanes`` is 4). The next command is taken
@@ -89,12 +91,15 @@ def block_layout(fmt: str, pattern: str) -> data.StructLayout:
 
 
 class DecodeCommand(data.Struct):
-    """One matrix: format, sparsity pattern, number of blocks (0: nothing to do) and blocks
-    per row (0: the whole command is one row). Rows follow each other without padding."""
+    """One matrix: format, sparsity pattern, number of blocks (0: nothing to do), blocks
+    per row (0: the whole command is one row) and the byte offset of its first block in its
+    first beat (a multiple of the decoder's grain, below one beat). Rows follow each other
+    without padding."""
     fmt: WeightFormat
     pattern: Sparsity
     count: unsigned(32)
     row_blocks: unsigned(32)
+    offset: unsigned(8)
 
 
 class Decoder(wiring.Component):
@@ -108,25 +113,32 @@ class Decoder(wiring.Component):
         Bits per input beat (``AccelConfig.hbm.data_width``), a power of two >= 64.
     formats, patterns : iterable of str
         Supported weight formats and sparsity patterns.
+    any_offset : bool
+        Whether ``cmd.offset`` may be any byte (a one-slice MV unit, whose tiles may start on
+        any byte). Otherwise it must be a multiple of the grain, the greatest common divisor
+        of the beat and the block sizes (2 bytes: every block size is even), which halves
+        the shifter's positions.
 
     Members
     -------
     cmd : In(stream.Signature(DecodeCommand))
         Per matrix: format, pattern, block count.
     data : In(stream.Signature(data_width))
-        The matrix's bytes, little-endian, starting on a beat boundary.
+        The matrix's bytes, little-endian, starting ``cmd.offset`` bytes into the first beat.
     weights : Out(stream.Signature(weight_beat_layout(lanes)))
         Up to ``lanes`` decoded blocks of one row per beat; ``last`` on a row's final
         beat, whose lanes past the row's final block have ``en = 0`` and all-zero fields.
     """
 
     def __init__(self, *, lanes: int, data_width: int,
-                 formats=tuple(WEIGHT_FORMATS), patterns=tuple(SPARSITY_PATTERNS)):
+                 formats=tuple(WEIGHT_FORMATS), patterns=tuple(SPARSITY_PATTERNS),
+                 any_offset: bool = False):
         if not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1:
             raise ValueError(f"Decoder lanes must be a positive integer, not {lanes!r}")
-        if not isinstance(data_width, int) or data_width < 64 or data_width & (data_width - 1):
-            raise ValueError(f"Decoder data width must be a power of two of at least 64, "
-                             f"not {data_width!r}")
+        if (not isinstance(data_width, int) or data_width < 64 or data_width > 2048
+                or data_width & (data_width - 1)):
+            raise ValueError(f"Decoder data width must be a power of two from 64 to 2048 "
+                             f"(the command's 8-bit offset), not {data_width!r}")
         self._lanes = lanes
         self._data_width = data_width
         self._formats = _check_names("Decoder formats", formats, WEIGHT_FORMATS)
@@ -136,7 +148,8 @@ class Decoder(wiring.Component):
         self._modes = [(f, p) for f in self._formats for p in self._patterns]
         self._bb = {mode: block_bytes(*mode) for mode in self._modes}
         beat = data_width // 8
-        self._grain = math.gcd(beat, *self._bb.values())      # offsets are multiples of it
+        # offsets are multiples of it
+        self._grain = 1 if any_offset else math.gcd(beat, *self._bb.values())
         self._span = lanes * max(self._bb.values())            # most bytes cut per cycle
         # beats the shifter looks at: the largest offset plus the largest cut
         self._view_beats = -(-(beat - self._grain + self._span) // beat)
@@ -167,6 +180,11 @@ class Decoder(wiring.Component):
     def block_bytes(self) -> dict:
         """``{(fmt, pattern): bytes}`` of the supported modes."""
         return dict(self._bb)
+
+    @property
+    def grain(self) -> int:
+        """Bytes: every offset (``cmd.offset`` and between blocks) is a multiple of it."""
+        return self._grain
 
     @property
     def window_beats(self) -> int:
@@ -271,12 +289,14 @@ class Decoder(wiring.Component):
                 m.d.sync += [off.eq(need[:beat_log]), remaining.eq(remaining - n_blk),
                              row_left.eq(Mux(row_end, row_len, row_left - n_blk))]
         # the next command is taken while the current one emits its final beat (no idle cycle
-        # between matrices); its bytes start on the next beat, where the window now begins
+        # between matrices); its bytes start `offset` bytes into the next beat, where the
+        # window now begins
         m.d.comb += self.cmd.ready.eq(~active | (emit & cmd_end))
         with m.If(self.cmd.valid & self.cmd.ready & (cmd.count != 0)):
             rl = Mux(cmd.row_blocks != 0, cmd.row_blocks, cmd.count)
             m.d.sync += [active.eq(1), fmt.eq(cmd.fmt), pattern.eq(cmd.pattern),
-                         remaining.eq(cmd.count), row_len.eq(rl), row_left.eq(rl)]
+                         remaining.eq(cmd.count), row_len.eq(rl), row_left.eq(rl),
+                         off.eq(cmd.offset[:beat_log])]
 
         # log shifter over the viewed beats, in steps of `grain` bytes
         view = Cat(*window[:NV])

@@ -23,8 +23,8 @@ every compiled shape):
    tiles of whole rows) load the vector, or a prefill MM's tokens, once.
 2. **Row pipelines.** ``count * chain_length / 32`` (the configuration's ``chain.count``
    chains, each cut by its break points into ``chain_length / 32`` block lanes) copies of
-   line reader -> realigner -> :class:`~llmfab.hw.decoder.Decoder` (one block
-   per beat) -> :class:`~llmfab.hw.chain.Chain` -> :class:`~llmfab.hw.scaler.Scaler`.
+   line reader -> :class:`~llmfab.hw.decoder.Decoder` (one block
+   per beat, starting at the row's byte offset in its first line) -> :class:`~llmfab.hw.chain.Chain` -> :class:`~llmfab.hw.scaler.Scaler`.
    Pipeline ``l`` of ``L`` computes rows ``l, l + L, ...`` of every token of the
    pass. **Slices** (``slices`` = P, one per HBM port): pipeline ``l`` belongs to
    slice ``p = l % P``, whose weight bank (``bank[p]``: stripe ``p`` of every line
@@ -32,8 +32,9 @@ every compiled shape):
    ``p, p + P, ...`` back to back from ``b0`` (docs/isa.md's slice-major tile;
    ``b0`` is ``wb``'s place in every bank), so row ``l + i L`` is that slice's
    local row ``l // P + i L / P``. Per row one command to its reader (the row's
-   ``S``-byte bank lines from ``b0 + j * rb``, any byte alignment on one slice),
-   realigner (to offset 0) and decoder (``nb`` blocks, one row): nothing in a
+   ``S``-byte bank lines from ``b0 + j * rb``, any byte alignment on one slice)
+   and decoder (``nb`` blocks, one row, from the row's offset in that first line: no
+   realigner in the weight path): nothing in a
    pipeline is wider than one port's beat. A slice's pipelines share its bank's two
    read ports (``l // P`` even on port 0, odd on 1, fixed priority), which they
    take when the line view (store engine, ``rd0``/``rd1``) leaves them free.
@@ -239,23 +240,18 @@ class MvSlice(wiring.Component):
             m.d.comb += l.eq(self.index + ls * P)
             bab, fm, pt, pk = self._bab, self._formats, self._patterns, self._pack
             wrd = LineReader(addr_bits=bab, line_bytes=S)
-            wal = Shared(("realign", S), lambda: Realign(S))
-            dec = Shared(("decoder", S, fm, pt),
-                         lambda: Decoder(lanes=1, data_width=S * 8, formats=fm, patterns=pt))
-            for nm, u in (("wrd", wrd), ("wal", wal), ("dec", dec)):
+            # one slice: tiles start on any byte (docs/isa.md), so rows do; several: on a line,
+            # and rows on an even byte (every block size is even)
+            ao = P == 1
+            dec = Shared(("decoder", S, fm, pt, ao),
+                         lambda: Decoder(lanes=1, data_width=S * 8, formats=fm, patterns=pt,
+                                         any_offset=ao))
+            for nm, u in (("wrd", wrd), ("dec", dec)):
                 m.submodules[f"{nm}{ls}"] = u
             bank_clients[ls % 2].append(wrd.mem)
-            wiring.connect(m, wrd.o, wal.i)
-            # a few beats of slack between realigner and decoder: the realigner pauses a few
-            # cycles between rows (its next command, then two source beats before the first
-            # output), which the decoder's 3-beat window does not cover once beats are narrow
-            # (18-block rows lost a cycle each at 32-byte beats)
-            slack = fifo.SyncFIFOBuffered(width=S * 8, depth=4)
-            m.submodules[f"slack{ls}"] = slack
-            m.d.comb += [slack.w_en.eq(wal.o.valid), slack.w_data.eq(wal.o.payload.data),
-                         wal.o.ready.eq(slack.w_rdy),
-                         dec.data.valid.eq(slack.r_rdy), dec.data.payload.eq(slack.r_data),
-                         slack.r_en.eq(dec.data.ready)]
+            # the row's lines straight into the decoder, which starts at the row's byte offset
+            # in its first line (no realigner: rows start anywhere on a slice)
+            wiring.connect(m, wrd.o, dec.data)
             chains = []
             for tk in range(K):
                 chain = Shared(("chain", pk, fm, pt),
@@ -273,8 +269,8 @@ class MvSlice(wiring.Component):
                              chain.weights.payload.eq(dec.weights.payload)]
             m.d.comb += dec.weights.ready.eq(Cat(*(c.weights.ready for c, _ in chains)).all())
 
-            # one command per row (and group of K tokens) to the reader, realigner and decoder
-            for i, cmd in enumerate((wrd.cmd, wal.cmd, dec.cmd)):
+            # one command per row (and group of K tokens) to the reader and the decoder
+            for i, cmd in enumerate((wrd.cmd, dec.cmd)):
                 j_tok = Signal(9, name=f"p{ls}_c{i}_tok")
                 j_row = Signal(16, name=f"p{ls}_c{i}_row")
                 j_addr = Signal(24, name=f"p{ls}_c{i}_addr")  # byte address of the row
@@ -283,13 +279,11 @@ class MvSlice(wiring.Component):
                 if i == 0:
                     m.d.comb += [cmd.payload.line.eq(j_addr >> lgs),
                                  cmd.payload.count.eq((off + rbytes + S - 1) >> lgs)]
-                elif i == 1:
-                    m.d.comb += [cmd.payload.s_off.eq(off), cmd.payload.d_off.eq(0),
-                                 cmd.payload.n.eq(rbytes)]
                 else:
                     m.d.comb += [cmd.payload.fmt.as_value().eq(fmt),
                                  cmd.payload.pattern.as_value().eq(pat),
-                                 cmd.payload.count.eq(nb), cmd.payload.row_blocks.eq(nb)]
+                                 cmd.payload.count.eq(nb), cmd.payload.row_blocks.eq(nb),
+                                 cmd.payload.offset.eq(off)]
                 m.d.comb += cmd.valid.eq(pass_active & (j_tok < g) & (j_row < rows))
                 with m.If(cmd.valid & cmd.ready):
                     with m.If(j_row + L >= rows):

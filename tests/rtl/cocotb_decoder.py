@@ -5,11 +5,13 @@ Parameters from the environment (tests/rtl/test_decoder.py): ``DEC_LANES``,
 ``DEC_WIDTH`` (bits per input beat), ``DEC_BLOCKS``, ``DEC_SEED``, ``DEC_REPORT``.
 """
 
+import math
 import os
 import random
 
 import numpy as np
 
+from llmfab.core import formats
 from llmfab.core.formats import SPARSITY_PATTERNS, kept_weights
 from llmfab.compiler import quant
 from llmfab.compiler import sparse as csparse
@@ -84,13 +86,17 @@ def make_matrix(rng, fmt, pattern, nb, real=False):
     return data, lanes, (vals, idx, d_bits, m_bits)
 
 
-def beats_of(data: bytes, width_bits: int, rng=None):
-    """Split a matrix's bytes into beats (ints, little-endian); the tail of the final beat is
-    filled with random garbage the decoder must drop."""
+def beats_of(data: bytes, width_bits: int, rng=None, offset=0):
+    """Split a matrix's bytes, starting ``offset`` bytes into the first beat, into beats (ints,
+    little-endian); the bytes before it and the tail of the final beat are random garbage the
+    decoder must drop."""
     nbyte = width_bits // 8
+
+    def garbage(n):
+        return bytes(rng.integers(0, 256, size=n, dtype=np.uint8)) if rng is not None else bytes(n)
+    data = garbage(offset) + bytes(data)
     pad = (-len(data)) % nbyte
-    fill = bytes(rng.integers(0, 256, size=pad, dtype=np.uint8)) if rng is not None else bytes(pad)
-    data = bytes(data) + fill
+    data = data + garbage(pad)
     return [int.from_bytes(data[i:i + nbyte], "little") for i in range(0, len(data), nbyte)]
 
 
@@ -126,23 +132,26 @@ def _row_blocks(rng, count, lanes):
     return int(rng.choice([0, 1, lanes, lanes + 1, int(rng.integers(1, max(count, 1) + 1))]))
 
 
-def make_program(rng, modes, n_blocks, lanes, width, max_count=64, real=False):
+def make_program(rng, modes, n_blocks, lanes, width, max_count=64, real=False, grain=None):
     """Commands, data beats and golden output beats for >= n_blocks blocks in random matrices."""
     cmds, beats, exp, info = [], [], [], []
     total = 0
+    # the decoder's offsets are multiples of its grain (every block size and the beat)
+    grain = grain or math.gcd(width // 8, *(formats.block_bytes(f, p) for f, p in modes))
     while total < n_blocks:
         fmt, pat = modes[int(rng.integers(len(modes)))]
         count = int(rng.integers(1, max_count + 1))
         if rng.random() < 0.05:
             count = 0                      # an empty command: nothing to decode
         rows = _row_blocks(rng, count, lanes)
+        offset = 0 if rng.random() < 0.4 else grain * int(rng.integers(width // 8 // grain))
         if count:
             data, golden_lanes, fields = make_matrix(rng, fmt, pat, count, real=real)
         cmds.append(pack(_cmd_layout(), {"fmt": hwchain.FORMAT_CODES[fmt],
                                             "pattern": hwchain.PATTERN_CODES[pat], "count": count,
-                                            "row_blocks": rows}))
+                                            "row_blocks": rows, "offset": offset}))
         if count:
-            beats += beats_of(data, width, rng)
+            beats += beats_of(data, width, rng, offset)
             exp += expected_beats(fmt, pat, golden_lanes, lanes, rows)
             info.append((fmt, pat, count, rows, fields))
         total += count

@@ -6,6 +6,7 @@ the `ci` decoder wired to the `ci` chain. The u280 geometry (4 blocks per beat f
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def _pysim(dec, n_blocks, seed):
     rng = np.random.default_rng(seed)
     modes = [(f, p) for f in dec.formats for p in dec.patterns]
     cmds, beats, exp, info = cd.make_program(rng, modes, n_blocks, dec.lanes, dec.data_width,
-                                             max_count=24)
+                                             max_count=24, grain=dec.grain)
     got = []
 
     async def bench(ctx):
@@ -200,6 +201,13 @@ def test_decoder_u280_steady_state_pysim():
         assert abs(r - want) < 0.05, (fmt, pat, r, want)
 
 
+def test_decoder_any_byte_offset_pysim():
+    """The one-slice MV unit's decoder (tiles start on any byte): odd first-block offsets."""
+    dec = hwdec.Decoder(lanes=1, data_width=128, any_offset=True)
+    assert dec.grain == 1
+    _pysim(dec, 1000, 5)
+
+
 def test_decoder_narrow_multi_lane_pysim():
     """Two blocks per beat from 64-bit beats: every block straddles several beats."""
     _pysim(hwdec.Decoder(lanes=2, data_width=64), 600, 4)
@@ -231,13 +239,17 @@ def test_decoder_window_sizes():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"lanes": 0, "data_width": 256}, "Decoder lanes must be a positive integer, not 0"),
-    ({"lanes": 1, "data_width": 96}, "Decoder data width must be a power of two of at least 64, not 96"),
-    ({"lanes": 1, "data_width": 32}, "Decoder data width must be a power of two of at least 64, not 32"),
+    ({"lanes": 1, "data_width": 96}, "Decoder data width must be a power of two from 64 to 2048 "
+                                     "(the command's 8-bit offset), not 96"),
+    ({"lanes": 1, "data_width": 32}, "Decoder data width must be a power of two from 64 to 2048 "
+                                     "(the command's 8-bit offset), not 32"),
+    ({"lanes": 1, "data_width": 4096}, "Decoder data width must be a power of two from 64 to 2048 "
+                                       "(the command's 8-bit offset), not 4096"),
     ({"lanes": 1, "data_width": 256, "formats": ("q2_k",)},
      "Decoder formats must be among q4_0, q4_1, q8_0, not 'q2_k'"),
     ({"lanes": 1, "data_width": 256, "patterns": ("1:8",)},
      "Decoder patterns must be among dense, 2:4, 8:16, 4:16, 2:16, not '1:8'"),
 ])
 def test_decoder_rejects_bad_parameters(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         hwdec.Decoder(**kwargs)
