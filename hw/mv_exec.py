@@ -78,7 +78,7 @@ from llmfab.core.formats import QBLOCK_BYTES, SPARSITY_PATTERNS, WEIGHT_FORMATS,
 from llmfab.hw.blackbox import Shared
 from llmfab.hw.chain import FORMAT_CODES, PATTERN_CODES, Chain
 from llmfab.hw.decoder import Decoder
-from llmfab.hw.dma import LineReader, Realign
+from llmfab.hw.dma import LineHalves, LineReader, Realign
 from llmfab.hw.execute import exec_signature
 from llmfab.hw.isa import Instruction, Op
 from llmfab.hw.onchip import mem_read_signature, slice_geometry
@@ -241,17 +241,29 @@ class MvSlice(wiring.Component):
             bab, fm, pt, pk = self._bab, self._formats, self._patterns, self._pack
             wrd = LineReader(addr_bits=bab, line_bytes=S)
             # one slice: tiles start on any byte (docs/isa.md), so rows do; several: on a line,
-            # and rows on an even byte (every block size is even)
+            # and rows on an even byte (every block size is even). From 64-byte lines on, the
+            # decoder takes half-lines (a row needs at most 34 bytes a cycle: 20 for Q4_1, 26
+            # for sparse Q8_0, dense Q8_0 34 every two cycles): its shifter and window halve
             ao = P == 1
-            dec = Shared(("decoder", S, fm, pt, ao),
-                         lambda: Decoder(lanes=1, data_width=S * 8, formats=fm, patterns=pt,
+            DW = S // 2 if S >= 64 else S
+            dec = Shared(("decoder", DW, fm, pt, ao),
+                         lambda: Decoder(lanes=1, data_width=DW * 8, formats=fm, patterns=pt,
                                          any_offset=ao))
             for nm, u in (("wrd", wrd), ("dec", dec)):
                 m.submodules[f"{nm}{ls}"] = u
             bank_clients[ls % 2].append(wrd.mem)
-            # the row's lines straight into the decoder, which starts at the row's byte offset
-            # in its first line (no realigner: rows start anywhere on a slice)
-            wiring.connect(m, wrd.o, dec.data)
+            # the row's lines (as half-lines from 64 bytes on) straight into the decoder, which
+            # starts at the row's byte offset in its first beat (no realigner: rows start
+            # anywhere on a slice)
+            if DW < S:
+                hlv = LineHalves(DW)
+                m.submodules[f"hlv{ls}"] = hlv
+                wiring.connect(m, wrd.o, hlv.i)
+                wiring.connect(m, hlv.o, dec.data)
+                cmds = (wrd.cmd, dec.cmd, hlv.cmd)
+            else:
+                wiring.connect(m, wrd.o, dec.data)
+                cmds = (wrd.cmd, dec.cmd)
             chains = []
             for tk in range(K):
                 chain = Shared(("chain", pk, fm, pt),
@@ -269,8 +281,10 @@ class MvSlice(wiring.Component):
                              chain.weights.payload.eq(dec.weights.payload)]
             m.d.comb += dec.weights.ready.eq(Cat(*(c.weights.ready for c, _ in chains)).all())
 
-            # one command per row (and group of K tokens) to the reader and the decoder
-            for i, cmd in enumerate((wrd.cmd, dec.cmd)):
+            # one command per row (and group of K tokens) to the reader, the decoder (and the
+            # half-line splitter)
+            lgdw = exact_log2(DW)
+            for i, cmd in enumerate(cmds):
                 j_tok = Signal(9, name=f"p{ls}_c{i}_tok")
                 j_row = Signal(16, name=f"p{ls}_c{i}_row")
                 j_addr = Signal(24, name=f"p{ls}_c{i}_addr")  # byte address of the row
@@ -279,11 +293,14 @@ class MvSlice(wiring.Component):
                 if i == 0:
                     m.d.comb += [cmd.payload.line.eq(j_addr >> lgs),
                                  cmd.payload.count.eq((off + rbytes + S - 1) >> lgs)]
-                else:
+                elif i == 1:
                     m.d.comb += [cmd.payload.fmt.as_value().eq(fmt),
                                  cmd.payload.pattern.as_value().eq(pat),
                                  cmd.payload.count.eq(nb), cmd.payload.row_blocks.eq(nb),
-                                 cmd.payload.offset.eq(off)]
+                                 cmd.payload.offset.eq(off[0:lgdw])]
+                elif i == 2:        # the half-lines from the one holding the row's first byte on
+                    m.d.comb += [cmd.payload.skip.eq(off[lgdw]),
+                                 cmd.payload.n.eq(((off + rbytes + DW - 1) >> lgdw) - off[lgdw])]
                 m.d.comb += cmd.valid.eq(pass_active & (j_tok < g) & (j_row < rows))
                 with m.If(cmd.valid & cmd.ready):
                     with m.If(j_row + L >= rows):
