@@ -112,16 +112,18 @@ class UnitCosts:
     nop_cycles: float = 2
 
     # ---- MvExec (hw/mv_exec.py). Fitted to single MV instructions repeated on tiny
-    # (2 pipelines, 16-byte lines; Q4_0 64 x 8..56 rows, 512 x 1..7 rows, Q8_0 64 x 16..24 rows:
-    # every figure within 1 cycle of ``mv_fixed + groups x per_row``, groups = ceil(rows / P)).
-    #: per MV/MM: the command, pipeline fill (reader, realigner, decoder, chain, scaler) and the
-    #: last result writes (the intercept: 40-41 cycles; the ExecUnit hand-off included; one
-    #: more than before the token lanes, whose pass ends the cycle after its last write).
-    mv_fixed: float = 41
-    #: per row and pipeline besides its lines: the commands to its reader, realigner and
-    #: decoder (the slope: a Q4_0 row of 64 columns, 36 bytes over 3 lines, takes 6 cycles;
-    #: 512 columns, 288 bytes over 18 lines, 21; a Q8_0 row of 64, 68 bytes over 5 lines, 8).
-    mv_row_overhead: float = 3
+    # (2 pipelines, 16-byte lines; Q4_0 64 x 8..56 rows, 512 x 1..7 rows, Q4_1 64 x 16..48 and
+    # 128 x 16..24, Q8_0 64 x 16..24 rows: every figure within 1 cycle of
+    # ``mv_fixed + groups x per_row``, groups = ceil(rows / P); 2026-12-03, the row pipelines
+    # without a realigner, benchmarks/perf_calibration.py --config tiny --mv).
+    #: per MV/MM: the command, pipeline fill (reader, decoder, chain, scaler) and the last
+    #: result writes (the intercept); the ExecUnit hand-off included.
+    mv_fixed: float = 42
+    #: per row and pipeline besides its lines: the command to its reader and decoder (the
+    #: slope: a Q4_0 row of 64 columns, 36 bytes over 3 lines, takes 4 cycles; 512 columns,
+    #: 288 bytes over 18 lines, 19; a Q8_0 row of 64, 68 bytes over 5 lines, 6; it was 3 with
+    #: the realigner between reader and decoder).
+    mv_row_overhead: float = 1
     #: the activation load besides its 40 nb / min(line_bytes, 32) chunks (uncached MV - cached:
     #: 7 cycles for nb = 2, 42 for nb = 16 on tiny).
     mv_act_fixed: float = 2
@@ -298,10 +300,14 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     rb = nb * block_bytes(fmt, sp)
     g = math.gcd(rb, S) if rb else S
     lines = (rb + S - g) / S                        # bank lines a row touches, on average
+    # the decoder's beats: from 64-byte stripes on it takes half-lines (hw/dma.py LineHalves)
+    DW = S // 2 if S >= 64 else S
+    gw = math.gcd(rb, DW) if rb else DW
+    beats = (rb + DW - gw) / DW
     share = max(1, _ceil(min(srows, P), 2))         # busy pipelines per read port
-    # the slowest of: the chain (a block per cycle), the row's reader (its lines and
-    # commands), the read port the pipelines share (their lines)
-    per_row = max(nb * per_block, lines + costs.mv_row_overhead, share * lines)
+    # the slowest of: the chain (a block per cycle), the row's reader and decoder input (its
+    # beats and commands), the read port the pipelines share (their lines)
+    per_row = max(nb * per_block, beats + costs.mv_row_overhead, share * lines)
     act = 0 if act_cached else ntok * (_ceil(nb * QBLOCK_BYTES, min(D, 32)) + costs.mv_act_fixed)
     groups = _ceil(ntok, config.chain.tokens)
     return costs.mv_fixed + act + groups * _ceil(srows, P) * per_row
