@@ -129,8 +129,9 @@ class _Buffer:
         def __init__(self, addr, data):
             self.addr, self.data = addr, data
 
-    def __init__(self, m, name, width, depth, w_addr, w_data, w_en, writing, granularity=None):
-        self._m, self._name = m, name
+    def __init__(self, m, name, width, depth, w_addr, w_data, w_en, writing, granularity=None,
+                 attrs=None):
+        self._m, self._name, self._attrs = m, name, attrs
         self._width, self._depth, self._gran = width, depth, granularity
         self._w = (w_addr, w_data, w_en, writing)
         self._copies = []                         # (memory, whether its second port is used)
@@ -143,7 +144,8 @@ class _Buffer:
             return mem.read_port()
         w_addr, w_data, w_en, writing = self._w
         c = len(self._copies)
-        mem = memory.Memory(shape=unsigned(self._width), depth=self._depth, init=[])
+        mem = memory.Memory(shape=unsigned(self._width), depth=self._depth, init=[],
+                            attrs=self._attrs)
         m.submodules[f"{self._name}{c}"] = mem
         self._copies.append((mem, False))
         wp = mem.write_port(granularity=self._gran) if self._gran else mem.write_port()
@@ -173,7 +175,8 @@ class MvSlice(wiring.Component):
 
     def __init__(self, *, pipelines: int, slices: int, stripe: int, bank_addr_bits: int,
                  tokens: int, max_blocks: int, chunk_bytes: int, pack_int4: bool,
-                 formats, patterns):
+                 formats, patterns, q_uram: bool = False):
+        self._q_uram = q_uram
         self._L = pipelines
         self._P = slices
         self._S = stripe
@@ -220,9 +223,13 @@ class MvSlice(wiring.Component):
         m.d.comb += nd.eq(((nb << 2) + CB - 1) >> lgc)
 
         # ---- this slice's copy of the activation buffers: every slice takes the same writes;
-        # a read port per chain, two per block RAM (_Buffer)
+        # a read port per chain, two per block RAM (_Buffer). With q_uram the q copies are
+        # UltraRAM: a 256-bit block RAM port is 8 BRAM36 wide whatever the depth (36-bit
+        # ports when both ports are used), a URAM288 port 72 bits at 4,096 deep, so q's 2,048
+        # blocks take 16 BRAM36 or 4 URAM288 per copy
         qmem = _Buffer(m, "qmem", 256, NB, self.qw_addr, self.qw_data, self.qw_en,
-                       self.qw_en.any(), granularity=32)
+                       self.qw_en.any(), granularity=32,
+                       attrs={"ram_style": "ultra"} if self._q_uram else None)
         dmem = _Buffer(m, "dmem", CB * 8, DEPTH_D, self.dw_addr, self.dw_data, self.dw_en,
                        self.dw_en)
         smem = _Buffer(m, "smem", CB * 8, DEPTH_D, self.dw_addr, self.dw_data, self.sw_en,
@@ -420,13 +427,17 @@ class MvExec(wiring.Component):
     tokens : int
         Token lanes per row pipeline (1, 2, 4 or 8; the configuration's ``chain.tokens``):
         the pipeline's decoded blocks feed this many chains (and scalers), one token each.
+    q_uram : bool
+        Each slice's copies of the activation buffer ``q`` as UltraRAM (``ram_style =
+        "ultra"``; :meth:`for_config` sets it on boards with URAM): 4 URAM288 per copy instead
+        of 16 BRAM36, which the slices' block RAM cannot spare on the U280.
     """
 
     def __init__(self, *, addr_bits: int, line_bytes: int, chain_length: int = 32,
                  count: int = 1, pack_int4: bool = True, formats=tuple(WEIGHT_FORMATS),
                  patterns=tuple(SPARSITY_PATTERNS), max_blocks: int = DEFAULT_MAX_BLOCKS,
                  tokens: int = 1, slices: int = 1, stripe: int | None = None,
-                 weight_base: int = 0, bank_addr_bits=None):
+                 weight_base: int = 0, bank_addr_bits=None, q_uram: bool = False):
         if chain_length not in CHAIN_LENGTHS:
             raise ValueError(f"MvExec chain length must be 32, 64, 128 or 256 (whole blocks "
                              f"between break points), not {chain_length}")
@@ -447,6 +458,7 @@ class MvExec(wiring.Component):
         if weight_base % (slices * stripe):
             raise ValueError(f"the weight buffer must start on an HBM line, not at {weight_base}")
         self._slices = slices
+        self._q_uram = q_uram
         self._stripe = stripe
         self._wbase = weight_base
         self._bab = bank_addr_bits if bank_addr_bits is not None else addr_bits
@@ -490,6 +502,7 @@ class MvExec(wiring.Component):
                        chain_length=config.chain.length, count=config.chain.count,
                        pack_int4=config.chain.pack_int4, formats=tuple(config.weight_formats),
                        patterns=tuple(config.sparsity), tokens=config.chain.tokens,
+                       q_uram=config.board_spec.resources.uram > 0,
                        **slice_geometry(config), **kw)
         return factory
 
@@ -661,13 +674,14 @@ class MvExec(wiring.Component):
         # are reset one cycle after it (and with the domain), when this unit is still idle
         fresh = Signal(init=1)
         m.d.sync += fresh.eq(0)
-        fm, pt, pk, bab, SB = self._formats, self._patterns, self._pack, self._bab, S
+        fm, pt, pk, bab, SB, qu = (self._formats, self._patterns, self._pack, self._bab, S,
+                                   self._q_uram)
         slices = []
         for sp in range(P):
-            sl = Shared(("mvslice", L, P, S, bab, K, NB, CB, pk, fm, pt),
+            sl = Shared(("mvslice", L, P, S, bab, K, NB, CB, pk, fm, pt, qu),
                         lambda: MvSlice(pipelines=L, slices=P, stripe=SB, bank_addr_bits=bab,
                                         tokens=K, max_blocks=NB, chunk_bytes=CB, pack_int4=pk,
-                                        formats=fm, patterns=pt),
+                                        formats=fm, patterns=pt, q_uram=qu),
                         reset=fresh)
             m.submodules[f"slice{sp}"] = sl
             slices.append(sl)
