@@ -170,7 +170,7 @@ def test_u280_derived_by_hand():
     assert c.dsp_total == 32 * 88 + 256 == 3072
     layout = c.buffer_layout
     assert (layout["weight"].width_bits, layout["weight"].depth, layout["weight"].primitive,
-            layout["weight"].count) == (16384, 256, "bram36", 228)     # ceil(16384/72)=228
+            layout["weight"].count) == (16384, 512, "bram36", 228)     # ceil(16384/72)=228, 512 deep
     assert (layout["activation"].count, layout["kv"].count, layout["global"].count,
             layout["instruction"].count) == (15 * 4, 128, 64, 8)
     assert c.bram36_total == 228
@@ -214,7 +214,7 @@ def test_derived_dict_matches_properties():
 def test_config_hash_is_stable():
     # Recorded by compiled programs: changing these literals invalidates every bundle.
     assert load_config("ci").config_hash() == "4d61f8e9a26a7937"
-    assert load_config("u280").config_hash() == "1085c0061584c7f5"
+    assert load_config("u280").config_hash() == "39a2a086be2d9f29"   # weight_kib 1024
     assert load_config("ci").config_hash() == load_config("ci").config_hash()
 
 
