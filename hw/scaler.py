@@ -23,7 +23,7 @@ from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from llmfab.core import numerics as nx
-from .fp import Pipe, f16_to_f32, int_to_f32, valid_chain
+from .fp import FADD_LATENCY, FAddCore, Pipe, f16_to_f32, lzc, valid_chain
 
 __all__ = ["WeightFormat", "ScalerIn", "Scaler", "units"]
 
@@ -89,13 +89,28 @@ class Scaler(wiring.Component):
         p = Pipe(m, ce, name="sc")
         b = self.i.payload
 
-        # ---- block value
-        fi, dw, mw, fs = p.comb(lambda isum, d, mm, s: (
-            int_to_f32(m, isum, name="fi"), f16_to_f32(m, d, name="dw"),
-            f16_to_f32(m, mm, name="mw"), int_to_f32(m, s, name="fs")),
-            p.input(b.isum), p.input(b.d_w), p.input(b.m_w), p.input(b.sumq))
+        # ---- block value. The integers are exact in binary32 (|isum|, |sumq| < 2**24): the
+        # conversion needs no rounding; its magnitude and leading zeros are registered and the
+        # normalizing shift is the first multiplier stage's input logic.
+        def int_split(v):
+            v = v[0:25].as_signed()
+            mag = Signal(24)
+            m.d.comb += mag.eq(Mux(v[24], -v, v))
+            return v[24], mag, lzc(mag, 24)
+
+        def int_join(sign, mag, lz):
+            norm = Signal(24)
+            m.d.comb += norm.eq(mag << lz)
+            return Mux(mag == 0, 0, Cat(norm[0:23], (150 - lz)[0:8], sign))
+
+        isum = p.comb(int_split, p.input(b.isum), name="isum")
+        fi = p.comb(int_join, *isum, latency=0, name="fi")
+        dw = p.comb(lambda d: f16_to_f32(m, d, name="dw"), p.input(b.d_w))
         t = p.fmul(fi, dw)
         if "q4_1" in self._formats:
+            sumq = p.comb(int_split, p.input(b.sumq), name="sumq")
+            fs = p.comb(int_join, *sumq, latency=0, name="fs")
+            mw = p.comb(lambda mm: f16_to_f32(m, mm, name="mw"), p.input(b.m_w))
             u = p.fmul(mw, fs)
             u = p.comb(lambda u, f: Mux(f == WeightFormat.Q4_1, u, NEG_ZERO),
                        u, p.input(b.fmt.as_value()), latency=0)
@@ -103,9 +118,23 @@ class Scaler(wiring.Component):
         v = p.fmul(t, p.input(b.d_x))
         s_acc = v.stage
         last = p.input(b.last)
+        s_res = s_acc + FADD_LATENCY     # accumulated value of a block
+        s_oth = s_res - 1                # a row's last block issues its other pair's sum
+        s_fin = s_res + FADD_LATENCY     # ... and its final sum
+        s_out = s_fin + FADD_LATENCY
+
+        # ---- one adder for the three sums of a row's end: a row's last block issues them at
+        # stages s_oth, s_res and s_fin; two last blocks 1, 3 or 4 stages apart would collide,
+        # so a last block waits at the input while one is at stage 1, 3 or 4
+        throttle = Signal()
+        valids = valid_chain(m, ce, self.i.valid & ~throttle, s_out)
+
+        def lasts(s):
+            return valids[s] & p.at(last, s)
+
+        m.d.comb += throttle.eq(b.last & (lasts(1) | lasts(3) | lasts(4)))
 
         # ---- accum4: block j of the row into partial j % 4
-        valids = valid_chain(m, ce, self.i.valid, s_acc + 3 + 6)
         j = Signal(range(4))             # partial of the next block
         first = Signal(init=1)           # the next block is in the row's first group
         v_acc = valids[s_acc]
@@ -121,32 +150,51 @@ class Scaler(wiring.Component):
         first_s = p.input(first, s_acc)
         prev = p.comb(lambda j, f: Mux(f, 0, Array(parts)[j]), j_s, first_s, latency=0)
         acc = p.fadd(prev, p.input(v.value, s_acc))
-        s_res = acc.stage
-        j_r, first_r, last_r = p.at(j_s, s_res), p.at(first_s, s_res), p.at(last, s_res)
+        assert acc.stage == s_res
+        j_r, first_r = p.at(j_s, s_res), p.at(first_s, s_res)
         with m.If(ce & valids[s_res]):
             with m.Switch(j_r):
                 for k in range(4):
                     with m.Case(k):
                         m.d.sync += parts[k].eq(acc.value)
 
-        # ---- the row's result: ((p0 + p1) + (p2 + p3)); a partial the row never reached is +0.0
-        def gather(res, jr, fr):
-            g = []
-            for k in range(4):
-                before = Mux(fr, 0, parts[k])       # partial k not reached in the last group
-                g.append(Mux(jr == k, res, before if k == 3 else Mux(jr > k, parts[k], before)))
-            return tuple(g)
-        g0, g1, g2, g3 = p.comb(gather, acc, p.input(j_r, s_res), p.input(first_r, s_res),
-                                latency=0)
-        out = p.fadd(p.fadd(g0, g1), p.fadd(g2, g3))
-        s_out = out.stage
-        assert s_out == s_acc + 3 + 6
-        o_valid = valids[s_out] & p.at(last, s_out)
+        # ---- the row's result ((p0 + p1) + (p2 + p3)). The pair without the last block's
+        # partial is final one stage before the last block leaves the accumulator (its latest
+        # block is then the accumulator's result, forwarded); the other pair when it leaves.
+        # A partial the row never reached is +0.0; one that the last, partial group did not
+        # reach keeps its value (-0.0 included).
+        j_o, first_o = p.at(j_s, s_oth), p.at(first_s, s_oth)
+
+        def other(k):           # partial k (not in the pair of the last block at s_oth)
+            reached = ~first_o | (j_o > k)
+            return Mux(reached, Mux(valids[s_res] & (j_r == k), acc.value, parts[k]), 0)
+
+        def own(k):             # partial k of the pair of the last block at s_res
+            reached = ~first_r | (j_r > k)
+            return Mux(j_r == k, acc.value, Mux(reached, parts[k], 0))
+
+        cadd = FAddCore()
+        m.submodules.combine = cadd
+        held = Signal(32)                # the adder's previous result: the other pair's sum
+        with m.If(ce):
+            m.d.sync += held.eq(cadd.o)
+        hi_f = p.at(j_s, s_fin)[1]       # the last block's pair: (p2, p3) when set
+        with m.If(lasts(s_fin)):
+            m.d.comb += [cadd.a.eq(Mux(hi_f, held, cadd.o)), cadd.b.eq(Mux(hi_f, cadd.o, held))]
+        with m.Elif(lasts(s_res)):
+            m.d.comb += [cadd.a.eq(Mux(j_r[1], own(2), own(0))),
+                         cadd.b.eq(Mux(j_r[1], own(3), own(1)))]
+        with m.Else():
+            m.d.comb += [cadd.a.eq(Mux(j_o[1], other(0), other(2))),
+                         cadd.b.eq(Mux(j_o[1], other(1), other(3)))]
+        m.d.comb += cadd.ce.eq(ce)
+
+        o_valid = lasts(s_out)
         m.d.comb += [
             ce.eq(~o_valid | self.o.ready),
-            self.i.ready.eq(ce),
+            self.i.ready.eq(ce & ~throttle),
             self.o.valid.eq(o_valid),
-            self.o.payload.eq(out.value),
+            self.o.payload.eq(cadd.o),
         ]
         self.latency = s_out
         return m
