@@ -166,11 +166,11 @@ class Scaler(wiring.Component):
         j_o, first_o = p.at(j_s, s_oth), p.at(first_s, s_oth)
 
         def other(k):           # partial k (not in the pair of the last block at s_oth)
-            reached = ~first_o | (j_o > k)
+            reached = ~first_o | (j_o > k) if k < 3 else ~first_o
             return Mux(reached, Mux(valids[s_res] & (j_r == k), acc.value, parts[k]), 0)
 
         def own(k):             # partial k of the pair of the last block at s_res
-            reached = ~first_r | (j_r > k)
+            reached = ~first_r | (j_r > k) if k < 3 else ~first_r
             return Mux(j_r == k, acc.value, Mux(reached, parts[k], 0))
 
         cadd = FAddCore()
@@ -178,9 +178,10 @@ class Scaler(wiring.Component):
         held = Signal(32)                # the adder's previous result: the other pair's sum
         with m.If(ce):
             m.d.sync += held.eq(cadd.o)
-        hi_f = p.at(j_s, s_fin)[1]       # the last block's pair: (p2, p3) when set
         with m.If(lasts(s_fin)):
-            m.d.comb += [cadd.a.eq(Mux(hi_f, held, cadd.o)), cadd.b.eq(Mux(hi_f, cadd.o, held))]
+            # the two pair sums in either order: binary32 addition is commutative bit for
+            # bit (FAddCore orders its operands by magnitude; test_fp checks both orders)
+            m.d.comb += [cadd.a.eq(cadd.o), cadd.b.eq(held)]
         with m.Elif(lasts(s_res)):
             m.d.comb += [cadd.a.eq(Mux(j_r[1], own(2), own(0))),
                          cadd.b.eq(Mux(j_r[1], own(3), own(1)))]
