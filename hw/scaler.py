@@ -8,14 +8,24 @@ fp16 ``d_w`` (and ``m_w``) and the activation block's ``d_x`` and ``sumq``:
     v = fmul(t, d_x)
 
 Other formats add ``-0.0`` instead of the ``m`` term (``t + -0.0 == t`` for
-every ``t``, zeros included), so every format has the same latency.
+every ``t``, zeros included), so every format has the same latency. ``isum``
+and ``sumq`` are below 2**24 in magnitude (the chain's sums of 32 products are
+below 2**20), so ``fp32(...)`` is exact: the conversion reads their low 25 bits
+and does not round.
 
 A row's block values accumulate in four interleaved partials (block ``j`` of
 the row into partial ``j mod 4``, each starting at +0.0) with one 3-stage
-adder, then ``fadd(fadd(p0, p1), fadd(p2, p3))``. A last, partial group adds
-nothing to the partials it does not reach (no +0.0 padding: a partial that
+adder, then ``fadd(fadd(p0, p1), fadd(p2, p3))`` on a second adder shared by
+the three sums: the pair without the last block's partial one stage before the
+last block leaves the accumulator, the pair with it when it leaves, their sum
+three stages later (latency 19, as with three adders). A last, partial group
+adds nothing to the partials it does not reach (no +0.0 padding: a partial that
 flushed to -0.0 keeps its sign, as in ``nx.accum4``). One block per cycle in
-steady state; the whole unit stalls as one pipeline when its output is not read.
+steady state for rows of 5 blocks or more; two rows' last blocks must not be 1,
+3 or 4 stages apart (they would need the shared adder in the same cycle), so a
+last block waits at the input until they are not: back to back, rows of 1 or 2
+blocks take 3.5 cycles each, rows of 3 or 4 take 5. The whole unit stalls as
+one pipeline when its output is not read.
 """
 
 from amaranth import Array, C, Cat, Module, Mux, Signal, signed
@@ -42,7 +52,7 @@ ScalerIn = data.StructLayout({
     "isum": signed(32),      # exact integer dot product (|isum| < 2**24)
     "d_w": 16,               # weight block scale, binary16
     "m_w": 16,               # weight block minimum, binary16 (Q4_1)
-    "sumq": signed(32),      # activation block sum of q (over kept positions)
+    "sumq": signed(32),      # activation block sum of q (over kept positions; |sumq| < 2**24)
     "d_x": 32,               # activation block scale, binary32
     "fmt": WeightFormat,
     "last": 1,               # last block of the row
@@ -61,7 +71,8 @@ class Scaler(wiring.Component):
     Members
     -------
     i : In(stream.Signature(ScalerIn))
-        One block per beat; ``last`` ends a row.
+        One block per beat; ``last`` ends a row. ``i.ready`` depends on ``i.payload.last``
+        (a row's last block may have to wait a few cycles, see the module docstring).
     o : Out(stream.Signature(32))
         One binary32 row sum per row.
     """
