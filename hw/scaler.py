@@ -173,33 +173,61 @@ class Scaler(wiring.Component):
         # partial is final one stage before the last block leaves the accumulator (its latest
         # block is then the accumulator's result, forwarded); the other pair when it leaves.
         # A partial the row never reached is +0.0; one that the last, partial group did not
-        # reach keeps its value (-0.0 included).
-        j_o, first_o = p.at(j_s, s_oth), p.at(first_s, s_oth)
+        # reach keeps its value (-0.0 included). Operand a is the adder's result, the
+        # accumulator's, p0, p2 or +0.0, operand b the held result, the accumulator's, p1, p3
+        # or +0.0: one-hot selects, computed a stage ahead from the pipeline's values (every
+        # stage is the previous one registered on ce) so the operands are an AND-OR of
+        # registers.
+        def selects(back):
+            def at(x, s):
+                return p.at(x, s - back)
 
-        def other(k):           # partial k (not in the pair of the last block at s_oth)
-            reached = ~first_o | (j_o > k) if k < 3 else ~first_o
-            return Mux(reached, Mux(valids[s_res] & (j_r == k), acc.value, parts[k]), 0)
+            def lasts_(s):
+                return valids[s - back] & at(last, s)
 
-        def own(k):             # partial k of the pair of the last block at s_res
-            reached = ~first_r | (j_r > k) if k < 3 else ~first_r
-            return Mux(j_r == k, acc.value, Mux(reached, parts[k], 0))
+            jr, fr, jo, fo = at(j_s, s_res), at(first_s, s_res), at(j_s, s_oth), at(first_s, s_oth)
+            fwd = valids[s_res - back]       # the block at s_res (forwarded to the other pair)
+
+            def reached(f, jj, k):
+                return ~f | (jj > k) if k < 3 else ~f
+
+            fin = lasts_(s_fin)
+            own = ~fin & lasts_(s_res)           # the last block's pair: acc + its partner
+            oth = ~fin & ~own                    # the other pair (used if a last block is at s_oth)
+            hi = jo[1]                           # the other pair is (p0, p1) when set
+            src = {}
+            for k in range(4):
+                kk = k - k % 2                   # the pair's first partial
+                o_k = oth & (hi if kk == 0 else ~hi) & reached(fo, jo, k)
+                src[k] = (own & (jr == (k ^ 1)) & reached(fr, jr, k)) | (o_k & ~(fwd & (jr == k)))
+            acc_a = (own & ~jr[0]) | (oth & fwd & ((hi & (jr == 0) & reached(fo, jo, 0))
+                                                   | (~hi & (jr == 2) & reached(fo, jo, 2))))
+            acc_b = (own & jr[0]) | (oth & fwd & ((hi & (jr == 1) & reached(fo, jo, 1))
+                                                  | (~hi & (jr == 3) & reached(fo, jo, 3))))
+            return Cat(fin, acc_a, src[0], src[2]), Cat(fin, acc_b, src[1], src[3])
+
+        sel_a, sel_b = Signal(4), Signal(4)
+        with m.If(ce):
+            m.d.sync += [x.eq(y) for x, y in zip((sel_a, sel_b), selects(1))]
+
+        def and_or(sel, vals):
+            out = 0
+            for i, v in enumerate(vals):
+                out = out | (v & sel[i].replicate(32))
+            return out
 
         cadd = FAddCore()
         m.submodules.combine = cadd
         held = Signal(32)                # the adder's previous result: the other pair's sum
         with m.If(ce):
             m.d.sync += held.eq(cadd.o)
-        with m.If(lasts(s_fin)):
-            # the two pair sums in either order: binary32 addition is commutative bit for
-            # bit (FAddCore orders its operands by magnitude; test_fp checks both orders)
-            m.d.comb += [cadd.a.eq(cadd.o), cadd.b.eq(held)]
-        with m.Elif(lasts(s_res)):
-            m.d.comb += [cadd.a.eq(Mux(j_r[1], own(2), own(0))),
-                         cadd.b.eq(Mux(j_r[1], own(3), own(1)))]
-        with m.Else():
-            m.d.comb += [cadd.a.eq(Mux(j_o[1], other(0), other(2))),
-                         cadd.b.eq(Mux(j_o[1], other(1), other(3)))]
-        m.d.comb += cadd.ce.eq(ce)
+        # the final sum takes the two pair sums in either order: binary32 addition is
+        # commutative bit for bit (FAddCore orders its operands by magnitude; test_fp checks
+        # both orders)
+        op_a, op_b = Signal(32), Signal(32)
+        m.d.comb += [op_a.eq(and_or(sel_a, (cadd.o, acc.value, parts[0], parts[2]))),
+                     op_b.eq(and_or(sel_b, (held, acc.value, parts[1], parts[3]))),
+                     cadd.a.eq(op_a), cadd.b.eq(op_b), cadd.ce.eq(ce)]
 
         o_valid = lasts(s_out)
         m.d.comb += [
