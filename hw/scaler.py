@@ -8,14 +8,24 @@ fp16 ``d_w`` (and ``m_w``) and the activation block's ``d_x`` and ``sumq``:
     v = fmul(t, d_x)
 
 Other formats add ``-0.0`` instead of the ``m`` term (``t + -0.0 == t`` for
-every ``t``, zeros included), so every format has the same latency.
+every ``t``, zeros included), so every format has the same latency. ``isum``
+and ``sumq`` are below 2**24 in magnitude (the chain's sums of 32 products are
+below 2**20), so ``fp32(...)`` is exact: the conversion reads their low 25 bits
+and does not round.
 
 A row's block values accumulate in four interleaved partials (block ``j`` of
 the row into partial ``j mod 4``, each starting at +0.0) with one 3-stage
-adder, then ``fadd(fadd(p0, p1), fadd(p2, p3))``. A last, partial group adds
-nothing to the partials it does not reach (no +0.0 padding: a partial that
+adder, then ``fadd(fadd(p0, p1), fadd(p2, p3))`` on a second adder shared by
+the three sums: the pair without the last block's partial one stage before the
+last block leaves the accumulator, the pair with it when it leaves, their sum
+three stages later (latency 19, as with three adders). A last, partial group
+adds nothing to the partials it does not reach (no +0.0 padding: a partial that
 flushed to -0.0 keeps its sign, as in ``nx.accum4``). One block per cycle in
-steady state; the whole unit stalls as one pipeline when its output is not read.
+steady state for rows of 5 blocks or more; two rows' last blocks must not be 1,
+3 or 4 stages apart (they would need the shared adder in the same cycle), so a
+last block waits at the input until they are not: back to back, rows of 1 or 2
+blocks take 3.5 cycles each, rows of 3 or 4 take 5. The whole unit stalls as
+one pipeline when its output is not read.
 """
 
 from amaranth import Array, C, Cat, Module, Mux, Signal, signed
@@ -23,7 +33,7 @@ from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from llmfab.core import numerics as nx
-from .fp import Pipe, f16_to_f32, int_to_f32, valid_chain
+from .fp import FADD_LATENCY, FAddCore, Pipe, f16_to_f32, lzc, valid_chain
 
 __all__ = ["WeightFormat", "ScalerIn", "Scaler", "units"]
 
@@ -42,7 +52,7 @@ ScalerIn = data.StructLayout({
     "isum": signed(32),      # exact integer dot product (|isum| < 2**24)
     "d_w": 16,               # weight block scale, binary16
     "m_w": 16,               # weight block minimum, binary16 (Q4_1)
-    "sumq": signed(32),      # activation block sum of q (over kept positions)
+    "sumq": signed(32),      # activation block sum of q (over kept positions; |sumq| < 2**24)
     "d_x": 32,               # activation block scale, binary32
     "fmt": WeightFormat,
     "last": 1,               # last block of the row
@@ -61,7 +71,8 @@ class Scaler(wiring.Component):
     Members
     -------
     i : In(stream.Signature(ScalerIn))
-        One block per beat; ``last`` ends a row.
+        One block per beat; ``last`` ends a row. ``i.ready`` depends on ``i.payload.last``
+        (a row's last block may have to wait a few cycles, see the module docstring).
     o : Out(stream.Signature(32))
         One binary32 row sum per row.
     """
@@ -89,13 +100,28 @@ class Scaler(wiring.Component):
         p = Pipe(m, ce, name="sc")
         b = self.i.payload
 
-        # ---- block value
-        fi, dw, mw, fs = p.comb(lambda isum, d, mm, s: (
-            int_to_f32(m, isum, name="fi"), f16_to_f32(m, d, name="dw"),
-            f16_to_f32(m, mm, name="mw"), int_to_f32(m, s, name="fs")),
-            p.input(b.isum), p.input(b.d_w), p.input(b.m_w), p.input(b.sumq))
+        # ---- block value. The integers are exact in binary32 (|isum|, |sumq| < 2**24): the
+        # conversion needs no rounding; its magnitude and leading zeros are registered and the
+        # normalizing shift is the first multiplier stage's input logic.
+        def int_split(v):
+            v = v[0:25].as_signed()
+            mag = Signal(24)
+            m.d.comb += mag.eq(Mux(v[24], -v, v))
+            return v[24], mag, lzc(mag, 24)
+
+        def int_join(sign, mag, lz):
+            norm = Signal(24)
+            m.d.comb += norm.eq(mag << lz)
+            return Mux(mag == 0, 0, Cat(norm[0:23], (150 - lz)[0:8], sign))
+
+        isum = p.comb(int_split, p.input(b.isum), name="isum")
+        fi = p.comb(int_join, *isum, latency=0, name="fi")
+        dw = p.comb(lambda d: f16_to_f32(m, d, name="dw"), p.input(b.d_w))
         t = p.fmul(fi, dw)
         if "q4_1" in self._formats:
+            sumq = p.comb(int_split, p.input(b.sumq), name="sumq")
+            fs = p.comb(int_join, *sumq, latency=0, name="fs")
+            mw = p.comb(lambda mm: f16_to_f32(m, mm, name="mw"), p.input(b.m_w))
             u = p.fmul(mw, fs)
             u = p.comb(lambda u, f: Mux(f == WeightFormat.Q4_1, u, NEG_ZERO),
                        u, p.input(b.fmt.as_value()), latency=0)
@@ -103,9 +129,23 @@ class Scaler(wiring.Component):
         v = p.fmul(t, p.input(b.d_x))
         s_acc = v.stage
         last = p.input(b.last)
+        s_res = s_acc + FADD_LATENCY     # accumulated value of a block
+        s_oth = s_res - 1                # a row's last block issues its other pair's sum
+        s_fin = s_res + FADD_LATENCY     # ... and its final sum
+        s_out = s_fin + FADD_LATENCY
+
+        # ---- one adder for the three sums of a row's end: a row's last block issues them at
+        # stages s_oth, s_res and s_fin; two last blocks 1, 3 or 4 stages apart would collide,
+        # so a last block waits at the input while one is at stage 1, 3 or 4
+        throttle = Signal()
+        valids = valid_chain(m, ce, self.i.valid & ~throttle, s_out)
+
+        def lasts(s):
+            return valids[s] & p.at(last, s)
+
+        m.d.comb += throttle.eq(b.last & (lasts(1) | lasts(3) | lasts(4)))
 
         # ---- accum4: block j of the row into partial j % 4
-        valids = valid_chain(m, ce, self.i.valid, s_acc + 3 + 6)
         j = Signal(range(4))             # partial of the next block
         first = Signal(init=1)           # the next block is in the row's first group
         v_acc = valids[s_acc]
@@ -121,32 +161,80 @@ class Scaler(wiring.Component):
         first_s = p.input(first, s_acc)
         prev = p.comb(lambda j, f: Mux(f, 0, Array(parts)[j]), j_s, first_s, latency=0)
         acc = p.fadd(prev, p.input(v.value, s_acc))
-        s_res = acc.stage
-        j_r, first_r, last_r = p.at(j_s, s_res), p.at(first_s, s_res), p.at(last, s_res)
+        assert acc.stage == s_res
+        j_r, first_r = p.at(j_s, s_res), p.at(first_s, s_res)
         with m.If(ce & valids[s_res]):
             with m.Switch(j_r):
                 for k in range(4):
                     with m.Case(k):
                         m.d.sync += parts[k].eq(acc.value)
 
-        # ---- the row's result: ((p0 + p1) + (p2 + p3)); a partial the row never reached is +0.0
-        def gather(res, jr, fr):
-            g = []
+        # ---- the row's result ((p0 + p1) + (p2 + p3)). The pair without the last block's
+        # partial is final one stage before the last block leaves the accumulator (its latest
+        # block is then the accumulator's result, forwarded); the other pair when it leaves.
+        # A partial the row never reached is +0.0; one that the last, partial group did not
+        # reach keeps its value (-0.0 included). Operand a is the adder's result, the
+        # accumulator's, p0, p2 or +0.0, operand b the held result, the accumulator's, p1, p3
+        # or +0.0: one-hot selects, computed a stage ahead from the pipeline's values (every
+        # stage is the previous one registered on ce) so the operands are an AND-OR of
+        # registers.
+        def selects(back):
+            def at(x, s):
+                return p.at(x, s - back)
+
+            def lasts_(s):
+                return valids[s - back] & at(last, s)
+
+            jr, fr, jo, fo = at(j_s, s_res), at(first_s, s_res), at(j_s, s_oth), at(first_s, s_oth)
+            fwd = valids[s_res - back]       # the block at s_res (forwarded to the other pair)
+
+            def reached(f, jj, k):
+                return ~f | (jj > k) if k < 3 else ~f
+
+            fin = lasts_(s_fin)
+            own = ~fin & lasts_(s_res)           # the last block's pair: acc + its partner
+            oth = ~fin & ~own                    # the other pair (used if a last block is at s_oth)
+            hi = jo[1]                           # the other pair is (p0, p1) when set
+            src = {}
             for k in range(4):
-                before = Mux(fr, 0, parts[k])       # partial k not reached in the last group
-                g.append(Mux(jr == k, res, before if k == 3 else Mux(jr > k, parts[k], before)))
-            return tuple(g)
-        g0, g1, g2, g3 = p.comb(gather, acc, p.input(j_r, s_res), p.input(first_r, s_res),
-                                latency=0)
-        out = p.fadd(p.fadd(g0, g1), p.fadd(g2, g3))
-        s_out = out.stage
-        assert s_out == s_acc + 3 + 6
-        o_valid = valids[s_out] & p.at(last, s_out)
+                kk = k - k % 2                   # the pair's first partial
+                o_k = oth & (hi if kk == 0 else ~hi) & reached(fo, jo, k)
+                src[k] = (own & (jr == (k ^ 1)) & reached(fr, jr, k)) | (o_k & ~(fwd & (jr == k)))
+            acc_a = (own & ~jr[0]) | (oth & fwd & ((hi & (jr == 0) & reached(fo, jo, 0))
+                                                   | (~hi & (jr == 2) & reached(fo, jo, 2))))
+            acc_b = (own & jr[0]) | (oth & fwd & ((hi & (jr == 1) & reached(fo, jo, 1))
+                                                  | (~hi & (jr == 3) & reached(fo, jo, 3))))
+            return Cat(fin, acc_a, src[0], src[2]), Cat(fin, acc_b, src[1], src[3])
+
+        sel_a, sel_b = Signal(4), Signal(4)
+        with m.If(ce):
+            m.d.sync += [x.eq(y) for x, y in zip((sel_a, sel_b), selects(1))]
+
+        def and_or(sel, vals):
+            out = 0
+            for i, v in enumerate(vals):
+                out = out | (v & sel[i].replicate(32))
+            return out
+
+        cadd = FAddCore()
+        m.submodules.combine = cadd
+        held = Signal(32)                # the adder's previous result: the other pair's sum
+        with m.If(ce):
+            m.d.sync += held.eq(cadd.o)
+        # the final sum takes the two pair sums in either order: binary32 addition is
+        # commutative bit for bit (FAddCore orders its operands by magnitude; test_fp checks
+        # both orders)
+        op_a, op_b = Signal(32), Signal(32)
+        m.d.comb += [op_a.eq(and_or(sel_a, (cadd.o, acc.value, parts[0], parts[2]))),
+                     op_b.eq(and_or(sel_b, (held, acc.value, parts[1], parts[3]))),
+                     cadd.a.eq(op_a), cadd.b.eq(op_b), cadd.ce.eq(ce)]
+
+        o_valid = lasts(s_out)
         m.d.comb += [
             ce.eq(~o_valid | self.o.ready),
-            self.i.ready.eq(ce),
+            self.i.ready.eq(ce & ~throttle),
             self.o.valid.eq(o_valid),
-            self.o.payload.eq(out.value),
+            self.o.payload.eq(cadd.o),
         ]
         self.latency = s_out
         return m

@@ -69,16 +69,23 @@ def zero_sign_rows():
     return rows
 
 
-def make_rows(rng, n):
-    """Split n random blocks into rows of 1..40 (some longer), plus the zero-sign rows."""
-    fmt, isum, d, mm, sumq, dx = make_blocks(rng, n)
-    lens = []
-    left = n
+def row_lengths(rng, n):
+    """Rows of 1..40 blocks (some of 200) holding n blocks in all."""
+    lens, left = [], n
     while left:
         ln = int(min(left, rng.choice([rng.integers(1, 9), rng.integers(1, 41), 200],
                                           p=[0.45, 0.5, 0.05])))
         lens.append(ln)
         left -= ln
+    return lens
+
+
+def make_rows(rng, n, lens=None, zero_sign=True):
+    """Split n random blocks into rows (``lens``, or :func:`row_lengths`), plus the zero-sign
+    rows."""
+    fmt, isum, d, mm, sumq, dx = make_blocks(rng, n)
+    lens = row_lengths(rng, n) if lens is None else list(lens)
+    assert sum(lens) == n
     rows = []
     pos = 0
     for ln in lens:
@@ -89,7 +96,7 @@ def make_rows(rng, n):
         rows.append((f, isum[sl], d[sl], mm[sl], sumq[sl], dx[sl]))
         pos += ln
     fz = FORMATS[0] if "q4_1" not in FORMATS else "q8_0"
-    for isum_, d_, dx_ in zero_sign_rows():
+    for isum_, d_, dx_ in (zero_sign_rows() if zero_sign else []):
         ln = len(isum_)
         rows.append((np.full(ln, fz), isum_, d_, np.zeros(ln, np.uint16), np.zeros(ln, np.int64), dx_))
     return rows
@@ -139,10 +146,12 @@ async def scaler_single_blocks(dut):
 
 @cocotb.test()
 async def scaler_throughput(dut):
+    """Rows of 5 blocks or more follow each other at one block per cycle."""
     tb = TB(dut)
     await tb.reset()
     rng = np.random.default_rng(SEED + 2)
-    rows = make_rows(rng, 2000)
+    lens = [int(x) for x in rng.choice([5, 6, 7, 8, 9, 12, 18, 33, 40, 200], 80)]
+    rows = make_rows(rng, sum(lens), lens, zero_sign=False)
     pays, exp = payloads_and_expected(rows)
     outs, src, snk = await tb.run_stream("i", "o", pays, layout=ScalerIn, stall=0.0, bp=0.0,
                                          seed=SEED, n_out=len(rows))
@@ -152,3 +161,92 @@ async def scaler_throughput(dut):
     dut._log.info("scaler: %.3f blocks/cycle in steady state; a row's sum comes %d cycles "
                   "after its last block", tp, lat)
     assert tp == 1.0, tp
+    assert lat == 19, lat
+
+
+#: Cycles per row of nb blocks, rows back to back (no stalls): the row's end takes the
+#: combine adder at three stages, so two last blocks may not be 1, 3 or 4 stages apart.
+SHORT_ROW_CYCLES = {1: 3.5, 2: 3.5, 3: 5, 4: 5, 5: 5, 6: 6, 7: 7, 8: 8, 18: 18}
+
+
+@cocotb.test()
+async def scaler_short_rows(dut):
+    """Rows of nb = 1..8 and 18 blocks back to back: cycles per row, bit-exact sums."""
+    tb = TB(dut)
+    await tb.reset()
+    rng = np.random.default_rng(SEED + 3)
+    got = {}
+    for nb, want in SHORT_ROW_CYCLES.items():
+        n_rows = 41
+        rows = make_rows(rng, nb * n_rows, [nb] * n_rows, zero_sign=False)
+        pays, exp = payloads_and_expected(rows)
+        outs, src, snk = await tb.run_stream("i", "o", pays, layout=ScalerIn, stall=0.0,
+                                             bp=0.0, seed=SEED + nb, n_out=len(rows))
+        check(f"scaler rows of {nb}", outs, exp)
+        ends = src.times[nb - 1::nb]                 # the rows' last blocks
+        got[nb] = round((ends[-1] - ends[0]) / 10) / (n_rows - 1)
+        await tb.cycles(30)
+    dut._log.info("scaler: cycles per row of nb blocks, back to back: %s",
+                  ", ".join(f"{k}: {v:g}" for k, v in got.items()))
+    assert got == SHORT_ROW_CYCLES, got
+
+
+@cocotb.test()
+@cocotb.parametrize(traffic=[(0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (0.0, 0.9), (0.3, 0.3)])
+async def scaler_mixed_short_rows(dut, traffic):
+    """Back-to-back rows of random lengths 1..6 (some longer): every distance between two
+    rows' ends, with and without input stalls and output back-pressure."""
+    stall, bp = traffic
+    tb = TB(dut)
+    await tb.reset()
+    rng = np.random.default_rng(SEED + 4 + int(stall * 10) + int(bp * 100))
+    lens = [int(x) for x in np.where(rng.random(400) < 0.9, rng.integers(1, 7, 400),
+                                     rng.integers(7, 20, 400))]
+    rows = make_rows(rng, sum(lens), lens)
+    pays, exp = payloads_and_expected(rows)
+    outs, src, snk = await tb.run_stream("i", "o", pays, layout=ScalerIn, stall=stall, bp=bp,
+                                         seed=SEED + 7, n_out=len(rows))
+    check(f"scaler short rows (stall {stall}, back-pressure {bp})", outs, exp, log=dut._log)
+
+
+def special_rows(rng, n_rows):
+    """Rows of 1..9 blocks with signed zeros, infinities and NaNs in d_w, m_w and d_x, and
+    block values that overflow (partials of +inf and -inf: a NaN row sum)."""
+    f16_specials = f16_bits(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, -65504.0,
+                                      2.0 ** -24, -(2.0 ** -24), 1.0, -1.0], np.float16))
+    f32_specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4028235e38, -3.4028235e38,
+                             1.1754944e-38, -1.1754944e-38, 1.0, -2.5], np.float32)
+    rows = []
+    for _ in range(n_rows):
+        ln = int(rng.integers(1, 10))
+        fmt, isum, d, mm, sumq, dx = make_blocks(rng, ln)
+        if rng.random() < 0.8:
+            fmt = np.full(ln, fmt[0])
+        for arr, pool in ((d, f16_specials), (mm, f16_specials), (dx, f32_specials)):
+            sel = rng.random(ln) < 0.1
+            arr[sel] = rng.choice(pool, int(sel.sum()))
+        big = rng.random(ln) < 0.15                    # |value| overflows to inf
+        isum[big] = rng.choice([-(1 << 23), 1 << 23], int(big.sum()))
+        d[big] = f16_bits(np.float16(65504.0))
+        dx[big] = np.float32(3.4028235e38)
+        isum[rng.random(ln) < 0.15] = 0
+        sumq[rng.random(ln) < 0.15] = 0
+        rows.append((fmt, isum, d, mm, sumq, dx))
+    return rows
+
+
+@cocotb.test()
+async def scaler_specials(dut):
+    """Signed zeros, infinities, NaNs and overflow in short and long rows."""
+    tb = TB(dut)
+    await tb.reset()
+    rng = np.random.default_rng(SEED + 5)
+    rows = special_rows(rng, 600)
+    pays, exp = payloads_and_expected(rows)
+    outs, src, snk = await tb.run_stream("i", "o", pays, layout=ScalerIn, stall=0.2, bp=0.2,
+                                         seed=SEED, n_out=len(rows))
+    ev = floats(exp)
+    check("scaler specials", outs, exp, log=dut._log)
+    dut._log.info("scaler specials: %d rows, %d NaN, %d infinite, %d zero (%d -0.0) sums",
+                  len(rows), np.isnan(ev).sum(), np.isinf(ev).sum(), (ev == 0).sum(),
+                  ((ev == 0) & np.signbit(ev)).sum())
