@@ -227,8 +227,11 @@ class MvSlice(wiring.Component):
         # UltraRAM: a 256-bit block RAM port is 8 BRAM36 wide whatever the depth (36-bit
         # ports when both ports are used), a URAM288 port 72 bits at 4,096 deep, so q's 2,048
         # blocks take 16 BRAM36 or 4 URAM288 per copy
-        qmem = _Buffer(m, "qmem", 256, NB, self.qw_addr, self.qw_data, self.qw_en,
-                       self.qw_en.any(), granularity=32,
+        # (whole-entry writes when a chunk is a whole block, CB = 32: no write enables, which
+        # UltraRAM maps at half the width per primitive)
+        qmem = _Buffer(m, "qmem", 256, NB, self.qw_addr, self.qw_data,
+                       self.qw_en if CB < 32 else self.qw_en.any(), self.qw_en.any(),
+                       granularity=32 if CB < 32 else None,
                        attrs={"ram_style": "ultra"} if self._q_uram else None)
         dmem = _Buffer(m, "dmem", CB * 8, DEPTH_D, self.dw_addr, self.dw_data, self.dw_en,
                        self.dw_en)

@@ -172,9 +172,9 @@ def test_u280_derived_by_hand():
     assert (layout["weight"].width_bits, layout["weight"].depth, layout["weight"].primitive,
             layout["weight"].count) == (16384, 512, "bram36", 228)     # ceil(16384/72)=228, 512 deep
     assert (layout["activation"].count, layout["kv"].count, layout["global"].count,
-            layout["instruction"].count) == (15 * 4, 128, 64, 8)
+            layout["instruction"].count) == (15 * 4, 128, 32, 8)
     assert c.bram36_total == 228
-    assert c.uram_total == 260
+    assert c.uram_total == 228
     assert c.hbm_addr_bits == 28 and c.memory_addr_bits == 33 and c.position_bits == 12
 
 
@@ -214,7 +214,7 @@ def test_derived_dict_matches_properties():
 def test_config_hash_is_stable():
     # Recorded by compiled programs: changing these literals invalidates every bundle.
     assert load_config("ci").config_hash() == "4d61f8e9a26a7937"
-    assert load_config("u280").config_hash() == "39a2a086be2d9f29"   # weight_kib 1024
+    assert load_config("u280").config_hash() == "f4a9ec33f3a6a23b"   # weight 1024, global 1024 KiB
     assert load_config("ci").config_hash() == load_config("ci").config_hash()
 
 
