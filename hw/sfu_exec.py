@@ -25,10 +25,16 @@ instruction at a time, by sequencing on-chip line reads and writes around
   ``reduce_sum`` lanes (time-multiplexed, one new element per lane every 32/L
   cycles), then a streaming adder tree fed in bit-reversed lane order, so row
   j+1 accumulates while row j's tree runs; the scores go into a score buffer;
-  SFU SOFTMAX in place; then ``accum4_j(a_j * V_j)``, ``L`` elements per
+  SFU SOFTMAX back into it; then ``accum4_j(a_j * V_j)``, ``L`` elements per
   cycle on the same multipliers and adders, with four partial memories (+0
   for a partial's first row) and the final ``(p0 + p1) + (p2 + p3)``, ``at_n``
-  elements per cycle, to the writer.
+  elements per cycle, to the writer. The heads overlap: two score buffers
+  (head h in buffer h mod 2), and at each decision (state ANEXT) the sequencer
+  starts the next softmax feed if that head's scores are in and the SFU is
+  free, else the next head's scores if their buffer is free (head h-2's AV
+  done), else the next AV once its softmax is back; so head h's softmax (the
+  SFU's latency, about 130 cycles + 2 per row) runs while head h+1 scores
+  and head h-1 does its AV, and outputs still leave in head order.
 * RMSNORM: the sum of squares ``reduce_sum(x*x)`` on the ATTN score datapath
   (one row of ``n`` elements, ``L`` per cycle); ``rsqrt(ss * (1/n) + eps)``
   as one beat through the SFU (``SfuOp.RMS_SCALAR``); then ``x`` is read
@@ -50,12 +56,12 @@ is 3). ``tiny`` (16-byte lines) has 4 lanes, ``ci`` (64-byte lines) 8.
 Cycles (tiny, measured by tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles,
 busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 418, SILU_MUL n=1536 1630,
 QUANT n=576 231 / 1536 531, ROPE 3x64 131, EMBED Q4_1 576 919, ATTN 3 heads x 64
-at position 1 / 50 / 100: 1163 / 6308 / 11558 (per row and head hd/L = 16 cycles
-for the scores and 16 for AV plus the softmax's 3; per head about 330: the q load,
-the score tree's drain, the softmax's first two passes through the SFU's long
-pipeline, the AV drain and the final partial tree, ``at_n`` = the largest power
-of two <= L dividing hd elements per cycle). Each op is 2 cycles more than
-alone in the unit (the execution unit's footprint stage, hw/exec_unit.py).
+at position 1 / 50 / 100: ATTN_TINY (per head: scores hd/L q beats + rows x
+ceil(hd/32)*32/L + 32/L + 36, AV rows x hd/L + hd/at_n + 13, the softmax feed rows
+and its latency 131 + 2 x rows, overlapped as above: sim/perf.py's attn_schedule
+replays it; ``at_n`` = the largest power of two <= L dividing hd elements per
+cycle). Each op is 2 cycles more than alone in the unit (the execution unit's
+footprint stage, hw/exec_unit.py).
 MV/MM are not executed here (done without writing).
 
 Limits: ATTN rows <= ``max_len`` (the score buffer and the SFU's vector
