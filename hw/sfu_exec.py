@@ -56,7 +56,7 @@ is 3). ``tiny`` (16-byte lines) has 4 lanes, ``ci`` (64-byte lines) 8.
 Cycles (tiny, measured by tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles,
 busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 418, SILU_MUL n=1536 1630,
 QUANT n=576 231 / 1536 531, ROPE 3x64 131, EMBED Q4_1 576 919, ATTN 3 heads x 64
-at position 1 / 50 / 100: ATTN_TINY (per head: scores hd/L q beats + rows x
+at position 1 / 50 / 100: 601 / 5339 / 10289 (per head: scores hd/L q beats + rows x
 ceil(hd/32)*32/L + 32/L + 36, AV rows x hd/L + hd/at_n + 13, the softmax feed rows
 and its latency 131 + 2 x rows, overlapped as above: sim/perf.py's attn_schedule
 replays it; ``at_n`` = the largest power of two <= L dividing hd elements per
