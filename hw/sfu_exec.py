@@ -917,7 +917,8 @@ class SfuExec(wiring.Component):
                     m.d.sync += hs.eq(hs + 1)
                     m.next = "ANEXT"
             # the heads overlap: head h's softmax (the SFU's long latency) runs while head h+1
-            # scores and head h-1 does its AV; the next phase that may start: softmax, else scores, else AV
+            # scores and head h-1 does its AV; the next phase that may start: softmax, else
+            # scores, else AV
             with m.State("ANEXT"):
                 sm_done = sm_widx == rows           # the last softmax issued (head hm - 1)
                 m_ok = (hm < hs) & ((hm == 0) | sm_done) & (hv + 1 >= hm)

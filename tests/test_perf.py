@@ -154,7 +154,8 @@ def test_attn_prefill_fields_are_decoded():
     # token t of a prefill run costs what a decode step t positions later does: t more rows
     f5 = {**isa.attn_fields(2, hd, t=5, cached=True), "reg": isa.REG_POS}
     dec = {**isa.attn_fields(2, hd), "reg": isa.REG_POS}
-    assert misc_cycles("ATTN", f5, _regs(pos), tiny) == misc_cycles("ATTN", dec, _regs(pos + 5), tiny)
+    assert misc_cycles("ATTN", f5, _regs(pos), tiny) == \
+        misc_cycles("ATTN", dec, _regs(pos + 5), tiny)
 
 
 def test_prefill_program_estimate(tmp_path):
