@@ -319,8 +319,11 @@ class Sfu(wiring.Component):
       ``rsqrt(ss * c + d)`` goes through the pipeline; pass 2 reads the buffer:
       ``(x * r) * w``.
     * SOFTMAX: pass 1 stores s and takes the exact max m; pass 2
-      ``e = exp(s - m)`` back into the buffer and into the reducer; ``recip(z)``
-      through the pipeline; pass 3 ``e * (1/z)``.
+      ``e = exp(s - m)`` back into the buffer and into the reducer, taken at
+      exp's stage (about 40) rather than the pipeline's end; ``recip(z)`` on a
+      recip-only pipeline of its own (``recip_rsqrt_pipe(.., 0)``, about 20
+      stages, the same values); pass 3 ``e * (1/z)`` on a short multiplier of
+      its own once the long pipeline is empty. About 130 cycles + 2 per element.
 
     The unit takes the next vector once a reduction, RMS_NORM or SOFTMAX has
     issued its last pass; streaming ops follow each other without a gap.
@@ -437,15 +440,29 @@ class Sfu(wiring.Component):
         valids = valid_chain(m, ce, iss_valid, lat)
         out_valid = valids[lat]
         self.latency = lat
+        # softmax pass 2 leaves at exp's stage (into the buffer and the reducer), not at the end
+        es = e.stage
+        early = valids[es] & (p.at(p.input(iss_dest.as_value()), es) == _Dest.BUF_RED)
+        idx_e = p.at(p.input(iss_idx), es)
+        last_e = p.at(p.input(iss_last), es)
 
         # ---- reducer
         red = Reducer()
         m.submodules.red = red
         red_to_o = Signal()
         pipe_o = out_valid & (dest_o == _Dest.OUT)
-        to_red = out_valid & ((dest_o == _Dest.RED) | (dest_o == _Dest.BUF_RED))
-        # softmax pass 3, e * (1/z), on a short multiplier of its own: the long pipeline is
-        # empty by then (the recip has left it), so the outputs keep their order
+        to_red = out_valid & (dest_o == _Dest.RED)
+        early_go = Signal()
+        # softmax's 1/z on a recip pipeline of its own (recip_rsqrt_pipe's recip-only form, the
+        # same values), shorter than the long one
+        one = Signal(init=1)
+        pz = Pipe(m, one, name="smz")
+        z_in = Signal(32)
+        z_in_v = Signal()
+        zr = recip_rsqrt_pipe(pz, pz.input(z_in), 0)
+        z_valids = valid_chain(m, one, z_in_v, zr.stage, name="smz")
+        # softmax pass 3, e * (1/z), on a short multiplier of its own: it starts once the long
+        # pipeline is empty, so the outputs keep their order
         sm_in = Signal()
         sm_idx = Signal(aw)
         sm_last = Signal()
@@ -460,9 +477,9 @@ class Sfu(wiring.Component):
         sm_o = sm_valids[-1]
         m.d.comb += sce.eq(~sm_o | self.o.ready)
         m.d.comb += [
-            red.i.valid.eq(to_red),
-            red.i.payload.v.eq(y0_o),
-            red.i.payload.last.eq(last_o),
+            red.i.valid.eq(to_red | early_go),
+            red.i.payload.v.eq(Mux(early, e.value, y0_o)),
+            red.i.payload.last.eq(Mux(early, last_e, last_o)),
             self.o.valid.eq(pipe_o | sm_o | (red_to_o & red.o.valid)),
             self.o.payload.y0.eq(Mux(pipe_o, y0_o, Mux(sm_o, sm_y.value, red.o.payload))),
             self.o.payload.y1.eq(Mux(pipe_o, y1_o, 0)),
@@ -472,11 +489,12 @@ class Sfu(wiring.Component):
         with m.Switch(dest_o):
             with m.Case(_Dest.OUT):
                 m.d.comb += dest_ready.eq(self.o.ready)
-            with m.Case(_Dest.RED, _Dest.BUF_RED):
+            with m.Case(_Dest.RED):
                 m.d.comb += dest_ready.eq(red.i.ready)
-            with m.Default():
+            with m.Default():                       # BUF_RED: done at exp's stage
                 m.d.comb += dest_ready.eq(1)
-        m.d.comb += ce.eq(~out_valid | dest_ready)
+        m.d.comb += ce.eq((~out_valid | dest_ready) & (~early | red.i.ready))
+        m.d.comb += early_go.eq(early & ce)
 
         # scalar results and buffer writes at the output
         scalar = Signal(32)
@@ -487,11 +505,11 @@ class Sfu(wiring.Component):
         in_wen = Signal()
         in_wdata = Signal(64)
         in_waddr = Signal(aw)
-        out_wen = out_valid & ce & (dest_o == _Dest.BUF_RED)
+        out_wen = early_go
         m.d.comb += [
             wp.en.eq(Mux(out_wen, 1, in_wen)),
-            wp.addr.eq(Mux(out_wen, idx_o, in_waddr)),
-            wp.data.eq(Mux(out_wen, Cat(y0_o, C(0, 32)), in_wdata)),
+            wp.addr.eq(Mux(out_wen, idx_e, in_waddr)),
+            wp.data.eq(Mux(out_wen, Cat(e.value, C(0, 32)), in_wdata)),
         ]
 
         # ---- sequencer
@@ -578,18 +596,18 @@ class Sfu(wiring.Component):
                         m.d.sync += cnt.eq(0)
                         m.next = "SM_Z"
             with m.State("SM_Z"):
-                m.d.comb += [iss_valid.eq(red.o.valid), red.o.ready.eq(ce),
-                             iss_uop.eq(_Uop.RECIP), iss_dest.eq(_Dest.SCALAR),
-                             iss_a.eq(red.o.payload)]
-                with m.If(red.o.valid & ce):
+                m.d.comb += [z_in_v.eq(red.o.valid), red.o.ready.eq(1), z_in.eq(red.o.payload)]
+                with m.If(red.o.valid):
                     m.next = "SM_RZ"
             with m.State("SM_RZ"):
-                with m.If(scalar_done):
+                with m.If(z_valids[-1]):
+                    m.d.sync += scalar.eq(zr.value)
                     m.next = "SM_OUT"
             with m.State("SM_OUT"):
-                m.d.comb += [sm_in.eq(1), sm_idx.eq(cnt), sm_c.eq(scalar),
+                empty = ~Cat(*valids[1:]).any()
+                m.d.comb += [sm_in.eq(empty), sm_idx.eq(cnt), sm_c.eq(scalar),
                              sm_last.eq(cnt == n - 1)]
-                with m.If(sce):
+                with m.If(sce & empty):
                     m.d.sync += cnt.eq(cnt + 1)
                     with m.If(cnt == n - 1):
                         m.d.sync += cnt.eq(0)

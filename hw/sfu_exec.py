@@ -25,10 +25,16 @@ instruction at a time, by sequencing on-chip line reads and writes around
   ``reduce_sum`` lanes (time-multiplexed, one new element per lane every 32/L
   cycles), then a streaming adder tree fed in bit-reversed lane order, so row
   j+1 accumulates while row j's tree runs; the scores go into a score buffer;
-  SFU SOFTMAX in place; then ``accum4_j(a_j * V_j)``, ``L`` elements per
+  SFU SOFTMAX back into it; then ``accum4_j(a_j * V_j)``, ``L`` elements per
   cycle on the same multipliers and adders, with four partial memories (+0
   for a partial's first row) and the final ``(p0 + p1) + (p2 + p3)``, ``at_n``
-  elements per cycle, to the writer.
+  elements per cycle, to the writer. The heads overlap: two score buffers
+  (head h in buffer h mod 2), and at each decision (state ANEXT) the sequencer
+  starts the next softmax feed if that head's scores are in and the SFU is
+  free, else the next head's scores if their buffer is free (head h-2's AV
+  done), else the next AV once its softmax is back; so head h's softmax (the
+  SFU's latency, about 130 cycles + 2 per row) runs while head h+1 scores
+  and head h-1 does its AV, and outputs still leave in head order.
 * RMSNORM: the sum of squares ``reduce_sum(x*x)`` on the ATTN score datapath
   (one row of ``n`` elements, ``L`` per cycle); ``rsqrt(ss * (1/n) + eps)``
   as one beat through the SFU (``SfuOp.RMS_SCALAR``); then ``x`` is read
@@ -50,12 +56,12 @@ is 3). ``tiny`` (16-byte lines) has 4 lanes, ``ci`` (64-byte lines) 8.
 Cycles (tiny, measured by tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles,
 busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 418, SILU_MUL n=1536 1630,
 QUANT n=576 231 / 1536 531, ROPE 3x64 131, EMBED Q4_1 576 919, ATTN 3 heads x 64
-at position 1 / 50 / 100: 1163 / 6308 / 11558 (per row and head hd/L = 16 cycles
-for the scores and 16 for AV plus the softmax's 3; per head about 330: the q load,
-the score tree's drain, the softmax's first two passes through the SFU's long
-pipeline, the AV drain and the final partial tree, ``at_n`` = the largest power
-of two <= L dividing hd elements per cycle). Each op is 2 cycles more than
-alone in the unit (the execution unit's footprint stage, hw/exec_unit.py).
+at position 1 / 50 / 100: 601 / 5339 / 10289 (per head: scores hd/L q beats + rows x
+ceil(hd/32)*32/L + 32/L + 36, AV rows x hd/L + hd/at_n + 13, the softmax feed rows
+and its latency 131 + 2 x rows, overlapped as above: sim/perf.py's attn_schedule
+replays it; ``at_n`` = the largest power of two <= L dividing hd elements per
+cycle). Each op is 2 cycles more than alone in the unit (the execution unit's
+footprint stage, hw/exec_unit.py).
 MV/MM are not executed here (done without writing).
 
 Limits: ATTN rows <= ``max_len`` (the score buffer and the SFU's vector
@@ -364,24 +370,39 @@ class SfuExec(wiring.Component):
         CB = 32 // L                      # beats per 32-element chunk
         lgcb = exact_log2(CB)
         hdw = self._max_hd // L           # L-element words of the longest head
-        to_sbuf_mode0 = Signal()          # softmax pass: post stage passes y through
         qhm = memory.Memory(shape=32 * L, depth=hdw, init=[])
-        sbm = memory.Memory(shape=32, depth=self._max_len, init=[])
         m.submodules.qhm = qhm
-        m.submodules.sbm = sbm
         qh_w = qhm.write_port()
         qh_r = qhm.read_port(domain="comb")
-        sb_w = sbm.write_port()
-        sb_r = sbm.read_port(domain="comb")
-        widx = Signal(range(self._max_len + 1))
+        # two score buffers (head h in bank h mod 2): head h+1's scores go into one while head
+        # h's softmax writes its probabilities into the other and head h-1's AV reads them
+        sb_ws, sb_rs = [], []
+        for k in range(2):
+            sbk = memory.Memory(shape=32, depth=self._max_len, init=[])
+            m.submodules[f"sbm{k}"] = sbk
+            sb_ws.append(sbk.write_port())
+            sb_rs.append(sbk.read_port(domain="comb"))
+        sb_raddr = Signal(range(self._max_len))
+        sb_rbank = Signal()
+        sb_rdata = Signal(32)
+        m.d.comb += [r.addr.eq(sb_raddr) for r in sb_rs]
+        m.d.comb += sb_rdata.eq(Mux(sb_rbank, sb_rs[1].data, sb_rs[0].data))
+        sc_widx = Signal(range(self._max_len + 1))     # scores written (bank sc_bank)
+        sm_widx = Signal(range(self._max_len + 1))     # probabilities written (bank sm_bank)
+        sc_bank = Signal()
+        sm_bank = Signal()
         sc_out_v = Signal()
         sc_out = Signal(32)
+        sm_in_v = Signal()
         with m.If(sc_out_v):
-            m.d.comb += [sb_w.en.eq(1), sb_w.addr.eq(widx), sb_w.data.eq(sc_out)]
-            m.d.sync += widx.eq(widx + 1)
-        with m.Elif(to_sbuf & post_valid):
-            m.d.comb += [sb_w.en.eq(1), sb_w.addr.eq(widx), sb_w.data.eq(y)]
-            m.d.sync += widx.eq(widx + 1)
+            m.d.sync += sc_widx.eq(sc_widx + 1)
+        with m.If(sm_in_v):
+            m.d.sync += sm_widx.eq(sm_widx + 1)
+        for k, wp_ in enumerate(sb_ws):
+            on_sc = sc_out_v & (sc_bank == k)
+            m.d.comb += [wp_.en.eq(on_sc | (sm_in_v & (sm_bank == k))),
+                         wp_.addr.eq(Mux(on_sc, sc_widx, sm_widx)),
+                         wp_.data.eq(Mux(on_sc, sc_out, y))]
         pms = []
         for k in range(4):
             pmk = memory.Memory(shape=32 * L, depth=hdw, init=[])
@@ -490,6 +511,7 @@ class SfuExec(wiring.Component):
 
         # ---- SFU output -> post stage (SFU ops); direct feed -> post stage (EMBED, COPY)
         use_sfu = Signal()
+        m.d.comb += sm_in_v.eq(to_sbuf & post_valid)
         need_side = Signal()
         d_valid = Signal()
         d_x = Signal(32)
@@ -500,7 +522,7 @@ class SfuExec(wiring.Component):
         with m.If(use_sfu):
             m.d.comb += [pv.eq(sfu.o.valid & side_ok), px.eq(sfu.o.payload.y0),
                          px1.eq(sfu.o.payload.y1), ps1.eq(Mux(need_side, side.r_data, scale)),
-                         ps2.eq(0), pmode.eq(need_side | (is_attn & ~to_sbuf_mode0)),
+                         ps2.eq(0), pmode.eq(need_side),
                          ppair.eq(is_rope),
                          sfu.o.ready.eq(post_ce & side_ok),
                          side.r_en.eq(sfu.o.valid & post_ce & need_side)]
@@ -599,13 +621,13 @@ class SfuExec(wiring.Component):
         hd = misc.aux[0:15]
         cached = misc.aux[15]
         ncache = Signal(18)
-        h_i = Signal(8)
+        # ATTN heads: hs the next to score, hm the next to softmax, hv the next to AV
+        hs = Signal(8)
+        hm = Signal(8)
+        hv = Signal(8)
         jcnt = Signal(18)
         dcnt = Signal(16)
-        tout = Signal(16)
         m.d.comb += self.done.eq(done_r)
-        with m.If(tree_valid & wi_ready):
-            m.d.sync += tout.eq(tout + at_n)
 
         def issue(k, rd, al, ser, addr, nbytes, en):
             off = addr[0:lgd]
@@ -660,7 +682,8 @@ class SfuExec(wiring.Component):
                     f = iw.misc.func
                     nn = iw.misc.n
                     ax = iw.misc.aux
-                    m.d.sync += [rv.eq(self.instr.payload.rval), h_i.eq(0)]
+                    m.d.sync += [rv.eq(self.instr.payload.rval), hs.eq(0), hm.eq(0), hv.eq(0),
+                                 sc_bank.eq(0)]
                     m.d.sync += [word.eq(self.instr.payload.word), sent.eq(0), fcnt.eq(0),
                                  tcnt.eq(0), bcnt.eq(0), ecnt.eq(0), ridx.eq(0), qw.eq(0),
                                  qblk.eq(0), qphase.eq(0), pk_k.eq(0), seg_i.eq(0)]
@@ -861,7 +884,7 @@ class SfuExec(wiring.Component):
             # ---- ATTN, per head: q -> qh; scores (VDOT * scale) -> sbuf; softmax in place;
             # partials of sum_j a_j v_j; the partial tree -> writer
             with m.State("AQ"):
-                ok, sets = issue(0, rdb, alb, sb, misc.a + ((h_i * hd) << 2), hd << 2, C(1, 1))
+                ok, sets = issue(0, rdb, alb, sb, misc.a + ((hs * hd) << 2), hd << 2, C(1, 1))
                 with m.If(ok):
                     m.d.sync += sets + [sent.eq(0), kb.eq(0), av_mode.eq(0)]
                     m.next = "AQL"
@@ -877,7 +900,8 @@ class SfuExec(wiring.Component):
                 ok1, s1 = issue(0, rda, ala, sa, misc.b, (ncache * hd) << 1, ncache != 0)
                 ok2, s2 = issue(2, rdb, alb, sb, misc.a + ((nh * hd) << 2), hd << 2, ~cached)
                 with m.If(ok1 & ok2):
-                    m.d.sync += s1 + s2 + [sent.eq(0), jcnt.eq(0), kb.eq(0), widx.eq(0)]
+                    m.d.sync += s1 + s2 + [sent.eq(0), jcnt.eq(0), kb.eq(0), sc_widx.eq(0),
+                                           sc_bank.eq(hs[0])]
                     m.next = "AKF"
             with m.State("AKF"):
                 data_beat = Signal(name="data_beat")
@@ -889,21 +913,35 @@ class SfuExec(wiring.Component):
                 with m.If(kv_take(~data_beat | kv_ok, data_beat, nbs)):
                     m.next = "AKW"
             with m.State("AKW"):
-                with m.If(widx == rows):
-                    m.d.sync += [widx.eq(0), jcnt.eq(0)]
+                with m.If(sc_widx == rows):
+                    m.d.sync += hs.eq(hs + 1)
+                    m.next = "ANEXT"
+            # the heads overlap: head h's softmax (the SFU's long latency) runs while head h+1
+            # scores and head h-1 does its AV; the next phase that may start: softmax, else
+            # scores, else AV
+            with m.State("ANEXT"):
+                sm_done = sm_widx == rows           # the last softmax issued (head hm - 1)
+                m_ok = (hm < hs) & ((hm == 0) | sm_done) & (hv + 1 >= hm)
+                v_ok = (hv < hm) & ((hv + 1 < hm) | sm_done)
+                s_ok = (hs < nh) & (hv + 1 >= hs)
+                with m.If(m_ok):
+                    m.d.sync += [jcnt.eq(0), sm_widx.eq(0), sm_bank.eq(hm[0])]
                     m.next = "ASM"
+                with m.Elif(s_ok):
+                    m.next = "AQ"
+                with m.Elif(v_ok):
+                    m.next = "AV"
+                with m.Elif(hv == nh):
+                    m.next = "DRAIN"
             with m.State("ASM"):
-                m.d.comb += [to_sbuf_mode0.eq(1), sb_r.addr.eq(jcnt), sfu.i.valid.eq(1),
-                             sfu.i.payload.op.eq(SfuOp.SOFTMAX), sfu.i.payload.a.eq(sb_r.data),
+                m.d.comb += [sb_raddr.eq(jcnt), sb_rbank.eq(hm[0]), sfu.i.valid.eq(1),
+                             sfu.i.payload.op.eq(SfuOp.SOFTMAX), sfu.i.payload.a.eq(sb_rdata),
                              sfu.i.payload.last.eq(jcnt + 1 == rows)]
                 with m.If(sfu.i.ready):
                     m.d.sync += jcnt.eq(jcnt + 1)
                     with m.If(jcnt + 1 == rows):
-                        m.next = "ASMW"
-            with m.State("ASMW"):
-                m.d.comb += to_sbuf_mode0.eq(1)
-                with m.If(widx == rows):
-                    m.next = "AV"
+                        m.d.sync += hm.eq(hm + 1)
+                        m.next = "ANEXT"
             with m.State("AV"):
                 ok1, s1 = issue(0, rda, ala, sa, misc.b + ((self.context * hd) << 1),
                                 (ncache * hd) << 1, ncache != 0)
@@ -913,28 +951,24 @@ class SfuExec(wiring.Component):
                     m.d.sync += s1 + s2 + [sent.eq(0), jcnt.eq(0), kb.eq(0), av_mode.eq(1)]
                     m.next = "AVF"
             with m.State("AVF"):
-                m.d.comb += [sb_r.addr.eq(jcnt), m_first.eq(jcnt < 4), m_addr.eq(kb),
-                             m_lane4.eq(jcnt[0:2]), m_mask.eq((1 << L) - 1)]
-                m.d.comb += [m_a[k].eq(sb_r.data) for k in range(L)]
+                m.d.comb += [sb_raddr.eq(jcnt), sb_rbank.eq(hv[0]), m_first.eq(jcnt < 4),
+                             m_addr.eq(kb), m_lane4.eq(jcnt[0:2]), m_mask.eq((1 << L) - 1)]
+                m.d.comb += [m_a[k].eq(sb_rdata) for k in range(L)]
                 with m.If(kv_take(kv_ok, C(1, 1), nbv)):
                     m.next = "AVW"
             with m.State("AVW"):
                 with m.If(~acc_busy):
-                    m.d.sync += [dcnt.eq(0), tout.eq(0)]
+                    m.d.sync += dcnt.eq(0)
                     m.next = "AT"
             with m.State("AT"):
+                # the tree reads the partials as it takes them: the next head may overwrite
+                # them once the last is in; its outputs drain to the writer behind
                 m.d.comb += [in_tree.eq(1), tree_d.eq(dcnt), tree_in_v.eq(1)]
                 with m.If(tree_ce):
                     m.d.sync += dcnt.eq(dcnt + at_n)
                     with m.If(dcnt + at_n == hd):
-                        m.next = "ATW"
-            with m.State("ATW"):
-                with m.If(tout == hd):
-                    m.d.sync += [h_i.eq(h_i + 1), sent.eq(0)]
-                    with m.If(h_i + 1 == nh):
-                        m.next = "DRAIN"
-                    with m.Else():
-                        m.next = "AQ"
+                        m.d.sync += [hv.eq(hv + 1), sent.eq(0)]
+                        m.next = "ANEXT"
             with m.State("DRAIN"):
                 with m.If(w_done):
                     m.d.sync += done_r.eq(1)

@@ -84,21 +84,25 @@ class UnitCosts:
     #: EMBED: per block, its bytes one per cycle (EMB_COLLECT) then 32 elements one per
     #: cycle (EMB_EMIT). tiny fit: Q4_1 576 (18 x (20 + 32) = 936) -> 953 gives 17.
     embed_fixed: float = 17
-    #: ATTN per row and head: score beats ceil(hd/32)*32/L (AKF) + AV beats ceil(hd/L)
-    #: (AVF) + this many for the softmax (ASM issue + the SFU's passes). tiny fit:
-    #: 3 heads x 64 at positions 1 / 50 / 100 -> 1163 / 6308 / 11558: per row and head
-    #: 16 + 16 + 3 = 35 exactly (the slope).
-    softmax_per_row: float = 3
-    #: ATTN per head, besides the rows: q in ceil(hd/L) beats (AQL) and the partial tree
-    #: hd / attn_tree_lanes cycles (AT) are structural; this is the rest (command
-    #: issue, the softmax's reductions and reciprocal, pipeline fills). tiny fit: the
-    #: intercept of the three ATTN figures, 1163 / 6308 / 11558 less 2 / 51 / 101 rows x 3
-    #: heads x 35 = 953 = 3 x (16 + 16 + head) + sfu_fixed (was 350 before the wide final
-    #: tree and the softmax's own output multiplier).
-    attn_head_fixed: float = 281
+    #: ATTN runs its heads overlapped (hw/sfu_exec.py: head h's softmax on the SFU while
+    #: head h+1 scores and head h-1 does its AV; :func:`attn_schedule` replays the
+    #: sequencer's choices). Head phases, read off the FSM (pysim, 8 and 4 lanes, every
+    #: figure exact): scores S = q beats ceil(hd/L) + rows x ceil(hd/32)*32/L + 32/L (the
+    #: score tree's drain grows with the beats per chunk) + this (command issue, line-read
+    #: latency of q and K, the tree's levels and * scale).
+    attn_score_fixed: float = 36
+    #: AV V = rows x ceil(hd/L) + the partial tree hd / attn_tree_lanes + this (command
+    #: issue, read latency, the accumulator's drain).
+    attn_av_fixed: float = 13
+    #: softmax: from the end of its feed (ASM, one row per cycle) until the probabilities
+    #: are all back in the score buffer: this + softmax_per_row x rows (pass 2 to exp's
+    #: stage, the reducer's tree, the recip-only pipeline, pass 3, the post stage).
+    attn_softmax_fixed: float = 131
+    softmax_per_row: float = 2
     #: ATTN's own per-instruction cost (IDLE -> CONST, the constants line -> START, the
-    #: writer's drain): the decode program's 4 ATTNs on tiny (2 heads of 16 each, position
-    #: 127) take 18,376 busy cycles, 4 x 14 above the per-head and per-row terms.
+    #: last decision, the writer's drain, the execution unit's): 3 heads x 64 on tiny at
+    #: positions 1 / 50 / 100 measure 601 / 5339 / 10289 (tests/rtl/test_sfu_exec.py::
+    #: test_sfu_exec_cycles), 3 above SfuExec alone in pysim, every one exact.
     sfu_fixed: float = 14
 
     # ---- MiscExec (hw/execute.py): COPY/ADD/MUL at line_bytes/4 lanes, one line per cycle
@@ -236,6 +240,42 @@ def attn_tree_lanes(hd: int, lanes: int) -> int:
     return k
 
 
+def attn_schedule(nh: int, score: float, av: float, feed: float, softmax: float) -> float:
+    """Cycles of ATTN's head sequence in hw/sfu_exec.py (IDLE/CONST/drain excluded).
+
+    Head 0 scores, then at each decision (ANEXT, one cycle) the sequencer starts, in this
+    order of preference: the next softmax feed (``feed`` cycles; its probabilities are
+    back ``softmax`` cycles after the feed ends) once that head's scores are in and the
+    previous softmax is back; the next head's scores (``score``) once their score buffer
+    is free (two buffers: head h's AV done before head h+2 scores); the next AV (``av``)
+    once its head's softmax is back; else it waits for the softmax.
+    """
+    t = score
+    hs, hm, hv = 1, 0, 0            # next head to score, to softmax, to AV
+    back = 0.0                      # when the last softmax's probabilities are all in
+    while hv < nh:
+        c = t
+        while True:
+            m_ok = hm < hs and (hm == 0 or back <= c) and hv + 1 >= hm
+            s_ok = hs < nh and hv + 1 >= hs
+            v_ok = hv < hm and (hv + 1 < hm or back <= c)
+            if m_ok or s_ok or v_ok:
+                break
+            c = back
+        t = c + 1
+        if m_ok:
+            t += feed
+            back = t + softmax - 1
+            hm += 1
+        elif s_ok:
+            t += score
+            hs += 1
+        else:
+            t += av
+            hv += 1
+    return t + 1
+
+
 def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lanes=None) -> float:
     """Compute-queue cycles of one MISC instruction (fields ``f``) on its RTL unit."""
     L = lanes or sfu_lanes(config)
@@ -267,9 +307,10 @@ def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lane
     if name == "ATTN":
         nh, t, hd, _cached = isa.attn_operands(f)
         rows = regs[f["reg"]] + t + 1                   # cache rows [0, S) (+ S cached or current)
-        per_row = _ceil(hd, 32) * (32 // L) + _ceil(hd, L) + c.softmax_per_row
-        per_head = _ceil(hd, L) + hd // attn_tree_lanes(hd, L) + c.attn_head_fixed
-        return c.sfu_fixed + nh * (per_head + rows * per_row)
+        score = _ceil(hd, L) + rows * _ceil(hd, 32) * (32 // L) + 32 // L + c.attn_score_fixed
+        av = rows * _ceil(hd, L) + hd // attn_tree_lanes(hd, L) + c.attn_av_fixed
+        sm = c.attn_softmax_fixed + c.softmax_per_row * rows
+        return c.sfu_fixed + attn_schedule(nh, score, av, rows, sm)
     return c.sfu_fixed
 
 
