@@ -190,19 +190,19 @@ def test_prefill_program_estimate(tmp_path):
 # ---- whole steps ---------------------------------------------------------------------------
 
 def test_decode_step_within_10_percent_of_the_rtl_measurement():
-    """SmolLM2 on ci, decode step at position 5: the RTL measured 1,523,990 cycles
-    (docs/benchmarks.md, benchmarks/rtl_decode.py --config ci, ideal memory; 2026-12-03 on branch
-    attn, MVs streaming beside a MISC, ATTN's heads overlapped)."""
+    """SmolLM2 on ci, decode step at position 5: the RTL measured 1,523,982 cycles
+    (docs/benchmarks.md, benchmarks/rtl_decode.py --config ci, ideal memory; 2026-12-03 at
+    f75b048: ATTN's heads overlapped, the row pipelines without a realigner)."""
     from llmfab.compiler.compile import compile_model
     from llmfab.compiler.model import load_model
     cfg = load_config("ci")
     b = compile_model(load_model(), cfg, emit_image=False)
     e = perf.estimate(b, cfg, pos=5, memory="ideal")
-    assert e.cycles == pytest.approx(1_523_990, rel=0.10)
+    assert e.cycles == pytest.approx(1_523_982, rel=0.10)
     # the RTL's counters over the last step: load engine 0.996, oldest instruction an MV
-    # 0.889 / a MISC 0.050, both units executing 0.074
+    # 0.896 / a MISC 0.050, both units executing 0.074
     assert e.load_cycles / e.cycles == pytest.approx(0.996, abs=0.05)
-    assert e.mv_cycles / e.cycles == pytest.approx(0.889, abs=0.05)
+    assert e.mv_cycles / e.cycles == pytest.approx(0.896, abs=0.05)
     # the cycles a MISC executes: at least those it is the oldest, at most those plus the
     # cycles both units execute
     assert 0.050 - 0.05 <= e.sfu_cycles / e.cycles <= 0.050 + 0.074 + 0.05
