@@ -110,7 +110,8 @@ class Decoder(wiring.Component):
     lanes : int
         Blocks per output beat (``AccelConfig.block_lanes_per_chain``).
     data_width : int
-        Bits per input beat (``AccelConfig.hbm.data_width``), a power of two >= 64.
+        Bits per input beat, a power of two from 64 to 2048 (the MV unit's row pipelines:
+        a slice's bank line, or half of it from 64 bytes on).
     formats, patterns : iterable of str
         Supported weight formats and sparsity patterns.
     any_offset : bool

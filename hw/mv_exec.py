@@ -84,13 +84,20 @@ from llmfab.hw.isa import Instruction, Op
 from llmfab.hw.onchip import mem_read_signature, slice_geometry
 from llmfab.hw.scaler import Scaler
 
-__all__ = ["MvExec", "MvSlice", "DEFAULT_MAX_BLOCKS", "CHAIN_LENGTHS"]
+__all__ = ["MvExec", "MvSlice", "DEFAULT_MAX_BLOCKS", "CHAIN_LENGTHS", "decoder_beat_bytes"]
 
 #: Chain lengths the unit builds: 1, 2, 4 or 8 GGUF blocks between break points.
 CHAIN_LENGTHS = (32, 64, 128, 256)
 
 #: ``cols`` is 16 bits and a multiple of 32: at most 2047 blocks per row.
 DEFAULT_MAX_BLOCKS = 2048
+
+
+def decoder_beat_bytes(stripe: int) -> int:
+    """Bytes per beat a row pipeline's decoder takes from a slice's ``stripe``-byte bank lines:
+    half-lines from 64-byte lines on (:class:`~llmfab.hw.dma.LineHalves`; a row needs at most
+    34 bytes a cycle), else whole lines. ``sim/perf.py`` costs a row's beats with it."""
+    return stripe // 2 if stripe >= 64 else stripe
 
 
 def _arbitrate(m, port, clients, name):
@@ -224,14 +231,11 @@ class MvSlice(wiring.Component):
 
         # ---- this slice's copy of the activation buffers: every slice takes the same writes;
         # a read port per chain, two per block RAM (_Buffer). With q_uram the q copies are
-        # UltraRAM: a 256-bit block RAM port is 8 BRAM36 wide whatever the depth (36-bit
-        # ports when both ports are used), a URAM288 port 72 bits at 4,096 deep, so q's 2,048
-        # blocks take 16 BRAM36 or 4 URAM288 per copy
-        # (whole-entry writes when a chunk is a whole block, CB = 32: no write enables, which
-        # UltraRAM maps at half the width per primitive)
-        qmem = _Buffer(m, "qmem", 256, NB, self.qw_addr, self.qw_data,
-                       self.qw_en if CB < 32 else self.qw_en.any(), self.qw_en.any(),
-                       granularity=32 if CB < 32 else None,
+        # UltraRAM: a 256-bit block RAM port with both ports used is 8 BRAM36 wide whatever
+        # the depth, so q's 2,048 blocks take 16 BRAM36 per copy; Yosys maps the copy to 8
+        # URAM288 (llmfab hw estimate; not the 4 its width suggests, not checked in Vivado)
+        qmem = _Buffer(m, "qmem", 256, NB, self.qw_addr, self.qw_data, self.qw_en,
+                       self.qw_en.any(), granularity=32,
                        attrs={"ram_style": "ultra"} if self._q_uram else None)
         dmem = _Buffer(m, "dmem", CB * 8, DEPTH_D, self.dw_addr, self.dw_data, self.dw_en,
                        self.dw_en)
@@ -255,7 +259,7 @@ class MvSlice(wiring.Component):
             # decoder takes half-lines (a row needs at most 34 bytes a cycle: 20 for Q4_1, 26
             # for sparse Q8_0, dense Q8_0 34 every two cycles): its shifter and window halve
             ao = P == 1
-            DW = S // 2 if S >= 64 else S
+            DW = decoder_beat_bytes(S)
             dec = Shared(("decoder", DW, fm, pt, ao),
                          lambda: Decoder(lanes=1, data_width=DW * 8, formats=fm, patterns=pt,
                                          any_offset=ao))
@@ -432,8 +436,8 @@ class MvExec(wiring.Component):
         the pipeline's decoded blocks feed this many chains (and scalers), one token each.
     q_uram : bool
         Each slice's copies of the activation buffer ``q`` as UltraRAM (``ram_style =
-        "ultra"``; :meth:`for_config` sets it on boards with URAM): 4 URAM288 per copy instead
-        of 16 BRAM36, which the slices' block RAM cannot spare on the U280.
+        "ultra"``; :meth:`for_config` sets it on boards with URAM): 8 URAM288 per copy by
+        Yosys instead of 16 BRAM36, which the slices' block RAM cannot spare on the U280.
     """
 
     def __init__(self, *, addr_bits: int, line_bytes: int, chain_length: int = 32,

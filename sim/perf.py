@@ -342,7 +342,8 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     g = math.gcd(rb, S) if rb else S
     lines = (rb + S - g) / S                        # bank lines a row touches, on average
     # the decoder's beats: from 64-byte stripes on it takes half-lines (hw/dma.py LineHalves)
-    DW = S // 2 if S >= 64 else S
+    from llmfab.hw.mv_exec import decoder_beat_bytes
+    DW = decoder_beat_bytes(S)
     gw = math.gcd(rb, DW) if rb else DW
     beats = (rb + DW - gw) / DW
     share = max(1, _ceil(min(srows, P), 2))         # busy pipelines per read port
