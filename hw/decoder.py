@@ -311,7 +311,7 @@ class Decoder(wiring.Component):
         a_fine = Signal(max(lg_c - lg_g, 1), reset_less=True)
         with m.Switch(word):
             for k in range(beat // coarse):
-                with m.Case(k):
+                with (m.Case(k) if k < beat // coarse - 1 else m.Default()):
                     m.d.comb += a_next.eq(view[8 * coarse * k:])
         with m.If(a_free):
             m.d.sync += a_valid.eq(emit)
@@ -325,7 +325,7 @@ class Decoder(wiring.Component):
         if lg_c > lg_g:
             with m.Switch(a_fine):
                 for k in range(coarse // grain):
-                    with m.Case(k):
+                    with (m.Case(k) if k < coarse // grain - 1 else m.Default()):
                         m.d.comb += aligned.eq(a_bytes[8 * grain * k:])
         else:
             m.d.comb += aligned.eq(a_bytes)
@@ -339,8 +339,7 @@ class Decoder(wiring.Component):
         sel_next = [Signal(name=f"sel{k}_next") for k in range(len(groups))]
         for f, p in self._mode_switch(m, fmt, pattern):
             for k, (modes, lane) in enumerate(groups):
-                if (f, p) in modes:
-                    m.d.comb += sel_next[k].eq(n_blk > lane)
+                m.d.comb += sel_next[k].eq((n_blk > lane) if (f, p) in modes else 0)
         with m.If(emit):
             m.d.sync += [s.eq(n) for s, n in zip(sels, sel_next)]
         out = self.weights.payload
