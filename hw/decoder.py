@@ -4,12 +4,14 @@ A matrix's weights arrive as a byte stream of ``data_width``-bit beats (byte ``i
 of a beat in bits ``[8i, 8i+8)``, the memory's little-endian order). Blocks are
 18 (Q4_0), 20 (Q4_1), 34 (Q8_0) or, sparse, 6..26 bytes long (``compiler/sparse.py``),
 so they straddle beats. The decoder keeps a window of whole beats and a byte
-offset into it; each cycle it shifts the window by the offset (a log shifter at
-the granularity of the block sizes' common divisor) and cuts the next
-``lanes`` blocks out at fixed positions, then decodes each block's fields with the
-block's :mod:`amaranth.lib.data` layout (:class:`Q4_0Block`, :class:`Q4_1Block`,
-:class:`Q8_0Block`, :func:`sparse_block_layout`) into a
-:func:`~llmfab.hw.chain.weight_beat_layout` beat for the chain.
+offset into it; each cycle it takes the window from the word (4 grains) holding the
+offset into its stage-A register, and the next stage shifts that by the rest of the
+offset (steps of the grain, the block sizes' common divisor) and cuts the next
+``lanes`` blocks out at fixed positions; each output bit is then an AND-OR of the
+aligned bits the supported modes take it from (:meth:`Decoder._bit_sources`, derived
+from the blocks' :mod:`amaranth.lib.data` layouts :class:`Q4_0Block`, :class:`Q4_1Block`,
+:class:`Q8_0Block`, :func:`sparse_block_layout`), gated by selects registered in stage A,
+into a :func:`~llmfab.hw.chain.weight_beat_layout` beat for the chain.
 
 Control: a ``cmd`` stream sets format, sparsity pattern, block count, blocks
 per row and the first block's byte offset per matrix (what the instruction knows). A
