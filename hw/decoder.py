@@ -4,12 +4,14 @@ A matrix's weights arrive as a byte stream of ``data_width``-bit beats (byte ``i
 of a beat in bits ``[8i, 8i+8)``, the memory's little-endian order). Blocks are
 18 (Q4_0), 20 (Q4_1), 34 (Q8_0) or, sparse, 6..26 bytes long (``compiler/sparse.py``),
 so they straddle beats. The decoder keeps a window of whole beats and a byte
-offset into it; each cycle it shifts the window by the offset (a log shifter at
-the granularity of the block sizes' common divisor) and cuts the next
-``lanes`` blocks out at fixed positions, then decodes each block's fields with the
-block's :mod:`amaranth.lib.data` layout (:class:`Q4_0Block`, :class:`Q4_1Block`,
-:class:`Q8_0Block`, :func:`sparse_block_layout`) into a
-:func:`~llmfab.hw.chain.weight_beat_layout` beat for the chain.
+offset into it; each cycle it takes the window from the word (4 grains) holding the
+offset into its stage-A register, and the next stage shifts that by the rest of the
+offset (steps of the grain, the block sizes' common divisor) and cuts the next
+``lanes`` blocks out at fixed positions; each output bit is then an AND-OR of the
+aligned bits the supported modes take it from (:meth:`Decoder._bit_sources`, derived
+from the blocks' :mod:`amaranth.lib.data` layouts :class:`Q4_0Block`, :class:`Q4_1Block`,
+:class:`Q8_0Block`, :func:`sparse_block_layout`), gated by selects registered in stage A,
+into a :func:`~llmfab.hw.chain.weight_beat_layout` beat for the chain.
 
 Control: a ``cmd`` stream sets format, sparsity pattern, block count, blocks
 per row and the first block's byte offset per matrix (what the instruction knows). A
@@ -33,7 +35,7 @@ from amaranth.utils import ceil_log2, exact_log2
 from llmfab.core.formats import (BLOCK_WEIGHTS, SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes,
                                   kept_weights)
 from llmfab.hw.chain import (FORMAT_CODES, MAX_KEPT, PATTERN_CODES, Sparsity, WeightFormat,
-                             _check_names, weight_beat_layout)
+                             WeightLane, _check_names, weight_beat_layout)
 
 __all__ = ["Q4_0Block", "Q4_1Block", "Q8_0Block", "sparse_block_layout", "block_layout",
            "DecodeCommand", "Decoder", "units"]
@@ -152,6 +154,9 @@ class Decoder(wiring.Component):
         # offsets are multiples of it
         self._grain = 1 if any_offset else math.gcd(beat, *self._bb.values())
         self._span = lanes * max(self._bb.values())            # most bytes cut per cycle
+        # the shift in two registered steps: whole `coarse`-byte words (stage A), then
+        # `grain`-byte steps inside a word (stage B)
+        self._coarse = min(beat, 4 * self._grain)
         # beats the shifter looks at: the largest offset plus the largest cut
         self._view_beats = -(-(beat - self._grain + self._span) // beat)
         self._window_beats = self._view_beats + 1              # one more to keep input flowing
@@ -252,7 +257,9 @@ class Decoder(wiring.Component):
 
         # stage A: aligned bytes of the blocks taken
         a_valid = Signal()
-        a_bytes = Signal(8 * self._span, reset_less=True)
+        coarse = self._coarse
+        a_bytes = Signal(8 * (self._span + coarse - grain), reset_less=True)
+        a_next = Signal(8 * (self._span + coarse - grain))
         a_fmt = Signal(WeightFormat, reset_less=True)
         a_pattern = Signal(Sparsity, reset_less=True)
         a_nblk = Signal(range(lanes + 1), reset_less=True)
@@ -299,36 +306,123 @@ class Decoder(wiring.Component):
                          remaining.eq(cmd.count), row_len.eq(rl), row_left.eq(rl),
                          off.eq(cmd.offset[:beat_log])]
 
-        # log shifter over the viewed beats, in steps of `grain` bytes
+        # coarse shift (stage A): the viewed beats from the `coarse`-byte word holding `off`
         view = Cat(*window[:NV])
-        shift_bits = Cat(Const(0, exact_log2(8 * grain)), off[exact_log2(grain):])
-        aligned = (view >> shift_bits)[:8 * self._span]
+        lg_c, lg_g = exact_log2(coarse), exact_log2(grain)
+        word = off[lg_c:]
+        a_fine = Signal(max(lg_c - lg_g, 1), reset_less=True)
+        with m.Switch(word):
+            for k in range(beat // coarse):
+                with (m.Case(k) if k < beat // coarse - 1 else m.Default()):
+                    m.d.comb += a_next.eq(view[8 * coarse * k:])
         with m.If(a_free):
             m.d.sync += a_valid.eq(emit)
         with m.If(emit):
-            m.d.sync += [a_bytes.eq(aligned), a_fmt.eq(fmt), a_pattern.eq(pattern),
+            m.d.sync += [a_bytes.eq(a_next), a_fmt.eq(fmt), a_pattern.eq(pattern),
                          a_nblk.eq(n_blk), a_last.eq(row_end | cmd_end)]
+            if lg_c > lg_g:
+                m.d.sync += a_fine.eq(off[lg_g:lg_c])
+        # fine shift (stage B): `grain`-byte steps inside the word
+        aligned = Signal(8 * self._span)
+        if lg_c > lg_g:
+            with m.Switch(a_fine):
+                for k in range(coarse // grain):
+                    with (m.Case(k) if k < coarse // grain - 1 else m.Default()):
+                        m.d.comb += aligned.eq(a_bytes[8 * grain * k:])
+        else:
+            m.d.comb += aligned.eq(a_bytes)
 
         # ---- stage B: field decode into the output beat ---------------------------------
+        # Every output bit is an AND-OR of the few aligned bits it comes from across the modes
+        # (:meth:`_bit_sources`), each gated by a select that stage A registers: "the mode is
+        # one of those that take this bit from there, and the lane holds a block".
+        table, groups = self._bit_sources()
+        sels = [Signal(name=f"sel{k}", reset_less=True) for k in range(len(groups))]
+        sel_next = [Signal(name=f"sel{k}_next") for k in range(len(groups))]
+        for f, p in self._mode_switch(m, fmt, pattern):
+            for k, (modes, lane) in enumerate(groups):
+                m.d.comb += sel_next[k].eq((n_blk > lane) if (f, p) in modes else 0)
+        with m.If(emit):
+            m.d.sync += [s.eq(n) for s, n in zip(sels, sel_next)]
         out = self.weights.payload
         nxt = Signal(weight_beat_layout(lanes))
         m.d.comb += [nxt.fmt.eq(a_fmt), nxt.pattern.eq(a_pattern), nxt.last.eq(a_last)]
-        for f, p in self._mode_switch(m, a_fmt, a_pattern):
-            bb = self._bb[(f, p)]
-            lay = block_layout(f, p)
-            for lane in range(lanes):
-                blk = lay(a_bytes[8 * bb * lane: 8 * bb * (lane + 1)])
-                lw = nxt.lanes[lane]
-                m.d.comb += self._decode_block(f, p, blk, lw)
         for lane in range(lanes):
-            with m.If(lane >= a_nblk):       # past the matrix's final block
-                m.d.comb += nxt.lanes[lane].eq(0)
-            with m.Else():
-                m.d.comb += nxt.lanes[lane].en.eq(1)
+            m.d.comb += nxt.lanes[lane].en.eq(lane < a_nblk)
+        bits = nxt.as_value()
+        for pos, terms in table.items():
+            m.d.comb += bits[pos].eq(Cat(*((aligned[src] ^ inv) & sels[g]
+                                           for src, inv, g in terms)).any())
         m.d.comb += b_take.eq(~self.weights.valid | self.weights.ready)
         with m.If(b_take):
             m.d.sync += [self.weights.valid.eq(a_valid), out.eq(nxt)]
         return m
+
+    def _bit_sources(self):
+        """``({bit of the output beat: [(aligned bit, invert, group)]}, groups)``: per output
+        lane bit, the aligned bits it is taken from; ``groups[g] = (modes, lane)``, the modes
+        taking it from there (in that lane). Bits with no term are zero."""
+        lanes = self._lanes
+        lay = weight_beat_layout(lanes)
+        lane_lay = WeightLane
+        lane_off = lay["lanes"].offset
+        lane_size = data.Layout.cast(lane_lay).size
+        fld = {n: data.Layout.cast(lane_lay)[n].offset for n in ("w", "idx", "d", "m")}
+        per_bit = {}                             # pos -> {(src, inv): set of modes}
+        for mode in self._modes:
+            f, p = mode
+            bb = self._bb[mode]
+            for lane in range(lanes):
+                base = 8 * bb * lane
+                lbase = lane_off + lane * lane_size
+                for pos, src, inv in self._mode_bits(f, p, fld):
+                    per_bit.setdefault((lane, lbase + pos), {}).setdefault(
+                        (base + src, inv), set()).add(mode)
+        groups, gidx, table = [], {}, {}
+        for (lane, pos), srcs in per_bit.items():
+            terms = []
+            for (src, inv), modes in sorted(srcs.items()):
+                key = (frozenset(modes), lane)
+                if key not in gidx:
+                    gidx[key] = len(groups)
+                    groups.append(key)
+                terms.append((src, inv, gidx[key]))
+            table[pos] = terms
+        return table, groups
+
+    @staticmethod
+    def _mode_bits(fmt, pattern, fld):
+        """``(lane bit, block bit, invert)`` of every lane bit that mode ``(fmt, pattern)``
+        takes from its block (the others are zero), as :meth:`_decode_block` decodes it."""
+        lay = block_layout(fmt, pattern)
+        out = [(fld["d"] + i, lay["d"].offset + i, 0) for i in range(16)]
+        if fmt == "q4_1":
+            out += [(fld["m"] + i, lay["m"].offset + i, 0) for i in range(16)]
+
+        def weight(j, src):                      # weight j from block bits src..
+            wb = fld["w"] + 8 * j
+            if fmt == "q8_0":
+                return [(wb + b, src + b, 0) for b in range(8)]
+            if fmt == "q4_0":                    # (nibble ^ 8) as signed 4-bit
+                return ([(wb + b, src + b, 0) for b in range(3)]
+                        + [(wb + b, src + 3, 1) for b in range(3, 8)])
+            return [(wb + b, src + b, 0) for b in range(4)]
+        if pattern == "dense":
+            qs = lay["qs"].offset
+            for j in range(BLOCK_WEIGHTS):
+                if fmt == "q8_0":
+                    out += weight(j, qs + 8 * j)
+                else:
+                    out += weight(j, qs + 8 * (j % 16) + (0 if j < 16 else 4))
+        else:
+            K = kept_weights(pattern)
+            vals, idx = lay["vals"], lay["idx"]
+            vw = 8 if fmt == "q8_0" else 4
+            ib = data.Layout.cast(idx.shape).elem_shape.width
+            for j in range(K):
+                out += weight(j, vals.offset + vw * j)
+                out += [(fld["idx"] + 4 * j + b, idx.offset + ib * j + b, 0) for b in range(ib)]
+        return out
 
     @staticmethod
     def _decode_block(fmt, pattern, blk, lw):

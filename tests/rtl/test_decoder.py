@@ -101,26 +101,30 @@ def test_decoder_to_chain_rtl(tmp_path, vectors):
 
 
 def _pysim(dec, n_blocks, seed):
-    from amaranth.sim import Simulator
     rng = np.random.default_rng(seed)
     modes = [(f, p) for f in dec.formats for p in dec.patterns]
     cmds, beats, exp, info = cd.make_program(rng, modes, n_blocks, dec.lanes, dec.data_width,
                                              max_count=24, grain=dec.grain)
+    _run_pysim(dec, cmds, beats, exp, seed)
+
+
+def _run_pysim(dec, cmds, beats, exp, seed, p_cmd=0.7, p_data=0.8, p_ready=0.8):
+    from amaranth.sim import Simulator
     got = []
 
     async def bench(ctx):
         ci = di = 0
         pr = np.random.default_rng(seed + 1)
         while len(got) < len(exp):
-            cv = ci < len(cmds) and pr.random() < 0.7
-            dv = di < len(beats) and pr.random() < 0.8
+            cv = ci < len(cmds) and pr.random() < p_cmd
+            dv = di < len(beats) and pr.random() < p_data
             ctx.set(dec.cmd.valid, cv)
             ctx.set(dec.data.valid, dv)
             if cv:
                 ctx.set(dec.cmd.payload.as_value(), cmds[ci])
             if dv:
                 ctx.set(dec.data.payload, beats[di])
-            rd = pr.random() < 0.8
+            rd = pr.random() < p_ready
             ctx.set(dec.weights.ready, rd)
             ct = cv and ctx.get(dec.cmd.ready)
             dt = dv and ctx.get(dec.data.ready)
@@ -199,6 +203,30 @@ def test_decoder_u280_steady_state_pysim():
     for (fmt, pat), r in rate.items():
         want = max(1.0, lanes * block_bytes(fmt, pat) / (width // 8))
         assert abs(r - want) < 0.05, (fmt, pat, r, want)
+
+
+@pytest.mark.parametrize("p_ready", [1.0, 0.3])
+def test_decoder_every_offset_and_mode_switch_pysim(p_ready):
+    """The row pipelines' decoder (32-byte beats, even offsets): every mode at every even
+    first-block offset (both steps of the two-step shift, every coarse word and fine step),
+    one-row commands back to back so the format and pattern switch between rows, data always
+    offered (the window stays full) and the output ready always, or 30% of cycles (the window
+    full under back-pressure)."""
+    dec = hwdec.Decoder(lanes=1, data_width=256)
+    rng = np.random.default_rng(21)
+    modes = [(f, p) for f in dec.formats for p in dec.patterns]
+    cmds, beats, exp = [], [], []
+    for offset in range(0, 32, dec.grain):
+        for k in range(len(modes)):
+            fmt, pat = modes[(k + offset) % len(modes)]
+            count = 1 + (k + offset) % 3
+            data, golden, _ = cd.make_matrix(rng, fmt, pat, count)
+            cmds.append(pack(hwdec.DecodeCommand, {
+                "fmt": hwchain.FORMAT_CODES[fmt], "pattern": hwchain.PATTERN_CODES[pat],
+                "count": count, "row_blocks": 0, "offset": offset}))
+            beats += cd.beats_of(data, dec.data_width, rng, offset)
+            exp += cd.expected_beats(fmt, pat, golden, dec.lanes, 0)
+    _run_pysim(dec, cmds, beats, exp, 22, p_cmd=1.0, p_data=1.0, p_ready=p_ready)
 
 
 def test_decoder_any_byte_offset_pysim():
