@@ -461,8 +461,10 @@ class Chain(wiring.Component):
                       for lane, t in enumerate(sumq_trees)]
         tagT = _delay(m, tag1, isum_depth, "tag", reset_less=False)
         corrT = _delay(m, corr_fmt, isum_depth, "corr")
+        q8T = _delay(m, s1_q8, isum_depth, "q8c") if packed else Const(0)
 
-        # ---- T1: block total (+ borrows already in the tree, -/+ 8*sumq for Q4_0/Q4_1) ----
+        # ---- T1: block total (+ borrows, the weight offsets' correction: packed, Q4_0
+        # - 8 sumq and Q8_0 - 128 sumq; unpacked, Q4_1 + 8 sumq) -------------------------
         t1_tag = Signal(tag_layout)
         m.d.sync += t1_tag.eq(tagT)
         t1_isum, t1_sumq = [], []
@@ -470,7 +472,9 @@ class Chain(wiring.Component):
             tot = Signal(signed(24), name=f"t1_isum{lane}", reset_less=True)
             sq = Signal(signed(16), name=f"t1_sumq{lane}", reset_less=True)
             if packed:
-                m.d.sync += tot.eq(isum_trees[lane] - Mux(corrT, sumq_trees[lane] << 3, 0))
+                # Q4_0 weights entered as q = code + 8, Q8_0 as w + 128
+                m.d.sync += tot.eq(isum_trees[lane] - Mux(corrT, sumq_trees[lane] << 3,
+                                                          Mux(q8T, sumq_trees[lane] << 7, 0)))
             else:
                 m.d.sync += tot.eq(isum_trees[lane] + Mux(corrT, sumq_trees[lane] << 3, 0))
             m.d.sync += sq.eq(sumq_trees[lane])
@@ -541,21 +545,23 @@ class Chain(wiring.Component):
             for i, (xa, wraw, xb, wbraw, act) in enumerate(routes):
                 # S1: routed operands. 4-bit codes become unsigned 0..15 (Q4_0: q = code ^ 8);
                 # unused slots are 0 (so the sumq tree adds the registers as they are).
-                wa = Mux(s0_q8, wraw, Cat(wraw[0:3], wraw[3] ^ s0_q40, Const(0, 4)))
+                wa = Cat(wraw[0:3], wraw[3] ^ s0_q40, wraw[4:7] & s0_q8.replicate(3),
+                         ~wraw[7] & s0_q8)
                 wb = Cat(wbraw[0:3], wbraw[3] ^ s0_q40)
                 rxa = Signal(signed(8), name=f"s1_xa{lane}_{i}", reset_less=True)
-                rwa = Signal(signed(8), name=f"s1_wa{lane}_{i}", reset_less=True)
+                rwa = Signal(unsigned(8), name=f"s1_wa{lane}_{i}", reset_less=True)
                 rxb = Signal(signed(8), name=f"s1_xb{lane}_{i}", reset_less=True)
                 rwb = Signal(unsigned(4), name=f"s1_wb{lane}_{i}", reset_less=True)
                 m.d.sync += [rxa.eq(Mux(act, xa, 0)), rwa.eq(Mux(act, wa, 0)),
                              rxb.eq(Mux(dq4, xb, 0)), rwb.eq(Mux(dq4, wb, 0))]
                 sx += [rxa, rxb]
                 # S2: A = xa 2^13 + xb, B = wb 2^13 + wa (Q8_0: xb = wb = 0, B = wa)
+                # (every weight is unsigned here, so B is just the two fields)
                 a_reg = Signal(signed(8 + PACK_SHIFT + 1), name=f"dsp{lane}_{i}_a",
                                reset_less=True)
                 b_reg = Signal(signed(18), name=f"dsp{lane}_{i}_b", reset_less=True)
                 m.d.sync += [a_reg.eq((rxa << PACK_SHIFT) + rxb),
-                             b_reg.eq((rwb << PACK_SHIFT) + rwa)]
+                             b_reg.eq(Cat(rwa, Const(0, PACK_SHIFT - 8), rwb, Const(0, 1)))]
                 m_reg = Signal(signed(len(a_reg) + len(b_reg)), name=f"dsp{lane}_{i}_m",
                                reset_less=True)
                 m.d.sync += m_reg.eq(a_reg * b_reg)
