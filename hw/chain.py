@@ -57,6 +57,10 @@ __all__ = [
 MAX_KEPT = 16
 #: Position of the packed low product's borrow bit / the packed field.
 PACK_SHIFT = 13
+#: Exact widths of a block's sums (sign-extended to 32 bits at the output): |isum| <= 32 *
+#: 128 * 128 = 2**19 (dense Q8_0, all -128), |sumq| <= 32 * 128 = 2**12.
+ISUM_SHAPE = signed(21)
+SUMQ_SHAPE = signed(13)
 
 
 class WeightFormat(enum.Enum, shape=2):
@@ -336,12 +340,27 @@ class Chain(wiring.Component):
         """
         out = []
         sparse = [p for p in self._patterns if p != "dense"]
+        idx_bits = {}
         for i, (sa, sb) in enumerate(zip(_sparse_slots(), _rest_slots())):
             h, o = divmod(sa, 16)
             half = Cat(*(lane_x[h * 16 + k] for k in range(16)))
-            # (flag, position, weight code) candidates, AND-OR selected (flags are one-hot)
-            cands = [(flags["dense"], Cat(Const(o, 3), phase), Mux(phase, lane_w.w[sb],
-                                                                   lane_w.w[sa]))]
+            # per bit, (flag, bit) terms OR-ed (flags are one-hot); a bit that several
+            # patterns take from the same place is one term with their flags OR-ed,
+            # constant bits are their flags (or nothing)
+            pos_bits = [[] for _ in range(4)]
+            w_terms = []
+
+            def term(terms, flag, bit):
+                for t in terms:
+                    if t[1] is bit or (isinstance(bit, int) and isinstance(t[1], int)
+                                       and t[1] == bit):
+                        t[0].append(flag)
+                        return
+                terms.append(([flag], bit))
+
+            for b in range(3):
+                term(pos_bits[b], flags["dense"], (o >> b) & 1)
+            term(pos_bits[3], flags["dense"], phase)
             act_terms = [flags["dense"]]
             for p in sparse:
                 K = kept_weights(p)
@@ -349,20 +368,27 @@ class Chain(wiring.Component):
                 if o >= K // 2:
                     continue
                 j = h * (K // 2) + o
-                if mm == 16:
-                    pos = lane_w.idx[j]
-                else:       # 2:4: 2 kept per group of 4 -> group o // 2
-                    pos = Cat(lane_w.idx[j][0:2], Const(o // 2, 2))
-                cands.append((flags[p], pos, lane_w.w[j]))
+                for b in range(4):
+                    if mm == 16 or b < 2:
+                        bit = idx_bits[h, j, b] if (h, j, b) in idx_bits else \
+                            idx_bits.setdefault((h, j, b), lane_w.idx[j][b])
+                    else:   # 2:4: 2 kept per group of 4 -> group o // 2
+                        bit = ((o // 2) >> (b - 2)) & 1
+                    term(pos_bits[b], flags[p], bit)
+                term(w_terms, flags[p], j)
                 act_terms.append(flags[p])
             pos = Signal(4, name=f"rpos{sa}")
             wraw = Signal(8, name=f"rw{sa}")
             act = Signal(name=f"ra{sa}")
-            m.d.comb += [
-                pos.eq(_and_or([(f, v) for f, v, _ in cands], 4)),
-                wraw.eq(_and_or([(f, v) for f, _, v in cands], 8)),
-                act.eq(_or_all(act_terms)),
-            ]
+            for b in range(4):
+                m.d.comb += pos[b].eq(_or_all(
+                    [_or_all(fl) & v if not isinstance(v, int) else _or_all(fl)
+                     for fl, v in pos_bits[b] if not (isinstance(v, int) and v == 0)]))
+            dense_w = Mux(phase, lane_w.w[sb], lane_w.w[sa])
+            m.d.comb += wraw.eq(_and_or(
+                [(flags["dense"], dense_w)] +
+                [(_or_all(fl), lane_w.w[j]) for fl, j in w_terms], 8))
+            m.d.comb += act.eq(_or_all(act_terms))
             xa = half.word_select(pos, 8).as_signed()
             out.append((xa, wraw, lane_x[sb], lane_w.w[sb], act))
         return out
@@ -469,8 +495,8 @@ class Chain(wiring.Component):
         m.d.sync += t1_tag.eq(tagT)
         t1_isum, t1_sumq = [], []
         for lane in range(lanes):
-            tot = Signal(signed(24), name=f"t1_isum{lane}", reset_less=True)
-            sq = Signal(signed(16), name=f"t1_sumq{lane}", reset_less=True)
+            tot = Signal(ISUM_SHAPE, name=f"t1_isum{lane}", reset_less=True)
+            sq = Signal(SUMQ_SHAPE, name=f"t1_sumq{lane}", reset_less=True)
             if packed:
                 # Q4_0 weights entered as q = code + 8, Q8_0 as w + 128
                 m.d.sync += tot.eq(isum_trees[lane] - Mux(corrT, sumq_trees[lane] << 3,
@@ -486,7 +512,7 @@ class Chain(wiring.Component):
         entry = data.StructLayout({
             "fmt": WeightFormat, "last": 1,
             "lanes": data.ArrayLayout(data.StructLayout({
-                "en": 1, "isum": signed(24), "sumq": signed(16), "d": 16, "m": 16}), lanes),
+                "en": 1, "isum": ISUM_SHAPE, "sumq": SUMQ_SHAPE, "d": 16, "m": 16}), lanes),
         })
         depth = self._fifo_depth
         m.submodules.fifo = q = fifo.SyncFIFOBuffered(width=entry.size, depth=depth)
@@ -494,8 +520,8 @@ class Chain(wiring.Component):
         # A dense Q8_0 block's first phase waits in acc (isum) and, packed, sacc (sumq: the
         # packed chain routes each phase's 16 activations through the same slots); both
         # are 0 otherwise (cleared when the final phase is written).
-        acc = [Signal(signed(24), name=f"acc{lane}", reset_less=True) for lane in range(lanes)]
-        sacc = [Signal(signed(16), name=f"sacc{lane}", reset_less=True) for lane in range(lanes)]
+        acc = [Signal(ISUM_SHAPE, name=f"acc{lane}", reset_less=True) for lane in range(lanes)]
+        sacc = [Signal(SUMQ_SHAPE, name=f"sacc{lane}", reset_less=True) for lane in range(lanes)]
         for lane in range(lanes):
             m.d.comb += [
                 w_entry.lanes[lane].en.eq(t1_tag.en[lane]),
