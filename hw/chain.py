@@ -414,6 +414,8 @@ class Chain(wiring.Component):
         s0_q41 = Signal(reset_less=True)
         s0_flags = {p: Signal(name=f"s0_is_{p.replace(':', '_')}", reset_less=True)
                     for p in self._patterns}
+        # dense: none of the sparse flags (so the routing logic sees them as one-hot)
+        m.d.comb += s0_flags["dense"].eq(~_or_all([s0_flags[p] for p in sparse]))
 
         two_phase = Signal()      # dense Q8_0 on a packed chain: two cycles per beat
         if packed and has_q8:
@@ -444,7 +446,7 @@ class Chain(wiring.Component):
                          s0_q8.eq((in_fmt == WeightFormat.Q8_0) if has_q8 else 0),
                          s0_q40.eq((in_fmt == WeightFormat.Q4_0) if has_q40 else 0),
                          s0_q41.eq((in_fmt == WeightFormat.Q4_1) if has_q41 else 0),
-                         s0_flags["dense"].eq(~_or_all(in_sparse) if in_sparse else 1)]
+                         ]
             for p, f in zip(sparse, in_sparse):
                 m.d.sync += s0_flags[p].eq(f)
 
