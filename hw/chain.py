@@ -19,16 +19,20 @@ Datapath (docs/hw-units.md has the pictures and numbers):
       B = wb * 2**13 + wa          (18 bits: the B port)
       A * B = xa*wb * 2**26 + (xa*wa + xb*wb) * 2**13 + xb*wa
 
-  ``|xb*wa| <= 1024 < 2**12``, so bits [13, 26) of the product hold
+  Weights enter *unsigned* (Q4_0 ``code + 8``, Q4_1 ``q``, Q8_0 ``w + 128``), so B
+  is just the two fields, and the chain subtracts ``8 * sumq`` (Q4_0) or
+  ``128 * sumq`` (Q8_0) at the end (``sum (q-8)*x = sum q*x - 8 * sum x``).
+  ``|xb*wa| <= 1920 < 2**12``, so bits [13, 26) of the product hold
   ``xa*wa + xb*wb`` minus a borrow that is exactly bit 12 (set iff ``xb*wa < 0``);
-  the chain adds the borrows back in its adder tree. A single row's dot product
+  the chain adds the borrows back beside its adder tree. A single row's dot product
   has no shared operand, so the classic shared-operand packing ``(a<<18 + b) * c``
   does not apply; this is its dot-product form with the same sign-borrow fix.
-  Q4_1 weights (0..15) enter as ``q - 8`` and the chain adds ``8 * sumq``
-  (``sum q*x = sum (q-8)*x + 8 * sum x``) so every 4-bit weight is signed.
-  Q8_0 weights (int8 x int8) use one product per DSP: a dense Q8_0 block takes two
-  cycles on a packed chain (what ``AccelConfig.format_macs_per_cycle`` counts);
-  sparse Q8_0 blocks keep at most 16 weights and take one.
+  Q8_0 weights (int8 x int8) use one product per DSP, through the same A/B
+  formulas with ``xb = wb = 0`` (the product lands in bits [13, 29)): a dense Q8_0
+  block takes two cycles on a packed chain (what ``AccelConfig.format_macs_per_cycle``
+  counts; the second phase routes slots 8..15 of each half through the slot
+  multiplexers); sparse Q8_0 blocks keep at most 16 weights and take one.
+  The unpacked chain keeps signed weights (Q4_1 as ``q - 8``, plus ``8 * sumq``).
 * **Reduction**: products are summed per 32-weight block (the break points) by a
   registered adder tree in the fabric, two adder levels per pipeline stage.
 * **Back-pressure**: the pipeline never stalls; an output FIFO deep enough for
