@@ -19,16 +19,20 @@ Datapath (docs/hw-units.md has the pictures and numbers):
       B = wb * 2**13 + wa          (18 bits: the B port)
       A * B = xa*wb * 2**26 + (xa*wa + xb*wb) * 2**13 + xb*wa
 
-  ``|xb*wa| <= 1024 < 2**12``, so bits [13, 26) of the product hold
+  Weights enter *unsigned* (Q4_0 ``code + 8``, Q4_1 ``q``, Q8_0 ``w + 128``), so B
+  is just the two fields, and the chain subtracts ``8 * sumq`` (Q4_0) or
+  ``128 * sumq`` (Q8_0) at the end (``sum (q-8)*x = sum q*x - 8 * sum x``).
+  ``|xb*wa| <= 1920 < 2**12``, so bits [13, 26) of the product hold
   ``xa*wa + xb*wb`` minus a borrow that is exactly bit 12 (set iff ``xb*wa < 0``);
-  the chain adds the borrows back in its adder tree. A single row's dot product
+  the chain adds the borrows back beside its adder tree. A single row's dot product
   has no shared operand, so the classic shared-operand packing ``(a<<18 + b) * c``
   does not apply; this is its dot-product form with the same sign-borrow fix.
-  Q4_1 weights (0..15) enter as ``q - 8`` and the chain adds ``8 * sumq``
-  (``sum q*x = sum (q-8)*x + 8 * sum x``) so every 4-bit weight is signed.
-  Q8_0 weights (int8 x int8) use one product per DSP: a dense Q8_0 block takes two
-  cycles on a packed chain (what ``AccelConfig.format_macs_per_cycle`` counts);
-  sparse Q8_0 blocks keep at most 16 weights and take one.
+  Q8_0 weights (int8 x int8) use one product per DSP, through the same A/B
+  formulas with ``xb = wb = 0`` (the product lands in bits [13, 29)): a dense Q8_0
+  block takes two cycles on a packed chain (what ``AccelConfig.format_macs_per_cycle``
+  counts; the second phase routes slots 8..15 of each half through the slot
+  multiplexers); sparse Q8_0 blocks keep at most 16 weights and take one.
+  The unpacked chain keeps signed weights (Q4_1 as ``q - 8``, plus ``8 * sumq``).
 * **Reduction**: products are summed per 32-weight block (the break points) by a
   registered adder tree in the fabric, two adder levels per pipeline stage.
 * **Back-pressure**: the pipeline never stalls; an output FIFO deep enough for
@@ -57,6 +61,10 @@ __all__ = [
 MAX_KEPT = 16
 #: Position of the packed low product's borrow bit / the packed field.
 PACK_SHIFT = 13
+#: Exact widths of a block's sums (sign-extended to 32 bits at the output): |isum| <= 32 *
+#: 128 * 128 = 2**19 (dense Q8_0, all -128), |sumq| <= 32 * 128 = 2**12.
+ISUM_SHAPE = signed(21)
+SUMQ_SHAPE = signed(13)
 
 
 class WeightFormat(enum.Enum, shape=2):
@@ -325,23 +333,97 @@ class Chain(wiring.Component):
             acts.append(act)
         return xs, ws, acts
 
+    def _route_packed(self, m, lane_w, lane_x, flags, phase):
+        """Packed chain, per DSP ``i`` (routed slot ``a``, rest slot ``b = a + 8``): the S1
+        register inputs ``(xa, wa, xb, wb, act_a, on_b)``.
+
+        ``xa``/``wa``: the routed activation and the weight code for slot ``a`` (dense Q8_0
+        phase 1 routes slot ``b``'s activation and weight here instead); ``xb``/``wb``: slot
+        ``b``'s activation and code (only dense 4-bit blocks use slot ``b``). ``flags``: the
+        one-hot pattern flags (``dense`` is set for every code this chain does not support).
+        """
+        out = []
+        sparse = [p for p in self._patterns if p != "dense"]
+        idx_bits = {}
+        for i, (sa, sb) in enumerate(zip(_sparse_slots(), _rest_slots())):
+            h, o = divmod(sa, 16)
+            half = Cat(*(lane_x[h * 16 + k] for k in range(16)))
+            # per bit, (flag, bit) terms OR-ed (flags are one-hot); a bit that several
+            # patterns take from the same place is one term with their flags OR-ed,
+            # constant bits are their flags (or nothing)
+            pos_bits = [[] for _ in range(4)]
+            w_terms = []
+
+            def term(terms, flag, bit):
+                for t in terms:
+                    if t[1] is bit or (isinstance(bit, int) and isinstance(t[1], int)
+                                       and t[1] == bit):
+                        t[0].append(flag)
+                        return
+                terms.append(([flag], bit))
+
+            for b in range(3):
+                term(pos_bits[b], flags["dense"], (o >> b) & 1)
+            term(pos_bits[3], flags["dense"], phase)
+            act_terms = [flags["dense"]]
+            for p in sparse:
+                K = kept_weights(p)
+                _, mm = SPARSITY_PATTERNS[p]
+                if o >= K // 2:
+                    continue
+                j = h * (K // 2) + o
+                for b in range(4):
+                    if mm == 16 or b < 2:
+                        bit = idx_bits[h, j, b] if (h, j, b) in idx_bits else \
+                            idx_bits.setdefault((h, j, b), lane_w.idx[j][b])
+                    else:   # 2:4: 2 kept per group of 4 -> group o // 2
+                        bit = ((o // 2) >> (b - 2)) & 1
+                    term(pos_bits[b], flags[p], bit)
+                term(w_terms, flags[p], j)
+                act_terms.append(flags[p])
+            pos = Signal(4, name=f"rpos{sa}")
+            wraw = Signal(8, name=f"rw{sa}")
+            act = Signal(name=f"ra{sa}")
+            for b in range(4):
+                m.d.comb += pos[b].eq(_or_all(
+                    [_or_all(fl) & v if not isinstance(v, int) else _or_all(fl)
+                     for fl, v in pos_bits[b] if not (isinstance(v, int) and v == 0)]))
+            dense_w = Mux(phase, lane_w.w[sb], lane_w.w[sa])
+            m.d.comb += wraw.eq(_and_or(
+                [(flags["dense"], dense_w)] +
+                [(_or_all(fl), lane_w.w[j]) for fl, j in w_terms], 8))
+            m.d.comb += act.eq(_or_all(act_terms))
+            xa = half.word_select(pos, 8).as_signed()
+            out.append((xa, wraw, lane_x[sb], lane_w.w[sb], act))
+        return out
+
     def elaborate(self, platform):
         m = Module()
         lanes = self._lanes
         packed = self._pack_int4
         has_q8 = "q8_0" in self._formats
+        has_q40 = "q4_0" in self._formats
         has_q41 = "q4_1" in self._formats
+        sparse = [p for p in self._patterns if p != "dense"]
 
         # ---- S0: join the two input streams into the beat register -----------------
         s0_valid = Signal()
         s0_phase = Signal()
         s0_w = Signal(weight_beat_layout(lanes), reset_less=True)
         s0_x = Signal(act_beat_layout(lanes), reset_less=True)
+        # the beat's format and pattern, decoded once at load (one-hot pattern flags;
+        # ``dense`` also for codes this chain does not support)
+        s0_q8 = Signal(reset_less=True)
+        s0_q40 = Signal(reset_less=True)
+        s0_q41 = Signal(reset_less=True)
+        s0_flags = {p: Signal(name=f"s0_is_{p.replace(':', '_')}", reset_less=True)
+                    for p in self._patterns}
+        # dense: none of the sparse flags (so the routing logic sees them as one-hot)
+        m.d.comb += s0_flags["dense"].eq(~_or_all([s0_flags[p] for p in sparse]))
 
         two_phase = Signal()      # dense Q8_0 on a packed chain: two cycles per beat
         if packed and has_q8:
-            m.d.comb += two_phase.eq((s0_w.fmt == WeightFormat.Q8_0)
-                                     & (s0_w.pattern == Sparsity.DENSE))
+            m.d.comb += two_phase.eq(s0_q8 & s0_flags["dense"])
         final = Signal()
         m.d.comb += final.eq(~two_phase | s0_phase)
 
@@ -359,9 +441,18 @@ class Chain(wiring.Component):
             m.d.sync += s0_phase.eq(~final)
             with m.If(final):
                 m.d.sync += s0_valid.eq(0)
+        in_fmt = self.weights.payload.fmt
+        in_pat = self.weights.payload.pattern
+        in_sparse = [in_pat == PATTERN_CODES[p] for p in sparse]
         with m.If(load):
             m.d.sync += [s0_valid.eq(1), s0_phase.eq(0),
-                         s0_w.eq(self.weights.payload), s0_x.eq(self.acts.payload)]
+                         s0_w.eq(self.weights.payload), s0_x.eq(self.acts.payload),
+                         s0_q8.eq((in_fmt == WeightFormat.Q8_0) if has_q8 else 0),
+                         s0_q40.eq((in_fmt == WeightFormat.Q4_0) if has_q40 else 0),
+                         s0_q41.eq((in_fmt == WeightFormat.Q4_1) if has_q41 else 0),
+                         ]
+            for p, f in zip(sparse, in_sparse):
+                m.d.sync += s0_flags[p].eq(f)
 
         # ---- pipeline tag: what travels alongside each issued micro-op -----------------
         tag_layout = data.StructLayout({
@@ -378,108 +469,47 @@ class Chain(wiring.Component):
             m.d.comb += [tag0.en[lane].eq(s0_w.lanes[lane].en),
                          tag0.d[lane].eq(s0_w.lanes[lane].d),
                          tag0.m[lane].eq(s0_w.lanes[lane].m)]
-
-        # ---- S1: routing (sparse index muxes) + weight code -> signed operand ----------
-        fmt = s0_w.fmt
-        is_q8 = (fmt == WeightFormat.Q8_0) if has_q8 else Const(0)
-        is_q41 = (fmt == WeightFormat.Q4_1) if has_q41 else Const(0)
-        s1_x, s1_w, s1_a = [], [], []
-        for lane in range(lanes):
-            xs, ws, acts = self._route(m, s0_w.lanes[lane], s0_x[lane], s0_w.pattern)
-            lx, lw, la = [], [], []
-            for s in range(BLOCK_WEIGHTS):
-                w4 = Mux(is_q41, ws[s][0:4] ^ 0b1000, ws[s][0:4]).as_signed()
-                weff = Mux(acts[s], Mux(is_q8, ws[s], w4), 0)
-                rx = Signal(signed(8), name=f"s1_x{lane}_{s}", reset_less=True)
-                rw = Signal(signed(8), name=f"s1_w{lane}_{s}", reset_less=True)
-                ra = Signal(name=f"s1_a{lane}_{s}", reset_less=True)
-                m.d.sync += [rx.eq(xs[s]), rw.eq(weff), ra.eq(acts[s])]
-                lx.append(rx)
-                lw.append(rw)
-                la.append(ra)
-            s1_x.append(lx)
-            s1_w.append(lw)
-            s1_a.append(la)
         tag1 = Signal(tag_layout)
         m.d.sync += tag1.eq(tag0)
         s1_q8 = Signal()
+        s1_q40 = Signal()
         s1_q41 = Signal()
-        m.d.sync += [s1_q8.eq(is_q8), s1_q41.eq(is_q41)]
+        m.d.sync += [s1_q8.eq(s0_q8), s1_q40.eq(s0_q40), s1_q41.eq(s0_q41)]
 
-        # ---- S2: multiplier operands (DSP A/B registers) ------------------------------
-        # S3: product (M register), S4: product bits (P register), S5: extraction + tree.
-        single = s1_q8 if packed else Const(1)
-        isum_trees = []
-        sumq_trees = []
-        for lane in range(lanes):
-            X, W, A_ = s1_x[lane], s1_w[lane], s1_a[lane]
-            prods = []
-            borrows = []
-            if packed:
-                pairs = list(zip(_sparse_slots(), _rest_slots()))
-            else:
-                pairs = [(s, None) for s in range(BLOCK_WEIGHTS)]
-            for i, (sa, sb) in enumerate(pairs):
-                a_reg = Signal(signed(8 + PACK_SHIFT + 1) if packed else signed(8),
-                               name=f"dsp{lane}_{i}_a", reset_less=True)
-                b_reg = Signal(signed(18) if packed else signed(8),
-                               name=f"dsp{lane}_{i}_b", reset_less=True)
-                if packed:
-                    ph = tag1.phase
-                    xa = Mux(ph, X[sb], X[sa])
-                    wa = Mux(ph, W[sb], W[sa])
-                    a_pk = (X[sa] << PACK_SHIFT) + X[sb]
-                    b_pk = (W[sb][0:4].as_signed() << PACK_SHIFT) + W[sa][0:4].as_signed()
-                    m.d.sync += [a_reg.eq(Mux(single, xa, a_pk)), b_reg.eq(Mux(single, wa, b_pk))]
-                else:
-                    m.d.sync += [a_reg.eq(X[sa]), b_reg.eq(W[sa])]
-                m_reg = Signal(signed(len(a_reg) + len(b_reg)), name=f"dsp{lane}_{i}_m",
-                               reset_less=True)
-                m.d.sync += m_reg.eq(a_reg * b_reg)
-                # P register: the product bits the extraction reads
-                p_shape = unsigned(2 * PACK_SHIFT) if packed else signed(len(m_reg))
-                p_reg = Signal(p_shape, name=f"dsp{lane}_{i}_p", reset_less=True)
-                m.d.sync += p_reg.eq(m_reg[:2 * PACK_SHIFT] if packed else m_reg)
-                prods.append(p_reg)
-            # delay the mode bit to the extraction stage (S2, S3, S4 registers)
-            single_x = _delay(m, single, 3, f"single{lane}") if packed else Const(1)
-            vals = []
-            for i, p_reg in enumerate(prods):
-                if packed:
-                    v = Mux(single_x, p_reg[0:17].as_signed(),
-                            p_reg[PACK_SHIFT:2 * PACK_SHIFT].as_signed())
-                    borrows.append(~single_x & p_reg[PACK_SHIFT - 1])
-                else:
-                    v = p_reg
-                vals.append(v)
-            isum_t, isum_stages = _pipelined_sum(m, vals, f"isum{lane}")
-            if borrows:
-                # the packed products' borrows, summed beside the tree and aligned with it
-                bsum = Signal(range(len(borrows) + 1), name=f"bsum{lane}", reset_less=True)
-                m.d.sync += bsum.eq(_popcount(borrows))
-                isum_t = isum_t + _delay(m, bsum, isum_stages - 1, f"bsum{lane}")
-            isum_trees.append(isum_t)
-            # sumq over the active slots, from the S1 registers
-            sx = [Mux(A_[s], X[s], 0) for s in range(BLOCK_WEIGHTS)]
-            sumq_t, sumq_stages = _pipelined_sum(m, sx, f"sumq{lane}")
-            sumq_trees.append(sumq_t)
+        isum_trees, sumq_trees = [], []
+        if packed:
+            isum_stages, sumq_stages = self._packed_lanes(m, s0_w, s0_x, s0_flags, s0_phase,
+                                                          s0_q8, s0_q40, s1_q8,
+                                                          isum_trees, sumq_trees)
+            corr_fmt = s1_q40       # 4-bit weights enter unsigned: Q4_0 subtracts 8 * sumq
+        else:
+            isum_stages, sumq_stages = self._unpacked_lanes(m, s0_w, s0_x, s0_q8, s0_q41,
+                                                            isum_trees, sumq_trees)
+            corr_fmt = s1_q41       # 4-bit weights enter as q - 8: Q4_1 adds 8 * sumq
 
         # isum: S2 (A/B), S3 (M), S4 (P) then isum_stages; sumq: sumq_stages from S1.
         isum_depth = 3 + isum_stages
         sumq_trees = [_delay(m, t, isum_depth - sumq_stages, f"sumq{lane}_al")
                       for lane, t in enumerate(sumq_trees)]
         tagT = _delay(m, tag1, isum_depth, "tag", reset_less=False)
-        q41T = _delay(m, s1_q41, isum_depth, "q41")
+        corrT = _delay(m, corr_fmt, isum_depth, "corr")
+        q8T = _delay(m, s1_q8, isum_depth, "q8c") if packed else Const(0)
 
-        # ---- T1: block total (+ borrows already in the tree, + 8*sumq for Q4_1) -----------
+        # ---- T1: block total (+ borrows, the weight offsets' correction: packed, Q4_0
+        # - 8 sumq and Q8_0 - 128 sumq; unpacked, Q4_1 + 8 sumq) -------------------------
         t1_tag = Signal(tag_layout)
         m.d.sync += t1_tag.eq(tagT)
         t1_isum, t1_sumq = [], []
         for lane in range(lanes):
-            tot = Signal(signed(24), name=f"t1_isum{lane}", reset_less=True)
-            sq = Signal(signed(16), name=f"t1_sumq{lane}", reset_less=True)
-            m.d.sync += [tot.eq(isum_trees[lane] + Mux(q41T, sumq_trees[lane] << 3, 0)),
-                         sq.eq(sumq_trees[lane])]
+            tot = Signal(ISUM_SHAPE, name=f"t1_isum{lane}", reset_less=True)
+            sq = Signal(SUMQ_SHAPE, name=f"t1_sumq{lane}", reset_less=True)
+            if packed:
+                # Q4_0 weights entered as q = code + 8, Q8_0 as w + 128
+                m.d.sync += tot.eq(isum_trees[lane] - Mux(corrT, sumq_trees[lane] << 3,
+                                                          Mux(q8T, sumq_trees[lane] << 7, 0)))
+            else:
+                m.d.sync += tot.eq(isum_trees[lane] + Mux(corrT, sumq_trees[lane] << 3, 0))
+            m.d.sync += sq.eq(sumq_trees[lane])
             t1_isum.append(tot)
             t1_sumq.append(sq)
         assert self._stages == 1 + isum_depth + 1, (self._stages, isum_depth)
@@ -488,23 +518,30 @@ class Chain(wiring.Component):
         entry = data.StructLayout({
             "fmt": WeightFormat, "last": 1,
             "lanes": data.ArrayLayout(data.StructLayout({
-                "en": 1, "isum": signed(24), "sumq": signed(16), "d": 16, "m": 16}), lanes),
+                "en": 1, "isum": ISUM_SHAPE, "sumq": SUMQ_SHAPE, "d": 16, "m": 16}), lanes),
         })
         depth = self._fifo_depth
         m.submodules.fifo = q = fifo.SyncFIFOBuffered(width=entry.size, depth=depth)
         w_entry = Signal(entry)
-        acc = [Signal(signed(24), name=f"acc{lane}", reset_less=True) for lane in range(lanes)]
+        # A dense Q8_0 block's first phase waits in acc (isum) and, packed, sacc (sumq: the
+        # packed chain routes each phase's 16 activations through the same slots); both
+        # are 0 otherwise (cleared when the final phase is written).
+        acc = [Signal(ISUM_SHAPE, name=f"acc{lane}", reset_less=True) for lane in range(lanes)]
+        sacc = [Signal(SUMQ_SHAPE, name=f"sacc{lane}", reset_less=True) for lane in range(lanes)]
         for lane in range(lanes):
-            add_acc = t1_tag.two_phase & t1_tag.phase
             m.d.comb += [
                 w_entry.lanes[lane].en.eq(t1_tag.en[lane]),
-                w_entry.lanes[lane].isum.eq(t1_isum[lane] + Mux(add_acc, acc[lane], 0)),
-                w_entry.lanes[lane].sumq.eq(t1_sumq[lane]),
+                w_entry.lanes[lane].isum.eq(t1_isum[lane] + acc[lane]),
+                w_entry.lanes[lane].sumq.eq(t1_sumq[lane] + sacc[lane] if packed
+                                            else t1_sumq[lane]),
                 w_entry.lanes[lane].d.eq(t1_tag.d[lane]),
                 w_entry.lanes[lane].m.eq(t1_tag.m[lane]),
             ]
-            with m.If(t1_tag.valid & ~t1_tag.final):
-                m.d.sync += acc[lane].eq(t1_isum[lane])
+            with m.If(t1_tag.valid):
+                with m.If(t1_tag.final):
+                    m.d.sync += [acc[lane].eq(0), sacc[lane].eq(0)]
+                with m.Else():
+                    m.d.sync += [acc[lane].eq(t1_isum[lane]), sacc[lane].eq(t1_sumq[lane])]
         m.d.comb += [w_entry.fmt.eq(t1_tag.fmt), w_entry.last.eq(t1_tag.last),
                      q.w_data.eq(w_entry), q.w_en.eq(t1_tag.valid & t1_tag.final)]
 
@@ -527,6 +564,103 @@ class Chain(wiring.Component):
             ]
         m.d.comb += [self.results.valid.eq(q.r_rdy), q.r_en.eq(self.results.ready)]
         return m
+
+    def _packed_lanes(self, m, s0_w, s0_x, flags, phase, s0_q8, s0_q40, s1_q8,
+                      isum_trees, sumq_trees):
+        """S1..S4 and the adder trees of a packed chain; returns the trees' stages."""
+        dq4 = Signal()            # slot b in use: dense 4-bit blocks only
+        m.d.comb += dq4.eq(flags["dense"] & ~s0_q8)
+        single_x = _delay(m, s1_q8, 3, "single")     # S2, S3, S4
+        for lane in range(self._lanes):
+            routes = self._route_packed(m, s0_w.lanes[lane], s0_x[lane], flags, phase)
+            prods, borrows, sx = [], [], []
+            for i, (xa, wraw, xb, wbraw, act) in enumerate(routes):
+                # S1: routed operands. 4-bit codes become unsigned 0..15 (Q4_0: q = code ^ 8);
+                # unused slots are 0 (so the sumq tree adds the registers as they are).
+                wa = Cat(wraw[0:3], wraw[3] ^ s0_q40, wraw[4:7] & s0_q8.replicate(3),
+                         ~wraw[7] & s0_q8)
+                wb = Cat(wbraw[0:3], wbraw[3] ^ s0_q40)
+                rxa = Signal(signed(8), name=f"s1_xa{lane}_{i}", reset_less=True)
+                rwa = Signal(unsigned(8), name=f"s1_wa{lane}_{i}", reset_less=True)
+                rxb = Signal(signed(8), name=f"s1_xb{lane}_{i}", reset_less=True)
+                rwb = Signal(unsigned(4), name=f"s1_wb{lane}_{i}", reset_less=True)
+                m.d.sync += [rxa.eq(Mux(act, xa, 0)), rwa.eq(Mux(act, wa, 0)),
+                             rxb.eq(Mux(dq4, xb, 0)), rwb.eq(Mux(dq4, wb, 0))]
+                sx += [rxa, rxb]
+                # S2: A = xa 2^13 + xb, B = wb 2^13 + wa (Q8_0: xb = wb = 0, B = wa)
+                # (every weight is unsigned here, so B is just the two fields)
+                a_reg = Signal(signed(8 + PACK_SHIFT + 1), name=f"dsp{lane}_{i}_a",
+                               reset_less=True)
+                b_reg = Signal(signed(18), name=f"dsp{lane}_{i}_b", reset_less=True)
+                m.d.sync += [a_reg.eq((rxa << PACK_SHIFT) + rxb),
+                             b_reg.eq(Cat(rwa, Const(0, PACK_SHIFT - 8), rwb, Const(0, 1)))]
+                m_reg = Signal(signed(len(a_reg) + len(b_reg)), name=f"dsp{lane}_{i}_m",
+                               reset_less=True)
+                m.d.sync += m_reg.eq(a_reg * b_reg)
+                # P register: the product bits the extraction reads
+                p_reg = Signal(unsigned(PACK_SHIFT + 16), name=f"dsp{lane}_{i}_p",
+                               reset_less=True)
+                m.d.sync += p_reg.eq(m_reg[:PACK_SHIFT + 16])
+                # packed: bits [13, 26) + borrow; Q8_0: xa wa exactly at bits [13, 29)
+                prods.append(Mux(single_x, p_reg[PACK_SHIFT:].as_signed(),
+                                 p_reg[PACK_SHIFT:2 * PACK_SHIFT].as_signed()))
+                borrows.append(p_reg[PACK_SHIFT - 1])
+            isum_t, isum_stages = _pipelined_sum(m, prods, f"isum{lane}")
+            # the packed products' borrows, summed beside the tree and aligned with it
+            bsum = Signal(range(len(borrows) + 1), name=f"bsum{lane}", reset_less=True)
+            m.d.sync += bsum.eq(_popcount(borrows))
+            isum_trees.append(isum_t + _delay(m, bsum, isum_stages - 1, f"bsum{lane}"))
+            sumq_t, sumq_stages = _pipelined_sum(m, sx, f"sumq{lane}")
+            sumq_trees.append(sumq_t)
+        return isum_stages, sumq_stages
+
+    def _unpacked_lanes(self, m, s0_w, s0_x, s0_q8, s0_q41, isum_trees, sumq_trees):
+        """S1..S4 and the adder trees of an unpacked chain; returns the trees' stages."""
+        for lane in range(self._lanes):
+            xs, ws, acts = self._route(m, s0_w.lanes[lane], s0_x[lane], s0_w.pattern)
+            X, W, A_ = [], [], []
+            for s in range(BLOCK_WEIGHTS):
+                w4 = Mux(s0_q41, ws[s][0:4] ^ 0b1000, ws[s][0:4]).as_signed()
+                weff = Mux(acts[s], Mux(s0_q8, ws[s], w4), 0)
+                rx = Signal(signed(8), name=f"s1_x{lane}_{s}", reset_less=True)
+                rw = Signal(signed(8), name=f"s1_w{lane}_{s}", reset_less=True)
+                ra = Signal(name=f"s1_a{lane}_{s}", reset_less=True)
+                m.d.sync += [rx.eq(xs[s]), rw.eq(weff), ra.eq(acts[s])]
+                X.append(rx)
+                W.append(rw)
+                A_.append(ra)
+            prods = []
+            for s in range(BLOCK_WEIGHTS):
+                a_reg = Signal(signed(8), name=f"dsp{lane}_{s}_a", reset_less=True)
+                b_reg = Signal(signed(8), name=f"dsp{lane}_{s}_b", reset_less=True)
+                m.d.sync += [a_reg.eq(X[s]), b_reg.eq(W[s])]
+                m_reg = Signal(signed(16), name=f"dsp{lane}_{s}_m", reset_less=True)
+                m.d.sync += m_reg.eq(a_reg * b_reg)
+                p_reg = Signal(signed(16), name=f"dsp{lane}_{s}_p", reset_less=True)
+                m.d.sync += p_reg.eq(m_reg)
+                prods.append(p_reg)
+            isum_t, isum_stages = _pipelined_sum(m, prods, f"isum{lane}")
+            isum_trees.append(isum_t)
+            # sumq over the active slots, from the S1 registers
+            sumq_t, sumq_stages = _pipelined_sum(
+                m, [Mux(A_[s], X[s], 0) for s in range(BLOCK_WEIGHTS)], f"sumq{lane}")
+            sumq_trees.append(sumq_t)
+        return isum_stages, sumq_stages
+
+
+def _or_all(bits):
+    out = Const(0)
+    for b in bits:
+        out = out | b
+    return out
+
+
+def _and_or(cands, width):
+    """``OR(flag ? value : 0)`` over ``(flag, value)`` pairs whose flags are one-hot."""
+    out = Const(0, width)
+    for f, v in cands:
+        out = out | (f.replicate(width) & v)
+    return out
 
 
 def _popcount(bits):
