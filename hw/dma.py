@@ -30,7 +30,7 @@ Pieces
 * :class:`LoadEngine`, :class:`StoreEngine` -- the LD and ST queues' executors.
 """
 
-from amaranth import C, Cat, Const, Module, Mux, Signal
+from amaranth import Array, C, Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
@@ -129,7 +129,16 @@ class Realign(wiring.Component):
         emit = (self.i.valid & self.i.ready & produces) | flush
         cur = Mux(flush, 0, self.i.payload)
         shifted = Signal(D * 8)
-        m.d.comb += shifted.eq((Cat(prev, cur) >> Cat(C(0, 3), sh))[0:D * 8])
+        # byte funnel shift of (prev, cur) by sh bytes in two mux steps: whole 8-byte words
+        # (sh // 8), then bytes (sh % 8); one 2**k:1 mux per step instead of a log shifter
+        both = Cat(prev, cur)
+        if lg > 3:
+            coarse = Signal(D * 8 + 64)
+            m.d.comb += coarse.eq(Array([both[64 * w:64 * w + D * 8 + 64]
+                                         for w in range(D // 8)])[sh[3:]])
+            m.d.comb += shifted.eq(Array([coarse[8 * b:8 * b + D * 8] for b in range(8)])[sh[0:3]])
+        else:
+            m.d.comb += shifted.eq((both >> Cat(C(0, 3), sh))[0:D * 8])
         hi = Mux(rem >= D, D, rem[0:lg + 1])
         lo = Mux(made == 0, d_off, 0)
         be = _bytes_between(m, lo, hi, D, "rl_be")
