@@ -31,7 +31,7 @@ from amaranth.lib.wiring import In, Out
 
 __all__ = [
     "F32", "F16", "CANONICAL_NAN", "F16_NAN", "FADD_LATENCY", "FMUL_LATENCY",
-    "f32_bits", "lzc", "round_pack", "int_to_f32", "f16_to_f32", "f32_to_f16", "ldexp",
+    "f32_bits", "lzc", "lzc_tree", "round_pack", "int_to_f32", "f16_to_f32", "f32_to_f16", "ldexp",
     "floor_int", "f32_key", "FAddCore", "FMulCore", "Pipe", "Staged", "stall_control",
     "valid_chain",
     "FAddOperands", "FMulOperands", "CvtOp", "CvtOperands",
@@ -66,6 +66,34 @@ def lzc(value, width=None):
     for i in range(width):                  # the most significant set bit wins (last Mux)
         r = Mux(value[i], width - 1 - i, r)
     return r
+
+
+def lzc_tree(value):
+    """Leading-zero count of ``value`` by a tree: ``(count, zero)``.
+
+    ``value`` is padded with zeros below to a power of two ``w``; ``count``
+    (``log2(w)`` bits) is exact when ``zero`` is low and 0 when it is high.
+    Depth ``log2(w)`` 2:1 muxes instead of :func:`lzc`'s chain of ``width``.
+    """
+    width = len(value)
+    w = 1
+    while w < width:
+        w *= 2
+    bits_ = Cat(C(0, w - width), value) if w > width else value
+    # level 0: one bit each, (zero, count with 0 bits)
+    nodes = [(~bits_[i], None) for i in range(w)]       # LSB first
+    while len(nodes) > 1:
+        nxt = []
+        for j in range(0, len(nodes), 2):
+            (zl, cl), (zh, ch) = nodes[j], nodes[j + 1]   # low half, high half
+            if ch is None:
+                cnt = zh
+            else:
+                cnt = Cat(Mux(zh, cl, ch), zh)
+            nxt.append((zh & zl, cnt))
+        nodes = nxt
+    zero, count = nodes[0]
+    return (count if count is not None else C(0, 1)), zero
 
 
 def round_pack(m, sign, e, n24, g, rest, *, name="rp"):
@@ -232,6 +260,18 @@ def f32_key(x):
 class FAddCore(wiring.Component):
     """binary32 ``a + b`` (``a - b`` when ``sub``), RNE + FTZ, latency 3, advancing on ``ce``.
 
+    Stage 1 orders the operands by magnitude (a 31-bit compare of the raw
+    patterns) and aligns the smaller significand (27-bit right shift; the
+    sticky bit from a mask of the shifted-out positions, no wide shift).
+    Stage 2 adds or subtracts (one adder, ``big + (small ^ sub) + sub``) and
+    counts leading zeros with a tree (:func:`lzc_tree`). Stage 3 shifts left
+    by the count (the carry-out case is a count of 0, no separate right
+    shift), rounds and packs: the fraction and the exponent field are one
+    32-bit increment, so a rounding carry moves into the exponent by itself.
+    An adder's result below ``2**-126`` is exact (both operands are multiples
+    of ``2**-149``), so it never rounds and flushes whenever its exponent is
+    ``<= 0``; :func:`round_pack`'s exception cannot occur here.
+
     Members
     -------
     a, b : In(32)
@@ -262,23 +302,29 @@ class FAddCore(wiring.Component):
         b_inf = (b.exp == 255) & (b.frac == 0)
         a_nan = (a.exp == 255) & (a.frac != 0)
         b_nan = (b.exp == 255) & (b.frac != 0)
-        mag_a = Mux(a_zero, 0, self.a[0:31])
-        mag_b = Mux(b_zero, 0, self.b[0:31])
-        swap = mag_b > mag_a
-        big = Signal(31)
-        small = Signal(31)
-        m.d.comb += [big.eq(Mux(swap, mag_b, mag_a)), small.eq(Mux(swap, mag_a, mag_b))]
-        big_m = Cat(big[0:23], big[23:31] != 0)
-        small_m = Cat(small[0:23], small[23:31] != 0)
+        # The raw patterns order the magnitudes: a subnormal (read as zero) is below every
+        # normal, and when both are zero the order does not matter.
+        swap = Signal()
+        m.d.comb += swap.eq(self.b[0:31] > self.a[0:31])
+        ma = Mux(a_zero, 0, Cat(a.frac, C(1, 1)))
+        mb = Mux(b_zero, 0, Cat(b.frac, C(1, 1)))
+        big_m = Signal(24)
+        small_m = Signal(24)
+        big_e = Signal(8)
         d = Signal(8)
-        m.d.comb += d.eq(big[23:31] - small[23:31])
-        dd = Mux(d > 27, 27, d)
-        wide = Signal(54)
-        m.d.comb += wide.eq(Cat(C(0, 27), C(0, 3), small_m) >> dd)
+        m.d.comb += [big_m.eq(Mux(swap, mb, ma)), small_m.eq(Mux(swap, ma, mb)),
+                     big_e.eq(Mux(swap, b.exp, a.exp)),
+                     d.eq(Mux(swap, b.exp - a.exp, a.exp - b.exp))]
+        far = d[5:8].any()                      # d >= 32: everything is shifted out
+        aligned = Signal(27)
+        m.d.comb += aligned.eq(Mux(far, 0, Cat(C(0, 3), small_m) >> d[0:5]))
+        # small_m[i] is shifted out (below the 3 guard bits) when d >= i + 4
+        lost = Cat(*[small_m[i] & (far | (d[0:5] >= i + 4)) for i in range(24)])
+        sticky = lost.any()
 
         r1_sign = Signal()
         r1_exp = Signal(8)
-        r1_big = Signal(27)
+        r1_big = Signal(24)
         r1_small = Signal(27)
         r1_sub = Signal()
         r1_nan = Signal()
@@ -287,46 +333,55 @@ class FAddCore(wiring.Component):
         with m.If(ce):
             m.d.sync += [
                 r1_sign.eq(Mux(swap, sb, a.sign)),
-                r1_exp.eq(big[23:31]),
-                r1_big.eq(Cat(C(0, 3), big_m)),
-                r1_small.eq(wide[27:54] | wide[0:27].any()),
+                r1_exp.eq(big_e),
+                r1_big.eq(big_m),
+                r1_small.eq(aligned | sticky),
                 r1_sub.eq(a.sign ^ sb),
                 r1_nan.eq(a_nan | b_nan | (a_inf & b_inf & (a.sign ^ sb))),
                 r1_inf.eq(a_inf | b_inf),
                 r1_inf_sign.eq(Mux(a_inf, a.sign, sb)),
             ]
 
-        # ---- stage 2: add or subtract the significands, count leading zeros
+        # ---- stage 2: add or subtract the significands (big >= small), count leading zeros
         total = Signal(28)
-        m.d.comb += total.eq(Mux(r1_sub, r1_big - r1_small, r1_big + r1_small))
+        ys = Signal(28)
+        m.d.comb += [ys.eq(Cat(r1_small, C(0, 1)) ^ r1_sub.replicate(28)),
+                     total.eq(Cat(C(0, 3), r1_big) + ys + r1_sub)]
+        lz, zero = lzc_tree(total)
         r2_total = Signal(28)
-        r2_lz = Signal(range(29))
+        r2_lz = Signal(5)
+        r2_zero = Signal()
         r2 = [Signal.like(s, name=f"r2_{s.name[3:]}")
               for s in (r1_sign, r1_exp, r1_sub, r1_nan, r1_inf, r1_inf_sign)]
         r2_sign, r2_exp, r2_sub, r2_nan, r2_inf, r2_inf_sign = r2
         with m.If(ce):
-            m.d.sync += [r2_total.eq(total), r2_lz.eq(lzc(total, 28))]
+            m.d.sync += [r2_total.eq(total), r2_lz.eq(lz), r2_zero.eq(zero)]
             m.d.sync += [d_.eq(s_) for d_, s_ in zip(
                 r2, (r1_sign, r1_exp, r1_sub, r1_nan, r1_inf, r1_inf_sign))]
 
-        # ---- stage 3: normalize, round, pack
-        carry = r2_total[27]
-        n = Signal(27)
-        e = Signal(signed(11))
-        with m.If(carry):
-            m.d.comb += [n.eq(r2_total[1:28] | r2_total[0]), e.eq(r2_exp + 1)]
-        with m.Else():
-            m.d.comb += [n.eq((r2_total[0:27] << r2_lz)[1:28]), e.eq(r2_exp - r2_lz + 1)]
-        packed = round_pack(m, r2_sign, e, n[3:27], n[2], n[1] | n[0], name="add")
+        # ---- stage 3: normalize (left by the count; 0 when the sum carried), round, pack
+        n = Signal(28)
+        m.d.comb += n.eq(r2_total << r2_lz)
+        e = Signal(signed(10))
+        m.d.comb += e.eq(r2_exp + 1 - r2_lz)
+        up = n[3] & (n[0:3].any() | n[4])
+        # 1.frac x 2**(e-127): the exponent field and the fraction in one increment (the
+        # hidden bit n[27] is left out, a rounding carry out of the fraction bumps e)
+        pk = Signal(32)
+        m.d.comb += pk.eq(Cat(n[4:27], e[0:9]) + up)
         res = Signal(32)
         with m.If(r2_nan):
             m.d.comb += res.eq(CANONICAL_NAN)
         with m.Elif(r2_inf):
             m.d.comb += res.eq(Cat(C(0, 23), C(255, 8), r2_inf_sign))
-        with m.Elif(r2_total == 0):
+        with m.Elif(r2_zero):
             m.d.comb += res.eq(Cat(C(0, 31), r2_sign & ~r2_sub))
+        with m.Elif(e <= 0):                    # exact and subnormal: flush
+            m.d.comb += res.eq(Cat(C(0, 31), r2_sign))
+        with m.Elif(pk[23:32] >= 255):
+            m.d.comb += res.eq(Cat(C(0, 23), C(255, 8), r2_sign))
         with m.Else():
-            m.d.comb += res.eq(packed)
+            m.d.comb += res.eq(Cat(pk[0:31], r2_sign))
         with m.If(ce):
             m.d.sync += self.o.eq(res)
         return m
