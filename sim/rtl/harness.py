@@ -201,7 +201,7 @@ def build(config, *, waves: bool = False, exec_factory=None, read_latency=READ_L
     """
     from llmfab.hw.top import Accelerator
     from llmfab.hw.verilog import cached_verilog
-    from llmfab.sim.rtl.runner import VERILATOR_ARGS, to_verilog, verilator_env, verilator_runner
+    from llmfab.sim.rtl.runner import VERILATOR_ARGS, to_verilog, clear_stale_build, verilator_env, verilator_runner
 
     accel = Accelerator(config, exec_factory=exec_factory, probe=probe)
     if exec_factory is None:
@@ -225,6 +225,7 @@ def build(config, *, waves: bool = False, exec_factory=None, read_latency=READ_L
     exe = bdir / TOPLEVEL
     with open(bdir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        clear_stale_build(bdir)
         if exe.exists():
             return bdir
         src = bdir / f"{TOPLEVEL}.v"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,6 +75,29 @@ def verilator_env() -> str:
     return root
 
 
+def clear_stale_build(bdir: Path) -> bool:
+    """Empty ``bdir`` if its Verilator build names files that no longer exist (a build tree
+    shared through ``LLMFAB_SIM_BUILD`` by several checkouts, one of them since removed: its
+    makefile's ``VERILATOR_ROOT`` or a header in a dependency file is gone, and make, or the
+    executable's libraries, would fail). True if it did. Call with the directory's lock held."""
+    def gone(tokens):
+        return any(t.startswith("/") and not os.path.exists(t.rstrip(":")) for t in tokens)
+
+    mk = bdir / "Vtop.mk"
+    stale = False
+    if mk.exists():
+        roots = [ln.split("=", 1)[1].strip() for ln in mk.read_text().splitlines()
+                 if ln.startswith("VERILATOR_ROOT =")]
+        stale = gone(roots)
+    if not stale:
+        stale = any(gone(dep.read_text().split()) for dep in bdir.glob("*.d"))
+    if stale:
+        for f in bdir.iterdir():
+            if f.name != ".lock":
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+    return stale
+
+
 def run_cocotb(verilog_text: str, toplevel: str, test_module: str, *, module_dir=None,
                extra_env=None, build_args=(), waves: bool = False, testcase=None,
                seed=None) -> Path:
@@ -97,6 +121,7 @@ def run_cocotb(verilog_text: str, toplevel: str, test_module: str, *, module_dir
     # one directory ran two makes over the same precompiled header (a cc1plus crash).
     with open(bdir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        clear_stale_build(bdir)
         if not src.exists() or src.read_text() != verilog_text:
             src.write_text(verilog_text)
         runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=bdir, build_args=args,
