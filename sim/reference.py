@@ -17,6 +17,18 @@ path (no flash attention) rounds:
 * the KV cache holds fp16, Q is rounded to fp16 for ``K Q``, and the softmax
   to fp16 for ``V softmax``.
 
+``kv_cache="q8_0"`` mirrors llama.cpp's quantized KV cache (``--cache-type-k
+q8_0 --cache-type-v q8_0``, which needs flash attention): K and V are stored
+as Q8_0 blocks of 32 along head_dim (per position and KV head, ``d = amax/127``
+as fp16, ``q = round-half-even(x * 127/amax)``: the x86 ``quantize_row_q8_0``
+that ggml-cpu's ``set_rows`` calls when it writes the cache) and read back
+dequantized. With ``llamacpp_rounding`` the attention then rounds as ggml-cpu's
+flash-attention kernel (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``)
+does for a Q8_0 K and V: Q is quantized to Q8_0 too (K's ``vec_dot_type``)
+for ``K Q``, and the softmax and ``V softmax`` stay float32 (V is dequantized
+to float32 and accumulated in float32). The default ``kv_cache="f16"`` is the
+behaviour above, unchanged.
+
 Each operation then agrees with llama.cpp's to the last bits of float32
 (checked against tensors dumped from llama.cpp); what remains is summation
 order, which the Q8 rounding amplifies. Without it the forward pass is float32
@@ -30,7 +42,10 @@ import numpy as np
 from llmfab.core.errors import ModelError
 from llmfab.compiler.model import Model
 
-__all__ = ["ReferenceModel", "rms_norm", "rope_tables", "apply_rope", "q8_round", "q8_1_round"]
+__all__ = ["ReferenceModel", "KV_CACHE_TYPES", "rms_norm", "rope_tables", "apply_rope", "q8_round", "q8_1_round"]
+
+
+KV_CACHE_TYPES = ("f16", "q8_0")
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -200,13 +215,26 @@ class ReferenceModel:
         Token positions the KV cache holds; defaults to the model's context length,
         which is also its ceiling. The cache grows as positions are used, so a long
         context costs memory only when it is filled.
+    llamacpp_rounding : bool
+        Round where llama.cpp's CPU path rounds (see the module docstring).
+    kv_cache : {"f16", "q8_0"}
+        ``"f16"`` (default): llama.cpp's default fp16 cache without flash attention
+        (float32 when ``llamacpp_rounding`` is off). ``"q8_0"``: K and V stored as
+        Q8_0 blocks along head_dim, attention as llama.cpp's CPU flash-attention
+        kernel computes it over a q8_0 cache. The arrays hold the dequantized values.
     """
 
     def __init__(self, model: Model, *, max_context: int | None = None, progress: bool = False,
-                 llamacpp_rounding: bool = True):
+                 llamacpp_rounding: bool = True, kv_cache: str = "f16"):
         self.model = model
         self.llamacpp_rounding = llamacpp_rounding
         d = self.desc = model.desc
+        if kv_cache not in KV_CACHE_TYPES:
+            raise ModelError(f"unknown KV cache type '{kv_cache}' (choose from {', '.join(KV_CACHE_TYPES)})")
+        if kv_cache == "q8_0" and d.head_dim % 32:
+            raise ModelError(f"a q8_0 KV cache needs head_dim a multiple of 32; model '{d.name}' "
+                             f"has {d.head_dim}")
+        self.kv_cache = kv_cache
         if max_context is None:
             max_context = d.context_length
         max_context = int(max_context)
@@ -262,6 +290,7 @@ class ReferenceModel:
         S = self.pos + T
         mask = np.triu(np.full((T, S), -np.inf, np.float32), k=self.pos + 1)
         rnd = self.llamacpp_rounding
+        q8kv = self.kv_cache == "q8_0"
         for li, L in enumerate(self.layers):
             qkv = L["qkv"](rms_norm(x, L["attn_norm"], d.rms_eps), rnd)
             q = qkv[:, :nq * hd].reshape(T, nq, hd)
@@ -269,7 +298,12 @@ class ReferenceModel:
             v = qkv[:, (nq + nkv) * hd:].reshape(T, nkv, hd)
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
-            if rnd:   # llama.cpp keeps K and V in fp16, and multiplies Q by K in fp16
+            if q8kv:  # Q8_0 blocks along head_dim, as set_rows writes a q8_0 cache
+                k = q8_round(k)
+                v = q8_round(v)
+                if rnd:   # the flash-attention kernel quantizes Q to K's vec_dot_type, Q8_0
+                    q = q8_round(q)
+            elif rnd:   # llama.cpp keeps K and V in fp16, and multiplies Q by K in fp16
                 k = k.astype(np.float16).astype(np.float32)
                 v = v.astype(np.float16).astype(np.float32)
                 q = q.astype(np.float16).astype(np.float32)
@@ -283,7 +317,7 @@ class ReferenceModel:
             att = att - att.max(axis=-1, keepdims=True)
             np.exp(att, out=att)
             att /= att.sum(axis=-1, keepdims=True)
-            if rnd:   # and the softmax by V in fp16
+            if rnd and not q8kv:   # and the softmax by V in fp16 (flash attention: float32)
                 att = att.astype(np.float16).astype(np.float32)
             o = np.einsum("kgts,skd->tkgd", att, V, optimize=True).reshape(T, nq * hd)
             x = x + L["attn_output"](o, rnd)
