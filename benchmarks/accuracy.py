@@ -10,7 +10,10 @@ attention) over the texts of ``tests/data/llamacpp_logits*.npz``
 
 * ``llamacpp_logits.npz``       llama.cpp, fp16 KV cache, flash attention off;
 * ``llamacpp_logits_fa.npz``    llama.cpp, fp16 KV cache, flash attention on;
-* ``llamacpp_logits_kvq8.npz``  llama.cpp, q8_0 K and V, flash attention on.
+* ``llamacpp_logits_kvq8.npz``  llama.cpp, q8_0 K and V, flash attention on
+  (with its default Walsh-Hadamard rotation of Q, K and V);
+* ``llamacpp_logits_kvq8_norot.npz``  the same with the rotation off
+  (``LLAMA_ATTN_ROT_DISABLE=1``), against the reference's ``kv_rotation=False``.
 
 It also compares the llama.cpp files with one another (top-16 only: the logit
 error is over the reference file's top-8 ids found in the other's top-16), so
@@ -18,8 +21,8 @@ the effect of the KV format and of flash attention on llama.cpp itself shows.
 Columns: top-1 agreement; agreement where llama.cpp's top-1 leads its second
 by more than 0.5 and by more than 1.0 logit; median and max |logit error| over
 llama.cpp's top-8 ids. Bars (docs/numerics.md): top-1 >= 96 %, 100 % where the
-lead is > 0.5, median <= 0.35. Takes about a minute (two reference passes over
-592 positions).
+lead is > 0.5, median <= 0.35. Takes a minute or two (three reference passes
+over 592 positions).
 """
 
 from __future__ import annotations
@@ -41,12 +44,15 @@ LLAMACPP = {
     "llama.cpp f16 KV": "llamacpp_logits.npz",
     "llama.cpp f16 KV, flash attn": "llamacpp_logits_fa.npz",
     "llama.cpp q8_0 KV (flash attn)": "llamacpp_logits_kvq8.npz",
+    "llama.cpp q8_0 KV, no rotation": "llamacpp_logits_kvq8_norot.npz",
 }
-REFERENCE = {"reference f16 KV": "f16", "reference q8_0 KV": "q8_0"}
+#: reference runs: label -> (kv_cache, kv_rotation)
+REFERENCE = {"reference f16 KV": ("f16", True), "reference q8_0 KV": ("q8_0", True),
+             "reference q8_0 KV, no rotation": ("q8_0", False)}
 
 
-def reference_logits(model, kv_cache: str, texts) -> list:
-    r = ReferenceModel(model, kv_cache=kv_cache)
+def reference_logits(model, kv_cache: str, texts, kv_rotation: bool = True) -> list:
+    r = ReferenceModel(model, kv_cache=kv_cache, kv_rotation=kv_rotation)
     out = []
     for toks, _, _ in texts:
         r.reset()
@@ -73,8 +79,8 @@ def measure(data: str = DATA) -> list[dict]:
                      "confident_1.0": a10.confident_agreement, "n_confident_1.0": a10.confident_positions,
                      "median_abs_err_top8": a5.median_abs_err_top8, "max_abs_err_top8": a5.max_abs_err_top8})
 
-    for label, kv in REFERENCE.items():
-        logits = reference_logits(model, kv, first)
+    for label, (kv, rot) in REFERENCE.items():
+        logits = reference_logits(model, kv, first, rot)
         for vs in files:
             row(label, vs, compare, logits)
     names = list(files)

@@ -19,8 +19,11 @@ With ``--kv q8_0`` it writes only the teacher-forced logits, for the same texts,
 with llama.cpp's quantized KV cache (``type_k = type_v = GGML_TYPE_Q8_0``, which
 needs flash attention), into llamacpp_logits_kvq8.npz; with ``--flash-attn``
 alone (fp16 cache, flash attention on) into llamacpp_logits_fa.npz. Same layout
-as llamacpp_logits.npz; ``meta_json`` records ``type_k``, ``type_v`` and
-``flash_attn``.
+as llamacpp_logits.npz; ``meta_json`` records ``type_k``, ``type_v``,
+``flash_attn`` and ``attn_rot``. llama.cpp rotates Q, K and V by a Walsh-Hadamard
+matrix when the cache is quantized (and head_dim is a multiple of 64);
+``--no-attn-rot`` turns that off (LLAMA_ATTN_ROT_DISABLE=1) and writes
+llamacpp_logits_kvq8_norot.npz.
 
 It does not import llmfab (the dev venv does not have it). See
 docs/reference-data.md for the layouts.
@@ -311,7 +314,14 @@ def main() -> None:
     ap.add_argument("--flash-attn", action="store_true",
                     help="flash attention on; only the logits are written (llamacpp_logits_fa.npz "
                          "for an f16 cache)")
+    ap.add_argument("--no-attn-rot", action="store_true",
+                    help="with a quantized cache: turn off llama.cpp's Hadamard rotation of Q, K and V "
+                         "(LLAMA_ATTN_ROT_DISABLE=1), writing llamacpp_logits_kvq8_norot.npz")
     args = ap.parse_args()
+    if args.no_attn_rot:
+        if args.kv == "f16":
+            ap.error("--no-attn-rot applies to a quantized cache (--kv q8_0)")
+        os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"   # read by llama.cpp when it makes the KV cache
 
     import llama_cpp
     from llama_cpp import Llama
@@ -330,11 +340,16 @@ def main() -> None:
     if flash_attn:
         ggml_type = getattr(llama_cpp, KV_TYPES[args.kv])
         name = {"f16": "llamacpp_logits_fa.npz", "q8_0": "llamacpp_logits_kvq8.npz"}[args.kv]
+        rot = args.kv != "f16" and not args.no_attn_rot
+        if args.no_attn_rot:
+            name = name.replace(".npz", "_norot.npz")
         llm = Llama(model_path=model, logits_all=True, n_ctx=N_CTX, n_threads=N_THREADS,
                     n_batch=N_CTX, flash_attn=True, type_k=ggml_type, type_v=ggml_type, verbose=False)
         call = (f"Llama(model, logits_all=True, n_ctx=512, n_threads=2, n_batch=512, flash_attn=True, "
                 f"type_k={KV_TYPES[args.kv]}, type_v={KV_TYPES[args.kv]}); reset(); eval(tokens); scores[:n]")
-        teacher_forced(llm, dict(meta, type_k=args.kv, type_v=args.kv, flash_attn=True), call,
+        if args.no_attn_rot:
+            call = "LLAMA_ATTN_ROT_DISABLE=1; " + call
+        teacher_forced(llm, dict(meta, type_k=args.kv, type_v=args.kv, flash_attn=True, attn_rot=rot), call,
                        os.path.join(args.out, name))
         return
 

@@ -1,6 +1,7 @@
 """The reference backend's q8_0 KV cache (``ReferenceModel(kv_cache="q8_0")``) against llama.cpp
-with ``type_k = type_v = Q8_0`` and flash attention (tests/data/llamacpp_logits_kvq8.npz, see
-docs/reference-data.md), and the storage format itself. The full table, f16 and q8_0 both ways:
+with ``type_k = type_v = Q8_0`` and flash attention (tests/data/llamacpp_logits_kvq8.npz, and
+``_norot`` without llama.cpp's Hadamard rotation; see docs/reference-data.md), and the storage
+format itself. The full table, f16 and q8_0 both ways:
 ``benchmarks/accuracy.py`` (docs/numerics.md, "Quantized KV cache")."""
 
 import json
@@ -12,10 +13,21 @@ from gguf import GGMLQuantizationType, quants
 
 from llmfab.core.errors import ModelError
 from llmfab.sim.accuracy import compare, load_llamacpp_reference
-from llmfab.sim.reference import ReferenceModel, q8_round
+from llmfab.sim.reference import ReferenceModel, fwht, q8_round
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 KVQ8 = os.path.join(DATA, "llamacpp_logits_kvq8.npz")
+
+
+KVQ8_NOROT = os.path.join(DATA, "llamacpp_logits_kvq8_norot.npz")
+
+
+def run_all(r, texts):
+    out = []
+    for toks, _, _ in texts:
+        r.reset()
+        out.append(r.forward(toks))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -29,29 +41,52 @@ def llamacpp_q8():
 
 
 @pytest.fixture(scope="module")
+def llamacpp_q8_norot():
+    return load_llamacpp_reference(KVQ8_NOROT)
+
+
+@pytest.fixture(scope="module")
 def logits_q8(ref_q8, llamacpp_q8):
-    out = []
-    for toks, _, _ in llamacpp_q8:
-        ref_q8.reset()
-        out.append(ref_q8.forward(toks))
-    return out
+    return run_all(ref_q8, llamacpp_q8)
+
+
+@pytest.fixture(scope="module")
+def logits_q8_norot(smol, llamacpp_q8):
+    return run_all(ReferenceModel(smol, kv_cache="q8_0", kv_rotation=False), llamacpp_q8)
 
 
 @pytest.fixture(scope="module")
 def agreement_q8(logits_q8, llamacpp_q8):
+    """Like for like: both with llama.cpp's default Hadamard rotation."""
     return compare(logits_q8, llamacpp_q8, margin=0.5, topn=8)
 
 
+@pytest.fixture(scope="module")
+def agreement_q8_norot(logits_q8_norot, llamacpp_q8_norot):
+    """Like for like: both without the rotation (plain Q8_0 rows, the format issue 11 names)."""
+    return compare(logits_q8_norot, llamacpp_q8_norot, margin=0.5, topn=8)
+
+
 # ------------------------------------------------------------- the reference data
-def test_kvq8_file_is_llamacpp_q8_0_with_flash_attention():
-    z = np.load(KVQ8)
+@pytest.mark.parametrize("name, kv, rot", [("llamacpp_logits_kvq8.npz", "q8_0", True),
+                                           ("llamacpp_logits_kvq8_norot.npz", "q8_0", False),
+                                           ("llamacpp_logits_fa.npz", "f16", False)])
+def test_llamacpp_files(name, kv, rot):
+    """What each file is (meta_json), and the same texts and tokens as llamacpp_logits.npz."""
+    z = np.load(os.path.join(DATA, name))
     meta = json.loads(str(z["meta_json"]))
-    assert (meta["type_k"], meta["type_v"], meta["flash_attn"]) == ("q8_0", "q8_0", True)
-    # the same texts and tokens as the f16 file the other accuracy tests use
+    assert (meta["type_k"], meta["type_v"], meta["flash_attn"]) == (kv, kv, True)
+    assert meta.get("attn_rot", False) == rot
     f16 = np.load(os.path.join(DATA, "llamacpp_logits.npz"))
     assert list(z["texts"]) == list(f16["texts"])
     for i in range(meta["n_texts"]):
         assert np.array_equal(z[f"text_{i}_tokens"], f16[f"text_{i}_tokens"])
+
+
+def test_reference_files_are_small():
+    total = sum(os.path.getsize(os.path.join(DATA, f)) for f in
+                ("llamacpp_logits_kvq8.npz", "llamacpp_logits_kvq8_norot.npz", "llamacpp_logits_fa.npz"))
+    assert total < 250_000
 
 
 # ------------------------------------------------------------------ the bars
@@ -73,16 +108,21 @@ def test_q8_0_kv_median_logit_error(agreement_q8):
     assert agreement_q8.max_abs_err_top8 < 3.0, agreement_q8
 
 
-def test_mirroring_the_format_is_closer_than_not(smol, llamacpp_q8, agreement_q8):
-    """Like for like matters: against llama.cpp's q8_0-KV logits, the reference with a q8_0 cache
-    is closer than with its default fp16 cache (measured median: MEASURED_CROSS)."""
-    r = ReferenceModel(smol)
-    f16 = []
-    for toks, _, _ in llamacpp_q8:
-        r.reset()
-        f16.append(r.forward(toks))
-    cross = compare(f16, llamacpp_q8, margin=0.5, topn=8)
+def test_no_rotation_bars(agreement_q8_norot):
+    """Without the rotation on both sides (plain Q8_0 rows): the same bars (measured: MEASURED_NOROT)."""
+    a = agreement_q8_norot
+    assert a.positions >= 400 and a.confident_positions >= 300
+    assert a.top1_agreement >= 0.96, a
+    assert a.confident_agreement == 1.0, a
+    assert a.median_abs_err_top8 <= 0.35, a
+
+
+def test_mirroring_the_rotation_matters(logits_q8_norot, llamacpp_q8, agreement_q8):
+    """Against llama.cpp's default q8_0 cache (rotated), the reference without the rotation is
+    further off than with it (measured: median MEASURED_ROTCROSS): the rotation is part of the format."""
+    cross = compare(logits_q8_norot, llamacpp_q8, margin=0.5, topn=8)
     assert agreement_q8.median_abs_err_top8 < cross.median_abs_err_top8, (agreement_q8, cross)
+    assert agreement_q8.max_abs_err_top8 < cross.max_abs_err_top8, (agreement_q8, cross)
 
 
 # ------------------------------------------------------------------ the format
@@ -151,6 +191,28 @@ def test_q8_0_kv_cache_consistency(ref_q8):
     top2 = np.sort(full, axis=1)[:, -2:]
     sure = top2[:, 1] - top2[:, 0] > 1.0
     assert (inc.argmax(1)[sure] == full.argmax(1)[sure]).all()
+
+
+def test_fwht_is_the_walsh_hadamard_matrix():
+    """fwht(x, n) is x times llama.cpp's Sylvester-ordered orthonormal Hadamard matrix (symmetric,
+    its own inverse), per n consecutive values."""
+    n = 64
+    H = np.array([[(-1) ** bin(i & j).count("1") for j in range(n)] for i in range(n)], np.float64) / 8
+    x = np.random.default_rng(1).standard_normal((5, 3, 128)).astype(np.float32)
+    want = (x.reshape(-1, n).astype(np.float64) @ H).reshape(x.shape)
+    np.testing.assert_allclose(fwht(x, n), want, atol=1e-6)
+    np.testing.assert_allclose(fwht(fwht(x, n), n), x, atol=1e-6)
+    assert fwht(x, n).dtype == np.float32
+
+
+def test_rotation_follows_llamacpp(smol):
+    """Rotation only with a quantized cache, K by the largest power of two >= 64 dividing
+    head_dim (64 for SmolLM2's 64), V by 64; kv_rotation=False turns it off."""
+    assert (ReferenceModel(smol).rot_k, ReferenceModel(smol).rot_v) == (0, 0)
+    r = ReferenceModel(smol, kv_cache="q8_0")
+    assert (r.rot_k, r.rot_v) == (64, 64)
+    r = ReferenceModel(smol, kv_cache="q8_0", kv_rotation=False)
+    assert (r.rot_k, r.rot_v) == (0, 0)
 
 
 def test_kv_cache_option_checked(smol):
