@@ -91,25 +91,25 @@ def test_reference_files_are_small():
 
 # ------------------------------------------------------------------ the bars
 def test_q8_0_kv_top1_agreement(agreement_q8):
-    """Reference q8_0 KV vs llama.cpp q8_0 KV: top-1 >= 96 % (measured: MEASURED_TOP1)."""
+    """Reference q8_0 KV vs llama.cpp q8_0 KV: top-1 >= 96 % (measured: 572/592 = 96.6 %, OPENBLAS_NUM_THREADS=1; the fp16 reference against the same file: 97.3 %)."""
     assert agreement_q8.positions >= 400
     assert agreement_q8.top1_agreement >= 0.96, agreement_q8
 
 
 def test_q8_0_kv_confident_positions_all_agree(agreement_q8):
-    """100 % where llama.cpp's top-1 leads its second by > 0.5 (measured: MEASURED_CONF)."""
+    """100 % where llama.cpp's top-1 leads its second by > 0.5 (measured: 444/444)."""
     assert agreement_q8.confident_positions >= 300
     assert agreement_q8.confident_agreement == 1.0, agreement_q8
 
 
 def test_q8_0_kv_median_logit_error(agreement_q8):
-    """Median |ours - llama.cpp| over llama.cpp's top-8 <= 0.35 (measured: MEASURED_MEDIAN)."""
+    """Median |ours - llama.cpp| over llama.cpp's top-8 <= 0.35 (measured: 0.154, max 1.13; the fp16 reference against the same file: 0.146)."""
     assert agreement_q8.median_abs_err_top8 <= 0.35, agreement_q8
     assert agreement_q8.max_abs_err_top8 < 3.0, agreement_q8
 
 
 def test_no_rotation_bars(agreement_q8_norot):
-    """Without the rotation on both sides (plain Q8_0 rows): the same bars (measured: MEASURED_NOROT)."""
+    """Without the rotation on both sides (plain Q8_0 rows): the same bars (measured: top-1 97.1 %, 439/439, median 0.159)."""
     a = agreement_q8_norot
     assert a.positions >= 400 and a.confident_positions >= 300
     assert a.top1_agreement >= 0.96, a
@@ -119,7 +119,7 @@ def test_no_rotation_bars(agreement_q8_norot):
 
 def test_mirroring_the_rotation_matters(logits_q8_norot, llamacpp_q8, agreement_q8):
     """Against llama.cpp's default q8_0 cache (rotated), the reference without the rotation is
-    further off than with it (measured: median MEASURED_ROTCROSS): the rotation is part of the format."""
+    further off than with it (measured: median 0.173 vs 0.154, max 1.75 vs 1.13): the rotation is part of the format."""
     cross = compare(logits_q8_norot, llamacpp_q8, margin=0.5, topn=8)
     assert agreement_q8.median_abs_err_top8 < cross.median_abs_err_top8, (agreement_q8, cross)
     assert agreement_q8.max_abs_err_top8 < cross.max_abs_err_top8, (agreement_q8, cross)
