@@ -56,6 +56,9 @@ def _add_backend(p):
     p.add_argument("--context", type=int, metavar="N", default=None,
                    help="token positions the reference backend holds (default: the model's context "
                         "length, also the most it takes); golden, rtl and xrt use the compiled program's")
+    p.add_argument("--kv-cache", choices=("f16", "q8_0"), default=None,
+                   help="KV cache format of the reference backend: f16 (default) or q8_0 "
+                        "(llama.cpp's --cache-type-k/v q8_0 with flash attention; see docs/numerics.md)")
     p.add_argument("--xclbin", metavar="FILE", default=None,
                    help="xrt on a card: the xclbin to load (make in the directory llmfab build wrote)")
     p.add_argument("--device", metavar="N|sim", default=None,
@@ -210,6 +213,9 @@ def _check_backend_args(args) -> None:
                 raise LlmfabError(f"{opt} applies to --backend xrt, not {args.backend}")
     elif args.timeout_ms is not None and args.timeout_ms < 1:
         raise LlmfabError(f"--timeout-ms must be at least 1, not {args.timeout_ms}")
+    if args.kv_cache is not None and args.backend != "reference":
+        raise LlmfabError(f"--kv-cache applies to --backend reference; backend '{args.backend}' "
+                          f"keeps the accelerator's fp16 KV cache")
     if args.context is not None:
         if args.backend != "reference":
             raise LlmfabError(f"--context applies to --backend reference; backend '{args.backend}' "
@@ -225,13 +231,14 @@ def _device_options(args, model) -> dict:
         if args.timeout_ms is not None:
             opts["timeout_ms"] = args.timeout_ms
         return opts
+    opts = {} if args.kv_cache is None else {"kv_cache": args.kv_cache}
     if args.context is None:
-        return {}
+        return opts
     limit = model.desc.context_length
     if args.context > limit:
         raise LlmfabError(f"--context {args.context} is above the context length of model "
                           f"'{model.desc.name}' ({limit}): give {limit} or less")
-    return {"max_context": args.context}
+    return dict(opts, max_context=args.context)
 
 
 def _check_output_file(path: str) -> None:

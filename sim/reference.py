@@ -17,6 +17,23 @@ path (no flash attention) rounds:
 * the KV cache holds fp16, Q is rounded to fp16 for ``K Q``, and the softmax
   to fp16 for ``V softmax``.
 
+``kv_cache="q8_0"`` mirrors llama.cpp's quantized KV cache (``--cache-type-k
+q8_0 --cache-type-v q8_0``, which needs flash attention). First, as llama.cpp
+does for a quantized cache when head_dim is a multiple of 64, Q and K (after
+RoPE) and V are rotated by an orthonormal Walsh-Hadamard matrix (``fwht``; the
+attention output is rotated back), which leaves ``q.k`` and the output
+unchanged in exact arithmetic but spreads outliers before quantizing
+(``kv_rotation=False`` mirrors ``LLAMA_ATTN_ROT_DISABLE=1``). K and V are stored
+as Q8_0 blocks of 32 along head_dim (per position and KV head, ``d = amax/127``
+as fp16, ``q = round-half-even(x * 127/amax)``: the x86 ``quantize_row_q8_0``
+that ggml-cpu's ``set_rows`` calls when it writes the cache) and read back
+dequantized. With ``llamacpp_rounding`` the attention then rounds as ggml-cpu's
+flash-attention kernel (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``)
+does for a Q8_0 K and V: Q is quantized to Q8_0 too (K's ``vec_dot_type``)
+for ``K Q``, and the softmax and ``V softmax`` stay float32 (V is dequantized
+to float32 and accumulated in float32). The default ``kv_cache="f16"`` is the
+behaviour above, unchanged.
+
 Each operation then agrees with llama.cpp's to the last bits of float32
 (checked against tensors dumped from llama.cpp); what remains is summation
 order, which the Q8 rounding amplifies. Without it the forward pass is float32
@@ -30,7 +47,10 @@ import numpy as np
 from llmfab.core.errors import ModelError
 from llmfab.compiler.model import Model
 
-__all__ = ["ReferenceModel", "rms_norm", "rope_tables", "apply_rope", "q8_round", "q8_1_round"]
+__all__ = ["ReferenceModel", "KV_CACHE_TYPES", "fwht", "rms_norm", "rope_tables", "apply_rope", "q8_round", "q8_1_round"]
+
+
+KV_CACHE_TYPES = ("f16", "q8_0")
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -68,6 +88,22 @@ def q8_1_round(x: np.ndarray):
     vals = (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
     s = (d[:, 0] * q.sum(axis=1)).astype(np.float16).astype(np.float32)
     return vals, s.reshape(*x.shape[:-1], -1)
+
+
+def fwht(x: np.ndarray, n: int) -> np.ndarray:
+    """The orthonormal Walsh-Hadamard rotation of each ``n`` consecutive values of ``x``'s last axis,
+    computed as ggml-cpu's ``ggml_compute_forward_fwht`` (the CPU kernel of llama.cpp's
+    ``llama_mul_mat_hadamard``): scale by ``1/sqrt(n)`` first, then butterflies ``(u+v, u-v)``
+    at strides 1, 2, 4, ... in float32. The matrix is symmetric and its own inverse."""
+    shape = x.shape
+    y = x.astype(np.float32).reshape(-1, n) * np.float32(1.0 / np.sqrt(np.float32(n)))
+    h = 1
+    while h < n:
+        y = y.reshape(-1, n // (2 * h), 2, h)
+        u, v = y[:, :, 0, :], y[:, :, 1, :]
+        y = np.stack([u + v, u - v], axis=2)
+        h *= 2
+    return y.reshape(shape)
 
 
 def rope_tables(head_dim: int, base: float, positions: np.ndarray):
@@ -200,13 +236,40 @@ class ReferenceModel:
         Token positions the KV cache holds; defaults to the model's context length,
         which is also its ceiling. The cache grows as positions are used, so a long
         context costs memory only when it is filled.
+    llamacpp_rounding : bool
+        Round where llama.cpp's CPU path rounds (see the module docstring).
+    kv_cache : {"f16", "q8_0"}
+        ``"f16"`` (default): llama.cpp's default fp16 cache without flash attention
+        (float32 when ``llamacpp_rounding`` is off). ``"q8_0"``: K and V stored as
+        Q8_0 blocks along head_dim, attention as llama.cpp's CPU flash-attention
+        kernel computes it over a q8_0 cache. The arrays hold the dequantized values
+        (in the rotated basis when ``kv_rotation``).
+    kv_rotation : bool
+        With ``kv_cache="q8_0"``: rotate Q, K and V by a Walsh-Hadamard matrix first, as
+        llama.cpp does by default (False: as with ``LLAMA_ATTN_ROT_DISABLE=1``).
     """
 
     def __init__(self, model: Model, *, max_context: int | None = None, progress: bool = False,
-                 llamacpp_rounding: bool = True):
+                 llamacpp_rounding: bool = True, kv_cache: str = "f16", kv_rotation: bool = True):
         self.model = model
         self.llamacpp_rounding = llamacpp_rounding
         d = self.desc = model.desc
+        if kv_cache not in KV_CACHE_TYPES:
+            raise ModelError(f"unknown KV cache type '{kv_cache}' (choose from {', '.join(KV_CACHE_TYPES)})")
+        if kv_cache == "q8_0" and d.head_dim % 32:
+            raise ModelError(f"a q8_0 KV cache needs head_dim a multiple of 32; model '{d.name}' "
+                             f"has {d.head_dim}")
+        self.kv_cache = kv_cache
+        # llama.cpp rotates Q, K (and V, and back the attention output) by a Walsh-Hadamard
+        # matrix when the cache is quantized and head_dim is a multiple of 64: K and Q by the
+        # largest power of two >= 64 dividing head_dim, V by 64 (llama_kv_cache::build_input_k_rot,
+        # build_input_v_rot; LLAMA_ATTN_ROT_DISABLE=1 turns it off, kv_rotation=False here)
+        self.rot_k = self.rot_v = 0
+        if kv_cache == "q8_0" and kv_rotation and d.head_dim % 64 == 0:
+            self.rot_k = 64
+            while d.head_dim % (2 * self.rot_k) == 0:
+                self.rot_k *= 2
+            self.rot_v = 64
         if max_context is None:
             max_context = d.context_length
         max_context = int(max_context)
@@ -262,6 +325,7 @@ class ReferenceModel:
         S = self.pos + T
         mask = np.triu(np.full((T, S), -np.inf, np.float32), k=self.pos + 1)
         rnd = self.llamacpp_rounding
+        q8kv = self.kv_cache == "q8_0"
         for li, L in enumerate(self.layers):
             qkv = L["qkv"](rms_norm(x, L["attn_norm"], d.rms_eps), rnd)
             q = qkv[:, :nq * hd].reshape(T, nq, hd)
@@ -269,7 +333,16 @@ class ReferenceModel:
             v = qkv[:, (nq + nkv) * hd:].reshape(T, nkv, hd)
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
-            if rnd:   # llama.cpp keeps K and V in fp16, and multiplies Q by K in fp16
+            if q8kv:  # Q8_0 blocks along head_dim, as set_rows writes a q8_0 cache
+                if self.rot_k:
+                    q, k = fwht(q, self.rot_k), fwht(k, self.rot_k)
+                if self.rot_v:
+                    v = fwht(v, self.rot_v)
+                k = q8_round(k)
+                v = q8_round(v)
+                if rnd:   # the flash-attention kernel quantizes Q to K's vec_dot_type, Q8_0
+                    q = q8_round(q)
+            elif rnd:   # llama.cpp keeps K and V in fp16, and multiplies Q by K in fp16
                 k = k.astype(np.float16).astype(np.float32)
                 v = v.astype(np.float16).astype(np.float32)
                 q = q.astype(np.float16).astype(np.float32)
@@ -283,9 +356,11 @@ class ReferenceModel:
             att = att - att.max(axis=-1, keepdims=True)
             np.exp(att, out=att)
             att /= att.sum(axis=-1, keepdims=True)
-            if rnd:   # and the softmax by V in fp16
+            if rnd and not q8kv:   # and the softmax by V in fp16 (flash attention: float32)
                 att = att.astype(np.float16).astype(np.float32)
             o = np.einsum("kgts,skd->tkgd", att, V, optimize=True).reshape(T, nq * hd)
+            if self.rot_v:   # rotate back (the matrix is its own inverse)
+                o = fwht(o, self.rot_v)
             x = x + L["attn_output"](o, rnd)
             gu = L["gate_up"](rms_norm(x, L["ffn_norm"], d.rms_eps), rnd)
             gate, up = gu[:, :d.ffn_dim], gu[:, d.ffn_dim:]

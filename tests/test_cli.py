@@ -443,6 +443,17 @@ def test_generate_prompt_past_context_refused(capsys):
                    f"positions: shorten it")
 
 
+def test_kv_cache_option(capsys):
+    """--kv-cache q8_0: the reference backend with llama.cpp's q8_0 KV cache; other backends refuse it."""
+    rc, out, err = run(capsys, "generate", "--prompt", PROMPT, "--max-tokens", 4, "--kv-cache", "q8_0",
+                       "--context", 32, "--json")
+    assert rc == 0, err
+    assert json.loads(out)["text"].startswith(" Paris")
+    one_line_error(*run(capsys, "generate", "--prompt", "x", "--kv-cache", "q8_0", "--backend", "golden"),
+                   "--kv-cache applies to --backend reference; backend 'golden' keeps the "
+                   "accelerator's fp16 KV cache")
+
+
 def test_context_option_checks(capsys, tmp_path):
     p = tm.write_tiny_gguf(tmp_path / "tiny.gguf", context_length=256)
     one_line_error(*run(capsys, "generate", "--model", p, "--prompt", "the", "--context", 257),
