@@ -43,7 +43,7 @@ ISUM_BITS = 21
 SUMQ_BITS = 13
 
 
-def f16_operand(h):
+def f16_operand(h, zero=None, zero_sign=None):
     """binary16 ``h`` as a binary32 *multiplier operand* (FMulCore's ``a`` / ``b``).
 
     Equal to ``f16_to_f32`` wherever FMulCore can tell: normal and subnormal values exactly
@@ -57,6 +57,9 @@ def f16_operand(h):
     # e + 112 for e in 1..30 without an adder: 0111eeee below 16, 1000eeee from 16
     exp_n = Cat(e[0:4], Mux(e[4], C(0b1000, 4), C(0b0111, 4)))
     exp = Mux(e == 31, 255, Mux(e != 0, exp_n, Mux(lz == 10, 0, (112 - lz)[0:8])))
+    if zero is not None:                         # a zero of sign zero_sign instead of h
+        exp = Mux(zero, 0, exp)
+        sign = Mux(zero, zero_sign, sign)
     return Cat(C(0, 13), Mux(e == 0, sub, frac), exp, sign)
 
 
@@ -153,9 +156,9 @@ class Scaler(wiring.Component):
             fs = p.comb(lambda *x: int_join(*x, SUMQ_BITS), *sumq, latency=0, name="fs")
             # other formats: m_w is replaced by a zero of the sign opposite to sumq's, so the
             # product is -0.0 (the signed zero times a finite value), the spec's ``t + -0.0``
-            q41 = b.fmt == WeightFormat.Q4_1
-            mw_in = Mux(q41, b.m_w, Cat(C(0, 15), ~b.sumq[SUMQ_BITS - 1]))
-            mw = p.comb(lambda mm: f16_operand(mm), p.input(mw_in), name="mw")
+            mw = p.comb(lambda mm, f, sq: f16_operand(mm, f != WeightFormat.Q4_1, ~sq),
+                        p.input(b.m_w), p.input(b.fmt.as_value()),
+                        p.input(b.sumq[SUMQ_BITS - 1]), name="mw")
             u = p.fmul(mw, fs)
             t = p.fadd(t, u)
         v = p.fmul(t, p.input(b.d_x))
