@@ -1,6 +1,6 @@
 """The chain's float stage: block values (``nx.block_values``) and row sums (``nx.accum4``).
 
-Per block the DSP chain delivers ``isum`` (exact int32) with the weight block's
+Per block the DSP chain delivers ``isum`` (exact integer) with the weight block's
 fp16 ``d_w`` (and ``m_w``) and the activation block's ``d_x`` and ``sumq``:
 
     t = fmul(fp32(isum), fp32(d_w))
@@ -8,10 +8,19 @@ fp16 ``d_w`` (and ``m_w``) and the activation block's ``d_x`` and ``sumq``:
     v = fmul(t, d_x)
 
 Other formats add ``-0.0`` instead of the ``m`` term (``t + -0.0 == t`` for
-every ``t``, zeros included), so every format has the same latency. ``isum``
-and ``sumq`` are below 2**24 in magnitude (the chain's sums of 32 products are
-below 2**20), so ``fp32(...)`` is exact: the conversion reads their low 25 bits
-and does not round.
+every ``t``, zeros included), so every format has the same latency; the hardware
+gets it as ``fmul(+-0.0, fp32(sumq))`` with the zero's sign opposite to ``sumq``'s.
+
+Range assumption: ``isum`` fits in 21 bits signed (``-2**20 <= isum < 2**20``) and
+``sumq`` in 13 bits signed (``-2**12 <= sumq < 2**12``): the chain's exact widths
+(hw/chain.py ``ISUM_SHAPE`` / ``SUMQ_SHAPE``: ``|isum| <= 32 * 128 * 128 = 2**19``,
+``|sumq| <= 32 * 128``; the stored dense ``sumq`` of ``nx.quantize_act`` is at most
+``32 * 127``). The ports stay 32 bits wide, but the conversions read only those low 21
+and 13 bits; a value outside the range gives a wrong block value. In range,
+``fp32(...)`` is exact (no rounding): magnitude ``(v ^ s) + s`` and its leading zeros
+are registered, the normalizing shift is the first multiplier stage's input logic.
+``fp32(d_w)`` / ``fp32(m_w)`` are exact for every fp16 value (subnormal scales are
+normalized; infinities and NaNs reach the multipliers as such).
 
 A row's block values accumulate in four interleaved partials (block ``j`` of
 the row into partial ``j mod 4``, each starting at +0.0) with one 3-stage
@@ -72,10 +81,10 @@ class WeightFormat(enum.Enum, shape=2):
 
 #: One block from the chain.
 ScalerIn = data.StructLayout({
-    "isum": signed(32),      # exact integer dot product (|isum| < 2**24)
+    "isum": signed(32),      # exact integer dot product; read as 21 bits signed (the chain's range)
     "d_w": 16,               # weight block scale, binary16
     "m_w": 16,               # weight block minimum, binary16 (Q4_1)
-    "sumq": signed(32),      # activation block sum of q (over kept positions; |sumq| < 2**24)
+    "sumq": signed(32),      # activation block sum of q (over kept positions); read as 13 bits signed
     "d_x": 32,               # activation block scale, binary32
     "fmt": WeightFormat,
     "last": 1,               # last block of the row
