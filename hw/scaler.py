@@ -1,6 +1,6 @@
 """The chain's float stage: block values (``nx.block_values``) and row sums (``nx.accum4``).
 
-Per block the DSP chain delivers ``isum`` (exact int32) with the weight block's
+Per block the DSP chain delivers ``isum`` (exact integer) with the weight block's
 fp16 ``d_w`` (and ``m_w``) and the activation block's ``d_x`` and ``sumq``:
 
     t = fmul(fp32(isum), fp32(d_w))
@@ -8,10 +8,19 @@ fp16 ``d_w`` (and ``m_w``) and the activation block's ``d_x`` and ``sumq``:
     v = fmul(t, d_x)
 
 Other formats add ``-0.0`` instead of the ``m`` term (``t + -0.0 == t`` for
-every ``t``, zeros included), so every format has the same latency. ``isum``
-and ``sumq`` are below 2**24 in magnitude (the chain's sums of 32 products are
-below 2**20), so ``fp32(...)`` is exact: the conversion reads their low 25 bits
-and does not round.
+every ``t``, zeros included), so every format has the same latency; the hardware
+gets it as ``fmul(+-0.0, fp32(sumq))`` with the zero's sign opposite to ``sumq``'s.
+
+Range assumption: ``isum`` fits in 21 bits signed (``-2**20 <= isum < 2**20``) and
+``sumq`` in 13 bits signed (``-2**12 <= sumq < 2**12``): the chain's exact widths
+(hw/chain.py ``ISUM_SHAPE`` / ``SUMQ_SHAPE``: ``|isum| <= 32 * 128 * 128 = 2**19``,
+``|sumq| <= 32 * 128``; the stored dense ``sumq`` of ``nx.quantize_act`` is at most
+``32 * 127``). The ports stay 32 bits wide, but the conversions read only those low 21
+and 13 bits; a value outside the range gives a wrong block value. In range,
+``fp32(...)`` is exact (no rounding): magnitude ``(v ^ s) + s`` and its leading zeros
+are registered, the normalizing shift is the first multiplier stage's input logic.
+``fp32(d_w)`` / ``fp32(m_w)`` are exact for every fp16 value (subnormal scales are
+normalized; infinities and NaNs reach the multipliers as such).
 
 A row's block values accumulate in four interleaved partials (block ``j`` of
 the row into partial ``j mod 4``, each starting at +0.0) with one 3-stage
@@ -33,11 +42,34 @@ from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from llmfab.core import numerics as nx
-from .fp import FADD_LATENCY, FAddCore, Pipe, f16_to_f32, lzc, valid_chain
+from .fp import FADD_LATENCY, FAddCore, Pipe, lzc, valid_chain
 
 __all__ = ["WeightFormat", "ScalerIn", "Scaler", "units"]
 
-NEG_ZERO = 0x80000000
+#: Signed widths of ``isum`` and ``sumq`` the conversions read (the chain's ``ISUM_SHAPE`` /
+#: ``SUMQ_SHAPE``; the ports stay 32 bits wide, the bits above are ignored).
+ISUM_BITS = 21
+SUMQ_BITS = 13
+
+
+def f16_operand(h, zero=None, zero_sign=None):
+    """binary16 ``h`` as a binary32 *multiplier operand* (FMulCore's ``a`` / ``b``).
+
+    Equal to ``f16_to_f32`` wherever FMulCore can tell: normal and subnormal values exactly
+    (a subnormal is normalized), infinities exactly; a zero only has exponent 0 (its fraction
+    is left as is: FMulCore reads any exponent-0 operand as a zero of its sign), a NaN keeps
+    its payload (FMulCore gives the canonical NaN for any NaN operand).
+    """
+    frac, e, sign = h[0:10], h[10:15], h[15]
+    lz = lzc(frac, 10)                           # subnormal: value = frac * 2**-24
+    sub = (frac << (lz + 1))[0:10]
+    # e + 112 for e in 1..30 without an adder: 0111eeee below 16, 1000eeee from 16
+    exp_n = Cat(e[0:4], Mux(e[4], C(0b1000, 4), C(0b0111, 4)))
+    exp = Mux(e == 31, 255, Mux(e != 0, exp_n, Mux(lz == 10, 0, (112 - lz)[0:8])))
+    if zero is not None:                         # a zero of sign zero_sign instead of h
+        exp = Mux(zero, 0, exp)
+        sign = Mux(zero, zero_sign, sign)
+    return Cat(C(0, 13), Mux(e == 0, sub, frac), exp, sign)
 
 
 class WeightFormat(enum.Enum, shape=2):
@@ -49,10 +81,10 @@ class WeightFormat(enum.Enum, shape=2):
 
 #: One block from the chain.
 ScalerIn = data.StructLayout({
-    "isum": signed(32),      # exact integer dot product (|isum| < 2**24)
+    "isum": signed(32),      # exact integer dot product; read as 21 bits signed (the chain's range)
     "d_w": 16,               # weight block scale, binary16
     "m_w": 16,               # weight block minimum, binary16 (Q4_1)
-    "sumq": signed(32),      # activation block sum of q (over kept positions; |sumq| < 2**24)
+    "sumq": signed(32),      # activation block sum of q (over kept positions); read as 13 bits signed
     "d_x": 32,               # activation block scale, binary32
     "fmt": WeightFormat,
     "last": 1,               # last block of the row
@@ -100,31 +132,43 @@ class Scaler(wiring.Component):
         p = Pipe(m, ce, name="sc")
         b = self.i.payload
 
-        # ---- block value. The integers are exact in binary32 (|isum|, |sumq| < 2**24): the
-        # conversion needs no rounding; its magnitude and leading zeros are registered and the
-        # normalizing shift is the first multiplier stage's input logic.
-        def int_split(v):
-            v = v[0:25].as_signed()
-            mag = Signal(24)
-            m.d.comb += mag.eq(Mux(v[24], -v, v))
-            return v[24], mag, lzc(mag, 24)
+        # ---- block value. The integers are exact in binary32 and narrow (ISUM_BITS / SUMQ_BITS
+        # signed, see the module docstring): the conversion needs no rounding; its magnitude and
+        # leading zeros are registered and the normalizing shift is the first multiplier
+        # stage's input logic. A zero needs only a zero exponent (FMulCore reads any operand
+        # with exponent 0 as a zero of its sign).
+        def int_split(v, w):
+            v = v[0:w].as_signed()
+            mag = Signal(w)
+            # |v| as (v XOR sign) + sign: one adder (a LUT and a carry per bit), no mux behind it
+            m.d.comb += mag.eq((v.as_unsigned() ^ v[w - 1].replicate(w)) + v[w - 1])
+            return v[w - 1], mag, lzc(mag, w)
 
-        def int_join(sign, mag, lz):
+        def int_join(sign, mag, lz, w):
+            # shifted as 24 bits with the w-bit magnitude on top: the same shifter (the low bits
+            # stay zero), but no constant bits in the multiplier's operand, which would
+            # specialize this FMulCore instance (Amaranth propagates constants into it)
             norm = Signal(24)
-            m.d.comb += norm.eq(mag << lz)
-            return Mux(mag == 0, 0, Cat(norm[0:23], (150 - lz)[0:8], sign))
+            m.d.comb += norm.eq(Cat(C(0, 24 - w), mag) << lz)
+            # one 32-bit mux: FMulCore's operand is then a single net, so this instance's
+            # module text is that of the others (one unit for the estimate); the bits equal
+            # on both sides are wires after synthesis
+            return Mux(lz == w, Cat(norm[0:23], C(0, 8), sign),
+                       Cat(norm[0:23], (126 + w - lz)[0:8], sign))
 
-        isum = p.comb(int_split, p.input(b.isum), name="isum")
-        fi = p.comb(int_join, *isum, latency=0, name="fi")
-        dw = p.comb(lambda d: f16_to_f32(m, d, name="dw"), p.input(b.d_w))
+        isum = p.comb(lambda v: int_split(v, ISUM_BITS), p.input(b.isum), name="isum")
+        fi = p.comb(lambda *x: int_join(*x, ISUM_BITS), *isum, latency=0, name="fi")
+        dw = p.comb(lambda d: f16_operand(d), p.input(b.d_w), name="dw")
         t = p.fmul(fi, dw)
         if "q4_1" in self._formats:
-            sumq = p.comb(int_split, p.input(b.sumq), name="sumq")
-            fs = p.comb(int_join, *sumq, latency=0, name="fs")
-            mw = p.comb(lambda mm: f16_to_f32(m, mm, name="mw"), p.input(b.m_w))
+            sumq = p.comb(lambda v: int_split(v, SUMQ_BITS), p.input(b.sumq), name="sumq")
+            fs = p.comb(lambda *x: int_join(*x, SUMQ_BITS), *sumq, latency=0, name="fs")
+            # other formats: m_w is replaced by a zero of the sign opposite to sumq's, so the
+            # product is -0.0 (the signed zero times a finite value), the spec's ``t + -0.0``
+            mw = p.comb(lambda mm, f, sq: f16_operand(mm, f != WeightFormat.Q4_1, ~sq),
+                        p.input(b.m_w), p.input(b.fmt.as_value()),
+                        p.input(b.sumq[SUMQ_BITS - 1]), name="mw")
             u = p.fmul(mw, fs)
-            u = p.comb(lambda u, f: Mux(f == WeightFormat.Q4_1, u, NEG_ZERO),
-                       u, p.input(b.fmt.as_value()), latency=0)
             t = p.fadd(t, u)
         v = p.fmul(t, p.input(b.d_x))
         s_acc = v.stage
@@ -159,7 +203,14 @@ class Scaler(wiring.Component):
         parts = [Signal(32, name=f"part{k}") for k in range(4)]
         j_s = p.input(j, s_acc)
         first_s = p.input(first, s_acc)
-        prev = p.comb(lambda j, f: Mux(f, 0, Array(parts)[j]), j_s, first_s, latency=0)
+        # a partial the row has not reached yet reads as +0.0: only its exponent and sign are
+        # cleared (FAddCore reads an exponent-0 operand as a zero of its sign). One 32-bit mux,
+        # so the adder's operand is a single net (the same FAddCore module text as the others)
+        def prev_of(j, f):
+            pj = Signal(32, name="prev_part")
+            m.d.comb += pj.eq(Array(parts)[j])
+            return Mux(f, Cat(pj[0:23], C(0, 9)), pj)
+        prev = p.comb(prev_of, j_s, first_s, latency=0)
         acc = p.fadd(prev, p.input(v.value, s_acc))
         assert acc.stage == s_res
         j_r, first_r = p.at(j_s, s_res), p.at(first_s, s_res)
@@ -206,15 +257,21 @@ class Scaler(wiring.Component):
                                                   | (~hi & (jr == 3) & reached(fo, jo, 3))))
             return Cat(fin, acc_a, src[0], src[2]), Cat(fin, acc_b, src[1], src[3])
 
-        sel_a, sel_b = Signal(4), Signal(4)
+        # registered as a 2-bit index and a "some source" bit: a 4:1 mux per fraction bit, and
+        # +0.0 (none selected) clears only the exponent and sign (an exponent-0 operand is a
+        # zero of its sign for FAddCore)
+        sel_a, sel_b = Signal(3), Signal(3)
+
+        def encode(oh):
+            return Cat(oh[1] | oh[3], oh[2] | oh[3], oh.any())
+
         with m.If(ce):
-            m.d.sync += [x.eq(y) for x, y in zip((sel_a, sel_b), selects(1))]
+            m.d.sync += [x.eq(encode(y)) for x, y in zip((sel_a, sel_b), selects(1))]
 
         def and_or(sel, vals):
-            out = 0
-            for i, v in enumerate(vals):
-                out = out | (v & sel[i].replicate(32))
-            return out
+            pick = Signal(32)
+            m.d.comb += pick.eq(Array(vals)[sel[0:2]])
+            return Mux(sel[2], pick, Cat(pick[0:23], C(0, 9)))
 
         cadd = FAddCore()
         m.submodules.combine = cadd

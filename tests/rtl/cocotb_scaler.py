@@ -27,13 +27,21 @@ def make_blocks(rng, n):
     isum = np.where(np.isin(fmt, ["q8_0"]), rng.integers(-520192, 520193, n),
                     rng.integers(-32512, 32513, n)).astype(np.int64)
     k = n // 8
-    isum[:k] = rng.integers(-(1 << 24) + 1, 1 << 24, k)             # full exact range
+    isum[:k] = rng.integers(-(1 << 20), 1 << 20, k)                 # the chain's range (21 bits)
     isum[k:k + k // 4] = 0
+    edge = rng.random(n) < 0.03                                      # its ends
+    isum[edge] = rng.choice([-(1 << 20), (1 << 20) - 1, -(1 << 20) + 1, 1 << 19], int(edge.sum()))
     d = f16_bits((rng.standard_normal(n) * 0.02).astype(np.float16))
     d[k:2 * k] = rng.integers(0, 1 << 16, k)                       # any fp16 (subnormal, inf, NaN)
     mm = f16_bits((-np.abs(rng.standard_normal(n)) * 0.1).astype(np.float16))
     mm[2 * k:3 * k] = rng.integers(0, 1 << 16, k)
     sumq = rng.integers(-32 * 127, 32 * 127 + 1, n)
+    edge = rng.random(n) < 0.03                                      # the 13-bit range's ends
+    sumq[edge] = rng.choice([-(1 << 12), (1 << 12) - 1, -1, 1], int(edge.sum()))
+    sub = rng.random(n) < 0.03                                       # fp16 subnormal scales
+    d[sub] = rng.integers(1, 1 << 10, int(sub.sum())) | (rng.integers(0, 2, int(sub.sum())) << 15)
+    sub = rng.random(n) < 0.03
+    mm[sub] = rng.integers(1, 1 << 10, int(sub.sum())) | (rng.integers(0, 2, int(sub.sum())) << 15)
     dx = (np.float32(10.0) ** rng.uniform(-6, 2, n).astype(np.float32)).astype(np.float32)
     dx[3 * k:4 * k] = floats(rng.integers(0x00800000, 0x7F800000, k).astype(np.uint32))
     dx[4 * k:4 * k + 16] = 0.0
@@ -213,7 +221,8 @@ def special_rows(rng, n_rows):
     """Rows of 1..9 blocks with signed zeros, infinities and NaNs in d_w, m_w and d_x, and
     block values that overflow (partials of +inf and -inf: a NaN row sum)."""
     f16_specials = f16_bits(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, -65504.0,
-                                      2.0 ** -24, -(2.0 ** -24), 1.0, -1.0], np.float16))
+                                      2.0 ** -24, -(2.0 ** -24), 1.0, -1.0, 2.0 ** -15,
+                                      -6.0975552e-05, 6.1035156e-05], np.float16))
     f32_specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4028235e38, -3.4028235e38,
                              1.1754944e-38, -1.1754944e-38, 1.0, -2.5], np.float32)
     rows = []
@@ -226,7 +235,7 @@ def special_rows(rng, n_rows):
             sel = rng.random(ln) < 0.1
             arr[sel] = rng.choice(pool, int(sel.sum()))
         big = rng.random(ln) < 0.15                    # |value| overflows to inf
-        isum[big] = rng.choice([-(1 << 23), 1 << 23], int(big.sum()))
+        isum[big] = rng.choice([-(1 << 20), (1 << 20) - 1], int(big.sum()))
         d[big] = f16_bits(np.float16(65504.0))
         dx[big] = np.float32(3.4028235e38)
         isum[rng.random(ln) < 0.15] = 0

@@ -40,15 +40,18 @@ def _rows(rng, lens, formats):
     from llmfab.hw.scaler import WeightFormat
     code = {"q4_0": WeightFormat.Q4_0, "q4_1": WeightFormat.Q4_1, "q8_0": WeightFormat.Q8_0}
     blocks, exp = [], []
-    f16s = np.array([0.0, -0.0, np.inf, np.nan, 2.0 ** -20], np.float16)
+    f16s = np.array([0.0, -0.0, np.inf, np.nan, 2.0 ** -20, 2.0 ** -24, -(2.0 ** -15),
+                     6.1e-5, 65504.0, -65504.0], np.float16)
     for ln in lens:
         f = str(rng.choice(formats))
-        isum = rng.integers(-(1 << 24) + 1, 1 << 24, ln)
+        isum = rng.integers(-(1 << 20), 1 << 20, ln)          # the chain's exact range
+        isum[rng.random(ln) < 0.1] = rng.choice([-(1 << 20), (1 << 20) - 1, 0, 1, -1])
         d = (rng.standard_normal(ln) * 0.02).astype(np.float16)
         mm = (-np.abs(rng.standard_normal(ln)) * 0.1).astype(np.float16)
         sel = rng.random(ln) < 0.05
         d[sel] = rng.choice(f16s, int(sel.sum()))
         sumq = rng.integers(-32 * 127, 32 * 127 + 1, ln)
+        sumq[rng.random(ln) < 0.1] = rng.choice([-(1 << 12), (1 << 12) - 1, 0, -1])
         dx = (np.float32(10.0) ** rng.uniform(-6, 2, ln)).astype(np.float32)
         with np.errstate(all="ignore"):
             vals = nx.block_values(f, isum.astype(np.int32), d, mm, dx, sumq.astype(np.int32))
