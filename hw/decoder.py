@@ -159,7 +159,7 @@ class Decoder(wiring.Component):
         self._coarse = min(beat, 4 * self._grain)
         # beats the shifter looks at: the largest offset plus the largest cut
         self._view_beats = -(-(beat - self._grain + self._span) // beat)
-        self._window_beats = self._view_beats + 1              # one more to keep input flowing
+        self._window_beats = self._view_beats
         super().__init__({
             "cmd": In(stream.Signature(DecodeCommand)),
             "data": In(stream.Signature(data_width)),
@@ -278,10 +278,10 @@ class Decoder(wiring.Component):
             with m.Else():
                 m.d.comb += pops.eq(need >> beat_log)
         accept = Signal()
-        m.d.comb += [self.data.ready.eq(count < NW),
-                     accept.eq(self.data.valid & (count < NW))]
         base = Signal(range(NW + 1))
         m.d.comb += base.eq(count - pops)
+        m.d.comb += [self.data.ready.eq(base < NW),
+                     accept.eq(self.data.valid & (base < NW))]
         for k in range(NW):
             with m.Switch(pops):
                 for q in range(0, NW - k):

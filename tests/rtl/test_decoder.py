@@ -261,8 +261,8 @@ def test_decoder_window_sizes():
     d = hwdec.units(load_config("ci"))["decoder"]
     u = hwdec.units(load_config("u280"))["decoder"]
     d._MustUse__silence = u._MustUse__silence = True
-    assert d.window_beats == 3 and d.block_bytes[("q8_0", "dense")] == 34
-    assert u.window_beats == 5
+    assert d.window_beats == 2 and d.block_bytes[("q8_0", "dense")] == 34
+    assert u.window_beats == 4
 
 
 @pytest.mark.parametrize("kwargs, message", [
