@@ -432,7 +432,7 @@ def _synth_design_part(text: str, top: str, tag: str, *, lib: str = "", cache: b
     res["logic_levels"] = logic_levels(net, top.lstrip("\\") if top.lstrip("\\") in
                                        net["modules"] else top)
     res["seconds"] = round(time.monotonic() - t0, 1)
-    (work / "net.json").unlink()
+    (work / "net.json").unlink(missing_ok=True)   # another estimate may share the part
     hit.write_text(json.dumps(res, indent=1))
     res["cached"] = False
     return res
