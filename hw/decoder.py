@@ -34,7 +34,7 @@ from amaranth.utils import ceil_log2, exact_log2
 
 from llmfab.core.formats import (BLOCK_WEIGHTS, SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes,
                                   kept_weights)
-from llmfab.hw.chain import (FORMAT_CODES, MAX_KEPT, PATTERN_CODES, Sparsity, WeightFormat,
+from llmfab.hw.chain import (FORMAT_CODES, PATTERN_CODES, Sparsity, WeightFormat,
                              WeightLane, _check_names, weight_beat_layout)
 
 __all__ = ["Q4_0Block", "Q4_1Block", "Q8_0Block", "sparse_block_layout", "block_layout",
@@ -393,7 +393,8 @@ class Decoder(wiring.Component):
     @staticmethod
     def _mode_bits(fmt, pattern, fld):
         """``(lane bit, block bit, invert)`` of every lane bit that mode ``(fmt, pattern)``
-        takes from its block (the others are zero), as :meth:`_decode_block` decodes it."""
+        takes from its block (the others are zero): docs/hw-units.md's ``WeightLane`` fields,
+        Q4_0 codes as ``nibble ^ 8`` read as signed 4-bit."""
         lay = block_layout(fmt, pattern)
         out = [(fld["d"] + i, lay["d"].offset + i, 0) for i in range(16)]
         if fmt == "q4_1":
@@ -423,36 +424,6 @@ class Decoder(wiring.Component):
                 out += weight(j, vals.offset + vw * j)
                 out += [(fld["idx"] + 4 * j + b, idx.offset + ib * j + b, 0) for b in range(ib)]
         return out
-
-    @staticmethod
-    def _decode_block(fmt, pattern, blk, lw):
-        """Statements setting lane fields ``lw`` from block view ``blk``."""
-        stmts = [lw.d.eq(blk.d), lw.m.eq(blk.m if fmt == "q4_1" else 0)]
-
-        def code(v4):
-            # Q4_0 stores q + 8: the weight is q - 8 = the nibble with its top bit flipped,
-            # read as signed 4-bit. Q4_1 weights are the unsigned nibble.
-            return (v4 ^ 0b1000).as_signed() if fmt == "q4_0" else v4
-
-        if pattern == "dense":
-            for j in range(BLOCK_WEIGHTS):
-                if fmt == "q8_0":
-                    v = blk.qs[j].as_signed()
-                else:
-                    nib = blk.qs[j % 16]
-                    v = code(nib.lo if j < 16 else nib.hi)
-                stmts.append(lw.w[j].eq(v))
-            stmts += [lw.idx[j].eq(0) for j in range(MAX_KEPT)]
-        else:
-            K = kept_weights(pattern)
-            for j in range(BLOCK_WEIGHTS):
-                if j < K:
-                    v = blk.vals[j].as_signed() if fmt == "q8_0" else code(blk.vals[j])
-                else:
-                    v = 0
-                stmts.append(lw.w[j].eq(v))
-            stmts += [lw.idx[j].eq(blk.idx[j] if j < K else 0) for j in range(MAX_KEPT)]
-        return stmts
 
 
 def units(config) -> dict:

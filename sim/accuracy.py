@@ -33,23 +33,29 @@ def load_llamacpp_reference(path: str):
     return out
 
 
-def compare(ours: list, ref: list, *, margin: float = 1.0, topn: int = 8) -> Agreement:
-    """``ours``: logits [n, vocab] per text; ``ref``: as from :func:`load_llamacpp_reference`."""
+def _agreement(rows, margin: float) -> Agreement:
+    """``rows``: per position ``(our top-1 id, llama.cpp's top-k ids, its logits, our errors)``."""
     agree = conf = conf_ok = n = 0
     errs = []
-    for lg, (toks, ids, vals) in zip(ours, ref):
-        for p in range(len(toks)):
-            n += 1
-            a = int(np.argmax(lg[p]))
-            agree += a == ids[p, 0]
-            if vals[p, 0] - vals[p, 1] > margin:
-                conf += 1
-                conf_ok += a == ids[p, 0]
-            errs.extend(np.abs(lg[p, ids[p, :topn]] - vals[p, :topn]).tolist())
+    for a, ids, vals, err in rows:
+        n += 1
+        agree += a == ids[0]
+        if vals[0] - vals[1] > margin:
+            conf += 1
+            conf_ok += a == ids[0]
+        errs.extend(err)
     errs = np.asarray(errs)
     return Agreement(positions=n, top1_agreement=agree / n, confident_positions=conf,
                      confident_agreement=conf_ok / conf if conf else 1.0,
                      median_abs_err_top8=float(np.median(errs)), max_abs_err_top8=float(errs.max()))
+
+
+def compare(ours: list, ref: list, *, margin: float = 1.0, topn: int = 8) -> Agreement:
+    """``ours``: logits [n, vocab] per text; ``ref``: as from :func:`load_llamacpp_reference`."""
+    return _agreement(((int(np.argmax(lg[p])), ids[p], vals[p],
+                        np.abs(lg[p, ids[p, :topn]] - vals[p, :topn]).tolist())
+                       for lg, (toks, ids, vals) in zip(ours, ref) for p in range(len(toks))),
+                      margin)
 
 
 def compare_topk(ours: list, ref: list, *, margin: float = 1.0, topn: int = 8) -> Agreement:
@@ -59,22 +65,13 @@ def compare_topk(ours: list, ref: list, *, margin: float = 1.0, topn: int = 8) -
     Only ``ours``' top-k logits are known, so a logit error is counted for each of ``ref``'s
     top-``topn`` ids found in ``ours``' top-k (the others, rare with k = 16, are left out).
     """
-    agree = conf = conf_ok = n = 0
-    errs = []
-    for (otoks, oids, ovals), (toks, ids, vals) in zip(ours, ref):
-        if not np.array_equal(otoks, toks):
-            raise ValueError("the two files hold different tokens")
-        for p in range(len(toks)):
-            n += 1
-            a = int(oids[p, 0])
-            agree += a == ids[p, 0]
-            if vals[p, 0] - vals[p, 1] > margin:
-                conf += 1
-                conf_ok += a == ids[p, 0]
-            where = {int(t): j for j, t in enumerate(oids[p])}
-            errs.extend(abs(float(ovals[p, where[int(t)]]) - float(v))
-                        for t, v in zip(ids[p, :topn], vals[p, :topn]) if int(t) in where)
-    errs = np.asarray(errs)
-    return Agreement(positions=n, top1_agreement=agree / n, confident_positions=conf,
-                     confident_agreement=conf_ok / conf if conf else 1.0,
-                     median_abs_err_top8=float(np.median(errs)), max_abs_err_top8=float(errs.max()))
+    def rows():
+        for (otoks, oids, ovals), (toks, ids, vals) in zip(ours, ref):
+            if not np.array_equal(otoks, toks):
+                raise ValueError("the two files hold different tokens")
+            for p in range(len(toks)):
+                where = {int(t): j for j, t in enumerate(oids[p])}
+                yield (int(oids[p, 0]), ids[p], vals[p],
+                       [abs(float(ovals[p, where[int(t)]]) - float(v))
+                        for t, v in zip(ids[p, :topn], vals[p, :topn]) if int(t) in where])
+    return _agreement(rows(), margin)
