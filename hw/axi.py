@@ -162,15 +162,19 @@ class AxiWriteMux(wiring.Component):
         m = Module()
         axi = self.axi
         for i, c in enumerate(self.clients):
-            with m.If(self.sel == i):
-                m.d.comb += [
-                    axi.awvalid.eq(c.aw.valid), axi.awaddr.eq(c.aw.payload.addr + self.base),
-                    axi.awlen.eq(c.aw.payload.len), c.aw.ready.eq(axi.awready),
-                    axi.wvalid.eq(c.w.valid), axi.wdata.eq(c.w.payload.data),
-                    axi.wstrb.eq(c.w.payload.strb), axi.wlast.eq(c.w.payload.last),
-                    c.w.ready.eq(axi.wready),
-                    c.b.valid.eq(axi.bvalid), c.b.payload.eq(axi.bresp), axi.bready.eq(c.b.ready),
-                ]
+            connect = [
+                axi.awvalid.eq(c.aw.valid), axi.awaddr.eq(c.aw.payload.addr + self.base),
+                axi.awlen.eq(c.aw.payload.len), c.aw.ready.eq(axi.awready),
+                axi.wvalid.eq(c.w.valid), axi.wdata.eq(c.w.payload.data),
+                axi.wstrb.eq(c.w.payload.strb), axi.wlast.eq(c.w.payload.last),
+                c.w.ready.eq(axi.wready),
+                c.b.valid.eq(axi.bvalid), c.b.payload.eq(axi.bresp), axi.bready.eq(c.b.ready),
+            ]
+            if self._n == 1:                # one client: wires (and the base adder), no mux
+                m.d.comb += connect
+            else:
+                with m.If(self.sel == i):
+                    m.d.comb += connect
         m.d.comb += [axi.awsize.eq(exact_log2(self._dw // 8)), axi.awburst.eq(1),
                      axi.awcache.eq(0b0011)]
         return m

@@ -210,14 +210,18 @@ class ControlRegs(wiring.Component):
 class CounterWriter(wiring.Component):
     """Write ``values`` (64-bit words) to flat HBM address ``addr``, one single-beat burst per beat.
 
-    ``addr`` must be a multiple of the beat size; beat ``i`` goes to port
-    ``(addr/S + i) % P`` like any striped byte.
+    The block starts on an HBM line (``P * S`` bytes, one beat from every port): the low
+    ``log2(P * S)`` bits of ``addr`` are ignored. Beat ``i`` then goes to port ``i % P`` like
+    any striped byte, so the block only touches the first :attr:`ports_used` ports
+    (``min(P, beats)``) and only those need a write channel from this unit: on the u280 12 of
+    32 (90 counters, 8 per 64-byte beat), and the other ports' write channels belong to the
+    store engine alone (no multiplexer).
 
     Members
     -------
     start : In(1), addr : In(64), values : In(64) x n
     done : Out(1)  (pulse)
-    wr : Out(write_client_signature) per port
+    wr : Out(write_client_signature) per used port (ports ``0 .. ports_used - 1``)
     """
 
     def __init__(self, *, ports: int, beat_bytes: int, n: int):
@@ -225,9 +229,10 @@ class CounterWriter(wiring.Component):
         per = beat_bytes // 8 if beat_bytes >= 8 else 1
         self._beats = -(-n // per)
         self._n = n
+        self.ports_used = min(ports, self._beats)
         super().__init__({
             "start": In(1), "addr": In(64), "values": In(64).array(n), "done": Out(1),
-            "wr": Out(write_client_signature(beat_bytes * 8)).array(ports),
+            "wr": Out(write_client_signature(beat_bytes * 8)).array(self.ports_used),
         })
 
     def elaborate(self, platform):
@@ -238,10 +243,11 @@ class CounterWriter(wiring.Component):
         pad = self._beats * per - self._n
         flat = Cat(*self.values, C(0, 64 * pad)) if pad else Cat(*self.values)
         beat = Signal(range(self._beats + 1))
-        b = Signal(64)
-        m.d.comb += b.eq((self.addr >> lgs) + beat)
+        b = Signal(64)                  # the beat's flat beat index; the block starts on a line
+        m.d.comb += b.eq(((self.addr >> (lgs + lgp)) << lgp) + beat)
         port = b[0:lgp] if lgp else C(0, 1)
         local = (b >> lgp) << lgs
+        P = self.ports_used
         aw_done, w_done = Signal(), Signal()
         with m.FSM():
             with m.State("IDLE"):

@@ -146,13 +146,16 @@ class Core(wiring.Component):
         port_rd, port_wr = [], []
         for p in range(P):
             rmux = AxiReadMux(2, S * 8, ID_WIDTH)
-            wmux = AxiWriteMux(2, S * 8, ID_WIDTH)
+            # the counter block touches only the first cw.ports_used ports (it starts on an
+            # HBM line): the other ports' write channels are the store engine's alone
+            wmux = AxiWriteMux(2 if p < cw.ports_used else 1, S * 8, ID_WIDTH)
             m.submodules[f"rmux{p}"] = rmux
             m.submodules[f"wmux{p}"] = wmux
             wiring.connect(m, fetch.rd[p], rmux.clients[0])
             wiring.connect(m, ld.rd[p], rmux.clients[1])
             wiring.connect(m, st.wr[p], wmux.clients[0])
-            wiring.connect(m, cw.wr[p], wmux.clients[1])
+            if p < cw.ports_used:
+                wiring.connect(m, cw.wr[p], wmux.clients[1])
             m.d.comb += [rmux.base.eq(self.port_base[p]), wmux.base.eq(self.port_base[p]),
                          wmux.sel.eq(cw_sel)]
             axi = getattr(self, f"m_axi_hbm{p}")

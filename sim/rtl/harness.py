@@ -372,6 +372,12 @@ class RtlAccelerator:
             raise SimError("bundle memory map striping does not match the configuration")
         self.registers = {k: int(v) for k, v in man["registers"].items()}
         self.context = int(man["onchip"]["context"])
+        # the counter block starts on an HBM line (hw/control.py CounterWriter): 4096 is a
+        # multiple of every configuration's ports x beat bytes, checked here
+        line = self.geometry["ports"] * self.geometry["beat_bytes"]
+        if _ALIGN % line:
+            raise SimError(f"the counter block alignment {_ALIGN} is not a multiple of the "
+                           f"HBM line ({line} bytes)")
         self.counters_addr = _align(self.hbm_size)
         self.program_addr = self.counters_addr + _ALIGN
         self.program_capacity = _align(max(1 << 16, 4 * len(bundle.program)))
