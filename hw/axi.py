@@ -29,6 +29,11 @@ __all__ = [
 
 #: AXI bursts never cross a multiple of this many bytes (the 4 KiB rule).
 BURST_BYTES = 4096
+#: Flat HBM byte addresses the load and store engines compute with (1 TiB, 40 bits; the
+#: largest card has 32 GiB): the validator rejects an LD/ST range that ends past
+#: ``min(hbm_size, 2**FLAT_BITS)`` (status 2), so the burst generators' per-port beat
+#: arithmetic is ``FLAT_BITS - log2(ports * beat bytes)`` bits wide instead of 64.
+FLAT_BITS = 40
 
 
 def AxiLiteSignature(addr_width: int, data_width: int = 32) -> wiring.Signature:

@@ -23,7 +23,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
 from llmfab.compiler import isa as _isa
-from llmfab.hw.axi import BURST_BYTES, read_client_signature
+from llmfab.hw.axi import BURST_BYTES, FLAT_BITS, read_client_signature
 from llmfab.hw.dma import QEntry, reg_value
 from llmfab.hw.isa import (BLOCK_BYTES, QBLOCK_BYTES, SPARSE_BLOCK_BYTES, Instruction, MiscFunc,
                            Op, StFunc, SysFunc, is_legal)
@@ -327,7 +327,11 @@ class Validator(wiring.Component):
         wb2 = fp.wb
         P, S = self._slices, self._stripe
         lgp, lgs = exact_log2(P), exact_log2(S)
-        hbm_bad = is_ldst & (hbm_len != 0) & (hbm_start + hbm_len > self.hbm_size)
+        # the engines' flat addresses are FLAT_BITS wide (hw/axi.py): nothing ends past 2**40
+        hbm_limit = Signal(FLAT_BITS + 1)
+        m.d.comb += hbm_limit.eq(Mux(self.hbm_size > (1 << FLAT_BITS), 1 << FLAT_BITS,
+                                     self.hbm_size))
+        hbm_bad = is_ldst & (hbm_len != 0) & (hbm_start + hbm_len > hbm_limit)
         # MV/MM weights lie in the weight buffer, on a line when there are several slices
         w_bad = wb2 < self._wbase
         if P > 1:

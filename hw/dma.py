@@ -36,7 +36,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
 from llmfab.hw import fp
-from llmfab.hw.axi import BURST_BYTES, ARReq, read_client_signature, write_client_signature
+from llmfab.hw.axi import BURST_BYTES, FLAT_BITS, ARReq, read_client_signature, write_client_signature
 from llmfab.hw.isa import Instruction, StFunc
 from llmfab.hw.onchip import mem_read_signature, mem_write_signature
 
@@ -174,6 +174,8 @@ class BurstGen(wiring.Component):
         self._p = ports
         self._s = beat_bytes
         super().__init__({
+            # the flat range lies below 2**FLAT_BITS (the validator's bound): the per-port
+            # beat arithmetic is FLAT_BITS - log2(P * S) bits wide, not 64
             "cmd": In(stream.Signature(data.StructLayout({"addr": 64, "len": 32}))),
             "ar": Out(stream.Signature(ARReq)).array(ports),
             "busy": Out(1),
@@ -184,22 +186,25 @@ class BurstGen(wiring.Component):
         P, S = self._p, self._s
         lgs, lgp = exact_log2(S), exact_log2(P)
         bb = min(BURST_BYTES // S, 256)
+        fb = FLAT_BITS - lgs                   # flat beat index
+        lb = fb - lgp                          # a port's local beat index
         active = [Signal(name=f"act{p}") for p in range(P)]
-        cur = [Signal(64, name=f"cur{p}") for p in range(P)]
-        last = [Signal(64, name=f"last{p}") for p in range(P)]
+        cur = [Signal(lb, name=f"cur{p}") for p in range(P)]
+        last = [Signal(lb, name=f"last{p}") for p in range(P)]
         any_active = Cat(active).any()
         m.d.comb += [self.cmd.ready.eq(~any_active), self.busy.eq(any_active)]
         c = self.cmd.payload
-        b0 = Signal(64)
-        b1 = Signal(64)
-        m.d.comb += [b0.eq(c.addr >> lgs), b1.eq((c.addr + c.len - 1) >> lgs)]
+        b0 = Signal(fb)
+        b1 = Signal(fb)
+        m.d.comb += [b0.eq(c.addr[lgs:FLAT_BITS]),
+                     b1.eq((c.addr[0:FLAT_BITS] + c.len - 1)[lgs:FLAT_BITS])]
         for p in range(P):
             first_p = (b0 + (P - 1 - p)) >> lgp
             last_p = (b1 - p) >> lgp
             has = (b1 >= p) & (first_p <= last_p)
             with m.If(self.cmd.valid & self.cmd.ready):
                 m.d.sync += [active[p].eq(has), cur[p].eq(first_p), last[p].eq(last_p)]
-            end = Signal(64, name=f"end{p}")
+            end = Signal(lb, name=f"end{p}")
             bound = cur[p] | (bb - 1)
             m.d.comb += end.eq(Mux(bound < last[p], bound, last[p]))
             ar = self.ar[p]

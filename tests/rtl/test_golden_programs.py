@@ -426,6 +426,34 @@ def test_token_dependent_hbm_range(rtl, bundles):
     run_chunks(g, rtl, b, [9], [1], pos=1)          # the next token runs normally
 
 
+def _wide_stride(w):
+    i, ins = _find(w, lambda x: x.op == "LD" and x["ireg"] == isa.REG_TOKEN)
+    ins.fields["stride"] = (1 << 16) - 1            # token x 65535 bytes
+    w[i] = isa.encode(ins)
+
+
+def test_hbm_range_past_the_flat_address_width(rtl, bundles):
+    """With an ``hbm_size`` register of 2**41, past 2**40 (hw/axi.py FLAT_BITS, the load and
+    store engines' flat address width), an LD ending between 2**40 and 2**41 is status 2 at
+    the golden model's pc, not a burst to a wrapped address: the embedding LD with stride
+    65535 and token 2**25 ends just below 2**41."""
+    _, b0 = bundles["status"]
+    b = _patched(b0, _wide_stride)
+    token = 1 << 25
+    g = Golden(b)
+    gr = g.run(0, token)
+    assert gr.status == isa.STATUS_HBM_RANGE
+    rtl.use(b)
+    rtl.acc.hbm_size = 1 << 41
+    try:
+        rr = rtl.run(0, token)
+    finally:
+        rtl.acc.hbm_size = int(b.manifest["hbm_size"])
+    assert (rr.status, rr.pc) == (gr.status, gr.pc)
+    assert_same_hbm(g, rtl, "stride 65535, token 2**25, hbm_size 2**41")
+    _clean_run_after(rtl, b0)
+
+
 def test_random_corruption(rtl, bundles):
     """test_golden.py's 40 randomly corrupted programs (seed 7, 3 bit flips each): every run ends,
     with the golden model's status and pc (the bytes of corrupted programs are not compared:
