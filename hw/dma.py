@@ -257,52 +257,6 @@ class LineReader(wiring.Component):
         return m
 
 
-class LineHalves(wiring.Component):
-    """Lines of ``2 W`` bytes -> beats of ``W`` bytes, per command a run of half-lines.
-
-    A command ``{skip, n}`` passes ``n`` half-lines from the incoming lines: from the first
-    line's upper half if ``skip``, else its lower half, then every half in order; the half
-    after the ``n``-th is dropped when it is the lower one (its line is consumed with it).
-    So a row that a :class:`LineReader` reads as whole lines reaches a decoder half as wide
-    with none of the row's neighbours' bytes. The next command is taken in the cycle the
-    current one's last half leaves (no idle cycle between rows); ``n = 0`` is consumed and
-    passes nothing. Combinational from ``i`` to ``o`` (a 2:1 multiplexer).
-    """
-
-    def __init__(self, half_bytes: int):
-        self._w = half_bytes * 8
-        super().__init__({
-            "cmd": In(stream.Signature(data.StructLayout({"skip": 1, "n": 16}))),
-            "i": In(stream.Signature(2 * half_bytes * 8)),
-            "o": Out(stream.Signature(half_bytes * 8)),
-        })
-
-    def elaborate(self, platform):
-        m = Module()
-        W = self._w
-        half = Signal()                          # the half of the current line that goes next
-        left = Signal(16)                        # halves still to pass
-        active = Signal()
-        take = Signal()
-        last = Signal()
-        m.d.comb += [
-            self.o.valid.eq(active & self.i.valid),
-            self.o.payload.eq(Mux(half, self.i.payload[W:], self.i.payload[:W])),
-            take.eq(self.o.valid & self.o.ready),
-            last.eq(left == 1),
-            self.i.ready.eq(take & (half | last)),
-            self.cmd.ready.eq(~active | (take & last)),
-        ]
-        with m.If(take):
-            m.d.sync += [half.eq(~half), left.eq(left - 1)]
-            with m.If(last):
-                m.d.sync += active.eq(0)
-        with m.If(self.cmd.valid & self.cmd.ready):
-            m.d.sync += [half.eq(self.cmd.payload.skip), left.eq(self.cmd.payload.n),
-                         active.eq(self.cmd.payload.n != 0)]
-        return m
-
-
 def f32_to_f16_numpy(m, x, *, name="f2h"):
     """binary32 -> binary16 exactly as numpy's ``astype(np.float16)``.
 
