@@ -23,7 +23,8 @@ Pieces
   with byte enables out.
 * :class:`BurstGen` -- a flat byte range -> per-port AXI bursts (port-local
   addresses, never crossing 4 KiB or 256 beats).
-* :class:`LineReader` -- reads consecutive on-chip lines into a stream.
+* :class:`LineReader` -- reads consecutive on-chip lines into a stream (in an MV row
+  pipeline: a slice bank's lines, or its half-lines from 64-byte stripes on).
 * :class:`F16Pack` -- binary32 lines -> binary16, two input lines per output
   line (numpy's ``astype(float16)``: RNE, subnormals kept, overflow to inf, NaN payloads).
 * :class:`MemInstrDecode` -- LD/ST word + registers -> (HBM address, length, buffer).
