@@ -23,7 +23,8 @@ Pieces
   with byte enables out.
 * :class:`BurstGen` -- a flat byte range -> per-port AXI bursts (port-local
   addresses, never crossing 4 KiB or 256 beats).
-* :class:`LineReader` -- reads consecutive on-chip lines into a stream.
+* :class:`LineReader` -- reads consecutive on-chip lines into a stream (in an MV row
+  pipeline: a slice bank's lines, or its half-lines from 64-byte stripes on).
 * :class:`F16Pack` -- binary32 lines -> binary16, two input lines per output
   line (numpy's ``astype(float16)``: RNE, subnormals kept, overflow to inf, NaN payloads).
 * :class:`MemInstrDecode` -- LD/ST word + registers -> (HBM address, length, buffer).
@@ -259,52 +260,6 @@ class LineReader(wiring.Component):
                      self.o.valid.eq(buf.r_rdy), self.o.payload.eq(buf.r_data),
                      buf.r_en.eq(self.o.ready),
                      self.busy.eq((left != 0) | buf.r_rdy | self.mem.rsp.valid)]
-        return m
-
-
-class LineHalves(wiring.Component):
-    """Lines of ``2 W`` bytes -> beats of ``W`` bytes, per command a run of half-lines.
-
-    A command ``{skip, n}`` passes ``n`` half-lines from the incoming lines: from the first
-    line's upper half if ``skip``, else its lower half, then every half in order; the half
-    after the ``n``-th is dropped when it is the lower one (its line is consumed with it).
-    So a row that a :class:`LineReader` reads as whole lines reaches a decoder half as wide
-    with none of the row's neighbours' bytes. The next command is taken in the cycle the
-    current one's last half leaves (no idle cycle between rows); ``n = 0`` is consumed and
-    passes nothing. Combinational from ``i`` to ``o`` (a 2:1 multiplexer).
-    """
-
-    def __init__(self, half_bytes: int):
-        self._w = half_bytes * 8
-        super().__init__({
-            "cmd": In(stream.Signature(data.StructLayout({"skip": 1, "n": 16}))),
-            "i": In(stream.Signature(2 * half_bytes * 8)),
-            "o": Out(stream.Signature(half_bytes * 8)),
-        })
-
-    def elaborate(self, platform):
-        m = Module()
-        W = self._w
-        half = Signal()                          # the half of the current line that goes next
-        left = Signal(16)                        # halves still to pass
-        active = Signal()
-        take = Signal()
-        last = Signal()
-        m.d.comb += [
-            self.o.valid.eq(active & self.i.valid),
-            self.o.payload.eq(Mux(half, self.i.payload[W:], self.i.payload[:W])),
-            take.eq(self.o.valid & self.o.ready),
-            last.eq(left == 1),
-            self.i.ready.eq(take & (half | last)),
-            self.cmd.ready.eq(~active | (take & last)),
-        ]
-        with m.If(take):
-            m.d.sync += [half.eq(~half), left.eq(left - 1)]
-            with m.If(last):
-                m.d.sync += active.eq(0)
-        with m.If(self.cmd.valid & self.cmd.ready):
-            m.d.sync += [half.eq(self.cmd.payload.skip), left.eq(self.cmd.payload.n),
-                         active.eq(self.cmd.payload.n != 0)]
         return m
 
 

@@ -45,7 +45,7 @@ from llmfab.hw.dispatch import Footprint
 from llmfab.hw.execute import MAX_IN_FLIGHT, ExecInstr, MiscExec, exec_signature
 from llmfab.hw.isa import Instruction, MiscFunc, Op
 from llmfab.hw.mv_exec import MvExec
-from llmfab.hw.onchip import mem_read_signature, region_map, slice_geometry
+from llmfab.hw.onchip import bank_halves, mem_read_signature, region_map, slice_geometry
 from llmfab.hw.sfu_exec import SfuExec
 
 __all__ = ["ExecUnit", "default_routes", "default_units"]
@@ -117,8 +117,9 @@ class ExecUnit(wiring.Component):
             # the slices' weight-bank read ports (hw/onchip.py), passed to the unit that has them
             g = slice_geometry(config)
             self._slices = g["slices"]
+            H = bank_halves(g["stripe"])
             sig = sig | {"bank": Out(mem_read_signature(
-                g["bank_addr_bits"], g["stripe"] * 8)).array(g["slices"], 2)}
+                g["bank_addr_bits"], g["stripe"] * 8 // H)).array(g["slices"], 2 * H)}
         # high while an MV/MM and a MISC both execute (the busy_both counter)
         sig["both"] = Out(1)
         super().__init__(sig)
@@ -257,7 +258,7 @@ class ExecUnit(wiring.Component):
                 raise ValueError("only one execution sub-unit may own the weight-bank ports")
             if owners:
                 for p in range(self._slices):
-                    for k in range(2):
+                    for k in range(len(self.bank[p])):
                         wiring.connect(m, owners[0].bank[p][k], wiring.flipped(self.bank[p][k]))
         active = [run[cls_of[i]] & (csel[cls_of[i]] == i) for i in range(len(subs))]
         order = sorted(range(len(subs)), key=lambda i: (cls_of[i], i))

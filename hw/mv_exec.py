@@ -32,12 +32,17 @@ every compiled shape):
    ``p, p + P, ...`` back to back from ``b0`` (docs/isa.md's slice-major tile;
    ``b0`` is ``wb``'s place in every bank), so row ``l + i L`` is that slice's
    local row ``l // P + i L / P``. Per row one command to its reader (the row's
-   ``S``-byte bank lines from ``b0 + j * rb``, any byte alignment on one slice)
-   and decoder (``nb`` blocks, one row, from the row's offset in that first line: no
-   realigner in the weight path): nothing in a
-   pipeline is wider than one port's beat. A slice's pipelines share its bank's two
-   read ports (``l // P`` even on port 0, odd on 1, fixed priority), which they
-   take when the line view (store engine, ``rd0``/``rd1``) leaves them free.
+   ``S``-byte bank lines from ``b0 + j * rb``, any byte alignment on one slice;
+   from 64-byte stripes on its ``S / 2``-byte half-lines: ``decoder_beat_bytes``)
+   and decoder (``nb`` blocks, one row, from the row's offset in that first beat: no
+   realigner in the weight path): nothing in a pipeline is wider than one port's
+   beat, from 64-byte stripes on half of it (a row needs at most 34 bytes a cycle).
+   A slice's pipelines share its bank's read ports (``l // P`` even on port 0, odd on
+   1, fixed priority), which they take when the line view (store engine,
+   ``rd0``/``rd1``) leaves them free; from 64-byte stripes on the bank is two half
+   memories (hw/onchip.py) and a pair of pipelines shares port ``k`` of both, a
+   half-line request going to the half that holds it (``_arbitrate_halves``), so
+   the pair gets two half-lines a cycle while its rows read different halves.
    **One module per slice:** a slice's pipelines, their command counters, its bank
    arbitration and its copy of the activation buffers are :class:`MvSlice`, written once
    (:class:`~llmfab.hw.blackbox.Shared`, the slice number an input) and instantiated ``P``
@@ -62,8 +67,8 @@ every compiled shape):
 Throughput (``tests/rtl/cocotb_mv_exec.py``, ci geometry, memory never stalling):
 one block per pipeline per cycle (0.250 cycles/block measured with 4 pipelines; dense
 Q8_0 half that: the packed chain takes two cycles per 8-bit block), as long as
-each slice's two bank ports deliver its rows' lines (per row at most ``rb/S + 1`` lines
-and a command cycle per reader). One instruction
+each slice's bank ports deliver its rows' beats (per row at most ``rb/W + 1`` beats of
+``W = decoder_beat_bytes(S)`` bytes and a command cycle per reader). One instruction
 at a time. The unit accepts only MV/MM words (the combined unit in
 ``hw/exec_unit.py`` routes the others elsewhere; an unexpected word completes
 without writing).
@@ -78,10 +83,10 @@ from llmfab.core.formats import QBLOCK_BYTES, SPARSITY_PATTERNS, WEIGHT_FORMATS,
 from llmfab.hw.blackbox import Shared
 from llmfab.hw.chain import FORMAT_CODES, PATTERN_CODES, Chain
 from llmfab.hw.decoder import Decoder
-from llmfab.hw.dma import LineHalves, LineReader, Realign
+from llmfab.hw.dma import LineReader, Realign
 from llmfab.hw.execute import exec_signature
 from llmfab.hw.isa import Instruction, Op
-from llmfab.hw.onchip import mem_read_signature, slice_geometry
+from llmfab.hw.onchip import bank_halves, mem_read_signature, slice_geometry
 from llmfab.hw.scaler import Scaler
 
 __all__ = ["MvExec", "MvSlice", "DEFAULT_MAX_BLOCKS", "CHAIN_LENGTHS", "decoder_beat_bytes"]
@@ -94,10 +99,11 @@ DEFAULT_MAX_BLOCKS = 2048
 
 
 def decoder_beat_bytes(stripe: int) -> int:
-    """Bytes per beat a row pipeline's decoder takes from a slice's ``stripe``-byte bank lines:
-    half-lines from 64-byte lines on (:class:`~llmfab.hw.dma.LineHalves`; a row needs at most
-    34 bytes a cycle), else whole lines. ``sim/perf.py`` costs a row's beats with it."""
-    return stripe // 2 if stripe >= 64 else stripe
+    """Bytes per beat a row pipeline's reader and decoder take from a slice's ``stripe``-byte
+    bank: half-lines from 64-byte lines on (the bank's half memories, :func:`~llmfab.hw.onchip.
+    bank_halves`; a row needs at most 34 bytes a cycle), else whole lines. ``sim/perf.py``
+    costs a row's beats with it."""
+    return stripe // bank_halves(stripe)
 
 
 def _arbitrate(m, port, clients, name):
@@ -118,6 +124,37 @@ def _arbitrate(m, port, clients, name):
         t2 = Signal(name=f"{name}_taken{i}")
         m.d.comb += t2.eq(taken | c.req.valid)
         taken = t2
+
+
+def _arbitrate_halves(m, ports, clients, name):
+    """Fixed-priority sharing of one read port of each of a bank's two half memories.
+
+    A client's request for half-line ``a`` goes to ``ports[a % 2]`` (the half holding it) at
+    bank line ``a // 2``; each port grants the first client that wants it, so two clients
+    asking for different halves are both served in a cycle (rows read their half-lines
+    alternately from the two halves, so clients held back by a conflict fall out of step).
+    A response comes one cycle after its grant from the port that granted it.
+    """
+    taken = [C(0, 1), C(0, 1)]
+    for i, c in enumerate(clients):
+        half = c.req.payload[0]
+        grants = []
+        for h, port in enumerate(ports):
+            want = Signal(name=f"{name}_want{i}_{h}")
+            grant = Signal(name=f"{name}_grant{i}_{h}")
+            m.d.comb += [want.eq(c.req.valid & (half == h)), grant.eq(want & ~taken[h])]
+            with m.If(grant):
+                m.d.comb += [port.req.valid.eq(1), port.req.payload.eq(c.req.payload[1:])]
+            grants.append(grant & port.req.ready)
+            t2 = Signal(name=f"{name}_taken{i}_{h}")
+            m.d.comb += t2.eq(taken[h] | want)
+            taken[h] = t2
+        got = Signal(name=f"{name}_got{i}")          # a response next cycle, from port rsp_h
+        rsp_h = Signal(name=f"{name}_rsph{i}")
+        m.d.comb += c.req.ready.eq(Cat(*grants).any())
+        m.d.sync += [got.eq(c.req.valid & c.req.ready), rsp_h.eq(half)]
+        m.d.comb += [c.rsp.valid.eq(got),
+                     c.rsp.payload.eq(Mux(rsp_h, ports[1].rsp.payload, ports[0].rsp.payload))]
 
 
 class _Buffer:
@@ -205,7 +242,8 @@ class MvSlice(wiring.Component):
             "qw_addr": In(range(max_blocks)), "qw_data": In(256), "qw_en": In(8),
             "dw_addr": In(range(self._DD)), "dw_data": In(CB * 8), "dw_en": In(1),
             "sw_en": In(1),
-            "bank": Out(mem_read_signature(bank_addr_bits, stripe * 8)).array(2),
+            "bank": Out(mem_read_signature(bank_addr_bits, stripe * 8 // bank_halves(stripe)))
+            .array(2 * bank_halves(stripe)),
             "o": Out(stream.Signature(32)).array(n),
             "o_addr": Out(24).array(n),
             "o_drop": Out(1).array(n),
@@ -217,7 +255,6 @@ class MvSlice(wiring.Component):
         L, P, S, K, NB, CB = self._L, self._P, self._S, self._K, self._NB, self._CB
         DEPTH_D = self._DD
         Ls = L // P
-        lgs = exact_log2(S)
         lgk = exact_log2(K)
         lgc = exact_log2(CB)
         cw = CB // 4
@@ -244,40 +281,37 @@ class MvSlice(wiring.Component):
 
         resets = []                                # (signal, value at PLAN)
         lanes_done = []
+        H = bank_halves(S)                         # the bank's half memories (hw/onchip.py)
+        DW = S // H                                # bytes per read: a bank line or a half-line
+        lgdw = exact_log2(DW)
         bank_clients = ([], [])
         n_out = 0
         for ls in range(Ls):
             # pipeline l = p + ls * P of the unit: its rows l, l + L, ... are this slice's local
             # rows ls, ls + L / P, ... (docs/isa.md's slice-major tile), read from the bank at
-            # b0 + ls * rbytes through bank port ls % 2
+            # b0 + ls * rbytes through bank port ls % 2 (of each half memory from 64-byte
+            # lines on)
             l = Signal(16, name=f"l{ls}")
             m.d.comb += l.eq(self.index + ls * P)
             bab, fm, pt, pk = self._bab, self._formats, self._patterns, self._pack
-            wrd = LineReader(addr_bits=bab, line_bytes=S)
+            # from 64-byte lines on the reader asks for half-lines (a row needs at most 34 bytes
+            # a cycle: 20 for Q4_1, 26 for sparse Q8_0, dense Q8_0 34 every two cycles), its
+            # FIFO and the decoder's shifter and window are half as wide
+            wrd = LineReader(addr_bits=bab + exact_log2(H), line_bytes=DW)
             # one slice: tiles start on any byte (docs/isa.md), so rows do; several: on a line,
-            # and rows on an even byte (every block size is even). From 64-byte lines on, the
-            # decoder takes half-lines (a row needs at most 34 bytes a cycle: 20 for Q4_1, 26
-            # for sparse Q8_0, dense Q8_0 34 every two cycles): its shifter and window halve
+            # and rows on an even byte (every block size is even)
             ao = P == 1
-            DW = decoder_beat_bytes(S)
             dec = Shared(("decoder", DW, fm, pt, ao),
                          lambda: Decoder(lanes=1, data_width=DW * 8, formats=fm, patterns=pt,
                                          any_offset=ao))
             for nm, u in (("wrd", wrd), ("dec", dec)):
                 m.submodules[f"{nm}{ls}"] = u
             bank_clients[ls % 2].append(wrd.mem)
-            # the row's lines (as half-lines from 64 bytes on) straight into the decoder, which
+            # the row's lines (half-lines from 64 bytes on) straight into the decoder, which
             # starts at the row's byte offset in its first beat (no realigner: rows start
             # anywhere on a slice)
-            if DW < S:
-                hlv = LineHalves(DW)
-                m.submodules[f"hlv{ls}"] = hlv
-                wiring.connect(m, wrd.o, hlv.i)
-                wiring.connect(m, hlv.o, dec.data)
-                cmds = (wrd.cmd, dec.cmd, hlv.cmd)
-            else:
-                wiring.connect(m, wrd.o, dec.data)
-                cmds = (wrd.cmd, dec.cmd)
+            wiring.connect(m, wrd.o, dec.data)
+            cmds = (wrd.cmd, dec.cmd)
             chains = []
             for tk in range(K):
                 chain = Shared(("chain", pk, fm, pt),
@@ -295,26 +329,22 @@ class MvSlice(wiring.Component):
                              chain.weights.payload.eq(dec.weights.payload)]
             m.d.comb += dec.weights.ready.eq(Cat(*(c.weights.ready for c, _ in chains)).all())
 
-            # one command per row (and group of K tokens) to the reader, the decoder (and the
-            # half-line splitter)
-            lgdw = exact_log2(DW)
+            # one command per row (and group of K tokens) to the reader (the row's beats: bank
+            # lines or half-lines, from the one holding its first byte) and the decoder
             for i, cmd in enumerate(cmds):
                 j_tok = Signal(9, name=f"p{ls}_c{i}_tok")
                 j_row = Signal(16, name=f"p{ls}_c{i}_row")
                 j_addr = Signal(24, name=f"p{ls}_c{i}_addr")  # byte address of the row
                 resets += [(j_tok, 0), (j_row, l), (j_addr, b0 + ls * rbytes)]
-                off = j_addr[0:lgs]
+                off = j_addr[0:lgdw]
                 if i == 0:
-                    m.d.comb += [cmd.payload.line.eq(j_addr >> lgs),
-                                 cmd.payload.count.eq((off + rbytes + S - 1) >> lgs)]
-                elif i == 1:
+                    m.d.comb += [cmd.payload.line.eq(j_addr >> lgdw),
+                                 cmd.payload.count.eq((off + rbytes + DW - 1) >> lgdw)]
+                else:
                     m.d.comb += [cmd.payload.fmt.as_value().eq(fmt),
                                  cmd.payload.pattern.as_value().eq(pat),
                                  cmd.payload.count.eq(nb), cmd.payload.row_blocks.eq(nb),
-                                 cmd.payload.offset.eq(off[0:lgdw])]
-                elif i == 2:        # the half-lines from the one holding the row's first byte on
-                    m.d.comb += [cmd.payload.skip.eq(off[lgdw]),
-                                 cmd.payload.n.eq(((off + rbytes + DW - 1) >> lgdw) - off[lgdw])]
+                                 cmd.payload.offset.eq(off)]
                 m.d.comb += cmd.valid.eq(pass_active & (j_tok < g) & (j_row < rows))
                 with m.If(cmd.valid & cmd.ready):
                     with m.If(j_row + L >= rows):
@@ -403,8 +433,13 @@ class MvSlice(wiring.Component):
                         m.d.sync += [o_row.eq(o_row + L), o_addr.eq(o_addr + 4 * L)]
 
         for port in range(2):
-            if bank_clients[port]:
+            if not bank_clients[port]:
+                continue
+            if H == 1:
                 _arbitrate(m, self.bank[port], bank_clients[port], f"bank{port}")
+            else:
+                _arbitrate_halves(m, self.bank[2 * port:2 * port + 2], bank_clients[port],
+                                  f"bank{port}")
         m.d.comb += self.done.eq(Cat(*lanes_done).all())
         # MvExec's PLAN: every counter to its start of the pass (last: it wins over the above)
         with m.If(self.plan):
@@ -479,9 +514,9 @@ class MvExec(wiring.Component):
         self._patterns = tuple(patterns)
         self._max_blocks = max_blocks
         sig = exec_signature(addr_bits, line_bytes * 8)
-        S = stripe
+        H = bank_halves(stripe)
         super().__init__(dict(sig.members) | {
-            "bank": Out(mem_read_signature(self._bab, S * 8)).array(slices, 2)})
+            "bank": Out(mem_read_signature(self._bab, stripe * 8 // H)).array(slices, 2 * H)})
 
     @property
     def slices(self) -> int:
@@ -700,7 +735,7 @@ class MvExec(wiring.Component):
                          sl.qw_addr.eq(qw_addr), sl.qw_data.eq(qw_data), sl.qw_en.eq(qw_en),
                          sl.dw_addr.eq(dw_addr), sl.dw_data.eq(dw_data), sl.dw_en.eq(dw_en),
                          sl.sw_en.eq(sw_en)]
-            for port in range(2):
+            for port in range(2 * bank_halves(S)):
                 wiring.connect(m, wiring.flipped(self.bank[sp][port]), sl.bank[port])
         # the lanes' row sums in pipeline order (lane k of pipeline l is output l * K + k)
         outs = []                                  # (row sum stream, its address, dropped)

@@ -18,18 +18,23 @@ back-pressure on responses: a client only asks when it can take the answer).
 A write is visible to reads issued from the cycle after its handshake.
 
 **Slice banks.** With ``slices`` = P (one per HBM port of ``stripe`` = S bytes per
-beat; the HBM line is ``P * S`` bytes) the weight region is P memories of S-byte
+beat; the HBM line is ``P * S`` bytes) the weight region is P banks of S-byte
 lines: bank ``p`` holds stripe ``p`` of every HBM line (the bytes a line took from
 port ``p``), which is where docs/isa.md's slice-major weight tiles put slice
 ``p``'s rows. The on-chip line (``line_bytes``, k beats) may be narrower than the
 HBM line: on-chip line ``L`` of the weight region is then stripes ``(L % G) k ..
 (L % G) k + k - 1`` (``G = P / k``) of bank line ``L // G``. Clients of the line
-view read and write it like any other line; each bank also has two read ports of
-its own for its slice's MV pipelines (``bank[p][k]``, bank-line addresses from the
-weight region's start), which take bank port ``k`` when the line view's port A
+view read and write it like any other line. From 64-byte stripes on
+(:func:`bank_halves`: H = 2) a bank is two memories, the lower and the upper
+``S / 2`` bytes of its lines (the same block RAMs as one memory of whole lines),
+with independent read addresses, so a bank read port returns a *half-line*; the
+line view reads and writes both halves of a line at once. Each bank has ``2 H``
+read ports of its own for its slice's MV pipelines (``bank[p][j]``: read port
+``k = j // H`` of half ``h = j % H``, bank-line addresses from the weight region's
+start), which take that port of the half's memory when the line view's port A
 (``k = 0``) or B (``k = 1``) does not want it, and a write port of its own
-(``bank_wr[p]``, the load engine's per-port fast path), which takes the bank's
-write port when the line view does not.
+(``bank_wr[p]``, whole S-byte lines: the load engine's per-port fast path), which
+takes the bank's write port when the line view does not.
 """
 
 from amaranth import C, Cat, Module, Mux, Signal
@@ -37,8 +42,8 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
-__all__ = ["REGIONS", "region_map", "slice_geometry", "mem_read_signature", "mem_write_signature",
-           "WriteReq", "OnChipMemory"]
+__all__ = ["REGIONS", "region_map", "slice_geometry", "bank_halves", "mem_read_signature",
+           "mem_write_signature", "WriteReq", "OnChipMemory"]
 
 #: Regions of the on-chip address space, in address order (docs/isa.md).
 REGIONS = ("activation", "global", "kv", "weight")
@@ -63,6 +68,13 @@ def slice_geometry(config) -> dict:
     base, size = [(r[1], r[2]) for r in region_map(config) if r[0] == "weight"][0]
     return {"slices": P, "stripe": S, "weight_base": base,
             "bank_addr_bits": max(1, ceil_log2(size // (P * S)))}
+
+
+def bank_halves(stripe: int) -> int:
+    """Memories a slice bank of ``stripe``-byte lines is split into (module docstring): 2 from
+    64-byte stripes on (a row pipeline needs at most 34 bytes a cycle, so it reads half-lines),
+    else 1. A bank has ``2 * bank_halves`` read ports of ``stripe / bank_halves`` bytes."""
+    return 2 if stripe >= 64 else 1
 
 
 def WriteReq(addr_bits: int, line_bits: int) -> data.StructLayout:
@@ -104,6 +116,11 @@ class OnChipMemory(wiring.Component):
         Clients of read port A, in priority order.
     ex_rd1 : In(mem_read_signature)
         The client of read port B.
+    bank : In(mem_read_signature) x slices x 2 H
+        The slices' own weight-bank read ports (module docstring): ``bank[p][j]`` is read
+        port ``j // H`` of half ``j % H`` of bank ``p`` (``H = bank_halves(stripe)``).
+    bank_wr : In(mem_write_signature) x slices
+        The load engine's per-port writes of whole bank lines.
     """
 
     def __init__(self, *, regions, line_bytes: int, slices: int = 1, stripe: int | None = None):
@@ -134,10 +151,11 @@ class OnChipMemory(wiring.Component):
         lb = line_bytes * 8
         rd = mem_read_signature(self.addr_bits, lb)
         wr = mem_write_signature(self.addr_bits, lb)
-        brd = mem_read_signature(self.bank_addr_bits, self.stripe * 8)
+        self.halves = H = bank_halves(stripe)
+        brd = mem_read_signature(self.bank_addr_bits, self.stripe * 8 // H)
         bwr = mem_write_signature(self.bank_addr_bits, self.stripe * 8)
         super().__init__({"ld_wr": In(wr), "ex_wr": In(wr), "st_rd": In(rd), "ex_rd0": In(rd),
-                          "ex_rd1": In(rd), "bank": In(brd).array(slices, 2),
+                          "ex_rd1": In(rd), "bank": In(brd).array(slices, 2 * H),
                           "bank_wr": In(bwr).array(slices)})
 
     @property
@@ -222,12 +240,14 @@ class OnChipMemory(wiring.Component):
 
 
 class _Banks(wiring.Component):
-    """The weight region as ``slices`` memories of stripe-byte lines (module docstring).
+    """The weight region as ``slices`` banks of stripe-byte lines (module docstring), each
+    ``halves`` memories of ``stripe / halves``-byte lines.
 
     Looks like a ``memory.Memory`` of whole lines to :class:`OnChipMemory`
     (``write_port(granularity=8)``, two ``read_port()``: A then B) and serves the
     slices' own read ports (``owner.bank``) on the cycles the line view leaves a bank
-    port free.
+    port free: the line view takes port ``k`` (A or B) of every half memory of a bank at
+    once, a slice's port ``bank[p][j]`` port ``j // H`` of half ``j % H``.
     """
 
     def __init__(self, owner, depth):
@@ -253,9 +273,10 @@ class _Banks(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         o = self._owner
-        P, S = o._slices, o.stripe
+        P, S, H = o._slices, o.stripe, o.halves
         k = o._line // S                       # stripes per on-chip line
         G = P // k                             # on-chip lines per HBM line
+        HS = S // H                            # bytes per half memory's line
         lgg = exact_log2(G)
         wp_grp = self._wp.addr[0:lgg] if G > 1 else C(0, 1)
         rd_grp = []
@@ -265,33 +286,38 @@ class _Banks(wiring.Component):
                 m.d.sync += g.eq(view.addr[0:lgg])
             rd_grp.append(g)
         for p in range(P):
-            mem = memory.Memory(shape=S * 8, depth=self.bank_depth, init=[])
-            m.submodules[f"bank{p}"] = mem
             i, grp = p % k, p // k
-            wp = mem.write_port(granularity=8)
             view_en = self._wp.en[i * S:(i + 1) * S]
             view_hit = Signal(name=f"b{p}_wview")
             m.d.comb += view_hit.eq((view_en != 0) & (wp_grp == grp))
             bw = o.bank_wr[p].req
-            with m.If(view_hit):
-                m.d.comb += [wp.addr.eq(self._wp.addr >> lgg),
-                             wp.data.eq(self._wp.data[i * S * 8:(i + 1) * S * 8]), wp.en.eq(view_en)]
-            with m.Else():
-                m.d.comb += [wp.addr.eq(bw.payload.addr), wp.data.eq(bw.payload.data),
-                             wp.en.eq(Mux(bw.valid, bw.payload.be, 0)), bw.ready.eq(1)]
-            for v, view in enumerate(self._views):
-                rp = mem.read_port()
-                c = o.bank[p][v]
-                granted = Signal(name=f"b{p}_{v}_grant")
-                with m.If(rd_grp[v] == grp):
-                    m.d.comb += view.data[i * S * 8:(i + 1) * S * 8].eq(rp.data)
-                m.d.comb += c.rsp.payload.eq(rp.data)
-                with m.If(view.en):
-                    m.d.comb += [rp.addr.eq(view.addr >> lgg), rp.en.eq(1)]
-                with m.Elif(c.req.valid):
-                    m.d.comb += [rp.addr.eq(c.req.payload), rp.en.eq(1), granted.eq(1)]
-                m.d.comb += c.req.ready.eq(granted)
-                m.d.sync += c.rsp.valid.eq(granted)
+            m.d.comb += bw.ready.eq(~view_hit)
+            for h in range(H):
+                mem = memory.Memory(shape=HS * 8, depth=self.bank_depth, init=[])
+                m.submodules[f"bank{p}" if H == 1 else f"bank{p}_{h}"] = mem
+                wp = mem.write_port(granularity=8)
+                lo = i * S + h * HS                # the half's first byte in the on-chip line
+                with m.If(view_hit):
+                    m.d.comb += [wp.addr.eq(self._wp.addr >> lgg),
+                                 wp.data.eq(self._wp.data[lo * 8:(lo + HS) * 8]),
+                                 wp.en.eq(self._wp.en[lo:lo + HS])]
+                with m.Else():
+                    m.d.comb += [wp.addr.eq(bw.payload.addr),
+                                 wp.data.eq(bw.payload.data[h * HS * 8:(h + 1) * HS * 8]),
+                                 wp.en.eq(Mux(bw.valid, bw.payload.be[h * HS:(h + 1) * HS], 0))]
+                for v, view in enumerate(self._views):
+                    rp = mem.read_port()
+                    c = o.bank[p][v * H + h]
+                    granted = Signal(name=f"b{p}_{v * H + h}_grant")
+                    with m.If(rd_grp[v] == grp):
+                        m.d.comb += view.data[lo * 8:(lo + HS) * 8].eq(rp.data)
+                    m.d.comb += c.rsp.payload.eq(rp.data)
+                    with m.If(view.en):
+                        m.d.comb += [rp.addr.eq(view.addr >> lgg), rp.en.eq(1)]
+                    with m.Elif(c.req.valid):
+                        m.d.comb += [rp.addr.eq(c.req.payload), rp.en.eq(1), granted.eq(1)]
+                    m.d.comb += c.req.ready.eq(granted)
+                    m.d.sync += c.rsp.valid.eq(granted)
         return m
 
 

@@ -179,7 +179,7 @@ class Core(wiring.Component):
         wiring.connect(m, ex.wr, mem.ex_wr)
         if "bank" in ex.signature.members:        # the MV slices' own weight-bank reads
             for p in range(P):
-                for k in range(2):
+                for k in range(len(mem.bank[p])):
                     wiring.connect(m, ex.bank[p][k], mem.bank[p][k])
         m.d.comb += ex.context.eq(self.context)
         m.d.comb += [ex.snoop[0].valid.eq(ld.mem.req.valid & ld.mem.req.ready),

@@ -323,10 +323,11 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     most, ``ceil(rows / ports)``), spread over its own :func:`slice_pipelines`, reading
     its own bank (lines of one stripe, ``data_width / 8`` bytes): each row takes ``nb``
     cycles on its chain (twice that for 8-bit weights on packed chains), or what its
-    reader delivers if that is slower (the row's stripes and ``mv_row_overhead`` command
-    cycles), or its read port (the stripes of the slice's pipelines sharing each of its
-    two ports). MM reads each row once per group of ``chain.tokens`` tokens (the token
-    lanes take a group's tokens side by side). One slice (``tiny``): the whole line and
+    reader delivers if that is slower (the row's stripes, half-stripes from 64-byte stripes
+    on, and ``mv_row_overhead`` command cycles), or its read ports (the stripes of the
+    slice's pipelines sharing each of its two ports; the half-stripes of a pair sharing a
+    port of each half memory). MM reads each row once per group of ``chain.tokens`` tokens
+    (the token lanes take a group's tokens side by side). One slice (``tiny``): the whole line and
     every pipeline, as before the slices.
     """
     fmt = isa.FMTS[f["func"] & 3]
@@ -341,15 +342,18 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     rb = nb * block_bytes(fmt, sp)
     g = math.gcd(rb, S) if rb else S
     lines = (rb + S - g) / S                        # bank lines a row touches, on average
-    # the decoder's beats: from 64-byte stripes on it takes half-lines (hw/dma.py LineHalves)
+    # the reader's and decoder's beats: from 64-byte stripes on half-lines, which a pair of
+    # pipelines reads from the bank's two half memories, one port of each (hw/onchip.py)
     from llmfab.hw.mv_exec import decoder_beat_bytes
     DW = decoder_beat_bytes(S)
     gw = math.gcd(rb, DW) if rb else DW
     beats = (rb + DW - gw) / DW
-    share = max(1, _ceil(min(srows, P), 2))         # busy pipelines per read port
+    share = max(1, _ceil(min(srows, P), 2))         # busy pipelines per read port (pair)
     # the slowest of: the chain (a block per cycle), the row's reader and decoder input (its
-    # beats and commands), the read port the pipelines share (their lines)
-    per_row = max(nb * per_block, beats + costs.mv_row_overhead, share * lines)
+    # beats and commands), the read ports the pipelines share (whole lines, or half-lines on
+    # a port of each half)
+    port = lines if DW == S else beats / 2
+    per_row = max(nb * per_block, beats + costs.mv_row_overhead, share * port)
     act = 0 if act_cached else ntok * (_ceil(nb * QBLOCK_BYTES, min(D, 32)) + costs.mv_act_fixed)
     groups = _ceil(ntok, config.chain.tokens)
     return costs.mv_fixed + act + groups * _ceil(srows, P) * per_row

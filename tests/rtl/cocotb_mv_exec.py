@@ -1,12 +1,13 @@
 """cocotb bench of hw/mv_exec.py alone (built with a small activation buffer, so MMs run in
 several passes): an on-chip memory model behind rd0/rd1/wr and the slices' weight-bank ports
-(``bank[p][k]``: stripe p of the weight buffer's lines), MV/MM words
+(``bank[p][j]``: stripe p of the weight buffer's lines, from 64-byte stripes on half-lines of
+the bank's two half memories: read port ``j // 2`` of half ``j % 2``), MV/MM words
 in, results compared with sim.numerics_model.matvec (the golden model's MV), bit for bit.
 
 Environment: MV_D (line bytes), MV_AB (line address bits), MV_N (random instructions),
 MV_SEED, MV_STALL (probability that rd0, bank port 0 and wr are not ready in a cycle: the
-store and load engines' priority), MV_P (slices), MV_WB (weight buffer base), MV_BAB (bank
-line address bits).
+store and load engines' priority), MV_P (slices), MV_S (stripe: bytes per bank line; D / MV_P
+unless given), MV_WB (weight buffer base), MV_BAB (bank line address bits).
 """
 
 import os
@@ -33,7 +34,8 @@ WB = int(os.environ.get("MV_WB", "0"))     # the weight buffer's first byte
 BAB = int(os.environ.get("MV_BAB", "13"))  # bank line address bits
 STALL = float(os.environ.get("MV_STALL", "0.2"))
 MODES = [(f, p) for f in ("q4_0", "q4_1", "q8_0") for p in ("dense", "2:4", "8:16", "4:16", "2:16")]
-SB = D // NP                                # bytes per bank line
+SB = int(os.environ.get("MV_S", str(D // NP)))   # bytes per bank line (a stripe)
+NH = 2 if SB >= 64 else 1                   # half memories per bank (hw/onchip.py bank_halves)
 W0, A0, R0 = WB, 1 << 16, 1 << 17
 MEM = max(1 << 19, WB + (1 << 17))
 
@@ -57,19 +59,20 @@ class MemModel:
             dut.rd0__req__ready.value = int(self.rng.random() >= self.stall)
             dut.rd1__req__ready.value = 1
             for p in range(NP):        # bank port 0 shares its memory port with the line view
-                getattr(dut, f"bank__{p}__0__req__ready").value = int(self.rng.random() >= self.stall)
-                getattr(dut, f"bank__{p}__1__req__ready").value = 1
+                for j in range(2 * NH):
+                    getattr(dut, f"bank__{p}__{j}__req__ready").value = \
+                        int(j // NH == 1 or self.rng.random() >= self.stall)
             dut.wr__req__ready.value = int(self.rng.random() >= self.stall)
             await RisingEdge(dut.clk)
             for p in range(NP):
-                for k in range(2):
-                    pre = f"bank__{p}__{k}__"
+                for j in range(2 * NH):
+                    pre = f"bank__{p}__{j}__"
                     if int(getattr(dut, pre + "req__valid").value) and \
                             int(getattr(dut, pre + "req__ready").value):
                         a = int(getattr(dut, pre + "req__payload").value) & ((1 << BAB) - 1)
-                        b0 = WB + a * D + p * SB
+                        b0 = WB + a * NP * SB + p * SB + (j % NH) * (SB // NH)
                         getattr(dut, pre + "rsp__payload").value = int.from_bytes(
-                            self.mem[b0:b0 + SB].tobytes(), "little")
+                            self.mem[b0:b0 + SB // NH].tobytes(), "little")
                         getattr(dut, pre + "rsp__valid").value = 1
                     else:
                         getattr(dut, pre + "rsp__valid").value = 0

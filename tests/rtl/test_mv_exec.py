@@ -362,6 +362,35 @@ def test_mv_exec_ci_geometry_cocotb():
     print((bdir / "mv_steady.txt").read_text())
 
 
+def test_mv_exec_half_lines_cocotb():
+    """MvExec on one slice of 64-byte stripes (the U280's port width, 64-byte lines, four row
+    pipelines of 32 weights): every bank read is a half-line of one of the bank's two half
+    memories (``bank[0][j]``, four ports, pipelines 0 and 2 sharing port 0 of both halves, 1 and
+    3 port 1), rows at any byte; random MV/MM over all 15 modes vs ``matvec`` bit for bit,
+    then steady-state cycles per block (the bench's bound: a block per pipeline per cycle)."""
+    from pathlib import Path
+
+    from llmfab.hw.mv_exec import MvExec
+    from llmfab.hw.top import geometry
+    from llmfab.sim.rtl.runner import run_cocotb, to_verilog
+    config = load_config("ci")
+    g = geometry(config)
+    D = 64
+    ab = (g["onchip_size"] // D - 1).bit_length()
+    wbytes = config.buffer_bytes["weight"]
+    bab = (wbytes // D - 1).bit_length()
+    unit = MvExec(addr_bits=ab, line_bytes=D, chain_length=32, count=4, max_blocks=64,
+                  slices=1, stripe=64, weight_base=g["weight_base"], bank_addr_bits=bab)
+    assert len(unit.bank[0]) == 4
+    bdir = run_cocotb(to_verilog(unit, "mv_exec", ports=_ports(unit)), "mv_exec",
+                      "cocotb_mv_exec", module_dir=Path(__file__).parent,
+                      extra_env={"MV_D": str(D), "MV_AB": str(ab), "MV_N": "30",
+                                 "MV_L": str(unit.pipelines), "MV_P": "1", "MV_S": "64",
+                                 "MV_WB": str(g["weight_base"]), "MV_BAB": str(bab),
+                                 "MV_REPORT": "mv_steady.txt"})
+    print((bdir / "mv_steady.txt").read_text())
+
+
 def _ports(unit):
     from amaranth.hdl import Signal, Value
     return [v for v in (Value.cast(x) for _, _, x in unit.signature.flatten(unit))
