@@ -661,15 +661,7 @@ class StoreEngine(wiring.Component):
         m.d.comb += [pack.i.valid.eq(al_in.o.valid), pack.i.payload.eq(al_in.o.payload.data),
                      al_in.o.ready.eq(pack.i.ready)]
         wiring.connect(m, pack.o, al_out.i)
-        wfifos = []
         for p in range(P):
-            f = fifo.SyncFIFO(width=S * 9 + 1, depth=4)
-            m.submodules[f"wq{p}"] = f
-            wfifos.append(f)
-            w = self.wr[p].w
-            m.d.comb += [w.valid.eq(f.r_rdy), w.payload.data.eq(f.r_data[0:S * 8]),
-                         w.payload.strb.eq(f.r_data[S * 8:S * 9]), w.payload.last.eq(f.r_data[S * 9]),
-                         f.r_en.eq(w.ready)]
             wiring.connect(m, bursts.ar[p], wiring.flipped(self.wr[p].aw))
 
         d = Signal(MemDesc)
@@ -678,8 +670,9 @@ class StoreEngine(wiring.Component):
         aw_count = Signal(32)
         b_count = Signal(32)
         sent = Signal(5)
-        kline = Signal(64)
-        ll = [Signal(64, name=f"ll{p}") for p in range(P)]
+        lb = FLAT_BITS - lgs - lgp             # a port's local beat index (BurstGen's width)
+        kline = Signal(FLAT_BITS - lgd)
+        ll = [Signal(lb, name=f"ll{p}") for p in range(P)]
         retire = Signal()
         with m.FSM() as fsm:
             with m.State("IDLE"):
@@ -710,8 +703,8 @@ class StoreEngine(wiring.Component):
                     m.d.comb += [s.valid.eq(~sent[k])] + sets
                     with m.If(s.valid & s.ready):
                         m.d.sync += sent[k].eq(1)
-                m.d.sync += kline.eq(d.addr >> lgd)
-                b1 = (d.addr + d.len - 1) >> lgs
+                m.d.sync += kline.eq(d.addr[lgd:FLAT_BITS])
+                b1 = (d.addr[0:FLAT_BITS] + d.len - 1)[lgs:FLAT_BITS]
                 for p in range(P):
                     m.d.sync += ll[p].eq((b1 - p) >> lgp)
                 with m.If(Cat(sent[k] | (cmds[k][0].valid & cmds[k][0].ready)
@@ -720,27 +713,34 @@ class StoreEngine(wiring.Component):
             with m.State("RUN"):
                 # split destination lines into beats with strobes for the k ports of the
                 # line's group (flat line kline is port-local beat kline // G of ports
-                # (kline % G) k .. + k - 1)
+                # (kline % G) k .. + k - 1). No per-port queue: beat i of the line is offered
+                # straight to its port's W channel (the data are the line's wires), each beat
+                # once (``taken``), and the line is consumed when every beat it has is taken
                 o = al_out.o
                 grp = kline[0:lgg] if lgg else C(0, 1)
                 kb = kline >> lgg
                 strbs = [o.payload.be[i * S:(i + 1) * S] for i in range(nk)]
-                room = Cat(((wfifos[g * nk + i].w_rdy | (strbs[i] == 0)) | (grp != g))
-                           for g in range(G) for i in range(nk)).all()
-                m.d.comb += o.ready.eq(room)
-                for p, f in enumerate(wfifos):
+                taken = Signal(nk)
+                fire = [Signal(name=f"wfire{i}") for i in range(nk)]
+                for p in range(P):
                     g, i = p // nk, p % nk
+                    w = self.wr[p].w
                     last = ((kb[0:exact_log2(bb)] == bb - 1) if bb > 1 else C(1, 1)) | (kb == ll[p])
-                    m.d.comb += [f.w_en.eq(o.valid & room & (strbs[i] != 0) & (grp == g)),
-                                 f.w_data.eq(Cat(o.payload.data[i * S * 8:(i + 1) * S * 8],
-                                                 strbs[i], last))]
+                    m.d.comb += [w.valid.eq(o.valid & (grp == g) & (strbs[i] != 0) & ~taken[i]),
+                                 w.payload.data.eq(o.payload.data[i * S * 8:(i + 1) * S * 8]),
+                                 w.payload.strb.eq(strbs[i]), w.payload.last.eq(last)]
+                    with m.If(grp == g):
+                        m.d.comb += fire[i].eq(w.valid & w.ready)
+                done = Cat(taken[i] | fire[i] | (strbs[i] == 0) for i in range(nk)).all()
+                m.d.comb += o.ready.eq(done)
                 with m.If(o.valid & o.ready):
-                    m.d.sync += kline.eq(kline + 1)
+                    m.d.sync += [kline.eq(kline + 1), taken.eq(0)]
                     with m.If(o.payload.last):
                         m.next = "WAIT_B"
+                with m.Elif(o.valid):
+                    m.d.sync += taken.eq(taken | Cat(*fire))
             with m.State("WAIT_B"):
-                empty = Cat(~f.r_rdy for f in wfifos).all()
-                with m.If(empty & ~bursts.busy & (aw_count == b_count)):
+                with m.If(~bursts.busy & (aw_count == b_count)):
                     m.d.comb += retire.eq(1)
                     m.next = "IDLE"
         # count bursts and responses
