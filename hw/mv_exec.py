@@ -56,8 +56,8 @@ every compiled shape):
 3. **Results.** Rows leave each pipeline in its row order as their four accum4
    partials; one at a time (lowest pipeline first) they go through the unit's one
    :class:`~llmfab.hw.scaler.RowCombine` (the row sum ``fadd(fadd(p0, p1), fadd(p2,
-   p3))``, one row per cycle, 6 cycles; a lane's own adder would idle but once a row)
-   and are written through ``wr`` to ``dst + (t*rows + row)*4`` (two line writes when a
+   p3))``, one row per cycle, 6 cycles: the rate rows are written at, so one combine
+   serves every lane) and are written through ``wr`` to ``dst + (t*rows + row)*4`` (two line writes when a
    word straddles a line).
 4. Once every lane's outputs have left (into the combine, or dropped past the pass's
    last token) and the combine has written them all: the next pass, or ``done``.
