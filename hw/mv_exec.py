@@ -123,6 +123,27 @@ def _arbitrate(m, port, clients, name):
         taken = t2
 
 
+def _first(valids):
+    """The lowest set bit of ``valids`` as a tree: ``(any, index)`` (index 0 when none)."""
+    if len(valids) == 1:
+        return valids[0], C(0, 0)
+    half = 1 << (ceil_log2(len(valids)) - 1)
+    a_lo, i_lo = _first(valids[:half])
+    a_hi, i_hi = _first(valids[half:])
+    i_hi = Cat(i_hi, C(0, len(i_lo) - len(i_hi)))
+    return a_lo | a_hi, Cat(Mux(a_lo, i_lo, i_hi), ~a_lo)
+
+
+def _mux_tree(values, index):
+    """``values[index]`` as a tree of 2:1 muxes on ``index``'s bits, lowest bit first."""
+    level, k = list(values), 0
+    while len(level) > 1:
+        level = [Mux(index[k], level[i + 1], level[i]) if i + 1 < len(level) else level[i]
+                 for i in range(0, len(level), 2)]
+        k += 1
+    return level[0]
+
+
 class _Buffer:
     """One of a slice's activation buffers as copies of two read ports each.
 
@@ -726,14 +747,12 @@ class MvExec(wiring.Component):
         m.submodules.combine = rc = RowCombine(24)
         pick = Signal(range(max(NO, 2)))
         any_row = Signal()
-        for i in reversed(range(NO)):
-            with m.If(outs[i][0].valid & ~outs[i][2]):
-                m.d.comb += [pick.eq(i), any_row.eq(1)]
-        # the picked lane's partials and address: one wide mux (a case per lane)
-        with m.Switch(pick):
-            for i, (o, addr, _) in enumerate(outs):
-                with m.Case(i):
-                    m.d.comb += [rc.i.payload.p.eq(o.payload), rc.i.payload.side.eq(addr)]
+        a, idx = _first([o.valid & ~drop for o, _, drop in outs])
+        m.d.comb += [any_row.eq(a), pick.eq(idx)]
+        # the picked lane's partials and address: a mux tree on pick's bits (a 4:1 mux per
+        # LUT), 152 bits wide
+        m.d.comb += [rc.i.payload.p.eq(_mux_tree([o.payload.as_value() for o, _, _ in outs], pick)),
+                     rc.i.payload.side.eq(_mux_tree([addr for _, addr, _ in outs], pick))]
         m.d.comb += rc.i.valid.eq(computing & any_row)
         for i, (o, _, dropped) in enumerate(outs):
             m.d.comb += o.ready.eq((rc.i.ready & computing & (pick == i) & ~dropped)
