@@ -130,7 +130,9 @@ def _first(valids):
     half = 1 << (ceil_log2(len(valids)) - 1)
     a_lo, i_lo = _first(valids[:half])
     a_hi, i_hi = _first(valids[half:])
-    i_hi = Cat(i_hi, C(0, len(i_lo) - len(i_hi)))
+    if not len(i_lo):                        # two lanes (no zero-width nets: Verilog lint)
+        return a_lo | a_hi, ~a_lo
+    i_hi = Cat(i_hi, C(0, len(i_lo) - len(i_hi))) if len(i_hi) < len(i_lo) else i_hi
     return a_lo | a_hi, Cat(Mux(a_lo, i_lo, i_hi), ~a_lo)
 
 
