@@ -55,14 +55,17 @@ every compiled shape):
    address and their results are dropped). Each chain takes one weight block per cycle
    with the activation block of the same index and token (its own read port on ``q``);
    its results meet that block's ``d_x`` and stored ``sumq`` (its own read
-   ports) in its scaler (row sums with accum4, as ``matvec``). Dense blocks
+   ports) in its scaler (a row's four accum4 partials, as ``matvec``). Dense blocks
    use the stored ``sumq`` (as ``matvec`` does for Q4_1), sparse ones the
    chain's kept-position sum.
-3. **Results.** Row sums leave each pipeline in its row order; one at a time
-   (lowest pipeline first) they are written through ``wr`` to
-   ``dst + (t*rows + row)*4`` (two line writes when a word straddles a line).
-4. Once every lane's outputs have left (written, or dropped past the pass's last token):
-   the next pass, or ``done``.
+3. **Results.** Rows leave each pipeline in its row order as their four accum4
+   partials; one at a time (lowest pipeline first) they go through the unit's one
+   :class:`~llmfab.hw.scaler.RowCombine` (the row sum ``fadd(fadd(p0, p1), fadd(p2,
+   p3))``, one row per cycle, 6 cycles: the rate rows are written at, so one combine
+   serves every lane) and are written through ``wr`` to ``dst + (t*rows + row)*4`` (two line writes when a
+   word straddles a line).
+4. Once every lane's outputs have left (into the combine, or dropped past the pass's
+   last token) and the combine has written them all: the next pass, or ``done``.
 
 Throughput (``tests/rtl/cocotb_mv_exec.py``, ci geometry, memory never stalling):
 one block per pipeline per cycle (0.250 cycles/block measured with 4 pipelines; dense
@@ -87,7 +90,7 @@ from llmfab.hw.dma import LineReader, Realign
 from llmfab.hw.execute import exec_signature
 from llmfab.hw.isa import Instruction, Op
 from llmfab.hw.onchip import bank_halves, mem_read_signature, slice_geometry
-from llmfab.hw.scaler import Scaler
+from llmfab.hw.scaler import Partials, RowCombine, Scaler
 
 __all__ = ["MvExec", "MvSlice", "DEFAULT_MAX_BLOCKS", "CHAIN_LENGTHS", "decoder_beat_bytes"]
 
@@ -157,6 +160,29 @@ def _arbitrate_halves(m, ports, clients, name):
                      c.rsp.payload.eq(Mux(rsp_h, ports[1].rsp.payload, ports[0].rsp.payload))]
 
 
+def _first(valids):
+    """The lowest set bit of ``valids`` as a tree: ``(any, index)`` (index 0 when none)."""
+    if len(valids) == 1:
+        return valids[0], C(0, 0)
+    half = 1 << (ceil_log2(len(valids)) - 1)
+    a_lo, i_lo = _first(valids[:half])
+    a_hi, i_hi = _first(valids[half:])
+    if not len(i_lo):                        # two lanes (no zero-width nets: Verilog lint)
+        return a_lo | a_hi, ~a_lo
+    i_hi = Cat(i_hi, C(0, len(i_lo) - len(i_hi))) if len(i_hi) < len(i_lo) else i_hi
+    return a_lo | a_hi, Cat(Mux(a_lo, i_lo, i_hi), ~a_lo)
+
+
+def _mux_tree(values, index):
+    """``values[index]`` as a tree of 2:1 muxes on ``index``'s bits, lowest bit first."""
+    level, k = list(values), 0
+    while len(level) > 1:
+        level = [Mux(index[k], level[i + 1], level[i]) if i + 1 < len(level) else level[i]
+                 for i in range(0, len(level), 2)]
+        k += 1
+    return level[0]
+
+
 class _Buffer:
     """One of a slice's activation buffers as copies of two read ports each.
 
@@ -208,8 +234,10 @@ class MvSlice(wiring.Component):
     ``pipelines / slices`` row pipelines ``l = p + i * slices``; pipeline ``l`` does rows
     ``l, l + pipelines, ...`` of every token of the pass. MvExec broadcasts the instruction's
     fields, the pass's state and the activation load's writes to every slice; a slice
-    returns each lane's row sums (with their byte address, and whether they are dropped: a
-    lane past the pass's last token) and ``done`` (every lane's outputs have left). ``plan``
+    returns each lane's rows as their four accum4 partials (the scaler's :data:`Partials`,
+    which MvExec's one :class:`~llmfab.hw.scaler.RowCombine` sums), with their byte address
+    and whether they are dropped (a lane past the pass's last token), and ``done`` (every
+    lane's outputs have left). ``plan``
     is MvExec's PLAN cycle: every counter takes its start of the pass.
 
     A slice is generated once and instantiated per slice (:class:`~llmfab.hw.blackbox.Shared`),
@@ -244,7 +272,7 @@ class MvSlice(wiring.Component):
             "sw_en": In(1),
             "bank": Out(mem_read_signature(bank_addr_bits, stripe * 8 // bank_halves(stripe)))
             .array(2 * bank_halves(stripe)),
-            "o": Out(stream.Signature(32)).array(n),
+            "o": Out(stream.Signature(Partials)).array(n),
             "o_addr": Out(24).array(n),
             "o_drop": Out(1).array(n),
             "done": Out(1),
@@ -409,7 +437,8 @@ class MvSlice(wiring.Component):
                     si.fmt.as_value().eq(res.fmt.as_value()), si.last.eq(res.last),
                 ]
 
-                # row sums leave in order: row l + j*L of token t goes to dst + (t*rows + row)*4
+                # rows (their partials) leave in order: row l + j*L of token t goes to
+                # dst + (t*rows + row)*4
                 o_row = Signal(16, name=f"{p}_orow")
                 o_tok = Signal(9, name=f"{p}_otok")         # token of the pass
                 o_addr = Signal(24, name=f"{p}_oaddr")
@@ -737,8 +766,8 @@ class MvExec(wiring.Component):
                          sl.sw_en.eq(sw_en)]
             for port in range(2 * bank_halves(S)):
                 wiring.connect(m, wiring.flipped(self.bank[sp][port]), sl.bank[port])
-        # the lanes' row sums in pipeline order (lane k of pipeline l is output l * K + k)
-        outs = []                                  # (row sum stream, its address, dropped)
+        # the lanes' rows in pipeline order (lane k of pipeline l is output l * K + k)
+        outs = []                                  # (partials stream, its address, dropped)
         for l in range(L):
             sl, ls = slices[l % P], l // P
             for tk in range(K):
@@ -747,41 +776,41 @@ class MvExec(wiring.Component):
         lanes_done = [sl.done for sl in slices]
         _arbitrate(m, self.rd1, [ard.mem], "rd1")
 
-        # ---- row results -> wr, one row at a time (lowest pipeline first; a word straddling
-        # a line takes two writes, the pipeline is held for both)
+        # ---- row results -> wr, one row at a time: the lowest pipeline's partials (and
+        # address) into the one row combine (fadd(fadd(p0, p1), fadd(p2, p3)), 1 row per
+        # cycle), its sums to wr (a word straddling a line takes two writes, the combine's
+        # output is held for both). Dropped lanes' rows are taken without a write.
         NO = len(outs)                             # L pipelines x K lanes
-        second = Signal()
-        held = Signal(range(max(NO, 2)))
+        m.submodules.combine = rc = RowCombine(24)
         pick = Signal(range(max(NO, 2)))
-        for i in reversed(range(NO)):
-            with m.If(outs[i][0].valid & ~outs[i][2]):
-                m.d.comb += pick.eq(i)
-        sel = Mux(second, held, pick)
-        o_valid = Signal()
-        o_data = Signal(32)
-        waddr = Signal(24)
-        for i, (o, addr, _) in enumerate(outs):
-            with m.If(sel == i):
-                m.d.comb += [o_valid.eq(o.valid & ~outs[i][2]), o_data.eq(o.payload),
-                             waddr.eq(addr)]
+        any_row = Signal()
+        a, idx = _first([o.valid & ~drop for o, _, drop in outs])
+        m.d.comb += [any_row.eq(a), pick.eq(idx)]
+        # the picked lane's partials and address: a mux tree on pick's bits (a 4:1 mux per
+        # LUT), 152 bits wide
+        m.d.comb += [rc.i.payload.p.eq(_mux_tree([o.payload.as_value() for o, _, _ in outs], pick)),
+                     rc.i.payload.side.eq(_mux_tree([addr for _, addr, _ in outs], pick))]
+        m.d.comb += rc.i.valid.eq(computing & any_row)
+        for i, (o, _, dropped) in enumerate(outs):
+            m.d.comb += o.ready.eq((rc.i.ready & computing & (pick == i) & ~dropped)
+                                   | (computing & dropped))
+        second = Signal()
+        waddr = rc.o.payload.side
         off = waddr[0:lgd]
         wide = Signal(D * 8 + 32)
         wbe = Signal(D + 4)
-        m.d.comb += [wide.eq(o_data << (off * 8)), wbe.eq(C(0xF, 4) << off)]
+        m.d.comb += [wide.eq(rc.o.payload.sum << (off * 8)), wbe.eq(C(0xF, 4) << off)]
         straddle = off > D - 4
         wr = self.wr.req
-        o_ready = Signal()
         m.d.comb += [
-            wr.valid.eq(computing & o_valid),
+            wr.valid.eq(computing & rc.o.valid),
             wr.payload.addr.eq((waddr >> lgd) + second),
             wr.payload.data.eq(Mux(second, wide[D * 8:], wide[0:D * 8])),
             wr.payload.be.eq(Mux(second, wbe[D:], wbe[0:D])),
-            o_ready.eq(computing & wr.ready & (~straddle | second)),
+            rc.o.ready.eq(computing & wr.ready & (~straddle | second)),
         ]
-        for i, (o, _, dropped) in enumerate(outs):
-            m.d.comb += o.ready.eq((o_ready & (sel == i)) | (computing & dropped))
         with m.If(wr.valid & wr.ready):
-            m.d.sync += [second.eq(straddle & ~second), held.eq(sel)]
+            m.d.sync += second.eq(straddle & ~second)
 
         # ---- control
         with m.FSM():
@@ -832,9 +861,10 @@ class MvExec(wiring.Component):
                 m.next = "COMPUTE"
             with m.State("COMPUTE"):
                 m.d.comb += [computing.eq(1), pass_active.eq(1)]
-                # every lane's outputs have left (written, or dropped past the last token), so
-                # nothing of this pass is left in a scaler when the next one starts
-                with m.If(Cat(*lanes_done).all()):
+                # every lane's outputs have left (dropped past the last token, or into the
+                # combine) and the combine has written them all, so nothing of this pass is
+                # left in a scaler or the combine when the next one starts (or done rises)
+                with m.If(Cat(*lanes_done).all() & rc.idle):
                     m.d.sync += [t0.eq(t0 + g), qaddr.eq(issuers[0][2])]
                     with m.If(t0 + g < ntok_eff):
                         m.next = "PLAN"

@@ -1,4 +1,5 @@
-"""The chain's float stage: block values (``nx.block_values``) and row sums (``nx.accum4``).
+"""The chain's float stage: block values (``nx.block_values``) and row sums (``nx.accum4``)
+as per-lane partials (:class:`Scaler`) and one shared final sum (:class:`RowCombine`).
 
 Per block the DSP chain delivers ``isum`` (exact integer) with the weight block's
 fp16 ``d_w`` (and ``m_w``) and the activation block's ``d_x`` and ``sumq``:
@@ -24,27 +25,28 @@ normalized; infinities and NaNs reach the multipliers as such).
 
 A row's block values accumulate in four interleaved partials (block ``j`` of
 the row into partial ``j mod 4``, each starting at +0.0) with one 3-stage
-adder, then ``fadd(fadd(p0, p1), fadd(p2, p3))`` on a second adder shared by
-the three sums: the pair without the last block's partial one stage before the
-last block leaves the accumulator, the pair with it when it leaves, their sum
-three stages later (latency 19, as with three adders). A last, partial group
+adder; when the row's last block leaves the accumulator the scaler outputs the
+row's four partials (:data:`Partials`), one beat per row. A last, partial group
 adds nothing to the partials it does not reach (no +0.0 padding: a partial that
-flushed to -0.0 keeps its sign, as in ``nx.accum4``). One block per cycle in
-steady state for rows of 5 blocks or more; two rows' last blocks must not be 1,
-3 or 4 stages apart (they would need the shared adder in the same cycle), so a
-last block waits at the input until they are not: back to back, rows of 1 or 2
-blocks take 3.5 cycles each, rows of 3 or 4 take 5. The whole unit stalls as
-one pipeline when its output is not read.
+flushed to -0.0 keeps its sign, as in ``nx.accum4``); a partial the row never
+reached is +0.0. One block per cycle whatever the row lengths (latency 13 from
+the last block, 10 without Q4_1). The whole unit stalls as one pipeline when its
+output is not read.
+
+The row's sum ``fadd(fadd(p0, p1), fadd(p2, p3))`` is :class:`RowCombine`'s: the MV
+unit (hw/mv_exec.py) writes one row per cycle whichever lane it comes from, so one
+combine after its pick of a lane serves every scaler: its three adders once for the
+unit instead of an adder and its select logic in every lane.
 """
 
-from amaranth import Array, C, Cat, Module, Mux, Signal, signed
+from amaranth import Array, C, Cat, Module, Mux, Shape, Signal, signed
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from llmfab.core import numerics as nx
-from .fp import FADD_LATENCY, FAddCore, Pipe, lzc, valid_chain
+from .fp import FADD_LATENCY, Pipe, lzc, valid_chain
 
-__all__ = ["WeightFormat", "ScalerIn", "Scaler", "units"]
+__all__ = ["WeightFormat", "ScalerIn", "Partials", "Scaler", "RowCombine", "units"]
 
 #: Signed widths of ``isum`` and ``sumq`` the conversions read (the chain's ``ISUM_SHAPE`` /
 #: ``SUMQ_SHAPE``; the ports stay 32 bits wide, the bits above are ignored).
@@ -90,9 +92,12 @@ ScalerIn = data.StructLayout({
     "last": 1,               # last block of the row
 })
 
+#: A row's four accum4 partials (block ``j`` of the row went into ``[j % 4]``), binary32 each.
+Partials = data.ArrayLayout(32, 4)
+
 
 class Scaler(wiring.Component):
-    """Block values and row accumulation (unit ``scaler``).
+    """Block values and a row's accum4 partials (unit ``scaler``).
 
     Parameters
     ----------
@@ -103,10 +108,9 @@ class Scaler(wiring.Component):
     Members
     -------
     i : In(stream.Signature(ScalerIn))
-        One block per beat; ``last`` ends a row. ``i.ready`` depends on ``i.payload.last``
-        (a row's last block may have to wait a few cycles, see the module docstring).
-    o : Out(stream.Signature(32))
-        One binary32 row sum per row.
+        One block per beat; ``last`` ends a row.
+    o : Out(stream.Signature(Partials))
+        One row's four partials per row (:class:`RowCombine` sums them).
     """
 
     def __init__(self, *, formats=("q4_0", "q4_1", "q8_0")):
@@ -119,7 +123,7 @@ class Scaler(wiring.Component):
         self._formats = formats
         super().__init__({
             "i": In(stream.Signature(ScalerIn)),
-            "o": Out(stream.Signature(32)),
+            "o": Out(stream.Signature(Partials)),
         })
 
     @property
@@ -173,21 +177,8 @@ class Scaler(wiring.Component):
         v = p.fmul(t, p.input(b.d_x))
         s_acc = v.stage
         last = p.input(b.last)
-        s_res = s_acc + FADD_LATENCY     # accumulated value of a block
-        s_oth = s_res - 1                # a row's last block issues its other pair's sum
-        s_fin = s_res + FADD_LATENCY     # ... and its final sum
-        s_out = s_fin + FADD_LATENCY
-
-        # ---- one adder for the three sums of a row's end: a row's last block issues them at
-        # stages s_oth, s_res and s_fin; two last blocks 1, 3 or 4 stages apart would collide,
-        # so a last block waits at the input while one is at stage 1, 3 or 4
-        throttle = Signal()
-        valids = valid_chain(m, ce, self.i.valid & ~throttle, s_out)
-
-        def lasts(s):
-            return valids[s] & p.at(last, s)
-
-        m.d.comb += throttle.eq(b.last & (lasts(1) | lasts(3) | lasts(4)))
+        s_res = s_acc + FADD_LATENCY     # accumulated value of a block: the row's partials
+        valids = valid_chain(m, ce, self.i.valid, s_res)
 
         # ---- accum4: block j of the row into partial j % 4
         j = Signal(range(4))             # partial of the next block
@@ -220,80 +211,79 @@ class Scaler(wiring.Component):
                     with m.Case(k):
                         m.d.sync += parts[k].eq(acc.value)
 
-        # ---- the row's result ((p0 + p1) + (p2 + p3)). The pair without the last block's
-        # partial is final one stage before the last block leaves the accumulator (its latest
-        # block is then the accumulator's result, forwarded); the other pair when it leaves.
-        # A partial the row never reached is +0.0; one that the last, partial group did not
-        # reach keeps its value (-0.0 included). Operand a is the adder's result, the
-        # accumulator's, p0, p2 or +0.0, operand b the held result, the accumulator's, p1, p3
-        # or +0.0: one-hot selects, computed a stage ahead from the pipeline's values (every
-        # stage is the previous one registered on ce) so the operands are an AND-OR of
-        # registers.
-        def selects(back):
-            def at(x, s):
-                return p.at(x, s - back)
-
-            def lasts_(s):
-                return valids[s - back] & at(last, s)
-
-            jr, fr, jo, fo = at(j_s, s_res), at(first_s, s_res), at(j_s, s_oth), at(first_s, s_oth)
-            fwd = valids[s_res - back]       # the block at s_res (forwarded to the other pair)
-
-            def reached(f, jj, k):
-                return ~f | (jj > k) if k < 3 else ~f
-
-            fin = lasts_(s_fin)
-            own = ~fin & lasts_(s_res)           # the last block's pair: acc + its partner
-            oth = ~fin & ~own                    # the other pair (used if a last block is at s_oth)
-            hi = jo[1]                           # the other pair is (p0, p1) when set
-            src = {}
-            for k in range(4):
-                kk = k - k % 2                   # the pair's first partial
-                o_k = oth & (hi if kk == 0 else ~hi) & reached(fo, jo, k)
-                src[k] = (own & (jr == (k ^ 1)) & reached(fr, jr, k)) | (o_k & ~(fwd & (jr == k)))
-            acc_a = (own & ~jr[0]) | (oth & fwd & ((hi & (jr == 0) & reached(fo, jo, 0))
-                                                   | (~hi & (jr == 2) & reached(fo, jo, 2))))
-            acc_b = (own & jr[0]) | (oth & fwd & ((hi & (jr == 1) & reached(fo, jo, 1))
-                                                  | (~hi & (jr == 3) & reached(fo, jo, 3))))
-            return Cat(fin, acc_a, src[0], src[2]), Cat(fin, acc_b, src[1], src[3])
-
-        # registered as a 2-bit index and a "some source" bit: a 4:1 mux per fraction bit, and
-        # +0.0 (none selected) clears only the exponent and sign (an exponent-0 operand is a
-        # zero of its sign for FAddCore)
-        sel_a, sel_b = Signal(3), Signal(3)
-
-        def encode(oh):
-            return Cat(oh[1] | oh[3], oh[2] | oh[3], oh.any())
-
-        with m.If(ce):
-            m.d.sync += [x.eq(encode(y)) for x, y in zip((sel_a, sel_b), selects(1))]
-
-        def and_or(sel, vals):
-            pick = Signal(32)
-            m.d.comb += pick.eq(Array(vals)[sel[0:2]])
-            return Mux(sel[2], pick, Cat(pick[0:23], C(0, 9)))
-
-        cadd = FAddCore()
-        m.submodules.combine = cadd
-        held = Signal(32)                # the adder's previous result: the other pair's sum
-        with m.If(ce):
-            m.d.sync += held.eq(cadd.o)
-        # the final sum takes the two pair sums in either order: binary32 addition is
-        # commutative bit for bit (FAddCore orders its operands by magnitude; test_fp checks
-        # both orders)
-        op_a, op_b = Signal(32), Signal(32)
-        m.d.comb += [op_a.eq(and_or(sel_a, (cadd.o, acc.value, parts[0], parts[2]))),
-                     op_b.eq(and_or(sel_b, (held, acc.value, parts[1], parts[3]))),
-                     cadd.a.eq(op_a), cadd.b.eq(op_b), cadd.ce.eq(ce)]
-
-        o_valid = lasts(s_out)
+        # ---- the row's partials, as the row's last block leaves the accumulator: its own
+        # partial is the accumulator's result, the others are final (their latest blocks left
+        # earlier). A partial the row never reached (its first group was its last, partial
+        # one) is +0.0; one that the last, partial group did not reach keeps its value (-0.0
+        # included, as nx.accum4 specifies). One LUT per bit: j_r, first_r and two values.
+        o_valid = valids[s_res] & p.at(last, s_res)
+        out = Signal(Partials)
+        for k in range(4):
+            reached = ~first_r | (j_r > k) if k < 3 else ~first_r
+            m.d.comb += out[k].eq(Mux(j_r == k, acc.value, Mux(reached, parts[k], 0)))
         m.d.comb += [
             ce.eq(~o_valid | self.o.ready),
-            self.i.ready.eq(ce & ~throttle),
+            self.i.ready.eq(ce),
             self.o.valid.eq(o_valid),
-            self.o.payload.eq(cadd.o),
+            self.o.payload.eq(out),
         ]
-        self.latency = s_out
+        self.latency = s_res
+        return m
+
+
+class RowCombine(wiring.Component):
+    """A row's sum from its four partials: ``fadd(fadd(p0, p1), fadd(p2, p3))`` (``nx.accum4``).
+
+    Three binary32 adders as a tree, ``p0 + p1`` and ``p2 + p3`` side by side, then their sum:
+    latency ``2 * FADD_LATENCY`` (6), one row per cycle, the whole pipeline stalls on ``ce`` when
+    its output is not read (``i.ready`` is ``ce``). A sideband payload (``side``, any shape:
+    MvExec's byte address) travels with the row.
+
+    Parameters
+    ----------
+    side : shape-castable
+        The sideband's shape (0: none, and no ``side`` field).
+
+    Members
+    -------
+    i : In(stream.Signature(StructLayout({"p": Partials, "side": side})))
+        One row's partials (:class:`Scaler`'s output) per beat.
+    o : Out(stream.Signature(StructLayout({"sum": 32, "side": side})))
+        The row sum (binary32), with the row's sideband.
+    idle : Out(1)
+        No row in the pipeline (its output included).
+    """
+
+    latency = 2 * FADD_LATENCY
+
+    def __init__(self, side=0):
+        self._side = Shape.cast(side).width > 0
+        sb = {"side": side} if self._side else {}          # no zero-width field (Verilog)
+        super().__init__({
+            "i": In(stream.Signature(data.StructLayout({"p": Partials} | sb))),
+            "o": Out(stream.Signature(data.StructLayout({"sum": 32} | sb))),
+            "idle": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        ce = Signal()
+        valids = valid_chain(m, ce, self.i.valid, self.latency, name="rc")
+        p = Pipe(m, ce, name="rc")
+        x = self.i.payload
+        lo = p.fadd(p.input(x.p[0]), p.input(x.p[1]))
+        hi = p.fadd(p.input(x.p[2]), p.input(x.p[3]))
+        s = p.fadd(lo, hi)
+        assert s.stage == self.latency
+        m.d.comb += [
+            ce.eq(~valids[-1] | self.o.ready),
+            self.i.ready.eq(ce),
+            self.o.valid.eq(valids[-1]),
+            self.o.payload.sum.eq(s.value),
+            self.idle.eq(~Cat(*valids[1:]).any()),
+        ]
+        if self._side:
+            m.d.comb += self.o.payload.side.eq(p.at(p.input(x.side), s.stage))
         return m
 
 
