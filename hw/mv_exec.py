@@ -77,7 +77,7 @@ at a time. The unit accepts only MV/MM words (the combined unit in
 without writing).
 """
 
-from amaranth import C, Cat, Const, Module, Mux, Signal, unsigned
+from amaranth import C, Cat, Const, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import data, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
@@ -272,7 +272,10 @@ class MvSlice(wiring.Component):
             "sw_en": In(1),
             "bank": Out(mem_read_signature(bank_addr_bits, stripe * 8 // bank_halves(stripe)))
             .array(2 * bank_halves(stripe)),
-            "o": Out(stream.Signature(Partials)).array(n),
+            # the partials as one plain vector (``Partials`` bits): a port with the layout's
+            # per-element nets (``o__0__payload[0]`` beside the vector ``o__0__payload``) trips
+            # an assertion in Yosys's ABC reintegration when the slice is synthesized
+            "o": Out(stream.Signature(Partials.size)).array(n),
             "o_addr": Out(24).array(n),
             "o_drop": Out(1).array(n),
             "done": Out(1),
@@ -788,7 +791,7 @@ class MvExec(wiring.Component):
         m.d.comb += [any_row.eq(a), pick.eq(idx)]
         # the picked lane's partials and address: a mux tree on pick's bits (a 4:1 mux per
         # LUT), 152 bits wide
-        m.d.comb += [rc.i.payload.p.eq(_mux_tree([o.payload.as_value() for o, _, _ in outs], pick)),
+        m.d.comb += [rc.i.payload.p.eq(_mux_tree([Value.cast(o.payload) for o, _, _ in outs], pick)),
                      rc.i.payload.side.eq(_mux_tree([addr for _, addr, _ in outs], pick))]
         m.d.comb += rc.i.valid.eq(computing & any_row)
         for i, (o, _, dropped) in enumerate(outs):
