@@ -247,7 +247,7 @@ class CounterWriter(wiring.Component):
         m.d.comb += b.eq(((self.addr >> (lgs + lgp)) << lgp) + beat)
         port = b[0:lgp] if lgp else C(0, 1)
         local = (b >> lgp) << lgs
-        P = self.ports_used
+        used = self.ports_used           # beats reach only ports 0 .. used - 1
         aw_done, w_done = Signal(), Signal()
         with m.FSM():
             with m.State("IDLE"):
@@ -255,7 +255,7 @@ class CounterWriter(wiring.Component):
                     m.d.sync += [beat.eq(0), aw_done.eq(0), w_done.eq(0)]
                     m.next = "SEND"
             with m.State("SEND"):
-                for p in range(P):
+                for p in range(used):
                     wr = self.wr[p]
                     sel = port == p
                     m.d.comb += [
@@ -268,14 +268,14 @@ class CounterWriter(wiring.Component):
                         m.d.sync += aw_done.eq(1)
                     with m.If(sel & wr.w.valid & wr.w.ready):
                         m.d.sync += w_done.eq(1)
-                aw_ok = aw_done | Cat(self.wr[p].aw.valid & self.wr[p].aw.ready for p in range(P)).any()
-                w_ok = w_done | Cat(self.wr[p].w.valid & self.wr[p].w.ready for p in range(P)).any()
+                aw_ok = aw_done | Cat(self.wr[p].aw.valid & self.wr[p].aw.ready for p in range(used)).any()
+                w_ok = w_done | Cat(self.wr[p].w.valid & self.wr[p].w.ready for p in range(used)).any()
                 with m.If(aw_ok & w_ok):
                     m.next = "RESP"
             with m.State("RESP"):
-                for p in range(P):
+                for p in range(used):
                     m.d.comb += self.wr[p].b.ready.eq(port == p)
-                with m.If(Cat(self.wr[p].b.valid & (port == p) for p in range(P)).any()):
+                with m.If(Cat(self.wr[p].b.valid & (port == p) for p in range(used)).any()):
                     m.d.sync += [beat.eq(beat + 1), aw_done.eq(0), w_done.eq(0)]
                     with m.If(beat == self._beats - 1):
                         m.d.comb += self.done.eq(1)
