@@ -231,6 +231,7 @@ class AccelConfig:
     context: int
     max_prefill: int
     description: str = ""
+    attention: str = "sfu"
     source: str = field(default="", compare=False, repr=False)
 
     # ---- the matrix engine ------------------------------------------------
@@ -434,6 +435,7 @@ class AccelConfig:
                     **({"line_bytes": self.hbm.line_bytes} if self.hbm.line_bytes else {})},
             "context": self.context,
             "max_prefill": self.max_prefill,
+            **({"attention": self.attention} if self.attention != "sfu" else {}),
         })
         return out
 
@@ -494,6 +496,9 @@ class AccelConfig:
 # Validation
 # --------------------------------------------------------------------------
 
+#: where attention runs (docs/config.md): "sfu", the float ATTN instruction over an fp16 cache;
+#: "chains", MVs on the DSP chains over a quantized cache (docs/isa.md, "Attention on the chains")
+ATTENTION_ENGINES = ("sfu", "chains")
 _TOP_FIELDS = ("name", "board", "clock_mhz", "chain", "weight_formats", "sparsity",
                "activation_bits", "buffers", "hbm", "context", "max_prefill")
 _CHAIN_FIELDS = ("length", "count", "break_points", "pack_int4")
@@ -556,7 +561,7 @@ def config_from_dict(data: dict, display: str, expected_name: str | None = None)
         One line naming the file and the first bad field.
     """
     f = Fields(data, display, ConfigError)
-    f.check_keys(_TOP_FIELDS, ("description",))
+    f.check_keys(_TOP_FIELDS, ("description", "attention"))
 
     name = f.string("name")
     if expected_name is not None and name != expected_name:
@@ -619,11 +624,15 @@ def config_from_dict(data: dict, display: str, expected_name: str | None = None)
     if max_prefill > context:
         raise f.fail("max_prefill", f"must not exceed context ({context}), not {max_prefill}")
 
+    attention = f.string("attention") if f.has("attention") else "sfu"
+    if attention not in ATTENTION_ENGINES:
+        raise f.fail("attention", f"must be one of {', '.join(ATTENTION_ENGINES)}, not {show(attention)}")
+
     return AccelConfig(name=name, board=board.name, board_spec=board, clock_mhz=clock, chain=chain,
                        weight_formats=formats, sparsity=sparsity,
                        activation_bits=activation_bits, buffers=buffers, hbm=hbm,
                        context=context, max_prefill=max_prefill, description=description,
-                       source=display)
+                       source=display, attention=attention)
 
 
 def check_fits(config: AccelConfig, board: Board | None = None) -> None:

@@ -165,7 +165,7 @@ def parse_sparsity(spec: str | None) -> dict:
 # the compiler
 # --------------------------------------------------------------------------------------
 
-def _device_bytes(model, ctx, sp_of, slices=1):
+def _device_bytes(model, ctx, sp_of, slices=1, chains=False, stripe=64):
     """(weights, kv, total) bytes a model needs in device memory (before padding). A tied
     embedding counts twice on ``slices`` > 1 (rows for EMBED, slice-major tiles for the LM head)."""
     d = model.desc
@@ -178,13 +178,16 @@ def _device_bytes(model, ctx, sp_of, slices=1):
         n = 2 if name == "token_embd.weight" and d.tied_embeddings and slices > 1 else 1
         wbytes += n * t.shape[0] * _row_bytes(fmt, sp_of.get(key, "dense"), t.shape[1])
     kv = d.n_layers * d.n_kv_heads * 2 * ctx * d.head_dim * 2
+    if chains and d.head_dim % 32 == 0:
+        kv = d.n_layers * d.n_kv_heads * isa.kv_region(d.head_dim, ctx, slices, stripe)["size"]
     io = d.vocab_size * 4
     tables = (2 * d.n_layers + 1) * d.dim * 4 + ctx * d.head_dim * 4
     return wbytes, kv, wbytes + kv + io + tables
 
 
 def _check_device_memory(model, config, ctx, sp_of):
-    wbytes, kv, total = _device_bytes(model, ctx, sp_of, config.slices)
+    wbytes, kv, total = _device_bytes(model, ctx, sp_of, config.slices,
+                                      config.attention == "chains", config.stripe_bytes)
     board = config.board_spec
     cap = board.total_memory_bytes
     if total > cap:
@@ -418,6 +421,12 @@ class OnChipPlan:
     n_wslots: int
     wslot_bytes: int
     wslots: tuple
+    chains: "ChainsAttention | None" = None    # attention on the chains: the KV head layout
+
+    @property
+    def kv_slot_bytes(self) -> int:
+        """Bytes of one KV head's cache, on chip (a K slot) and in HBM."""
+        return self.chains.region_bytes if self.chains else 2 * self.kv_head_bytes
 
     @property
     def total(self) -> int:
@@ -434,11 +443,17 @@ class OnChipPlan:
             raise CompileError(f"on-chip buffers total {total} bytes; the ISA addresses 16 MiB")
         decode = VectorLayout.allocate(1, dims, ab_sz, gb_sz)
         kv_head_bytes = ctx * dims.hd * 2
-        kslots = (kb.alloc(2 * kv_head_bytes, "K/V of one head"), kb.alloc(2 * kv_head_bytes, "K/V of one head"))
+        chains = None
+        if config.attention == "chains":
+            chains = ChainsAttention.plan(config, dims, ctx, kb)
+            kslots = chains.slots
+        else:
+            kslots = (kb.alloc(2 * kv_head_bytes, "K/V of one head"), kb.alloc(2 * kv_head_bytes, "K/V of one head"))
         # Weight tiles rotate through the slots (see _weight_slots)
         n_wslots, wslot_bytes = _weight_slots(wb_sz, config, wb.base)
         wslots = tuple(wb.alloc(wslot_bytes, "weight tile", _slot_align(config)) for _ in range(n_wslots))
-        return cls(ab_sz, gb_sz, kb_sz, wb_sz, decode, kv_head_bytes, kslots, n_wslots, wslot_bytes, wslots)
+        return cls(ab_sz, gb_sz, kb_sz, wb_sz, decode, kv_head_bytes, kslots, n_wslots, wslot_bytes, wslots,
+                   chains)
 
     def finish(self, L: VectorLayout, *, stage_rows: int, head_rows: int, dims: Dims,
                whole_model: bool) -> VectorLayout:
@@ -462,10 +477,49 @@ class OnChipPlan:
 
     def manifest(self, ctx: int) -> dict:
         ab, gb, kv = self.activation, self.glob, self.kv
-        return {"size": self.total,
-                "activation": [0, ab], "global": [ab, gb], "kv": [ab + gb, kv],
-                "weight": [ab + gb + kv, self.weight],
-                "context": ctx}
+        out = {"size": self.total,
+               "activation": [0, ab], "global": [ab, gb], "kv": [ab + gb, kv],
+               "weight": [ab + gb + kv, self.weight],
+               "context": ctx}
+        if self.chains:
+            # the K/V slots are MV operands: the buffer MVs may read starts at the KV buffer
+            out["weight"] = [ab + gb, kv + self.weight]
+            out["attention"] = "chains"
+        return out
+
+
+@dataclass
+class ChainsAttention:
+    """Attention on the chains (docs/isa.md, "Attention on the chains"): one KV head's cache
+    region (``isa.kv_region``: K row tiles, transposed V block tiles, V scales; the same
+    layout on chip and in HBM), two K slots holding one region each, and per query head of a
+    group the quantized query, the scores (then probabilities) and their quantized vector."""
+    region: dict
+    region_bytes: int
+    slots: tuple
+    qq: tuple            # per query head of a group: its quantized query (hd/32 blocks)
+    scores: tuple        # per query head: ctx binary32 scores / probabilities
+    pq: tuple            # per query head: the quantized probabilities (ctx/32 blocks)
+
+    @classmethod
+    def plan(cls, config, dims: Dims, ctx: int, kb: OnChip) -> "ChainsAttention":
+        P, S = config.slices, config.stripe_bytes
+        if dims.hd % 32:
+            raise CompileError(f"attention on the chains needs a head dim that is a multiple of 32 "
+                               f"(Q8_0 K rows), not {dims.hd}; use attention: sfu")
+        region = isa.kv_region(dims.hd, ctx, P, S)
+        for t in ("k_tile", "v_tile"):
+            if region[t] % 32 or region[t] // 32 >= 1 << 12:
+                raise CompileError(f"attention on the chains: a {t.replace('_', ' ')} of {region[t]} "
+                                   f"bytes cannot be loaded by position (LD lmul = bytes/32 < 4096)")
+        line = _slot_align(config)
+        rb = _align(region["size"], line)
+        slots = (kb.alloc(rb, "K/V of one head", line), kb.alloc(rb, "K/V of one head", line))
+        g = dims.g
+        qq = tuple(kb.alloc(dims.hd // 32 * QBLOCK_BYTES, "quantized query") for _ in range(g))
+        scores = tuple(kb.alloc(ctx * 4, "attention scores") for _ in range(g))
+        pq = tuple(kb.alloc(ctx // 32 * QBLOCK_BYTES, "quantized probabilities") for _ in range(g))
+        return cls(region, rb, slots, qq, scores, pq)
 
 
 @dataclass
@@ -710,6 +764,9 @@ class PrefillPlan:
         cap = min(int(config.max_prefill), ctx, isa.MAX_PREFILL) if prefill else 0
         if not prefill:
             note = "prefill programs not requested"
+        elif onchip.chains:
+            note = ("no prefill programs: attention on the chains has a decode program only (prompts "
+                    "run through it; prefill on the chains is issue 13)")
         elif dims.hd % 16:
             note = (f"no prefill programs: head dim {dims.hd} is not a multiple of 16 (the K/V row "
                     f"stores of token t need 32-byte aligned offsets t*head_dim*2)")
@@ -773,7 +830,7 @@ class MemoryMap:
         wbase = 0
         tbase = _align(wbase + weights.size)
         kvbase = _align(tbase + len(tables.data))
-        kv_bytes = n_layers * d.n_kv_heads * 2 * onchip.kv_head_bytes
+        kv_bytes = n_layers * d.n_kv_heads * onchip.kv_slot_bytes
         iobase = _align(kvbase + kv_bytes)
         out_bytes = max_t * (d.vocab_size if last else d.dim) * 4
         tok_stride = _align(weights.emb.row_bytes, isa.HBM_ALIGN) if first else d.dim * 4

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmfab.core.errors import IsaError
-from llmfab.core.formats import QBLOCK_BYTES, SPARSITY_PATTERNS, WEIGHT_FORMATS
+from llmfab.core.formats import QBLOCK_BYTES, SPARSITY_PATTERNS, WEIGHT_FORMATS, block_bytes
 
 WORD_BITS = 128
 WORD_BYTES = 16
@@ -37,16 +37,23 @@ QUEUE = {OP_LD: "ld", OP_ST: "st", OP_MV: "cmp", OP_MM: "cmp", OP_MISC: "cmp", O
 
 # LD func
 LD_RAW = 0
-# ST func
-ST_F32, ST_F16 = 0, 1
-# MV/MM func: fmt[2] | sparsity[3] << 2
+# ST func: ST.x (2) indexes the on-chip address too (buf + R[ireg]*stride)
+ST_F32, ST_F16, ST_X = 0, 1, 2
+ST_NAMES = {ST_F32: "", ST_F16: ".f16", ST_X: ".x"}
+# MV/MM func: fmt[2] | sparsity[3] << 2 | MV_RT | MV_BT (MV only: the tiled layouts of the
+# attention operands, docs/isa.md "Attention on the chains")
+MV_RT = 1 << 5          # rows in tiles of TILE_ROWS rows (the K cache: positions x head dim)
+MV_BT = 1 << 6          # columns in tiles of one block (the transposed V cache: head dim x positions)
+TILE_ROWS = 32
 FMTS = tuple(WEIGHT_FORMATS)            # fmt codes 0, 1, 2 in the catalogue's order
 SPARSITIES = tuple(SPARSITY_PATTERNS)   # sparsity codes in the catalogue's order
 # MISC (SFU) funcs
 MISC_FUNCS = {
     "NOP": 0, "QUANT": 1, "RMSNORM": 2, "ROPE": 3, "ADD": 4, "MUL": 5, "SILU_MUL": 6,
-    "ATTN": 7, "COPY": 8, "EMBED": 9,
+    "ATTN": 7, "COPY": 8, "EMBED": 9, "KVROW": 10, "SOFTMAX": 11,
 }
+#: MISC funcs whose length is ``n + R[reg]`` (docs/isa.md, "Attention on the chains")
+MISC_DYN_LEN = ("QUANT", "MUL", "SOFTMAX")
 MISC_NAMES = {v: k for k, v in MISC_FUNCS.items()}
 # MISC ATTN operands: n = heads[7:0] | t[15:8]; aux = head_dim[14:0] | ATTN_CACHED (bit 15)
 ATTN_T_SHIFT = 8
@@ -60,8 +67,19 @@ SYS_NAMES = {SYS_NOP: "NOP", SYS_SYNC: "SYNC", SYS_END: "END"}
 
 # runtime registers
 REG_ZERO, REG_POS, REG_SEQ, REG_WBASE, REG_KVBASE, REG_IOBASE, REG_TBASE, REG_TOKEN = range(8)
+REG_PTILE, REG_PBASE = 8, 9      # pos // TILE_ROWS and pos - pos % TILE_ROWS (the KV tile of pos)
 REG_NAMES = {REG_ZERO: "zero", REG_POS: "pos", REG_SEQ: "seq", REG_WBASE: "wbase",
-             REG_KVBASE: "kvbase", REG_IOBASE: "iobase", REG_TBASE: "tbase", REG_TOKEN: "token"}
+             REG_KVBASE: "kvbase", REG_IOBASE: "iobase", REG_TBASE: "tbase", REG_TOKEN: "token",
+             REG_PTILE: "ptile", REG_PBASE: "pbase"}
+#: registers the host sets per run (the rest are region bases, constant for a bundle)
+RUN_REGS = (REG_POS, REG_SEQ, REG_TOKEN, REG_PTILE, REG_PBASE)
+
+
+def run_registers(pos: int, token: int = 0, ntok: int = 1) -> dict:
+    """The per-run registers of a run at ``pos`` (docs/isa.md, "Runtime registers")."""
+    pos = int(pos)
+    return {REG_POS: pos, REG_SEQ: pos + int(ntok), REG_TOKEN: int(token),
+            REG_PTILE: pos // TILE_ROWS, REG_PBASE: pos // TILE_ROWS * TILE_ROWS}
 
 # status codes (golden model and RTL report the same)
 STATUS_OK = 0
@@ -81,7 +99,7 @@ LAYOUTS = {
     OP_LD: HEADER + _MEM,
     OP_ST: HEADER + _MEM,
     OP_MV: HEADER + [("wb", 24), ("rows", 16), ("cols", 16), ("qsrc", 24), ("dst", 24),
-                     ("rsv", 8)],
+                     ("rreg", 4), ("creg", 4)],
     OP_MM: HEADER + [("wb", 24), ("rows", 16), ("cols", 16), ("qsrc", 24), ("dst", 24),
                      ("ntok", 8)],
     OP_MISC: HEADER + [("dst", 24), ("a", 24), ("b", 24), ("n", 16), ("aux", 16), ("reg", 4),
@@ -154,10 +172,14 @@ def _legal(op: int, f: dict) -> str | None:
         return "SYS carries no tokens"
     if op == OP_LD and f["func"] != LD_RAW:
         return f"LD func {f['func']}"
-    if op == OP_ST and f["func"] not in (ST_F32, ST_F16):
+    if op == OP_ST and f["func"] not in ST_NAMES:
         return f"ST func {f['func']}"
     if op in (OP_MV, OP_MM):
         fmt, sp = f["func"] & 3, f["func"] >> 2
+        if op == OP_MV:
+            sp &= ~(MV_RT | MV_BT) >> 2
+            if f["func"] & MV_RT and f["func"] & MV_BT:
+                return "MV with both tiled layouts"
         if fmt >= len(FMTS) or sp >= len(SPARSITIES):
             return f"{OPNAMES[op]} func {f['func']}"
         if f["cols"] == 0 or f["cols"] % 32 or f["rows"] == 0:
@@ -169,6 +191,66 @@ def _legal(op: int, f: dict) -> str | None:
     if op == OP_SYS and f["func"] not in SYS_NAMES:
         return f"SYS func {f['func']}"
     return None
+
+
+def mv_shape(f, regs) -> tuple:
+    """(rows, cols) of an MV/MM word's fields under the registers ``regs``: an MV's
+    ``rows + R[rreg]`` and ``cols + R[creg]``."""
+    return f["rows"] + regs[f.get("rreg", 0)], f["cols"] + regs[f.get("creg", 0)]
+
+
+def mv_layout(func) -> str:
+    """The weight layout an MV/MM ``func`` names: "rows" (slice-major rows), "row_tiles"
+    (MV_RT) or "block_tiles" (MV_BT)."""
+    return "row_tiles" if func & MV_RT else "block_tiles" if func & MV_BT else "rows"
+
+
+def _block_bytes(func) -> int:
+    return block_bytes(FMTS[func & 3], SPARSITIES[(func >> 2) & 7])
+
+
+def weight_span(func: int, rows: int, cols: int, slices: int = 1, stripe: int = 64) -> int:
+    """Bytes of an MV/MM weight operand of ``rows`` x ``cols`` in the layout ``func`` names
+    (docs/isa.md, "Slices" and "Attention on the chains"): ``mv_span`` of the rows; for row
+    tiles one ``mv_span(TILE_ROWS, row bytes)`` per started tile of ``TILE_ROWS`` rows; for
+    block tiles one ``mv_span(rows, block bytes)`` per block."""
+    bb = _block_bytes(func)
+    lay = mv_layout(func)
+    if lay == "rows":
+        return mv_span(rows, cols // 32 * bb, slices, stripe)
+    if lay == "row_tiles":
+        return -(-rows // TILE_ROWS) * mv_span(TILE_ROWS, cols // 32 * bb, slices, stripe)
+    return cols // 32 * mv_span(rows, bb, slices, stripe)
+
+
+def untile_rows(buf, func: int, rows: int, cols: int, slices: int, stripe: int) -> np.ndarray:
+    """The weight rows ``[rows, row bytes]`` of an MV operand in any layout (``buf`` holds at
+    least ``weight_span`` bytes from its start)."""
+    buf = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
+    bb = _block_bytes(func)
+    rb = cols // 32 * bb
+    lay = mv_layout(func)
+    if lay == "rows":
+        return unslice_rows(buf, rows, rb, slices, stripe)
+    if lay == "row_tiles":
+        ts = mv_span(TILE_ROWS, rb, slices, stripe)
+        nt = -(-rows // TILE_ROWS)
+        parts = [unslice_rows(buf[i * ts:(i + 1) * ts], TILE_ROWS, rb, slices, stripe) for i in range(nt)]
+        return np.concatenate(parts)[:rows]
+    ts = mv_span(rows, bb, slices, stripe)
+    nb = cols // 32
+    parts = [unslice_rows(buf[j * ts:(j + 1) * ts], rows, bb, slices, stripe) for j in range(nb)]
+    return np.concatenate(parts, axis=1) if nb > 1 else parts[0].copy()
+
+
+def row_address(row: int, row_bytes: int, slices: int, stripe: int) -> np.ndarray:
+    """On-chip offsets of the bytes of row ``row`` of a slice-major tile of rows of
+    ``row_bytes`` (docs/isa.md, "Slices"): ``[row_bytes]`` from the tile's first line."""
+    if slices == 1:
+        return row * row_bytes + np.arange(row_bytes)
+    p, k = row % slices, row // slices
+    o = k * row_bytes + np.arange(row_bytes)            # offsets in slice p's stream
+    return (o // stripe) * (slices * stripe) + p * stripe + o % stripe
 
 
 def attn_fields(heads: int, head_dim: int, t: int = 0, cached: bool = False) -> dict:
@@ -239,15 +321,47 @@ def unslice_rows(buf, rows: int, row_bytes: int, slices: int, stripe: int) -> np
     return out
 
 
-def misc_write_bytes(f) -> int:
-    """Bytes a MISC word's fields write at ``dst`` (0 for NOP): the one statement of each
-    operation's result size, for the golden model's range checks and the performance model."""
-    name = MISC_NAMES[f["func"]]
+def kv_region(head_dim: int, context: int, slices: int = 1, stripe: int = 64) -> dict:
+    """The layout of one KV head's cache for attention on the chains (docs/isa.md, "Attention
+    on the chains"), the same on chip and in HBM: ``k`` (offset of the K row tiles: each
+    ``TILE_ROWS`` positions x ``head_dim`` as Q8_0 rows, ``k_tile`` bytes), ``v`` (the
+    transposed V block tiles: ``head_dim`` rows x one 32-position block, ``v_tile`` bytes),
+    ``scale`` (one binary32 per position) and ``size``."""
+    if head_dim % 32:
+        raise IsaError(f"head dim {head_dim} is not a multiple of 32 (Q8_0 K rows)")
+    nt = -(-context // TILE_ROWS)
+    q8 = mv_func("q8_0")
+    k_tile = mv_span(TILE_ROWS, head_dim // 32 * _block_bytes(q8), slices, stripe)
+    v_tile = mv_span(head_dim, _block_bytes(q8), slices, stripe)
+    v = nt * k_tile
+    sc = v + nt * v_tile
+    return {"k": 0, "v": v, "scale": sc, "size": sc + 4 * context, "k_tile": k_tile, "v_tile": v_tile}
+
+
+def misc_len(f, regs=None) -> int:
+    """Elements a MISC word works on: ``n``, or ``n + R[reg]`` for the funcs of MISC_DYN_LEN
+    (``regs`` None: the static ``n``)."""
     n = f["n"]
+    if regs is not None and MISC_NAMES.get(f["func"]) in MISC_DYN_LEN:
+        n += regs[f["reg"]]
+    return n
+
+
+def misc_write_bytes(f, regs=None, kv=None) -> int:
+    """Bytes a MISC word's fields write at ``dst`` (0 for NOP): the one statement of each
+    operation's result size, for the golden model's range checks and the performance model.
+    ``regs``: the run's registers (dynamic lengths); ``kv``: :func:`kv_region` of the
+    bundle (KVROW writes into one KV head's region)."""
+    name = MISC_NAMES[f["func"]]
+    n = misc_len(f, regs)
     if name == "QUANT":
         return n // 32 * QBLOCK_BYTES
     if name in ("ADD", "MUL", "SILU_MUL", "RMSNORM", "EMBED"):
         return 4 * n
+    if name == "SOFTMAX":
+        return 4 * -(-n // 32) * 32
+    if name == "KVROW":
+        return kv["size"] if kv else 0
     if name == "ROPE":
         return 4 * n * f["aux"]
     if name == "COPY":
@@ -278,8 +392,29 @@ def misc_operand_error(ins: Instr) -> str | None:
         heads, t, hd, cached = attn_operands(f)
         if hd == 0 or hd % 2:
             return f"ATTN head dim {hd}"
+    if name == "KVROW" and (f["n"] == 0 or f["n"] % 32):
+        return f"KVROW head dim {f['n']} is not a nonzero multiple of 32"
     if name == "EMBED" and f["aux"] >= 3:
         return f"EMBED format {f['aux']}"
+    return None
+
+
+def dynamic_operand_error(ins: Instr, regs) -> str | None:
+    """Why an instruction's register-dependent operands are illegal under ``regs`` (None if
+    legal): a dynamic QUANT length or MV column count that is not a multiple of 32."""
+    f = ins.fields
+    if ins.op == "MISC" and MISC_NAMES[f["func"]] == "QUANT" and f["reg"]:
+        n = misc_len(f, regs)
+        if n % 32:
+            return f"QUANT n={f['n']} + R{f['reg']} = {n} is not a multiple of 32"
+    if ins.op == "MV" and f.get("creg", 0):
+        rows, cols = mv_shape(f, regs)
+        if cols % 32 or cols >= 1 << 16:
+            return f"MV cols={f['cols']} + R{f['creg']} = {cols} is not a multiple of 32 below 65536"
+    if ins.op == "MV" and f.get("rreg", 0):
+        rows, cols = mv_shape(f, regs)
+        if rows >= 1 << 16:
+            return f"MV rows={f['rows']} + R{f['rreg']} = {rows} does not fit 16 bits"
     return None
 
 
@@ -325,7 +460,11 @@ def disassemble(ins: Instr) -> str:
     name = ins.op
     if ins.op in ("MV", "MM"):
         name += f".{FMTS[func & 3] if (func & 3) < 3 else '?'}"
-        sp = func >> 2
+        sp = (func >> 2) & 7
+        if func & MV_RT:
+            name += ".rt"
+        if func & MV_BT:
+            name += ".bt"
         if sp:
             name += f".{SPARSITIES[sp] if sp < len(SPARSITIES) else '?'}"
     elif ins.op == "MISC":
@@ -333,7 +472,7 @@ def disassemble(ins: Instr) -> str:
     elif ins.op == "SYS":
         name = SYS_NAMES.get(func, f"SYS{func}")
     elif ins.op == "ST":
-        name += ".f16" if func == ST_F16 else ""
+        name += ST_NAMES.get(func, f".{func}")
     body = " ".join(f"{k}={v}" for k, v in f.items() if v)
     return f"{name}{'[' + toks + ']' if toks else ''} {body}".strip()
 

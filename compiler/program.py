@@ -355,14 +355,21 @@ class ProgramBuilder:
                         need={"st2cmp": self.kv_stored[-1] if self.kv_stored else None})
 
     def _kv_offsets(self, li, j):
-        """Offsets from KVBASE of the K and V cache of KV head ``j`` of stage layer ``li``."""
-        kvh = self.parts.onchip.kv_head_bytes
+        """Offsets from KVBASE of the K and V cache of KV head ``j`` of stage layer ``li``
+        (attention on the chains: of the head's region, twice)."""
+        oc = self.parts.onchip
+        if oc.chains:
+            r = (li * self.parts.dims.nkv + j) * oc.kv_slot_bytes
+            return r, r
+        kvh = oc.kv_head_bytes
         kb = ((li * self.parts.dims.nkv + j) * 2) * kvh
         return kb, kb + kvh
 
     def _attention_decode(self, li, rope, j):
         """KV head ``j``: its K/V cache rows [0, R1) into a KV slot; RoPE, the new K/V rows
         stored at R1, ATTN (the current row from q/k/v)."""
+        if self.parts.onchip.chains:
+            return self._attention_chains(li, rope, j)
         parts = self.parts
         d = parts.dims
         kslots, kvh = parts.onchip.kslots, parts.onchip.kv_head_bytes
@@ -392,6 +399,60 @@ class ProgramBuilder:
         # the current row comes from q/k/v (ATTN t = 0, not cached)
         self.consume("MISC", gid=kgid, free_slot=("K", ks), func=F["ATTN"], dst=self.L.o + j * g * hd * 4,
                      a=gaddr, b=self.parts.onchip.kslots[ks], reg=isa.REG_POS, **isa.attn_fields(g, hd))
+
+    def _attention_chains(self, li, rope, j):
+        """KV head ``j`` with attention on the chains (docs/isa.md, "Attention on the chains"):
+        its region's K row tiles and V block tiles up to the tile of R1 and V scales [0, R1)
+        into a K slot; then :meth:`_attend_chains`."""
+        ch = self.parts.onchip.chains
+        reg = ch.region
+        ks = self._next_slot("K")
+        slot = ch.slots[ks]
+        r0, _ = self._kv_offsets(li, j)
+        lds = [dict(buf=slot + reg[k], hreg=isa.REG_KVBASE, hoff=hoff(r0 + reg[k]), len=reg[t],
+                    lreg=isa.REG_PBASE, lmul=reg[t] // isa.TILE_ROWS)
+               for k, t in (("k", "k_tile"), ("v", "v_tile"))]
+        lds.append(dict(buf=slot + reg["scale"], hreg=isa.REG_KVBASE, hoff=hoff(r0 + reg["scale"]),
+                        lreg=isa.REG_POS, lmul=4))
+        kgid = f"kv.{li}.{j}"
+        gaddr = self.L.qkv + j * self.parts.dims.grp_rows * 4
+        self._add(LoadGroup(kgid, ("K", ks), lds),
+                  partial(self._attend_chains, j, ks, kgid, gaddr, r0, rope))
+
+    def _attend_chains(self, j, ks, kgid, gaddr, r0, rope):
+        d = self.parts.dims
+        ch = self.parts.onchip.chains
+        reg = ch.region
+        g, hd = d.g, d.hd
+        slot = ch.slots[ks]
+        self.consume("MISC", func=F["ROPE"], dst=gaddr, a=gaddr, b=rope, n=g + 1, aux=hd)
+        # the current K and V rows into the slot's tiles at R1; those tiles and the V scale to HBM
+        e = self.consume("MISC", gid=kgid, func=F["KVROW"], dst=slot, a=gaddr + g * hd * 4, n=hd,
+                         reg=isa.REG_POS, release=["cmp2st"])
+        st = [dict(buf=slot + reg[k], hoff=hoff(r0 + reg[k]), ireg=isa.REG_PTILE, stride=reg[t], len=reg[t])
+              for k, t in (("k", "k_tile"), ("v", "v_tile"))]
+        st.append(dict(buf=slot + reg["scale"], hoff=hoff(r0 + reg["scale"]), ireg=isa.REG_POS, stride=4, len=4))
+        for i, f in enumerate(st):
+            last = i == len(st) - 1
+            ev = self.S.emit("ST", need={"cmp2st": e["cmp2st"]} if i == 0 else None, func=isa.ST_X,
+                             hreg=isa.REG_KVBASE, release=["st2cmp"] if last else (), **f)
+        stored = ev["st2cmp"]
+        q8 = isa.mv_func("q8_0")
+        for i in range(g):
+            qq, sc, pq = ch.qq[i], ch.scores[i], ch.pq[i]
+            self.consume("MISC", func=F["QUANT"], dst=qq, a=gaddr + i * hd * 4, n=hd)
+            # scores of positions [0, R1]: the K row tiles times the quantized query
+            self.consume("MV", func=q8 | isa.MV_RT, wb=slot + reg["k"], rows=1, rreg=isa.REG_POS,
+                         cols=hd, qsrc=qq, dst=sc)
+            self.consume("MISC", func=F["SOFTMAX"], dst=sc, a=sc, n=1, reg=isa.REG_POS)
+            self.consume("MISC", func=F["MUL"], dst=sc, a=sc, b=slot + reg["scale"], n=1, reg=isa.REG_POS)
+            self.consume("MISC", func=F["QUANT"], dst=pq, a=sc, n=isa.TILE_ROWS, reg=isa.REG_PBASE)
+            # the output: the transposed V block tiles times the quantized scaled probabilities
+            last = i == g - 1
+            self.consume("MV", func=q8 | isa.MV_BT, wb=slot + reg["v"], rows=hd, cols=isa.TILE_ROWS,
+                         creg=isa.REG_PBASE, qsrc=pq, dst=self.L.o + (j * g + i) * hd * 4,
+                         need={"st2cmp": stored} if last else None,
+                         free_slot=("K", ks) if last else None)
 
     def _attention_prefill(self, li, rope):
         """RoPE and the K/V stores of every token; then per KV head (after a SYNC: the cache

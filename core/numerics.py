@@ -302,14 +302,39 @@ def quantize_act(x):
     Q4_1's minimum term).
     """
     x = f32(x)
-    blocks = x.reshape(x.shape[:-1] + (-1, BLOCK))
+    q, d = _quantize_blocks(x.reshape(x.shape[:-1] + (-1, BLOCK)))
+    return q, d, q.astype(np.int32).sum(axis=-1, dtype=np.int32)
+
+
+def _quantize_blocks(blocks):
+    """(q int8 [..., m], d fp32 [...]) of fp32 ``blocks [..., m]``: the quantizer above, one
+    scale per block of ``m``."""
     amax = np.max(np.abs(blocks), axis=-1)
     d = fmul(amax, INV127)
     live = d > 0
     inv = fmul(recip(np.where(live, amax, ONE)), F127)
     inv = np.where(live, inv, F32(0.0)).astype(np.float32)
     q = np.clip(np.rint(fmul(blocks, inv[..., None])), -127, 127).astype(np.int8)
-    return q, d, q.astype(np.int32).sum(axis=-1, dtype=np.int32)
+    return q, d
+
+
+#: binary16 1.0 as its two little-endian bytes (the unit scale of the transposed V blocks)
+F16_ONE_BYTES = np.array([1.0], np.float16).view(np.uint8)
+
+
+def quantize_q8_0(x):
+    """A K row as GGUF Q8_0 blocks (attention on the chains, docs/numerics.md): the activation
+    quantizer per 32-element block, its scale stored as binary16 (RNE).
+    Returns (q int8 [n/32, 32], d binary16 [n/32])."""
+    q, d = _quantize_blocks(f32(x).reshape(-1, BLOCK))
+    return q, to_f16(d)
+
+
+def quantize_row(x):
+    """A V row with one scale over the whole row (attention on the chains): the activation
+    quantizer with one block of ``len(x)``. Returns (q int8 [n], d fp32 scalar)."""
+    q, d = _quantize_blocks(f32(x).reshape(1, -1))
+    return q[0], np.float32(d[0])
 
 
 def dequantize_act(q, d) -> np.ndarray:

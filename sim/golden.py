@@ -238,14 +238,14 @@ class Golden:
         return hbm, chip
 
     def mv_span(self, func, rows, cols) -> int:
-        """Bytes of an MV/MM weight tile (``isa.mv_span`` on this bundle's slices)."""
-        return isa.mv_span(rows, mv_row_bytes(func, cols), self.slices, self.stripe)
+        """Bytes of an MV/MM weight operand (``isa.weight_span`` on this bundle's slices)."""
+        return isa.weight_span(func, rows, cols, self.slices, self.stripe)
 
-    def _weight_error(self, ins) -> str | None:
+    def _weight_error(self, ins, regs) -> str | None:
         """Why an MV/MM's weights are out of range (None: they are not), the checks in order:
         ``[wb, wb + span)`` inside the weight buffer, then (several slices) ``wb`` on a line."""
         f = ins.fields
-        wb, span = f["wb"], self.mv_span(f["func"], f["rows"], f["cols"])
+        wb, span = f["wb"], self.mv_span(f["func"], *isa.mv_shape(f, regs))
         lo, hi = self.weight_buffer
         if wb < lo or wb + span > hi:
             return f"{ins.op} weights [{wb:#x}, +{span}) outside the weight buffer [{lo:#x}, {hi:#x})"
@@ -258,7 +258,7 @@ class Golden:
         """The status and message an instruction faults with (None: it does not). In order:
         operand rules (status 1), HBM ranges (2), on-chip ranges (3): an MV/MM's weights first
         (:meth:`_weight_error`), then every other operand against the on-chip size."""
-        why = isa.misc_operand_error(ins)
+        why = isa.misc_operand_error(ins) or isa.dynamic_operand_error(ins, regs)
         if why:
             return isa.STATUS_ILLEGAL, why
         hbm, chip = self._ranges(ins, regs)
@@ -266,7 +266,7 @@ class Golden:
             if ln and (a < 0 or a + ln > self.hbm_size):
                 return isa.STATUS_HBM_RANGE, f"HBM [{a:#x}, +{ln}) beyond {self.hbm_size:#x}"
         if ins.op in ("MV", "MM"):
-            why = self._weight_error(ins)
+            why = self._weight_error(ins, regs)
             if why:
                 return isa.STATUS_BUF_RANGE, why
             chip = chip[1:]
@@ -279,9 +279,8 @@ class Golden:
         r = [0] * isa.NREGS
         for k, v in self.base_regs.items():
             r[k] = int(v)
-        r[isa.REG_POS] = int(pos)
-        r[isa.REG_SEQ] = int(pos) + ntok
-        r[isa.REG_TOKEN] = int(token)
+        for k, v in isa.run_registers(pos, token, ntok).items():
+            r[k] = v
         return r
 
     def check(self, pos: int, token: int = 0, program: str = "decode") -> RunResult | None:
@@ -301,9 +300,9 @@ class Golden:
             for pc in range(min(lim, len(p.instrs))):
                 ins = p.instrs[pc]
                 f = ins.fields
-                dyn = any(f.get(k, 0) in (isa.REG_POS, isa.REG_SEQ, isa.REG_TOKEN)
-                          for k in ("hreg", "ireg", "lreg")) or (
-                    ins.op == "MISC" and isa.MISC_NAMES[f["func"]] == "ATTN")
+                dyn = any(f.get(k, 0) in isa.RUN_REGS
+                          for k in ("hreg", "ireg", "lreg", "rreg", "creg")) or (
+                    ins.op == "MISC" and (isa.MISC_NAMES[f["func"]] == "ATTN" or f["reg"]))
                 if dyn:
                     p.dyn.append(pc)
                 elif p.static_err is None:
@@ -349,13 +348,15 @@ class Golden:
             return self.kv_context
         if r == isa.REG_TOKEN:
             return int(self.bundle.manifest["model"]["vocab_size"])
+        if r in (isa.REG_PTILE, isa.REG_PBASE):
+            return isa.run_registers(self.kv_context - p.ntok)[r]
         return regs0[r]
 
     def _pack(self, hbm_addr, func, tiles, cols):
         """The weights of a run of MV/MM tiles of ``tiles`` rows each, one after the other in
         HBM from ``hbm_addr`` (each ``mv_span`` bytes, slice-major), as one matrix."""
         fmt = isa.FMTS[func & 3]
-        sp = isa.SPARSITIES[func >> 2]
+        sp = isa.SPARSITIES[(func >> 2) & 7]
         nb = cols // 32
         rb = mv_row_bytes(func, cols)
         rows = sum(tiles)
@@ -390,19 +391,26 @@ class Golden:
                 v = N.to_f16(self.f32(f["buf"], ln // 2))
                 self.hbm[addr:addr + ln] = v.view(np.uint8)
             else:
-                self.hbm[addr:addr + ln] = self.mem[f["buf"]:f["buf"] + ln]
+                buf = f["buf"] + (regs[f["ireg"]] * f["stride"] if f["func"] == isa.ST_X else 0)
+                self.hbm[addr:addr + ln] = self.mem[buf:buf + ln]
             c["st_bytes"] = c.get("st_bytes", 0) + ln
             self._note_hbm_write(addr, ln)
         elif op in ("MV", "MM"):
             fmt = isa.FMTS[f["func"] & 3]
-            sp = isa.SPARSITIES[f["func"] >> 2]
-            nb = f["cols"] // 32
-            span = self.mv_span(f["func"], f["rows"], f["cols"])
-            raw = isa.unslice_rows(self.mem[f["wb"]:f["wb"] + span], f["rows"],
-                                   mv_row_bytes(f["func"], f["cols"]), self.slices, self.stripe)
-            W = _unpack_weights(fmt, sp, raw, f["rows"], nb)
+            sp = isa.SPARSITIES[(f["func"] >> 2) & 7]
+            rows, cols = isa.mv_shape(f, regs)
+            if rows == 0:
+                return
+            nb = cols // 32
+            if nb == 0:                     # an empty sum: +0.0 per row
+                self.f32(f["dst"], rows)[:] = 0.0
+                return
+            span = self.mv_span(f["func"], rows, cols)
+            raw = isa.untile_rows(self.mem[f["wb"]:f["wb"] + span], f["func"], rows, cols,
+                                  self.slices, self.stripe)
+            W = _unpack_weights(fmt, sp, raw, rows, nb)
             for t in range(f["ntok"] if op == "MM" else 1):
-                self._mv(W, f["qsrc"] + t * nb * QBLOCK_BYTES, f["dst"] + t * f["rows"] * 4, f["cols"])
+                self._mv(W, f["qsrc"] + t * nb * QBLOCK_BYTES, f["dst"] + t * rows * 4, cols)
         elif op == "MISC":
             self._misc(isa.MISC_NAMES[f["func"]], f, regs)
 
@@ -426,7 +434,7 @@ class Golden:
         self.counters["macs"] = self.counters.get("macs", 0) + W.rows * cols
 
     def _misc(self, name, f, regs):
-        n = f["n"]
+        n = isa.misc_len(f, regs)
         if name == "NOP":
             return
         if name == "QUANT":
@@ -470,6 +478,14 @@ class Golden:
             if m is not None:
                 v = N.fadd(v, N.from_f16(m)[:, None])
             self.f32(f["dst"], n)[:] = v.reshape(-1)
+        elif name == "SOFTMAX":
+            scale = self.f32(self.gb_base + 4, 1)[0]
+            p = N.softmax(N.fmul(self.f32(f["a"], n), scale)) if n else np.zeros(0, np.float32)
+            out = self.f32(f["dst"], -(-n // 32) * 32)
+            out[:n] = p
+            out[n:] = 0.0
+        elif name == "KVROW":
+            self._kvrow(f, regs)
         elif name == "ATTN":
             nh, t, hd, cached = isa.attn_operands(f)
             S = regs[f["reg"]] + t                  # rows read from the cache before position S
@@ -488,6 +504,31 @@ class Golden:
                 V = np.concatenate([V, vc[None]], 0)
             o = attention(qh, K[:, None, :], V[:, None, :], scale, nh)
             self.f32(f["dst"], nh * hd)[:] = o.reshape(-1)
+
+    def _kvrow(self, f, regs):
+        """KVROW (docs/isa.md, "Attention on the chains"): the current K row (Q8_0 blocks) into
+        row S % 32 of K tile S // 32, the current V row (int8, one scale) into column S % 32
+        of V tile S // 32 and its scale into the scale array, S = R[reg]."""
+        hd = f["n"]
+        S = regs[f["reg"]]
+        kv = isa.kv_region(hd, self.kv_context, self.slices, self.stripe)
+        ti, r = divmod(S, isa.TILE_ROWS)
+        base = f["dst"]
+        k = self.f32(f["a"], hd).copy()
+        v = self.f32(f["a"] + 4 * hd, hd).copy()
+        kq, kd = N.quantize_q8_0(k)
+        krow = np.concatenate([np.concatenate([kd[b:b + 1].view(np.uint8), kq[b].view(np.uint8)])
+                               for b in range(hd // 32)])
+        off = isa.row_address(r, krow.size, self.slices, self.stripe)
+        self.mem[base + kv["k"] + ti * kv["k_tile"] + off] = krow
+        vq, vd = N.quantize_row(v)
+        vt = base + kv["v"] + ti * kv["v_tile"]
+        vb = vq.view(np.uint8)
+        for d in range(hd):
+            off = isa.row_address(d, 34, self.slices, self.stripe)
+            self.mem[vt + off[0:2]] = N.F16_ONE_BYTES
+            self.mem[vt + off[2 + r]] = vb[d]
+        self.f32(base + kv["scale"] + 4 * S, 1)[0] = vd
 
     def run(self, pos: int, token: int = 0, program: str = "decode") -> RunResult:
         """Run a program once: decode (token ``token`` at position ``pos``) or a prefill

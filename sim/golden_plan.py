@@ -36,14 +36,14 @@ from llmfab.core import formats
 from llmfab.core.formats import QBLOCK_BYTES
 from llmfab.sim.numerics_model import PackedMatrix
 
-_DYN_REGS = (isa.REG_POS, isa.REG_SEQ, isa.REG_TOKEN)   # registers that change from run to run
+_DYN_REGS = isa.RUN_REGS                                 # registers that change from run to run
 _ALL = [(0, 1 << 62)]                                     # "anywhere" (a register moves it)
 _LOOK = 24      # how far the fusion passes look for a partner step
 
 
 def _mv_format(func):
     """(weight format, sparsity) of an MV/MM ``func`` field."""
-    return isa.FMTS[func & 3], isa.SPARSITIES[func >> 2]
+    return isa.FMTS[func & 3], isa.SPARSITIES[(func >> 2) & 7]
 
 
 def mv_row_bytes(func, cols) -> int:
@@ -60,17 +60,25 @@ def onchip_ranges(ins, regs, *, gb_base: int, kv_context: int, slices: int, stri
     op = ins.op
     if op in ("LD", "ST"):
         ln = f["len"] + regs[f["lreg"]] * f["lmul"]
+        if op == "ST" and f["func"] == isa.ST_X:
+            return [(f["buf"] + regs[f["ireg"]] * f["stride"], ln)]
         return [(f["buf"], 2 * ln if op == "ST" and f["func"] == isa.ST_F16 else ln)]
     if op in ("MV", "MM"):
         nt = f.get("ntok", 1) if op == "MM" else 1
-        return [(f["wb"], isa.mv_span(f["rows"], mv_row_bytes(f["func"], f["cols"]), slices, stripe)),
-                (f["qsrc"], nt * f["cols"] // 32 * QBLOCK_BYTES),
-                (f["dst"], nt * f["rows"] * 4)]
+        rows, cols = isa.mv_shape(f, regs)
+        return [(f["wb"], isa.weight_span(f["func"], rows, cols, slices, stripe)),
+                (f["qsrc"], nt * cols // 32 * QBLOCK_BYTES),
+                (f["dst"], nt * rows * 4)]
     if op != "MISC":
         return []
     name = isa.MISC_NAMES[f["func"]]
-    n = f["n"]
-    out = (f["dst"], isa.misc_write_bytes(f))
+    n = isa.misc_len(f, regs)
+    kv = isa.kv_region(f["n"], kv_context, slices, stripe) if name == "KVROW" else None
+    out = (f["dst"], isa.misc_write_bytes(f, regs, kv))
+    if name == "KVROW":
+        return [(f["a"], 8 * f["n"]), out]
+    if name == "SOFTMAX":
+        return [(f["a"], 4 * n), out, (gb_base, 8)]
     if name == "QUANT":
         return [(f["a"], 4 * n), out]
     if name in ("ADD", "MUL", "SILU_MUL"):
@@ -414,6 +422,10 @@ class Planner:
             return [], [], [], []
         hbm, chip = self.g._ranges(ins, regs_max)
         chip = [(a, a + ln) for a, ln in chip]
+        if ins.op == "ST" and f["func"] == isa.ST_X:
+            # an indexed on-chip source moves with the registers: every place it may be
+            _, lo = self.g._ranges(ins, self.regs0)
+            chip = [(min(a, c), max(b, c + ln)) for (a, b), (c, ln) in zip(chip, lo)]
         if ins.op in ("LD", "ST"):
             static = f["ireg"] == 0 and f["lreg"] == 0 and f["hreg"] not in _DYN_REGS
             h = [(a, a + ln) for a, ln in hbm] if static else _ALL

@@ -74,10 +74,13 @@ def matvec(W: PackedMatrix, x: np.ndarray, act=None) -> np.ndarray:
 class NumericsModel:
     """Decode-step forward pass (one token at a time) in the hardware numerics."""
 
-    def __init__(self, model: Model, *, max_context: int = 512, masks=None):
+    def __init__(self, model: Model, *, max_context: int = 512, masks=None, attention: str = "sfu"):
         self.model = model
         d = self.desc = model.desc
         self.max_context = max_context
+        if attention not in ("sfu", "chains"):
+            raise ValueError(f"attention must be sfu or chains, not {attention!r}")
+        self.chains = attention == "chains"
         masks = masks or {}
 
         def pk(name):
@@ -104,6 +107,12 @@ class NumericsModel:
         shape = (d.n_layers, self.max_context, d.n_kv_heads, d.head_dim)
         self.k = np.zeros(shape, np.float16)
         self.v = np.zeros(shape, np.float16)
+        if self.chains:
+            # attention on the chains: K rows as Q8_0 blocks, V rows as int8 with one scale
+            self.kq = np.zeros(shape[:3] + (d.head_dim // 32, 32), np.int8)
+            self.kd = np.zeros(shape[:3] + (d.head_dim // 32,), np.float16)
+            self.vq = np.zeros(shape, np.int8)
+            self.vd = np.zeros(shape[:3], np.float32)
         self.pos = 0
 
     def embed(self, t: int) -> np.ndarray:
@@ -127,9 +136,12 @@ class NumericsModel:
             v = matvec(L["attn_v"], h).reshape(nkv, hd)
             q = N.rope(q, self.cos[p], self.sin[p])
             k = N.rope(k, self.cos[p], self.sin[p])
-            self.k[li, p] = N.to_f16(k)
-            self.v[li, p] = N.to_f16(v)
-            o = attention(q, self.k[li, :S], self.v[li, :S], scale, d.gqa_group)
+            if self.chains:
+                o = self._attention_chains(li, p, q, k, v, scale)
+            else:
+                self.k[li, p] = N.to_f16(k)
+                self.v[li, p] = N.to_f16(v)
+                o = attention(q, self.k[li, :S], self.v[li, :S], scale, d.gqa_group)
             x = N.fadd(x, matvec(L["attn_output"], o.reshape(-1)))
             h = N.rms_norm(x, L["ffn_norm"], d.rms_eps)
             g = matvec(L["ffn_gate"], h)
@@ -138,6 +150,28 @@ class NumericsModel:
         self.pos += 1
         x = N.rms_norm(x, self.out_norm, d.rms_eps)
         return matvec(self.out, x)
+
+    def _attention_chains(self, li, p, q, k, v, scale):
+        """Attention on the chains (docs/numerics.md, "Attention on the chains") at position p."""
+        d = self.desc
+        hd, g = d.head_dim, d.gqa_group
+        S = p + 1
+        n = -(-S // 32) * 32                       # the probabilities' length (whole blocks)
+        for j in range(d.n_kv_heads):
+            self.kq[li, p, j], self.kd[li, p, j] = N.quantize_q8_0(k[j])
+            self.vq[li, p, j], self.vd[li, p, j] = N.quantize_row(v[j])
+        o = np.empty_like(q)
+        for h in range(d.n_heads):
+            j = h // g
+            K = PackedMatrix("q8_0", self.kq[li, :S, j], self.kd[li, :S, j])
+            s = matvec(K, q[h])                     # [S] scores: Q8_0 rows x the quantized query
+            a = np.zeros(n, np.float32)
+            a[:S] = N.fmul(N.softmax(N.fmul(s, scale)), self.vd[li, :S, j])
+            vt = np.zeros((hd, n), np.int8)
+            vt[:, :S] = self.vq[li, :S, j].T
+            V = PackedMatrix("q8_0", vt.reshape(hd, n // 32, 32), np.ones((hd, n // 32), np.float16))
+            o[h] = matvec(V, a)
+        return o
 
     def forward(self, tokens) -> np.ndarray:
         return np.stack([self.step(int(t)) for t in tokens])
