@@ -1,6 +1,6 @@
 """Benchmark: the reference backend's teacher-forced accuracy against llama.cpp, per KV-cache format.
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/accuracy.py [--json]
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/accuracy.py [--json] [--golden]
 
 Runs the reference backend (``llmfab.sim.reference``) with an fp16 KV cache
 (``kv_cache="f16"``, llama.cpp's default, no flash attention) and with a Q8_0
@@ -49,6 +49,9 @@ LLAMACPP = {
 #: reference runs: label -> (kv_cache, kv_rotation)
 REFERENCE = {"reference f16 KV": ("f16", True), "reference q8_0 KV": ("q8_0", True),
              "reference q8_0 KV, no rotation": ("q8_0", False)}
+#: golden runs (--golden): label -> the ci configuration's attention engine
+GOLDEN = {"golden, fp16 KV, attention in the SFU": "sfu",
+          "golden, attention on the chains (Q8_0 K, int8 V^T)": "chains"}
 
 
 def reference_logits(model, kv_cache: str, texts, kv_rotation: bool = True) -> list:
@@ -60,7 +63,18 @@ def reference_logits(model, kv_cache: str, texts, kv_rotation: bool = True) -> l
     return out
 
 
-def measure(data: str = DATA) -> list[dict]:
+def golden_logits(model, attention: str, texts) -> list:
+    """The golden model's logits (the ci configuration, ``attention`` engine) over ``texts``."""
+    import dataclasses
+
+    from llmfab.boards.config import load_config
+    from llmfab.host.golden_backend import GoldenDevice
+    cfg = dataclasses.replace(load_config("ci"), attention=attention)
+    dev = GoldenDevice(model, cfg)
+    return [dev.logits(list(toks)) for toks, _, _ in texts]
+
+
+def measure(data: str = DATA, golden: bool = False) -> list[dict]:
     files = {k: load_llamacpp_reference(os.path.join(data, f)) for k, f in LLAMACPP.items()
              if os.path.exists(os.path.join(data, f))}
     first = next(iter(files.values()))
@@ -81,6 +95,10 @@ def measure(data: str = DATA) -> list[dict]:
 
     for label, (kv, rot) in REFERENCE.items():
         logits = reference_logits(model, kv, first, rot)
+        for vs in files:
+            row(label, vs, compare, logits)
+    for label, engine in (GOLDEN.items() if golden else ()):
+        logits = golden_logits(model, engine, first)
         for vs in files:
             row(label, vs, compare, logits)
     names = list(files)
@@ -106,8 +124,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     ap.add_argument("--data", default=DATA, help="directory of the llama.cpp files (tests/data)")
+    ap.add_argument("--golden", action="store_true",
+                    help="also the golden model on ci, attention in the SFU and on the chains "
+                         "(several minutes)")
     args = ap.parse_args()
-    rows = measure(args.data)
+    rows = measure(args.data, args.golden)
     print(json.dumps(rows, indent=1) if args.json else table(rows))
 
 

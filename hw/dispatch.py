@@ -194,6 +194,14 @@ class Footprint:
         m.d.comb += c_reps.eq(Mux(misc.aux == 0, 1, misc.aux))
         copy_src = _mul(m, c_reps, misc.n, "copy_src")
         copy_gap = _mul(m, c_reps - 1, Mux(c_reps > 1, misc.b, misc.n), "copy_gap")
+        # attention on the chains (docs/isa.md): legal encodings this RTL does not execute yet;
+        # the validator refuses them (status 1) rather than run them wrong
+        self.unsupported = Signal(name="fp_unsupported")
+        m.d.sync += self.unsupported.eq(
+            ((op == Op.MISC) & ((func == MiscFunc.KVROW) | (func == MiscFunc.SOFTMAX)
+                                | (((func == MiscFunc.QUANT) | (func == MiscFunc.MUL)) & (misc.reg != 0))))
+            | ((op == Op.MV) & ((mv.func[5:7] != 0) | (mv.rreg != 0) | (mv.creg != 0)))
+            | ((op == Op.ST) & (func == StFunc.X)))
         emb_bb = Signal(6)
         m.d.sync += emb_bb.eq(Mux(misc.aux == 0, BLOCK_BYTES[0],
                                   Mux(misc.aux == 1, BLOCK_BYTES[1], BLOCK_BYTES[2])))
@@ -322,7 +330,7 @@ class Validator(wiring.Component):
         st16 = (op2 == Op.ST) & (func2 == StFunc.F16)
         starts[0] = Mux(is_ldst, buf, starts[0])
         lens[0] = Mux(is_ldst, Mux(st16, hbm_len << 1, hbm_len), lens[0])
-        misc_illegal = fp.misc_illegal
+        misc_illegal = fp.misc_illegal | fp.unsupported
         nslots = len(starts)
         wb2 = fp.wb
         P, S = self._slices, self._stripe

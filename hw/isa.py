@@ -59,6 +59,8 @@ class MiscFunc(enum.Enum, shape=8):
     ATTN = 7
     COPY = 8
     EMBED = 9
+    KVROW = 10
+    SOFTMAX = 11
 
 
 assert {f.name: f.value for f in MiscFunc} == _isa.MISC_FUNCS
@@ -75,6 +77,7 @@ class StFunc(enum.Enum, shape=8):
     """ST operations: raw bytes, or binary32 -> binary16."""
     F32 = _isa.ST_F32
     F16 = _isa.ST_F16
+    X = _isa.ST_X
 
 
 def _struct(fields):
@@ -116,13 +119,16 @@ def is_legal(m: Module, word) -> Signal:
     mv = w.mv
     fmt, sp = mv.func[0:2], mv.func[2:8]
     shape_ok = (mv.cols != 0) & (mv.cols[0:5] == 0) & (mv.rows != 0)
+    # an MV's tiled layouts (func bits 5, 6: not both) are legal encodings; this RTL does not
+    # execute them yet (the validator refuses them: Footprint.unsupported)
+    mv_sp_ok = (mv.func[2:5] < len(_isa.SPARSITIES)) & (mv.func[7] == 0) & ~(mv.func[5] & mv.func[6])
     with m.Switch(op):
         with m.Case(Op.LD):
             m.d.comb += legal.eq(~h.wait_prev & ~h.rel_prev & (h.func == 0))
         with m.Case(Op.ST):
-            m.d.comb += legal.eq(~h.wait_next & ~h.rel_next & (h.func < 2))
+            m.d.comb += legal.eq(~h.wait_next & ~h.rel_next & (h.func < len(_isa.ST_NAMES)))
         with m.Case(Op.MV):
-            m.d.comb += legal.eq((mv.rsv == 0) & (fmt < 3) & (sp < len(_isa.SPARSITIES)) & shape_ok)
+            m.d.comb += legal.eq((fmt < 3) & mv_sp_ok & shape_ok)
         with m.Case(Op.MM):
             m.d.comb += legal.eq((fmt < 3) & (sp < len(_isa.SPARSITIES)) & shape_ok
                                  & (w.mm.ntok != 0))

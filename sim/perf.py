@@ -311,6 +311,14 @@ def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lane
         av = rows * _ceil(hd, L) + hd // attn_tree_lanes(hd, L) + c.attn_av_fixed
         sm = c.attn_softmax_fixed + c.softmax_per_row * rows
         return c.sfu_fixed + attn_schedule(nh, score, av, rows, sm)
+    # attention on the chains (docs/isa.md): not in the RTL yet, so these are the SFU's
+    # structure at L lanes (ATTN's softmax fixed cost, one pass for max/exp/sum and one to
+    # scale and write; KVROW quantizes K and V at L lanes and writes V's column a byte a
+    # cycle), not measured figures
+    if name == "SOFTMAX":
+        return c.sfu_fixed + c.attn_softmax_fixed + 2 * _ceil(n, L)
+    if name == "KVROW":
+        return c.quant_fixed + 2 * _ceil(n, L) + n
     return c.sfu_fixed
 
 
@@ -331,7 +339,7 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     every pipeline, as before the slices.
     """
     fmt = isa.FMTS[f["func"] & 3]
-    sp = isa.SPARSITIES[f["func"] >> 2]
+    sp = isa.SPARSITIES[(f["func"] >> 2) & 7]
     rows, cols = f["rows"], f["cols"]
     nb = cols // 32
     D = line_bytes(config)
@@ -420,8 +428,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     L = sfu_lanes(config)
     c = costs
     regs = [0] * isa.NREGS
-    regs[isa.REG_POS] = pos
-    regs[isa.REG_SEQ] = pos + ntok
+    for r, v in isa.run_registers(pos, 0, ntok).items():
+        regs[r] = v
     words = isa.from_bytes(prog)
 
     validate = c.validate_fixed + len(words) * c.dispatch_cycles
@@ -439,7 +447,9 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     from llmfab.hw.mv_exec import DEFAULT_MAX_BLOCKS   # the accelerator's MvExec buffers' blocks
     D = line_bytes(config)
     hbm_line = config.hbm_bytes_per_cycle
-    wbase = sum(config.buffer_bytes[r] for r in ("activation", "global", "kv"))
+    # the banked buffer the MV/MM unit reads (the weight buffer; with attention on the chains
+    # from the KV buffer on, docs/isa.md): its loads take the per-port path
+    wbase = int(bundle.manifest["onchip"]["weight"][0])
     act_vec = None              # MvExec's activation cache: (qsrc, cols, ntok) it holds ...
     act_lines = (0, 0)          # ... and the on-chip lines [first, end) those vectors occupy
     # the execution unit (hw/exec_unit.py): an MV/MM and a MISC run side by side when their
@@ -450,6 +460,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     rng = dict(gb_base=int(man["onchip"]["global"][0]), kv_context=int(man["onchip"]["context"]),
                slices=int(man["memory_map"]["hbm_ports"]),
                stripe=int(man["memory_map"]["hbm_stripe_bytes"]))
+    kv_region = None
     unit_free = {"mv": 0.0, "misc": 0.0}
     cmp_dones = [0.0]                               # done times of the compute instructions
     in_flight = {"mv": (0.0, []), "misc": (0.0, [])}     # (finish, on-chip ranges) of the last
@@ -516,6 +527,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 start = other[0]
             if ins.op in ("MV", "MM"):
                 nt = max(f.get("ntok", 1), 1) if ins.op == "MM" else 1
+                rows, cols = isa.mv_shape(f, regs)
+                f = dict(f, rows=rows, cols=cols)
                 vec = (f["qsrc"], f["cols"], nt)
                 cyc = mv_cycles(f, nt, config, c, act_cached=(vec == act_vec))
                 # MvExec keeps vectors it loaded in one pass (every token of the instruction)
@@ -526,9 +539,12 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 busy["mv"] += cyc
             else:
                 name = isa.MISC_NAMES[f["func"]]
+                if name == "KVROW" and kv_region is None:
+                    kv_region = isa.kv_region(f["n"], rng["kv_context"], rng["slices"], rng["stripe"])
+                w = isa.misc_write_bytes(f, regs, kv_region)
+                f = dict(f, n=isa.misc_len(f, regs))
                 cyc = misc_cycles(name, f, regs, config, c, lanes=L)
                 # MvExec's cache stays valid unless the write touches a line of its vectors
-                w = isa.misc_write_bytes(f)
                 if w and f["dst"] // D < act_lines[1] and _ceil(f["dst"] + w, D) > act_lines[0]:
                     act_vec = None
                 busy["misc"] += cyc
