@@ -255,7 +255,7 @@ def test_error_missing_model_file(capsys, tmp_path):
 
 def test_error_unknown_config(capsys):
     one_line_error(*run(capsys, "generate", "--prompt", "x", "--max-tokens", 2, "--config", "nope"),
-                   "unknown config 'nope'; known configs: ci, tiny, u250, u280, u280-slice, u55c, v80, vhk158")
+                   "unknown config 'nope'; known configs: ci, ci-chains, tiny, u250, u280, u280-slice, u55c, v80, vhk158")
 
 
 def test_error_config_file_missing(capsys, tmp_path):
@@ -522,7 +522,7 @@ def _no_model_load(monkeypatch):
     (["generate", "--prompt", "x", "--max-tokens", "0"], "--max-tokens must be at least 1, not 0"),
     (["generate", "--prompt", ""], "--prompt is empty: give some text"),
     (["generate", "--prompt", "x", "--config", "nope"],
-     "unknown config 'nope'; known configs: ci, tiny, u250, u280, u280-slice, u55c, v80, vhk158"),
+     "unknown config 'nope'; known configs: ci, ci-chains, tiny, u250, u280, u280-slice, u55c, v80, vhk158"),
     (["generate", "--prompt", "x", "--backend", "rtl", "--context", "9"],
      "--context applies to --backend reference; backend 'rtl' holds the compiled program's context"),
     (["logits", "--tokens", "1 2", "--out", "x.npy"], TOKENS_MSG.format("1 2")),
@@ -531,12 +531,12 @@ def _no_model_load(monkeypatch):
     (["logits", "--tokens", "1", "--out", ""], "--out is empty: give a file name"),
     (["compile", "--out", ""], "--out is empty: give a directory name"),
     (["logits", "--tokens", "1", "--out", "x.npy", "--config", "nope"],
-     "unknown config 'nope'; known configs: ci, tiny, u250, u280, u280-slice, u55c, v80, vhk158"),
+     "unknown config 'nope'; known configs: ci, ci-chains, tiny, u250, u280, u280-slice, u55c, v80, vhk158"),
     (["compile", "--out", "/dev/null"], "cannot write a bundle to /dev/null: it exists and is not a directory"),
     (["compile", "--out", "b", "--sparsity", "5:7"],
      "unknown sparsity pattern '5:7' (choose from dense, 2:4, 8:16, 4:16, 2:16)"),
     (["compile", "--out", "b", "--config", "nope"],
-     "unknown config 'nope'; known configs: ci, tiny, u250, u280, u280-slice, u55c, v80, vhk158"),
+     "unknown config 'nope'; known configs: ci, ci-chains, tiny, u250, u280, u280-slice, u55c, v80, vhk158"),
 ])
 def test_cheap_arguments_checked_before_the_model_loads(capsys, monkeypatch, tmp_path, argv, msg):
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,7 @@ from llmfab.boards import (AccelConfig, ConfigError, FitError, check_fits,
                            load_board, load_config)
 from llmfab.boards.config import CONFIGS_DIR
 
-ALL_CONFIGS = ["ci", "tiny", "u250", "u280", "u280-slice", "u55c", "v80", "vhk158"]
+ALL_CONFIGS = ["ci", "ci-chains", "tiny", "u250", "u280", "u280-slice", "u55c", "v80", "vhk158"]
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -84,7 +84,7 @@ def test_board_is_named_and_loaded():
 
 def test_named_boards():
     assert {c.name: c.board for c in list_configs()} == {
-        "ci": "sim-small", "tiny": "sim-tiny", "u250": "u250", "u280": "u280", "u280-slice": "u280",
+        "ci": "sim-small", "ci-chains": "sim-small", "tiny": "sim-tiny", "u250": "u250", "u280": "u280", "u280-slice": "u280",
         "u55c": "u55c", "v80": "v80", "vhk158": "vhk158"}
 
 
@@ -246,7 +246,7 @@ def test_config_hash_changes_with_board(tmp_path):
 
 def test_unknown_config_name():
     assert error_of("big") == ("unknown config 'big'; known configs: "
-                               "ci, tiny, u250, u280, u280-slice, u55c, v80, vhk158")
+                               "ci, ci-chains, tiny, u250, u280, u280-slice, u55c, v80, vhk158")
 
 
 def test_missing_field(tmp_path):
