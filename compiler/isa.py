@@ -178,10 +178,10 @@ def _legal(op: int, f: dict) -> str | None:
         fmt, sp = f["func"] & 3, f["func"] >> 2
         if op == OP_MV:
             sp &= ~(MV_RT | MV_BT) >> 2
-            if f["func"] & MV_RT and f["func"] & MV_BT:
-                return "MV with both tiled layouts"
         if fmt >= len(FMTS) or sp >= len(SPARSITIES):
             return f"{OPNAMES[op]} func {f['func']}"
+        if op == OP_MV and f["func"] & MV_RT and f["func"] & MV_BT:
+            return "MV with both tiled layouts"
         if f["cols"] == 0 or f["cols"] % 32 or f["rows"] == 0:
             return f"{OPNAMES[op]} shape {f['rows']}x{f['cols']}"
         if op == OP_MM and f["ntok"] == 0:
@@ -396,6 +396,25 @@ def misc_operand_error(ins: Instr) -> str | None:
         return f"KVROW head dim {f['n']} is not a nonzero multiple of 32"
     if name == "EMBED" and f["aux"] >= 3:
         return f"EMBED format {f['aux']}"
+    return None
+
+
+def chains_feature(ins: Instr) -> str | None:
+    """What of "attention on the chains" an instruction uses (None: nothing): an MV's tiled
+    layouts or register-extended shape, KVROW, SOFTMAX, a QUANT/MUL length from a register,
+    ST.x. A configuration without ``attention: chains`` refuses them (status 1), the
+    dispatcher's validator as the golden model (docs/isa.md)."""
+    f = ins                                         # missing fields read as 0
+    if ins.op == "MV" and (f["func"] & (MV_RT | MV_BT) or f["rreg"] or f["creg"]):
+        return "an MV with a tiled layout or a register-extended shape"
+    if ins.op == "ST" and f["func"] == ST_X:
+        return "ST.x"
+    if ins.op == "MISC":
+        name = MISC_NAMES[f["func"]]
+        if name in ("KVROW", "SOFTMAX"):
+            return name
+        if name in ("QUANT", "MUL") and f["reg"]:
+            return f"a {name} length from a register"
     return None
 
 

@@ -24,7 +24,7 @@ from amaranth.utils import exact_log2
 
 from llmfab.compiler import isa as _isa
 from llmfab.hw.axi import BURST_BYTES, FLAT_BITS, read_client_signature
-from llmfab.hw.dma import QEntry, reg_value
+from llmfab.hw.dma import HW_REGS, QEntry, reg_value
 from llmfab.hw.isa import (BLOCK_BYTES, QBLOCK_BYTES, SPARSE_BLOCK_BYTES, Instruction, MiscFunc,
                            Op, StFunc, SysFunc, is_legal)
 
@@ -153,7 +153,7 @@ class Footprint:
     SLOTS = 5
 
     def __init__(self, m, word, rval, context, *, global_base: int, slices: int = 1,
-                 stripe: int = 64):
+                 stripe: int = 64, chains: bool = False):
         w = data.View(Instruction, word)
         op, func = w.header.op, w.header.func
         op2, func2 = Signal(4), Signal(8)
@@ -194,8 +194,9 @@ class Footprint:
         m.d.comb += c_reps.eq(Mux(misc.aux == 0, 1, misc.aux))
         copy_src = _mul(m, c_reps, misc.n, "copy_src")
         copy_gap = _mul(m, c_reps - 1, Mux(c_reps > 1, misc.b, misc.n), "copy_gap")
-        # attention on the chains (docs/isa.md): legal encodings this RTL does not execute yet;
-        # the validator refuses them (status 1) rather than run them wrong
+        # attention on the chains (docs/isa.md, compiler.isa.chains_feature): legal encodings
+        # that a configuration without attention: chains refuses (status 1); with it, this
+        # RTL does not execute them yet either
         self.unsupported = Signal(name="fp_unsupported")
         m.d.sync += self.unsupported.eq(
             ((op == Op.MISC) & ((func == MiscFunc.KVROW) | (func == MiscFunc.SOFTMAX)
@@ -255,14 +256,15 @@ class Validator(wiring.Component):
     start : In(1)
         Pulse at the start of a run (``nwords`` and the registers are stable).
     i : In(stream.Signature(QEntry))
-    regs : In(32) x 8, hbm_size : In(64), context : In(32), nwords : In(32)
+    regs : In(32) x HW_REGS, hbm_size : In(64), context : In(32), nwords : In(32)
     done : Out(1)
         Level: the pass is over; ``status`` (0 or a fault) and ``pc`` hold.
     status : Out(3), pc : Out(32)
     """
 
     def __init__(self, *, onchip_size: int, global_base: int, weight_base: int = 0,
-                 slices: int = 1, stripe: int = 64):
+                 slices: int = 1, stripe: int = 64, chains: bool = False):
+        self._chains = chains
         self._size = onchip_size
         self._gb = global_base
         self._wbase = weight_base
@@ -271,7 +273,7 @@ class Validator(wiring.Component):
         super().__init__({
             "start": In(1),
             "i": In(stream.Signature(QEntry)),
-            "regs": In(32).array(8), "hbm_size": In(64), "context": In(32), "nwords": In(32),
+            "regs": In(32).array(HW_REGS), "hbm_size": In(64), "context": In(32), "nwords": In(32),
             "done": Out(1), "status": Out(3), "pc": Out(32),
         })
 
@@ -318,7 +320,8 @@ class Validator(wiring.Component):
         p_str = _mul(m, reg_value(regs, ld.ireg), ld.stride, "p_str")
         p_len = _mul(m, reg_value(regs, ld.lreg), ld.lmul, "p_len")
         fp = Footprint(m, word1, reg_value(regs, w.misc.reg), self.context,
-                       global_base=self._gb, slices=self._slices, stripe=self._stripe)
+                       global_base=self._gb, slices=self._slices, stripe=self._stripe,
+                       chains=self._chains)
 
         # ---- stage 3: ranges and the fault of this word
         is_ldst = (op2 == Op.LD) | (op2 == Op.ST)

@@ -58,6 +58,15 @@ def OutLine(line_bytes: int) -> data.StructLayout:
     return data.StructLayout({"data": line_bytes * 8, "be": line_bytes, "last": 1})
 
 
+#: Registers the hardware holds: R0..R7 (the host's) and R8, R9 derived from R1 (docs/isa.md).
+HW_REGS = 10
+
+
+def derived_regs(pos):
+    """R8 = pos // 32 and R9 = pos - pos % 32 (``compiler.isa.run_registers``) from R1's signal."""
+    return [pos >> 5, Cat(C(0, 5), pos[5:])]
+
+
 def reg_value(regs, idx):
     """``R[idx]`` from a list of register signals (``regs[0]`` is R0 = 0; higher ones are 0)."""
     v = Const(0, 32)
@@ -344,7 +353,7 @@ class MemInstrDecode(wiring.Component):
     -------
     i : In(stream.Signature(QEntry))
     o : Out(stream.Signature(MemDesc))
-    regs : In(32) x 8 (R0..R7; R0 is ignored and read as 0)
+    regs : In(32) x HW_REGS (R0..R9; R0 is ignored and read as 0)
     busy : Out(1)
     """
 
@@ -352,7 +361,7 @@ class MemInstrDecode(wiring.Component):
         super().__init__({
             "i": In(stream.Signature(QEntry)),
             "o": Out(stream.Signature(MemDesc)),
-            "regs": In(32).array(8),
+            "regs": In(32).array(HW_REGS),
             "busy": Out(1),
         })
 
@@ -424,7 +433,7 @@ class LoadEngine(wiring.Component):
     Members
     -------
     q : In(stream.Signature(QEntry))
-    regs : In(32) x 8
+    regs : In(32) x HW_REGS
     rd : Out(read_client_signature) per port
     mem : Out(mem_write_signature)
     bank_wr : Out(mem_write_signature) per port (fast path only)
@@ -445,7 +454,7 @@ class LoadEngine(wiring.Component):
         self._wbase = weight_base
         members = {
             "q": In(stream.Signature(QEntry)),
-            "regs": In(32).array(8),
+            "regs": In(32).array(HW_REGS),
             "rd": Out(read_client_signature(beat_bytes * 8)).array(ports),
             "mem": Out(mem_write_signature(addr_bits, self._lb * 8)),
             "busy": Out(1),
@@ -470,7 +479,7 @@ class LoadEngine(wiring.Component):
         m.submodules.cmdq = cmdq = fifo.SyncFIFO(width=96, depth=4)
         m.submodules.realign = rl = Realign(Ds)
         wiring.connect(m, wiring.flipped(self.q), dec.i)
-        for i in range(8):
+        for i in range(HW_REGS):
             m.d.comb += dec.regs[i].eq(self.regs[i])
         # descriptors: to the mover (all), to the burst generator (non-empty ones)
         d = dec.o.payload
@@ -615,7 +624,7 @@ class StoreEngine(wiring.Component):
     Members
     -------
     q : In(stream.Signature(QEntry))
-    regs : In(32) x 8
+    regs : In(32) x HW_REGS
     wr : Out(write_client_signature) per port
     mem : Out(mem_read_signature)
     retire, rel_prev, rel_next : Out(1)
@@ -632,7 +641,7 @@ class StoreEngine(wiring.Component):
         lb = self._lb * 8
         super().__init__({
             "q": In(stream.Signature(QEntry)),
-            "regs": In(32).array(8),
+            "regs": In(32).array(HW_REGS),
             "wr": Out(write_client_signature(beat_bytes * 8)).array(ports),
             "mem": Out(mem_read_signature(addr_bits, lb)),
             "busy": Out(1),
@@ -654,7 +663,7 @@ class StoreEngine(wiring.Component):
         m.submodules.pack = pack = F16Pack(D)
         m.submodules.align_out = al_out = Realign(D)
         wiring.connect(m, wiring.flipped(self.q), dec.i)
-        for i in range(8):
+        for i in range(HW_REGS):
             m.d.comb += dec.regs[i].eq(self.regs[i])
         wiring.connect(m, reader.mem, wiring.flipped(self.mem))
         wiring.connect(m, reader.o, al_in.i)

@@ -5,8 +5,10 @@ The interface (:func:`exec_signature`, seen from the unit)
 ``instr : In(stream.Signature(ExecInstr))``
     The compute queue's instructions (MV, MM, MISC) in program order, each
     presented once its wait tokens are satisfied: ``word`` (128 bits, see
-    ``hw/isa.py``'s :data:`~llmfab.hw.isa.Instruction`), ``pc``, and ``rval``
-    = ``R[reg]`` of a MISC word (the context length ATTN reads).
+    ``hw/isa.py``'s :data:`~llmfab.hw.isa.Instruction`), ``pc``, ``rval``
+    = ``R[reg]`` of a MISC word (the context length ATTN reads; an MV's ``R[rreg]``, the
+    same bits) and ``rval2`` = ``R[creg]`` of an MV word (docs/isa.md, "Attention on the
+    chains").
 ``done : Out(1)``
     One pulse per accepted instruction, in acceptance order, once every
     on-chip write of that instruction has been accepted by ``wr`` (its
@@ -57,7 +59,7 @@ from llmfab.hw.onchip import mem_read_signature, mem_write_signature
 __all__ = ["ExecInstr", "exec_signature", "snoop_layout", "MAX_IN_FLIGHT", "PLACEHOLDER_LATENCY", "MiscExec"]
 
 #: One compute-queue instruction handed to the execution unit.
-ExecInstr = data.StructLayout({"word": 128, "pc": 32, "rval": 32})
+ExecInstr = data.StructLayout({"word": 128, "pc": 32, "rval": 32, "rval2": 32})
 #: Instructions the compute queue lets a unit hold at once.
 MAX_IN_FLIGHT = 8
 #: Cycles an operation MiscExec does not execute (MV, MM, QUANT, RMSNORM, ROPE, SILU_MUL,

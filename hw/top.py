@@ -34,7 +34,7 @@ from llmfab.hw.axi import Axi4Signature, AxiLiteSignature, AxiReadMux, AxiWriteM
 from llmfab.hw.control import (ADDR_WIDTH, ARGS, COUNTER_MAGIC, REG_ARGS, ControlRegs,
                                CounterWriter, counter_names)
 from llmfab.hw.dispatch import Fetch, Validator
-from llmfab.hw.dma import QEntry, LoadEngine, StoreEngine, reg_value
+from llmfab.hw.dma import HW_REGS, QEntry, LoadEngine, StoreEngine, derived_regs, reg_value
 from llmfab.hw.exec_unit import ExecUnit
 from llmfab.hw.execute import MAX_IN_FLIGHT
 from llmfab.hw.isa import Instruction, Op, SysFunc
@@ -125,7 +125,8 @@ class Core(wiring.Component):
                                            buffer_bytes=g["instruction_bytes"])
         m.submodules.validator = val = Validator(onchip_size=g["onchip_size"],
                                                  global_base=g["global_base"],
-                                                 weight_base=g["weight_base"], slices=P, stripe=S)
+                                                 weight_base=g["weight_base"], slices=P, stripe=S,
+                                                 chains=getattr(self._config, "attention", "sfu") == "chains")
         m.submodules.ld = ld = LoadEngine(ports=P, beat_bytes=S, addr_bits=ab, line_bytes=D,
                                           weight_base=g["weight_base"],
                                           bank_addr_bits=mem.bank_addr_bits)
@@ -137,8 +138,9 @@ class Core(wiring.Component):
         m.submodules.cw = cw = CounterWriter(ports=P, beat_bytes=S, n=len(names))
 
         regs = [Const(0, 32)] + [getattr(self, n) for n in REG_ARGS]
+        regs += derived_regs(self.pos)              # R8, R9 (docs/isa.md, "Runtime registers")
         for unit in (val, ld, st):
-            for i in range(8):
+            for i in range(HW_REGS):
                 m.d.comb += unit.regs[i].eq(regs[i])
 
         # ---- AXI ports: reads (fetch = ID 0, load = ID 1), writes (store, counter writer)
@@ -224,6 +226,8 @@ class Core(wiring.Component):
             ex.instr.valid.eq(fc.r_rdy & ok["cmp"] & pend.w_rdy),
             ex.instr.payload.word.eq(heads["cmp"].word), ex.instr.payload.pc.eq(heads["cmp"].pc),
             ex.instr.payload.rval.eq(reg_value(regs, misc_reg)),
+            # an MV's creg (bits 124..127; a MISC word's reserved bits, zero)
+            ex.instr.payload.rval2.eq(reg_value(regs, heads["cmp"].word[124:128])),
         ]
         cmp_go = ex.instr.valid & ex.instr.ready
         m.d.comb += [fc.r_en.eq(cmp_go), pend.w_en.eq(cmp_go),

@@ -96,6 +96,8 @@ class Golden:
         self.stripe = int(man["memory_map"]["hbm_stripe_bytes"])
         self.line = self.slices * self.stripe
         self.kv_context = int(man["onchip"]["context"])
+        # the ISA's attention-on-the-chains words exist on configurations that have them
+        self.chains = man["onchip"].get("attention") == "chains"
         self.hbm_size = int(man["hbm_size"])
         self.hbm = np.zeros(self.hbm_size, np.uint8)
         img = bundle.hbm_image
@@ -258,6 +260,10 @@ class Golden:
         """The status and message an instruction faults with (None: it does not). In order:
         operand rules (status 1), HBM ranges (2), on-chip ranges (3): an MV/MM's weights first
         (:meth:`_weight_error`), then every other operand against the on-chip size."""
+        if not self.chains:
+            why = isa.chains_feature(ins)
+            if why:
+                return isa.STATUS_ILLEGAL, f"{why} needs a configuration with attention: chains"
         why = isa.misc_operand_error(ins) or isa.dynamic_operand_error(ins, regs)
         if why:
             return isa.STATUS_ILLEGAL, why

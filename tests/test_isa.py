@@ -180,7 +180,7 @@ def test_illegal_token_bits():
 
 
 def test_illegal_reserved_bits():
-    for op in ("MV", "MISC", "SYS"):
+    for op in ("MISC", "SYS"):
         code = isa.OPCODES[op]
         off, width = isa.OFFSETS[code]["rsv"]
         for bit in range(width):
@@ -197,7 +197,7 @@ def test_illegal_funcs():
         else:
             _illegal(w, f"LD func {f}")
         w = _set(_base("ST"), isa.OP_ST, "func", f)
-        if f <= 1:
+        if f <= 2:                              # ST, ST.f16, ST.x
             assert isa.decode(w)["func"] == f
         else:
             _illegal(w, f"ST func {f}")
@@ -213,12 +213,15 @@ def test_illegal_funcs():
             _illegal(w, f"SYS func {f}")
         for op in ("MV", "MM"):
             w = _set(_base(op), isa.OPCODES[op], "func", f)
-            fmt, sp = f & 3, f >> 2
-            if fmt == 3 or sp >= 5:
+            fmt, sp, tiles = f & 3, (f >> 2) & 7, f >> 5
+            # an MV's func bits 5 and 6: row tiles, block tiles (not both); bit 7 illegal
+            if op == "MV" and tiles == 3 and fmt != 3 and sp < 5:
+                _illegal(w, "MV with both tiled layouts")
+            elif fmt == 3 or sp >= 5 or (tiles and (op == "MM" or tiles > 3)):
                 _illegal(w, f"{op} func {f}")
             else:
                 ins = isa.decode(w)
-                assert ins["func"] == isa.mv_func(isa.FMTS[fmt], isa.SPARSITIES[sp])
+                assert ins["func"] == isa.mv_func(isa.FMTS[fmt], isa.SPARSITIES[sp]) | tiles << 5
 
 
 def test_illegal_shapes():
@@ -272,3 +275,61 @@ def test_random_words():
         w = _base(op)
         for b in range(128):
             _check_word(w ^ (1 << b))
+
+
+def test_mv_register_fields_and_tiled_layouts():
+    """An MV's rreg/creg (bits 120..127, formerly reserved) and its tiled layouts round-trip;
+    the shapes they give under registers, and the weight spans of the layouts."""
+    w = isa.make("MV", func=isa.mv_func("q8_0") | isa.MV_RT, wb=0x100, rows=1, rreg=isa.REG_POS,
+                 cols=64, qsrc=0x40, dst=0x80)
+    ins = isa.decode(isa.encode(w))
+    assert (ins["rreg"], ins["creg"], ins["func"] & isa.MV_RT) == (isa.REG_POS, 0, isa.MV_RT)
+    regs = [0] * isa.NREGS
+    for r, v in isa.run_registers(70).items():
+        regs[r] = v
+    assert (regs[isa.REG_PTILE], regs[isa.REG_PBASE]) == (2, 64)
+    assert isa.mv_shape(ins.fields, regs) == (71, 64)
+    # row tiles: 3 started tiles of 32 rows of 2 Q8_0 blocks, on 1 and on 2 slices of 32 bytes
+    assert isa.weight_span(ins["func"], 71, 64, 1, 32) == 3 * 32 * 68
+    assert isa.weight_span(ins["func"], 71, 64, 2, 32) == 3 * isa.mv_span(32, 68, 2, 32)
+    bt = isa.mv_func("q8_0") | isa.MV_BT
+    assert isa.weight_span(bt, 64, 96, 2, 32) == 3 * isa.mv_span(64, 34, 2, 32)
+    assert "MV.q8_0.rt" in isa.disassemble(ins)
+
+
+@pytest.mark.parametrize("slices,stripe", [(1, 64), (2, 32), (4, 64)])
+def test_tiled_layouts_round_trip(slices, stripe):
+    """untile_rows inverts the layouts KVROW writes: row r of a slice-major tile at
+    row_address(r); row tiles of 32 rows and block tiles of one block."""
+    rng = np.random.default_rng(slices)
+    rb = 68
+    rows = 70
+    raw = rng.integers(0, 256, (rows, rb), dtype=np.uint8)
+    rt = isa.mv_func("q8_0") | isa.MV_RT
+    buf = np.zeros(isa.weight_span(rt, rows, 64, slices, stripe), np.uint8)
+    tile = isa.mv_span(32, rb, slices, stripe)
+    for r in range(rows):
+        buf[(r // 32) * tile + isa.row_address(r % 32, rb, slices, stripe)] = raw[r]
+    assert np.array_equal(isa.untile_rows(buf, rt, rows, 64, slices, stripe), raw)
+    bt = isa.mv_func("q8_0") | isa.MV_BT
+    hd, nb = 64, 3
+    raw = rng.integers(0, 256, (hd, nb * 34), dtype=np.uint8)
+    tile = isa.mv_span(hd, 34, slices, stripe)
+    buf = np.zeros(isa.weight_span(bt, hd, nb * 32, slices, stripe), np.uint8)
+    for j in range(nb):
+        for r in range(hd):
+            buf[j * tile + isa.row_address(r, 34, slices, stripe)] = raw[r, 34 * j:34 * j + 34]
+    assert np.array_equal(isa.untile_rows(buf, bt, hd, nb * 32, slices, stripe), raw)
+
+
+def test_chains_features_named():
+    """What a configuration without attention: chains refuses (status 1)."""
+    q8 = isa.mv_func("q8_0")
+    assert isa.chains_feature(isa.make("MV", func=q8, rows=1, cols=32)) is None
+    assert isa.chains_feature(isa.make("MV", func=q8, rows=1, cols=32, creg=9)) == \
+        "an MV with a tiled layout or a register-extended shape"
+    assert isa.chains_feature(isa.make("ST", func=isa.ST_X)) == "ST.x"
+    assert isa.chains_feature(isa.make("MISC", func=isa.MISC_FUNCS["SOFTMAX"])) == "SOFTMAX"
+    assert isa.chains_feature(isa.make("MISC", func=isa.MISC_FUNCS["QUANT"], n=32, reg=9)) == \
+        "a QUANT length from a register"
+    assert isa.chains_feature(isa.make("MISC", func=isa.MISC_FUNCS["QUANT"], n=32)) is None
