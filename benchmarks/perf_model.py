@@ -196,66 +196,86 @@ GOAL_TOKENS_PER_S = 110
 
 
 def projection(cfg, positions):
-    """LLaMA2-7B-shaped, Q4_0 and Q4_1, on ``cfg`` at ``positions``: a Markdown table and a plot."""
+    """LLaMA2-7B-shaped, Q4_0 and Q4_1, on ``cfg`` at ``positions``, with attention in the SFU
+    and on the chains (``attention: chains``, docs/isa.md): a Markdown table and a plot."""
+    import dataclasses
     rows = []
-    for fmt in ("q4_0", "q4_1"):
-        model = shape_model(LLAMA2_7B, fmt)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            b = compile_model(model, cfg, context=min(4096, cfg.context), emit_image=False, prefill=False)
-        for pos in positions:
-            e = estimate(b, cfg, pos=pos, memory="card")
-            # the memory-only bound: the step's bytes at the rate the loads were charged
-            mem_only = (e.weight_bytes + e.kv_bytes) / e.bytes_per_cycle
-            r = {"config": cfg.name, "format": fmt, "pos": pos, **e.to_dict(),
-                 "memory_only_tokens_per_s": cfg.clock_mhz * 1e6 / mem_only}
-            rows.append(r)
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+    for engine in ("sfu", "chains"):
+        c = dataclasses.replace(cfg, attention=engine)
+        for fmt in ("q4_0", "q4_1"):
+            model = shape_model(LLAMA2_7B, fmt)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                b = compile_model(model, c, context=min(4096, c.context), emit_image=False, prefill=False)
+            for pos in positions:
+                e = estimate(b, c, pos=pos, memory="card")
+                # the memory-only bound: the step's bytes at the rate the loads were charged
+                mem_only = (e.weight_bytes + e.kv_bytes) / e.bytes_per_cycle
+                r = {"config": cfg.name, "attention": engine, "format": fmt, "pos": pos, **e.to_dict(),
+                     "memory_only_tokens_per_s": cfg.clock_mhz * 1e6 / mem_only}
+                rows.append(r)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
     table = [f"LLaMA2-7B-shaped on `{cfg.name}` ({cfg.clock_mhz:g} MHz, {cfg.chain.count} x "
              f"{cfg.chain.length} chains, SFU {rows[0]['sfu_lanes']} lanes), card-like memory "
              f"({rows[0]['bytes_per_cycle']:.0f} B/cycle charged of {rows[0]['peak_bytes_per_cycle']:.0f}):", "",
-             "| weights | position | cycles/token | loads | MV/MM | MISC (of which ATTN) | tokens/s | "
-             "HBM utilization (peak) | (sustainable) | bound | memory-only tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| attention | weights | position | cycles/token | loads | MV/MM | MISC (of which attention) | "
+             "tokens/s | HBM utilization (peak) | (sustainable) | bound | memory-only tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(
-            f"| {r['format'].upper()} | {r['pos']} | {r['cycles'] / 1e6:.2f} M | {r['load_cycles'] / 1e6:.2f} M | "
-            f"{r['mv_cycles'] / 1e6:.2f} M | {r['sfu_cycles'] / 1e6:.2f} M ({r['misc_by_op'].get('ATTN', 0) / 1e6:.2f} M) | "
-            f"{r['tokens_per_s']:.1f} | {r['hbm_utilization']:.3f} | {r['hbm_utilization_sustainable']:.3f} | "
-            f"{r['bound']} | {r['memory_only_tokens_per_s']:.0f} |")
+            f"| {r['attention']} | {r['format'].upper()} | {r['pos']} | {r['cycles'] / 1e6:.2f} M | "
+            f"{r['load_cycles'] / 1e6:.2f} M | {r['mv_cycles'] / 1e6:.2f} M | {r['sfu_cycles'] / 1e6:.2f} M "
+            f"({_attn_misc(r) / 1e6:.2f} M) | {r['tokens_per_s']:.1f} | {r['hbm_utilization']:.3f} | "
+            f"{r['hbm_utilization_sustainable']:.3f} | {r['bound']} | {r['memory_only_tokens_per_s']:.0f} |")
     _projection_plot(rows, cfg, os.path.join(IMG, f"perf_projection_{cfg.name}.png"))
     return "\n".join(table)
+
+
+#: MISC operations that are attention's: the SFU's ATTN, or on the chains its SFU parts
+ATTN_MISC = ("ATTN", "KVROW", "SOFTMAX")
+
+
+def _attn_misc(r) -> float:
+    return sum(r["misc_by_op"].get(k, 0) for k in ATTN_MISC)
 
 
 def _projection_plot(rows, cfg, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for fmt, style in (("q4_0", "o-"), ("q4_1", "s--")):
-        rs = [r for r in rows if r["format"] == fmt]
-        a1.plot([r["pos"] for r in rs], [r["tokens_per_s"] for r in rs], style, label=f"{fmt.upper()} model")
-        a1.plot([r["pos"] for r in rs], [r["memory_only_tokens_per_s"] for r in rs], style, alpha=0.4,
-                label=f"{fmt.upper()} memory-only")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {("sfu", "q4_0"): "o:", ("sfu", "q4_1"): "s:", ("chains", "q4_0"): "o-", ("chains", "q4_1"): "s-"}
+    for (engine, fmt), style in styles.items():
+        rs = [r for r in rows if r["format"] == fmt and r["attention"] == engine]
+        a1.plot([r["pos"] for r in rs], [r["tokens_per_s"] for r in rs], style,
+                label=f"{fmt.upper()}, attention {'on the chains' if engine == 'chains' else 'in the SFU'}")
+    rs = [r for r in rows if r["format"] == "q4_0" and r["attention"] == "chains"]
+    a1.plot([r["pos"] for r in rs], [r["memory_only_tokens_per_s"] for r in rs], "k--", alpha=0.4,
+            label="Q4_0 memory-only (chains)")
     a1.axhline(GOAL_TOKENS_PER_S, color="grey", ls=":", lw=1, label=f"goal {GOAL_TOKENS_PER_S} tok/s")
     a1.set_yscale("log")
     a1.set_xlabel("position")
     a1.set_ylabel("tokens/s")
     a1.legend(fontsize=7)
     a1.grid(True, which="both", alpha=0.3)
-    rs = [r for r in rows if r["format"] == "q4_0"]
-    x = range(len(rs))
-    loads = [r["load_cycles"] / 1e6 for r in rs]
-    mv = [r["mv_cycles"] / 1e6 for r in rs]
-    attn = [r["misc_by_op"].get("ATTN", 0) / 1e6 for r in rs]
-    other = [(r["sfu_cycles"] - r["misc_by_op"].get("ATTN", 0)) / 1e6 for r in rs]
+    labels, loads, mv, attn, other = [], [], [], [], []
+    for engine in ("sfu", "chains"):
+        for r in (r for r in rows if r["format"] == "q4_0" and r["attention"] == engine):
+            labels.append(f"{engine}\n{r['pos']}")
+            loads.append(r["load_cycles"] / 1e6)
+            mv.append(r["mv_cycles"] / 1e6)
+            attn.append(_attn_misc(r) / 1e6)
+            other.append((r["sfu_cycles"] - _attn_misc(r)) / 1e6)
+    x = range(len(labels))
     a2.bar([i - 0.2 for i in x], loads, 0.4, label="loads (LD queue)")
-    a2.bar([i + 0.2 for i in x], mv, 0.4, label="MV/MM")
+    a2.bar([i + 0.2 for i in x], mv, 0.4, label="MV/MM (attention's included on the chains)")
     a2.bar([i + 0.2 for i in x], other, 0.4, bottom=mv, label="other MISC")
-    a2.bar([i + 0.2 for i in x], attn, 0.4, bottom=[a + b for a, b in zip(mv, other)], label="ATTN (SFU)")
-    a2.set_xticks(list(x), [str(r["pos"]) for r in rs])
-    a2.set_xlabel("position (Q4_0)")
+    a2.bar([i + 0.2 for i in x], attn, 0.4, bottom=[a + b for a, b in zip(mv, other)],
+           label="attention's MISC (ATTN; KVROW, SOFTMAX)")
+    a2.set_xticks(list(x), labels, fontsize=7)
+    a2.set_xlabel("attention, position (Q4_0)")
     a2.set_ylabel("M cycles per token")
+    a2.set_yscale("log")
     a2.legend(fontsize=7)
     a2.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"LLaMA2-7B-shaped on {cfg.name}: analytical model (sim/perf.py)")
