@@ -438,19 +438,30 @@ class ProgramBuilder:
                              hreg=isa.REG_KVBASE, release=["st2cmp"] if last else (), **f)
         stored = ev["st2cmp"]
         q8 = isa.mv_func("q8_0")
-        for i in range(g):
-            qq, sc, pq = ch.qq[i], ch.scores[i], ch.pq[i]
-            self.consume("MISC", func=F["QUANT"], dst=qq, a=gaddr + i * hd * 4, n=hd)
-            # scores of positions [0, R1]: the K row tiles times the quantized query
+        out = self.L.o + j * g * hd * 4
+
+        def scores(i):
+            # positions [0, R1]: the K row tiles times the quantized query
             self.consume("MV", func=q8 | isa.MV_RT, wb=slot + reg["k"], rows=1, rreg=isa.REG_POS,
-                         cols=hd, qsrc=qq, dst=sc)
+                         cols=hd, qsrc=ch.qq[i], dst=ch.scores[i])
+
+        # software-pipelined over the group's heads (docs/isa.md, "Overlap"): head i's SFU
+        # work (softmax, V scales, quantization) runs beside head i+1's scores MV, and
+        # head i+1's beside head i's output MV
+        for i in range(g):
+            self.consume("MISC", func=F["QUANT"], dst=ch.qq[i], a=gaddr + i * hd * 4, n=hd)
+        scores(0)
+        for i in range(g):
+            if i + 1 < g:
+                scores(i + 1)
+            sc, pq = ch.scores[i], ch.pq[i]
             self.consume("MISC", func=F["SOFTMAX"], dst=sc, a=sc, n=1, reg=isa.REG_POS)
             self.consume("MISC", func=F["MUL"], dst=sc, a=sc, b=slot + reg["scale"], n=1, reg=isa.REG_POS)
             self.consume("MISC", func=F["QUANT"], dst=pq, a=sc, n=isa.TILE_ROWS, reg=isa.REG_PBASE)
             # the output: the transposed V block tiles times the quantized scaled probabilities
             last = i == g - 1
             self.consume("MV", func=q8 | isa.MV_BT, wb=slot + reg["v"], rows=hd, cols=isa.TILE_ROWS,
-                         creg=isa.REG_PBASE, qsrc=pq, dst=self.L.o + (j * g + i) * hd * 4,
+                         creg=isa.REG_PBASE, qsrc=pq, dst=out + i * hd * 4,
                          need={"st2cmp": stored} if last else None,
                          free_slot=("K", ks) if last else None)
 
