@@ -104,6 +104,14 @@ class UnitCosts:
     #: positions 1 / 50 / 100 measure 601 / 5339 / 10289 (tests/rtl/test_sfu_exec.py::
     #: test_sfu_exec_cycles), 3 above SfuExec alone in pysim, every one exact.
     sfu_fixed: float = 14
+    #: SOFTMAX (attention on the chains): one element per cycle through the SFU's three
+    #: softmax passes; fitted to 474 / 1,362 cycles at n = 100 / 400 (ci geometry, alone).
+    chains_softmax_fixed: float = 178
+    chains_softmax_per_element: float = 2.96
+    #: KVROW: K through the quantizer, amax/recip of V, then the d field and q byte of
+    #: each V dim one byte a cycle (3 cycles per dim): 321 cycles at hd = 64.
+    kvrow_fixed: float = 129
+    kvrow_per_dim: float = 3
 
     # ---- MiscExec (hw/execute.py): COPY/ADD/MUL at line_bytes/4 lanes, one line per cycle
     #: per instruction (commands, the 3-cycle float pipe, realign, the last write): tiny fit,
@@ -311,14 +319,14 @@ def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lane
         av = rows * _ceil(hd, L) + hd // attn_tree_lanes(hd, L) + c.attn_av_fixed
         sm = c.attn_softmax_fixed + c.softmax_per_row * rows
         return c.sfu_fixed + attn_schedule(nh, score, av, rows, sm)
-    # attention on the chains (docs/isa.md): not in the RTL yet, so these are the SFU's
-    # structure at L lanes (ATTN's softmax fixed cost, one pass for max/exp/sum and one to
-    # scale and write; KVROW quantizes K and V at L lanes and writes V's column a byte a
-    # cycle), not measured figures
+    # attention on the chains (docs/isa.md): SfuExec(chains=True) measured alone on the ci
+    # geometry (tests/rtl/test_sfu_exec_chains.py::test_sfu_exec_chains_cycles): SOFTMAX
+    # n = 100 -> 474, n = 400 -> 1,362 (three passes of one element per cycle through the
+    # SFU); KVROW hd = 64 -> 321 (K through the quantizer, then three bytes per V dim)
     if name == "SOFTMAX":
-        return c.sfu_fixed + c.attn_softmax_fixed + 2 * _ceil(n, L)
+        return c.chains_softmax_fixed + c.chains_softmax_per_element * n
     if name == "KVROW":
-        return c.quant_fixed + 2 * _ceil(n, L) + n
+        return c.kvrow_fixed + c.kvrow_per_dim * n
     return c.sfu_fixed
 
 
