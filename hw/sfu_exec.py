@@ -227,14 +227,13 @@ class SfuExec(wiring.Component):
         is_sm = (func == MiscFunc.SOFTMAX) if CH else C(0, 1)
         rv = Signal(32)                 # R[reg] of the instruction (ATTN's S; dynamic lengths)
         aux = Signal(16)
-        m.d.comb += aux.eq(misc.aux)
         if CH:
             # QUANT and SOFTMAX work on n + R[reg] elements (reg 0 reads 0)
             n = Signal(18)
-            m.d.comb += n.eq(misc.n + Mux(is_q | is_sm, rv, 0))
+            m.d.comb += [n.eq(misc.n + Mux(is_q | is_sm, rv, 0)), aux.eq(misc.aux)]
         else:
             n = Signal(16)
-            m.d.comb += n.eq(misc.n)
+            m.d.comb += [n.eq(misc.n), aux.eq(misc.aux)]
         nb = n >> 5
         fmt = aux[0:2]
         bs = Signal(6)
@@ -908,7 +907,7 @@ class SfuExec(wiring.Component):
                 with m.If(Cat(sent[k] | ~en | (s.valid & s.ready)
                               for k, (s, en, _) in enumerate(cmds)).all()):
                     m.d.sync += sa.restart(a_bytes) + sb.restart(Mux(use_b, b_bytes, 0))
-                    m.d.comb += w_go.eq(~is_kv)
+                    m.d.comb += w_go.eq(~is_kv if CH else 1)
                     m.d.sync += sent.eq(0)
                     with m.If(is_attn):
                         m.next = "AQ"
