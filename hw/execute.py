@@ -39,7 +39,8 @@ starts (``Golden.check``), so a unit never sees an out-of-range operand.
 :class:`MiscExec` (this module) executes MISC NOP, COPY (also its strided rows:
 ``aux`` rows of ``n`` words, destination rows ``b`` words apart), ADD and MUL
 bit-exactly (binary32 RNE + FTZ from ``hw/fp.py``, ``line_bytes / 4`` lanes) at
-any byte alignment. Every other MV/MM/MISC operation completes after
+any byte alignment (built with ``chains=True``, attention on the chains: MUL on
+``n + R[reg]`` elements, ``rval``). Every other MV/MM/MISC operation completes after
 :data:`PLACEHOLDER_LATENCY` cycles **without writing anything**. The
 accelerator's execution unit (``hw/exec_unit.py``'s ``ExecUnit``) routes only
 those four operations here; MiscExec alone is a test double that a test asks

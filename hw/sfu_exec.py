@@ -46,7 +46,22 @@ instruction at a time, by sequencing on-chip line reads and writes around
   table read at ``(i + q) mod (hd/2)`` for pair ``q`` of the beat.
 * SILU_MUL, EMBED, COPY: one element per cycle (SILU_MUL through the SFU).
 
-See docs/hw-units.md ("SFU execution unit") for the cycle table.
+Attention on the chains (``chains=True``; nothing of it is elaborated otherwise):
+
+* SOFTMAX: ``n + R[reg]`` elements of ``a``, one per cycle through the post stage
+  (``fmul(a, scale)``) into the SFU's SOFTMAX, its outputs through the post stage to the
+  writer, then +0.0 words up to a multiple of 32; ``a`` is read completely before the
+  first write (in place works).
+* KVROW: the K row through the quantizer, its Q8_0 blocks (binary16 ``d``) as bytes into
+  row ``S % 32`` of K tile ``S // 32``; the V row's ``max|v|``, ``d_v`` and
+  ``127 * recip(max)`` (post stage, SFU RECIP); the V row again, one ``q`` byte per dim
+  (and its block's ``d`` = binary16 1.0) into V tile ``S // 32``; the scale. The bytes go
+  through a one-line coalescer (byte enables) into ``wr``; slice-major tiles as
+  ``compiler/isa.py``'s ``row_address`` with the ``slices``/``stripe`` parameters.
+* QUANT on ``n + R[reg]`` elements.
+
+See docs/hw-units.md ("SFU execution unit", and its "attention on the chains") for the
+cycle tables.
 
 ``lanes`` defaults to ``min(8, line_bytes / 4)`` (:meth:`SfuExec.default_lanes`):
 one line of binary32 operands per cycle, at most 8 so that each of the 32
@@ -64,7 +79,7 @@ cycle). Each op is 2 cycles more than alone in the unit (the execution unit's
 footprint stage, hw/exec_unit.py).
 MV/MM are not executed here (done without writing).
 
-Limits: ATTN rows <= ``max_len`` (the score buffer and the SFU's vector
+Limits: ATTN rows and SOFTMAX lengths <= ``max_len`` (the score buffer and the SFU's vector
 buffer); ROPE/ATTN head dim <= ``max_hd``; the strided COPY streams (a
 destination row overlapping a not-yet-read source row is not the golden
 model's read-first result); NaN results are the canonical NaN.

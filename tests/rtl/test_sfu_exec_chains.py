@@ -6,7 +6,7 @@ line reads; random back-pressure on the read requests and on ``wr``), the ``ci``
 (64-byte lines, 8 lanes, context 512) on one slice and on two (stripe 32): a sequence of
 MISC SOFTMAX (lengths ``n + R[reg]`` from 1 to the context, in place and not, unaligned),
 KVROW (head dims 64 and 32, positions crossing tile boundaries, several rows into one
-region) and QUANT / MUL with a register length. The expected memory is
+region, a region at an odd address on one slice) and QUANT / MUL with a register length. The expected memory is
 ``sim/golden.py``'s ``Golden._misc`` (``_kvrow``) run on the same image, op after op; the
 whole memory must match byte for byte.
 """
@@ -219,6 +219,11 @@ def test_sfu_exec_chains_matches_golden(slices, stripe):
         base = p.alloc(span, unal=False)
         for S in positions:
             _kvrow(p, hd, S, base)
+    if slices == 1:
+        # a region at an odd address: rows and fields straddle lines anywhere
+        base = p.alloc(isa.kv_region(32, CTX)["size"] + 3, unal=False) + 3
+        for S in (2, 40, 41):
+            _kvrow(p, 32, S, base)
     # SOFTMAX: n + R[reg] elements, in place and not
     for n, rv, ip, kind in ((1, 0, False, "normal"), (0, 31, True, "normal"),
                             (32, 0, False, "peaked"), (1, 32, True, "normal"),
