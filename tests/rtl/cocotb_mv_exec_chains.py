@@ -21,6 +21,7 @@ from llmfab.sim.numerics_model import matvec
 from cocotb_mv_exec import A0, NP, R0, SB, W0, qvec, snoop, start, weights
 
 Q8 = isa.mv_func("q8_0")
+WATCHDOG = 50_000
 MODES = [(f, p) for f in ("q4_0", "q4_1", "q8_0") for p in ("dense", "2:4", "8:16", "4:16", "2:16")]
 
 
@@ -41,6 +42,7 @@ async def execute(dut, word, rval=0, rval2=0, qsrc=None):
         n += 1
         if int(dut.done.value):
             return n
+        assert n < WATCHDOG, f"no done after {n} cycles: {isa.decode(word)} rval {rval} rval2 {rval2}"
 
 
 def tiled_image(rng, func, rows, cols):
@@ -101,7 +103,7 @@ async def k_row_tiles(dut):
         rows = 1 + rval
         f, exp = place(rng, mm, Q8 | isa.MV_RT, rows, 64, aligned=rval % 2 == 0)
         f.update(rows=1, cols=64, rreg=isa.REG_POS)
-        await run_one(dut, mm, f, exp, rval=rval, rval2=12345, what="K")  # rval2: no creg
+        await run_one(dut, mm, f, exp, rval=rval, what="K")
     dut._log.info("K row tiles bit-exact")
 
 
@@ -114,7 +116,7 @@ async def v_block_tiles(dut):
         cols = 32 + rval2
         f, exp = place(rng, mm, Q8 | isa.MV_BT, 64, cols, aligned=rval2 % 64 == 0)
         f.update(rows=64, cols=32, creg=isa.REG_PBASE)
-        await run_one(dut, mm, f, exp, rval=7, rval2=rval2, what="V")       # rval: no rreg
+        await run_one(dut, mm, f, exp, rval2=rval2, what="V")
     dut._log.info("V block tiles bit-exact")
 
 
