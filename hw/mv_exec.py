@@ -109,6 +109,32 @@ def decoder_beat_bytes(stripe: int) -> int:
     return stripe // bank_halves(stripe)
 
 
+class _EagerReader(LineReader):
+    """A :class:`~llmfab.hw.dma.LineReader` that takes its next command in the cycle its last
+    request leaves (LineReader: the cycle after), so commands of a line or two (the block
+    tiles' one block per command) follow each other without a lost cycle. MvExec's row
+    pipelines use it with ``chains``."""
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.buf = buf = fifo.SyncFIFO(width=self._lb, depth=self.DEPTH)
+        line = Signal(self._ab)
+        left = Signal(32)
+        room = buf.level + self.mem.rsp.valid < self.DEPTH
+        fire = self.mem.req.valid & self.mem.req.ready
+        m.d.comb += [self.mem.req.valid.eq((left != 0) & room), self.mem.req.payload.eq(line),
+                     self.cmd.ready.eq((left == 0) | ((left == 1) & fire))]
+        with m.If(fire):
+            m.d.sync += [line.eq(line + 1), left.eq(left - 1)]
+        with m.If(self.cmd.valid & self.cmd.ready):
+            m.d.sync += [line.eq(self.cmd.payload.line), left.eq(self.cmd.payload.count)]
+        m.d.comb += [buf.w_en.eq(self.mem.rsp.valid), buf.w_data.eq(self.mem.rsp.payload),
+                     self.o.valid.eq(buf.r_rdy), self.o.payload.eq(buf.r_data),
+                     buf.r_en.eq(self.o.ready),
+                     self.busy.eq((left != 0) | buf.r_rdy | self.mem.rsp.valid)]
+        return m
+
+
 def _arbitrate(m, port, clients, name):
     """Fixed-priority sharing of one on-chip read port (responses one cycle after the grant)."""
     n = len(clients)
@@ -399,7 +425,8 @@ class MvSlice(wiring.Component):
             # from 64-byte lines on the reader asks for half-lines (a row needs at most 34 bytes
             # a cycle: 20 for Q4_1, 26 for sparse Q8_0, dense Q8_0 34 every two cycles), its
             # FIFO and the decoder's shifter and window are half as wide
-            wrd = LineReader(addr_bits=bab + exact_log2(H), line_bytes=DW)
+            wrd = (_EagerReader if self._chains else LineReader)(addr_bits=bab + exact_log2(H),
+                                                                  line_bytes=DW)
             # one slice: tiles start on any byte (docs/isa.md), so rows do; several: on a line,
             # and rows on an even byte (every block size is even)
             ao = P == 1
