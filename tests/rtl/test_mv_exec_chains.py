@@ -83,3 +83,18 @@ def test_mv_exec_chains_lint(name, tmp_path):
     ab = (g["onchip_size"] // D - 1).bit_length()
     unit = MvExec.for_config(config)(addr_bits=ab, line_bytes=D)
     assert verilator_lint(to_verilog(unit, "mv_exec", ports=_ports(unit)), "mv_exec", tmp_path) == ""
+
+
+def test_mv_exec_chains_wide_stripes_cocotb():
+    """Two slices of 64-byte stripes (128-byte lines, half-line bank reads, 4 chains x 32): a
+    row tile's 16 rows per slice of an odd number of blocks end mid-line (16 x 34 bytes = 8.5
+    stripes), so its stream is padded, which the row-tile steps skip; the same programs."""
+    from llmfab.hw.mv_exec import MvExec
+    D, ab, bab, wb = 128, 13, 10, 1 << 18
+    unit = MvExec(addr_bits=ab, line_bytes=D, chain_length=32, count=4, max_blocks=64,
+                  slices=2, stripe=64, weight_base=wb, bank_addr_bits=bab, chains=True)
+    env = {"MV_D": str(D), "MV_AB": str(ab), "MV_N": "24", "MV_L": str(unit.pipelines),
+           "MV_P": "2", "MV_S": "64", "MV_WB": str(wb), "MV_BAB": str(bab),
+           "MV_REPORT": "mv_chains.txt"}
+    bdir = _run(unit, env)
+    print((bdir / "mv_chains.txt").read_text())
