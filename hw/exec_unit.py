@@ -37,6 +37,8 @@ engine that do not want the SFU's build time. Nothing picks it by default or on
 a failed import.
 """
 
+import inspect
+
 from amaranth import C, Cat, Module, Mux, Signal
 from amaranth.lib import data, fifo, wiring
 from amaranth.lib.wiring import Out
@@ -45,35 +47,61 @@ from llmfab.hw.dispatch import Footprint
 from llmfab.hw.execute import MAX_IN_FLIGHT, ExecInstr, MiscExec, exec_signature
 from llmfab.hw.isa import Instruction, MiscFunc, Op
 from llmfab.hw.mv_exec import MvExec
-from llmfab.hw.onchip import bank_halves, mem_read_signature, region_map, slice_geometry
+from llmfab.hw.onchip import (bank_halves, is_chains, mem_read_signature, region_map,
+                              slice_geometry)
 from llmfab.hw.sfu_exec import SfuExec
 
-__all__ = ["ExecUnit", "default_routes", "default_units"]
+__all__ = ["ExecUnit", "MISC_CHAINS", "default_routes", "default_units"]
 
 #: MISC functions MiscExec executes itself.
 MISC_SIMPLE = (MiscFunc.NOP, MiscFunc.COPY, MiscFunc.ADD, MiscFunc.MUL)
 
 
-def default_routes(have_sfu: bool = True) -> dict:
-    """The routing table; ``have_sfu=False``: the SFU operations to MiscExec's placeholder."""
+#: MISC functions of attention on the chains the SFU unit executes (docs/isa.md).
+MISC_CHAINS = (MiscFunc.KVROW, MiscFunc.SOFTMAX)
+
+
+def default_routes(have_sfu: bool = True, chains: bool = False) -> dict:
+    """The routing table; ``have_sfu=False``: the SFU operations to MiscExec's placeholder.
+
+    ``chains`` (attention on the chains): KVROW and SOFTMAX go to the SFU unit (they do
+    without it too: a configuration without chains never executes them, its validator
+    refuses them); MUL, whatever its length register, stays MiscExec's."""
     routes = {Op.MV: "mv", Op.MM: "mv"}
     for f in MiscFunc:
         routes[(Op.MISC, f)] = "misc" if (f in MISC_SIMPLE or not have_sfu) else "sfu"
+    if chains and have_sfu:
+        for f in MISC_CHAINS:
+            routes[(Op.MISC, f)] = "sfu"
     return routes
+
+
+def _takes(cls, kwarg: str) -> bool:
+    """Whether ``cls(...)`` takes keyword ``kwarg``."""
+    return kwarg in inspect.signature(cls.__init__).parameters
 
 
 def default_units(config, *, sfu: bool = True) -> dict:
     """name -> factory(addr_bits=, line_bytes=) for the configuration's engines.
 
     ``sfu=False`` leaves the SFU unit out (the test double of the module docstring).
+    With attention on the chains (``config.attention == "chains"``) the MV and SFU units
+    get ``chains=True`` (MvExec: tiled layouts and register shapes; SfuExec: SOFTMAX,
+    KVROW, register lengths).
     """
     if config is None:
         raise TypeError("default_units needs the accelerator configuration (the MV engine's "
                         "chain and the SFU unit's global-buffer base come from it)")
-    units = {"misc": lambda **kw: MiscExec(**kw), "mv": MvExec.for_config(config)}
+    chains = is_chains(config)
+    # TODO(chains merge): MvExec and SfuExec take ``chains`` once the MV and SFU branches
+    # are merged; until then a chains configuration gets units that do not execute the
+    # chains words (the validator accepts them: hw/dispatch.py's Footprint)
+    mv_kw = {"chains": True} if chains and _takes(MvExec, "chains") else {}
+    sfu_kw = {"chains": True} if chains and _takes(SfuExec, "chains") else {}
+    units = {"misc": lambda **kw: MiscExec(**kw), "mv": MvExec.for_config(config, **mv_kw)}
     if sfu:
         gb = dict((r[0], r[1]) for r in region_map(config))["global"]
-        units["sfu"] = lambda **kw: SfuExec(gb_base=gb, **kw)
+        units["sfu"] = lambda **kw: SfuExec(gb_base=gb, **sfu_kw, **kw)
     return units
 
 
@@ -100,7 +128,8 @@ class ExecUnit(wiring.Component):
         self._ab = addr_bits
         self._d = line_bytes
         self._units = dict(units) if units is not None else default_units(config, sfu=sfu)
-        self._routes = dict(routes) if routes is not None else default_routes("sfu" in self._units)
+        self._routes = dict(routes) if routes is not None else default_routes(
+            "sfu" in self._units, chains=is_chains(config))
         for k, v in self._routes.items():
             if v not in self._units:
                 raise ValueError(f"route {k!r} names unit {v!r}, which is not one of "
@@ -111,6 +140,7 @@ class ExecUnit(wiring.Component):
         # the on-chip footprint of each word (overlap check): the configuration's layout; no
         # configuration, no overlap
         self._gb, self._nslices, self._stripe = None, 1, 64
+        self._chains = is_chains(config)
         if config is not None:
             self._gb = dict((r[0], r[1]) for r in region_map(config))["global"]
             self._nslices, self._stripe = config.slices, config.stripe_bytes
@@ -167,8 +197,15 @@ class ExecUnit(wiring.Component):
             m.d.sync += [v2.eq(1), p2.eq(p1)]
         with m.Elif(issue):
             m.d.sync += v2.eq(0)
-        fp = Footprint(m, p1.word, p1.rval, self.context, global_base=self._gb or 0,
-                       slices=self._nslices, stripe=self._stripe)
+        if self._chains:
+            # attention on the chains: register-extended MV shapes (R[creg] = rval2), tiled
+            # layouts, dynamic MISC lengths, KVROW and SOFTMAX ranges (docs/isa.md)
+            fp = Footprint(m, p1.word, p1.rval, self.context, global_base=self._gb or 0,
+                           slices=self._nslices, stripe=self._stripe, chains=True,
+                           rval2=p1.rval2)
+        else:
+            fp = Footprint(m, p1.word, p1.rval, self.context, global_base=self._gb or 0,
+                           slices=self._nslices, stripe=self._stripe)
         # Footprint registers its products every cycle: hold them while the word waits
         hold = [Signal(64, name=f"fp2_s{k}") for k in range(Footprint.SLOTS)] + \
                [Signal(64, name=f"fp2_l{k}") for k in range(Footprint.SLOTS)]
