@@ -17,7 +17,7 @@ from llmfab.sim.golden import Golden
 
 from test_top import corrupted, golden_status, rtl_status, with_program
 
-CONFIG = "ci-chains"
+CONFIG = "ci-chains"           # the configuration of the region-map test
 N_CORRUPT = 120
 F = isa.MISC_FUNCS
 
@@ -26,9 +26,28 @@ def _w(op, **f):
     return isa.encode(isa.make(op, **f))
 
 
-@pytest.fixture(scope="module")
-def chains_machine(tmp_path_factory):
-    """(config, the tiny model compiled for ci-chains, the running simulation)."""
+#: The chains accelerators: ``ci-chains`` (two 32-byte ports, 64-byte on-chip lines) and
+#: ``tiny4c``, test_top.py's ``tiny4`` (four 8-byte ports, 16-byte on-chip lines: LDs into the
+#: banks take the load engine's per-port fast path) with attention on the chains and a KV buffer
+#: that holds two KV-head regions.
+MACHINES = ("ci-chains", "tiny4c")
+
+
+def chains_config(name):
+    from llmfab.boards.config import config_from_dict
+
+    from test_top import machine_config
+    if name != "tiny4c":
+        return load_config(name)
+    d = machine_config("tiny4").to_dict()
+    d.update(name=name, attention="chains")
+    d["buffers"] = dict(d["buffers"], kv_kib=32)
+    return config_from_dict(d, f"{name} (tiny4 with attention on the chains, 32 KiB KV buffer)")
+
+
+@pytest.fixture(scope="module", params=MACHINES)
+def chains_machine(request, tmp_path_factory):
+    """(config, the tiny model compiled for it, the running simulation)."""
     from tinymodel import write_tiny_gguf
 
     from llmfab.compiler.compile import compile_model
@@ -37,7 +56,7 @@ def chains_machine(tmp_path_factory):
     from llmfab.sim.rtl.harness import RtlAccelerator
     path = tmp_path_factory.mktemp("tiny32") / "tiny32.gguf"
     write_tiny_gguf(path, "q4_1", dim=64, n_heads=2, n_kv_heads=1)     # head dim 32
-    config = load_config(CONFIG)
+    config = chains_config(request.param)
     bundle = compile_model(load_model(path), config)
     man = bundle.manifest
     assert man["onchip"]["attention"] == "chains"
@@ -232,7 +251,9 @@ def chains_ldst_program(man, rng, pos, token, rounds=4):
     line = int(mm["hbm_ports"]) * int(mm["hbm_stripe_bytes"])
     hbm_kv0, hbm_kvn = mm["kv"]
     io0, ion = mm["io"]
-    lo, hi = kv0 - 32768, kv0 + 65536                       # the window the STs read
+    chip = int(man["onchip"]["size"])
+    lo, hi = max(0, kv0 - 32768), min(chip, kv0 + 65536)   # the window the STs read
+    assert hi - lo <= int(man["hbm_size"])
     words = [_w("LD", buf=lo, hreg=isa.REG_ZERO, len=hi - lo)]
     for r in range(rounds):
         lds = []
@@ -245,7 +266,7 @@ def chains_ldst_program(man, rng, pos, token, rounds=4):
                 f = dict(buf=buf, hreg=isa.REG_KVBASE, hoff=0, len=tile, lreg=9, lmul=34)
             elif mode == 1:    # one tile indexed by R8 (HBM side), fast path
                 buf = kv0 + line * int(rng.integers(0, (hi - kv0 - 1088) // line))
-                f = dict(buf=buf, hreg=isa.REG_KVBASE, hoff=int(rng.integers(0, 100)) * 2, ireg=8,
+                f = dict(buf=buf, hreg=isa.REG_KVBASE, hoff=int(rng.integers(0, 50)) * 2, ireg=8,
                          stride=int(rng.choice([64, 128, 1088])), len=1088)
             elif mode == 2:    # unaligned into the KV buffer: the line view of the banks
                 ln = int(rng.choice([1, 17, 100, 600]))
@@ -266,7 +287,7 @@ def chains_ldst_program(man, rng, pos, token, rounds=4):
             words.append(_w("LD", **f))
         words.append(_w("MISC", func=0, wait_prev=1, rel_next=1))
         sts = []
-        dst_lo, dst_hi = hbm_kv0 + hbm_kvn // 2 + 64, io0 + ion      # KV upper half, I/O
+        dests = [(hbm_kv0 + hbm_kvn // 2 + 64, hbm_kv0 + hbm_kvn), (io0 + 64, io0 + ion)]
         for k in range(int(rng.integers(3, 8))):
             kind = int(rng.integers(0, 4))
             func = [isa.ST_X, isa.ST_X, isa.ST_F32, isa.ST_F16][kind]
@@ -281,6 +302,7 @@ def chains_ldst_program(man, rng, pos, token, rounds=4):
             buf = src - off if func == isa.ST_X else src
             if buf < 0:
                 buf, func = src, isa.ST_F32
+            dst_lo, dst_hi = dests[int(rng.integers(0, 2))]     # KV upper half, I/O
             target = int(rng.integers(dst_lo, dst_hi - ln))
             hoff = (target - off) // 32
             sts.append(dict(func=func, buf=buf, hreg=isa.REG_ZERO, hoff=hoff, ireg=ireg,
