@@ -85,20 +85,29 @@ def default_units(config, *, sfu: bool = True) -> dict:
     """name -> factory(addr_bits=, line_bytes=) for the configuration's engines.
 
     ``sfu=False`` leaves the SFU unit out (the test double of the module docstring).
-    With attention on the chains (``config.attention == "chains"``) the MV and SFU units
-    get ``chains=True`` (MvExec: tiled layouts and register shapes; SfuExec: SOFTMAX,
-    KVROW, register lengths).
+    With attention on the chains (``config.attention == "chains"``) the units get
+    ``chains=True`` (MvExec: tiled layouts and register shapes, through
+    ``MvExec.for_config``; SfuExec: SOFTMAX, KVROW, QUANT lengths, with the slices'
+    geometry; MiscExec: MUL lengths) once they take it.
     """
     if config is None:
         raise TypeError("default_units needs the accelerator configuration (the MV engine's "
                         "chain and the SFU unit's global-buffer base come from it)")
     chains = is_chains(config)
-    # TODO(chains merge): MvExec and SfuExec take ``chains`` once the MV and SFU branches
-    # are merged; until then a chains configuration gets units that do not execute the
-    # chains words (the validator accepts them: hw/dispatch.py's Footprint)
-    mv_kw = {"chains": True} if chains and _takes(MvExec, "chains") else {}
-    sfu_kw = {"chains": True} if chains and _takes(SfuExec, "chains") else {}
-    units = {"misc": lambda **kw: MiscExec(**kw), "mv": MvExec.for_config(config, **mv_kw)}
+    # attention on the chains: MiscExec (MUL n + R[reg]) and SfuExec (SOFTMAX, KVROW on the
+    # slices' KV-head layout, QUANT n + R[reg]) take ``chains`` from the SFU branch, MvExec
+    # (tiled layouts, register shapes) from the MV branch, where ``MvExec.for_config`` reads
+    # it from the configuration itself. Until those are merged the units do not take it and
+    # a chains configuration gets units that do not execute the chains words (its validator
+    # accepts them: hw/dispatch.py's Footprint); test_exec_unit.py checks that a unit that
+    # takes ``chains`` gets it.
+    misc_kw = {"chains": True} if chains and _takes(MiscExec, "chains") else {}
+    sfu_kw = {}
+    if chains and _takes(SfuExec, "chains"):
+        sfu_kw["chains"] = True
+        if _takes(SfuExec, "slices"):
+            sfu_kw.update(slices=config.slices, stripe=config.stripe_bytes)
+    units = {"misc": lambda **kw: MiscExec(**misc_kw, **kw), "mv": MvExec.for_config(config)}
     if sfu:
         gb = dict((r[0], r[1]) for r in region_map(config))["global"]
         units["sfu"] = lambda **kw: SfuExec(gb_base=gb, **sfu_kw, **kw)

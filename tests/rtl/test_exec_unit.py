@@ -163,9 +163,9 @@ def test_an_mv_that_touches_the_running_miscs_bytes_waits_for_it():
 
 def test_chains_routes_and_units():
     """With attention on the chains KVROW and SOFTMAX go to the SFU unit, MUL (whatever its
-    length register) stays MiscExec's, every other route is as without; MvExec and SfuExec
-    get ``chains=True`` once they take it (the MV and SFU branches), and the units of a
-    configuration without chains never get it."""
+    length register) stays MiscExec's, every other route is as without; the units get
+    ``chains=True`` (the SFU unit the slices' geometry too) once they take it (the MV and SFU
+    branches), and the units of a configuration without chains never get it."""
     from llmfab.hw import exec_unit as eu
     plain, chains = default_routes(), default_routes(chains=True)
     new = {(Op.MISC, MiscFunc.KVROW), (Op.MISC, MiscFunc.SOFTMAX)}
@@ -174,33 +174,43 @@ def test_chains_routes_and_units():
     assert {k: v for k, v in chains.items() if k not in new} == \
         {k: v for k, v in plain.items() if k not in new}
     assert set(default_routes(have_sfu=False, chains=True).values()) == {"mv", "misc"}
-    # the units of today (no chains keyword yet) build for a chains configuration
-    assert set(default_units(load_config("ci-chains"))) == {"misc", "mv", "sfu"}
 
+    # the units this checkout has: a unit that takes ``chains`` gets it on ci-chains only
+    for name, want in (("ci-chains", True), ("ci", False)):
+        cfg = load_config(name)
+        units = default_units(cfg)
+        for n, cls in (("misc", eu.MiscExec), ("mv", eu.MvExec), ("sfu", eu.SfuExec)):
+            u = units[n](addr_bits=14, line_bytes=cfg.onchip_line_bytes)
+            u._MustUse__silence = True
+            if eu._takes(cls, "chains"):
+                assert u._chains == want, (name, n)
+            if n == "sfu" and want and eu._takes(cls, "slices"):
+                assert (u._slices, u._stripe) == (cfg.slices, cfg.stripe_bytes)
+
+    # stand-ins that take the keywords (what the merged units take)
     got = []
 
-    class Mv:
-        def __init__(self, *, chains=False):
-            pass
-
-        @classmethod
-        def for_config(cls, config, **kw):
-            got.append(("mv", kw))
-            return lambda **k: None
+    class Misc:
+        def __init__(self, *, addr_bits, line_bytes, chains=False):
+            got.append(("misc", chains))
 
     class Sfu:
-        def __init__(self, *, gb_base, chains=False, **kw):
-            got.append(("sfu", {"chains": chains}))
+        def __init__(self, *, gb_base, addr_bits, line_bytes, chains=False, slices=1, stripe=64):
+            got.append(("sfu", chains, slices, stripe))
 
-    orig = eu.MvExec, eu.SfuExec
+    orig = eu.MiscExec, eu.SfuExec
     try:
-        eu.MvExec, eu.SfuExec = Mv, Sfu
+        eu.MiscExec, eu.SfuExec = Misc, Sfu
         for name, want in (("ci-chains", True), ("ci", False)):
             got.clear()
-            eu.default_units(load_config(name))["sfu"](addr_bits=8, line_bytes=16)
-            assert got == [("mv", {"chains": True} if want else {}), ("sfu", {"chains": want})], name
+            cfg = load_config(name)
+            units = eu.default_units(cfg)
+            for n in ("misc", "sfu"):
+                units[n](addr_bits=8, line_bytes=16)
+            geo = (cfg.slices, cfg.stripe_bytes) if want else (1, 64)
+            assert got == [("misc", want), ("sfu", want, *geo)], name
     finally:
-        eu.MvExec, eu.SfuExec = orig
+        eu.MiscExec, eu.SfuExec = orig
 
 
 def _chains_case(case, far):
