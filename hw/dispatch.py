@@ -15,6 +15,16 @@ beyond ``hbm_size`` or an on-chip range beyond the on-chip size (every range
 of ``Golden._ranges``, e.g. ATTN's ``R[reg] + t (+1 if cached)`` cache rows and
 COPY's ``aux`` strided rows) -- or a program without END. Words after END are not
 looked at. One word per cycle, three pipeline stages.
+
+Attention on the chains (docs/isa.md; ``chains=True``, a configuration with ``attention:
+chains``): its words are checked as ``Golden._check`` does -- an MV's shape ``rows + R[rreg]``
+x ``cols + R[creg]`` (status 1 when the columns are not a multiple of 32 or either is 65536 or
+more, ``compiler.isa.dynamic_operand_error``) and its weights ``[wb, wb +
+isa.weight_span(...))`` in the weight buffer (which then starts at the KV buffer), QUANT, MUL
+and SOFTMAX over ``n + R[reg]`` (a QUANT's a multiple of 32), SOFTMAX writing ``n`` rounded up
+to 32, KVROW writing one KV head's region (``isa.kv_region``, head dim ``n`` a nonzero
+multiple of 32), ST.x reading ``buf + R[ireg]*stride``. Without it they are refused with
+status 1 (``compiler.isa.chains_feature``), and nothing of them is built.
 """
 
 from amaranth import C, Cat, Const, Module, Mux, ResetInserter, Signal
@@ -145,9 +155,16 @@ class Footprint:
     ``onchip_ranges``), computed over two cycles: the products are registered from the
     word presented this cycle, and ``starts`` / ``lens`` (:data:`SLOTS` ranges, unused ones
     of length 0) are valid the next cycle from those registers; LD, ST and SYS words have no
-    range here. ``misc_illegal``: an illegal MISC operand (``compiler.isa.misc_operand_error``),
+    range here. ``misc_illegal``: an illegal MISC operand (``compiler.isa.misc_operand_error``;
+    with ``chains`` also ``compiler.isa.dynamic_operand_error``, an MV's included),
     ``wb``: the MV/MM weight address. The validation pass and the execution unit's overlap
     check (``hw/exec_unit.py``) both use it.
+
+    ``rval`` is ``R`` of bits 120..123 (a MISC's ``reg``, an MV's ``rreg``); with ``chains``
+    (attention on the chains) ``rval2`` is ``R`` of bits 124..127 (an MV's ``creg``) and the
+    ranges are those of the chains words too (module docstring); ``unsupported`` is then 0.
+    Without ``chains``, ``unsupported`` flags every chains word (status 1) and the hardware is
+    what it was before them.
     """
 
     SLOTS = 5

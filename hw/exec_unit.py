@@ -25,8 +25,12 @@ default). Routing (:func:`default_routes`): a dict whose keys are ``Op.MV`` /
 * MV, MM -> ``"mv"`` (:class:`~llmfab.hw.mv_exec.MvExec`);
 * MISC NOP, COPY, ADD, MUL -> ``"misc"`` (:class:`~llmfab.hw.execute.MiscExec`,
   which executes these four bit-exactly);
-* every other MISC (QUANT, RMSNORM, ROPE, SILU_MUL, ATTN, EMBED) -> ``"sfu"``
-  (:class:`~llmfab.hw.sfu_exec.SfuExec`).
+* every other MISC (QUANT, RMSNORM, ROPE, SILU_MUL, ATTN, EMBED; with attention on the
+  chains KVROW and SOFTMAX) -> ``"sfu"`` (:class:`~llmfab.hw.sfu_exec.SfuExec`).
+
+With attention on the chains (``attention: chains``) the footprint is the chains one (an
+MV's register shape from ``rval``/``rval2`` and tiled layouts, dynamic MISC lengths, KVROW's
+region: hw/dispatch.py) and the units are given ``chains=True`` (:func:`default_units`).
 
 A word no route names goes to ``"misc"``. Extending: pass ``units`` (name ->
 factory ``f(addr_bits=, line_bytes=)``) and ``routes``.

@@ -1,7 +1,8 @@
 """The unified on-chip memory: one byte address space, one ``lib.memory.Memory`` per region.
 
 docs/isa.md: the activation buffer at 0, then the global, KV and weight
-buffers, each ``buffers.<name>_kib`` of the configuration. Every region is a
+buffers, each ``buffers.<name>_kib`` of the configuration (with attention on the chains the
+KV and weight buffers are one banked region, :func:`region_map`). Every region is a
 memory of *lines* of ``line_bytes`` bytes (the accelerator's datapath width,
 ``hbm.ports * hbm.data_width / 8``), so a line address is ``byte // line_bytes``
 and every line lies in exactly one region.
