@@ -261,8 +261,8 @@ class Footprint:
         copy_src = _mul(m, c_reps, misc.n, "copy_src")
         copy_gap = _mul(m, c_reps - 1, Mux(c_reps > 1, misc.b, misc.n), "copy_gap")
         # attention on the chains (docs/isa.md, compiler.isa.chains_feature): legal encodings
-        # that a configuration without attention: chains refuses (status 1); with it, this
-        # RTL does not execute them yet either
+        # that a configuration without attention: chains refuses (status 1); with it they are
+        # validated like every other word (the ranges below)
         if chains:
             self.unsupported = C(0, 1)
         else:

@@ -343,3 +343,61 @@ def test_chains_ld_st_bytes_match_golden(chains_machine):
         assert r.counters["ld_bytes"] == g.counters.get("ld_bytes", 0)
         assert r.counters["st_bytes"] == g.counters.get("st_bytes", 0)
     assert n_stx >= 10
+
+
+# ---------------------------------------------------------------------------------------
+# a compiled chains program on the whole accelerator (once the MV and SFU units have them)
+# ---------------------------------------------------------------------------------------
+
+def _units_have_chains() -> bool:
+    import inspect
+
+    from llmfab.hw.mv_exec import MvExec
+    from llmfab.hw.sfu_exec import SfuExec
+    return all("chains" in inspect.signature(c.__init__).parameters for c in (MvExec, SfuExec))
+
+
+#: Decode positions run one after the other (the KV cache grows as in generation): the
+#: first K/V tile, its last row, the second tile's first rows.
+POSITIONS = list(range(0, 36))
+
+
+@pytest.mark.skipif(not _units_have_chains(), reason="MvExec/SfuExec without attention on the "
+                    "chains (the MV and SFU branches are not merged)")
+def test_chains_decode_matches_golden(tmp_path):
+    """The tiny model (head dim 32) compiled for ``tinyc`` (``tiny`` with attention on the
+    chains and a 32 KiB KV buffer) on the whole accelerator (MvExec and SfuExec with chains):
+    decode runs at positions 0..35 in turn leave the golden model's HBM (logits, KV cache)
+    bit for bit and end with its status. Skipped until the MV and SFU branches are merged
+    (their units take ``chains``): the merge's acceptance test."""
+    from tinymodel import write_tiny_gguf
+
+    from llmfab.boards.config import config_from_dict
+    from llmfab.compiler.compile import compile_model
+    from llmfab.compiler.model import load_model
+    from llmfab.sim.rtl.harness import RtlAccelerator
+    path = tmp_path / "tiny32.gguf"
+    write_tiny_gguf(path, "q4_1", dim=64, n_heads=2, n_kv_heads=1)
+    d = load_config("tiny").to_dict()
+    d.update(name="tinyc", attention="chains")
+    d["buffers"] = dict(d["buffers"], kv_kib=32)
+    config = config_from_dict(d, "tinyc (tiny with attention on the chains, 32 KiB KV buffer)")
+    bundle = compile_model(load_model(path), config)
+    hbm = int(bundle.manifest["hbm_size"])
+    g = Golden(bundle)
+    rng = np.random.default_rng(9)
+    bad = []
+    with RtlAccelerator(config, bundle, timeout_seconds=3000) as acc:
+        for pos in POSITIONS:
+            token = int(rng.integers(0, 256))
+            gr = g.run(pos, token)
+            r = acc.run(pos, token, timeout_cycles=4_000_000)
+            assert not r.timed_out, pos
+            if (r.status, r.pc if r.status else -1) != (gr.status, gr.pc if gr.status else -1):
+                bad.append((pos, "status", (r.status, r.pc), (gr.status, gr.pc)))
+                break
+            diff = np.flatnonzero(acc.read_hbm(0, hbm) != g.hbm)
+            if diff.size:
+                bad.append((pos, f"{diff.size} HBM bytes differ, first at {diff[:8]}"))
+                break
+    assert not bad, bad
