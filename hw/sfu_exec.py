@@ -353,6 +353,14 @@ class SfuExec(wiring.Component):
         kv_wr = Signal()                 # KVROW: the post stage's output is taken
         sm_fed = Signal()                # SOFTMAX: the SFU takes the post stage's output
         if CH:
+            m.submodules.smq = smq = fifo.SyncFIFO(width=33, depth=2)
+
+        def sm_drain():
+            """SOFTMAX: the queued scaled scores into the SFU."""
+            m.d.comb += [sfu.i.valid.eq(smq.r_rdy), sfu.i.payload.op.eq(SfuOp.SOFTMAX),
+                         sfu.i.payload.a.eq(smq.r_data[0:32]), sfu.i.payload.last.eq(smq.r_data[32]),
+                         smq.r_en.eq(sfu.i.ready)]
+        if CH:
             m.d.comb += w_ready.eq(Mux(to_sfu, sm_fed, Mux(from_kv, kv_wr, Mux(
                 to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms & ~from_rope
                 & ~from_pad))))
@@ -1156,15 +1164,19 @@ class SfuExec(wiring.Component):
                     m.d.comb += [sa.size.eq(4), d_valid.eq(sa.avail), d_x.eq(a_word),
                                  d_s1.eq(scale), d_mode.eq(1), sa.take.eq(sa.avail & post_ce)]
                     last = jcnt + 1 == ftot
-                    m.d.comb += [sfu.i.valid.eq(post_valid), sfu.i.payload.op.eq(SfuOp.SOFTMAX),
-                                 sfu.i.payload.a.eq(y), sfu.i.payload.last.eq(last),
-                                 sm_fed.eq(sfu.i.ready)]
-                    with m.If(post_valid & sfu.i.ready):
+                    # the post stage's outputs reach the SFU through a 2-entry queue: the SFU's
+                    # input ready may depend on its output ready, which is the post stage's
+                    # clock enable (a combinational loop through sm_fed otherwise)
+                    m.d.comb += [smq.w_en.eq(post_valid), smq.w_data.eq(Cat(y, last)),
+                                 sm_fed.eq(smq.w_rdy)]
+                    sm_drain()
+                    with m.If(post_valid & smq.w_rdy):
                         m.d.sync += jcnt.eq(jcnt + 1)
                         with m.If(last):
                             m.d.sync += [jcnt.eq(0), to_sfu.eq(0), use_sfu.eq(1)]
                             m.next = "SMO"
                 with m.State("SMO"):
+                    sm_drain()
                     with m.If(post_valid & wi_ready):
                         m.d.sync += jcnt.eq(jcnt + 1)
                         with m.If(jcnt + 1 == ftot):

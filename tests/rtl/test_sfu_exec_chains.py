@@ -208,8 +208,8 @@ def _check(p, mem, gold, diff):
         raise AssertionError(f"{diff.size} bytes differ, first at {diff[:10].tolist()}; ops {bad}")
 
 
-@pytest.mark.parametrize("slices,stripe", [(1, 64), (2, 32)])
-def test_sfu_exec_chains_matches_golden(slices, stripe):
+@pytest.mark.parametrize("slices,stripe,line", [(1, 64, 64), (2, 32, 64), (1, 16, 16)])
+def test_sfu_exec_chains_matches_golden(slices, stripe, line):
     from llmfab.hw.sfu_exec import SfuExec
     rng = np.random.default_rng(3 + slices)
     p = _Prog(rng, slices, stripe)
@@ -237,9 +237,9 @@ def test_sfu_exec_chains_matches_golden(slices, stripe):
     # shuffle the SOFTMAX/QUANT ops among the KVROWs (each op's inputs are its own)
     rng.shuffle(order)
     p.ops = [p.ops[i] for i in order]
-    dut = SfuExec(addr_bits=17, line_bytes=64, gb_base=GB, max_len=CTX, max_hd=64,
+    dut = SfuExec(addr_bits=17, line_bytes=line, gb_base=GB, max_len=CTX, max_hd=64,
                   chains=True, slices=slices, stripe=stripe)
-    assert dut.lanes == 8
+    assert dut.lanes == min(8, line // 4)
     mem, gold, diff, cycles = _run(p, dut, seed=slices)
     _check(p, mem, gold, diff)
 
