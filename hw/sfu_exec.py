@@ -174,8 +174,10 @@ class SfuExec(wiring.Component):
         False (default): none of that logic is elaborated.
     slices, stripe : int
         The accelerator's slices and stripe bytes (KVROW's slice-major tiles, as
-        ``compiler/isa.py``'s ``row_address`` / ``kv_region``); ``slices * stripe`` is the
-        line when ``slices > 1``.
+        ``compiler/isa.py``'s ``row_address`` / ``kv_region``); on several slices
+        ``slices * stripe`` (the HBM line) is the on-chip line or a multiple of it (then a line
+        holds the stripes of only some slices: KVROW's byte addresses do not depend on the
+        line).
     """
 
     def __init__(self, *, addr_bits: int, line_bytes: int, gb_base: int, max_len: int = 2048,
@@ -184,10 +186,10 @@ class SfuExec(wiring.Component):
         if lanes is None:
             lanes = self.default_lanes(line_bytes)
         if (slices < 1 or slices & (slices - 1) or stripe < 2 or stripe & (stripe - 1)
-                or (slices > 1 and slices * stripe != line_bytes) or slices > 32):
+                or (slices > 1 and slices * stripe < line_bytes) or slices > 32):
             self._MustUse__silence = True
             raise ValueError(f"SfuExec slices ({slices!r}) and stripe ({stripe!r}) must be powers "
-                             f"of two, slices <= 32, slices * stripe = line_bytes ({line_bytes}) "
+                             f"of two, slices <= 32, slices * stripe >= line_bytes ({line_bytes}) "
                              f"on several slices")
         self._chains = bool(chains)
         self._slices = slices
@@ -1267,7 +1269,9 @@ class SfuExec(wiring.Component):
                     go = sa.avail & kq_done
                     m.d.comb += [sa.size.eq(4), d_valid.eq(go), d_x.eq(a_word), d_s1.eq(kv_inv),
                                  d_mode.eq(1), sa.take.eq(go & post_ce), v_item.eq(1)]
-                    with m.If(bi_valid & bi_ready):
+                    # the K row's bytes may still be going out (the byte port is the K
+                    # emitter's until kq_done: write back-pressure): they are not V items
+                    with m.If(kq_done & bi_valid & bi_ready):
                         m.d.sync += kv_ph.eq(kv_ph + 1)
                         with m.If(kv_ph == 2):
                             m.d.sync += [kv_ph.eq(0), kv_row.eq(kv_row + 1)]

@@ -25,9 +25,11 @@ SCALE = np.float32(0.125)
 REG = isa.REG_POS              # the register a dynamic length / KVROW's position comes from
 
 
-def _sim(dut, mem, words, *, seed=0, stall=0.25, limit=40000):
+def _sim(dut, mem, words, *, seed=0, stall=0.25, limit=40000, bursts=None):
     """Run ``words`` [(word, rval)] one after the other; returns the cycles of each (from the
-    accepting edge to ``done``)."""
+    accepting edge to ``done``). ``stall``: the probability of a port's ready being low in a
+    cycle; ``bursts`` (optional, (probability, longest)): ``wr``'s ready also goes low for
+    runs of 1 .. ``longest`` cycles, a run starting with that probability in a cycle."""
     from amaranth.sim import Simulator
     D = dut._d
     rng = np.random.default_rng(seed)
@@ -54,10 +56,17 @@ def _sim(dut, mem, words, *, seed=0, stall=0.25, limit=40000):
         ports = [dut.rd0, dut.rd1]
         wr = dut.wr.req
         rdy = [1, 1, 1]
+        run = [0]
 
         def draw():
             for k in range(3):
                 rdy[k] = int(rng.random() >= stall)
+            if bursts is not None:
+                if run[0] == 0 and rng.random() < bursts[0]:
+                    run[0] = int(rng.integers(1, bursts[1] + 1))
+                if run[0]:
+                    run[0] -= 1
+                    rdy[2] = 0
             for p, r in zip(ports, rdy):
                 ctx.set(p.req.ready, r)
             ctx.set(wr.ready, rdy[2])
@@ -208,7 +217,7 @@ def _check(p, mem, gold, diff):
         raise AssertionError(f"{diff.size} bytes differ, first at {diff[:10].tolist()}; ops {bad}")
 
 
-@pytest.mark.parametrize("slices,stripe,line", [(1, 64, 64), (2, 32, 64), (1, 16, 16)])
+@pytest.mark.parametrize("slices,stripe,line", [(1, 64, 64), (2, 32, 64), (1, 16, 16), (2, 64, 64)])
 def test_sfu_exec_chains_matches_golden(slices, stripe, line):
     from llmfab.hw.sfu_exec import SfuExec
     rng = np.random.default_rng(3 + slices)
@@ -289,3 +298,28 @@ def test_chains_validated():
     from llmfab.hw.sfu_exec import SfuExec
     with pytest.raises(ValueError, match="slices"):
         SfuExec(addr_bits=16, line_bytes=64, gb_base=0, chains=True, slices=2, stripe=16)
+
+
+@pytest.mark.parametrize("slices,stripe,line", [(1, 16, 16), (2, 32, 64)])
+def test_sfu_exec_chains_kvrow_write_bursts(slices, stripe, line):
+    """KVROWs each followed by a QUANT with long write stalls (runs of up to 40 cycles of
+    ``wr`` ready low, as an LD writing the same banks): the K row's bytes may still be going
+    out when the V row's start (KVV), and only the V items may count there (they once counted
+    the K bytes too: the KVROW ended with V outputs left in the post stage and V bytes
+    unwritten, and the next op's writer took them -- the tinyc accelerator hung)."""
+    from llmfab.hw.sfu_exec import SfuExec
+    rng = np.random.default_rng(40 + slices)
+    p = _Prog(rng, slices, stripe)
+    for hd, positions in ((32, (0, 1, 33)), (64, (2, 31, 32))):
+        base = p.alloc(isa.kv_region(hd, CTX, slices, stripe)["size"], unal=False)
+        for S in positions:
+            _kvrow(p, hd, S, base)
+            _quant(p, 32, 0)
+    dut = SfuExec(addr_bits=17, line_bytes=line, gb_base=GB, max_len=CTX, max_hd=64,
+                  chains=True, slices=slices, stripe=stripe)
+    start = p.mem.copy()
+    gold = p.golden(start)
+    mem = start.copy()
+    _sim(dut, mem, [(w, rv) for w, rv, _ in p.ops], seed=slices, stall=0.1,
+         bursts=(0.05, 40), limit=10000)
+    _check(p, mem, gold, np.flatnonzero(mem != gold))
