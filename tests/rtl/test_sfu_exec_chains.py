@@ -3,12 +3,15 @@ simulator, against the golden model's bytes.
 
 :class:`SfuExec` (and :class:`MiscExec` for MUL) alone with a flat on-chip memory (one-cycle
 line reads; random back-pressure on the read requests and on ``wr``), the ``ci`` geometry
-(64-byte lines, 8 lanes, context 512) on one slice and on two (stripe 32): a sequence of
+(64-byte lines, 8 lanes, context 512) on one slice and on two (stripe 32), ``tiny``'s (one
+slice, 16-byte lines) and lines narrower than ``slices * stripe`` (2 x 64 on 64-byte lines as
+``u280-slice``, 4 x 8 on 16-byte lines as ``tiny4c``): a sequence of
 MISC SOFTMAX (lengths ``n + R[reg]`` from 1 to the context, in place and not, unaligned),
 KVROW (head dims 64 and 32, positions crossing tile boundaries, several rows into one
 region, a region at an odd address on one slice) and QUANT / MUL with a register length. The expected memory is
 ``sim/golden.py``'s ``Golden._misc`` (``_kvrow``) run on the same image, op after op; the
-whole memory must match byte for byte.
+whole memory must match byte for byte. KVROWs followed by QUANTs also run under bursts of
+write stalls (up to 40 cycles).
 """
 
 import numpy as np
@@ -217,7 +220,8 @@ def _check(p, mem, gold, diff):
         raise AssertionError(f"{diff.size} bytes differ, first at {diff[:10].tolist()}; ops {bad}")
 
 
-@pytest.mark.parametrize("slices,stripe,line", [(1, 64, 64), (2, 32, 64), (1, 16, 16), (2, 64, 64)])
+@pytest.mark.parametrize("slices,stripe,line", [(1, 64, 64), (2, 32, 64), (1, 16, 16), (2, 64, 64),
+                                               (4, 8, 16)])
 def test_sfu_exec_chains_matches_golden(slices, stripe, line):
     from llmfab.hw.sfu_exec import SfuExec
     rng = np.random.default_rng(3 + slices)
