@@ -257,6 +257,21 @@ def test_sfu_exec_chains_matches_golden(slices, stripe, line):
     _check(p, mem, gold, diff)
 
 
+def test_sfu_exec_kvrow_u280_geometry():
+    """KVROW on ``u280``'s geometry (32 slices x 64-byte stripes, 64-byte on-chip lines: a
+    line holds one slice's stripe), head dim 32 (the region fits the test memory)."""
+    from llmfab.hw.sfu_exec import SfuExec
+    rng = np.random.default_rng(5)
+    p = _Prog(rng, 32, 64)
+    base = p.alloc(isa.kv_region(32, CTX, 32, 64)["size"], unal=False)
+    for S in (0, 1, 31, 33, 200, 511):
+        _kvrow(p, 32, S, base)
+    dut = SfuExec(addr_bits=17, line_bytes=64, gb_base=GB, max_len=CTX, max_hd=64,
+                  chains=True, slices=32, stripe=64)
+    mem, gold, diff, cycles = _run(p, dut, seed=1)
+    _check(p, mem, gold, diff)
+
+
 def test_sfu_exec_chains_cycles(capsys):
     """Cycles (accepting edge to done, SfuExec alone, no back-pressure) of SOFTMAX n = 100 /
     400 and KVROW hd 64 (ci geometry); bit-exact too."""
