@@ -67,6 +67,18 @@ every compiled shape):
 4. Once every lane's outputs have left (into the combine, or dropped past the pass's
    last token) and the combine has written them all: the next pass, or ``done``.
 
+**Attention on the chains** (``chains``, set by :meth:`MvExec.for_config` for ``attention:
+chains``; without it the unit is built exactly as before): an MV's shape is ``rows + rval``
+by ``cols + rval2`` (the execution unit's ``R[rreg]`` and ``R[creg]``, registered with the
+word; an MM ignores them), and its weights may be in **row tiles** (``MV_RT``, the K cache:
+tiles of 32 slice-major rows, each tile's streams padded to whole bank lines, so a
+pipeline's row step adds the pad when it crosses a tile) or **block tiles** (``MV_BT``, the
+transposed V cache: tile ``j`` holds block ``j`` of every row, so a row is ``nb`` one-block
+commands to its reader and decoder, a tile's bank span apart; the decoder marks each block
+``last`` and the pipeline passes ``last`` to its chains on the row's final block only). The
+arithmetic is untouched. A chains build's readers take their next command in the cycle their
+last request leaves (:class:`_EagerReader`). docs/hw-units.md has the details and cycles.
+
 Throughput (``tests/rtl/cocotb_mv_exec.py``, ci geometry, memory never stalling):
 one block per pipeline per cycle (0.250 cycles/block measured with 4 pipelines; dense
 Q8_0 half that: the packed chain takes two cycles per 8-bit block), as long as
@@ -615,6 +627,10 @@ class MvExec(wiring.Component):
         Each slice's copies of the activation buffer ``q`` as UltraRAM (``ram_style =
         "ultra"``; :meth:`for_config` sets it on boards with URAM): 8 URAM288 per copy by
         Yosys instead of 16 BRAM36, which the slices' block RAM cannot spare on the U280.
+    chains : bool
+        Attention on the chains (module docstring; :meth:`for_config` sets it for
+        ``attention: chains``): register-extended MV shapes and the row/block-tile layouts.
+        Off, the unit's Verilog is what it was without the option.
     """
 
     def __init__(self, *, addr_bits: int, line_bytes: int, chain_length: int = 32,
@@ -640,6 +656,9 @@ class MvExec(wiring.Component):
         if (count * (chain_length // 32)) % slices:
             raise ValueError(f"MvExec needs whole row pipelines per slice: {count} chains of "
                              f"{chain_length} over {slices} slices")
+        if chains and slices > 32:
+            raise ValueError(f"MvExec chains needs at most 32 slices (a row tile's 32 rows), "
+                             f"not {slices}")
         if weight_base % (slices * stripe):
             raise ValueError(f"the weight buffer must start on an HBM line, not at {weight_base}")
         self._slices = slices

@@ -104,6 +104,13 @@ async def k_row_tiles(dut):
         f, exp = place(rng, mm, Q8 | isa.MV_RT, rows, 64, aligned=rval % 2 == 0)
         f.update(rows=1, cols=64, rreg=isa.REG_POS)
         await run_one(dut, mm, f, exp, rval=rval, what="K")
+    # rows of an odd number of blocks: on 64-byte stripes a tile's stream ends mid-line (pad)
+    for cols, rval in ((32, 40), (96, 70)):
+        rows = 1 + rval
+        f, exp = place(rng, mm, Q8 | isa.MV_RT, rows, cols)
+        pad = (isa.mv_span(32, cols // 32 * 34, NP, SB) - 32 * cols // 32 * 34) if NP > 1 else 0
+        f.update(rows=1, cols=cols, rreg=isa.REG_POS)
+        await run_one(dut, mm, f, exp, rval=rval, what=f"K (tile pad {pad})")
     dut._log.info("K row tiles bit-exact")
 
 
