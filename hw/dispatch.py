@@ -15,6 +15,16 @@ beyond ``hbm_size`` or an on-chip range beyond the on-chip size (every range
 of ``Golden._ranges``, e.g. ATTN's ``R[reg] + t (+1 if cached)`` cache rows and
 COPY's ``aux`` strided rows) -- or a program without END. Words after END are not
 looked at. One word per cycle, three pipeline stages.
+
+Attention on the chains (docs/isa.md; ``chains=True``, a configuration with ``attention:
+chains``): its words are checked as ``Golden._check`` does -- an MV's shape ``rows + R[rreg]``
+x ``cols + R[creg]`` (status 1 when the columns are not a multiple of 32 or either is 65536 or
+more, ``compiler.isa.dynamic_operand_error``) and its weights ``[wb, wb +
+isa.weight_span(...))`` in the weight buffer (which then starts at the KV buffer), QUANT, MUL
+and SOFTMAX over ``n + R[reg]`` (a QUANT's a multiple of 32), SOFTMAX writing ``n`` rounded up
+to 32, KVROW writing one KV head's region (``isa.kv_region``, head dim ``n`` a nonzero
+multiple of 32), ST.x reading ``buf + R[ireg]*stride``. Without it they are refused with
+status 1 (``compiler.isa.chains_feature``), and nothing of them is built.
 """
 
 from amaranth import C, Cat, Const, Module, Mux, ResetInserter, Signal
@@ -145,36 +155,92 @@ class Footprint:
     ``onchip_ranges``), computed over two cycles: the products are registered from the
     word presented this cycle, and ``starts`` / ``lens`` (:data:`SLOTS` ranges, unused ones
     of length 0) are valid the next cycle from those registers; LD, ST and SYS words have no
-    range here. ``misc_illegal``: an illegal MISC operand (``compiler.isa.misc_operand_error``),
+    range here. ``misc_illegal``: an illegal MISC operand (``compiler.isa.misc_operand_error``;
+    with ``chains`` also ``compiler.isa.dynamic_operand_error``, an MV's included),
     ``wb``: the MV/MM weight address. The validation pass and the execution unit's overlap
     check (``hw/exec_unit.py``) both use it.
+
+    ``rval`` is ``R`` of bits 120..123 (a MISC's ``reg``, an MV's ``rreg``); with ``chains``
+    (attention on the chains) ``rval2`` is ``R`` of bits 124..127 (an MV's ``creg``) and the
+    ranges are those of the chains words too (module docstring); ``unsupported`` is then 0.
+    Without ``chains``, ``unsupported`` flags every chains word (status 1) and the hardware is
+    what it was before them.
     """
 
     SLOTS = 5
 
     def __init__(self, m, word, rval, context, *, global_base: int, slices: int = 1,
-                 stripe: int = 64, chains: bool = False):
+                 stripe: int = 64, chains: bool = False, rval2=None):
         w = data.View(Instruction, word)
         op, func = w.header.op, w.header.func
         op2, func2 = Signal(4), Signal(8)
         m.d.sync += [op2.eq(op), func2.eq(func)]
         mv, mm, misc = w.mv, w.mm, w.misc
-        nb = mv.cols[5:16]
+        P, S = slices, stripe
+        if chains:
+            # attention on the chains (docs/isa.md): an MV's shape is rows + R[rreg] x
+            # cols + R[creg] (``rval``, ``rval2``: the registers of bits 120..123, 124..127;
+            # an MM's bits there are ntok), its func bits 5, 6 the tiled layouts (not sparsity)
+            if rval2 is None:
+                raise ValueError("Footprint(chains=True) needs rval2 (R[creg] of an MV)")
+            is_mv = op == Op.MV
+            rows_x, cols_x = Signal(33, name="fp_rows_x"), Signal(33, name="fp_cols_x")
+            m.d.comb += [rows_x.eq(mv.rows + Mux(is_mv, rval, 0)),
+                         cols_x.eq(mv.cols + Mux(is_mv, rval2, 0))]
+            rows, cols = rows_x[0:16], cols_x[0:16]
+            bb_sel = Cat(mv.func[2:5], C(0, 3), mv.func[0:2])
+        else:
+            rows, cols = mv.rows, mv.cols
+            bb_sel = Cat(mv.func[2:8], mv.func[0:2])
+        nb = cols[5:16]
         nt = Mux(op == Op.MM, mm.ntok, 1)
         bb_tab = Signal(6)
-        with m.Switch(Cat(mv.func[2:8], mv.func[0:2])):
+        with m.Switch(bb_sel):
             for fi in range(3):
                 for si in range(len(SPARSE_BLOCK_BYTES[0])):
                     with m.Case(si | (fi << 6)):
                         m.d.comb += bb_tab.eq(SPARSE_BLOCK_BYTES[fi][si])
-        rn = _mul(m, mv.rows, nb, "rn")
+        rn = _mul(m, rows, nb, "rn")
         # slice-major weights (docs/isa.md, "Slices"): slice p's rows p, p+P, ... in its bank
-        P, S = slices, stripe
         lgp, lgs = exact_log2(P), exact_log2(S)
-        pn = _mul(m, (mv.rows + P - 1) >> lgp, nb, "pn")      # blocks of the fullest slice
+        pn = _mul(m, (rows + P - 1) >> lgp, nb, "pn")      # blocks of the fullest slice
         bb2 = Signal(6)
         ntnb = _mul(m, nt, nb, "ntnb")
-        ntrows = _mul(m, nt, mv.rows, "ntrows")
+        ntrows = _mul(m, nt, rows, "ntrows")
+        if chains:
+            def span_of(r_per_slice_bytes):
+                """mv_span's bytes from one slice's bytes (before rounding to stripes)."""
+                if P == 1:
+                    return r_per_slice_bytes
+                return ((r_per_slice_bytes + S - 1) >> lgs) << (lgs + lgp)
+            if P > 32:
+                raise ValueError("attention on the chains needs at most 32 slices (row tiles)")
+            # the register-dependent operand rules (compiler.isa.dynamic_operand_error)
+            mv_bad2 = Signal(name="fp_mv_bad")
+            m.d.sync += mv_bad2.eq(is_mv & ((cols_x[0:5] != 0) | (cols_x >= (1 << 16))
+                                            | (rows_x >= (1 << 16))))
+            # weight_span of the tiled layouts: row tiles of TILE_ROWS rows, one
+            # mv_span(TILE_ROWS, row bytes) each; block tiles, one mv_span(rows, block) each
+            TR = _isa.TILE_ROWS
+            nbb = Signal(17, name="fp_nbb")
+            m.d.comb += nbb.eq(nb * bb_tab)
+            rt_tile = span_of(nbb * (TR // P))
+            rt_span = _mul(m, (rows + TR - 1) >> exact_log2(TR), rt_tile, "rt_span")
+            bt_block = span_of(((rows + P - 1) >> lgp) * bb_tab)
+            bt_span = _mul(m, nb, bt_block, "bt_span")
+            lay2 = Signal(2, name="fp_layout")
+            m.d.sync += lay2.eq(Mux(is_mv, mv.func[5:7], 0))
+            # dynamic MISC lengths n + R[reg] (QUANT, MUL, SOFTMAX: compiler.isa.misc_len)
+            dyn_len = (op == Op.MISC) & ((func == MiscFunc.QUANT) | (func == MiscFunc.MUL)
+                                         | (func == MiscFunc.SOFTMAX))
+            nd2 = Signal(33, name="fp_nd")
+            m.d.sync += nd2.eq(misc.n + Mux(dyn_len, rval, 0))
+            # KVROW writes one KV head's region (compiler.isa.kv_region of n = head dim)
+            hd = misc.n
+            q8 = BLOCK_BYTES[_isa.FMTS.index("q8_0")]
+            k_tile = span_of(hd[5:16] * ((TR // P) * q8))      # mv_span(TR, hd/32 blocks)
+            v_tile = span_of(((hd + P - 1) >> lgp) * q8)        # mv_span(hd, one block)
+            kv_tiles = _mul(m, (context + TR - 1) >> exact_log2(TR), k_tile + v_tile, "kv_tiles")
         wb2, qsrc2, dst2 = Signal(24), Signal(24), Signal(24)
         m.d.sync += [bb2.eq(bb_tab), wb2.eq(mv.wb), qsrc2.eq(mv.qsrc), dst2.eq(mv.dst)]
         n2, aux2, a2, b2, mdst2 = Signal(16), Signal(16), Signal(24), Signal(24), Signal(24)
@@ -195,14 +261,17 @@ class Footprint:
         copy_src = _mul(m, c_reps, misc.n, "copy_src")
         copy_gap = _mul(m, c_reps - 1, Mux(c_reps > 1, misc.b, misc.n), "copy_gap")
         # attention on the chains (docs/isa.md, compiler.isa.chains_feature): legal encodings
-        # that a configuration without attention: chains refuses (status 1); with it, this
-        # RTL does not execute them yet either
-        self.unsupported = Signal(name="fp_unsupported")
-        m.d.sync += self.unsupported.eq(
-            ((op == Op.MISC) & ((func == MiscFunc.KVROW) | (func == MiscFunc.SOFTMAX)
-                                | (((func == MiscFunc.QUANT) | (func == MiscFunc.MUL)) & (misc.reg != 0))))
-            | ((op == Op.MV) & ((mv.func[5:7] != 0) | (mv.rreg != 0) | (mv.creg != 0)))
-            | ((op == Op.ST) & (func == StFunc.X)))
+        # that a configuration without attention: chains refuses (status 1); with it they are
+        # validated like every other word (the ranges below)
+        if chains:
+            self.unsupported = C(0, 1)
+        else:
+            self.unsupported = Signal(name="fp_unsupported")
+            m.d.sync += self.unsupported.eq(
+                ((op == Op.MISC) & ((func == MiscFunc.KVROW) | (func == MiscFunc.SOFTMAX)
+                                    | (((func == MiscFunc.QUANT) | (func == MiscFunc.MUL)) & (misc.reg != 0))))
+                | ((op == Op.MV) & ((mv.func[5:7] != 0) | (mv.rreg != 0) | (mv.creg != 0)))
+                | ((op == Op.ST) & (func == StFunc.X)))
         emb_bb = Signal(6)
         m.d.sync += emb_bb.eq(Mux(misc.aux == 0, BLOCK_BYTES[0],
                                   Mux(misc.aux == 1, BLOCK_BYTES[1], BLOCK_BYTES[2])))
@@ -223,18 +292,35 @@ class Footprint:
 
         with m.If((op2 == Op.MV) | (op2 == Op.MM)):
             span = rn * bb2 if P == 1 else ((pn * bb2 + S - 1) >> lgs) << (lgs + lgp)
+            if chains:
+                span = Mux(lay2[0], rt_span, Mux(lay2[1], bt_span, span))
+                m.d.comb += self.misc_illegal.eq(mv_bad2)
             m.d.comb += slots((wb2, span), (qsrc2, ntnb * QBLOCK_BYTES), (dst2, ntrows << 2))
         with m.Elif(op2 == Op.MISC):
             with m.Switch(func2):
-                with m.Case(MiscFunc.QUANT):
-                    m.d.comb += slots((a2, n4), (mdst2, nq * QBLOCK_BYTES))
-                    m.d.comb += self.misc_illegal.eq(n2[0:5] != 0)
+                if chains:
+                    nd4 = nd2 << 2
+                    with m.Case(MiscFunc.QUANT):
+                        m.d.comb += slots((a2, nd4), (mdst2, nd2[5:] * QBLOCK_BYTES))
+                        m.d.comb += self.misc_illegal.eq((n2[0:5] != 0) | (nd2[0:5] != 0))
+                    with m.Case(MiscFunc.MUL):
+                        m.d.comb += slots((a2, nd4), (b2, nd4), (mdst2, nd4))
+                    with m.Case(MiscFunc.SOFTMAX):
+                        m.d.comb += slots((a2, nd4), (mdst2, ((nd2 + 31) >> 5) << 7), (gb, C(8, 4)))
+                    with m.Case(MiscFunc.KVROW):
+                        m.d.comb += slots((a2, n2 << 3), (mdst2, kv_tiles + (context << 2)))
+                        m.d.comb += self.misc_illegal.eq((n2 == 0) | (n2[0:5] != 0))
+                else:
+                    with m.Case(MiscFunc.QUANT):
+                        m.d.comb += slots((a2, n4), (mdst2, nq * QBLOCK_BYTES))
+                        m.d.comb += self.misc_illegal.eq(n2[0:5] != 0)
                 with m.Case(MiscFunc.RMSNORM):
                     m.d.comb += slots((a2, n4), (b2, n4), (mdst2, n4), (gb, C(12, 4)))
                 with m.Case(MiscFunc.ROPE):
                     m.d.comb += slots((a2, na << 2), (b2, aux2 << 2), (mdst2, na << 2))
                     m.d.comb += self.misc_illegal.eq((aux2 == 0) | aux2[0])
-                with m.Case(MiscFunc.ADD, MiscFunc.MUL, MiscFunc.SILU_MUL):
+                with m.Case(*((MiscFunc.ADD, MiscFunc.SILU_MUL) if chains else
+                              (MiscFunc.ADD, MiscFunc.MUL, MiscFunc.SILU_MUL))):
                     m.d.comb += slots((a2, n4), (b2, n4), (mdst2, n4))
                 with m.Case(MiscFunc.ATTN):
                     m.d.comb += slots((a2, attn_q << 2), (b2, attn_kv << 1),
@@ -319,9 +405,13 @@ class Validator(wiring.Component):
                      buf.eq(ld.buf)]
         p_str = _mul(m, reg_value(regs, ld.ireg), ld.stride, "p_str")
         p_len = _mul(m, reg_value(regs, ld.lreg), ld.lmul, "p_len")
-        fp = Footprint(m, word1, reg_value(regs, w.misc.reg), self.context,
-                       global_base=self._gb, slices=self._slices, stripe=self._stripe,
-                       chains=self._chains)
+        if self._chains:
+            fp = Footprint(m, word1, reg_value(regs, w.misc.reg), self.context,
+                           global_base=self._gb, slices=self._slices, stripe=self._stripe,
+                           chains=True, rval2=reg_value(regs, w.mv.creg))
+        else:
+            fp = Footprint(m, word1, reg_value(regs, w.misc.reg), self.context,
+                           global_base=self._gb, slices=self._slices, stripe=self._stripe)
 
         # ---- stage 3: ranges and the fault of this word
         is_ldst = (op2 == Op.LD) | (op2 == Op.ST)
@@ -331,7 +421,12 @@ class Validator(wiring.Component):
         m.d.comb += [hbm_start.eq(rh + (hoff << 5) + p_str), hbm_len.eq(len0 + p_len)]
         starts, lens = list(fp.starts), list(fp.lens)
         st16 = (op2 == Op.ST) & (func2 == StFunc.F16)
-        starts[0] = Mux(is_ldst, buf, starts[0])
+        if self._chains:
+            # ST.x: the on-chip source is indexed like the HBM side, buf + R[ireg]*stride
+            stx = (op2 == Op.ST) & (func2 == StFunc.X)
+            starts[0] = Mux(is_ldst, Mux(stx, buf + p_str, buf), starts[0])
+        else:
+            starts[0] = Mux(is_ldst, buf, starts[0])
         lens[0] = Mux(is_ldst, Mux(st16, hbm_len << 1, hbm_len), lens[0])
         misc_illegal = fp.misc_illegal | fp.unsupported
         nslots = len(starts)

@@ -347,7 +347,8 @@ class MemInstrDecode(wiring.Component):
     """LD/ST queue entries -> :data:`MemDesc` (two register stages: products, then sums).
 
     ``addr = R[hreg] + hoff*32 + R[ireg]*stride``,
-    ``len = len + R[lreg]*lmul`` (docs/isa.md).
+    ``len = len + R[lreg]*lmul`` (docs/isa.md); with ``indexed_st`` (attention on the
+    chains) an ``ST.x``'s on-chip address is indexed too: ``buf + R[ireg]*stride``.
 
     Members
     -------
@@ -357,7 +358,8 @@ class MemInstrDecode(wiring.Component):
     busy : Out(1)
     """
 
-    def __init__(self):
+    def __init__(self, *, indexed_st: bool = False):
+        self._indexed_st = indexed_st
         super().__init__({
             "i": In(stream.Signature(QEntry)),
             "o": Out(stream.Signature(MemDesc)),
@@ -394,13 +396,20 @@ class MemInstrDecode(wiring.Component):
                     rp.eq(w.header.rel_prev), rn.eq(w.header.rel_next),
                     pc.eq(self.i.payload.pc),
                 ]
+        if self._indexed_st:
+            stx = Signal()
+            with m.If(adv1 & self.i.valid):
+                m.d.sync += stx.eq((w.header.op == 2) & (ld.func == StFunc.X))
+            buf_x = buf + Mux(stx, p_str, 0)
+        else:
+            buf_x = buf
         # stage 2: sums
         with m.If(self.o.valid & self.o.ready):
             m.d.sync += self.o.valid.eq(0)
         with m.If(v1 & adv1):
             o = self.o.payload
             m.d.sync += [self.o.valid.eq(1), o.addr.eq(rh + (hoff << 5) + p_str),
-                         o.len.eq(len0 + p_len), o.buf.eq(buf), o.f16.eq(f16),
+                         o.len.eq(len0 + p_len), o.buf.eq(buf_x), o.f16.eq(f16),
                          o.rel_prev.eq(rp), o.rel_next.eq(rn), o.pc.eq(pc)]
         m.d.comb += self.busy.eq(v1 | self.o.valid)
         return m
@@ -616,7 +625,8 @@ class LoadEngine(wiring.Component):
 class StoreEngine(wiring.Component):
     """The ST queue's executor: on-chip memory -> HBM, one ST at a time.
 
-    Reads the on-chip bytes (``2*len`` of them for ``ST.f16``), aligns them to
+    Reads the on-chip bytes (``2*len`` of them for ``ST.f16``; with ``chains``, an
+    ``ST.x``'s from ``buf + R[ireg]*stride``), aligns them to
     line offset 0, converts binary32 -> binary16 for ``ST.f16``, aligns them to
     the HBM address and writes each port's beats (with strobes) in bursts;
     retires once every burst's write response has arrived.
@@ -632,8 +642,10 @@ class StoreEngine(wiring.Component):
     busy : Out(1)
     """
 
-    def __init__(self, *, ports: int, beat_bytes: int, addr_bits: int, line_bytes: int = 0):
+    def __init__(self, *, ports: int, beat_bytes: int, addr_bits: int, line_bytes: int = 0,
+                 chains: bool = False):
         self._p, self._s, self._ab = ports, beat_bytes, addr_bits
+        self._chains = chains
         self._lb = line_bytes or ports * beat_bytes
         if self._lb % beat_bytes or ports % (self._lb // beat_bytes):
             raise ValueError(f"a {self._lb}-byte on-chip line is not a whole number of "
@@ -656,7 +668,7 @@ class StoreEngine(wiring.Component):
         G = P // nk                            # on-chip lines per HBM line
         lgs, lgp, lgd, lgg = exact_log2(S), exact_log2(P), exact_log2(D), exact_log2(G)
         bb = min(BURST_BYTES // S, 256)
-        m.submodules.dec = dec = MemInstrDecode()
+        m.submodules.dec = dec = MemInstrDecode(indexed_st=self._chains)
         m.submodules.bursts = bursts = BurstGen(ports=P, beat_bytes=S)
         m.submodules.reader = reader = LineReader(addr_bits=self._ab, line_bytes=D)
         m.submodules.align_in = al_in = Realign(D)

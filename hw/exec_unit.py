@@ -25,8 +25,12 @@ default). Routing (:func:`default_routes`): a dict whose keys are ``Op.MV`` /
 * MV, MM -> ``"mv"`` (:class:`~llmfab.hw.mv_exec.MvExec`);
 * MISC NOP, COPY, ADD, MUL -> ``"misc"`` (:class:`~llmfab.hw.execute.MiscExec`,
   which executes these four bit-exactly);
-* every other MISC (QUANT, RMSNORM, ROPE, SILU_MUL, ATTN, EMBED) -> ``"sfu"``
-  (:class:`~llmfab.hw.sfu_exec.SfuExec`).
+* every other MISC (QUANT, RMSNORM, ROPE, SILU_MUL, ATTN, EMBED; with attention on the
+  chains KVROW and SOFTMAX) -> ``"sfu"`` (:class:`~llmfab.hw.sfu_exec.SfuExec`).
+
+With attention on the chains (``attention: chains``) the footprint is the chains one (an
+MV's register shape from ``rval``/``rval2`` and tiled layouts, dynamic MISC lengths, KVROW's
+region: hw/dispatch.py) and the units are given ``chains=True`` (:func:`default_units`).
 
 A word no route names goes to ``"misc"``. Extending: pass ``units`` (name ->
 factory ``f(addr_bits=, line_bytes=)``) and ``routes``.
@@ -37,6 +41,8 @@ engine that do not want the SFU's build time. Nothing picks it by default or on
 a failed import.
 """
 
+import inspect
+
 from amaranth import C, Cat, Module, Mux, Signal
 from amaranth.lib import data, fifo, wiring
 from amaranth.lib.wiring import Out
@@ -45,35 +51,70 @@ from llmfab.hw.dispatch import Footprint
 from llmfab.hw.execute import MAX_IN_FLIGHT, ExecInstr, MiscExec, exec_signature
 from llmfab.hw.isa import Instruction, MiscFunc, Op
 from llmfab.hw.mv_exec import MvExec
-from llmfab.hw.onchip import bank_halves, mem_read_signature, region_map, slice_geometry
+from llmfab.hw.onchip import (bank_halves, is_chains, mem_read_signature, region_map,
+                              slice_geometry)
 from llmfab.hw.sfu_exec import SfuExec
 
-__all__ = ["ExecUnit", "default_routes", "default_units"]
+__all__ = ["ExecUnit", "MISC_CHAINS", "default_routes", "default_units"]
 
 #: MISC functions MiscExec executes itself.
 MISC_SIMPLE = (MiscFunc.NOP, MiscFunc.COPY, MiscFunc.ADD, MiscFunc.MUL)
 
 
-def default_routes(have_sfu: bool = True) -> dict:
-    """The routing table; ``have_sfu=False``: the SFU operations to MiscExec's placeholder."""
+#: MISC functions of attention on the chains the SFU unit executes (docs/isa.md).
+MISC_CHAINS = (MiscFunc.KVROW, MiscFunc.SOFTMAX)
+
+
+def default_routes(have_sfu: bool = True, chains: bool = False) -> dict:
+    """The routing table; ``have_sfu=False``: the SFU operations to MiscExec's placeholder.
+
+    ``chains`` (attention on the chains): KVROW and SOFTMAX go to the SFU unit (they do
+    without it too: a configuration without chains never executes them, its validator
+    refuses them); MUL, whatever its length register, stays MiscExec's."""
     routes = {Op.MV: "mv", Op.MM: "mv"}
     for f in MiscFunc:
         routes[(Op.MISC, f)] = "misc" if (f in MISC_SIMPLE or not have_sfu) else "sfu"
+    if chains and have_sfu:
+        for f in MISC_CHAINS:
+            routes[(Op.MISC, f)] = "sfu"
     return routes
+
+
+def _takes(cls, kwarg: str) -> bool:
+    """Whether ``cls(...)`` takes keyword ``kwarg``."""
+    return kwarg in inspect.signature(cls.__init__).parameters
 
 
 def default_units(config, *, sfu: bool = True) -> dict:
     """name -> factory(addr_bits=, line_bytes=) for the configuration's engines.
 
     ``sfu=False`` leaves the SFU unit out (the test double of the module docstring).
+    With attention on the chains (``config.attention == "chains"``) the units get
+    ``chains=True`` (MvExec: tiled layouts and register shapes, through
+    ``MvExec.for_config``; SfuExec: SOFTMAX, KVROW, QUANT lengths, with the slices'
+    geometry; MiscExec: MUL lengths) once they take it.
     """
     if config is None:
         raise TypeError("default_units needs the accelerator configuration (the MV engine's "
                         "chain and the SFU unit's global-buffer base come from it)")
-    units = {"misc": lambda **kw: MiscExec(**kw), "mv": MvExec.for_config(config)}
+    chains = is_chains(config)
+    # attention on the chains: MiscExec (MUL n + R[reg]) and SfuExec (SOFTMAX, KVROW on the
+    # slices' KV-head layout, QUANT n + R[reg]) take ``chains`` from the SFU branch, MvExec
+    # (tiled layouts, register shapes) from the MV branch, where ``MvExec.for_config`` reads
+    # it from the configuration itself. Until those are merged the units do not take it and
+    # a chains configuration gets units that do not execute the chains words (its validator
+    # accepts them: hw/dispatch.py's Footprint); test_exec_unit.py checks that a unit that
+    # takes ``chains`` gets it.
+    misc_kw = {"chains": True} if chains and _takes(MiscExec, "chains") else {}
+    sfu_kw = {}
+    if chains and _takes(SfuExec, "chains"):
+        sfu_kw["chains"] = True
+        if _takes(SfuExec, "slices"):
+            sfu_kw.update(slices=config.slices, stripe=config.stripe_bytes)
+    units = {"misc": lambda **kw: MiscExec(**misc_kw, **kw), "mv": MvExec.for_config(config)}
     if sfu:
         gb = dict((r[0], r[1]) for r in region_map(config))["global"]
-        units["sfu"] = lambda **kw: SfuExec(gb_base=gb, **kw)
+        units["sfu"] = lambda **kw: SfuExec(gb_base=gb, **sfu_kw, **kw)
     return units
 
 
@@ -100,7 +141,8 @@ class ExecUnit(wiring.Component):
         self._ab = addr_bits
         self._d = line_bytes
         self._units = dict(units) if units is not None else default_units(config, sfu=sfu)
-        self._routes = dict(routes) if routes is not None else default_routes("sfu" in self._units)
+        self._routes = dict(routes) if routes is not None else default_routes(
+            "sfu" in self._units, chains=is_chains(config))
         for k, v in self._routes.items():
             if v not in self._units:
                 raise ValueError(f"route {k!r} names unit {v!r}, which is not one of "
@@ -111,6 +153,7 @@ class ExecUnit(wiring.Component):
         # the on-chip footprint of each word (overlap check): the configuration's layout; no
         # configuration, no overlap
         self._gb, self._nslices, self._stripe = None, 1, 64
+        self._chains = is_chains(config)
         if config is not None:
             self._gb = dict((r[0], r[1]) for r in region_map(config))["global"]
             self._nslices, self._stripe = config.slices, config.stripe_bytes
@@ -167,8 +210,15 @@ class ExecUnit(wiring.Component):
             m.d.sync += [v2.eq(1), p2.eq(p1)]
         with m.Elif(issue):
             m.d.sync += v2.eq(0)
-        fp = Footprint(m, p1.word, p1.rval, self.context, global_base=self._gb or 0,
-                       slices=self._nslices, stripe=self._stripe)
+        if self._chains:
+            # attention on the chains: register-extended MV shapes (R[creg] = rval2), tiled
+            # layouts, dynamic MISC lengths, KVROW and SOFTMAX ranges (docs/isa.md)
+            fp = Footprint(m, p1.word, p1.rval, self.context, global_base=self._gb or 0,
+                           slices=self._nslices, stripe=self._stripe, chains=True,
+                           rval2=p1.rval2)
+        else:
+            fp = Footprint(m, p1.word, p1.rval, self.context, global_base=self._gb or 0,
+                           slices=self._nslices, stripe=self._stripe)
         # Footprint registers its products every cycle: hold them while the word waits
         hold = [Signal(64, name=f"fp2_s{k}") for k in range(Footprint.SLOTS)] + \
                [Signal(64, name=f"fp2_l{k}") for k in range(Footprint.SLOTS)]

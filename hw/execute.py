@@ -39,7 +39,8 @@ starts (``Golden.check``), so a unit never sees an out-of-range operand.
 :class:`MiscExec` (this module) executes MISC NOP, COPY (also its strided rows:
 ``aux`` rows of ``n`` words, destination rows ``b`` words apart), ADD and MUL
 bit-exactly (binary32 RNE + FTZ from ``hw/fp.py``, ``line_bytes / 4`` lanes) at
-any byte alignment. Every other MV/MM/MISC operation completes after
+any byte alignment (built with ``chains=True``, attention on the chains: MUL on
+``n + R[reg]`` elements, ``rval``). Every other MV/MM/MISC operation completes after
 :data:`PLACEHOLDER_LATENCY` cycles **without writing anything**. The
 accelerator's execution unit (``hw/exec_unit.py``'s ``ExecUnit``) routes only
 those four operations here; MiscExec alone is a test double that a test asks
@@ -97,9 +98,10 @@ class MiscExec(wiring.Component):
     whole source first.
     """
 
-    def __init__(self, *, addr_bits: int, line_bytes: int):
+    def __init__(self, *, addr_bits: int, line_bytes: int, chains: bool = False):
         self._ab = addr_bits
         self._d = line_bytes
+        self._chains = bool(chains)
         super().__init__(exec_signature(addr_bits, line_bytes * 8))
 
     def elaborate(self, platform):
@@ -122,8 +124,15 @@ class MiscExec(wiring.Component):
         misc = w.misc
         func = Signal(8)
         use_b = Signal()
-        nbytes = Signal(18)
-        m.d.comb += [func.eq(misc.func), nbytes.eq(misc.n << 2)]
+        if self._chains:
+            # attention on the chains: MUL works on n + R[reg] elements (reg 0 reads 0)
+            rv = Signal(32)
+            nbytes = Signal(20)
+            m.d.comb += [func.eq(misc.func),
+                         nbytes.eq((misc.n + Mux(func == MiscFunc.MUL, rv, 0)) << 2)]
+        else:
+            nbytes = Signal(18)
+            m.d.comb += [func.eq(misc.func), nbytes.eq(misc.n << 2)]
         # COPY rows (docs/isa.md): aux rows (0 = 1) of n words; row r from a + 4*r*n to
         # dst + 4*r*stride, stride = b words when there are several rows
         rows_left = Signal(16)
@@ -167,9 +176,13 @@ class MiscExec(wiring.Component):
                                  rows_left.eq(reps - 1), src.eq(iw.misc.a), dstp.eq(iw.misc.dst),
                                  dst_step.eq(Mux(reps > 1, iw.misc.b, iw.misc.n) << 2)]
                     streaming = (f == MiscFunc.COPY) | (f == MiscFunc.ADD) | (f == MiscFunc.MUL)
+                    n_eff = iw.misc.n
+                    if self._chains:
+                        m.d.sync += rv.eq(self.instr.payload.rval)
+                        n_eff = iw.misc.n + Mux(f == MiscFunc.MUL, self.instr.payload.rval, 0)
                     with m.If(iw.header.op != Op.MISC):
                         m.next = "WAIT"
-                    with m.Elif((f == MiscFunc.NOP) | (streaming & (iw.misc.n == 0))):
+                    with m.Elif((f == MiscFunc.NOP) | (streaming & (n_eff == 0))):
                         m.next = "DONE"
                     with m.Elif(streaming):
                         m.next = "START"

@@ -67,6 +67,18 @@ every compiled shape):
 4. Once every lane's outputs have left (into the combine, or dropped past the pass's
    last token) and the combine has written them all: the next pass, or ``done``.
 
+**Attention on the chains** (``chains``, set by :meth:`MvExec.for_config` for ``attention:
+chains``; without it the unit is built exactly as before): an MV's shape is ``rows + rval``
+by ``cols + rval2`` (the execution unit's ``R[rreg]`` and ``R[creg]``, registered with the
+word; an MM ignores them), and its weights may be in **row tiles** (``MV_RT``, the K cache:
+tiles of 32 slice-major rows, each tile's streams padded to whole bank lines, so a
+pipeline's row step adds the pad when it crosses a tile) or **block tiles** (``MV_BT``, the
+transposed V cache: tile ``j`` holds block ``j`` of every row, so a row is ``nb`` one-block
+commands to its reader and decoder, a tile's bank span apart; the decoder marks each block
+``last`` and the pipeline passes ``last`` to its chains on the row's final block only). The
+arithmetic is untouched. A chains build's readers take their next command in the cycle their
+last request leaves (:class:`_EagerReader`). docs/hw-units.md has the details and cycles.
+
 Throughput (``tests/rtl/cocotb_mv_exec.py``, ci geometry, memory never stalling):
 one block per pipeline per cycle (0.250 cycles/block measured with 4 pipelines; dense
 Q8_0 half that: the packed chain takes two cycles per 8-bit block), as long as
@@ -107,6 +119,32 @@ def decoder_beat_bytes(stripe: int) -> int:
     bank_halves`; a row needs at most 34 bytes a cycle), else whole lines. ``sim/perf.py``
     costs a row's beats with it."""
     return stripe // bank_halves(stripe)
+
+
+class _EagerReader(LineReader):
+    """A :class:`~llmfab.hw.dma.LineReader` that takes its next command in the cycle its last
+    request leaves (LineReader: the cycle after), so commands of a line or two (the block
+    tiles' one block per command) follow each other without a lost cycle. MvExec's row
+    pipelines use it with ``chains``."""
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.buf = buf = fifo.SyncFIFO(width=self._lb, depth=self.DEPTH)
+        line = Signal(self._ab)
+        left = Signal(32)
+        room = buf.level + self.mem.rsp.valid < self.DEPTH
+        fire = self.mem.req.valid & self.mem.req.ready
+        m.d.comb += [self.mem.req.valid.eq((left != 0) & room), self.mem.req.payload.eq(line),
+                     self.cmd.ready.eq((left == 0) | ((left == 1) & fire))]
+        with m.If(fire):
+            m.d.sync += [line.eq(line + 1), left.eq(left - 1)]
+        with m.If(self.cmd.valid & self.cmd.ready):
+            m.d.sync += [line.eq(self.cmd.payload.line), left.eq(self.cmd.payload.count)]
+        m.d.comb += [buf.w_en.eq(self.mem.rsp.valid), buf.w_data.eq(self.mem.rsp.payload),
+                     self.o.valid.eq(buf.r_rdy), self.o.payload.eq(buf.r_data),
+                     buf.r_en.eq(self.o.ready),
+                     self.busy.eq((left != 0) | buf.r_rdy | self.mem.rsp.valid)]
+        return m
 
 
 def _arbitrate(m, port, clients, name):
@@ -247,8 +285,9 @@ class MvSlice(wiring.Component):
 
     def __init__(self, *, pipelines: int, slices: int, stripe: int, bank_addr_bits: int,
                  tokens: int, max_blocks: int, chunk_bytes: int, pack_int4: bool,
-                 formats, patterns, q_uram: bool = False):
+                 formats, patterns, q_uram: bool = False, chains: bool = False):
         self._q_uram = q_uram
+        self._chains = chains
         self._L = pipelines
         self._P = slices
         self._S = stripe
@@ -279,7 +318,77 @@ class MvSlice(wiring.Component):
             "o_addr": Out(24).array(n),
             "o_drop": Out(1).array(n),
             "done": Out(1),
+            # attention on the chains (MvExec's ``chains``): the tiled layouts
+            **({"rt": In(1), "bt": In(1), "tstep": In(24)} if chains else {}),
         })
+
+    def _chains_commands(self, m, ls, l, cmds, resets):
+        """Pipeline ``ls``'s reader and decoder commands with the tiled layouts (MvExec's
+        ``chains``; docs/isa.md, "Attention on the chains").
+
+        Plain and row-tile rows: one command per row of ``rbytes`` bytes (``nb * bb``), the
+        pipeline's rows ``rstep`` (``Ls * rbytes``) apart in the bank; row tiles (``rt``) put
+        the slice's ``T = 32 / P`` local rows of a tile back to back and pad the tile's stream
+        to whole bank lines, so a step that crosses a tile boundary adds the pad (``tstep``,
+        0 on one slice, where row tiles are the plain layout). Block tiles (``bt``): one
+        command per block of ``rbytes`` (``bb``) bytes, block ``j`` of a row ``tstep`` (one
+        tile's bank span) after block ``j - 1``; rows ``rstep`` (``Ls * bb``) apart in a tile.
+        """
+        L, P, K, Ls = self._L, self._P, self._K, self._L // self._P
+        H = bank_halves(self._S)
+        DW = self._S // H
+        lgdw = exact_log2(DW)
+        nb, rows, rbytes, rstep, b0 = self.nb, self.rows, self.rbytes, self.rstep, self.b0
+        g, tstep, rt, bt = self.g, self.tstep, self.rt, self.bt
+        T = 32 // P                               # a row tile's rows in one slice's stream
+        ta, tb = Ls // T, Ls % T                  # a step of Ls local rows: ta tiles and tb rows
+        # the pipeline's first row: local row ls, in tile ls // T
+        start = Signal(24, name=f"p{ls}_start")
+        pad0 = (ls // T) * tstep if (P > 1 and ls >= T) else 0
+        m.d.comb += start.eq(b0 + ls * rbytes + Mux(rt, pad0, 0))
+        for i, cmd in enumerate(cmds):
+            j_tok = Signal(9, name=f"p{ls}_c{i}_tok")
+            j_row = Signal(16, name=f"p{ls}_c{i}_row")
+            j_addr = Signal(24, name=f"p{ls}_c{i}_addr")   # byte address of the command
+            j_radr = Signal(24, name=f"p{ls}_c{i}_radr")   # of the row (its first block)
+            j_blk = Signal(11, name=f"p{ls}_c{i}_blk")     # block tiles: the row's block
+            resets += [(j_tok, 0), (j_row, l), (j_addr, start), (j_radr, start), (j_blk, 0)]
+            # the next row's address: rstep on, plus the tile pads crossed (row tiles)
+            nxt = Signal(24, name=f"p{ls}_c{i}_next")
+            if P > 1:
+                pad = tstep * ta if ta else C(0, 1)
+                if tb:
+                    j_kt = Signal(range(T), name=f"p{ls}_c{i}_kt")  # local row in its tile
+                    resets.append((j_kt, ls % T))
+                    pad = Mux(j_kt + tb >= T, tstep * (ta + 1), pad)
+                m.d.comb += nxt.eq(j_radr + rstep + Mux(rt, pad, 0))
+            else:
+                m.d.comb += nxt.eq(j_radr + rstep)
+            off = j_addr[0:lgdw]
+            if i == 0:
+                m.d.comb += [cmd.payload.line.eq(j_addr >> lgdw),
+                             cmd.payload.count.eq((off + rbytes + DW - 1) >> lgdw)]
+            else:
+                cnt = Mux(bt, 1, nb)
+                m.d.comb += [cmd.payload.fmt.as_value().eq(self.fmt),
+                             cmd.payload.pattern.as_value().eq(self.pat),
+                             cmd.payload.count.eq(cnt), cmd.payload.row_blocks.eq(cnt),
+                             cmd.payload.offset.eq(off)]
+            m.d.comb += cmd.valid.eq(self.pass_active & (j_tok < g) & (j_row < rows))
+            row_done = ~bt | (j_blk == nb - 1)
+            with m.If(cmd.valid & cmd.ready):
+                with m.If(~row_done):
+                    m.d.sync += [j_blk.eq(j_blk + 1), j_addr.eq(j_addr + tstep)]
+                with m.Elif(j_row + L >= rows):
+                    m.d.sync += [j_tok.eq(j_tok + K), j_row.eq(l), j_blk.eq(0),
+                                 j_addr.eq(start), j_radr.eq(start)]
+                    if P > 1 and tb:
+                        m.d.sync += j_kt.eq(ls % T)
+                with m.Else():
+                    m.d.sync += [j_row.eq(j_row + L), j_blk.eq(0), j_addr.eq(nxt),
+                                 j_radr.eq(nxt)]
+                    if P > 1 and tb:
+                        m.d.sync += j_kt.eq((j_kt + tb)[0:exact_log2(T)] if T > 1 else 0)
 
     def elaborate(self, platform):
         m = Module()
@@ -328,7 +437,8 @@ class MvSlice(wiring.Component):
             # from 64-byte lines on the reader asks for half-lines (a row needs at most 34 bytes
             # a cycle: 20 for Q4_1, 26 for sparse Q8_0, dense Q8_0 34 every two cycles), its
             # FIFO and the decoder's shifter and window are half as wide
-            wrd = LineReader(addr_bits=bab + exact_log2(H), line_bytes=DW)
+            wrd = (_EagerReader if self._chains else LineReader)(addr_bits=bab + exact_log2(H),
+                                                                  line_bytes=DW)
             # one slice: tiles start on any byte (docs/isa.md), so rows do; several: on a line,
             # and rows on an even byte (every block size is even)
             ao = P == 1
@@ -362,7 +472,9 @@ class MvSlice(wiring.Component):
 
             # one command per row (and group of K tokens) to the reader (the row's beats: bank
             # lines or half-lines, from the one holding its first byte) and the decoder
-            for i, cmd in enumerate(cmds):
+            if self._chains:
+                self._chains_commands(m, ls, l, cmds, resets)
+            for i, cmd in enumerate(cmds if not self._chains else ()):
                 j_tok = Signal(9, name=f"p{ls}_c{i}_tok")
                 j_row = Signal(16, name=f"p{ls}_c{i}_row")
                 j_addr = Signal(24, name=f"p{ls}_c{i}_addr")  # byte address of the row
@@ -383,6 +495,16 @@ class MvSlice(wiring.Component):
                                      j_addr.eq(b0 + ls * rbytes)]
                     with m.Else():
                         m.d.sync += [j_row.eq(j_row + L), j_addr.eq(j_addr + rstep)]
+            if self._chains:
+                # block tiles: the decoder's commands are single blocks, each its own "row"
+                # to the decoder (last on every block); the chains' row ends are every nb-th
+                w_blk = Signal(11, name=f"p{ls}_wblk")
+                resets.append((w_blk, 0))
+                w_last = dec.weights.payload.last & (~self.bt | (w_blk == nb - 1))
+                for chain, _ in chains:
+                    m.d.comb += chain.weights.payload.last.eq(w_last)
+                with m.If(dec.weights.valid & dec.weights.ready):
+                    m.d.sync += w_blk.eq(Mux(w_last, 0, w_blk + 1))
 
             for tk, (chain, sc) in enumerate(chains):
                 p = f"p{ls}" if K == 1 else f"p{ls}_{tk}"
@@ -505,13 +627,18 @@ class MvExec(wiring.Component):
         Each slice's copies of the activation buffer ``q`` as UltraRAM (``ram_style =
         "ultra"``; :meth:`for_config` sets it on boards with URAM): 8 URAM288 per copy by
         Yosys instead of 16 BRAM36, which the slices' block RAM cannot spare on the U280.
+    chains : bool
+        Attention on the chains (module docstring; :meth:`for_config` sets it for
+        ``attention: chains``): register-extended MV shapes and the row/block-tile layouts.
+        Off, the unit's Verilog is what it was without the option.
     """
 
     def __init__(self, *, addr_bits: int, line_bytes: int, chain_length: int = 32,
                  count: int = 1, pack_int4: bool = True, formats=tuple(WEIGHT_FORMATS),
                  patterns=tuple(SPARSITY_PATTERNS), max_blocks: int = DEFAULT_MAX_BLOCKS,
                  tokens: int = 1, slices: int = 1, stripe: int | None = None,
-                 weight_base: int = 0, bank_addr_bits=None, q_uram: bool = False):
+                 weight_base: int = 0, bank_addr_bits=None, q_uram: bool = False,
+                 chains: bool = False):
         if chain_length not in CHAIN_LENGTHS:
             raise ValueError(f"MvExec chain length must be 32, 64, 128 or 256 (whole blocks "
                              f"between break points), not {chain_length}")
@@ -529,9 +656,13 @@ class MvExec(wiring.Component):
         if (count * (chain_length // 32)) % slices:
             raise ValueError(f"MvExec needs whole row pipelines per slice: {count} chains of "
                              f"{chain_length} over {slices} slices")
+        if chains and slices > 32:
+            raise ValueError(f"MvExec chains needs at most 32 slices (a row tile's 32 rows), "
+                             f"not {slices}")
         if weight_base % (slices * stripe):
             raise ValueError(f"the weight buffer must start on an HBM line, not at {weight_base}")
         self._slices = slices
+        self._chains = chains
         self._q_uram = q_uram
         self._stripe = stripe
         self._wbase = weight_base
@@ -577,6 +708,7 @@ class MvExec(wiring.Component):
                        pack_int4=config.chain.pack_int4, formats=tuple(config.weight_formats),
                        patterns=tuple(config.sparsity), tokens=config.chain.tokens,
                        q_uram=config.board_spec.resources.uram > 0,
+                       chains=getattr(config, "attention", "sfu") == "chains",
                        **slice_geometry(config), **kw)
         return factory
 
@@ -618,8 +750,19 @@ class MvExec(wiring.Component):
         pat = Signal(3)
         m.d.comb += [fmt.eq(mv.func[0:2]), pat.eq(mv.func[2:5])]
         nb = Signal(11)
-        m.d.comb += nb.eq(mv.cols[5:16])
-        rows = mv.rows
+        chains = self._chains
+        if chains:
+            # attention on the chains: an MV's rows + R[rreg] and cols + R[creg] (rval, rval2),
+            # taken with the word; its tiled layouts (func bits 5 and 6)
+            rows = Signal(16)
+            rt, bt = Signal(), Signal()
+            is_mv = w.header.op == Op.MV
+            m.d.comb += [rt.eq(is_mv & mv.func[5]), bt.eq(is_mv & mv.func[6])]
+            tb_raw = Signal(24)                    # block tiles: a tile's bytes in one stream
+            tstep = Signal(24)                     # block tiles: a tile's bank span; row tiles: its pad
+        else:
+            m.d.comb += nb.eq(mv.cols[5:16])
+            rows = mv.rows
         rbytes = Signal(18)                        # weight bytes of one row
         bb = Signal(6)                             # bytes per block of the mode
         with m.Switch(Cat(fmt, pat)):
@@ -752,10 +895,11 @@ class MvExec(wiring.Component):
                                    self._q_uram)
         slices = []
         for sp in range(P):
-            sl = Shared(("mvslice", L, P, S, bab, K, NB, CB, pk, fm, pt, qu),
+            key = ("mvslice", L, P, S, bab, K, NB, CB, pk, fm, pt, qu) + (("chains",) if chains else ())
+            sl = Shared(key,
                         lambda: MvSlice(pipelines=L, slices=P, stripe=SB, bank_addr_bits=bab,
                                         tokens=K, max_blocks=NB, chunk_bytes=CB, pack_int4=pk,
-                                        formats=fm, patterns=pt, q_uram=qu),
+                                        formats=fm, patterns=pt, q_uram=qu, chains=chains),
                         reset=fresh)
             m.submodules[f"slice{sp}"] = sl
             slices.append(sl)
@@ -767,6 +911,8 @@ class MvExec(wiring.Component):
                          sl.qw_addr.eq(qw_addr), sl.qw_data.eq(qw_data), sl.qw_en.eq(qw_en),
                          sl.dw_addr.eq(dw_addr), sl.dw_data.eq(dw_data), sl.dw_en.eq(dw_en),
                          sl.sw_en.eq(sw_en)]
+            if chains:
+                m.d.comb += [sl.rt.eq(rt), sl.bt.eq(bt), sl.tstep.eq(tstep)]
             for port in range(2 * bank_halves(S)):
                 wiring.connect(m, wiring.flipped(self.bank[sp][port]), sl.bank[port])
         # the lanes' rows in pipeline order (lane k of pipeline l is output l * K + k)
@@ -825,6 +971,11 @@ class MvExec(wiring.Component):
                     m.d.sync += [word.eq(self.instr.payload.word), t0.eq(0),
                                  ntok_eff.eq(Mux(op == Op.MM, iw.mm.ntok, 1)),
                                  qaddr.eq(iw.mv.qsrc)]
+                    if chains:
+                        ip = self.instr.payload
+                        mv_i = op == Op.MV
+                        m.d.sync += [rows.eq(iw.mv.rows + Mux(mv_i, ip.rval, 0)),
+                                     nb.eq((iw.mv.cols + Mux(mv_i, ip.rval2, 0))[5:16])]
                     with m.If(((op != Op.MV) & (op != Op.MM)) | ((op == Op.MM) & (iw.mm.ntok == 0))):
                         m.next = "DONE"
                     with m.Else():
@@ -832,9 +983,23 @@ class MvExec(wiring.Component):
             with m.State("SETUP"):
                 m.d.sync += [rbytes.eq(nb * bb), gmax.eq(C(NB, 12) // nb),
                              b0.eq(((wrel >> lghd) << lgs) | wrel[0:lgs])]
+                if chains:
+                    # block tiles: a command per block; a tile's rows in one stream
+                    lgp = exact_log2(P)
+                    m.d.sync += [rbytes.eq(Mux(bt, bb, nb * bb)),
+                                 tb_raw.eq(((rows + P - 1) >> lgp) * bb)]
                 m.next = "SETUP2"
             with m.State("SETUP2"):
                 m.d.sync += [rstep.eq(rbytes * Ls), vbytes.eq(abytes * ntok_eff)]
+                if chains:
+                    # a block tile's span in a bank (its stream in whole bank lines), or a row
+                    # tile's pad: its 32 / P rows' stream rounded up to whole bank lines
+                    if P > 1:
+                        lgt = exact_log2(32 // P)
+                        m.d.sync += tstep.eq(Mux(bt, ((tb_raw + S - 1) >> lgs) << lgs,
+                                                 (-(rbytes << lgt))[0:lgs]))
+                    else:
+                        m.d.sync += tstep.eq(Mux(bt, tb_raw, 0))
                 m.next = "PLAN"
             with m.State("PLAN"):
                 left = ntok_eff - t0

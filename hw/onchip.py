@@ -1,7 +1,8 @@
 """The unified on-chip memory: one byte address space, one ``lib.memory.Memory`` per region.
 
 docs/isa.md: the activation buffer at 0, then the global, KV and weight
-buffers, each ``buffers.<name>_kib`` of the configuration. Every region is a
+buffers, each ``buffers.<name>_kib`` of the configuration (with attention on the chains the
+KV and weight buffers are one banked region, :func:`region_map`). Every region is a
 memory of *lines* of ``line_bytes`` bytes (the accelerator's datapath width,
 ``hbm.ports * hbm.data_width / 8``), so a line address is ``byte // line_bytes``
 and every line lies in exactly one region.
@@ -42,19 +43,37 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
-__all__ = ["REGIONS", "region_map", "slice_geometry", "bank_halves", "mem_read_signature",
+__all__ = ["REGIONS", "is_chains", "region_map", "slice_geometry", "bank_halves", "mem_read_signature",
            "mem_write_signature", "WriteReq", "OnChipMemory"]
 
 #: Regions of the on-chip address space, in address order (docs/isa.md).
 REGIONS = ("activation", "global", "kv", "weight")
 
 
+def is_chains(config) -> bool:
+    """Whether a configuration has attention on the chains (``attention: chains``,
+    docs/isa.md): its KV buffer holds MV operands (K row tiles, V block tiles)."""
+    return config is not None and getattr(config, "attention", "sfu") == "chains"
+
+
 def region_map(config) -> list:
-    """``[(name, base byte, size bytes)]`` of the on-chip regions of a configuration."""
+    """``[(name, base byte, size bytes)]`` of the on-chip memories of a configuration.
+
+    The regions of :data:`REGIONS` in address order; with attention on the chains
+    (:func:`is_chains`) the KV and weight buffers are one ``"weight"`` memory, the slice
+    banks, from the KV buffer's base (the compiler's manifest: ``onchip.weight`` = the KV
+    buffer and the weight buffer), so the MV slices read K/V tiles there and the load
+    engine's per-port fast path writes them."""
     out, base = [], 0
+    chains = is_chains(config)
     for name in REGIONS:
         size = config.buffer_bytes[name]
-        out.append((name, base, size))
+        if chains and name == "weight":
+            kv_name, kv_base, kv_size = out.pop()
+            assert kv_name == "kv"
+            out.append(("weight", kv_base, kv_size + size))
+        else:
+            out.append((name, base, size))
         base += size
     return out
 

@@ -46,7 +46,22 @@ instruction at a time, by sequencing on-chip line reads and writes around
   table read at ``(i + q) mod (hd/2)`` for pair ``q`` of the beat.
 * SILU_MUL, EMBED, COPY: one element per cycle (SILU_MUL through the SFU).
 
-See docs/hw-units.md ("SFU execution unit") for the cycle table.
+Attention on the chains (``chains=True``; nothing of it is elaborated otherwise):
+
+* SOFTMAX: ``n + R[reg]`` elements of ``a``, one per cycle through the post stage
+  (``fmul(a, scale)``) into the SFU's SOFTMAX, its outputs through the post stage to the
+  writer, then +0.0 words up to a multiple of 32; ``a`` is read completely before the
+  first write (in place works).
+* KVROW: the K row through the quantizer, its Q8_0 blocks (binary16 ``d``) as bytes into
+  row ``S % 32`` of K tile ``S // 32``; the V row's ``max|v|``, ``d_v`` and
+  ``127 * recip(max)`` (post stage, SFU RECIP); the V row again, one ``q`` byte per dim
+  (and its block's ``d`` = binary16 1.0) into V tile ``S // 32``; the scale. The bytes go
+  through a one-line coalescer (byte enables) into ``wr``; slice-major tiles as
+  ``compiler/isa.py``'s ``row_address`` with the ``slices``/``stripe`` parameters.
+* QUANT on ``n + R[reg]`` elements.
+
+See docs/hw-units.md ("SFU execution unit", and its "attention on the chains") for the
+cycle tables.
 
 ``lanes`` defaults to ``min(8, line_bytes / 4)`` (:meth:`SfuExec.default_lanes`):
 one line of binary32 operands per cycle, at most 8 so that each of the 32
@@ -64,7 +79,7 @@ cycle). Each op is 2 cycles more than alone in the unit (the execution unit's
 footprint stage, hw/exec_unit.py).
 MV/MM are not executed here (done without writing).
 
-Limits: ATTN rows <= ``max_len`` (the score buffer and the SFU's vector
+Limits: ATTN rows and SOFTMAX lengths <= ``max_len`` (the score buffer and the SFU's vector
 buffer); ROPE/ATTN head dim <= ``max_hd``; the strided COPY streams (a
 destination row overlapping a not-yet-read source row is not the golden
 model's read-first result); NaN results are the canonical NaN.
@@ -78,14 +93,18 @@ from llmfab.hw import fp
 from llmfab.hw.dma import LineReader, Realign
 from llmfab.hw.execute import exec_signature
 from llmfab.hw.isa import BLOCK_BYTES, Instruction, MiscFunc, Op
-from llmfab.hw.quantizer import Quantizer
+from llmfab.hw.quantizer import F127, INV127, Quantizer, rne_clamp127
 from llmfab.hw.fp import Staged
 from llmfab.hw.sfu import NEG_ZERO, Sfu, SfuOp
 
-__all__ = ["SfuExec", "SFU_FUNCS"]
+TILE = 32          # compiler/isa.py TILE_ROWS: positions per K/V tile
+
+__all__ = ["SfuExec", "SFU_FUNCS", "CHAINS_FUNCS"]
 
 #: MISC funcs this unit executes.
 SFU_FUNCS = ("QUANT", "RMSNORM", "ROPE", "SILU_MUL", "EMBED", "COPY", "ATTN")
+#: MISC funcs it executes too when built with ``chains=True`` (attention on the chains).
+CHAINS_FUNCS = ("KVROW", "SOFTMAX")
 
 
 
@@ -149,12 +168,32 @@ class SfuExec(wiring.Component):
         SFU vector buffer (longest RMSNORM).
     max_hd : int
         Longest ROPE head dimension.
+    chains : bool
+        Attention on the chains: also MISC SOFTMAX and KVROW, and QUANT's length
+        ``n + R[reg]`` (docs/hw-units.md, "SFU execution unit: attention on the chains").
+        False (default): none of that logic is elaborated.
+    slices, stripe : int
+        The accelerator's slices and stripe bytes (KVROW's slice-major tiles, as
+        ``compiler/isa.py``'s ``row_address`` / ``kv_region``); on several slices
+        ``slices * stripe`` (the HBM line) is the on-chip line or a multiple of it (then a line
+        holds the stripes of only some slices: KVROW's byte addresses do not depend on the
+        line).
     """
 
     def __init__(self, *, addr_bits: int, line_bytes: int, gb_base: int, max_len: int = 2048,
-                 max_hd: int = 256, lanes: int | None = None):
+                 max_hd: int = 256, lanes: int | None = None, chains: bool = False,
+                 slices: int = 1, stripe: int = 64):
         if lanes is None:
             lanes = self.default_lanes(line_bytes)
+        if (slices < 1 or slices & (slices - 1) or stripe < 2 or stripe & (stripe - 1)
+                or (slices > 1 and slices * stripe < line_bytes) or slices > 32):
+            self._MustUse__silence = True
+            raise ValueError(f"SfuExec slices ({slices!r}) and stripe ({stripe!r}) must be powers "
+                             f"of two, slices <= 32, slices * stripe >= line_bytes ({line_bytes}) "
+                             f"on several slices")
+        self._chains = bool(chains)
+        self._slices = slices
+        self._stripe = stripe
         if lanes not in (2, 4, 8) or 4 * lanes > line_bytes or max_hd % lanes:
             self._MustUse__silence = True        # no UnusedElaboratable warning
             raise ValueError(f"SfuExec lanes must be 2, 4 or 8, at most line_bytes/4 "
@@ -200,9 +239,18 @@ class SfuExec(wiring.Component):
         m.d.comb += func.eq(misc.func)
         is_q, is_rms, is_rope, is_silu, is_emb, is_copy, is_attn = (
             func == getattr(MiscFunc, f) for f in SFU_FUNCS)
-        n = Signal(16)
+        CH = self._chains
+        is_kv = (func == MiscFunc.KVROW) if CH else C(0, 1)
+        is_sm = (func == MiscFunc.SOFTMAX) if CH else C(0, 1)
+        rv = Signal(32)                 # R[reg] of the instruction (ATTN's S; dynamic lengths)
         aux = Signal(16)
-        m.d.comb += [n.eq(misc.n), aux.eq(misc.aux)]
+        if CH:
+            # QUANT and SOFTMAX work on n + R[reg] elements (reg 0 reads 0)
+            n = Signal(18)
+            m.d.comb += [n.eq(misc.n + Mux(is_q | is_sm, rv, 0)), aux.eq(misc.aux)]
+        else:
+            n = Signal(16)
+            m.d.comb += [n.eq(misc.n), aux.eq(misc.aux)]
         nb = n >> 5
         fmt = aux[0:2]
         bs = Signal(6)
@@ -299,8 +347,28 @@ class SfuExec(wiring.Component):
         from_attn = Signal()
         from_rms = Signal()
         from_rope = Signal()
-        m.d.comb += w_ready.eq(Mux(to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms
-                                   & ~from_rope))
+        # chains: SOFTMAX's post stage output goes into the SFU (to_sfu), its padding words
+        # straight to the writer (from_pad); KVROW's outputs go to the byte writer (from_kv)
+        to_sfu = Signal()
+        from_pad = Signal()
+        from_kv = Signal()
+        kv_wr = Signal()                 # KVROW: the post stage's output is taken
+        sm_fed = Signal()                # SOFTMAX: the SFU takes the post stage's output
+        if CH:
+            m.submodules.smq = smq = fifo.SyncFIFO(width=33, depth=2)
+
+        def sm_drain():
+            """SOFTMAX: the queued scaled scores into the SFU."""
+            m.d.comb += [sfu.i.valid.eq(smq.r_rdy), sfu.i.payload.op.eq(SfuOp.SOFTMAX),
+                         sfu.i.payload.a.eq(smq.r_data[0:32]), sfu.i.payload.last.eq(smq.r_data[32]),
+                         smq.r_en.eq(sfu.i.ready)]
+        if CH:
+            m.d.comb += w_ready.eq(Mux(to_sfu, sm_fed, Mux(from_kv, kv_wr, Mux(
+                to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms & ~from_rope
+                & ~from_pad))))
+        else:
+            m.d.comb += w_ready.eq(Mux(to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms
+                                       & ~from_rope))
 
         # ---- packer -> alw -> wr
         pk = Array(Signal(32, name=f"pk{j}") for j in range(W))
@@ -526,6 +594,9 @@ class SfuExec(wiring.Component):
                          ppair.eq(is_rope),
                          sfu.o.ready.eq(post_ce & side_ok),
                          side.r_en.eq(sfu.o.valid & post_ce & need_side)]
+            if CH:
+                with m.If(from_kv):             # KVROW: fmul(recip(amax), 127)
+                    m.d.comb += [ps1.eq(F127), pmode.eq(1)]
         with m.Else():
             m.d.comb += [pv.eq(d_valid), px.eq(d_x), ps1.eq(d_s1), ps2.eq(d_s2),
                          pmode.eq(d_mode), ppair.eq(0)]
@@ -601,8 +672,112 @@ class SfuExec(wiring.Component):
         with m.Elif(from_rope):
             m.d.comb += [wi_valid.eq(rp_valid), wi_n.eq(rp_cnt)]
             m.d.comb += [wi_x[k].eq(rp_y[k]) for k in range(L)]
+        if CH:
+            with m.Elif(from_pad):
+                m.d.comb += [wi_valid.eq(1), wi_x0.eq(0), wi_n.eq(1)]
+            with m.Elif(from_kv | to_sfu):
+                pass
         with m.Else():
             m.d.comb += [wi_valid.eq(post_valid), wi_x0.eq(y), wi_x1.eq(y1), wi_n.eq(Mux(pair_o, 2, 1))]
+
+        # ---- KVROW (chains): byte items (address, byte) -> one pending line -> wr
+        if CH:
+            P, SB = self._slices, self._stripe
+            lgp, lgs = exact_log2(P), exact_log2(SB)
+            bi_valid = Signal()
+            bi_addr = Signal(32)
+            bi_data = Signal(8)
+            bi_ready = Signal()
+            cl_v = Signal()
+            cl_line = Signal(self._ab)
+            cl_be = Signal(D)
+            cl_b = [Signal(8, name=f"cl_b{k}") for k in range(D)]
+            cl_flush = Signal()
+            it_line = bi_addr[lgd:lgd + self._ab]
+            it_off = bi_addr[0:lgd]
+            same = cl_v & (cl_line == it_line)
+            with m.If(from_kv):
+                m.d.comb += [wr.valid.eq(cl_v & ((bi_valid & ~same) | cl_flush)),
+                             wr.payload.addr.eq(cl_line), wr.payload.data.eq(Cat(*cl_b)),
+                             wr.payload.be.eq(cl_be)]
+            m.d.comb += bi_ready.eq(~cl_v | same | (wr.ready & ~cl_flush))
+            with m.If(bi_valid & bi_ready):
+                for k in range(D):
+                    with m.If(it_off == k):
+                        m.d.sync += cl_b[k].eq(bi_data)
+                m.d.sync += [cl_v.eq(1), cl_line.eq(it_line),
+                             cl_be.eq(Mux(same, cl_be, 0) | (1 << it_off))]
+            with m.Elif(cl_flush & wr.ready):
+                m.d.sync += cl_v.eq(0)
+
+            def lay(o, p):
+                """Offset of byte ``o`` of slice ``p``'s stream of a slice-major tile."""
+                if P == 1:
+                    return o
+                return (((o >> lgs) << (lgs + lgp)) | (p << lgs) | o[0:lgs])
+
+            # the KV region (compiler/isa.py kv_region) of head dim n at position rv
+            kv_nb = n >> 5
+            kv_ti = rv[5:17]
+            kv_r = rv[0:5]
+            kv_nt = Signal(12)
+            kv_ktile = Signal(24)
+            kv_vtile = Signal(24)
+            kv_rb = Signal(16)                   # K row bytes: 34 per block
+            kv_kbase = Signal(32)
+            kv_vbase = Signal(32)
+            kv_sbase = Signal(32)
+            kv_ko = Signal(24)                   # stream offset of the K row's next byte
+            kv_t1 = Signal(32)
+            kv_t2 = Signal(32)
+            kv_t3 = Signal(32)
+
+            def ceil_s(x):
+                return (x + (SB - 1)) & ~(SB - 1)
+            if P == 1:
+                ktile_e = kv_nb * (TILE * 34)
+                vtile_e = n * 34
+            else:
+                ktile_e = ceil_s(kv_nb * ((TILE // P) * 34)) << lgp
+                vtile_e = ceil_s((n >> lgp) * 34) << lgp
+            # K row: the quantizer's blocks -> f16 d (2 bytes) + 32 q bytes each
+            kq_bj = Signal(6)
+            kq_blk = Signal(8)
+            kq_done = Signal()
+            kq_h = fp.f32_to_f16(m, quant.o.payload.d, name="kvd16")
+            kq_q = Array(quant.o.payload.q[k].as_unsigned() for k in range(32))
+            kq_byte = Mux(kq_bj == 0, kq_h[0:8], Mux(kq_bj == 1, kq_h[8:16],
+                                                      kq_q[(kq_bj - 2)[0:5]]))
+            kq_on = from_kv & ~kq_done & quant.o.valid
+            kv_amax = Signal(31)
+            kv_dv = Signal(32)
+            kv_inv = Signal(32)
+            kv_row = Signal(16)                  # V: the row (dim) being written
+            kv_ph = Signal(2)                    # V: d lo, d hi, q byte
+            kv_sc = Signal(2)
+            vrow_o = (kv_row >> lgp) * 34
+            vj = Mux(kv_ph == 2, kv_r + 2, kv_ph)
+            vq = rne_clamp127(m, y, name="kvq")
+            v_item = Signal()                    # the sequencer emits V items
+            s_item = Signal()                    # the sequencer emits the scale's bytes
+            with m.If(kq_on):
+                m.d.comb += [bi_valid.eq(1), bi_data.eq(kq_byte),
+                             bi_addr.eq(kv_kbase + lay(kv_ko, kv_r[0:lgp] if P > 1 else 0))]
+                with m.If(bi_ready):
+                    m.d.sync += [kq_bj.eq(kq_bj + 1), kv_ko.eq(kv_ko + 1)]
+                    with m.If(kq_bj == 33):
+                        m.d.comb += quant.o.ready.eq(1)
+                        m.d.sync += [kq_bj.eq(0), kq_blk.eq(kq_blk + 1)]
+                        with m.If(kq_blk + 1 == kv_nb):
+                            m.d.sync += kq_done.eq(1)
+            with m.Elif(v_item):
+                m.d.comb += [bi_valid.eq(post_valid),
+                             bi_data.eq(Mux(kv_ph == 0, 0x00, Mux(kv_ph == 1, 0x3C, vq.as_unsigned()))),
+                             bi_addr.eq(kv_vbase + lay(vrow_o + vj, kv_row[0:lgp] if P > 1 else 0)),
+                             kv_wr.eq(bi_ready & (kv_ph == 2))]
+            with m.Elif(s_item):
+                m.d.comb += [bi_valid.eq(1), bi_addr.eq(kv_sbase + kv_sc),
+                             bi_data.eq(Array(kv_dv[8 * k:8 * k + 8] for k in range(4))[kv_sc])]
 
         # ---- the sequencer
         fcnt = Signal(34)           # elements fed
@@ -616,7 +791,6 @@ class SfuExec(wiring.Component):
         b_bytes = Signal(34)
         use_b = Signal()
         done_r = Signal()
-        rv = Signal(32)
         nh = misc.n[0:8]
         hd = misc.aux[0:15]
         cached = misc.aux[15]
@@ -681,6 +855,9 @@ class SfuExec(wiring.Component):
                     iw = data.View(Instruction, self.instr.payload.word)
                     f = iw.misc.func
                     nn = iw.misc.n
+                    if CH:
+                        nn = iw.misc.n + Mux((f == MiscFunc.QUANT) | (f == MiscFunc.SOFTMAX),
+                                             self.instr.payload.rval, 0)
                     ax = iw.misc.aux
                     m.d.sync += [rv.eq(self.instr.payload.rval), hs.eq(0), hm.eq(0), hv.eq(0),
                                  sc_bank.eq(0)]
@@ -691,7 +868,8 @@ class SfuExec(wiring.Component):
                              | ((f == MiscFunc.QUANT) & (nn[5:] == 0))
                              | ((f == MiscFunc.EMBED) & (nn[5:] == 0))
                              | ((f == MiscFunc.ATTN) & (nn[0:8] == 0)))
-                    known = Cat(f == getattr(MiscFunc, x) for x in SFU_FUNCS).any()
+                    known = Cat(f == getattr(MiscFunc, x)
+                                for x in SFU_FUNCS + (CHAINS_FUNCS if CH else ())).any()
                     with m.If((iw.header.op != Op.MISC) | ~known | empty):
                         m.d.sync += done_r.eq(1)
                     with m.Else():
@@ -727,6 +905,13 @@ class SfuExec(wiring.Component):
                     seg_stride.eq(misc.b << 2),
                     seg_dst.eq(misc.dst),
                 ]
+                if CH:
+                    pad32 = ((n + 31) >> 5) << 5
+                    with m.If(is_sm):
+                        m.d.sync += [seg_w.eq(pad32), seg_left.eq(pad32), jcnt.eq(0)]
+                    with m.If(is_kv):
+                        m.d.sync += a_bytes.eq(n << 3)
+                    m.d.sync += [to_sfu.eq(is_sm), from_kv.eq(is_kv), from_pad.eq(0)]
                 m.next = "START"
             with m.State("START"):
                 a_off, b_off = misc.a[0:lgd], misc.b[0:lgd]
@@ -747,10 +932,15 @@ class SfuExec(wiring.Component):
                 with m.If(Cat(sent[k] | ~en | (s.valid & s.ready)
                               for k, (s, en, _) in enumerate(cmds)).all()):
                     m.d.sync += sa.restart(a_bytes) + sb.restart(Mux(use_b, b_bytes, 0))
-                    m.d.comb += w_go.eq(1)
+                    m.d.comb += w_go.eq(~is_kv if CH else 1)
                     m.d.sync += sent.eq(0)
                     with m.If(is_attn):
                         m.next = "AQ"
+                    if CH:
+                        with m.Elif(is_sm):
+                            m.next = "SMF"
+                        with m.Elif(is_kv):
+                            m.next = "KV0"
                     with m.Elif(is_rope):
                         m.next = "TABLE"
                     with m.Elif(is_emb):
@@ -969,6 +1159,135 @@ class SfuExec(wiring.Component):
                     with m.If(dcnt + at_n == hd):
                         m.d.sync += [hv.eq(hv + 1), sent.eq(0)]
                         m.next = "ANEXT"
+            if CH:
+                # ---- SOFTMAX: s = fmul(a, scale) on the post stage into the SFU's SOFTMAX;
+                # its outputs through the post stage to the writer; +0.0 up to 32k words
+                with m.State("SMF"):
+                    m.d.comb += [sa.size.eq(4), d_valid.eq(sa.avail), d_x.eq(a_word),
+                                 d_s1.eq(scale), d_mode.eq(1), sa.take.eq(sa.avail & post_ce)]
+                    last = jcnt + 1 == ftot
+                    # the post stage's outputs reach the SFU through a 2-entry queue: the SFU's
+                    # input ready may depend on its output ready, which is the post stage's
+                    # clock enable (a combinational loop through sm_fed otherwise)
+                    m.d.comb += [smq.w_en.eq(post_valid), smq.w_data.eq(Cat(y, last)),
+                                 sm_fed.eq(smq.w_rdy)]
+                    sm_drain()
+                    with m.If(post_valid & smq.w_rdy):
+                        m.d.sync += jcnt.eq(jcnt + 1)
+                        with m.If(last):
+                            m.d.sync += [jcnt.eq(0), to_sfu.eq(0), use_sfu.eq(1)]
+                            m.next = "SMO"
+                with m.State("SMO"):
+                    sm_drain()
+                    with m.If(post_valid & wi_ready):
+                        m.d.sync += jcnt.eq(jcnt + 1)
+                        with m.If(jcnt + 1 == ftot):
+                            m.d.sync += [jcnt.eq(0), use_sfu.eq(0)]
+                            with m.If(ftot[0:5] == 0):
+                                m.next = "DRAIN"
+                            with m.Else():
+                                m.d.sync += from_pad.eq(1)
+                                m.next = "SMP"
+                with m.State("SMP"):
+                    with m.If(wi_ready):
+                        m.d.sync += jcnt.eq(jcnt + 1)
+                        with m.If((ftot + jcnt + 1)[0:5] == 0):
+                            m.d.sync += from_pad.eq(0)
+                            m.next = "DRAIN"
+                # ---- KVROW: the region's addresses; K row -> quantizer -> K bytes (the K
+                # emitter above); V row max|v|; d = amax/127 and 127*recip(amax) (SFU); V again:
+                # q bytes with their blocks' d = 1.0; the scale's 4 bytes; flush
+                with m.State("KV0"):
+                    m.d.sync += [kv_nt.eq((self.context + 31) >> 5), kv_ktile.eq(ktile_e),
+                                 kv_vtile.eq(vtile_e), kv_rb.eq(kv_nb * 34), kq_bj.eq(0),
+                                 kq_blk.eq(0), kq_done.eq(0), kv_amax.eq(0), kv_row.eq(0),
+                                 kv_ph.eq(0), kv_sc.eq(0), fcnt.eq(0), use_sfu.eq(0)]
+                    m.next = "KV1"
+                with m.State("KV1"):
+                    m.d.sync += [kv_t1.eq(kv_ti * kv_ktile), kv_t2.eq(kv_nt * kv_ktile),
+                                 kv_t3.eq(kv_ti * kv_vtile), kv_sbase.eq(kv_nt * kv_vtile),
+                                 kv_ko.eq((kv_r >> lgp) * kv_rb)]
+                    m.next = "KV2"
+                with m.State("KV2"):
+                    m.d.sync += [kv_kbase.eq(misc.dst + kv_t1),
+                                 kv_vbase.eq(misc.dst + kv_t2 + kv_t3),
+                                 kv_sbase.eq(misc.dst + kv_t2 + kv_sbase + (rv << 2))]
+                    m.next = "KVK"
+                with m.State("KVK"):
+                    m.d.comb += [sa.size.eq(4 * L), quant.i.valid.eq(sa.avail),
+                                 quant.i.payload.eq(sa.bytes[0:32 * L]),
+                                 sa.take.eq(sa.avail & quant.i.ready)]
+                    with m.If(sa.avail & quant.i.ready):
+                        m.d.sync += fcnt.eq(fcnt + L)
+                        with m.If(fcnt + L == n):
+                            m.d.sync += fcnt.eq(0)
+                            m.next = "KVM"
+                with m.State("KVM"):
+                    mags = [sa.bytes[32 * k:32 * k + 31] for k in range(L)] + [kv_amax]
+                    while len(mags) > 1:
+                        nxt = []
+                        for k in range(0, len(mags) - 1, 2):
+                            mx = Signal(31, name=f"kvmax_{len(mags)}_{k}")
+                            m.d.comb += mx.eq(Mux(mags[k] > mags[k + 1], mags[k], mags[k + 1]))
+                            nxt.append(mx)
+                        mags = nxt + mags[len(mags) & ~1:]
+                    m.d.comb += [sa.size.eq(4 * L), sa.take.eq(sa.avail)]
+                    with m.If(sa.avail):
+                        m.d.sync += [kv_amax.eq(mags[0]), fcnt.eq(fcnt + L)]
+                        with m.If(fcnt + L == n):
+                            m.d.sync += fcnt.eq(0)
+                            m.next = "KVD"
+                with m.State("KVD"):
+                    m.d.comb += [d_valid.eq(1), d_x.eq(Cat(kv_amax, C(0, 1))), d_s1.eq(INV127),
+                                 d_mode.eq(1)]
+                    with m.If(post_ce):
+                        m.next = "KVDW"
+                with m.State("KVDW"):
+                    m.d.comb += kv_wr.eq(1)
+                    with m.If(post_valid):
+                        m.d.sync += kv_dv.eq(y)
+                        m.next = "KVR"
+                with m.State("KVR"):
+                    m.d.comb += [sfu.i.valid.eq(1), sfu.i.payload.op.eq(SfuOp.RECIP),
+                                 sfu.i.payload.a.eq(Cat(kv_amax, C(0, 1))),
+                                 sfu.i.payload.last.eq(1)]
+                    with m.If(sfu.i.ready):
+                        m.d.sync += use_sfu.eq(1)
+                        m.next = "KVRW"
+                with m.State("KVRW"):
+                    m.d.comb += kv_wr.eq(1)
+                    with m.If(post_valid):
+                        # a block whose d flushed to zero is a zero block (q = 0)
+                        m.d.sync += [kv_inv.eq(Mux(kv_dv[0:31] != 0, y, 0)), use_sfu.eq(0)]
+                        m.next = "KVVR"
+                with m.State("KVVR"):
+                    ok, sets = issue(0, rda, ala, sa, misc.a + (n << 2), n << 2, C(1, 1))
+                    with m.If(ok):
+                        m.d.sync += sets + [sent.eq(0)]
+                        m.next = "KVV"
+                with m.State("KVV"):
+                    go = sa.avail & kq_done
+                    m.d.comb += [sa.size.eq(4), d_valid.eq(go), d_x.eq(a_word), d_s1.eq(kv_inv),
+                                 d_mode.eq(1), sa.take.eq(go & post_ce), v_item.eq(1)]
+                    # the K row's bytes may still be going out (the byte port is the K
+                    # emitter's until kq_done: write back-pressure): they are not V items
+                    with m.If(kq_done & bi_valid & bi_ready):
+                        m.d.sync += kv_ph.eq(kv_ph + 1)
+                        with m.If(kv_ph == 2):
+                            m.d.sync += [kv_ph.eq(0), kv_row.eq(kv_row + 1)]
+                            with m.If(kv_row + 1 == n):
+                                m.next = "KVS"
+                with m.State("KVS"):
+                    m.d.comb += s_item.eq(1)
+                    with m.If(bi_ready):
+                        m.d.sync += kv_sc.eq(kv_sc + 1)
+                        with m.If(kv_sc == 3):
+                            m.next = "KVF"
+                with m.State("KVF"):
+                    m.d.comb += cl_flush.eq(1)
+                    with m.If(~cl_v):
+                        m.d.sync += [done_r.eq(1), from_kv.eq(0)]
+                        m.next = "IDLE"
             with m.State("DRAIN"):
                 with m.If(w_done):
                     m.d.sync += done_r.eq(1)

@@ -38,7 +38,7 @@ from llmfab.hw.dma import HW_REGS, QEntry, LoadEngine, StoreEngine, derived_regs
 from llmfab.hw.exec_unit import ExecUnit
 from llmfab.hw.execute import MAX_IN_FLIGHT
 from llmfab.hw.isa import Instruction, Op, SysFunc
-from llmfab.hw.onchip import OnChipMemory, region_map
+from llmfab.hw.onchip import OnChipMemory, is_chains, region_map
 
 __all__ = ["QUEUE_DEPTH", "DEADLOCK_CYCLES", "ID_WIDTH", "Core", "Accelerator", "geometry",
            "onchip_line_bytes",
@@ -123,14 +123,18 @@ class Core(wiring.Component):
         ab = mem.addr_bits
         m.submodules.fetch = fetch = Fetch(ports=P, beat_bytes=S,
                                            buffer_bytes=g["instruction_bytes"])
+        # attention on the chains (docs/isa.md): its words validated, ST.x, the KV buffer in
+        # the slice banks (hw/onchip.py's region_map)
+        chains = is_chains(self._config)
         m.submodules.validator = val = Validator(onchip_size=g["onchip_size"],
                                                  global_base=g["global_base"],
                                                  weight_base=g["weight_base"], slices=P, stripe=S,
-                                                 chains=getattr(self._config, "attention", "sfu") == "chains")
+                                                 chains=chains)
         m.submodules.ld = ld = LoadEngine(ports=P, beat_bytes=S, addr_bits=ab, line_bytes=D,
                                           weight_base=g["weight_base"],
                                           bank_addr_bits=mem.bank_addr_bits)
-        m.submodules.st = st = StoreEngine(ports=P, beat_bytes=S, addr_bits=ab, line_bytes=D)
+        m.submodules.st = st = StoreEngine(ports=P, beat_bytes=S, addr_bits=ab, line_bytes=D,
+                                           chains=chains)
         make_exec = self._exec_factory or ExecUnit.factory(self._config)
         ex = make_exec(addr_bits=ab, line_bytes=D)
         m.submodules.exec = ex

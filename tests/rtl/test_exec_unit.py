@@ -75,13 +75,15 @@ def _fixed_latency_unit(latency, made):
     return make
 
 
-def _run_exec_unit(words):
-    """Feed ``words`` to an ExecUnit on tiny whose MISC unit takes 60 cycles and MV unit 5;
-    returns (issue cycle per word, done cycles)."""
+def _run_exec_unit(words, config="tiny", rvals=None, context=0):
+    """Feed ``words`` to an ExecUnit on ``config`` whose MISC unit takes 60 cycles and MV
+    unit 5 (``rvals``: each word's ``(rval, rval2)``, the registers it names); returns
+    (issue cycle per word, done cycles)."""
     from amaranth.sim import Simulator
 
     from llmfab.compiler import isa
-    cfg = load_config("tiny")
+    cfg = config if not isinstance(config, str) else load_config(config)
+    rvals = rvals or [(0, 0)] * len(words)
     mv, misc = [], []
     units = {"misc": _fixed_latency_unit(60, misc), "mv": _fixed_latency_unit(5, mv)}
     routes = {Op.MV: "mv", Op.MM: "mv", **{(Op.MISC, f): "misc" for f in MiscFunc}}
@@ -91,8 +93,11 @@ def _run_exec_unit(words):
     mv, misc = mv[-1], misc[-1]
 
     async def bench(ctx):
-        for w in words:
+        ctx.set(dut.context, context)
+        for w, (rv, rv2) in zip(words, rvals):
             ctx.set(dut.instr.payload.word, isa.encode(w))
+            ctx.set(dut.instr.payload.rval, rv)
+            ctx.set(dut.instr.payload.rval2, rv2)
             ctx.set(dut.instr.valid, 1)
             await ctx.tick().until(dut.instr.ready)
         ctx.set(dut.instr.valid, 0)
@@ -152,3 +157,102 @@ def test_an_mv_that_touches_the_running_miscs_bytes_waits_for_it():
     t_mv = [c for k, c in issued if k == "MV"]
     assert t_mv[0] < t_misc + 60 <= t_mv[1] < t_mv[2]
     assert dones == sorted(dones) and len(dones) == 4 and dones[0] == t_misc + 60
+
+
+# ---- attention on the chains ---------------------------------------------------------------
+
+def test_chains_routes_and_units():
+    """With attention on the chains KVROW and SOFTMAX go to the SFU unit, MUL (whatever its
+    length register) stays MiscExec's, every other route is as without; the units get
+    ``chains=True`` (the SFU unit the slices' geometry too) once they take it (the MV and SFU
+    branches), and the units of a configuration without chains never get it."""
+    from llmfab.hw import exec_unit as eu
+    plain, chains = default_routes(), default_routes(chains=True)
+    new = {(Op.MISC, MiscFunc.KVROW), (Op.MISC, MiscFunc.SOFTMAX)}
+    assert all(chains[k] == "sfu" for k in new)
+    assert chains[(Op.MISC, MiscFunc.MUL)] == "misc"
+    assert {k: v for k, v in chains.items() if k not in new} == \
+        {k: v for k, v in plain.items() if k not in new}
+    assert set(default_routes(have_sfu=False, chains=True).values()) == {"mv", "misc"}
+
+    # the units this checkout has: a unit that takes ``chains`` gets it on ci-chains only
+    for name, want in (("ci-chains", True), ("ci", False)):
+        cfg = load_config(name)
+        units = default_units(cfg)
+        for n, cls in (("misc", eu.MiscExec), ("mv", eu.MvExec), ("sfu", eu.SfuExec)):
+            u = units[n](addr_bits=14, line_bytes=cfg.onchip_line_bytes)
+            u._MustUse__silence = True
+            if eu._takes(cls, "chains"):
+                assert u._chains == want, (name, n)
+            if n == "sfu" and want and eu._takes(cls, "slices"):
+                assert (u._slices, u._stripe) == (cfg.slices, cfg.stripe_bytes)
+
+    # stand-ins that take the keywords (what the merged units take)
+    got = []
+
+    class Misc:
+        def __init__(self, *, addr_bits, line_bytes, chains=False):
+            got.append(("misc", chains))
+
+    class Sfu:
+        def __init__(self, *, gb_base, addr_bits, line_bytes, chains=False, slices=1, stripe=64):
+            got.append(("sfu", chains, slices, stripe))
+
+    orig = eu.MiscExec, eu.SfuExec
+    try:
+        eu.MiscExec, eu.SfuExec = Misc, Sfu
+        for name, want in (("ci-chains", True), ("ci", False)):
+            got.clear()
+            cfg = load_config(name)
+            units = eu.default_units(cfg)
+            for n in ("misc", "sfu"):
+                units[n](addr_bits=8, line_bytes=16)
+            geo = (cfg.slices, cfg.stripe_bytes) if want else (1, 64)
+            assert got == [("misc", want), ("sfu", want, *geo)], name
+    finally:
+        eu.MiscExec, eu.SfuExec = orig
+
+
+def _chains_case(case, far):
+    """(words, rvals, context) of a 60-cycle MISC then an MV on ci-chains (two 32-byte
+    slices: 1088-byte Q8_0 tiles of 32 rows), the registers ``far`` (True: the ranges meet)."""
+    from llmfab.compiler import isa
+    F = isa.MISC_FUNCS
+    q8 = isa.mv_func("q8_0")
+    wb = 0x40000                               # the KV buffer of ci-chains: MV operands
+    copy = isa.make("MISC", func=F["COPY"], dst=wb + 1500, a=0x100, n=4)
+    plain_mv = isa.make("MV", func=q8, wb=wb + 0x8000, rows=4, cols=32, qsrc=0x800, dst=0x8000)
+    if case == "row tiles":                    # rows = 1 + R1: 41 rows are two tiles
+        mv = isa.make("MV", func=q8 | isa.MV_RT, wb=wb, rows=1, cols=32, qsrc=0x800, dst=0x900,
+                      rreg=1)
+        return [copy, mv], [(0, 0), (40 if far else 0, 0)], 256
+    if case == "block tiles":                  # cols = 32 + R9: 64 columns are two blocks
+        mv = isa.make("MV", func=q8 | isa.MV_BT, wb=wb, rows=32, cols=32, qsrc=0x800, dst=0x900,
+                      creg=9)
+        return [copy, mv], [(0, 0), (0, 32 if far else 0)], 256
+    if case == "softmax":                      # n + R1 = 41 values: 64 written; 1: 32 written
+        first = isa.make("MISC", func=F["SOFTMAX"], dst=0x8000 - 200, a=0x100, n=1, reg=1)
+        return [first, plain_mv], [(40 if far else 0, 0), (0, 0)], 256
+    if case == "quant":                        # n + R9 = 64: two blocks, 80 bytes; 32: 40
+        first = isa.make("MISC", func=F["QUANT"], dst=0x8000 - 60, a=0x100, n=32, reg=9)
+        return [first, plain_mv], [(32 if far else 0, 0), (0, 0)], 256
+    # KVROW: one KV head's whole region, which grows with the context
+    size = isa.kv_region(32, 256, 2, 32)["size"]
+    first = isa.make("MISC", func=F["KVROW"], dst=0x8000 - size + 4, a=0x100, n=32, reg=1)
+    return [first, plain_mv], [(3, 0), (0, 0)], 256 if far else 32
+
+
+@pytest.mark.parametrize("case", ["row tiles", "block tiles", "softmax", "quant", "kvrow"])
+def test_chains_ranges_decide_the_overlap(case):
+    """The execution unit's overlap check uses the chains footprint: an MV's register-extended
+    shape (``rval`` = R[rreg], ``rval2`` = R[creg]) and tiled layout, SOFTMAX's rounded-up
+    result, a QUANT's n + R[reg], KVROW's whole region. A 60-cycle MISC, then an MV: the MV
+    runs beside it when the registers (the context) keep the ranges apart, and waits for it
+    when they make them meet."""
+    for far in (False, True):
+        words, rvals, context = _chains_case(case, far)
+        issued, dones = _run_exec_unit(words, "ci-chains", rvals, context)
+        t_misc = [c for k, c in issued if k == "MISC"][0]
+        t_mv = [c for k, c in issued if k == "MV"][0]
+        assert (t_mv >= t_misc + 60) == far, (case, far, issued)
+        assert len(dones) == 2
