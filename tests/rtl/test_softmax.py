@@ -182,3 +182,10 @@ def test_softmax_validated():
         VecSoftmax(lanes=16)
     with pytest.raises(ValueError, match="max_len"):
         VecSoftmax(lanes=8, max_len=1000)
+
+
+def test_softmax_lint(tmp_path):
+    from llmfab.sim.rtl.runner import to_verilog
+    from test_fp import verilator_lint  # noqa: E402  (tests/rtl is on sys.path)
+    unit = VecSoftmax(lanes=4, max_len=64)
+    assert verilator_lint(to_verilog(unit, "vec_softmax"), "vec_softmax", tmp_path) == ""
