@@ -163,6 +163,20 @@ def test_softmax_pad32():
     check(vectors, got)
 
 
+def test_softmax_nan_inf():
+    """NaN (either sign) or +inf among the scores: every output NaN, as numpy's max propagates."""
+    rng = np.random.default_rng(9)
+    unit = VecSoftmax(lanes=4, max_len=64)
+    vectors = []
+    for n, bad in ((1, np.nan), (5, np.nan), (9, -np.nan), (33, np.inf), (12, np.inf)):
+        s = scores("normal", n, rng)
+        s[rng.integers(n)] = bad
+        vectors.append(s)
+    got, _ = run(unit, vectors, backpressure=0.3, seed=9)
+    check(vectors, got)
+    assert all(np.isnan(g.view(F)).all() for g in got)
+
+
 def test_softmax_cycles(capsys):
     """Cycles at L = 8 (first input beat to last output beat, no stalls): about 3n/L + 90."""
     rng = np.random.default_rng(5)
