@@ -48,10 +48,11 @@ instruction at a time, by sequencing on-chip line reads and writes around
 
 Attention on the chains (``chains=True``; nothing of it is elaborated otherwise):
 
-* SOFTMAX: ``n + R[reg]`` elements of ``a``, one per cycle through the post stage
-  (``fmul(a, scale)``) into the SFU's SOFTMAX, its outputs through the post stage to the
-  writer, then +0.0 words up to a multiple of 32; ``a`` is read completely before the
-  first write (in place works).
+* SOFTMAX: ``n + R[reg]`` elements of ``a``, ``L`` per beat through ``L`` multipliers
+  (``fmul(a, scale)``) into :class:`~llmfab.hw.softmax.VecSoftmax` (``L`` lanes,
+  ``pad32``), its output beats (+0.0 words up to a multiple of 32 included) ``L`` words a
+  cycle to the writer; ``a`` is read completely before the first write (VecSoftmax's
+  first pass takes all of it), so in place works. About ``3 n / L + 110`` cycles.
 * KVROW: the K row through the quantizer, its Q8_0 blocks (binary16 ``d``) as bytes into
   row ``S % 32`` of K tile ``S // 32``; the V row's ``max|v|``, ``d_v`` and
   ``127 * recip(max)`` (post stage, SFU RECIP); the V row again, one ``q`` byte per dim
@@ -79,8 +80,8 @@ cycle). Each op is 2 cycles more than alone in the unit (the execution unit's
 footprint stage, hw/exec_unit.py).
 MV/MM are not executed here (done without writing).
 
-Limits: ATTN rows and SOFTMAX lengths <= ``max_len`` (the score buffer and the SFU's vector
-buffer); ROPE/ATTN head dim <= ``max_hd``; the strided COPY streams (a
+Limits: ATTN rows and SOFTMAX lengths <= ``max_len`` (the score buffer, the SFU's and
+VecSoftmax's vector buffers); ROPE/ATTN head dim <= ``max_hd``; the strided COPY streams (a
 destination row overlapping a not-yet-read source row is not the golden
 model's read-first result); NaN results are the canonical NaN.
 """
@@ -166,7 +167,8 @@ class SfuExec(wiring.Component):
         On-chip byte address of the global buffer (its first line holds the
         constants: word 0 eps, word 1 attention scale, word 2 1/n).
     max_len : int
-        SFU vector buffer (longest RMSNORM).
+        SFU vector buffer (longest RMSNORM, ATTN row count); with ``chains`` also
+        VecSoftmax's (longest SOFTMAX; a power of two >= 32).
     max_hd : int
         Longest ROPE head dimension.
     chains : bool
