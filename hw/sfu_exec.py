@@ -48,10 +48,11 @@ instruction at a time, by sequencing on-chip line reads and writes around
 
 Attention on the chains (``chains=True``; nothing of it is elaborated otherwise):
 
-* SOFTMAX: ``n + R[reg]`` elements of ``a``, one per cycle through the post stage
-  (``fmul(a, scale)``) into the SFU's SOFTMAX, its outputs through the post stage to the
-  writer, then +0.0 words up to a multiple of 32; ``a`` is read completely before the
-  first write (in place works).
+* SOFTMAX: ``n + R[reg]`` elements of ``a``, ``L`` per beat through ``L`` multipliers
+  (``fmul(a, scale)``) into :class:`~llmfab.hw.softmax.VecSoftmax` (``L`` lanes,
+  ``pad32``), its output beats (+0.0 words up to a multiple of 32 included) ``L`` words a
+  cycle to the writer; ``a`` is read completely before the first write (VecSoftmax's
+  first pass takes all of it), so in place works. About ``3 n / L + 110`` cycles.
 * KVROW: the K row through the quantizer, its Q8_0 blocks (binary16 ``d``) as bytes into
   row ``S % 32`` of K tile ``S // 32``; the V row's ``max|v|``, ``d_v`` and
   ``127 * recip(max)`` (post stage, SFU RECIP); the V row again, one ``q`` byte per dim
@@ -79,8 +80,8 @@ cycle). Each op is 2 cycles more than alone in the unit (the execution unit's
 footprint stage, hw/exec_unit.py).
 MV/MM are not executed here (done without writing).
 
-Limits: ATTN rows and SOFTMAX lengths <= ``max_len`` (the score buffer and the SFU's vector
-buffer); ROPE/ATTN head dim <= ``max_hd``; the strided COPY streams (a
+Limits: ATTN rows and SOFTMAX lengths <= ``max_len`` (the score buffer, the SFU's and
+VecSoftmax's vector buffers); ROPE/ATTN head dim <= ``max_hd``; the strided COPY streams (a
 destination row overlapping a not-yet-read source row is not the golden
 model's read-first result); NaN results are the canonical NaN.
 """
@@ -96,6 +97,7 @@ from llmfab.hw.isa import BLOCK_BYTES, Instruction, MiscFunc, Op
 from llmfab.hw.quantizer import F127, INV127, Quantizer, rne_clamp127
 from llmfab.hw.fp import Staged
 from llmfab.hw.sfu import NEG_ZERO, Sfu, SfuOp
+from llmfab.hw.softmax import VecSoftmax
 
 TILE = 32          # compiler/isa.py TILE_ROWS: positions per K/V tile
 
@@ -165,7 +167,8 @@ class SfuExec(wiring.Component):
         On-chip byte address of the global buffer (its first line holds the
         constants: word 0 eps, word 1 attention scale, word 2 1/n).
     max_len : int
-        SFU vector buffer (longest RMSNORM).
+        SFU vector buffer (longest RMSNORM, ATTN row count); with ``chains`` also
+        VecSoftmax's (longest SOFTMAX; a power of two >= 32).
     max_hd : int
         Longest ROPE head dimension.
     chains : bool
@@ -347,25 +350,15 @@ class SfuExec(wiring.Component):
         from_attn = Signal()
         from_rms = Signal()
         from_rope = Signal()
-        # chains: SOFTMAX's post stage output goes into the SFU (to_sfu), its padding words
-        # straight to the writer (from_pad); KVROW's outputs go to the byte writer (from_kv)
-        to_sfu = Signal()
-        from_pad = Signal()
+        # chains: SOFTMAX's output beats (VecSoftmax, L words each, its +0.0 padding
+        # included) go to the writer (from_sm); KVROW's outputs go to the byte writer (from_kv)
+        from_sm = Signal()
         from_kv = Signal()
         kv_wr = Signal()                 # KVROW: the post stage's output is taken
-        sm_fed = Signal()                # SOFTMAX: the SFU takes the post stage's output
         if CH:
-            m.submodules.smq = smq = fifo.SyncFIFO(width=33, depth=2)
-
-        def sm_drain():
-            """SOFTMAX: the queued scaled scores into the SFU."""
-            m.d.comb += [sfu.i.valid.eq(smq.r_rdy), sfu.i.payload.op.eq(SfuOp.SOFTMAX),
-                         sfu.i.payload.a.eq(smq.r_data[0:32]), sfu.i.payload.last.eq(smq.r_data[32]),
-                         smq.r_en.eq(sfu.i.ready)]
-        if CH:
-            m.d.comb += w_ready.eq(Mux(to_sfu, sm_fed, Mux(from_kv, kv_wr, Mux(
+            m.d.comb += w_ready.eq(Mux(from_kv, kv_wr, Mux(
                 to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms & ~from_rope
-                & ~from_pad))))
+                & ~from_sm)))
         else:
             m.d.comb += w_ready.eq(Mux(to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms
                                        & ~from_rope))
@@ -636,6 +629,24 @@ class SfuExec(wiring.Component):
         ce3, rp_valid = fp.stall_control(m, rp_in_v, wi_ready, rp_lat, name="rope")
         m.d.comb += rp_ce.eq(ce3)
 
+        # ---- SOFTMAX (chains): s = fmul(a, scale) on L multipliers (a pipeline stalling on
+        # VecSoftmax's input, whose ready does not depend on its valid) into VecSoftmax
+        if CH:
+            m.submodules.vsm = vsm = VecSoftmax(lanes=L, max_len=self._max_len, pad32=True)
+            sm_in_v = Signal()
+            sm_cnt_in = Signal(range(L + 1))
+            sm_last_in = Signal()
+            sm_ce = Signal()
+            psm = fp.Pipe(m, sm_ce, name="smin")
+            s_sc = psm.input(scale)
+            sm_y = [psm.fmul(psm.input(sa.bytes[32 * k:32 * k + 32]), s_sc) for k in range(L)]
+            sm_lat = sm_y[0].stage
+            ce4, sm_valid = fp.stall_control(m, sm_in_v, vsm.i.ready, sm_lat, name="smin")
+            m.d.comb += [sm_ce.eq(ce4), vsm.i.valid.eq(sm_valid),
+                         vsm.i.payload.count.eq(psm.at(psm.input(sm_cnt_in), sm_lat)),
+                         vsm.i.payload.last.eq(psm.at(psm.input(sm_last_in), sm_lat))]
+            m.d.comb += [vsm.i.payload.data[k].eq(sm_y[k].value) for k in range(L)]
+
         # ---- QUANT output: q words of each block, then d[nb], then sumq[nb]
         qw = Signal(4)
         qblk = Signal(12)
@@ -673,9 +684,10 @@ class SfuExec(wiring.Component):
             m.d.comb += [wi_valid.eq(rp_valid), wi_n.eq(rp_cnt)]
             m.d.comb += [wi_x[k].eq(rp_y[k]) for k in range(L)]
         if CH:
-            with m.Elif(from_pad):
-                m.d.comb += [wi_valid.eq(1), wi_x0.eq(0), wi_n.eq(1)]
-            with m.Elif(from_kv | to_sfu):
+            with m.Elif(from_sm):
+                m.d.comb += [wi_valid.eq(vsm.o.valid), wi_n.eq(L), vsm.o.ready.eq(wi_ready)]
+                m.d.comb += [wi_x[k].eq(vsm.o.payload.data[k]) for k in range(L)]
+            with m.Elif(from_kv):
                 pass
         with m.Else():
             m.d.comb += [wi_valid.eq(post_valid), wi_x0.eq(y), wi_x1.eq(y1), wi_n.eq(Mux(pair_o, 2, 1))]
@@ -908,10 +920,10 @@ class SfuExec(wiring.Component):
                 if CH:
                     pad32 = ((n + 31) >> 5) << 5
                     with m.If(is_sm):
-                        m.d.sync += [seg_w.eq(pad32), seg_left.eq(pad32), jcnt.eq(0)]
+                        m.d.sync += [seg_w.eq(pad32), seg_left.eq(pad32)]
                     with m.If(is_kv):
                         m.d.sync += a_bytes.eq(n << 3)
-                    m.d.sync += [to_sfu.eq(is_sm), from_kv.eq(is_kv), from_pad.eq(0)]
+                    m.d.sync += [from_sm.eq(is_sm), from_kv.eq(is_kv)]
                 m.next = "START"
             with m.State("START"):
                 a_off, b_off = misc.a[0:lgd], misc.b[0:lgd]
@@ -1160,39 +1172,18 @@ class SfuExec(wiring.Component):
                         m.d.sync += [hv.eq(hv + 1), sent.eq(0)]
                         m.next = "ANEXT"
             if CH:
-                # ---- SOFTMAX: s = fmul(a, scale) on the post stage into the SFU's SOFTMAX;
-                # its outputs through the post stage to the writer; +0.0 up to 32k words
+                # ---- SOFTMAX: L elements of a per beat, s = fmul(a, scale) on L multipliers
+                # into VecSoftmax (count on the last beat); its output beats (and +0.0 padding
+                # up to 32k words) go to the writer (from_sm) meanwhile; DRAIN waits for them
                 with m.State("SMF"):
-                    m.d.comb += [sa.size.eq(4), d_valid.eq(sa.avail), d_x.eq(a_word),
-                                 d_s1.eq(scale), d_mode.eq(1), sa.take.eq(sa.avail & post_ce)]
-                    last = jcnt + 1 == ftot
-                    # the post stage's outputs reach the SFU through a 2-entry queue: the SFU's
-                    # input ready may depend on its output ready, which is the post stage's
-                    # clock enable (a combinational loop through sm_fed otherwise)
-                    m.d.comb += [smq.w_en.eq(post_valid), smq.w_data.eq(Cat(y, last)),
-                                 sm_fed.eq(smq.w_rdy)]
-                    sm_drain()
-                    with m.If(post_valid & smq.w_rdy):
-                        m.d.sync += jcnt.eq(jcnt + 1)
-                        with m.If(last):
-                            m.d.sync += [jcnt.eq(0), to_sfu.eq(0), use_sfu.eq(1)]
-                            m.next = "SMO"
-                with m.State("SMO"):
-                    sm_drain()
-                    with m.If(post_valid & wi_ready):
-                        m.d.sync += jcnt.eq(jcnt + 1)
-                        with m.If(jcnt + 1 == ftot):
-                            m.d.sync += [jcnt.eq(0), use_sfu.eq(0)]
-                            with m.If(ftot[0:5] == 0):
-                                m.next = "DRAIN"
-                            with m.Else():
-                                m.d.sync += from_pad.eq(1)
-                                m.next = "SMP"
-                with m.State("SMP"):
-                    with m.If(wi_ready):
-                        m.d.sync += jcnt.eq(jcnt + 1)
-                        with m.If((ftot + jcnt + 1)[0:5] == 0):
-                            m.d.sync += from_pad.eq(0)
+                    s_left = ftot - fcnt
+                    ne = Signal(range(L + 1))
+                    m.d.comb += ne.eq(Mux(s_left > L, L, s_left))
+                    m.d.comb += [sa.size.eq(ne << 2), sm_in_v.eq(sa.avail), sm_cnt_in.eq(ne),
+                                 sm_last_in.eq(s_left <= L), sa.take.eq(sa.avail & sm_ce)]
+                    with m.If(sa.avail & sm_ce):
+                        m.d.sync += fcnt.eq(fcnt + ne)
+                        with m.If(s_left <= L):
                             m.next = "DRAIN"
                 # ---- KVROW: the region's addresses; K row -> quantizer -> K bytes (the K
                 # emitter above); V row max|v|; d = amax/127 and 127*recip(amax) (SFU); V again:

@@ -104,10 +104,11 @@ class UnitCosts:
     #: positions 1 / 50 / 100 measure 601 / 5339 / 10289 (tests/rtl/test_sfu_exec.py::
     #: test_sfu_exec_cycles), 3 above SfuExec alone in pysim, every one exact.
     sfu_fixed: float = 14
-    #: SOFTMAX (attention on the chains): one element per cycle through the SFU's three
-    #: softmax passes; fitted to 474 / 1,362 cycles at n = 100 / 400 (ci geometry, alone).
-    chains_softmax_fixed: float = 178
-    chains_softmax_per_element: float = 2.96
+    #: SOFTMAX (attention on the chains): L elements per cycle through VecSoftmax's three
+    #: passes (hw/softmax.py); fitted to 149 / 258 cycles at n = 100 / 400 (ci geometry,
+    #: L = 8, alone): fixed + per_element * n / L.
+    chains_softmax_fixed: float = 113
+    chains_softmax_per_element: float = 2.91
     #: KVROW: K through the quantizer, amax/recip of V, then the d field and q byte of
     #: each V dim one byte a cycle (3 cycles per dim): 321 cycles at hd = 64.
     kvrow_fixed: float = 129
@@ -321,10 +322,10 @@ def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lane
         return c.sfu_fixed + attn_schedule(nh, score, av, rows, sm)
     # attention on the chains (docs/isa.md): SfuExec(chains=True) measured alone on the ci
     # geometry (tests/rtl/test_sfu_exec_chains.py::test_sfu_exec_chains_cycles): SOFTMAX
-    # n = 100 -> 474, n = 400 -> 1,362 (three passes of one element per cycle through the
-    # SFU); KVROW hd = 64 -> 321 (K through the quantizer, then three bytes per V dim)
+    # n = 100 -> 149, n = 400 -> 258 (VecSoftmax's three passes of L = 8 elements per
+    # cycle); KVROW hd = 64 -> 321 (K through the quantizer, then three bytes per V dim)
     if name == "SOFTMAX":
-        return c.chains_softmax_fixed + c.chains_softmax_per_element * n
+        return c.chains_softmax_fixed + c.chains_softmax_per_element * n / L
     if name == "KVROW":
         return c.kvrow_fixed + c.kvrow_per_dim * n
     return c.sfu_fixed
