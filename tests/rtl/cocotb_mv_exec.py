@@ -36,7 +36,10 @@ STALL = float(os.environ.get("MV_STALL", "0.2"))
 MODES = [(f, p) for f in ("q4_0", "q4_1", "q8_0") for p in ("dense", "2:4", "8:16", "4:16", "2:16")]
 SB = int(os.environ.get("MV_S", str(D // NP)))   # bytes per bank line (a stripe)
 NH = 2 if SB >= 64 else 1                   # half memories per bank (hw/onchip.py bank_halves)
-W0, A0, R0 = WB, 1 << 16, 1 << 17
+# the results clear of the weights: with attention on the chains the weight buffer starts at
+# the KV buffer (ci-chains: 128 KiB), where the results used to go
+W0, A0 = WB, 1 << 16
+R0 = 1 << 17 if not WB <= 1 << 17 < WB + (1 << 17) else WB + (1 << 17)
 MEM = max(1 << 19, WB + (1 << 17))
 
 
