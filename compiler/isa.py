@@ -205,7 +205,8 @@ def mv_layout(func) -> str:
     return "row_tiles" if func & MV_RT else "block_tiles" if func & MV_BT else "rows"
 
 
-def _block_bytes(func) -> int:
+def func_block_bytes(func) -> int:
+    """Bytes of one 32-weight block of an MV/MM ``func``'s format and sparsity."""
     return block_bytes(FMTS[func & 3], SPARSITIES[(func >> 2) & 7])
 
 
@@ -214,7 +215,7 @@ def weight_span(func: int, rows: int, cols: int, slices: int = 1, stripe: int = 
     (docs/isa.md, "Slices" and "Attention on the chains"): ``mv_span`` of the rows; for row
     tiles one ``mv_span(TILE_ROWS, row bytes)`` per started tile of ``TILE_ROWS`` rows; for
     block tiles one ``mv_span(rows, block bytes)`` per block."""
-    bb = _block_bytes(func)
+    bb = func_block_bytes(func)
     lay = mv_layout(func)
     if lay == "rows":
         return mv_span(rows, cols // 32 * bb, slices, stripe)
@@ -227,7 +228,7 @@ def untile_rows(buf, func: int, rows: int, cols: int, slices: int, stripe: int) 
     """The weight rows ``[rows, row bytes]`` of an MV operand in any layout (``buf`` holds at
     least ``weight_span`` bytes from its start)."""
     buf = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
-    bb = _block_bytes(func)
+    bb = func_block_bytes(func)
     rb = cols // 32 * bb
     lay = mv_layout(func)
     if lay == "rows":
@@ -331,8 +332,8 @@ def kv_region(head_dim: int, context: int, slices: int = 1, stripe: int = 64) ->
         raise IsaError(f"head dim {head_dim} is not a multiple of 32 (Q8_0 K rows)")
     nt = -(-context // TILE_ROWS)
     q8 = mv_func("q8_0")
-    k_tile = mv_span(TILE_ROWS, head_dim // 32 * _block_bytes(q8), slices, stripe)
-    v_tile = mv_span(head_dim, _block_bytes(q8), slices, stripe)
+    k_tile = mv_span(TILE_ROWS, head_dim // 32 * func_block_bytes(q8), slices, stripe)
+    v_tile = mv_span(head_dim, func_block_bytes(q8), slices, stripe)
     v = nt * k_tile
     sc = v + nt * v_tile
     return {"k": 0, "v": v, "scale": sc, "size": sc + 4 * context, "k_tile": k_tile, "v_tile": v_tile}

@@ -41,15 +41,10 @@ _ALL = [(0, 1 << 62)]                                     # "anywhere" (a regist
 _LOOK = 24      # how far the fusion passes look for a partner step
 
 
-def _mv_format(func):
-    """(weight format, sparsity) of an MV/MM ``func`` field."""
-    return isa.FMTS[func & 3], isa.SPARSITIES[(func >> 2) & 7]
-
-
 def mv_row_bytes(func, cols) -> int:
     """Bytes of one weight row of an MV/MM (``func``, ``cols``); a tile of rows takes
     ``isa.mv_span`` bytes (docs/isa.md, "Slices")."""
-    return (cols // 32) * formats.block_bytes(*_mv_format(func))
+    return (cols // 32) * isa.func_block_bytes(func)
 
 
 def onchip_ranges(ins, regs, *, gb_base: int, kv_context: int, slices: int, stripe: int) -> list:
