@@ -47,6 +47,7 @@ from llmfab.core.errors import BundleError, SimError
 FORMAT_VERSION = 4
 
 _WORD_BYTES = 16          # compiler/isa.py WORD_BYTES (bundle.py stays import-free of the ISA)
+_TILE_ROWS = 32           # compiler/isa.py TILE_ROWS (positions per KV tile, attention on the chains)
 
 
 @dataclass
@@ -88,6 +89,20 @@ class Bundle:
             raise BundleError(f"{self._where()} was compiled for configuration "
                               f"{self.manifest.get('config_name')!r} (hash {self.config_hash}), not "
                               f"{config.name!r} (hash {h}); recompile with --config {config.name}")
+
+    @property
+    def prefill_align(self) -> int:
+        """A prefill run of T tokens starts at a multiple of ``min(T, prefill_align)``: with
+        attention on the chains, ``TILE_ROWS`` (its tokens' K/V rows fill whole tiles from
+        R9: docs/isa.md, "Attention on the chains"), else 1 (any position)."""
+        return _TILE_ROWS if self.onchip.get("attention") == "chains" else 1
+
+    def check_prefill_start(self, pos: int, ntok: int) -> None:
+        """Refuse a prefill run of ``ntok`` tokens at ``pos`` that the programs cannot serve."""
+        a = min(int(ntok), self.prefill_align)
+        if int(pos) % a:
+            raise SimError(f"a {ntok}-token prefill run of {self._where()} (attention on the chains) "
+                           f"must start at a multiple of {a}, not position {pos}")
 
     def prefill_token_rows(self, tokens) -> list:
         """What the host writes before a prefill run of ``tokens``: ``[(hbm address, bytes)]``,

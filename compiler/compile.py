@@ -515,7 +515,10 @@ class ChainsAttention:
         line = _slot_align(config)
         rb = _align(region["size"], line)
         slots = (kb.alloc(rb, "K/V of one head", line), kb.alloc(rb, "K/V of one head", line))
-        g = dims.g
+        # one set per query head of a group, at least two (a prefill program's attention rows
+        # -- token t, head i -- are software-pipelined over them: row k+1's scores MV beside
+        # row k's softmax, so consecutive rows never share a set)
+        g = max(dims.g, 2)
         qq = tuple(kb.alloc(dims.hd // 32 * QBLOCK_BYTES, "quantized query") for _ in range(g))
         scores = tuple(kb.alloc(ctx * 4, "attention scores") for _ in range(g))
         pq = tuple(kb.alloc(ctx // 32 * QBLOCK_BYTES, "quantized probabilities") for _ in range(g))
@@ -764,13 +767,10 @@ class PrefillPlan:
         cap = min(int(config.max_prefill), ctx, isa.MAX_PREFILL) if prefill else 0
         if not prefill:
             note = "prefill programs not requested"
-        elif onchip.chains:
-            note = ("no prefill programs: attention on the chains has a decode program only (prompts "
-                    "run through it; prefill on the chains is issue 13)")
-        elif dims.hd % 16:
+        elif not onchip.chains and dims.hd % 16:
             note = (f"no prefill programs: head dim {dims.hd} is not a multiple of 16 (the K/V row "
                     f"stores of token t need 32-byte aligned offsets t*head_dim*2)")
-        elif dims.g > isa.ATTN_HEADS_MASK:
+        elif not onchip.chains and dims.g > isa.ATTN_HEADS_MASK:
             note = f"no prefill programs: {dims.g} query heads per KV head exceed the ATTN field"
         else:
             note = None

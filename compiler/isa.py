@@ -246,7 +246,9 @@ def untile_rows(buf, func: int, rows: int, cols: int, slices: int, stripe: int) 
 
 def row_address(row: int, row_bytes: int, slices: int, stripe: int) -> np.ndarray:
     """On-chip offsets of the bytes of row ``row`` of a slice-major tile of rows of
-    ``row_bytes`` (docs/isa.md, "Slices"): ``[row_bytes]`` from the tile's first line."""
+    ``row_bytes`` (docs/isa.md, "Slices"): ``[row_bytes]`` from the tile's first line
+    (``row`` an array of rows: ``[len(row), row_bytes]``)."""
+    row = np.asarray(row)[..., None]
     if slices == 1:
         return row * row_bytes + np.arange(row_bytes)
     p, k = row % slices, row // slices

@@ -294,7 +294,11 @@ class ProgramBuilder:
                 self._attention_decode(li, rope, j)
         else:
             self.matrix(mats.qkv, L.qh, L.qkv)
-            self._attention_prefill(li, rope)
+            if self.parts.onchip.chains:
+                for j in range(d.nkv):
+                    self._attention_chains(li, rope, j)
+            else:
+                self._attention_prefill(li, rope)
         self._add(None, partial(self.quant, L.qh, L.o, d.nq * d.hd))
         self.matrix(mats.attn_output, L.qh, L.h)
         return gs
@@ -402,66 +406,89 @@ class ProgramBuilder:
 
     def _attention_chains(self, li, rope, j):
         """KV head ``j`` with attention on the chains (docs/isa.md, "Attention on the chains"):
-        its region's K row tiles and V block tiles up to the tile of R1 and V scales [0, R1)
-        into a K slot; then :meth:`_attend_chains`."""
+        its region's K row tiles and V block tiles from the tile of R1 on (``ceil(T/32)``
+        tiles: a run of T tokens starts at a multiple of ``min(T, 32)``, so its positions
+        fill whole tiles from R9) and V scales [0, R1) into a K slot; then
+        :meth:`_attend_chains`."""
         ch = self.parts.onchip.chains
         reg = ch.region
+        nt = -(-self.T // isa.TILE_ROWS)
         ks = self._next_slot("K")
         slot = ch.slots[ks]
         r0, _ = self._kv_offsets(li, j)
-        lds = [dict(buf=slot + reg[k], hreg=isa.REG_KVBASE, hoff=hoff(r0 + reg[k]), len=reg[t],
+        lds = [dict(buf=slot + reg[k], hreg=isa.REG_KVBASE, hoff=hoff(r0 + reg[k]), len=nt * reg[t],
                     lreg=isa.REG_PBASE, lmul=reg[t] // isa.TILE_ROWS)
                for k, t in (("k", "k_tile"), ("v", "v_tile"))]
         lds.append(dict(buf=slot + reg["scale"], hreg=isa.REG_KVBASE, hoff=hoff(r0 + reg["scale"]),
                         lreg=isa.REG_POS, lmul=4))
         kgid = f"kv.{li}.{j}"
-        gaddr = self.L.qkv + j * self.parts.dims.grp_rows * 4
         self._add(LoadGroup(kgid, ("K", ks), lds),
-                  partial(self._attend_chains, j, ks, kgid, gaddr, r0, rope))
+                  partial(self._attend_chains, j, ks, kgid, r0, rope))
 
-    def _attend_chains(self, j, ks, kgid, gaddr, r0, rope):
-        d = self.parts.dims
+    def _attend_chains(self, j, ks, kgid, r0, rope):
+        d, L, T = self.parts.dims, self.L, self.T
         ch = self.parts.onchip.chains
         reg = ch.region
         g, hd = d.g, d.hd
+        nt = -(-T // isa.TILE_ROWS)
         slot = ch.slots[ks]
-        self.consume("MISC", func=F["ROPE"], dst=gaddr, a=gaddr, b=rope, n=g + 1, aux=hd)
-        # the current K and V rows into the slot's tiles at R1; those tiles and the V scale to HBM
-        e = self.consume("MISC", gid=kgid, func=F["KVROW"], dst=slot, a=gaddr + g * hd * 4, n=hd,
-                         reg=isa.REG_POS, release=["cmp2st"])
-        st = [dict(buf=slot + reg[k], hoff=hoff(r0 + reg[k]), ireg=isa.REG_PTILE, stride=reg[t], len=reg[t])
+
+        def gaddr(t):           # token t's q heads, k and v of this group
+            return L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4
+
+        # every token's q heads and k rotated; its K and V rows into the slot's tiles at
+        # R1 + t; those tiles and the V scales to HBM
+        for t in range(T):
+            self.consume("MISC", func=F["ROPE"], dst=gaddr(t), a=gaddr(t), b=rope + t * hd * 4, n=g + 1, aux=hd)
+        for t in range(T):
+            e = self.consume("MISC", gid=kgid if t == 0 else None, func=F["KVROW"], dst=slot,
+                             a=gaddr(t) + g * hd * 4, n=hd, reg=isa.REG_POS, aux=t,
+                             release=["cmp2st"] if t == T - 1 else ())
+        st = [dict(buf=slot + reg[k], hoff=hoff(r0 + reg[k]), ireg=isa.REG_PTILE, stride=reg[t],
+                   len=nt * reg[t])
               for k, t in (("k", "k_tile"), ("v", "v_tile"))]
-        st.append(dict(buf=slot + reg["scale"], hoff=hoff(r0 + reg["scale"]), ireg=isa.REG_POS, stride=4, len=4))
+        st.append(dict(buf=slot + reg["scale"], hoff=hoff(r0 + reg["scale"]), ireg=isa.REG_POS, stride=4,
+                       len=4 * T))
         for i, f in enumerate(st):
             last = i == len(st) - 1
             ev = self.S.emit("ST", need={"cmp2st": e["cmp2st"]} if i == 0 else None, func=isa.ST_X,
                              hreg=isa.REG_KVBASE, release=["st2cmp"] if last else (), **f)
         stored = ev["st2cmp"]
         q8 = isa.mv_func("q8_0")
-        out = self.L.o + j * g * hd * 4
+        # the attention rows: token t's query head i; row k uses buffer set k % nb
+        rows = [(t, i) for t in range(T) for i in range(g)]
+        nb = len(ch.qq)
 
-        def scores(i):
-            # positions [0, R1]: the K row tiles times the quantized query
-            self.consume("MV", func=q8 | isa.MV_RT, wb=slot + reg["k"], rows=1, rreg=isa.REG_POS,
-                         cols=hd, qsrc=ch.qq[i], dst=ch.scores[i])
+        def quant_q(k):
+            t, i = rows[k]
+            self.consume("MISC", func=F["QUANT"], dst=ch.qq[k % nb], a=gaddr(t) + i * hd * 4, n=hd)
 
-        # software-pipelined over the group's heads (docs/isa.md, "Overlap"): head i's SFU
-        # work (softmax, V scales, quantization) runs beside head i+1's scores MV, and
-        # head i+1's beside head i's output MV
-        for i in range(g):
-            self.consume("MISC", func=F["QUANT"], dst=ch.qq[i], a=gaddr + i * hd * 4, n=hd)
+        def scores(k):
+            # positions [0, R1 + t]: the K row tiles times the quantized query
+            t, _ = rows[k]
+            self.consume("MV", func=q8 | isa.MV_RT, wb=slot + reg["k"], rows=1 + t, rreg=isa.REG_POS,
+                         cols=hd, qsrc=ch.qq[k % nb], dst=ch.scores[k % nb])
+
+        # software-pipelined over the rows (docs/isa.md, "Overlap"): row k's SFU work
+        # (softmax, V scales, quantization) runs beside row k+1's scores MV, and row k+1's
+        # beside row k's output MV
+        for k in range(min(g, len(rows))):
+            quant_q(k)
         scores(0)
-        for i in range(g):
-            if i + 1 < g:
-                scores(i + 1)
-            sc, pq = ch.scores[i], ch.pq[i]
-            self.consume("MISC", func=F["SOFTMAX"], dst=sc, a=sc, n=1, reg=isa.REG_POS)
-            self.consume("MISC", func=F["MUL"], dst=sc, a=sc, b=slot + reg["scale"], n=1, reg=isa.REG_POS)
-            self.consume("MISC", func=F["QUANT"], dst=pq, a=sc, n=isa.TILE_ROWS, reg=isa.REG_PBASE)
+        for k, (t, i) in enumerate(rows):
+            if k + 1 < len(rows):
+                if k + 1 >= g:
+                    quant_q(k + 1)
+                scores(k + 1)
+            sc, pq = ch.scores[k % nb], ch.pq[k % nb]
+            w = (t // isa.TILE_ROWS + 1) * isa.TILE_ROWS     # the row's probabilities from R9 on
+            self.consume("MISC", func=F["SOFTMAX"], dst=sc, a=sc, n=1 + t, reg=isa.REG_POS)
+            self.consume("MISC", func=F["MUL"], dst=sc, a=sc, b=slot + reg["scale"], n=1 + t, reg=isa.REG_POS)
+            self.consume("MISC", func=F["QUANT"], dst=pq, a=sc, n=w, reg=isa.REG_PBASE)
             # the output: the transposed V block tiles times the quantized scaled probabilities
-            last = i == g - 1
-            self.consume("MV", func=q8 | isa.MV_BT, wb=slot + reg["v"], rows=hd, cols=isa.TILE_ROWS,
-                         creg=isa.REG_PBASE, qsrc=pq, dst=out + i * hd * 4,
+            last = k == len(rows) - 1
+            self.consume("MV", func=q8 | isa.MV_BT, wb=slot + reg["v"], rows=hd, cols=w,
+                         creg=isa.REG_PBASE, qsrc=pq, dst=L.o + (t * d.nq * hd + (j * g + i) * hd) * 4,
                          need={"st2cmp": stored} if last else None,
                          free_slot=("K", ks) if last else None)
 

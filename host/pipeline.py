@@ -197,7 +197,7 @@ class StageRunner:
                                f"the compiled context {self.context}")
         out, i = [], 0
         while i < n:
-            T = split_buckets(n - i, self.buckets)[0]
+            T = split_buckets(n - i, self.buckets, pos, self.dev.prefill_align)[0]
             out.append(self._run(pos, x[i:i + T], T))
             pos += T
             i += T

@@ -126,6 +126,7 @@ class RtlDevice(ProgramDevice):
 
     def _prefill(self, pos, tokens):
         T = len(tokens)
+        self.bundle.check_prefill_start(pos, T)
         self.use_program(T)
         for addr, row in self.bundle.prefill_token_rows(tokens):
             self.acc.write_hbm(addr, row)

@@ -133,14 +133,17 @@ class Device:
                               prefill_seconds=t1 - t0, stats=self.stats(), stop=stop)
 
 
-def split_buckets(n: int, buckets) -> list:
-    """Greedy decomposition of ``n`` tokens into buckets (1 is always a bucket)."""
+def split_buckets(n: int, buckets, pos: int = 0, align: int = 1) -> list:
+    """Greedy decomposition of ``n`` tokens from position ``pos`` into buckets (1 is always a
+    bucket): each run the largest bucket ``T <= `` the tokens left that starts at a multiple
+    of ``min(T, align)`` (``Bundle.prefill_align``: 1 but with attention on the chains)."""
     sizes = sorted({1, *(int(b) for b in buckets)}, reverse=True)
     out = []
     while n > 0:
-        t = next(b for b in sizes if b <= n)
+        t = next(b for b in sizes if b <= n and pos % min(b, align) == 0)
         out.append(t)
         n -= t
+        pos += t
     return out
 
 
@@ -154,6 +157,12 @@ class ProgramDevice(Device):
     vocab: int = 0
     buckets: list = []
     pos: int = 0
+
+    @property
+    def prefill_align(self) -> int:
+        """Runs of T tokens start at multiples of ``min(T, prefill_align)`` (the bundle's)."""
+        b = getattr(self, "bundle", None)
+        return b.prefill_align if b is not None else 1
 
     def _decode(self, pos: int, token: int) -> np.ndarray:
         raise NotImplementedError
@@ -173,7 +182,7 @@ class ProgramDevice(Device):
                 raise BackendError(f"context overflow: position {self.pos} >= compiled context "
                                    f"{self.context}")
             left = min(len(toks) - i, self.context - self.pos)
-            T = split_buckets(left, self.buckets)[0]
+            T = split_buckets(left, self.buckets, self.pos, self.prefill_align)[0]
             if T == 1:
                 out.append(self._decode(self.pos, toks[i]))
             else:

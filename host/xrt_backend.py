@@ -335,6 +335,7 @@ class XrtDevice(ProgramDevice):
 
     def _prefill(self, pos, tokens):
         T = len(tokens)
+        self.bundle.check_prefill_start(pos, T)
         for addr, row in self.bundle.prefill_token_rows(tokens):
             self.write_flat(addr, row)
         c = self._run(f"prefill_{T}", pos, 0, T)

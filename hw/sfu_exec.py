@@ -871,7 +871,10 @@ class SfuExec(wiring.Component):
                         nn = iw.misc.n + Mux((f == MiscFunc.QUANT) | (f == MiscFunc.SOFTMAX),
                                              self.instr.payload.rval, 0)
                     ax = iw.misc.aux
-                    m.d.sync += [rv.eq(self.instr.payload.rval), hs.eq(0), hm.eq(0), hv.eq(0),
+                    rv_in = self.instr.payload.rval
+                    if CH:          # KVROW's position is R[reg] + aux (prefill: token t's row)
+                        rv_in = rv_in + Mux(f == MiscFunc.KVROW, ax, 0)
+                    m.d.sync += [rv.eq(rv_in), hs.eq(0), hm.eq(0), hv.eq(0),
                                  sc_bank.eq(0)]
                     m.d.sync += [word.eq(self.instr.payload.word), sent.eq(0), fcnt.eq(0),
                                  tcnt.eq(0), bcnt.eq(0), ecnt.eq(0), ridx.eq(0), qw.eq(0),

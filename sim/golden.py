@@ -514,9 +514,9 @@ class Golden:
     def _kvrow(self, f, regs):
         """KVROW (docs/isa.md, "Attention on the chains"): the current K row (Q8_0 blocks) into
         row S % 32 of K tile S // 32, the current V row (int8, one scale) into column S % 32
-        of V tile S // 32 and its scale into the scale array, S = R[reg]."""
+        of V tile S // 32 and its scale into the scale array, S = R[reg] + aux."""
         hd = f["n"]
-        S = regs[f["reg"]]
+        S = regs[f["reg"]] + f["aux"]
         kv = isa.kv_region(hd, self.kv_context, self.slices, self.stripe)
         ti, r = divmod(S, isa.TILE_ROWS)
         base = f["dst"]
@@ -529,11 +529,9 @@ class Golden:
         self.mem[base + kv["k"] + ti * kv["k_tile"] + off] = krow
         vq, vd = N.quantize_row(v)
         vt = base + kv["v"] + ti * kv["v_tile"]
-        vb = vq.view(np.uint8)
-        for d in range(hd):
-            off = isa.row_address(d, 34, self.slices, self.stripe)
-            self.mem[vt + off[0:2]] = N.F16_ONE_BYTES
-            self.mem[vt + off[2 + r]] = vb[d]
+        off = isa.row_address(np.arange(hd), 34, self.slices, self.stripe)   # [hd, 34]
+        self.mem[vt + off[:, 0:2]] = N.F16_ONE_BYTES
+        self.mem[vt + off[:, 2 + r]] = vq.view(np.uint8)
         self.f32(base + kv["scale"] + 4 * S, 1)[0] = vd
 
     def run(self, pos: int, token: int = 0, program: str = "decode") -> RunResult:
@@ -596,6 +594,7 @@ class Golden:
 
     def prefill(self, pos: int, tokens, program: str | None = None) -> RunResult:
         """Stage ``tokens`` and run the prefill program of bucket ``len(tokens)`` at ``pos``."""
+        self.bundle.check_prefill_start(pos, len(tokens))
         self.stage_tokens(tokens)
         return self.run(pos, 0, program or f"prefill_{len(tokens)}")
 
