@@ -401,3 +401,41 @@ def test_chains_decode_matches_golden(tmp_path):
                 bad.append((pos, f"{diff.size} HBM bytes differ, first at {diff[:8]}"))
                 break
     assert not bad, bad
+
+
+@pytest.mark.skipif(not _units_have_chains(), reason="MvExec/SfuExec without attention on the "
+                    "chains (the MV and SFU branches are not merged)")
+def test_chains_prefill_matches_golden(tmp_path):
+    """Prompts through ``tinyc``'s prefill programs (buckets 2, 4, 8 on two token lanes;
+    attention on the chains, KVROW at R1 + t): runs from misaligned starts, across the
+    32-position tile and longer than the largest bucket give the golden model's logits and
+    KV cache bit for bit, and decoding goes on from the cache they left."""
+    from tinymodel import write_tiny_gguf
+
+    from llmfab.boards.config import config_from_dict
+    from llmfab.compiler.compile import compile_model
+    from llmfab.compiler.model import load_model
+    from llmfab.host.golden_backend import GoldenDevice
+    from llmfab.host.rtl_backend import RtlDevice
+    path = tmp_path / "tiny32.gguf"
+    write_tiny_gguf(path, "q4_1", dim=64, n_heads=2, n_kv_heads=1)
+    d = load_config("tiny").to_dict()
+    d.update(name="tinyc", attention="chains")
+    d["buffers"] = dict(d["buffers"], kv_kib=32)
+    config = config_from_dict(d, "tinyc (tiny with attention on the chains, 32 KiB KV buffer)")
+    bundle = compile_model(load_model(path), config)
+    assert bundle.manifest["prefill"]["buckets"] == [2, 4, 8] and config.chain.tokens == 2
+    kv0, kvn = (int(v) for v in bundle.manifest["memory_map"]["kv"])
+    rtl = RtlDevice(None, config, bundle=bundle, timeout_cycles=4_000_000)
+    try:
+        gold = GoldenDevice(None, config, bundle=bundle)
+        rng = np.random.default_rng(4)
+        for n in (3, 37, 1, 6):                      # positions 0..46
+            toks = [int(t) for t in rng.integers(0, 256, n)]
+            lr, lg = rtl.forward(toks), gold.forward(toks)
+            assert np.array_equal(lr.view(np.uint32), lg.view(np.uint32)), n
+            assert np.array_equal(rtl.acc.read_hbm(kv0, kvn), gold.golden.hbm[kv0:kv0 + kvn]), n
+        # 2+1 | 1 4 8 8 8 8 (3 -> 40) | 1 | 1 2 2 1 (41 -> 47)
+        assert [r["tokens"] for r in rtl.prefill_runs] == [2, 4, 8, 8, 8, 8, 2, 2]
+    finally:
+        rtl.close()
