@@ -153,6 +153,7 @@ class ProgramBuilder:
         self.group_ready = {}      # group id -> ld2cmp event
         self.logits_stored = {}    # logits slot -> events of its last ST
         self.kv_stored = []        # st2cmp event of each layer's last K/V store
+        self._kv_st = {}           # K slot -> st2cmp event of its region's stores (chains)
         self._slot_counters = {"W": 0, "K": 0, "G": 0}
 
     # ---- the program --------------------------------------------------------------------
@@ -281,7 +282,28 @@ class ProgramBuilder:
                dict(buf=rope, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.rope), ireg=isa.REG_POS,
                     stride=d.hd * 4, len=T * d.hd * 4)]
         self._add(LoadGroup(gid, ("G", gs), lds), partial(self._attn_norm, gbase, gid))
-        if T == 1:
+        if T == 1 and parts.onchip.chains:
+            # a KV head's attention in two parts (:meth:`_attend_chains`): its first part (RoPE,
+            # KVROW, the queries and their scores MVs) once its rows of q/k/v are written,
+            # after the next QKV tile; its softmax chains after the tile after that, so they
+            # run beside that tile's MV (docs/isa.md, "Overlap"); one head in flight
+            j, pend = 0, None
+            for ti, (r0, _nr, _off) in enumerate(mats.qkv.tiles):
+                self.matrix(mats.qkv, L.qh, L.qkv, only=(ti,))
+                if pend is not None:
+                    self._add(None, pend)
+                    pend = None
+                while j < d.nkv and (j + 1) * d.grp_rows <= r0:
+                    if pend is not None:
+                        self._add(None, pend)
+                    pend = self._attention_chains(li, rope, j)
+                    j += 1
+            for j in range(j, d.nkv):
+                if pend is not None:
+                    self._add(None, pend)
+                pend = self._attention_chains(li, rope, j)
+            self._add(None, pend)
+        elif T == 1:
             # a KV head's attention once its rows of q/k/v are written: after the next QKV tile
             # (it runs beside that tile's MV: docs/isa.md, "Overlap")
             j = 0
@@ -422,27 +444,67 @@ class ProgramBuilder:
         lds.append(dict(buf=slot + reg["scale"], hreg=isa.REG_KVBASE, hoff=hoff(r0 + reg["scale"]),
                         lreg=isa.REG_POS, lmul=4))
         kgid = f"kv.{li}.{j}"
+        if self.T == 1:
+            self._add(LoadGroup(kgid, ("K", ks), lds),
+                      partial(self._attend_chains_scores, j, ks, kgid, r0, rope))
+            return partial(self._attend_chains_outputs, j, ks)
         self._add(LoadGroup(kgid, ("K", ks), lds),
                   partial(self._attend_chains, j, ks, kgid, r0, rope))
+        return None
 
-    def _attend_chains(self, j, ks, kgid, r0, rope):
-        d, L, T = self.parts.dims, self.L, self.T
+    def _attend_chains_scores(self, j, ks, kgid, r0, rope):
+        """Decode, first part: RoPE, KVROW and the stores, each query head's QUANT and scores
+        MV (the MVs back to back, so the softmax chains that follow need not wait on them)."""
+        d = self.parts.dims
+        ch = self.parts.onchip.chains
+        g, hd = d.g, d.hd
+        gaddr = self.L.qkv + j * d.grp_rows * 4
+        slot = ch.slots[ks]
+        self._kvrow_store(gaddr, ks, kgid, r0, rope)
+        q8 = isa.mv_func("q8_0")
+        for i in range(g):
+            self.consume("MISC", func=F["QUANT"], dst=ch.qq[i], a=gaddr + i * hd * 4, n=hd)
+        for i in range(g):
+            self.consume("MV", func=q8 | isa.MV_RT, wb=slot + ch.region["k"], rows=1, rreg=isa.REG_POS,
+                         cols=hd, qsrc=ch.qq[i], dst=ch.scores[i])
+
+    def _attend_chains_outputs(self, j, ks):
+        """Decode, second part: every query head's softmax, V scales and quantization (MISC
+        work that runs beside the MV before it), then the output MVs."""
+        d = self.parts.dims
+        ch = self.parts.onchip.chains
+        reg = ch.region
+        g, hd = d.g, d.hd
+        slot = ch.slots[ks]
+        for i in range(g):
+            sc = ch.scores[i]
+            self.consume("MISC", func=F["SOFTMAX"], dst=sc, a=sc, n=1, reg=isa.REG_POS)
+            self.consume("MISC", func=F["MUL"], dst=sc, a=sc, b=slot + reg["scale"], n=1, reg=isa.REG_POS)
+            self.consume("MISC", func=F["QUANT"], dst=ch.pq[i], a=sc, n=isa.TILE_ROWS, reg=isa.REG_PBASE)
+        q8 = isa.mv_func("q8_0")
+        for i in range(g):
+            last = i == g - 1
+            self.consume("MV", func=q8 | isa.MV_BT, wb=slot + reg["v"], rows=hd, cols=isa.TILE_ROWS,
+                         creg=isa.REG_PBASE, qsrc=ch.pq[i], dst=self.L.o + (j * g + i) * hd * 4,
+                         need={"st2cmp": self._kv_st[ks]} if last else None,
+                         free_slot=("K", ks) if last else None)
+
+    def _kvrow_store(self, gaddr, ks, kgid, r0, rope, T=1):
+        """ROPE of every token's q heads and k (``gaddr(t)``), KVROW of each token at R1 + t,
+        the ST.x of the touched K/V tiles and the V scales; the stores' st2cmp event is
+        kept for the slot's last reader (``_kv_st``)."""
+        d = self.parts.dims
         ch = self.parts.onchip.chains
         reg = ch.region
         g, hd = d.g, d.hd
         nt = -(-T // isa.TILE_ROWS)
         slot = ch.slots[ks]
-
-        def gaddr(t):           # token t's q heads, k and v of this group
-            return L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4
-
-        # every token's q heads and k rotated; its K and V rows into the slot's tiles at
-        # R1 + t; those tiles and the V scales to HBM
+        ga = gaddr if callable(gaddr) else (lambda t: gaddr)
         for t in range(T):
-            self.consume("MISC", func=F["ROPE"], dst=gaddr(t), a=gaddr(t), b=rope + t * hd * 4, n=g + 1, aux=hd)
+            self.consume("MISC", func=F["ROPE"], dst=ga(t), a=ga(t), b=rope + t * hd * 4, n=g + 1, aux=hd)
         for t in range(T):
             e = self.consume("MISC", gid=kgid if t == 0 else None, func=F["KVROW"], dst=slot,
-                             a=gaddr(t) + g * hd * 4, n=hd, reg=isa.REG_POS, aux=t,
+                             a=ga(t) + g * hd * 4, n=hd, reg=isa.REG_POS, aux=t,
                              release=["cmp2st"] if t == T - 1 else ())
         st = [dict(buf=slot + reg[k], hoff=hoff(r0 + reg[k]), ireg=isa.REG_PTILE, stride=reg[t],
                    len=nt * reg[t])
@@ -453,7 +515,25 @@ class ProgramBuilder:
             last = i == len(st) - 1
             ev = self.S.emit("ST", need={"cmp2st": e["cmp2st"]} if i == 0 else None, func=isa.ST_X,
                              hreg=isa.REG_KVBASE, release=["st2cmp"] if last else (), **f)
-        stored = ev["st2cmp"]
+        self._kv_st[ks] = ev["st2cmp"]
+
+    def _attend_chains(self, j, ks, kgid, r0, rope):
+        """A prefill program's attention of KV head ``j`` over its T tokens (docs/isa.md,
+        "Prefill programs on the chains"): every token's K/V rows first, then the attention
+        rows (token t, query head i) software-pipelined over the buffer sets."""
+        d, L, T = self.parts.dims, self.L, self.T
+        ch = self.parts.onchip.chains
+        reg = ch.region
+        g, hd = d.g, d.hd
+        slot = ch.slots[ks]
+
+        def gaddr(t):           # token t's q heads, k and v of this group
+            return L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4
+
+        # every token's q heads and k rotated; its K and V rows into the slot's tiles at
+        # R1 + t; those tiles and the V scales to HBM
+        self._kvrow_store(gaddr, ks, kgid, r0, rope, T)
+        stored = self._kv_st[ks]
         q8 = isa.mv_func("q8_0")
         # the attention rows: token t's query head i; row k uses buffer set k % nb
         rows = [(t, i) for t in range(T) for i in range(g)]
