@@ -25,6 +25,7 @@ docs/img/prefill_projection_u280.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -115,47 +116,54 @@ def main(argv=None):
 
 def prefill_projection(cfg, prompts, lanes):
     """LLaMA2-7B-shaped Q4_0 prompts of ``prompts`` tokens through the prefill programs on
-    ``cfg`` with ``chain.tokens`` = each of ``lanes``: a Markdown table and a plot."""
+    ``cfg`` with ``chain.tokens`` = each of ``lanes``, attention in the SFU and on the chains
+    (``attention: chains``; runs start at multiples of min(T, 32) there): a Markdown table and
+    a plot."""
     from rtl_prefill import with_lanes
 
     from llmfab.host.runtime import split_buckets
     model = shape_model(LLAMA2_7B, "q4_0")
     rows = []
     unfit = []
-    for n_lanes in lanes:
-        try:
-            c = with_lanes(cfg, n_lanes)
-        except FitError as e:
-            unfit.append(f"{n_lanes} token lanes do not fit: {str(e).split(': ', 1)[-1]}")
-            print(unfit[-1])
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            b = compile_model(model, c, context=min(4096, c.context), emit_image=False)
-        buckets = b.manifest["prefill"]["buckets"]
-        for n in prompts:
-            pos, parts = 0, []
-            for T in split_buckets(n, buckets):
-                parts.append(estimate(b, c, pos=pos, memory="card", program=None if T == 1 else T))
-                pos += T
-            cycles = sum(e.cycles for e in parts)
-            secs = cycles / (c.clock_mhz * 1e6)
-            r = {"config": cfg.name, "lanes": n_lanes, "dsp": c.dsp_total, "prompt": n,
-                 "buckets": buckets, "runs": len(parts), "cycles": cycles,
-                 "mv_cycles": sum(e.mv_cycles for e in parts), "sfu_cycles": sum(e.sfu_cycles for e in parts),
-                 "attn_cycles": sum(e.misc_by_op.get("ATTN", 0) for e in parts),
-                 "tokens_per_s": n / secs, "ttft_s": secs}
-            rows.append(r)
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+    for engine in ("sfu", "chains"):
+        for n_lanes in lanes:
+            try:
+                c = with_lanes(dataclasses.replace(cfg, attention=engine), n_lanes)
+            except FitError as e:
+                u = f"{n_lanes} token lanes do not fit: {str(e).split(': ', 1)[-1]}"
+                if u not in unfit:
+                    unfit.append(u)
+                    print(u)
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                b = compile_model(model, c, context=min(4096, c.context), emit_image=False)
+            buckets = b.manifest["prefill"]["buckets"]
+            for n in prompts:
+                pos, parts = 0, []
+                for T in split_buckets(n, buckets, 0, b.prefill_align):
+                    parts.append(estimate(b, c, pos=pos, memory="card", program=None if T == 1 else T))
+                    pos += T
+                cycles = sum(e.cycles for e in parts)
+                secs = cycles / (c.clock_mhz * 1e6)
+                r = {"config": cfg.name, "attention": engine, "lanes": n_lanes, "dsp": c.dsp_total,
+                     "prompt": n, "buckets": buckets, "runs": len(parts), "cycles": cycles,
+                     "mv_cycles": sum(e.mv_cycles for e in parts),
+                     "sfu_cycles": sum(e.sfu_cycles for e in parts),
+                     "attn_cycles": sum(_attn_misc({"misc_by_op": e.misc_by_op}) for e in parts),
+                     "tokens_per_s": n / secs, "ttft_s": secs}
+                rows.append(r)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
     table = [f"LLaMA2-7B-shaped (Q4_0) prompts on `{cfg.name}` through its prefill programs "
-             f"(buckets {rows[0]['buckets']}, card-like memory), per token-lane count (`chain.tokens`):", "",
-             "| token lanes | DSPs | prompt | runs | cycles | MV/MM | MISC (of which ATTN) | prefill tokens/s | "
-             "time to first token |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"(buckets {rows[0]['buckets']}, card-like memory), per attention engine and "
+             "token-lane count (`chain.tokens`):", "",
+             "| attention | token lanes | DSPs | prompt | runs | cycles | MV/MM | MISC (of which attention's) | "
+             "prefill tokens/s | time to first token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {r['lanes']} | {r['dsp']:,} | {r['prompt']} | {r['runs']} | {r['cycles'] / 1e6:.1f} M | "
-                     f"{r['mv_cycles'] / 1e6:.1f} M | {r['sfu_cycles'] / 1e6:.1f} M ({r['attn_cycles'] / 1e6:.1f} M) | "
-                     f"{r['tokens_per_s']:.1f} | {r['ttft_s']:.2f} s |")
+        table.append(f"| {r['attention']} | {r['lanes']} | {r['dsp']:,} | {r['prompt']} | {r['runs']} | "
+                     f"{r['cycles'] / 1e6:.1f} M | {r['mv_cycles'] / 1e6:.1f} M | {r['sfu_cycles'] / 1e6:.1f} M "
+                     f"({r['attn_cycles'] / 1e6:.1f} M) | {r['tokens_per_s']:.1f} | {r['ttft_s']:.2f} s |")
     table += [""] + [f"* {u}." for u in unfit]
     _prefill_plot(rows, cfg, os.path.join(IMG, f"prefill_projection_{cfg.name}.png"))
     return "\n".join(table)
@@ -166,13 +174,17 @@ def _prefill_plot(rows, cfg, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for n in sorted({r["prompt"] for r in rows}):
-        rs = [r for r in rows if r["prompt"] == n]
-        ax.plot([r["lanes"] for r in rs], [r["ttft_s"] for r in rs], "o-", label=f"{n}-token prompt")
+    for engine, style in (("sfu", "o--"), ("chains", "o-")):
+        for n in sorted({r["prompt"] for r in rows}):
+            rs = [r for r in rows if r["prompt"] == n and r["attention"] == engine]
+            if rs:
+                ax.plot([r["lanes"] for r in rs], [r["ttft_s"] for r in rs], style,
+                        label=f"{n}-token prompt, attention {'on the chains' if engine == 'chains' else 'in the SFU'}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r["lanes"] for r in rows}), [str(x) for x in sorted({r["lanes"] for r in rows})])
     ax.set_xlabel("token lanes (chain.tokens)")
     ax.set_ylabel("time to first token (s)")
+    ax.set_yscale("log")
     ax.set_title(f"LLaMA2-7B-shaped Q4_0 prefill on {cfg.name} (sim/perf.py)")
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -198,7 +210,6 @@ GOAL_TOKENS_PER_S = 110
 def projection(cfg, positions):
     """LLaMA2-7B-shaped, Q4_0 and Q4_1, on ``cfg`` at ``positions``, with attention in the SFU
     and on the chains (``attention: chains``, docs/isa.md): a Markdown table and a plot."""
-    import dataclasses
     rows = []
     for engine in ("sfu", "chains"):
         c = dataclasses.replace(cfg, attention=engine)

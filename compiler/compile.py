@@ -388,8 +388,10 @@ class VectorLayout:
     logits: tuple = ()           # two logits slots
 
     @classmethod
-    def allocate(cls, T: int, dims: Dims, ab_sz: int, gb_sz: int) -> "VectorLayout":
-        ab = OnChip("activation", 0, ab_sz)
+    def allocate(cls, T: int, dims: Dims, ab_sz: int, gb_sz: int, ab_used: int = 0) -> "VectorLayout":
+        """``ab_used``: bytes at the top of the activation buffer that are not the layout's
+        (attention on the chains: its scratch)."""
+        ab = OnChip("activation", 0, ab_sz - ab_used)
         gb = OnChip("global", ab_sz, gb_sz)
         dim, ffn, nqhd = dims.dim, dims.ffn, dims.nq * dims.hd
         x = ab.alloc(T * dim * 4, "residual")
@@ -441,14 +443,14 @@ class OnChipPlan:
         total = ab_sz + gb_sz + kb_sz + wb_sz
         if total >= 1 << 24:
             raise CompileError(f"on-chip buffers total {total} bytes; the ISA addresses 16 MiB")
-        decode = VectorLayout.allocate(1, dims, ab_sz, gb_sz)
         kv_head_bytes = ctx * dims.hd * 2
         chains = None
         if config.attention == "chains":
-            chains = ChainsAttention.plan(config, dims, ctx, kb)
+            chains = ChainsAttention.plan(config, dims, ctx, kb, ab_sz)
             kslots = chains.slots
         else:
             kslots = (kb.alloc(2 * kv_head_bytes, "K/V of one head"), kb.alloc(2 * kv_head_bytes, "K/V of one head"))
+        decode = VectorLayout.allocate(1, dims, ab_sz, gb_sz, chains.scratch_bytes if chains else 0)
         # Weight tiles rotate through the slots (see _weight_slots)
         n_wslots, wslot_bytes = _weight_slots(wb_sz, config, wb.base)
         wslots = tuple(wb.alloc(wslot_bytes, "weight tile", _slot_align(config)) for _ in range(n_wslots))
@@ -500,9 +502,10 @@ class ChainsAttention:
     qq: tuple            # per query head of a group: its quantized query (hd/32 blocks)
     scores: tuple        # per query head: ctx binary32 scores / probabilities
     pq: tuple            # per query head: the quantized probabilities (ctx/32 blocks)
+    scratch_bytes: int   # qq, scores and pq: at the top of the activation buffer
 
     @classmethod
-    def plan(cls, config, dims: Dims, ctx: int, kb: OnChip) -> "ChainsAttention":
+    def plan(cls, config, dims: Dims, ctx: int, kb: OnChip, ab_sz: int) -> "ChainsAttention":
         P, S = config.slices, config.stripe_bytes
         if dims.hd % 32:
             raise CompileError(f"attention on the chains needs a head dim that is a multiple of 32 "
@@ -518,11 +521,22 @@ class ChainsAttention:
         # one set per query head of a group, at least two (a prefill program's attention rows
         # -- token t, head i -- are software-pipelined over them: row k+1's scores MV beside
         # row k's softmax, so consecutive rows never share a set)
+        # They live at the top of the activation buffer, not in the KV buffer: the KV and weight
+        # buffers share banks into which the load engine's line writes go first (hw/onchip.py),
+        # so the attention's writes there would wait while weight tiles stream in.
         g = max(dims.g, 2)
-        qq = tuple(kb.alloc(dims.hd // 32 * QBLOCK_BYTES, "quantized query") for _ in range(g))
-        scores = tuple(kb.alloc(ctx * 4, "attention scores") for _ in range(g))
-        pq = tuple(kb.alloc(ctx // 32 * QBLOCK_BYTES, "quantized probabilities") for _ in range(g))
-        return cls(region, rb, slots, qq, scores, pq)
+        sizes = (dims.hd // 32 * QBLOCK_BYTES, ctx * 4, ctx // 32 * QBLOCK_BYTES)
+        scratch = g * sum(_align(n, 64) for n in sizes)
+        if scratch > ab_sz // 2:
+            raise FitError(f"on-chip activation buffer too small: attention on the chains needs "
+                           f"{scratch} bytes of scratch (queries, scores, probabilities of {g} heads "
+                           f"over {ctx} positions), more than half of its {ab_sz}; use a configuration "
+                           f"with a larger buffers.activation_kib")
+        sb = OnChip("activation", ab_sz - scratch, scratch)
+        qq = tuple(sb.alloc(sizes[0], "quantized query") for _ in range(g))
+        scores = tuple(sb.alloc(sizes[1], "attention scores") for _ in range(g))
+        pq = tuple(sb.alloc(sizes[2], "quantized probabilities") for _ in range(g))
+        return cls(region, rb, slots, qq, scores, pq, scratch)
 
 
 @dataclass
@@ -777,7 +791,8 @@ class PrefillPlan:
             T = 2
             while T <= cap:
                 try:
-                    layouts[T] = finish(VectorLayout.allocate(T, dims, onchip.activation, onchip.glob))
+                    layouts[T] = finish(VectorLayout.allocate(T, dims, onchip.activation, onchip.glob,
+                                                              onchip.chains.scratch_bytes if onchip.chains else 0))
                 except FitError as e:
                     note = f"bucket {T} does not fit: {e}"
                     break
