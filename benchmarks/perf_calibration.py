@@ -18,6 +18,9 @@ ATTN, RMSNORM, ...), that kind's instructions alone (tokens stripped, then END) 
 compare the model's per-unit formula with the RTL's execution cycles: where a
 whole-step error comes from.
 
+``--from-json FILE`` prints the tables of a run saved with ``--json`` without simulating;
+with ``--remodel`` the model's columns come from the current sim/perf.py (the RTL's as saved).
+
 ``--write-docs`` replaces the table between ``<!-- BEGIN perf_calibration CONFIG -->`` and
 ``<!-- END perf_calibration CONFIG -->`` in docs/benchmarks.md. Needs the configuration's
 Verilator build (cached in sim_build/, or $LLMFAB_SIM_BUILD).
@@ -157,6 +160,27 @@ def _mv_rows(acc, b, cfg, mname, pos):
     return out
 
 
+def _remodel(rows, cfg, memory):
+    """Saved rows with the model's columns from the current sim/perf.py (the RTL's kept)."""
+    import re
+
+    from llmfab.compiler.compile import compile_model
+    from llmfab.sim.perf import estimate
+    bundles, out = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in rows:
+            if r["model"] not in bundles:
+                bundles[r["model"]] = compile_model(_model(r["model"], tmp), cfg, emit_image=False)
+            m = re.search(r"T=(\d+)", r.get("what", ""))
+            e = estimate(bundles[r["model"]], cfg, pos=r["pos"], program=int(m.group(1)) if m else None,
+                         memory=memory)
+            out.append({**r, "model_cycles": e.cycles, "error": round(e.cycles / r["rtl_cycles"] - 1, 4),
+                        "model_validate": e.validate_cycles, "model_busy_ld": e.load_cycles,
+                        "model_busy_mv": e.mv_cycles, "model_busy_misc": e.sfu_cycles,
+                        "model_busy_cmp": e.compute_cycles, "model_bound": e.bound})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny")
@@ -174,6 +198,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write every row to this file")
     ap.add_argument("--from-json", default=None,
                     help="no simulation: print (and --write-docs) the tables of a run saved with --json")
+    ap.add_argument("--remodel", action="store_true",
+                    help="with --from-json: the model's columns again from the current sim/perf.py "
+                         "(the RTL's as saved)")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
 
@@ -194,6 +221,8 @@ def main(argv=None):
         rows, oprows, mvrows = saved["rows"], saved.get("ops", []), saved.get("mv", [])
         args.memory = saved.get("memory", args.memory)
         cfg = load_config(saved.get("config") or rows[0]["config"])
+        if args.remodel:
+            rows = _remodel(rows, cfg, args.memory)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             for mname in args.models.split(","):

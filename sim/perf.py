@@ -18,6 +18,8 @@ dependency tokens"):
 * the load and store queues move ``bytes / bytes_per_cycle`` plus a fixed
   cost per instruction, data landing ``read latency`` cycles later; the
   instruction fetch shares the ports with the loads (16 bytes per word);
+* with attention on the chains the execution unit's writes into the banked KV/weight
+  region wait while the load engine writes lines into it (:func:`bank_write_stretch`);
 * the compute queue runs one instruction at a time (``hw/exec_unit.py``):
   MV/MM on the row pipelines of ``hw/mv_exec.py``, QUANT, RMSNORM, ROPE,
   SILU_MUL, EMBED and ATTN on ``hw/sfu_exec.py``'s ``SfuExec`` with the RTL's
@@ -403,6 +405,35 @@ def _conflict(a, b) -> bool:
     return any(la and lb and sa < sb + lb and sb < sa + la for sa, la in a for sb, lb in b)
 
 
+def bank_write_stretch(start: float, cycles: float, writes) -> float:
+    """When an instruction of ``cycles`` cycles of its own that starts at ``start`` finishes,
+    if it progresses only on the cycles the load engine leaves the banked region's write port
+    free: ``writes`` are the load engine's line writes into that region, ``(first, end,
+    density)`` sorted by ``first`` (``density``: lines per cycle, at most 1; a density of 1
+    stops the instruction for the whole interval)."""
+    import bisect
+    t, left = float(start), float(cycles)
+    # the intervals that may still be writing at ``start`` (their ends are not sorted: scan
+    # back over a few; the load engine writes one interval at a time, so overlaps are short)
+    k = max(0, bisect.bisect_right(writes, (t,)) - 4)
+    while left > 0 and k < len(writes):
+        a, b, d = writes[k]
+        k += 1
+        if b <= t:
+            continue
+        if a > t:
+            if a - t >= left:
+                return t + left
+            left -= a - t
+            t = a
+        free = 1.0 - min(d, 1.0)
+        if free > 0 and (b - t) * free >= left:
+            return t + left / free
+        left -= (b - t) * free
+        t = b
+    return t + left
+
+
 def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency: float = 1.0,
              memory: str = "card", costs: UnitCosts = COSTS, trace: list | None = None) -> PerfEstimate:
     """Cycles of one run of a program at position ``pos`` (default: half the compiled context).
@@ -413,8 +444,18 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     (:func:`~llmfab.boards.memory_timing.sustainable_fraction`) with the card's read
     latency, ``ideal`` at the peak (the lesser of ports and memory) times ``efficiency``
     with the RTL ideal model's latency. ``costs``: the unit constants (:class:`UnitCosts`).
-    ``trace``: a list to append ``(index, op, dispatch, start, done)`` of every LD, ST and
-    compute instruction to (a timeline, for finding what a step waits on).
+    ``trace``: a list to append ``(index, op, dispatch, start, done, finish)`` of every LD,
+    ST and compute instruction to (a timeline, for finding what a step waits on; ``finish``:
+    when a compute instruction's unit finished it, before its done waited for the older
+    ones'; an LD's or ST's done).
+
+    With attention on the chains the execution unit's writes into the banked KV/weight
+    region (KVROW's K/V tile bytes, the queries, scores and probabilities of the attention's
+    QUANT, MV, SOFTMAX and MUL) take that region's write port only on the cycles the load
+    engine does not write a line into it (hw/onchip.py: the load engine's writer first; on
+    configurations whose on-chip line is the HBM line, ``ci-chains``, every load takes that
+    path): such an instruction progresses only while the loads leave the port free
+    (:func:`bank_write_stretch`, against the loads before it in program order).
     """
     ctx = int(bundle.manifest["context"])
     pos = ctx // 2 if pos is None else int(pos)
@@ -470,13 +511,84 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                slices=int(man["memory_map"]["hbm_ports"]),
                stripe=int(man["memory_map"]["hbm_stripe_bytes"]))
     kv_region = None
+    # the load engine's line writes into the banked region (from ``wbase`` on): they take its
+    # write port before the execution unit's (hw/onchip.py), which KVROW's byte writes into
+    # the K/V tiles wait for. A load takes the per-port fast path (``bank_wr``, which yields
+    # to the line view instead) only where the on-chip line is narrower than the HBM line
+    # (hw/dma.py: fewer stripes per line than ports; not on ``ci``/``ci-chains``, where the
+    # line is the HBM line) and the load is line-aligned
+    bank_fast = D // config.stripe_bytes < config.hbm.ports and config.slices > 1
+    bank_writes = []            # (first, end, lines per cycle) of those loads, in start order
     unit_free = {"mv": 0.0, "misc": 0.0}
     cmp_dones = [0.0]                               # done times of the compute instructions
     in_flight = {"mv": (0.0, []), "misc": (0.0, [])}     # (finish, on-chip ranges) of the last
     cmp_busy_to = 0.0
     end = 0.0
-    for w in words:
-        ins = isa.decode(w)
+    decoded = [isa.decode(w) for w in words]
+
+    def ld_line_write(f):
+        """An LD's bytes and rate, and whether its lines take the banked region's write port."""
+        n = f["len"] + regs[f["lreg"]] * f["lmul"]
+        addr = regs[f["hreg"]] + f["hoff"] * isa.HBM_ALIGN + regs[f["ireg"]] * f["stride"]
+        fast = f["buf"] >= wbase and (addr - f["buf"]) % hbm_line == 0
+        rate = bpc if fast else min(bpc, D)
+        return n, rate, bool(n and f["buf"] >= wbase and not (fast and bank_fast))
+
+    def later_bank_writes(ix, start):
+        """The banked-region line writes of the loads after word ``ix`` in program order that
+        can start while the compute instruction ``ix`` (issued at ``start``) runs: the
+        dispatcher goes on in order while the queues have room (the compute word after
+        ``ix`` is taken at ``start``, the ones after it not before ``ix`` finishes: the
+        look-ahead stops there), a load starts once its queue and its token allow (a token
+        no compute instruction up to ``ix`` has released comes after ``ix``'s done)."""
+        out, td, lfree, k = [], t_disp, free["ld"], used["cmp2ld"]
+        # queue pops (None: not known before ``ix`` finishes)
+        cpops, lpops = list(pops["cmp"][-QUEUE_DEPTH:]), list(pops["ld"][-QUEUE_DEPTH:])
+        nxt = start + c.exec_issue
+        for j in range(ix + 1, len(decoded)):
+            g = decoded[j]
+            qq = isa.QUEUE[isa.OPCODES[g.op]]
+            if qq == "sys":
+                break
+            if qq == "cmp":
+                if len(cpops) >= QUEUE_DEPTH:
+                    if cpops[-QUEUE_DEPTH] is None:
+                        break
+                    td = max(td, cpops[-QUEUE_DEPTH])
+                cpops.append(nxt)
+                nxt = None
+                td += c.dispatch_cycles
+                continue
+            if qq != "ld":
+                td += c.dispatch_cycles
+                continue
+            if len(lpops) >= QUEUE_DEPTH:
+                td = max(td, lpops[-QUEUE_DEPTH])
+            gf = g.fields
+            st = max(td + c.dispatch_cycles, lfree)
+            td += c.dispatch_cycles
+            if gf.get("wait_next"):
+                if k >= len(rel["cmp2ld"]):
+                    break
+                st = max(st, rel["cmp2ld"][k])
+                k += 1
+            lpops.append(st)
+            n, rate, lw = ld_line_write(gf)
+            lfree = st + (n / rate + c.ld_fixed if n else 1)
+            if lw:
+                out.append((st + rlat, st + rlat + n / rate, min(1.0, rate / D)))
+        return out
+
+    def bank_wait(ix, start, cyc, writing=None):
+        """Cycles of compute instruction ``ix`` whose writes go to the banked region: its
+        last ``writing`` cycles (default all) progress only while the loads leave the port."""
+        ws = bank_writes + later_bank_writes(ix, start)
+        if not ws:
+            return cyc
+        head = cyc - min(cyc, writing if writing is not None else cyc)
+        return bank_write_stretch(start + head, cyc - head, sorted(ws)) - start
+
+    for ix, ins in enumerate(decoded):
         f = ins.fields
         q = isa.QUEUE[isa.OPCODES[ins.op]]
         fetch_debt += isa.WORD_BYTES / bpc
@@ -509,6 +621,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
             addr = regs[f["hreg"]] + f["hoff"] * isa.HBM_ALIGN + regs[f["ireg"]] * f["stride"]
             fast = q == "ld" and f["buf"] >= wbase and (addr - f["buf"]) % hbm_line == 0
             rate = bpc if fast else min(bpc, D)
+            line_writes = q == "ld" and ld_line_write(f)[2]
             if q == "ld":
                 if f["hreg"] == isa.REG_WBASE:
                     wbytes += n
@@ -520,6 +633,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 fetch_debt = 0.0
                 done = start + occ + (rlat if n else 0)
                 ld_idle_from = start + occ
+                if line_writes:     # its lines land from the read latency on, rate / D a cycle
+                    bank_writes.append((start + rlat, start + rlat + n / rate, min(1.0, rate / D)))
             else:
                 occ = n / rate + c.ld_fixed if n else 1
                 done = start + occ + (wlat if n else 0)
@@ -545,6 +660,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 act_vec = vec if nt <= DEFAULT_MAX_BLOCKS // nb else None
                 act_lines = (f["qsrc"] // D, _ceil(f["qsrc"] + nt * nb * QBLOCK_BYTES, D))
                 macs += f["rows"] * f["cols"] * nt
+                if f["dst"] >= wbase:           # results into the banked region
+                    cyc = bank_wait(ix, start, cyc)
                 busy["mv"] += cyc
             else:
                 name = isa.MISC_NAMES[f["func"]]
@@ -553,6 +670,11 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 w = isa.misc_write_bytes(f, regs, kv_region)
                 f = dict(f, n=isa.misc_len(f, regs))
                 cyc = misc_cycles(name, f, regs, config, c, lanes=L)
+                if w and f["dst"] >= wbase:     # its writes wait for the loads'
+                    # KVROW writes one byte a cycle (its K row's blocks, three per V dim, the
+                    # scale) after reading and quantizing the K row; the others throughout
+                    nbytes = f["n"] // 32 * BLOCK_BYTES["q8_0"] + 3 * f["n"] + 4
+                    cyc = bank_wait(ix, start, cyc, nbytes if name == "KVROW" else None)
                 # MvExec's cache stays valid unless the write touches a line of its vectors
                 if w and f["dst"] // D < act_lines[1] and _ceil(f["dst"] + w, D) > act_lines[0]:
                     act_vec = None
@@ -572,7 +694,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
         last_end[q] = max(last_end[q], done)
         if trace is not None:
             op = isa.MISC_NAMES[f["func"]] if ins.op == "MISC" else ins.op
-            trace.append((len(trace), op, t, start, done))
+            trace.append((len(trace), op, t, start, done, done if q != "cmp" else fin))
         for bit in ("rel_prev", "rel_next"):
             if f.get(bit):
                 rel[_REL[(q, bit)]].append(done)
