@@ -10,7 +10,10 @@ and every line lies in exactly one region.
 Clients address lines of the whole space; the memory routes each request to
 its region and arbitrates per region and port with fixed priority:
 
-* write port: the load engine's writer, then the execution unit's writer;
+* write port: the execution unit's writer, then the load engine's writer (the
+  execution unit's writes are short bursts -- KVROW's bytes into the K/V tiles of the
+  banked region, results into the activation buffer -- which the in-order compute
+  queue waits on; the load engine streams lines and loses a cycle per line they take);
 * read port A: the store engine's reader, then the execution unit's reader 0;
 * read port B: the execution unit's reader 1.
 
@@ -44,7 +47,10 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
 __all__ = ["REGIONS", "is_chains", "region_map", "slice_geometry", "bank_halves", "mem_read_signature",
-           "mem_write_signature", "WriteReq", "OnChipMemory"]
+           "mem_write_signature", "WriteReq", "OnChipMemory", "WRITE_CLIENTS"]
+
+#: The clients of each region's line write port, first served first (sim/perf.py reads it)
+WRITE_CLIENTS = ("ex_wr", "ld_wr")
 
 #: Regions of the on-chip address space, in address order (docs/isa.md).
 REGIONS = ("activation", "global", "kv", "weight")
@@ -208,8 +214,8 @@ class OnChipMemory(wiring.Component):
                 conds.append(addr < hi)
             return Cat(*conds).all() if conds else Signal(init=1)
 
-        # ---- write port: ld_wr, then ex_wr
-        wclients = [self.ld_wr.req, self.ex_wr.req]
+        # ---- write port: WRITE_CLIENTS' order (ex_wr, then ld_wr)
+        wclients = [getattr(self, n).req for n in WRITE_CLIENTS]
         w_ready = [Signal(name=f"w_ready{i}") for i in range(len(wclients))]
         for name, lo, hi, mem in bounds:
             wp = mem.write_port(granularity=8)

@@ -18,8 +18,10 @@ dependency tokens"):
 * the load and store queues move ``bytes / bytes_per_cycle`` plus a fixed
   cost per instruction, data landing ``read latency`` cycles later; the
   instruction fetch shares the ports with the loads (16 bytes per word);
-* with attention on the chains the execution unit's writes into the banked KV/weight
-  region wait while the load engine writes lines into it (:func:`bank_write_stretch`);
+* with attention on the chains the execution unit and the load engine share the banked
+  KV/weight region's line write port (hw/onchip.py ``WRITE_CLIENTS``): served first, the
+  execution unit's writes cost the loads a cycle a line; served second, they wait while the
+  load engine writes lines into it (:func:`bank_write_stretch`);
 * the compute queue runs one instruction at a time (``hw/exec_unit.py``):
   MV/MM on the row pipelines of ``hw/mv_exec.py``, QUANT, RMSNORM, ROPE,
   SILU_MUL, EMBED and ATTN on ``hw/sfu_exec.py``'s ``SfuExec`` with the RTL's
@@ -449,13 +451,16 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     when a compute instruction's unit finished it, before its done waited for the older
     ones'; an LD's or ST's done).
 
-    With attention on the chains the execution unit's writes into the banked KV/weight
-    region (KVROW's K/V tile bytes, the queries, scores and probabilities of the attention's
-    QUANT, MV, SOFTMAX and MUL) take that region's write port only on the cycles the load
-    engine does not write a line into it (hw/onchip.py: the load engine's writer first; on
-    configurations whose on-chip line is the HBM line, ``ci-chains``, every load takes that
-    path): such an instruction progresses only while the loads leave the port free
-    (:func:`bank_write_stretch`, against the loads before it in program order).
+    With attention on the chains the execution unit writes into the banked KV/weight region
+    (KVROW's K/V tile bytes; before the compiler moved them to the activation buffer, also
+    the queries, scores and probabilities of the attention's QUANT, MV, SOFTMAX and MUL),
+    whose line write port the load engine also uses (on configurations whose on-chip line is
+    the HBM line, ``ci-chains``, for every load). Which it serves first is hw/onchip.py's
+    ``WRITE_CLIENTS``: the execution unit (today) -- its lines cost the next load into the
+    region a cycle each, beyond the load engine's idle cycles -- or the load engine -- such
+    an instruction then progresses only while the loads leave the port free
+    (:func:`bank_write_stretch`, against the loads before it in program order and those
+    the dispatcher reaches while it runs).
     """
     ctx = int(bundle.manifest["context"])
     pos = ctx // 2 if pos is None else int(pos)
@@ -519,6 +524,13 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     # line is the HBM line) and the load is line-aligned
     bank_fast = D // config.stripe_bytes < config.hbm.ports and config.slices > 1
     bank_writes = []            # (first, end, lines per cycle) of those loads, in start order
+    # which writer the region's write port serves first (hw/onchip.py WRITE_CLIENTS): the
+    # load engine's (the execution unit's writes wait: bank_wait) or the execution unit's
+    # (its line writes into the banked region cost the next such load a cycle each, beyond
+    # the idle cycles the load engine had: bank_debt)
+    from llmfab.hw.onchip import WRITE_CLIENTS
+    exec_first = WRITE_CLIENTS[0] == "ex_wr"
+    bank_debt, bank_idle_from = 0.0, 0.0
     unit_free = {"mv": 0.0, "misc": 0.0}
     cmp_dones = [0.0]                               # done times of the compute instructions
     in_flight = {"mv": (0.0, []), "misc": (0.0, [])}     # (finish, on-chip ranges) of the last
@@ -581,7 +593,11 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
 
     def bank_wait(ix, start, cyc, writing=None):
         """Cycles of compute instruction ``ix`` whose writes go to the banked region: its
-        last ``writing`` cycles (default all) progress only while the loads leave the port."""
+        last ``writing`` cycles (default all) progress only while the loads leave the port
+        (the load engine's writer served first); with the execution unit's served first,
+        its own cycles."""
+        if exec_first:
+            return cyc
         ws = bank_writes + later_bank_writes(ix, start)
         if not ws:
             return cyc
@@ -631,10 +647,14 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 idle = max(0.0, start - ld_idle_from)
                 occ = (n / rate + c.ld_fixed if n else 1) + max(0.0, fetch_debt - idle)
                 fetch_debt = 0.0
+                if line_writes and bank_debt:
+                    occ += max(0.0, bank_debt - max(0.0, start - bank_idle_from))
+                    bank_debt = 0.0
                 done = start + occ + (rlat if n else 0)
                 ld_idle_from = start + occ
                 if line_writes:     # its lines land from the read latency on, rate / D a cycle
                     bank_writes.append((start + rlat, start + rlat + n / rate, min(1.0, rate / D)))
+                    bank_idle_from = start + occ
             else:
                 occ = n / rate + c.ld_fixed if n else 1
                 done = start + occ + (wlat if n else 0)
@@ -662,6 +682,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 macs += f["rows"] * f["cols"] * nt
                 if f["dst"] >= wbase:           # results into the banked region
                     cyc = bank_wait(ix, start, cyc)
+                    if exec_first:
+                        bank_debt += _ceil(f["rows"] * 4, D)
                 busy["mv"] += cyc
             else:
                 name = isa.MISC_NAMES[f["func"]]
@@ -675,6 +697,11 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                     # scale) after reading and quantizing the K row; the others throughout
                     nbytes = f["n"] // 32 * BLOCK_BYTES["q8_0"] + 3 * f["n"] + 4
                     cyc = bank_wait(ix, start, cyc, nbytes if name == "KVROW" else None)
+                    if exec_first:
+                        # the lines it writes there: KVROW's K row, a line per V dim (its byte
+                        # and d), the scale; the others their result's lines
+                        bank_debt += (_ceil(f["n"] // 32 * BLOCK_BYTES["q8_0"], D) + f["n"] + 1
+                                      if name == "KVROW" else _ceil(w, D))
                 # MvExec's cache stays valid unless the write touches a line of its vectors
                 if w and f["dst"] // D < act_lines[1] and _ceil(f["dst"] + w, D) > act_lines[0]:
                     act_vec = None

@@ -234,15 +234,7 @@ def test_bank_write_stretch():
     assert perf.bank_write_stretch(10, 30, [(0, 40, 1.0), (40, 90, 1.0)]) == 120
 
 
-def test_kvrow_waits_for_the_load_engines_lines(tmp_path):
-    """tinyc (tiny with attention on the chains, 32 KiB KV buffer; one 16-byte port, so every
-    load takes the shared line write port, which serves the load engine first: hw/onchip.py)
-    with a model of dim 128, 4 heads of 32, 2 KV heads, at position 40. The RTL's waveform
-    (2026-12-03, this configuration, ideal memory): layer 0's first KVROW ran 631 cycles,
-    437 of them with its write request refused while the load engine wrote the next slots'
-    weights and K/V tiles (its own work 194 cycles); the second KVROW 312 (118 waiting);
-    the whole step 24,880 cycles. The model: KVROW's own cost, 129 + 3 x 32 = 225 cycles,
-    stretched by the loads' lines into the banked region it overlaps."""
+def _tinyc_bundle(tmp_path):
     from llmfab.boards.config import config_from_dict
     from llmfab.compiler.compile import compile_model
     from llmfab.compiler.model import load_model
@@ -252,7 +244,23 @@ def test_kvrow_waits_for_the_load_engines_lines(tmp_path):
     d.update(name="tinyc", attention="chains")
     d["buffers"] = dict(d["buffers"], kv_kib=32)
     cfg = config_from_dict(d, "tinyc")
-    b = compile_model(load_model(path), cfg, emit_image=False)
+    return compile_model(load_model(path), cfg, emit_image=False), cfg
+
+
+def test_kvrow_waits_for_the_load_engines_lines(tmp_path, monkeypatch):
+    """The write port serving the load engine's writer first (hw/onchip.py ``WRITE_CLIENTS``
+    as it was until the execution unit's went first): tinyc (tiny with attention on the
+    chains, 32 KiB KV buffer; one 16-byte port, so every load takes the shared line write
+    port) with a model of dim 128, 4 heads of 32, 2 KV heads, at position 40. The RTL's
+    waveform (2026-12-03, that order, the attention's scratch still in the KV buffer, ideal
+    memory): layer 0's first KVROW ran 631 cycles,
+    437 of them with its write request refused while the load engine wrote the next slots'
+    weights and K/V tiles (its own work 194 cycles); the second KVROW 312 (118 waiting);
+    the whole step 24,880 cycles. The model: KVROW's own cost, 129 + 3 x 32 = 225 cycles,
+    stretched by the loads' lines into the banked region it overlaps."""
+    from llmfab.hw import onchip
+    monkeypatch.setattr(onchip, "WRITE_CLIENTS", ("ld_wr", "ex_wr"))
+    b, cfg = _tinyc_bundle(tmp_path)
     trace = []
     e = perf.estimate(b, cfg, pos=40, memory="ideal", trace=trace)
     own = COSTS.kvrow_fixed + COSTS.kvrow_per_dim * 32
