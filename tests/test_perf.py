@@ -275,6 +275,24 @@ def test_kvrow_waits_for_the_load_engines_lines(tmp_path, monkeypatch):
     assert e.cycles == pytest.approx(24_880, rel=0.03)
 
 
+
+def test_kvrow_first_at_the_write_port(tmp_path):
+    """The write port serving the execution unit first (hw/onchip.py ``WRITE_CLIENTS``, as
+    built): the same tinyc step at position 40 on the RTL's waveform (2026-12-03,
+    benchmarks/chains_write_port.py --pos 40): every KVROW 226 cycles, no write refused,
+    the step 24,114 cycles (24,880 with the load engine first). The model: KVROW's own
+    cost, its lines charged to the loads."""
+    from llmfab.hw import onchip
+    assert onchip.WRITE_CLIENTS == ("ex_wr", "ld_wr")
+    b, cfg = _tinyc_bundle(tmp_path)
+    trace = []
+    e = perf.estimate(b, cfg, pos=40, memory="ideal", trace=trace)
+    own = COSTS.kvrow_fixed + COSTS.kvrow_per_dim * 32
+    runs = [r[5] - r[3] for r in trace if r[1] == "KVROW"]
+    assert len(runs) == 4 and all(r == pytest.approx(own) for r in runs)
+    assert own == pytest.approx(226, rel=0.05)
+    assert e.cycles == pytest.approx(24_114, rel=0.03)
+
 # ---- MV: MvExec's row pipelines ----------------------------------------------------------
 
 def test_mv_cycles_on_tiny_match_the_rtl():
