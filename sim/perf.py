@@ -79,10 +79,11 @@ class UnitCosts:
     #: ROPE: the cos/sin table one entry per cycle (TABLE: hd cycles), then n*hd/L beats
     #: (ROPEF: L elements = L/2 pairs per cycle). tiny fit: 3 x 64 -> 129 gives 17.
     rope_fixed: float = 17
-    #: SILU_MUL: one element per cycle through the SFU. tiny fit: 1536 -> 1628 gives 92.
+    #: SILU_MUL: ``silu_lanes`` elements of a and b per beat through SfuExec's SiLU-multiply
+    #: lanes (``SfuExec.default_silu_lanes``), then the pipeline's latency. FIT_SILU
     silu_fixed: float = 92
-    #: EMBED: per block, its bytes one per cycle (EMB_COLLECT) then 32 elements one per
-    #: cycle (EMB_EMIT). tiny fit: Q4_1 576 (18 x (20 + 32) = 936) -> 953 gives 17.
+    #: EMBED: L elements per beat (EMB: the next block collected a line window at a time
+    #: meanwhile, never the longer part): nb x 32/L + this. FIT_EMBED
     embed_fixed: float = 17
     #: ATTN runs its heads overlapped (hw/sfu_exec.py: head h's softmax on the SFU while
     #: head h+1 scores and head h-1 does its AV; :func:`attn_schedule` replays the
@@ -309,10 +310,10 @@ def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lane
         hd = f["aux"]
         return c.rope_fixed + hd + _ceil(n * hd, L)
     if name == "SILU_MUL":
-        return c.silu_fixed + n
+        from llmfab.hw.sfu_exec import SfuExec
+        return c.silu_fixed + _ceil(n, SfuExec.default_silu_lanes(L))
     if name == "EMBED":
-        fmt = isa.FMTS[f["aux"]] if f["aux"] < 3 else "q8_0"
-        return c.embed_fixed + (n // 32) * (BLOCK_BYTES[fmt] + 32)
+        return c.embed_fixed + (n // 32) * (32 // L)
     if name == "ATTN":
         nh, t, hd, _cached = isa.attn_operands(f)
         rows = regs[f["reg"]] + t + 1                   # cache rows [0, S) (+ S cached or current)
