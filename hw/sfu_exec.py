@@ -10,14 +10,15 @@ instruction at a time, by sequencing on-chip line reads and writes around
 * operand ``a`` is read through ``rd0`` (a :class:`~llmfab.hw.dma.LineReader`
   and a :class:`~llmfab.hw.dma.Realign` to line offset 0), operand ``b``
   through ``rd1``; a byte-window serializer (:class:`_Win`, takes of any size
-  up to ``max(8, 4 L)`` bytes, crossing line boundaries) hands out one element
-  per cycle (EMBED: one byte) or ``L`` (ATTN, RMSNORM, QUANT, ROPE);
+  up to ``WN = max(8, 4 L)`` bytes, crossing line boundaries) hands out ``L``
+  elements per cycle (ATTN, RMSNORM, QUANT, ROPE, COPY), ``silu_lanes`` (SILU_MUL) or
+  a window of up to ``WN`` bytes of an EMBED block;
 * the global-buffer constants line (eps, scale, 1/n) is read on ``rd1`` at
   the start of every instruction;
-* results go through a small post stage (``fmul(y, s1)``, optionally
-  ``+ s2``: SILU_MUL's ``* b``, EMBED's ``q*d (+m)``) or come ``L`` words at a
-  time from the wide paths, then a line packer (up to ``L`` words per cycle) and a :class:`~llmfab.hw.dma.Realign` to the destination
-  offset into ``wr``.
+* results go through a small post stage (``fmul(y, s1)``: KVROW's scale; ATTN's
+  probabilities pass through) or come up to ``L`` words at a time from the wide paths,
+  then a line packer (up to ``L`` words per cycle) and a
+  :class:`~llmfab.hw.dma.Realign` to the destination offset into ``wr``.
 * ATTN, per query head: q -> a local buffer (``lanes`` elements per word); per row
   j the score ``vdot(q, K_j) * scale`` on an ``L``-lane datapath (``L = lanes``
   elements of q and K_j per cycle: cache rows binary16, the current row binary32
@@ -44,7 +45,18 @@ instruction at a time, by sequencing on-chip line reads and writes around
 * ROPE: ``L/2`` pairs per cycle over the whole ``n x hd`` stream (2L
   multipliers, ``L`` adders; a beat may hold pairs of two heads), the cos/sin
   table read at ``(i + q) mod (hd/2)`` for pair ``q`` of the beat.
-* SILU_MUL, EMBED, COPY: one element per cycle (SILU_MUL through the SFU).
+* SILU_MUL: ``silu_lanes`` elements of ``a`` and ``b`` per cycle through as many lanes of
+  ``fmul(silu(a), b)`` (``hw/sfu.py``'s ``silu_pipe``: the SFU's exp, ``1 + e``, the
+  recip-only Newton steps and ``* x``, the same operations as the SFU's SILU; then ``* b``),
+  one stalling pipeline into the writer. ``silu_lanes`` defaults to
+  ``min(lanes, SILU_LANES)`` = 2: a lane is 11 multipliers and 8 adders.
+* EMBED: ``L`` elements per cycle on the ROPE pipeline (its 2L multipliers and L adders:
+  ``fmul(q, d)``, Q4_1 ``fadd(fmul(q, d), m)``, exactly the golden model's operations; see
+  the ROPE pipeline's comment for the operand routing), the block's quants as exact
+  small-integer binary32 values; the next block's bytes are collected meanwhile, a window of
+  up to ``WN`` bytes per cycle, so a block takes ``32 / L`` cycles.
+* COPY: up to ``L`` words of a row per cycle (the accelerator routes COPY to
+  ``hw/execute.py``'s ``MiscExec``, a line per cycle; this path serves ``SfuExec`` alone).
 
 Attention on the chains (``chains=True``; nothing of it is elaborated otherwise):
 
@@ -70,11 +82,12 @@ reduce lanes sees a new element at most every 4 cycles (the adder's latency
 is 3). ``tiny`` (16-byte lines) has 4 lanes, ``ci`` (64-byte lines) 8.
 
 Cycles (tiny, measured by tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles,
-busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 418, SILU_MUL n=1536 1630,
-QUANT n=576 231 / 1536 531, ROPE 3x64 131, EMBED Q4_1 576 919, ATTN 3 heads x 64
-at position 1 / 50 / 100: 601 / 5339 / 10289 (per head: scores hd/L q beats + rows x
+busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 418, SILU_MUL n=1536 845 (2 lanes:
+n/2 + 77; 1630 at one element per cycle), QUANT n=576 231 / 1536 531, ROPE 3x64 131,
+EMBED 576 (18 blocks, any format) 166 (18 x 32/L + 22; 919 before), ATTN 3 heads x 64
+at position 1 / 50 / 100: 595 / 5339 / 10289 (per head: scores hd/L q beats + rows x
 ceil(hd/32)*32/L + 32/L + 36, AV rows x hd/L + hd/at_n + 13, the softmax feed rows
-and its latency 131 + 2 x rows, overlapped as above: sim/perf.py's attn_schedule
+and its latency 128 + 2 x rows, overlapped as above: sim/perf.py's attn_schedule
 replays it; ``at_n`` = the largest power of two <= L dividing hd elements per
 cycle). Each op is 2 cycles more than alone in the unit (the execution unit's
 footprint stage, hw/exec_unit.py).
