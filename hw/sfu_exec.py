@@ -114,9 +114,9 @@ from llmfab.hw.softmax import VecSoftmax
 
 TILE = 32          # compiler/isa.py TILE_ROWS: positions per K/V tile
 #: SILU_MUL lanes by default (``SfuExec.default_silu_lanes``: at most ``lanes``). A lane of
-#: ``fmul(silu(a), b)`` is 11 binary32 multipliers (22 DSP48E2) and 8 adders, about 6k LUT
-#: (docs/hw-units.md, "SFU execution unit"): ``u280`` had 15.6k LUT to spare and ``ci``'s board
-#: (sim-small) 256 DSP48E2, so 2 lanes, not ``lanes`` (8).
+#: ``fmul(silu(a), b)`` is 11 binary32 multipliers and 8 adders, about 7k LUT and 24 DSP48E2
+#: in the ``u280`` estimate (docs/hw-units.md, "SFU execution unit"): ``u280`` had 15.6k LUT
+#: to spare, so 2 lanes (+13.8k LUT with EMBED's lanes), not ``lanes`` (8: about +55k).
 SILU_LANES = 2
 
 __all__ = ["SfuExec", "SFU_FUNCS", "CHAINS_FUNCS"]
