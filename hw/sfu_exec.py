@@ -10,14 +10,15 @@ instruction at a time, by sequencing on-chip line reads and writes around
 * operand ``a`` is read through ``rd0`` (a :class:`~llmfab.hw.dma.LineReader`
   and a :class:`~llmfab.hw.dma.Realign` to line offset 0), operand ``b``
   through ``rd1``; a byte-window serializer (:class:`_Win`, takes of any size
-  up to ``max(8, 4 L)`` bytes, crossing line boundaries) hands out one element
-  per cycle (EMBED: one byte) or ``L`` (ATTN, RMSNORM, QUANT, ROPE);
+  up to ``WN = max(8, 4 L)`` bytes, crossing line boundaries) hands out ``L``
+  elements per cycle (ATTN, RMSNORM, QUANT, ROPE, COPY), ``silu_lanes`` (SILU_MUL) or
+  a window of up to ``WN`` bytes of an EMBED block;
 * the global-buffer constants line (eps, scale, 1/n) is read on ``rd1`` at
   the start of every instruction;
-* results go through a small post stage (``fmul(y, s1)``, optionally
-  ``+ s2``: SILU_MUL's ``* b``, EMBED's ``q*d (+m)``) or come ``L`` words at a
-  time from the wide paths, then a line packer (up to ``L`` words per cycle) and a :class:`~llmfab.hw.dma.Realign` to the destination
-  offset into ``wr``.
+* results go through a small post stage (``fmul(y, s1)``: KVROW's scale; ATTN's
+  probabilities pass through) or come up to ``L`` words at a time from the wide paths,
+  then a line packer (up to ``L`` words per cycle) and a
+  :class:`~llmfab.hw.dma.Realign` to the destination offset into ``wr``.
 * ATTN, per query head: q -> a local buffer (``lanes`` elements per word); per row
   j the score ``vdot(q, K_j) * scale`` on an ``L``-lane datapath (``L = lanes``
   elements of q and K_j per cycle: cache rows binary16, the current row binary32
@@ -44,7 +45,18 @@ instruction at a time, by sequencing on-chip line reads and writes around
 * ROPE: ``L/2`` pairs per cycle over the whole ``n x hd`` stream (2L
   multipliers, ``L`` adders; a beat may hold pairs of two heads), the cos/sin
   table read at ``(i + q) mod (hd/2)`` for pair ``q`` of the beat.
-* SILU_MUL, EMBED, COPY: one element per cycle (SILU_MUL through the SFU).
+* SILU_MUL: ``silu_lanes`` elements of ``a`` and ``b`` per cycle through as many lanes of
+  ``fmul(silu(a), b)`` (``hw/sfu.py``'s ``silu_pipe``: the SFU's exp, ``1 + e``, the
+  recip-only Newton steps and ``* x``, the same operations as the SFU's SILU; then ``* b``),
+  one stalling pipeline into the writer. ``silu_lanes`` defaults to
+  ``min(lanes, SILU_LANES)`` = 2: a lane is 11 multipliers and 8 adders.
+* EMBED: ``L`` elements per cycle on the ROPE pipeline (its 2L multipliers and L adders:
+  ``fmul(q, d)``, Q4_1 ``fadd(fmul(q, d), m)``, exactly the golden model's operations; see
+  the ROPE pipeline's comment for the operand routing), the block's quants as exact
+  small-integer binary32 values; the next block's bytes are collected meanwhile, a window of
+  up to ``WN`` bytes per cycle, so a block takes ``32 / L`` cycles.
+* COPY: up to ``L`` words of a row per cycle (the accelerator routes COPY to
+  ``hw/execute.py``'s ``MiscExec``, a line per cycle; this path serves ``SfuExec`` alone).
 
 Attention on the chains (``chains=True``; nothing of it is elaborated otherwise):
 
@@ -70,11 +82,12 @@ reduce lanes sees a new element at most every 4 cycles (the adder's latency
 is 3). ``tiny`` (16-byte lines) has 4 lanes, ``ci`` (64-byte lines) 8.
 
 Cycles (tiny, measured by tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles,
-busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 418, SILU_MUL n=1536 1630,
-QUANT n=576 231 / 1536 531, ROPE 3x64 131, EMBED Q4_1 576 919, ATTN 3 heads x 64
-at position 1 / 50 / 100: 601 / 5339 / 10289 (per head: scores hd/L q beats + rows x
+busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 418, SILU_MUL n=1536 845 (2 lanes:
+n/2 + 77; 1630 at one element per cycle), QUANT n=576 231 / 1536 531, ROPE 3x64 131,
+EMBED 576 (18 blocks, any format) 166 (18 x 32/L + 22; 919 before), ATTN 3 heads x 64
+at position 1 / 50 / 100: 595 / 5339 / 10289 (per head: scores hd/L q beats + rows x
 ceil(hd/32)*32/L + 32/L + 36, AV rows x hd/L + hd/at_n + 13, the softmax feed rows
-and its latency 131 + 2 x rows, overlapped as above: sim/perf.py's attn_schedule
+and its latency 128 + 2 x rows, overlapped as above: sim/perf.py's attn_schedule
 replays it; ``at_n`` = the largest power of two <= L dividing hd elements per
 cycle). Each op is 2 cycles more than alone in the unit (the execution unit's
 footprint stage, hw/exec_unit.py).
@@ -87,7 +100,7 @@ model's read-first result); NaN results are the canonical NaN.
 """
 
 from amaranth import Array, C, Cat, Module, Mux, Signal, signed
-from amaranth.lib import data, fifo, memory, wiring
+from amaranth.lib import data, memory, wiring
 from amaranth.utils import exact_log2
 
 from llmfab.hw import fp
@@ -96,10 +109,15 @@ from llmfab.hw.execute import exec_signature
 from llmfab.hw.isa import BLOCK_BYTES, Instruction, MiscFunc, Op
 from llmfab.hw.quantizer import F127, INV127, Quantizer, rne_clamp127
 from llmfab.hw.fp import Staged
-from llmfab.hw.sfu import NEG_ZERO, Sfu, SfuOp
+from llmfab.hw.sfu import NEG_ZERO, Sfu, SfuOp, silu_pipe
 from llmfab.hw.softmax import VecSoftmax
 
 TILE = 32          # compiler/isa.py TILE_ROWS: positions per K/V tile
+#: SILU_MUL lanes by default (``SfuExec.default_silu_lanes``: at most ``lanes``). A lane of
+#: ``fmul(silu(a), b)`` is 11 binary32 multipliers and 8 adders, about 7k LUT and 24 DSP48E2
+#: in the ``u280`` estimate (docs/hw-units.md, "SFU execution unit"): ``u280`` had 15.6k LUT
+#: to spare, so 2 lanes (+13.8k LUT with EMBED's lanes), not ``lanes`` (8: about +55k).
+SILU_LANES = 2
 
 __all__ = ["SfuExec", "SFU_FUNCS", "CHAINS_FUNCS"]
 
@@ -108,6 +126,20 @@ SFU_FUNCS = ("QUANT", "RMSNORM", "ROPE", "SILU_MUL", "EMBED", "COPY", "ATTN")
 #: MISC funcs it executes too when built with ``chains=True`` (attention on the chains).
 CHAINS_FUNCS = ("KVROW", "SOFTMAX")
 
+
+
+def _small_int_to_f32(m, v, *, name):
+    """A signed integer of at most 9 bits (|v| <= 256) to binary32, exactly."""
+    w = len(v)
+    mag = Signal(w, name=f"{name}_mag")
+    m.d.comb += mag.eq(Mux(v[-1], -v, v))
+    lz = fp.lzc(mag, w)
+    norm = Signal(w, name=f"{name}_norm")
+    m.d.comb += norm.eq(mag << lz)
+    out = Signal(32, name=f"{name}_f")
+    m.d.comb += out.eq(Mux(mag == 0, 0, Cat(C(0, 24 - w), norm[0:w - 1],
+                                            (127 + w - 1 - lz)[0:8], v[-1])))
+    return out
 
 
 class _Win:
@@ -185,9 +217,16 @@ class SfuExec(wiring.Component):
 
     def __init__(self, *, addr_bits: int, line_bytes: int, gb_base: int, max_len: int = 2048,
                  max_hd: int = 256, lanes: int | None = None, chains: bool = False,
-                 slices: int = 1, stripe: int = 64):
+                 slices: int = 1, stripe: int = 64, silu_lanes: int | None = None):
         if lanes is None:
             lanes = self.default_lanes(line_bytes)
+        if silu_lanes is None:
+            silu_lanes = self.default_silu_lanes(lanes)
+        if silu_lanes not in (1, 2, 4, 8) or silu_lanes > lanes:
+            self._MustUse__silence = True
+            raise ValueError(f"SfuExec silu_lanes must be 1, 2, 4 or 8 and at most lanes "
+                             f"({lanes}), not {silu_lanes!r}")
+        self.silu_lanes = silu_lanes
         if (slices < 1 or slices & (slices - 1) or stripe < 2 or stripe & (stripe - 1)
                 or (slices > 1 and slices * stripe < line_bytes) or slices > 32):
             self._MustUse__silence = True
@@ -217,6 +256,12 @@ class SfuExec(wiring.Component):
         the adder's 3-cycle latency)."""
         return max(2, min(8, line_bytes // 4))
 
+    @staticmethod
+    def default_silu_lanes(lanes: int) -> int:
+        """Lanes of SILU_MUL's datapath (``fmul(silu(a), b)``, 11 multipliers and 8 adders a
+        lane): ``SILU_LANES`` (see its comment for the cost), at most ``lanes``."""
+        return min(lanes, SILU_LANES)
+
     def elaborate(self, platform):
         m = Module()
         D = self._d
@@ -229,7 +274,6 @@ class SfuExec(wiring.Component):
         m.submodules.alw = alw = Realign(D)
         m.submodules.sfu = sfu = Sfu(max_len=self._max_len)
         m.submodules.quant = quant = Quantizer(lanes=self.lanes)
-        m.submodules.side = side = fifo.SyncFIFO(width=32, depth=128)
         wiring.connect(m, rda.mem, wiring.flipped(self.rd0))
         wiring.connect(m, rda.o, ala.i)
         wiring.connect(m, rdb.o, alb.i)
@@ -316,23 +360,22 @@ class SfuExec(wiring.Component):
         qwp = qmem.write_port()
         qrp = qmem.read_port(domain="comb")
 
-        # ---- post stage: y = mode 0: x; 1: fmul(x, s1); 2: fadd(fmul(x, s1), s2)
+        # ---- post stage: y = mode 0: x; 1: fmul(x, s1) (KVROW's d and 127/amax; ATTN's
+        # probabilities pass through)
         pv = Signal()
         px = Signal(32)
         px1 = Signal(32)
         ps1 = Signal(32)
-        ps2 = Signal(32)
-        pmode = Signal(2)
+        pmode = Signal()
         ppair = Signal()
         w_ready = Signal()
         post_ce = Signal()
         p = fp.Pipe(m, post_ce, name="post")
         x_ = p.input(px)
         prod = p.fmul(x_, p.input(ps1))
-        summ = p.fadd(prod, p.input(ps2))
-        lat = p.stage_of(summ)
+        lat = p.stage_of(prod)
         md = p.at(p.input(pmode), lat)
-        y = Mux(md == 0, p.at(x_, lat), Mux(md == 1, p.at(prod, lat), summ.value))
+        y = Mux(md == 0, p.at(x_, lat), prod.value)
         y1 = p.at(p.input(px1), lat)
         pair_o = p.at(p.input(ppair), lat)
         ce, post_valid = fp.stall_control(m, pv, w_ready, lat, name="post")
@@ -350,6 +393,10 @@ class SfuExec(wiring.Component):
         from_attn = Signal()
         from_rms = Signal()
         from_rope = Signal()
+        from_silu = Signal()
+        from_copy = Signal()
+        cp_v = Signal()                  # COPY: words available (sequencer state CPY)
+        cp_n = Signal(range(L + 1))
         # chains: SOFTMAX's output beats (VecSoftmax, L words each, its +0.0 padding
         # included) go to the writer (from_sm); KVROW's outputs go to the byte writer (from_kv)
         from_sm = Signal()
@@ -358,10 +405,10 @@ class SfuExec(wiring.Component):
         if CH:
             m.d.comb += w_ready.eq(Mux(from_kv, kv_wr, Mux(
                 to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms & ~from_rope
-                & ~from_sm)))
+                & ~from_sm & ~from_silu & ~from_copy)))
         else:
             m.d.comb += w_ready.eq(Mux(to_sbuf, 1, wi_ready & ~from_quant & ~from_attn & ~from_rms
-                                       & ~from_rope))
+                                       & ~from_rope & ~from_silu & ~from_copy))
 
         # ---- packer -> alw -> wr
         pk = Array(Signal(32, name=f"pk{j}") for j in range(W))
@@ -570,28 +617,23 @@ class SfuExec(wiring.Component):
         m.d.comb += tree_ce.eq(tce)
         tree_y = [t.value for t in tsums]
 
-        # ---- SFU output -> post stage (SFU ops); direct feed -> post stage (EMBED, COPY)
+        # ---- SFU output -> post stage (ATTN's softmax, KVROW's recip); direct feed -> post
+        # stage (KVROW)
         use_sfu = Signal()
         m.d.comb += sm_in_v.eq(to_sbuf & post_valid)
-        need_side = Signal()
         d_valid = Signal()
         d_x = Signal(32)
         d_s1 = Signal(32)
-        d_s2 = Signal(32)
-        d_mode = Signal(2)
-        side_ok = ~need_side | side.r_rdy
+        d_mode = Signal()
         with m.If(use_sfu):
-            m.d.comb += [pv.eq(sfu.o.valid & side_ok), px.eq(sfu.o.payload.y0),
-                         px1.eq(sfu.o.payload.y1), ps1.eq(Mux(need_side, side.r_data, scale)),
-                         ps2.eq(0), pmode.eq(need_side),
-                         ppair.eq(is_rope),
-                         sfu.o.ready.eq(post_ce & side_ok),
-                         side.r_en.eq(sfu.o.valid & post_ce & need_side)]
+            m.d.comb += [pv.eq(sfu.o.valid), px.eq(sfu.o.payload.y0),
+                         px1.eq(sfu.o.payload.y1), ps1.eq(scale), pmode.eq(0),
+                         ppair.eq(is_rope), sfu.o.ready.eq(post_ce)]
             if CH:
                 with m.If(from_kv):             # KVROW: fmul(recip(amax), 127)
                     m.d.comb += [ps1.eq(F127), pmode.eq(1)]
         with m.Else():
-            m.d.comb += [pv.eq(d_valid), px.eq(d_x), ps1.eq(d_s1), ps2.eq(d_s2),
+            m.d.comb += [pv.eq(d_valid), px.eq(d_x), ps1.eq(d_s1),
                          pmode.eq(d_mode), ppair.eq(0)]
 
         # ---- RMSNORM, second pass: y = fmul(fmul(x, r), w), L elements per cycle (a stalling
@@ -611,23 +653,54 @@ class SfuExec(wiring.Component):
         ce2, r2_valid = fp.stall_control(m, r2_in_v, wi_ready, r2_lat, name="r2")
         m.d.comb += r2_ce.eq(ce2)
 
-        # ---- ROPE: L elements (L/2 pairs) per cycle: y0 = x0 c - x1 s, y1 = x0 s + x1 c
+        # ---- ROPE: L elements (L/2 pairs) per cycle: y0 = x0 c - x1 s, y1 = x0 s + x1 c.
+        # EMBED (emb_on) shares its 2L multipliers and L adders: element k of a beat is
+        # fmul(q_k, d) (+ m for Q4_1): pair q's products become q_2q*d, 1*(-m), q_2q+1*d, 1*m,
+        # so y0 = fsub(q d, -m) = fadd(q d, m) and y1 = fadd(q d, m); without m the second
+        # products are +0 and -0: fsub(p, +0) = fadd(p, -0) = p for every p (-0 included),
+        # the golden model's fmul alone.
         rp_in_v = Signal()
         rp_cnt_in = Signal(range(L + 1))
         rp_ce = Signal()
+        emb_on = Signal()
+        emb_q = [Signal(32, name=f"embq{k}") for k in range(L)]
+        emb_d = Signal(32)
+        emb_mn = Signal(32)              # -m (Q4_1) or +0
+        emb_mp = Signal(32)              # m (Q4_1) or -0
         pq = fp.Pipe(m, rp_ce, name="rope")
         rp_y = []
+        ONE = fp.f32_bits(1.0)
         for q in range(HP):
-            x0 = pq.input(sa.bytes[64 * q:64 * q + 32])
-            x1 = pq.input(sa.bytes[64 * q + 32:64 * q + 64])
-            cq, sq = pq.input(t_cos[q]), pq.input(t_sin[q])
-            rp_y += [pq.fsub(pq.fmul(x0, cq), pq.fmul(x1, sq)),
-                     pq.fadd(pq.fmul(x0, sq), pq.fmul(x1, cq))]
+            x0 = sa.bytes[64 * q:64 * q + 32]
+            x1 = sa.bytes[64 * q + 32:64 * q + 64]
+            cq, sq = t_cos[q], t_sin[q]
+            e = emb_on
+            p1 = pq.fmul(pq.input(Mux(e, emb_q[2 * q], x0)), pq.input(Mux(e, emb_d, cq)))
+            p2 = pq.fmul(pq.input(Mux(e, ONE, x1)), pq.input(Mux(e, emb_mn, sq)))
+            p3 = pq.fmul(pq.input(Mux(e, emb_q[2 * q + 1], x0)), pq.input(Mux(e, emb_d, sq)))
+            p4 = pq.fmul(pq.input(Mux(e, ONE, x1)), pq.input(Mux(e, emb_mp, cq)))
+            rp_y += [pq.fsub(p1, p2), pq.fadd(p3, p4)]
         rp_lat = rp_y[0].stage
         rp_y = [v.value for v in rp_y]
         rp_cnt = pq.at(pq.input(rp_cnt_in), rp_lat)
         ce3, rp_valid = fp.stall_control(m, rp_in_v, wi_ready, rp_lat, name="rope")
         m.d.comb += rp_ce.eq(ce3)
+
+        # ---- SILU_MUL: SL lanes of fmul(silu(a), b) (hw/sfu.py's silu_pipe: the SFU's
+        # exp, 1 + e, the recip-only Newton steps, * x; then * b), a stalling pipeline into
+        # the writer
+        SL = self.silu_lanes
+        si_in_v = Signal()
+        si_cnt_in = Signal(range(SL + 1))
+        si_ce = Signal()
+        psi = fp.Pipe(m, si_ce, name="silu")
+        si_y = [psi.fmul(silu_pipe(psi, psi.input(sa.bytes[32 * k:32 * k + 32])),
+                         psi.input(sb.bytes[32 * k:32 * k + 32])) for k in range(SL)]
+        si_lat = si_y[0].stage
+        si_y = [v.value for v in si_y]
+        si_cnt = psi.at(psi.input(si_cnt_in), si_lat)
+        ce5, si_valid = fp.stall_control(m, si_in_v, wi_ready, si_lat, name="silu")
+        m.d.comb += si_ce.eq(ce5)
 
         # ---- SOFTMAX (chains): s = fmul(a, scale) on L multipliers (a pipeline stalling on
         # VecSoftmax's input, whose ready does not depend on its valid) into VecSoftmax
@@ -680,9 +753,16 @@ class SfuExec(wiring.Component):
         with m.Elif(from_rms):
             m.d.comb += [wi_valid.eq(r2_valid), wi_n.eq(r2_cnt)]
             m.d.comb += [wi_x[k].eq(r2_y[k]) for k in range(L)]
-        with m.Elif(from_rope):
+        with m.Elif(from_rope):                  # ROPE and EMBED
             m.d.comb += [wi_valid.eq(rp_valid), wi_n.eq(rp_cnt)]
             m.d.comb += [wi_x[k].eq(rp_y[k]) for k in range(L)]
+        with m.Elif(from_silu):
+            m.d.comb += [wi_valid.eq(si_valid), wi_n.eq(si_cnt)]
+            m.d.comb += [wi_x[k].eq(si_y[k]) for k in range(SL)]
+        with m.Elif(from_copy):                  # COPY: up to L words of a row per cycle
+            m.d.comb += [wi_valid.eq(cp_v), wi_n.eq(cp_n), sa.size.eq(cp_n << 2),
+                         sa.take.eq(cp_v & wi_ready)]
+            m.d.comb += [wi_x[k].eq(sa.bytes[32 * k:32 * k + 32]) for k in range(L)]
         if CH:
             with m.Elif(from_sm):
                 m.d.comb += [wi_valid.eq(vsm.o.valid), wi_n.eq(L), vsm.o.ready.eq(wi_ready)]
@@ -795,8 +875,14 @@ class SfuExec(wiring.Component):
         fcnt = Signal(34)           # elements fed
         ftot = Signal(34)
         tcnt = Signal(16)
-        blk = Array(Signal(8, name=f"blk{k}") for k in range(34))
-        bcnt = Signal(6)
+        # EMBED: the block being dequantized (blk, valid bv) and the next one (blk2, b2v),
+        # collected a window (WN bytes) per cycle meanwhile
+        blk = [Signal(8, name=f"blk{k}") for k in range(34)]
+        blk2 = [Signal(8, name=f"blk2_{k}") for k in range(34)]
+        bv = Signal()
+        b2v = Signal()
+        ccol = Signal(12)           # blocks collected
+        bcnt = Signal(range(-(-34 // WN) + 1))      # window of the block being collected
         ecnt = Signal(6)
         sent = Signal(4)
         a_bytes = Signal(34)
@@ -878,6 +964,7 @@ class SfuExec(wiring.Component):
                                  sc_bank.eq(0)]
                     m.d.sync += [word.eq(self.instr.payload.word), sent.eq(0), fcnt.eq(0),
                                  tcnt.eq(0), bcnt.eq(0), ecnt.eq(0), ridx.eq(0), qw.eq(0),
+                                 bv.eq(0), b2v.eq(0), ccol.eq(0),
                                  qblk.eq(0), qphase.eq(0), pk_k.eq(0), seg_i.eq(0)]
                     empty = ((nn == 0) | ((f == MiscFunc.ROPE) & (ax == 0))
                              | ((f == MiscFunc.QUANT) & (nn[5:] == 0))
@@ -906,12 +993,12 @@ class SfuExec(wiring.Component):
                     a_bytes.eq(Mux(is_emb, nb * bs, nw << 2)),
                     b_bytes.eq(Mux(is_rope, aux << 2, n << 2)),
                     use_b.eq(is_rms | is_silu | is_rope),
-                    use_sfu.eq(is_silu | is_attn),
+                    use_sfu.eq(is_attn),
                     from_attn.eq(is_attn), to_sbuf.eq(is_attn), from_rms.eq(is_rms),
-                    from_rope.eq(is_rope),
+                    from_rope.eq(is_rope | is_emb), from_silu.eq(is_silu),
+                    from_copy.eq(is_copy),
                     ncache.eq(rv + misc.n[8:16] + cached),
                     rows.eq(rv + misc.n[8:16] + 1),
-                    need_side.eq(is_silu),
                     from_quant.eq(is_q),
                     ftot.eq(Mux(is_rope, nw >> 1, Mux(is_emb, nb, nw))),
                     nseg.eq(Mux(is_copy, reps, 1)),
@@ -959,7 +1046,7 @@ class SfuExec(wiring.Component):
                     with m.Elif(is_rope):
                         m.next = "TABLE"
                     with m.Elif(is_emb):
-                        m.next = "EMB_COLLECT"
+                        m.next = "EMB"
                     with m.Elif(is_rms):
                         m.d.sync += [kb.eq(0), av_mode.eq(0)]
                         m.next = "RMS1"
@@ -989,28 +1076,36 @@ class SfuExec(wiring.Component):
                     with m.If(fcnt + ne == (ftot << 1)):
                         m.next = "DRAIN"
             with m.State("FEED"):
-                step = Mux(is_q, L, 1)           # elements per take (QUANT: L-wide beats)
-                last = fcnt + step == ftot
                 with m.If(is_q):
+                    last = fcnt + L == ftot
                     m.d.comb += [sa.size.eq(4 * L), quant.i.valid.eq(sa.avail),
                                  quant.i.payload.eq(sa.bytes[0:32 * L]),
                                  sa.take.eq(sa.avail & quant.i.ready)]
-                    go = sa.avail & quant.i.ready
-                with m.Elif(is_silu):
-                    ok = sa.avail & sb.avail & side.w_rdy
-                    m.d.comb += [sa.size.eq(4), sb.size.eq(4), sfu.i.valid.eq(ok),
-                                 sfu.i.payload.op.eq(SfuOp.SILU), sfu.i.payload.a.eq(a_word),
-                                 sfu.i.payload.last.eq(last),
-                                 side.w_en.eq(ok & sfu.i.ready), side.w_data.eq(b_word),
-                                 sa.take.eq(ok & sfu.i.ready), sb.take.eq(ok & sfu.i.ready)]
-                with m.Else():                   # COPY
-                    m.d.comb += [sa.size.eq(4), d_valid.eq(sa.avail), d_x.eq(a_word),
-                                 d_mode.eq(0), sa.take.eq(sa.avail & post_ce)]
-                took = sa.take
-                with m.If(took):
-                    m.d.sync += fcnt.eq(fcnt + step)
-                    with m.If(last):
-                        m.next = "DRAIN"
+                    with m.If(sa.avail & quant.i.ready):
+                        m.d.sync += fcnt.eq(fcnt + L)
+                        with m.If(last):
+                            m.next = "DRAIN"
+                with m.Elif(is_silu):            # SL elements of a and b per beat
+                    s_left = ftot - fcnt
+                    sne = Signal(range(SL + 1))
+                    m.d.comb += sne.eq(Mux(s_left > SL, SL, s_left))
+                    ok = sa.avail & sb.avail
+                    m.d.comb += [sa.size.eq(sne << 2), sb.size.eq(sne << 2), si_in_v.eq(ok),
+                                 si_cnt_in.eq(sne), sa.take.eq(ok & si_ce),
+                                 sb.take.eq(ok & si_ce)]
+                    with m.If(ok & si_ce):
+                        m.d.sync += fcnt.eq(fcnt + sne)
+                        with m.If(s_left <= SL):
+                            m.next = "DRAIN"
+                with m.Else():                   # COPY: up to L words of the row (tcnt) per beat
+                    row_left = n - tcnt
+                    m.d.comb += [cp_n.eq(Mux(row_left > L, L, row_left)), cp_v.eq(sa.avail),
+                                 sa.size.eq(cp_n << 2), sa.take.eq(sa.avail & wi_ready)]
+                    with m.If(sa.avail & wi_ready):
+                        m.d.sync += [fcnt.eq(fcnt + cp_n),
+                                     tcnt.eq(Mux(tcnt + cp_n == n, 0, tcnt + cp_n))]
+                        with m.If(fcnt + cp_n == ftot):
+                            m.next = "DRAIN"
             # ---- RMSNORM: ss on the L-lane reduce datapath; r on the SFU; y = (x * r) * w
             with m.State("RMS1"):
                 data_beat = kd < n
@@ -1053,39 +1148,58 @@ class SfuExec(wiring.Component):
                     m.d.sync += kb.eq(kb + 1)
                     with m.If(kb + 1 == nbv):
                         m.next = "DRAIN"
-            with m.State("EMB_COLLECT"):
-                m.d.comb += [sa.size.eq(1), sa.take.eq(sa.avail)]
-                with m.If(sa.avail):
-                    m.d.sync += [blk[bcnt].eq(sa.bytes[0:8]), bcnt.eq(bcnt + 1)]
-                    with m.If(bcnt + 1 == bs):
-                        m.d.sync += [bcnt.eq(0), ecnt.eq(0)]
-                        m.next = "EMB_EMIT"
-            with m.State("EMB_EMIT"):
-                j = ecnt[0:5]
-                q8 = Signal(signed(8))
-                qs = Signal(8)
-                m.d.comb += qs.eq(Mux(fmt == 1, blk[4 + j[0:4]], blk[2 + j[0:4]]))
-                nib = Mux(j[4], qs[4:8], qs[0:4])
-                with m.Switch(fmt):
-                    with m.Case(0):
-                        m.d.comb += q8.eq(nib - 8)
-                    with m.Case(1):
-                        m.d.comb += q8.eq(nib)
-                    with m.Default():
-                        m.d.comb += q8.eq(blk[2 + j])
-                qf = fp.int_to_f32(m, q8, name="embq")
+            with m.State("EMB"):
+                # collector: the next block, a window of up to WN bytes per cycle, into blk2
+                c_left = bs - bcnt * WN
+                csz = Signal(range(WN + 1))
+                m.d.comb += csz.eq(Mux(c_left > WN, WN, c_left))
+                c_go = ~b2v & (ccol != ftot) & sa.avail
+                m.d.comb += [sa.size.eq(csz), sa.take.eq(c_go)]
+                with m.If(c_go):
+                    for c in range(-(-34 // WN)):
+                        with m.If(bcnt == c):
+                            m.d.sync += [blk2[c * WN + k].eq(sa.bytes[8 * k:8 * k + 8])
+                                         for k in range(min(WN, 34 - c * WN))]
+                    m.d.sync += bcnt.eq(bcnt + 1)
+                    with m.If(c_left <= WN):
+                        m.d.sync += [bcnt.eq(0), b2v.eq(1), ccol.eq(ccol + 1)]
+                # emitter: L elements of blk per beat through the ROPE pipeline (emb_on):
+                # element j = ecnt + k is fmul(q_j, d) (+ m)
+                beat = ecnt[lgl:5]
+                for k in range(L):
+                    cands = []
+                    for b in range(32 // L):
+                        jj = b * L + k
+                        lo = blk[2 + jj % 16]
+                        hi = blk[4 + jj % 16]
+                        n0 = lo[4:8] if jj >= 16 else lo[0:4]
+                        n1 = hi[4:8] if jj >= 16 else hi[0:4]
+                        cands.append(Mux(fmt == 0, Cat(n0, C(0, 4)).as_signed() - 8,
+                                         Mux(fmt == 1, Cat(n1, C(0, 4)).as_signed(),
+                                             blk[2 + jj].as_signed())))
+                    qk = Signal(signed(9), name=f"embi{k}")
+                    m.d.comb += qk.eq(Array(cands)[beat] if len(cands) > 1 else cands[0])
+                    m.d.comb += emb_q[k].eq(_small_int_to_f32(m, qk, name=f"embf{k}"))
                 dd = fp.f16_to_f32(m, Cat(blk[0], blk[1]), name="embd")
                 mm = fp.f16_to_f32(m, Cat(blk[2], blk[3]), name="embm")
-                m.d.comb += [d_valid.eq(1), d_x.eq(qf), d_s1.eq(dd), d_s2.eq(mm),
-                             d_mode.eq(Mux(fmt == 1, 2, 1))]
-                with m.If(post_ce):
-                    m.d.sync += ecnt.eq(ecnt + 1)
-                    with m.If(ecnt == 31):
-                        m.d.sync += fcnt.eq(fcnt + 1)
+                m.d.comb += [emb_on.eq(1), emb_d.eq(dd),
+                             emb_mn.eq(Mux(fmt == 1, mm ^ NEG_ZERO, 0)),
+                             emb_mp.eq(Mux(fmt == 1, mm, NEG_ZERO)),
+                             rp_in_v.eq(bv), rp_cnt_in.eq(L)]
+                with m.If(bv & rp_ce):
+                    m.d.sync += ecnt.eq(ecnt + L)
+                    with m.If(ecnt + L == 32):
+                        m.d.sync += [ecnt.eq(0), fcnt.eq(fcnt + 1)]
+                        with m.If(b2v):
+                            m.d.sync += [blk[k].eq(blk2[k]) for k in range(34)]
+                            m.d.sync += b2v.eq(0)
+                        with m.Else():
+                            m.d.sync += bv.eq(0)
                         with m.If(fcnt + 1 == ftot):
                             m.next = "DRAIN"
-                        with m.Else():
-                            m.next = "EMB_COLLECT"
+                with m.Elif(~bv & b2v):
+                    m.d.sync += [blk[k].eq(blk2[k]) for k in range(34)]
+                    m.d.sync += [b2v.eq(0), bv.eq(1)]
             # ---- ATTN, per head: q -> qh; scores (VDOT * scale) -> sbuf; softmax in place;
             # partials of sum_j a_j v_j; the partial tree -> writer
             with m.State("AQ"):

@@ -83,11 +83,14 @@ class UnitCosts:
     #: ROPE: the cos/sin table one entry per cycle (TABLE: hd cycles), then n*hd/L beats
     #: (ROPEF: L elements = L/2 pairs per cycle). tiny fit: 3 x 64 -> 129 gives 17.
     rope_fixed: float = 17
-    #: SILU_MUL: one element per cycle through the SFU. tiny fit: 1536 -> 1628 gives 92.
-    silu_fixed: float = 92
-    #: EMBED: per block, its bytes one per cycle (EMB_COLLECT) then 32 elements one per
-    #: cycle (EMB_EMIT). tiny fit: Q4_1 576 (18 x (20 + 32) = 936) -> 953 gives 17.
-    embed_fixed: float = 17
+    #: SILU_MUL: ``silu_lanes`` elements of a and b per beat through SfuExec's SiLU-multiply
+    #: lanes (``SfuExec.default_silu_lanes``: 2), then the pipeline's latency. tiny fit:
+    #: 1536 -> 845 gives 77 (one element per cycle before: 1630).
+    silu_fixed: float = 77
+    #: EMBED: L elements per beat (EMB: the next block collected a line window at a time
+    #: meanwhile, never the longer part): nb x 32/L + this. tiny fit: 576 -> 166 gives 22
+    #: (every format; bytes then elements one per cycle before: Q4_0 576 took 919).
+    embed_fixed: float = 22
     #: ATTN runs its heads overlapped (hw/sfu_exec.py: head h's softmax on the SFU while
     #: head h+1 scores and head h-1 does its AV; :func:`attn_schedule` replays the
     #: sequencer's choices). Head phases, read off the FSM (pysim, 8 and 4 lanes, every
@@ -100,12 +103,13 @@ class UnitCosts:
     attn_av_fixed: float = 13
     #: softmax: from the end of its feed (ASM, one row per cycle) until the probabilities
     #: are all back in the score buffer: this + softmax_per_row x rows (pass 2 to exp's
-    #: stage, the reducer's tree, the recip-only pipeline, pass 3, the post stage).
-    attn_softmax_fixed: float = 131
+    #: stage, the reducer's tree, the recip-only pipeline, pass 3, the post stage; 131
+    #: until the post stage lost its adder with SILU_MUL/EMBED on lanes of their own).
+    attn_softmax_fixed: float = 128
     softmax_per_row: float = 2
     #: ATTN's own per-instruction cost (IDLE -> CONST, the constants line -> START, the
     #: last decision, the writer's drain, the execution unit's): 3 heads x 64 on tiny at
-    #: positions 1 / 50 / 100 measure 601 / 5339 / 10289 (tests/rtl/test_sfu_exec.py::
+    #: positions 1 / 50 / 100 measure 595 / 5339 / 10289 (tests/rtl/test_sfu_exec.py::
     #: test_sfu_exec_cycles), 3 above SfuExec alone in pysim, every one exact.
     sfu_fixed: float = 14
     #: SOFTMAX (attention on the chains): L elements per cycle through VecSoftmax's three
@@ -313,10 +317,10 @@ def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lane
         hd = f["aux"]
         return c.rope_fixed + hd + _ceil(n * hd, L)
     if name == "SILU_MUL":
-        return c.silu_fixed + n
+        from llmfab.hw.sfu_exec import SfuExec
+        return c.silu_fixed + _ceil(n, SfuExec.default_silu_lanes(L))
     if name == "EMBED":
-        fmt = isa.FMTS[f["aux"]] if f["aux"] < 3 else "q8_0"
-        return c.embed_fixed + (n // 32) * (BLOCK_BYTES[fmt] + 32)
+        return c.embed_fixed + (n // 32) * (32 // L)
     if name == "ATTN":
         nh, t, hd, _cached = isa.attn_operands(f)
         rows = regs[f["reg"]] + t + 1                   # cache rows [0, S) (+ S cached or current)

@@ -107,7 +107,7 @@ def test_attn_decode_form():
     f = {**isa.attn_fields(3, 64), "reg": isa.REG_POS}
     # rows = pos + 1; scores: q 64/4 = 16 beats, 16 beats per row, the tree's 32/4; AV: 16
     # beats per row, the partial tree 64/4 = 16; the softmax feed one row per cycle
-    for pos, rtl in ((1, 601), (50, 5339), (100, 10289)):
+    for pos, rtl in ((1, 595), (50, 5339), (100, 10289)):
         rows = pos + 1
         score = 16 + 16 * rows + 8 + COSTS.attn_score_fixed
         av = 16 * rows + 16 + COSTS.attn_av_fixed
