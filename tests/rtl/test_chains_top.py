@@ -357,6 +357,23 @@ def _units_have_chains() -> bool:
     return all("chains" in inspect.signature(c.__init__).parameters for c in (MvExec, SfuExec))
 
 
+def tinyc_bundle(tmp_path):
+    """(``tinyc``: ``tiny`` with attention on the chains and a 32 KiB KV buffer, the tiny model
+    of head dim 32 compiled for it)."""
+    from tinymodel import write_tiny_gguf
+
+    from llmfab.boards.config import config_from_dict
+    from llmfab.compiler.compile import compile_model
+    from llmfab.compiler.model import load_model
+    path = tmp_path / "tiny32.gguf"
+    write_tiny_gguf(path, "q4_1", dim=64, n_heads=2, n_kv_heads=1)
+    d = load_config("tiny").to_dict()
+    d.update(name="tinyc", attention="chains")
+    d["buffers"] = dict(d["buffers"], kv_kib=32)
+    config = config_from_dict(d, "tinyc (tiny with attention on the chains, 32 KiB KV buffer)")
+    return config, compile_model(load_model(path), config)
+
+
 #: Decode positions run one after the other (the KV cache grows as in generation): the
 #: first K/V tile, its last row, the second tile's first rows.
 POSITIONS = list(range(0, 36))
@@ -370,19 +387,8 @@ def test_chains_decode_matches_golden(tmp_path):
     decode runs at positions 0..35 in turn leave the golden model's HBM (logits, KV cache)
     bit for bit and end with its status. Skipped until the MV and SFU branches are merged
     (their units take ``chains``): the merge's acceptance test."""
-    from tinymodel import write_tiny_gguf
-
-    from llmfab.boards.config import config_from_dict
-    from llmfab.compiler.compile import compile_model
-    from llmfab.compiler.model import load_model
     from llmfab.sim.rtl.harness import RtlAccelerator
-    path = tmp_path / "tiny32.gguf"
-    write_tiny_gguf(path, "q4_1", dim=64, n_heads=2, n_kv_heads=1)
-    d = load_config("tiny").to_dict()
-    d.update(name="tinyc", attention="chains")
-    d["buffers"] = dict(d["buffers"], kv_kib=32)
-    config = config_from_dict(d, "tinyc (tiny with attention on the chains, 32 KiB KV buffer)")
-    bundle = compile_model(load_model(path), config)
+    config, bundle = tinyc_bundle(tmp_path)
     hbm = int(bundle.manifest["hbm_size"])
     g = Golden(bundle)
     rng = np.random.default_rng(9)
@@ -410,20 +416,9 @@ def test_chains_prefill_matches_golden(tmp_path):
     attention on the chains, KVROW at R1 + t): runs from misaligned starts, across the
     32-position tile and longer than the largest bucket give the golden model's logits and
     KV cache bit for bit, and decoding goes on from the cache they left."""
-    from tinymodel import write_tiny_gguf
-
-    from llmfab.boards.config import config_from_dict
-    from llmfab.compiler.compile import compile_model
-    from llmfab.compiler.model import load_model
     from llmfab.host.golden_backend import GoldenDevice
     from llmfab.host.rtl_backend import RtlDevice
-    path = tmp_path / "tiny32.gguf"
-    write_tiny_gguf(path, "q4_1", dim=64, n_heads=2, n_kv_heads=1)
-    d = load_config("tiny").to_dict()
-    d.update(name="tinyc", attention="chains")
-    d["buffers"] = dict(d["buffers"], kv_kib=32)
-    config = config_from_dict(d, "tinyc (tiny with attention on the chains, 32 KiB KV buffer)")
-    bundle = compile_model(load_model(path), config)
+    config, bundle = tinyc_bundle(tmp_path)
     assert bundle.manifest["prefill"]["buckets"] == [2, 4, 8] and config.chain.tokens == 2
     kv0, kvn = (int(v) for v in bundle.manifest["memory_map"]["kv"])
     rtl = RtlDevice(None, config, bundle=bundle, timeout_cycles=4_000_000)
