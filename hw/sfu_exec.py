@@ -66,8 +66,9 @@ Attention on the chains (``chains=True``; nothing of it is elaborated otherwise)
   cycle to the writer; ``a`` is read completely before the first write (VecSoftmax's
   first pass takes all of it), so in place works. About ``3 n / L + 110`` cycles.
 * KVROW (position ``S = R[reg] + aux``): the K row through the quantizer, its Q8_0 blocks
-  (binary16 ``d``) as bytes into row ``S % 32`` of K tile ``S // 32``; the V row's ``max|v|``, ``d_v`` and
-  ``127 * recip(max)`` (post stage, SFU RECIP); the V row again, one ``q`` byte per dim
+  (binary16 ``d``) as bytes into row ``S % 32`` of K tile ``S // 32``; the V row's
+  ``max|v|``, ``d_v`` and ``127 * recip(max)`` (post stage, SFU RECIP); the V row again,
+  one ``q`` byte per dim
   (and its block's ``d`` = binary16 1.0) into V tile ``S // 32``; the scale. The bytes go
   through a one-line coalescer (byte enables) into ``wr``; slice-major tiles as
   ``compiler/isa.py``'s ``row_address`` with the ``slices``/``stripe`` parameters.
