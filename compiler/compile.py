@@ -522,8 +522,9 @@ class ChainsAttention:
         # -- token t, head i -- are software-pipelined over them: row k+1's scores MV beside
         # row k's softmax, so consecutive rows never share a set)
         # They live at the top of the activation buffer, not in the KV buffer: the KV and weight
-        # buffers share banks into which the load engine's line writes go first (hw/onchip.py),
-        # so the attention's writes there would wait while weight tiles stream in.
+        # buffers are one banked region whose line write port the weight stream keeps busy
+        # (hw/onchip.py; with the load engine's writer served first the attention's writes
+        # there waited out whole weight tiles; now the loads would lose the cycles instead).
         g = max(dims.g, 2)
         sizes = (dims.hd // 32 * QBLOCK_BYTES, ctx * 4, ctx // 32 * QBLOCK_BYTES)
         scratch = g * sum(_align(n, 64) for n in sizes)

@@ -135,8 +135,9 @@ class Device:
 
 def split_buckets(n: int, buckets, pos: int = 0, align: int = 1) -> list:
     """Greedy decomposition of ``n`` tokens from position ``pos`` into buckets (1 is always a
-    bucket): each run the largest bucket ``T <= `` the tokens left that starts at a multiple
-    of ``min(T, align)`` (``Bundle.prefill_align``: 1 but with attention on the chains)."""
+    bucket): each run the largest bucket ``T`` no larger than the tokens left whose start is
+    a multiple of ``min(T, align)`` (``Bundle.prefill_align``: 1 but with attention on the
+    chains)."""
     sizes = sorted({1, *(int(b) for b in buckets)}, reverse=True)
     out = []
     while n > 0:
