@@ -173,7 +173,7 @@ def _prefill_plot(rows, cfg, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(9, 3.5))
     for engine, style in (("sfu", "o--"), ("chains", "o-")):
         for n in sorted({r["prompt"] for r in rows}):
             rs = [r for r in rows if r["prompt"] == n and r["attention"] == engine]
@@ -187,7 +187,7 @@ def _prefill_plot(rows, cfg, path):
     ax.set_yscale("log")
     ax.set_title(f"LLaMA2-7B-shaped Q4_0 prefill on {cfg.name} (sim/perf.py)")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
