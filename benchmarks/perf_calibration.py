@@ -114,18 +114,21 @@ def _prefill_row(acc, gold, b, cfg, mname, p, T, toks, memory):
     return {**_row(cfg, mname, p, r.counters, e, exact, wall), "what": f" (prefill T={T})"}
 
 
+def _model_cols(e, rtl_cycles):
+    """A row's model columns: the estimate ``e`` and its error against ``rtl_cycles``."""
+    return {"model_cycles": e.cycles, "error": round(e.cycles / rtl_cycles - 1, 4),
+            "model_validate": e.validate_cycles, "model_busy_ld": e.load_cycles,
+            "model_busy_mv": e.mv_cycles, "model_busy_misc": e.sfu_cycles,
+            "model_busy_cmp": e.compute_cycles, "model_bound": e.bound}
+
+
 def _row(cfg, mname, p, c, e, exact, wall):
     """One calibration row: the RTL's counters ``c`` beside the model's estimate ``e``."""
     return {"config": cfg.name, "model": mname, "pos": p, "rtl_cycles": int(c["cycles"]),
-            "model_cycles": e.cycles,
-            "error": round(e.cycles / int(c["cycles"]) - 1, 4),
-            "rtl_validate": int(c["validate_cycles"]), "model_validate": e.validate_cycles,
-            "rtl_busy_ld": int(c["busy_ld"]), "model_busy_ld": e.load_cycles,
-            "rtl_busy_mv": int(c["busy_mv"]), "model_busy_mv": e.mv_cycles,
-            "rtl_busy_misc": int(c["busy_misc"]), "model_busy_misc": e.sfu_cycles,
-            "rtl_busy_cmp": int(c["busy_cmp"]), "model_busy_cmp": e.compute_cycles,
-            "model_bound": e.bound, "logits_bit_exact": exact,
-            "wall_seconds": round(wall, 1)}
+            "rtl_validate": int(c["validate_cycles"]), "rtl_busy_ld": int(c["busy_ld"]),
+            "rtl_busy_mv": int(c["busy_mv"]), "rtl_busy_misc": int(c["busy_misc"]),
+            "rtl_busy_cmp": int(c["busy_cmp"]), **_model_cols(e, int(c["cycles"])),
+            "logits_bit_exact": exact, "wall_seconds": round(wall, 1)}
 
 
 def _mv_rows(acc, b, cfg, mname, pos):
@@ -174,10 +177,7 @@ def _remodel(rows, cfg, memory):
             m = re.search(r"T=(\d+)", r.get("what", ""))
             e = estimate(bundles[r["model"]], cfg, pos=r["pos"], program=int(m.group(1)) if m else None,
                          memory=memory)
-            out.append({**r, "model_cycles": e.cycles, "error": round(e.cycles / r["rtl_cycles"] - 1, 4),
-                        "model_validate": e.validate_cycles, "model_busy_ld": e.load_cycles,
-                        "model_busy_mv": e.mv_cycles, "model_busy_misc": e.sfu_cycles,
-                        "model_busy_cmp": e.compute_cycles, "model_bound": e.bound})
+            out.append({**r, **_model_cols(e, r["rtl_cycles"])})
     return out
 
 

@@ -460,7 +460,7 @@ class ProgramBuilder:
         g, hd = d.g, d.hd
         gaddr = self.L.qkv + j * d.grp_rows * 4
         slot = ch.slots[ks]
-        self._kvrow_store(gaddr, ks, kgid, r0, rope)
+        self._kvrow_store(lambda t: gaddr, ks, kgid, r0, rope)
         q8 = isa.mv_func("q8_0")
         for i in range(g):
             self.consume("MISC", func=F["QUANT"], dst=ch.qq[i], a=gaddr + i * hd * 4, n=hd)
@@ -490,7 +490,7 @@ class ProgramBuilder:
                          free_slot=("K", ks) if last else None)
 
     def _kvrow_store(self, gaddr, ks, kgid, r0, rope, T=1):
-        """ROPE of every token's q heads and k (``gaddr(t)``), KVROW of each token at R1 + t,
+        """ROPE of every token's q heads and k (at ``gaddr(t)``), KVROW of each token at R1 + t,
         the ST.x of the touched K/V tiles and the V scales; the stores' st2cmp event is
         kept for the slot's last reader (``_kv_st``)."""
         d = self.parts.dims
@@ -499,12 +499,11 @@ class ProgramBuilder:
         g, hd = d.g, d.hd
         nt = -(-T // isa.TILE_ROWS)
         slot = ch.slots[ks]
-        ga = gaddr if callable(gaddr) else (lambda t: gaddr)
         for t in range(T):
-            self.consume("MISC", func=F["ROPE"], dst=ga(t), a=ga(t), b=rope + t * hd * 4, n=g + 1, aux=hd)
+            self.consume("MISC", func=F["ROPE"], dst=gaddr(t), a=gaddr(t), b=rope + t * hd * 4, n=g + 1, aux=hd)
         for t in range(T):
             e = self.consume("MISC", gid=kgid if t == 0 else None, func=F["KVROW"], dst=slot,
-                             a=ga(t) + g * hd * 4, n=hd, reg=isa.REG_POS, aux=t,
+                             a=gaddr(t) + g * hd * 4, n=hd, reg=isa.REG_POS, aux=t,
                              release=["cmp2st"] if t == T - 1 else ())
         st = [dict(buf=slot + reg[k], hoff=hoff(r0 + reg[k]), ireg=isa.REG_PTILE, stride=reg[t],
                    len=nt * reg[t])

@@ -520,10 +520,10 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                slices=int(man["memory_map"]["hbm_ports"]),
                stripe=int(man["memory_map"]["hbm_stripe_bytes"]))
     kv_region = None
-    # the load engine's line writes into the banked region (from ``wbase`` on): they take its
-    # write port before the execution unit's (hw/onchip.py), which KVROW's byte writes into
-    # the K/V tiles wait for. A load takes the per-port fast path (``bank_wr``, which yields
-    # to the line view instead) only where the on-chip line is narrower than the HBM line
+    # the load engine's line writes into the banked region (from ``wbase`` on): they share
+    # its write port with the execution unit's (hw/onchip.py, below). A load takes the
+    # per-port fast path (``bank_wr``, which yields to the line view instead) only where the
+    # on-chip line is narrower than the HBM line
     # (hw/dma.py: fewer stripes per line than ports; not on ``ci``/``ci-chains``, where the
     # line is the HBM line) and the load is line-aligned
     bank_fast = D // config.stripe_bytes < config.hbm.ports and config.slices > 1
@@ -542,13 +542,16 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     end = 0.0
     decoded = [isa.decode(w) for w in words]
 
-    def ld_line_write(f):
-        """An LD's bytes and rate, and whether its lines take the banked region's write port."""
+    def transfer(f, ld=True):
+        """An LD's (``ld``) or ST's bytes and rate, and whether its lines take the banked
+        region's write port. The shared path moves one on-chip line per cycle; an LD of a
+        weight tile (into the weight buffer, HBM and on-chip addresses equal modulo the HBM
+        line) takes the per-port fast path at the ports' rate."""
         n = f["len"] + regs[f["lreg"]] * f["lmul"]
         addr = regs[f["hreg"]] + f["hoff"] * isa.HBM_ALIGN + regs[f["ireg"]] * f["stride"]
-        fast = f["buf"] >= wbase and (addr - f["buf"]) % hbm_line == 0
+        fast = ld and f["buf"] >= wbase and (addr - f["buf"]) % hbm_line == 0
         rate = bpc if fast else min(bpc, D)
-        return n, rate, bool(n and f["buf"] >= wbase and not (fast and bank_fast))
+        return n, rate, bool(ld and n and f["buf"] >= wbase and not (fast and bank_fast))
 
     def later_bank_writes(ix, start):
         """The banked-region line writes of the loads after word ``ix`` in program order that
@@ -589,7 +592,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 st = max(st, rel["cmp2ld"][k])
                 k += 1
             lpops.append(st)
-            n, rate, lw = ld_line_write(gf)
+            n, rate, lw = transfer(gf)
             lfree = st + (n / rate + c.ld_fixed if n else 1)
             if lw:
                 out.append((st + rlat, st + rlat + n / rate, min(1.0, rate / D)))
@@ -634,14 +637,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                     start = max(start, rel[ch][k])
         pops[q].append(start)
         if q in ("ld", "st"):
-            n = f["len"] + regs[f["lreg"]] * f["lmul"]
-            # the shared path moves one on-chip line per cycle; an LD of a weight tile (into
-            # the weight buffer, HBM and on-chip addresses equal modulo the HBM line) takes
-            # the per-port fast path at the ports' rate
-            addr = regs[f["hreg"]] + f["hoff"] * isa.HBM_ALIGN + regs[f["ireg"]] * f["stride"]
-            fast = q == "ld" and f["buf"] >= wbase and (addr - f["buf"]) % hbm_line == 0
-            rate = bpc if fast else min(bpc, D)
-            line_writes = q == "ld" and ld_line_write(f)[2]
+            n, rate, line_writes = transfer(f, q == "ld")
             if q == "ld":
                 if f["hreg"] == isa.REG_WBASE:
                     wbytes += n
