@@ -244,6 +244,19 @@ def untile_rows(buf, func: int, rows: int, cols: int, slices: int, stripe: int) 
     return np.concatenate(parts, axis=1) if nb > 1 else parts[0].copy()
 
 
+def operand_rows(buf, func: int, rows: int, cols: int, slices: int, stripe: int) -> np.ndarray:
+    """The weight rows ``[rows, row bytes]`` an MV computes with: :func:`untile_rows`, and with
+    ``MV_BT`` (the transposed V cache) every block's ``d`` as binary16 1.0, whatever its bytes
+    hold (KVROW writes only the ``q`` bytes; docs/isa.md, "Attention on the chains")."""
+    raw = untile_rows(buf, func, rows, cols, slices, stripe)
+    if func & MV_BT:
+        bb = func_block_bytes(func)
+        raw = raw.reshape(rows, cols // 32, bb)
+        raw[:, :, 0:2] = np.array([1.0], np.float16).view(np.uint8)
+        raw = raw.reshape(rows, -1)
+    return raw
+
+
 def row_address(row: int, row_bytes: int, slices: int, stripe: int) -> np.ndarray:
     """On-chip offsets of the bytes of row ``row`` of a slice-major tile of rows of
     ``row_bytes`` (docs/isa.md, "Slices"): ``[row_bytes]`` from the tile's first line

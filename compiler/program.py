@@ -317,6 +317,9 @@ class ProgramBuilder:
         else:
             self.matrix(mats.qkv, L.qh, L.qkv)
             if self.parts.onchip.chains:
+                # every token's RoPE first, token by token over the KV heads: SfuExec keeps the
+                # last ROPE's table, so each token's row is read once, not once per KV head
+                self._add(None, partial(self._rope_tokens, rope))
                 for j in range(d.nkv):
                     self._attention_chains(li, rope, j)
             else:
@@ -489,17 +492,28 @@ class ProgramBuilder:
                          need={"st2cmp": self._kv_st[ks]} if last else None,
                          free_slot=("K", ks) if last else None)
 
+    def _rope_tokens(self, rope):
+        """A prefill program on the chains: ROPE of every token's q heads and k, token by
+        token (RoPE row ``t`` at ``rope + t * hd * 4``), one ROPE per KV head's group."""
+        d, L = self.parts.dims, self.L
+        for t in range(self.T):
+            for j in range(d.nkv):
+                a = L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4
+                self.consume("MISC", func=F["ROPE"], dst=a, a=a, b=rope + t * d.hd * 4, n=d.g + 1,
+                             aux=d.hd)
+
     def _kvrow_store(self, gaddr, ks, kgid, r0, rope, T=1):
-        """ROPE of every token's q heads and k (at ``gaddr(t)``), KVROW of each token at R1 + t,
-        the ST.x of the touched K/V tiles and the V scales; the stores' st2cmp event is
-        kept for the slot's last reader (``_kv_st``)."""
+        """ROPE of every token's q heads and k (at ``gaddr(t)``; ``rope`` None: done before,
+        :meth:`_rope_tokens`), KVROW of each token at R1 + t, the ST.x of the touched K/V
+        tiles and the V scales; the stores' st2cmp event is kept for the slot's last reader
+        (``_kv_st``)."""
         d = self.parts.dims
         ch = self.parts.onchip.chains
         reg = ch.region
         g, hd = d.g, d.hd
         nt = -(-T // isa.TILE_ROWS)
         slot = ch.slots[ks]
-        for t in range(T):
+        for t in range(T if rope is not None else 0):
             self.consume("MISC", func=F["ROPE"], dst=gaddr(t), a=gaddr(t), b=rope + t * hd * 4, n=g + 1, aux=hd)
         for t in range(T):
             e = self.consume("MISC", gid=kgid if t == 0 else None, func=F["KVROW"], dst=slot,
@@ -529,9 +543,9 @@ class ProgramBuilder:
         def gaddr(t):           # token t's q heads, k and v of this group
             return L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4
 
-        # every token's q heads and k rotated; its K and V rows into the slot's tiles at
-        # R1 + t; those tiles and the V scales to HBM
-        self._kvrow_store(gaddr, ks, kgid, r0, rope, T)
+        # every token's q heads and k rotated (before, :meth:`_rope_tokens`); its K and V
+        # rows into the slot's tiles at R1 + t; those tiles and the V scales to HBM
+        self._kvrow_store(gaddr, ks, kgid, r0, None, T)
         stored = self._kv_st[ks]
         q8 = isa.mv_func("q8_0")
         # the attention rows: token t's query head i; row k uses buffer set k % nb

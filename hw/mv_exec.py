@@ -75,8 +75,8 @@ tiles of 32 slice-major rows, each tile's streams padded to whole bank lines, so
 pipeline's row step adds the pad when it crosses a tile) or **block tiles** (``MV_BT``, the
 transposed V cache: tile ``j`` holds block ``j`` of every row, so a row is ``nb`` one-block
 commands to its reader and decoder, a tile's bank span apart; the decoder marks each block
-``last`` and the pipeline passes ``last`` to its chains on the row's final block only). The
-arithmetic is untouched. A chains build's readers take their next command in the cycle their
+``last`` and the pipeline passes ``last`` to its chains on the row's final block only, and
+every block's ``d`` is binary16 1.0 whatever its bytes hold). The arithmetic is untouched. A chains build's readers take their next command in the cycle their
 last request leaves (:class:`_EagerReader`). docs/hw-units.md has the details and cycles.
 
 Throughput (``tests/rtl/cocotb_mv_exec.py``, ci geometry, memory never stalling):
@@ -503,6 +503,10 @@ class MvSlice(wiring.Component):
                 w_last = dec.weights.payload.last & (~self.bt | (w_blk == nb - 1))
                 for chain, _ in chains:
                     m.d.comb += chain.weights.payload.last.eq(w_last)
+                    # block tiles hold the V cache's q bytes with a unit scale: every block's
+                    # d is binary16 1.0, whatever its bytes (KVROW writes only the q bytes)
+                    with m.If(self.bt):
+                        m.d.comb += chain.weights.payload.lanes[0].d.eq(0x3C00)
                 with m.If(dec.weights.valid & dec.weights.ready):
                     m.d.sync += w_blk.eq(Mux(w_last, 0, w_blk + 1))
 

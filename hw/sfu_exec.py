@@ -44,7 +44,12 @@ instruction at a time, by sequencing on-chip line reads and writes around
   ``x`` (other than exactly in place) is not the golden model's result.
 * ROPE: ``L/2`` pairs per cycle over the whole ``n x hd`` stream (2L
   multipliers, ``L`` adders; a beat may hold pairs of two heads), the cos/sin
-  table read at ``(i + q) mod (hd/2)`` for pair ``q`` of the beat.
+  table read at ``(i + q) mod (hd/2)`` for pair ``q`` of the beat. The table (``hd``
+  words at ``b``, one a cycle into the cos/sin memories) is read only when the last ROPE
+  that read one had another ``b`` or ``hd``, or a write to one of its lines was seen since
+  (``snoop``: the load engine's and the execution unit's writes); else it is still there,
+  and the ROPE takes ``hd`` cycles less (the decode programs' ROPEs of one layer, one per
+  KV head on the chains, share their layer's table).
 * SILU_MUL: ``silu_lanes`` elements of ``a`` and ``b`` per cycle through as many lanes of
   ``fmul(silu(a), b)`` (``hw/sfu.py``'s ``silu_pipe``: the SFU's exp, ``1 + e``, the
   recip-only Newton steps and ``* x``, the same operations as the SFU's SILU; then ``* b``),
@@ -68,8 +73,8 @@ Attention on the chains (``chains=True``; nothing of it is elaborated otherwise)
 * KVROW (position ``S = R[reg] + aux``): the K row through the quantizer, its Q8_0 blocks
   (binary16 ``d``) as bytes into row ``S % 32`` of K tile ``S // 32``; the V row's
   ``max|v|``, ``d_v`` and ``127 * recip(max)`` (post stage, SFU RECIP); the V row again,
-  one ``q`` byte per dim
-  (and its block's ``d`` = binary16 1.0) into V tile ``S // 32``; the scale. The bytes go
+  one ``q`` byte per dim (a cycle each) into V tile ``S // 32`` (not the blocks' ``d``:
+  MV_BT reads them as 1.0); the scale. The bytes go
   through a one-line coalescer (byte enables) into ``wr``; slice-major tiles as
   ``compiler/isa.py``'s ``row_address`` with the ``slices``/``stripe`` parameters.
 * QUANT on ``n + R[reg]`` elements.
@@ -340,6 +345,19 @@ class SfuExec(wiring.Component):
         m.submodules.tsm = tsm
         tcw, tsw = tcm.write_port(), tsm.write_port()
         ridx = Signal(range(self._max_hd))
+        # the table cache: the cos/sin memories hold the table of ``aux`` entries read from
+        # ``b`` by the last ROPE that read one (tab_v), until a write to a line of it is seen
+        # on ``snoop`` (the load engine's and the execution unit's writes): a ROPE with the
+        # same ``b`` and ``aux`` then skips reading it (tab_hit, latched as rope_cached)
+        tab_v = Signal()
+        tab_b = Signal(32, name="tab_b")
+        tab_n = Signal(16)
+        tab_lo = Signal.like(self.snoop[0].addr, name="tab_lo")
+        tab_hi = Signal.like(self.snoop[0].addr, name="tab_hi")
+        tab_dirty = Signal()                # a write to the table's lines while it was read
+        rope_cached = Signal()
+        tab_snoop = Cat(s_.valid & (s_.addr >= tab_lo) & (s_.addr <= tab_hi)
+                        for s_ in self.snoop).any()
 
         def mod_half(v):
             for _ in range(HP):          # v < ridx + HP: at most HP wraps (half may be 1)
@@ -846,10 +864,9 @@ class SfuExec(wiring.Component):
             kv_dv = Signal(32)
             kv_inv = Signal(32)
             kv_row = Signal(16)                  # V: the row (dim) being written
-            kv_ph = Signal(2)                    # V: d lo, d hi, q byte
             kv_sc = Signal(2)
             vrow_o = (kv_row >> lgp) * 34
-            vj = Mux(kv_ph == 2, kv_r + 2, kv_ph)
+            vj = kv_r + 2                        # V: the q byte of row kv_row's block
             vq = rne_clamp127(m, y, name="kvq")
             v_item = Signal()                    # the sequencer emits V items
             s_item = Signal()                    # the sequencer emits the scale's bytes
@@ -865,9 +882,9 @@ class SfuExec(wiring.Component):
                             m.d.sync += kq_done.eq(1)
             with m.Elif(v_item):
                 m.d.comb += [bi_valid.eq(post_valid),
-                             bi_data.eq(Mux(kv_ph == 0, 0x00, Mux(kv_ph == 1, 0x3C, vq.as_unsigned()))),
+                             bi_data.eq(vq.as_unsigned()),
                              bi_addr.eq(kv_vbase + lay(vrow_o + vj, kv_row[0:lgp] if P > 1 else 0)),
-                             kv_wr.eq(bi_ready & (kv_ph == 2))]
+                             kv_wr.eq(bi_ready)]
             with m.Elif(s_item):
                 m.d.comb += [bi_valid.eq(1), bi_addr.eq(kv_sbase + kv_sc),
                              bi_data.eq(Array(kv_dv[8 * k:8 * k + 8] for k in range(4))[kv_sc])]
@@ -983,6 +1000,7 @@ class SfuExec(wiring.Component):
                     m.next = "CONSTW"
             with m.State("CONSTW"):
                 m.d.comb += const_wait.eq(1)
+                tab_hit = tab_v & (tab_b == misc.b) & (tab_n == aux)
                 nw = Signal(34)
                 m.d.comb += nw.eq(Mux(is_rope, n * aux, Mux(is_copy, n * reps, n)))
                 # ATTN's final tree: hd even, so at least 2 elements per cycle
@@ -993,7 +1011,8 @@ class SfuExec(wiring.Component):
                 m.d.sync += [
                     a_bytes.eq(Mux(is_emb, nb * bs, nw << 2)),
                     b_bytes.eq(Mux(is_rope, aux << 2, n << 2)),
-                    use_b.eq(is_rms | is_silu | is_rope),
+                    use_b.eq(is_rms | is_silu | (is_rope & ~tab_hit)),
+                    rope_cached.eq(is_rope & tab_hit),
                     use_sfu.eq(is_attn),
                     from_attn.eq(is_attn), to_sbuf.eq(is_attn), from_rms.eq(is_rms),
                     from_rope.eq(is_rope | is_emb), from_silu.eq(is_silu),
@@ -1044,7 +1063,13 @@ class SfuExec(wiring.Component):
                             m.next = "SMF"
                         with m.Elif(is_kv):
                             m.next = "KV0"
+                    with m.Elif(is_rope & rope_cached):
+                        m.d.sync += [kb.eq(0), ridx.eq(0)]
+                        m.next = "ROPEF"
                     with m.Elif(is_rope):
+                        m.d.sync += [tab_v.eq(0), tab_dirty.eq(0), tab_b.eq(misc.b),
+                                     tab_n.eq(aux), tab_lo.eq(misc.b >> lgd),
+                                     tab_hi.eq((misc.b + (aux << 2) - 1) >> lgd)]
                         m.next = "TABLE"
                     with m.Elif(is_emb):
                         m.next = "EMB"
@@ -1062,7 +1087,7 @@ class SfuExec(wiring.Component):
                 with m.If(sb.avail):
                     m.d.sync += tcnt.eq(tcnt + 1)
                     with m.If(tcnt + 1 == aux):
-                        m.d.sync += [kb.eq(0), ridx.eq(0)]
+                        m.d.sync += [kb.eq(0), ridx.eq(0), tab_v.eq(~tab_dirty & ~tab_snoop)]
                         m.next = "ROPEF"
             with m.State("ROPEF"):
                 # L elements per beat over the whole stream (a beat may hold pairs of two rows)
@@ -1305,12 +1330,12 @@ class SfuExec(wiring.Component):
                             m.next = "DRAIN"
                 # ---- KVROW: the region's addresses; K row -> quantizer -> K bytes (the K
                 # emitter above); V row max|v|; d = amax/127 and 127*recip(amax) (SFU); V again:
-                # q bytes with their blocks' d = 1.0; the scale's 4 bytes; flush
+                # a q byte per dim (MV_BT takes the blocks' d as 1.0); the scale's 4 bytes; flush
                 with m.State("KV0"):
                     m.d.sync += [kv_nt.eq((self.context + 31) >> 5), kv_ktile.eq(ktile_e),
                                  kv_vtile.eq(vtile_e), kv_rb.eq(kv_nb * 34), kq_bj.eq(0),
                                  kq_blk.eq(0), kq_done.eq(0), kv_amax.eq(0), kv_row.eq(0),
-                                 kv_ph.eq(0), kv_sc.eq(0), fcnt.eq(0), use_sfu.eq(0)]
+                                 kv_sc.eq(0), fcnt.eq(0), use_sfu.eq(0)]
                     m.next = "KV1"
                 with m.State("KV1"):
                     m.d.sync += [kv_t1.eq(kv_ti * kv_ktile), kv_t2.eq(kv_nt * kv_ktile),
@@ -1381,11 +1406,9 @@ class SfuExec(wiring.Component):
                     # the K row's bytes may still be going out (the byte port is the K
                     # emitter's until kq_done: write back-pressure): they are not V items
                     with m.If(kq_done & bi_valid & bi_ready):
-                        m.d.sync += kv_ph.eq(kv_ph + 1)
-                        with m.If(kv_ph == 2):
-                            m.d.sync += [kv_ph.eq(0), kv_row.eq(kv_row + 1)]
-                            with m.If(kv_row + 1 == n):
-                                m.next = "KVS"
+                        m.d.sync += kv_row.eq(kv_row + 1)
+                        with m.If(kv_row + 1 == n):
+                            m.next = "KVS"
                 with m.State("KVS"):
                     m.d.comb += s_item.eq(1)
                     with m.If(bi_ready):
@@ -1401,4 +1424,7 @@ class SfuExec(wiring.Component):
                 with m.If(w_done):
                     m.d.sync += done_r.eq(1)
                     m.next = "IDLE"
+        # a write to a line of the cached ROPE table invalidates it (after the sequencer: wins)
+        with m.If(tab_snoop):
+            m.d.sync += [tab_v.eq(0), tab_dirty.eq(1)]
         return m

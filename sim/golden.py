@@ -412,8 +412,8 @@ class Golden:
                 self.f32(f["dst"], rows)[:] = 0.0
                 return
             span = self.mv_span(f["func"], rows, cols)
-            raw = isa.untile_rows(self.mem[f["wb"]:f["wb"] + span], f["func"], rows, cols,
-                                  self.slices, self.stripe)
+            raw = isa.operand_rows(self.mem[f["wb"]:f["wb"] + span], f["func"], rows, cols,
+                                   self.slices, self.stripe)
             W = _unpack_weights(fmt, sp, raw, rows, nb)
             for t in range(f["ntok"] if op == "MM" else 1):
                 self._mv(W, f["qsrc"] + t * nb * QBLOCK_BYTES, f["dst"] + t * rows * 4, cols)
@@ -514,7 +514,8 @@ class Golden:
     def _kvrow(self, f, regs):
         """KVROW (docs/isa.md, "Attention on the chains"): the current K row (Q8_0 blocks) into
         row S % 32 of K tile S // 32, the current V row (int8, one scale) into column S % 32
-        of V tile S // 32 and its scale into the scale array, S = R[reg] + aux."""
+        of V tile S // 32 (its q byte only: MV_BT takes the blocks' d as 1.0) and its scale into
+        the scale array, S = R[reg] + aux."""
         hd = f["n"]
         S = regs[f["reg"]] + f["aux"]
         kv = isa.kv_region(hd, self.kv_context, self.slices, self.stripe)
@@ -530,7 +531,6 @@ class Golden:
         vq, vd = N.quantize_row(v)
         vt = base + kv["v"] + ti * kv["v_tile"]
         off = isa.row_address(np.arange(hd), 34, self.slices, self.stripe)   # [hd, 34]
-        self.mem[vt + off[:, 0:2]] = N.F16_ONE_BYTES
         self.mem[vt + off[:, 2 + r]] = vq.view(np.uint8)
         self.f32(base + kv["scale"] + 4 * S, 1)[0] = vd
 

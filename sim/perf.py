@@ -80,8 +80,10 @@ class UnitCosts:
     #: RMSNORM: pass 1 ceil(n/32)*32/L beats (whole 32-element reduce chunks), the
     #: rsqrt on the SFU, pass 2 ceil(n/L) beats. tiny fit: 576 -> 416 gives 128.
     rmsnorm_fixed: float = 128
-    #: ROPE: the cos/sin table one entry per cycle (TABLE: hd cycles), then n*hd/L beats
-    #: (ROPEF: L elements = L/2 pairs per cycle). tiny fit: 3 x 64 -> 129 gives 17.
+    #: ROPE: the cos/sin table one entry per cycle (TABLE: hd cycles; none when SfuExec
+    #: still holds it: the same b and hd as the last ROPE's, no line of it written since),
+    #: then n*hd/L beats (ROPEF: L elements = L/2 pairs per cycle). tiny fit: 3 x 64 -> 129
+    #: gives 17.
     rope_fixed: float = 17
     #: SILU_MUL: ``silu_lanes`` elements of a and b per beat through SfuExec's SiLU-multiply
     #: lanes (``SfuExec.default_silu_lanes``: 2), then the pipeline's latency. tiny fit:
@@ -117,10 +119,11 @@ class UnitCosts:
     #: L = 8, alone): fixed + per_element * n / L.
     chains_softmax_fixed: float = 113
     chains_softmax_per_element: float = 2.91
-    #: KVROW: K through the quantizer, amax/recip of V, then the d field and q byte of
-    #: each V dim one byte a cycle (3 cycles per dim): 321 cycles at hd = 64.
-    kvrow_fixed: float = 129
-    kvrow_per_dim: float = 3
+    #: KVROW: K through the quantizer, amax/recip of V, then each V dim's q byte, a byte a
+    #: cycle (and the blocks' d fields, 3 cycles per dim, until MV_BT took them as 1.0):
+    #: 184 cycles at hd = 64 (321 with the d fields, 129 + 3 x 64).
+    kvrow_fixed: float = 120
+    kvrow_per_dim: float = 1
 
     # ---- MiscExec (hw/execute.py): COPY/ADD/MUL at line_bytes/4 lanes, one line per cycle
     #: per instruction (commands, the 3-cycle float pipe, realign, the last write): tiny fit,
@@ -293,8 +296,10 @@ def attn_schedule(nh: int, score: float, av: float, feed: float, softmax: float)
     return t + 1
 
 
-def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lanes=None) -> float:
-    """Compute-queue cycles of one MISC instruction (fields ``f``) on its RTL unit."""
+def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lanes=None,
+                rope_cached: bool = False) -> float:
+    """Compute-queue cycles of one MISC instruction (fields ``f``) on its RTL unit
+    (``rope_cached``: a ROPE whose table SfuExec still holds, hw/sfu_exec.py)."""
     L = lanes or sfu_lanes(config)
     D = line_bytes(config)
     n = f["n"]
@@ -315,7 +320,7 @@ def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lane
         return c.rmsnorm_fixed + _ceil(n, 32) * (32 // L) + _ceil(n, L)
     if name == "ROPE":                                  # n heads of aux elements
         hd = f["aux"]
-        return c.rope_fixed + hd + _ceil(n * hd, L)
+        return c.rope_fixed + (0 if rope_cached else hd) + _ceil(n * hd, L)
     if name == "SILU_MUL":
         from llmfab.hw.sfu_exec import SfuExec
         return c.silu_fixed + _ceil(n, SfuExec.default_silu_lanes(L))
@@ -331,7 +336,7 @@ def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lane
     # attention on the chains (docs/isa.md): SfuExec(chains=True) measured alone on the ci
     # geometry (tests/rtl/test_sfu_exec_chains.py::test_sfu_exec_chains_cycles): SOFTMAX
     # n = 100 -> 149, n = 400 -> 258 (VecSoftmax's three passes of L = 8 elements per
-    # cycle); KVROW hd = 64 -> 321 (K through the quantizer, then three bytes per V dim)
+    # cycle); KVROW hd = 64 -> 184 (K through the quantizer, then a byte per V dim)
     if name == "SOFTMAX":
         return c.chains_softmax_fixed + c.chains_softmax_per_element * n / L
     if name == "KVROW":
@@ -511,6 +516,14 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     wbase = int(bundle.manifest["onchip"]["weight"][0])
     act_vec = None              # MvExec's activation cache: (qsrc, cols, ntok) it holds ...
     act_lines = (0, 0)          # ... and the on-chip lines [first, end) those vectors occupy
+    rope_tab = None             # SfuExec's ROPE table: (b, hd, first line, last line) it holds
+
+    def tab_kept(tab, start, nbytes):
+        """The ROPE table ``tab`` after a write of ``nbytes`` at on-chip ``start`` (None:
+        a line of it was written, as SfuExec's snoop sees)."""
+        if tab is None or nbytes <= 0 or start // D > tab[3] or (start + nbytes - 1) // D < tab[2]:
+            return tab
+        return None
     # the execution unit (hw/exec_unit.py): an MV/MM and a MISC run side by side when their
     # on-chip ranges are disjoint (docs/isa.md, "Overlap"); each unit takes its class's next
     # instruction once it finishes, dones (and the releases on them) in program order
@@ -643,6 +656,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                     wbytes += n
                 elif f["hreg"] == isa.REG_KVBASE:
                     kvbytes += n
+                rope_tab = tab_kept(rope_tab, *onchip_ranges(ins, regs, **rng)[0])
                 # the fetch shares the ports: what it took beyond the ports' idle time
                 idle = max(0.0, start - ld_idle_from)
                 occ = (n / rate + c.ld_fixed if n else 1) + max(0.0, fetch_debt - idle)
@@ -680,6 +694,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 act_vec = vec if nt <= DEFAULT_MAX_BLOCKS // nb else None
                 act_lines = (f["qsrc"] // D, _ceil(f["qsrc"] + nt * nb * QBLOCK_BYTES, D))
                 macs += f["rows"] * f["cols"] * nt
+                rope_tab = tab_kept(rope_tab, f["dst"], nt * f["rows"] * 4)
                 if f["dst"] >= wbase:           # results into the banked region
                     cyc = bank_wait(ix, start, cyc)
                     if exec_first:
@@ -691,15 +706,22 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                     kv_region = isa.kv_region(f["n"], rng["kv_context"], rng["slices"], rng["stripe"])
                 w = isa.misc_write_bytes(f, regs, kv_region)
                 f = dict(f, n=isa.misc_len(f, regs))
-                cyc = misc_cycles(name, f, regs, config, c, lanes=L)
+                cached = False
+                if name == "ROPE":          # SfuExec reads the table unless it still holds it
+                    cached = rope_tab is not None and rope_tab[:2] == (f["b"], f["aux"])
+                    rope_tab = (f["b"], f["aux"], f["b"] // D, (f["b"] + 4 * f["aux"] - 1) // D)
+                cyc = misc_cycles(name, f, regs, config, c, lanes=L, rope_cached=cached)
+                rope_tab = tab_kept(rope_tab, f["dst"], w)
                 if w and f["dst"] >= wbase:     # its writes wait for the loads'
-                    # KVROW writes one byte a cycle (its K row's blocks, three per V dim, the
-                    # scale) after reading and quantizing the K row; the others throughout
-                    nbytes = f["n"] // 32 * BLOCK_BYTES["q8_0"] + 3 * f["n"] + 4
+                    # KVROW writes one byte a cycle (its K row's blocks, a q byte per V dim
+                    # (c.kvrow_per_dim cycles), the scale) after reading and quantizing the
+                    # K row; the others throughout
+                    nbytes = (f["n"] // 32 * BLOCK_BYTES["q8_0"] + int(c.kvrow_per_dim) * f["n"]
+                              + 4)
                     cyc = bank_wait(ix, start, cyc, nbytes if name == "KVROW" else None)
                     if exec_first:
-                        # the lines it writes there: KVROW's K row, a line per V dim (its byte
-                        # and d), the scale; the others their result's lines
+                        # the lines it writes there: KVROW's K row, a line per V dim (its q
+                        # byte), the scale; the others their result's lines
                         bank_debt += (_ceil(f["n"] // 32 * BLOCK_BYTES["q8_0"], D) + f["n"] + 1
                                       if name == "KVROW" else _ceil(w, D))
                 # MvExec's cache stays valid unless the write touches a line of its vectors

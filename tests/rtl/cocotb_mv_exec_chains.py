@@ -2,8 +2,8 @@
 MV words with register-extended shapes (``rows + R[rreg]``, ``cols + R[creg]``: the
 execution unit's ``rval`` and ``rval2`` beside the word) over the tiled layouts (MV_RT row
 tiles, the K cache; MV_BT block tiles, the transposed V cache), results compared bit for bit
-with ``sim.numerics_model.matvec`` on ``compiler.isa.untile_rows`` of the on-chip image (the
-golden model's MV). The memory model and helpers are tests/rtl/cocotb_mv_exec.py's (same
+with ``sim.numerics_model.matvec`` on ``compiler.isa.operand_rows`` of the on-chip image (the
+golden model's MV: block tiles' d as 1.0). The memory model and helpers are tests/rtl/cocotb_mv_exec.py's (same
 environment variables); MV_REPORT names the file the cycle figures go to.
 """
 
@@ -73,7 +73,8 @@ def place(rng, mm, func, rows, cols, ntok=0, aligned=True):
     img = tiled_image(rng, func, rows, cols)
     wb = W0 + (0 if aligned or NP > 1 else int(rng.integers(0, 64)))
     mm.mem[wb:wb + img.size] = img
-    raw = isa.untile_rows(mm.mem[wb:wb + img.size], func, rows, cols, NP, SB)
+    # as the MV reads it: block tiles' random d bytes count as 1.0 (isa.operand_rows)
+    raw = isa.operand_rows(mm.mem[wb:wb + img.size], func, rows, cols, NP, SB)
     W = _unpack_weights(fmt, sp, np.ascontiguousarray(raw).reshape(-1), rows, nb)
     qsrc = A0 + (0 if aligned else int(rng.integers(0, 64)))
     dst = R0 + (0 if aligned else int(rng.integers(0, 64)))

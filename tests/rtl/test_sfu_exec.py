@@ -321,3 +321,69 @@ def test_sfu_exec_cycles(tiny, acc, capsys):
         print("\nSfuExec cycles per op (tiny, D=16; busy_cmp):")
         for name, n, aux, cyc in rows:
             print(f"  {name:9s} n={n:5d} aux={aux:3d}: {cyc} cycles")
+
+
+def test_sfu_exec_rope_table_cache(tiny, acc):
+    """SfuExec keeps the last ROPE table: a ROPE with the same ``b`` and head dim skips
+    reading it (``hd`` cycles less), and re-reads it after a write to one of its lines by
+    the execution unit (an ADD over it) or the load engine (an LD over it), or for another
+    head dim. Every result bit for bit the golden model's (which reads the table each time)."""
+    config, bundle = tiny
+    man = bundle.manifest
+    L = Layout(man)
+    kv0 = int(man["memory_map"]["kv"][0])
+    rng = np.random.default_rng(31)
+    hd = 64
+    img = floats(rng, L.chip // 4, 110, 135).view(np.uint8).copy()
+    b, b2 = L.z, L.z + 1024                       # the table, and a second one to load over it
+    for at in (b, b2):
+        ang = rng.random(hd // 2) * 100
+        put_f32(img, at, np.concatenate([np.cos(ang), np.sin(ang)]).astype(np.float32))
+    consts = np.zeros(16, np.float32)
+    consts[:3] = [1e-5, 0.125, 1.0 / 576]
+    img[L.gb:L.gb + 64] = consts.view(np.uint8)
+    a = 0
+    d = 2 * L.z
+
+    def rope(k, n=2, aux=hd, **hdr):
+        return _w("MISC", func=F["ROPE"], dst=d + k * 4096, a=a + k * 1024, b=b, n=n, aux=aux, **hdr)
+
+    def program(middle):
+        return ([_w("LD", buf=0, hreg=isa.REG_KVBASE, len=L.chip, rel_next=1)] + middle
+                + [_w("ST", wait_prev=1, buf=0, hreg=isa.REG_KVBASE, len=L.chip),
+                   _w("SYS", func=isa.SYS_END)])
+
+    programs = {
+        "one": program([rope(0, wait_prev=1, rel_next=1)]),
+        "two": program([rope(0, wait_prev=1), rope(1, rel_next=1)]),
+        # the execution unit writes the table's first line: the third ROPE reads it again
+        "add": program([rope(0, wait_prev=1), rope(1),
+                        _w("MISC", func=F["ADD"], dst=b, a=b, b=b + 4, n=4), rope(2, rel_next=1)]),
+        # the load engine writes the second table over it (after the first two ROPEs)
+        "ld": program([rope(0, wait_prev=1), rope(1, rel_prev=1),
+                       _w("LD", wait_next=1, buf=b, hreg=isa.REG_KVBASE, hoff=b2 // 32, len=4 * hd,
+                          rel_next=1),
+                       rope(2, wait_prev=1, rel_next=1)]),
+        # another head dim over the same b
+        "hd": program([rope(0, wait_prev=1), rope(1, aux=32, n=4), rope(2, rel_next=1)]),
+        "hd2": program([rope(0, wait_prev=1), rope(1, aux=32, n=4, rel_next=1)]),
+    }
+    busy = {}
+    for name, words in programs.items():
+        g = Golden(with_program(bundle, words), fast=False)
+        assert g.check(1, 2) is None, name
+        g.hbm[kv0:kv0 + img.size] = img
+        assert g.run(1, 2).status == 0
+        acc.reload_hbm()
+        acc.write_hbm(kv0, img)
+        acc.load_program(isa.to_bytes(words))
+        r = acc.run(1, 2, timeout_cycles=WATCHDOG)
+        assert not r.timed_out and r.status == 0, (name, r.status, r.pc)
+        got = acc.read_hbm(kv0, L.chip)
+        assert np.array_equal(g.hbm[kv0:kv0 + L.chip], got), name
+        busy[name] = r.counters["busy_cmp"]
+    one = busy["one"]
+    assert busy["two"] - one < one - hd // 2          # the second ROPE without the table
+    assert busy["add"] - busy["two"] >= one - 4        # the third reads it again (+ the ADD)
+    assert busy["ld"] - busy["two"] >= one - 4
+    assert busy["hd"] - busy["hd2"] >= one - 4

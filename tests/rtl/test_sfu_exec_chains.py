@@ -274,7 +274,9 @@ def test_sfu_exec_kvrow_u280_geometry():
 
 def test_sfu_exec_chains_cycles(capsys):
     """Cycles (accepting edge to done, SfuExec alone, no back-pressure) of SOFTMAX n = 100 /
-    400 and KVROW hd 64 (ci geometry); bit-exact too."""
+    400 and KVROW hd 64 (ci geometry); bit-exact too. KVROW writes a V dim's q byte a cycle
+    and no block's d, at a block's first position (S % 32 == 0) as at any other: the model's
+    ``kvrow_fixed + kvrow_per_dim * hd``."""
     from llmfab.hw.sfu_exec import SfuExec
     rng = np.random.default_rng(8)
     p = _Prog(rng, 1, 64)
@@ -283,6 +285,7 @@ def test_sfu_exec_chains_cycles(capsys):
     base = p.alloc(isa.kv_region(64, CTX)["size"], unal=False)
     _kvrow(p, 64, 40, base)
     _kvrow(p, 64, 41, base)
+    _kvrow(p, 64, 64, base)
     dut = SfuExec(addr_bits=17, line_bytes=64, gb_base=GB, max_len=CTX, max_hd=64, chains=True)
     start = p.mem.copy()
     gold = p.golden(start)
@@ -293,6 +296,8 @@ def test_sfu_exec_chains_cycles(capsys):
         print("\nSfuExec chains cycles (ci geometry, alone):")
         for (_, _, what), c in zip(p.ops, cycles):
             print(f"  {what}: {c}")
+    from llmfab.sim.perf import COSTS
+    assert cycles[-3:] == [COSTS.kvrow_fixed + COSTS.kvrow_per_dim * 64] * 3
 
 
 def test_misc_exec_mul_register_length():
