@@ -20,7 +20,10 @@ every compiled shape):
    (the ``snoop`` input: the load engine's writes and the execution unit's own)
    touches one of its lines, or a load of one pass of several replaces it -- so
    consecutive weight tiles of one matrix (the compiler splits matrices into
-   tiles of whole rows) load the vector, or a prefill MM's tokens, once.
+   tiles of whole rows) load the vector, or a prefill MM's tokens, once. With
+   ``chains`` the cache has two entries, each half the buffers (vectors that fit half;
+   the least recently used entry is replaced, larger vectors take the whole buffers and
+   both entries), so an attention MV between two weight tiles does not evict them.
 2. **Row pipelines.** ``count * chain_length / 32`` (the configuration's ``chain.count``
    chains, each cut by its break points into ``chain_length / 32`` block lanes) copies of
    line reader -> :class:`~llmfab.hw.decoder.Decoder` (one block
@@ -319,7 +322,9 @@ class MvSlice(wiring.Component):
             "o_drop": Out(1).array(n),
             "done": Out(1),
             # attention on the chains (MvExec's ``chains``): the tiled layouts
-            **({"rt": In(1), "bt": In(1), "tstep": In(24)} if chains else {}),
+            **({"rt": In(1), "bt": In(1), "tstep": In(24),
+                # the activation cache's entry the pass reads (MvExec: two entries with chains)
+                "qoff": In(range(max_blocks)), "doff": In(range(self._DD))} if chains else {}),
         })
 
     def _chains_commands(self, m, ls, l, cmds, resets):
@@ -526,7 +531,8 @@ class MvSlice(wiring.Component):
                 qbase_n = Mux(a_tok_end, qbase + (nb << lgk), qbase)
                 m.d.comb += [chain.acts.valid.eq(computing & (atok < g_round) & (arow < rows)),
                              chain.acts.payload.eq(qr.data),
-                             qr.addr.eq(Mux(a_take, qbase_n + bi_n, qbase + bi))]
+                             qr.addr.eq(Mux(a_take, qbase_n + bi_n, qbase + bi)
+                                        + (self.qoff if self._chains else 0))]
                 with m.If(a_take):
                     m.d.sync += [bi.eq(bi_n), qbase.eq(qbase_n),
                                  arow.eq(Mux(a_tok_end, l, Mux(a_row_end, arow + L, arow))),
@@ -550,7 +556,8 @@ class MvSlice(wiring.Component):
                 r_word = Signal(max(lgcw, 1), name=f"{p}_rword")
                 m.d.comb += [r_blk.eq(Mux(r_take, rb_n, rb)),
                              r_ent.eq(Mux(r_take, dbase_n, dbase) + (r_blk >> lgcw)),
-                             dr.addr.eq(r_ent), sr.addr.eq(r_ent)]
+                             dr.addr.eq(r_ent + (self.doff if self._chains else 0)),
+                             sr.addr.eq(r_ent + (self.doff if self._chains else 0))]
                 if lgcw:
                     m.d.sync += r_word.eq(r_blk[0:lgcw])
                 d_x = dr.data.word_select(r_word, 32) if lgcw else dr.data
@@ -738,6 +745,7 @@ class MvExec(wiring.Component):
         qpc = 32 // CB                            # chunks per q block
         # d / sumq entries: each token's start on an entry, so up to one more per token
         DEPTH_D = -(-NB // cw) + 256
+        DD_HALF = DEPTH_D // 2                     # d / sumq entries of a cache entry's half
         qw_addr = Signal(range(NB))
         qw_data = Signal(256)
         qw_en = Signal(8)
@@ -796,26 +804,55 @@ class MvExec(wiring.Component):
         m.d.comb += nd.eq(((nb << 2) + CB - 1) >> lgc)
 
         # ---- activation cache: the last vectors loaded in one pass (an MV's vector, or all of
-        # an MM's tokens) stay valid until a line of them is written
-        c_valid = Signal()
-        c_qsrc = Signal(24)
-        c_nb = Signal(11)
-        c_ntok = Signal(8)
-        c_lo = Signal(ab)
-        c_hi = Signal(ab)
+        # an MM's tokens) stay valid until a line of them is written. With ``chains`` two
+        # entries, each half of the buffers (vectors that fit half: an attention MV between two
+        # weight tiles then does not evict the tiles' vector), replaced least recently used;
+        # vectors larger than half take entry 0 from offset 0 and evict both
+        W = 2 if chains else 1
+        c_valid = [Signal(name=f"c_valid{e}") for e in range(W)]
+        c_qsrc = [Signal(24, name=f"c_qsrc{e}") for e in range(W)]
+        c_nb = [Signal(11, name=f"c_nb{e}") for e in range(W)]
+        c_ntok = [Signal(8, name=f"c_ntok{e}") for e in range(W)]
+        c_lo = [Signal(ab, name=f"c_lo{e}") for e in range(W)]
+        c_hi = [Signal(ab, name=f"c_hi{e}") for e in range(W)]
+        c_big = Signal()                           # entry 0 holds vectors larger than half
+        c_lru = Signal()                           # the entry to replace next
+        use_e = Signal()                           # the entry this instruction's pass uses
+        half_ok = Signal()                         # the instruction's vectors fit half
         c_set = Signal()                           # (comb) a whole-instruction load starts now
         c_clear = Signal()                         # (comb) a load of one pass of several starts now
         vbytes = Signal(26)                        # the instruction's vectors: ntok * nb * 40
         q_end = Signal(24)
         m.d.comb += q_end.eq(mv.qsrc + vbytes - 1)
-        hit = Cat(s.valid & (s.addr >= c_lo) & (s.addr <= c_hi) for s in self.snoop).any()
-        with m.If(c_set):
-            m.d.sync += [c_valid.eq(1), c_qsrc.eq(mv.qsrc), c_nb.eq(nb), c_ntok.eq(ntok_eff),
-                         c_lo.eq(mv.qsrc >> lgd), c_hi.eq(q_end >> lgd)]
-        with m.If(c_clear | hit):
-            m.d.sync += c_valid.eq(0)
+        hits, matches = [], []
+        for e in range(W):
+            hit_e = Cat(s.valid & (s.addr >= c_lo[e]) & (s.addr <= c_hi[e]) for s in self.snoop).any()
+            match_e = Signal(name=f"c_match{e}")
+            m.d.comb += match_e.eq(c_valid[e] & (c_qsrc[e] == mv.qsrc) & (c_nb[e] == nb)
+                                   & (c_ntok[e] == ntok_eff))
+            hits.append(hit_e)
+            matches.append(match_e)
         cached = Signal()
-        m.d.comb += cached.eq(c_valid & (c_qsrc == mv.qsrc) & (c_nb == nb) & (c_ntok == ntok_eff))
+        m.d.comb += cached.eq(Cat(*matches).any())
+        # the entry a whole-instruction load goes to: the least recently used one if the vectors
+        # fit half, else entry 0 (the whole buffers)
+        victim = Signal()
+        m.d.comb += victim.eq(half_ok & c_lru if W > 1 else 0)
+        with m.If(c_set):
+            for e in range(W):
+                with m.If(victim == e):
+                    m.d.sync += [c_valid[e].eq(1), c_qsrc[e].eq(mv.qsrc), c_nb[e].eq(nb),
+                                 c_ntok[e].eq(ntok_eff), c_lo[e].eq(mv.qsrc >> lgd),
+                                 c_hi[e].eq(q_end >> lgd)]
+            if W > 1:
+                m.d.sync += [c_big.eq(~half_ok), c_lru.eq(~victim)]
+                with m.If(~half_ok):                # the whole buffers: entry 1 is overwritten
+                    m.d.sync += c_valid[1].eq(0)
+                with m.If(victim & c_big):          # half 1 over a larger entry 0
+                    m.d.sync += c_valid[0].eq(0)
+        for e in range(W):
+            with m.If(c_clear | hits[e]):
+                m.d.sync += c_valid[e].eq(0)
 
         # ---- activation load: per token q, d, sumq, each realigned to offset 0 -> CB-byte chunks
         region = Signal(2)                         # 0 q, 1 d, 2 sumq
@@ -916,7 +953,8 @@ class MvExec(wiring.Component):
                          sl.dw_addr.eq(dw_addr), sl.dw_data.eq(dw_data), sl.dw_en.eq(dw_en),
                          sl.sw_en.eq(sw_en)]
             if chains:
-                m.d.comb += [sl.rt.eq(rt), sl.bt.eq(bt), sl.tstep.eq(tstep)]
+                m.d.comb += [sl.rt.eq(rt), sl.bt.eq(bt), sl.tstep.eq(tstep),
+                             sl.qoff.eq(Mux(use_e, NB // 2, 0)), sl.doff.eq(Mux(use_e, DD_HALF, 0))]
             for port in range(2 * bank_halves(S)):
                 wiring.connect(m, wiring.flipped(self.bank[sp][port]), sl.bank[port])
         # the lanes' rows in pipeline order (lane k of pipeline l is output l * K + k)
@@ -995,6 +1033,8 @@ class MvExec(wiring.Component):
                 m.next = "SETUP2"
             with m.State("SETUP2"):
                 m.d.sync += [rstep.eq(rbytes * Ls), vbytes.eq(abytes * ntok_eff)]
+                if W > 1:
+                    m.d.sync += half_ok.eq((nb * ntok_eff <= NB // 2) & (nd * ntok_eff <= DD_HALF))
                 if chains:
                     # a block tile's span in a bank (its stream in whole bank lines), or a row
                     # tile's pad: its 32 / P rows' stream rounded up to whole bank lines
@@ -1017,12 +1057,19 @@ class MvExec(wiring.Component):
             with m.State("PLAN2"):
                 whole = (t0 == 0) & (g == ntok_eff)  # one pass loads every vector
                 with m.If(whole & cached):
+                    if W > 1:                          # the entry that holds them
+                        m.d.sync += [use_e.eq(matches[1]), c_lru.eq(~matches[1])]
                     m.next = "SETTLE"                  # the vectors are still in the buffers
                 with m.Else():
                     with m.If(whole):
                         m.d.comb += c_set.eq(1)
+                        if W > 1:                      # into the entry replaced
+                            m.d.sync += [use_e.eq(victim), qbase_w.eq(Mux(victim, NB // 2, 0)),
+                                         dbase_w.eq(Mux(victim, DD_HALF, 0))]
                     with m.Else():
                         m.d.comb += c_clear.eq(1)
+                        if W > 1:
+                            m.d.sync += use_e.eq(0)
                     m.next = "LOAD"
             with m.State("LOAD"):
                 m.d.comb += [loading.eq(1), a_issue.eq(1), pass_active.eq(1)]

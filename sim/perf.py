@@ -401,6 +401,56 @@ _REL = {
     ("cmp", "rel_next"): "cmp2st", ("st", "rel_prev"): "st2cmp"}
 
 
+class ActCache:
+    """MvExec's activation cache (hw/mv_exec.py): the vectors of the last instructions whose
+    vectors it loaded in one pass, until a line of them is written. ``ways`` 1: one entry;
+    2 (attention on the chains): two, each half the buffers, the least recently used one
+    replaced; vectors larger than half take the whole buffers (both entries go)."""
+
+    def __init__(self, ways: int, max_blocks: int, line: int):
+        self.ways, self.max_blocks, self.line = ways, max_blocks, line
+        cw = min(line, 32) // 4                          # d / sumq words per entry
+        self.dd_half = (-(-max_blocks // cw) + 256) // 2
+        self.cw = cw
+        self.slots = [None] * ways                       # ((qsrc, cols, ntok), (line, end))
+        self.lru = 0
+        self.big = False                                 # entry 0 holds more than half
+
+    def use(self, qsrc: int, cols: int, ntok: int) -> bool:
+        """An MV/MM of ``ntok`` vectors of ``cols`` at ``qsrc``: whether they are cached (no
+        load); the cache after it."""
+        vec = (qsrc, cols, ntok)
+        for e, s in enumerate(self.slots):
+            if s is not None and s[0] == vec:
+                self.lru = 1 - e if self.ways > 1 else 0
+                return True
+        nb = max(cols // 32, 1)
+        if ntok > self.max_blocks // nb:                 # several passes: nothing stays
+            self.slots = [None] * self.ways
+            return False
+        lines = (qsrc // self.line, _ceil(qsrc + ntok * nb * QBLOCK_BYTES, self.line))
+        half = (self.ways > 1 and nb * ntok <= self.max_blocks // 2
+                and _ceil(nb, self.cw) * ntok <= self.dd_half)
+        victim = self.lru if half else 0
+        if self.ways > 1:
+            if not half:
+                self.slots[1] = None
+            if victim == 1 and self.big:
+                self.slots[0] = None
+            self.big, self.lru = not half, 1 - victim
+        self.slots[victim] = (vec, lines)
+        return False
+
+    def written(self, start: int, nbytes: int):
+        """A write of ``nbytes`` at on-chip ``start``: the entries it touches go."""
+        if not nbytes:
+            return
+        lo, hi = start // self.line, _ceil(start + nbytes, self.line)
+        for e, s in enumerate(self.slots):
+            if s is not None and lo < s[1][1] and hi > s[1][0]:
+                self.slots[e] = None
+
+
 def _program(bundle, program):
     if program in (None, "decode", 1):
         return bundle.program, 1
@@ -514,8 +564,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     # the banked buffer the MV/MM unit reads (the weight buffer; with attention on the chains
     # from the KV buffer on, docs/isa.md): its loads take the per-port path
     wbase = int(bundle.manifest["onchip"]["weight"][0])
-    act_vec = None              # MvExec's activation cache: (qsrc, cols, ntok) it holds ...
-    act_lines = (0, 0)          # ... and the on-chip lines [first, end) those vectors occupy
+    # MvExec's activation cache: two entries with attention on the chains, else one
+    act = ActCache(2 if config.attention == "chains" else 1, DEFAULT_MAX_BLOCKS, D)
     rope_tab = None             # SfuExec's ROPE table: (b, hd, first line, last line) it holds
 
     def tab_kept(tab, start, nbytes):
@@ -687,12 +737,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 nt = max(f.get("ntok", 1), 1) if ins.op == "MM" else 1
                 rows, cols = isa.mv_shape(f, regs)
                 f = dict(f, rows=rows, cols=cols)
-                vec = (f["qsrc"], f["cols"], nt)
-                cyc = mv_cycles(f, nt, config, c, act_cached=(vec == act_vec))
-                # MvExec keeps vectors it loaded in one pass (every token of the instruction)
-                nb = max(f["cols"] // 32, 1)
-                act_vec = vec if nt <= DEFAULT_MAX_BLOCKS // nb else None
-                act_lines = (f["qsrc"] // D, _ceil(f["qsrc"] + nt * nb * QBLOCK_BYTES, D))
+                cyc = mv_cycles(f, nt, config, c, act_cached=act.use(f["qsrc"], f["cols"], nt))
                 macs += f["rows"] * f["cols"] * nt
                 rope_tab = tab_kept(rope_tab, f["dst"], nt * f["rows"] * 4)
                 if f["dst"] >= wbase:           # results into the banked region
@@ -725,8 +770,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                         bank_debt += (_ceil(f["n"] // 32 * BLOCK_BYTES["q8_0"], D) + f["n"] + 1
                                       if name == "KVROW" else _ceil(w, D))
                 # MvExec's cache stays valid unless the write touches a line of its vectors
-                if w and f["dst"] // D < act_lines[1] and _ceil(f["dst"] + w, D) > act_lines[0]:
-                    act_vec = None
+                act.written(f["dst"], w)
                 busy["misc"] += cyc
                 misc_by_op[name] = misc_by_op.get(name, 0.0) + cyc
             cyc += c.exec_handoff

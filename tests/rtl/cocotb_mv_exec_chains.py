@@ -18,7 +18,7 @@ from llmfab.core import formats
 from llmfab.sim.golden import _unpack_weights
 from llmfab.sim.numerics_model import matvec
 
-from cocotb_mv_exec import A0, NP, R0, SB, W0, qvec, snoop, start, weights
+from cocotb_mv_exec import A0, D, NP, R0, SB, W0, qvec, snoop, start, weights
 
 Q8 = isa.mv_func("q8_0")
 WATCHDOG = 50_000
@@ -186,3 +186,63 @@ async def attention_cycles(dut):
     dut._log.info("attention MVs:\n%s", "\n".join(lines))
     with open(os.environ.get("MV_REPORT", "mv_chains.txt"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
+
+
+@cocotb.test()
+async def activation_cache_two_entries(dut):
+    """The chains build's two-entry activation cache: vectors that fit half the buffers stay
+    cached side by side (an attention MV between two weight tiles does not evict the tiles'
+    vector), the least recently used one is replaced, a write to a line of one reloads it,
+    and vectors larger than half take the whole buffers (both entries go). Every result bit
+    for bit; a hit skips the load."""
+    rng = np.random.default_rng(14)
+    mm = await start(dut, rng, stall=0.0)
+    half = int(os.environ.get("MV_NB", "64")) // 2
+    nb_small, nb_big, rows = 4, half + 4, 16
+    vecs = {}
+
+    def vector(name, nb, at):
+        b, act = qvec(rng, nb)
+        mm.mem[at:at + b.size] = b
+        vecs[name] = (at, nb, act, b.size)
+
+    vector("x", nb_small, A0)
+    vector("y", nb_small, A0 + 4096)
+    vector("z", nb_small, A0 + 8192)
+    vector("big", nb_big, A0 + 12288)
+    cyc = []
+
+    async def mv(name):
+        qsrc, nb, act, _ = vecs[name]
+        w = weights(rng, "q8_0", "dense", rows, nb * 32)
+        t = isa.slice_rows(w.reshape(rows, -1), NP, SB)
+        mm.mem[W0:W0 + t.size] = t
+        exp = np.asarray(matvec(_unpack_weights("q8_0", "dense", w, rows, nb), None, act=act),
+                         np.float32)
+        f = dict(func=Q8, wb=W0, rows=rows, cols=nb * 32, qsrc=qsrc, dst=R0)
+        c = await execute(dut, isa.encode(isa.make("MV", **f)))
+        got = mm.mem[R0:R0 + rows * 4].copy().view(np.uint32)
+        assert np.array_equal(got, exp.view(np.uint32)), f"MV {len(cyc)} ({name})"
+        cyc.append(c)
+
+    seq = ["x", "y", "x", "y", "z", "y", "x", "Y!", "y", "big", "big", "x", "y", "x"]
+    loads = [True, True, False, False, True, False, True, None, True, True, False, True, True,
+             False]
+    for name in seq:
+        if name == "Y!":             # a write to the last line of y's vector
+            qsrc, _, _, size = vecs["y"]
+            await snoop(dut, (qsrc + size - 1) // D)
+            continue
+        await mv(name)
+    loads = [ld for ld in loads if ld is not None]
+    names = [n for n in seq if n != "Y!"]
+    # every small MV takes the first one's cycles when it loads its vector, the third one's
+    # (a hit) when not: which MVs loaded is exactly the expected list
+    miss, hit = cyc[0], cyc[2]
+    assert hit < miss, cyc
+    for i, (c, ld, name) in enumerate(zip(cyc, loads, names)):
+        if name != "big":
+            assert c == (miss if ld else hit), (i, name, cyc, loads)
+    big = [c for c, name in zip(cyc, names) if name == "big"]
+    assert big[1] < big[0], cyc
+    dut._log.info(f"two-entry activation cache: cycles per MV {cyc} (loads {loads})")

@@ -34,8 +34,9 @@ def test_for_config_sets_chains():
 def test_mv_exec_chains_ci_cocotb():
     """Two slices (ci-chains: 2 ports x 256 bit, stripe 32, 64-byte lines, 4 chains x 32):
     K row tiles (rows 1 + 0, 1, 31, 32, 70, 200 of 64 columns), V block tiles (64 rows, cols
-    32 + 0, 32, 96, 224), random tiled/plain MVs in every mode and MMs, then the attention
-    MVs' cycles; the same build's plain random MV/MM (tests/rtl/cocotb_mv_exec.py)."""
+    32 + 0, 32, 96, 224), random tiled/plain MVs in every mode and MMs, the two-entry
+    activation cache, then the attention MVs' cycles; the same build's plain random MV/MM
+    (tests/rtl/cocotb_mv_exec.py)."""
     from llmfab.hw.mv_exec import MvExec
     from llmfab.hw.onchip import slice_geometry
     from llmfab.hw.top import geometry
@@ -46,7 +47,7 @@ def test_mv_exec_chains_ci_cocotb():
     unit = MvExec.for_config(config, max_blocks=64)(addr_bits=ab, line_bytes=D)
     assert unit._chains and unit.slices == 2
     env = {"MV_D": str(D), "MV_AB": str(ab), "MV_N": "24", "MV_L": str(unit.pipelines),
-           "MV_P": str(unit.slices), "MV_WB": str(g["weight_base"]),
+           "MV_P": str(unit.slices), "MV_WB": str(g["weight_base"]), "MV_NB": "64",
            "MV_BAB": str(slice_geometry(config)["bank_addr_bits"]), "MV_REPORT": "mv_chains.txt"}
     bdir = _run(unit, env)
     print((bdir / "mv_chains.txt").read_text())
@@ -63,7 +64,7 @@ def test_mv_exec_chains_one_slice_cocotb():
                   count=config.chain.count, tokens=config.chain.tokens, max_blocks=64,
                   slices=1, stripe=16, weight_base=wb, bank_addr_bits=bab, chains=True)
     env = {"MV_D": str(D), "MV_AB": str(ab), "MV_N": "24", "MV_L": str(unit.pipelines),
-           "MV_P": "1", "MV_S": "16", "MV_WB": str(wb), "MV_BAB": str(bab),
+           "MV_P": "1", "MV_S": "16", "MV_WB": str(wb), "MV_BAB": str(bab), "MV_NB": "64",
            "MV_REPORT": "mv_chains.txt"}
     bdir = _run(unit, env)
     print((bdir / "mv_chains.txt").read_text())
