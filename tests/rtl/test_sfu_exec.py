@@ -368,17 +368,10 @@ def test_sfu_exec_rope_table_cache(tiny, acc):
         "hd": program([rope(0, wait_prev=1), rope(1, aux=32, n=4), rope(2, rel_next=1)]),
         "hd2": program([rope(0, wait_prev=1), rope(1, aux=32, n=4, rel_next=1)]),
     }
+    from test_mv_exec import run_both
     busy = {}
     for name, words in programs.items():
-        g = Golden(with_program(bundle, words), fast=False)
-        assert g.check(1, 2) is None, name
-        g.hbm[kv0:kv0 + img.size] = img
-        assert g.run(1, 2).status == 0
-        acc.reload_hbm()
-        acc.write_hbm(kv0, img)
-        acc.load_program(isa.to_bytes(words))
-        r = acc.run(1, 2, timeout_cycles=WATCHDOG)
-        assert not r.timed_out and r.status == 0, (name, r.status, r.pc)
+        g, r = run_both(acc, bundle, words, img, kv0)
         got = acc.read_hbm(kv0, L.chip)
         assert np.array_equal(g.hbm[kv0:kv0 + L.chip], got), name
         busy[name] = r.counters["busy_cmp"]
