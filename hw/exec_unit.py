@@ -113,7 +113,10 @@ def default_units(config, *, sfu: bool = True) -> dict:
             sfu_kw.update(slices=config.slices, stripe=config.stripe_bytes)
     units = {"misc": lambda **kw: MiscExec(**misc_kw, **kw), "mv": MvExec.for_config(config)}
     if sfu:
-        gb = dict((r[0], r[1]) for r in region_map(config))["global"]
+        regions = dict((r[0], r[1]) for r in region_map(config))
+        gb = regions["global"]
+        if _takes(SfuExec, "cache_below"):   # the banked region (weights; with chains KV too)
+            sfu_kw["cache_below"] = regions["weight"]
         units["sfu"] = lambda **kw: SfuExec(gb_base=gb, **sfu_kw, **kw)
     return units
 

@@ -17,8 +17,10 @@ every compiled shape):
    cache:** an MV or MM whose vectors (``qsrc``, ``nb``, ``ntok``) are the ones
    the buffers already hold skips the load. The copy is valid from a load that
    took every vector of its instruction in one pass until any on-chip write
-   (the ``snoop`` input: the load engine's writes and the execution unit's own)
-   touches one of its lines, or a load of one pass of several replaces it -- so
+   (the ``snoop`` input: the load engine's line writes and the execution unit's own)
+   touches one of its lines, or a load of one pass of several replaces it (vectors in
+   the banked region, where the load engine's per-port writes do not show on ``snoop``,
+   are not kept) -- so
    consecutive weight tiles of one matrix (the compiler splits matrices into
    tiles of whole rows) load the vector, or a prefill MM's tokens, once. With
    ``chains`` the cache has two entries, each half the buffers (vectors that fit half;
@@ -1061,7 +1063,9 @@ class MvExec(wiring.Component):
                         m.d.sync += [use_e.eq(matches[1]), c_lru.eq(~matches[1])]
                     m.next = "SETTLE"                  # the vectors are still in the buffers
                 with m.Else():
-                    with m.If(whole):
+                    # vectors in the banked region are not kept: the load engine's per-port
+                    # writes into the banks do not show on snoop
+                    with m.If(whole & (q_end < self._wbase)):
                         m.d.comb += c_set.eq(1)
                         if W > 1:                      # into the entry replaced
                             m.d.sync += [use_e.eq(victim), qbase_w.eq(Mux(victim, NB // 2, 0)),

@@ -219,11 +219,16 @@ class SfuExec(wiring.Component):
         ``slices * stripe`` (the HBM line) is the on-chip line or a multiple of it (then a line
         holds the stripes of only some slices: KVROW's byte addresses do not depend on the
         line).
+    cache_below : int or None
+        The ROPE table is kept only when it ends at or below this on-chip byte (the banked
+        region's start, ``default_units``: the load engine's per-port writes into the banks
+        do not show on ``snoop``); None: anywhere.
     """
 
     def __init__(self, *, addr_bits: int, line_bytes: int, gb_base: int, max_len: int = 2048,
                  max_hd: int = 256, lanes: int | None = None, chains: bool = False,
-                 slices: int = 1, stripe: int = 64, silu_lanes: int | None = None):
+                 slices: int = 1, stripe: int = 64, silu_lanes: int | None = None,
+                 cache_below: int | None = None):
         if lanes is None:
             lanes = self.default_lanes(line_bytes)
         if silu_lanes is None:
@@ -240,6 +245,7 @@ class SfuExec(wiring.Component):
                              f"of two, slices <= 32, slices * stripe >= line_bytes ({line_bytes}) "
                              f"on several slices")
         self._chains = bool(chains)
+        self._cache_below = cache_below
         self._slices = slices
         self._stripe = stripe
         if lanes not in (2, 4, 8) or 4 * lanes > line_bytes or max_hd % lanes:
@@ -1001,6 +1007,10 @@ class SfuExec(wiring.Component):
             with m.State("CONSTW"):
                 m.d.comb += const_wait.eq(1)
                 tab_hit = tab_v & (tab_b == misc.b) & (tab_n == aux)
+                if self._cache_below is not None:
+                    # tables in the banked region are never kept: the load engine's per-port
+                    # writes there do not show on snoop
+                    tab_hit = tab_hit & (misc.b + (aux << 2) <= self._cache_below)
                 nw = Signal(34)
                 m.d.comb += nw.eq(Mux(is_rope, n * aux, Mux(is_copy, n * reps, n)))
                 # ATTN's final tree: hd even, so at least 2 elements per cycle

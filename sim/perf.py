@@ -405,10 +405,11 @@ class ActCache:
     """MvExec's activation cache (hw/mv_exec.py): the vectors of the last instructions whose
     vectors it loaded in one pass, until a line of them is written. ``ways`` 1: one entry;
     2 (attention on the chains): two, each half the buffers, the least recently used one
-    replaced; vectors larger than half take the whole buffers (both entries go)."""
+    replaced; vectors larger than half take the whole buffers (both entries go). Vectors
+    ending past ``below`` (the banked region) are never kept."""
 
-    def __init__(self, ways: int, max_blocks: int, line: int):
-        self.ways, self.max_blocks, self.line = ways, max_blocks, line
+    def __init__(self, ways: int, max_blocks: int, line: int, below: int | None = None):
+        self.ways, self.max_blocks, self.line, self.below = ways, max_blocks, line, below
         cw = min(line, 32) // 4                          # d / sumq words per entry
         self.dd_half = (-(-max_blocks // cw) + 256) // 2
         self.cw = cw
@@ -425,10 +426,12 @@ class ActCache:
                 self.lru = 1 - e if self.ways > 1 else 0
                 return True
         nb = max(cols // 32, 1)
-        if ntok > self.max_blocks // nb:                 # several passes: nothing stays
+        end = qsrc + ntok * nb * QBLOCK_BYTES
+        if ntok > self.max_blocks // nb or (self.below is not None and end > self.below):
+            # several passes, or vectors in the banked region: nothing stays
             self.slots = [None] * self.ways
             return False
-        lines = (qsrc // self.line, _ceil(qsrc + ntok * nb * QBLOCK_BYTES, self.line))
+        lines = (qsrc // self.line, _ceil(end, self.line))
         half = (self.ways > 1 and nb * ntok <= self.max_blocks // 2
                 and _ceil(nb, self.cw) * ntok <= self.dd_half)
         victim = self.lru if half else 0
@@ -565,7 +568,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     # from the KV buffer on, docs/isa.md): its loads take the per-port path
     wbase = int(bundle.manifest["onchip"]["weight"][0])
     # MvExec's activation cache: two entries with attention on the chains, else one
-    act = ActCache(2 if config.attention == "chains" else 1, DEFAULT_MAX_BLOCKS, D)
+    act = ActCache(2 if config.attention == "chains" else 1, DEFAULT_MAX_BLOCKS, D, below=wbase)
     rope_tab = None             # SfuExec's ROPE table: (b, hd, first line, last line) it holds
 
     def tab_kept(tab, start, nbytes):
@@ -753,7 +756,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                 f = dict(f, n=isa.misc_len(f, regs))
                 cached = False
                 if name == "ROPE":          # SfuExec reads the table unless it still holds it
-                    cached = rope_tab is not None and rope_tab[:2] == (f["b"], f["aux"])
+                    cached = (rope_tab is not None and rope_tab[:2] == (f["b"], f["aux"])
+                              and f["b"] + 4 * f["aux"] <= wbase)
                     rope_tab = (f["b"], f["aux"], f["b"] // D, (f["b"] + 4 * f["aux"] - 1) // D)
                 cyc = misc_cycles(name, f, regs, config, c, lanes=L, rope_cached=cached)
                 rope_tab = tab_kept(rope_tab, f["dst"], w)
