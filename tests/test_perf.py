@@ -366,3 +366,32 @@ def test_mv_cycles_per_slice():
         COSTS.mv_fixed + 2 * max(4, 3 + COSTS.mv_row_overhead, 2 * 3)
     # 9 rows: slice 0 has three (0, 4, 8)
     assert perf.mv_cycles({**f, "rows": 9}, 1, tiny4, act_cached=True) == COSTS.mv_fixed + 3 * per_row
+
+
+def test_act_cache_two_entries_as_the_rtl():
+    """sim/perf.py's ActCache replays MvExec's two-entry activation cache: the sequence of
+    tests/rtl/cocotb_mv_exec_chains.py's ``activation_cache_two_entries`` (vectors of 4
+    blocks x, y, z, one of 36 blocks, 64-block buffers; a write to y's last line between)
+    loads exactly where the RTL did. One entry (the other builds): every switch loads."""
+    A0, line = 1 << 16, 64
+    vec = {"x": (A0, 4), "y": (A0 + 4096, 4), "z": (A0 + 8192, 4), "big": (A0 + 12288, 36)}
+    seq = ["x", "y", "x", "y", "z", "y", "x", "Y!", "y", "big", "big", "x", "y", "x"]
+    rtl = [True, True, False, False, True, False, True, True, True, False, True, True, False]
+
+    def loads(ways):
+        c = perf.ActCache(ways, 64, line, below=1 << 17)
+        out = []
+        for name in seq:
+            if name == "Y!":
+                q, nb = vec["y"]
+                c.written(q + nb * 40 - 1, 1)
+                continue
+            q, nb = vec[name]
+            out.append(not c.use(q, nb * 32, 1))
+        return out
+    assert loads(2) == rtl
+    assert loads(1) == [True, True, True, True, True, True, True, True, True, False, True, True,
+                        True]
+    # vectors in the banked region (from ``below`` on) are never kept
+    c = perf.ActCache(2, 64, line, below=A0)
+    assert not c.use(A0, 128, 1) and not c.use(A0, 128, 1)
