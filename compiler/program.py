@@ -408,7 +408,7 @@ class ProgramBuilder:
         klds = [dict(buf=kslots[ks], hreg=isa.REG_KVBASE, hoff=hoff(kb), lreg=isa.REG_POS, lmul=d.hd * 2),
                 dict(buf=kslots[ks] + kvh, hreg=isa.REG_KVBASE, hoff=hoff(vb), lreg=isa.REG_POS,
                      lmul=d.hd * 2)]
-        gaddr = self.L.qkv + j * d.grp_rows * 4
+        gaddr = self._group(0, j)
         self._add(LoadGroup(kgid, ("K", ks), klds),
                   partial(self._attend_decode, j, ks, kgid, gaddr, kb, vb, rope))
 
@@ -452,7 +452,7 @@ class ProgramBuilder:
                       partial(self._attend_chains_scores, j, ks, kgid, r0, rope))
             return partial(self._attend_chains_outputs, j, ks)
         self._add(LoadGroup(kgid, ("K", ks), lds),
-                  partial(self._attend_chains, j, ks, kgid, r0, rope))
+                  partial(self._attend_chains, j, ks, kgid, r0))
         return None
 
     def _attend_chains_scores(self, j, ks, kgid, r0, rope):
@@ -461,9 +461,10 @@ class ProgramBuilder:
         d = self.parts.dims
         ch = self.parts.onchip.chains
         g, hd = d.g, d.hd
-        gaddr = self.L.qkv + j * d.grp_rows * 4
+        gaddr = self._group(0, j)
         slot = ch.slots[ks]
-        self._kvrow_store(lambda t: gaddr, ks, kgid, r0, rope)
+        self._rope(0, j, rope)
+        self._kvrow_store(j, ks, kgid, r0)
         q8 = isa.mv_func("q8_0")
         for i in range(g):
             self.consume("MISC", func=F["QUANT"], dst=ch.qq[i], a=gaddr + i * hd * 4, n=hd)
@@ -492,32 +493,40 @@ class ProgramBuilder:
                          need={"st2cmp": self._kv_st[ks]} if last else None,
                          free_slot=("K", ks) if last else None)
 
-    def _rope_tokens(self, rope):
-        """A prefill program on the chains: ROPE of every token's q heads and k, token by
-        token (RoPE row ``t`` at ``rope + t * hd * 4``), one ROPE per KV head's group."""
-        d, L = self.parts.dims, self.L
-        for t in range(self.T):
-            for j in range(d.nkv):
-                a = L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4
-                self.consume("MISC", func=F["ROPE"], dst=a, a=a, b=rope + t * d.hd * 4, n=d.g + 1,
-                             aux=d.hd)
+    def _group(self, t: int, j: int) -> int:
+        """On-chip address of token ``t``'s rows of KV head ``j``'s group in the QKV output:
+        its query heads, then k, then v (binary32)."""
+        d = self.parts.dims
+        return self.L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4
 
-    def _kvrow_store(self, gaddr, ks, kgid, r0, rope, T=1):
-        """ROPE of every token's q heads and k (at ``gaddr(t)``; ``rope`` None: done before,
-        :meth:`_rope_tokens`), KVROW of each token at R1 + t, the ST.x of the touched K/V
-        tiles and the V scales; the stores' st2cmp event is kept for the slot's last reader
-        (``_kv_st``)."""
+    def _rope(self, t: int, j: int, rope: int):
+        """ROPE of token ``t``'s query heads and k of group ``j`` in place (RoPE row ``t`` at
+        ``rope + t * hd * 4``)."""
+        d = self.parts.dims
+        a = self._group(t, j)
+        return self.consume("MISC", func=F["ROPE"], dst=a, a=a, b=rope + t * d.hd * 4, n=d.g + 1,
+                            aux=d.hd)
+
+    def _rope_tokens(self, rope):
+        """A prefill program on the chains: every token's RoPE, token by token over the KV
+        heads' groups (SfuExec keeps the last table: each token's row is read once)."""
+        for t in range(self.T):
+            for j in range(self.parts.dims.nkv):
+                self._rope(t, j, rope)
+
+    def _kvrow_store(self, j, ks, kgid, r0, T=1):
+        """KVROW of each token's k and v of group ``j`` (already rotated) at R1 + t, the ST.x
+        of the touched K/V tiles and the V scales; the stores' st2cmp event is kept for the
+        slot's last reader (``_kv_st``)."""
         d = self.parts.dims
         ch = self.parts.onchip.chains
         reg = ch.region
         g, hd = d.g, d.hd
         nt = -(-T // isa.TILE_ROWS)
         slot = ch.slots[ks]
-        for t in range(T if rope is not None else 0):
-            self.consume("MISC", func=F["ROPE"], dst=gaddr(t), a=gaddr(t), b=rope + t * hd * 4, n=g + 1, aux=hd)
         for t in range(T):
             e = self.consume("MISC", gid=kgid if t == 0 else None, func=F["KVROW"], dst=slot,
-                             a=gaddr(t) + g * hd * 4, n=hd, reg=isa.REG_POS, aux=t,
+                             a=self._group(t, j) + g * hd * 4, n=hd, reg=isa.REG_POS, aux=t,
                              release=["cmp2st"] if t == T - 1 else ())
         st = [dict(buf=slot + reg[k], hoff=hoff(r0 + reg[k]), ireg=isa.REG_PTILE, stride=reg[t],
                    len=nt * reg[t])
@@ -530,7 +539,7 @@ class ProgramBuilder:
                              hreg=isa.REG_KVBASE, release=["st2cmp"] if last else (), **f)
         self._kv_st[ks] = ev["st2cmp"]
 
-    def _attend_chains(self, j, ks, kgid, r0, rope):
+    def _attend_chains(self, j, ks, kgid, r0):
         """A prefill program's attention of KV head ``j`` over its T tokens (docs/isa.md,
         "Prefill programs on the chains"): every token's K/V rows first, then the attention
         rows (token t, query head i) software-pipelined over the buffer sets."""
@@ -541,11 +550,11 @@ class ProgramBuilder:
         slot = ch.slots[ks]
 
         def gaddr(t):           # token t's q heads, k and v of this group
-            return L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4
+            return self._group(t, j)
 
         # every token's q heads and k rotated (before, :meth:`_rope_tokens`); its K and V
         # rows into the slot's tiles at R1 + t; those tiles and the V scales to HBM
-        self._kvrow_store(gaddr, ks, kgid, r0, None, T)
+        self._kvrow_store(j, ks, kgid, r0, T)
         stored = self._kv_st[ks]
         q8 = isa.mv_func("q8_0")
         # the attention rows: token t's query head i; row k uses buffer set k % nb
@@ -610,7 +619,7 @@ class ProgramBuilder:
         g, hd, T = d.g, d.hd, self.T
         for t in range(T):
             for j in range(d.nkv):
-                gaddr = self.L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4
+                gaddr = self._group(t, j)
                 kb, vb = self._kv_offsets(li, j)
                 e = self.consume("MISC", func=F["ROPE"], dst=gaddr, a=gaddr, b=rope + t * hd * 4,
                                  n=g + 1, aux=hd, release=["cmp2st"])
@@ -631,7 +640,7 @@ class ProgramBuilder:
         kslot = self.parts.onchip.kslots[ks]
         self.each_token(lambda t, k: self.consume(
             "MISC", func=F["ATTN"], dst=L.o + (t * d.nq * hd + j * g * hd) * 4,
-            a=L.qkv + (t * d.qkv_rows + j * d.grp_rows) * 4, b=kslot, reg=isa.REG_POS,
+            a=self._group(t, j), b=kslot, reg=isa.REG_POS,
             **isa.attn_fields(g, hd, t, cached=True), **k), gid=kgid, free_slot=("K", ks))
 
     def _ffn_in(self, gbase, gs):
