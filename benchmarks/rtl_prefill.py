@@ -40,7 +40,10 @@ TEXT = ("Once upon a time, in a small village at the edge of a great forest, the
         "the clocks on the walls and listened to them tick together, and every evening they "
         "walked to the river to watch the boats come home. One autumn a stranger arrived with a "
         "broken watch that no one in the country had been able to mend, and he asked the old man "
-        "whether he could make it run again before the first snow.")
+        "whether he could make it run again before the first snow. The clockmaker turned the "
+        "watch over in his hands, opened its case with a thin blade and looked for a long time at "
+        "the tiny wheels inside. Then he smiled, set it on the bench beside the window, and told "
+        "the stranger to come back in seven days.")
 
 
 def with_lanes(config, lanes: int):

@@ -127,6 +127,9 @@ class BufferConfig:
     kv_kib: int
     global_kib: int
     instruction_kib: int
+    #: Weight-tile slots the weight buffer is cut into (``buffers.weight_slots``, optional);
+    #: 0: the compiler's choice (``compiler.compile._weight_slots``)
+    weight_slots: int = 0
 
 
 @dataclass(frozen=True)
@@ -430,7 +433,9 @@ class AccelConfig:
             "weight_formats": list(self.weight_formats),
             "sparsity": list(self.sparsity),
             "activation_bits": self.activation_bits,
-            "buffers": {f"{n}_kib": getattr(self.buffers, f"{n}_kib") for n in BUFFERS},
+            "buffers": {**{f"{n}_kib": getattr(self.buffers, f"{n}_kib") for n in BUFFERS},
+                        **({"weight_slots": self.buffers.weight_slots}
+                           if self.buffers.weight_slots else {})},
             "hbm": {"ports": self.hbm.ports, "data_width": self.hbm.data_width,
                     **({"line_bytes": self.hbm.line_bytes} if self.hbm.line_bytes else {})},
             "context": self.context,
@@ -599,8 +604,9 @@ def config_from_dict(data: dict, display: str, expected_name: str | None = None)
         raise f.fail("activation_bits", f"must be 8 (int8 activations), not {activation_bits}")
 
     b = f.sub("buffers")
-    b.check_keys(_BUFFER_FIELDS)
-    buffers = BufferConfig(*(b.integer(k) for k in _BUFFER_FIELDS))
+    b.check_keys(_BUFFER_FIELDS, ("weight_slots",))
+    slots = b.integer("weight_slots", 2) if b.has("weight_slots") else 0
+    buffers = BufferConfig(*(b.integer(k) for k in _BUFFER_FIELDS), weight_slots=slots)
 
     h = f.sub("hbm")
     h.check_keys(_HBM_FIELDS, ("line_bytes",))

@@ -223,12 +223,13 @@ def _weight_slots(wb_sz: int, config, base: int = 0) -> tuple:
     Weight tiles rotate through the slots; the load engine runs up to (slots - 1)
     tiles ahead of the compute queue, which hides the SFU work between matrices.
     Four slots when each still holds >= SLOT_MIN_CYCLES of the ports' bandwidth
-    (ci), else two (short tiles would pay the per-instruction overhead too often).
-    Slots are multiples of :func:`_slot_align` and start on one.
+    (ci), else two (short tiles would pay the per-instruction overhead too often), unless the
+    configuration sets ``buffers.weight_slots``. Slots are multiples of :func:`_slot_align` and start on one.
     """
     n = 2
     if wb_sz // WEIGHT_SLOTS_LARGE >= SLOT_MIN_CYCLES * config.hbm_bytes_per_cycle:
         n = WEIGHT_SLOTS_LARGE
+    n = config.buffers.weight_slots or n       # the configuration's own count (buffers.weight_slots)
     a = _slot_align(config)
     usable = max(0, wb_sz - (-base) % a)
     return n, (usable // n) // a * a
@@ -330,8 +331,9 @@ def _config_file(config) -> str:
 
 def _weight_buffer_error(config, model, sp_of, what: str) -> FitError:
     """The weight buffer is too small: say so, naming the configuration file, and the size it needs."""
+    ns = config.buffers.weight_slots
     return FitError(f"{_config_file(config)}: buffers.weight_kib {config.buffers.weight_kib} is too "
-                    f"small: {what}; set buffers.weight_kib to at least "
+                    f"small{f' for buffers.weight_slots {ns}' if ns else ''}: {what}; set buffers.weight_kib to at least "
                     f"{_min_weight_kib(model, config, sp_of)} for this model")
 
 

@@ -157,6 +157,25 @@ def test_weight_buffer_too_small(tmp_path, smol, kib, what):
                             "set buffers.weight_kib to at least 10 for this model")
 
 
+def test_weight_buffer_too_small_for_its_slots(tmp_path, smol):
+    """With buffers.weight_slots the slot count is the configuration's: four slots must each
+    hold an LM-head tile of 8 rows (4928 bytes on ci's two slices), so 20 KiB (slots of 5120)
+    is the smallest; the message names the slot count."""
+    cfg = _write_config(tmp_path, **{"buffers.weight_kib": 10, "buffers.weight_slots": 4})
+    with pytest.raises(FitError) as e:
+        compile_model(smol, cfg, emit_image=False)
+    assert str(e.value) == (f"{tmp_path / 'cfg.yaml'}: buffers.weight_kib 10 is too small for "
+                            "buffers.weight_slots 4: token_embd.head: a weight-buffer slot of 2560 bytes "
+                            "holds 4 rows (612 bytes each, on 2 slices of 32-byte stripes), but LM-head "
+                            "tiles must start at multiples of 8 rows; set buffers.weight_kib to at least "
+                            "20 for this model")
+    b = compile_model(smol, _write_config(tmp_path, **{"buffers.weight_kib": 20, "buffers.weight_slots": 4}),
+                      emit_image=False)
+    w0 = b.manifest["onchip"]["weight"][0]
+    wbs = {isa.decode(w)["wb"] for w in isa.from_bytes(b.program) if isa.decode(w).op == "MV"}
+    assert {wb for wb in wbs if wb >= w0} == {w0 + i * 5120 for i in range(4)}
+
+
 def test_weight_buffer_smallest_size_compiles(tmp_path, smol):
     compile_model(smol, _write_config(tmp_path, **{"buffers.weight_kib": 10}), emit_image=False)
 

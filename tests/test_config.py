@@ -329,6 +329,30 @@ def test_chain_tokens(tmp_path):
     assert explicit.config_hash() == ci.config_hash()
 
 
+@pytest.mark.parametrize("slots, message", [
+    (1, "must be an integer >= 2, not 1"),
+    ("six", "must be an integer >= 2, not 'six'"),
+])
+def test_bad_weight_slots(tmp_path, slots, message):
+    path = variant(tmp_path, buffers__weight_slots=slots)
+    assert error_of(path) == f"{path}: field 'buffers.weight_slots' {message}"
+
+
+def test_weight_slots(tmp_path):
+    """buffers.weight_slots cuts the weight buffer into that many tile slots (the compiler's
+    choice without it: four on ci), and appears in the hash only when it is set."""
+    from llmfab.compiler.compile import _weight_slots
+    ci = load_config("ci")
+    six = load_config(str(variant(tmp_path, buffers__weight_slots=6)))
+    assert ci.buffers.weight_slots == 0 and "weight_slots" not in ci.to_dict()["buffers"]
+    assert six.to_dict()["buffers"]["weight_slots"] == 6 and six.config_hash() != ci.config_hash()
+    wb = ci.buffer_bytes["weight"]
+    assert _weight_slots(wb, ci) == (4, wb // 4)
+    assert _weight_slots(wb, six) == (6, wb // 6 // 64 * 64)
+    cc = load_config("ci-chains")
+    assert _weight_slots(cc.buffer_bytes["weight"], cc) == (6, 64 * 1024)
+
+
 def test_break_points_required_above_32(tmp_path):
     path = variant(tmp_path, chain__length=64, chain__break_points=False)
     assert error_of(path) == (f"{path}: field 'chain.break_points' must be true when chain.length "

@@ -77,9 +77,15 @@ def test_chains_config_banks_the_kv_buffer():
     kv = dict((r[0], r[1:]) for r in rp)["kv"]
     assert rc == rp[:2] + [("weight", kv[0], kv[1] + chains.buffer_bytes["weight"])]
     g = geometry(chains)
-    assert g["weight_base"] == kv[0] and g["onchip_size"] == geometry(plain)["onchip_size"]
+    bb = chains.buffer_bytes
+    assert g["weight_base"] == kv[0]
+    assert g["onchip_size"] == bb["activation"] + bb["global"] + bb["kv"] + bb["weight"]
     assert slice_geometry(chains)["weight_base"] == kv[0]
-    assert slice_geometry(chains)["bank_addr_bits"] == slice_geometry(plain)["bank_addr_bits"] + 1
+    # a bank holds its stripe of every line of the banked region (KV + weight buffers):
+    # 640 KiB on 2 slices of 32-byte stripes is 10,240 bank lines (ci's 256 KiB weight buffer: 4,096)
+    banked = (bb["kv"] + bb["weight"]) // (chains.slices * chains.stripe_bytes)
+    assert slice_geometry(chains)["bank_addr_bits"] == (banked - 1).bit_length() == 14
+    assert slice_geometry(plain)["bank_addr_bits"] == 12
 
 
 def chains_edges(man):
