@@ -89,7 +89,8 @@ is 3). ``tiny`` (16-byte lines) has 4 lanes, ``ci`` (64-byte lines) 8.
 
 Cycles (tiny, measured by tests/rtl/test_sfu_exec.py::test_sfu_exec_cycles,
 busy_cmp; ``pytest -s`` prints them): RMSNORM n=576 418, SILU_MUL n=1536 845 (2 lanes:
-n/2 + 77; 1630 at one element per cycle), QUANT n=576 231 / 1536 531, ROPE 3x64 131,
+n/2 + 77; 1630 at one element per cycle), QUANT n=576 209 / 1536 459 (d and sumq up to L
+words a cycle; 231 / 531 at one), ROPE 3x64 131,
 EMBED 576 (18 blocks, any format) 166 (18 x 32/L + 22; 919 before), ATTN 3 heads x 64
 at position 1 / 50 / 100: 595 / 5339 / 10289 (per head: scores hd/L q beats + rows x
 ceil(hd/32)*32/L + 32/L + 36, AV rows x hd/L + hd/at_n + 13, the softmax feed rows
@@ -379,10 +380,11 @@ class SfuExec(wiring.Component):
         ridx_next = Signal(range(self._max_hd + HP))
         m.d.comb += ridx_next.eq(mod_half(ridx + HP))
 
-        # ---- QUANT d/sumq buffer
-        qmem = memory.Memory(shape=64, depth=2048, init=[])
+        # ---- QUANT d/sumq buffer: block b's (d, sumq) in word b % L of entry b // L, so the d
+        # and sumq phases write L words a cycle
+        qmem = memory.Memory(shape=64 * L, depth=-(-2048 // L), init=[])
         m.submodules.qmem = qmem
-        qwp = qmem.write_port()
+        qwp = qmem.write_port(granularity=64)
         qrp = qmem.read_port(domain="comb")
 
         # ---- post stage: y = mode 0: x; 1: fmul(x, s1) (KVROW's d and 127/amax; ATTN's
@@ -750,7 +752,9 @@ class SfuExec(wiring.Component):
         qblk = Signal(12)
         qphase = Signal(2)
         qv = data.View(data.ArrayLayout(32, 8), quant.o.payload.q.as_value())
-        m.d.comb += qrp.addr.eq(qblk)
+        m.d.comb += qrp.addr.eq(qblk >> lgl)
+        q_left = Signal(12)                      # d / sumq words still to write
+        m.d.comb += q_left.eq(nb - qblk)
         with m.If(from_quant):
             with m.Switch(qphase):
                 with m.Case(0):
@@ -759,18 +763,33 @@ class SfuExec(wiring.Component):
                     with m.If(quant.o.valid & wi_ready):
                         m.d.sync += qw.eq(qw + L)
                         with m.If(qw + L == 8):
-                            m.d.comb += [quant.o.ready.eq(1), qwp.en.eq(1), qwp.addr.eq(qblk),
+                            m.d.comb += [quant.o.ready.eq(1),
+                                         qwp.en.eq(C(1, L) << (qblk[0:lgl] if L > 1 else 0)),
+                                         qwp.addr.eq(qblk >> lgl),
                                          qwp.data.eq(Cat(quant.o.payload.d,
-                                                         quant.o.payload.sumq))]
+                                                         quant.o.payload.sumq).replicate(L))]
                             m.d.sync += [qw.eq(0), qblk.eq(qblk + 1)]
                             with m.If(qblk + 1 == nb):
                                 m.d.sync += [qblk.eq(0), qphase.eq(1)]
                 with m.Case(1, 2):
-                    m.d.comb += [wi_valid.eq(1),
-                                 wi_x0.eq(Mux(qphase == 1, qrp.data[0:32], qrp.data[32:64]))]
+                    # up to L words a cycle: the d (phase 1) or sumq (2) of blocks qblk ..,
+                    # never past the end of qblk's entry (one read), of the packer's line
+                    # (pk_k + wi_n <= W) or of the array
+                    qoff = qblk[0:lgl] if L > 1 else C(0, 1)
+                    c1 = Signal(range(L + 1))
+                    c2 = Signal(range(L + 1))
+                    q_n = Signal(range(L + 1))
+                    room = W - pk_k
+                    m.d.comb += [c1.eq(L - qoff), c2.eq(Mux(room < c1, room, c1)),
+                                 q_n.eq(Mux(q_left < c2, q_left, c2))]
+                    m.d.comb += [wi_valid.eq(1), wi_n.eq(q_n)]
+                    words = [Mux(qphase == 1, qrp.data[64 * j:64 * j + 32], qrp.data[64 * j + 32:64 * j + 64])
+                             for j in range(L)]
+                    m.d.comb += [wi_x[j].eq(Array(words)[(qoff + j)[0:lgl]] if L > 1 else words[0])
+                                 for j in range(L)]
                     with m.If(wi_ready):
-                        m.d.sync += qblk.eq(qblk + 1)
-                        with m.If(qblk + 1 == nb):
+                        m.d.sync += qblk.eq(qblk + q_n)
+                        with m.If(q_left == q_n):
                             m.d.sync += [qblk.eq(0), qphase.eq(qphase + 1)]
         with m.Elif(from_attn):
             m.d.comb += [wi_valid.eq(tree_valid), wi_n.eq(at_n)]

@@ -52,7 +52,7 @@ from llmfab.core.formats import BLOCK_BYTES, QBLOCK_BYTES, block_bytes
 from llmfab.sim.golden_plan import onchip_ranges
 
 __all__ = ["UnitCosts", "COSTS", "PerfEstimate", "estimate", "peak_bytes_per_cycle",
-           "sfu_lanes", "mv_pipelines", "slice_pipelines", "misc_cycles", "mv_cycles",
+           "sfu_lanes", "mv_pipelines", "slice_pipelines", "misc_cycles", "quant_tail_cycles", "mv_cycles",
            "roofline_plot"]
 
 #: Queue depth of the load, compute and store queues (docs/isa.md, hw/top.py).
@@ -74,8 +74,10 @@ class UnitCosts:
     """
 
     # ---- SfuExec (hw/sfu_exec.py). Per-element terms are structural (the FSM):
-    #: QUANT: n/L beats through the quantizer, then d[nb] and sumq[nb] one word per cycle
-    #: (qphase 1, 2); the rest fixed. tiny fit: 576 -> 229, 1536 -> 529 (both give 49).
+    #: QUANT: n/L beats through the quantizer, then d[nb] and sumq[nb] L words a cycle
+    #: (qphase 1, 2, :func:`quant_tail_cycles`; one word a cycle before 2026-12-04); the rest
+    #: fixed. tiny fit: 576 -> 229, 1536 -> 529 (both give 49); with L words a cycle 207 / 457
+    #: against the RTL's 209 / 459 (the footprint stage's 2).
     quant_fixed: float = 49
     #: RMSNORM: pass 1 ceil(n/32)*32/L beats (whole 32-element reduce chunks), the
     #: rsqrt on the SFU, pass 2 ceil(n/L) beats. tiny fit: 576 -> 416 gives 128.
@@ -296,6 +298,19 @@ def attn_schedule(nh: int, score: float, av: float, feed: float, softmax: float)
     return t + 1
 
 
+def quant_tail_cycles(nb: int, lanes: int, line_words: int) -> int:
+    """QUANT's d and sumq phases (hw/sfu_exec.py): each cycle up to ``lanes`` words of one
+    entry of the d/sumq buffer (block ``b`` in word ``b % lanes``), never past the writer's
+    line (``line_words`` words; the q words before them fill ``8 nb`` of it)."""
+    pk, cyc = (8 * nb) % line_words, 0
+    for _ in range(2):
+        q = 0
+        while q < nb:
+            k = min(lanes - q % lanes, line_words - pk, nb - q)
+            q, pk, cyc = q + k, (pk + k) % line_words, cyc + 1
+    return cyc
+
+
 def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lanes=None,
                 rope_cached: bool = False) -> float:
     """Compute-queue cycles of one MISC instruction (fields ``f``) on its RTL unit
@@ -315,7 +330,7 @@ def misc_cycles(name: str, f: dict, regs, config, costs: UnitCosts = COSTS, lane
         return c.misc_fixed + reps * _ceil(4 * w, D) + (reps - 1) * c.copy_row_fixed
     if name == "QUANT":
         nb = n // 32
-        return c.quant_fixed + _ceil(n, L) + 2 * nb
+        return c.quant_fixed + _ceil(n, L) + quant_tail_cycles(nb, L, line_bytes(config) // 4)
     if name == "RMSNORM":
         return c.rmsnorm_fixed + _ceil(n, 32) * (32 // L) + _ceil(n, L)
     if name == "ROPE":                                  # n heads of aux elements

@@ -102,6 +102,25 @@ def _attn_phases(hd, rows, L):
     return score, av, rows, COSTS.attn_softmax_fixed + COSTS.softmax_per_row * rows
 
 
+def test_quant_writes_d_and_sumq_lanes_a_cycle():
+    """QUANT's d and sumq phases write up to L words a cycle, never past an entry of the d/sumq
+    buffer (L words) or the writer's line: on tiny (L 4, 4-word lines) 18 blocks take 5 + 9
+    cycles (the sumq phase starts 2 words into a line: chunks of 2), 48 take 12 + 12; the RTL
+    measured 209 and 459 (tests/rtl/test_sfu_exec.py -k cycles, 2 more than the op alone:
+    the footprint stage), one word a cycle before (231 / 531)."""
+    from llmfab.sim.perf import quant_tail_cycles
+    assert quant_tail_cycles(18, 4, 4) == 5 + 9
+    assert quant_tail_cycles(48, 4, 4) == 12 + 12
+    tiny = load_config("tiny")
+    assert [misc_cycles("QUANT", {"n": n}, _regs(0), tiny) for n in (576, 1536)] == [209 - 2, 459 - 2]
+    # ci: 8 lanes, 16-word lines: 18 blocks 3 + 4 cycles, where one word a cycle took 36
+    assert quant_tail_cycles(18, 8, 16) == 3 + 4
+    # every count a phase of nb words can take: never more than one chunk per entry and line
+    for nb in range(1, 70):
+        for lanes, words in ((4, 4), (8, 16), (8, 8), (2, 4)):
+            assert 2 * -(-nb // lanes) <= quant_tail_cycles(nb, lanes, words) <= 2 * (nb // lanes + 2 * -(-nb // words) + 1)
+
+
 def test_attn_decode_form():
     tiny = load_config("tiny")                         # L = 4
     f = {**isa.attn_fields(3, 64), "reg": isa.REG_POS}

@@ -1,12 +1,13 @@
-"""hw/sfu_exec.py's SILU_MUL, EMBED and COPY at ``lanes`` elements per cycle (4 and 8 lanes:
-16- and 64-byte lines), in Amaranth's simulator, against ``sim/golden.py``'s ``Golden._misc``.
+"""hw/sfu_exec.py's SILU_MUL, EMBED, COPY and QUANT at ``lanes`` elements per cycle (4 and 8
+lanes: 16- and 64-byte lines), in Amaranth's simulator, against ``sim/golden.py``'s ``Golden._misc``.
 
 :class:`SfuExec` alone with a flat on-chip memory (tests/rtl/test_sfu_exec_chains.py's harness:
 one-cycle line reads, random back-pressure on the read requests and on ``wr``); random
 SILU_MUL (lengths 1 .. 300, not multiples of the lanes, unaligned operands; ±0, ±inf, NaN,
 large |x| where exp overflows or flushes, binary32 subnormals in a and b), EMBED (Q4_0, Q4_1,
 Q8_0, 1 .. 18 blocks at odd byte addresses; d and m binary16 subnormals, zeros, infinities
-and NaNs) and COPY (plain and strided). The whole memory must be the golden model's, byte for
+and NaNs), COPY (plain and strided) and QUANT (1 .. 33 blocks at unaligned destinations: the
+d and sumq phases' chunks). The whole memory must be the golden model's, byte for
 byte, except that a NaN result may differ in its payload (the hardware's NaN is canonical).
 """
 
@@ -80,6 +81,20 @@ def _copy(p, n, reps):
     p.op("COPY", 0, ("COPY", n, reps), dst=dst, a=a, b=stride, n=n, aux=reps)
 
 
+def _quant(p, nb, unal=True):
+    """QUANT of ``nb`` blocks: its d and sumq phases write up to ``lanes`` words a cycle, as
+    many as the d/sumq buffer's entry and the writer's line leave (every count of blocks mod
+    the lanes and every start in the line: unaligned destinations)."""
+    rng = p.rng
+    n = 32 * nb
+    a, dst = p.alloc(4 * n, unal), p.alloc(40 * nb, unal)
+    x = (rng.standard_normal(n) * 4).astype(np.float32)
+    x[rng.random(n) < 0.05] = np.float32(0.0)
+    x[32 * int(rng.integers(0, nb)):][:32] = np.float32(0.0)      # an all-zero block (d 0)
+    p.mem[a:a + 4 * n] = x.view(np.uint8)
+    p.op("QUANT", 0, ("QUANT", nb), dst=dst, a=a, n=n)
+
+
 def _check(mem, gold):
     """Byte-exact but for NaN payloads (word-aligned: every result here is 4-byte aligned)."""
     g, m = gold.view(np.uint32), mem.view(np.uint32)
@@ -118,7 +133,7 @@ def _dut(line, silu_lanes=None):
 
 @pytest.mark.parametrize("line,silu_lanes", [(16, 4), (64, 8), (64, None)])
 def test_sfu_exec_lanes_match_golden(line, silu_lanes):
-    """EMBED and COPY at ``lanes`` (4, 8); SILU_MUL at 4 and 8 lanes and the default
+    """EMBED, COPY and QUANT at ``lanes`` (4, 8); SILU_MUL at 4 and 8 lanes and the default
     (``SfuExec.default_silu_lanes``: 2)."""
     rng = np.random.default_rng(40 + line)
     p = _Prog(rng, 1, 64)
@@ -130,6 +145,8 @@ def test_sfu_exec_lanes_match_golden(line, silu_lanes):
     _embed(p, 1, 18, unal=False)
     for n, reps in ((1, 0), (5, 1), (16, 2), (33, 3), (7, 4), (64, 0)):
         _copy(p, n, reps)
+    for nb in (1, 2, 3, 5, 7, 9, 13, 18, 33):
+        _quant(p, nb)
     order = rng.permutation(len(p.ops))
     p.ops = [p.ops[i] for i in order]
     dut = _dut(line, silu_lanes)
