@@ -109,11 +109,11 @@ def test_two_layer_model_bit_exact_u280_slice(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["ci", "u280-slice"])
+@pytest.mark.parametrize("config", ["ci", "ci-chains", "u280-slice"])
 def test_smollm2_prompt_and_three_tokens(config):
-    """SmolLM2 on ci and on two U280 slices: a short prompt plus 3 generated tokens give the
-    golden backend's tokens and logits bit for bit (about 10 minutes each: build + ~1.5 M
-    cycles per token on ci)."""
+    """SmolLM2 on ci, on ci with attention on the chains and on two U280 slices: a short prompt
+    (through the prefill programs) plus 3 generated tokens give the golden backend's tokens and
+    logits bit for bit (about 10 minutes each: build + ~1.5 M cycles per token on ci)."""
     from llmfab.compiler.tokenizer import Tokenizer
     m = load_model()
     cfg = load_config(config)
