@@ -18,6 +18,24 @@ golden backend; reported per run:
 * whether the prompt's logits and the KV cache equal the golden model's, bit for bit.
 
 One JSON line per (lanes, prompt); ``--write-docs`` puts the table in docs/benchmarks.md.
+
+**Sharded and resumable** (long prompts: a 128-token prompt on ``ci-chains`` is ~115 M
+simulated cycles, about an hour and a half on one core)::
+
+    .venv/bin/python benchmarks/rtl_prefill.py --config ci-chains --lanes 2 --prompts 128 \
+        --results pf.jsonl --shard 0/2 &      # and --shard 1/2 beside it, on another core
+    .venv/bin/python benchmarks/rtl_prefill.py --config ci-chains --lanes 2 --prompts 128 \
+        --results pf.jsonl                    # the table, once every run is in pf.jsonl
+
+With ``--shard K/N`` a process simulates the prompt's runs ``i`` with ``i % N == K`` only, each
+from the golden model's state before it (its KV cache copied into the simulation's HBM, as
+``perf_calibration.py`` does for decode steps; the golden backend runs the whole prompt), and
+appends one line per run to ``--results`` (logits and the KV cache after the run compared
+with the golden model's, bit for bit). Runs already in the file are skipped, so a shard
+stopped part way resumes where it was. If every run maps the golden state before it to the
+golden state after it, bit for bit, so does the whole prompt. Without ``--shard``,
+``--results`` only reads the file: the rows of the (lanes, prompt) pairs whose runs are all
+there, or which runs are missing.
 """
 
 import argparse
@@ -111,6 +129,119 @@ def run(config, model, prompts, tok_ids):
     return rows
 
 
+def _key(config, n: int) -> str:
+    """The results file's key of a (configuration with its lanes, prompt length) pair."""
+    return f"{config.name}/{config.config_hash()}/lanes{config.chain.tokens}/prompt{n}"
+
+
+def _read_results(path) -> dict:
+    """{(key, run index): line} of a results file (later lines win; a torn last line is skipped)."""
+    out = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                out[(r["key"], r["run"])] = r
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def _plan(bundle, n: int) -> list:
+    """The prompt's runs as the backends split it: (index, start position, tokens)."""
+    from llmfab.host.runtime import split_buckets
+    buckets = [int(t) for t in bundle.manifest["prefill"]["buckets"]]
+    out, pos = [], 0
+    for i, T in enumerate(split_buckets(n, buckets, 0, bundle.prefill_align)):
+        out.append((i, pos, T))
+        pos += T
+    return out
+
+
+def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: int):
+    """Simulate the runs ``i % n_shards == k`` of each prompt from the golden state before each,
+    appending one line per run to ``results`` (runs already there are skipped)."""
+    bundle = compile_model(model, config)
+    done = _read_results(results)
+    todo = {n: [r for r in _plan(bundle, n) if r[0] % n_shards == k and (_key(config, n), r[0]) not in done]
+            for n in prompts}
+    if not any(todo.values()):
+        return
+    rtl = RtlDevice(model, config, bundle=bundle)
+    gold = GoldenDevice(model, config, bundle=bundle)
+    kv0, kvn = (int(v) for v in bundle.manifest["memory_map"]["kv"])
+    try:
+        for n in prompts:
+            mine = {i for i, _, _ in todo[n]}
+            gold.reset()
+            for i, pos, T in _plan(bundle, n):
+                if i > max(mine, default=-1):
+                    break
+                toks = tok_ids[pos:pos + T]
+                if i not in mine:
+                    gold.forward(toks)
+                    continue
+                rtl.acc.write_hbm(kv0, gold.golden.hbm[kv0:kv0 + kvn].copy())
+                rtl.pos = pos
+                first_run, first_dec = len(rtl.prefill_runs), len(rtl.runs)
+                t = time.perf_counter()
+                lr = rtl.forward(toks)
+                wall = time.perf_counter() - t
+                lg = gold.forward(toks)
+                pre, dec = rtl.prefill_runs[first_run:], rtl.runs[first_dec:]
+                line = {"key": _key(config, n), "run": i, "pos": pos, "tokens": T,
+                        "cycles": sum(r["cycles"] for r in pre) + sum(r.cycles for r in dec),
+                        "busy_mv": sum(r["busy_mv"] for r in pre)
+                        + sum(r.counters.get("busy_mv", 0) for r in dec),
+                        "logits_bit_exact": bool(np.array_equal(lr.view(np.uint32), lg.view(np.uint32))),
+                        "kv_bit_exact": bool(np.array_equal(rtl.acc.read_hbm(kv0, kvn),
+                                                            gold.golden.hbm[kv0:kv0 + kvn])),
+                        "wall_seconds": round(wall, 1)}
+                with open(results, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+                print(json.dumps(line), flush=True)
+    finally:
+        rtl.close()
+
+
+def merge(config, model, prompts, results: str) -> list:
+    """The rows of the (lanes, prompt) pairs whose runs are all in ``results``."""
+    bundle = compile_model(model, config, emit_image=False)
+    done = _read_results(results)
+    macs_of = {T: program_macs(p) for T, p in bundle.prefill.items()}
+    macs_of[1] = program_macs(bundle.program)
+    rows = []
+    for n in prompts:
+        plan = _plan(bundle, n)
+        got = [done.get((_key(config, n), i)) for i, _, _ in plan]
+        missing = [i for (i, _, _), g in zip(plan, got) if g is None]
+        if missing:
+            print(f"{_key(config, n)}: {len(missing)} of {len(plan)} runs missing "
+                  f"({', '.join(map(str, missing[:12]))}{' ...' if len(missing) > 12 else ''})",
+                  file=sys.stderr)
+            continue
+        cycles = sum(g["cycles"] for g in got)
+        busy_mv = sum(g["busy_mv"] for g in got)
+        macs = sum(macs_of[T] for _, _, T in plan)
+        peak = config.prefill_macs_per_cycle
+        secs = cycles / (config.clock_mhz * 1e6)
+        row = {"config": config.name, "lanes": config.chain.tokens, "prompt_tokens": n,
+               "buckets": [T for _, _, T in plan], "cycles": cycles,
+               "cycles_per_token": round(cycles / n), "tokens_per_s": round(n / secs, 1),
+               "ttft_ms": round(1e3 * secs, 2), "mac_utilization": round(macs / (cycles * peak), 3),
+               "mac_utilization_mv_busy": round(macs / (busy_mv * peak), 3) if busy_mv else 0.0,
+               "mv_busy_fraction": round(busy_mv / cycles, 3),
+               "logits_bit_exact": all(g["logits_bit_exact"] for g in got),
+               "kv_bit_exact": all(g["kv_bit_exact"] for g in got),
+               "sharded": True, "wall_seconds": round(sum(g["wall_seconds"] for g in got), 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def table(rows) -> str:
     out = ["| config | token lanes | prompt | runs (bucket sizes) | cycles | cycles/token | "
            "tokens/s | time to first token | MAC util. (whole prompt / MV busy) | RTL == golden |",
@@ -154,7 +285,21 @@ def main(argv=None):
     ap.add_argument("--prompts", default="8,32", help="prompt lengths in tokens, comma-separated")
     ap.add_argument("--write-docs", action="store_true", help="put the table in docs/benchmarks.md")
     ap.add_argument("--plot", help="write a bar chart of prefill tokens/s to this PNG")
+    ap.add_argument("--results", help="a JSONL file of runs: with --shard, append to it; without, "
+                                      "the table of the prompts whose runs are all in it")
+    ap.add_argument("--shard", help="K/N: simulate the runs i with i %% N == K (needs --results)")
     args = ap.parse_args(argv)
+    shard = None
+    if args.shard:
+        try:
+            k, n_shards = (int(x) for x in args.shard.split("/"))
+            if not 0 <= k < n_shards:
+                raise ValueError
+        except ValueError:
+            ap.error(f"--shard must be K/N with 0 <= K < N, not {args.shard!r}")
+        if not args.results:
+            ap.error("--shard needs --results (the file the runs go to)")
+        shard = (k, n_shards)
     base = load_config(args.config)
     model = load_model()
     tok_ids = Tokenizer.from_gguf(model.path).encode(TEXT)
@@ -163,7 +308,17 @@ def main(argv=None):
         ap.error(f"the longest prompt is {len(tok_ids)} tokens")
     rows = []
     for lanes in (int(x) for x in args.lanes.split(",")):
-        rows += run(with_lanes(base, lanes), model, prompts, tok_ids)
+        cfg = with_lanes(base, lanes)
+        if shard:
+            run_shard(cfg, model, prompts, tok_ids, args.results, *shard)
+        elif args.results:
+            rows += merge(cfg, model, prompts, args.results)
+        else:
+            rows += run(cfg, model, prompts, tok_ids)
+    if shard:
+        return 0
+    if not rows:
+        return 1
     print(table(rows))
     if args.plot:
         plot(rows, args.plot)
