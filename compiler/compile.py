@@ -224,7 +224,8 @@ def _weight_slots(wb_sz: int, config, base: int = 0) -> tuple:
     tiles ahead of the compute queue, which hides the SFU work between matrices.
     Four slots when each still holds >= SLOT_MIN_CYCLES of the ports' bandwidth
     (ci), else two (short tiles would pay the per-instruction overhead too often), unless the
-    configuration sets ``buffers.weight_slots``. Slots are multiples of :func:`_slot_align` and start on one.
+    configuration sets ``buffers.weight_slots``. Slots are multiples of :func:`_slot_align`
+    and start on one.
     """
     n = 2
     if wb_sz // WEIGHT_SLOTS_LARGE >= SLOT_MIN_CYCLES * config.hbm_bytes_per_cycle:
@@ -332,8 +333,9 @@ def _config_file(config) -> str:
 def _weight_buffer_error(config, model, sp_of, what: str) -> FitError:
     """The weight buffer is too small: say so, naming the configuration file, and the size it needs."""
     ns = config.buffers.weight_slots
+    slots = f" for buffers.weight_slots {ns}" if ns else ""
     return FitError(f"{_config_file(config)}: buffers.weight_kib {config.buffers.weight_kib} is too "
-                    f"small{f' for buffers.weight_slots {ns}' if ns else ''}: {what}; set buffers.weight_kib to at least "
+                    f"small{slots}: {what}; set buffers.weight_kib to at least "
                     f"{_min_weight_kib(model, config, sp_of)} for this model")
 
 

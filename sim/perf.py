@@ -42,6 +42,7 @@ a load's data lands after the card's read latency.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -52,8 +53,8 @@ from llmfab.core.formats import BLOCK_BYTES, QBLOCK_BYTES, block_bytes
 from llmfab.sim.golden_plan import onchip_ranges
 
 __all__ = ["UnitCosts", "COSTS", "PerfEstimate", "estimate", "peak_bytes_per_cycle",
-           "sfu_lanes", "mv_pipelines", "slice_pipelines", "misc_cycles", "quant_tail_cycles", "mv_cycles",
-           "roofline_plot"]
+           "sfu_lanes", "mv_pipelines", "slice_pipelines", "misc_cycles", "quant_tail_cycles",
+           "mv_cycles", "roofline_plot"]
 
 #: Queue depth of the load, compute and store queues (docs/isa.md, hw/top.py).
 QUEUE_DEPTH = 16
@@ -298,6 +299,7 @@ def attn_schedule(nh: int, score: float, av: float, feed: float, softmax: float)
     return t + 1
 
 
+@functools.lru_cache(maxsize=4096)
 def quant_tail_cycles(nb: int, lanes: int, line_words: int) -> int:
     """QUANT's d and sumq phases (hw/sfu_exec.py): each cycle up to ``lanes`` words of one
     entry of the d/sumq buffer (block ``b`` in word ``b % lanes``), never past the writer's
