@@ -83,6 +83,32 @@ def program_macs(program: bytes) -> int:
     return total
 
 
+def _macs_of(bundle) -> dict:
+    """{bucket T: MACs of its program's MV/MM instructions}, the decode program at T = 1."""
+    return {**{T: program_macs(p) for T, p in bundle.prefill.items()}, 1: program_macs(bundle.program)}
+
+
+def _counted(rtl, first_run: int, first_dec: int) -> tuple:
+    """(cycles, busy_mv, buckets) of the rtl backend's runs since ``first_run`` prefill runs and
+    ``first_dec`` decode runs (an odd last token runs the decode program)."""
+    pre, dec = rtl.prefill_runs[first_run:], rtl.runs[first_dec:]
+    return (sum(r["cycles"] for r in pre) + sum(r.cycles for r in dec),
+            sum(r["busy_mv"] for r in pre) + sum(r.counters.get("busy_mv", 0) for r in dec),
+            [r["tokens"] for r in pre] + [1] * len(dec))
+
+
+def _prompt_row(config, n: int, buckets, cycles: int, busy_mv: int, macs: int, **rest) -> dict:
+    """One row of the table: a prompt of ``n`` tokens in runs of ``buckets`` tokens."""
+    peak = config.prefill_macs_per_cycle
+    secs = cycles / (config.clock_mhz * 1e6)
+    return {"config": config.name, "lanes": config.chain.tokens, "prompt_tokens": n,
+            "buckets": list(buckets), "cycles": cycles, "cycles_per_token": round(cycles / n),
+            "tokens_per_s": round(n / secs, 1), "ttft_ms": round(1e3 * secs, 2),
+            "mac_utilization": round(macs / (cycles * peak), 3),
+            "mac_utilization_mv_busy": round(macs / (busy_mv * peak), 3) if busy_mv else 0.0,
+            "mv_busy_fraction": round(busy_mv / cycles, 3), **rest}
+
+
 def run(config, model, prompts, tok_ids):
     bundle = compile_model(model, config)
     t = time.perf_counter()
@@ -90,8 +116,7 @@ def run(config, model, prompts, tok_ids):
     build = time.perf_counter() - t
     gold = GoldenDevice(model, config, bundle=bundle)
     kv0, kvn = (int(v) for v in bundle.manifest["memory_map"]["kv"])
-    macs_of = {T: program_macs(p) for T, p in bundle.prefill.items()}
-    macs_of[1] = program_macs(bundle.program)
+    macs_of = _macs_of(bundle)
     rows = []
     try:
         for n in prompts:
@@ -104,24 +129,12 @@ def run(config, model, prompts, tok_ids):
             lr = rtl.forward(toks)
             wall = time.perf_counter() - t
             lg = gold.forward(toks)
-            pre = rtl.prefill_runs[first_run:]
-            dec = rtl.runs[first_dec:]
-            cycles = sum(r["cycles"] for r in pre) + sum(r.cycles for r in dec)
-            busy_mv = sum(r["busy_mv"] for r in pre) + sum(r.counters.get("busy_mv", 0) for r in dec)
-            macs = sum(macs_of[r["tokens"]] for r in pre) + len(dec) * macs_of[1]
-            peak = config.prefill_macs_per_cycle
-            secs = cycles / (config.clock_mhz * 1e6)
-            row = {"config": config.name, "lanes": config.chain.tokens, "prompt_tokens": n,
-                   "buckets": [r["tokens"] for r in pre] + [1] * len(dec),
-                   "cycles": cycles, "cycles_per_token": round(cycles / n),
-                   "tokens_per_s": round(n / secs, 1), "ttft_ms": round(1e3 * secs, 2),
-                   "mac_utilization": round(macs / (cycles * peak), 3),
-                   "mac_utilization_mv_busy": round(macs / (busy_mv * peak), 3) if busy_mv else 0.0,
-                   "mv_busy_fraction": round(busy_mv / cycles, 3),
-                   "logits_bit_exact": bool(np.array_equal(lr.view(np.uint32), lg.view(np.uint32))),
-                   "kv_bit_exact": bool(np.array_equal(rtl.acc.read_hbm(kv0, kvn),
-                                                       gold.golden.hbm[kv0:kv0 + kvn])),
-                   "build_seconds": round(build, 1), "wall_seconds": round(wall, 1)}
+            cycles, busy_mv, buckets = _counted(rtl, first_run, first_dec)
+            row = _prompt_row(
+                config, n, buckets, cycles, busy_mv, sum(macs_of[T] for T in buckets),
+                logits_bit_exact=bool(np.array_equal(lr.view(np.uint32), lg.view(np.uint32))),
+                kv_bit_exact=bool(np.array_equal(rtl.acc.read_hbm(kv0, kvn), gold.golden.hbm[kv0:kv0 + kvn])),
+                build_seconds=round(build, 1), wall_seconds=round(wall, 1))
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
@@ -191,11 +204,9 @@ def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: i
                 lr = rtl.forward(toks)
                 wall = time.perf_counter() - t
                 lg = gold.forward(toks)
-                pre, dec = rtl.prefill_runs[first_run:], rtl.runs[first_dec:]
+                cycles, busy_mv, _ = _counted(rtl, first_run, first_dec)
                 line = {"key": _key(config, n), "run": i, "pos": pos, "tokens": T,
-                        "cycles": sum(r["cycles"] for r in pre) + sum(r.cycles for r in dec),
-                        "busy_mv": sum(r["busy_mv"] for r in pre)
-                        + sum(r.counters.get("busy_mv", 0) for r in dec),
+                        "cycles": cycles, "busy_mv": busy_mv,
                         "logits_bit_exact": bool(np.array_equal(lr.view(np.uint32), lg.view(np.uint32))),
                         "kv_bit_exact": bool(np.array_equal(rtl.acc.read_hbm(kv0, kvn),
                                                             gold.golden.hbm[kv0:kv0 + kvn])),
@@ -211,8 +222,7 @@ def merge(config, model, prompts, results: str) -> list:
     """The rows of the (lanes, prompt) pairs whose runs are all in ``results``."""
     bundle = compile_model(model, config, emit_image=False)
     done = _read_results(results)
-    macs_of = {T: program_macs(p) for T, p in bundle.prefill.items()}
-    macs_of[1] = program_macs(bundle.program)
+    macs_of = _macs_of(bundle)
     rows = []
     for n in prompts:
         plan = _plan(bundle, n)
@@ -223,20 +233,12 @@ def merge(config, model, prompts, results: str) -> list:
                   f"({', '.join(map(str, missing[:12]))}{' ...' if len(missing) > 12 else ''})",
                   file=sys.stderr)
             continue
-        cycles = sum(g["cycles"] for g in got)
-        busy_mv = sum(g["busy_mv"] for g in got)
-        macs = sum(macs_of[T] for _, _, T in plan)
-        peak = config.prefill_macs_per_cycle
-        secs = cycles / (config.clock_mhz * 1e6)
-        row = {"config": config.name, "lanes": config.chain.tokens, "prompt_tokens": n,
-               "buckets": [T for _, _, T in plan], "cycles": cycles,
-               "cycles_per_token": round(cycles / n), "tokens_per_s": round(n / secs, 1),
-               "ttft_ms": round(1e3 * secs, 2), "mac_utilization": round(macs / (cycles * peak), 3),
-               "mac_utilization_mv_busy": round(macs / (busy_mv * peak), 3) if busy_mv else 0.0,
-               "mv_busy_fraction": round(busy_mv / cycles, 3),
-               "logits_bit_exact": all(g["logits_bit_exact"] for g in got),
-               "kv_bit_exact": all(g["kv_bit_exact"] for g in got),
-               "sharded": True, "wall_seconds": round(sum(g["wall_seconds"] for g in got), 1)}
+        row = _prompt_row(
+            config, n, [T for _, _, T in plan], sum(g["cycles"] for g in got),
+            sum(g["busy_mv"] for g in got), sum(macs_of[T] for _, _, T in plan),
+            logits_bit_exact=all(g["logits_bit_exact"] for g in got),
+            kv_bit_exact=all(g["kv_bit_exact"] for g in got),
+            sharded=True, wall_seconds=round(sum(g["wall_seconds"] for g in got), 1))
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
