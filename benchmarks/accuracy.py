@@ -3,9 +3,9 @@
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/accuracy.py [--json] [--golden]
 
 Runs the reference backend (``llmfab.sim.reference``) with an fp16 KV cache
-(``kv_cache="f16"``, llama.cpp's default, no flash attention) and with a Q8_0
-KV cache (``kv_cache="q8_0"``, llama.cpp's ``--cache-type-k/v q8_0`` with flash
-attention) over the texts of ``tests/data/llamacpp_logits*.npz``
+(``kv_cache="f16"``, llama.cpp's default, no flash attention), a Q8_0 KV cache
+(``kv_cache="q8_0"``, llama.cpp's ``--cache-type-k/v q8_0`` with flash
+attention) and a Q4_0 one (``kv_cache="q4_0"``) over the texts of ``tests/data/llamacpp_logits*.npz``
 (docs/reference-data.md), and compares each with each llama.cpp file present:
 
 * ``llamacpp_logits.npz``       llama.cpp, fp16 KV cache, flash attention off;
@@ -13,15 +13,18 @@ attention) over the texts of ``tests/data/llamacpp_logits*.npz``
 * ``llamacpp_logits_kvq8.npz``  llama.cpp, q8_0 K and V, flash attention on
   (with its default Walsh-Hadamard rotation of Q, K and V);
 * ``llamacpp_logits_kvq8_norot.npz``  the same with the rotation off
-  (``LLAMA_ATTN_ROT_DISABLE=1``), against the reference's ``kv_rotation=False``.
+  (``LLAMA_ATTN_ROT_DISABLE=1``), against the reference's ``kv_rotation=False``;
+* ``llamacpp_logits_kvq4.npz``, ``llamacpp_logits_kvq4_norot.npz``  the same with a
+  q4_0 cache, against the reference's ``kv_cache="q4_0"``.
 
-It also compares the llama.cpp files with one another (top-16 only: the logit
-error is over the reference file's top-8 ids found in the other's top-16), so
-the effect of the KV format and of flash attention on llama.cpp itself shows.
+It also compares each llama.cpp file with the fp16 one, and each unrotated file
+with its rotated one (top-16 only: the logit error is over the second file's
+top-8 ids found in the first's top-16), so the effect of the KV format and of
+flash attention on llama.cpp itself shows.
 Columns: top-1 agreement; agreement where llama.cpp's top-1 leads its second
 by more than 0.5 and by more than 1.0 logit; median and max |logit error| over
 llama.cpp's top-8 ids. Bars (docs/numerics.md): top-1 >= 96 %, 100 % where the
-lead is > 0.5, median <= 0.35. Takes a minute or two (three reference passes
+lead is > 0.5, median <= 0.35. Takes a few minutes (five reference passes
 over 592 positions).
 """
 
@@ -45,10 +48,13 @@ LLAMACPP = {
     "llama.cpp f16 KV, flash attn": "llamacpp_logits_fa.npz",
     "llama.cpp q8_0 KV (flash attn)": "llamacpp_logits_kvq8.npz",
     "llama.cpp q8_0 KV, no rotation": "llamacpp_logits_kvq8_norot.npz",
+    "llama.cpp q4_0 KV (flash attn)": "llamacpp_logits_kvq4.npz",
+    "llama.cpp q4_0 KV, no rotation": "llamacpp_logits_kvq4_norot.npz",
 }
 #: reference runs: label -> (kv_cache, kv_rotation)
 REFERENCE = {"reference f16 KV": ("f16", True), "reference q8_0 KV": ("q8_0", True),
-             "reference q8_0 KV, no rotation": ("q8_0", False)}
+             "reference q8_0 KV, no rotation": ("q8_0", False), "reference q4_0 KV": ("q4_0", True),
+             "reference q4_0 KV, no rotation": ("q4_0", False)}
 #: golden runs (--golden): label -> the ci configuration's attention engine
 GOLDEN = {"golden, fp16 KV, attention in the SFU": "sfu",
           "golden, attention on the chains (Q8_0 K, int8 V^T)": "chains"}
@@ -101,10 +107,11 @@ def measure(data: str = DATA, golden: bool = False) -> list[dict]:
         logits = golden_logits(model, engine, first)
         for vs in files:
             row(label, vs, compare, logits)
-    names = list(files)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            row(b, a, compare_topk, files[b])
+    base = next(iter(LLAMACPP))
+    for b in files:
+        for a in (base, b.replace(", no rotation", " (flash attn)")):
+            if a != b and a in files:
+                row(b, a, compare_topk, files[b])
     return rows
 
 

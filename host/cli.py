@@ -56,9 +56,10 @@ def _add_backend(p):
     p.add_argument("--context", type=int, metavar="N", default=None,
                    help="token positions the reference backend holds (default: the model's context "
                         "length, also the most it takes); golden, rtl and xrt use the compiled program's")
-    p.add_argument("--kv-cache", choices=("f16", "q8_0"), default=None,
-                   help="KV cache format of the reference backend: f16 (default) or q8_0 "
-                        "(llama.cpp's --cache-type-k/v q8_0 with flash attention; see docs/numerics.md)")
+    p.add_argument("--kv-cache", choices=("f16", "q8_0", "q4_0"), default=None,
+                   help="KV cache format of the reference backend: f16 (default), q8_0 or q4_0 "
+                        "(llama.cpp's --cache-type-k/v q8_0 / q4_0 with flash attention; see "
+                        "docs/numerics.md)")
     p.add_argument("--xclbin", metavar="FILE", default=None,
                    help="xrt on a card: the xclbin to load (make in the directory llmfab build wrote)")
     p.add_argument("--device", metavar="N|sim", default=None,

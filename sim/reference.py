@@ -27,7 +27,8 @@ unchanged in exact arithmetic but spreads outliers before quantizing
 as Q8_0 blocks of 32 along head_dim (per position and KV head, ``d = amax/127``
 as fp16, ``q = round-half-even(x * 127/amax)``: the x86 ``quantize_row_q8_0``
 that ggml-cpu's ``set_rows`` calls when it writes the cache) and read back
-dequantized. With ``llamacpp_rounding`` the attention then rounds as ggml-cpu's
+dequantized. ``kv_cache="q4_0"`` mirrors ``--cache-type-k/v q4_0`` the same way,
+with Q4_0 blocks (:func:`q4_0_round`, ggml's ``quantize_row_q4_0_ref``). With ``llamacpp_rounding`` the attention then rounds as ggml-cpu's
 flash-attention kernel (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``)
 does for a Q8_0 K and V: Q is quantized to Q8_0 too (K's ``vec_dot_type``)
 for ``K Q``, and the softmax and ``V softmax`` stay float32 (V is dequantized
@@ -47,10 +48,11 @@ import numpy as np
 from llmfab.core.errors import ModelError
 from llmfab.compiler.model import Model
 
-__all__ = ["ReferenceModel", "KV_CACHE_TYPES", "fwht", "rms_norm", "rope_tables", "apply_rope", "q8_round", "q8_1_round"]
+__all__ = ["ReferenceModel", "KV_CACHE_TYPES", "fwht", "rms_norm", "rope_tables", "apply_rope", "q8_round", "q8_1_round",
+           "q4_0_round"]
 
 
-KV_CACHE_TYPES = ("f16", "q8_0")
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -80,6 +82,20 @@ def q8_round(x: np.ndarray) -> np.ndarray:
     """
     q, d = _q8(x)
     return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
+
+
+def q4_0_round(x: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks of 32 along the last axis, as ggml's ``quantize_row_q4_0_ref`` (which
+    ggml-cpu's ``set_rows`` calls to write a q4_0 KV cache): per block, ``m`` the element of
+    largest magnitude (the first such), ``d = m / -8``, ``q = min(15, trunc(x / d + 8.5))``
+    with ``1/d`` in float32; returns the float32 values ``fp16(d) * (q - 8)``."""
+    b = x.reshape(-1, 32).astype(np.float32)
+    m = b[np.arange(len(b)), np.argmax(np.abs(b), axis=1)][:, None]
+    d = m / np.float32(-8.0)
+    nz = d != 0
+    inv = np.where(nz, np.float32(1.0) / np.where(nz, d, np.float32(1.0)), np.float32(0.0))
+    q = np.minimum(np.float32(15.0), np.trunc(b * inv.astype(np.float32) + np.float32(8.5)))
+    return ((q - np.float32(8.0)) * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
 
 
 def q8_1_round(x: np.ndarray):
@@ -238,14 +254,15 @@ class ReferenceModel:
         context costs memory only when it is filled.
     llamacpp_rounding : bool
         Round where llama.cpp's CPU path rounds (see the module docstring).
-    kv_cache : {"f16", "q8_0"}
+    kv_cache : {"f16", "q8_0", "q4_0"}
         ``"f16"`` (default): llama.cpp's default fp16 cache without flash attention
-        (float32 when ``llamacpp_rounding`` is off). ``"q8_0"``: K and V stored as
-        Q8_0 blocks along head_dim, attention as llama.cpp's CPU flash-attention
-        kernel computes it over a q8_0 cache. The arrays hold the dequantized values
-        (in the rotated basis when ``kv_rotation``).
+        (float32 when ``llamacpp_rounding`` is off). ``"q8_0"`` / ``"q4_0"``: K and V
+        stored as Q8_0 / Q4_0 blocks along head_dim, attention as llama.cpp's CPU
+        flash-attention kernel computes it over such a cache (Q quantized to Q8_0, K's
+        ``vec_dot_type`` for both). The arrays hold the dequantized values (in the
+        rotated basis when ``kv_rotation``).
     kv_rotation : bool
-        With ``kv_cache="q8_0"``: rotate Q, K and V by a Walsh-Hadamard matrix first, as
+        With a quantized cache: rotate Q, K and V by a Walsh-Hadamard matrix first, as
         llama.cpp does by default (False: as with ``LLAMA_ATTN_ROT_DISABLE=1``).
     """
 
@@ -256,8 +273,8 @@ class ReferenceModel:
         d = self.desc = model.desc
         if kv_cache not in KV_CACHE_TYPES:
             raise ModelError(f"unknown KV cache type '{kv_cache}' (choose from {', '.join(KV_CACHE_TYPES)})")
-        if kv_cache == "q8_0" and d.head_dim % 32:
-            raise ModelError(f"a q8_0 KV cache needs head_dim a multiple of 32; model '{d.name}' "
+        if kv_cache != "f16" and d.head_dim % 32:
+            raise ModelError(f"a {kv_cache} KV cache needs head_dim a multiple of 32; model '{d.name}' "
                              f"has {d.head_dim}")
         self.kv_cache = kv_cache
         # llama.cpp rotates Q, K (and V, and back the attention output) by a Walsh-Hadamard
@@ -265,7 +282,7 @@ class ReferenceModel:
         # largest power of two >= 64 dividing head_dim, V by 64 (llama_kv_cache::build_input_k_rot,
         # build_input_v_rot; LLAMA_ATTN_ROT_DISABLE=1 turns it off, kv_rotation=False here)
         self.rot_k = self.rot_v = 0
-        if kv_cache == "q8_0" and kv_rotation and d.head_dim % 64 == 0:
+        if kv_cache != "f16" and kv_rotation and d.head_dim % 64 == 0:
             self.rot_k = 64
             while d.head_dim % (2 * self.rot_k) == 0:
                 self.rot_k *= 2
@@ -325,7 +342,8 @@ class ReferenceModel:
         S = self.pos + T
         mask = np.triu(np.full((T, S), -np.inf, np.float32), k=self.pos + 1)
         rnd = self.llamacpp_rounding
-        q8kv = self.kv_cache == "q8_0"
+        quant_kv = self.kv_cache != "f16"      # a quantized cache (q8_0 or q4_0)
+        kv_round = q4_0_round if self.kv_cache == "q4_0" else q8_round
         for li, L in enumerate(self.layers):
             qkv = L["qkv"](rms_norm(x, L["attn_norm"], d.rms_eps), rnd)
             q = qkv[:, :nq * hd].reshape(T, nq, hd)
@@ -333,13 +351,13 @@ class ReferenceModel:
             v = qkv[:, (nq + nkv) * hd:].reshape(T, nkv, hd)
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
-            if q8kv:  # Q8_0 blocks along head_dim, as set_rows writes a q8_0 cache
+            if quant_kv:  # Q8_0 / Q4_0 blocks along head_dim, as set_rows writes the cache
                 if self.rot_k:
                     q, k = fwht(q, self.rot_k), fwht(k, self.rot_k)
                 if self.rot_v:
                     v = fwht(v, self.rot_v)
-                k = q8_round(k)
-                v = q8_round(v)
+                k = kv_round(k)
+                v = kv_round(v)
                 if rnd:   # the flash-attention kernel quantizes Q to K's vec_dot_type, Q8_0
                     q = q8_round(q)
             elif rnd:   # llama.cpp keeps K and V in fp16, and multiplies Q by K in fp16
@@ -356,7 +374,7 @@ class ReferenceModel:
             att = att - att.max(axis=-1, keepdims=True)
             np.exp(att, out=att)
             att /= att.sum(axis=-1, keepdims=True)
-            if rnd and not q8kv:   # and the softmax by V in fp16 (flash attention: float32)
+            if rnd and not quant_kv:   # and the softmax by V in fp16 (flash attention: float32)
                 att = att.astype(np.float16).astype(np.float32)
             o = np.einsum("kgts,skd->tkgd", att, V, optimize=True).reshape(T, nq * hd)
             if self.rot_v:   # rotate back (the matrix is its own inverse)

@@ -443,12 +443,19 @@ def test_generate_prompt_past_context_refused(capsys):
                    f"positions: shorten it")
 
 
-def test_kv_cache_option(capsys):
-    """--kv-cache q8_0: the reference backend with llama.cpp's q8_0 KV cache; other backends refuse it."""
-    rc, out, err = run(capsys, "generate", "--prompt", PROMPT, "--max-tokens", 4, "--kv-cache", "q8_0",
+@pytest.mark.parametrize("kv", ["q8_0", "q4_0"])
+def test_kv_cache_option(capsys, kv):
+    """--kv-cache q8_0 / q4_0: the reference backend with llama.cpp's quantized KV cache; other
+    backends refuse it."""
+    from llmfab.sim.reference import KV_CACHE_TYPES
+    rc, out, err = run(capsys, "generate", "--prompt", PROMPT, "--max-tokens", 4, "--kv-cache", kv,
                        "--context", 32, "--json")
     assert rc == 0, err
     assert json.loads(out)["text"].startswith(" Paris")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--prompt", PROMPT, "--kv-cache", "q5_0"])
+    assert e.value.code == 2
+    assert f"(choose from {', '.join(map(repr, KV_CACHE_TYPES))})" in capsys.readouterr().err
     one_line_error(*run(capsys, "generate", "--prompt", "x", "--kv-cache", "q8_0", "--backend", "golden"),
                    "--kv-cache applies to --backend reference; backend 'golden' keeps the "
                    "accelerator's fp16 KV cache")

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType, quants
 
 from llmfab.core.errors import ModelError
 from llmfab.sim.accuracy import compare, load_llamacpp_reference
-from llmfab.sim.reference import ReferenceModel, fwht, q8_round
+from llmfab.sim.reference import ReferenceModel, fwht, q4_0_round, q8_round
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 KVQ8 = os.path.join(DATA, "llamacpp_logits_kvq8.npz")
@@ -216,5 +216,37 @@ def test_rotation_follows_llamacpp(smol):
 
 
 def test_kv_cache_option_checked(smol):
-    with pytest.raises(ModelError, match="unknown KV cache type 'q4_0'"):
-        ReferenceModel(smol, kv_cache="q4_0")
+    with pytest.raises(ModelError, match=r"^unknown KV cache type 'q5_0' \(choose from f16, q8_0, q4_0\)$"):
+        ReferenceModel(smol, kv_cache="q5_0")
+
+
+# ------------------------------------------------------------------ the q4_0 cache
+def test_q4_0_round_is_ggml_q4_0():
+    """q4_0_round == gguf's Q4_0 quantize + dequantize (ggml's quantize_row_q4_0_ref: d = the
+    largest-magnitude element / -8, q = min(15, trunc(x/d + 8.5))), outlier channels and
+    all-zero blocks included."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((4096, 64)) * rng.uniform(1e-3, 30, (4096, 1))).astype(np.float32)
+    x[::97, 5] *= 40
+    x[3] = 0.0
+    want = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    np.testing.assert_array_equal(q4_0_round(x), want)
+    assert q4_0_round(x).dtype == np.float32 and not q4_0_round(x[3]).any()
+
+
+def test_cache_holds_q4_0_blocks(smol):
+    """A q4_0 cache stores every K and V row, per position and KV head, as Q4_0 blocks: values
+    (q - 8) * d with d an fp16 number and q - 8 in -8..7, -8 reached in each nonzero block (the
+    largest-magnitude element maps to -8), rotated first as llama.cpp does."""
+    r = ReferenceModel(smol, kv_cache="q4_0")
+    assert (r.rot_k, r.rot_v) == (64, 64)
+    r.forward([1, 2, 3, 4, 5])
+    for cache in (r.k_cache, r.v_cache):
+        blocks = cache[:, :5].reshape(-1, 32).astype(np.float64)
+        i = np.argmax(np.abs(blocks), axis=1)
+        d = -blocks[np.arange(len(blocks)), i] / 8
+        assert (d != 0).all()
+        np.testing.assert_array_equal(d, d.astype(np.float16).astype(np.float64))
+        q = blocks / d[:, None]
+        np.testing.assert_array_equal(q, np.rint(q))
+        assert q.min() == -8 and q.max() <= 7
