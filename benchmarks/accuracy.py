@@ -1,6 +1,6 @@
 """Benchmark: the reference backend's teacher-forced accuracy against llama.cpp, per KV-cache format.
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/accuracy.py [--json] [--golden]
+    OPENBLAS_NUM_THREADS=1 OPENBLAS_CORETYPE=Haswell .venv/bin/python benchmarks/accuracy.py [--json] [--golden]
 
 Runs the reference backend (``llmfab.sim.reference``) with an fp16 KV cache
 (``kv_cache="f16"``, llama.cpp's default, no flash attention), a Q8_0 KV cache

@@ -216,7 +216,8 @@ def _check_backend_args(args) -> None:
         raise LlmfabError(f"--timeout-ms must be at least 1, not {args.timeout_ms}")
     if args.kv_cache is not None and args.backend != "reference":
         raise LlmfabError(f"--kv-cache applies to --backend reference; backend '{args.backend}' "
-                          f"keeps the accelerator's fp16 KV cache")
+                          f"keeps the compiled program's KV cache (fp16, or Q8_0 K / int8 V with "
+                          f"attention on the chains)")
     if args.context is not None:
         if args.backend != "reference":
             raise LlmfabError(f"--context applies to --backend reference; backend '{args.backend}' "

@@ -458,7 +458,7 @@ def test_kv_cache_option(capsys, kv):
     assert f"(choose from {', '.join(map(repr, KV_CACHE_TYPES))})" in capsys.readouterr().err
     one_line_error(*run(capsys, "generate", "--prompt", "x", "--kv-cache", "q8_0", "--backend", "golden"),
                    "--kv-cache applies to --backend reference; backend 'golden' keeps the "
-                   "accelerator's fp16 KV cache")
+                   "compiled program's KV cache (fp16, or Q8_0 K / int8 V with attention on the chains)")
 
 
 def test_context_option_checks(capsys, tmp_path):

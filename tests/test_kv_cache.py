@@ -12,7 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 
 from llmfab.core.errors import ModelError
-from llmfab.sim.accuracy import compare, load_llamacpp_reference
+from llmfab.sim.accuracy import compare, compare_topk, load_llamacpp_reference
 from llmfab.sim.reference import ReferenceModel, fwht, q4_0_round, q8_round
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -70,6 +70,8 @@ def agreement_q8_norot(logits_q8_norot, llamacpp_q8_norot):
 # ------------------------------------------------------------- the reference data
 @pytest.mark.parametrize("name, kv, rot", [("llamacpp_logits_kvq8.npz", "q8_0", True),
                                            ("llamacpp_logits_kvq8_norot.npz", "q8_0", False),
+                                           ("llamacpp_logits_kvq4.npz", "q4_0", True),
+                                           ("llamacpp_logits_kvq4_norot.npz", "q4_0", False),
                                            ("llamacpp_logits_fa.npz", "f16", False)])
 def test_llamacpp_files(name, kv, rot):
     """What each file is (meta_json), and the same texts and tokens as llamacpp_logits.npz."""
@@ -85,8 +87,9 @@ def test_llamacpp_files(name, kv, rot):
 
 def test_reference_files_are_small():
     total = sum(os.path.getsize(os.path.join(DATA, f)) for f in
-                ("llamacpp_logits_kvq8.npz", "llamacpp_logits_kvq8_norot.npz", "llamacpp_logits_fa.npz"))
-    assert total < 250_000
+                ("llamacpp_logits_kvq8.npz", "llamacpp_logits_kvq8_norot.npz", "llamacpp_logits_fa.npz",
+                 "llamacpp_logits_kvq4.npz", "llamacpp_logits_kvq4_norot.npz"))
+    assert total < 400_000
 
 
 # ------------------------------------------------------------------ the bars
@@ -250,3 +253,39 @@ def test_cache_holds_q4_0_blocks(smol):
         q = blocks / d[:, None]
         np.testing.assert_array_equal(q, np.rint(q))
         assert q.min() == -8 and q.max() <= 7
+
+
+# ------------------------------------------------- why the cache is not 4-bit (issue 11)
+KVQ4 = os.path.join(DATA, "llamacpp_logits_kvq4.npz")
+KVQ4_NOROT = os.path.join(DATA, "llamacpp_logits_kvq4_norot.npz")
+F16 = os.path.join(DATA, "llamacpp_logits.npz")
+
+
+def test_q4_0_cache_misses_the_bars_in_llamacpp_itself():
+    """llama.cpp's own q4_0 KV cache against its fp16 cache (same texts, teacher-forced) misses
+    issue 11's accuracy bars on SmolLM2 (measured: top-1 88.7 % rotated / 79.2 % without the
+    rotation, median |logit error| 0.535 / 1.016, bars 96 % and 0.35), where its q8_0 cache
+    meets them (97.1 %, 0.146): a 4-bit cache is the format's loss, not a mirror's."""
+    f16 = load_llamacpp_reference(F16)
+    q8 = compare_topk(load_llamacpp_reference(KVQ8), f16, margin=0.5, topn=8)
+    assert q8.top1_agreement >= 0.96 and q8.median_abs_err_top8 <= 0.35, q8
+    for path, top1, med in ((KVQ4, 0.90, 0.45), (KVQ4_NOROT, 0.82, 0.9)):
+        a = compare_topk(load_llamacpp_reference(path), f16, margin=0.5, topn=8)
+        assert a.positions >= 400
+        assert a.top1_agreement < top1 and a.median_abs_err_top8 > med, (path, a)
+        assert a.confident_agreement < 1.0, (path, a)
+
+
+@pytest.mark.parametrize("rot", [True, False])
+def test_q4_0_mirror_follows_llamacpp(smol, rot):
+    """The reference's q4_0 cache tracks llama.cpp's like for like: against the file made with
+    the same rotation choice its logits are much closer than against the other (measured:
+    median 0.536 vs 1.272 rotated, 0.763 vs 1.031 without), though no mirror of a 4-bit cache
+    meets the bars (top-1 90.5 % / 81.4 %: the 4-bit rounding amplifies summation order)."""
+    same, other = (KVQ4, KVQ4_NOROT) if rot else (KVQ4_NOROT, KVQ4)
+    ref_same = load_llamacpp_reference(same)
+    logits = run_all(ReferenceModel(smol, kv_cache="q4_0", kv_rotation=rot), ref_same)
+    a = compare(logits, ref_same, margin=0.5, topn=8)
+    b = compare(logits, load_llamacpp_reference(other), margin=0.5, topn=8)
+    assert a.median_abs_err_top8 + 0.2 < b.median_abs_err_top8, (a, b)
+    assert a.top1_agreement > b.top1_agreement, (a, b)
