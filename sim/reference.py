@@ -277,6 +277,10 @@ class ReferenceModel:
             raise ModelError(f"a {kv_cache} KV cache needs head_dim a multiple of 32; model '{d.name}' "
                              f"has {d.head_dim}")
         self.kv_cache = kv_cache
+        #: how a quantized cache rounds the K and V rows it stores (float32 in, float32 out);
+        #: benchmarks/kv_formats.py swaps in other formats to measure them
+        rnd = q4_0_round if kv_cache == "q4_0" else q8_round
+        self.kv_round = (rnd, rnd)
         # llama.cpp rotates Q, K (and V, and back the attention output) by a Walsh-Hadamard
         # matrix when the cache is quantized and head_dim is a multiple of 64: K and Q by the
         # largest power of two >= 64 dividing head_dim, V by 64 (llama_kv_cache::build_input_k_rot,
@@ -343,7 +347,7 @@ class ReferenceModel:
         mask = np.triu(np.full((T, S), -np.inf, np.float32), k=self.pos + 1)
         rnd = self.llamacpp_rounding
         quant_kv = self.kv_cache != "f16"      # a quantized cache (q8_0 or q4_0)
-        kv_round = q4_0_round if self.kv_cache == "q4_0" else q8_round
+        round_k, round_v = self.kv_round
         for li, L in enumerate(self.layers):
             qkv = L["qkv"](rms_norm(x, L["attn_norm"], d.rms_eps), rnd)
             q = qkv[:, :nq * hd].reshape(T, nq, hd)
@@ -356,8 +360,8 @@ class ReferenceModel:
                     q, k = fwht(q, self.rot_k), fwht(k, self.rot_k)
                 if self.rot_v:
                     v = fwht(v, self.rot_v)
-                k = kv_round(k)
-                v = kv_round(v)
+                k = round_k(k)
+                v = round_v(v)
                 if rnd:   # the flash-attention kernel quantizes Q to K's vec_dot_type, Q8_0
                     q = q8_round(q)
             elif rnd:   # llama.cpp keeps K and V in fp16, and multiplies Q by K in fp16
