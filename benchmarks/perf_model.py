@@ -239,7 +239,24 @@ def projection(cfg, positions):
             f"({_attn_misc(r) / 1e6:.2f} M) | {r['tokens_per_s']:.1f} | {r['hbm_utilization']:.3f} | "
             f"{r['hbm_utilization_sustainable']:.3f} | {r['bound']} | {r['memory_only_tokens_per_s']:.0f} |")
     _projection_plot(rows, cfg, os.path.join(IMG, f"perf_projection_{cfg.name}.png"))
-    return "\n".join(table)
+    first = next(r for r in rows if r["attention"] == "chains" and r["format"] == "q4_0")
+    return "\n".join(table) + "\n\n" + mv_breakdown(first)
+
+
+def mv_breakdown(r) -> str:
+    """Where the MV unit's cycles go in one projected step (``r``: a projection row): per MV/MM
+    shape, the instructions, their cycles, the cycles their MACs take at the chains' full rate
+    and the ratio (the chains' efficiency on that shape), beside the step's loads."""
+    out = [f"The MV unit in that step (attention on the chains, {r['format'].upper()}, position "
+           f"{r['pos']}): {r['mv_cycles'] / 1e6:.2f} M cycles against {r['load_cycles'] / 1e6:.2f} M "
+           f"of loads, by MV shape (`PerfEstimate.mv_by_shape`):", "",
+           "| MV shape (rows x cols, weights) | instructions | cycles | at the chains' full rate | efficiency |",
+           "|---|---|---|---|---|"]
+    for shape, (n, cyc, ideal) in sorted(r["mv_by_shape"].items(), key=lambda kv: -kv[1][1]):
+        out.append(f"| {shape} | {n:,} | {cyc:,} | {ideal:,} | {ideal / cyc:.2f} |")
+    n, cyc, ideal = (sum(v[i] for v in r["mv_by_shape"].values()) for i in range(3))
+    out.append(f"| all | {n:,} | {cyc:,} | {ideal:,} | {ideal / cyc:.2f} |")
+    return "\n".join(out)
 
 
 #: MISC operations that are attention's: the SFU's ATTN, or on the chains its SFU parts

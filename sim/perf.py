@@ -210,6 +210,9 @@ class PerfEstimate:
     sfu_lanes: int = 0
     misc_by_op: dict = field(default_factory=dict)   # MISC op -> cycles
     store_cycles: int = 0
+    #: MV/MM shape "rows x cols format" -> [instructions, cycles, the cycles its MACs would
+    #: take at the chains' full rate]: where the MV unit's time goes
+    mv_by_shape: dict = field(default_factory=dict)
 
     def to_dict(self):
         return asdict(self)
@@ -575,6 +578,7 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     used = {ch: 0 for ch in rel}
     busy = {"ld": 0.0, "cmp": 0.0, "st": 0.0, "mv": 0.0, "misc": 0.0}
     misc_by_op = {}
+    mv_by_shape = {}
     wbytes = kvbytes = macs = 0
     fetch_debt = 0.0                                # port cycles the instruction fetch took
     ld_idle_from = 0.0
@@ -765,6 +769,12 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                     if exec_first:
                         bank_debt += _ceil(f["rows"] * 4, D)
                 busy["mv"] += cyc
+                fmt = isa.FMTS[f["func"] & 3]
+                sh = mv_by_shape.setdefault(f"{rows} x {cols} {fmt}" + (f" x {nt} tokens" if nt > 1 else ""),
+                                            [0, 0.0, 0.0])
+                sh[0] += 1
+                sh[1] += cyc
+                sh[2] += rows * cols * nt / (config.format_macs_per_cycle(fmt) * min(nt, config.chain.tokens))
             else:
                 name = isa.MISC_NAMES[f["func"]]
                 if name == "KVROW" and kv_region is None:
@@ -835,7 +845,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
                                      if cycles else 0.0),
         peak_bytes_per_cycle=peak, validate_cycles=int(validate), exec_cycles=int(exec_cycles),
         pos=pos, tokens=ntok, sfu_lanes=L, misc_by_op={k: int(v) for k, v in misc_by_op.items()},
-        store_cycles=int(busy["st"]))
+        store_cycles=int(busy["st"]),
+        mv_by_shape={k: [v[0], int(v[1]), int(v[2])] for k, v in mv_by_shape.items()})
 
 
 def with_costs(**changes) -> UnitCosts:

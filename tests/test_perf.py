@@ -245,6 +245,26 @@ def test_ci_chains_decode_steps_within_10_percent_of_the_rtl():
         assert perf.estimate(b, cfg, pos=pos, memory="ideal").cycles == pytest.approx(rtl, rel=0.02)
 
 
+def test_mv_by_shape_accounts_for_the_mv_unit(tmp_path):
+    """PerfEstimate.mv_by_shape splits the MV unit's busy cycles by instruction shape: every
+    MV/MM of the program once, the cycles summing to mv_cycles, each shape's full-rate cycles
+    its MACs over the chains' rate for the format (Q8_0 at half rate on packed chains), never
+    more than the cycles it took."""
+    b, cfg = _tinyc_bundle(tmp_path)
+    e = perf.estimate(b, cfg, pos=40, memory="ideal")
+    shapes = e.mv_by_shape
+    n_mv = sum(isa.decode(w).op in ("MV", "MM") for w in isa.from_bytes(b.program))
+    assert sum(v[0] for v in shapes.values()) == n_mv
+    assert abs(sum(v[1] for v in shapes.values()) - e.mv_cycles) <= len(shapes)
+    for key, (n, cyc, ideal) in shapes.items():
+        rows, _, rest = key.partition(" x ")
+        cols, fmt = rest.split()[:2]
+        rate = cfg.format_macs_per_cycle(fmt)
+        assert abs(ideal - n * int(rows) * int(cols) / rate) < 1
+        assert 0 < ideal <= cyc
+    assert any(k.endswith("q8_0") for k in shapes)          # the attention's MVs over the KV cache
+
+
 # ---- the banked KV/weight region's write port (attention on the chains) -------------------
 
 def test_bank_write_stretch():
