@@ -5,8 +5,8 @@
 Runs the reference backend (``llmfab.sim.reference``) with an fp16 KV cache
 (``kv_cache="f16"``, llama.cpp's default, no flash attention), a Q8_0 KV cache
 (``kv_cache="q8_0"``, llama.cpp's ``--cache-type-k/v q8_0`` with flash
-attention) and a Q4_0 one (``kv_cache="q4_0"``) over the texts of ``tests/data/llamacpp_logits*.npz``
-(docs/reference-data.md), and compares each with each llama.cpp file present:
+attention) and a Q4_0 one (``kv_cache="q4_0"``) over the texts of
+``tests/data/llamacpp_logits*.npz`` (docs/reference-data.md), and compares each with each llama.cpp file present:
 
 * ``llamacpp_logits.npz``       llama.cpp, fp16 KV cache, flash attention off;
 * ``llamacpp_logits_fa.npz``    llama.cpp, fp16 KV cache, flash attention on;

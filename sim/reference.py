@@ -28,11 +28,12 @@ as Q8_0 blocks of 32 along head_dim (per position and KV head, ``d = amax/127``
 as fp16, ``q = round-half-even(x * 127/amax)``: the x86 ``quantize_row_q8_0``
 that ggml-cpu's ``set_rows`` calls when it writes the cache) and read back
 dequantized. ``kv_cache="q4_0"`` mirrors ``--cache-type-k/v q4_0`` the same way,
-with Q4_0 blocks (:func:`q4_0_round`, ggml's ``quantize_row_q4_0_ref``). With ``llamacpp_rounding`` the attention then rounds as ggml-cpu's
-flash-attention kernel (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``)
-does for a Q8_0 K and V: Q is quantized to Q8_0 too (K's ``vec_dot_type``)
-for ``K Q``, and the softmax and ``V softmax`` stay float32 (V is dequantized
-to float32 and accumulated in float32). The default ``kv_cache="f16"`` is the
+with Q4_0 blocks (:func:`q4_0_round`, ggml's ``quantize_row_q4_0_ref``). With
+``llamacpp_rounding`` the attention then rounds as ggml-cpu's flash-attention
+kernel (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``) does for a Q8_0
+(or Q4_0) K and V: Q is quantized to Q8_0 too (K's ``vec_dot_type``) for ``K Q``,
+and the softmax and ``V softmax`` stay float32 (V is dequantized to float32 and
+accumulated in float32). The default ``kv_cache="f16"`` is the
 behaviour above, unchanged.
 
 Each operation then agrees with llama.cpp's to the last bits of float32
