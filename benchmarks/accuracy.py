@@ -37,7 +37,8 @@ import os
 import numpy as np
 
 from llmfab.compiler.model import load_model
-from llmfab.sim.accuracy import compare, compare_topk, load_llamacpp_reference
+from llmfab.sim.accuracy import (agreement_cells, agreement_fields, compare, compare_topk,
+                                 load_llamacpp_reference)
 from llmfab.sim.reference import ReferenceModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,11 +94,7 @@ def measure(data: str = DATA, golden: bool = False) -> list[dict]:
 
     def row(ours, vs, fn, arg):
         a5, a10 = fn(arg, files[vs], margin=0.5), fn(arg, files[vs], margin=1.0)
-        rows.append({"ours": ours, "vs": vs, "positions": a5.positions,
-                     "top1": a5.top1_agreement,
-                     "confident_0.5": a5.confident_agreement, "n_confident_0.5": a5.confident_positions,
-                     "confident_1.0": a10.confident_agreement, "n_confident_1.0": a10.confident_positions,
-                     "median_abs_err_top8": a5.median_abs_err_top8, "max_abs_err_top8": a5.max_abs_err_top8})
+        rows.append({"ours": ours, "vs": vs, **agreement_fields(a5, a10)})
 
     for label, (kv, rot) in REFERENCE.items():
         logits = reference_logits(model, kv, first, rot)
@@ -120,10 +117,7 @@ def table(rows: list[dict]) -> str:
            "| median abs logit error, top-8 | max |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['ours']} | {r['vs']} | {100 * r['top1']:.1f} % "
-                   f"| {100 * r['confident_0.5']:.1f} % ({r['n_confident_0.5']}) "
-                   f"| {100 * r['confident_1.0']:.1f} % ({r['n_confident_1.0']}) "
-                   f"| {r['median_abs_err_top8']:.3f} | {r['max_abs_err_top8']:.2f} |")
+        out.append(f"| {r['ours']} | {r['vs']} | {agreement_cells(r)} |")
     return "\n".join(out)
 
 

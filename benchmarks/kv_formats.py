@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llmfab.compiler.model import load_model
-from llmfab.sim.accuracy import compare, load_llamacpp_reference
+from llmfab.sim.accuracy import agreement_cells, agreement_fields, compare, load_llamacpp_reference
 from llmfab.sim.reference import ReferenceModel, q4_0_round, q8_round
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,10 +71,8 @@ def measure() -> list[dict]:
             for toks, _, _ in ref:
                 r.reset()
                 out.append(r.forward(toks))
-            a = compare(out, ref, margin=0.5, topn=8)
-            rows.append({"k": k, "v": v, "rotation": rot, "top1": a.top1_agreement,
-                         "confident_0.5": a.confident_agreement, "n_confident_0.5": a.confident_positions,
-                         "median_abs_err_top8": a.median_abs_err_top8, "max_abs_err_top8": a.max_abs_err_top8})
+            rows.append({"k": k, "v": v, "rotation": rot,
+                         **agreement_fields(compare(out, ref, margin=0.5, topn=8))})
     return rows
 
 
@@ -82,9 +80,7 @@ def table(rows: list[dict]) -> str:
     out = ["| K | V | rotation | top-1 agreement | where llama.cpp leads by > 0.5 | median abs logit error, top-8 | max |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['k']} | {r['v']} | {'yes' if r['rotation'] else 'no'} | {100 * r['top1']:.1f} % "
-                   f"| {100 * r['confident_0.5']:.1f} % ({r['n_confident_0.5']}) "
-                   f"| {r['median_abs_err_top8']:.3f} | {r['max_abs_err_top8']:.2f} |")
+        out.append(f"| {r['k']} | {r['v']} | {'yes' if r['rotation'] else 'no'} | {agreement_cells(r)} |")
     return "\n".join(out)
 
 

@@ -75,3 +75,25 @@ def compare_topk(ours: list, ref: list, *, margin: float = 1.0, topn: int = 8) -
                        [abs(float(ovals[p, where[int(t)]]) - float(v))
                         for t, v in zip(ids[p, :topn], vals[p, :topn]) if int(t) in where])
     return _agreement(rows(), margin)
+
+
+def agreement_fields(at_half: Agreement, at_one: Agreement | None = None) -> dict:
+    """One benchmark row's figures (benchmarks/accuracy.py, benchmarks/kv_formats.py): the
+    agreement with a confidence margin of 0.5 (``at_half``) and, if given, of 1.0."""
+    r = {"positions": at_half.positions, "top1": at_half.top1_agreement,
+         "confident_0.5": at_half.confident_agreement, "n_confident_0.5": at_half.confident_positions}
+    if at_one is not None:
+        r.update({"confident_1.0": at_one.confident_agreement, "n_confident_1.0": at_one.confident_positions})
+    r.update({"median_abs_err_top8": at_half.median_abs_err_top8, "max_abs_err_top8": at_half.max_abs_err_top8})
+    return r
+
+
+def agreement_cells(r: dict) -> str:
+    """The Markdown cells of :func:`agreement_fields`' row: top-1, the confident positions
+    (margin 0.5, then 1.0 if measured), median and max |logit error| over llama.cpp's top-8."""
+    cells = [f"{100 * r['top1']:.1f} %"]
+    for m in ("0.5", "1.0"):
+        if f"confident_{m}" in r:
+            cells.append(f"{100 * r[f'confident_{m}']:.1f} % ({r[f'n_confident_{m}']})")
+    cells += [f"{r['median_abs_err_top8']:.3f}", f"{r['max_abs_err_top8']:.2f}"]
+    return " | ".join(cells)

@@ -289,3 +289,17 @@ def test_q4_0_mirror_follows_llamacpp(smol, rot):
     b = compare(logits, load_llamacpp_reference(other), margin=0.5, topn=8)
     assert a.median_abs_err_top8 + 0.2 < b.median_abs_err_top8, (a, b)
     assert a.top1_agreement > b.top1_agreement, (a, b)
+
+
+def test_benchmark_row_cells():
+    """agreement_fields / agreement_cells (benchmarks/accuracy.py, benchmarks/kv_formats.py):
+    one row's figures and its Markdown cells, with and without the 1.0 margin."""
+    from llmfab.sim.accuracy import Agreement, agreement_cells, agreement_fields
+    a5 = Agreement(positions=592, top1_agreement=0.905, confident_positions=438,
+                   confident_agreement=0.97, median_abs_err_top8=0.5361, max_abs_err_top8=8.904)
+    a10 = Agreement(592, 0.905, 321, 0.991, 0.5361, 8.904)
+    r = agreement_fields(a5, a10)
+    assert list(r) == ["positions", "top1", "confident_0.5", "n_confident_0.5", "confident_1.0",
+                       "n_confident_1.0", "median_abs_err_top8", "max_abs_err_top8"]
+    assert agreement_cells(r) == "90.5 % | 97.0 % (438) | 99.1 % (321) | 0.536 | 8.90"
+    assert agreement_cells(agreement_fields(a5)) == "90.5 % | 97.0 % (438) | 0.536 | 8.90"
