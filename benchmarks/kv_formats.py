@@ -15,6 +15,10 @@ without llama.cpp's Walsh-Hadamard rotation of Q, K and V. The formats:
   scale per position and KV head (a transposed V of 4-bit columns);
 * ``q4_0``: ggml's Q4_0 (llama.cpp's ``--cache-type-k/v q4_0``).
 
+These are the formats' rules in numpy float32 (``q8`` is llama.cpp's x86 Q8_0 rounding), not
+the accelerator's bit-exact quantizers (``core.numerics``, which divide through its ``recip``):
+they differ at near-ties only, which moves these figures by noise, not by format.
+
 Bars (issue 11): top-1 >= 96 %, 100 % where llama.cpp leads by > 0.5, median <= 0.35.
 docs/numerics.md ("A 4-bit cache") has the table. Takes about a minute per row.
 """

@@ -45,6 +45,7 @@ throughout.
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType, quants
 
 from llmfab.core.errors import ModelError
 from llmfab.compiler.model import Model
@@ -87,16 +88,11 @@ def q8_round(x: np.ndarray) -> np.ndarray:
 
 def q4_0_round(x: np.ndarray) -> np.ndarray:
     """Q4_0 blocks of 32 along the last axis, as ggml's ``quantize_row_q4_0_ref`` (which
-    ggml-cpu's ``set_rows`` calls to write a q4_0 KV cache): per block, ``m`` the element of
-    largest magnitude (the first such), ``d = m / -8``, ``q = min(15, trunc(x / d + 8.5))``
-    with ``1/d`` in float32; returns the float32 values ``fp16(d) * (q - 8)``."""
-    b = x.reshape(-1, 32).astype(np.float32)
-    m = b[np.arange(len(b)), np.argmax(np.abs(b), axis=1)][:, None]
-    d = m / np.float32(-8.0)
-    nz = d != 0
-    inv = np.where(nz, np.float32(1.0) / np.where(nz, d, np.float32(1.0)), np.float32(0.0))
-    q = np.minimum(np.float32(15.0), np.trunc(b * inv.astype(np.float32) + np.float32(8.5)))
-    return ((q - np.float32(8.0)) * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
+    ggml-cpu's ``set_rows`` calls to write a q4_0 KV cache), through ``gguf.quants``: per
+    block, ``m`` the element of largest magnitude, ``d = m / -8``, ``q = min(15, trunc(x / d
+    + 8.5))`` in float32; returns the float32 values ``fp16(d) * (q - 8)``."""
+    q4 = GGMLQuantizationType.Q4_0
+    return quants.dequantize(quants.quantize(np.asarray(x, np.float32), q4), q4).reshape(np.shape(x))
 
 
 def q8_1_round(x: np.ndarray):

@@ -225,14 +225,19 @@ def test_kv_cache_option_checked(smol):
 
 # ------------------------------------------------------------------ the q4_0 cache
 def test_q4_0_round_is_ggml_q4_0():
-    """q4_0_round == gguf's Q4_0 quantize + dequantize (ggml's quantize_row_q4_0_ref: d = the
-    largest-magnitude element / -8, q = min(15, trunc(x/d + 8.5))), outlier channels and
-    all-zero blocks included."""
+    """q4_0_round is ggml's quantize_row_q4_0_ref written out by hand in float32 (d = the
+    largest-magnitude element / -8, q = min(15, trunc(x/d + 8.5)), values fp16(d) * (q - 8)),
+    outlier channels and all-zero blocks included."""
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((4096, 64)) * rng.uniform(1e-3, 30, (4096, 1))).astype(np.float32)
     x[::97, 5] *= 40
     x[3] = 0.0
-    want = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    b = x.reshape(-1, 32)
+    m = b[np.arange(len(b)), np.argmax(np.abs(b), axis=1)][:, None]
+    d = m / np.float32(-8)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0))
+    q = np.minimum(np.float32(15), np.trunc(b * inv.astype(np.float32) + np.float32(8.5)))
+    want = ((q - 8) * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
     np.testing.assert_array_equal(q4_0_round(x), want)
     assert q4_0_round(x).dtype == np.float32 and not q4_0_round(x[3]).any()
 
