@@ -6,8 +6,10 @@
 For each token-lane count (``chain.tokens``; the configuration as given, with only that
 field changed, so each is its own Verilator build) and each prompt length ``n`` (the first
 ``n`` tokens of a fixed text): the prompt runs through the bundle's prefill programs on the
-rtl backend (greedy buckets, as ``llmfab generate`` runs it) and, for reference, through the
-golden backend; reported per run:
+rtl backend as ``llmfab generate`` runs it (greedy buckets; every run but the last through
+its bucket's KV-only program, which skips the LM head: ``Device.forward_last``; with
+``--all-logits`` every run through the full prefill program, as ``llmfab logits`` runs a
+prompt) and, for reference, through the golden backend; reported per run:
 
 * cycles of the whole prompt (every prefill run, plus a decode run for an odd last token),
   prefill tokens/s and time to first token at the configuration's clock;
@@ -15,7 +17,8 @@ golden backend; reported per run:
   from the programs) over the cycles times the MACs the chains can do per cycle
   (``prefill_macs_per_cycle``), over the whole prompt and over the cycles the MV/MM unit was
   busy (``busy_mv``);
-* whether the prompt's logits and the KV cache equal the golden model's, bit for bit.
+* whether the prompt's logits (the last token's; every token's with ``--all-logits``) and
+  the KV cache equal the golden model's, bit for bit.
 
 One JSON line per (lanes, prompt); ``--write-docs`` puts the table in docs/benchmarks.md.
 
@@ -84,32 +87,37 @@ def program_macs(program: bytes) -> int:
 
 
 def _macs_of(bundle) -> dict:
-    """{bucket T: MACs of its program's MV/MM instructions}, the decode program at T = 1."""
-    return {**{T: program_macs(p) for T, p in bundle.prefill.items()}, 1: program_macs(bundle.program)}
+    """{(bucket T, logits): MACs of its program's MV/MM instructions}: the decode program at
+    (1, True), the KV-only programs at (T, False)."""
+    return {**{(T, True): program_macs(p) for T, p in bundle.prefill.items()},
+            **{(T, False): program_macs(p) for T, p in bundle.prefill_kv.items()},
+            (1, True): program_macs(bundle.program)}
 
 
 def _counted(rtl, first_run: int, first_dec: int) -> tuple:
-    """(cycles, busy_mv, buckets) of the rtl backend's runs since ``first_run`` prefill runs and
-    ``first_dec`` decode runs (an odd last token runs the decode program)."""
+    """(cycles, busy_mv, runs) of the rtl backend's runs since ``first_run`` prefill runs and
+    ``first_dec`` decode runs (an odd last token runs the decode program); ``runs``: (tokens,
+    logits) of each, prefill runs first."""
     pre, dec = rtl.prefill_runs[first_run:], rtl.runs[first_dec:]
     return (sum(r["cycles"] for r in pre) + sum(r.cycles for r in dec),
             sum(r["busy_mv"] for r in pre) + sum(r.counters.get("busy_mv", 0) for r in dec),
-            [r["tokens"] for r in pre] + [1] * len(dec))
+            [(r["tokens"], r["logits"]) for r in pre] + [(1, True)] * len(dec))
 
 
-def _prompt_row(config, n: int, buckets, cycles: int, busy_mv: int, macs: int, **rest) -> dict:
-    """One row of the table: a prompt of ``n`` tokens in runs of ``buckets`` tokens."""
+def _prompt_row(config, n: int, runs, cycles: int, busy_mv: int, macs: int, **rest) -> dict:
+    """One row of the table: a prompt of ``n`` tokens in ``runs``, (tokens, logits) each."""
     peak = config.prefill_macs_per_cycle
     secs = cycles / (config.clock_mhz * 1e6)
     return {"config": config.name, "lanes": config.chain.tokens, "prompt_tokens": n,
-            "buckets": list(buckets), "cycles": cycles, "cycles_per_token": round(cycles / n),
+            "buckets": [T for T, _ in runs], "kv_only_runs": sum(not lg for _, lg in runs),
+            "cycles": cycles, "cycles_per_token": round(cycles / n),
             "tokens_per_s": round(n / secs, 1), "ttft_ms": round(1e3 * secs, 2),
             "mac_utilization": round(macs / (cycles * peak), 3),
             "mac_utilization_mv_busy": round(macs / (busy_mv * peak), 3) if busy_mv else 0.0,
             "mv_busy_fraction": round(busy_mv / cycles, 3), **rest}
 
 
-def run(config, model, prompts, tok_ids):
+def run(config, model, prompts, tok_ids, all_logits: bool = False):
     bundle = compile_model(model, config)
     t = time.perf_counter()
     rtl = RtlDevice(model, config, bundle=bundle)
@@ -126,12 +134,12 @@ def run(config, model, prompts, tok_ids):
             first_run = len(rtl.prefill_runs)
             first_dec = len(rtl.runs)
             t = time.perf_counter()
-            lr = rtl.forward(toks)
+            lr = rtl.forward(toks) if all_logits else rtl.forward_last(toks)
             wall = time.perf_counter() - t
-            lg = gold.forward(toks)
-            cycles, busy_mv, buckets = _counted(rtl, first_run, first_dec)
+            lg = gold.forward(toks) if all_logits else gold.forward_last(toks)
+            cycles, busy_mv, runs = _counted(rtl, first_run, first_dec)
             row = _prompt_row(
-                config, n, buckets, cycles, busy_mv, sum(macs_of[T] for T in buckets),
+                config, n, runs, cycles, busy_mv, sum(macs_of[r] for r in runs),
                 logits_bit_exact=bool(np.array_equal(lr.view(np.uint32), lg.view(np.uint32))),
                 kv_bit_exact=bool(np.array_equal(rtl.acc.read_hbm(kv0, kvn), gold.golden.hbm[kv0:kv0 + kvn])),
                 build_seconds=round(build, 1), wall_seconds=round(wall, 1))
@@ -142,9 +150,10 @@ def run(config, model, prompts, tok_ids):
     return rows
 
 
-def _key(config, n: int) -> str:
-    """The results file's key of a (configuration with its lanes, prompt length) pair."""
-    return f"{config.name}/{config.config_hash()}/lanes{config.chain.tokens}/prompt{n}"
+def _key(config, n: int, all_logits: bool) -> str:
+    """The results file's key of a (configuration with its lanes, prompt length, logits) triple."""
+    return (f"{config.name}/{config.config_hash()}/lanes{config.chain.tokens}/prompt{n}"
+            + ("" if all_logits else "/last"))
 
 
 def _read_results(path) -> dict:
@@ -163,23 +172,37 @@ def _read_results(path) -> dict:
     return out
 
 
-def _plan(bundle, n: int) -> list:
-    """The prompt's runs as the backends split it: (index, start position, tokens)."""
+def _plan(bundle, n: int, all_logits: bool) -> list:
+    """The prompt's runs as the backends split it: (index, start position, tokens, logits):
+    every run but the last KV-only (``Device.forward_last``) unless ``all_logits``."""
     from llmfab.host.runtime import split_buckets
     buckets = [int(t) for t in bundle.manifest["prefill"]["buckets"]]
     out, pos = [], 0
     for i, T in enumerate(split_buckets(n, buckets, 0, bundle.prefill_align)):
-        out.append((i, pos, T))
+        out.append((i, pos, T, all_logits or pos + T == n or T not in bundle.prefill_kv))
         pos += T
     return out
 
 
-def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: int):
+def _one_run(dev, pos: int, toks: list, logits: bool):
+    """Run one of a prompt's runs on a program device at ``pos`` (its logits, or None)."""
+    dev.pos = pos
+    if len(toks) == 1:
+        out = dev._decode(pos, toks[0])
+    else:
+        out = dev._prefill(pos, toks, logits=logits)
+    dev.pos = pos + len(toks)
+    return out
+
+
+def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: int,
+              all_logits: bool = False):
     """Simulate the runs ``i % n_shards == k`` of each prompt from the golden state before each,
     appending one line per run to ``results`` (runs already there are skipped)."""
     bundle = compile_model(model, config)
     done = _read_results(results)
-    todo = {n: [r for r in _plan(bundle, n) if r[0] % n_shards == k and (_key(config, n), r[0]) not in done]
+    todo = {n: [r for r in _plan(bundle, n, all_logits)
+                if r[0] % n_shards == k and (_key(config, n, all_logits), r[0]) not in done]
             for n in prompts}
     if not any(todo.values()):
         return
@@ -188,26 +211,26 @@ def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: i
     kv0, kvn = (int(v) for v in bundle.manifest["memory_map"]["kv"])
     try:
         for n in prompts:
-            mine = {i for i, _, _ in todo[n]}
+            mine = {i for i, *_ in todo[n]}
             gold.reset()
-            for i, pos, T in _plan(bundle, n):
+            for i, pos, T, logits in _plan(bundle, n, all_logits):
                 if i > max(mine, default=-1):
                     break
                 toks = tok_ids[pos:pos + T]
                 if i not in mine:
-                    gold.forward(toks)
+                    _one_run(gold, pos, toks, logits)
                     continue
                 rtl.acc.write_hbm(kv0, gold.golden.hbm[kv0:kv0 + kvn].copy())
-                rtl.pos = pos
                 first_run, first_dec = len(rtl.prefill_runs), len(rtl.runs)
                 t = time.perf_counter()
-                lr = rtl.forward(toks)
+                lr = _one_run(rtl, pos, toks, logits)
                 wall = time.perf_counter() - t
-                lg = gold.forward(toks)
+                lg = _one_run(gold, pos, toks, logits)
                 cycles, busy_mv, _ = _counted(rtl, first_run, first_dec)
-                line = {"key": _key(config, n), "run": i, "pos": pos, "tokens": T,
-                        "cycles": cycles, "busy_mv": busy_mv,
-                        "logits_bit_exact": bool(np.array_equal(lr.view(np.uint32), lg.view(np.uint32))),
+                line = {"key": _key(config, n, all_logits), "run": i, "pos": pos, "tokens": T,
+                        "logits": logits, "cycles": cycles, "busy_mv": busy_mv,
+                        "logits_bit_exact": lr is None and lg is None or
+                        bool(np.array_equal(lr.view(np.uint32), lg.view(np.uint32))),
                         "kv_bit_exact": bool(np.array_equal(rtl.acc.read_hbm(kv0, kvn),
                                                             gold.golden.hbm[kv0:kv0 + kvn])),
                         "wall_seconds": round(wall, 1)}
@@ -218,24 +241,26 @@ def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: i
         rtl.close()
 
 
-def merge(config, model, prompts, results: str) -> list:
+def merge(config, model, prompts, results: str, all_logits: bool = False) -> list:
     """The rows of the (lanes, prompt) pairs whose runs are all in ``results``."""
     bundle = compile_model(model, config, emit_image=False)
     done = _read_results(results)
     macs_of = _macs_of(bundle)
     rows = []
     for n in prompts:
-        plan = _plan(bundle, n)
-        got = [done.get((_key(config, n), i)) for i, _, _ in plan]
-        missing = [i for (i, _, _), g in zip(plan, got) if g is None]
+        plan = _plan(bundle, n, all_logits)
+        key = _key(config, n, all_logits)
+        got = [done.get((key, i)) for i, *_ in plan]
+        missing = [p[0] for p, g in zip(plan, got) if g is None]
         if missing:
-            print(f"{_key(config, n)}: {len(missing)} of {len(plan)} runs missing "
+            print(f"{key}: {len(missing)} of {len(plan)} runs missing "
                   f"({', '.join(map(str, missing[:12]))}{' ...' if len(missing) > 12 else ''})",
                   file=sys.stderr)
             continue
+        runs = [(T, logits) for _, _, T, logits in plan]
         row = _prompt_row(
-            config, n, [T for _, _, T in plan], sum(g["cycles"] for g in got),
-            sum(g["busy_mv"] for g in got), sum(macs_of[T] for _, _, T in plan),
+            config, n, runs, sum(g["cycles"] for g in got),
+            sum(g["busy_mv"] for g in got), sum(macs_of[r] for r in runs),
             logits_bit_exact=all(g["logits_bit_exact"] for g in got),
             kv_bit_exact=all(g["kv_bit_exact"] for g in got),
             sharded=True, wall_seconds=round(sum(g["wall_seconds"] for g in got), 1))
@@ -251,6 +276,8 @@ def table(rows) -> str:
     for r in rows:
         b = r["buckets"]
         runs = f"{len(b)} x {b[0]}" if len(set(b)) == 1 else " + ".join(map(str, b))
+        if r.get("kv_only_runs"):
+            runs += f" ({r['kv_only_runs']} KV-only)"
         out.append(f"| {r['config']} | {r['lanes']} | {r['prompt_tokens']} | {runs} | {r['cycles']:,} | "
                    f"{r['cycles_per_token']:,} | {r['tokens_per_s']:,} | {r['ttft_ms']} ms | "
                    f"{r['mac_utilization']:.3f} / {r['mac_utilization_mv_busy']:.3f} | "
@@ -290,6 +317,9 @@ def main(argv=None):
     ap.add_argument("--results", help="a JSONL file of runs: with --shard, append to it; without, "
                                       "the table of the prompts whose runs are all in it")
     ap.add_argument("--shard", help="K/N: simulate the runs i with i %% N == K (needs --results)")
+    ap.add_argument("--all-logits", action="store_true",
+                    help="every run through its full prefill program (every token's logits, as "
+                         "llmfab logits runs a prompt), not the runs before the last KV-only")
     args = ap.parse_args(argv)
     shard = None
     if args.shard:
@@ -312,11 +342,11 @@ def main(argv=None):
     for lanes in (int(x) for x in args.lanes.split(",")):
         cfg = with_lanes(base, lanes)
         if shard:
-            run_shard(cfg, model, prompts, tok_ids, args.results, *shard)
+            run_shard(cfg, model, prompts, tok_ids, args.results, *shard, all_logits=args.all_logits)
         elif args.results:
-            rows += merge(cfg, model, prompts, args.results)
+            rows += merge(cfg, model, prompts, args.results, args.all_logits)
         else:
-            rows += run(cfg, model, prompts, tok_ids)
+            rows += run(cfg, model, prompts, tok_ids, args.all_logits)
     if shard:
         return 0
     if not rows:
@@ -327,7 +357,8 @@ def main(argv=None):
     if args.write_docs:
         from perf_model import _write
         _write(f"```sh\n.venv/bin/python benchmarks/rtl_prefill.py --config {args.config} "
-               f"--lanes {args.lanes} --prompts {args.prompts}\n```\n\n{table(rows)}", "rtl-prefill")
+               f"--lanes {args.lanes} --prompts {args.prompts}{' --all-logits' if args.all_logits else ''}"
+               f"\n```\n\n{table(rows)}", "rtl-prefill")
     ok = all(r["logits_bit_exact"] and r["kv_bit_exact"] for r in rows)
     return 0 if ok else 1
 

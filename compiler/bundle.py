@@ -6,6 +6,8 @@ A bundle is a directory::
                     description, memory map, registers, program list, statistics
     program.bin     the decode program (128-bit little-endian words)
     prefill_<T>.bin the prefill program of bucket T (manifest "programs" -> "prefill")
+    prefill_kv_<T>.bin  its KV-only twin: the same run without the logits (a bundle that
+                    ends the model; manifest "programs" -> "prefill_kv")
     hbm.bin         the initial HBM image from byte 0: weights (the embedding's rows, then
                     every matrix's MV/MM tiles, slice-major: docs/isa.md "Slices"), tables
                     (norms, constants, RoPE cos/sin), zeroed KV cache and I/O regions
@@ -44,7 +46,9 @@ from llmfab.core.errors import BundleError, SimError
 #: 4: MV/MM weight tiles are slice-major (docs/isa.md, "Slices"): on ``memory_map.hbm_ports``
 #: > 1 a tile's bytes in ``hbm.bin`` are P interleaved streams of rows, not rows back to back,
 #: so a version-3 bundle's image would be misread.
-FORMAT_VERSION = 4
+#: 5: ``programs.prefill_kv``, the KV-only prefill programs (``prefill_kv_<T>.bin``), which a
+#: bundle that ends the model has for every bucket.
+FORMAT_VERSION = 5
 
 _WORD_BYTES = 16          # compiler/isa.py WORD_BYTES (bundle.py stays import-free of the ISA)
 _TILE_ROWS = 32           # compiler/isa.py TILE_ROWS (positions per KV tile, attention on the chains)
@@ -58,6 +62,8 @@ class Bundle:
     path: str = ""
     extra: dict = field(default_factory=dict)
     prefill: dict = field(default_factory=dict)     # bucket T -> program bytes
+    #: bucket T -> the KV-only program bytes (the run without logits; a bundle ending the model)
+    prefill_kv: dict = field(default_factory=dict)
 
     @property
     def config_hash(self) -> str:
@@ -139,6 +145,12 @@ class Bundle:
                               f"recompile with --model {path}")
 
 
+def prefill_program(T: int, logits: bool = True) -> str:
+    """The name of bucket ``T``'s prefill program: ``prefill_<T>``, or with ``logits=False``
+    its KV-only twin ``prefill_kv_<T>`` (the backends' and the golden model's program names)."""
+    return f"prefill_{T}" if logits else f"prefill_kv_{T}"
+
+
 def untile_logits(flat: np.ndarray, ntok: int, tiles, vocab: int) -> np.ndarray:
     """Tile-major logits (tile (r0, nr) is ``[ntok][nr]`` at ``ntok*r0``) -> ``[ntok, vocab]``."""
     out = np.empty((ntok, vocab), np.float32)
@@ -178,6 +190,8 @@ def write_bundle(bundle: Bundle, path: str) -> None:
     progs = {man["programs"]["decode"]["file"]: bundle.program}
     for T, prog in sorted(bundle.prefill.items()):
         progs[man["programs"]["prefill"][str(int(T))]["file"]] = prog
+    for T, prog in sorted(bundle.prefill_kv.items()):
+        progs[man["programs"]["prefill_kv"][str(int(T))]["file"]] = prog
     man["files"] = {name: {"bytes": len(p), "sha256": _sha(p)} for name, p in progs.items()}
     man["files"]["hbm.bin"] = {"bytes": int(img.nbytes), "sha256": _sha(img)}
     man.pop("bundle_hash", None)
@@ -334,6 +348,8 @@ MANIFEST_SCHEMA = Obj({
         "decode": Obj({"file": FileName(), "tokens": Int(1, 1), "words": Int(1), "bytes": Int(1)}),
         "prefill": Map(Obj({"file": FileName(), "tokens": Int(2, 128), "words": Int(1),
                             "bytes": Int(1)}), key=_BUCKET_KEY),
+        "prefill_kv": Map(Obj({"file": FileName(), "tokens": Int(2, 128), "words": Int(1),
+                               "bytes": Int(1)}), key=_BUCKET_KEY),
     }),
     "prefill": Obj({
         "buckets": List(Int(2, 128)),
@@ -377,10 +393,11 @@ def _check_consistency(m: dict) -> None:
     progs = m["programs"]
     used = {"hbm.bin": "the HBM image"}
     listed = [("programs.decode", progs["decode"])]
-    for key, p in progs["prefill"].items():
-        if p["tokens"] != int(key):
-            raise _Bad(f"programs.prefill.{key}.tokens", f"is {p['tokens']}, not {key}")
-        listed.append((f"programs.prefill.{key}", p))
+    for kind in ("prefill", "prefill_kv"):
+        for key, p in progs[kind].items():
+            if p["tokens"] != int(key):
+                raise _Bad(f"programs.{kind}.{key}.tokens", f"is {p['tokens']}, not {key}")
+            listed.append((f"programs.{kind}.{key}", p))
     for where, p in listed:
         if p["file"] in used:
             raise _Bad(f"{where}.file", f"names {_show(p['file'])}, which {used[p['file']]} uses")
@@ -401,6 +418,11 @@ def _check_consistency(m: dict) -> None:
     if buckets != sorted(int(k) for k in progs["prefill"]):
         raise _Bad("prefill.buckets", f"is {_show(buckets)}, not the prefill programs' sizes "
                                       f"{sorted(int(k) for k in progs['prefill'])}")
+    kv = sorted(int(k) for k in progs["prefill_kv"])
+    if kv != (buckets if st["last"] else []):
+        raise _Bad("programs.prefill_kv", f"has buckets {_show(kv)}, not "
+                   + (f"prefill.buckets {_show(buckets)}" if st["last"] else
+                      "none (a stage that does not end the model has no logits to leave out)"))
     if buckets:
         for k, need in (("prefill_logits", st["last"]), ("prefill_tokens", st["first"])):
             if need and k not in mm:
@@ -521,8 +543,9 @@ def read_bundle(path: str, config=None, *, verify: bool = True) -> Bundle:
             raise BundleError(f"{fp}: corrupt (SHA-256 does not match the manifest)")
         data[name] = arr if name == "hbm.bin" else arr.tobytes()
     prefill = {int(k): data[p["file"]] for k, p in man["programs"]["prefill"].items()}
+    kv = {int(k): data[p["file"]] for k, p in man["programs"]["prefill_kv"].items()}
     b = Bundle(manifest=man, program=data[man["programs"]["decode"]["file"]], hbm_image=data["hbm.bin"],
-               path=path, prefill=prefill)
+               path=path, prefill=prefill, prefill_kv=kv)
     if config is not None:
         b.check_config(config)
     return b
@@ -542,8 +565,9 @@ def describe(b: Bundle) -> dict:
         "sparsity": {k: v for k, v in m["sparsity"].items() if v != "dense"},
         "programs": {"decode": {"bytes": m["programs"]["decode"]["bytes"],
                                 "words": m["programs"]["decode"]["words"]},
-                     **{f"prefill_{k}": {"bytes": p["bytes"], "words": p["words"]}
-                        for k, p in sorted(m["programs"]["prefill"].items(), key=lambda kv: int(kv[0]))}},
+                     **{f"{kind}_{k}": {"bytes": p["bytes"], "words": p["words"]}
+                        for kind in ("prefill", "prefill_kv")
+                        for k, p in sorted(m["programs"][kind].items(), key=lambda kv: int(kv[0]))}},
         "hbm_size": m["hbm_size"],
         "weight_bytes_per_token": m["stats"]["weight_bytes_per_token"],
         "files": {k: dict(v) for k, v in sorted(m["files"].items())},

@@ -991,12 +991,19 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
 
     program, counts = _assemble(ProgramBuilder(parts, pf.layouts[1]).build())
     prefill_programs, prefill_info = {}, {}
+    kv_programs, kv_info = {}, {}
     for T in pf.buckets:
         prog, cnt = _assemble(ProgramBuilder(parts, pf.layouts[T]).build())
         prefill_programs[T] = prog
         prefill_info[str(T)] = {"file": f"prefill_{T}.bin", "tokens": T, "words": len(prog) // isa.WORD_BYTES,
                                 "bytes": len(prog), "instructions": cnt,
                                 "activation_bytes": pf.layouts[T].ab.top}
+        if last:
+            # the same run without logits: the prompt's runs before its last (docs/isa.md)
+            prog, cnt = _assemble(ProgramBuilder(parts, pf.layouts[T], kv_only=True).build())
+            kv_programs[T] = prog
+            kv_info[str(T)] = {"file": f"prefill_kv_{T}.bin", "tokens": T,
+                               "words": len(prog) // isa.WORD_BYTES, "bytes": len(prog), "instructions": cnt}
 
     img = mem.image(weights, tables) if emit_image else np.zeros(0, np.uint8)
     emb, head = weights.emb, weights.head
@@ -1016,7 +1023,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         "onchip": onchip.manifest(ctx),
         "programs": {"decode": {"file": "program.bin", "tokens": 1, "words": len(program) // isa.WORD_BYTES,
                                 "bytes": len(program)},
-                     "prefill": prefill_info},
+                     "prefill": prefill_info, "prefill_kv": kv_info},
         "prefill": {
             "buckets": pf.buckets,
             "note": pf.note,
@@ -1036,12 +1043,14 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             "weight_bytes_per_token": weights.size + (emb.row_bytes if first else 0)
             - (emb.rows * emb.row_bytes if emb is not None and emb is not head else 0),
             "prefill_program_bytes": {str(T): len(p) for T, p in prefill_programs.items()},
+            "prefill_kv_program_bytes": {str(T): len(p) for T, p in kv_programs.items()},
             "compile_seconds": round(time.perf_counter() - t0, 3),
         },
         "notes": notes,
     }
     if layers is not None:
         manifest["stage"] = {"layers": [la, lb], "first": first, "last": last, "hidden_dim": dims.dim}
-    b = Bundle(manifest=manifest, program=program, hbm_image=img, prefill=prefill_programs)
+    b = Bundle(manifest=manifest, program=program, hbm_image=img, prefill=prefill_programs,
+               prefill_kv=kv_programs)
     b.extra["masks"] = weights.masks
     return b

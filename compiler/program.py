@@ -12,6 +12,12 @@ addresses). It has one method per stage, called in the model's order:
 - :meth:`ProgramBuilder.lm_head` (final norm and LM head, logits to the I/O region), or
   :meth:`ProgramBuilder.hidden_out` for a stage that does not end the model.
 
+A **KV-only** prefill program (``kv_only``, a stage that ends the model) stops once the
+last layer's K/V rows are stored (:meth:`ProgramBuilder.kv_rows`): no attention, output
+projection or FFN in that layer, no final norm or LM head. It leaves the KV cache the full
+program leaves, bit for bit, and no logits: the backends run a prompt's runs but its last
+through it (docs/isa.md, "Programs and bundles").
+
 Each stage appends :class:`WorkItem` s: a group of loads into a buffer slot (a weight
 tile, a head's K/V, a layer's tables) and the compute that consumes them.
 :meth:`ProgramBuilder.emit` then writes the instructions with one item of lookahead on
@@ -143,10 +149,13 @@ class ProgramBuilder:
     ``layout`` is the program's :class:`~llmfab.compiler.compile.VectorLayout`.
     """
 
-    def __init__(self, parts, layout):
+    def __init__(self, parts, layout, *, kv_only: bool = False):
+        if kv_only and (layout.tokens == 1 or not parts.last):
+            raise ValueError("a KV-only program is a prefill program of a stage that ends the model")
         self.parts = parts
         self.L = layout
         self.T = layout.tokens
+        self.kv_only = kv_only
         self.S = Scheduler()
         self.work: list[WorkItem] = []
         self.ring_free = {}        # slot -> free event (cmp2ld) of its last consumer
@@ -163,6 +172,9 @@ class ProgramBuilder:
         self.constants()
         self.embedding()
         for li in range(parts.n_layers):            # li: the stage's own layer index (KV, tables)
+            if self.kv_only and li == parts.n_layers - 1:
+                self.kv_rows(li)
+                return self.emit()
             gs = self.attention(li)
             self.ffn(li, gs)
         if parts.last:
@@ -328,6 +340,32 @@ class ProgramBuilder:
         self.matrix(mats.attn_output, L.qh, L.h)
         return gs
 
+    def kv_rows(self, li: int):
+        """A KV-only program's last layer: its tables, the attention norm, QKV and RoPE, and
+        the K/V rows of the T tokens stored, as :meth:`attention` stores them; nothing that
+        reads them. A final NOP waits for the last store (with attention on the chains, each
+        KV head's slot is freed once its tiles are stored)."""
+        parts, L, T = self.parts, self.L, self.T
+        d = parts.dims
+        mats = parts.weights.layers[li]
+        gs = self._next_slot("G")
+        gbase = L.gslots[gs]
+        rope = gbase + 2 * d.dim * 4
+        gid = f"tables.{li}"
+        lds = [dict(buf=gbase, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.norms[li]), len=2 * d.dim * 4),
+               dict(buf=rope, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.rope), ireg=isa.REG_POS,
+                    stride=d.hd * 4, len=T * d.hd * 4)]
+        self._add(LoadGroup(gid, ("G", gs), lds), partial(self._attn_norm, gbase, gid))
+        self.matrix(mats.qkv, L.qh, L.qkv)
+        if parts.onchip.chains:
+            self._add(None, partial(self._rope_tokens, rope))
+            for j in range(d.nkv):
+                self._attention_chains(li, rope, j, kv_only=True)
+        else:
+            self._add(None, partial(self._rope_store, li, rope))
+            self._add(None, lambda: self.consume("MISC", func=F["NOP"], free_slot=("G", gs),
+                                                 need={"st2cmp": self.kv_stored[-1]}))
+
     def ffn(self, li: int, gs: int):
         """Layer ``li``'s feed-forward block: residual add, FFN norm (the tables in GB slot
         ``gs``), gate and up, SiLU-multiply, down, residual add."""
@@ -429,7 +467,7 @@ class ProgramBuilder:
         self.consume("MISC", gid=kgid, free_slot=("K", ks), func=F["ATTN"], dst=self.L.o + j * g * hd * 4,
                      a=gaddr, b=self.parts.onchip.kslots[ks], reg=isa.REG_POS, **isa.attn_fields(g, hd))
 
-    def _attention_chains(self, li, rope, j):
+    def _attention_chains(self, li, rope, j, kv_only=False):
         """KV head ``j`` with attention on the chains (docs/isa.md, "Attention on the chains"):
         its region's K row tiles and V block tiles from the tile of R1 on (``ceil(T/32)``
         tiles: a run of T tokens starts at a multiple of ``min(T, 32)``, so its positions
@@ -452,8 +490,14 @@ class ProgramBuilder:
                       partial(self._attend_chains_scores, j, ks, kgid, r0, rope))
             return partial(self._attend_chains_outputs, j, ks)
         self._add(LoadGroup(kgid, ("K", ks), lds),
-                  partial(self._attend_chains, j, ks, kgid, r0))
+                  partial(self._kv_only_chains if kv_only else self._attend_chains, j, ks, kgid, r0))
         return None
+
+    def _kv_only_chains(self, j, ks, kgid, r0):
+        """A KV-only program's last layer on the chains: KV head ``j``'s rows of the T tokens
+        into its tiles and to HBM (:meth:`_kvrow_store`); a NOP frees the slot once stored."""
+        self._kvrow_store(j, ks, kgid, r0, self.T)
+        self.consume("MISC", func=F["NOP"], need={"st2cmp": self._kv_st[ks]}, free_slot=("K", ks))
 
     def _attend_chains_scores(self, j, ks, kgid, r0, rope):
         """Decode, first part: RoPE, KVROW and the stores, each query head's QUANT and scores

@@ -29,7 +29,8 @@ class GoldenDevice(ProgramDevice):
         self.buckets = self.golden.buckets if prefill else []
         self.pos = 0
         self.steps = 0
-        self.prefill_runs = {}
+        self.prefill_runs = {}          # bucket -> runs of its prefill program
+        self.prefill_kv_runs = {}       # bucket -> runs of its KV-only program (forward_last)
 
     def reset(self):
         self.golden.hbm[int(self.bundle.manifest["memory_map"]["kv"][0]):] = 0
@@ -46,13 +47,14 @@ class GoldenDevice(ProgramDevice):
         self.steps += 1
         return self.golden.logits()[None]
 
-    def _prefill(self, pos, tokens):
+    def _prefill(self, pos, tokens, logits=True):
         T = len(tokens)
-        r = self.golden.prefill(pos, tokens)
+        r = self.golden.prefill(pos, tokens, logits=logits)
         if r.status != isa.STATUS_OK:
             self._fault(r)
-        self.prefill_runs[T] = self.prefill_runs.get(T, 0) + 1
-        return self.golden.prefill_logits(T)
+        runs = self.prefill_runs if logits else self.prefill_kv_runs
+        runs[T] = runs.get(T, 0) + 1
+        return self.golden.prefill_logits(T) if logits else None
 
     def stats(self):
         c = self.golden.instruction_counts()
@@ -60,4 +62,6 @@ class GoldenDevice(ProgramDevice):
                 "decode_steps": self.steps,
                 "prefill_buckets": list(self.buckets),
                 "prefill_program_bytes": {str(t): len(p) for t, p in sorted(self.bundle.prefill.items())},
-                "prefill_runs": {str(t): n for t, n in sorted(self.prefill_runs.items())}}
+                "prefill_kv_program_bytes": {str(t): len(p) for t, p in sorted(self.bundle.prefill_kv.items())},
+                "prefill_runs": {str(t): n for t, n in sorted(self.prefill_runs.items())},
+                "prefill_kv_runs": {str(t): n for t, n in sorted(self.prefill_kv_runs.items())}}

@@ -51,7 +51,8 @@ class StageRunner:
 
     ``forward(req, x)``: ``x`` is token ids (the first stage) or the hidden state
     ``[n, dim]`` float32 (the others); the result is the hidden state ``[n, dim]``
-    or, on the last stage, the logits (``rows="last"``: only the last token's).
+    or, on the last stage, the logits (``rows="last"``: only the last token's, the runs
+    before the last through the KV-only prefill programs, which skip the LM head).
     """
 
     def __init__(self, bundle, backend: str = "golden", config=None, **device_kw):
@@ -152,8 +153,11 @@ class StageRunner:
             raise BackendError(f"{self.name}: the device stopped with status {r.status} "
                                f"({isa.STATUS_NAMES.get(r.status, '?')}) at instruction {r.pc}")
 
-    def _run(self, pos, chunk, T):
-        """Run ``T`` tokens (ids or hidden rows) at ``pos``; the output rows ``[T, dim|vocab]``."""
+    def _run(self, pos, chunk, T, logits: bool = True):
+        """Run ``T`` tokens (ids or hidden rows) at ``pos``; the output rows ``[T, dim|vocab]``
+        (the last stage with ``logits=False``: bucket T's KV-only program, ``None``)."""
+        from llmfab.compiler.bundle import prefill_program
+        logits = logits or T == 1 or not self.last
         if self.first:
             tok = int(chunk[0]) if T == 1 else 0
             if not 0 <= tok < self.vocab or any(not 0 <= int(t) < self.vocab for t in chunk):
@@ -168,18 +172,22 @@ class StageRunner:
             else:
                 if self.first:
                     g.stage_tokens(chunk)
-                r = g.run(pos, 0, f"prefill_{T}")
+                r = g.run(pos, 0, prefill_program(T, logits))
             self._check(r)
+            if not logits:
+                return None
             if self.last:
                 return g.logits()[None] if T == 1 else g.prefill_logits(T)
         else:
             acc = self.dev.acc
-            self.dev.use_program(T)
+            self.dev.use_program(T, logits)
             if T > 1 and self.first:
                 for addr, row in self.bundle.prefill_token_rows(chunk):
                     acc.write_hbm(addr, row)
             r = acc.run(pos, tok, ntok=T, timeout_cycles=self.dev.timeout_cycles)
             self._check(r)
+            if not logits:
+                return None
             if self.last:
                 if T == 1:
                     return acc.logits().copy()[None]
@@ -198,7 +206,9 @@ class StageRunner:
         out, i = [], 0
         while i < n:
             T = split_buckets(n - i, self.buckets, pos, self.dev.prefill_align)[0]
-            out.append(self._run(pos, x[i:i + T], T))
+            y = self._run(pos, x[i:i + T], T, logits=rows == "all" or i + T == n)
+            if y is not None:
+                out.append(y)
             pos += T
             i += T
             self.steps += 1

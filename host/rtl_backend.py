@@ -97,17 +97,21 @@ class RtlDevice(ProgramDevice):
         self.buckets = [int(t) for t in bundle.manifest["prefill"]["buckets"]] if prefill else []
         self.prefill_runs = []
         self._loaded = 1                        # the program in the simulation: 1 decode, T prefill
+        #                                         (-T: bucket T's KV-only program)
 
     def reset(self):
         kv0, kvn = self.bundle.manifest["memory_map"]["kv"]
         self.acc.write_hbm(int(kv0), np.zeros(int(kvn), np.uint8))
         self.pos = 0
 
-    def use_program(self, T: int) -> None:
-        """Have the simulation run the decode program (``T`` = 1) or the prefill program of bucket ``T``."""
-        if self._loaded != T:
-            self.acc.load_program(self.bundle.program if T == 1 else self.bundle.prefill[T])
-            self._loaded = T
+    def use_program(self, T: int, logits: bool = True) -> None:
+        """Have the simulation run the decode program (``T`` = 1) or the prefill program of bucket ``T``
+        (``logits=False``: its KV-only program)."""
+        key = T if logits or T == 1 else -T
+        if self._loaded != key:
+            self.acc.load_program(self.bundle.program if T == 1 else
+                                  self.bundle.prefill[T] if logits else self.bundle.prefill_kv[T])
+            self._loaded = key
 
     def _check(self, r, what: str):
         if r.timed_out:
@@ -124,18 +128,19 @@ class RtlDevice(ProgramDevice):
         self.runs.append(r)
         return self.acc.logits().copy()[None]
 
-    def _prefill(self, pos, tokens):
+    def _prefill(self, pos, tokens, logits=True):
+        from llmfab.compiler.bundle import prefill_program
         T = len(tokens)
         self.bundle.check_prefill_start(pos, T)
-        self.use_program(T)
+        self.use_program(T, logits)
         for addr, row in self.bundle.prefill_token_rows(tokens):
             self.acc.write_hbm(addr, row)
         r = self.acc.run(pos, 0, ntok=T, timeout_cycles=self.timeout_cycles,
                          sample_every=self.sample_every)
-        self._check(r, f"prefill_{T} at position {pos}")
-        self.prefill_runs.append({"tokens": T, "cycles": r.cycles,
+        self._check(r, f"{prefill_program(T, logits)} at position {pos}")
+        self.prefill_runs.append({"tokens": T, "logits": logits, "cycles": r.cycles,
                                   "busy_mv": int(r.counters.get("busy_mv", 0))})
-        return self.bundle.prefill_logits(T, self.acc.read_hbm)
+        return self.bundle.prefill_logits(T, self.acc.read_hbm) if logits else None
 
     def stats(self):
         out = {}

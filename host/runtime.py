@@ -6,7 +6,9 @@
 
 Every backend implements :class:`Device`: ``reset()``, ``forward(tokens)``
 (runs tokens at the next positions, returns their logits) and ``stats()``
-(backend-specific counters). Greedy generation and teacher-forced logits are
+(backend-specific counters); ``forward_last(tokens)`` returns only the last
+token's logits (the program backends run a prompt's runs before its last
+through the KV-only prefill programs, which skip the LM head). Greedy generation and teacher-forced logits are
 written once, here, on top of ``forward``. Every device has a ``context``: the
 number of token positions it holds (its KV cache). Generation stops there and
 returns what it made, with ``stop == "context"``; a prompt that cannot fit is
@@ -74,6 +76,11 @@ class Device:
     def forward(self, tokens) -> np.ndarray:
         raise NotImplementedError
 
+    def forward_last(self, tokens) -> np.ndarray:
+        """``forward(tokens)`` for the logits of the last token only (``[1, vocab]``): the same
+        bits, and what a device need not compute for the others it may leave out."""
+        return self.forward(tokens)[-1:]
+
     def stats(self) -> dict:
         return {}
 
@@ -109,7 +116,7 @@ class Device:
         self._check_fits(len(prompt), "the prompt")
         self.reset()
         t0 = time.perf_counter()
-        lg = self.forward(prompt)
+        lg = self.forward_last(prompt)
         t1 = time.perf_counter()
         out = []
         stop = "length"
@@ -153,7 +160,9 @@ class ProgramDevice(Device):
     a prefill program for a bucket of ``T`` tokens (greedily the largest bucket that fits
     the tokens left and the context). Subclasses set ``vocab``, ``context``, ``buckets`` and
     ``pos`` and implement ``_decode(pos, token)`` -> ``[1, vocab]`` and
-    ``_prefill(pos, tokens)`` -> ``[T, vocab]``."""
+    ``_prefill(pos, tokens, logits=True)`` -> ``[T, vocab]`` (``logits=False``: the bucket's
+    KV-only program, which leaves the same KV cache and no logits; returns ``None``).
+    :meth:`forward_last` runs every run but the last that way."""
 
     vocab: int = 0
     buckets: list = []
@@ -168,10 +177,21 @@ class ProgramDevice(Device):
     def _decode(self, pos: int, token: int) -> np.ndarray:
         raise NotImplementedError
 
-    def _prefill(self, pos: int, tokens: list) -> np.ndarray:
+    def _prefill(self, pos: int, tokens: list, logits: bool = True) -> np.ndarray | None:
         raise NotImplementedError
 
+    def _kv_only(self, T: int) -> bool:
+        """Whether bucket ``T`` has a KV-only program (the bundle's ``prefill_kv``)."""
+        b = getattr(self, "bundle", None)
+        return b is not None and T in b.prefill_kv
+
     def forward(self, tokens):
+        return self._forward(tokens, last=False)
+
+    def forward_last(self, tokens):
+        return self._forward(tokens, last=True)
+
+    def _forward(self, tokens, last: bool):
         toks = [int(t) for t in tokens]
         for t in toks:
             if not 0 <= t < self.vocab:
@@ -186,13 +206,15 @@ class ProgramDevice(Device):
             T = split_buckets(left, self.buckets, self.pos, self.prefill_align)[0]
             if T == 1:
                 out.append(self._decode(self.pos, toks[i]))
+            elif last and i + T < len(toks) and self._kv_only(T):
+                self._prefill(self.pos, toks[i:i + T], logits=False)    # a run before the last
             else:
                 out.append(self._prefill(self.pos, toks[i:i + T]))
             self.pos += T
             i += T
         if not out:
             return np.zeros((0, self.vocab), np.float32)
-        return np.concatenate(out, axis=0)
+        return out[-1][-1:] if last else np.concatenate(out, axis=0)
 
 
 class ReferenceDevice(Device):

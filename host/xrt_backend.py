@@ -206,7 +206,8 @@ class XrtDevice(ProgramDevice):
         at = self.counters_addr + align(8 * len(self.counter_names))
         self.programs = {}
         for name, prog in [("decode", self.bundle.program),
-                           *((f"prefill_{t}", p) for t, p in sorted(self.bundle.prefill.items()))]:
+                           *((f"prefill_{t}", p) for t, p in sorted(self.bundle.prefill.items())),
+                           *((f"prefill_kv_{t}", p) for t, p in sorted(self.bundle.prefill_kv.items()))]:
             self.programs[name] = (at, bytes(prog))
             at = align(at + len(prog))
         self.flat_size = at
@@ -333,14 +334,15 @@ class XrtDevice(ProgramDevice):
         io = int(self.bundle.manifest["memory_map"]["logits"][0])
         return self.read_flat(io, 4 * self.vocab).view(np.float32)[None]
 
-    def _prefill(self, pos, tokens):
+    def _prefill(self, pos, tokens, logits=True):
+        from llmfab.compiler.bundle import prefill_program
         T = len(tokens)
         self.bundle.check_prefill_start(pos, T)
         for addr, row in self.bundle.prefill_token_rows(tokens):
             self.write_flat(addr, row)
-        c = self._run(f"prefill_{T}", pos, 0, T)
-        self.prefill_runs.append({"tokens": T, "cycles": c["cycles"]})
-        return self.bundle.prefill_logits(T, self.read_flat)
+        c = self._run(prefill_program(T, logits), pos, 0, T)
+        self.prefill_runs.append({"tokens": T, "logits": logits, "cycles": c["cycles"]})
+        return self.bundle.prefill_logits(T, self.read_flat) if logits else None
 
     def stats(self):
         from llmfab.host.rtl_backend import counter_stats

@@ -34,7 +34,7 @@ import numpy as np
 
 from llmfab.core.errors import IsaError, SimError
 from llmfab.compiler import isa, sparse
-from llmfab.compiler.bundle import Bundle
+from llmfab.compiler.bundle import Bundle, prefill_program
 from llmfab.core import numerics as N
 from llmfab.core import formats
 from llmfab.core.formats import BLOCK_BYTES, QBLOCK_BYTES
@@ -81,7 +81,8 @@ class Golden:
     """Load a bundle; run its decode program (one token) or a prefill program (T tokens).
 
     The programs share the device state (HBM with the KV cache, on-chip memory).
-    Program names: ``"decode"`` and ``"prefill_<T>"`` for each bucket T.
+    Program names: ``"decode"``, ``"prefill_<T>"`` for each bucket T and ``"prefill_kv_<T>"``
+    for its KV-only twin (a bundle that ends the model).
     """
 
     def __init__(self, bundle: Bundle, *, registers: dict | None = None, fast: bool = True):
@@ -125,21 +126,21 @@ class Golden:
         return sorted(int(t) for t in self.bundle.prefill)
 
     def program(self, name: str = "decode") -> _Program:
-        """The decoded program ``name`` ("decode" or "prefill_<T>")."""
+        """The decoded program ``name`` ("decode", "prefill_<T>" or "prefill_kv_<T>")."""
         p = self.programs.get(name)
         if p is not None:
             return p
         if name == "decode":
             data, ntok = self.bundle.program, 1
         else:
-            try:
-                ntok = int(name.split("prefill_", 1)[1]) if name.startswith("prefill_") else -1
-            except ValueError:
-                ntok = -1
-            if ntok not in self.bundle.prefill:
-                have = ", ".join(["decode"] + [f"prefill_{t}" for t in self.buckets])
+            progs = self.bundle.prefill_kv if name.startswith("prefill_kv_") else self.bundle.prefill
+            tail = name[len("prefill_kv_"):] if progs is self.bundle.prefill_kv else name[len("prefill_"):]
+            ntok = int(tail) if name.startswith("prefill_") and tail.isascii() and tail.isdigit() else -1
+            if ntok not in progs:
+                have = ", ".join(["decode"] + [f"prefill_{t}" for t in self.buckets]
+                                 + [f"prefill_kv_{t}" for t in sorted(self.bundle.prefill_kv)])
                 raise SimError(f"bundle has no program '{name}' (it has {have})")
-            data = self.bundle.prefill[ntok]
+            data = progs[ntok]
         p = _Program(name, data, ntok)
         self._decode_all(p)
         if p.static_fault is None:
@@ -592,11 +593,12 @@ class Golden:
         for addr, row in self.bundle.prefill_token_rows(tokens):
             self.hbm[addr:addr + row.size] = row
 
-    def prefill(self, pos: int, tokens, program: str | None = None) -> RunResult:
-        """Stage ``tokens`` and run the prefill program of bucket ``len(tokens)`` at ``pos``."""
+    def prefill(self, pos: int, tokens, program: str | None = None, *, logits: bool = True) -> RunResult:
+        """Stage ``tokens`` and run the prefill program of bucket ``len(tokens)`` at ``pos``
+        (``logits=False``: its KV-only twin, which leaves no logits)."""
         self.bundle.check_prefill_start(pos, len(tokens))
         self.stage_tokens(tokens)
-        return self.run(pos, 0, program or f"prefill_{len(tokens)}")
+        return self.run(pos, 0, program or prefill_program(len(tokens), logits))
 
     def prefill_logits(self, ntok: int) -> np.ndarray:
         """The logits of the last ``ntok``-token prefill run, ``[ntok, vocab]`` in token order

@@ -475,13 +475,20 @@ class ActCache:
 
 
 def _program(bundle, program):
+    """(bytes, tokens) of ``program``: None / "decode" / 1, a bucket T (its prefill program)
+    or a program name, "prefill_<T>" or "prefill_kv_<T>" (its KV-only twin)."""
     if program in (None, "decode", 1):
         return bundle.program, 1
+    progs = bundle.prefill
+    if isinstance(program, str) and program.startswith("prefill_kv_"):
+        progs, program = bundle.prefill_kv, program[len("prefill_kv_"):]
+    elif isinstance(program, str) and program.startswith("prefill_"):
+        program = program[len("prefill_"):]
     T = int(program)
-    if T not in bundle.prefill:
-        raise KeyError(f"the bundle has no prefill program of {T} tokens "
-                       f"(buckets: {sorted(bundle.prefill)})")
-    return bundle.prefill[T], T
+    if T not in progs:
+        raise KeyError(f"the bundle has no {'KV-only ' if progs is bundle.prefill_kv else ''}prefill "
+                       f"program of {T} tokens (buckets: {sorted(progs)})")
+    return progs[T], T
 
 
 def _conflict(a, b) -> bool:
@@ -523,7 +530,8 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
     """Cycles of one run of a program at position ``pos`` (default: half the compiled context).
 
     ``program``: ``None`` / ``"decode"`` the decode program, an int T the prefill program
-    of bucket T (tokens at positions ``pos .. pos + T - 1``). ``memory``: ``card``
+    of bucket T (tokens at positions ``pos .. pos + T - 1``), ``"prefill_kv_<T>"`` its
+    KV-only twin. ``memory``: ``card``
     (default) charges loads at no more than what the board's memory sustains
     (:func:`~llmfab.boards.memory_timing.sustainable_fraction`) with the card's read
     latency, ``ideal`` at the peak (the lesser of ports and memory) times ``efficiency``

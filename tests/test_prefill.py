@@ -180,9 +180,77 @@ def test_golden_device_uses_buckets(tiny):
 
 def test_greedy_generation_same_with_prefill(tiny):
     m, b, ci = tiny
-    r1 = GoldenDevice(m, ci, bundle=b).generate(TOKS[:13], 6)
+    d1 = GoldenDevice(m, ci, bundle=b)
+    r1 = d1.generate(TOKS[:13], 6)
     r2 = GoldenDevice(m, ci, bundle=b, prefill=False).generate(TOKS[:13], 6)
     assert r1.tokens == r2.tokens
+    # 13 = 8 + 4 + 1: the prompt's prefill runs KV-only, its last token through decode
+    assert d1.prefill_kv_runs == {8: 1, 4: 1} and d1.prefill_runs == {}
+    assert d1.stats()["prefill_kv_runs"] == {"4": 1, "8": 1}
+
+
+# ---- KV-only prefill programs (the runs of a prompt before its last) ----------------------
+
+def _ops(prog):
+    return [isa.decode(w) for w in isa.from_bytes(prog)]
+
+
+def test_kv_only_programs_leave_the_kv_cache_and_no_logits(tiny):
+    """Each bucket's KV-only program leaves the KV cache its full program leaves, bit for bit,
+    after earlier runs too, and writes nothing to the logits; it has no LM head, and its last
+    layer stops at the K/V rows (one attention norm, no ATTN, output projection or FFN)."""
+    m, b, cfg = tiny
+    assert sorted(b.prefill_kv) == sorted(b.prefill) == b.manifest["prefill"]["buckets"]
+    io0, ion = (int(v) for v in b.manifest["memory_map"]["prefill_logits"])
+    for T in sorted(b.prefill):
+        full, kv = Golden(b), Golden(b)
+        full.prefill(0, TOKS[:T])                     # earlier runs: both caches from the same runs
+        kv.prefill(0, TOKS[:T], logits=False)
+        assert np.array_equal(_kv(full), _kv(kv)), T
+        kv.hbm[io0:io0 + ion] = 0xA5
+        nxt = (TOKS * 2)[T:2 * T]
+        r1, r2 = full.prefill(T, nxt), kv.prefill(T, nxt, logits=False)
+        assert r1.status == r2.status == isa.STATUS_OK, (r1, r2)
+        assert np.array_equal(_kv(full), _kv(kv)), T
+        assert (kv.hbm[io0:io0 + ion] == 0xA5).all(), T
+        fo, ko = _ops(b.prefill[T]), _ops(b.prefill_kv[T])
+        count = lambda ops, f: sum(1 for i in ops if i.op == "MISC" and i["func"] == isa.MISC_FUNCS[f])  # noqa: E731
+        n_mm = lambda ops: sum(1 for i in ops if i.op in ("MV", "MM"))   # noqa: E731
+        L = m.desc.n_layers
+        assert count(ko, "ATTN") == count(fo, "ATTN") * (L - 1) // L
+        assert count(ko, "RMSNORM") == count(fo, "RMSNORM") - T * 2     # the last FFN norm and the final norm
+        head_tiles = len(b.manifest["prefill"]["lm_head_tiles"])
+        per_layer, rest = divmod(n_mm(fo) - head_tiles, L)
+        assert rest == 0
+        # the last layer's MMs: its QKV tiles, after its attention norm, and nothing more
+        last_norm = max(k for k, i in enumerate(ko) if i.op == "MISC" and i["func"] == isa.MISC_FUNCS["RMSNORM"])
+        qkv = n_mm(ko[last_norm:])
+        assert 0 < qkv < per_layer and n_mm(ko) == (L - 1) * per_layer + qkv, (n_mm(ko), per_layer, qkv)
+
+
+def test_forward_last_runs_kv_only_programs(tiny):
+    """``forward_last`` gives the last token's logits of ``forward``, bit for bit, running
+    every prefill run but the last through its KV-only program; the cache it leaves is the same."""
+    m, b, cfg = tiny
+    _, want = decode_run(b, TOKS)
+    for n in (2, 8, 11, 23):
+        dev = GoldenDevice(m, cfg, bundle=b)
+        got = dev.forward_last(TOKS[:n])
+        assert got.shape == (1, 256) and np.array_equal(_bits(got), _bits(want[n - 1:n])), n
+        full = GoldenDevice(m, cfg, bundle=b)
+        full.forward(TOKS[:n])
+        assert np.array_equal(_kv(dev.golden), _kv(full.golden)), n
+        runs = split_buckets(n, b.manifest["prefill"]["buckets"])
+        kv_runs = {}
+        for T in runs[:-1]:
+            if T > 1:
+                kv_runs[T] = kv_runs.get(T, 0) + 1
+        assert dev.prefill_kv_runs == kv_runs, n
+        assert dev.prefill_runs == ({runs[-1]: 1} if runs[-1] > 1 else {}), n
+        # and from a later position, after a decode step
+        got2 = dev.forward_last(TOKS[n:n + 5]) if n + 5 <= len(TOKS) else None
+        if got2 is not None:
+            assert np.array_equal(_bits(got2), _bits(want[n + 4:n + 5])), n
 
 
 # ---- sparse ----------------------------------------------------------------------------
@@ -337,9 +405,11 @@ def test_bundle_roundtrip_with_prefill(tmp_path, tiny):
     p = tmp_path / "b"
     write_bundle(b, str(p))
     assert sorted(os.listdir(p)) == sorted(["hbm.bin", "manifest.json", "program.bin"]
-                                           + [f"prefill_{t}.bin" for t in b.prefill])
+                                           + [f"prefill_{t}.bin" for t in b.prefill]
+                                           + [f"prefill_kv_{t}.bin" for t in b.prefill])
     r = read_bundle(str(p), ci)
     assert r.prefill == b.prefill and r.program == b.program and r.manifest == b.manifest
+    assert r.prefill_kv == b.prefill_kv and sorted(r.prefill_kv) == sorted(b.prefill)
     assert set(r.manifest["files"]) == set(os.listdir(p)) - {"manifest.json"}
     _, want = decode_run(r, TOKS[:8])
     _, got = chunked_run(r, TOKS[:8], [8])
@@ -472,8 +542,11 @@ def test_prefill_token_errors(tiny41, ci):
     with pytest.raises(SimError, match=r"^17 prefill tokens exceed the staging region"):
         g.stage_tokens([1] * 17)
     with pytest.raises(SimError, match=r"^bundle has no program 'prefill_3' \(it has decode, prefill_2, "
-                                       r"prefill_4, prefill_8, prefill_16\)$"):
+                                       r"prefill_4, prefill_8, prefill_16, prefill_kv_2, prefill_kv_4, "
+                                       r"prefill_kv_8, prefill_kv_16\)$"):
         g.run(0, 0, program="prefill_3")
+    with pytest.raises(SimError, match=r"^bundle has no program 'prefill_kv_x'"):
+        g.run(0, 0, program="prefill_kv_x")
 
 
 def test_backend_context_limits_buckets(tmp_path):

@@ -438,5 +438,11 @@ def test_chains_prefill_matches_golden(tmp_path):
             assert np.array_equal(rtl.acc.read_hbm(kv0, kvn), gold.golden.hbm[kv0:kv0 + kvn]), n
         # 2+1 | 1 4 8 8 8 8 (3 -> 40) | 1 | 1 2 2 1 (41 -> 47)
         assert [r["tokens"] for r in rtl.prefill_runs] == [2, 4, 8, 8, 8, 8, 2, 2]
+        # as generate runs a prompt (47 -> 59: 1, 8 and 2 KV-only, 1): the last token's logits
+        toks = [int(t) for t in rng.integers(0, 256, 12)]
+        lr, lg = rtl.forward_last(toks), gold.forward_last(toks)
+        assert lr.shape == (1, 256) and np.array_equal(lr.view(np.uint32), lg.view(np.uint32))
+        assert np.array_equal(rtl.acc.read_hbm(kv0, kvn), gold.golden.hbm[kv0:kv0 + kvn])
+        assert [(r["tokens"], r["logits"]) for r in rtl.prefill_runs[8:]] == [(8, False), (2, False)]
     finally:
         rtl.close()

@@ -80,6 +80,16 @@ def test_prompts_through_prefill_programs(tmp_path, qtype):
             assert np.array_equal(_bits(rtl.forward([nxt])), _bits(gold.forward([nxt]))), n
         assert [r["tokens"] for r in rtl.prefill_runs] == [2, 2, 4, 8, 8, 4, 2]
         assert rtl.stats()["prefill_runs"][-1]["cycles"] > 0
+        # as generate runs a prompt: 8 + 4 + 2 through the KV-only programs, the last token
+        # through the decode program; the last token's logits and the KV cache bit for bit
+        toks = [int(t) for t in rng.integers(0, m.desc.vocab_size, 15)]
+        rtl.reset()
+        gold.reset()
+        lr, lg = rtl.forward_last(toks), gold.forward_last(toks)
+        assert lr.shape == (1, m.desc.vocab_size) and np.array_equal(_bits(lr), _bits(lg))
+        assert np.array_equal(rtl.acc.read_hbm(kv0, kvn), gold.golden.hbm[kv0:kv0 + kvn])
+        assert [(r["tokens"], r["logits"]) for r in rtl.prefill_runs[-3:]] == [(8, False), (4, False), (2, False)]
+        assert gold.prefill_kv_runs == {8: 1, 4: 1, 2: 1}
     finally:
         rtl.close()
 
