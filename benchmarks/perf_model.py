@@ -116,7 +116,7 @@ def main(argv=None):
 
 def prefill_projection(cfg, prompts, lanes):
     """LLaMA2-7B-shaped Q4_0 prompts of ``prompts`` tokens through the prefill programs on
-    ``cfg`` with ``chain.tokens`` = each of ``lanes``, attention in the SFU and on the chains
+    ``cfg`` as ``generate`` runs them (the runs before the last through the KV-only programs) with ``chain.tokens`` = each of ``lanes``, attention in the SFU and on the chains
     (``attention: chains``; runs start at multiples of min(T, 32) there): a Markdown table and
     a plot."""
     from rtl_prefill import with_lanes
@@ -142,7 +142,9 @@ def prefill_projection(cfg, prompts, lanes):
             for n in prompts:
                 pos, parts = 0, []
                 for T in split_buckets(n, buckets, 0, b.prefill_align):
-                    parts.append(estimate(b, c, pos=pos, memory="card", program=None if T == 1 else T))
+                    # as generate runs a prompt: the runs before the last through the KV-only programs
+                    prog = None if T == 1 else T if pos + T == n else f"prefill_kv_{T}"
+                    parts.append(estimate(b, c, pos=pos, memory="card", program=prog))
                     pos += T
                 cycles = sum(e.cycles for e in parts)
                 secs = cycles / (c.clock_mhz * 1e6)
@@ -155,7 +157,8 @@ def prefill_projection(cfg, prompts, lanes):
                 rows.append(r)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
     table = [f"LLaMA2-7B-shaped (Q4_0) prompts on `{cfg.name}` through its prefill programs "
-             f"(buckets {rows[0]['buckets']}, card-like memory), per attention engine and "
+             f"(buckets {rows[0]['buckets']}, the runs before the last KV-only, card-like memory), "
+             "per attention engine and "
              "token-lane count (`chain.tokens`):", "",
              "| attention | token lanes | DSPs | prompt | runs | cycles | MV/MM | MISC (of which attention's) | "
              "prefill tokens/s | time to first token |",

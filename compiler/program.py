@@ -285,15 +285,7 @@ class ProgramBuilder:
         parts, L, T = self.parts, self.L, self.T
         d = parts.dims
         mats = parts.weights.layers[li]
-        gs = self._next_slot("G")
-        gbase = L.gslots[gs]
-        rope = gbase + 2 * d.dim * 4
-        gid = f"tables.{li}"
-        lds = [dict(buf=gbase, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.norms[li]), len=2 * d.dim * 4),
-               # the RoPE rows of positions R1 .. R1+T-1 in one load
-               dict(buf=rope, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.rope), ireg=isa.REG_POS,
-                    stride=d.hd * 4, len=T * d.hd * 4)]
-        self._add(LoadGroup(gid, ("G", gs), lds), partial(self._attn_norm, gbase, gid))
+        gs, rope = self._layer_tables(li)
         if T == 1 and parts.onchip.chains:
             # a KV head's attention in two parts (:meth:`_attend_chains`): its first part (RoPE,
             # KVROW, the queries and their scores MVs) once its rows of q/k/v are written,
@@ -340,14 +332,11 @@ class ProgramBuilder:
         self.matrix(mats.attn_output, L.qh, L.h)
         return gs
 
-    def kv_rows(self, li: int):
-        """A KV-only program's last layer: its tables, the attention norm, QKV and RoPE, and
-        the K/V rows of the T tokens stored, as :meth:`attention` stores them; nothing that
-        reads them. A final NOP waits for the last store (with attention on the chains, each
-        KV head's slot is freed once its tiles are stored)."""
+    def _layer_tables(self, li: int) -> tuple:
+        """Layer ``li``'s tables (both norm vectors, the RoPE rows of positions R1 .. R1+T-1)
+        into the next GB slot, then the attention norm; (the slot, its RoPE rows' address)."""
         parts, L, T = self.parts, self.L, self.T
         d = parts.dims
-        mats = parts.weights.layers[li]
         gs = self._next_slot("G")
         gbase = L.gslots[gs]
         rope = gbase + 2 * d.dim * 4
@@ -356,7 +345,17 @@ class ProgramBuilder:
                dict(buf=rope, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.rope), ireg=isa.REG_POS,
                     stride=d.hd * 4, len=T * d.hd * 4)]
         self._add(LoadGroup(gid, ("G", gs), lds), partial(self._attn_norm, gbase, gid))
-        self.matrix(mats.qkv, L.qh, L.qkv)
+        return gs, rope
+
+    def kv_rows(self, li: int):
+        """A KV-only program's last layer: its tables, the attention norm, QKV and RoPE, and
+        the K/V rows of the T tokens stored, as :meth:`attention` stores them; nothing that
+        reads them. A final NOP waits for the last store (with attention on the chains, each
+        KV head's slot is freed once its tiles are stored)."""
+        parts, L = self.parts, self.L
+        d = parts.dims
+        gs, rope = self._layer_tables(li)
+        self.matrix(parts.weights.layers[li].qkv, L.qh, L.qkv)
         if parts.onchip.chains:
             self._add(None, partial(self._rope_tokens, rope))
             for j in range(d.nkv):

@@ -53,6 +53,8 @@ def bundle_lines(name: str, b) -> list:
     out = [f"{name} program {sha(b.program)}"]
     for t in sorted(b.prefill):
         out.append(f"{name} prefill_{t} {sha(b.prefill[t])}")
+    for t in sorted(b.prefill_kv):
+        out.append(f"{name} prefill_kv_{t} {sha(b.prefill_kv[t])}")
     out.append(f"{name} hbm_image {sha(b.hbm_image)} ({b.hbm_image.size} bytes)")
     masks = b.extra.get("masks") or {}
     if masks:
