@@ -28,12 +28,11 @@ import pytest
 
 from llmfab.boards.config import load_config
 from llmfab.compiler import isa
-from llmfab.compiler.bundle import Bundle
+from llmfab.compiler.bundle import Bundle, prefill_program
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
 from llmfab.sim.golden import Golden
 from llmfab.host.golden_backend import GoldenDevice
-from llmfab.host.runtime import split_buckets
 
 import tinymodel
 
@@ -123,12 +122,14 @@ class Rtl:
         self.load("decode")
 
     def load(self, name, program=None):
-        """Load program ``name`` ("decode", "prefill_<T>", or any name with ``program``)
-        unless it is the one loaded."""
+        """Load program ``name`` ("decode", "prefill_<T>", "prefill_kv_<T>", or any name with
+        ``program``) unless it is the one loaded."""
         if self.loaded == name:
             return
         if program is None:
-            program = self.bundle.program if name == "decode" else self.bundle.prefill[int(name.split("_")[1])]
+            T = int(name.rsplit("_", 1)[1]) if name != "decode" else 1
+            program = (self.bundle.program if name == "decode" else self.bundle.prefill_kv[T]
+                       if name.startswith("prefill_kv_") else self.bundle.prefill[T])
         self.acc.load_program(program)
         self.loaded = name
 
@@ -150,9 +151,9 @@ class Rtl:
         for t, tok in enumerate(tokens):
             self.acc.write_hbm(int(base) + t * stride, img[emb + tok * rb:emb + (tok + 1) * rb])
 
-    def prefill(self, pos, tokens):
+    def prefill(self, pos, tokens, logits=True):
         self.stage_tokens(tokens)
-        return self.run(pos, 0, f"prefill_{len(tokens)}", ntok=len(tokens))
+        return self.run(pos, 0, prefill_program(len(tokens), logits), ntok=len(tokens))
 
     def logits(self):
         return self.acc.logits().copy()
@@ -170,7 +171,7 @@ def rtl(config, bundles):
     from llmfab.host.rtl_backend import exec_factory, program_ops
     factory, implemented = exec_factory(config)
     for name, (_, b) in bundles.items():
-        for prog in [b.program, *b.prefill.values()]:
+        for prog in [b.program, *b.prefill.values(), *b.prefill_kv.values()]:
             missing = program_ops(prog) - implemented
             assert not missing, f"{name}: the execution unit lacks {sorted(missing)}"
     # the simulated HBM is sized for the largest bundle; the others are swapped in
@@ -213,30 +214,33 @@ def assert_logits(got, want, what):
 
 
 def run_chunks(g, r, bundle, tokens, chunks, pos=0):
-    """Run ``tokens`` in ``chunks`` (1: decode, T: prefill_T) on both; compare everything after
-    every run. Returns the RTL's logits [len(tokens), vocab]."""
-    assert sum(chunks) == len(tokens)
+    """Run ``tokens`` in ``chunks`` (1: decode, T: prefill_T, -T: prefill_kv_T, which leaves no
+    logits) on both; compare everything after every run. Returns the RTL's logits
+    [tokens of the chunks with logits, vocab]."""
+    assert sum(abs(T) for T in chunks) == len(tokens)
     out = []
     i = 0
-    for T in chunks:
-        what = f"{'decode' if T == 1 else f'prefill_{T}'} at pos {pos}"
+    for c in chunks:
+        T, logits = abs(c), c > 0
+        what = f"{'decode' if T == 1 else prefill_program(T, logits)} at pos {pos}"
         if T == 1:
             gr = g.run(pos, tokens[i])
             rr = r.run(pos, tokens[i])
             prog = bundle.program
         else:
-            gr = g.prefill(pos, tokens[i:i + T])
-            rr = r.prefill(pos, tokens[i:i + T])
-            prog = bundle.prefill[T]
+            gr = g.prefill(pos, tokens[i:i + T], logits=logits)
+            rr = r.prefill(pos, tokens[i:i + T], logits=logits)
+            prog = bundle.prefill[T] if logits else bundle.prefill_kv[T]
         assert gr.status == isa.STATUS_OK, (what, gr)
         assert (rr.status, rr.pc) == (isa.STATUS_OK, _end_pc(prog)), (what, rr.status, rr.pc)
         if T == 1:
             want, got = g.logits()[None], r.logits()[None]
-        else:
+        elif logits:
             want, got = g.prefill_logits(T), r.prefill_logits(T)
-        assert_logits(got, want, what)
+        if logits:
+            assert_logits(got, want, what)
+            out.append(got)
         assert_same_hbm(g, r, what)
-        out.append(got)
         pos += T
         i += T
     return np.concatenate(out)
@@ -261,18 +265,21 @@ def test_tiny_models_decode(rtl, bundles, qtype):
 #: in every format, at position 0 and after decode and other prefill runs (odd positions,
 #: up to position 22)
 PREFILL_CHUNKS = [("q4_0", [2, 1, 4, 8]), ("q4_1", [8, 1, 4, 2, 1]),
-                  ("q4_1", [1, 2, 1, 4, 1, 8, 1, 4, 1]), ("q8_0", [4, 1, 2, 8])]
+                  ("q4_1", [1, 2, 1, 4, 1, 8, 1, 4, 1]), ("q8_0", [4, 1, 2, 8]),
+                  # the KV-only programs (-T), as generate runs a prompt's runs before its last
+                  ("q4_0", [-8, -4, -2, 1, -2, 4]), ("q8_0", [1, -2, -8, 8])]
 TOKS = [int(t) for t in np.random.default_rng(11).integers(0, 256, 23)]
 
 
 @pytest.mark.parametrize("qtype,chunks", PREFILL_CHUNKS,
                          ids=[f"{q}-{'.'.join(map(str, c))}" for q, c in PREFILL_CHUNKS])
 def test_tiny_models_prefill(rtl, bundles, qtype, chunks):
-    """test_prefill.py's bucket programs (MM, cached ATTN, SYNC) mixed with decode runs."""
+    """test_prefill.py's bucket programs (MM, cached ATTN, SYNC) and their KV-only twins
+    mixed with decode runs."""
     _, b = bundles[qtype]
     assert b.manifest["prefill"]["buckets"] == [2, 4, 8]
     rtl.use(b)
-    run_chunks(Golden(b), rtl, b, TOKS[:sum(chunks)], chunks)
+    run_chunks(Golden(b), rtl, b, TOKS[:sum(abs(c) for c in chunks)], chunks)
 
 
 def test_late_positions(rtl, bundles):
@@ -318,10 +325,11 @@ def test_greedy_generation(rtl, bundles, config):
     prompt, n = TOKS[:7], 5
     gold = GoldenDevice(m, config, bundle=b)
     want = gold.generate(prompt, n).tokens
-    assert gold.prefill_runs == {4: 1, 2: 1}
+    # 7 = 4 + 2 + 1: generate runs the prompt's 4 and 2 through the KV-only programs
+    assert gold.prefill_kv_runs == {4: 1, 2: 1} and gold.prefill_runs == {}
     rtl.use(b)
     g = Golden(b)
-    lg = run_chunks(g, rtl, b, prompt, split_buckets(len(prompt), b.manifest["prefill"]["buckets"]))
+    lg = run_chunks(g, rtl, b, prompt, [-4, -2, 1])
     pos, out = len(prompt), []
     nxt = int(np.argmax(lg[-1]))
     for i in range(n):
