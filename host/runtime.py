@@ -8,8 +8,9 @@ Every backend implements :class:`Device`: ``reset()``, ``forward(tokens)``
 (runs tokens at the next positions, returns their logits) and ``stats()``
 (backend-specific counters); ``forward_last(tokens)`` returns only the last
 token's logits (the program backends run a prompt's runs before its last
-through the KV-only prefill programs, which skip the LM head). Greedy generation and teacher-forced logits are
-written once, here, on top of ``forward``. Every device has a ``context``: the
+through the KV-only prefill programs, which skip the LM head). Greedy
+generation and teacher-forced logits are written once, here, on top of
+``forward`` and ``forward_last``. Every device has a ``context``: the
 number of token positions it holds (its KV cache). Generation stops there and
 returns what it made, with ``stop == "context"``; a prompt that cannot fit is
 refused before any work.

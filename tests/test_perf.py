@@ -204,6 +204,13 @@ def test_prefill_program_estimate(tmp_path):
     assert want == sum(dec)
     with pytest.raises(KeyError):
         perf.estimate(b, cfg, program=64)
+    # the KV-only twin (by name): no LM head, the last layer's ATTN and FFN left out
+    kv = perf.estimate(b, cfg, pos=pos, program="prefill_kv_2", memory="ideal")
+    assert perf.estimate(b, cfg, pos=pos, program="prefill_2", memory="ideal").cycles == pre.cycles
+    assert kv.tokens == 2 and kv.misc_by_op["ATTN"] * 2 == want      # one of the two layers
+    assert kv.mv_cycles < pre.mv_cycles and kv.cycles < pre.cycles and kv.macs < pre.macs
+    with pytest.raises(KeyError, match=r"no KV-only prefill program of 64 tokens \(buckets: \[2, 4, 8\]\)"):
+        perf.estimate(b, cfg, program="prefill_kv_64")
 
 
 # ---- whole steps ---------------------------------------------------------------------------
