@@ -19,7 +19,8 @@ LLaMA2-7B-shaped Q4_0 prompt through the bundle's prefill programs, greedily buc
 backends run it, each run costed by the model at its start position (``estimate(...,
 program=T)``), for ``chain.tokens`` = each lane count (the configuration otherwise as it is,
 fit-checked): prefill tokens/s, time to first token, and the MV/MM vs MISC split; plot
-docs/img/prefill_projection_u280.png.
+docs/img/prefill_projection_u280.png. The runs before a prompt's last are costed through
+the KV-only programs, as ``generate`` runs them. ``--prefill-only`` makes just this part.
 """
 
 from __future__ import annotations
@@ -55,8 +56,18 @@ def main(argv=None):
     ap.add_argument("--prefill-prompts", default="128,512",
                     help="prompt lengths of the prefill projection ('' to skip it)")
     ap.add_argument("--prefill-lanes", default="1,2,4", help="chain.tokens values of the prefill projection")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="only the prefill projection (its table and plot)")
     args = ap.parse_args(argv)
     os.makedirs(IMG, exist_ok=True)
+    if args.prefill_only:
+        md = prefill_projection(load_config(args.projection_config),
+                                [int(p) for p in args.prefill_prompts.split(",")],
+                                [int(x) for x in args.prefill_lanes.split(",")])
+        print(md)
+        if args.write_docs:
+            _write(md, "prefill_projection")
+        return 0
     smol = load_model()
     big = shape_model(LLAMA2_7B, "q4_0")
     rows = []
