@@ -688,3 +688,28 @@ def test_compile_cli_reports_prefill(tmp_path, capsys):
     b = read_bundle(str(out))
     assert rep["prefill_buckets"] == [2, 4, 8]
     assert rep["prefill_program_bytes"] == {str(t): len(p) for t, p in b.prefill.items()}
+
+
+def test_rtl_prefill_benchmark_plans_prompts_as_generate(tiny):
+    """benchmarks/rtl_prefill.py measures a prompt as ``generate`` runs it: its runs, each
+    KV-only but the last (``--all-logits``: every run with logits), run one at a time from
+    the state before (as its shards do) leave the cache and last logits ``forward_last`` does."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from rtl_prefill import _macs_of, _one_run, _plan, program_macs
+    m, b, cfg = tiny
+    buckets = b.manifest["prefill"]["buckets"]
+    runs = split_buckets(15, buckets)
+    plan = _plan(b, 15, False)
+    assert [(T, lg) for _, _, T, lg in plan] == [(T, i == len(runs) - 1) for i, T in enumerate(runs)]
+    assert [p for _, p, _, _ in plan] == [sum(runs[:i]) for i in range(len(runs))]
+    assert all(lg for *_, lg in _plan(b, 15, True))
+    macs = _macs_of(b)
+    assert macs[(1, True)] == program_macs(b.program)
+    assert all(macs[(T, False)] < macs[(T, True)] for T in buckets)
+    one, ref = GoldenDevice(m, cfg, bundle=b), GoldenDevice(m, cfg, bundle=b)
+    for _, pos, T, logits in plan:
+        out = _one_run(one, pos, TOKS[pos:pos + T], logits)
+        assert (out is None) == (not logits)
+    want = ref.forward_last(TOKS[:15])
+    assert np.array_equal(_bits(out[-1:]), _bits(want)) and np.array_equal(_kv(one.golden), _kv(ref.golden))
