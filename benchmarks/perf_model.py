@@ -61,12 +61,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.makedirs(IMG, exist_ok=True)
     if args.prefill_only:
-        md = prefill_projection(load_config(args.projection_config),
-                                [int(p) for p in args.prefill_prompts.split(",")],
-                                [int(x) for x in args.prefill_lanes.split(",")])
-        print(md)
-        if args.write_docs:
-            _write(md, "prefill_projection")
+        _prefill_block(args)
         return 0
     smol = load_model()
     big = shape_model(LLAMA2_7B, "q4_0")
@@ -116,13 +111,19 @@ def main(argv=None):
         if args.write_docs:
             _write(md, "perf_projection")
         if args.prefill_prompts:
-            md = prefill_projection(load_config(args.projection_config),
-                                    [int(p) for p in args.prefill_prompts.split(",")],
-                                    [int(x) for x in args.prefill_lanes.split(",")])
-            print(md)
-            if args.write_docs:
-                _write(md, "prefill_projection")
+            _prefill_block(args)
     return 0
+
+
+def _prefill_block(args):
+    """The prefill projection of the command line's prompts and lanes: printed, and with
+    ``--write-docs`` put in docs/benchmarks.md."""
+    md = prefill_projection(load_config(args.projection_config),
+                            [int(p) for p in args.prefill_prompts.split(",")],
+                            [int(x) for x in args.prefill_lanes.split(",")])
+    print(md)
+    if args.write_docs:
+        _write(md, "prefill_projection")
 
 
 def prefill_projection(cfg, prompts, lanes):
