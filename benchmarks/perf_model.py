@@ -128,12 +128,14 @@ def _prefill_block(args):
 
 def prefill_projection(cfg, prompts, lanes):
     """LLaMA2-7B-shaped Q4_0 prompts of ``prompts`` tokens through the prefill programs on
-    ``cfg`` as ``generate`` runs them (the runs before the last through the KV-only programs) with ``chain.tokens`` = each of ``lanes``, attention in the SFU and on the chains
+    ``cfg`` as ``generate`` runs them (the runs before the last through the KV-only programs)
+    with ``chain.tokens`` = each of ``lanes``, attention in the SFU and on the chains
     (``attention: chains``; runs start at multiples of min(T, 32) there): a Markdown table and
     a plot."""
     from rtl_prefill import with_lanes
 
-    from llmfab.host.runtime import split_buckets
+    from llmfab.compiler.bundle import prefill_program
+    from llmfab.host.runtime import prompt_plan
     model = shape_model(LLAMA2_7B, "q4_0")
     rows = []
     unfit = []
@@ -153,9 +155,8 @@ def prefill_projection(cfg, prompts, lanes):
             buckets = b.manifest["prefill"]["buckets"]
             for n in prompts:
                 pos, parts = 0, []
-                for T in split_buckets(n, buckets, 0, b.prefill_align):
-                    # as generate runs a prompt: the runs before the last through the KV-only programs
-                    prog = None if T == 1 else T if pos + T == n else f"prefill_kv_{T}"
+                for T, logits in prompt_plan(n, buckets, 0, b.prefill_align, b.prefill_kv, last=True):
+                    prog = None if T == 1 else prefill_program(T, logits)
                     parts.append(estimate(b, c, pos=pos, memory="card", program=prog))
                     pos += T
                 cycles = sum(e.cycles for e in parts)

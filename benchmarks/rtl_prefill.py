@@ -175,11 +175,12 @@ def _read_results(path) -> dict:
 def _plan(bundle, n: int, all_logits: bool) -> list:
     """The prompt's runs as the backends split it: (index, start position, tokens, logits):
     every run but the last KV-only (``Device.forward_last``) unless ``all_logits``."""
-    from llmfab.host.runtime import split_buckets
+    from llmfab.host.runtime import prompt_plan
     buckets = [int(t) for t in bundle.manifest["prefill"]["buckets"]]
     out, pos = [], 0
-    for i, T in enumerate(split_buckets(n, buckets, 0, bundle.prefill_align)):
-        out.append((i, pos, T, all_logits or pos + T == n or T not in bundle.prefill_kv))
+    for i, (T, logits) in enumerate(prompt_plan(n, buckets, 0, bundle.prefill_align, bundle.prefill_kv,
+                                                last=not all_logits)):
+        out.append((i, pos, T, logits))
         pos += T
     return out
 

@@ -103,6 +103,22 @@ class Bundle:
         R9: docs/isa.md, "Attention on the chains"), else 1 (any position)."""
         return _TILE_ROWS if self.onchip.get("attention") == "chains" else 1
 
+    def named_program(self, name: str) -> tuple | None:
+        """``(bytes, tokens)`` of program ``name``: "decode", "prefill_<T>" or "prefill_kv_<T>"
+        (:func:`prefill_program`); ``None`` if the bundle has no such program."""
+        if name == "decode":
+            return self.program, 1
+        for prefix, progs in (("prefill_kv_", self.prefill_kv), ("prefill_", self.prefill)):
+            tail = name[len(prefix):]
+            if name.startswith(prefix) and tail.isascii() and tail.isdigit() and int(tail) in progs:
+                return progs[int(tail)], int(tail)
+        return None
+
+    def program_names(self) -> list:
+        """Every program's name: "decode", the prefill programs, then the KV-only ones."""
+        return (["decode"] + [prefill_program(T) for T in sorted(self.prefill)]
+                + [prefill_program(T, False) for T in sorted(self.prefill_kv)])
+
     def check_prefill_start(self, pos: int, ntok: int) -> None:
         """Refuse a prefill run of ``ntok`` tokens at ``pos`` that the programs cannot serve."""
         a = min(int(ntok), self.prefill_align)

@@ -157,7 +157,6 @@ class StageRunner:
         """Run ``T`` tokens (ids or hidden rows) at ``pos``; the output rows ``[T, dim|vocab]``
         (the last stage with ``logits=False``: bucket T's KV-only program, ``None``)."""
         from llmfab.compiler.bundle import prefill_program
-        logits = logits or T == 1 or not self.last
         if self.first:
             tok = int(chunk[0]) if T == 1 else 0
             if not 0 <= tok < self.vocab or any(not 0 <= int(t) < self.vocab for t in chunk):
@@ -195,7 +194,7 @@ class StageRunner:
         return self._read(self.h_out, T * self.dim * 4).view(np.float32).reshape(T, self.dim)
 
     def forward(self, req, x, start: bool = False, rows: str = "all") -> np.ndarray:
-        from llmfab.host.runtime import split_buckets
+        from llmfab.host.runtime import prompt_plan
         t0 = time.perf_counter()
         x = list(x) if self.first else np.asarray(x, np.float32).reshape(-1, self.dim)
         pos = self._switch(req, start)
@@ -204,9 +203,9 @@ class StageRunner:
             raise BackendError(f"{self.name}: context overflow: {n} tokens at position {pos} exceed "
                                f"the compiled context {self.context}")
         out, i = [], 0
-        while i < n:
-            T = split_buckets(n - i, self.buckets, pos, self.dev.prefill_align)[0]
-            y = self._run(pos, x[i:i + T], T, logits=rows == "all" or i + T == n)
+        for T, logits in prompt_plan(n, self.buckets, pos, self.dev.prefill_align,
+                                     self.bundle.prefill_kv, last=rows == "last"):
+            y = self._run(pos, x[i:i + T], T, logits)
             if y is not None:
                 out.append(y)
             pos += T

@@ -96,8 +96,7 @@ class RtlDevice(ProgramDevice):
         #: prefill buckets in use (``prefill=False``: every token through the decode program)
         self.buckets = [int(t) for t in bundle.manifest["prefill"]["buckets"]] if prefill else []
         self.prefill_runs = []
-        self._loaded = 1                        # the program in the simulation: 1 decode, T prefill
-        #                                         (-T: bucket T's KV-only program)
+        self._loaded = "decode"                 # the name of the program in the simulation
 
     def reset(self):
         kv0, kvn = self.bundle.manifest["memory_map"]["kv"]
@@ -107,11 +106,11 @@ class RtlDevice(ProgramDevice):
     def use_program(self, T: int, logits: bool = True) -> None:
         """Have the simulation run the decode program (``T`` = 1) or the prefill program of bucket ``T``
         (``logits=False``: its KV-only program)."""
-        key = T if logits or T == 1 else -T
-        if self._loaded != key:
-            self.acc.load_program(self.bundle.program if T == 1 else
-                                  self.bundle.prefill[T] if logits else self.bundle.prefill_kv[T])
-            self._loaded = key
+        from llmfab.compiler.bundle import prefill_program
+        name = "decode" if T == 1 else prefill_program(T, logits)
+        if self._loaded != name:
+            self.acc.load_program(self.bundle.named_program(name)[0])
+            self._loaded = name
 
     def _check(self, r, what: str):
         if r.timed_out:

@@ -156,6 +156,15 @@ def split_buckets(n: int, buckets, pos: int = 0, align: int = 1) -> list:
     return out
 
 
+def prompt_plan(n: int, buckets, pos: int = 0, align: int = 1, kv_only=(), last: bool = False) -> list:
+    """The runs of ``n`` tokens from ``pos``, ``[(T, logits)]``: :func:`split_buckets`' runs, and
+    whether each runs with logits. With ``last`` (only the last token's logits wanted) a run
+    before the last of bucket ``T`` in ``kv_only`` (the bundle's ``prefill_kv``) runs its KV-only
+    program (``logits`` False); every other run, and every one without ``last``, has logits."""
+    runs = split_buckets(n, buckets, pos, align)
+    return [(T, not (last and k < len(runs) - 1 and T > 1 and T in kv_only)) for k, T in enumerate(runs)]
+
+
 class ProgramDevice(Device):
     """A device that runs a compiled bundle's programs: the decode program for one token,
     a prefill program for a bucket of ``T`` tokens (greedily the largest bucket that fits
@@ -181,11 +190,6 @@ class ProgramDevice(Device):
     def _prefill(self, pos: int, tokens: list, logits: bool = True) -> np.ndarray | None:
         raise NotImplementedError
 
-    def _kv_only(self, T: int) -> bool:
-        """Whether bucket ``T`` has a KV-only program (the bundle's ``prefill_kv``)."""
-        b = getattr(self, "bundle", None)
-        return b is not None and T in b.prefill_kv
-
     def forward(self, tokens):
         return self._forward(tokens, last=False)
 
@@ -197,22 +201,23 @@ class ProgramDevice(Device):
         for t in toks:
             if not 0 <= t < self.vocab:
                 raise BackendError(f"token id {t} out of range (vocab size {self.vocab})")
+        b = getattr(self, "bundle", None)
+        fit = min(len(toks), max(self.context - self.pos, 0))      # the runs up to the context
         out = []
         i = 0
-        while i < len(toks):
-            if self.pos >= self.context:
-                raise BackendError(f"context overflow: position {self.pos} >= compiled context "
-                                   f"{self.context}")
-            left = min(len(toks) - i, self.context - self.pos)
-            T = split_buckets(left, self.buckets, self.pos, self.prefill_align)[0]
+        for T, logits in prompt_plan(fit, self.buckets, self.pos, self.prefill_align,
+                                     b.prefill_kv if b is not None else (), last):
             if T == 1:
                 out.append(self._decode(self.pos, toks[i]))
-            elif last and i + T < len(toks) and self._kv_only(T):
-                self._prefill(self.pos, toks[i:i + T], logits=False)    # a run before the last
-            else:
+            elif logits:
                 out.append(self._prefill(self.pos, toks[i:i + T]))
+            else:
+                self._prefill(self.pos, toks[i:i + T], logits=False)    # a run before the last
             self.pos += T
             i += T
+        if i < len(toks):
+            raise BackendError(f"context overflow: position {self.pos} >= compiled context "
+                               f"{self.context}")
         if not out:
             return np.zeros((0, self.vocab), np.float32)
         return out[-1][-1:] if last else np.concatenate(out, axis=0)

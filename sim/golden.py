@@ -130,18 +130,10 @@ class Golden:
         p = self.programs.get(name)
         if p is not None:
             return p
-        if name == "decode":
-            data, ntok = self.bundle.program, 1
-        else:
-            progs = self.bundle.prefill_kv if name.startswith("prefill_kv_") else self.bundle.prefill
-            tail = name[len("prefill_kv_"):] if progs is self.bundle.prefill_kv else name[len("prefill_"):]
-            ntok = int(tail) if name.startswith("prefill_") and tail.isascii() and tail.isdigit() else -1
-            if ntok not in progs:
-                have = ", ".join(["decode"] + [f"prefill_{t}" for t in self.buckets]
-                                 + [f"prefill_kv_{t}" for t in sorted(self.bundle.prefill_kv)])
-                raise SimError(f"bundle has no program '{name}' (it has {have})")
-            data = progs[ntok]
-        p = _Program(name, data, ntok)
+        found = self.bundle.named_program(name)
+        if found is None:
+            raise SimError(f"bundle has no program '{name}' (it has {', '.join(self.bundle.program_names())})")
+        p = _Program(name, *found)
         self._decode_all(p)
         if p.static_fault is None:
             p.order = self._token_sim(p)

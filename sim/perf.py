@@ -477,18 +477,11 @@ class ActCache:
 def _program(bundle, program):
     """(bytes, tokens) of ``program``: None / "decode" / 1, a bucket T (its prefill program)
     or a program name, "prefill_<T>" or "prefill_kv_<T>" (its KV-only twin)."""
-    if program in (None, "decode", 1):
-        return bundle.program, 1
-    progs = bundle.prefill
-    if isinstance(program, str) and program.startswith("prefill_kv_"):
-        progs, program = bundle.prefill_kv, program[len("prefill_kv_"):]
-    elif isinstance(program, str) and program.startswith("prefill_"):
-        program = program[len("prefill_"):]
-    T = int(program)
-    if T not in progs:
-        raise KeyError(f"the bundle has no {'KV-only ' if progs is bundle.prefill_kv else ''}prefill "
-                       f"program of {T} tokens (buckets: {sorted(progs)})")
-    return progs[T], T
+    name = "decode" if program in (None, 1) else program if isinstance(program, str) else f"prefill_{program}"
+    found = bundle.named_program(name)
+    if found is None:
+        raise KeyError(f"the bundle has no program '{name}' (it has {', '.join(bundle.program_names())})")
+    return found
 
 
 def _conflict(a, b) -> bool:

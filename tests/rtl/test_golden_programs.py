@@ -127,9 +127,7 @@ class Rtl:
         if self.loaded == name:
             return
         if program is None:
-            T = int(name.rsplit("_", 1)[1]) if name != "decode" else 1
-            program = (self.bundle.program if name == "decode" else self.bundle.prefill_kv[T]
-                       if name.startswith("prefill_kv_") else self.bundle.prefill[T])
+            program = self.bundle.named_program(name)[0]
         self.acc.load_program(program)
         self.loaded = name
 
