@@ -388,7 +388,7 @@ class VectorLayout:
     vectors: int         # activation bytes of the vectors above
     consts: int          # GB: the constants block
     gslots: tuple        # GB: two slots of layer tables (norm weights, RoPE rows)
-    stage: int | None = None     # matrix output stage (T > 1, multi-tile matrices)
+    stage: tuple = ()            # matrix output stages (T > 1, multi-tile matrices): one or two
     logits: tuple = ()           # two logits slots
 
     @classmethod
@@ -465,12 +465,24 @@ class OnChipPlan:
                whole_model: bool) -> VectorLayout:
         """Add the matrix-output stage (T > 1) and the two logits slots to a vector layout."""
         T, ab = L.tokens, L.ab
-        stage = None
-        if T > 1 and stage_rows:
-            stage = ab.alloc(T * stage_rows * 4, "matrix output stage")
-        left = (ab.size - _align(ab.top, 64)) // 2 // 64 * 64
         lt = T * head_rows * 4
-        if 2 * _align(lt, 64) > left:
+
+        def logits_fit():
+            return _align(ab.top, 64) + 2 * _align(lt, 64) <= ab.size
+        stage = ()
+        if T > 1 and stage_rows:
+            # two stages where they fit beside the logits slots (an MM tile writes one while
+            # the COPY of the tile before scatters the other: docs/isa.md, "Prefill
+            # programs"), else one: the second never costs a bucket
+            sb, top = T * stage_rows * 4, ab.top
+            try:
+                stage = (ab.alloc(sb, "matrix output stage"), ab.alloc(sb, "matrix output stage"))
+            except FitError:
+                pass
+            if len(stage) < 2 or not logits_fit():
+                ab.top = top
+                stage = (ab.alloc(sb, "matrix output stage"),)
+        if not logits_fit():
             raise FitError(f"activation buffer too small for the logits slots ({2 * lt} bytes needed)")
         if lt >= 1 << 20 or T * dims.hd * 4 >= 1 << 20:
             raise FitError(f"a {T}-token logits tile or RoPE load exceeds the LD/ST length field")

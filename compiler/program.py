@@ -164,6 +164,7 @@ class ProgramBuilder:
         self.kv_stored = []        # st2cmp event of each layer's last K/V store
         self._kv_st = {}           # K slot -> st2cmp event of its region's stores (chains)
         self._slot_counters = {"W": 0, "K": 0, "G": 0}
+        self._stage_turn = 0       # the matrix output stage the next staged MM tile takes
 
     # ---- the program --------------------------------------------------------------------
     def build(self) -> list:
@@ -372,13 +373,20 @@ class ProgramBuilder:
         mats = self.parts.weights.layers[li]
         self._add(None, partial(self._ffn_in, L.gslots[gs], gs))
         gt = mats.ffn_gate.tiles
-        if self.T == 1 and [t[:2] for t in gt] == [t[:2] for t in mats.ffn_up.tiles]:
+        if [t[:2] for t in gt] == [t[:2] for t in mats.ffn_up.tiles]:
             # gate and up tile by tile; each tile's SiLU-multiply beside the next tile's MVs
-            # (docs/isa.md, "Overlap"); the quantization (planar: q, d, sumq) after the last
+            # (docs/isa.md, "Overlap"); the quantization (planar: q, d, sumq) after the last.
+            # Prefill (T > 1): the SiLU-multiply of the tile before goes between the gate
+            # tile's MM and its COPY, so it issues beside the MM and the up tile's MM follows
+            # the COPY without waiting for it
             for ti in range(len(gt)):
-                self.matrix(mats.ffn_gate, L.qh, L.gate, only=(ti,))
-                if ti:
-                    self._add(None, partial(self._silu_rows, *gt[ti - 1][:2]))
+                silu = partial(self._silu_rows, *gt[ti - 1][:2]) if ti else None
+                if self.T == 1:
+                    self.matrix(mats.ffn_gate, L.qh, L.gate, only=(ti,))
+                    if silu:
+                        self._add(None, silu)
+                else:
+                    self.matrix(mats.ffn_gate, L.qh, L.gate, only=(ti,), after_mm=silu)
                 self.matrix(mats.ffn_up, L.qh, L.up, only=(ti,))
             self._add(None, partial(self._silu_rows, *gt[-1][:2]))
             self._add(None, partial(self.quant, L.qf, L.gate, self.parts.dims.ffn))
@@ -614,28 +622,60 @@ class ProgramBuilder:
             self.consume("MV", func=q8 | isa.MV_RT, wb=slot + reg["k"], rows=1 + t, rreg=isa.REG_POS,
                          cols=hd, qsrc=ch.qq[k % nb], dst=ch.scores[k % nb])
 
-        # software-pipelined over the rows (docs/isa.md, "Overlap"): row k's SFU work
-        # (softmax, V scales, quantization) runs beside row k+1's scores MV, and row k+1's
-        # beside row k's output MV
-        for k in range(min(g, len(rows))):
-            quant_q(k)
-        scores(0)
-        for k, (t, i) in enumerate(rows):
-            if k + 1 < len(rows):
-                if k + 1 >= g:
-                    quant_q(k + 1)
-                scores(k + 1)
-            sc, pq = ch.scores[k % nb], ch.pq[k % nb]
-            w = (t // isa.TILE_ROWS + 1) * isa.TILE_ROWS     # the row's probabilities from R9 on
+        def softmax(k):
+            t, _ = rows[k]
+            sc = ch.scores[k % nb]
             self.consume("MISC", func=F["SOFTMAX"], dst=sc, a=sc, n=1 + t, reg=isa.REG_POS)
+
+        def scale_quant(k):
+            # the V scales, then the probabilities quantized from R9 on (whole 32-position
+            # tiles)
+            t, _ = rows[k]
+            sc = ch.scores[k % nb]
             self.consume("MISC", func=F["MUL"], dst=sc, a=sc, b=slot + reg["scale"], n=1 + t, reg=isa.REG_POS)
-            self.consume("MISC", func=F["QUANT"], dst=pq, a=sc, n=w, reg=isa.REG_PBASE)
-            # the output: the transposed V block tiles times the quantized scaled probabilities
+            self.consume("MISC", func=F["QUANT"], dst=ch.pq[k % nb], a=sc,
+                         n=(t // isa.TILE_ROWS + 1) * isa.TILE_ROWS, reg=isa.REG_PBASE)
+
+        def output(k):
+            # the transposed V block tiles times the quantized scaled probabilities
+            t, i = rows[k]
             last = k == len(rows) - 1
-            self.consume("MV", func=q8 | isa.MV_BT, wb=slot + reg["v"], rows=hd, cols=w,
-                         creg=isa.REG_PBASE, qsrc=pq, dst=L.o + (t * d.nq * hd + (j * g + i) * hd) * 4,
+            self.consume("MV", func=q8 | isa.MV_BT, wb=slot + reg["v"], rows=hd,
+                         cols=(t // isa.TILE_ROWS + 1) * isa.TILE_ROWS,
+                         creg=isa.REG_PBASE, qsrc=ch.pq[k % nb], dst=L.o + (t * d.nq * hd + (j * g + i) * hd) * 4,
                          need={"st2cmp": stored} if last else None,
                          free_slot=("K", ks) if last else None)
+
+        # software-pipelined over the rows (docs/isa.md, "Overlap"). Depth 1 (two buffer
+        # sets): row k's SFU work (softmax, V scales, quantization) beside row k+1's scores
+        # MV. Depth 2 (three or more sets): the MV unit runs row k+2's scores and row k's
+        # output back to back while the SFU does row k+1's softmax (issued between them, so
+        # row k's output does not wait behind it in the in-order issue), then its scales and
+        # quantization
+        depth = 2 if nb >= 3 else 1
+        for k in range(min(nb, len(rows))):
+            quant_q(k)
+        for k in range(min(depth, len(rows))):
+            scores(k)
+        if depth == 2:
+            softmax(0)
+            scale_quant(0)
+        for k in range(len(rows)):
+            n = k + depth
+            if n < len(rows):
+                if n >= nb:
+                    quant_q(n)
+                scores(n)
+            if depth == 1:
+                softmax(k)
+                scale_quant(k)
+                output(k)
+            else:
+                if k + 1 < len(rows):
+                    softmax(k + 1)
+                output(k)
+                if k + 1 < len(rows):
+                    scale_quant(k + 1)
 
     def _attention_prefill(self, li, rope):
         """RoPE and the K/V stores of every token; then per KV head (after a SYNC: the cache
@@ -692,9 +732,11 @@ class ProgramBuilder:
         self.norm_quant(L.x, gbase + dim * 4, dim, free_slot=("G", gs))
 
     def _silu_rows(self, r0, nr):
-        """SiLU-multiply of rows [r0, r0 + nr) of gate and up (decode)."""
-        L = self.L
-        self.elementwise("SILU_MUL", L.gate + r0 * 4, L.gate + r0 * 4, L.up + r0 * 4, nr)
+        """SiLU-multiply of rows [r0, r0 + nr) of gate and up, token by token."""
+        L, ffn = self.L, self.parts.dims.ffn
+        for t in range(self.T):
+            o = (t * ffn + r0) * 4
+            self.consume("MISC", func=F["SILU_MUL"], dst=L.gate + o, a=L.gate + o, b=L.up + o, n=nr)
 
     def _ffn_act(self):
         L, ffn = self.L, self.parts.dims.ffn
@@ -707,10 +749,11 @@ class ProgramBuilder:
                     hreg=isa.REG_IOBASE, hoff=hoff(0), len=self.T * self.parts.dims.dim * 4)
 
     # ---- matrices -----------------------------------------------------------------------------
-    def matrix(self, cm, qsrc, dst, logits=False, only=None):
+    def matrix(self, cm, qsrc, dst, logits=False, only=None, after_mm=None):
         """A weight matrix, tile by tile through the weight slots, times the quantized vectors
         at ``qsrc``: rows to ``dst`` (token-major), or (``logits``) to the I/O region.
-        ``only``: just these tiles (by index)."""
+        ``only``: just these tiles (by index). ``after_mm``: emits work to go right after a
+        staged tile's MM, before its COPY (prefill)."""
         for ti, (r0, nr, off) in enumerate(cm.tiles):
             if only is not None and ti not in only:
                 continue
@@ -720,9 +763,9 @@ class ProgramBuilder:
             lds = [dict(buf=self.parts.onchip.wslots[s], hreg=isa.REG_WBASE, hoff=hoff(off),
                         len=cm.tile_bytes(nr))]
             self._add(LoadGroup(gid, ("W", s), lds),
-                      partial(self._matrix_tile, cm, s, gid, ti, r0, nr, qsrc, dst, logits))
+                      partial(self._matrix_tile, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm))
 
-    def _matrix_tile(self, cm, s, gid, ti, r0, nr, qsrc, dst, logits):
+    def _matrix_tile(self, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm=None):
         T, L = self.T, self.L
         mf = dict(func=isa.mv_func(cm.fmt, cm.sparsity), wb=self.parts.onchip.wslots[s], rows=nr, cols=cm.cols,
                   qsrc=qsrc)
@@ -735,9 +778,14 @@ class ProgramBuilder:
             elif len(cm.tiles) == 1:
                 self.consume(op, gid=gid, free_slot=("W", s), dst=dst, **mf)
             else:
-                # [T][nr] into the stage, then scattered to rows r0.. of each token
-                self.consume(op, gid=gid, free_slot=("W", s), dst=L.stage, **mf)
-                self.consume("MISC", func=F["COPY"], dst=dst + r0 * 4, a=L.stage, n=nr, aux=T, b=cm.rows)
+                # [T][nr] into a stage, then scattered to rows r0.. of each token; the stages
+                # alternate, so the COPY runs beside the next tile's MM
+                st = L.stage[self._stage_turn % len(L.stage)]
+                self._stage_turn += 1
+                self.consume(op, gid=gid, free_slot=("W", s), dst=st, **mf)
+                if after_mm:
+                    after_mm()
+                self.consume("MISC", func=F["COPY"], dst=dst + r0 * 4, a=st, n=nr, aux=T, b=cm.rows)
             return
         ls = ti % 2
         e = self.consume(op, gid=gid, free_slot=("W", s),

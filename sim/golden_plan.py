@@ -438,20 +438,24 @@ class Planner:
                     isa.MISC_NAMES[instrs[st.pc]["func"]] == "COPY":
                 f = instrs[st.pc].fields
                 reps, w, stride = isa.copy_operands(f)
-                cdst = (f["dst"], f["dst"] + 4 * ((reps - 1) * stride + w))
+                # the rows it writes, token by token (a SiLU of other rows may lie between)
+                cdst = [(f["dst"] + 4 * r * stride, f["dst"] + 4 * (r * stride + w)) for r in range(reps)]
+                csrc = (f["a"], f["a"] + 4 * reps * w)
                 for k in range(len(out) - 1, max(len(out) - _LOOK, -1), -1):
                     o = out[k]
                     if isinstance(o, MvWrite):
                         srcr = (o.dst, o.dst + 4 * max(o.ntok, 1) * o.rows)
                         between = [acc(x) for x in out[k + 1:]]
                         if o.ntok > 1 and o.dst == f["a"] and o.ntok == reps and o.rows == w and not any(
-                                _hit([srcr, cdst], b[0] + b[1]) for b in between) \
-                                and not _hit([srcr], [cdst]):
+                                _hit([srcr] + cdst, b[0] + b[1]) for b in between) \
+                                and not _hit([srcr], cdst):
                             out[k] = MvScatter(o.first, o.r0, o.rows, o.ntok, f["dst"], stride,
                                                ((o.dst, o.r0, o.rows),))
                             st = None
                         break
-                    if not isinstance(o, Load):
+                    # look past loads and steps that touch neither the stage nor the
+                    # destination (prefill's tile-wise SiLU between an MM and its COPY)
+                    if not isinstance(o, Load) and _hit([csrc] + cdst, acc(o)[0] + acc(o)[1]):
                         break
                 if st is None:
                     continue
