@@ -319,19 +319,47 @@ class ProgramBuilder:
                     j += 1
             for j in range(j, d.nkv):
                 self._attention_decode(li, rope, j)
+        elif parts.onchip.chains:
+            self._qkv_prefill_chains(li, rope)
         else:
             self.matrix(mats.qkv, L.qh, L.qkv)
-            if self.parts.onchip.chains:
-                # every token's RoPE first, token by token over the KV heads: SfuExec keeps the
-                # last ROPE's table, so each token's row is read once, not once per KV head
-                self._add(None, partial(self._rope_tokens, rope))
-                for j in range(d.nkv):
-                    self._attention_chains(li, rope, j)
-            else:
-                self._attention_prefill(li, rope)
+            self._attention_prefill(li, rope)
         self._add(None, partial(self.quant, L.qh, L.o, d.nq * d.hd))
         self.matrix(mats.attn_output, L.qh, L.h)
         return gs
+
+    def _qkv_prefill_chains(self, li: int, rope: int, kv_only: bool = False):
+        """A prefill program's QKV tiles on the chains, and per KV head its RoPE (token by
+        token), K/V rows and attention (or, ``kv_only``, just the K/V rows): a head whose q/k/v
+        rows the tiles before tile ``ti`` completed goes between tile ``ti``'s MM and its COPY
+        (docs/isa.md, "Overlap": its RoPE, KVROW and query quantization run beside that MM);
+        the heads the last tile completes follow it."""
+        d, L = self.parts.dims, self.L
+        qkv = self.parts.weights.layers[li].qkv
+        j = 0
+
+        def heads(upto):
+            nonlocal j
+            while j < upto:
+                self._add(None, partial(self._rope_group, j, rope))
+                self._attention_chains(li, rope, j, kv_only=kv_only)
+                j += 1
+
+        for ti, (r0, _nr, _off) in enumerate(qkv.tiles):
+            ready = min(d.nkv, r0 // d.grp_rows)       # heads complete before this tile
+            if ready > j and len(qkv.tiles) > 1:
+                copies = []
+                self.matrix(qkv, L.qh, L.qkv, only=(ti,), copies=copies)
+                heads(ready)
+                self._add(None, lambda c=copies: [f() for f in c])
+            else:
+                self.matrix(qkv, L.qh, L.qkv, only=(ti,))
+        heads(d.nkv)
+
+    def _rope_group(self, j: int, rope: int):
+        """Every token's RoPE of KV head ``j``'s q heads and k (a prefill program)."""
+        for t in range(self.T):
+            self._rope(t, j, rope)
 
     def _layer_tables(self, li: int) -> tuple:
         """Layer ``li``'s tables (both norm vectors, the RoPE rows of positions R1 .. R1+T-1)
@@ -354,14 +382,11 @@ class ProgramBuilder:
         reads them. A final NOP waits for the last store (with attention on the chains, each
         KV head's slot is freed once its tiles are stored)."""
         parts, L = self.parts, self.L
-        d = parts.dims
         gs, rope = self._layer_tables(li)
-        self.matrix(parts.weights.layers[li].qkv, L.qh, L.qkv)
         if parts.onchip.chains:
-            self._add(None, partial(self._rope_tokens, rope))
-            for j in range(d.nkv):
-                self._attention_chains(li, rope, j, kv_only=True)
+            self._qkv_prefill_chains(li, rope, kv_only=True)
         else:
+            self.matrix(parts.weights.layers[li].qkv, L.qh, L.qkv)
             self._add(None, partial(self._rope_store, li, rope))
             self._add(None, lambda: self.consume("MISC", func=F["NOP"], free_slot=("G", gs),
                                                  need={"st2cmp": self.kv_stored[-1]}))
@@ -558,13 +583,6 @@ class ProgramBuilder:
         return self.consume("MISC", func=F["ROPE"], dst=a, a=a, b=rope + t * d.hd * 4, n=d.g + 1,
                             aux=d.hd)
 
-    def _rope_tokens(self, rope):
-        """A prefill program on the chains: every token's RoPE, token by token over the KV
-        heads' groups (SfuExec keeps the last table: each token's row is read once)."""
-        for t in range(self.T):
-            for j in range(self.parts.dims.nkv):
-                self._rope(t, j, rope)
-
     def _kvrow_store(self, j, ks, kgid, r0, T=1):
         """KVROW of each token's k and v of group ``j`` (already rotated) at R1 + t, the ST.x
         of the touched K/V tiles and the V scales; the stores' st2cmp event is kept for the
@@ -603,7 +621,7 @@ class ProgramBuilder:
         def gaddr(t):           # token t's q heads, k and v of this group
             return self._group(t, j)
 
-        # every token's q heads and k rotated (before, :meth:`_rope_tokens`); its K and V
+        # every token's q heads and k rotated (before, :meth:`_rope_group`); its K and V
         # rows into the slot's tiles at R1 + t; those tiles and the V scales to HBM
         self._kvrow_store(j, ks, kgid, r0, T)
         stored = self._kv_st[ks]
@@ -749,11 +767,13 @@ class ProgramBuilder:
                     hreg=isa.REG_IOBASE, hoff=hoff(0), len=self.T * self.parts.dims.dim * 4)
 
     # ---- matrices -----------------------------------------------------------------------------
-    def matrix(self, cm, qsrc, dst, logits=False, only=None, after_mm=None):
+    def matrix(self, cm, qsrc, dst, logits=False, only=None, after_mm=None, copies=None):
         """A weight matrix, tile by tile through the weight slots, times the quantized vectors
         at ``qsrc``: rows to ``dst`` (token-major), or (``logits``) to the I/O region.
         ``only``: just these tiles (by index). ``after_mm``: emits work to go right after a
-        staged tile's MM, before its COPY (prefill)."""
+        staged tile's MM, before its COPY (prefill). ``copies``: a list the staged tiles'
+        COPYs are put in (as callables, when the tile is emitted) instead of being emitted,
+        for a later work item to emit."""
         for ti, (r0, nr, off) in enumerate(cm.tiles):
             if only is not None and ti not in only:
                 continue
@@ -763,9 +783,10 @@ class ProgramBuilder:
             lds = [dict(buf=self.parts.onchip.wslots[s], hreg=isa.REG_WBASE, hoff=hoff(off),
                         len=cm.tile_bytes(nr))]
             self._add(LoadGroup(gid, ("W", s), lds),
-                      partial(self._matrix_tile, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm))
+                      partial(self._matrix_tile, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm,
+                              copies))
 
-    def _matrix_tile(self, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm=None):
+    def _matrix_tile(self, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm=None, copies=None):
         T, L = self.T, self.L
         mf = dict(func=isa.mv_func(cm.fmt, cm.sparsity), wb=self.parts.onchip.wslots[s], rows=nr, cols=cm.cols,
                   qsrc=qsrc)
@@ -785,7 +806,12 @@ class ProgramBuilder:
                 self.consume(op, gid=gid, free_slot=("W", s), dst=st, **mf)
                 if after_mm:
                     after_mm()
-                self.consume("MISC", func=F["COPY"], dst=dst + r0 * 4, a=st, n=nr, aux=T, b=cm.rows)
+                copy = partial(self.consume, "MISC", func=F["COPY"], dst=dst + r0 * 4, a=st, n=nr, aux=T,
+                               b=cm.rows)
+                if copies is not None:
+                    copies.append(copy)
+                else:
+                    copy()
             return
         ls = ti % 2
         e = self.consume(op, gid=gid, free_slot=("W", s),
