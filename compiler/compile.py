@@ -926,6 +926,10 @@ class CompileParts:
     n_layers: int        # layers of the stage
     first: bool          # the stage starts the model (embedding)
     last: bool           # the stage ends the model (final norm, LM head)
+    #: MvExec's row pipelines (``chain.count`` x 32-weight block lanes) and token lanes
+    #: (``chain.tokens``): what an MM tile costs, for the prefill schedule's choices
+    pipelines: int = 1
+    token_lanes: int = 1
 
 
 def _assemble(instrs) -> tuple:
@@ -999,7 +1003,9 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         notes.append(pf.note)
     mem = MemoryMap.plan(config, d, onchip, weights, tables, pf.buckets, pf.max_tokens,
                          n_layers=lb - la, ctx=ctx, first=first, last=last)
-    parts = CompileParts(dims, onchip, weights, tables, mem, lb - la, first, last)
+    parts = CompileParts(dims, onchip, weights, tables, mem, lb - la, first, last,
+                         pipelines=config.chain.count * config.block_lanes_per_chain,
+                         token_lanes=config.chain.tokens)
 
     program, counts = _assemble(ProgramBuilder(parts, pf.layouts[1]).build())
     prefill_programs, prefill_info = {}, {}

@@ -336,6 +336,24 @@ class ProgramBuilder:
         the heads the last tile completes follow it."""
         d, L = self.parts.dims, self.L
         qkv = self.parts.weights.layers[li].qkv
+        # The heads' MVs between QKV tiles evict the tiles' vectors from MvExec's activation
+        # cache (two entries: a head's queries and probabilities), so the next tile reloads
+        # the T tokens' vectors (40 bytes a block, 32 bytes a cycle), and each head's RoPEs
+        # read the table once per token. Worth it only while the reload is small beside a
+        # tile's MM (SmolLM2 on ci-chains, 2 tokens: 45 cycles against ~830); LLaMA2-7B on
+        # u280, 8 tokens: 1,280 against ~600, so there every head follows the last tile,
+        # after every token's RoPE token by token (SfuExec keeps the last ROPE's table, so
+        # each token's row is read once, not once per KV head).
+        nb = qkv.cols // 32
+        reload = self.T * nb * QBLOCK_BYTES / 32
+        tile = (-(-qkv.tiles[0][1] // self.parts.pipelines) * nb
+                * -(-self.T // self.parts.token_lanes))
+        if len(qkv.tiles) == 1 or 8 * reload > tile:
+            self.matrix(qkv, L.qh, L.qkv)
+            self._add(None, partial(self._rope_tokens, rope))
+            for j in range(d.nkv):
+                self._attention_chains(li, rope, j, kv_only=kv_only)
+            return
         j = 0
 
         def heads(upto):
@@ -347,7 +365,7 @@ class ProgramBuilder:
 
         for ti, (r0, _nr, _off) in enumerate(qkv.tiles):
             ready = min(d.nkv, r0 // d.grp_rows)       # heads complete before this tile
-            if ready > j and len(qkv.tiles) > 1:
+            if ready > j:
                 copies = []
                 self.matrix(qkv, L.qh, L.qkv, only=(ti,), copies=copies)
                 heads(ready)
@@ -355,6 +373,13 @@ class ProgramBuilder:
             else:
                 self.matrix(qkv, L.qh, L.qkv, only=(ti,))
         heads(d.nkv)
+
+    def _rope_tokens(self, rope):
+        """Every token's RoPE, token by token over the KV heads' groups (a prefill program on
+        the chains)."""
+        for t in range(self.T):
+            for j in range(self.parts.dims.nkv):
+                self._rope(t, j, rope)
 
     def _rope_group(self, j: int, rope: int):
         """Every token's RoPE of KV head ``j``'s q heads and k (a prefill program)."""
