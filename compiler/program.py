@@ -426,18 +426,22 @@ class ProgramBuilder:
         if [t[:2] for t in gt] == [t[:2] for t in mats.ffn_up.tiles]:
             # gate and up tile by tile; each tile's SiLU-multiply beside the next tile's MVs
             # (docs/isa.md, "Overlap"); the quantization (planar: q, d, sumq) after the last.
-            # Prefill (T > 1): the SiLU-multiply of the tile before goes between the gate
-            # tile's MM and its COPY, so it issues beside the MM and the up tile's MM follows
-            # the COPY without waiting for it
+            # Prefill (T > 1): the SiLU-multiplies of the tile before, token by token, go
+            # between the gate tile's MM and its COPY (the first half of the tokens) and
+            # between the up tile's MM and its COPY (the rest), so each half issues beside an
+            # MM and the next MM follows the COPY without waiting for the SFU
+            h = -(-self.T // 2)
             for ti in range(len(gt)):
-                silu = partial(self._silu_rows, *gt[ti - 1][:2]) if ti else None
                 if self.T == 1:
                     self.matrix(mats.ffn_gate, L.qh, L.gate, only=(ti,))
-                    if silu:
-                        self._add(None, silu)
-                else:
-                    self.matrix(mats.ffn_gate, L.qh, L.gate, only=(ti,), after_mm=silu)
-                self.matrix(mats.ffn_up, L.qh, L.up, only=(ti,))
+                    if ti:
+                        self._add(None, partial(self._silu_rows, *gt[ti - 1][:2]))
+                    self.matrix(mats.ffn_up, L.qh, L.up, only=(ti,))
+                    continue
+                first = partial(self._silu_rows, *gt[ti - 1][:2], range(h)) if ti else None
+                rest = partial(self._silu_rows, *gt[ti - 1][:2], range(h, self.T)) if ti else None
+                self.matrix(mats.ffn_gate, L.qh, L.gate, only=(ti,), after_mm=first)
+                self.matrix(mats.ffn_up, L.qh, L.up, only=(ti,), after_mm=rest)
             self._add(None, partial(self._silu_rows, *gt[-1][:2]))
             self._add(None, partial(self.quant, L.qf, L.gate, self.parts.dims.ffn))
         else:
@@ -774,10 +778,11 @@ class ProgramBuilder:
         self.elementwise("ADD", L.x, L.x, L.h, dim)
         self.norm_quant(L.x, gbase + dim * 4, dim, free_slot=("G", gs))
 
-    def _silu_rows(self, r0, nr):
-        """SiLU-multiply of rows [r0, r0 + nr) of gate and up, token by token."""
+    def _silu_rows(self, r0, nr, tokens=None):
+        """SiLU-multiply of rows [r0, r0 + nr) of gate and up, token by token (``tokens``:
+        these only)."""
         L, ffn = self.L, self.parts.dims.ffn
-        for t in range(self.T):
+        for t in (range(self.T) if tokens is None else tokens):
             o = (t * ffn + r0) * 4
             self.consume("MISC", func=F["SILU_MUL"], dst=L.gate + o, a=L.gate + o, b=L.up + o, n=nr)
 
