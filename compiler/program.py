@@ -135,6 +135,7 @@ class WorkItem:
 
 
 KV_HOIST_REACH = 8      # how many items ahead a K/V group's loads may go (ProgramBuilder._next_kv)
+PREFILL_LOAD_REACH = 8  # how many items ahead a prefill program's loads may go (ProgramBuilder._ahead)
 
 
 # --------------------------------------------------------------------------------------
@@ -203,12 +204,36 @@ class ProgramBuilder:
             if nxt is not None and not nxt.barrier:
                 load(i + 1)
                 load(self._next_kv(i, prev_user, loaded))
+                if self.T > 1:
+                    for k in self._ahead(i, prev_user, loaded):
+                        load(k)
             item.compute()
             if nxt is not None and nxt.barrier:
                 S.emit("SYS", func=isa.SYS_SYNC)
                 load(i + 1)
         S.emit("SYS", func=isa.SYS_END)
         return S.instrs
+
+    def _ahead(self, i, prev_user, loaded, reach=PREFILL_LOAD_REACH):
+        """A prefill program's further lookahead on the loads, before item ``i``'s compute:
+        the items after ``i + 1`` (up to ``reach``, stopping at a barrier or at the first whose
+        slot's previous user is not yet emitted) whose loads are not yet out. A run's
+        attention puts dozens of compute words between two weight tiles; with one item of
+        lookahead the next tiles' loads come after them and wait in the dispatcher behind a
+        full compute queue, so the load engine idles through the attention. Every load so
+        hoisted waits only on compute words before it (its slot's previous user), so the
+        in-order queues cannot deadlock."""
+        out = []
+        for k in range(i + 2, min(len(self.work), i + 1 + reach)):
+            w = self.work[k]
+            if w.barrier:
+                break
+            if w.loads is None or k in loaded:
+                continue
+            if prev_user.get(k, -1) >= i:
+                break
+            out.append(k)
+        return out
 
     def _prev_slot_users(self) -> dict:
         """Item index -> the index of the previous item loading into the same slot."""
