@@ -23,8 +23,8 @@ tile, a head's K/V, a layer's tables) and the compute that consumes them.
 :meth:`ProgramBuilder.emit` then writes the instructions with one item of lookahead on
 the loads: the loads of item i+1 go before the compute of item i (so loads overlap
 compute), unless item i+1 is a barrier (its loads read what item i stores: compute i,
-SYNC, then its loads). The :class:`Scheduler` orders the queues with dependency
-tokens (docs/isa.md).
+SYNC, then its loads); a prefill program's loads go further ahead (:meth:`ProgramBuilder.
+_ahead`). The :class:`Scheduler` orders the queues with dependency tokens (docs/isa.md).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ class ProgramBuilder:
 
     def emit(self) -> list:
         """Emit the work items with one item of lookahead on the loads (a K/V group's further:
-        :meth:`_next_kv`); END."""
+        :meth:`_next_kv`; in a prefill program the next items' too: :meth:`_ahead`); END."""
         S, work = self.S, self.work
         loaded = set()
 
