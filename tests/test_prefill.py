@@ -715,3 +715,28 @@ def test_rtl_prefill_benchmark_plans_prompts_as_generate(tiny):
         assert (out is None) == (not logits)
     want = ref.forward_last(TOKS[:15])
     assert np.array_equal(_bits(out[-1:]), _bits(want)) and np.array_equal(_kv(one.golden), _kv(ref.golden))
+
+
+def test_prefill_overlap_order(tiny41):
+    """The prefill programs' MISC work beside the MM work (docs/isa.md, "Prefill programs"):
+    staged MM tiles take the two stages in turn, each COPY scatters the stage its MM wrote
+    while the next MM writes the other; the FFN's SiLU-multiplies go tile by tile and token
+    by token between the gate and up MMs, not once over the whole vector after the last tile."""
+    ffn = int(tiny41.manifest["model"]["ffn_dim"])
+    copy_f, silu_f = isa.MISC_FUNCS["COPY"], isa.MISC_FUNCS["SILU_MUL"]
+    for T, prog in tiny41.prefill.items():
+        ins = _instrs(prog)
+        copies = [i for i in ins if i.op == "MISC" and i["func"] == copy_f]
+        staged = [i for i in ins if i.op == "MM" and any(c["a"] == i["dst"] for c in copies)]
+        assert len({i["dst"] for i in staged}) == 2, T
+        assert all(x["dst"] != y["dst"] for x, y in zip(staged, staged[1:])), T
+        last_mm = None
+        for i in ins:
+            if i.op == "MM":
+                last_mm = i
+            elif i.op == "MISC" and i["func"] == copy_f:
+                assert i["a"] == last_mm["dst"], T     # the stage of the MM just before it
+        silu = [k for k, i in enumerate(ins) if i.op == "MISC" and i["func"] == silu_f]
+        assert all(ins[k]["n"] < ffn for k in silu), T        # a tile's rows of one token
+        # MMs (the next gate and up tiles) between a layer's first and last SiLU-multiply
+        assert any(i.op == "MM" for i in ins[silu[0]:silu[T * 2]]), T
