@@ -509,8 +509,12 @@ class Planner:
                     if type(o) is type(st) and o.first == st.first:
                         mine = acc(st)
                         between = [acc(x) for x in out[k + 1:]]
-                        moved = mine[1] if isinstance(st, MvScatter) else mine[3]
-                        safe = not any(_hit(moved, b[0] + b[1] + b[2] + b[3]) for b in between)
+                        # on-chip writes against on-chip accesses, HBM writes against HBM
+                        # accesses (the two address spaces overlap numerically)
+                        if isinstance(st, MvScatter):
+                            safe = not any(_hit(mine[1], b[0] + b[1]) for b in between)
+                        else:
+                            safe = not any(_hit(mine[3], b[2] + b[3]) for b in between)
                         if isinstance(st, MvScatter):
                             ok = (st.ntok == o.ntok and st.stride == o.stride and st.r0 == o.r0 + o.rows
                                   and st.dst == o.dst + 4 * o.rows)

@@ -619,12 +619,18 @@ def test_fast_plan_equals_instruction_by_instruction(tiny41):
     plan = fast.program("prefill_8").plan
     kinds = {type(s) for s in plan}
     assert {MvRun, MvStore, MvScatter} <= kinds
-    # the fusion really shortens the plan: fewer row writes than MM tiles (a third fewer: the
-    # FFN's gate and up tiles alternate with the SiLU of the tile before, so their scatters do
-    # not merge), no COPY or logits ST left
+    # the fusion really shortens the plan: fewer row writes than MM tiles; the scatters of a
+    # matrix's tiles merge into one (QKV, attention output, FFN down), except the FFN's gate
+    # and up tiles, which alternate with the SiLU-multiplies of the tile before: one each per
+    # tile. No COPY or logits ST left
     instrs = fast.program("prefill_8").instrs
     n_mm = sum(i.op == "MM" for i in instrs)
     assert sum(isinstance(s, (MvWrite, MvScatter, MvStore)) for s in plan) < n_mm * 2 // 3
+    n_layers = int(tiny41.manifest["model"]["n_layers"])
+    n_silu = sum(i.op == "MISC" and i["func"] == isa.MISC_FUNCS["SILU_MUL"] for i in instrs)
+    ffn_tiles = n_silu // (n_layers * 8)
+    assert ffn_tiles > 1
+    assert sum(isinstance(s, MvScatter) for s in plan) == n_layers * (3 + 2 * ffn_tiles)
     left = [instrs[s.pc] for s in plan if isinstance(s, Exec)]
     assert not any(i.op == "MISC" and i["func"] == isa.MISC_FUNCS["COPY"] for i in left)
     assert not any(i.op == "ST" and i["func"] == isa.ST_F32 for i in left)
