@@ -805,6 +805,16 @@ class PrefillPlan:
             note = f"no prefill programs: {dims.g} query heads per KV head exceed the ATTN field"
         else:
             note = None
+            # the widest matrix streamed in more than one tile: an MM of T tokens keeps their
+            # vectors in MvExec's activation buffers from one tile to the next only if T of
+            # them fit (isa.MV_ACT_BLOCKS); past that every tile reloads them on the MV unit,
+            # T x nb x 40 bytes at 32 a cycle, more than the tile's MACs take (LLaMA2-7B's down
+            # projection on u280 at T = 8: 3,440 cycles a 64-row tile against 1,376), while a
+            # smaller bucket costs only weight loads, which run beside the MV unit
+            multi = [cm for mats in weights.layers for cm in mats.all() if len(cm.tiles) > 1]
+            if last and weights.head is not None and len(weights.head.tiles) > 1:
+                multi.append(weights.head)
+            widest = max(multi, key=lambda cm: cm.cols, default=None)
             T = 2
             while T <= cap:
                 try:
@@ -812,6 +822,12 @@ class PrefillPlan:
                                                               onchip.chains.scratch_bytes if onchip.chains else 0))
                 except FitError as e:
                     note = f"bucket {T} does not fit: {e}"
+                    break
+                if widest is not None and T * (widest.cols // 32) > isa.MV_ACT_BLOCKS:
+                    del layouts[T]
+                    note = (f"bucket {T} not built: {T} tokens of {widest.name} ({widest.cols} "
+                            f"columns, {len(widest.tiles)} tiles) exceed MvExec's activation "
+                            f"buffers ({isa.MV_ACT_BLOCKS} blocks), so each tile would reload them")
                     break
                 buckets.append(T)
                 T *= 2

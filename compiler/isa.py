@@ -61,6 +61,10 @@ ATTN_HEADS_MASK = 0xFF
 ATTN_CACHED = 1 << 15       # the current K/V row comes from the cache too (prefill)
 ATTN_HD_MASK = ATTN_CACHED - 1
 MAX_PREFILL = 128           # largest bucket: t < 256 (ATTN n[15:8]), ntok < 256; powers of two
+#: Blocks of MvExec's activation buffers (hw/mv_exec.py ``DEFAULT_MAX_BLOCKS``): an MM keeps its
+#: ``ntok`` vectors of ``cols/32`` blocks for the next tile of its matrix only when they all fit
+#: (one pass); otherwise every tile reloads them, 40 bytes a block at 32 a cycle.
+MV_ACT_BLOCKS = 2048
 # SYS funcs
 SYS_NOP, SYS_SYNC, SYS_END = 0, 1, 2
 SYS_NAMES = {SYS_NOP: "NOP", SYS_SYNC: "SYNC", SYS_END: "END"}

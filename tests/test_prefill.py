@@ -293,6 +293,25 @@ def test_smollm2_on_ci(smol, ci):
     assert dev.prefill_runs == {2: 3}
 
 
+def test_buckets_stop_where_mm_tokens_overflow_mvexec():
+    """A bucket whose T tokens of a multi-tile matrix overflow MvExec's activation buffers (each
+    tile would reload them) is not built: LLaMA2-7B-shaped on u280 stops at 4 (its down
+    projection's 11008 columns are 344 blocks a token: 8 x 344 > 2048), with the reason."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from compile_decode import LLAMA2_7B, shape_model
+
+    from llmfab.hw.mv_exec import DEFAULT_MAX_BLOCKS
+    assert isa.MV_ACT_BLOCKS == DEFAULT_MAX_BLOCKS
+    b = compile_model(shape_model(LLAMA2_7B, "q4_0"), load_config("u280"), context=512,
+                      emit_image=False)
+    pre = b.manifest["prefill"]
+    assert pre["buckets"] == [2, 4]
+    assert pre["note"] == ("bucket 8 not built: 8 tokens of blk.0.ffn_down (11008 columns, 64 "
+                           "tiles) exceed MvExec's activation buffers (2048 blocks), so each tile "
+                           "would reload them")
+
+
 def test_smollm2_larger_buckets(tmp_path, smol):
     """A ci variant with a 512 KiB activation buffer (and a 32 KiB weight buffer, so the
     board's URAM holds both): buckets 2 .. 16, every one bit-exact."""
