@@ -366,7 +366,7 @@ class ProgramBuilder:
         # the T tokens' vectors (40 bytes a block, 32 bytes a cycle), and each head's RoPEs
         # read the table once per token. Worth it only while the reload is small beside a
         # tile's MM (SmolLM2 on ci-chains, 2 tokens: 45 cycles against ~830); LLaMA2-7B on
-        # u280, 8 tokens: 1,280 against ~600, so there every head follows the last tile,
+        # u280, buckets of 4: 640 against ~512, so there every head follows the last tile,
         # after every token's RoPE token by token (SfuExec keeps the last ROPE's table, so
         # each token's row is read once, not once per KV head).
         nb = qkv.cols // 32
