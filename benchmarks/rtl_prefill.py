@@ -30,8 +30,9 @@ simulated cycles, about an hour and a half on one core)::
     .venv/bin/python benchmarks/rtl_prefill.py --config ci-chains --lanes 2 --prompts 128 \
         --results pf.jsonl                    # the table, once every run is in pf.jsonl
 
-With ``--shard K/N`` a process simulates the prompt's runs ``i`` with ``i % N == K`` only, each
-from the golden model's state before it (its KV cache copied into the simulation's HBM, as
+With ``--shard K/N`` a process simulates the distinct runs ``j`` of the prompts with ``j % N ==
+K`` only (a run that several prompts share, the same start, length and kind, is simulated once
+and recorded under each), each from the golden model's state before it (its KV cache copied into the simulation's HBM, as
 ``perf_calibration.py`` does for decode steps; the golden backend runs the whole prompt), and
 appends one line per run to ``--results`` (logits and the KV cache after the run compared
 with the golden model's, bit for bit). Runs already in the file are skipped, so a shard
@@ -196,26 +197,51 @@ def _one_run(dev, pos: int, toks: list, logits: bool):
     return out
 
 
+def _distinct_runs(plans: dict) -> dict:
+    """{(start position, tokens, logits): [(prompt length, run index), ...]} over ``plans``
+    ({prompt length: its runs}), in first-seen order: the prompts are prefixes of one text, so
+    a run of the same start, length and kind is the same simulation in every prompt that has
+    it (the 8-token prompt's first three runs are the 32-token prompt's and the 128-token
+    prompt's)."""
+    out = {}
+    for n, plan in plans.items():
+        for i, pos, T, logits in plan:
+            out.setdefault((pos, T, logits), []).append((n, i))
+    return out
+
+
 def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: int,
               all_logits: bool = False):
-    """Simulate the runs ``i % n_shards == k`` of each prompt from the golden state before each,
-    appending one line per run to ``results`` (runs already there are skipped)."""
+    """Simulate the distinct runs ``j % n_shards == k`` of the prompts (:func:`_distinct_runs`:
+    a run the prompts share is simulated once and recorded under each of them), each from the
+    golden state before it, appending one line per prompt run to ``results`` (runs already
+    there are skipped; a distinct run one of whose prompt runs is there is copied, not run)."""
     bundle = compile_model(model, config)
     done = _read_results(results)
-    todo = {n: [r for r in _plan(bundle, n, all_logits)
-                if r[0] % n_shards == k and (_key(config, n, all_logits), r[0]) not in done]
-            for n in prompts}
-    if not any(todo.values()):
+    plans = {n: _plan(bundle, n, all_logits) for n in prompts}
+    todo = {}                       # the first prompt that has it -> {its run index: members}
+    for j, members in enumerate(_distinct_runs(plans).values()):
+        keyed = [(_key(config, n, all_logits), i) for n, i in members]
+        missing = [m for m in keyed if m not in done]
+        if j % n_shards != k or not missing:
+            continue
+        have = next((done[m] for m in keyed if m in done), None)
+        if have is not None:        # measured under another prompt (an earlier, undeduplicated run)
+            for key, i in missing:
+                _record(results, dict(have, key=key, run=i))
+            continue
+        n0, i0 = members[0]
+        todo.setdefault(n0, {})[i0] = missing
+    if not todo:
         return
     rtl = RtlDevice(model, config, bundle=bundle)
     gold = GoldenDevice(model, config, bundle=bundle)
     kv0, kvn = (int(v) for v in bundle.manifest["memory_map"]["kv"])
     try:
-        for n in prompts:
-            mine = {i for i, *_ in todo[n]}
+        for n, mine in todo.items():
             gold.reset()
-            for i, pos, T, logits in _plan(bundle, n, all_logits):
-                if i > max(mine, default=-1):
+            for i, pos, T, logits in plans[n]:
+                if i > max(mine):
                     break
                 toks = tok_ids[pos:pos + T]
                 if i not in mine:
@@ -228,18 +254,25 @@ def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: i
                 wall = time.perf_counter() - t
                 lg = _one_run(gold, pos, toks, logits)
                 cycles, busy_mv, _ = _counted(rtl, first_run, first_dec)
-                line = {"key": _key(config, n, all_logits), "run": i, "pos": pos, "tokens": T,
+                line = {"run": i, "pos": pos, "tokens": T,
                         "logits": logits, "cycles": cycles, "busy_mv": busy_mv,
                         "logits_bit_exact": lr is None and lg is None or
                         bool(np.array_equal(lr.view(np.uint32), lg.view(np.uint32))),
                         "kv_bit_exact": bool(np.array_equal(rtl.acc.read_hbm(kv0, kvn),
                                                             gold.golden.hbm[kv0:kv0 + kvn])),
                         "wall_seconds": round(wall, 1)}
-                with open(results, "a") as f:
-                    f.write(json.dumps(line) + "\n")
-                print(json.dumps(line), flush=True)
+                for key, ri in mine[i]:
+                    _record(results, dict(line, key=key, run=ri))
     finally:
         rtl.close()
+
+
+def _record(results: str, line: dict):
+    """Append one run's line to the results file (and print it)."""
+    line = {"key": line.pop("key"), **line}
+    with open(results, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    print(json.dumps(line), flush=True)
 
 
 def merge(config, model, prompts, results: str, all_logits: bool = False) -> list:

@@ -742,6 +742,24 @@ def test_rtl_prefill_benchmark_plans_prompts_as_generate(tiny):
     assert np.array_equal(_bits(out[-1:]), _bits(want)) and np.array_equal(_kv(one.golden), _kv(ref.golden))
 
 
+def test_rtl_prefill_benchmark_runs_shared_runs_once(tiny):
+    """The benchmark's shards simulate a run that several prompts share (same start, tokens and
+    kind: the prompts are prefixes of one text) once: the 8-token prompt's three KV-only runs are
+    the 32-token prompt's first three; its last run (with logits) is its own. Here: B + 2 and
+    2B + 2 tokens (B the largest bucket) share their first run (B tokens, KV-only)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from rtl_prefill import _distinct_runs, _plan
+    _, b, _ = tiny
+    B = max(b.manifest["prefill"]["buckets"])
+    plans = {n: _plan(b, n, False) for n in (B + 2, 2 * B + 2)}
+    runs = _distinct_runs(plans)
+    assert sorted(m for ms in runs.values() for m in ms) == sorted(
+        (n, i) for n, plan in plans.items() for i, *_ in plan)
+    assert {k: ms for k, ms in runs.items() if len(ms) > 1} == {(0, B, False): [(B + 2, 0), (2 * B + 2, 0)]}
+    assert len(runs) == len(plans[B + 2]) + len(plans[2 * B + 2]) - 1
+
+
 def test_prefill_overlap_order(tiny41):
     """The prefill programs' MISC work beside the MM work (docs/isa.md, "Prefill programs"):
     staged MM tiles take the two stages in turn, each COPY scatters the stage its MM wrote
