@@ -32,8 +32,9 @@ simulated cycles, about an hour and a half on one core)::
 
 With ``--shard K/N`` a process simulates the distinct runs ``j`` of the prompts with ``j % N ==
 K`` only (a run that several prompts share, the same start, length and kind, is simulated once
-and recorded under each), each from the golden model's state before it (its KV cache copied into the simulation's HBM, as
-``perf_calibration.py`` does for decode steps; the golden backend runs the whole prompt), and
+and recorded under each), each from the golden model's state before it (its KV cache copied
+into the simulation's HBM, as ``perf_calibration.py`` does for decode steps; the golden
+backend runs the whole prompt), and
 appends one line per run to ``--results`` (logits and the KV cache after the run compared
 with the golden model's, bit for bit). Runs already in the file are skipped, so a shard
 stopped part way resumes where it was. If every run maps the golden state before it to the
