@@ -34,9 +34,8 @@ With ``--shard K/N`` a process simulates the distinct runs ``j`` of the prompts 
 K`` only (a run that several prompts share, the same start, length and kind, is simulated once
 and recorded under each), each from the golden model's state before it (its KV cache copied
 into the simulation's HBM, as ``perf_calibration.py`` does for decode steps; the golden
-backend runs the whole prompt), and
-appends one line per run to ``--results`` (logits and the KV cache after the run compared
-with the golden model's, bit for bit). Runs already in the file are skipped, so a shard
+backend runs the whole prompt), and appends one line per run to ``--results`` (logits and the
+KV cache after the run compared with the golden model's, bit for bit). Runs already in the file are skipped, so a shard
 stopped part way resumes where it was. If every run maps the golden state before it to the
 golden state after it, bit for bit, so does the whole prompt. Without ``--shard``,
 ``--results`` only reads the file: the rows of the (lanes, prompt) pairs whose runs are all
@@ -229,7 +228,7 @@ def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: i
         have = next((done[m] for m in keyed if m in done), None)
         if have is not None:        # measured under another prompt (an earlier, undeduplicated run)
             for key, i in missing:
-                _record(results, dict(have, key=key, run=i))
+                _record(results, key, dict(have, run=i))
             continue
         n0, i0 = members[0]
         todo.setdefault(n0, {})[i0] = missing
@@ -263,14 +262,14 @@ def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: i
                                                             gold.golden.hbm[kv0:kv0 + kvn])),
                         "wall_seconds": round(wall, 1)}
                 for key, ri in mine[i]:
-                    _record(results, dict(line, key=key, run=ri))
+                    _record(results, key, dict(line, run=ri))
     finally:
         rtl.close()
 
 
-def _record(results: str, line: dict):
-    """Append one run's line to the results file (and print it)."""
-    line = {"key": line.pop("key"), **line}
+def _record(results: str, key: str, fields: dict):
+    """Append one run's line, ``key`` then ``fields``, to the results file (and print it)."""
+    line = {"key": key, **{k: v for k, v in fields.items() if k != "key"}}
     with open(results, "a") as f:
         f.write(json.dumps(line) + "\n")
     print(json.dumps(line), flush=True)

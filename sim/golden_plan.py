@@ -513,9 +513,6 @@ class Planner:
                         # accesses (the two address spaces overlap numerically)
                         if isinstance(st, MvScatter):
                             safe = not any(_hit(mine[1], b[0] + b[1]) for b in between)
-                        else:
-                            safe = not any(_hit(mine[3], b[2] + b[3]) for b in between)
-                        if isinstance(st, MvScatter):
                             ok = (st.ntok == o.ntok and st.stride == o.stride and st.r0 == o.r0 + o.rows
                                   and st.dst == o.dst + 4 * o.rows)
                             if ok and safe:
@@ -523,6 +520,7 @@ class Planner:
                                 out[k] = replace(o, rows=o.rows + st.rows, stages=o.stages + st.stages)
                                 st = None
                         else:
+                            safe = not any(_hit(mine[3], b[2] + b[3]) for b in between)
                             ok = (st.ntok == o.ntok and st.rows == o.rows and st.r0 == o.r0 + o.tiles * o.rows
                                   and st.addr == o.addr + 4 * max(o.ntok, 1) * o.rows * o.tiles)
                             if ok and safe:
