@@ -1,10 +1,12 @@
 """Benchmark: prefill of SmolLM2 prompts on the simulated accelerator (Verilator).
 
     .venv/bin/python benchmarks/rtl_prefill.py [--config ci] [--lanes 1,2] [--prompts 8,32]
-        [--write-docs] [--plot docs/img/rtl_prefill_ci.png]
+        [--attention chains] [--write-docs] [--plot docs/img/rtl_prefill_ci.png]
 
 For each token-lane count (``chain.tokens``; the configuration as given, with only that
-field changed, so each is its own Verilator build) and each prompt length ``n`` (the first
+field changed, so each is its own Verilator build; ``--attention`` also sets where attention
+runs, as ``perf_model.py`` does for its projections: ``u280-slice`` is two slices of ``u280``,
+whose attention runs on the chains) and each prompt length ``n`` (the first
 ``n`` tokens of a fixed text): the prompt runs through the bundle's prefill programs on the
 rtl backend as ``llmfab generate`` runs it (greedy buckets; every run but the last through
 its bucket's KV-only program, which skips the LM head: ``Device.forward_last``; with
@@ -68,11 +70,15 @@ TEXT = ("Once upon a time, in a small village at the edge of a great forest, the
         "the stranger to come back in seven days.")
 
 
-def with_lanes(config, lanes: int):
-    """``config`` with ``chain.tokens`` = ``lanes`` (fit-checked; its own hash)."""
+def with_lanes(config, lanes: int, attention: str | None = None):
+    """``config`` with ``chain.tokens`` = ``lanes`` and, if given, ``attention`` (fit-checked;
+    its own hash)."""
     d = config.to_dict()
     d["chain"]["tokens"] = lanes
-    c = config_from_dict(d, f"{config.name} with chain.tokens {lanes}")
+    if attention is not None:
+        d["attention"] = attention
+    c = config_from_dict(d, f"{config.name} with chain.tokens {lanes}"
+                         + (f" and attention {attention}" if attention is not None else ""))
     check_fits(c)
     return c
 
@@ -109,7 +115,8 @@ def _prompt_row(config, n: int, runs, cycles: int, busy_mv: int, macs: int, **re
     """One row of the table: a prompt of ``n`` tokens in ``runs``, (tokens, logits) each."""
     peak = config.prefill_macs_per_cycle
     secs = cycles / (config.clock_mhz * 1e6)
-    return {"config": config.name, "lanes": config.chain.tokens, "prompt_tokens": n,
+    return {"config": config.name, "attention": config.attention, "lanes": config.chain.tokens,
+            "prompt_tokens": n,
             "buckets": [T for T, _ in runs], "kv_only_runs": sum(not lg for _, lg in runs),
             "cycles": cycles, "cycles_per_token": round(cycles / n),
             "tokens_per_s": round(n / secs, 1), "ttft_ms": round(1e3 * secs, 2),
@@ -304,15 +311,15 @@ def merge(config, model, prompts, results: str, all_logits: bool = False) -> lis
 
 
 def table(rows) -> str:
-    out = ["| config | token lanes | prompt | runs (bucket sizes) | cycles | cycles/token | "
+    out = ["| config | attention | token lanes | prompt | runs (bucket sizes) | cycles | cycles/token | "
            "tokens/s | time to first token | MAC util. (whole prompt / MV busy) | RTL == golden |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = r["buckets"]
         runs = f"{len(b)} x {b[0]}" if len(set(b)) == 1 else " + ".join(map(str, b))
         if r.get("kv_only_runs"):
             runs += f" ({r['kv_only_runs']} KV-only)"
-        out.append(f"| {r['config']} | {r['lanes']} | {r['prompt_tokens']} | {runs} | {r['cycles']:,} | "
+        out.append(f"| {r['config']} | {r.get('attention', 'sfu')} | {r['lanes']} | {r['prompt_tokens']} | {runs} | {r['cycles']:,} | "
                    f"{r['cycles_per_token']:,} | {r['tokens_per_s']:,} | {r['ttft_ms']} ms | "
                    f"{r['mac_utilization']:.3f} / {r['mac_utilization_mv_busy']:.3f} | "
                    f"{'yes' if r['logits_bit_exact'] and r['kv_bit_exact'] else 'NO'} |")
@@ -346,6 +353,8 @@ def main(argv=None):
     ap.add_argument("--config", default="ci")
     ap.add_argument("--lanes", default="1,2", help="token-lane counts (chain.tokens), comma-separated")
     ap.add_argument("--prompts", default="8,32", help="prompt lengths in tokens, comma-separated")
+    ap.add_argument("--attention", choices=("sfu", "chains"),
+                    help="where attention runs (default: the configuration's own)")
     ap.add_argument("--write-docs", action="store_true", help="put the table in docs/benchmarks.md")
     ap.add_argument("--plot", help="write a bar chart of prefill tokens/s to this PNG")
     ap.add_argument("--results", help="a JSONL file of runs: with --shard, append to it; without, "
@@ -374,7 +383,7 @@ def main(argv=None):
         ap.error(f"the longest prompt is {len(tok_ids)} tokens")
     rows = []
     for lanes in (int(x) for x in args.lanes.split(",")):
-        cfg = with_lanes(base, lanes)
+        cfg = with_lanes(base, lanes, args.attention)
         if shard:
             run_shard(cfg, model, prompts, tok_ids, args.results, *shard, all_logits=args.all_logits)
         elif args.results:
@@ -391,7 +400,9 @@ def main(argv=None):
     if args.write_docs:
         from perf_model import _write
         _write(f"```sh\n.venv/bin/python benchmarks/rtl_prefill.py --config {args.config} "
-               f"--lanes {args.lanes} --prompts {args.prompts}{' --all-logits' if args.all_logits else ''}"
+               f"--lanes {args.lanes} --prompts {args.prompts}"
+               f"{f' --attention {args.attention}' if args.attention else ''}"
+               f"{' --all-logits' if args.all_logits else ''}"
                f"\n```\n\n{table(rows)}", "rtl-prefill")
     ok = all(r["logits_bit_exact"] and r["kv_bit_exact"] for r in rows)
     return 0 if ok else 1

@@ -760,6 +760,26 @@ def test_rtl_prefill_benchmark_runs_shared_runs_once(tiny):
     assert len(runs) == len(plans[B + 2]) + len(plans[2 * B + 2]) - 1
 
 
+def test_rtl_prefill_benchmark_attention_override():
+    """``--attention chains`` measures a configuration with its attention moved to the chains
+    (``u280-slice``, two slices of ``u280``, whose attention runs there): its own hash, so its
+    own results key and Verilator build; the rows and the table say where attention ran."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from rtl_prefill import _key, _prompt_row, table, with_lanes
+    base = load_config("u280-slice")
+    sfu, chains = with_lanes(base, 1), with_lanes(base, 1, "chains")
+    assert (sfu.attention, chains.attention) == ("sfu", "chains")
+    assert with_lanes(load_config("ci-chains"), 2).attention == "chains"
+    assert _key(sfu, 8, False) != _key(chains, 8, False)
+    assert chains.to_dict() == dict(sfu.to_dict(), attention="chains")
+    row = _prompt_row(chains, 8, [(2, False)] * 3 + [(2, True)], 1000, 800, 192000,
+                      logits_bit_exact=True, kv_bit_exact=True)
+    assert (row["attention"], row["mac_utilization"], row["mac_utilization_mv_busy"]) == ("chains", 0.75, 0.938)
+    assert table([row]).splitlines()[2] == ("| u280-slice | chains | 1 | 8 | 4 x 2 (3 KV-only) | 1,000 | 125 | "
+                                            "1,800,000.0 | 0.0 ms | 0.750 / 0.938 | yes |")
+
+
 def test_prefill_overlap_order(tiny41):
     """The prefill programs' MISC work beside the MM work (docs/isa.md, "Prefill programs"):
     staged MM tiles take the two stages in turn, each COPY scatters the stage its MM wrote
