@@ -166,6 +166,7 @@ class ProgramBuilder:
         self._kv_st = {}           # K slot -> st2cmp event of its region's stores (chains)
         self._slot_counters = {"W": 0, "K": 0, "G": 0}
         self._stage_turn = 0       # the matrix output stage the next staged MM tile takes
+        self._inputs_left = None   # (matrix name, per-token input work its first tile emits)
 
     # ---- the program --------------------------------------------------------------------
     def build(self) -> list:
@@ -211,6 +212,7 @@ class ProgramBuilder:
             if nxt is not None and nxt.barrier:
                 S.emit("SYS", func=isa.SYS_SYNC)
                 load(i + 1)
+        assert self._inputs_left is None, self._inputs_left
         S.emit("SYS", func=isa.SYS_END)
         return S.instrs
 
@@ -349,7 +351,9 @@ class ProgramBuilder:
         else:
             self.matrix(mats.qkv, L.qh, L.qkv)
             self._attention_prefill(li, rope)
-        self._add(None, partial(self.quant, L.qh, L.o, d.nq * d.hd))
+        n = d.nq * d.hd
+        self._add(None, partial(self._inputs, mats.attn_output, [
+            partial(self._quant_token, t, L.qh, L.o, n) for t in range(T)]))
         self.matrix(mats.attn_output, L.qh, L.h)
         return gs
 
@@ -423,7 +427,8 @@ class ProgramBuilder:
         lds = [dict(buf=gbase, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.norms[li]), len=2 * d.dim * 4),
                dict(buf=rope, hreg=isa.REG_TBASE, hoff=hoff(parts.tables.rope), ireg=isa.REG_POS,
                     stride=d.hd * 4, len=T * d.hd * 4)]
-        self._add(LoadGroup(gid, ("G", gs), lds), partial(self._attn_norm, gbase, gid))
+        self._add(LoadGroup(gid, ("G", gs), lds),
+                  partial(self._attn_norm, gbase, gid, parts.weights.layers[li].qkv))
         return gs, rope
 
     def kv_rows(self, li: int):
@@ -446,7 +451,7 @@ class ProgramBuilder:
         ``gs``), gate and up, SiLU-multiply, down, residual add."""
         L = self.L
         mats = self.parts.weights.layers[li]
-        self._add(None, partial(self._ffn_in, L.gslots[gs], gs))
+        self._add(None, partial(self._ffn_in, L.gslots[gs], gs, mats.ffn_gate))
         gt = mats.ffn_gate.tiles
         if [t[:2] for t in gt] == [t[:2] for t in mats.ffn_up.tiles]:
             # gate and up tile by tile; each tile's SiLU-multiply beside the next tile's MVs
@@ -467,8 +472,10 @@ class ProgramBuilder:
                 rest = partial(self._silu_rows, *gt[ti - 1][:2], range(h, self.T)) if ti else None
                 self.matrix(mats.ffn_gate, L.qh, L.gate, only=(ti,), after_mm=first)
                 self.matrix(mats.ffn_up, L.qh, L.up, only=(ti,), after_mm=rest)
-            self._add(None, partial(self._silu_rows, *gt[-1][:2]))
-            self._add(None, partial(self.quant, L.qf, L.gate, self.parts.dims.ffn))
+            ffn = self.parts.dims.ffn
+            self._add(None, partial(self._inputs, mats.ffn_down, [
+                partial(lambda t: (self._silu_rows(*gt[-1][:2], (t,)),
+                                   self._quant_token(t, L.qf, L.gate, ffn)), t) for t in range(self.T)]))
         else:
             self.matrix(mats.ffn_gate, L.qh, L.gate)
             self.matrix(mats.ffn_up, L.qh, L.up)
@@ -501,11 +508,14 @@ class ProgramBuilder:
                          dst=L.x + (k0 + i) * dim * 4, a=parts.onchip.wslots[es] + i * parts.memory.tok_stride,
                          n=dim, aux=efmt)
 
-    def _attn_norm(self, gbase, gid):
+    def _attn_norm(self, gbase, gid, cm):
+        """The attention norm token by token into ``cm`` (the QKV matrix: :meth:`_inputs`)."""
         # the first QKV write of this layer overwrites q/k/v that the previous layer's KV
         # stores read: RMSNORM waits for those stores (st2cmp)
-        self.norm_quant(self.L.x, gbase, self.parts.dims.dim, gid=gid,
-                        need={"st2cmp": self.kv_stored[-1] if self.kv_stored else None})
+        need = {"st2cmp": self.kv_stored[-1] if self.kv_stored else None}
+        self._inputs(cm, [partial(self._norm_quant_token, t, self.L.x, gbase, self.parts.dims.dim,
+                                  gid=gid if t == 0 else None, need=need if t == 0 else None)
+                          for t in range(self.T)])
 
     def _kv_offsets(self, li, j):
         """Offsets from KVBASE of the K and V cache of KV head ``j`` of stage layer ``li``
@@ -798,10 +808,14 @@ class ProgramBuilder:
             a=self._group(t, j), b=kslot, reg=isa.REG_POS,
             **isa.attn_fields(g, hd, t, cached=True), **k), gid=kgid, free_slot=("K", ks))
 
-    def _ffn_in(self, gbase, gs):
+    def _ffn_in(self, gbase, gs, cm):
+        """The residual add, then the FFN norm token by token into ``cm`` (the gate matrix:
+        :meth:`_inputs`)."""
         L, dim = self.L, self.parts.dims.dim
         self.elementwise("ADD", L.x, L.x, L.h, dim)
-        self.norm_quant(L.x, gbase + dim * 4, dim, free_slot=("G", gs))
+        self._inputs(cm, [partial(self._norm_quant_token, t, L.x, gbase + dim * 4, dim,
+                                  free_slot=("G", gs) if t == self.T - 1 else None)
+                          for t in range(self.T)])
 
     def _silu_rows(self, r0, nr, tokens=None):
         """SiLU-multiply of rows [r0, r0 + nr) of gate and up, token by token (``tokens``:
@@ -852,13 +866,13 @@ class ProgramBuilder:
             if T == 1:
                 self.consume(op, gid=gid, free_slot=("W", s), dst=dst + r0 * 4, **mf)
             elif len(cm.tiles) == 1:
-                self.consume(op, gid=gid, free_slot=("W", s), dst=dst, **mf)
+                self._mm(cm, gid, s, dst, mf)
             else:
                 # [T][nr] into a stage, then scattered to rows r0.. of each token; the stages
                 # alternate, so the COPY runs beside the next tile's MM
                 st = L.stage[self._stage_turn % len(L.stage)]
                 self._stage_turn += 1
-                self.consume(op, gid=gid, free_slot=("W", s), dst=st, **mf)
+                self._mm(cm, gid, s, st, mf)
                 if after_mm:
                     after_mm()
                 copy = partial(self.consume, "MISC", func=F["COPY"], dst=dst + r0 * 4, a=st, n=nr, aux=T,
@@ -876,6 +890,30 @@ class ProgramBuilder:
         self.logits_stored[ls] = self.S.emit(
             "ST", need={"cmp2st": e["cmp2st"]}, release=["st2cmp"], func=isa.ST_F32, buf=L.logits[ls],
             hreg=isa.REG_IOBASE, hoff=hoff(T * r0 * 4), len=T * nr * 4)
+
+    def _mm(self, cm, gid, s, dst, mf):
+        """A tile's MM of the T tokens into ``dst`` ([T][rows]); if :meth:`_inputs` left the
+        tokens after the first lane group's inputs to this matrix, by lane groups instead:
+        each group's inputs, then its MV (one lane) or MM of the group's tokens into its
+        rows of ``dst``, the first waiting for the tile, the last freeing its slot."""
+        left = self._inputs_left
+        if left is None or left[0] != cm.name:
+            self.consume("MM", gid=gid, free_slot=("W", s), dst=dst, **mf)
+            return
+        self._inputs_left = None
+        T, g, nb = self.T, self.parts.token_lanes, cm.cols // 32
+        for t0 in range(0, T, g):
+            n = min(g, T - t0)
+            if t0:
+                for f in left[1][t0 - g:t0 - g + n]:
+                    f()
+            f = dict(mf, qsrc=mf["qsrc"] + t0 * nb * QBLOCK_BYTES, dst=dst + t0 * mf["rows"] * 4)
+            if n > 1:
+                f["ntok"] = n
+            else:
+                f.pop("ntok", None)
+            self.consume("MM" if n > 1 else "MV", gid=gid if t0 == 0 else None,
+                         free_slot=("W", s) if t0 + n == T else None, **f)
 
     # ---- vector operations over the T tokens ----------------------------------------------------
     def each_token(self, fn, gid=None, free_slot=None, need=None):
@@ -896,13 +934,37 @@ class ProgramBuilder:
 
     def norm_quant(self, a, w, n, gid=None, free_slot=None, need=None):
         """H = rms_norm(a) per token, QH = quant(H) per token."""
-        L = self.L
         T = self.T
         for t in range(T):
-            self.consume("MISC", gid=gid if t == 0 else None, need=need if t == 0 else None,
-                         free_slot=free_slot if t == T - 1 else None, func=F["RMSNORM"],
-                         dst=L.h + t * n * 4, a=a + t * n * 4, b=w, n=n)
-            self.consume("MISC", func=F["QUANT"], dst=L.qh + t * n // 32 * QBLOCK_BYTES, a=L.h + t * n * 4, n=n)
+            self._norm_quant_token(t, a, w, n, gid=gid if t == 0 else None, need=need if t == 0 else None,
+                                   free_slot=free_slot if t == T - 1 else None)
+
+    def _norm_quant_token(self, t, a, w, n, gid=None, free_slot=None, need=None):
+        """Token ``t``'s H = rms_norm(a), QH = quant(H)."""
+        L = self.L
+        self.consume("MISC", gid=gid, need=need, free_slot=free_slot, func=F["RMSNORM"],
+                     dst=L.h + t * n * 4, a=a + t * n * 4, b=w, n=n)
+        self._quant_token(t, L.qh, L.h, n)
+
+    def _quant_token(self, t, dst, a, n):
+        """Token ``t``'s vector of n words at ``a`` (token-major) quantized into ``dst``."""
+        self.consume("MISC", func=F["QUANT"], dst=dst + t * n // 32 * QBLOCK_BYTES, a=a + t * n * 4, n=n)
+
+    def _inputs(self, cm, fns):
+        """The per-token work (``fns[t]``) that makes matrix ``cm``'s input vectors. With more
+        tokens than token lanes (a prefill program), only the first lane group's is emitted
+        here; ``cm``'s first tile emits the rest group by group, each group's after the MV/MM
+        of the group before, so it runs beside that MV (docs/isa.md, "Overlap"): the first
+        tile's MVs start after one group's norm and quantization, not all T tokens'."""
+        g = self.parts.token_lanes
+        if self.T <= g:
+            for f in fns:
+                f()
+            return
+        for f in fns[:g]:
+            f()
+        assert self._inputs_left is None, self._inputs_left
+        self._inputs_left = (cm.name, fns[g:])
 
     def elementwise(self, func, dst, a, b, n):
         """An elementwise op over T token-major vectors of n words (n fits 16 bits)."""

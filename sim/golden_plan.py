@@ -224,11 +224,15 @@ class Planner:
         self.p = program
         self.instrs = program.instrs
         self.regs0 = golden._regs(0, 0, program.ntok)
+        self.absorbed = set()
 
     def plan(self) -> None:
         """Set ``program.plan`` (and ``fast_mv``, ``row_off``)."""
         g, p, instrs = self.g, self.p, self.instrs
         fast_mv, ld_needed = self._fast_products()
+        merged, self.absorbed = self._token_groups(fast_mv)
+        if merged:
+            self.instrs = instrs = [merged.get(pc, ins) for pc, ins in enumerate(instrs)]
         runs, run_of = self._runs(fast_mv)
         fused = []
         for pc, a in fast_mv.items():
@@ -305,6 +309,56 @@ class Planner:
                     wb_writes.append(_Written(a, a + ln, -1))
         return fast_mv, ld_needed
 
+    def _token_groups(self, fast_mv):
+        """A prefill program's first tile of a matrix token by token (one token lane:
+        compiler/program.py ``ProgramBuilder._mm``): T fast MVs, in order, of one weight tile
+        (same HBM weights, format, shape), token ``t``'s vector at ``qsrc + t nb 40`` and its
+        rows to ``dst + t rows 4``, with the next token's inputs made between them. Where
+        nothing between MV ``t`` and the last reads or writes MV ``t``'s rows, or writes its
+        vector, they are the MM of the T tokens at the last one, which then joins the
+        matrix's other tiles' run. Returns ({last MV's pc: that MM}, {the other MVs' pcs})."""
+        p, instrs, T = self.p, self.instrs, self.p.ntok
+        if T < 2:
+            return {}, set()
+        g = self.g
+        regs_max = g._regs(g.kv_context - T, int(g.bundle.manifest["model"]["vocab_size"]), T)
+        at = {pc: k for k, pc in enumerate(p.order)}
+        mvs = [pc for pc in p.order if instrs[pc].op == "MV" and pc in fast_mv]
+        merged, absorbed = {}, set()
+        k = 0
+        while k + T <= len(mvs):
+            grp = mvs[k:k + T]
+            f0 = instrs[grp[0]].fields
+            rows, nb = f0["rows"], f0["cols"] // 32
+            same = all(instrs[q].fields["func"] == f0["func"] and instrs[q].fields["cols"] == f0["cols"]
+                       and instrs[q].fields["rows"] == rows and fast_mv[q] == fast_mv[grp[0]]
+                       and instrs[q].fields["qsrc"] == f0["qsrc"] + t * nb * QBLOCK_BYTES
+                       and instrs[q].fields["dst"] == f0["dst"] + t * rows * 4 for t, q in enumerate(grp))
+            if not same:
+                k += 1
+                continue
+            safe = True
+            for t, q in enumerate(grp[:-1]):
+                src = (f0["qsrc"] + t * nb * QBLOCK_BYTES, f0["qsrc"] + (t + 1) * nb * QBLOCK_BYTES)
+                out = (f0["dst"] + t * rows * 4, f0["dst"] + (t + 1) * rows * 4)
+                for pc in p.order[at[q] + 1:at[grp[-1]]]:
+                    if pc in grp:
+                        continue
+                    r, w, _, _ = self._access(Exec(pc), regs_max)
+                    if _hit([out], r + w) or _hit([src], w):
+                        safe = False
+                        break
+                if not safe:
+                    break
+            if not safe:
+                k += 1
+                continue
+            merged[grp[-1]] = isa.make("MM", **dict(instrs[grp[-1]].fields, ntok=T, qsrc=f0["qsrc"],
+                                                    dst=f0["dst"]))
+            absorbed.update(grp[:-1])
+            k += T
+        return merged, absorbed
+
     def _runs(self, fast_mv):
         """Runs: fast MVs (or MMs) in execution order with the same input, format, width and
         token count, whose weights are contiguous in HBM, and whose input is not written in
@@ -315,6 +369,8 @@ class Planner:
         run_of = {}
         cur = None
         for pc in self.p.order:
+            if pc in self.absorbed:
+                continue
             ins = instrs[pc]
             f = ins.fields
             if ins.op in ("MV", "MM") and pc in fast_mv:
@@ -357,6 +413,8 @@ class Planner:
         cache = g._packed
         steps = []
         for pc in p.order:
+            if pc in self.absorbed:
+                continue
             ins = instrs[pc]
             if ins.op == "LD":
                 if pc in ld_needed or not g.fast:

@@ -222,9 +222,10 @@ def test_kv_only_programs_leave_the_kv_cache_and_no_logits(tiny):
         head_tiles = len(b.manifest["prefill"]["lm_head_tiles"])
         per_layer, rest = divmod(n_mm(fo) - head_tiles, L)
         assert rest == 0
-        # the last layer's MMs: its QKV tiles, after its attention norm, and nothing more
-        last_norm = max(k for k, i in enumerate(ko) if i.op == "MISC" and i["func"] == isa.MISC_FUNCS["RMSNORM"])
-        qkv = n_mm(ko[last_norm:])
+        # the last layer's MMs: its QKV tiles, after its attention norm (its T RMSNORMs, the
+        # later ones between the first tile's MVs), and nothing more
+        norms = [k for k, i in enumerate(ko) if i.op == "MISC" and i["func"] == isa.MISC_FUNCS["RMSNORM"]]
+        qkv = n_mm(ko[norms[-T]:])
         assert 0 < qkv < per_layer and n_mm(ko) == (L - 1) * per_layer + qkv, (n_mm(ko), per_layer, qkv)
 
 
@@ -349,9 +350,18 @@ def test_prefill_program_structure(tmp_path, ci):
     for T, prog in b.prefill.items():
         ins = _instrs(prog)
         assert ins[-1].op == "SYS" and ins[-1]["func"] == isa.SYS_END
-        assert not any(i.op == "MV" for i in ins)
         mms = [i for i in ins if i.op == "MM"]
         assert mms and all(i["ntok"] == T for i in mms)
+        # the first tile of each layer's QKV, output, gate and down projections token by token
+        # (one token lane: each token's MV after its inputs, the next token's norm or
+        # quantization beside it; ProgramBuilder._mm): T MVs on one weight tile
+        mvs = [i for i in ins if i.op == "MV"]
+        assert ci.chain.tokens == 1 and len(mvs) == 4 * d.n_layers * T
+        for k in range(0, len(mvs), T):
+            grp, nb = mvs[k:k + T], mvs[k]["cols"] // 32
+            assert all((i["wb"], i["rows"], i["cols"]) == (grp[0]["wb"], grp[0]["rows"], grp[0]["cols"]) for i in grp)
+            assert [i["qsrc"] - grp[0]["qsrc"] for i in grp] == [t * nb * 40 for t in range(T)]
+            assert [i["dst"] - grp[0]["dst"] for i in grp] == [t * grp[0]["rows"] * 4 for t in range(T)]
         # one SYNC per layer: the K/V stores reach HBM before the cache is reloaded
         assert sum(i.op == "SYS" and i["func"] == isa.SYS_SYNC for i in ins) == d.n_layers
         attn = [i for i in ins if i.op == "MISC" and i["func"] == isa.MISC_FUNCS["ATTN"]]
@@ -643,7 +653,11 @@ def test_fast_plan_equals_instruction_by_instruction(tiny41):
     # and up tiles, which alternate with the SiLU-multiplies of the tile before: one each per
     # tile. No COPY or logits ST left
     instrs = fast.program("prefill_8").instrs
-    n_mm = sum(i.op == "MM" for i in instrs)
+    # MM tiles, and the first tiles token by token (8 MVs each), which the plan fuses with
+    # the matrix's other tiles (Planner._token_groups)
+    n_mm = sum(i.op == "MM" for i in instrs) + sum(i.op == "MV" for i in instrs) // 8
+    assert not any(isinstance(s, Exec) and instrs[s.pc].op in ("MV", "MM") for s in plan)
+    assert all(s.ntok == 8 for s in plan if isinstance(s, MvRun))
     assert sum(isinstance(s, (MvWrite, MvScatter, MvStore)) for s in plan) < n_mm * 2 // 3
     n_layers = int(tiny41.manifest["model"]["n_layers"])
     n_silu = sum(i.op == "MISC" and i["func"] == isa.MISC_FUNCS["SILU_MUL"] for i in instrs)
@@ -784,18 +798,21 @@ def test_prefill_overlap_order(tiny41):
     """The prefill programs' MISC work beside the MM work (docs/isa.md, "Prefill programs"):
     staged MM tiles take the two stages in turn, each COPY scatters the stage its MM wrote
     while the next MM writes the other; the FFN's SiLU-multiplies go tile by tile and token
-    by token between the gate and up MMs, not once over the whole vector after the last tile."""
+    by token between the gate and up MMs, not once over the whole vector after the last tile.
+    A matrix's first tile, token by token (one token lane: T MVs, the first into the stage),
+    counts as one staged tile."""
     ffn = int(tiny41.manifest["model"]["ffn_dim"])
     copy_f, silu_f = isa.MISC_FUNCS["COPY"], isa.MISC_FUNCS["SILU_MUL"]
     for T, prog in tiny41.prefill.items():
         ins = _instrs(prog)
         copies = [i for i in ins if i.op == "MISC" and i["func"] == copy_f]
-        staged = [i for i in ins if i.op == "MM" and any(c["a"] == i["dst"] for c in copies)]
+        stages = {c["a"] for c in copies}
+        staged = [i for i in ins if i.op in ("MM", "MV") and i["dst"] in stages]
         assert len({i["dst"] for i in staged}) == 2, T
         assert all(x["dst"] != y["dst"] for x, y in zip(staged, staged[1:])), T
         last_mm = None
         for i in ins:
-            if i.op == "MM":
+            if i.op == "MM" or i.op == "MV" and i["dst"] in stages:
                 last_mm = i
             elif i.op == "MISC" and i["func"] == copy_f:
                 assert i["a"] == last_mm["dst"], T     # the stage of the MM just before it
