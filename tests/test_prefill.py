@@ -794,6 +794,23 @@ def test_rtl_prefill_benchmark_attention_override():
                                             "1,800,000.0 | 0.0 ms | 0.750 / 0.938 | yes |")
 
 
+def test_first_tile_token_by_token_only_with_one_lane(tmp_path):
+    """A matrix's first tile goes token by token (T MVs) with one token lane only; with two,
+    every tile is an MM of all T tokens (the lane groups' MMs would reload the vectors), and
+    both programs leave the same KV cache and logits, bit for bit."""
+    m = load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_0", seed=3))
+    one = compile_model(m, _write_config(tmp_path, **{"buffers.weight_kib": 4}))
+    two = compile_model(m, _write_config(tmp_path, **{"buffers.weight_kib": 4, "chain.tokens": 2}))
+    for T in (4, 8):
+        mv1 = [i for i in _instrs(one.prefill[T]) if i.op == "MV"]
+        ins2 = _instrs(two.prefill[T])
+        assert len(mv1) == 4 * m.desc.n_layers * T, T
+        assert not any(i.op == "MV" for i in ins2) and all(i["ntok"] == T for i in ins2 if i.op == "MM"), T
+        a, b = Golden(one, fast=False), Golden(two, fast=False)
+        assert a.prefill(0, TOKS[:T]).status == b.prefill(0, TOKS[:T]).status == isa.STATUS_OK
+        assert np.array_equal(_bits(a.logits()), _bits(b.logits())) and np.array_equal(_kv(a), _kv(b)), T
+
+
 def test_prefill_overlap_order(tiny41):
     """The prefill programs' MISC work beside the MM work (docs/isa.md, "Prefill programs"):
     staged MM tiles take the two stages in turn, each COPY scatters the stage its MM wrote
