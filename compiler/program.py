@@ -167,6 +167,7 @@ class ProgramBuilder:
         self._slot_counters = {"W": 0, "K": 0, "G": 0}
         self._stage_turn = 0       # the matrix output stage the next staged MM tile takes
         self._inputs_left = None   # (matrix name, per-token input work its first tile emits)
+        self._outputs_left = None  # per-token work after a last tile token by token (_residual)
 
     # ---- the program --------------------------------------------------------------------
     def build(self) -> list:
@@ -213,6 +214,7 @@ class ProgramBuilder:
                 S.emit("SYS", func=isa.SYS_SYNC)
                 load(i + 1)
         assert self._inputs_left is None, self._inputs_left
+        self._flush_outputs()
         S.emit("SYS", func=isa.SYS_END)
         return S.instrs
 
@@ -354,7 +356,7 @@ class ProgramBuilder:
         n = d.nq * d.hd
         self._add(None, partial(self._inputs, mats.attn_output, [
             partial(self._quant_token, t, L.qh, L.o, n) for t in range(T)]))
-        self.matrix(mats.attn_output, L.qh, L.h)
+        self.matrix(mats.attn_output, L.qh, L.h, token_last=True)
         return gs
 
     def _qkv_prefill_chains(self, li: int, rope: int, kv_only: bool = False):
@@ -480,8 +482,8 @@ class ProgramBuilder:
             self.matrix(mats.ffn_gate, L.qh, L.gate)
             self.matrix(mats.ffn_up, L.qh, L.up)
             self._add(None, self._ffn_act)
-        self.matrix(mats.ffn_down, L.qf, L.h)
-        self._add(None, partial(self.elementwise, "ADD", L.x, L.x, L.h, self.parts.dims.dim))
+        self.matrix(mats.ffn_down, L.qf, L.h, token_last=True)
+        self._add(None, self._residual)
 
     def lm_head(self):
         """Final norm + LM head, the logits streamed out through two activation-buffer slots."""
@@ -812,7 +814,7 @@ class ProgramBuilder:
         """The residual add, then the FFN norm token by token into ``cm`` (the gate matrix:
         :meth:`_inputs`)."""
         L, dim = self.L, self.parts.dims.dim
-        self.elementwise("ADD", L.x, L.x, L.h, dim)
+        self._residual()
         self._inputs(cm, [partial(self._norm_quant_token, t, L.x, gbase + dim * 4, dim,
                                   free_slot=("G", gs) if t == self.T - 1 else None)
                           for t in range(self.T)])
@@ -836,13 +838,14 @@ class ProgramBuilder:
                     hreg=isa.REG_IOBASE, hoff=hoff(0), len=self.T * self.parts.dims.dim * 4)
 
     # ---- matrices -----------------------------------------------------------------------------
-    def matrix(self, cm, qsrc, dst, logits=False, only=None, after_mm=None, copies=None):
+    def matrix(self, cm, qsrc, dst, logits=False, only=None, after_mm=None, copies=None, token_last=False):
         """A weight matrix, tile by tile through the weight slots, times the quantized vectors
         at ``qsrc``: rows to ``dst`` (token-major), or (``logits``) to the I/O region.
         ``only``: just these tiles (by index). ``after_mm``: emits work to go right after a
         staged tile's MM, before its COPY (prefill). ``copies``: a list the staged tiles'
         COPYs are put in (as callables, when the tile is emitted) instead of being emitted,
-        for a later work item to emit."""
+        for a later work item to emit. ``token_last``: with one token lane, the last tile token by
+        token, its outputs' work left to the residual add (:meth:`_residual`)."""
         for ti, (r0, nr, off) in enumerate(cm.tiles):
             if only is not None and ti not in only:
                 continue
@@ -853,9 +856,10 @@ class ProgramBuilder:
                         len=cm.tile_bytes(nr))]
             self._add(LoadGroup(gid, ("W", s), lds),
                       partial(self._matrix_tile, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm,
-                              copies))
+                              copies, token_last and ti == len(cm.tiles) - 1))
 
-    def _matrix_tile(self, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm=None, copies=None):
+    def _matrix_tile(self, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm=None, copies=None,
+                     token_last=False):
         T, L = self.T, self.L
         mf = dict(func=isa.mv_func(cm.fmt, cm.sparsity), wb=self.parts.onchip.wslots[s], rows=nr, cols=cm.cols,
                   qsrc=qsrc)
@@ -865,6 +869,20 @@ class ProgramBuilder:
         if not logits:
             if T == 1:
                 self.consume(op, gid=gid, free_slot=("W", s), dst=dst + r0 * 4, **mf)
+            elif self._token_by_token(token_last):
+                # the last tile token by token; each token's scatter (a staged tile), then its
+                # residual add and the next matrix's inputs, beside the next token's MV
+                st = dst
+                if len(cm.tiles) > 1:
+                    st = L.stage[self._stage_turn % len(L.stage)]
+                    self._stage_turn += 1
+                self._mm(cm, gid, s, st, mf, by_token=True)
+                if after_mm:
+                    after_mm()
+                self._outputs_left = [
+                    [partial(self.consume, "MISC", func=F["COPY"], dst=dst + (t * cm.rows + r0) * 4,
+                             a=st + t * nr * 4, n=nr, aux=1, b=cm.rows)] if st != dst else []
+                    for t in range(T)]
             elif len(cm.tiles) == 1:
                 self._mm(cm, gid, s, dst, mf)
             else:
@@ -891,15 +909,17 @@ class ProgramBuilder:
             "ST", need={"cmp2st": e["cmp2st"]}, release=["st2cmp"], func=isa.ST_F32, buf=L.logits[ls],
             hreg=isa.REG_IOBASE, hoff=hoff(T * r0 * 4), len=T * nr * 4)
 
-    def _mm(self, cm, gid, s, dst, mf):
+    def _mm(self, cm, gid, s, dst, mf, by_token=False):
         """A tile's MM of the T tokens into ``dst`` ([T][rows]); if :meth:`_inputs` left the
-        inputs of the tokens after the first to this matrix, token by token instead: each
-        token's inputs, then its MV into its rows of ``dst``, the first waiting for the tile,
-        the last freeing its slot."""
+        inputs of the tokens after the first to this matrix (or ``by_token``), token by token
+        instead: each token's inputs, then its MV into its rows of ``dst``, the first waiting
+        for the tile, the last freeing its slot."""
         left = self._inputs_left
         if left is None or left[0] != cm.name:
-            self.consume("MM", gid=gid, free_slot=("W", s), dst=dst, **mf)
-            return
+            if not by_token:
+                self.consume("MM", gid=gid, free_slot=("W", s), dst=dst, **mf)
+                return
+            left = (cm.name, [lambda: None] * (self.T - 1))
         self._inputs_left = None
         T, nb = self.T, cm.cols // 32
         f = {k: v for k, v in mf.items() if k != "ntok"}
@@ -944,6 +964,30 @@ class ProgramBuilder:
         """Token ``t``'s vector of n words at ``a`` (token-major) quantized into ``dst``."""
         self.consume("MISC", func=F["QUANT"], dst=dst + t * n // 32 * QBLOCK_BYTES, a=a + t * n * 4, n=n)
 
+    def _token_by_token(self, wanted=True) -> bool:
+        """Whether this program runs a matrix's first (or, ``wanted``, last) tile token by
+        token: a prefill program with one token lane."""
+        return bool(wanted) and self.T > 1 and self.parts.token_lanes == 1
+
+    def _residual(self):
+        """X += H over the T tokens; after a last tile token by token (``_outputs_left``), each
+        token's add joins that token's work after it (its scatter), for the next matrix's
+        inputs (:meth:`_inputs`) to follow."""
+        L, dim = self.L, self.parts.dims.dim
+        if self._outputs_left is None:
+            self.elementwise("ADD", L.x, L.x, L.h, dim)
+            return
+        for t, work in enumerate(self._outputs_left):
+            work.append(partial(self.consume, "MISC", func=F["ADD"], dst=L.x + t * dim * 4,
+                                a=L.x + t * dim * 4, b=L.h + t * dim * 4, n=dim))
+
+    def _flush_outputs(self):
+        """Emit the per-token work a last tile token by token left, token by token."""
+        left, self._outputs_left = self._outputs_left, None
+        for work in left or ():
+            for f in work:
+                f()
+
     def _inputs(self, cm, fns):
         """The per-token work (``fns[t]``) that makes matrix ``cm``'s input vectors. With more
         tokens than token lanes (a prefill program) and one token lane, only the first
@@ -954,7 +998,10 @@ class ProgramBuilder:
         vectors for the tile and the next tiles reload them all (LLaMA2-7B on ``u280``, two
         lanes, bucket 4, by the model: 7.80 -> 7.82 M cycles a run, where one lane gains
         11.92 -> 11.84 M)."""
-        if self.T == 1 or self.parts.token_lanes > 1:
+        left, self._outputs_left = self._outputs_left, None
+        if left is not None:        # the tokens' work after the last tile before, then this
+            fns = [partial(lambda w, f: ([g() for g in w], f()), w, f) for w, f in zip(left, fns)]
+        if not self._token_by_token():
             for f in fns:
                 f()
             return
@@ -998,7 +1045,10 @@ class ProgramBuilder:
 
     def consume(self, op, gid=None, free_slot=None, need=None, release=(), **f):
         """Emit a compute instruction: it waits for load group ``gid`` (and ``need``) and,
-        with ``free_slot``, frees that slot for the next loads."""
+        with ``free_slot``, frees that slot for the next loads. Work a last tile token by token
+        left goes first (whatever comes next may read its rows)."""
+        if self._outputs_left is not None:
+            self._flush_outputs()
         nd = dict(need or {})
         if gid is not None:
             nd["ld2cmp"] = max(nd.get("ld2cmp") or 0, self.group_ready[gid])
