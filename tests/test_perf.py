@@ -443,3 +443,28 @@ def test_act_cache_two_entries_as_the_rtl():
     # vectors in the banked region (from ``below`` on) are never kept
     c = perf.ActCache(2, 64, line, below=A0)
     assert not c.use(A0, 128, 1) and not c.use(A0, 128, 1)
+
+
+def test_prefill_bounds_what_ifs(tmp_path):
+    """benchmarks/prefill_bounds.py's what-ifs take one cost away at a time and put it back:
+    a prompt's cycles never grow from one to the next; "MISC free" prices every MISC word at
+    one cycle, "MV/MM at their MACs" each MV/MM at rows x cols x token groups over the chains'
+    MACs a cycle for its format (Q8_0 at half the rate on packed chains)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from prefill_bounds import WHAT_IFS, _mv_at_macs, patches, prompt_utilization
+
+    from llmfab.compiler.compile import compile_model
+    from llmfab.compiler.model import load_model
+    cfg = load_config("tiny")
+    b = compile_model(load_model(tinymodel.write_tiny_gguf(tmp_path / "t.gguf", "q4_1")), cfg,
+                      emit_image=False)
+    rows = [prompt_utilization(b, cfg, 11, "ideal", w) for w in WHAT_IFS]
+    assert all(a["cycles"] > z["cycles"] for a, z in zip(rows, rows[1:])), [r["cycles"] for r in rows]
+    assert rows[0] == prompt_utilization(b, cfg, 11, "ideal")          # the patches are undone
+    with patches("MISC free")[0]:
+        assert perf.misc_cycles("QUANT", {"n": 576}, None, cfg) == 1
+    f = {"func": isa.mv_func("q4_1", "dense"), "rows": 64, "cols": 576}
+    groups = -(-3 // cfg.chain.tokens)                 # tiny: two token lanes
+    assert cfg.chain.tokens == 2 and _mv_at_macs(f, 3, cfg) == 64 * 576 * groups // cfg.macs_per_cycle
+    f8 = dict(f, func=isa.mv_func("q8_0", "dense"))
+    assert _mv_at_macs(f8, 1, cfg) == 64 * 576 * 2 // cfg.macs_per_cycle
