@@ -137,14 +137,15 @@ def plot(rows, path, n: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = list(dict.fromkeys(r["case"] for r in rows))
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     w = 0.8 / len(WHAT_IFS)
     for i, wi in enumerate(WHAT_IFS):
         ys = [next(r["mac_utilization"] for r in rows if r["case"] == lb and r["what_if"] == wi) for lb in labels]
         ax.bar([j + i * w for j in range(len(labels))], ys, w, label=wi)
     ax.axhline(GOAL, color="k", ls="--", lw=1, label=f"issue 13's goal ({GOAL})")
     ax.set_xticks([j + w * (len(WHAT_IFS) - 1) / 2 for j in range(len(labels))])
-    ax.set_xticklabels([lb.replace(" (", "\n(") for lb in labels], fontsize=7)
+    ax.set_xticklabels([lb.replace(" (", "\n(").replace(", attention", ",\nattention") for lb in labels],
+                       fontsize=7)
     ax.set_ylabel("chain MAC utilization")
     ax.set_ylim(0, 1)
     ax.set_title(f"{n}-token prompt by the model: what bounds the chains")
