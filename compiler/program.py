@@ -106,6 +106,12 @@ class Scheduler:
         return ev
 
 
+def _in_order(*fns):
+    """Call ``fns`` one after the other."""
+    for f in fns:
+        f()
+
+
 def hoff(x: int) -> int:
     """A device-memory offset in the LD/ST ``hoff`` field's units (HBM_ALIGN bytes)."""
     assert x % isa.HBM_ALIGN == 0, x
@@ -474,10 +480,8 @@ class ProgramBuilder:
                 rest = partial(self._silu_rows, *gt[ti - 1][:2], range(h, self.T)) if ti else None
                 self.matrix(mats.ffn_gate, L.qh, L.gate, only=(ti,), after_mm=first)
                 self.matrix(mats.ffn_up, L.qh, L.up, only=(ti,), after_mm=rest)
-            ffn = self.parts.dims.ffn
             self._add(None, partial(self._inputs, mats.ffn_down, [
-                partial(lambda t: (self._silu_rows(*gt[-1][:2], (t,)),
-                                   self._quant_token(t, L.qf, L.gate, ffn)), t) for t in range(self.T)]))
+                partial(self._down_input, t, *gt[-1][:2]) for t in range(self.T)]))
         else:
             self.matrix(mats.ffn_gate, L.qh, L.gate)
             self.matrix(mats.ffn_up, L.qh, L.up)
@@ -827,6 +831,12 @@ class ProgramBuilder:
             o = (t * ffn + r0) * 4
             self.consume("MISC", func=F["SILU_MUL"], dst=L.gate + o, a=L.gate + o, b=L.up + o, n=nr)
 
+    def _down_input(self, t, r0, nr):
+        """Token ``t``'s SiLU-multiply of the last gate/up tile's rows, then its quantized FFN
+        activation (the down projection's input)."""
+        self._silu_rows(r0, nr, (t,))
+        self._quant_token(t, self.L.qf, self.L.gate, self.parts.dims.ffn)
+
     def _ffn_act(self):
         L, ffn = self.L, self.parts.dims.ffn
         self.elementwise("SILU_MUL", L.gate, L.gate, L.up, ffn)
@@ -1000,7 +1010,7 @@ class ProgramBuilder:
         11.92 -> 11.84 M)."""
         left, self._outputs_left = self._outputs_left, None
         if left is not None:        # the tokens' work after the last tile before, then this
-            fns = [partial(lambda w, f: ([g() for g in w], f()), w, f) for w, f in zip(left, fns)]
+            fns = [partial(_in_order, *w, f) for w, f in zip(left, fns)]
         if not self._token_by_token():
             for f in fns:
                 f()
