@@ -309,8 +309,14 @@ class Planner:
                     wb_writes.append(_Written(a, a + ln, -1))
         return fast_mv, ld_needed
 
+    def _regs_max(self):
+        """The registers at their largest (the last run's position, the vocabulary's last
+        token): the ranges a step may touch in any run."""
+        g, T = self.g, self.p.ntok
+        return g._regs(g.kv_context - T, int(g.bundle.manifest["model"]["vocab_size"]), T)
+
     def _token_groups(self, fast_mv):
-        """A prefill program's first tile of a matrix token by token (one token lane:
+        """A prefill program's first or last tile of a matrix token by token (one token lane:
         compiler/program.py ``ProgramBuilder._mm``): T fast MVs, in order, of one weight tile
         (same HBM weights, format, shape), token ``t``'s vector at ``qsrc + t nb 40`` and its
         rows to ``dst + t rows 4``, with the next token's inputs made between them. Where
@@ -320,8 +326,7 @@ class Planner:
         p, instrs, T = self.p, self.instrs, self.p.ntok
         if T < 2:
             return {}, set()
-        g = self.g
-        regs_max = g._regs(g.kv_context - T, int(g.bundle.manifest["model"]["vocab_size"]), T)
+        regs_max = self._regs_max()
         at = {pc: k for k, pc in enumerate(p.order)}
         mvs = [pc for pc in p.order if instrs[pc].op == "MV" and pc in fast_mv]
         merged, absorbed = {}, set()
@@ -486,8 +491,8 @@ class Planner:
         return chip, chip, [], []
 
     def _fuse_writes(self, steps):
-        g, p, instrs = self.g, self.p, self.instrs
-        regs_max = g._regs(g.kv_context - p.ntok, int(g.bundle.manifest["model"]["vocab_size"]), p.ntok)
+        instrs = self.instrs
+        regs_max = self._regs_max()
         acc = lambda st: self._access(st, regs_max)          # noqa: E731
         # A: COPY scattering a staged MM tile -> MvScatter (from the product, plus the stage)
         out = []
