@@ -135,7 +135,7 @@ class Decoder(wiring.Component):
 
     def __init__(self, *, lanes: int, data_width: int,
                  formats=tuple(WEIGHT_FORMATS), patterns=tuple(SPARSITY_PATTERNS),
-                 any_offset: bool = False):
+                 any_offset: bool = False, lookahead: int = 0):
         if not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1:
             raise ValueError(f"Decoder lanes must be a positive integer, not {lanes!r}")
         if (not isinstance(data_width, int) or data_width < 64 or data_width > 2048
@@ -159,7 +159,11 @@ class Decoder(wiring.Component):
         self._coarse = min(beat, 4 * self._grain)
         # beats the shifter looks at: the largest offset plus the largest cut
         self._view_beats = -(-(beat - self._grain + self._span) // beat)
-        self._window_beats = self._view_beats
+        if not isinstance(lookahead, int) or isinstance(lookahead, bool) or not 0 <= lookahead <= 4:
+            raise ValueError(f"Decoder lookahead must be 0 to 4 beats, not {lookahead!r}")
+        # beats held beyond the view: the next command's first beats wait there while the
+        # current one's last block leaves, so a row starting mid-block loses no cycle
+        self._window_beats = self._view_beats + lookahead
         super().__init__({
             "cmd": In(stream.Signature(DecodeCommand)),
             "data": In(stream.Signature(data_width)),

@@ -117,6 +117,10 @@ CHAIN_LENGTHS = (32, 64, 128, 256)
 #: ``cols`` is 16 bits and a multiple of 32: at most 2047 blocks per row.
 DEFAULT_MAX_BLOCKS = 2048
 
+#: Beats each row pipeline's decoder holds beyond what its shifter views
+#: (:class:`~llmfab.hw.decoder.Decoder`'s ``lookahead``).
+DECODER_LOOKAHEAD = 1
+
 
 def decoder_beat_bytes(stripe: int) -> int:
     """Bytes per beat a row pipeline's reader and decoder take from a slice's ``stripe``-byte
@@ -449,9 +453,10 @@ class MvSlice(wiring.Component):
             # one slice: tiles start on any byte (docs/isa.md), so rows do; several: on a line,
             # and rows on an even byte (every block size is even)
             ao = P == 1
-            dec = Shared(("decoder", DW, fm, pt, ao),
+            la = DECODER_LOOKAHEAD
+            dec = Shared(("decoder", DW, fm, pt, ao, la),
                          lambda: Decoder(lanes=1, data_width=DW * 8, formats=fm, patterns=pt,
-                                         any_offset=ao))
+                                         any_offset=ao, lookahead=la))
             for nm, u in (("wrd", wrd), ("dec", dec)):
                 m.submodules[f"{nm}{ls}"] = u
             bank_clients[ls % 2].append(wrd.mem)
