@@ -109,6 +109,12 @@ class ChainConfig:
         blocks feed this many chains, one token each, so an MM (prefill) reads and decodes
         each weight row once per ``tokens`` tokens. MV (decode) uses the first lane. The
         chains and their scalers are replicated per lane (``dsp_total`` counts them).
+    decoder_lookahead : int
+        Beats each row pipeline's weight decoder holds beyond the two its shifter views (0
+        or 1; optional, default 0). With 1 the next row's first beat waits in the decoder
+        while a row's last block leaves, so a row whose first block straddles a beat (Q4_1
+        rows of 576 columns: every other one) does not wait a cycle for it; it costs about
+        485 LUT and 256 FF per row pipeline (hw/decoder.py).
     """
 
     length: int
@@ -116,6 +122,7 @@ class ChainConfig:
     break_points: bool
     pack_int4: bool
     tokens: int = 1
+    decoder_lookahead: int = 0
 
 
 @dataclass(frozen=True)
@@ -429,7 +436,9 @@ class AccelConfig:
                       "pack_int4": self.chain.pack_int4,
                       # optional fields at their default are left out, so adding one does
                       # not change the hash of the configurations that do not use it
-                      **({"tokens": self.chain.tokens} if self.chain.tokens != 1 else {})},
+                      **({"tokens": self.chain.tokens} if self.chain.tokens != 1 else {}),
+                      **({"decoder_lookahead": self.chain.decoder_lookahead}
+                         if self.chain.decoder_lookahead else {})},
             "weight_formats": list(self.weight_formats),
             "sparsity": list(self.sparsity),
             "activation_bits": self.activation_bits,
@@ -583,7 +592,7 @@ def config_from_dict(data: dict, display: str, expected_name: str | None = None)
     clock = f.number("clock_mhz")
 
     c = f.sub("chain")
-    c.check_keys(_CHAIN_FIELDS, ("tokens",))
+    c.check_keys(_CHAIN_FIELDS, ("tokens", "decoder_lookahead"))
     length = _pow2(c, "length", BLOCK_WEIGHTS, 8 * BLOCK_WEIGHTS,
                    " (one to eight 32-weight blocks)")
     count = c.integer("count")
@@ -592,7 +601,13 @@ def config_from_dict(data: dict, display: str, expected_name: str | None = None)
         raise c.fail("break_points", f"must be true when chain.length is above {BLOCK_WEIGHTS} "
                                      f"(every 32-weight block has its own scale), not false")
     tokens = _pow2(c, "tokens", 1, 8, " (token lanes per row pipeline)") if c.has("tokens") else 1
-    chain = ChainConfig(length, count, break_points, c.boolean("pack_int4"), tokens)
+    lookahead = 0
+    if c.has("decoder_lookahead"):
+        lookahead = c.integer("decoder_lookahead", minimum=0)
+        if lookahead not in (0, 1):
+            raise c.fail("decoder_lookahead", f"must be 0 or 1 (beats the row pipelines' "
+                                              f"decoders hold ahead), not {lookahead}")
+    chain = ChainConfig(length, count, break_points, c.boolean("pack_int4"), tokens, lookahead)
 
     formats = _choices(f, "weight_formats", WEIGHT_FORMATS, "weight format")
     sparsity = _choices(f, "sparsity", SPARSITY_PATTERNS, "sparsity pattern")

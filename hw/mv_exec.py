@@ -117,10 +117,6 @@ CHAIN_LENGTHS = (32, 64, 128, 256)
 #: ``cols`` is 16 bits and a multiple of 32: at most 2047 blocks per row.
 DEFAULT_MAX_BLOCKS = 2048
 
-#: Beats each row pipeline's decoder holds beyond what its shifter views
-#: (:class:`~llmfab.hw.decoder.Decoder`'s ``lookahead``).
-DECODER_LOOKAHEAD = 1
-
 
 def decoder_beat_bytes(stripe: int) -> int:
     """Bytes per beat a row pipeline's reader and decoder take from a slice's ``stripe``-byte
@@ -294,9 +290,11 @@ class MvSlice(wiring.Component):
 
     def __init__(self, *, pipelines: int, slices: int, stripe: int, bank_addr_bits: int,
                  tokens: int, max_blocks: int, chunk_bytes: int, pack_int4: bool,
-                 formats, patterns, q_uram: bool = False, chains: bool = False):
+                 formats, patterns, q_uram: bool = False, chains: bool = False,
+                 decoder_lookahead: int = 0):
         self._q_uram = q_uram
         self._chains = chains
+        self._lookahead = decoder_lookahead
         self._L = pipelines
         self._P = slices
         self._S = stripe
@@ -453,7 +451,7 @@ class MvSlice(wiring.Component):
             # one slice: tiles start on any byte (docs/isa.md), so rows do; several: on a line,
             # and rows on an even byte (every block size is even)
             ao = P == 1
-            la = DECODER_LOOKAHEAD
+            la = self._lookahead
             dec = Shared(("decoder", DW, fm, pt, ao, la),
                          lambda: Decoder(lanes=1, data_width=DW * 8, formats=fm, patterns=pt,
                                          any_offset=ao, lookahead=la))
@@ -656,7 +654,7 @@ class MvExec(wiring.Component):
                  patterns=tuple(SPARSITY_PATTERNS), max_blocks: int = DEFAULT_MAX_BLOCKS,
                  tokens: int = 1, slices: int = 1, stripe: int | None = None,
                  weight_base: int = 0, bank_addr_bits=None, q_uram: bool = False,
-                 chains: bool = False):
+                 chains: bool = False, decoder_lookahead: int = 0):
         if chain_length not in CHAIN_LENGTHS:
             raise ValueError(f"MvExec chain length must be 32, 64, 128 or 256 (whole blocks "
                              f"between break points), not {chain_length}")
@@ -677,10 +675,14 @@ class MvExec(wiring.Component):
         if chains and slices > 32:
             raise ValueError(f"MvExec chains needs at most 32 slices (a row tile's 32 rows), "
                              f"not {slices}")
+        if decoder_lookahead not in (0, 1):
+            raise ValueError(f"MvExec decoder lookahead must be 0 or 1 beats, not "
+                             f"{decoder_lookahead!r}")
         if weight_base % (slices * stripe):
             raise ValueError(f"the weight buffer must start on an HBM line, not at {weight_base}")
         self._slices = slices
         self._chains = chains
+        self._lookahead = decoder_lookahead
         self._q_uram = q_uram
         self._stripe = stripe
         self._wbase = weight_base
@@ -727,6 +729,7 @@ class MvExec(wiring.Component):
                        patterns=tuple(config.sparsity), tokens=config.chain.tokens,
                        q_uram=config.board_spec.resources.uram > 0,
                        chains=getattr(config, "attention", "sfu") == "chains",
+                       decoder_lookahead=config.chain.decoder_lookahead,
                        **slice_geometry(config), **kw)
         return factory
 
@@ -943,11 +946,14 @@ class MvExec(wiring.Component):
                                    self._q_uram)
         slices = []
         for sp in range(P):
-            key = ("mvslice", L, P, S, bab, K, NB, CB, pk, fm, pt, qu) + (("chains",) if chains else ())
+            la = self._lookahead
+            key = ((("mvslice", L, P, S, bab, K, NB, CB, pk, fm, pt, qu)
+                    + (("chains",) if chains else ())) + ((("lookahead", la),) if la else ()))
             sl = Shared(key,
                         lambda: MvSlice(pipelines=L, slices=P, stripe=SB, bank_addr_bits=bab,
                                         tokens=K, max_blocks=NB, chunk_bytes=CB, pack_int4=pk,
-                                        formats=fm, patterns=pt, q_uram=qu, chains=chains),
+                                        formats=fm, patterns=pt, q_uram=qu, chains=chains,
+                                        decoder_lookahead=la),
                         reset=fresh)
             m.submodules[f"slice{sp}"] = sl
             slices.append(sl)

@@ -329,6 +329,30 @@ def test_chain_tokens(tmp_path):
     assert explicit.config_hash() == ci.config_hash()
 
 
+@pytest.mark.parametrize("lookahead, message", [
+    (2, "must be 0 or 1 (beats the row pipelines' decoders hold ahead), not 2"),
+    (-1, "must be a non-negative integer, not -1"),
+    ("yes", "must be a non-negative integer, not 'yes'"),
+])
+def test_bad_decoder_lookahead(tmp_path, lookahead, message):
+    path = variant(tmp_path, chain__decoder_lookahead=lookahead)
+    assert error_of(path) == f"{path}: field 'chain.decoder_lookahead' {message}"
+
+
+def test_decoder_lookahead(tmp_path):
+    """The decoders' lookahead beat: in the hash only when set (0, the default, leaves it
+    alone); ci-chains sets it, the card configurations do not (their LUT budget)."""
+    ci = load_config("ci")
+    one = load_config(str(variant(tmp_path, chain__decoder_lookahead=1)))
+    assert (ci.chain.decoder_lookahead, one.chain.decoder_lookahead) == (0, 1)
+    assert "decoder_lookahead" not in ci.to_dict()["chain"]
+    assert one.to_dict()["chain"]["decoder_lookahead"] == 1 and one.config_hash() != ci.config_hash()
+    zero = load_config(str(variant(tmp_path, chain__decoder_lookahead=0)))
+    assert zero.config_hash() == ci.config_hash()
+    assert load_config("ci-chains").chain.decoder_lookahead == 1
+    assert load_config("u280").chain.decoder_lookahead == 0
+
+
 @pytest.mark.parametrize("slots, message", [
     (1, "must be an integer >= 2, not 1"),
     ("six", "must be an integer >= 2, not 'six'"),

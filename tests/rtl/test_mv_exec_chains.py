@@ -36,7 +36,8 @@ def test_mv_exec_chains_ci_cocotb():
     K row tiles (rows 1 + 0, 1, 31, 32, 70, 200 of 64 columns), V block tiles (64 rows, cols
     32 + 0, 32, 96, 224), random tiled/plain MVs in every mode and MMs, the two-entry
     activation cache, then the attention MVs' cycles; the same build's plain random MV/MM
-    (tests/rtl/cocotb_mv_exec.py)."""
+    (tests/rtl/cocotb_mv_exec.py) and steady-state cycles per block (its decoders' lookahead
+    beat: no idle cycle between rows)."""
     from llmfab.hw.mv_exec import MvExec
     from llmfab.hw.onchip import slice_geometry
     from llmfab.hw.top import geometry
@@ -52,6 +53,12 @@ def test_mv_exec_chains_ci_cocotb():
     bdir = _run(unit, env)
     print((bdir / "mv_chains.txt").read_text())
     _run(unit, env | {"MV_N": "15"}, module="cocotb_mv_exec", testcase="mv_random")
+    # ci-chains' decoders hold a lookahead beat: 18-block rows at a block per pipeline per
+    # cycle, no idle cycle between rows (Q4_1 0.257 cycles/block without it)
+    assert unit._lookahead == 1
+    bdir = _run(unit, env | {"MV_LOOKAHEAD": "1", "MV_REPORT": "mv_steady.txt"},
+                module="cocotb_mv_exec", testcase="mv_steady_state")
+    print((bdir / "mv_steady.txt").read_text())
 
 
 def test_mv_exec_chains_one_slice_cocotb():
