@@ -14,8 +14,11 @@ last, so MVs stream on beside one long MISC (an ATTN); ``done`` pulses in
 acceptance order (a younger instruction that finished first waits for the
 older one's done; at most ``MAX_IN_FLIGHT`` issued and not yet done, the
 compute queue's own bound in ``hw/top.py``); ``both`` is high while both units
-are running. The running units share ``rd0``, ``rd1`` and ``wr``, the MV class first; read responses go
-back to the unit whose request was taken. Without a configuration (``units``
+are running. The running units share ``rd0``, ``rd1`` and ``wr``: the reads the MV class first (its
+activation loads hold up its rows), the write the other class first (MISC results stream a
+line a cycle, the MV class writes a row every few cycles from its combine), unless the MV
+class's write has waited ``WR_AGE`` cycles; read responses go back to the unit whose request
+was taken. Without a configuration (``units``
 given, no layout to compare) every unit is one class: one instruction at a time.
 
 This is the accelerator's execution unit (``hw/top.py``'s :class:`Accelerator`
@@ -56,6 +59,9 @@ from llmfab.hw.onchip import (bank_halves, is_chains, mem_read_signature, region
 from llmfab.hw.sfu_exec import SfuExec
 
 __all__ = ["ExecUnit", "MISC_CHAINS", "default_routes", "default_units"]
+
+#: Cycles the MV class's write may wait behind the other class's before it goes first.
+WR_AGE = 4
 
 #: MISC functions MiscExec executes itself.
 MISC_SIMPLE = (MiscFunc.NOP, MiscFunc.COPY, MiscFunc.ADD, MiscFunc.MUL)
@@ -304,7 +310,7 @@ class ExecUnit(wiring.Component):
             m.d.sync += nfin[c].eq(nfin[c] + pulse - mine)
         m.d.comb += [accepted.r_en.eq(report), self.both.eq(run[0] & run[1])]
 
-        # ---- memory ports: the MV class first, then the other; responses to the requester
+        # ---- memory ports: reads the MV class first, then the other; responses to the requester
         if "bank" in self.signature.members:
             owners = [u for u in subs if "bank" in u.signature.members]
             if len(owners) > 1:
@@ -315,15 +321,23 @@ class ExecUnit(wiring.Component):
                         wiring.connect(m, owners[0].bank[p][k], wiring.flipped(self.bank[p][k]))
         active = [run[cls_of[i]] & (csel[cls_of[i]] == i) for i in range(len(subs))]
         order = sorted(range(len(subs)), key=lambda i: (cls_of[i], i))
+        worder = sorted(range(len(subs)), key=lambda i: (1 - cls_of[i], i))
 
-        def arbitrate(port, reqs, name):
-            """Grant ``port`` to the first active requester (in ``order``); returns the grants."""
+        def arbitrate(port, reqs, name, order=order, other=None, urgent=C(0, 1)):
+            """Grant ``port`` to the first active requester in ``order`` (in ``other`` while
+            ``urgent``); returns the grants."""
             grants = []
-            taken = C(0, 1)
+            first = {}
+            for o, tag in ((order, "a"), (other or order, "b")):
+                taken = C(0, 1)
+                for i in o:
+                    g = Signal(name=f"{name}_{tag}{i}")
+                    m.d.comb += g.eq(active[i] & reqs[i].valid & ~taken)
+                    taken = taken | g
+                    first.setdefault(i, []).append(g)
             for i in order:
                 g = Signal(name=f"{name}_g{i}")
-                m.d.comb += g.eq(active[i] & reqs[i].valid & ~taken)
-                taken = taken | g
+                m.d.comb += g.eq(Mux(urgent, first[i][1], first[i][0]))
                 grants.append((i, g))
             for i, g in grants:
                 with m.If(g):
@@ -340,5 +354,17 @@ class ExecUnit(wiring.Component):
                 m.d.sync += got[i].eq(grants[i] & port.req.ready)
                 p = getattr(u, pname)
                 m.d.comb += [p.rsp.valid.eq(port.rsp.valid & got[i]), p.rsp.payload.eq(port.rsp.payload)]
-        arbitrate(self.wr.req, [u.wr.req for u in subs], "wr")
+        # wr: the other class first (its MISC/SFU results stream a line a cycle; the MV class
+        # writes a row every few cycles and its rows wait in the combine), the MV class first
+        # once its write has waited WR_AGE cycles
+        wreqs = [u.wr.req for u in subs]
+        mv_wait = Signal(range(WR_AGE + 1))
+        mv_req = Cat(active[i] & wreqs[i].valid for i in range(len(subs)) if cls_of[i] == 0).any()
+        wg = arbitrate(self.wr.req, wreqs, "wr", worder, order, mv_wait == WR_AGE)
+        mv_got = Cat(wg[i] for i in range(len(subs)) if cls_of[i] == 0).any()
+        with m.If(mv_req & ~(mv_got & self.wr.req.ready)):
+            with m.If(mv_wait != WR_AGE):
+                m.d.sync += mv_wait.eq(mv_wait + 1)
+        with m.Else():
+            m.d.sync += mv_wait.eq(0)
         return m
