@@ -40,7 +40,9 @@ every compiled shape):
    ``S``-byte bank lines from ``b0 + j * rb``, any byte alignment on one slice;
    from 64-byte stripes on its ``S / 2``-byte half-lines: ``decoder_beat_bytes``)
    and decoder (``nb`` blocks, one row, from the row's offset in that first beat: no
-   realigner in the weight path): nothing in a pipeline is wider than one port's
+   realigner in the weight path; with ``decoder_lookahead`` the decoder holds a third beat, so
+   the next row's first beat waits there while a row's last block leaves: docs/hw-units.md,
+   "Lookahead"): nothing in a pipeline is wider than one port's
    beat, from 64-byte stripes on half of it (a row needs at most 34 bytes a cycle).
    A slice's pipelines share its bank's read ports (``l // P`` even on port 0, odd on
    1, fixed priority), which they take when the line view (store engine,
@@ -947,8 +949,8 @@ class MvExec(wiring.Component):
         slices = []
         for sp in range(P):
             la = self._lookahead
-            key = ((("mvslice", L, P, S, bab, K, NB, CB, pk, fm, pt, qu)
-                    + (("chains",) if chains else ())) + ((("lookahead", la),) if la else ()))
+            key = (("mvslice", L, P, S, bab, K, NB, CB, pk, fm, pt, qu)
+                   + (("chains",) if chains else ()) + ((("lookahead", la),) if la else ()))
             sl = Shared(key,
                         lambda: MvSlice(pipelines=L, slices=P, stripe=SB, bank_addr_bits=bab,
                                         tokens=K, max_blocks=NB, chunk_bytes=CB, pack_int4=pk,

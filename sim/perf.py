@@ -386,7 +386,7 @@ def straddle_wait(rb: int, bb: int, beat: int, step: int, config) -> float:
     as that block leaves, and if that row's first block straddles too it waits a cycle for its
     second beat (cocotb ``mv_steady_state`` on ``ci-chains``, 4 pipelines, 18-block rows: Q4_1
     0.257 cycles/block, Q4_0 0.253 without it; both 0.250 with it)."""
-    if getattr(config.chain, "decoder_lookahead", 0):
+    if config.chain.decoder_lookahead:
         return 0.0
     return _straddle_fraction(rb, bb, beat, step)
 
@@ -399,7 +399,8 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     ``ports`` slices (docs/isa.md, "Slices") takes rows ``p, p + ports, ...`` (slice 0 the
     most, ``ceil(rows / ports)``), spread over its own :func:`slice_pipelines`, reading
     its own bank (lines of one stripe, ``data_width / 8`` bytes): each row takes ``nb``
-    cycles on its chain (twice that for 8-bit weights on packed chains), or what its
+    cycles on its chain (twice that for 8-bit weights on packed chains; plus, without the
+    decoders' lookahead beat, :func:`straddle_wait`), or what its
     reader delivers if that is slower (the row's stripes, half-stripes from 64-byte stripes
     on, and ``mv_row_overhead`` command cycles), or its read ports (the stripes of the
     slice's pipelines sharing each of its two ports; the half-stripes of a pair sharing a
@@ -430,9 +431,10 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     # beats and commands), the read ports the pipelines share (whole lines, or half-lines on
     # a port of each half)
     port = lines if DW == S else beats / 2
-    per_row = max(nb * per_block + straddle_wait(rb, block_bytes(fmt, sp), DW, P, config)
-                  if per_block == 1 else nb * per_block,
-                  beats + costs.mv_row_overhead, share * port)
+    chain = nb * per_block
+    if per_block == 1:              # (two cycles a block leave the decoder time to catch up)
+        chain += straddle_wait(rb, block_bytes(fmt, sp), DW, P, config)
+    per_row = max(chain, beats + costs.mv_row_overhead, share * port)
     act = 0 if act_cached else ntok * (_ceil(nb * QBLOCK_BYTES, min(D, 32)) + costs.mv_act_fixed)
     groups = _ceil(ntok, config.chain.tokens)
     return costs.mv_fixed + act + groups * _ceil(srows, P) * per_row

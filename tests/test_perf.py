@@ -177,6 +177,26 @@ def test_attn_prefill_fields_are_decoded():
         misc_cycles("ATTN", dec, _regs(pos + 5), tiny)
 
 
+def test_row_cost_charges_the_straddle_wait_without_lookahead():
+    """Without the decoders' lookahead beat a row whose first block straddles a beat, after a
+    row whose last block did, waits a cycle (the cocotb bench on ci-chains' geometry: 18-block
+    rows, two pipelines a slice, Q4_1 every other row, Q4_0 every fourth); rows on whole beats
+    and packed Q8_0 (two cycles a block) never; with the lookahead (ci-chains) no row."""
+    import dataclasses
+    frac = perf._straddle_fraction
+    assert frac(18 * 20, 20, 32, 2) == 0.5 and frac(18 * 18, 18, 32, 2) == 0.25
+    assert frac(48 * 20, 20, 32, 2) == 0.0 and frac(18 * 14, 14, 32, 2) == 0.0
+    chains = load_config("ci-chains")
+    plain = dataclasses.replace(chains, chain=dataclasses.replace(chains.chain, decoder_lookahead=0))
+    assert perf.straddle_wait(360, 20, 32, 2, chains) == 0.0
+    assert perf.straddle_wait(360, 20, 32, 2, plain) == 0.5
+    q41 = dict(func=isa.FMTS.index("q4_1"), rows=176, cols=576)
+    q80 = dict(func=isa.FMTS.index("q8_0"), rows=176, cols=576)
+    # 176 rows over 2 slices x 2 pipelines: 44 rows a pipeline, half a cycle each more
+    assert perf.mv_cycles(q41, 1, plain, act_cached=True) - perf.mv_cycles(q41, 1, chains, act_cached=True) == 22
+    assert perf.mv_cycles(q80, 1, plain, act_cached=True) == perf.mv_cycles(q80, 1, chains, act_cached=True)
+
+
 def test_prefill_program_estimate(tmp_path):
     """A prefill program's ATTN words carry t and the cached flag: the model adds each token's
     rows, so its MISC time is that of T decode steps' attentions, not of heads | t << 8 heads."""
