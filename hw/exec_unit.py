@@ -10,7 +10,8 @@ at a time, and a word issues once its class's unit is free and its ranges share
 no byte with those of the instruction the other class's unit executes, so an MV
 and a MISC run side by side only on disjoint data and the results are the
 in-order ones. A class's unit takes its next instruction as soon as it finishes the
-last, so MVs stream on beside one long MISC (an ATTN); ``done`` pulses in
+last (the MV class's may take it in the cycle of its done: MvExec does), so MVs stream
+on beside one long MISC (an ATTN); ``done`` pulses in
 acceptance order (a younger instruction that finished first waits for the
 older one's done; at most ``MAX_IN_FLIGHT`` issued and not yet done, the
 compute queue's own bound in ``hw/top.py``); ``both`` is high while both units
@@ -276,9 +277,18 @@ class ExecUnit(wiring.Component):
                          & (st[b] < c_starts[a] + c_lens[a])
                          for a in range(Footprint.SLOTS) for b in range(Footprint.SLOTS)]).any()
 
+        # a unit takes its class's next instruction once it finishes; dones go in acceptance
+        # order (a younger instruction that finished first waits for the older one's done).
+        # The MV class's unit may take it in the cycle of its done (MvExec: the next word goes
+        # straight to its PLAN); its done does not wait for a valid word
+        pulses = [Signal(name=f"fin{c}") for c in range(NC)]
+        for c in range(NC):
+            if c in classes:
+                m.d.comb += pulses[c].eq(run[c] & Cat(u.done & (csel[c] == i)
+                                                      for i, u in enumerate(subs) if cls_of[i] == c).any())
         free_cls = Signal()
         blocked = Signal()
-        m.d.comb += [free_cls.eq(Mux(tcls, ~run[1], ~run[0]) & accepted.w_rdy),
+        m.d.comb += [free_cls.eq(Mux(tcls, ~run[1], ~run[0] | pulses[0]) & accepted.w_rdy),
                      blocked.eq(Mux(tcls, run[0] & conflict(0), run[1] & conflict(1)))]
         for i, u in enumerate(subs):
             m.d.comb += [u.instr.payload.eq(p2),
@@ -288,21 +298,16 @@ class ExecUnit(wiring.Component):
                 m.d.comb += issue.eq(1)
         m.d.comb += [accepted.w_en.eq(issue), accepted.w_data.eq(tcls)]
         for c in range(NC):
-            with m.If(issue & (tcls == c)):
+            with m.If(pulses[c]):
+                m.d.sync += run[c].eq(0)
+            with m.If(issue & (tcls == c)):          # after the done: it wins in the same cycle
                 m.d.sync += [run[c].eq(1), csel[c].eq(target)]
                 m.d.sync += [h.eq(x) for h, x in zip(cfp[c], c_starts + c_lens)]
-        # a unit takes its class's next instruction once it finishes; dones go in acceptance
-        # order (a younger instruction that finished first waits for the older one's done)
         report = Signal()
         m.d.comb += self.done.eq(report)
         head = accepted.r_data[0]
         for c in range(NC):
-            pulse = Signal(name=f"fin{c}")
-            if c in classes:
-                m.d.comb += pulse.eq(run[c] & Cat(u.done & (csel[c] == i)
-                                                  for i, u in enumerate(subs) if cls_of[i] == c).any())
-            with m.If(pulse):
-                m.d.sync += run[c].eq(0)
+            pulse = pulses[c]
             mine = Signal(name=f"rep{c}")
             m.d.comb += mine.eq(report & (head == c))
             with m.If(accepted.r_rdy & (head == c) & ((nfin[c] != 0) | pulse)):

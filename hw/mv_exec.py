@@ -72,7 +72,15 @@ every compiled shape):
    serves every lane) and are written through ``wr`` to ``dst + (t*rows + row)*4`` (two line writes when a
    word straddles a line).
 4. Once every lane's outputs have left (into the combine, or dropped past the pass's
-   last token) and the combine has written them all: the next pass, or ``done``.
+   last token) and the combine has written them all: the next pass, or ``done`` -- and in
+   that same cycle the unit takes the next word if the execution unit offers one
+   (``ExecUnit`` lets the MV class issue in the cycle of its done). The word's set-up (row
+   bytes, passes ``max_blocks // nb``, the bank start, the row step, the vectors' bytes) is
+   computed in two register stages from the offered word (``instr.payload``) while the
+   unit is still busy, so a taken word goes straight to its PLAN cycle: ``instr.ready``
+   waits until the offered word's fields have been the same for two cycles (two cycles
+   after a new word appears in the execution unit's issue stage; a word waiting behind a
+   running MV is long settled).
 
 **Attention on the chains** (``chains``, set by :meth:`MvExec.for_config` for ``attention:
 chains``; without it the unit is built exactly as before): an MV's shape is ``rows + rval``
@@ -782,20 +790,11 @@ class MvExec(wiring.Component):
             rt, bt = Signal(), Signal()
             is_mv = w.header.op == Op.MV
             m.d.comb += [rt.eq(is_mv & mv.func[5]), bt.eq(is_mv & mv.func[6])]
-            tb_raw = Signal(24)                    # block tiles: a tile's bytes in one stream
             tstep = Signal(24)                     # block tiles: a tile's bank span; row tiles: its pad
         else:
             m.d.comb += nb.eq(mv.cols[5:16])
             rows = mv.rows
         rbytes = Signal(18)                        # weight bytes of one row
-        bb = Signal(6)                             # bytes per block of the mode
-        with m.Switch(Cat(fmt, pat)):
-            for f in WEIGHT_FORMATS:
-                for p in SPARSITY_PATTERNS:
-                    with m.Case(FORMAT_CODES[f].value | (PATTERN_CODES[p].value << 2)):
-                        m.d.comb += bb.eq(block_bytes(f, p))
-            with m.Default():
-                m.d.comb += bb.eq(block_bytes("q4_0", "dense"))
         rstep = Signal(24)                         # L / P rows of one slice's weights
         P = self._slices
         S = self._stripe
@@ -803,8 +802,6 @@ class MvExec(wiring.Component):
         lghd = exact_log2(P * S)                   # the HBM line: one beat of every slice
         Ls = L // P                                # row pipelines per slice
         b0 = Signal(24)                            # the tile's first byte in every bank
-        wrel = Signal(24)
-        m.d.comb += wrel.eq(mv.wb - self._wbase)
         qaddr = Signal(24)                         # the next pass's first vector
         ntok_eff = Signal(8)                       # tokens of the instruction (MV: 1)
         t0 = Signal(9)                             # tokens done by earlier passes
@@ -1018,48 +1015,106 @@ class MvExec(wiring.Component):
         with m.If(wr.valid & wr.ready):
             m.d.sync += second.eq(straddle & ~second)
 
-        # ---- control
+        # ---- the next instruction's set-up, while this one runs: the per-instruction products
+        # (row bytes, passes, bank start, row step, vector bytes) in two register stages from
+        # the word the execution unit offers (``instr.payload``, held while it waits), so an
+        # accepted word goes straight to PLAN. ``instr.ready`` waits until the offered word's
+        # fields have been the same for two cycles (the stages hold its products)
+        ip = self.instr.payload
+        iw = data.View(Instruction, ip.word)
+        i_op = iw.header.op
+        x_ntok = Signal(8)
+        m.d.comb += x_ntok.eq(Mux(i_op == Op.MM, iw.mm.ntok, 1))
+        x_nb = Signal(11)
+        x_fmt, x_pat = iw.mv.func[0:2], iw.mv.func[2:5]
+        if chains:
+            x_mv = i_op == Op.MV
+            x_rows = Signal(16)
+            x_bt = Signal()
+            m.d.comb += [x_rows.eq(iw.mv.rows + Mux(x_mv, ip.rval, 0)),
+                         x_nb.eq((iw.mv.cols + Mux(x_mv, ip.rval2, 0))[5:16]),
+                         x_bt.eq(x_mv & iw.mv.func[6])]
+        else:
+            m.d.comb += x_nb.eq(iw.mv.cols[5:16])
+        x_bb = Signal(6)                           # bytes per block of the mode
+        with m.Switch(Cat(x_fmt, x_pat)):
+            for f in WEIGHT_FORMATS:
+                for p in SPARSITY_PATTERNS:
+                    with m.Case(FORMAT_CODES[f].value | (PATTERN_CODES[p].value << 2)):
+                        m.d.comb += x_bb.eq(block_bytes(f, p))
+            with m.Default():
+                m.d.comb += x_bb.eq(block_bytes("q4_0", "dense"))
+        x_wrel = Signal(24)
+        m.d.comb += x_wrel.eq(iw.mv.wb - self._wbase)
+        x_key = Cat(x_nb, x_bb, x_ntok, x_wrel, *((x_rows, x_bt) if chains else ()))
+        key1 = Signal(len(x_key))
+        same1 = Signal()                           # the key one cycle ago equalled the one before
+        same = Signal()
+        m.d.comb += same.eq(x_key == key1)
+        m.d.sync += [key1.eq(x_key), same1.eq(same)]
+        settled = Signal()
+        m.d.comb += settled.eq(same & same1)
+        s1_nb = Signal(11)
+        s1_ntok = Signal(8)
+        s1_rbytes = Signal(18)
+        s1_gmax = Signal(12)
+        s1_b0 = Signal(24)
+        m.d.sync += [s1_nb.eq(x_nb), s1_ntok.eq(x_ntok), s1_gmax.eq(C(NB, 12) // x_nb),
+                     s1_b0.eq(((x_wrel >> lghd) << lgs) | x_wrel[0:lgs])]
+        if chains:
+            # block tiles: a command per block; a tile's rows in one stream
+            lgp = exact_log2(P)
+            s1_bt = Signal()
+            s1_tb_raw = Signal(24)
+            m.d.sync += [s1_rbytes.eq(Mux(x_bt, x_bb, x_nb * x_bb)), s1_bt.eq(x_bt),
+                         s1_tb_raw.eq(((x_rows + P - 1) >> lgp) * x_bb)]
+        else:
+            m.d.sync += s1_rbytes.eq(x_nb * x_bb)
+        s2 = {name: Signal.like(sig, name=f"s2_{name}") for name, sig in
+              (("rbytes", rbytes), ("gmax", gmax), ("b0", b0), ("rstep", rstep),
+               ("vbytes", vbytes))}
+        m.d.sync += [s2["rbytes"].eq(s1_rbytes), s2["gmax"].eq(s1_gmax), s2["b0"].eq(s1_b0),
+                     s2["rstep"].eq(s1_rbytes * Ls),
+                     s2["vbytes"].eq(s1_nb * QBLOCK_BYTES * s1_ntok)]
+        if W > 1:
+            s2["half_ok"] = Signal(name="s2_half_ok")
+            s1_nd = ((s1_nb << 2) + CB - 1) >> lgc
+            m.d.sync += s2["half_ok"].eq((s1_nb * s1_ntok <= NB // 2) & (s1_nd * s1_ntok <= DD_HALF))
+        if chains:
+            # a block tile's span in a bank (its stream in whole bank lines), or a row tile's
+            # pad: its 32 / P rows' stream rounded up to whole bank lines
+            s2["tstep"] = Signal(24, name="s2_tstep")
+            if P > 1:
+                lgt = exact_log2(32 // P)
+                m.d.sync += s2["tstep"].eq(Mux(s1_bt, ((s1_tb_raw + S - 1) >> lgs) << lgs,
+                                               (-(s1_rbytes << lgt))[0:lgs]))
+            else:
+                m.d.sync += s2["tstep"].eq(Mux(s1_bt, s1_tb_raw, 0))
+        live = {"rbytes": rbytes, "gmax": gmax, "b0": b0, "rstep": rstep, "vbytes": vbytes}
+        if W > 1:
+            live["half_ok"] = half_ok
+        if chains:
+            live["tstep"] = tstep
+
+        # ---- control. A word is taken in IDLE, or in the cycle the last one finishes (its
+        # done): every lane has drained then, so its registers may change
+        taking = Signal()                          # (comb) IDLE, or the last pass's last cycle
+        m.d.comb += self.instr.ready.eq(taking & settled)
+        accept = self.instr.valid & self.instr.ready
+        with m.If(accept):
+            m.d.sync += [word.eq(ip.word), t0.eq(0), ntok_eff.eq(x_ntok), qaddr.eq(iw.mv.qsrc)]
+            m.d.sync += [live[k].eq(v) for k, v in s2.items()]
+            if chains:
+                m.d.sync += [rows.eq(x_rows), nb.eq(x_nb)]
+        take_next = ((i_op != Op.MV) & (i_op != Op.MM)) | ((i_op == Op.MM) & (iw.mm.ntok == 0))
         with m.FSM():
             with m.State("IDLE"):
-                m.d.comb += self.instr.ready.eq(1)
-                with m.If(self.instr.valid):
-                    iw = data.View(Instruction, self.instr.payload.word)
-                    op = iw.header.op
-                    m.d.sync += [word.eq(self.instr.payload.word), t0.eq(0),
-                                 ntok_eff.eq(Mux(op == Op.MM, iw.mm.ntok, 1)),
-                                 qaddr.eq(iw.mv.qsrc)]
-                    if chains:
-                        ip = self.instr.payload
-                        mv_i = op == Op.MV
-                        m.d.sync += [rows.eq(iw.mv.rows + Mux(mv_i, ip.rval, 0)),
-                                     nb.eq((iw.mv.cols + Mux(mv_i, ip.rval2, 0))[5:16])]
-                    with m.If(((op != Op.MV) & (op != Op.MM)) | ((op == Op.MM) & (iw.mm.ntok == 0))):
+                m.d.comb += taking.eq(1)
+                with m.If(accept):
+                    with m.If(take_next):
                         m.next = "DONE"
                     with m.Else():
-                        m.next = "SETUP"
-            with m.State("SETUP"):
-                m.d.sync += [rbytes.eq(nb * bb), gmax.eq(C(NB, 12) // nb),
-                             b0.eq(((wrel >> lghd) << lgs) | wrel[0:lgs])]
-                if chains:
-                    # block tiles: a command per block; a tile's rows in one stream
-                    lgp = exact_log2(P)
-                    m.d.sync += [rbytes.eq(Mux(bt, bb, nb * bb)),
-                                 tb_raw.eq(((rows + P - 1) >> lgp) * bb)]
-                m.next = "SETUP2"
-            with m.State("SETUP2"):
-                m.d.sync += [rstep.eq(rbytes * Ls), vbytes.eq(abytes * ntok_eff)]
-                if W > 1:
-                    m.d.sync += half_ok.eq((nb * ntok_eff <= NB // 2) & (nd * ntok_eff <= DD_HALF))
-                if chains:
-                    # a block tile's span in a bank (its stream in whole bank lines), or a row
-                    # tile's pad: its 32 / P rows' stream rounded up to whole bank lines
-                    if P > 1:
-                        lgt = exact_log2(32 // P)
-                        m.d.sync += tstep.eq(Mux(bt, ((tb_raw + S - 1) >> lgs) << lgs,
-                                                 (-(rbytes << lgt))[0:lgs]))
-                    else:
-                        m.d.sync += tstep.eq(Mux(bt, tb_raw, 0))
-                m.next = "PLAN"
+                        m.next = "PLAN"
             with m.State("PLAN"):
                 left = ntok_eff - t0
                 m.d.sync += [g.eq(Mux(gmax < left, gmax, left)),
@@ -1068,9 +1123,7 @@ class MvExec(wiring.Component):
                 m.d.comb += plan.eq(1)
                 for c_reg, c_tok, c_base in issuers:
                     m.d.sync += [c_reg.eq(0), c_tok.eq(0), c_base.eq(qaddr)]
-                m.next = "PLAN2"
-            with m.State("PLAN2"):
-                whole = (t0 == 0) & (g == ntok_eff)  # one pass loads every vector
+                whole = (t0 == 0) & (gmax >= ntok_eff)  # one pass loads every vector
                 with m.If(whole & cached):
                     if W > 1:                          # the entry that holds them
                         m.d.sync += [use_e.eq(matches[1]), c_lru.eq(~matches[1])]
@@ -1101,11 +1154,19 @@ class MvExec(wiring.Component):
                 # combine) and the combine has written them all, so nothing of this pass is
                 # left in a scaler or the combine when the next one starts (or done rises)
                 with m.If(Cat(*lanes_done).all() & rc.idle):
-                    m.d.sync += [t0.eq(t0 + g), qaddr.eq(issuers[0][2])]
                     with m.If(t0 + g < ntok_eff):
+                        m.d.sync += [t0.eq(t0 + g), qaddr.eq(issuers[0][2])]
                         m.next = "PLAN"
                     with m.Else():
-                        m.next = "DONE"
+                        # done, and the next word (if offered) taken in the same cycle
+                        m.d.comb += [self.done.eq(1), taking.eq(1)]
+                        with m.If(accept):
+                            with m.If(take_next):
+                                m.next = "DONE"
+                            with m.Else():
+                                m.next = "PLAN"
+                        with m.Else():
+                            m.next = "IDLE"
             with m.State("DONE"):
                 m.d.comb += self.done.eq(1)
                 m.next = "IDLE"

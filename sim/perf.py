@@ -144,16 +144,27 @@ class UnitCosts:
     # ``mv_fixed + groups x per_row``, groups = ceil(rows / P); 2026-12-03, the row pipelines
     # without a realigner, benchmarks/perf_calibration.py --config tiny --mv).
     #: per MV/MM: the command, pipeline fill (reader, decoder, chain, scaler) and the last
-    #: result writes (the intercept); the ExecUnit hand-off included.
-    mv_fixed: float = 42
+    #: result writes (the intercept); the ExecUnit hand-off included. 2026-12-05: 42 -> 37, the
+    #: next word taken in the cycle of the last one's done with its set-up already computed
+    #: (MvExec's PLAN then SETTLE, no SETUP / SETUP2 / PLAN2 / DONE; per repeat 5 fewer
+    #: cycles in every shape on tiny, 6 in one).
+    mv_fixed: float = 37
     #: per row and pipeline besides its lines: the command to its reader and decoder (the
     #: slope: a Q4_0 row of 64 columns, 36 bytes over 3 lines, takes 4 cycles; 512 columns,
     #: 288 bytes over 18 lines, 19; a Q8_0 row of 64, 68 bytes over 5 lines, 6; it was 3 with
     #: the realigner between reader and decoder).
     mv_row_overhead: float = 1
-    #: the activation load besides its 40 nb / min(line_bytes, 32) chunks (uncached MV - cached:
-    #: 7 cycles for nb = 2, 42 for nb = 16 on tiny).
-    mv_act_fixed: float = 2
+    #: the activation load besides its 40 nb / min(line_bytes, 32) chunks (uncached MV - cached
+    #: on tiny, 2026-12-05: 7 / 8 cycles for nb = 2, 14 for nb = 4, 46 / 48 for nb = 16: the
+    #: median 3 over the chunks).
+    mv_act_fixed: float = 3
+    #: cycles from a word's arrival at the execution unit to MvExec's start as ``mv_fixed``
+    #: counts it, for a word that did not wait for the unit: MvExec takes a word once its
+    #: two set-up stages hold it, so a word that arrives when the unit is idle starts
+    #: ``mv_fixed + mv_settle`` = 40 cycles of fixed cost after it arrives (42 before, of
+    #: which SETUP, SETUP2 and PLAN2 were 3 and DONE 1), one that waited behind a running
+    #: MV ``mv_fixed`` after the unit is free.
+    mv_settle: float = 3
 
     # ---- ExecUnit (hw/exec_unit.py): cycles between one instruction's done and the next's
     # start. The per-op fits above already hold it (busy cycles of instruction streams: no gap).
@@ -784,12 +795,15 @@ def estimate(bundle, config, *, pos: int | None = None, program=None, efficiency
             cls = "mv" if ins.op in ("MV", "MM") else "misc"
             other = in_flight["misc" if cls == "mv" else "mv"]
             mine = onchip_ranges(ins, regs, **rng)
+            arrive = start                          # the word reaches the execution unit
             start = max(start, unit_free[cls])
             if len(cmp_dones) > MAX_IN_FLIGHT:
                 start = max(start, cmp_dones[-MAX_IN_FLIGHT])
             if other[0] > start and _conflict(mine, other[1]):
                 start = other[0]
             if ins.op in ("MV", "MM"):
+                # MvExec takes a word once its set-up is computed (mv_settle after it arrives)
+                start = max(start, arrive + c.mv_settle)
                 nt = max(f.get("ntok", 1), 1) if ins.op == "MM" else 1
                 rows, cols = isa.mv_shape(f, regs)
                 f = dict(f, rows=rows, cols=cols)
