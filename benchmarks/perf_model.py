@@ -155,7 +155,8 @@ def prefill_projection(cfg, prompts, lanes):
             buckets = b.manifest["prefill"]["buckets"]
             for n in prompts:
                 pos, parts = 0, []
-                for T, logits in prompt_plan(n, buckets, 0, b.prefill_align, b.prefill_kv, last=True):
+                for T, logits in prompt_plan(n, buckets, 0, b.prefill_align, b.prefill_kv, last=True,
+                                             last_only=b.prefill_last):
                     prog = None if T == 1 else prefill_program(T, logits)
                     parts.append(estimate(b, c, pos=pos, memory="card", program=prog))
                     pos += T

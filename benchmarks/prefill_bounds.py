@@ -92,7 +92,8 @@ def prompt_utilization(bundle, config, n: int, memory: str, what_if: str = "as b
     with ExitStack() as stack:
         for p in patches(what_if):
             stack.enter_context(p)
-        for T, logits in prompt_plan(n, buckets, 0, bundle.prefill_align, bundle.prefill_kv, last=True):
+        for T, logits in prompt_plan(n, buckets, 0, bundle.prefill_align, bundle.prefill_kv, last=True,
+                                     last_only=bundle.prefill_last):
             prog = None if T == 1 else prefill_program(T, logits)
             cycles += perf.estimate(bundle, config, pos=pos, memory=memory, program=prog).cycles
             macs += macs_of[(T, logits)]

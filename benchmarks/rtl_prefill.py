@@ -9,7 +9,8 @@ runs, as ``perf_model.py`` does for its projections: ``u280-slice`` is two slice
 whose attention runs on the chains) and each prompt length ``n`` (the first
 ``n`` tokens of a fixed text): the prompt runs through the bundle's prefill programs on the
 rtl backend as ``llmfab generate`` runs it (greedy buckets; every run but the last through
-its bucket's KV-only program, which skips the LM head: ``Device.forward_last``; with
+its bucket's KV-only program, which skips the LM head, and the last through its
+last-logits program, which runs the LM head for the last token only: ``Device.forward_last``; with
 ``--all-logits`` every run through the full prefill program, as ``llmfab logits`` runs a
 prompt) and, for reference, through the golden backend; reported per run:
 
@@ -37,7 +38,8 @@ K`` only (a run that several prompts share, the same start, length and kind, is 
 and recorded under each), each from the golden model's state before it (its KV cache copied
 into the simulation's HBM, as ``perf_calibration.py`` does for decode steps; the golden
 backend runs the whole prompt), and appends one line per run to ``--results`` (logits and the
-KV cache after the run compared with the golden model's, bit for bit). Runs already in the file are skipped, so a shard
+KV cache after the run compared with the golden model's, bit for bit). Runs already in the file
+(the same kind of program: a line's ``logits``, True, False or "last") are skipped, so a shard
 stopped part way resumes where it was. If every run maps the golden state before it to the
 golden state after it, bit for bit, so does the whole prompt. Without ``--shard``,
 ``--results`` only reads the file: the rows of the (lanes, prompt) pairs whose runs are all
@@ -95,9 +97,10 @@ def program_macs(program: bytes) -> int:
 
 def _macs_of(bundle) -> dict:
     """{(bucket T, logits): MACs of its program's MV/MM instructions}: the decode program at
-    (1, True), the KV-only programs at (T, False)."""
+    (1, True), the KV-only programs at (T, False), the last-logits ones at (T, "last")."""
     return {**{(T, True): program_macs(p) for T, p in bundle.prefill.items()},
             **{(T, False): program_macs(p) for T, p in bundle.prefill_kv.items()},
+            **{(T, "last"): program_macs(p) for T, p in bundle.prefill_last.items()},
             (1, True): program_macs(bundle.program)}
 
 
@@ -118,6 +121,7 @@ def _prompt_row(config, n: int, runs, cycles: int, busy_mv: int, macs: int, **re
     return {"config": config.name, "attention": config.attention, "lanes": config.chain.tokens,
             "prompt_tokens": n,
             "buckets": [T for T, _ in runs], "kv_only_runs": sum(not lg for _, lg in runs),
+            "last_logits_runs": sum(lg == "last" for _, lg in runs),
             "cycles": cycles, "cycles_per_token": round(cycles / n),
             "tokens_per_s": round(n / secs, 1), "ttft_ms": round(1e3 * secs, 2),
             "mac_utilization": round(macs / (cycles * peak), 3),
@@ -187,7 +191,7 @@ def _plan(bundle, n: int, all_logits: bool) -> list:
     buckets = [int(t) for t in bundle.manifest["prefill"]["buckets"]]
     out, pos = [], 0
     for i, (T, logits) in enumerate(prompt_plan(n, buckets, 0, bundle.prefill_align, bundle.prefill_kv,
-                                                last=not all_logits)):
+                                                last=not all_logits, last_only=bundle.prefill_last)):
         out.append((i, pos, T, logits))
         pos += T
     return out
@@ -227,12 +231,14 @@ def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: i
     done = _read_results(results)
     plans = {n: _plan(bundle, n, all_logits) for n in prompts}
     todo = {}                       # the first prompt that has it -> {its run index: members}
-    for j, members in enumerate(_distinct_runs(plans).values()):
+    for j, ((_, _, logits), members) in enumerate(_distinct_runs(plans).items()):
         keyed = [(_key(config, n, all_logits), i) for n, i in members]
-        missing = [m for m in keyed if m not in done]
+        # a line of another program (a last run recorded before the last-logits programs) is not this run
+        ok = {m for m in keyed if m in done and done[m]["logits"] == logits}
+        missing = [m for m in keyed if m not in ok]
         if j % n_shards != k or not missing:
             continue
-        have = next((done[m] for m in keyed if m in done), None)
+        have = next((done[m] for m in keyed if m in ok), None)
         if have is not None:        # measured under another prompt (an earlier, undeduplicated run)
             for key, i in missing:
                 _record(results, key, dict(have, run=i))
@@ -292,6 +298,7 @@ def merge(config, model, prompts, results: str, all_logits: bool = False) -> lis
         plan = _plan(bundle, n, all_logits)
         key = _key(config, n, all_logits)
         got = [done.get((key, i)) for i, *_ in plan]
+        got = [g if g is not None and g["logits"] == p[3] else None for p, g in zip(plan, got)]
         missing = [p[0] for p, g in zip(plan, got) if g is None]
         if missing:
             print(f"{key}: {len(missing)} of {len(plan)} runs missing "
@@ -317,8 +324,10 @@ def table(rows) -> str:
     for r in rows:
         b = r["buckets"]
         runs = f"{len(b)} x {b[0]}" if len(set(b)) == 1 else " + ".join(map(str, b))
-        if r.get("kv_only_runs"):
-            runs += f" ({r['kv_only_runs']} KV-only)"
+        kinds = [f"{r[k]} {name}" for k, name in (("kv_only_runs", "KV-only"), ("last_logits_runs", "last-logits"))
+                 if r.get(k)]
+        if kinds:
+            runs += f" ({', '.join(kinds)})"
         out.append(f"| {r['config']} | {r.get('attention', 'sfu')} | {r['lanes']} | {r['prompt_tokens']} | {runs} | {r['cycles']:,} | "
                    f"{r['cycles_per_token']:,} | {r['tokens_per_s']:,} | {r['ttft_ms']} ms | "
                    f"{r['mac_utilization']:.3f} / {r['mac_utilization_mv_busy']:.3f} | "

@@ -8,6 +8,8 @@ A bundle is a directory::
     prefill_<T>.bin the prefill program of bucket T (manifest "programs" -> "prefill")
     prefill_kv_<T>.bin  its KV-only twin: the same run without the logits (a bundle that
                     ends the model; manifest "programs" -> "prefill_kv")
+    prefill_last_<T>.bin  its last-logits twin: the same run with the last token's logits
+                    only (a bundle that ends the model; manifest "programs" -> "prefill_last")
     hbm.bin         the initial HBM image from byte 0: weights (the embedding's rows, then
                     every matrix's MV/MM tiles, slice-major: docs/isa.md "Slices"), tables
                     (norms, constants, RoPE cos/sin), zeroed KV cache and I/O regions
@@ -48,7 +50,9 @@ from llmfab.core.errors import BundleError, SimError
 #: so a version-3 bundle's image would be misread.
 #: 5: ``programs.prefill_kv``, the KV-only prefill programs (``prefill_kv_<T>.bin``), which a
 #: bundle that ends the model has for every bucket.
-FORMAT_VERSION = 5
+#: 6: ``programs.prefill_last``, the last-logits prefill programs (``prefill_last_<T>.bin``),
+#: which a bundle that ends the model has for every bucket.
+FORMAT_VERSION = 6
 
 _WORD_BYTES = 16          # compiler/isa.py WORD_BYTES (bundle.py stays import-free of the ISA)
 _TILE_ROWS = 32           # compiler/isa.py TILE_ROWS (positions per KV tile, attention on the chains)
@@ -64,6 +68,8 @@ class Bundle:
     prefill: dict = field(default_factory=dict)     # bucket T -> program bytes
     #: bucket T -> the KV-only program bytes (the run without logits; a bundle ending the model)
     prefill_kv: dict = field(default_factory=dict)
+    #: bucket T -> the last-logits program bytes (the run with the last token's logits only)
+    prefill_last: dict = field(default_factory=dict)
 
     @property
     def config_hash(self) -> str:
@@ -104,20 +110,23 @@ class Bundle:
         return _TILE_ROWS if self.onchip.get("attention") == "chains" else 1
 
     def named_program(self, name: str) -> tuple | None:
-        """``(bytes, tokens)`` of program ``name``: "decode", "prefill_<T>" or "prefill_kv_<T>"
-        (:func:`prefill_program`); ``None`` if the bundle has no such program."""
+        """``(bytes, tokens)`` of program ``name``: "decode", "prefill_<T>", "prefill_kv_<T>" or
+        "prefill_last_<T>" (:func:`prefill_program`); ``None`` if the bundle has no such program."""
         if name == "decode":
             return self.program, 1
-        for prefix, progs in (("prefill_kv_", self.prefill_kv), ("prefill_", self.prefill)):
+        for prefix, progs in (("prefill_kv_", self.prefill_kv), ("prefill_last_", self.prefill_last),
+                              ("prefill_", self.prefill)):
             tail = name[len(prefix):]
             if name.startswith(prefix) and tail.isascii() and tail.isdigit() and int(tail) in progs:
                 return progs[int(tail)], int(tail)
         return None
 
     def program_names(self) -> list:
-        """Every program's name: "decode", the prefill programs, then the KV-only ones."""
+        """Every program's name: "decode", the prefill programs, the KV-only ones, then the
+        last-logits ones."""
         return (["decode"] + [prefill_program(T) for T in sorted(self.prefill)]
-                + [prefill_program(T, False) for T in sorted(self.prefill_kv)])
+                + [prefill_program(T, False) for T in sorted(self.prefill_kv)]
+                + [prefill_program(T, "last") for T in sorted(self.prefill_last)])
 
     def check_prefill_start(self, pos: int, ntok: int) -> None:
         """Refuse a prefill run of ``ntok`` tokens at ``pos`` that the programs cannot serve."""
@@ -161,10 +170,21 @@ class Bundle:
                               f"recompile with --model {path}")
 
 
-def prefill_program(T: int, logits: bool = True) -> str:
-    """The name of bucket ``T``'s prefill program: ``prefill_<T>``, or with ``logits=False``
-    its KV-only twin ``prefill_kv_<T>`` (the backends' and the golden model's program names)."""
+def prefill_program(T: int, logits: bool | str = True) -> str:
+    """The name of bucket ``T``'s prefill program: ``prefill_<T>`` (every token's logits), with
+    ``logits=False`` its KV-only twin ``prefill_kv_<T>``, with ``logits="last"`` its
+    last-logits twin ``prefill_last_<T>`` (the backends' and the golden model's program names)."""
+    if logits == "last":
+        return f"prefill_last_{T}"
     return f"prefill_{T}" if logits else f"prefill_kv_{T}"
+
+
+def logits_rows(T: int, logits: bool | str) -> int:
+    """Rows of logits a run of bucket ``T``'s program leaves: ``T`` (``logits`` True), 1 (its
+    last-logits twin, ``"last"``), 0 (its KV-only twin, False)."""
+    if logits == "last":
+        return 1
+    return T if logits else 0
 
 
 def untile_logits(flat: np.ndarray, ntok: int, tiles, vocab: int) -> np.ndarray:
@@ -208,6 +228,8 @@ def write_bundle(bundle: Bundle, path: str) -> None:
         progs[man["programs"]["prefill"][str(int(T))]["file"]] = prog
     for T, prog in sorted(bundle.prefill_kv.items()):
         progs[man["programs"]["prefill_kv"][str(int(T))]["file"]] = prog
+    for T, prog in sorted(bundle.prefill_last.items()):
+        progs[man["programs"]["prefill_last"][str(int(T))]["file"]] = prog
     man["files"] = {name: {"bytes": len(p), "sha256": _sha(p)} for name, p in progs.items()}
     man["files"]["hbm.bin"] = {"bytes": int(img.nbytes), "sha256": _sha(img)}
     man.pop("bundle_hash", None)
@@ -366,6 +388,8 @@ MANIFEST_SCHEMA = Obj({
                             "bytes": Int(1)}), key=_BUCKET_KEY),
         "prefill_kv": Map(Obj({"file": FileName(), "tokens": Int(2, 128), "words": Int(1),
                                "bytes": Int(1)}), key=_BUCKET_KEY),
+        "prefill_last": Map(Obj({"file": FileName(), "tokens": Int(2, 128), "words": Int(1),
+                                 "bytes": Int(1)}), key=_BUCKET_KEY),
     }),
     "prefill": Obj({
         "buckets": List(Int(2, 128)),
@@ -409,7 +433,7 @@ def _check_consistency(m: dict) -> None:
     progs = m["programs"]
     used = {"hbm.bin": "the HBM image"}
     listed = [("programs.decode", progs["decode"])]
-    for kind in ("prefill", "prefill_kv"):
+    for kind in ("prefill", "prefill_kv", "prefill_last"):
         for key, p in progs[kind].items():
             if p["tokens"] != int(key):
                 raise _Bad(f"programs.{kind}.{key}.tokens", f"is {p['tokens']}, not {key}")
@@ -434,11 +458,12 @@ def _check_consistency(m: dict) -> None:
     if buckets != sorted(int(k) for k in progs["prefill"]):
         raise _Bad("prefill.buckets", f"is {_show(buckets)}, not the prefill programs' sizes "
                                       f"{sorted(int(k) for k in progs['prefill'])}")
-    kv = sorted(int(k) for k in progs["prefill_kv"])
-    if kv != (buckets if st["last"] else []):
-        raise _Bad("programs.prefill_kv", f"has buckets {_show(kv)}, not "
-                   + (f"prefill.buckets {_show(buckets)}" if st["last"] else
-                      "none (a stage that does not end the model has no logits to leave out)"))
+    for kind in ("prefill_kv", "prefill_last"):
+        kv = sorted(int(k) for k in progs[kind])
+        if kv != (buckets if st["last"] else []):
+            raise _Bad(f"programs.{kind}", f"has buckets {_show(kv)}, not "
+                       + (f"prefill.buckets {_show(buckets)}" if st["last"] else
+                          "none (a stage that does not end the model has no logits to leave out)"))
     if buckets:
         for k, need in (("prefill_logits", st["last"]), ("prefill_tokens", st["first"])):
             if need and k not in mm:
@@ -560,8 +585,9 @@ def read_bundle(path: str, config=None, *, verify: bool = True) -> Bundle:
         data[name] = arr if name == "hbm.bin" else arr.tobytes()
     prefill = {int(k): data[p["file"]] for k, p in man["programs"]["prefill"].items()}
     kv = {int(k): data[p["file"]] for k, p in man["programs"]["prefill_kv"].items()}
+    last = {int(k): data[p["file"]] for k, p in man["programs"]["prefill_last"].items()}
     b = Bundle(manifest=man, program=data[man["programs"]["decode"]["file"]], hbm_image=data["hbm.bin"],
-               path=path, prefill=prefill, prefill_kv=kv)
+               path=path, prefill=prefill, prefill_kv=kv, prefill_last=last)
     if config is not None:
         b.check_config(config)
     return b
@@ -582,7 +608,7 @@ def describe(b: Bundle) -> dict:
         "programs": {"decode": {"bytes": m["programs"]["decode"]["bytes"],
                                 "words": m["programs"]["decode"]["words"]},
                      **{f"{kind}_{k}": {"bytes": p["bytes"], "words": p["words"]}
-                        for kind in ("prefill", "prefill_kv")
+                        for kind in ("prefill", "prefill_kv", "prefill_last")
                         for k, p in sorted(m["programs"][kind].items(), key=lambda kv: int(kv[0]))}},
         "hbm_size": m["hbm_size"],
         "weight_bytes_per_token": m["stats"]["weight_bytes_per_token"],

@@ -1026,6 +1026,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     program, counts = _assemble(ProgramBuilder(parts, pf.layouts[1]).build())
     prefill_programs, prefill_info = {}, {}
     kv_programs, kv_info = {}, {}
+    last_programs, last_info = {}, {}
     for T in pf.buckets:
         prog, cnt = _assemble(ProgramBuilder(parts, pf.layouts[T]).build())
         prefill_programs[T] = prog
@@ -1038,6 +1039,11 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             kv_programs[T] = prog
             kv_info[str(T)] = {"file": f"prefill_kv_{T}.bin", "tokens": T,
                                "words": len(prog) // isa.WORD_BYTES, "bytes": len(prog), "instructions": cnt}
+            # the same run with the last token's logits only: a prompt's last run (forward_last)
+            prog, cnt = _assemble(ProgramBuilder(parts, pf.layouts[T], last_only=True).build())
+            last_programs[T] = prog
+            last_info[str(T)] = {"file": f"prefill_last_{T}.bin", "tokens": T,
+                                 "words": len(prog) // isa.WORD_BYTES, "bytes": len(prog), "instructions": cnt}
 
     img = mem.image(weights, tables) if emit_image else np.zeros(0, np.uint8)
     emb, head = weights.emb, weights.head
@@ -1057,7 +1063,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
         "onchip": onchip.manifest(ctx),
         "programs": {"decode": {"file": "program.bin", "tokens": 1, "words": len(program) // isa.WORD_BYTES,
                                 "bytes": len(program)},
-                     "prefill": prefill_info, "prefill_kv": kv_info},
+                     "prefill": prefill_info, "prefill_kv": kv_info, "prefill_last": last_info},
         "prefill": {
             "buckets": pf.buckets,
             "note": pf.note,
@@ -1078,6 +1084,7 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
             - (emb.rows * emb.row_bytes if emb is not None and emb is not head else 0),
             "prefill_program_bytes": {str(T): len(p) for T, p in prefill_programs.items()},
             "prefill_kv_program_bytes": {str(T): len(p) for T, p in kv_programs.items()},
+            "prefill_last_program_bytes": {str(T): len(p) for T, p in last_programs.items()},
             "compile_seconds": round(time.perf_counter() - t0, 3),
         },
         "notes": notes,
@@ -1085,6 +1092,6 @@ def compile_model(model: Model, config, *, sparsity: str | None = None, progress
     if layers is not None:
         manifest["stage"] = {"layers": [la, lb], "first": first, "last": last, "hidden_dim": dims.dim}
     b = Bundle(manifest=manifest, program=program, hbm_image=img, prefill=prefill_programs,
-               prefill_kv=kv_programs)
+               prefill_kv=kv_programs, prefill_last=last_programs)
     b.extra["masks"] = weights.masks
     return b

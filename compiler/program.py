@@ -12,6 +12,11 @@ addresses). It has one method per stage, called in the model's order:
 - :meth:`ProgramBuilder.lm_head` (final norm and LM head, logits to the I/O region), or
   :meth:`ProgramBuilder.hidden_out` for a stage that does not end the model.
 
+A **last-logits** prefill program (``last_only``, a stage that ends the model) is the full
+program but for the final norm and LM head, which it runs for the last token only (its
+logits as the decode program leaves them, ``[1][nr]`` per tile): the last run of a prompt
+of which only the last token's logits are wanted (``Device.forward_last``, ``generate``).
+
 A **KV-only** prefill program (``kv_only``, a stage that ends the model) stops once the
 last layer's K/V rows are stored (:meth:`ProgramBuilder.kv_rows`): no attention, output
 projection or FFN in that layer, no final norm or LM head. It leaves the KV cache the full
@@ -156,13 +161,16 @@ class ProgramBuilder:
     ``layout`` is the program's :class:`~llmfab.compiler.compile.VectorLayout`.
     """
 
-    def __init__(self, parts, layout, *, kv_only: bool = False):
+    def __init__(self, parts, layout, *, kv_only: bool = False, last_only: bool = False):
         if kv_only and (layout.tokens == 1 or not parts.last):
             raise ValueError("a KV-only program is a prefill program of a stage that ends the model")
+        if last_only and (layout.tokens == 1 or not parts.last or kv_only):
+            raise ValueError("a last-logits program is a prefill program of a stage that ends the model")
         self.parts = parts
         self.L = layout
         self.T = layout.tokens
         self.kv_only = kv_only
+        self.last_only = last_only
         self.S = Scheduler()
         self.work: list[WorkItem] = []
         self.ring_free = {}        # slot -> free event (cmp2ld) of its last consumer
@@ -490,11 +498,19 @@ class ProgramBuilder:
         self._add(None, self._residual)
 
     def lm_head(self):
-        """Final norm + LM head, the logits streamed out through two activation-buffer slots."""
+        """Final norm + LM head, the logits streamed out through two activation-buffer slots
+        (a last-logits program: the last token's only, its MVs as the decode program's)."""
         parts, L = self.parts, self.L
         gs = self._next_slot("G")
         lds = [dict(buf=L.gslots[gs], hreg=isa.REG_TBASE, hoff=hoff(parts.tables.output_norm),
                     len=parts.dims.dim * 4)]
+        if self.last_only:
+            t, dim = self.T - 1, parts.dims.dim
+            self._add(LoadGroup("onorm", ("G", gs), lds),
+                      partial(self._norm_quant_token, t, L.x, L.gslots[gs], dim, gid="onorm",
+                              free_slot=("G", gs)))
+            self.matrix(parts.weights.head, L.qh + t * dim // 32 * QBLOCK_BYTES, None, logits=True)
+            return
         self._add(LoadGroup("onorm", ("G", gs), lds),
                   partial(self.norm_quant, L.x, L.gslots[gs], parts.dims.dim, gid="onorm", free_slot=("G", gs)))
         self.matrix(parts.weights.head, L.qh, None, logits=True)
@@ -871,6 +887,8 @@ class ProgramBuilder:
     def _matrix_tile(self, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm=None, copies=None,
                      token_last=False):
         T, L = self.T, self.L
+        if logits and self.last_only:
+            T = 1                   # the last token's logits: its MVs (qsrc: its vector)
         mf = dict(func=isa.mv_func(cm.fmt, cm.sparsity), wb=self.parts.onchip.wslots[s], rows=nr, cols=cm.cols,
                   qsrc=qsrc)
         op = "MV" if T == 1 else "MM"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from llmfab.core.errors import SimError
 from llmfab.compiler import isa
+from llmfab.compiler.bundle import logits_rows
 from llmfab.host.runtime import ProgramDevice, config_and_bundle
 
 
@@ -31,6 +32,7 @@ class GoldenDevice(ProgramDevice):
         self.steps = 0
         self.prefill_runs = {}          # bucket -> runs of its prefill program
         self.prefill_kv_runs = {}       # bucket -> runs of its KV-only program (forward_last)
+        self.prefill_last_runs = {}     # bucket -> runs of its last-logits program (forward_last)
 
     def reset(self):
         self.golden.hbm[int(self.bundle.manifest["memory_map"]["kv"][0]):] = 0
@@ -52,9 +54,11 @@ class GoldenDevice(ProgramDevice):
         r = self.golden.prefill(pos, tokens, logits=logits)
         if r.status != isa.STATUS_OK:
             self._fault(r)
-        runs = self.prefill_runs if logits else self.prefill_kv_runs
+        runs = (self.prefill_last_runs if logits == "last" else self.prefill_runs if logits
+                else self.prefill_kv_runs)
         runs[T] = runs.get(T, 0) + 1
-        return self.golden.prefill_logits(T) if logits else None
+        rows = logits_rows(T, logits)
+        return self.golden.prefill_logits(rows) if rows else None
 
     def stats(self):
         c = self.golden.instruction_counts()
@@ -63,5 +67,7 @@ class GoldenDevice(ProgramDevice):
                 "prefill_buckets": list(self.buckets),
                 "prefill_program_bytes": {str(t): len(p) for t, p in sorted(self.bundle.prefill.items())},
                 "prefill_kv_program_bytes": {str(t): len(p) for t, p in sorted(self.bundle.prefill_kv.items())},
+                "prefill_last_program_bytes": {str(t): len(p) for t, p in sorted(self.bundle.prefill_last.items())},
                 "prefill_runs": {str(t): n for t, n in sorted(self.prefill_runs.items())},
-                "prefill_kv_runs": {str(t): n for t, n in sorted(self.prefill_kv_runs.items())}}
+                "prefill_kv_runs": {str(t): n for t, n in sorted(self.prefill_kv_runs.items())},
+                "prefill_last_runs": {str(t): n for t, n in sorted(self.prefill_last_runs.items())}}

@@ -153,10 +153,11 @@ class StageRunner:
             raise BackendError(f"{self.name}: the device stopped with status {r.status} "
                                f"({isa.STATUS_NAMES.get(r.status, '?')}) at instruction {r.pc}")
 
-    def _run(self, pos, chunk, T, logits: bool = True):
+    def _run(self, pos, chunk, T, logits: bool | str = True):
         """Run ``T`` tokens (ids or hidden rows) at ``pos``; the output rows ``[T, dim|vocab]``
-        (the last stage with ``logits=False``: bucket T's KV-only program, ``None``)."""
-        from llmfab.compiler.bundle import prefill_program
+        (the last stage with ``logits=False``: bucket T's KV-only program, ``None``; with
+        ``"last"``: its last-logits program, ``[1, vocab]``)."""
+        from llmfab.compiler.bundle import logits_rows, prefill_program
         if self.first:
             tok = int(chunk[0]) if T == 1 else 0
             if not 0 <= tok < self.vocab or any(not 0 <= int(t) < self.vocab for t in chunk):
@@ -176,7 +177,7 @@ class StageRunner:
             if not logits:
                 return None
             if self.last:
-                return g.logits()[None] if T == 1 else g.prefill_logits(T)
+                return g.logits()[None] if T == 1 else g.prefill_logits(logits_rows(T, logits))
         else:
             acc = self.dev.acc
             self.dev.use_program(T, logits)
@@ -190,7 +191,7 @@ class StageRunner:
             if self.last:
                 if T == 1:
                     return acc.logits().copy()[None]
-                return self.bundle.prefill_logits(T, acc.read_hbm)
+                return self.bundle.prefill_logits(logits_rows(T, logits), acc.read_hbm)
         return self._read(self.h_out, T * self.dim * 4).view(np.float32).reshape(T, self.dim)
 
     def forward(self, req, x, start: bool = False, rows: str = "all") -> np.ndarray:
@@ -204,7 +205,8 @@ class StageRunner:
                                f"the compiled context {self.context}")
         out, i = [], 0
         for T, logits in prompt_plan(n, self.buckets, pos, self.dev.prefill_align,
-                                     self.bundle.prefill_kv, last=rows == "last"):
+                                     self.bundle.prefill_kv, last=rows == "last",
+                                     last_only=self.bundle.prefill_last):
             y = self._run(pos, x[i:i + T], T, logits)
             if y is not None:
                 out.append(y)

@@ -103,9 +103,9 @@ class RtlDevice(ProgramDevice):
         self.acc.write_hbm(int(kv0), np.zeros(int(kvn), np.uint8))
         self.pos = 0
 
-    def use_program(self, T: int, logits: bool = True) -> None:
+    def use_program(self, T: int, logits: bool | str = True) -> None:
         """Have the simulation run the decode program (``T`` = 1) or the prefill program of bucket ``T``
-        (``logits=False``: its KV-only program)."""
+        (``logits=False``: its KV-only program; ``"last"``: its last-logits program)."""
         from llmfab.compiler.bundle import prefill_program
         name = "decode" if T == 1 else prefill_program(T, logits)
         if self._loaded != name:
@@ -128,7 +128,7 @@ class RtlDevice(ProgramDevice):
         return self.acc.logits().copy()[None]
 
     def _prefill(self, pos, tokens, logits=True):
-        from llmfab.compiler.bundle import prefill_program
+        from llmfab.compiler.bundle import logits_rows, prefill_program
         T = len(tokens)
         self.bundle.check_prefill_start(pos, T)
         self.use_program(T, logits)
@@ -139,7 +139,8 @@ class RtlDevice(ProgramDevice):
         self._check(r, f"{prefill_program(T, logits)} at position {pos}")
         self.prefill_runs.append({"tokens": T, "logits": logits, "cycles": r.cycles,
                                   "busy_mv": int(r.counters.get("busy_mv", 0))})
-        return self.bundle.prefill_logits(T, self.acc.read_hbm) if logits else None
+        rows = logits_rows(T, logits)
+        return self.bundle.prefill_logits(rows, self.acc.read_hbm) if rows else None
 
     def stats(self):
         out = {}

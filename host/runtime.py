@@ -156,13 +156,24 @@ def split_buckets(n: int, buckets, pos: int = 0, align: int = 1) -> list:
     return out
 
 
-def prompt_plan(n: int, buckets, pos: int = 0, align: int = 1, kv_only=(), last: bool = False) -> list:
+def prompt_plan(n: int, buckets, pos: int = 0, align: int = 1, kv_only=(), last: bool = False,
+                last_only=()) -> list:
     """The runs of ``n`` tokens from ``pos``, ``[(T, logits)]``: :func:`split_buckets`' runs, and
-    whether each runs with logits. With ``last`` (only the last token's logits wanted) a run
+    which logits each leaves. With ``last`` (only the last token's logits wanted) a run
     before the last of bucket ``T`` in ``kv_only`` (the bundle's ``prefill_kv``) runs its KV-only
-    program (``logits`` False); every other run, and every one without ``last``, has logits."""
+    program (``logits`` False), and the last, of a bucket ``T`` in ``last_only`` (the bundle's
+    ``prefill_last``), its last-logits program (``"last"``); every other run, and every one
+    without ``last``, has every token's logits (True)."""
     runs = split_buckets(n, buckets, pos, align)
-    return [(T, not (last and k < len(runs) - 1 and T > 1 and T in kv_only)) for k, T in enumerate(runs)]
+    out = []
+    for k, T in enumerate(runs):
+        if not last or T == 1:
+            out.append((T, True))
+        elif k < len(runs) - 1:
+            out.append((T, T not in kv_only))
+        else:
+            out.append((T, "last" if T in last_only else True))
+    return out
 
 
 class ProgramDevice(Device):
@@ -171,8 +182,9 @@ class ProgramDevice(Device):
     the tokens left and the context). Subclasses set ``vocab``, ``context``, ``buckets`` and
     ``pos`` and implement ``_decode(pos, token)`` -> ``[1, vocab]`` and
     ``_prefill(pos, tokens, logits=True)`` -> ``[T, vocab]`` (``logits=False``: the bucket's
-    KV-only program, which leaves the same KV cache and no logits; returns ``None``).
-    :meth:`forward_last` runs every run but the last that way."""
+    KV-only program, which leaves the same KV cache and no logits, returns ``None``;
+    ``logits="last"``: its last-logits program, ``[1, vocab]``, the last token's).
+    :meth:`forward_last` runs every run but the last KV-only, the last for its last token's logits."""
 
     vocab: int = 0
     buckets: list = []
@@ -187,7 +199,7 @@ class ProgramDevice(Device):
     def _decode(self, pos: int, token: int) -> np.ndarray:
         raise NotImplementedError
 
-    def _prefill(self, pos: int, tokens: list, logits: bool = True) -> np.ndarray | None:
+    def _prefill(self, pos: int, tokens: list, logits: bool | str = True) -> np.ndarray | None:
         raise NotImplementedError
 
     def forward(self, tokens):
@@ -206,11 +218,12 @@ class ProgramDevice(Device):
         out = []
         i = 0
         for T, logits in prompt_plan(fit, self.buckets, self.pos, self.prefill_align,
-                                     b.prefill_kv if b is not None else (), last):
+                                     b.prefill_kv if b is not None else (), last,
+                                     b.prefill_last if b is not None else ()):
             if T == 1:
                 out.append(self._decode(self.pos, toks[i]))
             elif logits:
-                out.append(self._prefill(self.pos, toks[i:i + T]))
+                out.append(self._prefill(self.pos, toks[i:i + T], logits=logits))
             else:
                 self._prefill(self.pos, toks[i:i + T], logits=False)    # a run before the last
             self.pos += T

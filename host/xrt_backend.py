@@ -205,9 +205,8 @@ class XrtDevice(ProgramDevice):
         self.counters_addr = align(self.hbm_size)
         at = self.counters_addr + align(8 * len(self.counter_names))
         self.programs = {}
-        for name, prog in [("decode", self.bundle.program),
-                           *((f"prefill_{t}", p) for t, p in sorted(self.bundle.prefill.items())),
-                           *((f"prefill_kv_{t}", p) for t, p in sorted(self.bundle.prefill_kv.items()))]:
+        for name in self.bundle.program_names():
+            prog = self.bundle.named_program(name)[0]
             self.programs[name] = (at, bytes(prog))
             at = align(at + len(prog))
         self.flat_size = at
@@ -335,14 +334,15 @@ class XrtDevice(ProgramDevice):
         return self.read_flat(io, 4 * self.vocab).view(np.float32)[None]
 
     def _prefill(self, pos, tokens, logits=True):
-        from llmfab.compiler.bundle import prefill_program
+        from llmfab.compiler.bundle import logits_rows, prefill_program
         T = len(tokens)
         self.bundle.check_prefill_start(pos, T)
         for addr, row in self.bundle.prefill_token_rows(tokens):
             self.write_flat(addr, row)
         c = self._run(prefill_program(T, logits), pos, 0, T)
         self.prefill_runs.append({"tokens": T, "logits": logits, "cycles": c["cycles"]})
-        return self.bundle.prefill_logits(T, self.read_flat) if logits else None
+        rows = logits_rows(T, logits)
+        return self.bundle.prefill_logits(rows, self.read_flat) if rows else None
 
     def stats(self):
         from llmfab.host.rtl_backend import counter_stats

@@ -81,8 +81,9 @@ class Golden:
     """Load a bundle; run its decode program (one token) or a prefill program (T tokens).
 
     The programs share the device state (HBM with the KV cache, on-chip memory).
-    Program names: ``"decode"``, ``"prefill_<T>"`` for each bucket T and ``"prefill_kv_<T>"``
-    for its KV-only twin (a bundle that ends the model).
+    Program names: ``"decode"``, ``"prefill_<T>"`` for each bucket T, ``"prefill_kv_<T>"``
+    for its KV-only twin and ``"prefill_last_<T>"`` for its last-logits twin (a bundle that
+    ends the model).
     """
 
     def __init__(self, bundle: Bundle, *, registers: dict | None = None, fast: bool = True):
@@ -126,7 +127,8 @@ class Golden:
         return sorted(int(t) for t in self.bundle.prefill)
 
     def program(self, name: str = "decode") -> _Program:
-        """The decoded program ``name`` ("decode", "prefill_<T>" or "prefill_kv_<T>")."""
+        """The decoded program ``name`` ("decode", "prefill_<T>", "prefill_kv_<T>" or
+        "prefill_last_<T>")."""
         p = self.programs.get(name)
         if p is not None:
             return p
@@ -585,9 +587,10 @@ class Golden:
         for addr, row in self.bundle.prefill_token_rows(tokens):
             self.hbm[addr:addr + row.size] = row
 
-    def prefill(self, pos: int, tokens, program: str | None = None, *, logits: bool = True) -> RunResult:
+    def prefill(self, pos: int, tokens, program: str | None = None, *, logits: bool | str = True) -> RunResult:
         """Stage ``tokens`` and run the prefill program of bucket ``len(tokens)`` at ``pos``
-        (``logits=False``: its KV-only twin, which leaves no logits)."""
+        (``logits=False``: its KV-only twin, which leaves no logits; ``"last"``: its
+        last-logits twin, which leaves the last token's)."""
         self.bundle.check_prefill_start(pos, len(tokens))
         self.stage_tokens(tokens)
         return self.run(pos, 0, program or prefill_program(len(tokens), logits))

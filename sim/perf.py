@@ -518,7 +518,8 @@ class ActCache:
 
 def _program(bundle, program):
     """(bytes, tokens) of ``program``: None / "decode" / 1, a bucket T (its prefill program)
-    or a program name, "prefill_<T>" or "prefill_kv_<T>" (its KV-only twin)."""
+    or a program name, "prefill_<T>", "prefill_kv_<T>" (its KV-only twin) or "prefill_last_<T>"
+    (its last-logits twin)."""
     name = "decode" if program in (None, 1) else program if isinstance(program, str) else f"prefill_{program}"
     found = bundle.named_program(name)
     if found is None:

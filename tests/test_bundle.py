@@ -114,6 +114,8 @@ def _set(path, value):
     (_drop("programs/prefill/2/file"), "manifest field 'programs.prefill.2.file' is missing"),
     (_drop("programs/prefill_kv"), "manifest field 'programs.prefill_kv' is missing"),
     (_set("programs/prefill_kv/4/tokens", 2), "manifest field 'programs.prefill_kv.4.tokens' is 2, not 4"),
+    (_drop("programs/prefill_last"), "manifest field 'programs.prefill_last' is missing"),
+    (_set("programs/prefill_last/8/tokens", 4), "manifest field 'programs.prefill_last.8.tokens' is 4, not 8"),
     (_drop("model/sha256"), "manifest field 'model.sha256' is missing"),
     (_set("context", "128"), "manifest field 'context' must be an integer >= 1, not \"128\""),
     (_set("registers/wbase", None), "manifest field 'registers.wbase' must be an integer >= 0, not null"),
@@ -146,14 +148,16 @@ def test_prefill_keys_are_bucket_sizes(bundle):
                                  "(a bucket size 2..128 in decimal)")
 
 
-def test_kv_only_programs_match_the_buckets(bundle):
-    """A bundle that ends the model has a KV-only program for every bucket, and no other."""
+@pytest.mark.parametrize("kind", ["prefill_kv", "prefill_last"])
+def test_kv_only_and_last_logits_programs_match_the_buckets(bundle, kind):
+    """A bundle that ends the model has a KV-only and a last-logits program for every bucket,
+    and no other."""
     def edit(m):
-        del m["programs"]["prefill_kv"]["8"]
-        del m["files"]["prefill_kv_8.bin"]
-    (bundle / "prefill_kv_8.bin").unlink()
+        del m["programs"][kind]["8"]
+        del m["files"][f"{kind}_8.bin"]
+    (bundle / f"{kind}_8.bin").unlink()
     _rewrite(bundle, edit)
-    assert _err(bundle) == (f"{bundle}/manifest.json: manifest field 'programs.prefill_kv' has buckets "
+    assert _err(bundle) == (f"{bundle}/manifest.json: manifest field 'programs.{kind}' has buckets "
                             "[2, 4], not prefill.buckets [2, 4, 8]")
 
 
@@ -179,15 +183,15 @@ def test_unreadable_manifests(bundle, text, problem):
     assert _err(bundle) == f"{bundle}/manifest.json: corrupt manifest (not UTF-8 text)"
 
 
-@pytest.mark.parametrize("old", [3, 4])
+@pytest.mark.parametrize("old", [3, 4, 5])
 def test_old_bundle_is_refused(bundle, old):
     """Version 3 had MV/MM weight tiles as rows back to back (version 4's are slice-major,
-    docs/isa.md "Slices"); version 4 had no KV-only prefill programs: an old bundle, even with
-    a consistent hash, is refused, not misread."""
-    assert FORMAT_VERSION == 5
+    docs/isa.md "Slices"); version 4 had no KV-only prefill programs, version 5 no
+    last-logits ones: an old bundle, even with a consistent hash, is refused, not misread."""
+    assert FORMAT_VERSION == 6
     _rewrite(bundle, lambda m: m.__setitem__("format_version", old))
     assert _err(bundle) == (f"{bundle}/manifest.json: bundle format version {old}, this llmfab reads "
-                            "version 5; recompile it with llmfab compile")
+                            "version 6; recompile it with llmfab compile")
 
 
 def test_truncated_and_corrupt_files(bundle):
@@ -297,7 +301,8 @@ def test_info(built, capsys):
     assert d["model"]["sha256"] == identity.file_hash(model) and d["model"]["file"] == model
     assert d["config"] == {"name": "tiny", "hash": load_config("tiny").config_hash()}
     assert set(d["programs"]) == {"decode", "prefill_2", "prefill_4", "prefill_8",
-                                  "prefill_kv_2", "prefill_kv_4", "prefill_kv_8"}
+                                  "prefill_kv_2", "prefill_kv_4", "prefill_kv_8",
+                                  "prefill_last_2", "prefill_last_4", "prefill_last_8"}
     assert d["files"]["program.bin"]["bytes"] == len(rb.program)
     assert d["total_bytes"] == sum(os.path.getsize(os.path.join(b, f)) for f in rb.manifest["files"])
     assert main(["info", b]) == 0

@@ -230,7 +230,8 @@ def test_prefill_program_estimate(tmp_path):
     assert kv.tokens == 2 and kv.misc_by_op["ATTN"] * 2 == want      # one of the two layers
     assert kv.mv_cycles < pre.mv_cycles and kv.cycles < pre.cycles and kv.macs < pre.macs
     with pytest.raises(KeyError, match=r"no program 'prefill_kv_64' \(it has decode, prefill_2, prefill_4, "
-                                       r"prefill_8, prefill_kv_2, prefill_kv_4, prefill_kv_8\)"):
+                                       r"prefill_8, prefill_kv_2, prefill_kv_4, prefill_kv_8, prefill_last_2, "
+                                       r"prefill_last_4, prefill_last_8\)"):
         perf.estimate(b, cfg, program="prefill_kv_64")
 
 

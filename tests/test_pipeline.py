@@ -102,19 +102,21 @@ def test_stage_bundles_carry_only_their_layers(tmp_path):
     assert b0.memory_map["weights"][1] + b1.memory_map["weights"][1] >= full["weights"][1] + emb
     # KV-only prefill programs only where there are logits to leave out: the last stage
     assert b0.prefill_kv == {} and b0.manifest["programs"]["prefill_kv"] == {}
-    assert sorted(b1.prefill_kv) == sorted(b1.prefill) == [2, 4, 8]
-    # the last stage runs a prompt's runs before its last through them (rows="last"), the
-    # same last-token logits and KV cache as with every run's logits
+    assert sorted(b1.prefill_kv) == sorted(b1.prefill) == sorted(b1.prefill_last) == [2, 4, 8]
+    assert b0.prefill_last == {} and b0.manifest["programs"]["prefill_last"] == {}
+    # the last stage runs a prompt's runs before its last through them (rows="last") and the
+    # last through its last-logits program: the same last-token logits and KV cache as with
+    # every run's logits
     from llmfab.host.pipeline import StageRunner
-    x = np.random.default_rng(2).standard_normal((11, 64)).astype(np.float32)   # 8 + 2 + 1
+    x = np.random.default_rng(2).standard_normal((10, 64)).astype(np.float32)   # 8 + 2
     full, last = StageRunner(b1), StageRunner(b1)
     want = full.forward("r", x, start=True)
     got = last.forward("r", x, start=True, rows="last")
-    assert want.shape == (11, 256) and got.shape == (1, 256)
+    assert want.shape == (10, 256) and got.shape == (1, 256)
     assert np.array_equal(_bits(got), _bits(want[-1:]))
     assert np.array_equal(last._read(last.kv0, last.kvn), full._read(full.kv0, full.kvn))
-    assert {"prefill_kv_8", "prefill_kv_2"} <= set(last.dev.golden.programs)
-    assert not any(k.startswith("prefill_kv_") for k in full.dev.golden.programs)
+    assert {"prefill_kv_8", "prefill_last_2"} <= set(last.dev.golden.programs)
+    assert not any(k.startswith(("prefill_kv_", "prefill_last_")) for k in full.dev.golden.programs)
     # a stage bundle is an ordinary bundle on disk
     from llmfab.compiler.bundle import read_bundle, write_bundle
     write_bundle(b1, str(tmp_path / "s1"))

@@ -185,8 +185,13 @@ def test_greedy_generation_same_with_prefill(tiny):
     r2 = GoldenDevice(m, ci, bundle=b, prefill=False).generate(TOKS[:13], 6)
     assert r1.tokens == r2.tokens
     # 13 = 8 + 4 + 1: the prompt's prefill runs KV-only, its last token through decode
-    assert d1.prefill_kv_runs == {8: 1, 4: 1} and d1.prefill_runs == {}
+    assert d1.prefill_kv_runs == {8: 1, 4: 1} and d1.prefill_runs == {} and d1.prefill_last_runs == {}
     assert d1.stats()["prefill_kv_runs"] == {"4": 1, "8": 1}
+    # 12 = 8 + 4: the last run through the 4-token bucket's last-logits program
+    d2 = GoldenDevice(m, ci, bundle=b)
+    assert d2.generate(TOKS[:12], 6).tokens == GoldenDevice(m, ci, bundle=b, prefill=False).generate(TOKS[:12], 6).tokens
+    assert d2.prefill_kv_runs == {8: 1} and d2.prefill_last_runs == {4: 1} and d2.prefill_runs == {}
+    assert d2.stats()["prefill_last_runs"] == {"4": 1}
 
 
 # ---- KV-only prefill programs (the runs of a prompt before its last) ----------------------
@@ -229,9 +234,37 @@ def test_kv_only_programs_leave_the_kv_cache_and_no_logits(tiny):
         assert 0 < qkv < per_layer and n_mm(ko) == (L - 1) * per_layer + qkv, (n_mm(ko), per_layer, qkv)
 
 
+def test_last_logits_programs_leave_the_last_tokens_logits(tiny):
+    """Each bucket's last-logits program leaves the KV cache its full program leaves and the
+    full program's last row of logits, bit for bit, after earlier runs too; its final norm and
+    LM head are the last token's only (one RMSNORM and one MV per LM-head tile, no MM)."""
+    m, b, cfg = tiny
+    assert sorted(b.prefill_last) == sorted(b.prefill) == b.manifest["prefill"]["buckets"]
+    head_tiles = len(b.manifest["prefill"]["lm_head_tiles"])
+    for T in sorted(b.prefill):
+        full, last = Golden(b), Golden(b)
+        full.prefill(0, TOKS[:T])
+        last.prefill(0, TOKS[:T], logits="last")
+        assert np.array_equal(_kv(full), _kv(last)), T
+        nxt = (TOKS * 2)[T:2 * T]
+        r1, r2 = full.prefill(T, nxt), last.prefill(T, nxt, logits="last")
+        assert r1.status == r2.status == isa.STATUS_OK, (r1, r2)
+        assert np.array_equal(_kv(full), _kv(last)), T
+        assert np.array_equal(_bits(last.prefill_logits(1)), _bits(full.prefill_logits(T)[-1:])), T
+        fo, lo = _ops(b.prefill[T]), _ops(b.prefill_last[T])
+        norms = lambda ops: sum(1 for i in ops if i.op == "MISC" and i["func"] == isa.MISC_FUNCS["RMSNORM"])  # noqa: E731
+        assert norms(lo) == norms(fo) - (T - 1)
+        mm_f = [i for i in fo if i.op in ("MV", "MM")]
+        mm_l = [i for i in lo if i.op in ("MV", "MM")]
+        assert mm_l[:-head_tiles] == mm_f[:-head_tiles]
+        assert [i.op for i in mm_f[-head_tiles:]] == ["MM"] * head_tiles
+        assert [i.op for i in mm_l[-head_tiles:]] == ["MV"] * head_tiles
+
+
 def test_forward_last_runs_kv_only_programs(tiny):
     """``forward_last`` gives the last token's logits of ``forward``, bit for bit, running
-    every prefill run but the last through its KV-only program; the cache it leaves is the same."""
+    every prefill run but the last through its KV-only program and the last through its
+    last-logits program; the cache it leaves is the same."""
     m, b, cfg = tiny
     _, want = decode_run(b, TOKS)
     for n in (2, 8, 11, 23):
@@ -247,7 +280,8 @@ def test_forward_last_runs_kv_only_programs(tiny):
             if T > 1:
                 kv_runs[T] = kv_runs.get(T, 0) + 1
         assert dev.prefill_kv_runs == kv_runs, n
-        assert dev.prefill_runs == ({runs[-1]: 1} if runs[-1] > 1 else {}), n
+        assert dev.prefill_last_runs == ({runs[-1]: 1} if runs[-1] > 1 else {}), n
+        assert dev.prefill_runs == {}, n
         # and from a later position, after a decode step
         got2 = dev.forward_last(TOKS[n:n + 5]) if n + 5 <= len(TOKS) else None
         if got2 is not None:
@@ -435,10 +469,12 @@ def test_bundle_roundtrip_with_prefill(tmp_path, tiny):
     write_bundle(b, str(p))
     assert sorted(os.listdir(p)) == sorted(["hbm.bin", "manifest.json", "program.bin"]
                                            + [f"prefill_{t}.bin" for t in b.prefill]
-                                           + [f"prefill_kv_{t}.bin" for t in b.prefill])
+                                           + [f"prefill_kv_{t}.bin" for t in b.prefill]
+                                           + [f"prefill_last_{t}.bin" for t in b.prefill])
     r = read_bundle(str(p), ci)
     assert r.prefill == b.prefill and r.program == b.program and r.manifest == b.manifest
     assert r.prefill_kv == b.prefill_kv and sorted(r.prefill_kv) == sorted(b.prefill)
+    assert r.prefill_last == b.prefill_last and sorted(r.prefill_last) == sorted(b.prefill)
     assert set(r.manifest["files"]) == set(os.listdir(p)) - {"manifest.json"}
     _, want = decode_run(r, TOKS[:8])
     _, got = chunked_run(r, TOKS[:8], [8])
@@ -572,7 +608,8 @@ def test_prefill_token_errors(tiny41, ci):
         g.stage_tokens([1] * 17)
     with pytest.raises(SimError, match=r"^bundle has no program 'prefill_3' \(it has decode, prefill_2, "
                                        r"prefill_4, prefill_8, prefill_16, prefill_kv_2, prefill_kv_4, "
-                                       r"prefill_kv_8, prefill_kv_16\)$"):
+                                       r"prefill_kv_8, prefill_kv_16, prefill_last_2, prefill_last_4, "
+                                       r"prefill_last_8, prefill_last_16\)$"):
         g.run(0, 0, program="prefill_3")
     with pytest.raises(SimError, match=r"^bundle has no program 'prefill_kv_x'"):
         g.run(0, 0, program="prefill_kv_x")

@@ -28,7 +28,7 @@ import pytest
 
 from llmfab.boards.config import load_config
 from llmfab.compiler import isa
-from llmfab.compiler.bundle import Bundle, prefill_program
+from llmfab.compiler.bundle import Bundle, logits_rows, prefill_program
 from llmfab.compiler.compile import compile_model
 from llmfab.compiler.model import load_model
 from llmfab.sim.golden import Golden
@@ -122,7 +122,7 @@ class Rtl:
         self.load("decode")
 
     def load(self, name, program=None):
-        """Load program ``name`` ("decode", "prefill_<T>", "prefill_kv_<T>", or any name with
+        """Load program ``name`` ("decode", "prefill_<T>", "prefill_kv_<T>", "prefill_last_<T>", or any name with
         ``program``) unless it is the one loaded."""
         if self.loaded == name:
             return
@@ -169,7 +169,7 @@ def rtl(config, bundles):
     from llmfab.host.rtl_backend import exec_factory, program_ops
     factory, implemented = exec_factory(config)
     for name, (_, b) in bundles.items():
-        for prog in [b.program, *b.prefill.values(), *b.prefill_kv.values()]:
+        for prog in [b.program, *b.prefill.values(), *b.prefill_kv.values(), *b.prefill_last.values()]:
             missing = program_ops(prog) - implemented
             assert not missing, f"{name}: the execution unit lacks {sorted(missing)}"
     # the simulated HBM is sized for the largest bundle; the others are swapped in
@@ -213,13 +213,13 @@ def assert_logits(got, want, what):
 
 def run_chunks(g, r, bundle, tokens, chunks, pos=0):
     """Run ``tokens`` in ``chunks`` (1: decode, T: prefill_T, -T: prefill_kv_T, which leaves no
-    logits) on both; compare everything after every run. Returns the RTL's logits
-    [tokens of the chunks with logits, vocab]."""
-    assert sum(abs(T) for T in chunks) == len(tokens)
+    logits, ``(T, "last")``: prefill_last_T, which leaves the last token's) on both; compare
+    everything after every run. Returns the RTL's logits [rows of logits the chunks left, vocab]."""
+    chunks = [c if isinstance(c, tuple) else (abs(c), c > 0) for c in chunks]
+    assert sum(T for T, _ in chunks) == len(tokens)
     out = []
     i = 0
-    for c in chunks:
-        T, logits = abs(c), c > 0
+    for T, logits in chunks:
         what = f"{'decode' if T == 1 else prefill_program(T, logits)} at pos {pos}"
         if T == 1:
             gr = g.run(pos, tokens[i])
@@ -228,13 +228,14 @@ def run_chunks(g, r, bundle, tokens, chunks, pos=0):
         else:
             gr = g.prefill(pos, tokens[i:i + T], logits=logits)
             rr = r.prefill(pos, tokens[i:i + T], logits=logits)
-            prog = bundle.prefill[T] if logits else bundle.prefill_kv[T]
+            prog = bundle.named_program(prefill_program(T, logits))[0]
         assert gr.status == isa.STATUS_OK, (what, gr)
         assert (rr.status, rr.pc) == (isa.STATUS_OK, _end_pc(prog)), (what, rr.status, rr.pc)
         if T == 1:
             want, got = g.logits()[None], r.logits()[None]
         elif logits:
-            want, got = g.prefill_logits(T), r.prefill_logits(T)
+            rows = logits_rows(T, logits)
+            want, got = g.prefill_logits(rows), r.prefill_logits(rows)
         if logits:
             assert_logits(got, want, what)
             out.append(got)
@@ -320,14 +321,15 @@ def test_greedy_generation(rtl, bundles, config):
     """Greedy generation as the golden backend does it (prompt through the prefill buckets,
     then decode): the same tokens, and the same KV cache at the end."""
     m, b = bundles["q4_1"]
-    prompt, n = TOKS[:7], 5
+    prompt, n = TOKS[:6], 5
     gold = GoldenDevice(m, config, bundle=b)
     want = gold.generate(prompt, n).tokens
-    # 7 = 4 + 2 + 1: generate runs the prompt's 4 and 2 through the KV-only programs
-    assert gold.prefill_kv_runs == {4: 1, 2: 1} and gold.prefill_runs == {}
+    # 6 = 4 + 2: generate runs the prompt's 4 through the KV-only program, its 2 through the
+    # last-logits program (7 = 4 + 2 + 1, the last token through decode: test_rtl_backend.py)
+    assert gold.prefill_kv_runs == {4: 1} and gold.prefill_last_runs == {2: 1} and gold.prefill_runs == {}
     rtl.use(b)
     g = Golden(b)
-    lg = run_chunks(g, rtl, b, prompt, [-4, -2, 1])
+    lg = run_chunks(g, rtl, b, prompt, [-4, (2, "last")])
     pos, out = len(prompt), []
     nxt = int(np.argmax(lg[-1]))
     for i in range(n):

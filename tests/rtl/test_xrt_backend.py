@@ -63,13 +63,14 @@ def test_two_layer_model_on_the_simulated_card(tiny):
         assert set(st["busy_fraction"]) == {"ld", "cmp", "mv", "misc", "both", "st"}
         # greedy generation through the device API: golden's tokens
         assert dev.generate([5, 6, 7], 4).tokens == gold.generate([5, 6, 7], 4).tokens
-        # a prompt as generate runs it: 4 and 2 through the KV-only programs, then decode
+        # a prompt as generate runs it: 4 through the KV-only program, 2 through the
+        # last-logits program (generate's [5, 6, 7] above: 2 KV-only, then decode)
         dev.reset()
         gold.reset()
         n = len(dev.prefill_runs)
-        lx, lg = dev.forward_last(toks + [9]), gold.forward_last(toks + [9])
+        lx, lg = dev.forward_last(toks), gold.forward_last(toks)
         assert lx.shape == (1, m.desc.vocab_size) and np.array_equal(_bits(lx), _bits(lg))
-        assert [(r["tokens"], r["logits"]) for r in dev.prefill_runs[n:]] == [(4, False), (2, False)]
+        assert [(r["tokens"], r["logits"]) for r in dev.prefill_runs[n:]] == [(4, False), (2, "last")]
         assert np.array_equal(dev.read_flat(int(kv0), int(kvn)), gold.golden.hbm[int(kv0):int(kv0) + int(kvn)])
         # reset zeroes the KV cache on the card
         dev.reset()
