@@ -17,8 +17,8 @@ their peak:
 * **MISC free**: every MISC instruction one cycle (the SFU's and MiscExec's work costs
   nothing; MV/MM and the loads as built);
 * **MISC free, MV/MM at their MACs**: also each MV/MM at ``rows x cols x ceil(ntok /
-  token lanes)`` over the chains' MACs per cycle for its format (no fixed, activation-load or
-  per-row costs, no idle row pipelines); only the loads and the order left.
+  token lanes)`` over the chains' MACs per cycle for its format (no fixed, set-up,
+  activation-load or per-row costs, no idle row pipelines); only the loads and the order left.
 
 Utilization: the MACs of the prompt's MV/MM instructions (``rtl_prefill.program_macs``, the
 attention's MVs on the chains included) over cycles x ``prefill_macs_per_cycle``, as
@@ -30,6 +30,7 @@ lane, attention on the chains, as on ``u280``), ``ci-chains`` (one and two lanes
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -80,7 +81,10 @@ def patches(what_if: str) -> list:
     if i >= 2:
         out.append(mock.patch.object(perf, "misc_cycles", lambda *a, **k: 1))
     if i == 3:
-        out.append(mock.patch.object(perf, "mv_cycles", _mv_at_macs))
+        # no set-up wait either (``mv_settle``: a word that arrives at an idle MvExec)
+        out += [mock.patch.object(perf, "mv_cycles", _mv_at_macs),
+                mock.patch.object(perf, "estimate", functools.partial(perf.estimate,
+                                                                      costs=perf.with_costs(mv_settle=0)))]
     return out
 
 

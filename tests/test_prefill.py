@@ -773,8 +773,9 @@ def test_compile_cli_reports_prefill(tmp_path, capsys):
 
 def test_rtl_prefill_benchmark_plans_prompts_as_generate(tiny):
     """benchmarks/rtl_prefill.py measures a prompt as ``generate`` runs it: its runs, each
-    KV-only but the last (``--all-logits``: every run with logits), run one at a time from
-    the state before (as its shards do) leave the cache and last logits ``forward_last`` does."""
+    KV-only but the last, which is last-logits (or decode, a single token; ``--all-logits``:
+    every run with every token's logits), run one at a time from the state before (as its
+    shards do) leave the cache and last logits ``forward_last`` does."""
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from rtl_prefill import _macs_of, _one_run, _plan, program_macs
@@ -784,10 +785,11 @@ def test_rtl_prefill_benchmark_plans_prompts_as_generate(tiny):
     plan = _plan(b, 15, False)
     assert [(T, lg) for _, _, T, lg in plan] == [(T, i == len(runs) - 1) for i, T in enumerate(runs)]
     assert [p for _, p, _, _ in plan] == [sum(runs[:i]) for i in range(len(runs))]
-    assert all(lg for *_, lg in _plan(b, 15, True))
+    assert all(lg is True for *_, lg in _plan(b, 15, True))
+    assert [(T, lg) for _, _, T, lg in _plan(b, 14, False)] == [(8, False), (4, False), (2, "last")]
     macs = _macs_of(b)
     assert macs[(1, True)] == program_macs(b.program)
-    assert all(macs[(T, False)] < macs[(T, True)] for T in buckets)
+    assert all(macs[(T, False)] < macs[(T, "last")] < macs[(T, True)] for T in buckets)
     one, ref = GoldenDevice(m, cfg, bundle=b), GoldenDevice(m, cfg, bundle=b)
     for _, pos, T, logits in plan:
         out = _one_run(one, pos, TOKS[pos:pos + T], logits)
@@ -832,6 +834,36 @@ def test_rtl_prefill_benchmark_attention_override():
     assert (row["attention"], row["mac_utilization"], row["mac_utilization_mv_busy"]) == ("chains", 0.75, 0.938)
     assert table([row]).splitlines()[2] == ("| u280-slice | chains | 1 | 8 | 4 x 2 (3 KV-only) | 1,000 | 125 | "
                                             "1,800,000.0 | 0.0 ms | 0.750 / 0.938 | yes |")
+    row = _prompt_row(chains, 8, [(2, False)] * 3 + [(2, "last")], 1000, 800, 192000,
+                      logits_bit_exact=True, kv_bit_exact=True)
+    assert table([row]).splitlines()[2].startswith("| u280-slice | chains | 1 | 8 | 4 x 2 (3 KV-only, 1 last-logits) |")
+
+
+def test_rtl_prefill_results_of_another_program_are_not_reused(tiny, tmp_path, capsys):
+    """A results line of a prompt's last run recorded with another program (every token's
+    logits, as before the last-logits programs) does not stand for the last-logits run: the
+    prompt's row waits for it."""
+    import json
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from rtl_prefill import _key, _plan, merge
+    m, b, cfg = tiny
+    plan = _plan(b, 14, False)
+    res = tmp_path / "r.jsonl"
+
+    def write(last):
+        with open(res, "w") as f:
+            for i, pos, T, logits in plan:
+                f.write(json.dumps({"key": _key(cfg, 14, False), "run": i, "pos": pos, "tokens": T,
+                                    "logits": last if i == len(plan) - 1 else logits, "cycles": 100,
+                                    "busy_mv": 90, "logits_bit_exact": True, "kv_bit_exact": True,
+                                    "wall_seconds": 1.0}) + "\n")
+    write(True)
+    assert merge(cfg, m, [14], str(res)) == []
+    assert f"1 of {len(plan)} runs missing ({len(plan) - 1})" in capsys.readouterr().err
+    write("last")
+    [row] = merge(cfg, m, [14], str(res))
+    assert row["cycles"] == 100 * len(plan) and row["last_logits_runs"] == 1
 
 
 def test_first_tile_token_by_token_only_with_one_lane(tmp_path):
