@@ -39,14 +39,18 @@ and recorded under each), each from the golden model's state before it (its KV c
 into the simulation's HBM, as ``perf_calibration.py`` does for decode steps; the golden
 backend runs the whole prompt), and appends one line per run to ``--results`` (logits and the
 KV cache after the run compared with the golden model's, bit for bit). Runs already in the file
-(the same kind of program: a line's ``logits``, True, False or "last") are skipped, so a shard
-stopped part way resumes where it was. If every run maps the golden state before it to the
+(the same kind of program, a line's ``logits``, True, False or "last", and the same program:
+its ``program``, the hash of the program's bytes) are skipped, so a shard stopped part way
+resumes where it was, and a compiler that emits other programs measures them anew (the key's
+configuration hash names the hardware; a change to the RTL that keeps the configuration
+needs a results file of its own). If every run maps the golden state before it to the
 golden state after it, bit for bit, so does the whole prompt. Without ``--shard``,
 ``--results`` only reads the file: the rows of the (lanes, prompt) pairs whose runs are all
 there, or which runs are missing.
 """
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -197,6 +201,21 @@ def _plan(bundle, n: int, all_logits: bool) -> list:
     return out
 
 
+def _program_id(bundle, T: int, logits) -> str:
+    """The identity of the program a run of ``T`` tokens of kind ``logits`` runs (the decode
+    program for one token): the first 16 hex digits of its bytes' sha256. A results line holds
+    it, and stands for a run only while the compiler emits the same program (the configuration
+    hash in the key names the hardware)."""
+    from llmfab.compiler.bundle import prefill_program
+    name = "decode" if T == 1 else prefill_program(T, logits)
+    return hashlib.sha256(bytes(bundle.named_program(name)[0])).hexdigest()[:16]
+
+
+def _same_run(line, logits, program: str) -> bool:
+    """Whether a results line stands for a run of kind ``logits`` through ``program``."""
+    return line is not None and line["logits"] == logits and line.get("program") == program
+
+
 def _one_run(dev, pos: int, toks: list, logits: bool):
     """Run one of a prompt's runs on a program device at ``pos`` (its logits, or None)."""
     dev.pos = pos
@@ -231,10 +250,12 @@ def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: i
     done = _read_results(results)
     plans = {n: _plan(bundle, n, all_logits) for n in prompts}
     todo = {}                       # the first prompt that has it -> {its run index: members}
-    for j, ((_, _, logits), members) in enumerate(_distinct_runs(plans).items()):
+    for j, ((_, T, logits), members) in enumerate(_distinct_runs(plans).items()):
         keyed = [(_key(config, n, all_logits), i) for n, i in members]
-        # a line of another program (a last run recorded before the last-logits programs) is not this run
-        ok = {m for m in keyed if m in done and done[m]["logits"] == logits}
+        # a line of another program (a last run recorded before the last-logits programs, or
+        # any run through what an older compiler emitted) is not this run
+        prog = _program_id(bundle, T, logits)
+        ok = {m for m in keyed if _same_run(done.get(m), logits, prog)}
         missing = [m for m in keyed if m not in ok]
         if j % n_shards != k or not missing:
             continue
@@ -268,7 +289,8 @@ def run_shard(config, model, prompts, tok_ids, results: str, k: int, n_shards: i
                 lg = _one_run(gold, pos, toks, logits)
                 cycles, busy_mv, _ = _counted(rtl, first_run, first_dec)
                 line = {"run": i, "pos": pos, "tokens": T,
-                        "logits": logits, "cycles": cycles, "busy_mv": busy_mv,
+                        "logits": logits, "program": _program_id(bundle, T, logits),
+                        "cycles": cycles, "busy_mv": busy_mv,
                         "logits_bit_exact": lr is None and lg is None or
                         bool(np.array_equal(lr.view(np.uint32), lg.view(np.uint32))),
                         "kv_bit_exact": bool(np.array_equal(rtl.acc.read_hbm(kv0, kvn),
@@ -298,7 +320,7 @@ def merge(config, model, prompts, results: str, all_logits: bool = False) -> lis
         plan = _plan(bundle, n, all_logits)
         key = _key(config, n, all_logits)
         got = [done.get((key, i)) for i, *_ in plan]
-        got = [g if g is not None and g["logits"] == p[3] else None for p, g in zip(plan, got)]
+        got = [g if _same_run(g, p[3], _program_id(bundle, p[2], p[3])) else None for p, g in zip(plan, got)]
         missing = [p[0] for p, g in zip(plan, got) if g is None]
         if missing:
             print(f"{key}: {len(missing)} of {len(plan)} runs missing "

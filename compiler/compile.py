@@ -38,6 +38,7 @@ The parts of a compile, in the order :func:`compile_model` makes them:
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import warnings
@@ -256,6 +257,45 @@ def _rows_per_tile(config, wslot_bytes: int, rb: int) -> int:
     return per // a * a if per >= a else per
 
 
+def _tile_rows(config, wslot_bytes: int, rb: int, rows: int) -> list:
+    """The rows of each tile of a matrix of ``rows`` rows of ``rb`` bytes: as few tiles as
+    :func:`_rows_per_tile` allows, their sizes as even as the granularity it keeps (whole
+    chains, 32-byte units or lines) lets them be, larger first. A prefill program's first
+    and last tiles of a matrix run token by token beside the next tokens' and the next
+    matrix's per-token work (docs/isa.md, "Tiles token by token"): a short remainder tile
+    there hid less of it (SmolLM2's 576 rows on ``u280-slice`` were 3 x 176 + 48, now 4 x 144)."""
+    per = _rows_per_tile(config, wslot_bytes, rb)
+    if per <= 0 or rows <= per:
+        return [rows] if per > 0 else []
+    P = config.slices
+    unit = int(np.lcm(config.chain.count, 8))
+    if per % unit == 0:
+        g = unit
+    elif P == 1:
+        g = int(np.lcm(8, 32 // np.gcd(rb, 32)))
+    else:
+        g = int(np.lcm(8, P))
+    if per % g:
+        g = per
+    n = -(-rows // per)
+    units, tail = divmod(rows, g)
+    if tail:                       # a last tile of the rows past whole units: keep it last
+        sizes = _tile_rows_even(units, n, g) if units >= n else None
+        if sizes is None or max(sizes) > per:
+            return [per] * (rows // per) + ([rows % per] if rows % per else [])
+        sizes[-1] += tail
+        if sizes[-1] > per:
+            return [per] * (rows // per) + ([rows % per] if rows % per else [])
+        return sizes
+    return _tile_rows_even(units, n, g)
+
+
+def _tile_rows_even(units: int, n: int, g: int) -> list:
+    """``units`` units of ``g`` rows over ``n`` tiles as evenly as possible, larger first."""
+    q, r = divmod(units, n)
+    return [(q + 1) * g] * r + [q * g] * (n - r)
+
+
 def _tiling_problem(config, wslot_bytes: int, rb: int, rows: int, head: bool) -> str | None:
     """Why a matrix of ``rows`` rows of ``rb`` bytes cannot be tiled into slots of
     ``wslot_bytes`` (None: it can)."""
@@ -268,7 +308,7 @@ def _tiling_problem(config, wslot_bytes: int, rb: int, rows: int, head: bool) ->
         return (f"a row ({rb} bytes, a tile of {span} bytes on {P} slices of "
                 f"{config.stripe_bytes}-byte stripes) does not fit a weight-buffer slot of "
                 f"{wslot_bytes} bytes")
-    starts = range(per, rows, per)
+    starts = list(itertools.accumulate(_tile_rows(config, wslot_bytes, rb, rows)[:-1]))
     each = f"{rb} bytes each" + (f", on {P} slices of {config.stripe_bytes}-byte stripes" if P > 1 else "")
     if head and any(r % 8 for r in starts):
         return (f"a weight-buffer slot of {wslot_bytes} bytes holds {per} row{'s' * (per != 1)} "
@@ -684,10 +724,9 @@ class WeightImage:
         off0 = self.size
         enc = _encode_rows(fmt, sp, raw, mask).reshape(rows, rb) if self.emit_image else None
         cm = CompiledMatrix(key, fmt, sp, rows, cols, rb, off0, slices=P, stripe=S)
-        per = _rows_per_tile(config, self.wslot_bytes, rb) if sliced else rows
+        sizes = _tile_rows(config, self.wslot_bytes, rb, rows) if sliced else [rows]
         r = 0
-        while r < rows:
-            n = min(per, rows - r)
+        for n in sizes:
             # one slice: tiles follow each other (their starts are 32-byte aligned, _tiling_problem);
             # several: each starts on a line
             self._pad_to(align if P > 1 else 1)

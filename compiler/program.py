@@ -178,10 +178,12 @@ class ProgramBuilder:
         self.logits_stored = {}    # logits slot -> events of its last ST
         self.kv_stored = []        # st2cmp event of each layer's last K/V store
         self._kv_st = {}           # K slot -> st2cmp event of its region's stores (chains)
+        self._busy = set()         # slots whose last user's freeing word is not yet emitted
         self._slot_counters = {"W": 0, "K": 0, "G": 0}
         self._stage_turn = 0       # the matrix output stage the next staged MM tile takes
         self._inputs_left = None   # (matrix name, per-token input work its first tile emits)
         self._outputs_left = None  # per-token work after a last tile token by token (_residual)
+        self._copy_left = None     # a staged tile's COPY, for after the next MV/MM word (consume)
 
     # ---- the program --------------------------------------------------------------------
     def build(self) -> list:
@@ -225,9 +227,11 @@ class ProgramBuilder:
                         load(k)
             item.compute()
             if nxt is not None and nxt.barrier:
+                self._flush_copy()
                 S.emit("SYS", func=isa.SYS_SYNC)
                 load(i + 1)
         assert self._inputs_left is None, self._inputs_left
+        self._flush_copy()
         self._flush_outputs()
         S.emit("SYS", func=isa.SYS_END)
         return S.instrs
@@ -248,7 +252,7 @@ class ProgramBuilder:
                 break
             if w.loads is None or k in loaded:
                 continue
-            if prev_user.get(k, -1) >= i:
+            if prev_user.get(k, -1) >= i or w.loads.slot in self._busy:
                 break
             out.append(k)
         return out
@@ -281,7 +285,8 @@ class ProgramBuilder:
             if w.barrier:
                 return None
             if w.loads is not None and w.loads.slot[0] == "K":
-                return k if k not in loaded and prev_user.get(k, -1) < i else None
+                return (k if k not in loaded and prev_user.get(k, -1) < i and w.loads.slot not in self._busy
+                        else None)
         return None
 
     # ---- stages -------------------------------------------------------------------------
@@ -400,24 +405,38 @@ class ProgramBuilder:
                 self._attention_chains(li, rope, j, kv_only=kv_only)
             return
         j = 0
+        # A head's attention in two parts (not KV-only): its first part (RoPE, KVROW and the
+        # stores, the first buffer sets' queries and scores MVs) beside tile ti's MM, its
+        # second (those rows' softmax chains first, then the other rows) right after the next
+        # tile's MM, so the SFU works through them beside that MM instead of idling there
+        # while the MV unit waits on it; one head in flight (its K slot stays busy till then)
+        pend = []
 
-        def heads(upto):
+        def flush():
+            while pend:
+                pend.pop(0)()
+
+        def heads(upto, split=True):
             nonlocal j
             while j < upto:
+                if pend:
+                    self._add(None, flush)
                 self._add(None, partial(self._rope_group, j, rope))
-                self._attention_chains(li, rope, j, kv_only=kv_only)
+                self._attention_chains(li, rope, j, kv_only=kv_only,
+                                       split=pend if split and not kv_only else None)
                 j += 1
 
         for ti, (r0, _nr, _off) in enumerate(qkv.tiles):
             ready = min(d.nkv, r0 // d.grp_rows)       # heads complete before this tile
             if ready > j:
                 copies = []
-                self.matrix(qkv, L.qh, L.qkv, only=(ti,), copies=copies)
+                self.matrix(qkv, L.qh, L.qkv, only=(ti,), copies=copies, after_mm=flush)
                 heads(ready)
                 self._add(None, lambda c=copies: [f() for f in c])
             else:
-                self.matrix(qkv, L.qh, L.qkv, only=(ti,))
-        heads(d.nkv)
+                self.matrix(qkv, L.qh, L.qkv, only=(ti,), after_mm=flush)
+        heads(d.nkv, split=False)
+        self._add(None, flush)
 
     def _rope_tokens(self, rope):
         """Every token's RoPE, token by token over the KV heads' groups (a prefill program on
@@ -427,8 +446,10 @@ class ProgramBuilder:
                 self._rope(t, j, rope)
 
     def _rope_group(self, j: int, rope: int):
-        """Every token's RoPE of KV head ``j``'s q heads and k (a prefill program)."""
-        for t in range(self.T):
+        """Every token's RoPE of KV head ``j``'s q heads and k (a prefill program): the tokens
+        in turn, backwards for odd ``j``, so a head's first ROPE uses the RoPE row the last
+        head's last one left in SfuExec (it keeps the last table it read)."""
+        for t in (range(self.T) if j % 2 == 0 else reversed(range(self.T))):
             self._rope(t, j, rope)
 
     def _layer_tables(self, li: int) -> tuple:
@@ -487,7 +508,7 @@ class ProgramBuilder:
                 first = partial(self._silu_rows, *gt[ti - 1][:2], range(h)) if ti else None
                 rest = partial(self._silu_rows, *gt[ti - 1][:2], range(h, self.T)) if ti else None
                 self.matrix(mats.ffn_gate, L.qh, L.gate, only=(ti,), after_mm=first)
-                self.matrix(mats.ffn_up, L.qh, L.up, only=(ti,), after_mm=rest)
+                self.matrix(mats.ffn_up, L.qh, L.up, only=(ti,), after_mm=rest, token_last=True)
             self._add(None, partial(self._inputs, mats.ffn_down, [
                 partial(self._down_input, t, *gt[-1][:2]) for t in range(self.T)]))
         else:
@@ -585,7 +606,7 @@ class ProgramBuilder:
         self.consume("MISC", gid=kgid, free_slot=("K", ks), func=F["ATTN"], dst=self.L.o + j * g * hd * 4,
                      a=gaddr, b=self.parts.onchip.kslots[ks], reg=isa.REG_POS, **isa.attn_fields(g, hd))
 
-    def _attention_chains(self, li, rope, j, kv_only=False):
+    def _attention_chains(self, li, rope, j, kv_only=False, split=None):
         """KV head ``j`` with attention on the chains (docs/isa.md, "Attention on the chains"):
         its region's K row tiles and V block tiles from the tile of R1 on (``ceil(T/32)``
         tiles: a run of T tokens starts at a multiple of ``min(T, 32)``, so its positions
@@ -608,7 +629,8 @@ class ProgramBuilder:
                       partial(self._attend_chains_scores, j, ks, kgid, r0, rope))
             return partial(self._attend_chains_outputs, j, ks)
         self._add(LoadGroup(kgid, ("K", ks), lds),
-                  partial(self._kv_only_chains if kv_only else self._attend_chains, j, ks, kgid, r0))
+                  partial(self._kv_only_chains, j, ks, kgid, r0) if kv_only
+                  else partial(self._attend_chains, j, ks, kgid, r0, split=split))
         return None
 
     def _kv_only_chains(self, j, ks, kgid, r0):
@@ -694,10 +716,13 @@ class ProgramBuilder:
                              hreg=isa.REG_KVBASE, release=["st2cmp"] if last else (), **f)
         self._kv_st[ks] = ev["st2cmp"]
 
-    def _attend_chains(self, j, ks, kgid, r0):
+    def _attend_chains(self, j, ks, kgid, r0, split=None):
         """A prefill program's attention of KV head ``j`` over its T tokens (docs/isa.md,
         "Prefill programs on the chains"): every token's K/V rows first, then the attention
-        rows (token t, query head i) software-pipelined over the buffer sets."""
+        rows (token t, query head i) software-pipelined over the buffer sets. ``split``: a
+        list to append the second part to (a callable; see :meth:`_qkv_prefill_chains`)
+        instead of emitting it: the first part ends with the first buffer sets' scores MVs,
+        the second starts with their softmax chains, so it can go right after an MM."""
         d, L, T = self.parts.dims, self.L, self.T
         ch = self.parts.onchip.chains
         reg = ch.region
@@ -756,6 +781,45 @@ class ProgramBuilder:
         # output back to back while the SFU does row k+1's softmax (issued between them, so
         # row k's output does not wait behind it in the in-order issue), then its scales and
         # quantization
+        if split is not None:
+            first = min(nb, len(rows))
+            for k in range(first):
+                quant_q(k)
+            for k in range(first):
+                scores(k)
+            self._busy.add(("K", ks))
+
+            def rest():
+                # the first sets' softmax chains (beside the MM before); then per row k its
+                # output MV and row k + nb's query and scores MV, with row k + nb - 1's softmax
+                # chain beside the MVs (issued after them: the output MV of row k + 1 needs
+                # only its own chain, issued an iteration or more before)
+                for k in range(first):
+                    softmax(k)
+                    scale_quant(k)
+                depth = 2 if nb >= 3 else 1
+                for k in range(len(rows)):
+                    n = k + depth
+                    if first <= n < len(rows):
+                        quant_q(n)
+                        scores(n)
+                    if depth == 1:
+                        if k >= first:
+                            softmax(k)
+                            scale_quant(k)
+                        if k == len(rows) - 1:
+                            self._busy.discard(("K", ks))
+                        output(k)
+                    else:
+                        if first <= k + 1 < len(rows):
+                            softmax(k + 1)
+                        if k == len(rows) - 1:
+                            self._busy.discard(("K", ks))
+                        output(k)
+                        if first <= k + 1 < len(rows):
+                            scale_quant(k + 1)
+            split.append(rest)
+            return
         depth = 2 if nb >= 3 else 1
         for k in range(min(nb, len(rows))):
             quant_q(k)
@@ -925,6 +989,11 @@ class ProgramBuilder:
                                b=cm.rows)
                 if copies is not None:
                     copies.append(copy)
+                elif len(L.stage) > 1:
+                    # after the next MV/MM word, or before the next other one (consume): the
+                    # next tile's MM then waits in MvExec behind this one, set up, instead of
+                    # arriving only once this COPY has issued (after this MM's done)
+                    self._copy_left = copy
                 else:
                     copy()
             return
@@ -1064,6 +1133,7 @@ class ProgramBuilder:
         grp = item.loads
         if grp is None:
             return
+        assert grp.slot not in self._busy, f"a load into {grp.slot} before its last user frees it"
         need = {"cmp2ld": self.ring_free.get(grp.slot)}
         for i, f in enumerate(grp.loads):
             last = i == len(grp.loads) - 1
@@ -1075,6 +1145,10 @@ class ProgramBuilder:
         """Emit a compute instruction: it waits for load group ``gid`` (and ``need``) and,
         with ``free_slot``, frees that slot for the next loads. Work a last tile token by token
         left goes first (whatever comes next may read its rows)."""
+        mv = op in ("MV", "MM")
+        left = self._copy_left
+        if left is not None and not mv:
+            self._flush_copy()
         if self._outputs_left is not None:
             self._flush_outputs()
         nd = dict(need or {})
@@ -1086,4 +1160,12 @@ class ProgramBuilder:
         e = self.S.emit(op, need=nd, release=rel, **f)
         if free_slot is not None:
             self.ring_free[free_slot] = e["cmp2ld"]
+        if mv and left is not None and self._copy_left is left:
+            self._flush_copy()
         return e
+
+    def _flush_copy(self):
+        """Emit the COPY a staged tile left (``_copy_left``)."""
+        left, self._copy_left = self._copy_left, None
+        if left is not None:
+            left()

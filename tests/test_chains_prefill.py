@@ -51,12 +51,17 @@ def test_split_buckets_aligns_runs():
     ("ci", {"n_heads": 2, "n_kv_heads": 1}, 128),                 # two slices, head dim 64, group 2
     ("ci", {"n_heads": 2, "n_kv_heads": 2}, 256),                 # groups of 1 (two buffer sets)
     ("u280-slice", {"n_heads": 4, "n_kv_heads": 1}, 128),         # two 64-byte stripes, group 4
+    ("tiny/1", {}, 128),          # one token lane: QKV tiles the heads' attention goes between
 ])
 def test_prefill_equals_decode(tmp_path, config, shape, ctx):
     """Prompts through the prefill buckets (misaligned starts, runs crossing the 32-position
-    tiles, prompts longer than the largest bucket) against the same tokens one by one."""
+    tiles, prompts longer than the largest bucket) against the same tokens one by one.
+    ``name/1``: with one token lane, where a KV head's attention goes in two parts, the
+    second after the next QKV tile's MM (``ProgramBuilder._qkv_prefill_chains``)."""
     m = _model(tmp_path, **shape)
-    cfg = _chains(config, max_prefill=64)
+    config, _, lanes = config.partition("/")
+    kw = {"chain": dict(load_config(config).to_dict()["chain"], tokens=int(lanes))} if lanes else {}
+    cfg = _chains(config, max_prefill=64, **kw)
     b = compile_model(m, cfg, context=ctx)
     assert b.prefill, b.manifest["prefill"]
     assert b.prefill_align == 32

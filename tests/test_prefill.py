@@ -388,9 +388,11 @@ def test_prefill_program_structure(tmp_path, ci):
         assert mms and all(i["ntok"] == T for i in mms)
         # the first tile of each layer's QKV, output, gate and down projections token by token
         # (one token lane: each token's MV after its inputs, the next token's norm or
-        # quantization beside it; ProgramBuilder._mm): T MVs on one weight tile
+        # quantization beside it; ProgramBuilder._mm), and the up projection's last (each
+        # token's SiLU-multiply and quantization beside the next token's MV): T MVs on one
+        # weight tile (every matrix here is one tile)
         mvs = [i for i in ins if i.op == "MV"]
-        assert ci.chain.tokens == 1 and len(mvs) == 4 * d.n_layers * T
+        assert ci.chain.tokens == 1 and len(mvs) == 5 * d.n_layers * T
         for k in range(0, len(mvs), T):
             grp, nb = mvs[k:k + T], mvs[k]["cols"] // 32
             assert all((i["wb"], i["rows"], i["cols"]) == (grp[0]["wb"], grp[0]["rows"], grp[0]["cols"]) for i in grp)
@@ -841,24 +843,30 @@ def test_rtl_prefill_benchmark_attention_override():
 
 def test_rtl_prefill_results_of_another_program_are_not_reused(tiny, tmp_path, capsys):
     """A results line of a prompt's last run recorded with another program (every token's
-    logits, as before the last-logits programs) does not stand for the last-logits run: the
-    prompt's row waits for it."""
+    logits, as before the last-logits programs; or another compiler's program of the same
+    kind: its ``program`` hash) does not stand for the last-logits run: the prompt's row
+    waits for it."""
     import json
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from rtl_prefill import _key, _plan, merge
+    from rtl_prefill import _key, _plan, _program_id, merge
     m, b, cfg = tiny
     plan = _plan(b, 14, False)
     res = tmp_path / "r.jsonl"
 
-    def write(last):
+    def write(last, program=None):
         with open(res, "w") as f:
             for i, pos, T, logits in plan:
+                kind = last if i == len(plan) - 1 else logits
+                prog = program if program is not None and i == len(plan) - 1 else _program_id(b, T, kind)
                 f.write(json.dumps({"key": _key(cfg, 14, False), "run": i, "pos": pos, "tokens": T,
-                                    "logits": last if i == len(plan) - 1 else logits, "cycles": 100,
+                                    "logits": kind, "program": prog, "cycles": 100,
                                     "busy_mv": 90, "logits_bit_exact": True, "kv_bit_exact": True,
                                     "wall_seconds": 1.0}) + "\n")
     write(True)
+    assert merge(cfg, m, [14], str(res)) == []
+    assert f"1 of {len(plan)} runs missing ({len(plan) - 1})" in capsys.readouterr().err
+    write("last", program="0" * 16)
     assert merge(cfg, m, [14], str(res)) == []
     assert f"1 of {len(plan)} runs missing ({len(plan) - 1})" in capsys.readouterr().err
     write("last")

@@ -446,3 +446,51 @@ def test_chains_prefill_matches_golden(tmp_path):
         assert [(r["tokens"], r["logits"]) for r in rtl.prefill_runs[8:]] == [(8, False), (2, False)]
     finally:
         rtl.close()
+
+
+def _split_heads(program: bytes) -> int:
+    """How many times a QKV tile's MM comes between a KV head's scores MVs and their softmax
+    (a prefill program's head in two parts: ``ProgramBuilder._qkv_prefill_chains``)."""
+    n, scores = 0, False
+    for w in isa.from_bytes(program):
+        ins = isa.decode(w)
+        if ins.op == "MV" and ins["func"] & isa.MV_RT:
+            scores = True
+        elif ins.op == "MISC" and ins["func"] == isa.MISC_FUNCS["SOFTMAX"]:
+            scores = False
+        elif ins.op == "MM" and scores:
+            n, scores = n + 1, False
+    return n
+
+
+@pytest.mark.skipif(not _units_have_chains(), reason="MvExec/SfuExec without attention on the "
+                    "chains (the MV and SFU branches are not merged)")
+def test_chains_prefill_split_heads_matches_golden(tmp_path):
+    """``tinyc`` with a model of two KV heads (head dim 32, groups of one) whose QKV matrix is
+    four weight tiles: the first head's q/k/v rows are complete before the third tile, so its
+    attention goes in two parts, the softmax chains after that tile's MM. Prompts through the
+    prefill buckets give the golden model's logits and KV cache bit for bit."""
+    from tinymodel import write_tiny_gguf
+
+    from llmfab.compiler.compile import compile_model
+    from llmfab.compiler.model import load_model
+    from llmfab.host.golden_backend import GoldenDevice
+    from llmfab.host.rtl_backend import RtlDevice
+    config, _ = tinyc_bundle(tmp_path)
+    path = tmp_path / "tiny2kv.gguf"
+    write_tiny_gguf(path, "q4_1", dim=64, n_heads=2, n_kv_heads=2, seed=6)
+    bundle = compile_model(load_model(path), config)
+    assert all(_split_heads(p) > 0 for p in bundle.prefill.values()), bundle.manifest["prefill"]
+    kv0, kvn = (int(v) for v in bundle.manifest["memory_map"]["kv"])
+    rtl = RtlDevice(None, config, bundle=bundle, timeout_cycles=4_000_000)
+    try:
+        gold = GoldenDevice(None, config, bundle=bundle)
+        rng = np.random.default_rng(8)
+        for n in (5, 30):                            # positions 0..34: every bucket, a tile crossed
+            toks = [int(t) for t in rng.integers(0, 256, n)]
+            lr, lg = rtl.forward(toks), gold.forward(toks)
+            assert np.array_equal(lr.view(np.uint32), lg.view(np.uint32)), n
+            assert np.array_equal(rtl.acc.read_hbm(kv0, kvn), gold.golden.hbm[kv0:kv0 + kvn]), n
+        assert {r["tokens"] for r in rtl.prefill_runs} == set(bundle.prefill)
+    finally:
+        rtl.close()
