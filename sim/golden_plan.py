@@ -515,9 +515,11 @@ class Planner:
                             out[k] = MvScatter(o.first, o.r0, o.rows, o.ntok, f["dst"], stride,
                                                ((o.dst, o.r0, o.rows),))
                             st = None
-                        break
+                            break
                     # look past loads and steps that touch neither the stage nor the
-                    # destination (prefill's tile-wise SiLU between an MM and its COPY)
+                    # destination (prefill's tile-wise SiLU between an MM and its COPY; the
+                    # next tile's MM into the other stage, which the compiler puts before
+                    # this COPY)
                     if not isinstance(o, Load) and _hit([csrc] + cdst, acc(o)[0] + acc(o)[1]):
                         break
                 if st is None:
