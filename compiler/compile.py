@@ -245,55 +245,44 @@ def _rows_per_tile(config, wslot_bytes: int, rb: int) -> int:
     On ``P`` slices a tile of ``k * P`` rows spans ``P`` streams of ``k`` rows each rounded up
     to whole stripes: a slot of ``W`` bytes holds ``k = (W // D) * stripe // rb`` rows per slice.
     """
+    return _tile_grain(config, wslot_bytes, rb)[0]
+
+
+def _tile_grain(config, wslot_bytes: int, rb: int) -> tuple:
+    """(:func:`_rows_per_tile`, the granularity it keeps: a tile of any multiple of it up to
+    that many rows is as good a tile)."""
     P, S = config.slices, config.stripe_bytes
     per = wslot_bytes // rb if P == 1 else (wslot_bytes // (P * S)) * S // rb * P
     unit = int(np.lcm(config.chain.count, 8))    # whole chains (a multiple of P); 32-byte aligned logits
     if per >= unit:
-        return per // unit * unit
+        return per // unit * unit, unit
     if P == 1:
         a = int(np.lcm(8, 32 // np.gcd(rb, 32)))  # whole 32-byte units of HBM per tile
     else:
         a = int(np.lcm(8, P))                     # every tile starts on its own line
-    return per // a * a if per >= a else per
+    return (per // a * a, a) if per >= a else (per, max(per, 1))
 
 
 def _tile_rows(config, wslot_bytes: int, rb: int, rows: int) -> list:
     """The rows of each tile of a matrix of ``rows`` rows of ``rb`` bytes: as few tiles as
-    :func:`_rows_per_tile` allows, their sizes as even as the granularity it keeps (whole
-    chains, 32-byte units or lines) lets them be, larger first. A prefill program's first
-    and last tiles of a matrix run token by token beside the next tokens' and the next
-    matrix's per-token work (docs/isa.md, "Tiles token by token"): a short remainder tile
-    there hid less of it (SmolLM2's 576 rows on ``u280-slice`` were 3 x 176 + 48, now 4 x 144)."""
-    per = _rows_per_tile(config, wslot_bytes, rb)
-    if per <= 0 or rows <= per:
-        return [rows] if per > 0 else []
-    P = config.slices
-    unit = int(np.lcm(config.chain.count, 8))
-    if per % unit == 0:
-        g = unit
-    elif P == 1:
-        g = int(np.lcm(8, 32 // np.gcd(rb, 32)))
-    else:
-        g = int(np.lcm(8, P))
-    if per % g:
-        g = per
+    :func:`_rows_per_tile` allows, their sizes as even as its granularity (whole chains,
+    32-byte units or lines) lets them be, larger first (rows past whole units go to the
+    last). A prefill program's first and last tiles of a matrix run token by token beside
+    the next tokens' and the next matrix's per-token work (docs/isa.md, "Tiles token by
+    token"): a short remainder tile there hid less of it (SmolLM2's 576 rows on
+    ``u280-slice`` were 3 x 176 + 48, now 4 x 144)."""
+    per, g = _tile_grain(config, wslot_bytes, rb)
+    if per <= 0:
+        return []
     n = -(-rows // per)
     units, tail = divmod(rows, g)
-    if tail:                       # a last tile of the rows past whole units: keep it last
-        sizes = _tile_rows_even(units, n, g) if units >= n else None
-        if sizes is None or max(sizes) > per:
-            return [per] * (rows // per) + ([rows % per] if rows % per else [])
-        sizes[-1] += tail
-        if sizes[-1] > per:
-            return [per] * (rows // per) + ([rows % per] if rows % per else [])
-        return sizes
-    return _tile_rows_even(units, n, g)
-
-
-def _tile_rows_even(units: int, n: int, g: int) -> list:
-    """``units`` units of ``g`` rows over ``n`` tiles as evenly as possible, larger first."""
+    plain = [per] * (rows // per) + ([rows % per] if rows % per else [])
+    if units < n:
+        return plain
     q, r = divmod(units, n)
-    return [(q + 1) * g] * r + [q * g] * (n - r)
+    sizes = [(q + 1) * g] * r + [q * g] * (n - r)
+    sizes[-1] += tail
+    return sizes if max(sizes) <= per else plain
 
 
 def _tiling_problem(config, wslot_bytes: int, rb: int, rows: int, head: bool) -> str | None:
