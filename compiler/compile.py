@@ -270,7 +270,8 @@ def _tile_rows(config, wslot_bytes: int, rb: int, rows: int) -> list:
     last). A prefill program's first and last tiles of a matrix run token by token beside
     the next tokens' and the next matrix's per-token work (docs/isa.md, "Tiles token by
     token"): a short remainder tile there hid less of it (SmolLM2's 576 rows on
-    ``u280-slice`` were 3 x 176 + 48, now 4 x 144)."""
+    ``u280-slice`` were 3 x 176 + 48, now 4 x 144). Not where the even tiles would take more
+    passes of MvExec's row pipelines than the plain ones."""
     per, g = _tile_grain(config, wslot_bytes, rb)
     if per <= 0:
         return []
@@ -282,7 +283,11 @@ def _tile_rows(config, wslot_bytes: int, rb: int, rows: int) -> list:
     q, r = divmod(units, n)
     sizes = [(q + 1) * g] * r + [q * g] * (n - r)
     sizes[-1] += tail
-    return sizes if max(sizes) <= per else plain
+    # not where even sizes take more passes of MvExec's row pipelines (u280's 128 pipelines:
+    # 18 x 224 + 64 rows is 37 passes, 19 tiles of 192..224 rows 38)
+    pl = config.chain.count * config.block_lanes_per_chain
+    passes = lambda sz: sum(-(-t // pl) for t in sz)      # noqa: E731
+    return sizes if max(sizes) <= per and passes(sizes) <= passes(plain) else plain
 
 
 def _tiling_problem(config, wslot_bytes: int, rb: int, rows: int, head: bool) -> str | None:
