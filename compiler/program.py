@@ -781,7 +781,32 @@ class ProgramBuilder:
         # output back to back while the SFU does row k+1's softmax (issued between them, so
         # row k's output does not wait behind it in the in-order issue), then its scales and
         # quantization
+        depth = 2 if nb >= 3 else 1
+
+        def pipeline(quanted, scored, chained):
+            # every row's output MV, each beside the later rows' work; the rows below
+            # ``quanted`` / ``scored`` / ``chained`` already have their query QUANT / scores
+            # MV / softmax chain (SOFTMAX, MUL, QUANT) emitted
+            for k in range(len(rows)):
+                n = k + depth
+                if scored <= n < len(rows):
+                    if n >= quanted:
+                        quant_q(n)
+                    scores(n)
+                if depth == 1 and k >= chained:
+                    softmax(k)
+                    scale_quant(k)
+                if depth == 2 and chained <= k + 1 < len(rows):
+                    softmax(k + 1)
+                if k == len(rows) - 1:      # the slot is freed by this output MV
+                    self._busy.discard(("K", ks))
+                output(k)
+                if depth == 2 and chained <= k + 1 < len(rows):
+                    scale_quant(k + 1)
+
         if split is not None:
+            # the first part: the first buffer sets' query QUANTs and scores MVs; the second
+            # (``rest``): their softmax chains (beside the MM before), then the pipeline
             first = min(nb, len(rows))
             for k in range(first):
                 quant_q(k)
@@ -790,37 +815,12 @@ class ProgramBuilder:
             self._busy.add(("K", ks))
 
             def rest():
-                # the first sets' softmax chains (beside the MM before); then per row k its
-                # output MV and row k + nb's query and scores MV, with row k + nb - 1's softmax
-                # chain beside the MVs (issued after them: the output MV of row k + 1 needs
-                # only its own chain, issued an iteration or more before)
                 for k in range(first):
                     softmax(k)
                     scale_quant(k)
-                depth = 2 if nb >= 3 else 1
-                for k in range(len(rows)):
-                    n = k + depth
-                    if first <= n < len(rows):
-                        quant_q(n)
-                        scores(n)
-                    if depth == 1:
-                        if k >= first:
-                            softmax(k)
-                            scale_quant(k)
-                        if k == len(rows) - 1:
-                            self._busy.discard(("K", ks))
-                        output(k)
-                    else:
-                        if first <= k + 1 < len(rows):
-                            softmax(k + 1)
-                        if k == len(rows) - 1:
-                            self._busy.discard(("K", ks))
-                        output(k)
-                        if first <= k + 1 < len(rows):
-                            scale_quant(k + 1)
+                pipeline(first, first, first)
             split.append(rest)
             return
-        depth = 2 if nb >= 3 else 1
         for k in range(min(nb, len(rows))):
             quant_q(k)
         for k in range(min(depth, len(rows))):
@@ -828,22 +828,7 @@ class ProgramBuilder:
         if depth == 2:
             softmax(0)
             scale_quant(0)
-        for k in range(len(rows)):
-            n = k + depth
-            if n < len(rows):
-                if n >= nb:
-                    quant_q(n)
-                scores(n)
-            if depth == 1:
-                softmax(k)
-                scale_quant(k)
-                output(k)
-            else:
-                if k + 1 < len(rows):
-                    softmax(k + 1)
-                output(k)
-                if k + 1 < len(rows):
-                    scale_quant(k + 1)
+        pipeline(min(nb, len(rows)), min(depth, len(rows)), 1 if depth == 2 else 0)
 
     def _attention_prefill(self, li, rope):
         """RoPE and the K/V stores of every token; then per KV head (after a SYNC: the cache
@@ -946,7 +931,7 @@ class ProgramBuilder:
                         len=cm.tile_bytes(nr))]
             self._add(LoadGroup(gid, ("W", s), lds),
                       partial(self._matrix_tile, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm,
-                              copies, token_last and ti == len(cm.tiles) - 1))
+                              copies, token_last and ti == len(cm.tiles) - 1 and self._reload_small(cm, nr)))
 
     def _matrix_tile(self, cm, s, gid, ti, r0, nr, qsrc, dst, logits, after_mm=None, copies=None,
                      token_last=False):
@@ -1065,6 +1050,20 @@ class ProgramBuilder:
         """Whether this program runs a matrix's first (or, ``wanted``, last) tile token by
         token: a prefill program with one token lane."""
         return bool(wanted) and self.T > 1 and self.parts.token_lanes == 1
+
+    def _reload_small(self, cm, rows: int) -> bool:
+        """Whether a last tile of ``rows`` rows of matrix ``cm`` may run token by token: each
+        token's MV then reloads its vector (40 bytes a block, 32 bytes a cycle; MvExec's
+        activation cache holds one MV's vector, not the MM's T), which must stay within half
+        of the tile's MM cycles. SmolLM2's tiles pass (u280-slice's 8 pipelines, the up
+        projection's last tile: a 23-cycle reload beside 144 cycles a token); LLaMA2-7B's
+        4096-column up projection's 64-row last tile on u280's 128 pipelines does not (160
+        beside 128: by the model, one token lane, 128 tokens, 0.6 % more cycles token by
+        token)."""
+        nb = cm.cols // 32
+        reload = self.T * nb * QBLOCK_BYTES / 32
+        tile = -(-rows // self.parts.pipelines) * nb * -(-self.T // self.parts.token_lanes)
+        return 2 * reload <= tile
 
     def _residual(self):
         """X += H over the T tokens; after a last tile token by token (``_outputs_left``), each
