@@ -148,16 +148,29 @@ class UnitCosts:
     #: next word taken in the cycle of the last one's done with its set-up already computed
     #: (MvExec's PLAN then SETTLE, no SETUP / SETUP2 / PLAN2 / DONE; per repeat 5 fewer
     #: cycles in every shape on tiny, 6 in one).
-    mv_fixed: float = 37
+    mv_fixed: float = 35
+    #: cycles a row takes through MvExec's one RowCombine and writer: a row a cycle. The last
+    #: pass's rows leave one after another after the pipelines' last block (on tiny's 2
+    #: pipelines 2 of the 37 cycles of the fit above, so ``mv_fixed`` is 35 beside them; on
+    #: ``u280-slice``'s 8, 8); rows the pipelines make faster than a row a cycle wait for it:
+    #: an MV of ``rows`` x ``ntok`` rows takes ``per_row + rows x ntok + mv_combine_fixed``
+    #: after ``mv_fixed`` when that is longer (2026-12-06, ``u280-slice`` geometry: Q8_0 17,
+    #: 18, 64 and 129 rows of 1 or 2 blocks, 59 / 60 / 108 / 172 cycles a repeat; the model
+    #: without the combine said 49 / 49 / 61 / 105).
+    mv_combine_fixed: float = 3
     #: per row and pipeline besides its lines: the command to its reader and decoder (the
     #: slope: a Q4_0 row of 64 columns, 36 bytes over 3 lines, takes 4 cycles; 512 columns,
     #: 288 bytes over 18 lines, 19; a Q8_0 row of 64, 68 bytes over 5 lines, 6; it was 3 with
     #: the realigner between reader and decoder).
     mv_row_overhead: float = 1
-    #: the activation load besides its 40 nb / min(line_bytes, 32) chunks (uncached MV - cached
-    #: on tiny, 2026-12-05: 7 / 8 cycles for nb = 2, 14 for nb = 4, 46 / 48 for nb = 16: the
-    #: median 3 over the chunks).
-    mv_act_fixed: float = 3
+    #: the activation load per token besides its chunks of ``CB = min(line_bytes, 32)`` bytes,
+    #: each of the vector's three parts realigned on its own (``ceil(32 nb / CB) + 2 ceil(4 nb
+    #: / CB)``). Uncached MV - cached: on tiny (CB 16), 2026-12-05: 7 / 8 cycles for nb = 2, 14
+    #: for nb = 4, 46 / 48 for nb = 16; on ``u280-slice`` (CB 32, 64-byte lines), 2026-12-06:
+    #: 7 for nb = 1, 11 for 2, 32.5 for 18, 67.5 for 48 (3, 4, 24, 60 chunks); ``ci-chains``
+    #: the same for 1, 2 and 18. 7 fits the vectors of the weight tiles (nb >= 16) within 1.5
+    #: and the attention's (nb 1, 2) within 3; tiny's nb = 2 and 4 load faster (7.5, 14).
+    mv_act_fixed: float = 7
     #: cycles from a word's arrival at the execution unit to MvExec's start as ``mv_fixed``
     #: counts it, for a word that did not wait for the unit: MvExec takes a word once its
     #: two set-up stages hold it, so a word that arrives when the unit is idle starts
@@ -405,8 +418,8 @@ def straddle_wait(rb: int, bb: int, beat: int, step: int, config) -> float:
 def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cached: bool = False) -> float:
     """Compute-queue cycles of one MV (``ntok`` 1) or MM on MvExec's row pipelines.
 
-    Per token: the activation load (``40 nb / min(line_bytes, 32)`` cycles, skipped when
-    the unit's activation cache holds the vector), then the rows: slice ``p`` of the
+    Per token: the activation load (its three parts in ``min(line_bytes, 32)``-byte chunks,
+    skipped when the unit's activation cache holds the vector), then the rows: slice ``p`` of the
     ``ports`` slices (docs/isa.md, "Slices") takes rows ``p, p + ports, ...`` (slice 0 the
     most, ``ceil(rows / ports)``), spread over its own :func:`slice_pipelines`, reading
     its own bank (lines of one stripe, ``data_width / 8`` bytes): each row takes ``nb``
@@ -446,9 +459,19 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     if per_block == 1:              # (two cycles a block leave the decoder time to catch up)
         chain += straddle_wait(rb, block_bytes(fmt, sp), DW, P, config)
     per_row = max(chain, beats + costs.mv_row_overhead, share * port)
-    act = 0 if act_cached else ntok * (_ceil(nb * QBLOCK_BYTES, min(D, 32)) + costs.mv_act_fixed)
-    groups = _ceil(ntok, config.chain.tokens)
-    return costs.mv_fixed + act + groups * _ceil(srows, P) * per_row
+    CB = min(D, 32)
+    act = 0 if act_cached else ntok * (_ceil(32 * nb, CB) + 2 * _ceil(4 * nb, CB) + costs.mv_act_fixed)
+    K = config.chain.tokens
+    groups = _ceil(ntok, K)
+    body = groups * _ceil(srows, P) * per_row
+    # the rows leave through the unit's one RowCombine, a row a cycle: the last pass's rows
+    # (one per pipeline and token lane) after the body, and every row of every token if the
+    # pipelines make them faster than that (short rows on many pipelines: the attention's)
+    PT = mv_pipelines(config)
+    last = (rows - (_ceil(rows, PT) - 1) * PT) * (ntok - (groups - 1) * K)
+    tail = body + last
+    flow = per_row + rows * ntok
+    return costs.mv_fixed + act + (tail if tail >= flow else flow + costs.mv_combine_fixed)
 
 
 # ---------------------------------------------------------------------------------------

@@ -337,7 +337,7 @@ def test_kvrow_waits_for_the_load_engines_lines(tmp_path, monkeypatch):
     b, cfg = _tinyc_bundle(tmp_path)
     trace = []
     # the costs of the hardware then (KVROW's d bytes; MvExec's set-up before 2026-12-05)
-    then = perf.with_costs(kvrow_per_dim=3, mv_fixed=42, mv_act_fixed=2)
+    then = perf.with_costs(kvrow_per_dim=3, mv_fixed=40, mv_act_fixed=2)
     e = perf.estimate(b, cfg, pos=40, memory="ideal", trace=trace, costs=then)
     own = then.kvrow_fixed + then.kvrow_per_dim * 32
     kvrows = [r for r in trace if r[1] == "KVROW"]
@@ -374,6 +374,32 @@ def test_kvrow_first_at_the_write_port(tmp_path):
 
 # ---- MV: MvExec's row pipelines ----------------------------------------------------------
 
+
+def _fixed(rows: int, pipelines: int) -> float:
+    """An MV's fixed cycles and its last pass's rows through the RowCombine, a row a cycle."""
+    return COSTS.mv_fixed + rows - (-(-rows // pipelines) - 1) * pipelines
+
+
+def test_mv_cycles_row_combine_bound_on_u280_slice():
+    """u280-slice: 8 row pipelines and one RowCombine, a row a cycle. Q8_0 rows of one or two
+    blocks (the attention's scores over 17, 18, 129 positions, 64 columns; its output of 64
+    rows over 32 positions) take 2 to 4 cycles on a pipeline, so 8 pipelines make rows faster
+    than the combine takes them: the RTL's busy cycles of such an MV repeated (2026-12-06,
+    the prefill program's MVs alone at position 16 and tests/rtl's MvExec bench on this
+    geometry) are rows + ~45, where the model without the combine said 35 + 4 * ceil(rows / 8)."""
+    cfg = load_config("u280-slice")
+    q8 = isa.mv_func("q8_0")
+    for rows, cols, rtl in ((17, 64, 59), (18, 64, 60), (64, 32, 108), (129, 64, 172)):
+        got = perf.mv_cycles({"func": q8, "rows": rows, "cols": cols}, 1, cfg, act_cached=True)
+        assert got == pytest.approx(rtl, abs=3), (rows, cols)
+        assert got > COSTS.mv_fixed + rows
+    # long rows: the pipelines set the pace, and the last pass's 8 rows follow (RTL 404, 764)
+    q4_1 = isa.mv_func("q4_1")
+    assert perf.mv_cycles({"func": q4_1, "rows": 160, "cols": 576}, 1, cfg, act_cached=True) == \
+        pytest.approx(404, abs=1)
+    assert perf.mv_cycles({"func": q4_1, "rows": 160, "cols": 576}, 2, cfg, act_cached=True) == \
+        pytest.approx(764, abs=1)
+
 def test_mv_cycles_on_tiny_match_the_rtl():
     """tiny: 2 pipelines (2 chains x 32), 16-byte lines. Busy cycles of an MV repeated (the
     activation cache hit), measured on the RTL (benchmarks/perf_calibration.py --config tiny
@@ -383,21 +409,21 @@ def test_mv_cycles_on_tiny_match_the_rtl():
     # Q4_0 x 64 columns: a row is 2 blocks = 36 bytes; at offsets 0, 4, 8, 12 of a 16-byte line
     # it touches (36 + 12) / 16 = 3 lines on average, + 1 command cycle = 4 > 2 blocks
     for rows, rtl in ((56, 149), (16, 69), (8, 53)):
-        want = COSTS.mv_fixed + -(-rows // 2) * (3 + COSTS.mv_row_overhead)
+        want = _fixed(rows, 2) + -(-rows // 2) * (3 + COSTS.mv_row_overhead)
         assert perf.mv_cycles({"func": q4_0, "rows": rows, "cols": 64}, 1, tiny, act_cached=True) == want
         assert want == pytest.approx(rtl, abs=1)
     # Q4_0 x 512: 16 blocks = 288 bytes, (288 + 0) / 16 = 18 lines + 1 = 19 per row
     assert perf.mv_cycles({"func": q4_0, "rows": 7, "cols": 512}, 1, tiny, act_cached=True) == \
-        COSTS.mv_fixed + 4 * 19 == pytest.approx(112, abs=1)
+        _fixed(7, 2) + 4 * 19 == pytest.approx(112, abs=1)
     # Q4_1 x 128: 4 blocks = 80 bytes, at offsets 0 of a line: 5 lines + 1 = 6 per row
     assert perf.mv_cycles({"func": q4_1, "rows": 24, "cols": 128}, 1, tiny, act_cached=True) == \
-        COSTS.mv_fixed + 12 * 6 == pytest.approx(109, abs=1)
+        _fixed(24, 2) + 12 * 6 == pytest.approx(109, abs=1)
     # Q8_0 x 64: 2 blocks of 34 bytes = 68 over (68 + 12) / 16 = 5 lines + 1 = 6 per row
     assert perf.mv_cycles({"func": q8_0, "rows": 24, "cols": 64}, 1, tiny, act_cached=True) == \
-        COSTS.mv_fixed + 12 * 6 == pytest.approx(110, abs=1)
-    # not cached: the activation load, 40 bytes per block in 16-byte chunks (+ its fixed part)
+        _fixed(24, 2) + 12 * 6 == pytest.approx(110, abs=1)
+    # not cached: the activation load, q, d and sumq in 16-byte chunks (+ its fixed part)
     assert perf.mv_cycles({"func": q4_0, "rows": 7, "cols": 512}, 1, tiny) == \
-        COSTS.mv_fixed + 4 * 19 + 16 * 40 / 16 + COSTS.mv_act_fixed == pytest.approx(158, abs=2)
+        _fixed(7, 2) + 4 * 19 + (32 + 4 + 4) + COSTS.mv_act_fixed == pytest.approx(158, abs=2)
 
 
 def test_mv_cycles_chain_bound_and_idle_pipelines():
@@ -406,13 +432,17 @@ def test_mv_cycles_chain_bound_and_idle_pipelines():
     # 4096 columns: 128 blocks per row (the chain) against 2304 bytes = 72 half-stripes into
     # the decoder (+1) per reader and the 3 rows of each slice (96 / 32) on 2 pipelines
     # per bank port x 36 stripes: the chain's 128 cycles bound it
+    # per pipeline, then its 96 rows through the one RowCombine, a row a cycle
     f = {"func": q4_0, "rows": 96, "cols": 4096}
-    assert perf.mv_cycles(f, 1, u280, act_cached=True) == COSTS.mv_fixed + 1 * max(128, 72 + 1, 2 * 36)
+    assert perf.mv_cycles(f, 1, u280, act_cached=True) == COSTS.mv_fixed + 1 * max(128, 72 + 1, 2 * 36) + 96
     # a tile of 32 rows keeps 32 of the 128 pipelines busy: same time for a quarter of the work
     f32 = {"func": q4_0, "rows": 32, "cols": 4096}
-    assert perf.mv_cycles(f32, 1, u280, act_cached=True) == COSTS.mv_fixed + 128
-    # MM re-reads the weights for every token
-    assert perf.mv_cycles(f, 4, u280, act_cached=True) == COSTS.mv_fixed + 4 * 128
+    assert perf.mv_cycles(f32, 1, u280, act_cached=True) == COSTS.mv_fixed + 128 + 32
+    # MM re-reads the weights for every token (one token lane); the combine takes a token's
+    # rows while the next token's run, so only the last token's wait at the end
+    assert perf.mv_cycles(f, 4, u280, act_cached=True) == COSTS.mv_fixed + 4 * 128 + 96
+    # 224 rows: two passes, the first's 128 rows combined during the second
+    assert perf.mv_cycles({**f, "rows": 224}, 1, u280, act_cached=True) == COSTS.mv_fixed + 2 * 128 + 96
 
 
 def test_mv_cycles_per_slice():
@@ -432,11 +462,11 @@ def test_mv_cycles_per_slice():
     assert (perf.slice_pipelines(tiny4), perf.slice_pipelines(tiny1)) == (1, 4)
     f = {"func": isa.mv_func("q8_0"), "rows": 8, "cols": 64}
     per_row = 9 + COSTS.mv_row_overhead
-    assert perf.mv_cycles(f, 1, tiny4, act_cached=True) == COSTS.mv_fixed + 2 * per_row
+    assert perf.mv_cycles(f, 1, tiny4, act_cached=True) == _fixed(8, 4) + 2 * per_row
     assert perf.mv_cycles(f, 1, tiny1, act_cached=True) == \
-        COSTS.mv_fixed + 2 * max(4, 3 + COSTS.mv_row_overhead, 2 * 3)
-    # 9 rows: slice 0 has three (0, 4, 8)
-    assert perf.mv_cycles({**f, "rows": 9}, 1, tiny4, act_cached=True) == COSTS.mv_fixed + 3 * per_row
+        _fixed(8, 4) + 2 * max(4, 3 + COSTS.mv_row_overhead, 2 * 3)
+    # 9 rows: slice 0 has three (0, 4, 8); the last pass one row
+    assert perf.mv_cycles({**f, "rows": 9}, 1, tiny4, act_cached=True) == _fixed(9, 4) + 3 * per_row
 
 
 def test_act_cache_two_entries_as_the_rtl():
