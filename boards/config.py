@@ -115,6 +115,12 @@ class ChainConfig:
         while a row's last block leaves, so a row whose first block straddles a beat (Q4_1
         rows of 576 columns: every other one) does not wait a cycle for it; it costs about
         485 LUT and 256 FF per row pipeline (hw/decoder.py).
+    combines : int
+        MvExec's row combines (1, 2, 4, 8 or 16; optional, default 1): rows summed (the four
+        accum4 partials) and written per cycle, several in one line write when they share
+        the line (a pass's rows are consecutive words). One combine takes a row a cycle, so
+        rows shorter than the row pipelines (attention's MVs, few-block rows) wait for it, and
+        every MV ends with its last pass's rows leaving one a cycle (128 on ``u280``).
     """
 
     length: int
@@ -123,6 +129,7 @@ class ChainConfig:
     pack_int4: bool
     tokens: int = 1
     decoder_lookahead: int = 0
+    combines: int = 1
 
 
 @dataclass(frozen=True)
@@ -438,7 +445,8 @@ class AccelConfig:
                       # not change the hash of the configurations that do not use it
                       **({"tokens": self.chain.tokens} if self.chain.tokens != 1 else {}),
                       **({"decoder_lookahead": self.chain.decoder_lookahead}
-                         if self.chain.decoder_lookahead else {})},
+                         if self.chain.decoder_lookahead else {}),
+                      **({"combines": self.chain.combines} if self.chain.combines != 1 else {})},
             "weight_formats": list(self.weight_formats),
             "sparsity": list(self.sparsity),
             "activation_bits": self.activation_bits,
@@ -592,7 +600,7 @@ def config_from_dict(data: dict, display: str, expected_name: str | None = None)
     clock = f.number("clock_mhz")
 
     c = f.sub("chain")
-    c.check_keys(_CHAIN_FIELDS, ("tokens", "decoder_lookahead"))
+    c.check_keys(_CHAIN_FIELDS, ("tokens", "decoder_lookahead", "combines"))
     length = _pow2(c, "length", BLOCK_WEIGHTS, 8 * BLOCK_WEIGHTS,
                    " (one to eight 32-weight blocks)")
     count = c.integer("count")
@@ -607,7 +615,14 @@ def config_from_dict(data: dict, display: str, expected_name: str | None = None)
         if lookahead not in (0, 1):
             raise c.fail("decoder_lookahead", f"must be 0 or 1 (beats the row pipelines' "
                                               f"decoders hold ahead), not {lookahead}")
-    chain = ChainConfig(length, count, break_points, c.boolean("pack_int4"), tokens, lookahead)
+    combines = (_pow2(c, "combines", 1, 16, " (MvExec's row combines: rows written a cycle)")
+                if c.has("combines") else 1)
+    lanes = count * (length // BLOCK_WEIGHTS) * tokens
+    if combines > lanes:
+        raise c.fail("combines", f"must be at most the {lanes} output lanes of the row pipelines "
+                                 f"(chain.count x length / 32 x tokens), not {combines}")
+    chain = ChainConfig(length, count, break_points, c.boolean("pack_int4"), tokens, lookahead,
+                        combines)
 
     formats = _choices(f, "weight_formats", WEIGHT_FORMATS, "weight format")
     sparsity = _choices(f, "sparsity", SPARSITY_PATTERNS, "sparsity pattern")

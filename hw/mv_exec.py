@@ -70,7 +70,9 @@ every compiled shape):
    :class:`~llmfab.hw.scaler.RowCombine` (the row sum ``fadd(fadd(p0, p1), fadd(p2,
    p3))``, one row per cycle, 6 cycles: the rate rows are written at, so one combine
    serves every lane) and are written through ``wr`` to ``dst + (t*rows + row)*4`` (two line writes when a
-   word straddles a line).
+   word straddles a line). With ``combines`` C > 1 (``chain.combines``), lane ``i`` goes to
+   combine ``i % C`` and a line write a cycle takes every combine's word that shares the
+   lowest busy combine's line (``_combine_many``; docs/hw-units.md, "row combines").
 4. Once every lane's outputs have left (into the combine, or dropped past the pass's
    last token) and the combine has written them all: the next pass, or ``done`` -- and in
    that same cycle the unit takes the next word if the execution unit offers one
@@ -664,7 +666,7 @@ class MvExec(wiring.Component):
                  patterns=tuple(SPARSITY_PATTERNS), max_blocks: int = DEFAULT_MAX_BLOCKS,
                  tokens: int = 1, slices: int = 1, stripe: int | None = None,
                  weight_base: int = 0, bank_addr_bits=None, q_uram: bool = False,
-                 chains: bool = False, decoder_lookahead: int = 0):
+                 chains: bool = False, decoder_lookahead: int = 0, combines: int = 1):
         if chain_length not in CHAIN_LENGTHS:
             raise ValueError(f"MvExec chain length must be 32, 64, 128 or 256 (whole blocks "
                              f"between break points), not {chain_length}")
@@ -688,9 +690,14 @@ class MvExec(wiring.Component):
         if decoder_lookahead not in (0, 1):
             raise ValueError(f"MvExec decoder lookahead must be 0 or 1 beats, not "
                              f"{decoder_lookahead!r}")
+        lanes = count * (chain_length // 32) * tokens
+        if combines < 1 or combines & (combines - 1) or combines > lanes or 4 * combines > line_bytes:
+            raise ValueError(f"MvExec row combines must be a power of two, at most the {lanes} "
+                             f"output lanes and {line_bytes // 4} words of a line, not {combines}")
         if weight_base % (slices * stripe):
             raise ValueError(f"the weight buffer must start on an HBM line, not at {weight_base}")
         self._slices = slices
+        self._combines = combines
         self._chains = chains
         self._lookahead = decoder_lookahead
         self._q_uram = q_uram
@@ -729,6 +736,81 @@ class MvExec(wiring.Component):
         """Row pipelines: ``count * chain_length / 32`` (one per block lane)."""
         return self._count * (self._length // 32)
 
+    @property
+    def combines(self) -> int:
+        """RowCombines: rows summed and written per cycle (up to ``combines`` a line)."""
+        return self._combines
+
+    def _combine_many(self, m, outs, computing, second):
+        """``combines`` RowCombines, output lane ``i`` (lane ``k`` of pipeline ``l`` is ``l * K
+        + k``) into combine ``i % combines``, each taking its lowest waiting lane's row a cycle;
+        their sums go out in one line write a cycle: the lowest busy combine's (the leader) and
+        every other one whose word falls in the same line (a pass's rows are consecutive words,
+        so ``combines`` of them share a line when aligned). A leader whose word straddles two
+        lines writes alone, twice, and stays the leader between. Returns "every combine idle"."""
+        D = self._d
+        lgd = exact_log2(D)
+        NC = self._combines
+        rcs = []
+        for c in range(NC):
+            grp = [o for i, o in enumerate(outs) if i % NC == c]
+            rc = RowCombine(24)
+            m.submodules[f"combine{c}"] = rc
+            a, idx = _first([o.valid & ~drop for o, _, drop in grp])
+            pick = Signal(range(max(len(grp), 2)), name=f"pick{c}")
+            m.d.comb += [pick.eq(idx),
+                         rc.i.payload.p.eq(_mux_tree([Value.cast(o.payload) for o, _, _ in grp], pick)),
+                         rc.i.payload.side.eq(_mux_tree([addr for _, addr, _ in grp], pick)),
+                         rc.i.valid.eq(computing & a)]
+            for j, (o, _, dropped) in enumerate(grp):
+                m.d.comb += o.ready.eq((rc.i.ready & computing & (pick == j) & ~dropped)
+                                       | (computing & dropped))
+            rcs.append(rc)
+        any_o, first = _first([rc.o.valid for rc in rcs])
+        held = Signal(range(NC), name="lead_held")    # the straddling leader, between its writes
+        lead = Signal(range(NC), name="lead")
+        m.d.comb += lead.eq(Mux(second, held, first))
+        laddr = Signal(24, name="lead_addr")
+        lsum = Signal(32, name="lead_sum")
+        m.d.comb += [laddr.eq(_mux_tree([rc.o.payload.side for rc in rcs], lead)),
+                     lsum.eq(_mux_tree([rc.o.payload.sum for rc in rcs], lead))]
+        loff = laddr[0:lgd]
+        lstr = Signal(name="lead_straddles")
+        m.d.comb += lstr.eq(loff > D - 4)
+        line = laddr >> lgd
+        data_or, be_or, joins = C(0, D * 8), C(0, D), []
+        for c, rc in enumerate(rcs):
+            a = rc.o.payload.side
+            off = a[0:lgd]
+            j = Signal(name=f"join{c}")
+            m.d.comb += j.eq(rc.o.valid & ((a >> lgd) == line) & (off <= D - 4) & ~lstr)
+            joins.append(j)
+            w = Signal(D * 8, name=f"join{c}_data")
+            b = Signal(D, name=f"join{c}_be")
+            m.d.comb += [w.eq(Mux(j, (rc.o.payload.sum << (off * 8))[0:D * 8], 0)),
+                         b.eq(Mux(j, (C(0xF, 4) << off)[0:D], 0))]
+            data_or, be_or = data_or | w, be_or | b
+        wide = Signal(D * 8 + 32, name="lead_wide")
+        wbe = Signal(D + 4, name="lead_wbe")
+        m.d.comb += [wide.eq(lsum << (loff * 8)), wbe.eq(C(0xF, 4) << loff)]
+        wr = self.wr.req
+        m.d.comb += [
+            wr.valid.eq(computing & (any_o | second)),
+            wr.payload.addr.eq(Mux(lstr, line + second, line)),
+            wr.payload.data.eq(Mux(lstr, Mux(second, wide[D * 8:], wide[0:D * 8]), data_or)),
+            wr.payload.be.eq(Mux(lstr, Mux(second, wbe[D:], wbe[0:D]), be_or)),
+        ]
+        for c, rc in enumerate(rcs):
+            m.d.comb += rc.o.ready.eq(computing & wr.ready
+                                      & Mux(lstr, (lead == c) & second, joins[c]))
+        with m.If(wr.valid & wr.ready):
+            m.d.sync += second.eq(lstr & ~second)
+            with m.If(lstr & ~second):
+                m.d.sync += held.eq(lead)
+        idle = Signal(name="combines_idle")
+        m.d.comb += idle.eq(Cat(*(rc.idle for rc in rcs)).all())
+        return idle
+
     @classmethod
     def for_config(cls, config, **kw):
         """A factory for ``Accelerator(config, exec_factory=...)``."""
@@ -740,7 +822,7 @@ class MvExec(wiring.Component):
                        q_uram=config.board_spec.resources.uram > 0,
                        chains=getattr(config, "attention", "sfu") == "chains",
                        decoder_lookahead=config.chain.decoder_lookahead,
-                       **slice_geometry(config), **kw)
+                       combines=config.chain.combines, **slice_geometry(config), **kw)
         return factory
 
     def elaborate(self, platform):
@@ -984,36 +1066,40 @@ class MvExec(wiring.Component):
         # cycle), its sums to wr (a word straddling a line takes two writes, the combine's
         # output is held for both). Dropped lanes' rows are taken without a write.
         NO = len(outs)                             # L pipelines x K lanes
-        m.submodules.combine = rc = RowCombine(24)
-        pick = Signal(range(max(NO, 2)))
-        any_row = Signal()
-        a, idx = _first([o.valid & ~drop for o, _, drop in outs])
-        m.d.comb += [any_row.eq(a), pick.eq(idx)]
-        # the picked lane's partials and address: a mux tree on pick's bits (a 4:1 mux per
-        # LUT), 152 bits wide
-        m.d.comb += [rc.i.payload.p.eq(_mux_tree([Value.cast(o.payload) for o, _, _ in outs], pick)),
-                     rc.i.payload.side.eq(_mux_tree([addr for _, addr, _ in outs], pick))]
-        m.d.comb += rc.i.valid.eq(computing & any_row)
-        for i, (o, _, dropped) in enumerate(outs):
-            m.d.comb += o.ready.eq((rc.i.ready & computing & (pick == i) & ~dropped)
-                                   | (computing & dropped))
         second = Signal()
-        waddr = rc.o.payload.side
-        off = waddr[0:lgd]
-        wide = Signal(D * 8 + 32)
-        wbe = Signal(D + 4)
-        m.d.comb += [wide.eq(rc.o.payload.sum << (off * 8)), wbe.eq(C(0xF, 4) << off)]
-        straddle = off > D - 4
-        wr = self.wr.req
-        m.d.comb += [
-            wr.valid.eq(computing & rc.o.valid),
-            wr.payload.addr.eq((waddr >> lgd) + second),
-            wr.payload.data.eq(Mux(second, wide[D * 8:], wide[0:D * 8])),
-            wr.payload.be.eq(Mux(second, wbe[D:], wbe[0:D])),
-            rc.o.ready.eq(computing & wr.ready & (~straddle | second)),
-        ]
-        with m.If(wr.valid & wr.ready):
-            m.d.sync += second.eq(straddle & ~second)
+        if self._combines == 1:
+            m.submodules.combine = rc = RowCombine(24)
+            pick = Signal(range(max(NO, 2)))
+            any_row = Signal()
+            a, idx = _first([o.valid & ~drop for o, _, drop in outs])
+            m.d.comb += [any_row.eq(a), pick.eq(idx)]
+            # the picked lane's partials and address: a mux tree on pick's bits (a 4:1 mux per
+            # LUT), 152 bits wide
+            m.d.comb += [rc.i.payload.p.eq(_mux_tree([Value.cast(o.payload) for o, _, _ in outs], pick)),
+                         rc.i.payload.side.eq(_mux_tree([addr for _, addr, _ in outs], pick))]
+            m.d.comb += rc.i.valid.eq(computing & any_row)
+            for i, (o, _, dropped) in enumerate(outs):
+                m.d.comb += o.ready.eq((rc.i.ready & computing & (pick == i) & ~dropped)
+                                       | (computing & dropped))
+            waddr = rc.o.payload.side
+            off = waddr[0:lgd]
+            wide = Signal(D * 8 + 32)
+            wbe = Signal(D + 4)
+            m.d.comb += [wide.eq(rc.o.payload.sum << (off * 8)), wbe.eq(C(0xF, 4) << off)]
+            straddle = off > D - 4
+            wr = self.wr.req
+            m.d.comb += [
+                wr.valid.eq(computing & rc.o.valid),
+                wr.payload.addr.eq((waddr >> lgd) + second),
+                wr.payload.data.eq(Mux(second, wide[D * 8:], wide[0:D * 8])),
+                wr.payload.be.eq(Mux(second, wbe[D:], wbe[0:D])),
+                rc.o.ready.eq(computing & wr.ready & (~straddle | second)),
+            ]
+            with m.If(wr.valid & wr.ready):
+                m.d.sync += second.eq(straddle & ~second)
+            rc_idle = rc.idle
+        else:
+            rc_idle = self._combine_many(m, outs, computing, second)
 
         # ---- the next instruction's set-up, while this one runs: the per-instruction products
         # (row bytes, passes, bank start, row step, vector bytes) in two register stages from
@@ -1153,7 +1239,7 @@ class MvExec(wiring.Component):
                 # every lane's outputs have left (dropped past the last token, or into the
                 # combine) and the combine has written them all, so nothing of this pass is
                 # left in a scaler or the combine when the next one starts (or done rises)
-                with m.If(Cat(*lanes_done).all() & rc.idle):
+                with m.If(Cat(*lanes_done).all() & rc_idle):
                     with m.If(t0 + g < ntok_eff):
                         m.d.sync += [t0.eq(t0 + g), qaddr.eq(issuers[0][2])]
                         m.next = "PLAN"

@@ -464,13 +464,15 @@ def mv_cycles(f: dict, ntok: int, config, costs: UnitCosts = COSTS, *, act_cache
     K = config.chain.tokens
     groups = _ceil(ntok, K)
     body = groups * _ceil(srows, P) * per_row
-    # the rows leave through the unit's one RowCombine, a row a cycle: the last pass's rows
-    # (one per pipeline and token lane) after the body, and every row of every token if the
-    # pipelines make them faster than that (short rows on many pipelines: the attention's)
+    # the rows leave through the unit's RowCombines (``chain.combines``, one by default), a
+    # row each a cycle: the last pass's rows (one per pipeline and token lane) after the
+    # body, and every row of every token if the pipelines make them faster than that (short
+    # rows on many pipelines: the attention's)
     PT = mv_pipelines(config)
-    last = (rows - (_ceil(rows, PT) - 1) * PT) * (ntok - (groups - 1) * K)
+    NC = config.chain.combines          # combines: rows a cycle (a line write of several)
+    last = _ceil((rows - (_ceil(rows, PT) - 1) * PT) * (ntok - (groups - 1) * K), NC)
     tail = body + last
-    flow = per_row + rows * ntok
+    flow = per_row + _ceil(rows * ntok, NC)
     return costs.mv_fixed + act + (tail if tail >= flow else flow + costs.mv_combine_fixed)
 
 

@@ -588,3 +588,26 @@ def test_config_that_is_too_large(tmp_path):
         f.truncate((1 << 20) + 1)
     assert error_of(str(big)) == (f"{big}: 1048577 bytes is too large for a YAML description "
                                   "(at most 1048576); is it the right file?")
+
+
+@pytest.mark.parametrize("combines, message", [
+    (3, "must be a power of two, not 3"),
+    (32, "must be between 1 and 16 (MvExec's row combines: rows written a cycle), not 32"),
+    (8, "must be at most the 4 output lanes of the row pipelines (chain.count x length / 32 x "
+        "tokens), not 8"),
+])
+def test_bad_combines(tmp_path, combines, message):
+    path = variant(tmp_path, chain__combines=combines)
+    assert error_of(path) == f"{path}: field 'chain.combines' {message}"
+
+
+def test_combines(tmp_path):
+    """MvExec's row combines: in the hash only when set (1, the default, leaves it alone);
+    the packaged configurations keep one (the card's LUT budget, docs/config.md)."""
+    ci = load_config("ci")
+    four = load_config(str(variant(tmp_path, chain__combines=4)))
+    assert (ci.chain.combines, four.chain.combines) == (1, 4)
+    assert "combines" not in ci.to_dict()["chain"]
+    assert four.to_dict()["chain"]["combines"] == 4 and four.config_hash() != ci.config_hash()
+    assert load_config(str(variant(tmp_path, chain__combines=1))).config_hash() == ci.config_hash()
+    assert all(load_config(n).chain.combines == 1 for n in ("tiny", "ci", "ci-chains", "u280-slice", "u280"))

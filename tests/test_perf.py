@@ -400,6 +400,23 @@ def test_mv_cycles_row_combine_bound_on_u280_slice():
     assert perf.mv_cycles({"func": q4_1, "rows": 160, "cols": 576}, 2, cfg, act_cached=True) == \
         pytest.approx(764, abs=1)
 
+
+def test_mv_cycles_with_several_combines():
+    """``chain.combines``: that many RowCombines, their rows written together when they share
+    a line. u280-slice's geometry with 8 (MvExec alone, tests/rtl's bench: the instruction's
+    handshake to its done, the vector loaded; 2026-12-06): Q8_0 17 / 129 rows x 64 columns
+    58 / 114 cycles (66 / 178 with one combine), 64 x 64 78 (113), Q4_1 160 x 576 426 (433: the
+    last pass's 8 rows leave in one write)."""
+    import dataclasses
+    one = load_config("u280-slice")
+    eight = dataclasses.replace(one, chain=dataclasses.replace(one.chain, combines=8))
+    q8, q4_1 = isa.mv_func("q8_0"), isa.mv_func("q4_1")
+    for func, rows, cols, rtl1, rtl8 in ((q8, 17, 64, 66, 58), (q8, 129, 64, 178, 114),
+                                         (q8, 64, 64, 113, 78), (q4_1, 160, 576, 433, 426)):
+        f = {"func": func, "rows": rows, "cols": cols}
+        assert perf.mv_cycles(f, 1, eight) == pytest.approx(rtl8, abs=1.5), (rows, cols)
+        assert perf.mv_cycles(f, 1, one) == pytest.approx(rtl1, abs=4), (rows, cols)
+
 def test_mv_cycles_on_tiny_match_the_rtl():
     """tiny: 2 pipelines (2 chains x 32), 16-byte lines. Busy cycles of an MV repeated (the
     activation cache hit), measured on the RTL (benchmarks/perf_calibration.py --config tiny

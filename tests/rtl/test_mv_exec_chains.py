@@ -106,3 +106,48 @@ def test_mv_exec_chains_wide_stripes_cocotb():
            "MV_REPORT": "mv_chains.txt"}
     bdir = _run(unit, env)
     print((bdir / "mv_chains.txt").read_text())
+
+
+def test_mv_exec_combines_cocotb():
+    """``chain.combines: 8`` on u280-slice's geometry (two slices of 64-byte stripes, 8 row
+    pipelines, 64-byte lines): 8 RowCombines, their rows written together when they share a
+    line (``MvExec._combine_many``). The K/V tile programs, random tiled and plain MVs and MMs
+    and the two-entry cache of tests/rtl/cocotb_mv_exec_chains.py, and 40 random MV/MM of
+    tests/rtl/cocotb_mv_exec.py (destinations at any byte: words straddling two lines), bit
+    for bit; the attention's short rows no longer wait for one combine: 129 scores rows in
+    fewer than 129 + 35 cycles (178 with one combine, 2026-12-06)."""
+    import dataclasses
+    import re
+
+    from llmfab.hw.mv_exec import MvExec
+    from llmfab.hw.onchip import slice_geometry
+    from llmfab.hw.top import geometry
+    base = load_config("u280-slice")
+    config = dataclasses.replace(base, attention="chains",
+                                 chain=dataclasses.replace(base.chain, combines=8))
+    g = geometry(config)
+    D = g["line_bytes"]
+    ab = (g["onchip_size"] // D - 1).bit_length()
+    unit = MvExec.for_config(config, max_blocks=64)(addr_bits=ab, line_bytes=D)
+    assert unit.combines == 8 and unit.pipelines == 8 and unit.slices == 2
+    sg = slice_geometry(config)
+    env = {"MV_D": str(D), "MV_AB": str(ab), "MV_N": "24", "MV_L": str(unit.pipelines),
+           "MV_P": str(unit.slices), "MV_S": str(sg["stripe"]), "MV_WB": str(g["weight_base"]),
+           "MV_NB": "64", "MV_BAB": str(sg["bank_addr_bits"]), "MV_REPORT": "mv_combines.txt"}
+    bdir = _run(unit, env)
+    report = (bdir / "mv_combines.txt").read_text()
+    print(report)
+    k129 = int(re.search(r"129 rows x 64 cols: (\d+) cycles", report).group(1))
+    assert k129 < 129 + 35, report
+    _run(unit, env | {"MV_N": "40"}, module="cocotb_mv_exec", testcase="mv_random")
+
+
+def test_mv_exec_combines_refused():
+    """More combines than output lanes, or than a line's words: a one-line error."""
+    from llmfab.hw.mv_exec import MvExec
+    with pytest.raises(ValueError, match=r"^MvExec row combines must be a power of two, at most "
+                                         r"the 4 output lanes and 16 words of a line, not 8$"):
+        MvExec(addr_bits=14, line_bytes=64, count=4, combines=8)
+    with pytest.raises(ValueError, match=r"^MvExec row combines must be a power of two, at most "
+                                         r"the 8 output lanes and 4 words of a line, not 8$"):
+        MvExec(addr_bits=14, line_bytes=16, count=8, combines=8)
