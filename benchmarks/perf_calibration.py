@@ -13,6 +13,12 @@ counter block (cycles = validation + execution, busy cycles per queue) is compar
 with ``sim.perf.estimate(bundle, config, pos=p, memory="ideal")`` (the RTL's default
 memory model). The RTL's logits are checked against the golden model's at every step.
 
+``--mv``: each distinct MV of the decode program (and, with ``--prefill T``, each distinct
+MV/MM of the KV-only prefill program of bucket T) alone, once and 8 times in a row:
+MvExec's busy cycles against ``mv_cycles`` (2026-12-06 on ``u280-slice --attention chains
+--models smollm2 --positions 16 --mv``: the one RowCombine, docs/benchmarks.md).
+``--attention chains``: the configuration with attention on the chains.
+
 ``--ops``: also run, for each kind of compute instruction of the decode program (MV,
 ATTN, RMSNORM, ...), that kind's instructions alone (tokens stripped, then END) and
 compare the model's per-unit formula with the RTL's execution cycles: where a
@@ -131,32 +137,47 @@ def _row(cfg, mname, p, c, e, exact, wall):
             "logits_bit_exact": exact, "wall_seconds": round(wall, 1)}
 
 
-def _mv_rows(acc, b, cfg, mname, pos):
+def _mv_rows(acc, b, cfg, mname, pos, T=0):
+    """Each distinct MV (and, with a prefill bucket ``T``, each distinct MV/MM of its KV-only
+    program) alone, once and 8 times in a row at position ``pos``: MvExec's busy cycles
+    against ``sim.perf.mv_cycles`` of the word's shape under the run's registers."""
     from llmfab.compiler import isa
     from llmfab.sim.perf import mv_cycles
     end = isa.encode(isa.make("SYS", func=isa.SYS_END))
+    progs = [("decode", b.program, 1)]
+    kv = b.named_program(f"prefill_kv_{T}") if T else None
+    if kv is not None:
+        progs.append((f"prefill_kv_{T}", kv[0], T))
     seen, out = {}, []
-    for w in isa.from_bytes(b.program):
-        ins = isa.decode(w)
-        if ins.op == "MV":
-            seen.setdefault((ins["rows"], ins["cols"], ins["func"]), ins)
+    for name, prog, ntok in progs:
+        for w in isa.from_bytes(bytes(prog)):
+            ins = isa.decode(w)
+            if ins.op in ("MV", "MM"):
+                f = ins.fields
+                seen.setdefault((ins.op, f["rows"], f["cols"], f["func"], f.get("rreg", 0),
+                                 f.get("creg", 0), f.get("ntok", 1)), (name, ntok, ins))
     old = acc.program
 
-    def busy(words):
+    def busy(words, ntok):
         acc.load_program(isa.to_bytes(words + [end]))
-        return int(acc.run(pos, 0).counters["busy_mv"])
+        return int(acc.run(pos, 0, ntok=ntok).counters["busy_mv"])
     try:
-        for (rows, cols, func), ins in seen.items():
+        for (op, *_), (name, ntok, ins) in seen.items():
             f = dict(ins.fields)
             f.pop("op", None)
             for k in ("wait_prev", "wait_next", "rel_prev", "rel_next"):
                 f[k] = 0
-            w = isa.encode(isa.make("MV", **f))
-            one, eight = busy([w]), busy([w] * 8)
-            out.append({"model": mname, "rows": rows, "cols": cols, "format": isa.FMTS[func & 3],
-                        "rtl_1x": one, "model_1x": mv_cycles(ins.fields, 1, cfg),
+            w = isa.encode(isa.make(op, **f))
+            one, eight = busy([w], ntok), busy([w] * 8, ntok)
+            rows, cols = isa.mv_shape(ins.fields, {0: 0, **isa.run_registers(pos, 0, ntok)})
+            shaped = dict(ins.fields, rows=rows, cols=cols)
+            nt = max(ins.fields.get("ntok", 1), 1) if op == "MM" else 1
+            out.append({"model": mname, "program": name, "op": op, "rows": rows, "cols": cols,
+                        "ntok": nt, "format": isa.FMTS[ins.fields["func"] & 3],
+                        "layout": isa.mv_layout(ins.fields["func"]),
+                        "rtl_1x": one, "model_1x": mv_cycles(shaped, nt, cfg),
                         "rtl_repeat": (eight - one) / 7,
-                        "model_repeat": mv_cycles(ins.fields, 1, cfg, act_cached=True)})
+                        "model_repeat": mv_cycles(shaped, nt, cfg, act_cached=True)})
             print(json.dumps(out[-1]), flush=True)
     finally:
         acc.load_program(old)
@@ -184,6 +205,8 @@ def _remodel(rows, cfg, memory):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny")
+    ap.add_argument("--attention", default=None, choices=("sfu", "chains"),
+                    help="the configuration's attention engine instead of its own")
     ap.add_argument("--models", default="tiny,tiny-wide")
     ap.add_argument("--positions", default=None, help="comma-separated (default: 0, context/2, context-1)")
     ap.add_argument("--memory", default="ideal", help="RTL and model memory timing: ideal or card")
@@ -213,6 +236,9 @@ def main(argv=None):
     from llmfab.sim.rtl.harness import RtlAccelerator
 
     cfg = load_config(args.config)
+    if args.attention:
+        from rtl_prefill import with_lanes
+        cfg = with_lanes(cfg, cfg.chain.tokens, args.attention)
     rows, oprows, mvrows = [], [], []
     t_all = time.perf_counter()
     if args.from_json:
@@ -279,7 +305,7 @@ def main(argv=None):
                             print(json.dumps(orow), flush=True)
                         acc.load_program(old)
                     if args.mv:
-                        mvrows += _mv_rows(acc, b, cfg, mname, positions[-1])
+                        mvrows += _mv_rows(acc, b, cfg, mname, positions[-1], args.prefill)
     wall = time.perf_counter() - t_all
     lanes = sfu_lanes(cfg)
     table = [f"`{cfg.name}` ({cfg.hbm.ports} x {cfg.hbm.data_width}-bit port(s), {cfg.chain.count} x "
@@ -303,11 +329,14 @@ def main(argv=None):
     if mvrows:
         table += ["", "Each distinct MV alone, once and 8 times in a row (MvExec busy cycles; "
                   "per repeat = (8x - 1x) / 7, the activation cache hit):", "",
-                  "| model | rows x cols | format | RTL 1x | model 1x | RTL per repeat | model per repeat |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | program | rows x cols | format | RTL 1x | model 1x | RTL per repeat | model per repeat |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in mvrows:
-            table.append(f"| {r['model']} | {r['rows']} x {r['cols']} | {r['format']} | {r['rtl_1x']} | "
-                         f"{r['model_1x']:.0f} | {r['rtl_repeat']:.1f} | {r['model_repeat']:.0f} |")
+            what = f"{r.get('op', 'MV')}" + (f" x {r['ntok']} tokens" if r.get("ntok", 1) > 1 else "")
+            lay = r.get("layout", "rows")
+            shape = f"{r['rows']} x {r['cols']}" + (f" ({lay})" if lay != "rows" else "")
+            table.append(f"| {r['model']} | {r.get('program', 'decode')} {what} | {shape} | {r['format']} | "
+                         f"{r['rtl_1x']} | {r['model_1x']:.0f} | {r['rtl_repeat']:.1f} | {r['model_repeat']:.0f} |")
     md = "\n".join(table)
     print(md)
     print(f"({wall:.0f} s)", file=sys.stderr)
