@@ -77,15 +77,20 @@ def test_mv_exec_chains_one_slice_cocotb():
     print((bdir / "mv_chains.txt").read_text())
 
 
-@pytest.mark.parametrize("name", ["ci-chains"])
-def test_mv_exec_chains_lint(name, tmp_path):
-    """``verilator --lint-only -Wall`` (the shared waivers) is clean for the chains build."""
+@pytest.mark.parametrize("name, combines", [("ci-chains", 1), ("u280-slice", 8)])
+def test_mv_exec_chains_lint(name, combines, tmp_path):
+    """``verilator --lint-only -Wall`` (the shared waivers) is clean for the chains build, and
+    for one with 8 row combines (``_combine_many``)."""
+    import dataclasses
+
     from test_fp import verilator_lint
 
     from llmfab.hw.mv_exec import MvExec
     from llmfab.hw.top import geometry
     from llmfab.sim.rtl.runner import to_verilog
     config = load_config(name)
+    config = dataclasses.replace(config, attention="chains",
+                                 chain=dataclasses.replace(config.chain, combines=combines))
     g = geometry(config)
     D = g["line_bytes"]
     ab = (g["onchip_size"] // D - 1).bit_length()
