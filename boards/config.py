@@ -664,11 +664,16 @@ def config_from_dict(data: dict, display: str, expected_name: str | None = None)
     if attention not in ATTENTION_ENGINES:
         raise f.fail("attention", f"must be one of {', '.join(ATTENTION_ENGINES)}, not {show(attention)}")
 
-    return AccelConfig(name=name, board=board.name, board_spec=board, clock_mhz=clock, chain=chain,
-                       weight_formats=formats, sparsity=sparsity,
-                       activation_bits=activation_bits, buffers=buffers, hbm=hbm,
-                       context=context, max_prefill=max_prefill, description=description,
-                       source=display, attention=attention)
+    config = AccelConfig(name=name, board=board.name, board_spec=board, clock_mhz=clock, chain=chain,
+                          weight_formats=formats, sparsity=sparsity,
+                          activation_bits=activation_bits, buffers=buffers, hbm=hbm,
+                          context=context, max_prefill=max_prefill, description=description,
+                          source=display, attention=attention)
+    if 4 * combines > config.onchip_line_bytes:
+        raise c.fail("combines", f"must be at most the {config.onchip_line_bytes // 4} words of an "
+                                 f"on-chip line ({config.onchip_line_bytes} bytes: the combines' "
+                                 f"rows go out in one line write), not {combines}")
+    return config
 
 
 def check_fits(config: AccelConfig, board: Board | None = None) -> None:

@@ -601,6 +601,15 @@ def test_bad_combines(tmp_path, combines, message):
     assert error_of(path) == f"{path}: field 'chain.combines' {message}"
 
 
+def test_combines_beyond_a_line(tmp_path):
+    """The combines' rows go out in one on-chip line write: one 256-bit port (32-byte lines)
+    takes at most 8, whatever the lanes."""
+    path = variant(tmp_path, chain__count=16, chain__combines=16, hbm={"ports": 1, "data_width": 256})
+    assert error_of(path) == (f"{path}: field 'chain.combines' must be at most the 8 words of an "
+                              f"on-chip line (32 bytes: the combines' rows go out in one line "
+                              f"write), not 16")
+
+
 def test_combines(tmp_path):
     """MvExec's row combines: in the hash only when set (1, the default, leaves it alone);
     the packaged configurations keep one (the card's LUT budget, docs/config.md)."""
