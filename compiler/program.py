@@ -394,11 +394,7 @@ class ProgramBuilder:
         # u280, buckets of 4: 640 against ~512, so there every head follows the last tile,
         # after every token's RoPE token by token (SfuExec keeps the last ROPE's table, so
         # each token's row is read once, not once per KV head).
-        nb = qkv.cols // 32
-        reload = self.T * nb * QBLOCK_BYTES / 32
-        tile = (-(-qkv.tiles[0][1] // self.parts.pipelines) * nb
-                * -(-self.T // self.parts.token_lanes))
-        if len(qkv.tiles) == 1 or 8 * reload > tile:
+        if len(qkv.tiles) == 1 or not self._reload_small(qkv, qkv.tiles[0][1], share=8):
             self.matrix(qkv, L.qh, L.qkv)
             self._add(None, partial(self._rope_tokens, rope))
             for j in range(d.nkv):
@@ -1051,19 +1047,20 @@ class ProgramBuilder:
         token: a prefill program with one token lane."""
         return bool(wanted) and self.T > 1 and self.parts.token_lanes == 1
 
-    def _reload_small(self, cm, rows: int) -> bool:
-        """Whether a last tile of ``rows`` rows of matrix ``cm`` may run token by token: each
-        token's MV then reloads its vector (40 bytes a block, 32 bytes a cycle; MvExec's
-        activation cache holds one MV's vector, not the MM's T), which must stay within half
-        of the tile's MM cycles. SmolLM2's tiles pass (u280-slice's 8 pipelines, the up
-        projection's last tile: a 23-cycle reload beside 144 cycles a token); LLaMA2-7B's
+    def _reload_small(self, cm, rows: int, share: int = 2) -> bool:
+        """Whether reloading the T tokens' vectors of matrix ``cm`` (40 bytes a block, 32 bytes a
+        cycle) costs at most ``1 / share`` of an MM of a ``rows``-row tile of it. A last tile
+        token by token reloads each token's vector (MvExec's activation cache holds one MV's
+        vector, not the MM's T): ``share`` 2; SmolLM2's tiles pass (u280-slice's 8 pipelines,
+        the up projection's last tile: a 23-cycle reload beside 144 cycles a token), LLaMA2-7B's
         4096-column up projection's 64-row last tile on u280's 128 pipelines does not (160
         beside 128: by the model, one token lane, 128 tokens, 0.6 % more cycles token by
-        token)."""
+        token). The heads' MVs between QKV tiles make the next tile reload: ``share`` 8
+        (:meth:`_qkv_prefill_chains`)."""
         nb = cm.cols // 32
         reload = self.T * nb * QBLOCK_BYTES / 32
         tile = -(-rows // self.parts.pipelines) * nb * -(-self.T // self.parts.token_lanes)
-        return 2 * reload <= tile
+        return share * reload <= tile
 
     def _residual(self):
         """X += H over the T tokens; after a last tile token by token (``_outputs_left``), each
