@@ -1,7 +1,7 @@
 """Benchmark: prefill of SmolLM2 prompts on the simulated accelerator (Verilator).
 
     .venv/bin/python benchmarks/rtl_prefill.py [--config ci] [--lanes 1,2] [--prompts 8,32]
-        [--attention chains] [--write-docs] [--plot docs/img/rtl_prefill_ci.png]
+        [--attention chains] [--write-docs] [--plot docs/img/rtl_prefill.png]
 
 For each token-lane count (``chain.tokens``; the configuration as given, with only that
 field changed, so each is its own Verilator build; ``--attention`` also sets where attention
@@ -172,19 +172,21 @@ def _key(config, n: int, all_logits: bool) -> str:
             + ("" if all_logits else "/last"))
 
 
-def _read_results(path) -> dict:
-    """{(key, run index): line} of a results file (later lines win; a torn last line is skipped)."""
+def _read_results(paths) -> dict:
+    """{(key, run index): line} of results files (``paths``: comma-separated; later lines
+    win; a torn last line is skipped)."""
     out = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                out[(r["key"], r["run"])] = r
-    except FileNotFoundError:
-        pass
+    for path in paths.split(","):
+        try:
+            with open(path) as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    out[(r["key"], r["run"])] = r
+        except FileNotFoundError:
+            pass
     return out
 
 
@@ -357,23 +359,42 @@ def table(rows) -> str:
     return "\n".join(out)
 
 
+#: issue 13's goal: chain MAC utilization over prefill (as ``prefill_bounds.GOAL``)
+GOAL = 0.85
+
+
 def plot(rows, path):
+    """Tokens/s, time to first token and MAC utilization (against :data:`GOAL`) by prompt
+    length, one bar per (configuration, attention, token lanes) of ``rows``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    lanes = sorted({r["lanes"] for r in rows})
+    cases = sorted({(r["config"], r["attention"], r["lanes"]) for r in rows})
     prompts = sorted({r["prompt_tokens"] for r in rows})
-    w = 0.8 / len(lanes)
-    for i, L in enumerate(lanes):
-        ys = [next((r["tokens_per_s"] for r in rows if r["lanes"] == L and r["prompt_tokens"] == n), 0)
-              for n in prompts]
-        ax.bar([j + i * w for j in range(len(prompts))], ys, w, label=f"{L} token lane(s)")
-    ax.set_xticks([j + w * (len(lanes) - 1) / 2 for j in range(len(prompts))])
-    ax.set_xticklabels([f"{n}-token prompt" for n in prompts])
-    ax.set_ylabel("prefill tokens/s (at the clock)")
-    ax.set_title(f"SmolLM2 prefill on the RTL ({rows[0]['config']})")
-    ax.legend()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    w = 0.8 / len(cases)
+    for i, case in enumerate(cases):
+        def val(n, k):
+            return next((r[k] for r in rows if (r["config"], r["attention"], r["lanes"]) == case
+                         and r["prompt_tokens"] == n), 0)
+        xs = [j + i * w for j in range(len(prompts))]
+        label = f"{case[0]} ({case[1]}, {case[2]} lane{'s' if case[2] > 1 else ''})"
+        for ax, key in zip(axes, ("tokens_per_s", "ttft_ms", "mac_utilization")):
+            ax.bar(xs, [val(n, key) for n in prompts], w, label=label)
+    titles = ("prefill tokens/s (at the clock)", "time to first token (ms)",
+              "chain MAC utilization, whole prompt")
+    for ax, title in zip(axes, titles):
+        ax.set_xticks([j + w * (len(cases) - 1) / 2 for j in range(len(prompts))])
+        ax.set_xticklabels([f"{n} tokens" for n in prompts])
+        ax.set_title(title, fontsize=10)
+    axes[1].set_yscale("log")
+    axes[2].axhline(GOAL, color="k", linestyle="--", linewidth=1, label=f"goal {GOAL}")
+    axes[2].set_ylim(0, 1)
+    axes[2].legend(fontsize=8, loc="lower right")
+    fig.suptitle("SmolLM2 prompts on the RTL (Verilator), every run bit-exact against the golden model"
+                 if all(r["logits_bit_exact"] and r["kv_bit_exact"] for r in rows)
+                 else "SmolLM2 prompts on the RTL (Verilator): SOME RUNS DIFFER FROM THE GOLDEN MODEL",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}", file=sys.stderr)
@@ -381,15 +402,18 @@ def plot(rows, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="ci")
+    ap.add_argument("--config", default="ci",
+                    help="configuration(s), comma-separated (each with --lanes and --attention)")
     ap.add_argument("--lanes", default="1,2", help="token-lane counts (chain.tokens), comma-separated")
     ap.add_argument("--prompts", default="8,32", help="prompt lengths in tokens, comma-separated")
     ap.add_argument("--attention", choices=("sfu", "chains"),
                     help="where attention runs (default: the configuration's own)")
     ap.add_argument("--write-docs", action="store_true", help="put the table in docs/benchmarks.md")
-    ap.add_argument("--plot", help="write a bar chart of prefill tokens/s to this PNG")
+    ap.add_argument("--plot", help="write bar charts of tokens/s, time to first token and MAC "
+                                   "utilization to this PNG")
     ap.add_argument("--results", help="a JSONL file of runs: with --shard, append to it; without, "
-                                      "the table of the prompts whose runs are all in it")
+                                      "the table of the prompts whose runs are all in it (several "
+                                      "files, comma-separated)")
     ap.add_argument("--shard", help="K/N: simulate the runs i with i %% N == K (needs --results)")
     ap.add_argument("--all-logits", action="store_true",
                     help="every run through its full prefill program (every token's logits, as "
@@ -403,17 +427,17 @@ def main(argv=None):
                 raise ValueError
         except ValueError:
             ap.error(f"--shard must be K/N with 0 <= K < N, not {args.shard!r}")
-        if not args.results:
-            ap.error("--shard needs --results (the file the runs go to)")
+        if not args.results or "," in args.results:
+            ap.error("--shard needs --results (the one file the runs go to)")
         shard = (k, n_shards)
-    base = load_config(args.config)
+    bases = [load_config(name) for name in args.config.split(",")]
     model = load_model()
     tok_ids = Tokenizer.from_gguf(model.path).encode(TEXT)
     prompts = [int(x) for x in args.prompts.split(",")]
     if max(prompts) > len(tok_ids):
         ap.error(f"the longest prompt is {len(tok_ids)} tokens")
     rows = []
-    for lanes in (int(x) for x in args.lanes.split(",")):
+    for base, lanes in ((b, int(x)) for b in bases for x in args.lanes.split(",")):
         cfg = with_lanes(base, lanes, args.attention)
         if shard:
             run_shard(cfg, model, prompts, tok_ids, args.results, *shard, all_logits=args.all_logits)
