@@ -132,9 +132,12 @@ class UnitCosts:
     #: per instruction (commands, the 3-cycle float pipe, realign, the last write): tiny fit,
     #: ADD of 64 words (16 lines) takes 27 busy cycles.
     misc_fixed: float = 11
-    #: per row of a strided COPY (one row after the other: commands and realign again); not
-    #: measured (the decode programs have no COPY; prefill programs of multi-tile matrices do).
-    copy_row_fixed: float = 6
+    #: per row of a strided COPY after the first (one row after the other: commands and
+    #: realign again). Measured 2026-12-06, each distinct MISC of SmolLM2's ``prefill_kv_2``
+    #: alone on the RTL (``u280-slice`` and ``ci-chains``, attention on the chains, 64-byte
+    #: lines): two-row COPYs of 64 / 144 / 160 / 176 words take 30 / 40 / 42 / 44 busy cycles
+    #: a repeat, 11 + 2 x ceil(4w / 64) + this: 11 fits all four (6, unmeasured before, was 5 short).
+    copy_row_fixed: float = 11
     #: NOP: taken and done.
     nop_cycles: float = 2
 
