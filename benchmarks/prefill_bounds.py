@@ -42,7 +42,7 @@ from unittest import mock
 sys.path.insert(0, os.path.dirname(__file__))
 
 from compile_decode import LLAMA2_7B, shape_model  # noqa: E402
-from rtl_prefill import _macs_of, with_lanes  # noqa: E402
+from rtl_prefill import GOAL, _macs_of, with_lanes  # noqa: E402
 
 from llmfab.boards.config import load_config  # noqa: E402
 from llmfab.compiler import isa  # noqa: E402
@@ -54,9 +54,6 @@ from llmfab.hw.sfu_exec import SfuExec  # noqa: E402
 from llmfab.sim import perf  # noqa: E402
 
 IMG = os.path.join(os.path.dirname(__file__), "..", "docs", "img")
-
-#: issue 13's goal: chain MAC utilization over prefill
-GOAL = 0.85
 
 #: SfuExec lanes that stand for "unlimited" (any SmolLM2 or LLaMA vector in a handful of beats)
 MANY_LANES = 64

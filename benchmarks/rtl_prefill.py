@@ -359,7 +359,7 @@ def table(rows) -> str:
     return "\n".join(out)
 
 
-#: issue 13's goal: chain MAC utilization over prefill (as ``prefill_bounds.GOAL``)
+#: issue 13's goal: chain MAC utilization over prefill (``prefill_bounds.py`` uses it too)
 GOAL = 0.85
 
 
